@@ -1,0 +1,137 @@
+//! Stable error codes. The string form travels in JSON frames and HTTP bodies, the numeric form
+//! in binary frames. Neither may ever be renumbered or renamed: clients switch on them.
+
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(into = "u16", try_from = "u16")]
+pub enum ErrorCode {
+    /// The frame or request could not be understood: malformed JSON, unknown op, missing field.
+    BadRequest = 1,
+    /// Hello with an unknown mesh or peer, or a wrong token; or an op before hello.
+    Unauthorized = 2,
+    /// Authenticated, but not allowed to do this.
+    Forbidden = 3,
+    /// The mesh, peer or conversation does not exist.
+    NotFound = 4,
+    /// The frame is over the size limit, or a field is over its limit.
+    TooLarge = 5,
+    /// The session sent more than its rate allows.
+    RateLimited = 6,
+    /// The node is shedding load; retry later.
+    Overloaded = 7,
+    /// The node cannot serve writes right now (shutting down, storage failed).
+    Unavailable = 8,
+    /// The request conflicts with existing state (the mesh or peer already exists).
+    Conflict = 9,
+    /// A bug. The message says what failed; the node keeps serving.
+    Internal = 10,
+}
+
+impl ErrorCode {
+    pub const ALL: [ErrorCode; 10] = [
+        ErrorCode::BadRequest,
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::NotFound,
+        ErrorCode::TooLarge,
+        ErrorCode::RateLimited,
+        ErrorCode::Overloaded,
+        ErrorCode::Unavailable,
+        ErrorCode::Conflict,
+        ErrorCode::Internal,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::Unauthorized => "unauthorized",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::NotFound => "not_found",
+            ErrorCode::TooLarge => "too_large",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::Overloaded => "overloaded",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Conflict => "conflict",
+            ErrorCode::Internal => "internal",
+        }
+    }
+
+    pub fn from_str_code(s: &str) -> Option<ErrorCode> {
+        ErrorCode::ALL.into_iter().find(|c| c.as_str() == s)
+    }
+
+    /// The HTTP status that carries this code on the REST API.
+    pub fn http_status(self) -> u16 {
+        match self {
+            ErrorCode::BadRequest => 400,
+            ErrorCode::Unauthorized => 401,
+            ErrorCode::Forbidden => 403,
+            ErrorCode::NotFound => 404,
+            ErrorCode::TooLarge => 413,
+            ErrorCode::RateLimited => 429,
+            ErrorCode::Overloaded => 503,
+            ErrorCode::Unavailable => 503,
+            ErrorCode::Conflict => 409,
+            ErrorCode::Internal => 500,
+        }
+    }
+}
+
+impl From<ErrorCode> for u16 {
+    fn from(c: ErrorCode) -> u16 {
+        c as u16
+    }
+}
+
+impl TryFrom<u16> for ErrorCode {
+    type Error = String;
+    fn try_from(n: u16) -> Result<ErrorCode, String> {
+        ErrorCode::ALL
+            .into_iter()
+            .find(|c| *c as u16 == n)
+            .ok_or_else(|| format!("unknown error code {n}"))
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An error with its stable code and a message meant for a human.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct ProtoError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtoError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> ProtoError {
+        ProtoError {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn bad_request(message: impl Into<String>) -> ProtoError {
+        ProtoError::new(ErrorCode::BadRequest, message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_round_trip_through_number_and_name() {
+        // Proves every code maps to a unique number and name and back again.
+        for c in ErrorCode::ALL {
+            assert_eq!(ErrorCode::try_from(c as u16).unwrap(), c);
+            assert_eq!(ErrorCode::from_str_code(c.as_str()), Some(c));
+        }
+        assert!(ErrorCode::try_from(0).is_err());
+        assert_eq!(ErrorCode::Internal as u16, 10, "codes are pinned");
+    }
+}

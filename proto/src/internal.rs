@@ -1,0 +1,162 @@
+//! Messages inside a node: from a session (edge) or the HTTP API, through the router, to the
+//! shard that owns the key, and the replies back. They never cross the wire to clients; they are
+//! serde-capable so that later replication and the simulator can carry them.
+
+use crate::{Body, DeliveredEvent, ServerOp, Target};
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A session (WebSocket connection, QUIC connection, or one HTTP request) on this node.
+pub type SessionId = u64;
+/// Index of a shard on this node, `0..shards`.
+pub type ShardIdx = u32;
+
+/// Which key a request is placed by.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement<'a> {
+    /// Inbox traffic, peers and mesh metadata: by mesh id.
+    Mesh(&'a str),
+    /// Conversation traffic: by (mesh, conversation).
+    Conversation(&'a str, &'a str),
+    /// Session lifecycle messages go to every shard.
+    Broadcast,
+}
+
+/// One request for a shard. `r` is the reference the reply carries.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Request {
+    pub session: SessionId,
+    pub op: ShardOp,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ShardOp {
+    /// Admin: create a mesh. Replies `Ok` once durable, `Error(conflict)` if it exists.
+    CreateMesh { r: u64, mesh: Arc<str> },
+    /// Admin: add a peer with the SHA-256 of its token. Replies `Ok` once durable.
+    AddPeer {
+        r: u64,
+        mesh: Arc<str>,
+        peer: Arc<str>,
+        groups: Vec<Arc<str>>,
+        token_hash: [u8; 32],
+    },
+    /// Authenticate a session as `peer` and attach it as a receiver of the peer's inbox.
+    /// Replies `Welcome` or `Error(unauthorized)`.
+    Hello {
+        mesh: Arc<str>,
+        peer: Arc<str>,
+        token: String,
+    },
+    /// Authenticate a bearer token of the mesh without attaching (HTTP). Replies `Authed`.
+    Auth { r: u64, mesh: Arc<str>, token: String },
+    /// Store an inbox message; replies `Ok{pos}` once durable.
+    Send {
+        r: u64,
+        mesh: Arc<str>,
+        from: Arc<str>,
+        to: Target,
+        body: Body,
+    },
+    /// Append to a conversation; replies `Ok{seq}` once durable.
+    Append {
+        r: u64,
+        mesh: Arc<str>,
+        conv: Arc<str>,
+        from: Arc<str>,
+        body: Body,
+        key: Option<Arc<str>>,
+    },
+    /// Replay a conversation from `from`, then tail it live.
+    Subscribe {
+        r: u64,
+        mesh: Arc<str>,
+        conv: Arc<str>,
+        from: u64,
+    },
+    Unsubscribe {
+        r: u64,
+        mesh: Arc<str>,
+        conv: Arc<str>,
+    },
+    /// Read one page of a conversation (HTTP). Replies `Messages`.
+    Read {
+        r: u64,
+        mesh: Arc<str>,
+        conv: Arc<str>,
+        from: u64,
+        limit: u32,
+    },
+    /// Move the peer's durable inbox cursor. No reply.
+    Ack {
+        mesh: Arc<str>,
+        peer: Arc<str>,
+        upto: u64,
+    },
+    /// The session wrote `frames` frames pushed by this shard to its socket: push credit returns.
+    Flushed { frames: u32 },
+    /// The session is gone: detach it from everything in this shard. No reply.
+    Closed,
+}
+
+impl ShardOp {
+    /// The key this op is placed by.
+    pub fn placement(&self) -> Placement<'_> {
+        match self {
+            ShardOp::CreateMesh { mesh, .. }
+            | ShardOp::AddPeer { mesh, .. }
+            | ShardOp::Hello { mesh, .. }
+            | ShardOp::Auth { mesh, .. }
+            | ShardOp::Send { mesh, .. }
+            | ShardOp::Ack { mesh, .. } => Placement::Mesh(mesh),
+            ShardOp::Append { mesh, conv, .. }
+            | ShardOp::Subscribe { mesh, conv, .. }
+            | ShardOp::Unsubscribe { mesh, conv, .. }
+            | ShardOp::Read { mesh, conv, .. } => Placement::Conversation(mesh, conv),
+            ShardOp::Flushed { .. } | ShardOp::Closed => Placement::Broadcast,
+        }
+    }
+}
+
+/// What a shard says to one session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Reply {
+    /// A frame for the client as it is (welcome, ok, error, deliver, event).
+    Frame(ServerOp),
+    /// `Auth` succeeded: the token belongs to `peer`.
+    Authed { r: u64, peer: Arc<str> },
+    /// One page of a conversation; `head` is the last seq the conversation has.
+    Messages {
+        r: u64,
+        events: Vec<DeliveredEvent>,
+        head: u64,
+    },
+}
+
+impl Reply {
+    /// Frames the shard pushed unasked (deliveries and events) use push credit.
+    pub fn is_push(&self) -> bool {
+        matches!(
+            self,
+            Reply::Frame(ServerOp::Deliver { .. }) | Reply::Frame(ServerOp::Event(_))
+        )
+    }
+}
+
+/// A reply addressed to its session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Output {
+    pub session: SessionId,
+    pub reply: Reply,
+}
+
+/// Where a session's request goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// To the shard that owns the op's key ([`ShardOp::placement`]).
+    ByKey,
+    /// To one shard (push credit goes back to the shard that pushed).
+    Shard(ShardIdx),
+    /// To every shard (session closed).
+    AllShards,
+}

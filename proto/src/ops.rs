@@ -1,0 +1,178 @@
+//! The frames of the client protocol. docs/PROTOCOL.md is the contract; these types are its
+//! Rust form. The derives give the postcard (binary) encoding, whose variant order is therefore
+//! part of the wire format: append new variants and fields at the end only.
+
+use crate::{ErrorCode, Target};
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use std::sync::Arc;
+
+/// A message body: the UTF-8 text of one JSON value, validated when it entered the node.
+/// It is stored and forwarded as it arrived, never re-parsed, and shared (not copied) by fanout.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Body(pub Bytes);
+
+impl Body {
+    /// Wraps JSON text after checking that it is exactly one valid JSON value.
+    pub fn from_json_text(text: impl Into<Bytes>) -> Result<Body, crate::ProtoError> {
+        let bytes: Bytes = text.into();
+        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+            .map_err(|e| crate::ProtoError::bad_request(format!("body is not valid JSON: {e}")))?;
+        Ok(Body(bytes))
+    }
+
+    /// For bodies already validated (read back from the WAL, or produced by `serde_json`).
+    pub fn from_trusted(bytes: Bytes) -> Body {
+        Body(bytes)
+    }
+
+    pub fn as_str(&self) -> &str {
+        // Validated as JSON (hence UTF-8) on the way in.
+        std::str::from_utf8(&self.0).unwrap_or("null")
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl std::fmt::Debug for Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Body({})", self.as_str())
+    }
+}
+
+/// A frame from a client. `r` is the client-chosen `ref` echoed in the answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ClientOp {
+    Hello {
+        mesh: Arc<str>,
+        peer: Arc<str>,
+        token: String,
+    },
+    Send {
+        r: u64,
+        to: Target,
+        body: Body,
+    },
+    Append {
+        r: u64,
+        conv: Arc<str>,
+        body: Body,
+        key: Option<Arc<str>>,
+    },
+    Subscribe {
+        r: u64,
+        conv: Arc<str>,
+        from: u64,
+    },
+    Unsubscribe {
+        r: u64,
+        conv: Arc<str>,
+    },
+    Ack {
+        upto: u64,
+    },
+    Ping {
+        r: u64,
+    },
+    /// Binary frames only: several ops in one frame (JSON uses a top-level array instead).
+    Batch(Vec<ClientOp>),
+}
+
+impl ClientOp {
+    pub fn name(&self) -> &'static str {
+        match self {
+            ClientOp::Hello { .. } => "hello",
+            ClientOp::Send { .. } => "send",
+            ClientOp::Append { .. } => "append",
+            ClientOp::Subscribe { .. } => "subscribe",
+            ClientOp::Unsubscribe { .. } => "unsubscribe",
+            ClientOp::Ack { .. } => "ack",
+            ClientOp::Ping { .. } => "ping",
+            ClientOp::Batch(_) => "batch",
+        }
+    }
+
+    /// The client's `ref`, for ops that carry one.
+    pub fn reference(&self) -> Option<u64> {
+        match self {
+            ClientOp::Send { r, .. }
+            | ClientOp::Append { r, .. }
+            | ClientOp::Subscribe { r, .. }
+            | ClientOp::Unsubscribe { r, .. }
+            | ClientOp::Ping { r } => Some(*r),
+            ClientOp::Hello { .. } | ClientOp::Ack { .. } | ClientOp::Batch(_) => None,
+        }
+    }
+}
+
+/// One conversation entry as replayed or tailed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeliveredEvent {
+    pub conv: Arc<str>,
+    pub seq: u64,
+    pub from: Arc<str>,
+    pub body: Body,
+    pub ts: u64,
+}
+
+/// A frame from the server.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ServerOp {
+    Welcome {
+        session: u64,
+        acked: u64,
+        head: u64,
+    },
+    /// The acknowledgement of a durable request: `pos` for send, `seq` for append.
+    Ok {
+        r: u64,
+        pos: Option<u64>,
+        seq: Option<u64>,
+    },
+    Deliver {
+        pos: u64,
+        from: Arc<str>,
+        to: Target,
+        body: Body,
+        ts: u64,
+    },
+    Event(DeliveredEvent),
+    Pong {
+        r: u64,
+    },
+    Error {
+        r: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
+    /// Binary frames only: several frames in one.
+    Batch(Vec<ServerOp>),
+}
+
+impl ServerOp {
+    pub fn error(r: Option<u64>, e: crate::ProtoError) -> ServerOp {
+        ServerOp::Error {
+            r,
+            code: e.code,
+            message: e.message,
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            ServerOp::Welcome { .. } => "welcome",
+            ServerOp::Ok { .. } => "ok",
+            ServerOp::Deliver { .. } => "deliver",
+            ServerOp::Event(_) => "event",
+            ServerOp::Pong { .. } => "pong",
+            ServerOp::Error { .. } => "error",
+            ServerOp::Batch(_) => "batch",
+        }
+    }
+}
