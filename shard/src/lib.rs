@@ -108,6 +108,8 @@ pub struct ShardStats {
     pub events_pushed: u64,
     pub segments_deleted: u64,
     pub records_copied_forward: u64,
+    /// Retention rounds skipped because unacknowledged inbox data filled the oldest segment.
+    pub retention_blocked: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +142,6 @@ pub struct RecoveryReport {
 #[derive(Debug, Clone)]
 struct SegmentInfo {
     id: u64,
-    #[allow(dead_code)] // kept for debugging output and future tiered reads
     first_lsn: u64,
     last_lsn: u64,
     bytes: u64,
@@ -354,6 +355,8 @@ pub struct Shard {
     pending: VecDeque<(u64, Output)>,
     deletes: Vec<u64>,
     retention: Retention,
+    /// While the WAL is below this size, retention does not retry (see maybe_start_retention).
+    retention_blocked_bytes: u64,
     failed: bool,
 
     out: VecDeque<Output>,
@@ -390,6 +393,7 @@ impl Shard {
             pending: VecDeque::new(),
             deletes: Vec::new(),
             retention: Retention::Idle,
+            retention_blocked_bytes: 0,
             failed: false,
             out: VecDeque::new(),
             stats: ShardStats::default(),
@@ -894,6 +898,7 @@ impl Shard {
             if last_lsn >= checkpoint_lsn {
                 let seg = self.segments.pop_front().expect("retained segment exists");
                 assert_eq!(seg.id, segment, "segments are deleted oldest first");
+                assert!(seg.first_lsn <= checkpoint_lsn, "the checkpoint is newer than the segment");
                 self.wal_bytes -= seg.bytes;
                 self.deletes.push(seg.id);
                 self.stats.segments_deleted += 1;
@@ -926,41 +931,41 @@ impl Shard {
         }
     }
 
+    /// Nothing is building, in flight or waiting for durability: every request taken in has
+    /// been written, synced and answered.
+    pub fn is_idle(&self) -> bool {
+        self.building.is_empty()
+            && self.inflight.is_none()
+            && self.pending.is_empty()
+            && self.deletes.is_empty()
+    }
+
     pub fn is_failed(&self) -> bool {
         self.failed
     }
 
     fn maybe_start_retention(&mut self) {
         if !matches!(self.retention, Retention::Idle)
-            || self.wal_bytes <= self.config.retention_bytes_max
+            || self.wal_bytes <= self.config.retention_bytes_max.max(self.retention_blocked_bytes)
             || self.segments.len() < 2
         {
             return;
         }
         let oldest = self.segments.front().expect("two segments").clone();
-        // Conversation events in the oldest segment leave memory now; they stay on disk (and
-        // come back on a restart) until the checkpoint is durable and the segment is deleted.
-        for c in self.convs.values_mut() {
-            while c.events.front().is_some_and(|e| e.lsn <= oldest.last_lsn) {
-                let e = c.events.pop_front().expect("front exists");
-                if let Some(k) = e.key {
-                    c.keys.remove(&k);
-                }
-                c.first_seq = e.seq + 1;
-            }
-        }
-        // Inbox messages some recipient still needs are copied forward; the rest leave.
+        // Inbox messages in the oldest segment that some recipient still needs must be copied
+        // forward. Not a prefix in position order: a message copied by an earlier round has a
+        // newer LSN than later positions still in the oldest segment. Meshes in id order, so
+        // the copies get the same LSNs on every run (determinism).
+        let mut mesh_ids: Vec<Arc<str>> = self.meshes.keys().cloned().collect();
+        mesh_ids.sort();
         let mut copies = Vec::new();
-        for m in self.meshes.values_mut() {
-            let old: Vec<u64> = m
-                .log
-                .iter()
-                .take_while(|(_, msg)| msg.lsn <= oldest.last_lsn)
-                .map(|(p, _)| *p)
-                .collect();
-            for pos in old {
-                let msg = &m.log[&pos];
+        let mut drops = Vec::new();
+        let mut copy_bytes = 0u64;
+        for id in &mesh_ids {
+            let m = &self.meshes[id];
+            for (&pos, msg) in m.log.iter().filter(|(_, msg)| msg.lsn <= oldest.last_lsn) {
                 if m.is_needed(pos, msg) {
+                    copy_bytes += (msg.body.len() + wal::RECORD_HEADER_BYTES + 64) as u64;
                     copies.push(SentRec {
                         mesh: m.id.clone(),
                         pos,
@@ -970,8 +975,33 @@ impl Shard {
                         ts: msg.ts,
                     });
                 } else {
-                    m.log.remove(&pos);
+                    drops.push((id.clone(), pos));
                 }
+            }
+        }
+        // A round that would rewrite most of the segment gains nothing and, repeated on every
+        // commit, would rewrite the backlog forever: unacknowledged inbox data larger than the
+        // limit holds retention back until another segment's worth has been written.
+        if copy_bytes * 2 > oldest.bytes {
+            self.retention_blocked_bytes = self.wal_bytes + self.config.wal_segment_bytes_max;
+            self.stats.retention_blocked += 1;
+            return;
+        }
+        self.retention_blocked_bytes = 0;
+        for (id, pos) in drops {
+            if let Some(m) = self.meshes.get_mut(&id) {
+                m.log.remove(&pos);
+            }
+        }
+        // Conversation events in the oldest segment leave memory now; they stay on disk (and
+        // come back on a restart) until the checkpoint is durable and the segment is deleted.
+        for c in self.convs.values_mut() {
+            while c.events.front().is_some_and(|e| e.lsn <= oldest.last_lsn) {
+                let e = c.events.pop_front().expect("front exists");
+                if let Some(k) = e.key {
+                    c.keys.remove(&k);
+                }
+                c.first_seq = e.seq + 1;
             }
         }
         for rec in copies {
