@@ -1,1 +1,19 @@
+//! The Fabric node: the glue that runs the sans-IO cores (`fabric-edge`, `fabric-router`,
+//! `fabric-shard`) on tokio, ractor and real files and sockets, and the Rust client.
+//!
+//! Nothing here decides protocol or storage questions; it moves bytes, batches and files.
 
+pub mod client;
+pub mod config;
+pub mod http;
+pub mod node;
+pub mod shard_actor;
+pub mod storage;
+pub mod ws;
+
+/// Wall-clock milliseconds since the Unix epoch: the `now` the cores are given.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,1 +1,162 @@
-fn main(){}
+//! `fabric`: the node and its command line.
+
+use anyhow::Context;
+use clap::{Args, Parser, Subcommand};
+use fabric::config::{Config, Durability, LogFormat};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Fabric: a durable, sharded message fabric for multi-tenant agent meshes.
+///
+/// Every acknowledgement means the message is on disk (fsynced, group commit).
+#[derive(Parser)]
+#[command(name = "fabric", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node: HTTP and WebSocket on one port, data in a local directory.
+    ///
+    /// Settings come from, lowest to highest precedence: embedded defaults, the TOML file given
+    /// by --config (keys are the long option names with underscores), FABRIC_* environment
+    /// variables, and these flags.
+    Serve(ServeArgs),
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    /// TOML config file.
+    #[arg(long, env = "FABRIC_CONFIG")]
+    config: Option<PathBuf>,
+    /// Data directory (WAL segments, node metadata, admin token). Default ./fabric-data.
+    #[arg(long, env = "FABRIC_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// HTTP and WebSocket listen address. Default 127.0.0.1:7400.
+    #[arg(long, env = "FABRIC_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// Shards (each with its own WAL). Default: one per core. Fixed once data exists.
+    #[arg(long, env = "FABRIC_SHARDS")]
+    shards: Option<u32>,
+    /// Partitions keys hash into. Default 256. Fixed once data exists.
+    #[arg(long, env = "FABRIC_PARTITIONS")]
+    partitions: Option<u32>,
+    /// Admin bearer token. If unset, one is generated on first start, stored in the data dir
+    /// and printed once.
+    #[arg(long, env = "FABRIC_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Largest client frame or HTTP body, in bytes. Default 1048576.
+    #[arg(long, env = "FABRIC_FRAME_BYTES_MAX")]
+    frame_bytes_max: Option<usize>,
+    /// Requests a session may have unacknowledged before the node stops reading it. Default 1024.
+    #[arg(long, env = "FABRIC_INFLIGHT_REQUESTS_MAX")]
+    inflight_requests_max: Option<u32>,
+    /// WAL segment size at which a new segment starts, in bytes. Default 64 MiB.
+    #[arg(long, env = "FABRIC_WAL_SEGMENT_BYTES_MAX")]
+    wal_segment_bytes_max: Option<u64>,
+    /// Per-shard WAL size above which old segments are deleted, in bytes. Default 256 MiB.
+    /// Unacknowledged inbox messages are always kept.
+    #[arg(long, env = "FABRIC_RETENTION_BYTES_MAX")]
+    retention_bytes_max: Option<u64>,
+    /// fsync (default: every ack is durable) or none (benchmark comparisons only).
+    #[arg(long, env = "FABRIC_DURABILITY", value_enum)]
+    durability: Option<Durability>,
+    /// Log format: human or json. The level comes from FABRIC_LOG (env-filter syntax).
+    #[arg(long, env = "FABRIC_LOG_FORMAT", value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+impl ServeArgs {
+    fn into_config(self) -> anyhow::Result<Config> {
+        let mut c = match &self.config {
+            Some(path) => Config::from_toml_file(path)?,
+            None => Config::default(),
+        };
+        macro_rules! set {
+            ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
+        }
+        set!(
+            data_dir,
+            listen,
+            shards,
+            partitions,
+            frame_bytes_max,
+            inflight_requests_max,
+            wal_segment_bytes_max,
+            retention_bytes_max,
+            durability,
+            log_format
+        );
+        if self.admin_token.is_some() {
+            c.admin_token = self.admin_token;
+        }
+        c.validate()?;
+        Ok(c)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => {
+            let config = args.into_config()?;
+            init_logging(config.log_format);
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .thread_name("fabric")
+                .build()
+                .context("cannot start the tokio runtime")?;
+            runtime.block_on(async move {
+                let data_dir = config.data_dir.clone();
+                let node = fabric::node::start(config)
+                    .await
+                    .with_context(|| format!("cannot start a node on {}", data_dir.display()))?;
+                println!(
+                    "fabric: listening on http://{} (WebSocket: ws://{}/v1/ws)",
+                    node.addr(),
+                    node.addr()
+                );
+                shutdown_signal().await;
+                node.shutdown().await;
+                anyhow::Ok(())
+            })
+        }
+    }
+}

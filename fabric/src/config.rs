@@ -1,0 +1,132 @@
+//! Node configuration: embedded defaults, then a TOML file, then `FABRIC_*` environment
+//! variables, then command-line flags (each layer overrides the one before).
+
+use serde::{Deserialize, Serialize};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+/// Everything a node needs to start. Units are last in every name.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where the WAL segments, node metadata and admin token live.
+    pub data_dir: PathBuf,
+    /// HTTP and WebSocket address (one port).
+    pub listen: SocketAddr,
+    /// Shard actors, each with its own WAL. Default: one per core.
+    pub shards: u32,
+    /// Partitions the router hashes keys into; fixed for the life of a data dir.
+    pub partitions: u32,
+    /// Admin bearer token. If unset, one is generated on first start and kept in the data dir.
+    pub admin_token: Option<String>,
+    /// Largest client frame or HTTP body accepted.
+    pub frame_bytes_max: usize,
+    /// Requests one session may have waiting for acknowledgement before the node stops reading it.
+    pub inflight_requests_max: u32,
+    /// A new session must say hello within this time.
+    pub hello_timeout_ms: u64,
+    /// Rotate WAL segments at this size.
+    pub wal_segment_bytes_max: u64,
+    /// Stop taking requests into a shard while its unwritten batch is this large.
+    pub wal_batch_bytes_max: usize,
+    /// Per-shard WAL size above which the oldest segments are deleted (unacked inbox data is kept).
+    pub retention_bytes_max: u64,
+    /// Request batches queued for one shard before senders wait (bounded channel capacity).
+    pub shard_queue_batches_max: usize,
+    /// Frames a shard pushes to a session before the session reports them written.
+    pub push_credit_frames_max: u32,
+    /// `fsync` (default; every ack is durable) or `none` (benchmark comparisons only).
+    pub durability: Durability,
+    /// `human` or `json`.
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    Fsync,
+    None,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Human,
+    Json,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+        Config {
+            data_dir: PathBuf::from("./fabric-data"),
+            listen: "127.0.0.1:7400".parse().expect("valid default address"),
+            shards: cores.clamp(1, 64),
+            partitions: 256,
+            admin_token: None,
+            frame_bytes_max: fabric_proto::FRAME_BYTES_MAX_DEFAULT,
+            inflight_requests_max: 1024,
+            hello_timeout_ms: 10_000,
+            wal_segment_bytes_max: 64 * 1024 * 1024,
+            wal_batch_bytes_max: 4 * 1024 * 1024,
+            retention_bytes_max: 256 * 1024 * 1024,
+            shard_queue_batches_max: 1024,
+            push_credit_frames_max: 1024,
+            durability: Durability::Fsync,
+            log_format: LogFormat::Human,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path} is not valid: {source}")]
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Reads a TOML file whose keys are the field names above; missing keys keep their defaults.
+    pub fn from_toml_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.to_path_buf(),
+            source,
+        })
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.shards == 0 || self.shards > 1024 {
+            return bad("shards must be 1..=1024");
+        }
+        if self.partitions < self.shards || self.partitions > 65_536 {
+            return bad("partitions must be at least shards and at most 65536");
+        }
+        if self.frame_bytes_max < 1024 {
+            return bad("frame_bytes_max must be at least 1024");
+        }
+        if self.inflight_requests_max == 0 || self.shard_queue_batches_max == 0 {
+            return bad("inflight_requests_max and shard_queue_batches_max must be positive");
+        }
+        if self.push_credit_frames_max == 0 {
+            return bad("push_credit_frames_max must be positive");
+        }
+        if self.wal_segment_bytes_max < 4096 {
+            return bad("wal_segment_bytes_max must be at least 4096");
+        }
+        Ok(())
+    }
+}

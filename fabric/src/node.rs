@@ -1,0 +1,311 @@
+//! Assembles a node: data dir and metadata, admin token, shard actors under a supervisor, and
+//! the HTTP/WebSocket server. Also graceful shutdown.
+
+use crate::config::Config;
+use crate::shard_actor::{NodeSupervisor, ShardMsg, ShardSlot, SupervisorArgs, SupervisorMsg};
+use fabric_edge::SessionConfig;
+use fabric_router::{PlacementMeta, Router};
+use fabric_shard::ShardConfig;
+use ractor::{Actor, ActorRef};
+use rand::RngCore;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Format of the node metadata file; bump on incompatible changes.
+const META_FORMAT_VERSION: u32 = 1;
+const META_FILE: &str = "node.json";
+const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error(transparent)]
+    Config(#[from] crate::config::ConfigError),
+    #[error("{what} {path}: {source}")]
+    Io {
+        what: &'static str,
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("node metadata {path} is not valid: {message}")]
+    Meta {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error(transparent)]
+    Placement(#[from] fabric_router::RouterError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("shard actors did not start: {0}")]
+    Actors(String),
+}
+
+/// What every session and HTTP handler shares.
+pub struct NodeCtx {
+    pub config: Config,
+    pub admin_token: String,
+    pub shards: Vec<mpsc::Sender<ShardMsg>>,
+    pub slots: Vec<Arc<ShardSlot>>,
+    pub session_config: SessionConfig,
+    pub shutdown: watch::Receiver<bool>,
+    pub sessions_open: AtomicU64,
+    router: Router,
+    next_session: AtomicU64,
+}
+
+impl NodeCtx {
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// A router for one session (it owns that session's per-shard batches).
+    pub fn router(&self) -> Router {
+        self.router.clone()
+    }
+
+    /// Capacity of a session's reply channel: every reply it can be owed (in-flight requests,
+    /// push credit per shard) plus slack, so a shard's `try_send` only fails for a session
+    /// that stopped draining.
+    pub fn session_queue_max(&self) -> usize {
+        self.config.inflight_requests_max as usize
+            + self.config.push_credit_frames_max as usize * self.shards.len()
+            + 64
+    }
+}
+
+pub struct RunningNode {
+    addr: SocketAddr,
+    ctx: Arc<NodeCtx>,
+    shutdown_tx: watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    supervisor: ActorRef<SupervisorMsg>,
+}
+
+impl RunningNode {
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.ctx.admin_token
+    }
+
+    pub fn ctx(&self) -> &Arc<NodeCtx> {
+        &self.ctx
+    }
+
+    /// Chaos drill: fail one shard; its supervisor restarts it and it recovers from its WAL.
+    pub fn crash_shard(&self, shard: u32) {
+        let _ = self.supervisor.cast(SupervisorMsg::Crash(shard));
+    }
+
+    /// Stops accepting, lets sessions finish their in-flight requests, then has every shard
+    /// write and sync what it took in before stopping.
+    pub async fn shutdown(self) {
+        tracing::info!("shutting down");
+        let _ = self.shutdown_tx.send(true);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.server).await;
+        // Upgraded WebSocket sessions outlive the HTTP server; each drains its in-flight
+        // requests (bounded by its own deadline) and closes.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while self.ctx.sessions_open.load(Ordering::Relaxed) > 0
+            && std::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.supervisor.cast(SupervisorMsg::Stop(tx)).is_ok() {
+            let _ = rx.await;
+        }
+        self.supervisor.stop(None);
+        tracing::info!("stopped");
+    }
+}
+
+/// A fresh random token: 32 bytes from the OS RNG, hex.
+pub fn new_token() -> String {
+    let mut b = [0u8; 32];
+    rand::rng().fill_bytes(&mut b);
+    hex::encode(b)
+}
+
+fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> NodeError + 'a {
+    move |source| NodeError::Io {
+        what,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Writes a small file so that it is either wholly there or not at all: temp file, fsync,
+/// rename, fsync the directory.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
+    use std::io::Write;
+    let tmp = dir.join(format!("{name}.tmp"));
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
+    f.write_all(bytes).map_err(io_err("write", &tmp))?;
+    f.sync_all().map_err(io_err("fsync", &tmp))?;
+    std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
+    crate::storage::sync_dir(dir).map_err(|e| NodeError::Meta {
+        path: dir.to_path_buf(),
+        message: e.to_string(),
+    })
+}
+
+/// Checks (or, on a new data dir, records) the placement the data was written with.
+fn check_meta(config: &Config, router: &Router) -> Result<(), NodeError> {
+    let path = config.data_dir.join(META_FILE);
+    let ours = router.meta();
+    match std::fs::read(&path) {
+        Ok(bytes) => {
+            #[derive(serde::Deserialize)]
+            struct Stored {
+                format_version: u32,
+                placement: PlacementMeta,
+            }
+            let stored: Stored = serde_json::from_slice(&bytes).map_err(|e| NodeError::Meta {
+                path: path.clone(),
+                message: e.to_string(),
+            })?;
+            if stored.format_version != META_FORMAT_VERSION {
+                return Err(NodeError::Meta {
+                    path,
+                    message: format!(
+                        "format version {} is not {META_FORMAT_VERSION}",
+                        stored.format_version
+                    ),
+                });
+            }
+            ours.check(&stored.placement)?;
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let json = serde_json::json!({
+                "format_version": META_FORMAT_VERSION,
+                "placement": ours,
+            });
+            write_durably(&config.data_dir, META_FILE, json.to_string().as_bytes())
+        }
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+fn admin_token(config: &Config) -> Result<String, NodeError> {
+    if let Some(t) = &config.admin_token {
+        return Ok(t.clone());
+    }
+    let path = config.data_dir.join(ADMIN_TOKEN_FILE);
+    match std::fs::read_to_string(&path) {
+        Ok(t) => Ok(t.trim().to_string()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            let token = new_token();
+            write_durably(&config.data_dir, ADMIN_TOKEN_FILE, token.as_bytes())?;
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+            }
+            // Printed once, on the start that made it; afterwards it is in the data dir.
+            println!(
+                "fabric: generated admin token {token} (stored in {})",
+                path.display()
+            );
+            Ok(token)
+        }
+        Err(e) => Err(io_err("read", &path)(e)),
+    }
+}
+
+/// Starts a node and returns once it is listening and every shard has recovered.
+pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
+    config.validate()?;
+    std::fs::create_dir_all(&config.data_dir).map_err(io_err("create", &config.data_dir))?;
+    let router = Router::new(config.partitions, config.shards)?;
+    check_meta(&config, &router)?;
+    let admin_token = admin_token(&config)?;
+
+    let mut slots = Vec::new();
+    let mut senders = Vec::new();
+    for i in 0..config.shards {
+        let shard_config = ShardConfig {
+            shard: i,
+            wal_segment_bytes_max: config.wal_segment_bytes_max,
+            wal_batch_bytes_max: config.wal_batch_bytes_max,
+            retention_bytes_max: config.retention_bytes_max,
+            push_credit_frames_max: config.push_credit_frames_max,
+            ..ShardConfig::default()
+        };
+        let (slot, tx) = ShardSlot::new(
+            i,
+            config.data_dir.join(format!("shard-{i:03}")),
+            shard_config,
+            config.durability,
+            config.shard_queue_batches_max,
+        );
+        slots.push(slot);
+        senders.push(tx);
+    }
+    let (supervisor, _) = Actor::spawn(
+        None,
+        NodeSupervisor,
+        SupervisorArgs {
+            slots: slots.clone(),
+            senders: senders.clone(),
+        },
+    )
+    .await
+    .map_err(|e| NodeError::Actors(e.to_string()))?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let session_config = SessionConfig {
+        frame_bytes_max: config.frame_bytes_max,
+        inflight_requests_max: config.inflight_requests_max,
+        hello_timeout_ms: config.hello_timeout_ms,
+        ..SessionConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let ctx = Arc::new(NodeCtx {
+        config,
+        admin_token,
+        shards: senders,
+        slots,
+        session_config,
+        shutdown: shutdown_rx.clone(),
+        sessions_open: AtomicU64::new(0),
+        router,
+        next_session: AtomicU64::new(1),
+    });
+    let app = crate::http::routes(ctx.clone());
+    let mut stop = shutdown_rx;
+    let server = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+        if let Err(e) = serve.await {
+            tracing::error!(error = %e, "HTTP server failed");
+        }
+    });
+    tracing::info!(%addr, shards = ctx.shards.len(), "listening");
+    Ok(RunningNode {
+        addr,
+        ctx,
+        shutdown_tx,
+        server,
+        supervisor,
+    })
+}

@@ -1,0 +1,484 @@
+//! Shards at run time: a ractor actor per shard for lifecycle and supervision, and under it the
+//! hot loop (a tokio task fed by a bounded channel of request *batches*) plus a WAL writer thread
+//! (fed by a bounded crossbeam channel). Ractor's mailbox is unbounded and costs ~360 ns a
+//! message, so it carries only control messages; requests never pass through it.
+//!
+//! A crashed shard (loop panic, storage failure, or a crash drill) fails its actor; the node
+//! supervisor restarts it, and the new incarnation recovers from the WAL. The input channel
+//! outlives incarnations, so sessions keep their senders; sessions attached to the old
+//! incarnation are told to reconnect.
+
+use crate::config::Durability;
+use crate::storage::{self, WalDone};
+use fabric_proto::internal::{Output, Reply, Request, SessionId, ShardIdx};
+use fabric_shard::{Shard, ShardConfig};
+use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+
+/// What a shard sends a session.
+#[derive(Debug)]
+pub enum SessionMsg {
+    Replies(ShardIdx, Vec<Reply>),
+    /// The shard restarted and forgot this session's attachments: reconnect.
+    ShardRestarted(ShardIdx),
+}
+
+pub type SessionTx = mpsc::Sender<SessionMsg>;
+
+/// The hot path's unit: a batch of requests from one session.
+pub enum ShardMsg {
+    Batch {
+        session: SessionId,
+        tx: SessionTx,
+        requests: Vec<Request>,
+    },
+    /// Finish what was taken in (write, sync, ack), then stop.
+    Stop { done: oneshot::Sender<()> },
+}
+
+/// Everything about one shard that outlives its incarnations.
+pub struct ShardSlot {
+    pub idx: ShardIdx,
+    pub dir: PathBuf,
+    pub config: ShardConfig,
+    pub durability: Durability,
+    input: Mutex<Option<mpsc::Receiver<ShardMsg>>>,
+    pub ready: AtomicBool,
+    pub restarts: AtomicU64,
+    pub stats: Mutex<SlotStats>,
+}
+
+/// Figures the shard loop publishes for health checks and metrics.
+#[derive(Debug, Clone, Default)]
+pub struct SlotStats {
+    pub recovery_ms: u64,
+    pub recovered_records: u64,
+    pub wal_writes: u64,
+    pub wal_bytes: u64,
+    pub records_written: u64,
+    pub last_error: Option<String>,
+}
+
+impl ShardSlot {
+    pub fn new(
+        idx: ShardIdx,
+        dir: PathBuf,
+        config: ShardConfig,
+        durability: Durability,
+        queue_batches_max: usize,
+    ) -> (Arc<ShardSlot>, mpsc::Sender<ShardMsg>) {
+        let (tx, rx) = mpsc::channel(queue_batches_max);
+        let slot = Arc::new(ShardSlot {
+            idx,
+            dir,
+            config,
+            durability,
+            input: Mutex::new(Some(rx)),
+            ready: AtomicBool::new(false),
+            restarts: AtomicU64::new(0),
+            stats: Mutex::new(SlotStats::default()),
+        });
+        (slot, tx)
+    }
+}
+
+/// Gives the input receiver back to its slot when an incarnation ends, even by panic or abort.
+struct InputGuard {
+    slot: Arc<ShardSlot>,
+    rx: Option<mpsc::Receiver<ShardMsg>>,
+}
+
+impl Drop for InputGuard {
+    fn drop(&mut self) {
+        if let Some(rx) = self.rx.take() {
+            if let Ok(mut g) = self.slot.input.lock() {
+                *g = Some(rx);
+            }
+        }
+    }
+}
+
+/// Session reply senders known to one incarnation; told to reconnect when it ends.
+struct Sessions {
+    idx: ShardIdx,
+    txs: HashMap<SessionId, SessionTx>,
+}
+
+impl Drop for Sessions {
+    fn drop(&mut self) {
+        for tx in self.txs.values() {
+            let _ = tx.try_send(SessionMsg::ShardRestarted(self.idx));
+        }
+    }
+}
+
+/// Most batches taken from the input channel before the loop writes and answers.
+const LOOP_BATCHES_MAX: usize = 256;
+
+/// The hot loop of one shard incarnation.
+async fn shard_loop(
+    slot: Arc<ShardSlot>,
+    mut shard: Shard,
+    mut input: InputGuard,
+    wal_tx: crossbeam_channel::Sender<fabric_shard::WalWrite>,
+    mut wal_done: mpsc::Receiver<WalDone>,
+) -> Result<(), String> {
+    let mut sessions = Sessions {
+        idx: slot.idx,
+        txs: HashMap::new(),
+    };
+    let mut stop: Option<oneshot::Sender<()>> = None;
+    let mut per_session: HashMap<SessionId, Vec<Reply>> = HashMap::new();
+    loop {
+        let rx = input.rx.as_mut().expect("input present while running");
+        tokio::select! {
+            biased;
+            done = wal_done.recv() => {
+                let Some(done) = done else { return Err("WAL writer thread ended".into()) };
+                if let Err(e) = done.result {
+                    shard.handle_wal_failed(crate::now_ms(), &e);
+                    route(&mut shard, &mut sessions, &mut per_session);
+                    if let Ok(mut s) = slot.stats.lock() {
+                        s.last_error = Some(e.clone());
+                    }
+                    return Err(format!("WAL write failed: {e}"));
+                }
+                shard.handle_wal_done(crate::now_ms(), done.last_lsn);
+                if let Ok(mut s) = slot.stats.lock() {
+                    s.wal_writes += 1;
+                    s.wal_bytes += done.bytes as u64;
+                    s.records_written += done.records;
+                }
+            }
+            msg = rx.recv(), if stop.is_none() && shard.wants_input() => {
+                let Some(msg) = msg else { return Ok(()) };
+                let mut next = Some(msg);
+                let mut taken = 0;
+                while let Some(msg) = next.take() {
+                    match msg {
+                        ShardMsg::Batch { session, tx, requests } => {
+                            sessions.txs.entry(session).or_insert(tx);
+                            let closing = requests
+                                .iter()
+                                .any(|r| matches!(r.op, fabric_proto::internal::ShardOp::Closed));
+                            shard.handle_requests(crate::now_ms(), requests);
+                            if closing {
+                                // Deliver what is already owed, then forget the sender.
+                                route(&mut shard, &mut sessions, &mut per_session);
+                                sessions.txs.remove(&session);
+                            }
+                        }
+                        ShardMsg::Stop { done } => stop = Some(done),
+                    }
+                    taken += 1;
+                    if taken < LOOP_BATCHES_MAX && stop.is_none() && shard.wants_input() {
+                        next = rx.try_recv().ok();
+                    }
+                }
+            }
+        }
+        if let Some(w) = shard.poll_wal() {
+            // At most one write is in flight (the core guarantees it), so this never blocks.
+            wal_tx
+                .send(w)
+                .map_err(|_| "WAL writer thread ended".to_string())?;
+        }
+        route(&mut shard, &mut sessions, &mut per_session);
+        if stop.is_some() && shard.is_idle() {
+            if let Some(done) = stop.take() {
+                let _ = done.send(());
+            }
+            sessions.txs.clear();
+            return Ok(());
+        }
+    }
+}
+
+/// Groups outputs per session and hands each session one batch.
+fn route(
+    shard: &mut Shard,
+    sessions: &mut Sessions,
+    per_session: &mut HashMap<SessionId, Vec<Reply>>,
+) {
+    while let Some(Output { session, reply }) = shard.poll_output() {
+        per_session.entry(session).or_default().push(reply);
+    }
+    for (session, replies) in per_session.drain() {
+        if replies.is_empty() {
+            continue;
+        }
+        let Some(tx) = sessions.txs.get(&session) else {
+            continue;
+        };
+        // The channel's capacity covers every reply a session can be owed (in-flight limit plus
+        // push credit), so Full means the session stopped draining it: drop the session rather
+        // than block the shard; its client reconnects and gets its inbox redelivered.
+        if tx
+            .try_send(SessionMsg::Replies(sessions.idx, replies))
+            .is_err()
+        {
+            sessions.txs.remove(&session);
+        }
+    }
+}
+
+/// The shard actor's control messages.
+pub enum ShardActorMsg {
+    LoopEnded(Result<(), String>),
+    /// Chaos drill: fail this incarnation now (tests and operators' drills).
+    Crash,
+}
+
+pub struct ShardActor;
+
+pub struct ShardActorState {
+    slot: Arc<ShardSlot>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    writer: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Actor for ShardActor {
+    type Msg = ShardActorMsg;
+    type State = ShardActorState;
+    type Arguments = Arc<ShardSlot>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        slot: Arc<ShardSlot>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let span = tracing::info_span!("shard", node = "local", shard = slot.idx);
+        let _e = span.enter();
+        let rx = slot
+            .input
+            .lock()
+            .map_err(|_| "shard input lock poisoned")?
+            .take()
+            .ok_or("shard input is held by another incarnation")?;
+        let input = InputGuard {
+            slot: slot.clone(),
+            rx: Some(rx),
+        };
+        let dir = slot.dir.clone();
+        let config = slot.config.clone();
+        let recovered = tokio::task::spawn_blocking(move || storage::recover(&dir, config))
+            .await
+            .map_err(|e| format!("recovery panicked: {e}"))??;
+        tracing::info!(
+            records = recovered.report.records,
+            segments = recovered.report.segments,
+            bytes = recovered.report.bytes,
+            ms = recovered.duration.as_millis() as u64,
+            "shard recovered"
+        );
+        if let Ok(mut s) = slot.stats.lock() {
+            s.recovery_ms = recovered.duration.as_millis() as u64;
+            s.recovered_records = recovered.report.records;
+        }
+        let (wal_tx, wal_rx) = crossbeam_channel::bounded(2);
+        let (done_tx, done_rx) = mpsc::channel(2);
+        let dir = slot.dir.clone();
+        let durability = slot.durability;
+        let open = recovered.open;
+        let writer = std::thread::Builder::new()
+            .name(format!("wal-{}", slot.idx))
+            .spawn(move || storage::writer_thread(dir, open, durability, wal_rx, done_tx))
+            .map_err(|e| format!("cannot start WAL thread: {e}"))?;
+        let loop_slot = slot.clone();
+        let shard = recovered.shard;
+        let task = tokio::spawn(async move {
+            use futures_util::FutureExt;
+            let run = shard_loop(loop_slot, shard, input, wal_tx, done_rx);
+            // A panic in the loop is a shard failure like any other: report it to the actor.
+            let result = std::panic::AssertUnwindSafe(run)
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| Err("shard loop panicked".to_string()));
+            let _ = myself.cast(ShardActorMsg::LoopEnded(result));
+        });
+        slot.ready.store(true, Ordering::SeqCst);
+        Ok(ShardActorState {
+            slot,
+            task: Some(task),
+            writer: Some(writer),
+        })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        // Ractor skips post_stop when a handler fails, so a failing incarnation cleans up here,
+        // before it reports the failure that makes the supervisor start the next one.
+        match msg {
+            ShardActorMsg::LoopEnded(Ok(())) => {
+                myself.stop(Some("stopped".into()));
+                Ok(())
+            }
+            ShardActorMsg::LoopEnded(Err(e)) => {
+                state.end().await;
+                Err(e.into())
+            }
+            ShardActorMsg::Crash => {
+                state.end().await;
+                Err("crash drill".into())
+            }
+        }
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        state.end().await;
+        Ok(())
+    }
+}
+
+impl ShardActorState {
+    /// Ends this incarnation: stops the loop (which returns the input receiver and tells its
+    /// sessions to reconnect) and waits for the WAL thread to finish its last write.
+    async fn end(&mut self) {
+        self.slot.ready.store(false, Ordering::SeqCst);
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+        if let Some(writer) = self.writer.take() {
+            // The loop owned the writer's sender, so the thread sees its channel close.
+            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
+        }
+    }
+}
+
+/// Supervises the shard actors: a failed shard is restarted (and recovers from its WAL).
+pub struct NodeSupervisor;
+
+pub enum SupervisorMsg {
+    Crash(ShardIdx),
+    /// Stop every shard gracefully (each finishes its batch and syncs), then reply.
+    Stop(oneshot::Sender<()>),
+}
+
+pub struct SupervisorState {
+    slots: Vec<Arc<ShardSlot>>,
+    senders: Vec<mpsc::Sender<ShardMsg>>,
+    actors: Vec<Option<ActorRef<ShardActorMsg>>>,
+    stopping: bool,
+}
+
+pub struct SupervisorArgs {
+    pub slots: Vec<Arc<ShardSlot>>,
+    pub senders: Vec<mpsc::Sender<ShardMsg>>,
+}
+
+/// Most restarts of one shard before the node gives up on it (a crash loop needs a human).
+const SHARD_RESTARTS_MAX: u64 = 100;
+
+impl Actor for NodeSupervisor {
+    type Msg = SupervisorMsg;
+    type State = SupervisorState;
+    type Arguments = SupervisorArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: SupervisorArgs,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        let mut actors = Vec::new();
+        for slot in &args.slots {
+            let (a, _) =
+                Actor::spawn_linked(None, ShardActor, slot.clone(), myself.get_cell()).await?;
+            actors.push(Some(a));
+        }
+        Ok(SupervisorState {
+            slots: args.slots,
+            senders: args.senders,
+            actors,
+            stopping: false,
+        })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        msg: Self::Msg,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SupervisorMsg::Crash(i) => {
+                if let Some(Some(a)) = state.actors.get(i as usize) {
+                    let _ = a.cast(ShardActorMsg::Crash);
+                }
+            }
+            SupervisorMsg::Stop(reply) => {
+                state.stopping = true;
+                for tx in &state.senders {
+                    let (done_tx, done_rx) = oneshot::channel();
+                    if tx.send(ShardMsg::Stop { done: done_tx }).await.is_ok() {
+                        let _ = tokio::time::timeout(Duration::from_secs(30), done_rx).await;
+                    }
+                }
+                for a in state.actors.iter().flatten() {
+                    let _ = a.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+                }
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        evt: SupervisionEvent,
+        state: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let (cell, why) = match evt {
+            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
+            SupervisionEvent::ActorTerminated(cell, _, reason) => {
+                (cell, reason.unwrap_or_else(|| "terminated".into()))
+            }
+            _ => return Ok(()),
+        };
+        let Some(i) = state
+            .actors
+            .iter()
+            .position(|a| a.as_ref().is_some_and(|a| a.get_id() == cell.get_id()))
+        else {
+            return Ok(());
+        };
+        state.actors[i] = None;
+        if state.stopping {
+            return Ok(());
+        }
+        let slot = state.slots[i].clone();
+        let restarts = slot.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::error!(shard = i, restarts, reason = %why, "shard failed; restarting from its WAL");
+        if restarts > SHARD_RESTARTS_MAX {
+            tracing::error!(shard = i, "shard restarted too often; leaving it down");
+            return Ok(());
+        }
+        // The failed incarnation has ended (input returned, writer joined).
+        match Actor::spawn_linked(None, ShardActor, slot.clone(), myself.get_cell()).await {
+            Ok((a, _)) => state.actors[i] = Some(a),
+            Err(e) => {
+                // Recovery failed (corruption, I/O). The shard stays down and /readyz says so;
+                // the rest of the node keeps serving.
+                tracing::error!(shard = i, error = %e, "shard could not be restarted");
+                if let Ok(mut s) = slot.stats.lock() {
+                    s.last_error = Some(e.to_string());
+                }
+            }
+        }
+        Ok(())
+    }
+}

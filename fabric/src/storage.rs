@@ -1,0 +1,180 @@
+//! WAL files: recovery at start, and the writer thread that turns each `WalWrite` into one
+//! `write` and one `fdatasync`. The shard core decides *what* to write; this module only does it.
+
+use crate::config::Durability;
+use crossbeam_channel::Receiver;
+use fabric_shard::{wal, Recoverer, RecoveryReport, Shard, ShardConfig, WalWrite};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StorageError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Recover(#[from] fabric_shard::RecoverError),
+}
+
+fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StorageError + 'a {
+    move |source| StorageError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Makes a directory entry change (create, rename) durable.
+pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io("fsync directory", dir))
+}
+
+/// A recovered shard with its open last segment.
+pub struct Recovered {
+    pub shard: Shard,
+    pub report: RecoveryReport,
+    pub open: Option<(u64, File)>,
+    pub duration: Duration,
+}
+
+/// Scans every segment in `dir` oldest first, truncates a torn tail, and rebuilds the shard.
+pub fn recover(dir: &Path, config: ShardConfig) -> Result<Recovered, StorageError> {
+    let started = Instant::now();
+    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    let mut ids = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
+        let entry = entry.map_err(io("list", dir))?;
+        let name = entry.file_name();
+        match name.to_str().and_then(wal::parse_segment_file_name) {
+            Some(id) => ids.push(id),
+            None => tracing::warn!(file = ?name, "ignoring a file that is not a WAL segment"),
+        }
+    }
+    ids.sort_unstable();
+    let mut recoverer = Recoverer::new(config);
+    for (i, id) in ids.iter().enumerate() {
+        let path = dir.join(wal::segment_file_name(*id));
+        let bytes = std::fs::read(&path).map_err(io("read", &path))?;
+        recoverer.handle_segment(*id, &path.display().to_string(), &bytes, i + 1 == ids.len())?;
+    }
+    let (shard, report) = recoverer.finish();
+    if let Some((id, len)) = report.truncate {
+        let path = dir.join(wal::segment_file_name(id));
+        let f = OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .map_err(io("open", &path))?;
+        f.set_len(len).map_err(io("truncate", &path))?;
+        f.sync_all().map_err(io("fsync", &path))?;
+        tracing::warn!(
+            file = %path.display(),
+            kept_bytes = len,
+            cut_bytes = report.truncated_bytes,
+            "truncated a torn WAL tail"
+        );
+    }
+    let open = match ids.last() {
+        Some(id) => {
+            let path = dir.join(wal::segment_file_name(*id));
+            let f = OpenOptions::new()
+                .append(true)
+                .open(&path)
+                .map_err(io("open", &path))?;
+            Some((*id, f))
+        }
+        None => None,
+    };
+    Ok(Recovered {
+        shard,
+        report,
+        open,
+        duration: started.elapsed(),
+    })
+}
+
+/// What the writer thread reports back for each write, in order.
+#[derive(Debug)]
+pub struct WalDone {
+    pub last_lsn: u64,
+    pub result: Result<(), String>,
+    pub sync_duration: Duration,
+    pub bytes: usize,
+    pub records: u64,
+}
+
+/// The body of a shard's WAL thread: it owns the open segment, performs each write with one
+/// `write_all` and one `fdatasync`, and reports completion through `done` (a blocking send into
+/// a bounded channel: at most one write is in flight, so it never waits long).
+pub fn writer_thread(
+    dir: PathBuf,
+    mut open: Option<(u64, File)>,
+    durability: Durability,
+    writes: Receiver<WalWrite>,
+    done: tokio::sync::mpsc::Sender<WalDone>,
+) {
+    while let Ok(w) = writes.recv() {
+        let started = Instant::now();
+        let result = apply(&dir, &mut open, durability, &w);
+        let failed = result.is_err();
+        let report = WalDone {
+            last_lsn: w.last_lsn,
+            result: result.map_err(|e| e.to_string()),
+            sync_duration: started.elapsed(),
+            bytes: w.bytes.len(),
+            records: w.records,
+        };
+        if done.blocking_send(report).is_err() || failed {
+            // The shard loop is gone, or storage failed: a failed fsync leaves the page cache
+            // in an unknown state, so this writer stops; the shard is recovered anew.
+            return;
+        }
+    }
+}
+
+fn apply(
+    dir: &Path,
+    open: &mut Option<(u64, File)>,
+    durability: Durability,
+    w: &WalWrite,
+) -> Result<(), StorageError> {
+    if w.create {
+        let path = dir.join(wal::segment_file_name(w.segment));
+        let f = OpenOptions::new()
+            .create_new(true)
+            .append(true)
+            .open(&path)
+            .map_err(io("create", &path))?;
+        // The new file's directory entry must be durable before any ack depends on it.
+        sync_dir(dir)?;
+        *open = Some((w.segment, f));
+    }
+    if !w.bytes.is_empty() {
+        let path = dir.join(wal::segment_file_name(w.segment));
+        let (id, f) = open.as_mut().ok_or_else(|| StorageError::Io {
+            op: "write",
+            path: path.clone(),
+            source: std::io::Error::other("no open segment"),
+        })?;
+        assert_eq!(*id, w.segment, "writes go to the open segment");
+        f.write_all(&w.bytes).map_err(io("write", &path))?;
+        if durability == Durability::Fsync {
+            f.sync_data().map_err(io("fdatasync", &path))?;
+        }
+    }
+    for id in &w.delete {
+        let path = dir.join(wal::segment_file_name(*id));
+        match std::fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io("delete", &path)(e)),
+        }
+    }
+    Ok(())
+}

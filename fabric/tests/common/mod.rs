@@ -1,0 +1,135 @@
+//! Shared helpers for the node's integration tests: a node on a free loopback port with a temp
+//! data dir, admin calls, and a raw WebSocket peer speaking JSON frames.
+#![allow(dead_code)]
+
+use fabric::config::Config;
+use fabric::node::RunningNode;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::time::Duration;
+use tokio_tungstenite::tungstenite::Message;
+
+pub const WAIT: Duration = Duration::from_secs(10);
+
+pub fn config(dir: &std::path::Path) -> Config {
+    Config {
+        data_dir: dir.to_path_buf(),
+        listen: "127.0.0.1:0".parse().unwrap(),
+        shards: 2,
+        partitions: 16,
+        admin_token: Some("admin-secret".into()),
+        ..Config::default()
+    }
+}
+
+pub async fn start(dir: &std::path::Path) -> RunningNode {
+    fabric::node::start(config(dir)).await.expect("node starts")
+}
+
+pub fn http() -> reqwest::Client {
+    reqwest::Client::new()
+}
+
+pub async fn create_mesh(base: &str, mesh: &str) {
+    let r = http()
+        .post(format!("{base}/v1/meshes"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"id": mesh}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201, "{}", r.text().await.unwrap());
+}
+
+pub async fn add_peer(base: &str, mesh: &str, peer: &str, groups: &[&str]) -> String {
+    let r = http()
+        .post(format!("{base}/v1/meshes/{mesh}/peers"))
+        .bearer_auth("admin-secret")
+        .json(&json!({"id": peer, "groups": groups}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let v: Value = r.json().await.unwrap();
+    v["token"].as_str().unwrap().to_string()
+}
+
+pub fn base(node: &RunningNode) -> String {
+    format!("http://{}", node.addr())
+}
+
+pub type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+pub struct Peer {
+    pub ws: Ws,
+}
+
+impl Peer {
+    pub async fn connect(addr: std::net::SocketAddr) -> Peer {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/v1/ws"))
+            .await
+            .expect("websocket connects");
+        Peer { ws }
+    }
+
+    pub async fn hello(
+        addr: std::net::SocketAddr,
+        mesh: &str,
+        peer: &str,
+        token: &str,
+    ) -> (Peer, Value) {
+        let mut p = Peer::connect(addr).await;
+        p.send(json!({"op":"hello","mesh":mesh,"peer":peer,"token":token}))
+            .await;
+        let w = p.recv().await;
+        assert_eq!(w["op"], "welcome", "{w}");
+        (p, w)
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    pub async fn send_text(&mut self, s: &str) {
+        self.ws
+            .send(Message::Text(s.to_string().into()))
+            .await
+            .unwrap();
+    }
+
+    /// The next JSON frame (fails the test after WAIT).
+    pub async fn recv(&mut self) -> Value {
+        self.try_recv().await.expect("a frame")
+    }
+
+    /// The next JSON frame, or None if the server closed the connection.
+    pub async fn try_recv(&mut self) -> Option<Value> {
+        loop {
+            let m = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("frame within WAIT");
+            match m {
+                Some(Ok(Message::Text(t))) => return Some(serde_json::from_str(&t).unwrap()),
+                Some(Ok(Message::Binary(_))) => panic!("unexpected binary frame"),
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return None,
+                Some(Ok(_)) => continue,
+            }
+        }
+    }
+
+    /// Collects frames until `pred` has matched `n` of them.
+    pub async fn collect(&mut self, n: usize, pred: impl Fn(&Value) -> bool) -> Vec<Value> {
+        let mut got = Vec::new();
+        while got.len() < n {
+            let v = self.recv().await;
+            if pred(&v) {
+                got.push(v);
+            }
+        }
+        got
+    }
+}
