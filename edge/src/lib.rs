@@ -444,3 +444,6 @@ impl Session {
         self.transmit.push_back(OutFrame { binary, bytes });
     }
 }
+
+#[cfg(test)]
+mod tests;
