@@ -93,7 +93,10 @@ fn json_frames(bytes: &[u8]) -> Result<Vec<JsonFrame<'_>>, ProtoError> {
         if frames.len() > BATCH_OPS_MAX {
             return Err(ProtoError::new(
                 ErrorCode::TooLarge,
-                format!("batch has {} ops; the limit is {BATCH_OPS_MAX}", frames.len()),
+                format!(
+                    "batch has {} ops; the limit is {BATCH_OPS_MAX}",
+                    frames.len()
+                ),
             ));
         }
         Ok(frames)
@@ -113,7 +116,9 @@ fn body_of(op: &str, body: Option<&RawValue>) -> Result<Body, ProtoError> {
 }
 
 fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
-    let op = f.op.as_deref().ok_or_else(|| ProtoError::bad_request("frame has no \"op\""))?;
+    let op =
+        f.op.as_deref()
+            .ok_or_else(|| ProtoError::bad_request("frame has no \"op\""))?;
     let r = || f.r.ok_or_else(|| missing(op, "ref"));
     Ok(match op {
         "hello" => {
@@ -235,7 +240,9 @@ fn validate_binary_op(op: &ClientOp) -> Result<(), ProtoError> {
             }
             Body::from_json_text(body.0.clone()).map(|_| ())
         }
-        ClientOp::Append { conv, body, key, .. } => {
+        ClientOp::Append {
+            conv, body, key, ..
+        } => {
             validate_conv(conv)?;
             if let Some(k) = key {
                 validate_key(k)?;
@@ -435,7 +442,9 @@ pub fn encode_client_binary(op: &ClientOp) -> Vec<u8> {
 }
 
 fn server_op_from_json(f: JsonFrame<'_>) -> Result<ServerOp, ProtoError> {
-    let op = f.op.as_deref().ok_or_else(|| ProtoError::bad_request("frame has no \"op\""))?;
+    let op =
+        f.op.as_deref()
+            .ok_or_else(|| ProtoError::bad_request("frame has no \"op\""))?;
     let peer_from = |f: &JsonFrame<'_>| -> Result<Arc<str>, ProtoError> {
         match &f.from {
             Some(FromField::Peer(p)) => Ok(Arc::from(p.as_ref())),
@@ -585,14 +594,24 @@ mod tests {
         for op in client_ops() {
             let mut json = Vec::new();
             encode_client_json(&op, &mut json);
-            assert_eq!(decode_client_json(&json).unwrap(), vec![op.clone()], "{op:?}");
-            assert_eq!(decode_client_binary(&encode_client_binary(&op)).unwrap(), vec![op]);
+            assert_eq!(
+                decode_client_json(&json).unwrap(),
+                vec![op.clone()],
+                "{op:?}"
+            );
+            assert_eq!(
+                decode_client_binary(&encode_client_binary(&op)).unwrap(),
+                vec![op]
+            );
         }
         let batch = ClientOp::Batch(client_ops());
         let mut json = Vec::new();
         encode_client_json(&batch, &mut json);
         assert_eq!(decode_client_json(&json).unwrap(), client_ops());
-        assert_eq!(decode_client_binary(&encode_client_binary(&batch)).unwrap(), client_ops());
+        assert_eq!(
+            decode_client_binary(&encode_client_binary(&batch)).unwrap(),
+            client_ops()
+        );
     }
 
     #[test]
@@ -602,18 +621,23 @@ mod tests {
             let mut json = Vec::new();
             encode_server_json(&op, &mut json);
             let _: serde_json::Value = serde_json::from_slice(&json).unwrap();
-            assert_eq!(decode_server_json(&json).unwrap(), vec![op.clone()], "{op:?}");
-            assert_eq!(decode_server_binary(&encode_server_binary(&op)).unwrap(), vec![op]);
+            assert_eq!(
+                decode_server_json(&json).unwrap(),
+                vec![op.clone()],
+                "{op:?}"
+            );
+            assert_eq!(
+                decode_server_binary(&encode_server_binary(&op)).unwrap(),
+                vec![op]
+            );
         }
     }
 
     #[test]
     fn the_documented_json_examples_decode() {
         // Proves the literal frames of docs/PROTOCOL.md parse as documented.
-        let ops = decode_client_json(
-            br#"{"op":"send","ref":1,"to":"*","body":{"text":"hi"}}"#,
-        )
-        .unwrap();
+        let ops =
+            decode_client_json(br#"{"op":"send","ref":1,"to":"*","body":{"text":"hi"}}"#).unwrap();
         assert_eq!(
             ops,
             vec![ClientOp::Send {
@@ -634,9 +658,15 @@ mod tests {
             (br#"{"op":"fly","ref":1}"#, ErrorCode::BadRequest),
             (br#"{"ref":1}"#, ErrorCode::BadRequest),
             (br#"{"op":"send","ref":1,"to":"*"}"#, ErrorCode::BadRequest),
-            (br#"{"op":"append","ref":1,"body":1}"#, ErrorCode::BadRequest),
+            (
+                br#"{"op":"append","ref":1,"body":1}"#,
+                ErrorCode::BadRequest,
+            ),
             (br#"{"op":"ack"}"#, ErrorCode::BadRequest),
-            (br#"{"op":"send","ref":-1,"to":"*","body":1}"#, ErrorCode::BadRequest),
+            (
+                br#"{"op":"send","ref":-1,"to":"*","body":1}"#,
+                ErrorCode::BadRequest,
+            ),
             (b"[]", ErrorCode::BadRequest),
         ];
         for (bytes, code) in cases {
@@ -646,8 +676,14 @@ mod tests {
                 Ok(v) => panic!("decoded {v:?}"),
             }
         }
-        let long = format!(r#"{{"op":"append","ref":1,"conv":"{}","body":1}}"#, "c".repeat(200));
-        assert_eq!(decode_client_json(long.as_bytes()).unwrap_err().code, ErrorCode::TooLarge);
+        let long = format!(
+            r#"{{"op":"append","ref":1,"conv":"{}","body":1}}"#,
+            "c".repeat(200)
+        );
+        assert_eq!(
+            decode_client_json(long.as_bytes()).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
         assert!(decode_client_binary(&[0xff, 0xff, 0xff]).is_err());
         let bad_body = ClientOp::Send {
             r: 1,

@@ -27,12 +27,19 @@ impl IdKind {
 /// file names and log lines; `*` and the `group:` prefix are reserved for send targets.
 pub fn validate_id(kind: IdKind, s: &str) -> Result<(), ProtoError> {
     if s.is_empty() {
-        return Err(ProtoError::bad_request(format!("{} id is empty", kind.name())));
+        return Err(ProtoError::bad_request(format!(
+            "{} id is empty",
+            kind.name()
+        )));
     }
     if s.len() > ID_BYTES_MAX {
         return Err(ProtoError::new(
             ErrorCode::TooLarge,
-            format!("{} id is {} bytes; the limit is {ID_BYTES_MAX}", kind.name(), s.len()),
+            format!(
+                "{} id is {} bytes; the limit is {ID_BYTES_MAX}",
+                kind.name(),
+                s.len()
+            ),
         ));
     }
     if let Some(c) = s
@@ -45,7 +52,9 @@ pub fn validate_id(kind: IdKind, s: &str) -> Result<(), ProtoError> {
         )));
     }
     if kind == IdKind::Peer && s.starts_with("group:") {
-        return Err(ProtoError::bad_request("peer id may not start with \"group:\""));
+        return Err(ProtoError::bad_request(
+            "peer id may not start with \"group:\"",
+        ));
     }
     Ok(())
 }
@@ -117,7 +126,9 @@ mod tests {
         assert!(validate_id(IdKind::Peer, "group:x").is_err());
         assert!(validate_id(IdKind::Mesh, "a b").is_err());
         assert_eq!(
-            validate_id(IdKind::Mesh, &"x".repeat(129)).unwrap_err().code,
+            validate_id(IdKind::Mesh, &"x".repeat(129))
+                .unwrap_err()
+                .code,
             ErrorCode::TooLarge
         );
     }

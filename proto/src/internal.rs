@@ -49,7 +49,11 @@ pub enum ShardOp {
         token: String,
     },
     /// Authenticate a bearer token of the mesh without attaching (HTTP). Replies `Authed`.
-    Auth { r: u64, mesh: Arc<str>, token: String },
+    Auth {
+        r: u64,
+        mesh: Arc<str>,
+        token: String,
+    },
     /// Store an inbox message; replies `Ok{pos}` once durable.
     Send {
         r: u64,

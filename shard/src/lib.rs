@@ -333,7 +333,10 @@ struct Inflight {
 enum Retention {
     Idle,
     /// A checkpoint at `checkpoint_lsn` makes segment `segment` unnecessary once durable.
-    AwaitingCheckpoint { checkpoint_lsn: u64, segment: u64 },
+    AwaitingCheckpoint {
+        checkpoint_lsn: u64,
+        segment: u64,
+    },
 }
 
 pub struct Shard {
@@ -506,7 +509,10 @@ impl Shard {
                 token_hash,
             } => {
                 let m = self.mesh_mut(&mesh)?;
-                if m.peer_index.get(&peer).is_some_and(|i| !m.peers[*i as usize].placeholder) {
+                if m.peer_index
+                    .get(&peer)
+                    .is_some_and(|i| !m.peers[*i as usize].placeholder)
+                {
                     return Err(ProtoError::new(
                         ErrorCode::Conflict,
                         format!("peer {peer:?} already exists in mesh {mesh:?}"),
@@ -523,17 +529,23 @@ impl Shard {
             }
             ShardOp::Hello { mesh, peer, token } => {
                 let (acked, head, idx) = self.authenticate(&mesh, Some(&peer), &token)?;
-                let m = self.meshes.get_mut(&mesh).expect("authenticated mesh exists");
+                let m = self
+                    .meshes
+                    .get_mut(&mesh)
+                    .expect("authenticated mesh exists");
                 if !m.sessions.contains(&session) {
                     m.sessions.push(session);
                 }
                 let credit = self.config.push_credit_frames_max;
-                let s = self.sessions.entry(session).or_insert_with(|| SessionState {
-                    credit,
-                    queued: false,
-                    inbox: None,
-                    subs: Vec::new(),
-                });
+                let s = self
+                    .sessions
+                    .entry(session)
+                    .or_insert_with(|| SessionState {
+                        credit,
+                        queued: false,
+                        inbox: None,
+                        subs: Vec::new(),
+                    });
                 s.inbox = Some((mesh, idx, acked + 1));
                 self.emit(
                     session,
@@ -559,7 +571,11 @@ impl Shard {
             } => {
                 let m = self.mesh_mut(&mesh)?;
                 if let Target::Peer(p) = &to {
-                    if !m.peer_index.get(p).is_some_and(|i| !m.peers[*i as usize].placeholder) {
+                    if !m
+                        .peer_index
+                        .get(p)
+                        .is_some_and(|i| !m.peers[*i as usize].placeholder)
+                    {
                         return Err(ProtoError::new(
                             ErrorCode::NotFound,
                             format!("peer {p:?} is not a member of mesh {mesh:?}"),
@@ -638,19 +654,27 @@ impl Shard {
                 }));
                 self.ack_at(lsn, session, Reply::Frame(ok(r, None, Some(seq))));
             }
-            ShardOp::Subscribe { r, mesh, conv, from } => {
+            ShardOp::Subscribe {
+                r,
+                mesh,
+                conv,
+                from,
+            } => {
                 let ck = (mesh, conv);
                 let c = self.convs.entry(ck.clone()).or_insert_with(Conv::new);
                 if !c.subscribers.contains(&session) {
                     c.subscribers.push(session);
                 }
                 let credit = self.config.push_credit_frames_max;
-                let s = self.sessions.entry(session).or_insert_with(|| SessionState {
-                    credit,
-                    queued: false,
-                    inbox: None,
-                    subs: Vec::new(),
-                });
+                let s = self
+                    .sessions
+                    .entry(session)
+                    .or_insert_with(|| SessionState {
+                        credit,
+                        queued: false,
+                        inbox: None,
+                        subs: Vec::new(),
+                    });
                 let next_seq = from.max(1);
                 match s.subs.iter_mut().find(|x| x.key == ck) {
                     Some(sub) => sub.next_seq = next_seq,
@@ -682,7 +706,9 @@ impl Shard {
                     None => (Vec::new(), 0),
                     Some(c) => {
                         let start = from.max(c.first_seq);
-                        let end = c.durable_seq.min(start.saturating_add(limit).saturating_sub(1));
+                        let end = c
+                            .durable_seq
+                            .min(start.saturating_add(limit).saturating_sub(1));
                         let events = (start..=end)
                             .filter_map(|seq| c.get(seq))
                             .map(|e| delivered(&conv, e))
@@ -695,7 +721,10 @@ impl Shard {
             ShardOp::Ack { mesh, peer, upto } => {
                 let m = self.mesh_mut(&mesh)?;
                 let Some(&idx) = m.peer_index.get(&peer) else {
-                    return Err(ProtoError::new(ErrorCode::NotFound, "ack from an unknown peer"));
+                    return Err(ProtoError::new(
+                        ErrorCode::NotFound,
+                        "ack from an unknown peer",
+                    ));
                 };
                 let upto = upto.min(m.durable_pos);
                 let p = &mut m.peers[idx as usize];
@@ -730,7 +759,11 @@ impl Shard {
                 "unknown mesh, unknown peer or wrong token",
             )
         };
-        let m = self.meshes.get(mesh).filter(|m| m.exists).ok_or_else(refuse)?;
+        let m = self
+            .meshes
+            .get(mesh)
+            .filter(|m| m.exists)
+            .ok_or_else(refuse)?;
         let hash = hash_token(token);
         let idx = match peer {
             Some(p) => *m.peer_index.get(p).ok_or_else(refuse)?,
@@ -814,7 +847,9 @@ impl Shard {
         let mut create = false;
         let rotate = match self.segments.back() {
             None => true,
-            Some(s) => s.bytes > 0 && s.bytes + bytes.len() as u64 > self.config.wal_segment_bytes_max,
+            Some(s) => {
+                s.bytes > 0 && s.bytes + bytes.len() as u64 > self.config.wal_segment_bytes_max
+            }
         };
         if rotate && !bytes.is_empty() {
             let id = self.segments.back().map_or(1, |s| s.id + 1);
@@ -898,7 +933,10 @@ impl Shard {
             if last_lsn >= checkpoint_lsn {
                 let seg = self.segments.pop_front().expect("retained segment exists");
                 assert_eq!(seg.id, segment, "segments are deleted oldest first");
-                assert!(seg.first_lsn <= checkpoint_lsn, "the checkpoint is newer than the segment");
+                assert!(
+                    seg.first_lsn <= checkpoint_lsn,
+                    "the checkpoint is newer than the segment"
+                );
                 self.wal_bytes -= seg.bytes;
                 self.deletes.push(seg.id);
                 self.stats.segments_deleted += 1;
@@ -925,7 +963,10 @@ impl Shard {
                 o.session,
                 Reply::Frame(ServerOp::error(
                     r,
-                    ProtoError::new(ErrorCode::Unavailable, format!("WAL write failed: {reason}")),
+                    ProtoError::new(
+                        ErrorCode::Unavailable,
+                        format!("WAL write failed: {reason}"),
+                    ),
                 )),
             );
         }
@@ -946,7 +987,11 @@ impl Shard {
 
     fn maybe_start_retention(&mut self) {
         if !matches!(self.retention, Retention::Idle)
-            || self.wal_bytes <= self.config.retention_bytes_max.max(self.retention_blocked_bytes)
+            || self.wal_bytes
+                <= self
+                    .config
+                    .retention_bytes_max
+                    .max(self.retention_blocked_bytes)
             || self.segments.len() < 2
         {
             return;
@@ -1222,10 +1267,7 @@ impl Recoverer {
             self.report.truncate = Some((id, scan.valid_len));
             self.report.truncated_bytes = bytes.len() as u64 - scan.valid_len;
         }
-        let first_lsn = scan
-            .records
-            .first()
-            .map_or(self.shard.next_lsn, |r| r.lsn);
+        let first_lsn = scan.records.first().map_or(self.shard.next_lsn, |r| r.lsn);
         let mut last_lsn = first_lsn - 1;
         for rec in scan.records {
             last_lsn = rec.lsn;

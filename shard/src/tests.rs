@@ -13,7 +13,10 @@ struct Disk {
 impl Disk {
     fn apply(&mut self, w: &WalWrite) {
         if w.create {
-            assert!(!self.segments.contains_key(&w.segment), "segment created twice");
+            assert!(
+                !self.segments.contains_key(&w.segment),
+                "segment created twice"
+            );
             self.segments.insert(w.segment, Vec::new());
         }
         if !w.bytes.is_empty() {
@@ -76,7 +79,10 @@ impl Node {
     }
 
     fn restart(&mut self) -> RecoveryReport {
-        let (shard, report) = self.disk.recover(self.shard.config.clone()).expect("recovers");
+        let (shard, report) = self
+            .disk
+            .recover(self.shard.config.clone())
+            .expect("recovers");
         self.shard = shard;
         report
     }
@@ -189,11 +195,20 @@ fn acks_wait_for_the_wal_and_share_one_group_commit() {
         n.send(1, i, "a", "b", "{\"n\":1}");
         n.append(1, 100 + i, "c", "1", None);
     }
-    assert!(n.shard.poll_output().is_none(), "nothing acknowledged before the write");
+    assert!(
+        n.shard.poll_output().is_none(),
+        "nothing acknowledged before the write"
+    );
     let w = n.shard.poll_wal().expect("one batch");
     assert_eq!(w.records, 100);
-    assert!(n.shard.poll_wal().is_none(), "one write in flight at a time");
-    assert!(n.shard.poll_output().is_none(), "nothing acknowledged before fsync returns");
+    assert!(
+        n.shard.poll_wal().is_none(),
+        "one write in flight at a time"
+    );
+    assert!(
+        n.shard.poll_output().is_none(),
+        "nothing acknowledged before fsync returns"
+    );
     n.disk.apply(&w);
     n.shard.handle_wal_done(n.now, w.last_lsn);
     let out = n.pump();
@@ -217,7 +232,11 @@ fn direct_group_and_broadcast_reach_exactly_their_recipients() {
     n.send(1, 2, "a", "group:ops", "2");
     n.send(1, 3, "a", "*", "3");
     let out = n.pump();
-    assert_eq!(deliveries(&out, 1), vec![2], "a is in ops; * skips the sender");
+    assert_eq!(
+        deliveries(&out, 1),
+        vec![2],
+        "a is in ops; * skips the sender"
+    );
     assert_eq!(deliveries(&out, 2), vec![1, 2, 3]);
     assert_eq!(deliveries(&out, 3), vec![3]);
 }
@@ -268,7 +287,11 @@ fn idempotency_keys_return_the_original_seq() {
     assert_eq!(oks(&out), vec![(4, None, Some(1)), (3, None, Some(2))]);
     n.restart();
     n.append(1, 5, "c", "1", Some("k"));
-    assert_eq!(oks(&n.pump()), vec![(5, None, Some(1))], "keys survive restart");
+    assert_eq!(
+        oks(&n.pump()),
+        vec![(5, None, Some(1))],
+        "keys survive restart"
+    );
 }
 
 #[test]
@@ -294,7 +317,10 @@ fn subscribe_replays_then_tails_without_gaps_or_duplicates() {
     let out = n.pump();
     assert_eq!(events(&out, 2), (4..=15).collect::<Vec<_>>());
     let first_ok = out.iter().position(|o| o.session == 2).unwrap();
-    assert!(matches!(out[first_ok].reply, Reply::Frame(ServerOp::Ok { r: 1, .. })));
+    assert!(matches!(
+        out[first_ok].reply,
+        Reply::Frame(ServerOp::Ok { r: 1, .. })
+    ));
 }
 
 #[test]
@@ -323,7 +349,13 @@ fn bad_requests_get_stable_codes() {
     // Proves each refused request yields its documented code and changes nothing.
     let mut n = Node::new(ShardConfig::default());
     n.setup_mesh(&[("a", &[])]);
-    n.req(1, ShardOp::CreateMesh { r: 1, mesh: "m".into() });
+    n.req(
+        1,
+        ShardOp::CreateMesh {
+            r: 1,
+            mesh: "m".into(),
+        },
+    );
     assert_eq!(error_code(&n.pump()), Some(ErrorCode::Conflict));
     n.send(1, 1, "a", "nobody", "1");
     assert_eq!(error_code(&n.pump()), Some(ErrorCode::NotFound));
@@ -391,7 +423,14 @@ fn recovery_rebuilds_heads_cursors_and_keys() {
     n.append(1, 2, "c", "1", Some("k7"));
     n.append(1, 3, "c", "1", None);
     let out = n.pump();
-    assert_eq!(oks(&out), vec![(2, None, Some(8)), (1, Some(201), None), (3, None, Some(201))]);
+    assert_eq!(
+        oks(&out),
+        vec![
+            (2, None, Some(8)),
+            (1, Some(201), None),
+            (3, None, Some(201))
+        ]
+    );
 }
 
 #[test]
@@ -412,7 +451,11 @@ fn a_torn_tail_is_truncated_and_earlier_corruption_refuses_to_start() {
     let report = n.restart();
     assert_eq!(report.truncate.map(|t| t.0), Some(last));
     n.append(1, 99, "c", "1", None);
-    assert_eq!(oks(&n.pump()), vec![(99, None, Some(60))], "the torn append is gone");
+    assert_eq!(
+        oks(&n.pump()),
+        vec![(99, None, Some(60))],
+        "the torn append is gone"
+    );
 
     let first = *n.disk.segments.keys().next().unwrap();
     n.disk.segments.get_mut(&first).unwrap()[30] ^= 0xff;
@@ -451,12 +494,27 @@ fn retention_deletes_old_segments_but_keeps_unacked_inbox_and_metadata() {
         }
     }
     assert!(n.shard.stats().segments_deleted > 0, "retention ran");
-    assert!(n.disk.segments.values().map(|s| s.len() as u64).sum::<u64>() < 40_000);
+    assert!(
+        n.disk
+            .segments
+            .values()
+            .map(|s| s.len() as u64)
+            .sum::<u64>()
+            < 40_000
+    );
     n.restart();
     let out = n.hello(3, "c");
-    assert_eq!(deliveries(&out, 3), vec![1], "unacked message kept through deletions");
+    assert_eq!(
+        deliveries(&out, 3),
+        vec![1],
+        "unacked message kept through deletions"
+    );
     n.append(1, 9, "conv", "1", None);
-    assert_eq!(oks(&n.pump()), vec![(9, None, Some(401))], "conversation head kept");
+    assert_eq!(
+        oks(&n.pump()),
+        vec![(9, None, Some(401))],
+        "conversation head kept"
+    );
     n.send(1, 9, "a", "b", "1");
     assert_eq!(oks(&n.pump()), vec![(9, Some(402), None)], "mesh head kept");
 }
@@ -473,11 +531,14 @@ fn planted_ack_before_fsync_releases_acks_early() {
     });
     n.append(1, 1, "c", "1", None);
     assert!(n.shard.poll_output().is_some());
-    assert_eq!(PlantedBugs::default(), PlantedBugs {
-        ack_before_fsync: false,
-        skip_crc_on_recovery: false,
-        lose_cursor_update: false
-    });
+    assert_eq!(
+        PlantedBugs::default(),
+        PlantedBugs {
+            ack_before_fsync: false,
+            skip_crc_on_recovery: false,
+            lose_cursor_update: false
+        }
+    );
 }
 
 #[test]

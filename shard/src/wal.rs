@@ -38,7 +38,10 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
 pub fn encode_record(lsn: u64, record: &Record, out: &mut Vec<u8>) -> usize {
     let start = out.len();
     let (kind, payload) = record.encode();
-    assert!(payload.len() <= RECORD_BYTES_MAX, "record over RECORD_BYTES_MAX");
+    assert!(
+        payload.len() <= RECORD_BYTES_MAX,
+        "record over RECORD_BYTES_MAX"
+    );
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]); // crc, filled below
     out.push(kind as u8);
@@ -119,7 +122,10 @@ pub fn scan_segment(bytes: &[u8], mut expect_lsn: Option<u64>, skip_crc: bool) -
             }
         }
         let Some(kind) = RecordType::from_u8(frame[8]) else {
-            break Some(StopReason::Corrupt(format!("unknown record type {}", frame[8])));
+            break Some(StopReason::Corrupt(format!(
+                "unknown record type {}",
+                frame[8]
+            )));
         };
         let record = match Record::decode(kind, &frame[RECORD_HEADER_BYTES..]) {
             Ok(r) => r,
@@ -166,7 +172,11 @@ mod tests {
             );
             ends.push(out.len());
         }
-        encode_record(n + 1, &Record::MeshCreated(MeshRec { mesh: "x".into() }), &mut out);
+        encode_record(
+            n + 1,
+            &Record::MeshCreated(MeshRec { mesh: "x".into() }),
+            &mut out,
+        );
         ends.push(out.len());
         (out, ends)
     }
@@ -190,7 +200,10 @@ mod tests {
             let scan = scan_segment(&bytes[..cut], None, false);
             let whole = ends.iter().filter(|e| **e <= cut).count();
             assert_eq!(scan.records.len(), whole, "cut at {cut}");
-            assert_eq!(scan.valid_len as usize, if whole == 0 { 0 } else { ends[whole - 1] });
+            assert_eq!(
+                scan.valid_len as usize,
+                if whole == 0 { 0 } else { ends[whole - 1] }
+            );
             if scan.valid_len as usize != cut {
                 assert_eq!(scan.stop, Some(StopReason::Torn), "cut at {cut}");
             }
