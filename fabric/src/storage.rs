@@ -87,10 +87,15 @@ pub fn recover(dir: &Path, config: ShardConfig) -> Result<Recovered, StorageErro
                 .append(true)
                 .open(&path)
                 .map_err(io("open", &path))?;
+            // What recovery just read may exist only in the page cache (a write or fdatasync
+            // that failed before a restart, or a crash of this process but not of the
+            // machine). The shard now serves it as durable, so make it so before serving.
+            f.sync_all().map_err(io("fsync", &path))?;
             Some((*id, f))
         }
         None => None,
     };
+    sync_dir(dir)?;
     Ok(Recovered {
         shard,
         report,

@@ -265,7 +265,7 @@ struct StoredEvent {
 
 type ConvKey = (Arc<str>, Arc<str>);
 
-#[derive(Debug, Default)]
+#[derive(Debug)]
 struct Conv {
     events: VecDeque<StoredEvent>,
     /// Seq of `events[0]`, or `head + 1` when empty.
@@ -276,14 +276,21 @@ struct Conv {
     subscribers: Vec<SessionId>,
 }
 
-impl Conv {
-    fn new() -> Conv {
+impl Default for Conv {
+    fn default() -> Conv {
+        // An empty conversation's next seq is 1, so its (empty) events start there.
         Conv {
+            events: VecDeque::new(),
             first_seq: 1,
-            ..Conv::default()
+            head: 0,
+            durable_seq: 0,
+            keys: HashMap::new(),
+            subscribers: Vec::new(),
         }
     }
+}
 
+impl Conv {
     fn push(&mut self, e: StoredEvent) {
         debug_assert!(e.seq > self.head);
         if self.events.is_empty() {
@@ -571,10 +578,9 @@ impl Shard {
             } => {
                 let m = self.mesh_mut(&mesh)?;
                 if let Target::Peer(p) = &to {
-                    if !m
-                        .peer_index
+                    if m.peer_index
                         .get(p)
-                        .is_some_and(|i| !m.peers[*i as usize].placeholder)
+                        .is_none_or(|i| m.peers[*i as usize].placeholder)
                     {
                         return Err(ProtoError::new(
                             ErrorCode::NotFound,
@@ -618,7 +624,7 @@ impl Shard {
                 key,
             } => {
                 let ck = (mesh.clone(), conv.clone());
-                let c = self.convs.entry(ck.clone()).or_insert_with(Conv::new);
+                let c = self.convs.entry(ck.clone()).or_default();
                 if let Some(k) = &key {
                     if let Some(&seq) = c.keys.get(k) {
                         // A retry: answer with the original seq once the original is durable.
@@ -661,7 +667,7 @@ impl Shard {
                 from,
             } => {
                 let ck = (mesh, conv);
-                let c = self.convs.entry(ck.clone()).or_insert_with(Conv::new);
+                let c = self.convs.entry(ck.clone()).or_default();
                 if !c.subscribers.contains(&session) {
                     c.subscribers.push(session);
                 }
@@ -1245,16 +1251,16 @@ impl Recoverer {
         let scan = wal::scan_segment(bytes, self.expect_lsn, skip_crc);
         match &scan.stop {
             None | Some(wal::StopReason::ZeroTail) => {}
-            Some(reason) if is_last => {
-                let _ = reason;
+            // What a crash during a write leaves: cut it off, nothing acknowledged was there.
+            Some(wal::StopReason::Torn | wal::StopReason::Corrupt(_)) if is_last => {
                 self.report.truncate = Some((id, scan.valid_len));
                 self.report.truncated_bytes = bytes.len() as u64 - scan.valid_len;
             }
             Some(reason) => {
                 let reason = match reason {
                     wal::StopReason::Torn => "torn record in a segment that is not the last".into(),
-                    wal::StopReason::Corrupt(r) => r.clone(),
-                    wal::StopReason::ZeroTail => unreachable!(),
+                    wal::StopReason::Corrupt(r) | wal::StopReason::Invalid(r) => r.clone(),
+                    wal::StopReason::ZeroTail => "zero bytes".into(),
                 };
                 return Err(RecoverError::Corrupt {
                     file: file.to_string(),
@@ -1327,7 +1333,7 @@ impl Recoverer {
                 m.durable_pos = m.head;
             }
             Record::Appended(r) => {
-                let c = s.convs.entry((r.mesh, r.conv)).or_insert_with(Conv::new);
+                let c = s.convs.entry((r.mesh, r.conv)).or_default();
                 if r.seq > c.head {
                     c.push(StoredEvent {
                         seq: r.seq,
@@ -1362,7 +1368,7 @@ impl Recoverer {
                     }
                 }
                 for cc in ck.convs {
-                    let c = s.convs.entry((cc.mesh, cc.conv)).or_insert_with(Conv::new);
+                    let c = s.convs.entry((cc.mesh, cc.conv)).or_default();
                     if cc.head > c.head {
                         c.head = cc.head;
                         c.durable_seq = cc.head;

@@ -576,3 +576,28 @@ fn repeated_retention_rounds_keep_every_unacked_message() {
     let expect: Vec<u64> = (0..300u64).filter(|i| i % 10 == 0).map(|i| i + 1).collect();
     assert_eq!(deliveries(&out, 3), expect);
 }
+
+#[test]
+fn a_checksummed_record_out_of_sequence_in_the_last_segment_refuses_to_start() {
+    // Proves recovery cuts only what a torn write can leave: a valid frame with an unexpected
+    // LSN (lost records before it) is an error even in the newest segment.
+    let mut n = Node::new(ShardConfig::default());
+    n.append(1, 1, "c", "1", None);
+    n.pump();
+    let mut bytes = Vec::new();
+    wal::encode_record(
+        5,
+        &Record::MeshCreated(MeshRec { mesh: "x".into() }),
+        &mut bytes,
+    );
+    n.disk
+        .segments
+        .get_mut(&1)
+        .unwrap()
+        .extend_from_slice(&bytes);
+    match n.disk.recover(ShardConfig::default()) {
+        Err(RecoverError::Corrupt { reason, .. }) => assert!(reason.contains("lsn 5"), "{reason}"),
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("a gap in the last segment was cut silently"),
+    }
+}

@@ -61,8 +61,11 @@ pub enum StopReason {
     Torn,
     /// Zero bytes to the end: preallocated or never written.
     ZeroTail,
-    /// A whole frame that fails its checks.
+    /// A whole frame whose checksum (or length field) is wrong: a torn or damaged write.
     Corrupt(String),
+    /// A frame whose checksum is right but whose content is wrong (LSN out of sequence, unknown
+    /// type, undecodable payload). No torn write looks like this: it is never cut as a tail.
+    Invalid(String),
 }
 
 #[derive(Debug)]
@@ -116,20 +119,20 @@ pub fn scan_segment(bytes: &[u8], mut expect_lsn: Option<u64>, skip_crc: bool) -
         let lsn = u64::from_le_bytes(frame[9..17].try_into().unwrap_or_default());
         if let Some(expect) = expect_lsn {
             if lsn != expect {
-                break Some(StopReason::Corrupt(format!(
+                break Some(StopReason::Invalid(format!(
                     "lsn {lsn} where {expect} was expected"
                 )));
             }
         }
         let Some(kind) = RecordType::from_u8(frame[8]) else {
-            break Some(StopReason::Corrupt(format!(
+            break Some(StopReason::Invalid(format!(
                 "unknown record type {}",
                 frame[8]
             )));
         };
         let record = match Record::decode(kind, &frame[RECORD_HEADER_BYTES..]) {
             Ok(r) => r,
-            Err(e) => break Some(StopReason::Corrupt(format!("payload does not decode: {e}"))),
+            Err(e) => break Some(StopReason::Invalid(format!("payload does not decode: {e}"))),
         };
         records.push(Scanned {
             lsn,
@@ -229,7 +232,7 @@ mod tests {
         // Proves a record with an unexpected LSN is refused and zero padding ends a scan cleanly.
         let (bytes, _) = sample(2);
         let scan = scan_segment(&bytes, Some(7), false);
-        assert!(matches!(scan.stop, Some(StopReason::Corrupt(_))));
+        assert!(matches!(scan.stop, Some(StopReason::Invalid(_))));
         let mut padded = bytes.clone();
         padded.extend_from_slice(&[0; 100]);
         let scan = scan_segment(&padded, Some(1), false);

@@ -1,0 +1,477 @@
+//! The checkers: a model of what the clients were promised, fed with every acknowledgement,
+//! delivery, welcome and post-recovery audit, and refusing anything a correct shard cannot
+//! produce.
+//!
+//! What each checker holds the shard to, and why it is sound (a correct shard never trips it):
+//!
+//! 1. **Acknowledged writes survive.** An `Ok{pos}` or `Ok{seq}` is a promise that the record
+//!    is durable, so after every recovery the audit must find it with the same body: the mesh
+//!    head and conversation head cover every acknowledged position and seq, and the audit's
+//!    replay of each recipient's inbox (from its cursor) holds every acknowledged message.
+//! 2. **Positions and seqs never change meaning.** Once a position or seq is acknowledged or
+//!    observed (a delivery or a read: the shard shows only durable data), its content is fixed
+//!    for the rest of the run: the log after a restart extends what was promised. Every body
+//!    shown must be one a client sent to that conversation or inbox (bodies are unique per
+//!    operation and carry their id twice, so one flipped bit cannot turn a body into another
+//!    valid one). Conversation seqs read back are dense and end at the head (from 1 unless
+//!    retention may have evicted the oldest). One operation (a key's retries share it) never
+//!    gets two seqs.
+//! 3. **At-least-once delivery.** Every acknowledged inbox message reaches each recipient at
+//!    least once. Checked at the end, after a fault-free phase in which every client
+//!    reconnects and drains.
+//! 4. **Liveness** is the simulator's (`lib.rs`): bounded completion after faults stop.
+//! 5. **Recovery refuses corruption** outside the last segment, also the simulator's.
+//! 6. **Durable cursors are kept.** A welcome's `acked` is never below the highest `upto` a
+//!    peer acknowledged before a WAL write that then completed (the write, polled after the
+//!    ack, carries its record; losing it only costs redelivery, which at-least-once allows, so
+//!    checkers 1-3 cannot see it). Nor is it above anything the peer ever acknowledged.
+
+use bytes::Bytes;
+use fabric_proto::{Body, DeliveredEvent, Target};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::sync::Arc;
+
+/// Which promise a run broke.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ViolationKind {
+    /// (1) An acknowledged send or append is missing after a recovery.
+    LostWrite,
+    /// (1, 2) A position or seq holds something other than what was acknowledged or shown
+    /// before, or something no client wrote there.
+    WrongRecord,
+    /// (2) Conversation seqs read back with a gap, or not ending at the head.
+    SeqGap,
+    /// (2) One append (one idempotency key) at two seqs.
+    DuplicateSeq,
+    /// (3) An acknowledged inbox message never reached one of its recipients.
+    NotDelivered,
+    /// (4) Requests pending, or the shard busy, a bounded time after faults stopped.
+    Liveness,
+    /// (5) Recovery accepted a flipped bit in a segment that is not the last.
+    CorruptionAccepted,
+    /// Recovery refused a disk without corruption (or refused corruption the wrong way).
+    RecoveryRefused,
+    /// (6) A peer's cursor fell below an ack that a completed WAL write covered.
+    CursorLost,
+    /// (6) A peer's cursor is above anything the peer acknowledged.
+    CursorInvented,
+    /// A reply the protocol does not allow here (an unexpected error, an unknown ref).
+    UnexpectedReply,
+    /// The shard core panicked.
+    Panic,
+}
+
+impl fmt::Display for ViolationKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
+}
+
+/// A broken promise, before the simulator adds the seed and the trace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Failure {
+    pub kind: ViolationKind,
+    pub message: String,
+}
+
+pub type Checked<T = ()> = Result<T, Failure>;
+
+pub(crate) fn fail<T>(kind: ViolationKind, message: impl Into<String>) -> Checked<T> {
+    Err(Failure {
+        kind,
+        message: message.into(),
+    })
+}
+
+#[derive(Debug, Clone)]
+pub enum OpKind {
+    Send {
+        to: Target,
+        recipients: Vec<usize>,
+    },
+    Append {
+        conv: Arc<str>,
+        key: Option<Arc<str>>,
+    },
+}
+
+/// One client operation; retries of it share the entry (and its body).
+#[derive(Debug, Clone)]
+pub struct Op {
+    pub client: usize,
+    pub kind: OpKind,
+    pub body: Body,
+    /// Positions (sends) or seqs (appends) acknowledged for it, in order.
+    pub acks: Vec<u64>,
+}
+
+#[derive(Debug, Default)]
+struct ConvModel {
+    /// Seq -> operation, fixed once acknowledged or read back.
+    at: BTreeMap<u64, usize>,
+    /// Operation -> its one seq.
+    seq_of: BTreeMap<usize, u64>,
+    acked_max: u64,
+    /// Seqs up to this one have left the shard's memory at some point (retention), and with
+    /// them their idempotency keys.
+    evicted_upto: u64,
+}
+
+/// What the clients were promised, and what the shard has shown.
+#[derive(Debug)]
+pub struct Model {
+    pub peers: Vec<Arc<str>>,
+    pub groups: Vec<Vec<Arc<str>>>,
+    pub ops: Vec<Op>,
+    bodies: BTreeMap<Bytes, usize>,
+    /// Position -> operation, fixed once acknowledged or delivered.
+    inbox: BTreeMap<u64, usize>,
+    acked_pos_max: u64,
+    convs: BTreeMap<Arc<str>, ConvModel>,
+    /// Conversation events may leave memory (retention), so a read need not start at seq 1.
+    retention: bool,
+    /// Highest `upto` per peer the current incarnation has taken in.
+    handled_ack: Vec<u64>,
+    /// Highest `upto` per peer covered by a completed WAL write.
+    durable_ack: Vec<u64>,
+    /// Highest `upto` per peer ever sent and taken in.
+    ever_ack: Vec<u64>,
+    /// Positions each peer's client received (content checked on receipt).
+    pub delivered: Vec<BTreeSet<u64>>,
+}
+
+impl Model {
+    pub fn new(peers: Vec<Arc<str>>, groups: Vec<Vec<Arc<str>>>, retention: bool) -> Model {
+        let n = peers.len();
+        Model {
+            peers,
+            groups,
+            ops: Vec::new(),
+            bodies: BTreeMap::new(),
+            inbox: BTreeMap::new(),
+            acked_pos_max: 0,
+            convs: BTreeMap::new(),
+            retention,
+            handled_ack: vec![0; n],
+            durable_ack: vec![0; n],
+            ever_ack: vec![0; n],
+            delivered: vec![BTreeSet::new(); n],
+        }
+    }
+
+    fn peer_index(&self, peer: &str) -> Option<usize> {
+        self.peers.iter().position(|p| &**p == peer)
+    }
+
+    /// Who an inbox message to `to` from peer `from` is for, by the protocol's rules.
+    pub fn recipients(&self, from: usize, to: &Target) -> Vec<usize> {
+        match to {
+            Target::Peer(p) => self.peer_index(p).into_iter().collect(),
+            Target::Group(g) => (0..self.peers.len())
+                .filter(|i| self.groups[*i].iter().any(|x| x == g))
+                .collect(),
+            Target::All => (0..self.peers.len()).filter(|i| *i != from).collect(),
+        }
+    }
+
+    pub fn add_op(&mut self, client: usize, kind: OpKind, body: Body) -> usize {
+        let id = self.ops.len();
+        if let OpKind::Append { conv, .. } = &kind {
+            self.convs.entry(conv.clone()).or_default();
+        }
+        let fresh = self.bodies.insert(body.0.clone(), id).is_none();
+        assert!(fresh, "bodies are unique per operation");
+        self.ops.push(Op {
+            client,
+            kind,
+            body,
+            acks: Vec::new(),
+        });
+        id
+    }
+
+    pub fn conv_names(&self) -> Vec<Arc<str>> {
+        self.convs.keys().cloned().collect()
+    }
+
+    fn op_of(&self, body: &Body, what: &str) -> Checked<usize> {
+        match self.bodies.get(&body.0) {
+            Some(op) => Ok(*op),
+            None => fail(
+                ViolationKind::WrongRecord,
+                format!("{what} has body {body:?}, which no client wrote"),
+            ),
+        }
+    }
+
+    /// An `Ok` for operation `op`.
+    pub fn on_ok(&mut self, op: usize, pos: Option<u64>, seq: Option<u64>) -> Checked {
+        match (&self.ops[op].kind, pos, seq) {
+            (OpKind::Send { .. }, Some(pos), None) => {
+                self.fix_pos(pos, op, "acknowledged")?;
+                self.acked_pos_max = self.acked_pos_max.max(pos);
+                self.ops[op].acks.push(pos);
+            }
+            (OpKind::Append { conv, .. }, None, Some(seq)) => {
+                let conv = conv.clone();
+                self.fix_seq(&conv, seq, op, "acknowledged")?;
+                let c = self.convs.get_mut(&conv).expect("conv of an op");
+                c.acked_max = c.acked_max.max(seq);
+                self.ops[op].acks.push(seq);
+            }
+            _ => {
+                return fail(
+                    ViolationKind::UnexpectedReply,
+                    format!("op {op} acknowledged with pos {pos:?} seq {seq:?}"),
+                )
+            }
+        }
+        Ok(())
+    }
+
+    fn fix_pos(&mut self, pos: u64, op: usize, how: &str) -> Checked {
+        match self.inbox.get(&pos) {
+            Some(o) if *o != op => fail(
+                ViolationKind::WrongRecord,
+                format!("inbox pos {pos} {how} as op {op} but was op {o} before"),
+            ),
+            _ => {
+                self.inbox.insert(pos, op);
+                Ok(())
+            }
+        }
+    }
+
+    fn fix_seq(&mut self, conv: &Arc<str>, seq: u64, op: usize, how: &str) -> Checked {
+        let c = self.convs.entry(conv.clone()).or_default();
+        if let Some(o) = c.at.get(&seq) {
+            if *o != op {
+                return fail(
+                    ViolationKind::WrongRecord,
+                    format!("conv {conv} seq {seq} {how} as op {op} but was op {o} before"),
+                );
+            }
+        }
+        if let Some(s) = c.seq_of.get(&op) {
+            // Keys are remembered for retained entries only (docs/OPERATIONS.md), so a retry
+            // after its original left memory may legitimately get a second seq.
+            if *s != seq && (*s).min(seq) > c.evicted_upto {
+                return fail(
+                    ViolationKind::DuplicateSeq,
+                    format!("conv {conv}: op {op} {how} at seq {seq} but is at seq {s} too"),
+                );
+            }
+        }
+        c.at.insert(seq, op);
+        c.seq_of.insert(op, seq);
+        Ok(())
+    }
+
+    /// A delivery to `peer` (a client's or an audit's).
+    pub fn on_deliver(
+        &mut self,
+        peer: usize,
+        pos: u64,
+        from: &str,
+        to: &Target,
+        body: &Body,
+    ) -> Checked {
+        let what = format!("delivery of pos {pos} to {}", self.peers[peer]);
+        let op = self.op_of(body, &what)?;
+        let o = &self.ops[op];
+        let OpKind::Send {
+            to: sent_to,
+            recipients,
+        } = &o.kind
+        else {
+            return fail(
+                ViolationKind::WrongRecord,
+                format!("{what} carries append op {op}"),
+            );
+        };
+        if &*self.peers[o.client] != from || sent_to != to {
+            return fail(
+                ViolationKind::WrongRecord,
+                format!(
+                    "{what}: op {op} was from {} to {sent_to:?}, shown from {from} to {to:?}",
+                    self.peers[o.client]
+                ),
+            );
+        }
+        if !recipients.contains(&peer) {
+            return fail(
+                ViolationKind::WrongRecord,
+                format!("{what}: op {op} is not for this peer"),
+            );
+        }
+        self.fix_pos(pos, op, "delivered")
+    }
+
+    /// A welcome to `peer`: checkers 1 (the head covers acknowledged sends) and 6.
+    pub fn on_welcome(&mut self, peer: usize, acked: u64, head: u64) -> Checked {
+        let name = &self.peers[peer];
+        if acked < self.durable_ack[peer] {
+            return fail(
+                ViolationKind::CursorLost,
+                format!(
+                    "welcome for {name} says acked {acked}, but it acked {} before a WAL write that completed",
+                    self.durable_ack[peer]
+                ),
+            );
+        }
+        if acked > self.ever_ack[peer] {
+            return fail(
+                ViolationKind::CursorInvented,
+                format!(
+                    "welcome for {name} says acked {acked}; it never acked past {}",
+                    self.ever_ack[peer]
+                ),
+            );
+        }
+        if head < self.acked_pos_max {
+            return fail(
+                ViolationKind::LostWrite,
+                format!(
+                    "welcome head {head} is below acknowledged pos {}",
+                    self.acked_pos_max
+                ),
+            );
+        }
+        Ok(())
+    }
+
+    /// After a recovery, `peer`'s inbox replayed from its cursor `acked`: every acknowledged
+    /// message for it past the cursor must be there.
+    pub fn audit_inbox(&self, peer: usize, acked: u64, shown: &BTreeSet<u64>) -> Checked {
+        for (pos, op) in self.inbox.range(acked + 1..) {
+            let o = &self.ops[*op];
+            let OpKind::Send { recipients, .. } = &o.kind else {
+                continue;
+            };
+            if o.acks.contains(pos) && recipients.contains(&peer) && !shown.contains(pos) {
+                return fail(
+                    ViolationKind::LostWrite,
+                    format!(
+                        "acknowledged pos {pos} (op {op}) for {} is missing after recovery (cursor {acked})",
+                        self.peers[peer]
+                    ),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// After a recovery, one conversation read from seq 1: checkers 1 and 2.
+    pub fn audit_conv(&mut self, conv: &Arc<str>, events: &[DeliveredEvent], head: u64) -> Checked {
+        self.note_retained(conv, events, head);
+        let acked_max = self.convs.get(conv).map_or(0, |c| c.acked_max);
+        if head < acked_max {
+            return fail(
+                ViolationKind::LostWrite,
+                format!("conv {conv} head {head} is below acknowledged seq {acked_max}"),
+            );
+        }
+        if let Some(first) = events.first() {
+            if !self.retention && first.seq != 1 {
+                return fail(
+                    ViolationKind::SeqGap,
+                    format!("conv {conv} starts at seq {}", first.seq),
+                );
+            }
+            for (i, e) in events.iter().enumerate() {
+                if e.seq != first.seq + i as u64 {
+                    return fail(
+                        ViolationKind::SeqGap,
+                        format!(
+                            "conv {conv}: seq {} where {} was due",
+                            e.seq,
+                            first.seq + i as u64
+                        ),
+                    );
+                }
+            }
+        }
+        let last = events.last().map_or(0, |e| e.seq);
+        if (!events.is_empty() || !self.retention) && last != head {
+            return fail(
+                ViolationKind::SeqGap,
+                format!("conv {conv} reads up to {last}, head {head}"),
+            );
+        }
+        for e in events {
+            let what = format!("conv {conv} seq {}", e.seq);
+            let op = self.op_of(&e.body, &what)?;
+            let o = &self.ops[op];
+            match &o.kind {
+                OpKind::Append { conv: c, .. } if c == conv && self.peers[o.client] == e.from => {}
+                _ => {
+                    return fail(
+                        ViolationKind::WrongRecord,
+                        format!("{what} shows op {op} ({:?} from {})", o.kind, e.from),
+                    )
+                }
+            }
+            self.fix_seq(conv, e.seq, op, "read back")?;
+        }
+        Ok(())
+    }
+
+    /// A read of `conv` from seq 1 showed `events` (its first retained event first) and `head`.
+    pub fn note_retained(&mut self, conv: &Arc<str>, events: &[DeliveredEvent], head: u64) {
+        let evicted = events.first().map_or(head, |e| e.seq - 1);
+        let c = self.convs.entry(conv.clone()).or_default();
+        c.evicted_upto = c.evicted_upto.max(evicted);
+    }
+
+    /// The shard took in an ack.
+    pub fn ack_handled(&mut self, peer: usize, upto: u64) {
+        self.handled_ack[peer] = self.handled_ack[peer].max(upto);
+        self.ever_ack[peer] = self.ever_ack[peer].max(upto);
+    }
+
+    /// The acks a WAL write polled now carries (all taken in so far).
+    pub fn ack_snapshot(&self) -> Vec<u64> {
+        self.handled_ack.clone()
+    }
+
+    /// A WAL write polled with `snapshot` completed.
+    pub fn ack_durable(&mut self, snapshot: &[u64]) {
+        for (d, s) in self.durable_ack.iter_mut().zip(snapshot) {
+            *d = (*d).max(*s);
+        }
+    }
+
+    /// A new incarnation: acks no completed write covered may be gone.
+    pub fn restart(&mut self) {
+        self.handled_ack = self.durable_ack.clone();
+    }
+
+    /// Checker 3, at the end: every acknowledged message reached every recipient.
+    pub fn final_delivery(&self) -> Checked {
+        for (id, o) in self.ops.iter().enumerate() {
+            let OpKind::Send { recipients, .. } = &o.kind else {
+                continue;
+            };
+            for pos in &o.acks {
+                for r in recipients {
+                    if !self.delivered[*r].contains(pos) {
+                        return fail(
+                            ViolationKind::NotDelivered,
+                            format!(
+                                "acknowledged pos {pos} (op {id}) never reached {}",
+                                self.peers[*r]
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Acknowledgements received, over all operations.
+    pub fn acks(&self) -> u64 {
+        self.ops.iter().map(|o| o.acks.len() as u64).sum()
+    }
+}
