@@ -366,3 +366,29 @@ fn closed_is_sent_exactly_once_and_http_replies_are_ignored() {
         .count();
     assert_eq!(closes, 1);
 }
+
+#[test]
+fn a_client_that_does_not_read_is_closed_as_overloaded() {
+    // Proves frames queued past pending_transmit_frames_max end the session with overloaded.
+    let mut s = Session::new(
+        7,
+        NOW,
+        SessionConfig {
+            pending_transmit_frames_max: 4,
+            ..SessionConfig::default()
+        },
+    );
+    welcome(&mut s);
+    for r in 1..=5 {
+        text(
+            &mut s,
+            &format!(r#"{{"op":"append","ref":{r},"conv":"c","body":1}}"#),
+        );
+    }
+    for r in 1..=5 {
+        s.handle_reply(NOW, 0, ok(r));
+    }
+    assert!(s.is_closed());
+    let f = frames(&mut s);
+    assert_eq!(f.last().unwrap()["code"], "overloaded");
+}

@@ -198,8 +198,18 @@ async fn add_peer(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    require_admin(&ctx, &headers)?;
     validate_id(IdKind::Mesh, &mesh)?;
+    if let Err(e) = require_admin(&ctx, &headers) {
+        // A valid peer token is a credential, just not an admin one: 403, not 401.
+        if authenticate(&ctx, &mesh, &headers).await.is_ok() {
+            return Err(ProtoError::new(
+                ErrorCode::Forbidden,
+                "peer tokens cannot add peers; use the admin token",
+            )
+            .into());
+        }
+        return Err(e.into());
+    }
     let req: AddPeer = parse_json(&body)?;
     validate_id(IdKind::Peer, &req.id)?;
     if req.groups.len() > fabric_proto::PEER_GROUPS_MAX {

@@ -216,6 +216,9 @@ async fn bad_input_gets_stable_error_codes_and_the_node_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
+    let r = h.post(format!("{base}/v1/meshes/m/peers")).bearer_auth(&ta).json(&json!({"id":"x"})).send().await.unwrap();
+    assert_eq!(r.status(), 403, "a peer token is a credential, but not an admin one");
+    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["code"], "forbidden");
     let r = h.get(format!("{base}/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 
