@@ -31,7 +31,7 @@ async fn every_op_works_end_to_end() {
     a.send(json!({"op":"send","ref":3,"to":"*","body":[1,2]}))
         .await;
     // a is in ops, so its own group message reaches it too; frames may interleave.
-    let mut frames = vec![a.recv().await, a.recv().await, a.recv().await];
+    let mut frames = [a.recv().await, a.recv().await, a.recv().await];
     frames.sort_by_key(|v| (v["op"].as_str().unwrap().to_string(), v["ref"].as_u64()));
     assert_eq!(frames[0]["op"], "deliver");
     assert_eq!(frames[0]["pos"], 2, "a is in ops; * skips the sender");
@@ -216,9 +216,22 @@ async fn bad_input_gets_stable_error_codes_and_the_node_keeps_serving() {
         .await
         .unwrap();
     assert_eq!(r.status(), 400);
-    let r = h.post(format!("{base}/v1/meshes/m/peers")).bearer_auth(&ta).json(&json!({"id":"x"})).send().await.unwrap();
-    assert_eq!(r.status(), 403, "a peer token is a credential, but not an admin one");
-    assert_eq!(r.json::<serde_json::Value>().await.unwrap()["code"], "forbidden");
+    let r = h
+        .post(format!("{base}/v1/meshes/m/peers"))
+        .bearer_auth(&ta)
+        .json(&json!({"id":"x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        403,
+        "a peer token is a credential, but not an admin one"
+    );
+    assert_eq!(
+        r.json::<serde_json::Value>().await.unwrap()["code"],
+        "forbidden"
+    );
     let r = h.get(format!("{base}/v1/nothing")).send().await.unwrap();
     assert_eq!(r.status(), 404);
 

@@ -1,0 +1,1188 @@
+//! The Rust client: [`Admin`] and two peer-token HTTP helpers over REST, and [`Client`], a
+//! pipelined WebSocket session.
+//!
+//! # The WebSocket client
+//!
+//! [`Client::connect`] dials `ws://host:port/v1/ws`, says hello and waits for the welcome. After
+//! that every request method takes `&self`, so one `Client` (shared through an `Arc`) can have
+//! many requests in flight at once: up to [`ClientConfig::window`]; further callers wait for a
+//! slot. One background task owns the socket. Callers queue ops into a bounded channel; the
+//! task's writer half takes whatever is queued and sends it as one batched frame (a JSON array
+//! or a binary `Batch`), so a thousand concurrent appends cost a handful of frames, not a
+//! thousand. Its reader half matches each answer (`ok`, `pong`, `error`) to its request by
+//! `ref`; answers may come in any order. An `ok` means the server made the request durable.
+//!
+//! Pushed frames (`deliver` for the peer's inbox, `event` for subscribed conversations) are
+//! read with [`Client::next_delivery`] from a bounded queue of
+//! [`ClientConfig::incoming_frames_max`] frames. **Drain it**: when it is full the reader stops
+//! reading the socket, and that also holds up the answers to your requests (there is one socket).
+//!
+//! ## Reconnecting and resume
+//!
+//! When the connection drops, requests in flight fail with [`ClientError::Disconnected`]: they
+//! may or may not have taken effect. Retry them; an append with an idempotency `key` is safe to
+//! retry (the server answers a retried key with the original `seq`), a `send` is not (a retry
+//! may deliver twice). [`Client::next_delivery`] returns `None` once the connection is gone and
+//! the queue is drained. Call [`Client::reconnect`], which:
+//!
+//! 1. dials again and says hello (the server then redelivers the inbox from its durable cursor);
+//! 2. re-sends `ack` with the highest `upto` you passed to [`Client::ack`], in case the last ack
+//!    was lost with the old connection (acks are fire-and-forget);
+//! 3. re-subscribes every live subscription from (last `seq` handed to you for it) + 1.
+//!
+//! De-duplication, exactly: inbox messages arrive in `pos` order, and this `Client` hands out a
+//! `deliver` only if its `pos` is above every `pos` it already handed out (across all of its
+//! connections). So each `pos` reaches you **at most once per `Client`**, and the redelivery of
+//! messages you received but had not acked yet is swallowed. Unacked messages are handed out
+//! again only to a *new* `Client` of the same peer (e.g. after a process restart): that is the
+//! at-least-once guarantee, so ack what you have processed. Likewise an `event` is handed out
+//! only if its `seq` is above the last one handed out for that conversation, and only while the
+//! conversation is subscribed (stragglers after [`Client::unsubscribe`] are dropped).
+//!
+//! ```no_run
+//! use fabric::client::{Admin, Client, ClientConfig, Incoming};
+//! # async fn demo() -> Result<(), fabric::client::ClientError> {
+//! let admin = Admin::new("http://127.0.0.1:7400", "admin-token");
+//! admin.create_mesh("m").await?;
+//! let token = admin.add_peer("m", "alice", &["ops"]).await?;
+//!
+//! let cfg = ClientConfig::new("ws://127.0.0.1:7400/v1/ws", "m", "alice", &token);
+//! let client = std::sync::Arc::new(Client::connect(cfg).await?);
+//! client.subscribe("chat", 1).await?;
+//! // Pipelined: both appends are in flight together.
+//! let (hi, again) = (serde_json::json!({"text": "hi"}), serde_json::json!({"text": "again"}));
+//! let (a, b) = tokio::join!(
+//!     client.append("chat", &hi, Some("msg-1")),
+//!     client.append("chat", &again, None),
+//! );
+//! println!("durable at seq {} and {}", a?, b?);
+//! while let Some(push) = client.next_delivery().await {
+//!     match push {
+//!         Incoming::Event { seq, body, .. } => println!("event {seq}: {body:?}"),
+//!         Incoming::Deliver { pos, .. } => client.ack(pos).await?,
+//!     }
+//! }
+//! // `None`: the connection is gone. Resume where we were.
+//! client.reconnect().await?;
+//! # Ok(()) }
+//! ```
+
+use fabric_proto::{
+    codec, validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode,
+    IdKind, ProtoError, ServerOp, Target,
+};
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, watch, Semaphore};
+use tokio_tungstenite::tungstenite::Message;
+
+/// Requests in flight per client unless configured otherwise (the node's own per-session limit
+/// defaults to 1024; staying under it means the node never stops reading us).
+pub const WINDOW_REQUESTS_DEFAULT: usize = 256;
+/// Pushed frames buffered for [`Client::next_delivery`] unless configured otherwise.
+pub const INCOMING_FRAMES_DEFAULT: usize = 4096;
+/// Dial + hello + welcome must finish within this unless configured otherwise.
+pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// A batched frame is cut at this size even if more ops are queued: big enough to amortize
+/// per-frame costs, small enough that one frame never nears the node's frame limit.
+const BATCH_FRAME_BYTES_MAX: usize = 256 * 1024;
+/// Upper bound of what an op adds to a JSON frame besides its body and ids (field names, ref,
+/// punctuation). Ids use a restricted alphabet, so they are never escaped.
+const OP_OVERHEAD_BYTES: usize = 96;
+/// How long [`Client::close`] waits for the socket task to send its close frame.
+const CLOSE_WAIT_MS: u64 = 5_000;
+
+/// Everything that can go wrong in this module.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The node refused the request (or the hello) with a stable error code.
+    #[error("server error {code}: {message}")]
+    Server { code: ErrorCode, message: String },
+    /// The request was not sent: it breaks a protocol rule the node would refuse it for.
+    #[error("invalid request ({code}): {message}")]
+    Invalid { code: ErrorCode, message: String },
+    /// The connection dropped before the answer came: the request may or may not have taken
+    /// effect. Reconnect and retry (appends with a key are idempotent).
+    #[error("disconnected; the request may or may not have taken effect")]
+    Disconnected,
+    /// Dialing or the WebSocket handshake failed.
+    #[error("websocket: {0}")]
+    WebSocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+    /// An HTTP request failed below the API (connect, read, decode).
+    #[error("http: {0}")]
+    Http(#[from] reqwest::Error),
+    /// The node sent something the protocol does not allow.
+    #[error("protocol violation: {0}")]
+    Protocol(String),
+    #[error("timed out: {0}")]
+    Timeout(&'static str),
+}
+
+impl ClientError {
+    /// The stable code, for errors that carry one.
+    pub fn code(&self) -> Option<ErrorCode> {
+        match self {
+            ClientError::Server { code, .. } | ClientError::Invalid { code, .. } => Some(*code),
+            _ => None,
+        }
+    }
+}
+
+impl From<ProtoError> for ClientError {
+    /// Local validation failures (the node would have said the same).
+    fn from(e: ProtoError) -> ClientError {
+        ClientError::Invalid {
+            code: e.code,
+            message: e.message,
+        }
+    }
+}
+
+impl From<tokio_tungstenite::tungstenite::Error> for ClientError {
+    fn from(e: tokio_tungstenite::tungstenite::Error) -> ClientError {
+        ClientError::WebSocket(Box::new(e))
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP
+// ---------------------------------------------------------------------------------------------
+
+/// One connection pool for the free HTTP helpers (a `reqwest::Client` per call would dial anew).
+fn shared_http() -> &'static reqwest::Client {
+    static HTTP: OnceLock<reqwest::Client> = OnceLock::new();
+    HTTP.get_or_init(reqwest::Client::new)
+}
+
+/// The node's error body, `{"code","message"}`.
+#[derive(Deserialize)]
+struct ErrorBody {
+    code: String,
+    #[serde(default)]
+    message: String,
+}
+
+/// Returns the body of a 2xx response, or the node's error as [`ClientError::Server`].
+async fn checked(resp: reqwest::Response) -> Result<bytes::Bytes, ClientError> {
+    let status = resp.status();
+    let body = resp.bytes().await?;
+    if status.is_success() {
+        return Ok(body);
+    }
+    match serde_json::from_slice::<ErrorBody>(&body) {
+        Ok(e) => match ErrorCode::from_str_code(&e.code) {
+            Some(code) => Err(ClientError::Server {
+                code,
+                message: e.message,
+            }),
+            None => Err(ClientError::Protocol(format!(
+                "HTTP {status} with unknown error code {:?}: {}",
+                e.code, e.message
+            ))),
+        },
+        Err(_) => Err(ClientError::Protocol(format!(
+            "HTTP {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(512)])
+        ))),
+    }
+}
+
+fn parse_body<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, ClientError> {
+    serde_json::from_slice(body).map_err(|e| {
+        ClientError::Protocol(format!("{what} response is not the expected JSON: {e}"))
+    })
+}
+
+fn trim_base(base: &str) -> &str {
+    base.trim_end_matches('/')
+}
+
+/// Admin calls (`Authorization: Bearer <admin token>`).
+#[derive(Debug, Clone)]
+pub struct Admin {
+    http: reqwest::Client,
+    base: String,
+    token: String,
+}
+
+impl Admin {
+    /// `base_url` is the node's HTTP address, e.g. `http://127.0.0.1:7400`.
+    pub fn new(base_url: &str, admin_token: &str) -> Admin {
+        Admin {
+            http: reqwest::Client::new(),
+            base: trim_base(base_url).to_string(),
+            token: admin_token.to_string(),
+        }
+    }
+
+    /// `POST /v1/meshes`. An existing mesh is [`ErrorCode::Conflict`].
+    pub async fn create_mesh(&self, mesh: &str) -> Result<(), ClientError> {
+        validate_id(IdKind::Mesh, mesh)?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/meshes", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "id": mesh }))
+            .send()
+            .await?;
+        checked(resp).await.map(|_| ())
+    }
+
+    /// `POST /v1/meshes/M/peers`; returns the peer's token (the node keeps only its hash).
+    pub async fn add_peer(
+        &self,
+        mesh: &str,
+        peer: &str,
+        groups: &[&str],
+    ) -> Result<String, ClientError> {
+        // Ids go into the URL path: the restricted id alphabet is what makes that safe.
+        validate_id(IdKind::Mesh, mesh)?;
+        validate_id(IdKind::Peer, peer)?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/meshes/{mesh}/peers", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({ "id": peer, "groups": groups }))
+            .send()
+            .await?;
+        let body = checked(resp).await?;
+        #[derive(Deserialize)]
+        struct Added {
+            token: String,
+        }
+        Ok(parse_body::<Added>("add peer", &body)?.token)
+    }
+}
+
+/// `POST /v1/meshes/M/conversations/C/messages` with a peer token; returns the durable `seq`.
+pub async fn append_http(
+    base: &str,
+    token: &str,
+    mesh: &str,
+    conv: &str,
+    body: &serde_json::Value,
+    key: Option<&str>,
+) -> Result<u64, ClientError> {
+    validate_id(IdKind::Mesh, mesh)?;
+    validate_conv(conv)?;
+    if let Some(k) = key {
+        validate_key(k)?;
+    }
+    let mut req = serde_json::json!({ "body": body });
+    if let Some(k) = key {
+        req["key"] = serde_json::Value::from(k);
+    }
+    let resp = shared_http()
+        .post(format!(
+            "{}/v1/meshes/{mesh}/conversations/{conv}/messages",
+            trim_base(base)
+        ))
+        .bearer_auth(token)
+        .json(&req)
+        .send()
+        .await?;
+    let body = checked(resp).await?;
+    #[derive(Deserialize)]
+    struct Appended {
+        seq: u64,
+    }
+    Ok(parse_body::<Appended>("append", &body)?.seq)
+}
+
+/// A conversation entry as replayed over HTTP (the same shape as a pushed `event`).
+pub type Event = DeliveredEvent;
+
+/// `GET /v1/meshes/M/conversations/C/messages?from=N&limit=L` with a peer token: up to `limit`
+/// durable entries from `from` on, and the conversation's durable head.
+pub async fn read_http(
+    base: &str,
+    token: &str,
+    mesh: &str,
+    conv: &str,
+    from: u64,
+    limit: u32,
+) -> Result<(Vec<Event>, u64), ClientError> {
+    validate_id(IdKind::Mesh, mesh)?;
+    validate_conv(conv)?;
+    let resp = shared_http()
+        .get(format!(
+            "{}/v1/meshes/{mesh}/conversations/{conv}/messages?from={from}&limit={limit}",
+            trim_base(base)
+        ))
+        .bearer_auth(token)
+        .send()
+        .await?;
+    let body = checked(resp).await?;
+    #[derive(Deserialize)]
+    struct Msg<'a> {
+        seq: u64,
+        from: String,
+        // Kept as the node sent it; bodies are never re-serialized.
+        #[serde(borrow)]
+        body: &'a serde_json::value::RawValue,
+        #[serde(default)]
+        ts: u64,
+    }
+    #[derive(Deserialize)]
+    struct Page<'a> {
+        #[serde(borrow)]
+        messages: Vec<Msg<'a>>,
+        head: u64,
+    }
+    let page: Page<'_> = parse_body("read", &body)?;
+    let conv: Arc<str> = conv.into();
+    let events = page
+        .messages
+        .into_iter()
+        .map(|m| DeliveredEvent {
+            conv: conv.clone(),
+            seq: m.seq,
+            from: m.from.into(),
+            body: Body::from_trusted(bytes::Bytes::copy_from_slice(m.body.get().as_bytes())),
+            ts: m.ts,
+        })
+        .collect();
+    Ok((events, page.head))
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket client
+// ---------------------------------------------------------------------------------------------
+
+/// How to reach and authenticate as one peer.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// `ws://host:port/v1/ws`.
+    pub url: String,
+    pub mesh: String,
+    pub peer: String,
+    pub token: String,
+    /// Speak postcard binary frames instead of JSON text frames.
+    pub binary: bool,
+    /// Most requests in flight (sent, not yet answered); further callers wait. Unit: requests.
+    pub window: usize,
+    /// Pushed frames buffered for [`Client::next_delivery`] before the reader stops reading.
+    pub incoming_frames_max: usize,
+    /// Dial + hello + welcome deadline.
+    pub connect_timeout_ms: u64,
+    /// The node's frame limit: a single request larger than this is refused locally (a frame
+    /// over the limit would be refused by the node as a whole, with no `ref` to answer).
+    pub frame_bytes_max: usize,
+}
+
+impl ClientConfig {
+    /// JSON frames, [`WINDOW_REQUESTS_DEFAULT`] in flight, the other defaults above.
+    pub fn new(url: &str, mesh: &str, peer: &str, token: &str) -> ClientConfig {
+        ClientConfig {
+            url: url.to_string(),
+            mesh: mesh.to_string(),
+            peer: peer.to_string(),
+            token: token.to_string(),
+            binary: false,
+            window: WINDOW_REQUESTS_DEFAULT,
+            incoming_frames_max: INCOMING_FRAMES_DEFAULT,
+            connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
+            frame_bytes_max: fabric_proto::FRAME_BYTES_MAX_DEFAULT,
+        }
+    }
+}
+
+/// What the node said in `welcome`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Welcome {
+    /// The node's id for this session (changes on every connection).
+    pub session: u64,
+    /// The peer's durable inbox cursor: every `pos` at or below it was acked.
+    pub acked: u64,
+    /// The mesh's durable inbox head.
+    pub head: u64,
+}
+
+/// A frame the node pushed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Incoming {
+    /// An inbox message; ack it with [`Client::ack`] once processed.
+    Deliver {
+        pos: u64,
+        from: Arc<str>,
+        to: Target,
+        body: Body,
+        ts: u64,
+    },
+    /// An entry of a subscribed conversation.
+    Event {
+        conv: Arc<str>,
+        seq: u64,
+        from: Arc<str>,
+        body: Body,
+        ts: u64,
+    },
+}
+
+impl Incoming {
+    /// The raw JSON text of the body, exactly as the sender sent it.
+    pub fn body(&self) -> &Body {
+        match self {
+            Incoming::Deliver { body, .. } | Incoming::Event { body, .. } => body,
+        }
+    }
+
+    /// The body parsed into `T`.
+    pub fn body_json<T: serde::de::DeserializeOwned>(&self) -> Result<T, ClientError> {
+        serde_json::from_slice(&self.body().0)
+            .map_err(|e| ClientError::Protocol(format!("body does not parse as requested: {e}")))
+    }
+}
+
+/// A successful answer, before it is shaped for the caller.
+enum Reply {
+    Ok { pos: Option<u64>, seq: Option<u64> },
+    Pong,
+}
+
+type ReplyTx = oneshot::Sender<Result<Reply, ClientError>>;
+
+/// Requests of one connection waiting for their answer, by `ref`.
+#[derive(Default)]
+struct Pending {
+    /// Set once the connection is gone: nothing new may wait on it.
+    closed: bool,
+    map: HashMap<u64, ReplyTx>,
+}
+
+/// What survives reconnects: the basis of resume and de-duplication.
+#[derive(Default)]
+struct Resume {
+    /// Highest inbox `pos` handed to the user by this client.
+    delivered_max: u64,
+    /// Highest `upto` the user acked; re-sent after a reconnect.
+    acked_upto: u64,
+    /// Live subscriptions: conversation -> last `seq` handed to the user (from - 1 at first).
+    subs: BTreeMap<Arc<str>, u64>,
+}
+
+/// Poisoning only means another thread panicked mid-update of plain bookkeeping; carry on.
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn fail_all(pending: &Mutex<Pending>) {
+    let drained: Vec<ReplyTx> = {
+        let mut p = lock(pending);
+        p.closed = true;
+        p.map.drain().map(|(_, tx)| tx).collect()
+    };
+    for tx in drained {
+        let _ = tx.send(Err(ClientError::Disconnected));
+    }
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// One WebSocket connection: the queue into its socket task and what waits on it.
+struct Conn {
+    welcome: Welcome,
+    tx: mpsc::Sender<ClientOp>,
+    pending: Arc<Mutex<Pending>>,
+    /// Turns true when the socket task has ended (or was stopped).
+    closed: watch::Receiver<bool>,
+    closed_tx: Arc<watch::Sender<bool>>,
+    task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+}
+
+impl Conn {
+    /// Stops the socket task now (no close handshake) and fails whatever waits on it.
+    fn kill(&self) {
+        if let Some(task) = lock(&self.task).take() {
+            task.abort();
+        }
+        fail_all(&self.pending);
+        let _ = self.closed_tx.send(true);
+    }
+}
+
+/// A pipelined WebSocket session of one peer. See the [module docs](self).
+pub struct Client {
+    cfg: ClientConfig,
+    window: Semaphore,
+    next_ref: AtomicU64,
+    conn: Mutex<Arc<Conn>>,
+    resume: Arc<Mutex<Resume>>,
+    incoming_tx: mpsc::Sender<Incoming>,
+    incoming_rx: tokio::sync::Mutex<mpsc::Receiver<Incoming>>,
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("url", &self.cfg.url)
+            .field("mesh", &self.cfg.mesh)
+            .field("peer", &self.cfg.peer)
+            .field("welcome", &self.welcome())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Removes a request's pending entry if its caller gives up (drops the future) before the
+/// answer came, so abandoned requests do not accumulate.
+struct PendingGuard<'a> {
+    pending: &'a Mutex<Pending>,
+    r: u64,
+    armed: bool,
+}
+
+impl Drop for PendingGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            lock(self.pending).map.remove(&self.r);
+        }
+    }
+}
+
+impl Client {
+    /// Dials, says hello and waits for the welcome.
+    pub async fn connect(cfg: ClientConfig) -> Result<Client, ClientError> {
+        if cfg.window == 0 || cfg.incoming_frames_max == 0 {
+            return Err(ClientError::Invalid {
+                code: ErrorCode::BadRequest,
+                message: "window and incoming_frames_max must be positive".into(),
+            });
+        }
+        validate_id(IdKind::Mesh, &cfg.mesh)?;
+        validate_id(IdKind::Peer, &cfg.peer)?;
+        let resume = Arc::new(Mutex::new(Resume::default()));
+        let (incoming_tx, incoming_rx) = mpsc::channel(cfg.incoming_frames_max);
+        let conn = dial(&cfg, resume.clone(), incoming_tx.clone()).await?;
+        Ok(Client {
+            window: Semaphore::new(cfg.window),
+            cfg,
+            next_ref: AtomicU64::new(1),
+            conn: Mutex::new(Arc::new(conn)),
+            resume,
+            incoming_tx,
+            incoming_rx: tokio::sync::Mutex::new(incoming_rx),
+            reconnecting: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    fn conn(&self) -> Arc<Conn> {
+        lock(&self.conn).clone()
+    }
+
+    /// The welcome of the current connection.
+    pub fn welcome(&self) -> Welcome {
+        self.conn().welcome
+    }
+
+    pub fn session(&self) -> u64 {
+        self.welcome().session
+    }
+
+    pub fn acked(&self) -> u64 {
+        self.welcome().acked
+    }
+
+    pub fn head(&self) -> u64 {
+        self.welcome().head
+    }
+
+    /// False once the current connection is gone (then [`Client::reconnect`]).
+    pub fn is_connected(&self) -> bool {
+        !*self.conn().closed.borrow()
+    }
+
+    /// Queues one request and waits for its answer.
+    async fn request(
+        &self,
+        estimate_bytes: usize,
+        op_for: impl FnOnce(u64) -> ClientOp,
+    ) -> Result<Reply, ClientError> {
+        if estimate_bytes > self.cfg.frame_bytes_max {
+            return Err(ClientError::Invalid {
+                code: ErrorCode::TooLarge,
+                message: format!(
+                    "request is about {estimate_bytes} bytes; the frame limit is {}",
+                    self.cfg.frame_bytes_max
+                ),
+            });
+        }
+        // The semaphore is never closed; the error arm is unreachable but harmless.
+        let _slot = self
+            .window
+            .acquire()
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
+        let conn = self.conn();
+        let r = self.next_ref.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut p = lock(&conn.pending);
+            if p.closed {
+                return Err(ClientError::Disconnected);
+            }
+            // Registered before the op is queued: the answer cannot overtake its entry.
+            p.map.insert(r, tx);
+        }
+        let mut guard = PendingGuard {
+            pending: &conn.pending,
+            r,
+            armed: true,
+        };
+        if conn.tx.send(op_for(r)).await.is_err() {
+            return Err(ClientError::Disconnected);
+        }
+        let answer = rx.await.unwrap_or(Err(ClientError::Disconnected));
+        // The reader removed the entry when it answered.
+        guard.armed = false;
+        answer
+    }
+
+    /// Sends an inbox message to `to` (`peer`, `group:<name>` or `*`); returns its durable `pos`.
+    /// Not idempotent: retrying after [`ClientError::Disconnected`] may deliver twice.
+    pub async fn send(&self, to: &str, body: &serde_json::Value) -> Result<u64, ClientError> {
+        let to = Target::parse(to)?;
+        self.send_raw(to, json_body(body)?).await
+    }
+
+    /// [`Client::send`] with a parsed target and a ready body (no per-call JSON encoding).
+    pub async fn send_raw(&self, to: Target, body: Body) -> Result<u64, ClientError> {
+        let estimate = body.len() + fabric_proto::ID_BYTES_MAX + OP_OVERHEAD_BYTES;
+        match self
+            .request(estimate, |r| ClientOp::Send { r, to, body })
+            .await?
+        {
+            Reply::Ok { pos: Some(pos), .. } => Ok(pos),
+            _ => Err(ClientError::Protocol("send answered without pos".into())),
+        }
+    }
+
+    /// Appends to conversation `conv`; returns the durable `seq`. With a `key`, a retry (even
+    /// from another connection) returns the original `seq` instead of appending again.
+    pub async fn append(
+        &self,
+        conv: &str,
+        body: &serde_json::Value,
+        key: Option<&str>,
+    ) -> Result<u64, ClientError> {
+        self.append_raw(conv.into(), json_body(body)?, key.map(Into::into))
+            .await
+    }
+
+    /// [`Client::append`] with shared ids and a ready body: the allocation-free hot path.
+    pub async fn append_raw(
+        &self,
+        conv: Arc<str>,
+        body: Body,
+        key: Option<Arc<str>>,
+    ) -> Result<u64, ClientError> {
+        validate_conv(&conv)?;
+        if let Some(k) = &key {
+            validate_key(k)?;
+        }
+        let estimate =
+            body.len() + conv.len() + key.as_ref().map_or(0, |k| 2 * k.len()) + OP_OVERHEAD_BYTES;
+        match self
+            .request(estimate, |r| ClientOp::Append { r, conv, body, key })
+            .await?
+        {
+            Reply::Ok { seq: Some(seq), .. } => Ok(seq),
+            _ => Err(ClientError::Protocol("append answered without seq".into())),
+        }
+    }
+
+    /// Subscribes to `conv` from `from` (1 = the oldest retained entry): the node replays the
+    /// durable entries from there, then tails new ones. Subscribing again to a subscribed
+    /// conversation moves its position (and may replay what was already seen).
+    pub async fn subscribe(&self, conv: &str, from: u64) -> Result<(), ClientError> {
+        validate_conv(conv)?;
+        let conv: Arc<str> = conv.into();
+        // Recorded first: events may follow the `ok` closely, and must not be taken for
+        // stragglers of an unknown subscription.
+        lock(&self.resume)
+            .subs
+            .insert(conv.clone(), from.max(1) - 1);
+        let result = self.subscribe_op(conv.clone(), from).await;
+        if let Err(ClientError::Server { .. } | ClientError::Invalid { .. }) = &result {
+            lock(&self.resume).subs.remove(&conv);
+        }
+        result
+    }
+
+    async fn subscribe_op(&self, conv: Arc<str>, from: u64) -> Result<(), ClientError> {
+        let estimate = conv.len() + OP_OVERHEAD_BYTES;
+        self.request(estimate, |r| ClientOp::Subscribe { r, conv, from })
+            .await
+            .map(|_| ())
+    }
+
+    /// Stops the subscription; events of `conv` still in flight are dropped.
+    pub async fn unsubscribe(&self, conv: &str) -> Result<(), ClientError> {
+        validate_conv(conv)?;
+        let conv: Arc<str> = conv.into();
+        lock(&self.resume).subs.remove(&conv);
+        let estimate = conv.len() + OP_OVERHEAD_BYTES;
+        self.request(estimate, |r| ClientOp::Unsubscribe { r, conv })
+            .await
+            .map(|_| ())
+    }
+
+    /// A round trip through the session; returns its duration.
+    pub async fn ping(&self) -> Result<Duration, ClientError> {
+        let started = Instant::now();
+        match self
+            .request(OP_OVERHEAD_BYTES, |r| ClientOp::Ping { r })
+            .await?
+        {
+            Reply::Pong => Ok(started.elapsed()),
+            Reply::Ok { .. } => Err(ClientError::Protocol("ping answered with ok".into())),
+        }
+    }
+
+    /// Acknowledges every inbox message up to and including `upto`. Fire-and-forget (the node
+    /// does not answer acks); a lost ack is re-sent by [`Client::reconnect`], and at worst the
+    /// messages are redelivered to a later `Client`.
+    pub async fn ack(&self, upto: u64) -> Result<(), ClientError> {
+        {
+            let mut r = lock(&self.resume);
+            r.acked_upto = r.acked_upto.max(upto);
+        }
+        self.conn()
+            .tx
+            .send(ClientOp::Ack { upto })
+            .await
+            .map_err(|_| ClientError::Disconnected)
+    }
+
+    /// The next pushed frame. `None` means the connection is gone and everything it pushed has
+    /// been handed out: call [`Client::reconnect`] to resume. Pushes are de-duplicated as the
+    /// module docs describe.
+    pub async fn next_delivery(&self) -> Option<Incoming> {
+        let mut rx = self.incoming_rx.lock().await;
+        let mut closed = self.conn().closed.clone();
+        tokio::select! {
+            biased;
+            item = rx.recv() => item,
+            _ = closed.wait_for(|c| *c) => rx.try_recv().ok(),
+        }
+    }
+
+    /// Drops the connection abruptly, without a close handshake, as a network failure would:
+    /// requests in flight fail with [`ClientError::Disconnected`], and [`Client::next_delivery`]
+    /// returns `None` once drained. For abandoning a stuck connection, and for tests.
+    pub fn disconnect(&self) {
+        self.conn().kill();
+    }
+
+    /// Drops the current connection (if any is left), dials again and resumes: hello, re-ack,
+    /// re-subscribe (see the module docs). Requests in flight on the old connection fail with
+    /// [`ClientError::Disconnected`]. On error the client stays disconnected; call it again.
+    pub async fn reconnect(&self) -> Result<Welcome, ClientError> {
+        let _one_at_a_time = self.reconnecting.lock().await;
+        self.conn().kill();
+        let conn = dial(&self.cfg, self.resume.clone(), self.incoming_tx.clone()).await?;
+        let welcome = conn.welcome;
+        *lock(&self.conn) = Arc::new(conn);
+        let (subs, acked_upto) = {
+            let r = lock(&self.resume);
+            let subs: Vec<(Arc<str>, u64)> = r
+                .subs
+                .iter()
+                .map(|(c, last)| (c.clone(), last + 1))
+                .collect();
+            (subs, r.acked_upto)
+        };
+        if acked_upto > welcome.acked {
+            self.ack(acked_upto).await?;
+        }
+        let resubscribed = futures_util::future::join_all(
+            subs.into_iter()
+                .map(|(conv, from)| self.subscribe_op(conv, from)),
+        )
+        .await;
+        for r in resubscribed {
+            r?;
+        }
+        tracing::debug!(session = welcome.session, "reconnected");
+        Ok(welcome)
+    }
+
+    /// Closes the connection gracefully: queued ops are written, then a close frame.
+    pub async fn close(self) {
+        let conn = self.conn();
+        drop(self);
+        // With the client gone, this is the last handle on the queue: dropping it ends the
+        // writer, which sends the close frame.
+        if let Ok(conn) = Arc::try_unwrap(conn) {
+            let task = lock(&conn.task).take();
+            drop(conn);
+            if let Some(task) = task {
+                let _ = tokio::time::timeout(Duration::from_millis(CLOSE_WAIT_MS), task).await;
+            }
+        }
+    }
+}
+
+fn json_body(value: &serde_json::Value) -> Result<Body, ClientError> {
+    let text = serde_json::to_vec(value).map_err(|e| ClientError::Invalid {
+        code: ErrorCode::BadRequest,
+        message: format!("body does not serialize: {e}"),
+    })?;
+    Ok(Body::from_trusted(text.into()))
+}
+
+fn encode_one(op: &ClientOp, binary: bool) -> Result<Message, ClientError> {
+    if binary {
+        Ok(Message::Binary(codec::encode_client_binary(op).into()))
+    } else {
+        let mut out = Vec::with_capacity(128);
+        codec::encode_client_json(op, &mut out);
+        text_message(out)
+    }
+}
+
+fn text_message(bytes: Vec<u8>) -> Result<Message, ClientError> {
+    String::from_utf8(bytes)
+        .map(|s| Message::Text(s.into()))
+        .map_err(|_| ClientError::Protocol("encoded JSON is not UTF-8".into()))
+}
+
+/// Dials and completes hello/welcome; then starts the socket task.
+async fn dial(
+    cfg: &ClientConfig,
+    resume: Arc<Mutex<Resume>>,
+    incoming: mpsc::Sender<Incoming>,
+) -> Result<Conn, ClientError> {
+    let handshake = async {
+        // Nagle would hold small frames back for the ack of the previous one: latency for
+        // nothing, since the writer already batches.
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async_with_config(cfg.url.as_str(), None, true).await?;
+        let hello = ClientOp::Hello {
+            mesh: cfg.mesh.as_str().into(),
+            peer: cfg.peer.as_str().into(),
+            token: cfg.token.clone(),
+        };
+        ws.send(encode_one(&hello, cfg.binary)?).await?;
+        loop {
+            let ops = match ws.next().await {
+                Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
+                Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(ClientError::Protocol(format!(
+                        "the node closed the connection before welcome: {}",
+                        frame.map_or_else(String::new, |f| f.reason.to_string())
+                    )))
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(ClientError::Protocol(
+                        "the node closed the connection before welcome".into(),
+                    ))
+                }
+            }
+            .map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}")))?;
+            let mut ops = ops.into_iter();
+            // The first op decides; an empty batch frame is skipped.
+            if let Some(op) = ops.next() {
+                match op {
+                    ServerOp::Welcome {
+                        session,
+                        acked,
+                        head,
+                    } => {
+                        let welcome = Welcome {
+                            session,
+                            acked,
+                            head,
+                        };
+                        return Ok((ws, welcome, ops.collect::<Vec<_>>()));
+                    }
+                    ServerOp::Error { code, message, .. } => {
+                        return Err(ClientError::Server { code, message })
+                    }
+                    other => {
+                        return Err(ClientError::Protocol(format!(
+                            "expected welcome, got {}",
+                            other.name()
+                        )))
+                    }
+                }
+            }
+        }
+    };
+    let (ws, welcome, leftover) =
+        tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), handshake)
+            .await
+            .map_err(|_| ClientError::Timeout("connect (dial, hello, welcome)"))??;
+
+    // The queue is as deep as the window: a full window never waits for queue space; acks
+    // (which bypass the window) wait briefly at worst.
+    let (tx, rx) = mpsc::channel(cfg.window.max(1));
+    let pending = Arc::new(Mutex::new(Pending::default()));
+    let (closed_tx, closed) = watch::channel(false);
+    let closed_tx = Arc::new(closed_tx);
+    let reader = Reader {
+        pending: pending.clone(),
+        resume,
+        incoming,
+    };
+    let batch_bytes_max = BATCH_FRAME_BYTES_MAX.min(cfg.frame_bytes_max);
+    let task = tokio::spawn(run_socket(
+        ws,
+        leftover,
+        rx,
+        reader,
+        cfg.binary,
+        batch_bytes_max,
+        closed_tx.clone(),
+    ));
+    Ok(Conn {
+        welcome,
+        tx,
+        pending,
+        closed,
+        closed_tx,
+        task: Mutex::new(Some(task)),
+    })
+}
+
+/// The socket task: reader and writer run concurrently (neither may block the other, or a
+/// full socket in one direction would deadlock against the node); when either ends, so does
+/// the connection.
+async fn run_socket(
+    ws: Ws,
+    leftover: Vec<ServerOp>,
+    rx: mpsc::Receiver<ClientOp>,
+    reader: Reader,
+    binary: bool,
+    batch_bytes_max: usize,
+    closed_tx: Arc<watch::Sender<bool>>,
+) {
+    let (sink, stream) = ws.split();
+    let pending = reader.pending.clone();
+    let why = tokio::select! {
+        r = reader.run(stream, leftover) => r,
+        w = write_loop(sink, rx, binary, batch_bytes_max) => w,
+    };
+    match &why {
+        Ok(()) => tracing::debug!("connection closed"),
+        Err(e) => tracing::debug!(reason = %e, "connection lost"),
+    }
+    fail_all(&pending);
+    let _ = closed_tx.send(true);
+}
+
+/// Size of an op in a frame, as an upper bound (JSON; postcard is smaller).
+fn op_bytes_estimate(op: &ClientOp) -> usize {
+    OP_OVERHEAD_BYTES
+        + match op {
+            ClientOp::Send { body, .. } => body.len() + fabric_proto::ID_BYTES_MAX,
+            ClientOp::Append {
+                conv, body, key, ..
+            } => body.len() + conv.len() + key.as_ref().map_or(0, |k| 2 * k.len()),
+            ClientOp::Subscribe { conv, .. } | ClientOp::Unsubscribe { conv, .. } => conv.len(),
+            _ => 0,
+        }
+}
+
+/// Takes the first queued op, then everything else already queued (up to the batch limits),
+/// and writes it all as one frame.
+async fn write_loop(
+    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<ClientOp>,
+    binary: bool,
+    batch_bytes_max: usize,
+) -> Result<(), String> {
+    let mut carry: Option<ClientOp> = None;
+    let mut batch: Vec<ClientOp> = Vec::new();
+    let mut json = Vec::new();
+    loop {
+        let first = match carry.take() {
+            Some(op) => op,
+            None => match rx.recv().await {
+                Some(op) => op,
+                None => {
+                    // The client is gone: say goodbye properly.
+                    let _ = sink.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+            },
+        };
+        let mut bytes = op_bytes_estimate(&first);
+        batch.push(first);
+        while batch.len() < fabric_proto::BATCH_OPS_MAX {
+            let Ok(op) = rx.try_recv() else { break };
+            let n = op_bytes_estimate(&op);
+            if bytes + n > batch_bytes_max {
+                carry = Some(op);
+                break;
+            }
+            bytes += n;
+            batch.push(op);
+        }
+        let msg = if batch.len() == 1 {
+            let op = batch.pop().ok_or("empty batch")?;
+            encode_one(&op, binary).map_err(|e| e.to_string())?
+        } else if binary {
+            Message::Binary(
+                codec::encode_client_binary(&ClientOp::Batch(std::mem::take(&mut batch))).into(),
+            )
+        } else {
+            json.clear();
+            json.push(b'[');
+            for (i, op) in batch.drain(..).enumerate() {
+                if i > 0 {
+                    json.push(b',');
+                }
+                codec::encode_client_json(&op, &mut json);
+            }
+            json.push(b']');
+            text_message(std::mem::take(&mut json)).map_err(|e| e.to_string())?
+        };
+        sink.send(msg)
+            .await
+            .map_err(|e| format!("websocket write failed: {e}"))?;
+    }
+}
+
+/// The reading half: answers to waiting requests, pushes (de-duplicated) to the user's queue.
+struct Reader {
+    pending: Arc<Mutex<Pending>>,
+    resume: Arc<Mutex<Resume>>,
+    incoming: mpsc::Sender<Incoming>,
+}
+
+impl Reader {
+    async fn run(
+        &self,
+        mut stream: futures_util::stream::SplitStream<Ws>,
+        leftover: Vec<ServerOp>,
+    ) -> Result<(), String> {
+        self.handle(leftover).await?;
+        loop {
+            let ops = match stream.next().await {
+                Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
+                Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(format!(
+                        "the node closed the connection: {}",
+                        frame.map_or_else(String::new, |f| f.reason.to_string())
+                    ))
+                }
+                // Pings are answered by tungstenite itself.
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Err(format!("websocket read failed: {e}")),
+                None => return Err("the node closed the connection".into()),
+            };
+            match ops {
+                Ok(ops) => self.handle(ops).await?,
+                // A frame we cannot read may have held answers we will never see: waiting
+                // requests would hang, so the connection is given up instead.
+                Err(e) => return Err(format!("undecodable frame from the node: {e}")),
+            }
+        }
+    }
+
+    fn answer(&self, r: u64, answer: Result<Reply, ClientError>) {
+        let waiter = lock(&self.pending).map.remove(&r);
+        match waiter {
+            Some(tx) => {
+                let _ = tx.send(answer);
+            }
+            // Its caller gave up (dropped the future); nothing to do.
+            None => tracing::trace!(r, "answer for a request nobody waits for"),
+        }
+    }
+
+    async fn handle(&self, ops: Vec<ServerOp>) -> Result<(), String> {
+        for op in ops {
+            match op {
+                ServerOp::Ok { r, pos, seq } => self.answer(r, Ok(Reply::Ok { pos, seq })),
+                ServerOp::Pong { r } => self.answer(r, Ok(Reply::Pong)),
+                ServerOp::Error {
+                    r: Some(r),
+                    code,
+                    message,
+                } => self.answer(r, Err(ClientError::Server { code, message })),
+                ServerOp::Error {
+                    r: None,
+                    code,
+                    message,
+                } => {
+                    // A session-level error: either the node is closing the session
+                    // (unavailable, overloaded) or it refused a whole frame, whose requests
+                    // will then never be answered. Both end this connection.
+                    tracing::warn!(%code, %message, "session error from the node");
+                    return Err(format!("session error {code}: {message}"));
+                }
+                ServerOp::Deliver {
+                    pos,
+                    from,
+                    to,
+                    body,
+                    ts,
+                } => {
+                    let fresh = {
+                        let mut r = lock(&self.resume);
+                        let fresh = pos > r.delivered_max;
+                        if fresh {
+                            r.delivered_max = pos;
+                        }
+                        fresh
+                    };
+                    if fresh {
+                        self.push(Incoming::Deliver {
+                            pos,
+                            from,
+                            to,
+                            body,
+                            ts,
+                        })
+                        .await?;
+                    }
+                }
+                ServerOp::Event(e) => {
+                    let fresh = {
+                        let mut r = lock(&self.resume);
+                        match r.subs.get_mut(&e.conv) {
+                            Some(last) if e.seq > *last => {
+                                *last = e.seq;
+                                true
+                            }
+                            _ => false,
+                        }
+                    };
+                    if fresh {
+                        self.push(Incoming::Event {
+                            conv: e.conv,
+                            seq: e.seq,
+                            from: e.from,
+                            body: e.body,
+                            ts: e.ts,
+                        })
+                        .await?;
+                    }
+                }
+                ServerOp::Welcome { .. } | ServerOp::Batch(_) => {
+                    tracing::warn!(op = op.name(), "unexpected frame from the node; ignored");
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn push(&self, item: Incoming) -> Result<(), String> {
+        // Waits while the user's queue is full: that is the backpressure on pushes.
+        self.incoming
+            .send(item)
+            .await
+            .map_err(|_| "the client was dropped".to_string())
+    }
+}
