@@ -8,14 +8,6 @@ use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn fabric() -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_fabric"));
     c.env_remove("FABRIC_ADMIN_TOKEN").env("FABRIC_LOG", "warn");
@@ -145,15 +137,7 @@ async fn config_file_env_and_flags_layer_and_the_admin_token_is_generated_once()
         !lines.iter().any(|l| l.contains("generated admin token")),
         "printed once only"
     );
-    let page: serde_json::Value = http()
-        .get(format!("{base}/v1/meshes/m/conversations/c/messages"))
-        .bearer_auth(&peer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = read_conv(&base, &peer, "m", "c", "").await;
     assert_eq!(page["head"], 1);
     assert!(sigterm(&mut child).success());
 

@@ -11,14 +11,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio_tungstenite::tungstenite::Message;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_node(dir: &std::path::Path, port: u16) -> Child {
     Command::new(env!("CARGO_BIN_EXE_fabric"))
         .args(["serve", "--data-dir"])
@@ -30,19 +22,6 @@ fn spawn_node(dir: &std::path::Path, port: u16) -> Child {
         .stderr(Stdio::inherit())
         .spawn()
         .expect("fabric binary starts")
-}
-
-async fn wait_ready(base: &str) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        if let Ok(r) = http().get(format!("{base}/readyz")).send().await {
-            if r.status() == 200 {
-                return;
-            }
-        }
-        assert!(Instant::now() < deadline, "node did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// What the clients saw acknowledged before the kill.
@@ -177,17 +156,7 @@ async fn sigkill_under_load_loses_nothing_acknowledged() {
         let Some(expect) = acked.appends.get(&conv) else {
             continue;
         };
-        let page: Value = http()
-            .get(format!(
-                "{base}/v1/meshes/m/conversations/{conv}/messages?from=1&limit=10000"
-            ))
-            .bearer_auth(t)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = read_conv(&base, t, "m", &conv, "from=1&limit=10000").await;
         let msgs = page["messages"].as_array().unwrap();
         for (k, m) in msgs.iter().enumerate() {
             assert_eq!(

@@ -44,18 +44,7 @@ async fn a_torn_tail_is_cut_and_earlier_records_survive() {
         let node = fabric::node::start(cfg.clone())
             .await
             .expect("starts after a torn tail");
-        let page: serde_json::Value = http()
-            .get(format!(
-                "{}/v1/meshes/m/conversations/c/messages?from=1",
-                common::base(&node)
-            ))
-            .bearer_auth(&t)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let page = read_conv(&common::base(&node), &t, "m", "c", "from=1").await;
         let seqs: Vec<u64> = page["messages"]
             .as_array()
             .unwrap()
@@ -139,18 +128,7 @@ async fn a_crashed_shard_is_restarted_and_recovers_from_its_wal() {
         a.try_recv().await.is_none(),
         "session closed so the client resumes"
     );
-    let deadline = std::time::Instant::now() + WAIT;
-    loop {
-        let r = http().get(format!("{base}/readyz")).send().await.unwrap();
-        if r.status() == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "shard never came back"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
+    wait_ready(&base).await;
     let (mut a, _) = Peer::hello(node.addr(), "m", "a", &t).await;
     a.send(json!({"op":"append","ref":11,"conv":"c","body":11}))
         .await;

@@ -543,16 +543,7 @@ impl Shard {
                 if !m.sessions.contains(&session) {
                     m.sessions.push(session);
                 }
-                let credit = self.config.push_credit_frames_max;
-                let s = self
-                    .sessions
-                    .entry(session)
-                    .or_insert_with(|| SessionState {
-                        credit,
-                        queued: false,
-                        inbox: None,
-                        subs: Vec::new(),
-                    });
+                let s = self.session_state(session);
                 s.inbox = Some((mesh, idx, acked + 1));
                 self.emit(
                     session,
@@ -671,16 +662,7 @@ impl Shard {
                 if !c.subscribers.contains(&session) {
                     c.subscribers.push(session);
                 }
-                let credit = self.config.push_credit_frames_max;
-                let s = self
-                    .sessions
-                    .entry(session)
-                    .or_insert_with(|| SessionState {
-                        credit,
-                        queued: false,
-                        inbox: None,
-                        subs: Vec::new(),
-                    });
+                let s = self.session_state(session);
                 let next_seq = from.max(1);
                 match s.subs.iter_mut().find(|x| x.key == ck) {
                     Some(sub) => sub.next_seq = next_seq,
@@ -751,6 +733,19 @@ impl Shard {
             ShardOp::Closed => self.detach(session),
         }
         Ok(())
+    }
+
+    /// The shard's state for a session, made on its first attaching request.
+    fn session_state(&mut self, session: SessionId) -> &mut SessionState {
+        let credit = self.config.push_credit_frames_max;
+        self.sessions
+            .entry(session)
+            .or_insert_with(|| SessionState {
+                credit,
+                queued: false,
+                inbox: None,
+                subs: Vec::new(),
+            })
     }
 
     fn authenticate(

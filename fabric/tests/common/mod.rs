@@ -133,3 +133,44 @@ impl Peer {
         got
     }
 }
+
+/// A loopback port nobody listens on right now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Waits (at most 20 s) until `GET /readyz` answers 200.
+pub async fn wait_ready(base: &str) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(r) = http().get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// One replay page of a conversation over HTTP: `{"messages":[…],"head":N}`.
+pub async fn read_conv(base: &str, token: &str, mesh: &str, conv: &str, query: &str) -> Value {
+    http()
+        .get(format!(
+            "{base}/v1/meshes/{mesh}/conversations/{conv}/messages?{query}"
+        ))
+        .bearer_auth(token)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
