@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
 
 /// What a shard sends a session.
 #[derive(Debug)]
@@ -253,7 +254,6 @@ impl Actor for ShardActor {
         slot: Arc<ShardSlot>,
     ) -> Result<Self::State, ActorProcessingErr> {
         let span = tracing::info_span!("shard", node = "local", shard = slot.idx);
-        let _e = span.enter();
         let rx = slot
             .input
             .lock()
@@ -270,6 +270,7 @@ impl Actor for ShardActor {
             .await
             .map_err(|e| format!("recovery panicked: {e}"))??;
         tracing::info!(
+            parent: &span,
             records = recovered.report.records,
             segments = recovered.report.segments,
             bytes = recovered.report.bytes,
@@ -291,16 +292,19 @@ impl Actor for ShardActor {
             .map_err(|e| format!("cannot start WAL thread: {e}"))?;
         let loop_slot = slot.clone();
         let shard = recovered.shard;
-        let task = tokio::spawn(async move {
-            use futures_util::FutureExt;
-            let run = shard_loop(loop_slot, shard, input, wal_tx, done_rx);
-            // A panic in the loop is a shard failure like any other: report it to the actor.
-            let result = std::panic::AssertUnwindSafe(run)
-                .catch_unwind()
-                .await
-                .unwrap_or_else(|_| Err("shard loop panicked".to_string()));
-            let _ = myself.cast(ShardActorMsg::LoopEnded(result));
-        });
+        let task = tokio::spawn(
+            async move {
+                use futures_util::FutureExt;
+                let run = shard_loop(loop_slot, shard, input, wal_tx, done_rx);
+                // A panic in the loop is a shard failure like any other: report it to the actor.
+                let result = std::panic::AssertUnwindSafe(run)
+                    .catch_unwind()
+                    .await
+                    .unwrap_or_else(|_| Err("shard loop panicked".to_string()));
+                let _ = myself.cast(ShardActorMsg::LoopEnded(result));
+            }
+            .instrument(span),
+        );
         slot.ready.store(true, Ordering::SeqCst);
         Ok(ShardActorState {
             slot,
