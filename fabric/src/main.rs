@@ -109,26 +109,37 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// Listens for SIGTERM and SIGINT. Made before the node starts, so that a signal that arrives
+/// right after the "listening" line is never missed (it would kill the process ungracefully).
+struct ShutdownSignal {
     #[cfg(unix)]
-    {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(_) => {
-                    let _ = ctrl_c.await;
-                    return;
-                }
-            };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term.recv() => {}
+    term: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    int: tokio::signal::unix::Signal,
+}
+
+impl ShutdownSignal {
+    fn new() -> anyhow::Result<ShutdownSignal> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            Ok(ShutdownSignal {
+                term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+                int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+            })
         }
+        #[cfg(not(unix))]
+        Ok(ShutdownSignal {})
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
+
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+        #[cfg(not(unix))]
+        let _ = tokio::signal::ctrl_c().await;
     }
 }
 
@@ -144,6 +155,7 @@ fn main() -> anyhow::Result<()> {
                 .build()
                 .context("cannot start the tokio runtime")?;
             runtime.block_on(async move {
+                let mut signal = ShutdownSignal::new()?;
                 let data_dir = config.data_dir.clone();
                 let node = fabric::node::start(config)
                     .await
@@ -153,7 +165,7 @@ fn main() -> anyhow::Result<()> {
                     node.addr(),
                     node.addr()
                 );
-                shutdown_signal().await;
+                signal.recv().await;
                 node.shutdown().await;
                 anyhow::Ok(())
             })
