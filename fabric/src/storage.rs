@@ -119,14 +119,36 @@ pub struct WalDone {
 /// a bounded channel: at most one write is in flight, so it never waits long).
 pub fn writer_thread(
     dir: PathBuf,
-    mut open: Option<(u64, File)>,
+    open: Option<(u64, File)>,
     durability: Durability,
     writes: Receiver<WalWrite>,
     done: tokio::sync::mpsc::Sender<WalDone>,
 ) {
+    let (deleter, retired) = std::sync::mpsc::channel::<Vec<u64>>();
+    let deleter_dir = dir.clone();
+    let deleter_thread = std::thread::Builder::new()
+        .name("wal-delete".into())
+        .spawn(move || delete_thread(deleter_dir, retired));
+    write_loop(&dir, open, durability, writes, done, &deleter);
+    // The next incarnation lists segments as soon as this thread is joined: no deletion may
+    // still be under way then.
+    drop(deleter);
+    if let Ok(t) = deleter_thread {
+        let _ = t.join();
+    }
+}
+
+fn write_loop(
+    dir: &Path,
+    mut open: Option<(u64, File)>,
+    durability: Durability,
+    writes: Receiver<WalWrite>,
+    done: tokio::sync::mpsc::Sender<WalDone>,
+    deleter: &std::sync::mpsc::Sender<Vec<u64>>,
+) {
     while let Ok(w) = writes.recv() {
         let started = Instant::now();
-        let result = apply(&dir, &mut open, durability, &w);
+        let result = apply(dir, &mut open, durability, &w);
         let failed = result.is_err();
         let report = WalDone {
             last_lsn: w.last_lsn,
@@ -139,6 +161,43 @@ pub fn writer_thread(
             // The shard loop is gone, or storage failed: a failed fsync leaves the page cache
             // in an unknown state, so this writer stops; the shard is recovered anew.
             return;
+        }
+        // Deletions go to their own thread: unlinking a large segment can take long, and no
+        // ack waits on it (the checkpoint that makes it safe is already durable).
+        if !w.delete.is_empty() && deleter.send(w.delete).is_err() {
+            return;
+        }
+    }
+}
+
+/// Deletes retired segments strictly oldest first; a failed one is retried (after a pause)
+/// before any newer one, so the segments left on disk never have an LSN gap between them.
+/// Ends when the writer thread ends.
+fn delete_thread(dir: PathBuf, retired: std::sync::mpsc::Receiver<Vec<u64>>) {
+    let mut queue: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
+    loop {
+        let next = if queue.is_empty() {
+            retired.recv().map_err(|_| ())
+        } else {
+            match retired.recv_timeout(Duration::from_secs(1)) {
+                Ok(ids) => Ok(ids),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(Vec::new()),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
+            }
+        };
+        let Ok(ids) = next else { return };
+        queue.extend(ids);
+        while let Some(&id) = queue.front() {
+            let path = dir.join(wal::segment_file_name(id));
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => {
+                    tracing::warn!(file = %path.display(), error = %e, "cannot delete a retired WAL segment; will retry");
+                    break;
+                }
+            }
+            queue.pop_front();
         }
     }
 }
@@ -171,14 +230,6 @@ fn apply(
         f.write_all(&w.bytes).map_err(io("write", &path))?;
         if durability == Durability::Fsync {
             f.sync_data().map_err(io("fdatasync", &path))?;
-        }
-    }
-    for id in &w.delete {
-        let path = dir.join(wal::segment_file_name(*id));
-        match std::fs::remove_file(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io("delete", &path)(e)),
         }
     }
     Ok(())
