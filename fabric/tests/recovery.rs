@@ -9,15 +9,12 @@ async fn a_torn_tail_is_cut_and_earlier_records_survive() {
     // Proves the node starts after the last bytes of a segment are cut or corrupted, and keeps
     // every record before the damage.
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.shards = 1;
-    cfg.partitions = 1;
+    let cfg = one_shard_config(dir.path());
     for damage in ["cut", "corrupt"] {
         let _ = std::fs::remove_dir_all(dir.path());
         let node = fabric::node::start(cfg.clone()).await.unwrap();
         let base = base(&node);
-        create_mesh(&base, "m").await;
-        let t = add_peer(&base, "m", "a", &[]).await;
+        let t = mesh_with_peer(&base).await;
         let (mut a, _) = Peer::hello(node.addr(), "m", "a", &t).await;
         for i in 1..=20u64 {
             a.send(json!({"op":"append","ref":i,"conv":"c","body":{"i":i}}))
@@ -64,14 +61,11 @@ async fn a_torn_tail_is_cut_and_earlier_records_survive() {
 async fn corruption_before_the_tail_refuses_to_start_and_names_the_file() {
     // Proves damage in a segment that is not the last is an error naming file and offset.
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.shards = 1;
-    cfg.partitions = 1;
+    let mut cfg = one_shard_config(dir.path());
     cfg.wal_segment_bytes_max = 4096;
     let node = fabric::node::start(cfg.clone()).await.unwrap();
     let base = base(&node);
-    create_mesh(&base, "m").await;
-    let t = add_peer(&base, "m", "a", &[]).await;
+    let t = mesh_with_peer(&base).await;
     let (mut a, _) = Peer::hello(node.addr(), "m", "a", &t).await;
     for i in 1..=200u64 {
         a.send(json!({"op":"append","ref":i,"conv":"c","body":"a body of some length to fill segments, and then some more"})).await;
@@ -108,13 +102,10 @@ async fn a_crashed_shard_is_restarted_and_recovers_from_its_wal() {
     // Proves supervision: after a shard incarnation fails, it comes back with its data, and
     // sessions attached to it are told to reconnect.
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.shards = 1;
-    cfg.partitions = 1;
+    let cfg = one_shard_config(dir.path());
     let node = fabric::node::start(cfg).await.unwrap();
     let base = base(&node);
-    create_mesh(&base, "m").await;
-    let t = add_peer(&base, "m", "a", &[]).await;
+    let t = mesh_with_peer(&base).await;
     let (mut a, _) = Peer::hello(node.addr(), "m", "a", &t).await;
     for i in 1..=10u64 {
         a.send(json!({"op":"append","ref":i,"conv":"c","body":i}))
@@ -141,15 +132,12 @@ async fn retention_deletes_old_segment_files_and_a_restart_keeps_what_is_retaine
     // Proves the glue deletes the segments retention retires, and a node restarted over the
     // remaining files keeps conversation heads and unacknowledged inbox messages.
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = config(dir.path());
-    cfg.shards = 1;
-    cfg.partitions = 1;
+    let mut cfg = one_shard_config(dir.path());
     cfg.wal_segment_bytes_max = 8 * 1024;
     cfg.retention_bytes_max = 32 * 1024;
     let node = fabric::node::start(cfg.clone()).await.unwrap();
     let base = base(&node);
-    create_mesh(&base, "m").await;
-    let t = add_peer(&base, "m", "a", &[]).await;
+    let t = mesh_with_peer(&base).await;
     let t_off = add_peer(&base, "m", "offline", &[]).await;
     let (mut a, _) = Peer::hello(node.addr(), "m", "a", &t).await;
     a.send(json!({"op":"send","ref":0,"to":"offline","body":"kept until acked"}))

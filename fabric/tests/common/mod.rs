@@ -22,6 +22,21 @@ pub fn config(dir: &std::path::Path) -> Config {
     }
 }
 
+/// One shard and one partition: tests that look at segment files know where data lands.
+pub fn one_shard_config(dir: &std::path::Path) -> Config {
+    Config {
+        shards: 1,
+        partitions: 1,
+        ..config(dir)
+    }
+}
+
+/// Creates mesh `m` with peer `a` and returns a's token.
+pub async fn mesh_with_peer(base: &str) -> String {
+    create_mesh(base, "m").await;
+    add_peer(base, "m", "a", &[]).await
+}
+
 pub async fn start(dir: &std::path::Path) -> RunningNode {
     fabric::node::start(config(dir)).await.expect("node starts")
 }
