@@ -169,6 +169,8 @@ struct Peer {
     groups: Vec<Arc<str>>,
     token_hash: [u8; 32],
     acked: u64,
+    /// `acked` moved since the last cursor record was framed.
+    cursor_unlogged: bool,
     /// Seen only in data records so far (recovery before the checkpoint that names it).
     placeholder: bool,
 }
@@ -205,6 +207,7 @@ impl Mesh {
             groups: Vec::new(),
             token_hash: [0; 32],
             acked: 0,
+            cursor_unlogged: false,
             placeholder: true,
         });
         self.peer_index.insert(id.clone(), i);
@@ -365,6 +368,8 @@ pub struct Shard {
     pending: VecDeque<(u64, Output)>,
     deletes: Vec<u64>,
     retention: Retention,
+    /// Peers whose cursor moved since their last cursor record, in the order they first moved.
+    unlogged_cursors: Vec<(Arc<str>, u32)>,
     /// While the WAL is below this size, retention does not retry (see maybe_start_retention).
     retention_blocked_bytes: u64,
     failed: bool,
@@ -403,6 +408,7 @@ impl Shard {
             pending: VecDeque::new(),
             deletes: Vec::new(),
             retention: Retention::Idle,
+            unlogged_cursors: Vec::new(),
             retention_blocked_bytes: 0,
             failed: false,
             out: VecDeque::new(),
@@ -707,6 +713,7 @@ impl Shard {
                 self.emit(session, Reply::Messages { r, events, head });
             }
             ShardOp::Ack { mesh, peer, upto } => {
+                let lose_cursor_update = self.config.planted.lose_cursor_update;
                 let m = self.mesh_mut(&mesh)?;
                 let Some(&idx) = m.peer_index.get(&peer) else {
                     return Err(ProtoError::new(
@@ -718,8 +725,11 @@ impl Shard {
                 let p = &mut m.peers[idx as usize];
                 if upto > p.acked {
                     p.acked = upto;
-                    if !self.config.planted.lose_cursor_update {
-                        self.log(Record::Acked(AckedRec { mesh, peer, upto }));
+                    // One cursor record per peer per group commit, however often it acks:
+                    // the record is framed with the peer's latest cursor in `poll_wal`.
+                    if !p.cursor_unlogged && !lose_cursor_update {
+                        p.cursor_unlogged = true;
+                        self.unlogged_cursors.push((mesh, idx));
                     }
                 }
             }
@@ -838,7 +848,23 @@ impl Shard {
 
     /// The next WAL write, if one is due and none is in flight.
     pub fn poll_wal(&mut self) -> Option<WalWrite> {
-        if self.inflight.is_some() || (self.building.is_empty() && self.deletes.is_empty()) {
+        if self.inflight.is_some() {
+            return None;
+        }
+        for (mesh, idx) in std::mem::take(&mut self.unlogged_cursors) {
+            let Some(m) = self.meshes.get_mut(&mesh) else {
+                continue;
+            };
+            let p = &mut m.peers[idx as usize];
+            p.cursor_unlogged = false;
+            let rec = AckedRec {
+                mesh,
+                peer: p.id.clone(),
+                upto: p.acked,
+            };
+            self.log(Record::Acked(rec));
+        }
+        if self.building.is_empty() && self.deletes.is_empty() {
             return None;
         }
         let bytes = std::mem::take(&mut self.building);
@@ -980,6 +1006,7 @@ impl Shard {
             && self.inflight.is_none()
             && self.pending.is_empty()
             && self.deletes.is_empty()
+            && self.unlogged_cursors.is_empty()
     }
 
     pub fn is_failed(&self) -> bool {

@@ -601,3 +601,35 @@ fn a_checksummed_record_out_of_sequence_in_the_last_segment_refuses_to_start() {
         Ok(_) => panic!("a gap in the last segment was cut silently"),
     }
 }
+
+#[test]
+fn many_acks_in_one_group_commit_write_one_cursor_record() {
+    // Proves cursor moves are coalesced per peer per batch, and the latest one is durable.
+    let mut n = Node::new(ShardConfig::default());
+    n.setup_mesh(&[("a", &[]), ("b", &[])]);
+    for i in 0..10 {
+        n.send(1, i, "a", "b", "1");
+    }
+    n.pump();
+    for upto in 1..=10 {
+        n.req(
+            2,
+            ShardOp::Ack {
+                mesh: "m".into(),
+                peer: "b".into(),
+                upto,
+            },
+        );
+    }
+    let w = n.shard.poll_wal().expect("the cursor record");
+    assert_eq!(w.records, 1, "ten acks, one record");
+    n.disk.apply(&w);
+    n.shard.handle_wal_done(n.now, w.last_lsn);
+    n.pump();
+    n.restart();
+    let out = n.hello(3, "b");
+    match &out[0].reply {
+        Reply::Frame(ServerOp::Welcome { acked, .. }) => assert_eq!(*acked, 10),
+        r => panic!("expected welcome, got {r:?}"),
+    }
+}
