@@ -20,6 +20,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 
+/// Per-socket WebSocket buffers (see `ws_upgrade`).
+const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
+const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
+
 /// An HTTP request waits at most this long for its shard's answer.
 const HTTP_REPLY_TIMEOUT_MS: u64 = 30_000;
 
@@ -64,7 +68,11 @@ async fn ws_upgrade(ws: WebSocketUpgrade, State(ctx): State<Arc<NodeCtx>>) -> Re
     // The socket layer allows a little more than the protocol limit, so that a frame just over
     // the limit gets a `too_large` error frame from the session instead of a dropped connection.
     let socket_max = ctx.config.frame_bytes_max + 64 * 1024;
-    ws.max_message_size(socket_max)
+    // tungstenite's default 128 KiB read buffer per socket would make an idle session cost
+    // ~130 KiB; 8 KiB still takes dozens of pipelined frames per read.
+    ws.read_buffer_size(WS_READ_BUFFER_BYTES)
+        .write_buffer_size(WS_WRITE_BUFFER_BYTES)
+        .max_message_size(socket_max)
         .max_frame_size(socket_max)
         .on_upgrade(move |socket| crate::ws::run(socket, ctx))
 }
