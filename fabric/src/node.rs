@@ -56,6 +56,8 @@ pub struct NodeCtx {
     pub sessions_open: AtomicU64,
     router: Router,
     next_session: AtomicU64,
+    /// This node's name in log spans (its listen address).
+    pub node_name: Arc<str>,
 }
 
 impl NodeCtx {
@@ -230,6 +232,18 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     check_meta(&config, &router)?;
     let admin_token = admin_token(&config)?;
 
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| NodeError::Listen {
+            addr: config.listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    // Log lines of this node carry its address as `node`.
+    let node_name: Arc<str> = addr.to_string().into();
     let mut slots = Vec::new();
     let mut senders = Vec::new();
     for i in 0..config.shards {
@@ -247,6 +261,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             shard_config,
             config.durability,
             config.shard_queue_batches_max,
+            node_name.clone(),
         );
         slots.push(slot);
         senders.push(tx);
@@ -269,16 +284,6 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         hello_timeout_ms: config.hello_timeout_ms,
         ..SessionConfig::default()
     };
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
-        addr: config.listen,
-        source,
-    })?;
     let ctx = Arc::new(NodeCtx {
         config,
         admin_token,
@@ -289,6 +294,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         sessions_open: AtomicU64::new(0),
         router,
         next_session: AtomicU64::new(1),
+        node_name,
     });
     let app = crate::http::routes(ctx.clone());
     let mut stop = shutdown_rx;

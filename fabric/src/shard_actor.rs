@@ -51,6 +51,8 @@ pub struct ShardSlot {
     input: Mutex<Option<mpsc::Receiver<ShardMsg>>>,
     pub ready: AtomicBool,
     pub restarts: AtomicU64,
+    /// The node's name for log spans.
+    pub node: Arc<str>,
     pub stats: Mutex<SlotStats>,
 }
 
@@ -72,6 +74,7 @@ impl ShardSlot {
         config: ShardConfig,
         durability: Durability,
         queue_batches_max: usize,
+        node: Arc<str>,
     ) -> (Arc<ShardSlot>, mpsc::Sender<ShardMsg>) {
         let (tx, rx) = mpsc::channel(queue_batches_max);
         let slot = Arc::new(ShardSlot {
@@ -82,6 +85,7 @@ impl ShardSlot {
             input: Mutex::new(Some(rx)),
             ready: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
+            node,
             stats: Mutex::new(SlotStats::default()),
         });
         (slot, tx)
@@ -253,7 +257,7 @@ impl Actor for ShardActor {
         myself: ActorRef<Self::Msg>,
         slot: Arc<ShardSlot>,
     ) -> Result<Self::State, ActorProcessingErr> {
-        let span = tracing::info_span!("shard", node = "local", shard = slot.idx);
+        let span = tracing::info_span!("shard", node = %slot.node, shard = slot.idx);
         let rx = slot
             .input
             .lock()

@@ -21,7 +21,7 @@ const SHUTDOWN_DRAIN_MS: u64 = 5_000;
 
 pub async fn run(socket: WebSocket, ctx: Arc<NodeCtx>) {
     let id = ctx.next_session_id();
-    let span = tracing::info_span!("session", node = "local", session = id);
+    let span = tracing::info_span!("session", node = %ctx.node_name, session = id);
     run_session(socket, ctx, id).instrument(span).await
 }
 
