@@ -1,34 +1,60 @@
-//! The session protocol core: one `Session` per client connection, whatever the transport
+//! The session protocol core: one [`Session`] per client connection, whatever the transport
 //! (WebSocket now, QUIC next). It turns frames into shard requests and shard replies into
-//! frames, and owns the session's rules: hello first, size limits, in-flight limit, push credit,
-//! the hello deadline. It does no I/O and reads no clock (quinn-proto's `Connection` style):
+//! frames, and owns the session's rules: hello first, size limits, the in-flight limit, push
+//! credit, the hello deadline. It does no I/O, reads no clock and draws no random numbers
+//! (quinn-proto's `Connection` style): time comes in as `now` (unix ms), work goes out through
+//! `poll_*`, so the simulator can drive it exactly as the node does.
 //!
 //! ```text
 //! glue                                    Session
-//! handle_frame(now, bytes)          ->    decode, check, queue requests or error frames
+//! handle_frame(now, frame)          ->    decode, check, queue requests or error frames
 //! poll_request()                    <-    (route, request) for the router
 //! handle_reply(now, shard, reply)   ->    encode frames, count acks and pushes
 //! poll_transmit()                   <-    frames for the socket
 //! handle_flushed(now)               ->    every polled frame is written: return push credit
+//! poll_timeout() / handle_timeout() <->   the hello deadline
 //! wants_read()                      <-    false = stop reading the socket (backpressure)
+//! is_closed()                       <-    send what is left to transmit, then close
 //! ```
+//!
+//! Lifecycle: `AwaitingHello` -> (hello forwarded) `Authenticating` -> (welcome) `Open`, and
+//! from anywhere -> `Closed`. Bad client input never panics and never silently vanishes: it
+//! becomes an `error` frame with a stable [`ErrorCode`].
+//!
+//! Queues and their limits (every one is bounded):
+//! - ops held between hello and welcome, plus requests awaiting their answer:
+//!   `inflight_requests_max` (soft: `wants_read` turns false), and that plus
+//!   [`BATCH_OPS_MAX`] (hard: further ops are refused with `overloaded`). The soft limit is
+//!   checked between frames, and one frame may carry a whole batch, hence the slack.
+//! - frames for the socket: `pending_transmit_frames_max` (soft for answers the session makes
+//!   itself, which `wants_read` stops; past it a shard's frame closes the session as
+//!   `overloaded`, since shard frames cannot be refused).
+//! - requests for the router: counted ops are bounded as above; consecutive acks coalesce into
+//!   one (acks are cumulative), so an ack flood cannot grow the queue; `Flushed` adds at most
+//!   one per shard per flush and `Hello`/`Closed` one each per session.
 
 use fabric_proto::codec;
 use fabric_proto::internal::{Reply, Request, Route, SessionId, ShardIdx, ShardOp};
-use fabric_proto::{ClientOp, ErrorCode, ProtoError, ServerOp};
+use fabric_proto::{ClientOp, ErrorCode, ProtoError, ServerOp, BATCH_OPS_MAX};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
 /// Limits of one session. Units are last in every name.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
     /// Largest frame accepted; a larger one gets `too_large` and is dropped.
     pub frame_bytes_max: usize,
-    /// Requests waiting for their ack before `wants_read` turns false.
+    /// Requests awaiting their answer (plus ops held before welcome) before `wants_read` turns
+    /// false.
     pub inflight_requests_max: u32,
-    /// Time from the first byte to `welcome`.
+    /// Time from the session's start to `welcome`.
     pub hello_timeout_ms: u64,
-    /// Frames queued for the socket before the session gives up on a client that does not read.
+    /// Frames queued for the socket (not yet polled) past which a shard's frame closes the
+    /// session as `overloaded`. It must exceed what the glue can legitimately take in before
+    /// it next drains: every in-flight answer plus every shard's push credit. The default,
+    /// 65 536, covers the node defaults (1024 in flight + 1024 credit x up to 63 shards); a
+    /// smaller value such as 4096 would close healthy sessions on nodes with 4+ shards when
+    /// every shard spends its credit at once.
     pub pending_transmit_frames_max: usize,
 }
 
@@ -41,6 +67,15 @@ impl Default for SessionConfig {
             pending_transmit_frames_max: 65_536,
         }
     }
+}
+
+/// How a session's frames are encoded: fixed by its first frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Encoding {
+    /// Text frames, JSON (`codec::encode_server_json`).
+    Json,
+    /// Binary frames, postcard (`codec::encode_server_binary`).
+    Binary,
 }
 
 /// A frame from the transport.
@@ -57,25 +92,42 @@ pub struct OutFrame {
     pub bytes: Vec<u8>,
 }
 
-/// Plain counters for metrics.
-#[derive(Debug, Clone, Default)]
+/// Plain counters for metrics. Frames and bytes out count when polled (handed to the glue).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SessionStats {
     pub frames_in: u64,
     pub bytes_in: u64,
     pub frames_out: u64,
     pub bytes_out: u64,
+    /// Error frames queued for the client, its own or a shard's.
     pub errors_sent: u64,
+    /// Requests queued for the router (coalesced acks count once).
     pub requests_forwarded: u64,
-    /// Replies that made no sense for a session (HTTP-only replies): bugs, counted not fatal.
-    pub unexpected_replies: u64,
+    /// Replies that make no sense for a session (HTTP-only replies, a welcome when not
+    /// authenticating, nested batches): bugs elsewhere, counted and dropped, never fatal.
+    pub internal_errors: u64,
 }
 
 #[derive(Debug)]
 enum State {
     AwaitingHello,
-    Authenticating,
-    Open { mesh: Arc<str>, peer: Arc<str> },
+    /// Hello forwarded; holds the mesh and peer it named until the shard confirms them.
+    Authenticating {
+        mesh: Arc<str>,
+        peer: Arc<str>,
+    },
+    Open {
+        mesh: Arc<str>,
+        peer: Arc<str>,
+    },
     Closed,
+}
+
+/// A queued frame, and the shard whose push credit it spent (for deliveries and events).
+#[derive(Debug)]
+struct Queued {
+    frame: OutFrame,
+    pushed_by: Option<ShardIdx>,
 }
 
 #[derive(Debug)]
@@ -83,18 +135,21 @@ pub struct Session {
     id: SessionId,
     config: SessionConfig,
     state: State,
-    binary: Option<bool>,
+    /// `None` until the first frame picks it.
+    encoding: Option<Encoding>,
     hello_deadline: u64,
+    /// Requests forwarded and not yet answered (send, append, subscribe, unsubscribe).
     inflight: u32,
-    /// Ops that arrived after hello but before welcome, taken in order once welcomed.
+    /// Ops that arrived after hello but before welcome, handled in order once welcomed.
     early: VecDeque<ClientOp>,
     requests: VecDeque<(Route, Request)>,
-    transmit: VecDeque<OutFrame>,
-    /// Pushed frames per shard queued since the last flush, and those polled (in the socket).
-    pushed_queued: BTreeMap<ShardIdx, u32>,
-    /// The mesh and peer named by the hello being authenticated.
-    hello_identity: Option<(Arc<str>, Arc<str>)>,
-    /// Whether the shards may know this session (it must then say `Closed` to them).
+    transmit: VecDeque<Queued>,
+    /// Pushed frames per shard handed to the glue since the last `handle_flushed`: the credit
+    /// that flush returns. Counted at poll time, not queue time, because only polled frames
+    /// can have been written. A BTreeMap keeps the `Flushed` requests in shard order.
+    pushed_polled: BTreeMap<ShardIdx, u32>,
+    /// Whether the shards may know this session (a hello went out): it must then tell them
+    /// `Closed` when it ends.
     attached: bool,
     closed_sent: bool,
     stats: SessionStats,
@@ -107,13 +162,12 @@ impl Session {
             hello_deadline: now.saturating_add(config.hello_timeout_ms),
             config,
             state: State::AwaitingHello,
-            binary: None,
+            encoding: None,
             inflight: 0,
             early: VecDeque::new(),
             requests: VecDeque::new(),
             transmit: VecDeque::new(),
-            pushed_queued: BTreeMap::new(),
-            hello_identity: None,
+            pushed_polled: BTreeMap::new(),
             attached: false,
             closed_sent: false,
             stats: SessionStats::default(),
@@ -128,7 +182,12 @@ impl Session {
         &self.stats
     }
 
-    /// Requests forwarded and not yet answered.
+    /// The session's encoding, once its first frame arrived.
+    pub fn encoding(&self) -> Option<Encoding> {
+        self.encoding
+    }
+
+    /// Requests forwarded and not yet answered (the glue waits for 0 when draining on shutdown).
     pub fn inflight(&self) -> u32 {
         self.inflight
     }
@@ -145,40 +204,53 @@ impl Session {
         matches!(self.state, State::Closed)
     }
 
-    /// False while the session must not read more: at its in-flight limit, or holding early ops.
+    /// False while the glue must not read more from the socket: at the in-flight limit
+    /// (counting ops held before welcome), with the transmit queue full, or closed.
     pub fn wants_read(&self) -> bool {
         !self.is_closed()
-            && self.inflight + (self.early.len() as u32) < self.config.inflight_requests_max
+            && self.pending_ops() < self.config.inflight_requests_max
             && self.transmit.len() < self.config.pending_transmit_frames_max
     }
 
-    /// The hello deadline, until welcomed.
+    /// The next deadline in unix ms: the hello deadline, until welcomed.
     pub fn poll_timeout(&self) -> Option<u64> {
         match self.state {
-            State::AwaitingHello | State::Authenticating => Some(self.hello_deadline),
-            _ => None,
+            State::AwaitingHello | State::Authenticating { .. } => Some(self.hello_deadline),
+            State::Open { .. } | State::Closed => None,
         }
     }
 
+    /// The next request for the router, in the order the session made them.
     pub fn poll_request(&mut self) -> Option<(Route, Request)> {
         self.requests.pop_front()
     }
 
+    /// The next frame for the socket.
     pub fn poll_transmit(&mut self) -> Option<OutFrame> {
-        let f = self.transmit.pop_front()?;
+        let q = self.transmit.pop_front()?;
         self.stats.frames_out += 1;
-        self.stats.bytes_out += f.bytes.len() as u64;
-        Some(f)
+        self.stats.bytes_out += q.frame.bytes.len() as u64;
+        if let Some(shard) = q.pushed_by {
+            let n = self.pushed_polled.entry(shard).or_insert(0);
+            *n = n.saturating_add(1);
+        }
+        Some(q.frame)
     }
 
+    /// One frame read from the transport. A frame may carry several ops (a batch); each is
+    /// handled in order, as if it had come alone.
     pub fn handle_frame(&mut self, now: u64, frame: InFrame<'_>) {
         if self.is_closed() {
             return;
         }
         self.stats.frames_in += 1;
         self.stats.bytes_in += frame.bytes.len() as u64;
-        if self.binary.is_none() {
-            self.binary = Some(frame.binary);
+        if self.encoding.is_none() {
+            self.encoding = Some(if frame.binary {
+                Encoding::Binary
+            } else {
+                Encoding::Json
+            });
         }
         if frame.bytes.len() > self.config.frame_bytes_max {
             self.error(
@@ -186,7 +258,7 @@ impl Session {
                 ProtoError::new(
                     ErrorCode::TooLarge,
                     format!(
-                        "frame is {} bytes; the limit is {}",
+                        "frame is {} bytes; the limit is {} (frame_bytes_max); it was dropped",
                         frame.bytes.len(),
                         self.config.frame_bytes_max
                     ),
@@ -194,6 +266,7 @@ impl Session {
             );
             return;
         }
+        // Each frame decodes by its own kind; answers use the session's encoding.
         let decoded = if frame.binary {
             codec::decode_client_binary(frame.bytes)
         } else {
@@ -217,26 +290,31 @@ impl Session {
             State::Closed => {}
             State::AwaitingHello => match op {
                 ClientOp::Hello { mesh, peer, token } => {
-                    self.state = State::Authenticating;
+                    self.state = State::Authenticating {
+                        mesh: mesh.clone(),
+                        peer: peer.clone(),
+                    };
+                    // From here the hello's shard may attach the session: it must hear Closed.
                     self.attached = true;
-                    self.hello_identity = Some((mesh.clone(), peer.clone()));
-                    self.forward(Route::ByKey, ShardOp::Hello { mesh, peer, token }, false);
+                    self.forward(Route::ByKey, ShardOp::Hello { mesh, peer, token });
                 }
-                _ => {
+                op => {
                     self.error(
                         op.reference(),
-                        ProtoError::new(ErrorCode::Unauthorized, "send hello first"),
+                        ProtoError::new(
+                            ErrorCode::Unauthorized,
+                            format!("send hello first (got {})", op.name()),
+                        ),
                     );
                     self.close(now);
                 }
             },
-            State::Authenticating => match op {
-                ClientOp::Hello { .. } => self.error(
-                    None,
-                    ProtoError::bad_request("hello was already sent on this session"),
-                ),
-                // Taken after welcome, in order; counted against the in-flight limit meanwhile.
-                op => self.early.push_back(op),
+            State::Authenticating { .. } => match op {
+                ClientOp::Hello { .. } => self.second_hello(),
+                // Held and handled after welcome, in order; counted against the in-flight
+                // limit meanwhile so that a client cannot park unbounded work here.
+                op if self.pending_ops() < self.inflight_hard_max() => self.early.push_back(op),
+                op => self.refuse_overloaded(op.reference()),
             },
             State::Open { mesh, peer } => {
                 let (mesh, peer) = (mesh.clone(), peer.clone());
@@ -246,60 +324,67 @@ impl Session {
     }
 
     fn handle_open_op(&mut self, op: ClientOp, mesh: Arc<str>, peer: Arc<str>) {
-        match op {
-            ClientOp::Hello { .. } => self.error(
-                None,
-                ProtoError::bad_request("hello was already sent on this session"),
-            ),
-            ClientOp::Send { r, to, body } => self.forward(
-                Route::ByKey,
-                ShardOp::Send {
-                    r,
-                    mesh,
-                    from: peer,
-                    to,
-                    body,
-                },
-                true,
-            ),
-            ClientOp::Append { r, conv, body, key } => self.forward(
-                Route::ByKey,
-                ShardOp::Append {
-                    r,
-                    mesh,
-                    conv,
-                    from: peer,
-                    body,
-                    key,
-                },
-                true,
-            ),
-            ClientOp::Subscribe { r, conv, from } => self.forward(
-                Route::ByKey,
-                ShardOp::Subscribe {
-                    r,
-                    mesh,
-                    conv,
-                    from,
-                },
-                true,
-            ),
-            ClientOp::Unsubscribe { r, conv } => {
-                self.forward(Route::ByKey, ShardOp::Unsubscribe { r, mesh, conv }, true)
+        // Ops that wait for an answer pass the hard in-flight cap first (a glue that honours
+        // `wants_read` never reaches it).
+        if let Some(r) = counted_ref(&op) {
+            if self.pending_ops() >= self.inflight_hard_max() {
+                self.refuse_overloaded(Some(r));
+                return;
             }
-            ClientOp::Ack { upto } => {
-                self.forward(Route::ByKey, ShardOp::Ack { mesh, peer, upto }, false)
-            }
-            ClientOp::Ping { r } => self.push_frame(&ServerOp::Pong { r }),
-            // The codec flattens batches; a nested one never reaches here.
-            ClientOp::Batch(_) => self.error(None, ProtoError::bad_request("batches may not nest")),
         }
+        let shard_op = match op {
+            ClientOp::Hello { .. } => return self.second_hello(),
+            ClientOp::Send { r, to, body } => ShardOp::Send {
+                r,
+                mesh,
+                from: peer,
+                to,
+                body,
+            },
+            ClientOp::Append { r, conv, body, key } => ShardOp::Append {
+                r,
+                mesh,
+                conv,
+                from: peer,
+                body,
+                key,
+            },
+            ClientOp::Subscribe { r, conv, from } => ShardOp::Subscribe {
+                r,
+                mesh,
+                conv,
+                from,
+            },
+            ClientOp::Unsubscribe { r, conv } => ShardOp::Unsubscribe { r, mesh, conv },
+            ClientOp::Ack { upto } => return self.forward_ack(mesh, peer, upto),
+            ClientOp::Ping { r } => return self.push_frame(&ServerOp::Pong { r }, None),
+            // The codec flattens batches and refuses nested ones; this is only a safety net.
+            ClientOp::Batch(_) => {
+                return self.error(None, ProtoError::bad_request("batches may not nest"))
+            }
+        };
+        self.inflight = self.inflight.saturating_add(1);
+        self.forward(Route::ByKey, shard_op);
     }
 
-    fn forward(&mut self, route: Route, op: ShardOp, counts: bool) {
-        if counts {
-            self.inflight += 1;
+    /// Acks are cumulative and the shard keeps the highest, so an ack right behind another
+    /// unpolled one merges into it: same effect, one request.
+    fn forward_ack(&mut self, mesh: Arc<str>, peer: Arc<str>, upto: u64) {
+        if let Some((
+            Route::ByKey,
+            Request {
+                op: ShardOp::Ack { upto: queued, .. },
+                ..
+            },
+        )) = self.requests.back_mut()
+        {
+            *queued = (*queued).max(upto);
+            return;
         }
+        self.forward(Route::ByKey, ShardOp::Ack { mesh, peer, upto });
+    }
+
+    fn forward(&mut self, route: Route, op: ShardOp) {
         self.stats.requests_forwarded += 1;
         self.requests.push_back((
             route,
@@ -310,80 +395,115 @@ impl Session {
         ));
     }
 
+    /// A reply from shard `shard` for this session.
     pub fn handle_reply(&mut self, now: u64, shard: ShardIdx, reply: Reply) {
         if self.is_closed() {
             return;
         }
-        let op = match reply {
-            Reply::Frame(op) => op,
-            Reply::Authed { .. } | Reply::Messages { .. } => {
-                self.stats.unexpected_replies += 1;
-                return;
-            }
-        };
-        match &op {
-            ServerOp::Welcome { .. } => {
-                if let State::Authenticating = self.state {
-                    // The shard verified these; the hello that named them is the one queued.
-                    let (mesh, peer) = self.hello_identity.take().unwrap_or_default();
-                    self.state = State::Open { mesh, peer };
-                    self.push_frame(&op);
-                    while let Some(early) = self.early.pop_front() {
-                        self.handle_op(now, early);
+        match reply {
+            Reply::Frame(ServerOp::Batch(ops)) => {
+                // Shards send frames one by one; should one batch them, each still counts.
+                for op in ops {
+                    if matches!(op, ServerOp::Batch(_)) {
+                        self.stats.internal_errors += 1;
+                        continue;
                     }
-                } else {
-                    self.stats.unexpected_replies += 1;
+                    self.handle_server_op(now, shard, op);
+                    if self.is_closed() {
+                        return;
+                    }
                 }
+            }
+            Reply::Frame(op) => self.handle_server_op(now, shard, op),
+            // HTTP-only replies: a session never asks for them.
+            Reply::Authed { .. } | Reply::Messages { .. } => {
+                self.stats.internal_errors += 1;
                 return;
             }
-            ServerOp::Error { r: None, .. } if matches!(self.state, State::Authenticating) => {
-                self.stats.errors_sent += 1;
-                self.push_frame(&op);
-                self.close(now);
-                return;
-            }
-            ServerOp::Ok { .. } | ServerOp::Error { r: Some(_), .. } => {
-                self.inflight = self.inflight.saturating_sub(1);
-            }
-            ServerOp::Error { r: None, .. } => self.stats.errors_sent += 1,
-            ServerOp::Deliver { .. } | ServerOp::Event(_) => {
-                *self.pushed_queued.entry(shard).or_insert(0) += 1;
-            }
-            ServerOp::Pong { .. } | ServerOp::Batch(_) => {}
         }
-        if matches!(op, ServerOp::Error { r: Some(_), .. }) {
-            self.stats.errors_sent += 1;
-        }
-        self.push_frame(&op);
-        if self.transmit.len() > self.config.pending_transmit_frames_max {
+        if !self.is_closed() && self.transmit.len() > self.config.pending_transmit_frames_max {
+            // The glue is not draining: the client is not reading. Drop what it will never read
+            // and say why, first in line.
             self.transmit.clear();
             self.error(
                 None,
                 ProtoError::new(
                     ErrorCode::Overloaded,
-                    "the client is not reading its frames; closing the session",
+                    format!(
+                        "more than {} frames are waiting for the client to read them; \
+                         closing the session",
+                        self.config.pending_transmit_frames_max
+                    ),
                 ),
             );
             self.close(now);
         }
     }
 
-    /// The glue wrote every frame polled so far: pushed frames give their credit back.
+    fn handle_server_op(&mut self, now: u64, shard: ShardIdx, op: ServerOp) {
+        match &op {
+            ServerOp::Welcome { .. } => {
+                let State::Authenticating { mesh, peer } = &self.state else {
+                    self.stats.internal_errors += 1;
+                    return;
+                };
+                // The shard verified the mesh and peer this session's hello named.
+                self.state = State::Open {
+                    mesh: mesh.clone(),
+                    peer: peer.clone(),
+                };
+                self.push_frame(&op, None);
+                while let Some(early) = self.early.pop_front() {
+                    self.handle_op(now, early);
+                }
+            }
+            ServerOp::Error { r: None, .. }
+                if matches!(self.state, State::Authenticating { .. }) =>
+            {
+                // Hello refused: tell the client why, then end the session.
+                self.stats.errors_sent += 1;
+                self.push_frame(&op, None);
+                self.close(now);
+            }
+            ServerOp::Ok { .. } | ServerOp::Error { r: Some(_), .. } => {
+                if matches!(op, ServerOp::Error { .. }) {
+                    self.stats.errors_sent += 1;
+                }
+                self.inflight = self.inflight.saturating_sub(1);
+                self.push_frame(&op, None);
+            }
+            ServerOp::Error { r: None, .. } => {
+                self.stats.errors_sent += 1;
+                self.push_frame(&op, None);
+            }
+            ServerOp::Deliver { .. } | ServerOp::Event(_) => self.push_frame(&op, Some(shard)),
+            ServerOp::Pong { .. } => self.push_frame(&op, None),
+            // Flattened by `handle_reply`.
+            ServerOp::Batch(_) => self.stats.internal_errors += 1,
+        }
+    }
+
+    /// The glue wrote every frame polled so far: each shard gets back the credit its polled
+    /// pushes used, as one `Flushed` per shard, in shard order.
     pub fn handle_flushed(&mut self, _now: u64) {
         if self.is_closed() {
+            // The shards were told `Closed` and forgot the session; credit means nothing now.
+            self.pushed_polled.clear();
             return;
         }
-        let pushed = std::mem::take(&mut self.pushed_queued);
-        for (shard, frames) in pushed {
+        for (shard, frames) in std::mem::take(&mut self.pushed_polled) {
             if frames > 0 {
-                self.forward(Route::Shard(shard), ShardOp::Flushed { frames }, false);
+                self.forward(Route::Shard(shard), ShardOp::Flushed { frames });
             }
         }
     }
 
+    /// Time passed: closes the session if the hello deadline is reached without a welcome.
     pub fn handle_timeout(&mut self, now: u64) {
-        if matches!(self.state, State::AwaitingHello | State::Authenticating)
-            && now >= self.hello_deadline
+        if matches!(
+            self.state,
+            State::AwaitingHello | State::Authenticating { .. }
+        ) && now >= self.hello_deadline
         {
             self.error(
                 None,
@@ -408,32 +528,65 @@ impl Session {
         self.close(now);
     }
 
+    /// The transport is gone (peer closed, read or write failed).
     pub fn handle_transport_closed(&mut self, now: u64) {
         self.close(now);
     }
 
+    /// Ends the session; the shards that may know it hear `Closed` exactly once. A session
+    /// that never sent hello is known to no shard, so it tells none.
     fn close(&mut self, _now: u64) {
         self.state = State::Closed;
         self.early.clear();
         if self.attached && !self.closed_sent {
             self.closed_sent = true;
-            self.requests.push_back((
-                Route::AllShards,
-                Request {
-                    session: self.id,
-                    op: ShardOp::Closed,
-                },
-            ));
+            self.forward(Route::AllShards, ShardOp::Closed);
         }
+    }
+
+    fn second_hello(&mut self) {
+        self.error(
+            None,
+            ProtoError::bad_request("hello was already sent on this session"),
+        );
+    }
+
+    fn refuse_overloaded(&mut self, r: Option<u64>) {
+        self.error(
+            r,
+            ProtoError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "more than {} requests are waiting for an answer; wait for answers \
+                     before sending more",
+                    self.inflight_hard_max()
+                ),
+            ),
+        );
+    }
+
+    /// Ops that occupy the in-flight budget: answered-later requests and ops held for welcome.
+    fn pending_ops(&self) -> u32 {
+        let early = u32::try_from(self.early.len()).unwrap_or(u32::MAX);
+        self.inflight.saturating_add(early)
+    }
+
+    /// Where ops are refused rather than held: the soft limit plus one whole batch frame,
+    /// which `wants_read` cannot split.
+    fn inflight_hard_max(&self) -> u32 {
+        self.config
+            .inflight_requests_max
+            .saturating_add(BATCH_OPS_MAX as u32)
     }
 
     fn error(&mut self, r: Option<u64>, e: ProtoError) {
         self.stats.errors_sent += 1;
-        self.push_frame(&ServerOp::error(r, e));
+        self.push_frame(&ServerOp::error(r, e), None);
     }
 
-    fn push_frame(&mut self, op: &ServerOp) {
-        let binary = self.binary.unwrap_or(false);
+    fn push_frame(&mut self, op: &ServerOp, pushed_by: Option<ShardIdx>) {
+        // Before any frame arrived (a timeout) there is no choice yet: JSON, the default.
+        let binary = self.encoding == Some(Encoding::Binary);
         let bytes = if binary {
             codec::encode_server_binary(op)
         } else {
@@ -441,7 +594,22 @@ impl Session {
             codec::encode_server_json(op, &mut out);
             out
         };
-        self.transmit.push_back(OutFrame { binary, bytes });
+        self.transmit.push_back(Queued {
+            frame: OutFrame { binary, bytes },
+            pushed_by,
+        });
+    }
+}
+
+/// The ref of an op that waits for a shard's answer (and so counts as in flight).
+fn counted_ref(op: &ClientOp) -> Option<u64> {
+    match op {
+        ClientOp::Send { r, .. }
+        | ClientOp::Append { r, .. }
+        | ClientOp::Subscribe { r, .. }
+        | ClientOp::Unsubscribe { r, .. } => Some(*r),
+        ClientOp::Hello { .. } | ClientOp::Ack { .. } | ClientOp::Ping { .. } => None,
+        ClientOp::Batch(_) => None,
     }
 }
 

@@ -1,12 +1,18 @@
-//! Session core tests: an in-memory driver plays the glue and the shards.
+//! Session core tests: an in-memory driver plays the glue (frames in, transmits out) and the
+//! shards (replies in, requests out).
 
 use super::*;
 use fabric_proto::{Body, DeliveredEvent, Target};
 
 const NOW: u64 = 1_000_000;
+const ID: SessionId = 7;
+
+fn session_with(config: SessionConfig) -> Session {
+    Session::new(ID, NOW, config)
+}
 
 fn session() -> Session {
-    Session::new(7, NOW, SessionConfig::default())
+    session_with(SessionConfig::default())
 }
 
 fn text(s: &mut Session, json: &str) {
@@ -19,38 +25,69 @@ fn text(s: &mut Session, json: &str) {
     );
 }
 
+fn binary(s: &mut Session, op: &ClientOp) {
+    s.handle_frame(
+        NOW,
+        InFrame {
+            binary: true,
+            bytes: &codec::encode_client_binary(op),
+        },
+    );
+}
+
+/// Every queued JSON frame, parsed.
 fn frames(s: &mut Session) -> Vec<serde_json::Value> {
     let mut out = Vec::new();
     while let Some(f) = s.poll_transmit() {
-        assert!(!f.binary);
-        out.push(serde_json::from_slice(&f.bytes).unwrap());
+        assert!(!f.binary, "a JSON session answers in text frames");
+        out.push(serde_json::from_slice(&f.bytes).expect("valid JSON frame"));
     }
     out
 }
 
+fn codes(frames: &[serde_json::Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|v| v["code"].as_str().unwrap_or("-").to_string())
+        .collect()
+}
+
+/// Every queued request, checked to belong to this session.
 fn requests(s: &mut Session) -> Vec<(Route, ShardOp)> {
     let mut out = Vec::new();
     while let Some((route, req)) = s.poll_request() {
-        assert_eq!(req.session, 7);
+        assert_eq!(req.session, ID);
         out.push((route, req.op));
     }
     out
 }
 
-fn welcome(s: &mut Session) {
+fn welcome_reply() -> Reply {
+    Reply::Frame(ServerOp::Welcome {
+        session: ID,
+        acked: 0,
+        head: 0,
+    })
+}
+
+fn hello(s: &mut Session) {
     text(s, r#"{"op":"hello","mesh":"m","peer":"p","token":"t"}"#);
+}
+
+/// Hello, welcome, and both drained: an open session with empty queues.
+fn welcome(s: &mut Session) {
+    hello(s);
     let reqs = requests(s);
     assert!(matches!(&reqs[..], [(Route::ByKey, ShardOp::Hello { .. })]));
-    s.handle_reply(
-        NOW,
-        0,
-        Reply::Frame(ServerOp::Welcome {
-            session: 7,
-            acked: 0,
-            head: 0,
-        }),
-    );
+    s.handle_reply(NOW, 0, welcome_reply());
     assert_eq!(frames(s)[0]["op"], "welcome");
+}
+
+fn append(s: &mut Session, r: u64) {
+    text(
+        s,
+        &format!(r#"{{"op":"append","ref":{r},"conv":"c","body":1}}"#),
+    );
 }
 
 fn ok(r: u64) -> Reply {
@@ -61,15 +98,56 @@ fn ok(r: u64) -> Reply {
     })
 }
 
+fn event(seq: u64) -> Reply {
+    Reply::Frame(ServerOp::Event(DeliveredEvent {
+        conv: "c".into(),
+        seq,
+        from: "q".into(),
+        body: Body::from_json_text("1").unwrap(),
+        ts: 1,
+    }))
+}
+
+fn deliver(pos: u64) -> Reply {
+    Reply::Frame(ServerOp::Deliver {
+        pos,
+        from: "q".into(),
+        to: Target::All,
+        body: Body::from_json_text("1").unwrap(),
+        ts: 1,
+    })
+}
+
+fn closes(reqs: &[(Route, ShardOp)]) -> usize {
+    reqs.iter()
+        .filter(|(route, op)| *op == ShardOp::Closed && *route == Route::AllShards)
+        .count()
+}
+
 #[test]
 fn hello_welcome_send_ok() {
     // Proves the happy path: hello is forwarded, welcome opens, send carries mesh and peer.
     let mut s = session();
-    welcome(&mut s);
+    assert_eq!(s.id(), ID);
+    assert!(s.identity().is_none());
+    hello(&mut s);
+    match &requests(&mut s)[..] {
+        [(Route::ByKey, ShardOp::Hello { mesh, peer, token })] => {
+            assert_eq!((&**mesh, &**peer, token.as_str()), ("m", "p", "t"));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(s.identity().is_none(), "not before welcome");
+    s.handle_reply(NOW, 0, welcome_reply());
+    assert_eq!(
+        frames(&mut s),
+        vec![serde_json::json!({"op":"welcome","session":7,"acked":0,"head":0})]
+    );
     assert_eq!(
         s.identity().map(|(m, p)| (m.to_string(), p.to_string())),
         Some(("m".into(), "p".into()))
     );
+    assert_eq!(s.poll_timeout(), None, "no deadline once open");
     text(&mut s, r#"{"op":"send","ref":1,"to":"q","body":{"x":1}}"#);
     match &requests(&mut s)[..] {
         [(
@@ -96,47 +174,138 @@ fn hello_welcome_send_ok() {
         vec![serde_json::json!({"op":"ok","ref":1,"pos":1})]
     );
     assert_eq!(s.inflight(), 0);
+    assert_eq!(s.encoding(), Some(Encoding::Json));
+    let st = s.stats();
+    assert_eq!(
+        (st.frames_in, st.frames_out, st.requests_forwarded),
+        (2, 2, 2)
+    );
+    assert!(st.bytes_in > 0 && st.bytes_out > 0);
+}
+
+#[test]
+fn every_open_op_maps_to_its_shard_op() {
+    // Proves append, subscribe, unsubscribe and ack carry the session's mesh (and peer), and
+    // ping is answered locally without a request.
+    let mut s = session();
+    welcome(&mut s);
+    text(
+        &mut s,
+        r#"[{"op":"append","ref":1,"conv":"c","body":"x","key":"k"},
+            {"op":"subscribe","ref":2,"conv":"c","from":5},
+            {"op":"unsubscribe","ref":3,"conv":"c"},
+            {"op":"ack","upto":9},
+            {"op":"ping","ref":4}]"#,
+    );
+    let reqs = requests(&mut s);
+    assert_eq!(reqs.len(), 4, "{reqs:?}");
+    assert!(reqs.iter().all(|(route, _)| *route == Route::ByKey));
+    match &reqs[0].1 {
+        ShardOp::Append {
+            r: 1,
+            mesh,
+            conv,
+            from,
+            body,
+            key: Some(k),
+        } => assert_eq!(
+            (&**mesh, &**conv, &**from, body.as_str(), &**k),
+            ("m", "c", "p", "\"x\"", "k")
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert!(
+        matches!(&reqs[1].1, ShardOp::Subscribe { r: 2, mesh, conv, from: 5 } if &**mesh == "m" && &**conv == "c")
+    );
+    assert!(matches!(&reqs[2].1, ShardOp::Unsubscribe { r: 3, mesh, .. } if &**mesh == "m"));
+    assert!(
+        matches!(&reqs[3].1, ShardOp::Ack { mesh, peer, upto: 9 } if &**mesh == "m" && &**peer == "p")
+    );
+    assert_eq!(s.inflight(), 3, "ack and ping are not in flight");
+    assert_eq!(
+        frames(&mut s),
+        vec![serde_json::json!({"op":"pong","ref":4})]
+    );
 }
 
 #[test]
 fn inflight_limit_turns_reading_off_and_acks_turn_it_on() {
-    // Proves backpressure: at the in-flight limit wants_read is false until acks arrive.
-    let mut s = Session::new(
-        7,
-        NOW,
-        SessionConfig {
-            inflight_requests_max: 3,
-            ..SessionConfig::default()
-        },
-    );
+    // Proves backpressure: at the in-flight limit wants_read is false until answers (ok or
+    // error with a ref, in any order) arrive.
+    let mut s = session_with(SessionConfig {
+        inflight_requests_max: 3,
+        ..SessionConfig::default()
+    });
     welcome(&mut s);
     for r in 1..=3 {
         assert!(s.wants_read());
-        text(
-            &mut s,
-            &format!(r#"{{"op":"append","ref":{r},"conv":"c","body":1}}"#),
-        );
+        append(&mut s, r);
     }
     assert!(!s.wants_read());
-    s.handle_reply(NOW, 0, ok(2)); // acks may come in any order
+    s.handle_reply(NOW, 0, ok(2)); // answers may come in any order
     assert!(s.wants_read());
+    append(&mut s, 4);
+    assert!(!s.wants_read());
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Frame(ServerOp::error(
+            Some(4),
+            ProtoError::new(ErrorCode::NotFound, "no such peer"),
+        )),
+    );
+    assert!(s.wants_read(), "an error with a ref answers its request");
+    assert_eq!(s.inflight(), 2);
+    // Acks and pings do not count.
+    text(&mut s, r#"[{"op":"ack","upto":1},{"op":"ping","ref":9}]"#);
+    assert_eq!(s.inflight(), 2);
+}
+
+#[test]
+fn a_glue_that_ignores_wants_read_hits_a_hard_cap() {
+    // Proves in-flight work stays bounded even if the transport keeps reading: past the limit
+    // plus one batch, requests are refused with overloaded and the session stays open.
+    let mut s = session_with(SessionConfig {
+        inflight_requests_max: 1,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    let hard = 1 + BATCH_OPS_MAX as u64;
+    for r in 1..=hard + 2 {
+        append(&mut s, r);
+    }
+    assert_eq!(s.inflight() as u64, hard);
+    assert_eq!(requests(&mut s).len() as u64, hard);
+    let f = frames(&mut s);
+    assert_eq!(codes(&f), vec!["overloaded", "overloaded"]);
+    assert_eq!(f[0]["ref"], hard + 1);
+    assert!(!s.is_closed());
 }
 
 #[test]
 fn ops_before_hello_are_refused_and_close() {
-    // Proves an op before hello gets unauthorized, the session closes, and no request leaks.
+    // Proves an op before hello gets unauthorized, the session closes, and no request leaks
+    // (not even Closed: no shard knows a session that never said hello).
     let mut s = session();
-    text(&mut s, r#"{"op":"send","ref":4,"to":"q","body":1}"#);
+    text(
+        &mut s,
+        r#"[{"op":"send","ref":4,"to":"q","body":1},{"op":"ping","ref":5}]"#,
+    );
     let f = frames(&mut s);
+    assert_eq!(f.len(), 1, "the rest of the batch is dropped: {f:?}");
     assert_eq!(
         (f[0]["code"].as_str(), f[0]["ref"].as_u64()),
         (Some("unauthorized"), Some(4))
     );
+    assert!(f[0]["message"]
+        .as_str()
+        .unwrap()
+        .starts_with("send hello first"));
     assert!(s.is_closed());
-    assert!(
-        requests(&mut s).is_empty(),
-        "never attached, so no Closed either"
-    );
+    assert!(!s.wants_read());
+    assert!(requests(&mut s).is_empty());
+    s.handle_transport_closed(NOW);
+    assert!(requests(&mut s).is_empty());
 }
 
 #[test]
@@ -153,15 +322,37 @@ fn a_refused_hello_closes_and_tells_the_shards() {
         0,
         Reply::Frame(ServerOp::error(
             None,
-            ProtoError::new(ErrorCode::Unauthorized, "no"),
+            ProtoError::new(ErrorCode::Unauthorized, "wrong token"),
         )),
     );
-    assert_eq!(frames(&mut s)[0]["code"], "unauthorized");
+    let f = frames(&mut s);
+    assert_eq!(
+        (f[0]["code"].as_str(), f[0]["message"].as_str()),
+        (Some("unauthorized"), Some("wrong token"))
+    );
     assert!(s.is_closed());
-    assert!(matches!(
-        &requests(&mut s)[..],
-        [(Route::AllShards, ShardOp::Closed)]
-    ));
+    assert!(s.identity().is_none());
+    assert_eq!(requests(&mut s), vec![(Route::AllShards, ShardOp::Closed)]);
+}
+
+#[test]
+fn a_second_hello_is_a_bad_request() {
+    // Proves hello is refused with bad_request both while authenticating and once open, and
+    // the session stays open.
+    let mut s = session();
+    hello(&mut s);
+    hello(&mut s);
+    assert_eq!(codes(&frames(&mut s)), vec!["bad_request"]);
+    assert_eq!(
+        requests(&mut s).len(),
+        1,
+        "only the first hello is forwarded"
+    );
+    s.handle_reply(NOW, 0, welcome_reply());
+    hello(&mut s);
+    assert_eq!(codes(&frames(&mut s)), vec!["-", "bad_request"]);
+    assert!(requests(&mut s).is_empty());
+    assert!(!s.is_closed());
 }
 
 #[test]
@@ -173,88 +364,146 @@ fn hello_times_out() {
     assert!(!s.is_closed());
     s.handle_timeout(NOW + 10_000);
     assert!(s.is_closed());
-    assert_eq!(frames(&mut s)[0]["message"], "hello timed out");
+    assert_eq!(s.poll_timeout(), None);
+    let f = frames(&mut s);
+    assert_eq!(
+        (f[0]["code"].as_str(), f[0]["message"].as_str()),
+        (Some("unauthorized"), Some("hello timed out"))
+    );
+    assert!(requests(&mut s).is_empty(), "never attached");
+}
+
+#[test]
+fn hello_timeout_while_authenticating_detaches() {
+    // Proves a hello the shard never answers times out too, and the shards hear Closed.
+    let mut s = session_with(SessionConfig {
+        hello_timeout_ms: 50,
+        ..SessionConfig::default()
+    });
+    hello(&mut s);
+    requests(&mut s);
+    assert_eq!(s.poll_timeout(), Some(NOW + 50));
+    s.handle_timeout(NOW + 50);
+    assert!(s.is_closed());
+    assert_eq!(codes(&frames(&mut s)), vec!["unauthorized"]);
+    assert_eq!(requests(&mut s), vec![(Route::AllShards, ShardOp::Closed)]);
+    // A late welcome changes nothing.
+    s.handle_reply(NOW + 60, 0, welcome_reply());
+    assert!(frames(&mut s).is_empty() && s.identity().is_none());
+}
+
+#[test]
+fn a_welcomed_session_does_not_time_out() {
+    // Proves the hello deadline stops mattering once welcomed.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_timeout(NOW + 1_000_000);
+    assert!(!s.is_closed());
+    assert!(frames(&mut s).is_empty());
 }
 
 #[test]
 fn oversize_and_malformed_frames_get_errors_and_the_session_stays_open() {
-    // Proves too_large and bad_request leave the session usable, and a second hello is refused.
-    let mut s = Session::new(
-        7,
-        NOW,
-        SessionConfig {
-            frame_bytes_max: 64,
-            ..SessionConfig::default()
-        },
-    );
+    // Proves too_large (naming size and limit) and bad_request leave the session usable.
+    let mut s = session_with(SessionConfig {
+        frame_bytes_max: 64,
+        ..SessionConfig::default()
+    });
     welcome(&mut s);
-    text(
-        &mut s,
-        &format!(r#"{{"op":"ping","ref":1,"pad":"{}"}}"#, "x".repeat(100)),
-    );
+    let big = format!(r#"{{"op":"ping","ref":1,"pad":"{}"}}"#, "x".repeat(100));
+    text(&mut s, &big);
     text(&mut s, "{oops");
-    text(
-        &mut s,
-        r#"{"op":"hello","mesh":"m","peer":"p","token":"t"}"#,
-    );
+    text(&mut s, r#"{"op":"fly","ref":3}"#);
     text(&mut s, r#"{"op":"ping","ref":2}"#);
     let f = frames(&mut s);
-    let codes: Vec<_> = f
-        .iter()
-        .map(|v| v["code"].as_str().unwrap_or("-").to_string())
-        .collect();
-    assert_eq!(codes, vec!["too_large", "bad_request", "bad_request", "-"]);
+    assert_eq!(
+        codes(&f),
+        vec!["too_large", "bad_request", "bad_request", "-"]
+    );
+    let msg = f[0]["message"].as_str().unwrap();
+    assert!(
+        msg.contains(&big.len().to_string()) && msg.contains("64"),
+        "{msg}"
+    );
+    assert!(f[0].get("ref").is_none(), "frame errors carry no ref");
     assert_eq!(f[3], serde_json::json!({"op":"pong","ref":2}));
     assert!(!s.is_closed());
+    assert!(requests(&mut s).is_empty());
+    assert_eq!(s.stats().errors_sent, 3);
+}
+
+#[test]
+fn bad_frames_before_hello_keep_the_session_waiting_for_hello() {
+    // Proves a malformed or oversize first frame is answered but does not close the session,
+    // and the error uses the encoding of that first frame.
+    let mut s = session_with(SessionConfig {
+        frame_bytes_max: 64,
+        ..SessionConfig::default()
+    });
+    s.handle_frame(
+        NOW,
+        InFrame {
+            binary: true,
+            bytes: &[0xff, 0xff, 0xff],
+        },
+    );
+    assert_eq!(s.encoding(), Some(Encoding::Binary));
+    let f = s.poll_transmit().unwrap();
+    assert!(f.binary);
+    assert!(matches!(
+        codec::decode_server_binary(&f.bytes).unwrap()[..],
+        [ServerOp::Error {
+            r: None,
+            code: ErrorCode::BadRequest,
+            ..
+        }]
+    ));
+    assert!(!s.is_closed() && s.wants_read());
+    binary(
+        &mut s,
+        &ClientOp::Hello {
+            mesh: "m".into(),
+            peer: "p".into(),
+            token: "t".into(),
+        },
+    );
+    assert!(matches!(
+        &requests(&mut s)[..],
+        [(Route::ByKey, ShardOp::Hello { .. })]
+    ));
 }
 
 #[test]
 fn binary_sessions_get_binary_replies_and_batches_work() {
     // Proves the first frame picks the encoding, and a batch frame yields every op in order.
     let mut s = session();
-    let hello = ClientOp::Hello {
-        mesh: "m".into(),
-        peer: "p".into(),
-        token: "t".into(),
-    };
-    s.handle_frame(
-        NOW,
-        InFrame {
-            binary: true,
-            bytes: &codec::encode_client_binary(&hello),
+    binary(
+        &mut s,
+        &ClientOp::Hello {
+            mesh: "m".into(),
+            peer: "p".into(),
+            token: "t".into(),
         },
     );
     requests(&mut s);
-    s.handle_reply(
-        NOW,
-        0,
-        Reply::Frame(ServerOp::Welcome {
-            session: 7,
-            acked: 0,
-            head: 0,
-        }),
-    );
+    s.handle_reply(NOW, 0, welcome_reply());
     let f = s.poll_transmit().unwrap();
     assert!(f.binary);
     assert!(matches!(
         codec::decode_server_binary(&f.bytes).unwrap()[..],
-        [ServerOp::Welcome { .. }]
+        [ServerOp::Welcome { session: ID, .. }]
     ));
-    let batch = ClientOp::Batch(vec![
-        ClientOp::Ping { r: 1 },
-        ClientOp::Append {
-            r: 2,
-            conv: "c".into(),
-            body: Body::from_json_text("1").unwrap(),
-            key: None,
-        },
-    ]);
-    s.handle_frame(
-        NOW,
-        InFrame {
-            binary: true,
-            bytes: &codec::encode_client_binary(&batch),
-        },
+    binary(
+        &mut s,
+        &ClientOp::Batch(vec![
+            ClientOp::Ping { r: 1 },
+            ClientOp::Append {
+                r: 2,
+                conv: "c".into(),
+                body: Body::from_json_text("1").unwrap(),
+                key: None,
+            },
+        ]),
     );
     assert!(matches!(
         &requests(&mut s)[..],
@@ -265,81 +514,186 @@ fn binary_sessions_get_binary_replies_and_batches_work() {
         codec::decode_server_binary(&f.bytes).unwrap(),
         vec![ServerOp::Pong { r: 1 }]
     );
+    s.handle_reply(NOW, 0, ok(2));
+    let f = s.poll_transmit().unwrap();
+    assert!(f.binary);
+    assert_eq!(
+        codec::decode_server_binary(&f.bytes).unwrap(),
+        vec![ServerOp::Ok {
+            r: 2,
+            pos: Some(2),
+            seq: None
+        }]
+    );
+    // A text frame on a binary session is still understood; the answer stays binary.
+    text(&mut s, r#"{"op":"ping","ref":3}"#);
+    assert!(s.poll_transmit().unwrap().binary);
+}
+
+#[test]
+fn json_batches_run_every_op_in_order() {
+    // Proves a JSON array frame is handled op by op, answers and requests in order.
+    let mut s = session();
+    welcome(&mut s);
+    text(
+        &mut s,
+        r#"[{"op":"ping","ref":1},{"op":"append","ref":2,"conv":"a","body":1},{"op":"ping","ref":3},{"op":"append","ref":4,"conv":"b","body":2}]"#,
+    );
+    let refs: Vec<u64> = requests(&mut s)
+        .into_iter()
+        .map(|(_, op)| match op {
+            ShardOp::Append { r, .. } => r,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(refs, vec![2, 4]);
+    let pongs: Vec<u64> = frames(&mut s)
+        .iter()
+        .map(|f| f["ref"].as_u64().unwrap())
+        .collect();
+    assert_eq!(pongs, vec![1, 3]);
+    // A batch with one bad op is refused whole.
+    text(
+        &mut s,
+        r#"[{"op":"append","ref":5,"conv":"a","body":1},{"op":"append","ref":6}]"#,
+    );
+    assert!(requests(&mut s).is_empty());
+    assert_eq!(codes(&frames(&mut s)), vec!["bad_request"]);
 }
 
 #[test]
 fn ops_sent_before_welcome_are_forwarded_after_it_in_order() {
-    // Proves pipelining right after hello: early ops wait for welcome, then go in order.
+    // Proves pipelining right after hello: early ops wait for welcome, then go in order, and
+    // an early ping is answered after the welcome frame.
     let mut s = session();
     text(
         &mut s,
-        r#"[{"op":"hello","mesh":"m","peer":"p","token":"t"},{"op":"append","ref":1,"conv":"c","body":1},{"op":"ack","upto":3}]"#,
+        r#"[{"op":"hello","mesh":"m","peer":"p","token":"t"},{"op":"append","ref":1,"conv":"c","body":1},{"op":"ping","ref":2},{"op":"ack","upto":3}]"#,
     );
     assert!(matches!(
         &requests(&mut s)[..],
         [(_, ShardOp::Hello { .. })]
     ));
-    s.handle_reply(
-        NOW,
-        0,
-        Reply::Frame(ServerOp::Welcome {
-            session: 7,
-            acked: 0,
-            head: 0,
-        }),
-    );
+    assert!(frames(&mut s).is_empty(), "nothing answered before welcome");
+    s.handle_reply(NOW, 0, welcome_reply());
     let reqs = requests(&mut s);
     assert!(
         matches!(
             &reqs[..],
             [
-                (_, ShardOp::Append { r: 1, .. }),
-                (_, ShardOp::Ack { upto: 3, .. })
-            ]
+                (Route::ByKey, ShardOp::Append { r: 1, from, .. }),
+                (Route::ByKey, ShardOp::Ack { upto: 3, .. })
+            ] if &**from == "p"
         ),
         "{reqs:?}"
     );
+    let f = frames(&mut s);
+    assert_eq!(
+        (f[0]["op"].as_str(), f[1]["op"].as_str()),
+        (Some("welcome"), Some("pong"))
+    );
+    assert_eq!(s.inflight(), 1);
+}
+
+#[test]
+fn ops_held_before_welcome_count_against_the_inflight_limit() {
+    // Proves held ops turn wants_read off at the limit, and back on once welcome releases them
+    // and their answers come back.
+    let mut s = session_with(SessionConfig {
+        inflight_requests_max: 2,
+        ..SessionConfig::default()
+    });
+    hello(&mut s);
+    assert!(s.wants_read());
+    append(&mut s, 1);
+    assert!(s.wants_read());
+    append(&mut s, 2);
+    assert!(!s.wants_read());
+    requests(&mut s);
+    s.handle_reply(NOW, 0, welcome_reply());
+    assert_eq!(requests(&mut s).len(), 2);
+    assert!(!s.wants_read(), "now in flight");
+    s.handle_reply(NOW, 0, ok(1));
+    assert!(s.wants_read());
 }
 
 #[test]
 fn pushes_return_credit_per_shard_when_flushed() {
-    // Proves each shard gets back exactly the credit its pushed frames used, once written.
+    // Proves each shard gets back exactly the credit its pushed frames used, once written, in
+    // shard order; answers (ok) use no credit.
     let mut s = session();
     welcome(&mut s);
-    let ev = |seq| {
-        Reply::Frame(ServerOp::Event(DeliveredEvent {
-            conv: "c".into(),
-            seq,
-            from: "q".into(),
-            body: Body::from_json_text("1").unwrap(),
-            ts: 1,
-        }))
-    };
-    s.handle_reply(NOW, 1, ev(1));
-    s.handle_reply(NOW, 1, ev(2));
-    s.handle_reply(
-        NOW,
-        0,
-        Reply::Frame(ServerOp::Deliver {
-            pos: 1,
-            from: "q".into(),
-            to: Target::All,
-            body: Body::from_json_text("1").unwrap(),
-            ts: 1,
-        }),
-    );
-    assert_eq!(frames(&mut s).len(), 3);
+    append(&mut s, 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 2, event(1));
+    s.handle_reply(NOW, 2, event(2));
+    s.handle_reply(NOW, 0, deliver(1));
+    s.handle_reply(NOW, 2, ok(1));
+    assert_eq!(frames(&mut s).len(), 4);
     s.handle_flushed(NOW);
-    let reqs = requests(&mut s);
     assert_eq!(
-        reqs,
+        requests(&mut s),
         vec![
             (Route::Shard(0), ShardOp::Flushed { frames: 1 }),
-            (Route::Shard(1), ShardOp::Flushed { frames: 2 }),
+            (Route::Shard(2), ShardOp::Flushed { frames: 2 }),
         ]
     );
     s.handle_flushed(NOW);
     assert!(requests(&mut s).is_empty(), "credit is returned once");
+}
+
+#[test]
+fn only_polled_pushes_return_credit() {
+    // Proves a flush returns credit for frames the glue has taken, not for frames still queued.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_reply(NOW, 1, event(1));
+    s.handle_reply(NOW, 1, event(2));
+    s.handle_reply(NOW, 1, event(3));
+    assert!(s.poll_transmit().is_some());
+    s.handle_flushed(NOW);
+    assert_eq!(
+        requests(&mut s),
+        vec![(Route::Shard(1), ShardOp::Flushed { frames: 1 })]
+    );
+    assert_eq!(frames(&mut s).len(), 2);
+    s.handle_flushed(NOW);
+    assert_eq!(
+        requests(&mut s),
+        vec![(Route::Shard(1), ShardOp::Flushed { frames: 2 })]
+    );
+}
+
+#[test]
+fn consecutive_acks_coalesce_into_one_request() {
+    // Proves an ack flood becomes one request carrying the highest position, while acks split
+    // by another request stay separate (order is kept).
+    let mut s = session();
+    welcome(&mut s);
+    text(
+        &mut s,
+        r#"[{"op":"ack","upto":3},{"op":"ack","upto":7},{"op":"ack","upto":5}]"#,
+    );
+    append(&mut s, 1);
+    text(&mut s, r#"{"op":"ack","upto":9}"#);
+    let reqs: Vec<ShardOp> = requests(&mut s).into_iter().map(|(_, op)| op).collect();
+    assert!(
+        matches!(
+            &reqs[..],
+            [
+                ShardOp::Ack { upto: 7, .. },
+                ShardOp::Append { r: 1, .. },
+                ShardOp::Ack { upto: 9, .. }
+            ]
+        ),
+        "{reqs:?}"
+    );
+    // Once polled, an ack is no longer merged into.
+    text(&mut s, r#"{"op":"ack","upto":10}"#);
+    assert!(matches!(
+        &requests(&mut s)[..],
+        [(_, ShardOp::Ack { upto: 10, .. })]
+    ));
 }
 
 #[test]
@@ -355,40 +709,159 @@ fn closed_is_sent_exactly_once_and_http_replies_are_ignored() {
             peer: "p".into(),
         },
     );
-    assert_eq!(s.stats().unexpected_replies, 1);
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Messages {
+            r: 2,
+            events: vec![],
+            head: 0,
+        },
+    );
+    s.handle_reply(NOW, 0, welcome_reply()); // a second welcome
+    assert_eq!(s.stats().internal_errors, 3);
+    assert!(frames(&mut s).is_empty());
+    assert!(!s.is_closed());
     s.handle_shard_restarted(NOW, 0);
-    assert_eq!(frames(&mut s)[0]["code"], "unavailable");
+    assert_eq!(codes(&frames(&mut s)), vec!["unavailable"]);
     s.handle_transport_closed(NOW);
     s.handle_transport_closed(NOW);
-    let closes = requests(&mut s)
-        .into_iter()
-        .filter(|(_, op)| *op == ShardOp::Closed)
-        .count();
-    assert_eq!(closes, 1);
+    s.handle_timeout(NOW + 1_000_000);
+    s.handle_flushed(NOW);
+    let reqs = requests(&mut s);
+    assert_eq!(closes(&reqs), 1);
+    assert_eq!(reqs.len(), 1, "{reqs:?}");
+    // After close, input is ignored.
+    text(&mut s, r#"{"op":"ping","ref":1}"#);
+    s.handle_reply(NOW, 0, ok(1));
+    assert!(frames(&mut s).is_empty() && requests(&mut s).is_empty());
+}
+
+#[test]
+fn transport_close_detaches_once_from_every_state() {
+    // Proves handle_transport_closed sends Closed exactly once for a session a shard may know
+    // (authenticating or open), after the requests queued before it, and none otherwise.
+    let mut fresh = session();
+    fresh.handle_transport_closed(NOW);
+    assert!(fresh.is_closed() && requests(&mut fresh).is_empty());
+
+    let mut authenticating = session();
+    hello(&mut authenticating);
+    authenticating.handle_transport_closed(NOW);
+    let reqs = requests(&mut authenticating);
+    assert!(matches!(&reqs[0], (Route::ByKey, ShardOp::Hello { .. })));
+    assert_eq!(closes(&reqs), 1);
+    assert_eq!(reqs.len(), 2);
+
+    let mut open = session();
+    welcome(&mut open);
+    append(&mut open, 1);
+    open.handle_transport_closed(NOW);
+    open.handle_transport_closed(NOW);
+    let reqs = requests(&mut open);
+    assert!(matches!(&reqs[0], (Route::ByKey, ShardOp::Append { .. })));
+    assert_eq!(reqs[1], (Route::AllShards, ShardOp::Closed));
+    assert_eq!(reqs.len(), 2);
 }
 
 #[test]
 fn a_client_that_does_not_read_is_closed_as_overloaded() {
-    // Proves frames queued past pending_transmit_frames_max end the session with overloaded.
-    let mut s = Session::new(
-        7,
-        NOW,
-        SessionConfig {
-            pending_transmit_frames_max: 4,
-            ..SessionConfig::default()
-        },
-    );
+    // Proves frames queued past pending_transmit_frames_max end the session with overloaded,
+    // sent ahead of the frames the client will never read.
+    let mut s = session_with(SessionConfig {
+        pending_transmit_frames_max: 4,
+        ..SessionConfig::default()
+    });
     welcome(&mut s);
     for r in 1..=5 {
-        text(
-            &mut s,
-            &format!(r#"{{"op":"append","ref":{r},"conv":"c","body":1}}"#),
-        );
+        append(&mut s, r);
     }
-    for r in 1..=5 {
+    requests(&mut s);
+    for r in 1..=4 {
         s.handle_reply(NOW, 0, ok(r));
     }
+    assert!(!s.is_closed(), "at the limit, not past it");
+    assert!(!s.wants_read(), "a full transmit queue stops reading");
+    s.handle_reply(NOW, 0, ok(5));
     assert!(s.is_closed());
     let f = frames(&mut s);
-    assert_eq!(f.last().unwrap()["code"], "overloaded");
+    assert_eq!(codes(&f), vec!["overloaded"]);
+    assert_eq!(closes(&requests(&mut s)), 1);
+}
+
+#[test]
+fn batched_replies_are_accounted_frame_by_frame() {
+    // Proves a shard reply carrying a batch counts its answers and pushes like single frames,
+    // and a nested batch is dropped as an internal error.
+    let mut s = session();
+    welcome(&mut s);
+    append(&mut s, 1);
+    requests(&mut s);
+    let Reply::Frame(ev) = event(1) else {
+        unreachable!()
+    };
+    s.handle_reply(
+        NOW,
+        3,
+        Reply::Frame(ServerOp::Batch(vec![
+            ServerOp::Ok {
+                r: 1,
+                pos: None,
+                seq: Some(1),
+            },
+            ev,
+            ServerOp::Batch(vec![]),
+        ])),
+    );
+    assert_eq!(s.inflight(), 0);
+    assert_eq!(s.stats().internal_errors, 1);
+    assert_eq!(frames(&mut s).len(), 2);
+    s.handle_flushed(NOW);
+    assert_eq!(
+        requests(&mut s),
+        vec![(Route::Shard(3), ShardOp::Flushed { frames: 1 })]
+    );
+}
+
+#[test]
+fn arbitrary_bytes_never_panic() {
+    // Proves garbage in any state (before hello, authenticating, open) yields error frames,
+    // never a panic, and every JSON frame the session sends parses.
+    let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+    let mut next = move || {
+        // xorshift64*: a fixed, dependency-free byte source.
+        seed ^= seed >> 12;
+        seed ^= seed << 25;
+        seed ^= seed >> 27;
+        seed.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    };
+    for round in 0..300u64 {
+        let mut s = session();
+        if round % 3 >= 1 {
+            hello(&mut s);
+        }
+        if round % 3 == 2 {
+            s.handle_reply(NOW, 0, welcome_reply());
+        }
+        for _ in 0..5 {
+            let len = (next() % 64) as usize;
+            let mut bytes: Vec<u8> = (0..len).map(|_| next() as u8).collect();
+            if round % 2 == 0 && !bytes.is_empty() {
+                bytes[0] = b'['; // steer some frames into the JSON batch path
+            }
+            s.handle_frame(
+                NOW,
+                InFrame {
+                    binary: round % 4 == 1,
+                    bytes: &bytes,
+                },
+            );
+        }
+        while let Some(f) = s.poll_transmit() {
+            if !f.binary {
+                let _: serde_json::Value = serde_json::from_slice(&f.bytes).unwrap();
+            }
+        }
+        requests(&mut s);
+    }
 }
