@@ -106,6 +106,28 @@ pub struct SessionStats {
     /// Replies that make no sense for a session (HTTP-only replies, a welcome when not
     /// authenticating, nested batches): bugs elsewhere, counted and dropped, never fatal.
     pub internal_errors: u64,
+    /// `errors_sent` by code, indexed by [`error_code_index`] (the order of `ErrorCode::ALL`).
+    pub errors_by_code: [u64; ErrorCode::ALL.len()],
+    /// Requests that took an in-flight slot (send, append, subscribe, unsubscribe) ...
+    pub requests_counted: u64,
+    /// ... and the answers (`ok` or `error` with a ref) that released one. The glue pairs them
+    /// in order to time answers without per-request bookkeeping in the core.
+    pub requests_answered: u64,
+    /// Ops refused with `overloaded` because the session was past its hard in-flight limit.
+    pub refused_overloaded: u64,
+    /// Hellos the shard refused as `unauthorized` (unknown mesh or peer, wrong token).
+    pub hellos_refused: u64,
+    /// Hellos answered with any other error (the shard unavailable or restarting).
+    pub hellos_failed: u64,
+    /// Sessions that did not say hello in time.
+    pub hellos_timed_out: u64,
+    /// Sessions whose first op was not a hello.
+    pub ops_before_hello: u64,
+}
+
+/// The index of `code` in `SessionStats::errors_by_code` (and in `ErrorCode::ALL`).
+pub fn error_code_index(code: ErrorCode) -> usize {
+    ErrorCode::ALL.iter().position(|c| *c == code).unwrap_or(0)
 }
 
 #[derive(Debug)]
@@ -299,6 +321,7 @@ impl Session {
                     self.forward(Route::ByKey, ShardOp::Hello { mesh, peer, token });
                 }
                 op => {
+                    self.stats.ops_before_hello += 1;
                     self.error(
                         op.reference(),
                         ProtoError::new(
@@ -364,6 +387,7 @@ impl Session {
             }
         };
         self.inflight = self.inflight.saturating_add(1);
+        self.stats.requests_counted += 1;
         self.forward(Route::ByKey, shard_op);
     }
 
@@ -457,23 +481,29 @@ impl Session {
                     self.handle_op(now, early);
                 }
             }
-            ServerOp::Error { r: None, .. }
+            ServerOp::Error { r: None, code, .. }
                 if matches!(self.state, State::Authenticating { .. }) =>
             {
                 // Hello refused: tell the client why, then end the session.
-                self.stats.errors_sent += 1;
+                if *code == ErrorCode::Unauthorized {
+                    self.stats.hellos_refused += 1;
+                } else {
+                    self.stats.hellos_failed += 1;
+                }
+                self.count_error(*code);
                 self.push_frame(&op, None);
                 self.close(now);
             }
             ServerOp::Ok { .. } | ServerOp::Error { r: Some(_), .. } => {
-                if matches!(op, ServerOp::Error { .. }) {
-                    self.stats.errors_sent += 1;
+                if let ServerOp::Error { code, .. } = &op {
+                    self.count_error(*code);
                 }
                 self.inflight = self.inflight.saturating_sub(1);
+                self.stats.requests_answered += 1;
                 self.push_frame(&op, None);
             }
-            ServerOp::Error { r: None, .. } => {
-                self.stats.errors_sent += 1;
+            ServerOp::Error { r: None, code, .. } => {
+                self.count_error(*code);
                 self.push_frame(&op, None);
             }
             ServerOp::Deliver { .. } | ServerOp::Event(_) => self.push_frame(&op, Some(shard)),
@@ -505,6 +535,7 @@ impl Session {
             State::AwaitingHello | State::Authenticating { .. }
         ) && now >= self.hello_deadline
         {
+            self.stats.hellos_timed_out += 1;
             self.error(
                 None,
                 ProtoError::new(ErrorCode::Unauthorized, "hello timed out"),
@@ -552,6 +583,7 @@ impl Session {
     }
 
     fn refuse_overloaded(&mut self, r: Option<u64>) {
+        self.stats.refused_overloaded += 1;
         self.error(
             r,
             ProtoError::new(
@@ -580,8 +612,13 @@ impl Session {
     }
 
     fn error(&mut self, r: Option<u64>, e: ProtoError) {
-        self.stats.errors_sent += 1;
+        self.count_error(e.code);
         self.push_frame(&ServerOp::error(r, e), None);
+    }
+
+    fn count_error(&mut self, code: ErrorCode) {
+        self.stats.errors_sent += 1;
+        self.stats.errors_by_code[error_code_index(code)] += 1;
     }
 
     fn push_frame(&mut self, op: &ServerOp, pushed_by: Option<ShardIdx>) {

@@ -39,6 +39,14 @@ pub struct Config {
     pub durability: Durability,
     /// `human` or `json`.
     pub log_format: LogFormat,
+    /// Record metrics and serve `GET /metrics` (default). Off: no recorder, no per-batch export.
+    pub metrics: bool,
+    /// A second address serving only `/metrics`, `/healthz` and `/readyz` (for a scrape port
+    /// that is not exposed to clients). The main port serves them too.
+    pub metrics_listen: Option<SocketAddr>,
+    /// Meshes that get per-mesh series (label `mesh`); every other mesh is only in the
+    /// per-shard totals, so label cardinality stays bounded. At most 64.
+    pub metrics_meshes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -74,6 +82,9 @@ impl Default for Config {
             push_credit_frames_max: 1024,
             durability: Durability::Fsync,
             log_format: LogFormat::Human,
+            metrics: true,
+            metrics_listen: None,
+            metrics_meshes: Vec::new(),
         }
     }
 }
@@ -126,6 +137,17 @@ impl Config {
         }
         if self.wal_segment_bytes_max < 4096 {
             return bad("wal_segment_bytes_max must be at least 4096");
+        }
+        if self.metrics_meshes.len() > crate::metrics::METRICS_MESHES_MAX {
+            return bad("metrics_meshes may name at most 64 meshes");
+        }
+        for m in &self.metrics_meshes {
+            if let Err(e) = fabric_proto::validate_id(fabric_proto::IdKind::Mesh, m) {
+                return Err(ConfigError::Invalid(format!(
+                    "metrics_meshes: {m:?}: {}",
+                    e.message
+                )));
+            }
         }
         Ok(())
     }

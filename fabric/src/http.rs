@@ -15,10 +15,10 @@ use fabric_proto::{
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
+use tracing::Instrument;
 
 /// Per-socket WebSocket buffers (see `ws_upgrade`).
 const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
@@ -39,9 +39,37 @@ pub fn routes(ctx: Arc<NodeCtx>) -> Router {
         )
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .fallback(|| async { ApiError(ProtoError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(DefaultBodyLimit::max(frame_max))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            count_errors,
+        ))
         .with_state(ctx)
+}
+
+/// The separate metrics port (`metrics_listen`): metrics and health only.
+pub fn ops_routes(ctx: Arc<NodeCtx>) -> Router {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .fallback(|| async { ApiError(ProtoError::new(ErrorCode::NotFound, "no such endpoint")) })
+        .with_state(ctx)
+}
+
+/// Counts every error response by its stable code (`ApiError` marks the response with it).
+async fn count_errors(
+    State(ctx): State<Arc<NodeCtx>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let resp = next.run(req).await;
+    if let Some(code) = resp.extensions().get::<ErrorCode>() {
+        ctx.metrics.http.errors[fabric_edge::error_code_index(*code)].increment(1);
+    }
+    resp
 }
 
 /// A `ProtoError` as an HTTP response: the code's status and `{"code","message"}`.
@@ -52,7 +80,9 @@ impl IntoResponse for ApiError {
         let status = StatusCode::from_u16(self.0.code.http_status())
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({"code": self.0.code.as_str(), "message": self.0.message});
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        resp.extensions_mut().insert(self.0.code);
+        resp
     }
 }
 
@@ -126,6 +156,22 @@ fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ProtoError> {
 /// Sends one op to its shard as a one-request session and waits for the first reply.
 async fn call(ctx: &NodeCtx, op: ShardOp) -> Result<Reply, ProtoError> {
     let session = ctx.next_session_id();
+    let mesh = match op.placement() {
+        fabric_proto::internal::Placement::Mesh(m)
+        | fabric_proto::internal::Placement::Conversation(m, _) => m.to_string(),
+        fabric_proto::internal::Placement::Broadcast => String::new(),
+    };
+    let span = tracing::info_span!(
+        "http",
+        node = %ctx.node_name,
+        session,
+        transport = "http",
+        mesh = %mesh
+    );
+    call_session(ctx, session, op).instrument(span).await
+}
+
+async fn call_session(ctx: &NodeCtx, session: u64, op: ShardOp) -> Result<Reply, ProtoError> {
     let router = ctx.router();
     let shard = router
         .shard_of(op.placement())
@@ -291,7 +337,23 @@ async fn append(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    let peer = authenticate(&ctx, &mesh, &headers).await?;
+    let started = std::time::Instant::now();
+    let result = append_inner(&ctx, mesh, conv, headers, body).await;
+    ctx.metrics
+        .http
+        .ack_latency
+        .record(started.elapsed().as_secs_f64());
+    result
+}
+
+async fn append_inner(
+    ctx: &NodeCtx,
+    mesh: String,
+    conv: String,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let peer = authenticate(ctx, &mesh, &headers).await?;
     validate_conv(&conv)?;
     let req: AppendBody<'_> = parse_json(&body)?;
     let raw = req
@@ -302,7 +364,7 @@ async fn append(
     }
     let body = Body::from_trusted(bytes::Bytes::copy_from_slice(raw.get().as_bytes()));
     match call(
-        &ctx,
+        ctx,
         ShardOp::Append {
             r: 0,
             mesh: mesh.as_str().into(),
@@ -387,26 +449,30 @@ async fn healthz() -> Response {
     Json(serde_json::json!({"status": "ok"})).into_response()
 }
 
+/// 200 when ready to serve writes, else 503; the body says why, shard by shard.
 async fn readyz(State(ctx): State<Arc<NodeCtx>>) -> Response {
-    let down: Vec<u32> = ctx
-        .slots
-        .iter()
-        .filter(|s| !s.ready.load(Ordering::SeqCst))
-        .map(|s| s.idx)
-        .collect();
-    let shutting_down = *ctx.shutdown.borrow();
-    if down.is_empty() && !shutting_down {
-        Json(serde_json::json!({"ready": true})).into_response()
+    let r = ctx.readiness();
+    let status = if r.ready {
+        StatusCode::OK
     } else {
-        let reason = if shutting_down {
-            "the node is shutting down".to_string()
-        } else {
-            format!("shards not serving (recovering or restarting): {down:?}")
-        };
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"ready": false, "reason": reason})),
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, Json(r)).into_response()
+}
+
+/// The Prometheus text exposition format (404 when `metrics = false`).
+async fn metrics(State(ctx): State<Arc<NodeCtx>>) -> Response {
+    match ctx.render_metrics() {
+        Some(text) => (
+            StatusCode::OK,
+            [("content-type", "text/plain; version=0.0.4; charset=utf-8")],
+            text,
         )
-            .into_response()
+            .into_response(),
+        None => ApiError(ProtoError::new(
+            ErrorCode::NotFound,
+            "metrics are off (metrics = false)",
+        ))
+        .into_response(),
     }
 }

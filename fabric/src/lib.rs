@@ -6,6 +6,7 @@
 pub mod client;
 pub mod config;
 pub mod http;
+pub mod metrics;
 pub mod node;
 pub mod shard_actor;
 pub mod storage;

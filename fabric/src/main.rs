@@ -66,6 +66,15 @@ struct ServeArgs {
     /// Log format: human or json. The level comes from FABRIC_LOG (env-filter syntax).
     #[arg(long, env = "FABRIC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
+    /// Record metrics and serve GET /metrics: true (default) or false.
+    #[arg(long, env = "FABRIC_METRICS", action = clap::ArgAction::Set)]
+    metrics: Option<bool>,
+    /// Also serve /metrics, /healthz and /readyz on this address (a separate scrape port).
+    #[arg(long, env = "FABRIC_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Comma-separated meshes that get per-mesh metric series (at most 64).
+    #[arg(long, env = "FABRIC_METRICS_MESHES", value_delimiter = ',')]
+    metrics_meshes: Option<Vec<String>>,
 }
 
 impl ServeArgs {
@@ -87,8 +96,13 @@ impl ServeArgs {
             wal_segment_bytes_max,
             retention_bytes_max,
             durability,
-            log_format
+            log_format,
+            metrics,
+            metrics_meshes
         );
+        if self.metrics_listen.is_some() {
+            c.metrics_listen = self.metrics_listen;
+        }
         if self.admin_token.is_some() {
             c.admin_token = self.admin_token;
         }

@@ -2,6 +2,7 @@
 //! the HTTP/WebSocket server. Also graceful shutdown.
 
 use crate::config::Config;
+use crate::metrics::Metrics;
 use crate::shard_actor::{NodeSupervisor, ShardMsg, ShardSlot, SupervisorArgs, SupervisorMsg};
 use fabric_edge::SessionConfig;
 use fabric_router::{PlacementMeta, Router};
@@ -43,6 +44,8 @@ pub enum NodeError {
     },
     #[error("shard actors did not start: {0}")]
     Actors(String),
+    #[error(transparent)]
+    Metrics(#[from] crate::metrics::MetricsError),
 }
 
 /// What every session and HTTP handler shares.
@@ -58,6 +61,28 @@ pub struct NodeCtx {
     next_session: AtomicU64,
     /// This node's name in log spans (its listen address).
     pub node_name: Arc<str>,
+    /// This node's metric handles (no-ops when `metrics = false`).
+    pub metrics: Arc<Metrics>,
+}
+
+/// Why a node is or is not ready to serve writes (`/readyz`, `fabric_ready`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Readiness {
+    pub ready: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub shards: Vec<ShardReadiness>,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct ShardReadiness {
+    pub shard: u32,
+    /// Recovered, its WAL writable, serving.
+    pub ready: bool,
+    pub restarts: u64,
+    /// The last storage or recovery failure, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
 }
 
 impl NodeCtx {
@@ -78,10 +103,55 @@ impl NodeCtx {
             + self.config.push_credit_frames_max as usize * self.shards.len()
             + 64
     }
+
+    /// Ready when every shard has recovered and serves writes (its WAL has not failed) and the
+    /// node is not shutting down.
+    pub fn readiness(&self) -> Readiness {
+        let shards: Vec<ShardReadiness> = self
+            .slots
+            .iter()
+            .map(|s| ShardReadiness {
+                shard: s.idx,
+                ready: s.ready.load(Ordering::SeqCst),
+                restarts: s.restarts.load(Ordering::SeqCst),
+                last_error: s.stats.lock().ok().and_then(|st| st.last_error.clone()),
+            })
+            .collect();
+        let down: Vec<u32> = shards
+            .iter()
+            .filter(|s| !s.ready)
+            .map(|s| s.shard)
+            .collect();
+        let reason = if *self.shutdown.borrow() {
+            Some("the node is shutting down".to_string())
+        } else if !down.is_empty() {
+            Some(format!(
+                "shards not serving (recovering, restarting or failed): {down:?}"
+            ))
+        } else {
+            None
+        };
+        Readiness {
+            ready: reason.is_none(),
+            reason,
+            shards,
+        }
+    }
+
+    /// `GET /metrics`: the Prometheus text, or `None` when metrics are off.
+    pub fn render_metrics(&self) -> Option<String> {
+        if !self.metrics.enabled() {
+            return None;
+        }
+        let r = self.readiness();
+        let shards: Vec<(bool, u64)> = r.shards.iter().map(|s| (s.ready, s.restarts)).collect();
+        self.metrics.render(r.ready, &shards)
+    }
 }
 
 pub struct RunningNode {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     ctx: Arc<NodeCtx>,
     shutdown_tx: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
@@ -91,6 +161,11 @@ pub struct RunningNode {
 impl RunningNode {
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The separate metrics address (`metrics_listen`), if configured.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
     }
 
     pub fn admin_token(&self) -> &str {
@@ -244,6 +319,23 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     })?;
     // Log lines of this node carry its address as `node`.
     let node_name: Arc<str> = addr.to_string().into();
+    let metrics = Arc::new(Metrics::new(
+        config.metrics,
+        config.shards,
+        &config.metrics_meshes,
+    )?);
+    let metrics_listener = match config.metrics_listen {
+        Some(a) => {
+            let l = tokio::net::TcpListener::bind(a)
+                .await
+                .map_err(|source| NodeError::Listen { addr: a, source })?;
+            let local = l
+                .local_addr()
+                .map_err(|source| NodeError::Listen { addr: a, source })?;
+            Some((l, local))
+        }
+        None => None,
+    };
     let mut slots = Vec::new();
     let mut senders = Vec::new();
     for i in 0..config.shards {
@@ -262,6 +354,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             config.durability,
             config.shard_queue_batches_max,
             node_name.clone(),
+            metrics.clone(),
         );
         slots.push(slot);
         senders.push(tx);
@@ -295,8 +388,42 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         router,
         next_session: AtomicU64::new(1),
         node_name,
+        metrics,
     });
     let app = crate::http::routes(ctx.clone());
+    let metrics_addr = match metrics_listener {
+        Some((listener, local)) => {
+            let app = crate::http::ops_routes(ctx.clone());
+            let mut stop = shutdown_rx.clone();
+            tokio::spawn(async move {
+                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+                    let _ = stop.wait_for(|s| *s).await;
+                });
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "metrics HTTP server failed");
+                }
+            });
+            Some(local)
+        }
+        None => None,
+    };
+    if ctx.metrics.enabled() {
+        // Without scrapes, histogram samples would pile up in the exporter until the next
+        // render; fold them into buckets regularly.
+        let m = ctx.metrics.clone();
+        let mut stop = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+                crate::metrics::UPKEEP_INTERVAL_MS,
+            ));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => m.upkeep(),
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        });
+    }
     let mut stop = shutdown_rx;
     let server = tokio::spawn(async move {
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
@@ -306,9 +433,10 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             tracing::error!(error = %e, "HTTP server failed");
         }
     });
-    tracing::info!(%addr, shards = ctx.shards.len(), "listening");
+    tracing::info!(%addr, shards = ctx.shards.len(), metrics = ?metrics_addr, "listening");
     Ok(RunningNode {
         addr,
+        metrics_addr,
         ctx,
         shutdown_tx,
         server,

@@ -9,6 +9,7 @@
 //! incarnation are told to reconnect.
 
 use crate::config::Durability;
+use crate::metrics::{Metrics, ShardExport};
 use crate::storage::{self, WalDone};
 use fabric_proto::internal::{Output, Reply, Request, SessionId, ShardIdx};
 use fabric_shard::{Shard, ShardConfig};
@@ -54,6 +55,8 @@ pub struct ShardSlot {
     /// The node's name for log spans.
     pub node: Arc<str>,
     pub stats: Mutex<SlotStats>,
+    /// The node's metrics; this shard's are `metrics.shards[idx]`.
+    pub metrics: Arc<Metrics>,
 }
 
 /// Figures the shard loop publishes for health checks and metrics.
@@ -75,6 +78,7 @@ impl ShardSlot {
         durability: Durability,
         queue_batches_max: usize,
         node: Arc<str>,
+        metrics: Arc<Metrics>,
     ) -> (Arc<ShardSlot>, mpsc::Sender<ShardMsg>) {
         let (tx, rx) = mpsc::channel(queue_batches_max);
         let slot = Arc::new(ShardSlot {
@@ -87,6 +91,7 @@ impl ShardSlot {
             restarts: AtomicU64::new(0),
             node,
             stats: Mutex::new(SlotStats::default()),
+            metrics,
         });
         (slot, tx)
     }
@@ -139,8 +144,17 @@ async fn shard_loop(
     };
     let mut stop: Option<oneshot::Sender<()>> = None;
     let mut per_session: HashMap<SessionId, Vec<Reply>> = HashMap::new();
+    let metrics = slot.metrics.clone();
+    let meter = &metrics.shards[slot.idx as usize];
+    let mut export = metrics.enabled().then(|| ShardExport::new(&shard));
     loop {
         let rx = input.rx.as_mut().expect("input present while running");
+        // Gauges that walk peers are refreshed at most every REFRESH_INTERVAL_MS; when one is
+        // owed and the shard goes quiet, this timer delivers it.
+        let refresh_at = export
+            .as_ref()
+            .filter(|e| e.refresh_pending)
+            .and_then(|e| e.refresh_due(std::time::Instant::now()));
         tokio::select! {
             biased;
             done = wal_done.recv() => {
@@ -148,10 +162,16 @@ async fn shard_loop(
                 if let Err(e) = done.result {
                     shard.handle_wal_failed(crate::now_ms(), &e);
                     route(&mut shard, &mut sessions, &mut per_session);
+                    if let Some(x) = export.as_mut() {
+                        x.export(&shard, meter, &metrics.meshes, std::time::Instant::now());
+                    }
                     if let Ok(mut s) = slot.stats.lock() {
                         s.last_error = Some(e.clone());
                     }
                     return Err(format!("WAL write failed: {e}"));
+                }
+                if export.is_some() {
+                    crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync_duration);
                 }
                 shard.handle_wal_done(crate::now_ms(), done.last_lsn);
                 if let Ok(mut s) = slot.stats.lock() {
@@ -186,6 +206,7 @@ async fn shard_loop(
                     }
                 }
             }
+            _ = sleep_until(refresh_at), if refresh_at.is_some() => {}
         }
         if let Some(w) = shard.poll_wal() {
             // At most one write is in flight (the core guarantees it), so this never blocks.
@@ -194,6 +215,10 @@ async fn shard_loop(
                 .map_err(|_| "WAL writer thread ended".to_string())?;
         }
         route(&mut shard, &mut sessions, &mut per_session);
+        if let Some(x) = export.as_mut() {
+            // Once per iteration (a group commit or up to LOOP_BATCHES_MAX request batches).
+            x.export(&shard, meter, &metrics.meshes, std::time::Instant::now());
+        }
         if stop.is_some() && shard.is_idle() {
             if let Some(done) = stop.take() {
                 let _ = done.send(());
@@ -201,6 +226,12 @@ async fn shard_loop(
             sessions.txs.clear();
             return Ok(());
         }
+    }
+}
+
+async fn sleep_until(at: Option<std::time::Instant>) {
+    if let Some(at) = at {
+        tokio::time::sleep_until(at.into()).await;
     }
 }
 
@@ -285,6 +316,9 @@ impl Actor for ShardActor {
             s.recovery_ms = recovered.duration.as_millis() as u64;
             s.recovered_records = recovered.report.records;
         }
+        let meter = &slot.metrics.shards[slot.idx as usize];
+        meter.recovery_seconds.set(recovered.duration.as_secs_f64());
+        meter.recovered_records.set(recovered.report.records as f64);
         let (wal_tx, wal_rx) = crossbeam_channel::bounded(2);
         let (done_tx, done_rx) = mpsc::channel(2);
         let dir = slot.dir.clone();

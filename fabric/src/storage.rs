@@ -109,7 +109,10 @@ pub fn recover(dir: &Path, config: ShardConfig) -> Result<Recovered, StorageErro
 pub struct WalDone {
     pub last_lsn: u64,
     pub result: Result<(), String>,
+    /// The whole write: create, write and sync.
     pub sync_duration: Duration,
+    /// The `fdatasync` alone (zero with `durability = none`).
+    pub fsync_duration: Duration,
     pub bytes: usize,
     pub records: u64,
 }
@@ -150,10 +153,12 @@ fn write_loop(
         let started = Instant::now();
         let result = apply(dir, &mut open, durability, &w);
         let failed = result.is_err();
+        let fsync_duration = *result.as_ref().unwrap_or(&Duration::ZERO);
         let report = WalDone {
             last_lsn: w.last_lsn,
-            result: result.map_err(|e| e.to_string()),
+            result: result.map(|_| ()).map_err(|e| e.to_string()),
             sync_duration: started.elapsed(),
+            fsync_duration,
             bytes: w.bytes.len(),
             records: w.records,
         };
@@ -207,7 +212,8 @@ fn apply(
     open: &mut Option<(u64, File)>,
     durability: Durability,
     w: &WalWrite,
-) -> Result<(), StorageError> {
+) -> Result<Duration, StorageError> {
+    let mut fsync = Duration::ZERO;
     if w.create {
         let path = dir.join(wal::segment_file_name(w.segment));
         let f = OpenOptions::new()
@@ -229,8 +235,10 @@ fn apply(
         assert_eq!(*id, w.segment, "writes go to the open segment");
         f.write_all(&w.bytes).map_err(io("write", &path))?;
         if durability == Durability::Fsync {
+            let started = Instant::now();
             f.sync_data().map_err(io("fdatasync", &path))?;
+            fsync = started.elapsed();
         }
     }
-    Ok(())
+    Ok(fsync)
 }

@@ -2,13 +2,14 @@
 //! (`fabric_edge::Session`), and batches between the session and the shards (via a per-session
 //! `fabric_router::Router`). No protocol decision is made here.
 
+use crate::metrics::SessionExport;
 use crate::node::NodeCtx;
 use crate::shard_actor::{SessionMsg, ShardMsg};
 use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use fabric_edge::{InFrame, Session};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tracing::Instrument;
 
@@ -21,8 +22,28 @@ const SHUTDOWN_DRAIN_MS: u64 = 5_000;
 
 pub async fn run(socket: WebSocket, ctx: Arc<NodeCtx>) {
     let id = ctx.next_session_id();
-    let span = tracing::info_span!("session", node = %ctx.node_name, session = id);
+    // `mesh` and `peer` are filled in once the session is welcomed.
+    let span = tracing::info_span!(
+        "session",
+        node = %ctx.node_name,
+        session = id,
+        transport = "ws",
+        mesh = tracing::field::Empty,
+        peer = tracing::field::Empty,
+    );
     run_session(socket, ctx, id).instrument(span).await
+}
+
+/// Sends a batch to a shard, counting the waits a full queue (backpressure) causes.
+async fn send_to_shard(ctx: &NodeCtx, shard: usize, msg: ShardMsg) -> Result<(), ()> {
+    match ctx.shards[shard].try_send(msg) {
+        Ok(()) => Ok(()),
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            ctx.metrics.shards[shard].queue_full.increment(1);
+            ctx.shards[shard].send(msg).await.map_err(|_| ())
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => Err(()),
+    }
 }
 
 async fn run_session(socket: WebSocket, ctx: Arc<NodeCtx>, id: u64) {
@@ -35,8 +56,25 @@ async fn run_session(socket: WebSocket, ctx: Arc<NodeCtx>, id: u64) {
     let mut drain_deadline = None;
     ctx.sessions_open
         .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let meter = &ctx.metrics.ws;
+    meter.sessions_opened.increment(1);
+    meter.sessions_open.increment(1.0);
+    let mut export = ctx.metrics.enabled().then(SessionExport::default);
+    let mut identified = false;
 
     'session: loop {
+        if let Some(x) = export.as_mut() {
+            // Once per iteration: what the last batch of frames or replies changed.
+            x.requests_in(meter, core.stats(), Instant::now());
+        }
+        if !identified {
+            if let Some((mesh, peer)) = core.identity() {
+                identified = true;
+                let span = tracing::Span::current();
+                span.record("mesh", &**mesh);
+                span.record("peer", &**peer);
+            }
+        }
         // Requests the core produced go to the shards in per-shard batches. `send` waits when a
         // shard's queue is full: that wait is the backpressure that stops this socket's reads.
         while let Some((route, req)) = core.poll_request() {
@@ -48,7 +86,7 @@ async fn run_session(socket: WebSocket, ctx: Arc<NodeCtx>, id: u64) {
                 tx: tx.clone(),
                 requests,
             };
-            if ctx.shards[shard as usize].send(msg).await.is_err() {
+            if send_to_shard(&ctx, shard as usize, msg).await.is_err() {
                 break 'session;
             }
         }
@@ -73,6 +111,9 @@ async fn run_session(socket: WebSocket, ctx: Arc<NodeCtx>, id: u64) {
                 core.handle_transport_closed(crate::now_ms());
             } else {
                 core.handle_flushed(crate::now_ms());
+                if let Some(x) = export.as_mut() {
+                    x.answers_out(meter, core.stats(), Instant::now());
+                }
             }
             continue;
         }
@@ -168,6 +209,10 @@ async fn run_session(socket: WebSocket, ctx: Arc<NodeCtx>, id: u64) {
             .await;
     }
     let _ = sink.close().await;
+    if let Some(x) = export.as_mut() {
+        x.requests_in(meter, core.stats(), Instant::now());
+    }
+    meter.sessions_open.decrement(1.0);
     ctx.sessions_open
         .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
 }

@@ -110,6 +110,26 @@ pub struct ShardStats {
     pub records_copied_forward: u64,
     /// Retention rounds skipped because unacknowledged inbox data filled the oldest segment.
     pub retention_blocked: u64,
+    /// `ok`s released for sends (they carry a `pos`).
+    pub sends_acked: u64,
+    /// `ok`s sent for appends (they carry a `seq`), including answers to retried keys.
+    pub appends_acked: u64,
+    /// Deliveries of a position this shard incarnation had already delivered to that peer
+    /// (a reconnect before the ack). Counted within `deliveries` too.
+    pub redeliveries: u64,
+}
+
+/// One mesh's inbox figures, for the meshes an operator opted in to per-mesh metrics.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MeshStats {
+    /// The mesh's last durable inbox position (every send gets the next one).
+    pub durable_pos: u64,
+    pub peers: u64,
+    /// Sessions attached to the mesh's inboxes.
+    pub sessions: u64,
+    /// Unacknowledged inbox messages summed over the mesh's peers, and the largest one.
+    pub backlog_sum: u64,
+    pub backlog_max: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -169,6 +189,9 @@ struct Peer {
     groups: Vec<Arc<str>>,
     token_hash: [u8; 32],
     acked: u64,
+    /// Highest position delivered to this peer by this incarnation (for counting redeliveries;
+    /// not persisted).
+    delivered_upto: u64,
     /// `acked` moved since the last cursor record was framed.
     cursor_unlogged: bool,
     /// Seen only in data records so far (recovery before the checkpoint that names it).
@@ -207,6 +230,7 @@ impl Mesh {
             groups: Vec::new(),
             token_hash: [0; 32],
             acked: 0,
+            delivered_upto: 0,
             cursor_unlogged: false,
             placeholder: true,
         });
@@ -451,6 +475,24 @@ impl Shard {
         (sum, max)
     }
 
+    /// Inbox figures of one mesh, if this shard holds it. Walks the mesh's peers: meant for a
+    /// few opted-in meshes at a metrics refresh, not for every request.
+    pub fn mesh_stats(&self, mesh: &str) -> Option<MeshStats> {
+        let m = self.meshes.get(mesh).filter(|m| m.exists)?;
+        let mut s = MeshStats {
+            durable_pos: m.durable_pos,
+            sessions: m.sessions.len() as u64,
+            ..MeshStats::default()
+        };
+        for p in m.peers.iter().filter(|p| !p.placeholder) {
+            let b = m.head.saturating_sub(p.acked);
+            s.peers += 1;
+            s.backlog_sum += b;
+            s.backlog_max = s.backlog_max.max(b);
+        }
+        Some(s)
+    }
+
     /// False while the shard wants no more requests (its batch or pending acks are full). The
     /// glue then leaves requests in its bounded input channel: backpressure.
     pub fn wants_input(&self) -> bool {
@@ -627,6 +669,7 @@ impl Shard {
                         // A retry: answer with the original seq once the original is durable.
                         let reply = Reply::Frame(ok(r, None, Some(seq)));
                         if seq <= c.durable_seq {
+                            self.stats.appends_acked += 1;
                             self.emit(session, reply);
                         } else {
                             let lsn = self.next_lsn - 1;
@@ -926,6 +969,11 @@ impl Shard {
         while self.pending.front().is_some_and(|(l, _)| *l <= last_lsn) {
             let (_, o) = self.pending.pop_front().expect("front exists");
             self.stats.acks_released += 1;
+            match &o.reply {
+                Reply::Frame(ServerOp::Ok { pos: Some(_), .. }) => self.stats.sends_acked += 1,
+                Reply::Frame(ServerOp::Ok { seq: Some(_), .. }) => self.stats.appends_acked += 1,
+                _ => {}
+            }
             self.out.push_back(o);
         }
         for (mesh, pos) in inflight.dirty.meshes {
@@ -1156,6 +1204,7 @@ impl Shard {
         let mut more = false;
         if let Some((mesh, peer, next)) = s.inbox.as_mut() {
             if let Some(m) = self.meshes.get(mesh) {
+                let mut delivered_upto = m.peers[*peer as usize].delivered_upto;
                 let mut last = *next;
                 let visible = if *next <= m.durable_pos {
                     m.log.range(*next..=m.durable_pos)
@@ -1172,6 +1221,11 @@ impl Shard {
                     if m.is_recipient(msg, *peer) {
                         s.credit -= 1;
                         self.stats.deliveries += 1;
+                        if pos <= delivered_upto {
+                            self.stats.redeliveries += 1;
+                        } else {
+                            delivered_upto = pos;
+                        }
                         self.out.push_back(Output {
                             session,
                             reply: Reply::Frame(ServerOp::Deliver {
@@ -1188,6 +1242,9 @@ impl Shard {
                     last = last.max(m.durable_pos + 1);
                 }
                 *next = last;
+                if let Some(m) = self.meshes.get_mut(mesh) {
+                    m.peers[*peer as usize].delivered_upto = delivered_upto;
+                }
             }
         }
         for sub in &mut s.subs {
