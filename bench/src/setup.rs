@@ -1,0 +1,253 @@
+//! What every scenario starts with: a transport, the node under test (in-process on a fresh
+//! temp data dir, or a running one given by `--target`), the fsync probe of the disk, the admin
+//! calls that make a fresh mesh and its peers, and the process sampler.
+
+use crate::error::BenchError;
+use crate::stats::{ProcSampler, ProcStats};
+use fabric::client::Admin;
+use fabric::config::{Config, Durability};
+use fabric::node::{NodeCtx, RunningNode};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Admin calls (peer creation) in flight at once while a scenario sets up.
+const ADMIN_CALLS_INFLIGHT_MAX: usize = 64;
+
+/// How the load generator talks to the node. QUIC joins as a third variant when the node
+/// speaks it; every scenario goes through [`crate::wire::WsConn`], so it is one more arm there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Transport {
+    /// WebSocket, JSON text frames.
+    WsJson,
+    /// WebSocket, postcard binary frames.
+    WsBinary,
+}
+
+impl Transport {
+    pub fn binary(self) -> bool {
+        matches!(self, Transport::WsBinary)
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::WsJson => "ws-json",
+            Transport::WsBinary => "ws-binary",
+        }
+    }
+}
+
+/// Where the node under test is and how an in-process one is configured.
+#[derive(Debug, Clone)]
+pub struct NodeOptions {
+    /// `http://host:port` of a running node; `None` starts one in-process.
+    pub target: Option<String>,
+    /// Admin token of the target node (in-process, the bench makes its own).
+    pub admin_token: Option<String>,
+    /// PID of the --target node's process, for CPU/RSS/FD sampling.
+    pub server_pid: Option<u32>,
+    /// Where the temp dir (node data, fsync probe) is made; default the system temp dir.
+    pub data_dir: Option<PathBuf>,
+    /// fsync probe length; zero skips it.
+    pub probe: Duration,
+    /// In-process node: shards (default: one per core).
+    pub shards: Option<u32>,
+    pub durability: Durability,
+    /// In-process node: per-shard WAL size that triggers retention.
+    pub retention_bytes_max: Option<u64>,
+}
+
+impl Default for NodeOptions {
+    fn default() -> NodeOptions {
+        NodeOptions {
+            target: None,
+            admin_token: None,
+            server_pid: None,
+            data_dir: None,
+            probe: Duration::from_secs(2),
+            shards: None,
+            durability: Durability::Fsync,
+            retention_bytes_max: None,
+        }
+    }
+}
+
+impl NodeOptions {
+    /// Durability as reported: a remote node's is not known here.
+    pub fn durability_name(&self) -> String {
+        match self.target {
+            Some(_) => "the target's".into(),
+            None => format!("{:?}", self.durability).to_lowercase(),
+        }
+    }
+
+    pub fn target_name(&self) -> String {
+        self.target.clone().unwrap_or_else(|| "in-process".into())
+    }
+}
+
+/// A temp dir under `--data-dir` (or the system temp dir).
+pub fn temp_dir(parent: &Option<PathBuf>, prefix: &str) -> Result<tempfile::TempDir, BenchError> {
+    let parent = parent.clone().unwrap_or_else(std::env::temp_dir);
+    std::fs::create_dir_all(&parent)?;
+    Ok(tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir_in(&parent)?)
+}
+
+/// The node under test, for the length of one scenario run. Owns the in-process node's
+/// runtime (so the load generator's tasks never share worker threads with the node) and a
+/// second runtime for the load.
+pub struct Setup {
+    pub base: String,
+    pub ws_url: String,
+    pub admin_token: String,
+    /// The in-process node's context (WAL counters); `None` for a target.
+    pub ctx: Option<Arc<NodeCtx>>,
+    pub fsync_probe: Option<crate::fsync_probe::FsyncProbe>,
+    /// The `/proc/loadavg` numbers when the run started.
+    pub load_average: String,
+    pub load_rt: tokio::runtime::Runtime,
+    server_pid: Option<u32>,
+    node: Option<(tokio::runtime::Runtime, RunningNode)>,
+    _tmp: tempfile::TempDir,
+}
+
+impl Setup {
+    /// Probes the disk, then starts (or finds) the node.
+    pub fn start(opts: &NodeOptions) -> Result<Setup, BenchError> {
+        let tmp = temp_dir(&opts.data_dir, "fabric-bench-")?;
+        let fsync_probe = if opts.probe.is_zero() {
+            None
+        } else {
+            Some(crate::fsync_probe::run(tmp.path(), opts.probe)?)
+        };
+        let load_average = crate::stats::load_average();
+        let (base, admin_token, node, server_pid) = match &opts.target {
+            Some(t) => (
+                t.trim_end_matches('/').to_string(),
+                opts.admin_token
+                    .clone()
+                    .ok_or_else(|| BenchError::Options("--target needs --admin-token".into()))?,
+                None,
+                opts.server_pid,
+            ),
+            None => {
+                let rt = tokio::runtime::Builder::new_multi_thread()
+                    .enable_all()
+                    .thread_name("node")
+                    .build()?;
+                let defaults = Config::default();
+                let shards = opts.shards.unwrap_or(defaults.shards);
+                let config = Config {
+                    data_dir: tmp.path().join("data"),
+                    listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+                    admin_token: Some(fabric::node::new_token()),
+                    durability: opts.durability,
+                    retention_bytes_max: opts
+                        .retention_bytes_max
+                        .unwrap_or(defaults.retention_bytes_max),
+                    shards,
+                    partitions: defaults.partitions.max(shards),
+                    ..defaults
+                };
+                let n = rt.block_on(fabric::node::start(config))?;
+                let base = format!("http://{}", n.addr());
+                let token = n.admin_token().to_string();
+                (base, token, Some((rt, n)), Some(std::process::id()))
+            }
+        };
+        let load_rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .thread_name("load")
+            .build()?;
+        Ok(Setup {
+            ws_url: format!("{}/v1/ws", base.replacen("http", "ws", 1)),
+            base,
+            admin_token,
+            ctx: node.as_ref().map(|(_, n)| n.ctx().clone()),
+            fsync_probe,
+            load_average,
+            load_rt,
+            server_pid,
+            node,
+            _tmp: tmp,
+        })
+    }
+
+    pub fn in_process(&self) -> bool {
+        self.node.is_some()
+    }
+
+    /// Starts sampling the server's process, if its pid is known.
+    pub fn sampler(&self) -> Option<ProcSampler> {
+        self.server_pid
+            .map(|pid| ProcSampler::start(pid, self.in_process()))
+    }
+
+    /// The pid the sampler watches (this process in-process, `--server-pid` for a target).
+    pub fn sampler_pid(&self) -> Option<u32> {
+        self.server_pid
+    }
+
+    pub fn admin(&self) -> Admin {
+        Admin::new(&self.base, &self.admin_token)
+    }
+
+    /// Stops the in-process node gracefully.
+    pub fn finish(self) {
+        let Setup { node, load_rt, .. } = self;
+        drop(load_rt);
+        if let Some((rt, n)) = node {
+            rt.block_on(n.shutdown());
+        }
+    }
+}
+
+/// WAL writes and bytes so far, all shards of an in-process node.
+pub fn wal_counters(ctx: &NodeCtx) -> (u64, u64) {
+    ctx.slots
+        .iter()
+        .map(|s| {
+            s.stats
+                .lock()
+                .map_or((0, 0), |st| (st.wal_writes, st.wal_bytes))
+        })
+        .fold((0, 0), |(w, b), (w1, b1)| (w + w1, b + b1))
+}
+
+/// A fresh mesh (named after the clock, so its conversations start at seq 1) with peers
+/// `p0..p{n}`, each in `groups`; returns the mesh id and the peers' tokens in order.
+pub async fn mesh_with_peers(
+    admin: &Admin,
+    prefix: &str,
+    peers: usize,
+    groups: &[&str],
+) -> Result<(String, Vec<String>), BenchError> {
+    use futures_util::StreamExt;
+    let mesh = format!("{prefix}-{}", fabric::now_ms());
+    admin.create_mesh(&mesh).await?;
+    let mesh_ref = &mesh;
+    let tokens: Vec<Result<String, BenchError>> =
+        futures_util::stream::iter((0..peers).map(|i| async move {
+            admin
+                .add_peer(mesh_ref, &peer_id(i), groups)
+                .await
+                .map_err(BenchError::from)
+        }))
+        .buffered(ADMIN_CALLS_INFLIGHT_MAX)
+        .collect()
+        .await;
+    let tokens = tokens.into_iter().collect::<Result<Vec<_>, _>>()?;
+    Ok((mesh, tokens))
+}
+
+pub fn peer_id(i: usize) -> String {
+    format!("p{i}")
+}
+
+/// The sampler's result, if it ran.
+pub fn finish_sampler(s: Option<ProcSampler>) -> Option<ProcStats> {
+    s.and_then(ProcSampler::finish)
+}
