@@ -261,17 +261,31 @@ impl Disk {
     /// A read corruption in a segment that is not the last, if there is a non-empty one: in a
     /// message body half of the time, anywhere in the file otherwise.
     pub fn pick_read_flip(&self, rng: &mut ChaCha8Rng) -> Option<ReadFlip> {
+        self.pick_read_flip_in(rng, None, None, None)
+    }
+
+    /// [`Disk::pick_read_flip`] narrowed to one sealed segment and a byte range of it, where
+    /// a schedule names them; `None` if no sealed, non-empty segment matches.
+    pub fn pick_read_flip_in(
+        &self,
+        rng: &mut ChaCha8Rng,
+        segment: Option<u64>,
+        offset_min: Option<usize>,
+        offset_max: Option<usize>,
+    ) -> Option<ReadFlip> {
         let segs = self.segments();
         let sealed: Vec<(u64, &[u8])> = segs[..segs.len().saturating_sub(1)]
             .iter()
-            .filter(|(_, b)| !b.is_empty())
+            .filter(|(id, b)| !b.is_empty() && segment.is_none_or(|s| s == *id))
             .copied()
             .collect();
         if sealed.is_empty() {
             return None;
         }
         let (segment, bytes) = sealed[rng.random_range(0..sealed.len())];
-        let offset = pick_flip_offset(bytes, 0, bytes.len(), rng)?;
+        let lo = offset_min.unwrap_or(0).min(bytes.len() - 1);
+        let hi = offset_max.unwrap_or(bytes.len()).clamp(lo + 1, bytes.len());
+        let offset = pick_flip_offset(bytes, lo, hi, rng)?;
         Some(ReadFlip {
             segment,
             offset,

@@ -104,8 +104,9 @@ fn planted_lose_cursor_update_is_caught_by_the_cursor_checker() {
     );
     let (control, first) = sweep(|o| {
         bug(&mut o.planted);
-        o.crash_probability = 0.0;
+        o.crash_interval_ms_mean = 0;
         o.enospc_probability = 0.0;
+        o.disk_full_interval_ms_mean = 0;
     });
     assert!(
         control.is_empty(),
@@ -125,6 +126,7 @@ fn planted_glue_without_recovery_fsync_is_caught() {
     let (kinds, first) = sweep(|o| {
         o.sync_after_recovery = false;
         o.enospc_probability = o.enospc_probability.max(0.1);
+        o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
     });
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
     println!(

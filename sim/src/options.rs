@@ -1,0 +1,399 @@
+//! What a run varies, and the swarm that picks it from the seed.
+
+use crate::net::{NetOptions, StreamConfig};
+use fabric_proto::internal::ShardIdx;
+use fabric_shard::{PlantedBugs, ShardConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+use std::fmt;
+
+/// A retention limit this large never triggers in a run.
+pub const RETENTION_OFF_BYTES: u64 = 1 << 40;
+
+/// Everything a run varies, chosen from the seed by [`swarm`] (swarm testing: each seed also
+/// picks which features and faults are on, so rare combinations get runs of their own). In a
+/// schedule file every field is optional: what is left out takes [`SimOptions::default`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SimOptions {
+    /// Nodes of the cluster. One until shards replicate: the cores have no replication yet,
+    /// so a second node would share nothing with the first.
+    pub nodes: u32,
+    /// Shards of the node; keys are placed by `fabric_router::Router`.
+    pub shards: u32,
+    /// Placement partitions (at least `shards`).
+    pub partitions: u32,
+    pub clients: usize,
+    /// Chance each client speaks binary (postcard) frames rather than JSON text.
+    pub binary_probability: f64,
+    /// Length of the fault phase, in simulated ms; the liveness phase follows.
+    pub duration_ms: u64,
+    /// New operations each client issues at most (bounds a run's cost).
+    pub client_ops_max: u32,
+    /// Requests one client keeps in flight.
+    pub inflight_requests_max: usize,
+    /// The node's per-session in-flight limit (`fabric_edge::SessionConfig`): past it the
+    /// session stops reading the connection (backpressure).
+    pub session_inflight_requests_max: u32,
+    pub convs: usize,
+    pub fsync_latency_min_ms: u64,
+    pub fsync_latency_max_ms: u64,
+    pub net: NetOptions,
+    pub stream: StreamConfig,
+    /// Longest pause between a client's operations at the start (load events change it).
+    pub think_time_max_ms: u64,
+    /// Mean time between power losses (0: none). Drawn into the schedule.
+    pub crash_interval_ms_mean: u64,
+    /// Longest time a crashed node stays down.
+    pub restart_delay_ms_max: u64,
+    /// Mean time between partitions (0: none); each lasts up to `partition_ms_max`.
+    pub partition_interval_ms_mean: u64,
+    pub partition_ms_max: u64,
+    /// Mean time between clogged links (0: none); each lasts up to `clog_ms_max`.
+    pub clog_interval_ms_mean: u64,
+    pub clog_ms_max: u64,
+    /// Mean time between a shard's disk filling up (0: never); it stays full up to
+    /// `disk_full_ms_max`.
+    pub disk_full_interval_ms_mean: u64,
+    pub disk_full_ms_max: u64,
+    /// Mean time between load changes (0: none): bursts, slow phases, pauses.
+    pub load_phase_ms_mean: u64,
+    /// Mean time between a client dropping its connection on its own (0: never).
+    pub disconnect_interval_ms_mean: u64,
+    /// Chance a crash tears the unsynced write at a sector boundary (rather than losing or
+    /// keeping all of it).
+    pub torn_write_probability: f64,
+    /// Chance a crash flips a bit in the unsynced bytes that survived.
+    pub tail_corruption_probability: f64,
+    /// Chance a crash is followed by a recovery that first reads a flipped bit in a segment
+    /// that is not the last (a `corrupt_read` event in the schedule).
+    pub read_corruption_probability: f64,
+    /// Chance any WAL write fails: ENOSPC part-way, or EIO from its fdatasync after the bytes
+    /// reached the page cache. The shard is then restarted.
+    pub enospc_probability: f64,
+    /// Chance a client acks after a frame of deliveries (always in the liveness phase).
+    pub ack_probability: f64,
+    pub wal_segment_bytes_max: u64,
+    pub retention_bytes_max: u64,
+    pub wal_batch_bytes_max: usize,
+    pub push_credit_frames_max: u32,
+    pub drain_scan_entries_max: usize,
+    pub pending_acks_max: usize,
+    /// The glue fsyncs the segments after recovery, not only when it truncates. Without it,
+    /// records a restart read from the page cache (after a failed write) are served as durable
+    /// but die with the next power loss.
+    pub sync_after_recovery: bool,
+    #[serde(with = "planted_names")]
+    pub planted: PlantedBugs,
+}
+
+impl Default for SimOptions {
+    /// A small, calm cluster: one node with two shards, three clients, a minute of load, no
+    /// faults. Hand-written schedules start from here.
+    fn default() -> SimOptions {
+        SimOptions {
+            nodes: 1,
+            shards: 2,
+            partitions: 8,
+            clients: 3,
+            binary_probability: 0.5,
+            duration_ms: 60_000,
+            client_ops_max: 100,
+            inflight_requests_max: 4,
+            session_inflight_requests_max: 1024,
+            convs: 2,
+            fsync_latency_min_ms: 0,
+            fsync_latency_max_ms: 3,
+            net: NetOptions::default(),
+            stream: StreamConfig::default(),
+            think_time_max_ms: 20,
+            crash_interval_ms_mean: 0,
+            restart_delay_ms_max: 200,
+            partition_interval_ms_mean: 0,
+            partition_ms_max: 3_000,
+            clog_interval_ms_mean: 0,
+            clog_ms_max: 2_000,
+            disk_full_interval_ms_mean: 0,
+            disk_full_ms_max: 500,
+            load_phase_ms_mean: 0,
+            disconnect_interval_ms_mean: 0,
+            torn_write_probability: 0.5,
+            tail_corruption_probability: 0.3,
+            read_corruption_probability: 0.0,
+            enospc_probability: 0.0,
+            ack_probability: 0.6,
+            wal_segment_bytes_max: 16_384,
+            retention_bytes_max: RETENTION_OFF_BYTES,
+            wal_batch_bytes_max: 4_096,
+            push_credit_frames_max: 8,
+            drain_scan_entries_max: 64,
+            pending_acks_max: 16,
+            sync_after_recovery: true,
+            planted: PlantedBugs::default(),
+        }
+    }
+}
+
+impl SimOptions {
+    pub(crate) fn shard_config(&self, shard: ShardIdx) -> ShardConfig {
+        ShardConfig {
+            shard,
+            wal_segment_bytes_max: self.wal_segment_bytes_max,
+            wal_batch_bytes_max: self.wal_batch_bytes_max,
+            retention_bytes_max: self.retention_bytes_max,
+            push_credit_frames_max: self.push_credit_frames_max,
+            drain_scan_entries_max: self.drain_scan_entries_max,
+            pending_acks_max: self.pending_acks_max,
+            planted: self.planted,
+        }
+    }
+
+    /// Why these options cannot run, if they cannot.
+    pub fn validate(&self) -> Result<(), String> {
+        let checks: [(bool, &str); 10] = [
+            (self.nodes == 1, "nodes must be 1 until shards replicate"),
+            (self.shards >= 1, "shards must be at least 1"),
+            (
+                self.partitions >= self.shards,
+                "partitions must be >= shards",
+            ),
+            (self.clients >= 1, "clients must be at least 1"),
+            (self.clients <= 64, "clients must be at most 64"),
+            (self.convs >= 1, "convs must be at least 1"),
+            (
+                self.inflight_requests_max >= 1,
+                "inflight_requests_max must be >= 1",
+            ),
+            (
+                self.session_inflight_requests_max >= 1,
+                "session_inflight_requests_max must be >= 1",
+            ),
+            (
+                self.fsync_latency_min_ms <= self.fsync_latency_max_ms
+                    && self.net.latency_min_ms <= self.net.latency_max_ms,
+                "a latency's min exceeds its max",
+            ),
+            (
+                self.stream.rto_initial_ms >= 1
+                    && self.stream.keepalive_ms >= 1
+                    && self.stream.idle_timeout_ms > self.stream.keepalive_ms,
+                "stream timers must be positive, and the idle timeout longer than the keepalive",
+            ),
+        ];
+        let probabilities = [
+            self.binary_probability,
+            self.torn_write_probability,
+            self.tail_corruption_probability,
+            self.read_corruption_probability,
+            self.enospc_probability,
+            self.ack_probability,
+            self.net.loss_probability,
+            self.net.duplicate_probability,
+            self.net.latency_tail_probability,
+        ];
+        for (ok, why) in checks {
+            if !ok {
+                return Err(why.into());
+            }
+        }
+        if probabilities.iter().any(|p| !(0.0..=1.0).contains(p)) {
+            return Err("every probability must be within 0..=1".into());
+        }
+        Ok(())
+    }
+}
+
+impl fmt::Display for SimOptions {
+    /// One line, `key=value` pairs, for beside a `SEED=` line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = &self.net;
+        let s = &self.stream;
+        write!(
+            f,
+            "nodes={} shards={} partitions={} clients={} binary_p={} duration_ms={} ops={} \
+             inflight={} session_inflight={} convs={} fsync_ms={}..={} \
+             net_ms={}..={} tail_p={} tail_ms={} loss_p={} dup_p={} rto_ms={}..{} keepalive_ms={} idle_ms={} \
+             think_ms={} crash_every_ms={} down_ms={} partition_every_ms={} partition_ms={} \
+             clog_every_ms={} clog_ms={} disk_full_every_ms={} disk_full_ms={} load_every_ms={} \
+             disconnect_every_ms={} torn_p={} tail_flip_p={} read_flip_p={} enospc_p={} ack_p={} \
+             segment_bytes={} retention_bytes={} batch_bytes={} credit={} scan={} pending={} \
+             sync_after_recovery={} planted={}",
+            self.nodes,
+            self.shards,
+            self.partitions,
+            self.clients,
+            self.binary_probability,
+            self.duration_ms,
+            self.client_ops_max,
+            self.inflight_requests_max,
+            self.session_inflight_requests_max,
+            self.convs,
+            self.fsync_latency_min_ms,
+            self.fsync_latency_max_ms,
+            n.latency_min_ms,
+            n.latency_max_ms,
+            n.latency_tail_probability,
+            n.latency_tail_ms_max,
+            n.loss_probability,
+            n.duplicate_probability,
+            s.rto_initial_ms,
+            s.rto_max_ms,
+            s.keepalive_ms,
+            s.idle_timeout_ms,
+            self.think_time_max_ms,
+            self.crash_interval_ms_mean,
+            self.restart_delay_ms_max,
+            self.partition_interval_ms_mean,
+            self.partition_ms_max,
+            self.clog_interval_ms_mean,
+            self.clog_ms_max,
+            self.disk_full_interval_ms_mean,
+            self.disk_full_ms_max,
+            self.load_phase_ms_mean,
+            self.disconnect_interval_ms_mean,
+            self.torn_write_probability,
+            self.tail_corruption_probability,
+            self.read_corruption_probability,
+            self.enospc_probability,
+            self.ack_probability,
+            self.wal_segment_bytes_max,
+            self.retention_bytes_max,
+            self.wal_batch_bytes_max,
+            self.push_credit_frames_max,
+            self.drain_scan_entries_max,
+            self.pending_acks_max,
+            self.sync_after_recovery,
+            planted_names::join(self.planted),
+        )
+    }
+}
+
+/// The options for `seed`: drawn from their own RNG stream, so they are independent of the
+/// run's draws and a planted bug can be added to them without changing them.
+pub fn swarm(seed: u64) -> SimOptions {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5357_4152_4d00_0000);
+    let pick_f = |rng: &mut ChaCha8Rng, xs: &[f64]| xs[rng.random_range(0..xs.len())];
+    let pick = |rng: &mut ChaCha8Rng, xs: &[u64]| xs[rng.random_range(0..xs.len())];
+    let fsync_min = rng.random_range(0..=2);
+    let segment = pick(&mut rng, &[1_024, 4_096, 16_384, 64 << 20]);
+    let retention = match rng.random_range(0..3) {
+        0 => segment * 3,
+        1 => segment * 8,
+        _ => RETENTION_OFF_BYTES,
+    };
+    let shards = rng.random_range(1..=3);
+    let latency_min = rng.random_range(0..=2);
+    SimOptions {
+        nodes: 1,
+        shards,
+        partitions: [shards, 4, 8][rng.random_range(0..3)],
+        clients: rng.random_range(1..=6),
+        binary_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
+        duration_ms: 60_000,
+        client_ops_max: rng.random_range(10..=60),
+        inflight_requests_max: rng.random_range(1..=6),
+        session_inflight_requests_max: [1, 2, 1024][rng.random_range(0..3)],
+        convs: rng.random_range(1..=3),
+        fsync_latency_min_ms: fsync_min,
+        fsync_latency_max_ms: fsync_min + rng.random_range(1..=12),
+        net: NetOptions {
+            latency_min_ms: latency_min,
+            latency_max_ms: latency_min + rng.random_range(0..=6),
+            latency_tail_probability: pick_f(&mut rng, &[0.0, 0.01, 0.05]),
+            latency_tail_ms_max: pick(&mut rng, &[50, 400]),
+            loss_probability: pick_f(&mut rng, &[0.0, 0.0, 0.01, 0.05]),
+            duplicate_probability: pick_f(&mut rng, &[0.0, 0.01, 0.05]),
+        },
+        stream: StreamConfig::default(),
+        think_time_max_ms: pick(&mut rng, &[0, 5, 20, 100]),
+        crash_interval_ms_mean: pick(&mut rng, &[0, 20_000, 5_000, 1_000, 300]),
+        restart_delay_ms_max: pick(&mut rng, &[0, 50, 1_000]),
+        partition_interval_ms_mean: pick(&mut rng, &[0, 0, 10_000, 2_000]),
+        partition_ms_max: pick(&mut rng, &[500, 6_000]),
+        clog_interval_ms_mean: pick(&mut rng, &[0, 5_000, 1_000]),
+        clog_ms_max: pick(&mut rng, &[100, 3_000]),
+        disk_full_interval_ms_mean: pick(&mut rng, &[0, 0, 10_000]),
+        disk_full_ms_max: pick(&mut rng, &[50, 1_000]),
+        load_phase_ms_mean: pick(&mut rng, &[0, 3_000]),
+        disconnect_interval_ms_mean: pick(&mut rng, &[0, 5_000, 500]),
+        torn_write_probability: pick_f(&mut rng, &[0.0, 0.3, 0.7, 1.0]),
+        tail_corruption_probability: pick_f(&mut rng, &[0.0, 0.3, 0.7]),
+        read_corruption_probability: pick_f(&mut rng, &[0.0, 0.3, 0.7]),
+        enospc_probability: pick_f(&mut rng, &[0.0, 0.0, 0.01, 0.04]),
+        ack_probability: pick_f(&mut rng, &[0.2, 0.6, 1.0]),
+        wal_segment_bytes_max: segment,
+        retention_bytes_max: retention,
+        wal_batch_bytes_max: [256, 4_096, 4 << 20][rng.random_range(0..3)],
+        push_credit_frames_max: [2, 8, 1_024][rng.random_range(0..3)],
+        drain_scan_entries_max: [3, 64, 4_096][rng.random_range(0..3)],
+        pending_acks_max: [2, 16, 65_536][rng.random_range(0..3)],
+        sync_after_recovery: true,
+        planted: PlantedBugs::default(),
+    }
+}
+
+/// Planted bugs as a list of names in files and on the command line.
+pub mod planted_names {
+    use fabric_shard::PlantedBugs;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    /// Every bug the shard core can plant, by name.
+    pub const ALL: [&str; 3] = [
+        "ack_before_fsync",
+        "skip_crc_on_recovery",
+        "lose_cursor_update",
+    ];
+
+    pub fn names(p: PlantedBugs) -> Vec<&'static str> {
+        let on = [
+            p.ack_before_fsync,
+            p.skip_crc_on_recovery,
+            p.lose_cursor_update,
+        ];
+        ALL.iter()
+            .zip(on)
+            .filter(|(_, on)| *on)
+            .map(|(n, _)| *n)
+            .collect()
+    }
+
+    pub fn join(p: PlantedBugs) -> String {
+        let n = names(p);
+        if n.is_empty() {
+            "none".into()
+        } else {
+            n.join(",")
+        }
+    }
+
+    /// Turns on the bug called `name`.
+    pub fn plant(p: &mut PlantedBugs, name: &str) -> Result<(), String> {
+        match name {
+            "ack_before_fsync" => p.ack_before_fsync = true,
+            "skip_crc_on_recovery" => p.skip_crc_on_recovery = true,
+            "lose_cursor_update" => p.lose_cursor_update = true,
+            "none" => {}
+            other => {
+                return Err(format!(
+                    "unknown planted bug {other:?}; known: {}",
+                    ALL.join(", ")
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    pub fn serialize<S: Serializer>(p: &PlantedBugs, s: S) -> Result<S::Ok, S::Error> {
+        names(*p).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PlantedBugs, D::Error> {
+        let names = Vec::<String>::deserialize(d)?;
+        let mut p = PlantedBugs::default();
+        for n in names {
+            plant(&mut p, &n).map_err(serde::de::Error::custom)?;
+        }
+        Ok(p)
+    }
+}

@@ -1,0 +1,100 @@
+//! Many seeds at once: the loop behind `fabric sim --seeds N` and the CI swarm test.
+
+use crate::{run, swarm, RunSummary, SimOptions, Violation, ViolationKind};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// What a range of seeds did.
+#[derive(Debug, Default)]
+pub struct SwarmReport {
+    pub seeds: u64,
+    pub passed: u64,
+    pub sim_ms: u64,
+    pub events: u64,
+    pub requests_acked: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub faults_injected: u64,
+    pub packets_lost: u64,
+    pub connections: u64,
+    pub violations: BTreeMap<ViolationKind, u64>,
+    /// The first violations found (lowest seeds first), at most [`VIOLATIONS_KEPT_MAX`].
+    pub first: Vec<Box<Violation>>,
+    pub wall: Duration,
+}
+
+/// Violations a report keeps whole.
+pub const VIOLATIONS_KEPT_MAX: usize = 8;
+
+impl SwarmReport {
+    fn add(&mut self, r: Result<RunSummary, Box<Violation>>) {
+        self.seeds += 1;
+        match r {
+            Ok(s) => {
+                self.passed += 1;
+                self.sim_ms += s.sim_ms;
+                self.events += s.events;
+                self.requests_acked += s.requests_acked;
+                self.crashes += s.crashes;
+                self.restarts += s.restarts;
+                self.faults_injected += s.faults_injected;
+                self.packets_lost += s.net.packets_lost + s.net.packets_blocked;
+                self.connections += s.connections;
+            }
+            Err(v) => {
+                *self.violations.entry(v.kind).or_insert(0) += 1;
+                self.first.push(v);
+                self.first.sort_by_key(|v| v.seed);
+                self.first.truncate(VIOLATIONS_KEPT_MAX);
+            }
+        }
+    }
+
+    pub fn violation_count(&self) -> u64 {
+        self.violations.values().sum()
+    }
+
+    pub fn seeds_per_second(&self) -> f64 {
+        self.seeds as f64 / self.wall.as_secs_f64().max(1e-9)
+    }
+
+    /// Simulated seconds per wall second (over passing runs).
+    pub fn speedup(&self) -> f64 {
+        self.sim_ms as f64 / 1000.0 / self.wall.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Runs seeds `first..first + count` on `threads` threads, each with `swarm(seed)` changed by
+/// `tweak`; `progress(done)` is called after each seed (from any thread).
+pub fn run_seeds(
+    first: u64,
+    count: u64,
+    threads: usize,
+    tweak: &(dyn Fn(&mut SimOptions) + Sync),
+    progress: &(dyn Fn(u64) + Sync),
+) -> SwarmReport {
+    let started = Instant::now();
+    let next = AtomicU64::new(first);
+    let done = AtomicU64::new(0);
+    let report = Mutex::new(SwarmReport::default());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= first + count {
+                    break;
+                }
+                let mut options = swarm(seed);
+                tweak(&mut options);
+                let r = run(seed, &options);
+                report.lock().expect("no thread panics holding it").add(r);
+                progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+            });
+        }
+    });
+    let mut report = report.into_inner().expect("threads joined");
+    report.wall = started.elapsed();
+    report
+}
