@@ -6,6 +6,8 @@ use fabric::config::{Config, Durability, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod sim_cmd;
+
 /// Fabric: a durable, sharded message fabric for multi-tenant agent meshes.
 ///
 /// Every acknowledgement means the message is on disk (fsynced, group commit).
@@ -24,6 +26,7 @@ enum Command {
     /// by --config (keys are the long option names with underscores), FABRIC_* environment
     /// variables, and these flags.
     Serve(ServeArgs),
+    Sim(sim_cmd::SimArgs),
 }
 
 #[derive(Args)]
@@ -160,6 +163,12 @@ impl ShutdownSignal {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Sim(args) => {
+            if !sim_cmd::run(args)? {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Command::Serve(args) => {
             let config = args.into_config()?;
             init_logging(config.log_format);

@@ -1267,18 +1267,22 @@ impl Simulation {
                             "s{shard} read corruption {flip:?} refused: {file} at {offset}"
                         ));
                     }
-                    Err(e) => return fail(
-                        ViolationKind::RecoveryRefused,
-                        format!(
+                    Err(e) => {
+                        return fail(
+                            ViolationKind::RecoveryRefused,
+                            format!(
                             "s{shard} read corruption {flip:?} refused with the wrong error: {e}"
                         ),
-                    ),
-                    Ok(_) => return fail(
-                        ViolationKind::CorruptionAccepted,
-                        format!(
+                        )
+                    }
+                    Ok(_) => {
+                        return fail(
+                            ViolationKind::CorruptionAccepted,
+                            format!(
                             "s{shard} recovery accepted {flip:?} in a segment that is not the last"
                         ),
-                    ),
+                        )
+                    }
                 }
             }
         }
