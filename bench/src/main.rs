@@ -13,6 +13,9 @@ use fabric_bench::{connections, fanout, mesh, replay};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// fsync probe length of `--smoke` runs.
+const SMOKE_PROBE_MS: u64 = 200;
+
 #[derive(Parser)]
 #[command(name = "fabric-bench", about)]
 struct Cli {
@@ -531,13 +534,14 @@ fn nats_round(
 ) -> anyhow::Result<Option<Report>> {
     let c = run.common();
     let server = NatsServer::start(binary, policy, &c.data_dir)?;
-    let probe = if c.probe_ms == 0 {
+    let probe_ms = if c.smoke { SMOKE_PROBE_MS } else { c.probe_ms };
+    let probe = if probe_ms == 0 {
         None
     } else {
         let dir = fabric_bench::setup::temp_dir(&c.data_dir, "fabric-bench-probe-")?;
         Some(fabric_bench::fsync_probe::run(
             dir.path(),
-            Duration::from_millis(c.probe_ms),
+            Duration::from_millis(probe_ms),
         )?)
     };
     let load = fabric_bench::stats::load_average();

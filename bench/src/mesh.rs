@@ -121,8 +121,14 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
                 .map_err(|e| BenchError::Protocol(format!("peer task failed: {e}")))??,
         );
     }
-    progress.finish();
     let elapsed = started.elapsed();
+    progress.finish();
+    let first_send = results.iter().filter_map(|r| r.first_send).min();
+    let last_ack = results.iter().filter_map(|r| r.last_ack).max();
+    let send_span = match (first_send, last_ack) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a),
+        _ => elapsed,
+    };
     let server = crate::setup::finish_sampler(sampler);
 
     let mut send_ack = new_histogram()?;
@@ -162,7 +168,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     rep.add("duplicate_deliveries", duplicates as f64, Unit::Count);
     rep.add(
         "msgs_per_sec",
-        acked as f64 / elapsed.as_secs_f64(),
+        acked as f64 / send_span.as_secs_f64().max(1e-9),
         Unit::PerSec,
     );
     rep.add("elapsed_secs", elapsed.as_secs_f64(), Unit::Secs);

@@ -107,7 +107,7 @@ pub fn find_server(explicit: Option<&Path>) -> Result<PathBuf, BenchError> {
 
 /// `nats-server: v2.12.1` -> (2, 12).
 fn parse_version(text: &str) -> Option<(u32, u32)> {
-    let v = text.split('v').nth(1)?;
+    let (_, v) = text.trim().rsplit_once('v')?;
     let mut parts = v.trim().split('.');
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
@@ -595,8 +595,14 @@ pub async fn mesh(server: &NatsServer, o: &crate::mesh::Options) -> Result<Repor
     for c in consumers {
         results.push(c.await.map_err(nats_err)??);
     }
-    progress.finish();
     let elapsed = started.elapsed();
+    progress.finish();
+    let first_send = results.iter().filter_map(|r| r.first_send).min();
+    let last_ack = results.iter().filter_map(|r| r.last_ack).max();
+    let send_span = match (first_send, last_ack) {
+        (Some(a), Some(b)) => b.saturating_duration_since(a),
+        _ => elapsed,
+    };
     let server_stats = sampler.finish();
     let mut send_ack = new_histogram()?;
     let mut send_deliver = new_histogram()?;
@@ -632,7 +638,7 @@ pub async fn mesh(server: &NatsServer, o: &crate::mesh::Options) -> Result<Repor
     r.add("duplicate_deliveries", duplicates as f64, Unit::Count);
     r.add(
         "msgs_per_sec",
-        acked as f64 / elapsed.as_secs_f64(),
+        acked as f64 / send_span.as_secs_f64().max(1e-9),
         Unit::PerSec,
     );
     r.add("elapsed_secs", elapsed.as_secs_f64(), Unit::Secs);
