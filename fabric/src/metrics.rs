@@ -30,6 +30,9 @@ pub const REFRESH_INTERVAL_MS: u64 = 500;
 /// Histogram samples are folded into buckets at least this often when nobody scrapes, so that
 /// memory stays bounded.
 pub const UPKEEP_INTERVAL_MS: u64 = 5_000;
+/// Most inbox log entries one refresh walks to count backlogs (past it they are lower bounds,
+/// and `fabric_inbox_backlog_truncated` says so).
+pub const BACKLOG_SCAN_ENTRIES_MAX: usize = 1_000_000;
 /// Most meshes that may get per-mesh series (`metrics_meshes`).
 pub const METRICS_MESHES_MAX: usize = 64;
 
@@ -156,6 +159,7 @@ pub struct ShardMetrics {
     pub events_pushed: Counter,
     pub backlog_sum: Gauge,
     pub backlog_max: Gauge,
+    pub backlog_truncated: Gauge,
     pub queue_full: Counter,
     pub restarts: Counter,
     pub ready: Gauge,
@@ -284,6 +288,11 @@ impl Metrics {
                     events_pushed: r.counter("fabric_conversation_events_pushed_total", "Conversation events pushed to subscribers.", &l),
                     backlog_sum: r.gauge("fabric_inbox_backlog_messages", "Unacknowledged inbox messages, summed over peers.", &l),
                     backlog_max: r.gauge("fabric_inbox_backlog_max_messages", "The largest single peer's unacknowledged inbox messages.", &l),
+                    backlog_truncated: r.gauge(
+                        "fabric_inbox_backlog_truncated",
+                        "1 when the backlog walk hit its budget and the backlog gauges are lower bounds.",
+                        &l,
+                    ),
                     queue_full: r.counter("fabric_shard_queue_full_total", "Request batches that waited because the shard's queue was full (backpressure).", &l),
                     restarts: r.counter("fabric_shard_restarts_total", "Shard restarts by its supervisor.", &l),
                     ready: r.gauge("fabric_shard_ready", "1 while the shard serves writes.", &l),
@@ -656,19 +665,20 @@ impl ShardExport {
     ) {
         self.refresh_pending = false;
         self.last_refresh = Some(now);
-        let (sum, max) = shard.inbox_backlog();
-        m.backlog_sum.set(sum as f64);
-        m.backlog_max.set(max as f64);
+        let b = shard.inbox_backlog_scan(BACKLOG_SCAN_ENTRIES_MAX);
+        m.backlog_sum.set(b.sum as f64);
+        m.backlog_max.set(b.max as f64);
+        m.backlog_truncated.set(if b.truncated { 1.0 } else { 0.0 });
         m.segments.set(shard.segment_count() as f64);
         m.wal_bytes.set(shard.wal_bytes() as f64);
         m.durable_lsn.set(shard.durable_lsn() as f64);
         for mm in meshes {
-            if let Some(s) = shard.mesh_stats(&mm.mesh) {
+            if let Some(s) = shard.mesh_stats(&mm.mesh, BACKLOG_SCAN_ENTRIES_MAX) {
                 mm.durable_pos.set(s.durable_pos as f64);
                 mm.peers.set(s.peers as f64);
                 mm.sessions.set(s.sessions as f64);
-                mm.backlog_sum.set(s.backlog_sum as f64);
-                mm.backlog_max.set(s.backlog_max as f64);
+                mm.backlog_sum.set(s.backlog.sum as f64);
+                mm.backlog_max.set(s.backlog.max as f64);
             }
         }
     }

@@ -119,6 +119,18 @@ pub struct ShardStats {
     pub redeliveries: u64,
 }
 
+/// Inbox messages waiting for their recipients' acknowledgement: messages addressed to a peer
+/// beyond its acknowledged cursor, counted by walking the retained log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Backlog {
+    /// Summed over peers (a group or `*` message counts once per recipient).
+    pub sum: u64,
+    /// The largest single peer's.
+    pub max: u64,
+    /// The walk stopped at its entry budget: `sum` and `max` are lower bounds.
+    pub truncated: bool,
+}
+
 /// One mesh's inbox figures, for the meshes an operator opted in to per-mesh metrics.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MeshStats {
@@ -127,9 +139,7 @@ pub struct MeshStats {
     pub peers: u64,
     /// Sessions attached to the mesh's inboxes.
     pub sessions: u64,
-    /// Unacknowledged inbox messages summed over the mesh's peers, and the largest one.
-    pub backlog_sum: u64,
-    pub backlog_max: u64,
+    pub backlog: Backlog,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -270,6 +280,28 @@ impl Mesh {
             StoredTarget::Peer(p) => *p == peer,
             StoredTarget::Group(g) => self.peers[peer as usize].groups.iter().any(|x| x == g),
             StoredTarget::All => msg.from != peer,
+        }
+    }
+
+    /// Adds each peer's count of durable messages addressed to it beyond its cursor.
+    fn add_backlog(&self, b: &mut Backlog, budget: &mut usize) {
+        for (i, p) in self.peers.iter().enumerate() {
+            if p.placeholder || p.acked >= self.durable_pos {
+                continue;
+            }
+            let mut n = 0;
+            for (_, msg) in self.log.range(p.acked + 1..=self.durable_pos) {
+                if *budget == 0 {
+                    b.truncated = true;
+                    break;
+                }
+                *budget -= 1;
+                if self.is_recipient(msg, i as u32) {
+                    n += 1;
+                }
+            }
+            b.sum += n;
+            b.max = b.max.max(n);
         }
     }
 
@@ -477,20 +509,28 @@ impl Shard {
 
     /// Inbox figures of one mesh, if this shard holds it. Walks the mesh's peers: meant for a
     /// few opted-in meshes at a metrics refresh, not for every request.
-    pub fn mesh_stats(&self, mesh: &str) -> Option<MeshStats> {
+    pub fn mesh_stats(&self, mesh: &str, scan_entries_max: usize) -> Option<MeshStats> {
         let m = self.meshes.get(mesh).filter(|m| m.exists)?;
-        let mut s = MeshStats {
+        let mut backlog = Backlog::default();
+        let mut budget = scan_entries_max;
+        m.add_backlog(&mut backlog, &mut budget);
+        Some(MeshStats {
             durable_pos: m.durable_pos,
+            peers: m.peers.iter().filter(|p| !p.placeholder).count() as u64,
             sessions: m.sessions.len() as u64,
-            ..MeshStats::default()
-        };
-        for p in m.peers.iter().filter(|p| !p.placeholder) {
-            let b = m.head.saturating_sub(p.acked);
-            s.peers += 1;
-            s.backlog_sum += b;
-            s.backlog_max = s.backlog_max.max(b);
+            backlog,
+        })
+    }
+
+    /// Every mesh's inbox backlog, walking at most `scan_entries_max` log entries in all (a
+    /// metrics refresh, not a per-request call).
+    pub fn inbox_backlog_scan(&self, scan_entries_max: usize) -> Backlog {
+        let mut backlog = Backlog::default();
+        let mut budget = scan_entries_max;
+        for m in self.meshes.values().filter(|m| m.exists) {
+            m.add_backlog(&mut backlog, &mut budget);
         }
-        Some(s)
+        backlog
     }
 
     /// False while the shard wants no more requests (its batch or pending acks are full). The
