@@ -1,6 +1,11 @@
-//! The pipelined scenario end to end, tiny: it must run, ack, and keep every conversation dense.
+//! Every scenario end to end, tiny and bounded in time, so the harness cannot rot: each must
+//! run, measure something nonzero and pass its own correctness checks.
 
+use fabric_bench::nats::{NatsServer, Policy};
 use fabric_bench::pipelined::{self, Driver, Options};
+use fabric_bench::report::Report;
+use fabric_bench::setup::Transport;
+use fabric_bench::{connections, fanout, mesh, replay};
 
 fn check(opts: Options) {
     let report = pipelined::run(&opts).expect("the scenario runs");
@@ -19,6 +24,12 @@ fn check(opts: Options) {
     assert!(probe.syncs > 0);
     let json = report.to_json();
     assert_eq!(json["acked"], report.acked);
+    assert!(report.server.is_some_and(|s| s.rss_peak_bytes > 0));
+}
+
+fn value(r: &Report, key: &str) -> f64 {
+    r.get(key)
+        .unwrap_or_else(|| panic!("{key} missing:\n{}", r.table()))
 }
 
 #[test]
@@ -38,10 +49,104 @@ fn smoke_client_driver_binary_frames() {
 }
 
 #[test]
+fn smoke_pipelined_batch_of_four_per_frame() {
+    // Proves --batch splits the window into frames of N and stays dense.
+    check(Options {
+        batch: 4,
+        ..Options::smoke()
+    });
+}
+
+#[test]
+fn smoke_fire_and_wait_both_transports() {
+    // Proves fire-and-wait completes whole batches with dense seqs, JSON and binary.
+    for binary in [false, true] {
+        check(Options {
+            mode: pipelined::Mode::FireAndWait,
+            depth: 10,
+            batch: 5,
+            binary,
+            ..Options::smoke()
+        });
+    }
+}
+
+#[test]
+fn smoke_mesh_delivers_everything_acked() {
+    // Proves mesh delivers every acked direct message exactly to its recipient, over binary.
+    let r = mesh::run(&mesh::Options {
+        transport: Transport::WsBinary,
+        ..mesh::Options::smoke()
+    })
+    .expect("mesh runs");
+    let o = mesh::Options::smoke();
+    assert_eq!(value(&r, "acked"), (o.peers * o.messages) as f64);
+    assert_eq!(value(&r, "delivered_ratio"), 1.0, "{}", r.table());
+    assert!(value(&r, "send_deliver_p99_us") > 0.0);
+    assert!(value(&r, "server_rss_peak_bytes") > 0.0 && value(&r, "server_fds_peak") > 0.0);
+}
+
+#[test]
+fn smoke_fanout_group_and_all() {
+    // Proves every subscriber gets every message, to a group and to `*`.
+    for to in [fanout::FanTo::Group, fanout::FanTo::All] {
+        let r = fanout::run(&fanout::Options {
+            to,
+            ..fanout::Options::smoke()
+        })
+        .expect("fanout runs");
+        assert_eq!(value(&r, "delivered_ratio"), 1.0, "{}", r.table());
+        assert!(value(&r, "deliveries_per_sec") > 0.0);
+    }
+}
+
+#[test]
+fn smoke_replay_reads_while_writes_continue() {
+    // Proves readers complete whole replays (dense seqs from 1) while writers are acked.
+    let r = replay::run(&replay::Options::smoke()).expect("replay runs");
+    assert!(value(&r, "replay_passes") >= 1.0, "{}", r.table());
+    assert!(value(&r, "replay_events_per_sec") > 0.0);
+    assert!(value(&r, "write_during_replay_per_sec") > 0.0);
+}
+
+#[test]
+fn smoke_connections_hold_idle_sessions() {
+    // Proves the connections scenario opens every session and measures its memory.
+    let r = connections::run(&connections::Options::smoke()).expect("connections run");
+    assert_eq!(value(&r, "sessions"), 50.0);
+    assert!(value(&r, "connect_all_secs") > 0.0);
+    assert!(value(&r, "fds_per_session") >= 1.0, "{}", r.table());
+}
+
+#[test]
 fn recovery_scenario_recovers_every_record() {
     // Proves the recovery benchmark writes real segments and recovers exactly what it wrote.
     let dir = tempfile::tempdir().unwrap();
     let f = fabric_bench::recovery::run(dir.path(), 5_000, 64, 10).unwrap();
     assert_eq!(f.records, 5_000);
     assert!(f.wal_bytes > 5_000 * 64);
+}
+
+#[test]
+fn smoke_nats_pipelined_and_fanout_under_both_policies() {
+    // Proves the NATS side (installed by .ci/run into .venv-bench) runs pipelined and fanout
+    // against a server started by the bench, under both durability policies.
+    let bin = fabric_bench::nats::find_server(None).expect("nats-server installed (.ci/run)");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    for policy in [Policy::Default, Policy::Always] {
+        let server = NatsServer::start(&bin, policy, &None).expect("nats-server starts");
+        let p = rt
+            .block_on(fabric_bench::nats::pipelined(&server, &Options::smoke()))
+            .expect("nats pipelined runs");
+        assert!(value(&p, "msgs_per_sec") > 0.0);
+        assert!(value(&p, "ack_p99_us") > 0.0);
+        let f = rt
+            .block_on(fabric_bench::nats::fanout(
+                &server,
+                &fanout::Options::smoke(),
+            ))
+            .expect("nats fanout runs");
+        assert_eq!(value(&f, "delivered_ratio"), 1.0, "{}", f.table());
+        assert_eq!(f.system, policy.system());
+    }
 }
