@@ -25,7 +25,8 @@
 //!   (a bad cable, a bad controller). The disk itself is fine; recovery must refuse to start
 //!   with `RecoverError::Corrupt` rather than serve from a damaged log, and a retry reads clean.
 //! - **Write failure.** A write may stop with ENOSPC after a whole number of sectors, or land
-//!   whole and have its fdatasync fail (EIO); what it wrote stays in the page cache, unsynced. The shard is told `handle_wal_failed` and must be
+//!   whole and have its fdatasync fail (EIO); what it wrote stays in the page cache, unsynced.
+//!   While a schedule holds a disk full (`disk_full` .. `disk_free`), every write fails so. The shard is told `handle_wal_failed` and must be
 //!   recovered from what a restarted process reads (the page cache), after which the glue
 //!   makes everything it read durable.
 //!

@@ -50,11 +50,14 @@ pub(crate) fn groups_of(i: usize) -> Vec<Arc<str>> {
     g
 }
 
+/// Where `--trace` lines go.
+pub(crate) type TraceSink = Box<dyn FnMut(&str) + Send>;
+
 pub(crate) struct Trace {
     pub(crate) hash: Fnv,
     pub(crate) ring: VecDeque<String>,
     /// Every line also goes here (`fabric sim --trace`).
-    pub(crate) sink: Option<Box<dyn FnMut(&str) + Send>>,
+    pub(crate) sink: Option<TraceSink>,
 }
 
 impl Trace {
@@ -783,7 +786,7 @@ impl Simulation {
 
     // ---- the network ----
 
-    fn to_node(&mut self, c: usize, conn: ConnId, seg: Segment) {
+    fn send_to_node(&mut self, c: usize, conn: ConnId, seg: Segment) {
         let faults = self.faults_on();
         let (at, n) = self.net.arrivals(
             self.now,
@@ -806,7 +809,7 @@ impl Simulation {
         }
     }
 
-    fn to_client(&mut self, c: usize, conn: ConnId, seg: Segment) {
+    fn send_to_client(&mut self, c: usize, conn: ConnId, seg: Segment) {
         let faults = self.faults_on();
         let (at, n) = self.net.arrivals(
             self.now,
@@ -860,7 +863,7 @@ impl Simulation {
             self.sessions.insert(session, id);
             self.dirty.insert(id);
         } else if seg != Segment::Reset {
-            self.to_client(c, id, Segment::Reset);
+            self.send_to_client(c, id, Segment::Reset);
         }
     }
 
@@ -874,7 +877,7 @@ impl Simulation {
             None => {
                 // A connection the client has given up on: tell the node, as TCP would.
                 if seg != Segment::Reset {
-                    self.to_node(c, id, Segment::Reset);
+                    self.send_to_node(c, id, Segment::Reset);
                 }
                 Ok(())
             }
@@ -990,7 +993,7 @@ impl Simulation {
         let session = k.session.id();
         self.forward_requests(id);
         for seg in segs {
-            self.to_client(client, id, seg);
+            self.send_to_client(client, id, seg);
         }
         if let Some(t) = arm {
             self.schedule_at(t.max(now), Event::NodeTimer(id));
@@ -1449,7 +1452,7 @@ impl Simulation {
             ));
             k.stream.close();
             while let Some(seg) = k.stream.poll_segment() {
-                self.to_node(c, k.id, seg);
+                self.send_to_node(c, k.id, seg);
             }
         }
         self.lost_conn(c);
@@ -1559,13 +1562,11 @@ impl Simulation {
     /// The client's socket loop: frames in, reactions out, packets onto the network.
     fn pump_client(&mut self, c: usize) -> Checked {
         let mut delivered = false;
-        loop {
-            let Some(k) = self.clients[c].conn.as_mut() else {
-                break;
-            };
-            let Some(frame) = k.stream.poll_frame() else {
-                break;
-            };
+        while let Some(frame) = self.clients[c]
+            .conn
+            .as_mut()
+            .and_then(|k| k.stream.poll_frame())
+        {
             let (kind, bytes) = frame.split_first().unwrap_or((&FRAME_TEXT, &[]));
             let ops = if *kind == FRAME_BINARY {
                 codec::decode_server_binary(bytes)
@@ -1610,7 +1611,7 @@ impl Simulation {
             k.timer_at = Some(t);
         }
         for seg in segs {
-            self.to_node(c, id, seg);
+            self.send_to_node(c, id, seg);
         }
         if let Some(t) = arm {
             self.schedule_at(t.max(now), Event::ClientTimer(c, id));
