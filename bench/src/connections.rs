@@ -58,17 +58,34 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
             "connections needs positive sessions and connect-inflight".into(),
         ));
     }
-    let in_process = opts.node.target.is_none();
+    let mut node = opts.node.clone();
+    let mut notes = Vec::new();
     // One fd per client socket, and in-process one more per server socket.
-    let per = if in_process { 2 } else { 1 };
-    let want = opts.sessions as u64 * per + FDS_SPARE;
-    let limit = crate::stats::raise_nofile(want);
-    if limit < want {
-        return Err(BenchError::Options(format!(
-            "{} sessions need about {want} open files; the limit is {limit}",
+    let want_in_process = opts.sessions as u64 * 2 + FDS_SPARE;
+    let want_alone = opts.sessions as u64 + FDS_SPARE;
+    let mut limit = crate::stats::raise_nofile(want_in_process);
+    if node.target.is_none() && !node.node_process && limit < want_in_process {
+        // Both ends do not fit in this process's limit (it cannot be raised past the hard
+        // limit unprivileged): the node moves to a child process with its own limit.
+        node.node_process = true;
+        notes.push(format!(
+            "{} sessions need {want_in_process} fds in one process, the hard limit is              {limit}: the node ran as a child process",
             opts.sessions
-        )));
+        ));
     }
+    if node.target.is_some() || node.node_process {
+        limit = crate::stats::raise_nofile(want_alone);
+        if limit < want_alone {
+            return Err(BenchError::Options(format!(
+                "{} sessions need about {want_alone} open files; the limit is {limit}",
+                opts.sessions
+            )));
+        }
+    }
+    let opts = &Options {
+        node,
+        ..opts.clone()
+    };
     let setup = Setup::start(&opts.node)?;
     let result = setup.load_rt.block_on(scenario(opts, &setup));
     let probe = setup.fsync_probe.clone();
@@ -77,7 +94,8 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     let mut r = result?;
     r.fsync_probe = probe;
     r.load_average = load;
-    r.notes.push(format!("open-file limit raised to {limit}"));
+    r.notes.extend(notes);
+    r.notes.push(format!("open-file limit of the load generator: {limit}"));
     Ok(r)
 }
 

@@ -41,6 +41,10 @@ enum Scenario {
     Replay(ReplayArgs),
     /// K idle authenticated sessions: time to connect all, RSS per session.
     Connections(ConnectionsArgs),
+    /// (Internal) a node for `--node-process`: serves on a free loopback port until stdin
+    /// closes; prints `fabric-bench-node ADDR TOKEN` once it listens.
+    #[command(hide = true)]
+    ServeNode(ServeNodeArgs),
     /// Writes N conversation appends through the real shard core into real segment files,
     /// then times the recovery a node runs at start (read, scan with CRC checks, rebuild).
     Recovery(RecoveryArgs),
@@ -90,6 +94,10 @@ struct Common {
     /// In-process node: per-shard WAL size above which retention deletes old segments.
     #[arg(long)]
     retention_bytes_max: Option<u64>,
+    /// Run the bench's node in a child process instead of in-process (server CPU, RSS and
+    /// FDs are then the server's alone).
+    #[arg(long)]
+    node_process: bool,
     /// Write every figure of every run to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -135,7 +143,17 @@ impl Common {
             shards: self.shards,
             durability: self.durability,
             retention_bytes_max: self.retention_bytes_max,
+            node_process: self.node_process,
         }
+    }
+
+    /// The node options, with the short probe of a smoke run.
+    fn node_opts(&self) -> NodeOptions {
+        let mut n = self.node();
+        if self.smoke {
+            n.probe = Duration::from_millis(SMOKE_PROBE_MS);
+        }
+        n
     }
 
     fn transport(&self) -> Transport {
@@ -239,6 +257,18 @@ struct ConnectionsArgs {
     /// Handshakes in flight at once.
     #[arg(long, default_value_t = 128)]
     connect_inflight: usize,
+}
+
+#[derive(Args)]
+struct ServeNodeArgs {
+    #[arg(long)]
+    data_dir: PathBuf,
+    #[arg(long, value_enum, default_value_t = Durability::Fsync)]
+    durability: Durability,
+    #[arg(long)]
+    shards: Option<u32>,
+    #[arg(long)]
+    retention_bytes_max: Option<u64>,
 }
 
 #[derive(Args)]
@@ -368,7 +398,6 @@ impl MeshArgs {
             mesh::Options::smoke()
         } else {
             mesh::Options {
-                node: c.node(),
                 peers: self.peers,
                 messages: self.messages,
                 depth: self.depth,
@@ -378,6 +407,7 @@ impl MeshArgs {
             }
         };
         o.transport = c.transport();
+        o.node = c.node_opts();
         if let Some(v) = sweep {
             o.peers = v;
         }
@@ -416,7 +446,6 @@ impl FanoutArgs {
             fanout::Options::smoke()
         } else {
             fanout::Options {
-                node: c.node(),
                 subscribers: self.subscribers,
                 messages: self.messages,
                 depth: self.depth,
@@ -427,6 +456,7 @@ impl FanoutArgs {
             }
         };
         o.transport = c.transport();
+        o.node = c.node_opts();
         if let Some(v) = sweep {
             o.subscribers = v;
         }
@@ -472,7 +502,6 @@ impl Run for ReplayArgs {
             replay::Options::smoke()
         } else {
             replay::Options {
-                node: c.node(),
                 readers: self.readers,
                 entries: self.entries,
                 writers: self.writers,
@@ -483,6 +512,7 @@ impl Run for ReplayArgs {
             }
         };
         o.transport = c.transport();
+        o.node = c.node_opts();
         if let Some(v) = sweep {
             o.writers = v;
         }
@@ -507,13 +537,13 @@ impl Run for ConnectionsArgs {
             connections::Options::smoke()
         } else {
             connections::Options {
-                node: c.node(),
                 sessions: self.sessions,
                 connect_inflight: self.connect_inflight,
                 ..connections::Options::default()
             }
         };
         o.transport = c.transport();
+        o.node = c.node_opts();
         if let Some(v) = sweep {
             o.sessions = v;
         }
@@ -717,6 +747,15 @@ fn main() -> anyhow::Result<()> {
                 f.records as f64 / f.recovery_duration.as_secs_f64(),
                 f.wal_bytes as f64 / 1e6 / f.recovery_duration.as_secs_f64()
             );
+        }
+        Scenario::ServeNode(a) => {
+            let opts = NodeOptions {
+                durability: a.durability,
+                shards: a.shards,
+                retention_bytes_max: a.retention_bytes_max,
+                ..NodeOptions::default()
+            };
+            fabric_bench::setup::serve_node(&opts, a.data_dir)?;
         }
         Scenario::FireAndWait(a) => drive(&LoadRun(a, Mode::FireAndWait), "fire-and-wait")?,
         Scenario::Pipelined(a) => drive(&LoadRun(a, Mode::Pipelined), "pipelined")?,

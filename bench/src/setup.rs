@@ -56,6 +56,10 @@ pub struct NodeOptions {
     pub durability: Durability,
     /// In-process node: per-shard WAL size that triggers retention.
     pub retention_bytes_max: Option<u64>,
+    /// Run the bench's own node in a child process (this binary's `serve-node`) instead of
+    /// in-process: the server's CPU, RSS and FDs are then its own, and each process needs
+    /// only one fd per connection.
+    pub node_process: bool,
 }
 
 impl Default for NodeOptions {
@@ -69,6 +73,7 @@ impl Default for NodeOptions {
             shards: None,
             durability: Durability::Fsync,
             retention_bytes_max: None,
+            node_process: false,
         }
     }
 }
@@ -83,7 +88,28 @@ impl NodeOptions {
     }
 
     pub fn target_name(&self) -> String {
-        self.target.clone().unwrap_or_else(|| "in-process".into())
+        match (&self.target, self.node_process) {
+            (Some(t), _) => t.clone(),
+            (None, true) => "child process".into(),
+            (None, false) => "in-process".into(),
+        }
+    }
+
+    fn config(&self, data_dir: PathBuf) -> Config {
+        let defaults = Config::default();
+        let shards = self.shards.unwrap_or(defaults.shards);
+        Config {
+            data_dir,
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+            admin_token: Some(fabric::node::new_token()),
+            durability: self.durability,
+            retention_bytes_max: self
+                .retention_bytes_max
+                .unwrap_or(defaults.retention_bytes_max),
+            shards,
+            partitions: defaults.partitions.max(shards),
+            ..defaults
+        }
     }
 }
 
@@ -111,7 +137,88 @@ pub struct Setup {
     pub load_rt: tokio::runtime::Runtime,
     server_pid: Option<u32>,
     node: Option<(tokio::runtime::Runtime, RunningNode)>,
+    child: Option<std::process::Child>,
     _tmp: tempfile::TempDir,
+}
+
+/// The line a `serve-node` child prints once it listens: `fabric-bench-node ADDR TOKEN`.
+const CHILD_READY: &str = "fabric-bench-node";
+/// How long a child node may take to start, and to stop after its stdin closes.
+const CHILD_WAIT_MS: u64 = 15_000;
+
+/// The child side of [`NodeOptions::node_process`]: starts a node on `data_dir`, prints the
+/// ready line, serves until its stdin closes, then shuts down gracefully.
+pub fn serve_node(opts: &NodeOptions, data_dir: PathBuf) -> Result<(), BenchError> {
+    use std::io::{Read, Write};
+    crate::stats::raise_nofile(u64::MAX >> 1);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("node")
+        .build()?;
+    let n = rt.block_on(fabric::node::start(opts.config(data_dir)))?;
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "{CHILD_READY} {} {}", n.addr(), n.admin_token())?;
+        out.flush()?;
+    }
+    // Blocks until the parent closes our stdin (or dies): bounded by the parent's life.
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+    rt.block_on(n.shutdown());
+    Ok(())
+}
+
+/// Starts this binary's `serve-node` on `data_dir`; returns the child, base URL and token.
+fn spawn_node(
+    opts: &NodeOptions,
+    data_dir: &std::path::Path,
+) -> Result<(std::process::Child, String, String), BenchError> {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("serve-node")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--durability")
+        .arg(format!("{:?}", opts.durability).to_lowercase());
+    if let Some(s) = opts.shards {
+        cmd.arg("--shards").arg(s.to_string());
+    }
+    if let Some(r) = opts.retention_bytes_max {
+        cmd.arg("--retention-bytes-max").arg(r.to_string());
+    }
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| BenchError::Protocol("child node has no stdout".into()))?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = std::io::BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx
+        .recv_timeout(Duration::from_millis(CHILD_WAIT_MS))
+        .map_err(|_| BenchError::Timeout("child node start"))?;
+    let mut parts = line.split_whitespace();
+    match (parts.next(), parts.next(), parts.next()) {
+        (Some(CHILD_READY), Some(addr), Some(token)) => {
+            Ok((child, format!("http://{addr}"), token.to_string()))
+        }
+        _ => {
+            let _ = child.kill();
+            let _ = child.wait();
+            Err(BenchError::Protocol(format!(
+                "child node did not start: {line:?}"
+            )))
+        }
+    }
 }
 
 impl Setup {
@@ -124,6 +231,7 @@ impl Setup {
             Some(crate::fsync_probe::run(tmp.path(), opts.probe)?)
         };
         let load_average = crate::stats::load_average();
+        let mut child = None;
         let (base, admin_token, node, server_pid) = match &opts.target {
             Some(t) => (
                 t.trim_end_matches('/').to_string(),
@@ -133,26 +241,18 @@ impl Setup {
                 None,
                 opts.server_pid,
             ),
+            None if opts.node_process => {
+                let (c, base, token) = spawn_node(opts, &tmp.path().join("data"))?;
+                let pid = c.id();
+                child = Some(c);
+                (base, token, None, Some(pid))
+            }
             None => {
                 let rt = tokio::runtime::Builder::new_multi_thread()
                     .enable_all()
                     .thread_name("node")
                     .build()?;
-                let defaults = Config::default();
-                let shards = opts.shards.unwrap_or(defaults.shards);
-                let config = Config {
-                    data_dir: tmp.path().join("data"),
-                    listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
-                    admin_token: Some(fabric::node::new_token()),
-                    durability: opts.durability,
-                    retention_bytes_max: opts
-                        .retention_bytes_max
-                        .unwrap_or(defaults.retention_bytes_max),
-                    shards,
-                    partitions: defaults.partitions.max(shards),
-                    ..defaults
-                };
-                let n = rt.block_on(fabric::node::start(config))?;
+                let n = rt.block_on(fabric::node::start(opts.config(tmp.path().join("data"))))?;
                 let base = format!("http://{}", n.addr());
                 let token = n.admin_token().to_string();
                 (base, token, Some((rt, n)), Some(std::process::id()))
@@ -172,10 +272,12 @@ impl Setup {
             load_rt,
             server_pid,
             node,
+            child,
             _tmp: tmp,
         })
     }
 
+    /// The node runs in this process (so samples of it include the load generator).
     pub fn in_process(&self) -> bool {
         self.node.is_some()
     }
@@ -195,12 +297,30 @@ impl Setup {
         Admin::new(&self.base, &self.admin_token)
     }
 
-    /// Stops the in-process node gracefully.
+    /// Stops the bench's own node gracefully.
     pub fn finish(self) {
-        let Setup { node, load_rt, .. } = self;
+        let Setup {
+            node,
+            load_rt,
+            child,
+            ..
+        } = self;
         drop(load_rt);
         if let Some((rt, n)) = node {
             rt.block_on(n.shutdown());
+        }
+        if let Some(mut c) = child {
+            // Closing its stdin is the child's signal to shut down.
+            drop(c.stdin.take());
+            let deadline = std::time::Instant::now() + Duration::from_millis(CHILD_WAIT_MS);
+            while std::time::Instant::now() < deadline {
+                if matches!(c.try_wait(), Ok(Some(_))) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
         }
     }
 }
