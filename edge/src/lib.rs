@@ -90,6 +90,10 @@ pub struct InFrame<'a> {
 pub struct OutFrame {
     pub binary: bool,
     pub bytes: Vec<u8>,
+    /// For a conversation event, its conversation: a transport with streams (QUIC) gives each
+    /// subscription a stream of its own, so one slow tail never blocks inbox delivery. Every
+    /// other frame (answers, deliveries, errors) is `None` and goes on the control stream.
+    pub conv: Option<Arc<str>>,
 }
 
 /// Plain counters for metrics. Frames and bytes out count when polled (handed to the glue).
@@ -257,6 +261,27 @@ impl Session {
             *n = n.saturating_add(1);
         }
         Some(q.frame)
+    }
+
+    /// A frame the transport would not read into memory because its length prefix alone is
+    /// over `frame_bytes_max` (stream transports skip its bytes): `too_large`, as for a whole
+    /// frame over the limit, and the session goes on.
+    pub fn handle_oversize_frame(&mut self, _now: u64, len: u64) {
+        if self.is_closed() {
+            return;
+        }
+        self.stats.frames_in += 1;
+        self.stats.bytes_in += len;
+        self.error(
+            None,
+            ProtoError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "frame is {len} bytes; the limit is {} (frame_bytes_max); it was dropped",
+                    self.config.frame_bytes_max
+                ),
+            ),
+        );
     }
 
     /// One frame read from the transport. A frame may carry several ops (a batch); each is
@@ -631,8 +656,16 @@ impl Session {
             codec::encode_server_json(op, &mut out);
             out
         };
+        let conv = match op {
+            ServerOp::Event(e) => Some(e.conv.clone()),
+            _ => None,
+        };
         self.transmit.push_back(Queued {
-            frame: OutFrame { binary, bytes },
+            frame: OutFrame {
+                binary,
+                bytes,
+                conv,
+            },
             pushed_by,
         });
     }

@@ -865,3 +865,49 @@ fn arbitrary_bytes_never_panic() {
         requests(&mut s);
     }
 }
+
+#[test]
+fn an_oversize_length_prefix_gets_too_large_and_the_session_goes_on() {
+    // Proves a stream transport can refuse a frame by its length prefix alone (without
+    // reading it into memory): the client gets too_large and the session keeps serving.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_oversize_frame(NOW, 10 << 20);
+    assert_eq!(codes(&frames(&mut s)), vec!["too_large"]);
+    assert!(!s.is_closed() && s.wants_read());
+    text(&mut s, r#"{"op":"ping","ref":1}"#);
+    assert_eq!(requests(&mut s).len(), 0, "ping is answered by the session itself");
+    assert_eq!(frames(&mut s)[0]["op"], "pong");
+}
+
+#[test]
+fn conversation_events_name_their_conversation_for_stream_transports() {
+    // Proves the routing hint QUIC uses: event frames carry their conversation, every other
+    // frame none (so it goes on the control stream).
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Frame(ServerOp::Event(DeliveredEvent {
+            conv: "standup".into(),
+            seq: 1,
+            from: "p".into(),
+            body: Body::from_trusted("{}".into()),
+            ts: 1,
+        })),
+    );
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Frame(ServerOp::Ok {
+            r: 1,
+            pos: Some(1),
+            seq: None,
+        }),
+    );
+    let event = s.poll_transmit().expect("the event");
+    assert_eq!(event.conv.as_deref(), Some("standup"));
+    let ok = s.poll_transmit().expect("the ok");
+    assert_eq!(ok.conv, None);
+}
