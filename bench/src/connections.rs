@@ -69,7 +69,7 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
         // limit unprivileged): the node moves to a child process with its own limit.
         node.node_process = true;
         notes.push(format!(
-            "{} sessions need {want_in_process} fds in one process, the hard limit is              {limit}: the node ran as a child process",
+            "{} sessions need {want_in_process} fds in one process, the hard limit is {limit}: the node ran as a child process",
             opts.sessions
         ));
     }

@@ -523,6 +523,7 @@ async fn run_raw(
                     }
                 }
                 flush(&mut conn, &mut batch, &mut inflight).await?;
+                conn.flush().await?;
             }
         } else if inflight.is_empty() {
             break;
@@ -562,7 +563,8 @@ async fn run_raw(
     Ok(result)
 }
 
-/// Writes the queued appends as one frame, stamping each with the time it was written.
+/// Queues the appends as one frame, stamping each with the time it was queued (the caller
+/// flushes once per refill).
 async fn flush(
     conn: &mut WsConn,
     batch: &mut Vec<ClientOp>,
@@ -577,7 +579,7 @@ async fn flush(
     for r in refs {
         inflight.insert(r, sent);
     }
-    conn.send(std::mem::take(batch)).await
+    conn.feed(std::mem::take(batch)).await
 }
 
 async fn append_once(

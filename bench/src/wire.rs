@@ -125,10 +125,23 @@ impl WsConn {
         }
     }
 
-    /// Writes `ops` as one frame.
+    /// Writes `ops` as one frame and flushes.
     pub async fn send(&mut self, ops: Vec<ClientOp>) -> Result<(), BenchError> {
         let msg = encode(ops, self.binary)?;
         self.sink.send(msg).await?;
+        Ok(())
+    }
+
+    /// Queues `ops` as one frame without flushing (the socket is written as its buffer
+    /// fills): many small frames then cost a few syscalls, not one each.
+    pub async fn feed(&mut self, ops: Vec<ClientOp>) -> Result<(), BenchError> {
+        let msg = encode(ops, self.binary)?;
+        self.sink.feed(msg).await?;
+        Ok(())
+    }
+
+    pub async fn flush(&mut self) -> Result<(), BenchError> {
+        self.sink.flush().await?;
         Ok(())
     }
 
