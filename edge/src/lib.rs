@@ -34,7 +34,7 @@
 //!   one per shard per flush and `Hello`/`Closed` one each per session.
 
 use fabric_proto::codec;
-use fabric_proto::internal::{Reply, Request, Route, SessionId, ShardIdx, ShardOp};
+use fabric_proto::internal::{HelloProof, Reply, Request, Route, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{ClientOp, ErrorCode, ProtoError, ServerOp, BATCH_OPS_MAX};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -149,6 +149,19 @@ enum State {
     Closed,
 }
 
+/// Where a session's hello nonce is.
+#[derive(Debug, Clone, Copy)]
+enum Challenge {
+    /// The glue gave none: key hellos are refused.
+    None,
+    /// Set by the glue, not yet sent to the client.
+    Ready([u8; 32]),
+    /// Sent in a `challenge` frame: a key hello may now sign it.
+    Issued([u8; 32]),
+    /// A key hello used it.
+    Used,
+}
+
 /// A queued frame, and the shard whose push credit it spent (for deliveries and events).
 #[derive(Debug)]
 struct Queued {
@@ -178,6 +191,8 @@ pub struct Session {
     /// `Closed` when it ends.
     attached: bool,
     closed_sent: bool,
+    /// The nonce a key hello on this session must sign, set by the glue from its OS RNG.
+    challenge: Challenge,
     stats: SessionStats,
 }
 
@@ -195,8 +210,19 @@ impl Session {
             transmit: VecDeque::new(),
             pushed_polled: BTreeMap::new(),
             attached: false,
+            challenge: Challenge::None,
             closed_sent: false,
             stats: SessionStats::default(),
+        }
+    }
+
+    /// Gives the session the nonce a key hello must sign (32 bytes from the glue's OS RNG;
+    /// the core has no RNG). Without one, `challenge` is answered with an error and key hellos
+    /// are refused; token hellos work either way. A nonce is set once: later calls are ignored,
+    /// so a nonce the client has seen can never be swapped.
+    pub fn set_challenge_nonce(&mut self, _now: u64, nonce: [u8; 32]) {
+        if matches!(self.challenge, Challenge::None) {
+            self.challenge = Challenge::Ready(nonce);
         }
     }
 
@@ -336,6 +362,42 @@ impl Session {
         match &self.state {
             State::Closed => {}
             State::AwaitingHello => match op {
+                ClientOp::Challenge => self.answer_challenge(),
+                ClientOp::HelloSigned {
+                    mesh,
+                    peer,
+                    sig,
+                    ts,
+                } => {
+                    let Challenge::Issued(nonce) = self.challenge else {
+                        self.error(
+                            None,
+                            ProtoError::new(
+                                ErrorCode::Unauthorized,
+                                "no challenge was issued on this session: send \
+                                 {\"op\":\"challenge\"} first and sign its nonce",
+                            ),
+                        );
+                        return self.close(now);
+                    };
+                    // Single-use: whatever the shard says, this nonce never proves another hello.
+                    self.challenge = Challenge::Used;
+                    self.state = State::Authenticating {
+                        mesh: mesh.clone(),
+                        peer: peer.clone(),
+                    };
+                    self.attached = true;
+                    let proof = Some(HelloProof { sig, ts, nonce });
+                    self.forward(
+                        Route::ByKey,
+                        ShardOp::Hello {
+                            mesh,
+                            peer,
+                            token: String::new(),
+                            proof,
+                        },
+                    );
+                }
                 ClientOp::Hello { mesh, peer, token } => {
                     self.state = State::Authenticating {
                         mesh: mesh.clone(),
@@ -343,7 +405,15 @@ impl Session {
                     };
                     // From here the hello's shard may attach the session: it must hear Closed.
                     self.attached = true;
-                    self.forward(Route::ByKey, ShardOp::Hello { mesh, peer, token });
+                    self.forward(
+                        Route::ByKey,
+                        ShardOp::Hello {
+                            mesh,
+                            peer,
+                            token,
+                            proof: None,
+                        },
+                    );
                 }
                 op => {
                     self.stats.ops_before_hello += 1;
@@ -358,7 +428,8 @@ impl Session {
                 }
             },
             State::Authenticating { .. } => match op {
-                ClientOp::Hello { .. } => self.second_hello(),
+                ClientOp::HelloSigned { .. } => self.nonce_reused(),
+                ClientOp::Hello { .. } | ClientOp::Challenge => self.second_hello(),
                 // Held and handled after welcome, in order; counted against the in-flight
                 // limit meanwhile so that a client cannot park unbounded work here.
                 op if self.pending_ops() < self.inflight_hard_max() => self.early.push_back(op),
@@ -381,7 +452,8 @@ impl Session {
             }
         }
         let shard_op = match op {
-            ClientOp::Hello { .. } => return self.second_hello(),
+            ClientOp::HelloSigned { .. } => return self.nonce_reused(),
+            ClientOp::Hello { .. } | ClientOp::Challenge => return self.second_hello(),
             ClientOp::Send { r, to, body } => ShardOp::Send {
                 r,
                 mesh,
@@ -533,6 +605,8 @@ impl Session {
             }
             ServerOp::Deliver { .. } | ServerOp::Event(_) => self.push_frame(&op, Some(shard)),
             ServerOp::Pong { .. } => self.push_frame(&op, None),
+            // Only the session itself answers `challenge`.
+            ServerOp::Challenge { .. } => self.stats.internal_errors += 1,
             // Flattened by `handle_reply`.
             ServerOp::Batch(_) => self.stats.internal_errors += 1,
         }
@@ -598,6 +672,42 @@ impl Session {
             self.closed_sent = true;
             self.forward(Route::AllShards, ShardOp::Closed);
         }
+    }
+
+    /// `challenge` before hello: the session's nonce, as often as asked until a hello uses it.
+    fn answer_challenge(&mut self) {
+        match self.challenge {
+            Challenge::Ready(nonce) | Challenge::Issued(nonce) => {
+                self.challenge = Challenge::Issued(nonce);
+                self.push_frame(&ServerOp::Challenge { nonce }, None);
+            }
+            Challenge::None => self.error(
+                None,
+                ProtoError::new(
+                    ErrorCode::Unavailable,
+                    "this session has no challenge nonce (its transport did not provide one); \
+                     say hello with a token",
+                ),
+            ),
+            Challenge::Used => self.error(
+                None,
+                ProtoError::new(
+                    ErrorCode::Unauthorized,
+                    "this session's nonce was already used; reconnect for a new one",
+                ),
+            ),
+        }
+    }
+
+    /// A key hello after a hello: the session's nonce is spent.
+    fn nonce_reused(&mut self) {
+        self.error(
+            None,
+            ProtoError::new(
+                ErrorCode::Unauthorized,
+                "hello was already sent on this session and its nonce is single-use",
+            ),
+        );
     }
 
     fn second_hello(&mut self) {
@@ -678,7 +788,11 @@ fn counted_ref(op: &ClientOp) -> Option<u64> {
         | ClientOp::Append { r, .. }
         | ClientOp::Subscribe { r, .. }
         | ClientOp::Unsubscribe { r, .. } => Some(*r),
-        ClientOp::Hello { .. } | ClientOp::Ack { .. } | ClientOp::Ping { .. } => None,
+        ClientOp::Hello { .. }
+        | ClientOp::HelloSigned { .. }
+        | ClientOp::Challenge
+        | ClientOp::Ack { .. }
+        | ClientOp::Ping { .. } => None,
         ClientOp::Batch(_) => None,
     }
 }

@@ -132,7 +132,15 @@ fn hello_welcome_send_ok() {
     assert!(s.identity().is_none());
     hello(&mut s);
     match &requests(&mut s)[..] {
-        [(Route::ByKey, ShardOp::Hello { mesh, peer, token })] => {
+        [(
+            Route::ByKey,
+            ShardOp::Hello {
+                mesh,
+                peer,
+                token,
+                proof: None,
+            },
+        )] => {
             assert_eq!((&**mesh, &**peer, token.as_str()), ("m", "p", "t"));
         }
         other => panic!("{other:?}"),
@@ -910,4 +918,90 @@ fn conversation_events_name_their_conversation_for_stream_transports() {
     assert_eq!(event.conv.as_deref(), Some("standup"));
     let ok = s.poll_transmit().expect("the ok");
     assert_eq!(ok.conv, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key hellos (challenge, then a signed hello)
+// ---------------------------------------------------------------------------------------------
+
+fn signed_hello(s: &mut Session, nonce_hex_in_frame: Option<&str>) {
+    // A client cannot name the nonce: any "nonce" field it adds is ignored.
+    let extra = nonce_hex_in_frame.map_or(String::new(), |n| format!(r#","nonce":"{n}""#));
+    text(
+        s,
+        &format!(
+            r#"{{"op":"hello","mesh":"m","peer":"p","sig":"{}","ts":5{extra}}}"#,
+            "cd".repeat(64)
+        ),
+    );
+}
+
+#[test]
+fn the_nonce_the_glue_set_is_issued_and_forwarded_with_the_signature() {
+    // Proves challenge answers the glue's nonce, and the signed hello forwards that nonce (not
+    // one the client put in its frame) with the client's sig and ts.
+    let mut s = session();
+    s.set_challenge_nonce(NOW, [0x42; 32]);
+    s.set_challenge_nonce(NOW, [0x43; 32]);
+    text(&mut s, r#"{"op":"challenge"}"#);
+    let f = frames(&mut s);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0]["op"], "challenge");
+    assert_eq!(f[0]["nonce"], "42".repeat(32), "the first nonce set stays");
+    signed_hello(&mut s, Some(&"99".repeat(32)));
+    match &requests(&mut s)[..] {
+        [(
+            Route::ByKey,
+            ShardOp::Hello {
+                mesh,
+                peer,
+                token,
+                proof: Some(proof),
+            },
+        )] => {
+            assert_eq!((&**mesh, &**peer, token.as_str()), ("m", "p", ""));
+            assert_eq!(proof.nonce, [0x42; 32]);
+            assert_eq!(proof.sig, vec![0xcd; 64]);
+            assert_eq!(proof.ts, 5);
+        }
+        other => panic!("{other:?}"),
+    }
+    s.handle_reply(NOW, 0, welcome_reply());
+    assert_eq!(frames(&mut s)[0]["op"], "welcome");
+    // The nonce is spent: another signed hello is refused as unauthorized.
+    signed_hello(&mut s, None);
+    assert_eq!(codes(&frames(&mut s)), vec!["unauthorized"]);
+    assert!(requests(&mut s).is_empty());
+}
+
+#[test]
+fn challenge_without_a_nonce_errors_and_a_token_hello_still_works() {
+    // Proves a session the glue gave no nonce answers challenge with a clear error (and stays
+    // open for a token hello).
+    let mut s = session();
+    text(&mut s, r#"{"op":"challenge"}"#);
+    let f = frames(&mut s);
+    assert_eq!(codes(&f), vec!["unavailable"]);
+    assert!(f[0]["message"].as_str().unwrap().contains("no challenge nonce"));
+    assert!(!s.is_closed());
+    welcome(&mut s);
+    assert!(s.identity().is_some());
+}
+
+#[test]
+fn a_signed_hello_without_a_challenge_is_refused_and_closes() {
+    // Proves a signed hello on a session that issued no challenge (none asked for, or none
+    // set) is unauthorized and ends the session without reaching a shard.
+    for set_nonce in [false, true] {
+        let mut s = session();
+        if set_nonce {
+            s.set_challenge_nonce(NOW, [1; 32]);
+        }
+        signed_hello(&mut s, None);
+        let f = frames(&mut s);
+        assert_eq!(codes(&f), vec!["unauthorized"]);
+        assert!(f[0]["message"].as_str().unwrap().contains("no challenge"));
+        assert!(s.is_closed());
+        assert!(requests(&mut s).is_empty(), "no shard heard of it");
+    }
 }

@@ -1170,7 +1170,7 @@ impl Reader {
                         .await?;
                     }
                 }
-                ServerOp::Welcome { .. } | ServerOp::Batch(_) => {
+                ServerOp::Welcome { .. } | ServerOp::Challenge { .. } | ServerOp::Batch(_) => {
                     tracing::warn!(op = op.name(), "unexpected frame from the node; ignored");
                 }
             }

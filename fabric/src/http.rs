@@ -287,7 +287,8 @@ async fn add_peer(
             mesh: mesh.as_str().into(),
             peer: req.id.as_str().into(),
             groups: req.groups.iter().map(|g| g.as_str().into()).collect(),
-            token_hash: fabric_shard::token_hash(&token),
+            token_hash: Some(fabric_shard::token_hash(&token)),
+            public_key: None,
         },
     )
     .await?;

@@ -7,6 +7,7 @@
 //! Binary frames are the postcard encoding of [`ClientOp`] / [`ServerOp`], whose enum order is
 //! the wire format. Postcard's format is documented and stable since 1.0.
 
+use crate::hello::{NONCE_BYTES, SIGNATURE_BYTES};
 use crate::{
     validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode, IdKind,
     ProtoError, ServerOp, Target, BATCH_OPS_MAX,
@@ -70,6 +71,10 @@ struct JsonFrame<'a> {
     code: Option<Cow<'a, str>>,
     #[serde(borrow)]
     message: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    sig: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    nonce: Option<Cow<'a, str>>,
 }
 
 /// `from` is a number in `subscribe` (a seq) and a peer id in `deliver`/`event`.
@@ -126,12 +131,29 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
             let peer = f.peer.as_deref().ok_or_else(|| missing(op, "peer"))?;
             validate_id(IdKind::Mesh, mesh)?;
             validate_id(IdKind::Peer, peer)?;
-            ClientOp::Hello {
-                mesh: mesh.into(),
-                peer: peer.into(),
-                token: f.token.as_deref().unwrap_or_default().to_string(),
+            match f.sig.as_deref() {
+                Some(sig) => {
+                    if f.token.is_some() {
+                        return Err(ProtoError::bad_request(
+                            "hello carries either \"token\" or \"sig\" and \"ts\", not both",
+                        ));
+                    }
+                    let sig = decode_hex_exact("hello", "sig", sig, SIGNATURE_BYTES)?;
+                    ClientOp::HelloSigned {
+                        mesh: mesh.into(),
+                        peer: peer.into(),
+                        sig,
+                        ts: f.ts.ok_or_else(|| missing(op, "ts"))?,
+                    }
+                }
+                None => ClientOp::Hello {
+                    mesh: mesh.into(),
+                    peer: peer.into(),
+                    token: f.token.as_deref().unwrap_or_default().to_string(),
+                },
             }
         }
+        "challenge" => ClientOp::Challenge,
         "send" => {
             let to = f.to.as_deref().ok_or_else(|| missing(op, "to"))?;
             ClientOp::Send {
@@ -187,7 +209,7 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
         "ping" => ClientOp::Ping { r: r()? },
         other => {
             return Err(ProtoError::bad_request(format!(
-                "unknown op {other:?}; expected hello, send, append, subscribe, unsubscribe, ack or ping"
+                "unknown op {other:?}; expected hello, challenge, send, append, subscribe, unsubscribe, ack or ping"
             )))
         }
     })
@@ -232,6 +254,19 @@ fn validate_binary_op(op: &ClientOp) -> Result<(), ProtoError> {
             validate_id(IdKind::Mesh, mesh)?;
             validate_id(IdKind::Peer, peer)
         }
+        ClientOp::HelloSigned {
+            mesh, peer, sig, ..
+        } => {
+            validate_id(IdKind::Mesh, mesh)?;
+            validate_id(IdKind::Peer, peer)?;
+            if sig.len() != SIGNATURE_BYTES {
+                return Err(ProtoError::bad_request(format!(
+                    "hello \"sig\" is {} bytes; an ed25519 signature is {SIGNATURE_BYTES}",
+                    sig.len()
+                )));
+            }
+            Ok(())
+        }
         ClientOp::Send { to, body, .. } => {
             match to {
                 Target::Peer(p) => validate_id(IdKind::Peer, p)?,
@@ -252,8 +287,24 @@ fn validate_binary_op(op: &ClientOp) -> Result<(), ProtoError> {
         ClientOp::Subscribe { conv, .. } | ClientOp::Unsubscribe { conv, .. } => {
             validate_conv(conv)
         }
-        ClientOp::Ack { .. } | ClientOp::Ping { .. } | ClientOp::Batch(_) => Ok(()),
+        ClientOp::Ack { .. } | ClientOp::Ping { .. } | ClientOp::Batch(_) | ClientOp::Challenge => {
+            Ok(())
+        }
     }
+}
+
+/// Decodes a hex field that must be exactly `len` bytes.
+fn decode_hex_exact(op: &str, name: &str, text: &str, len: usize) -> Result<Vec<u8>, ProtoError> {
+    let bytes = hex::decode(text)
+        .map_err(|e| ProtoError::bad_request(format!("{op} \"{name}\" is not hex: {e}")))?;
+    if bytes.len() != len {
+        return Err(ProtoError::bad_request(format!(
+            "{op} \"{name}\" is {} bytes; it must be {len} (hex of {} characters)",
+            bytes.len(),
+            2 * len
+        )));
+    }
+    Ok(bytes)
 }
 
 fn push_str(out: &mut Vec<u8>, s: &str) {
@@ -335,6 +386,10 @@ pub fn encode_server_json(op: &ServerOp, out: &mut Vec<u8>) {
             field(out, "ref");
             push_u64(out, *r);
         }
+        ServerOp::Challenge { nonce } => {
+            field(out, "nonce");
+            push_str(out, &hex::encode(nonce));
+        }
         ServerOp::Error { r, code, message } => {
             if let Some(r) = r {
                 field(out, "ref");
@@ -379,6 +434,22 @@ pub fn encode_client_json(op: &ClientOp, out: &mut Vec<u8>) {
             field(out, "token");
             push_str(out, token);
         }
+        ClientOp::HelloSigned {
+            mesh,
+            peer,
+            sig,
+            ts,
+        } => {
+            field(out, "mesh");
+            push_str(out, mesh);
+            field(out, "peer");
+            push_str(out, peer);
+            field(out, "sig");
+            push_str(out, &hex::encode(sig));
+            field(out, "ts");
+            push_u64(out, *ts);
+        }
+        ClientOp::Challenge => {}
         ClientOp::Send { r, to, body } => {
             field(out, "ref");
             push_u64(out, *r);
@@ -479,6 +550,13 @@ fn server_op_from_json(f: JsonFrame<'_>) -> Result<ServerOp, ProtoError> {
         "pong" => ServerOp::Pong {
             r: f.r.ok_or_else(|| missing(op, "ref"))?,
         },
+        "challenge" => {
+            let text = f.nonce.as_deref().ok_or_else(|| missing(op, "nonce"))?;
+            let bytes = decode_hex_exact(op, "nonce", text, NONCE_BYTES)?;
+            let mut nonce = [0u8; NONCE_BYTES];
+            nonce.copy_from_slice(&bytes);
+            ServerOp::Challenge { nonce }
+        }
         "error" => {
             let code = f.code.as_deref().ok_or_else(|| missing(op, "code"))?;
             ServerOp::Error {
@@ -545,6 +623,13 @@ mod tests {
             },
             ClientOp::Ack { upto: 9 },
             ClientOp::Ping { r: 5 },
+            ClientOp::Challenge,
+            ClientOp::HelloSigned {
+                mesh: "m".into(),
+                peer: "p".into(),
+                sig: (0..64).collect(),
+                ts: 1_700_000_000_000,
+            },
         ]
     }
 
@@ -580,6 +665,7 @@ mod tests {
                 ts: 100,
             }),
             ServerOp::Pong { r: 8 },
+            ServerOp::Challenge { nonce: [7; 32] },
             ServerOp::Error {
                 r: None,
                 code: ErrorCode::TooLarge,
@@ -691,5 +777,65 @@ mod tests {
             body: Body::from_trusted(bytes::Bytes::from_static(b"{nope")),
         };
         assert!(decode_client_binary(&encode_client_binary(&bad_body)).is_err());
+    }
+}
+
+#[cfg(test)]
+mod hello_tests {
+    use super::*;
+
+    #[test]
+    fn key_hellos_decode_and_bad_ones_are_refused() {
+        // Proves a JSON hello with sig+ts is a signed hello, and a short sig, a missing ts or a
+        // token beside a sig are bad requests.
+        let sig = "ab".repeat(64);
+        let ok = format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"{sig}","ts":5}}"#);
+        assert_eq!(
+            decode_client_json(ok.as_bytes()).unwrap(),
+            vec![ClientOp::HelloSigned {
+                mesh: "m".into(),
+                peer: "p".into(),
+                sig: vec![0xab; 64],
+                ts: 5
+            }]
+        );
+        assert_eq!(
+            decode_client_json(br#"{"op":"challenge"}"#).unwrap(),
+            vec![ClientOp::Challenge]
+        );
+        let bad = [
+            format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"abcd","ts":5}}"#),
+            format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"{sig}"}}"#),
+            format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"{sig}","ts":5,"token":"t"}}"#),
+            format!(
+                r#"{{"op":"hello","mesh":"m","peer":"p","sig":"zz{}","ts":5}}"#,
+                &sig[2..]
+            ),
+        ];
+        for b in bad {
+            assert_eq!(
+                decode_client_json(b.as_bytes()).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{b}"
+            );
+        }
+        let short = ClientOp::HelloSigned {
+            mesh: "m".into(),
+            peer: "p".into(),
+            sig: vec![1; 10],
+            ts: 5,
+        };
+        assert_eq!(
+            decode_client_binary(&encode_client_binary(&short))
+                .unwrap_err()
+                .code,
+            ErrorCode::BadRequest
+        );
+        let mut json = Vec::new();
+        encode_server_json(&ServerOp::Challenge { nonce: [0x0f; 32] }, &mut json);
+        assert_eq!(
+            String::from_utf8(json).unwrap(),
+            format!(r#"{{"op":"challenge","nonce":"{}"}}"#, "0f".repeat(32))
+        );
     }
 }

@@ -33,20 +33,24 @@ pub struct Request {
 pub enum ShardOp {
     /// Admin: create a mesh. Replies `Ok` once durable, `Error(conflict)` if it exists.
     CreateMesh { r: u64, mesh: Arc<str> },
-    /// Admin: add a peer with the SHA-256 of its token. Replies `Ok` once durable.
+    /// Admin: add a peer with the SHA-256 of its token, its ed25519 public key, or both (at
+    /// least one). Replies `Ok` once durable.
     AddPeer {
         r: u64,
         mesh: Arc<str>,
         peer: Arc<str>,
         groups: Vec<Arc<str>>,
-        token_hash: [u8; 32],
+        token_hash: Option<[u8; 32]>,
+        public_key: Option<[u8; 32]>,
     },
-    /// Authenticate a session as `peer` and attach it as a receiver of the peer's inbox.
+    /// Authenticate a session as `peer` and attach it as a receiver of the peer's inbox: by
+    /// `token`, or, when `proof` is set, by the peer's key (then `token` is empty).
     /// Replies `Welcome` or `Error(unauthorized)`.
     Hello {
         mesh: Arc<str>,
         peer: Arc<str>,
         token: String,
+        proof: Option<HelloProof>,
     },
     /// Authenticate a bearer token of the mesh without attaching (HTTP). Replies `Authed`.
     Auth {
@@ -120,6 +124,18 @@ impl ShardOp {
             ShardOp::Flushed { .. } | ShardOp::Closed => Placement::Broadcast,
         }
     }
+}
+
+/// A key hello's proof, as the session forwards it: the client's signature and timestamp, and
+/// the nonce the *session* issued (never one the client named). The shard verifies `sig` over
+/// [`crate::hello::hello_message`] with the peer's stored public key.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloProof {
+    /// 64 bytes (checked by the codec).
+    pub sig: Vec<u8>,
+    /// The client's clock, unix ms.
+    pub ts: u64,
+    pub nonce: [u8; 32],
 }
 
 /// What a shard says to one session.

@@ -12,6 +12,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod hello;
 pub mod ids;
 pub mod internal;
 pub mod ops;

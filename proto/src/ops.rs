@@ -82,6 +82,18 @@ pub enum ClientOp {
     },
     /// Binary frames only: several ops in one frame (JSON uses a top-level array instead).
     Batch(Vec<ClientOp>),
+    /// Asks for this session's hello nonce (answered with [`ServerOp::Challenge`]); the first
+    /// step of a key hello.
+    Challenge,
+    /// Hello proven with the peer's ed25519 key instead of a token: `sig` (64 bytes) signs
+    /// [`crate::hello::hello_message`] of mesh, peer, `ts` (unix ms) and this session's nonce.
+    /// In JSON it is a `hello` frame with `sig` and `ts` instead of `token`.
+    HelloSigned {
+        mesh: Arc<str>,
+        peer: Arc<str>,
+        sig: Vec<u8>,
+        ts: u64,
+    },
 }
 
 impl ClientOp {
@@ -95,6 +107,8 @@ impl ClientOp {
             ClientOp::Ack { .. } => "ack",
             ClientOp::Ping { .. } => "ping",
             ClientOp::Batch(_) => "batch",
+            ClientOp::Challenge => "challenge",
+            ClientOp::HelloSigned { .. } => "hello",
         }
     }
 
@@ -106,7 +120,11 @@ impl ClientOp {
             | ClientOp::Subscribe { r, .. }
             | ClientOp::Unsubscribe { r, .. }
             | ClientOp::Ping { r } => Some(*r),
-            ClientOp::Hello { .. } | ClientOp::Ack { .. } | ClientOp::Batch(_) => None,
+            ClientOp::Hello { .. }
+            | ClientOp::HelloSigned { .. }
+            | ClientOp::Challenge
+            | ClientOp::Ack { .. }
+            | ClientOp::Batch(_) => None,
         }
     }
 }
@@ -153,6 +171,11 @@ pub enum ServerOp {
     },
     /// Binary frames only: several frames in one.
     Batch(Vec<ServerOp>),
+    /// The answer to `challenge`: the nonce a key hello on this session must sign. It is
+    /// single-use and belongs to this session only.
+    Challenge {
+        nonce: [u8; 32],
+    },
 }
 
 impl ServerOp {
@@ -173,6 +196,7 @@ impl ServerOp {
             ServerOp::Pong { .. } => "pong",
             ServerOp::Error { .. } => "error",
             ServerOp::Batch(_) => "batch",
+            ServerOp::Challenge { .. } => "challenge",
         }
     }
 }

@@ -26,7 +26,9 @@
 pub mod record;
 pub mod wal;
 
-use fabric_proto::internal::{Output, Reply, Request, SessionId, ShardIdx, ShardOp};
+use ed25519_dalek::{Signature, VerifyingKey};
+use fabric_proto::hello::{hello_message, HELLO_SKEW_MS_MAX, SIGNATURE_BYTES};
+use fabric_proto::internal::{HelloProof, Output, Reply, Request, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{Body, DeliveredEvent, ErrorCode, ProtoError, ServerOp, Target};
 use record::*;
 use sha2::{Digest, Sha256};
@@ -197,7 +199,10 @@ struct InboxMsg {
 struct Peer {
     id: Arc<str>,
     groups: Vec<Arc<str>>,
-    token_hash: [u8; 32],
+    /// `None`: the peer has no token (it says hello with its key).
+    token_hash: Option<[u8; 32]>,
+    /// The ed25519 public key key hellos are verified with.
+    public_key: Option<[u8; 32]>,
     acked: u64,
     /// Highest position delivered to this peer by this incarnation (for counting redeliveries;
     /// not persisted).
@@ -238,7 +243,8 @@ impl Mesh {
         self.peers.push(Peer {
             id: id.clone(),
             groups: Vec::new(),
-            token_hash: [0; 32],
+            token_hash: None,
+            public_key: None,
             acked: 0,
             delivered_upto: 0,
             cursor_unlogged: false,
@@ -248,14 +254,23 @@ impl Mesh {
         i
     }
 
-    fn define_peer(&mut self, id: &Arc<str>, groups: Vec<Arc<str>>, token_hash: [u8; 32]) {
+    fn define_peer(
+        &mut self,
+        id: &Arc<str>,
+        groups: Vec<Arc<str>>,
+        token_hash: Option<[u8; 32]>,
+        public_key: Option<[u8; 32]>,
+    ) {
         let i = self.ensure_peer(id) as usize;
         let p = &mut self.peers[i];
         if p.placeholder {
             p.placeholder = false;
             p.groups = groups;
             p.token_hash = token_hash;
-            self.token_index.insert(token_hash, i as u32);
+            p.public_key = public_key;
+            if let Some(h) = token_hash {
+                self.token_index.insert(h, i as u32);
+            }
         }
     }
 
@@ -380,6 +395,8 @@ struct SessionState {
     queued: bool,
     inbox: Option<(Arc<str>, u32, u64)>, // mesh, peer, next pos to look at
     subs: Vec<Sub>,
+    /// The nonce of the last key hello on this session (each nonce proves one hello only).
+    hello_nonce: Option<[u8; 32]>,
 }
 
 /// The set of entities a WAL batch made durable, applied on `handle_wal_done`.
@@ -602,7 +619,18 @@ impl Shard {
                 peer,
                 groups,
                 token_hash,
+                public_key,
             } => {
+                if token_hash.is_none() && public_key.is_none() {
+                    return Err(ProtoError::bad_request(
+                        "a peer needs a token, a public key, or both",
+                    ));
+                }
+                if let Some(k) = &public_key {
+                    VerifyingKey::from_bytes(k).map_err(|_| {
+                        ProtoError::bad_request("the public key is not a valid ed25519 point")
+                    })?;
+                }
                 let m = self.mesh_mut(&mesh)?;
                 if m.peer_index
                     .get(&peer)
@@ -613,17 +641,38 @@ impl Shard {
                         format!("peer {peer:?} already exists in mesh {mesh:?}"),
                     ));
                 }
-                m.define_peer(&peer, groups.clone(), token_hash);
-                let lsn = self.log(Record::PeerAdded(PeerRec {
-                    mesh,
-                    peer,
-                    groups,
-                    token_hash,
-                }));
+                m.define_peer(&peer, groups.clone(), token_hash, public_key);
+                // Token-only peers keep the original record type, so a WAL without keys stays
+                // readable by an older node.
+                let record = match (token_hash, public_key) {
+                    (Some(token_hash), None) => Record::PeerAdded(PeerRec {
+                        mesh,
+                        peer,
+                        groups,
+                        token_hash,
+                    }),
+                    (token_hash, Some(public_key)) => Record::PeerKeyAdded(PeerKeyRec {
+                        mesh,
+                        peer,
+                        groups,
+                        token_hash,
+                        public_key,
+                    }),
+                    (None, None) => unreachable!("refused above"),
+                };
+                let lsn = self.log(record);
                 self.ack_at(lsn, session, Reply::Frame(ok(r, None, None)));
             }
-            ShardOp::Hello { mesh, peer, token } => {
-                let (acked, head, idx) = self.authenticate(&mesh, Some(&peer), &token)?;
+            ShardOp::Hello {
+                mesh,
+                peer,
+                token,
+                proof,
+            } => {
+                let (acked, head, idx) = match proof {
+                    None => self.authenticate(&mesh, Some(&peer), &token)?,
+                    Some(proof) => self.authenticate_key(now, session, &mesh, &peer, &proof)?,
+                };
                 let m = self
                     .meshes
                     .get_mut(&mesh)
@@ -838,6 +887,7 @@ impl Shard {
                 queued: false,
                 inbox: None,
                 subs: Vec::new(),
+                hello_nonce: None,
             })
     }
 
@@ -864,9 +914,71 @@ impl Shard {
             None => *m.token_index.get(&hash).ok_or_else(refuse)?,
         };
         let p = &m.peers[idx as usize];
-        if p.placeholder || !bool::from(p.token_hash.ct_eq(&hash)) {
+        let token_ok = p
+            .token_hash
+            .is_some_and(|stored| bool::from(stored.ct_eq(&hash)));
+        if p.placeholder || !token_ok {
             return Err(refuse());
         }
+        Ok((p.acked, m.durable_pos, idx))
+    }
+
+    /// A key hello: the signature over the hello message with the nonce the session issued,
+    /// verified with the peer's stored public key. Each refusal says which check failed; none
+    /// says whether the mesh or peer exists.
+    fn authenticate_key(
+        &mut self,
+        now: u64,
+        session: SessionId,
+        mesh: &str,
+        peer: &str,
+        proof: &HelloProof,
+    ) -> Result<(u64, u64, u32), ProtoError> {
+        let refuse = |message: String| ProtoError::new(ErrorCode::Unauthorized, message);
+        // The nonce is single-use per session, whatever the outcome of its first use.
+        let s = self.session_state(session);
+        if s.hello_nonce == Some(proof.nonce) {
+            return Err(refuse(
+                "this session's nonce was already used by a hello; reconnect for a new one".into(),
+            ));
+        }
+        s.hello_nonce = Some(proof.nonce);
+        let skew = now.abs_diff(proof.ts);
+        if skew > HELLO_SKEW_MS_MAX {
+            return Err(refuse(format!(
+                "hello ts {} is {skew} ms from the node's clock {now}; the limit is \
+                 {HELLO_SKEW_MS_MAX} (hello_skew_ms_max)",
+                proof.ts
+            )));
+        }
+        let unknown =
+            || refuse("unknown mesh or peer, or no public key registered for the peer".into());
+        let m = self
+            .meshes
+            .get(mesh)
+            .filter(|m| m.exists)
+            .ok_or_else(unknown)?;
+        let idx = *m.peer_index.get(peer).ok_or_else(unknown)?;
+        let p = &m.peers[idx as usize];
+        let key = p
+            .public_key
+            .filter(|_| !p.placeholder)
+            .ok_or_else(unknown)?;
+        let key = VerifyingKey::from_bytes(&key).map_err(|_| unknown())?;
+        let sig: [u8; SIGNATURE_BYTES] = proof
+            .sig
+            .as_slice()
+            .try_into()
+            .map_err(|_| refuse("bad signature: not 64 bytes".into()))?;
+        let message = hello_message(mesh, peer, proof.ts, &proof.nonce);
+        key.verify_strict(&message, &Signature::from_bytes(&sig))
+            .map_err(|_| {
+                refuse(
+                    "bad signature: it does not verify with the peer's public key over this \
+                     session's nonce"
+                        .into(),
+                )
+            })?;
         Ok((p.acked, m.durable_pos, idx))
     }
 
@@ -1178,30 +1290,35 @@ impl Shard {
             self.stats.records_copied_forward += 1;
         }
         let checkpoint = self.checkpoint();
-        let checkpoint_lsn = self.log(Record::Checkpoint(checkpoint));
+        let record = match checkpoint.to_v1() {
+            Some(v1) => Record::Checkpoint(v1),
+            None => Record::CheckpointV2(checkpoint),
+        };
+        let checkpoint_lsn = self.log(record);
         self.retention = Retention::AwaitingCheckpoint {
             checkpoint_lsn,
             segment: oldest.id,
         };
     }
 
-    fn checkpoint(&self) -> CheckpointRec {
+    fn checkpoint(&self) -> CheckpointV2Rec {
         // Sorted, so that the same state always writes the same bytes (determinism).
-        let mut meshes: Vec<MeshCheckpoint> = self
+        let mut meshes: Vec<MeshCheckpointV2> = self
             .meshes
             .values()
             .filter(|m| m.exists)
-            .map(|m| MeshCheckpoint {
+            .map(|m| MeshCheckpointV2 {
                 mesh: m.id.clone(),
                 head: m.head,
                 peers: m
                     .peers
                     .iter()
                     .filter(|p| !p.placeholder)
-                    .map(|p| PeerCheckpoint {
+                    .map(|p| PeerCheckpointV2 {
                         peer: p.id.clone(),
                         groups: p.groups.clone(),
                         token_hash: p.token_hash,
+                        public_key: p.public_key,
                         acked: p.acked,
                     })
                     .collect(),
@@ -1219,7 +1336,7 @@ impl Shard {
             })
             .collect();
         convs.sort_by(|a, b| (&a.mesh, &a.conv).cmp(&(&b.mesh, &b.conv)));
-        CheckpointRec { meshes, convs }
+        CheckpointV2Rec { meshes, convs }
     }
 
     /// The next reply for a session: acks and errors first, then pushed deliveries and events.
@@ -1427,7 +1544,14 @@ impl Recoverer {
                     .meshes
                     .entry(r.mesh.clone())
                     .or_insert_with(|| Mesh::new(r.mesh.clone()));
-                m.define_peer(&r.peer, r.groups, r.token_hash);
+                m.define_peer(&r.peer, r.groups, Some(r.token_hash), None);
+            }
+            Record::PeerKeyAdded(r) => {
+                let m = s
+                    .meshes
+                    .entry(r.mesh.clone())
+                    .or_insert_with(|| Mesh::new(r.mesh.clone()));
+                m.define_peer(&r.peer, r.groups, r.token_hash, Some(r.public_key));
             }
             Record::Sent(r) => {
                 let m = s
@@ -1471,30 +1595,33 @@ impl Recoverer {
                     m.peers[i].acked = m.peers[i].acked.max(r.upto);
                 }
             }
-            Record::Checkpoint(ck) => {
-                for mc in ck.meshes {
-                    let m = s
-                        .meshes
-                        .entry(mc.mesh.clone())
-                        .or_insert_with(|| Mesh::new(mc.mesh.clone()));
-                    m.exists = true;
-                    m.head = m.head.max(mc.head);
-                    m.durable_pos = m.head;
-                    for pc in mc.peers {
-                        m.define_peer(&pc.peer, pc.groups, pc.token_hash);
-                        let i = m.peer_index[&pc.peer] as usize;
-                        m.peers[i].acked = m.peers[i].acked.max(pc.acked);
-                    }
-                }
-                for cc in ck.convs {
-                    let c = s.convs.entry((cc.mesh, cc.conv)).or_default();
-                    if cc.head > c.head {
-                        c.head = cc.head;
-                        c.durable_seq = cc.head;
-                        if c.events.is_empty() {
-                            c.first_seq = cc.head + 1;
-                        }
-                    }
+            Record::Checkpoint(ck) => Self::apply_checkpoint(s, ck.into()),
+            Record::CheckpointV2(ck) => Self::apply_checkpoint(s, ck),
+        }
+    }
+
+    fn apply_checkpoint(s: &mut Shard, ck: CheckpointV2Rec) {
+        for mc in ck.meshes {
+            let m = s
+                .meshes
+                .entry(mc.mesh.clone())
+                .or_insert_with(|| Mesh::new(mc.mesh.clone()));
+            m.exists = true;
+            m.head = m.head.max(mc.head);
+            m.durable_pos = m.head;
+            for pc in mc.peers {
+                m.define_peer(&pc.peer, pc.groups, pc.token_hash, pc.public_key);
+                let i = m.peer_index[&pc.peer] as usize;
+                m.peers[i].acked = m.peers[i].acked.max(pc.acked);
+            }
+        }
+        for cc in ck.convs {
+            let c = s.convs.entry((cc.mesh, cc.conv)).or_default();
+            if cc.head > c.head {
+                c.head = cc.head;
+                c.durable_seq = cc.head;
+                if c.events.is_empty() {
+                    c.first_seq = cc.head + 1;
                 }
             }
         }

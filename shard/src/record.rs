@@ -15,6 +15,11 @@ pub enum RecordType {
     Appended = 4,
     Acked = 5,
     Checkpoint = 6,
+    /// A peer with an ed25519 public key (and maybe a token): [`PeerKeyRec`].
+    PeerKeyAdded = 7,
+    /// A checkpoint that can hold public keys: [`CheckpointV2Rec`]. Written instead of
+    /// `Checkpoint` once some peer of the shard has a key or no token.
+    CheckpointV2 = 8,
 }
 
 impl RecordType {
@@ -26,6 +31,8 @@ impl RecordType {
             4 => RecordType::Appended,
             5 => RecordType::Acked,
             6 => RecordType::Checkpoint,
+            7 => RecordType::PeerKeyAdded,
+            8 => RecordType::CheckpointV2,
             _ => return None,
         })
     }
@@ -42,6 +49,16 @@ pub struct PeerRec {
     pub peer: Arc<str>,
     pub groups: Vec<Arc<str>>,
     pub token_hash: [u8; 32],
+}
+
+/// A peer added with a public key. Token-only peers keep using [`PeerRec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerKeyRec {
+    pub mesh: Arc<str>,
+    pub peer: Arc<str>,
+    pub groups: Vec<Arc<str>>,
+    pub token_hash: Option<[u8; 32]>,
+    pub public_key: [u8; 32],
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -95,6 +112,86 @@ pub struct PeerCheckpoint {
     pub acked: u64,
 }
 
+/// [`CheckpointRec`] with peers that may have a public key and no token.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct CheckpointV2Rec {
+    pub meshes: Vec<MeshCheckpointV2>,
+    pub convs: Vec<ConvCheckpoint>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshCheckpointV2 {
+    pub mesh: Arc<str>,
+    pub head: u64,
+    pub peers: Vec<PeerCheckpointV2>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerCheckpointV2 {
+    pub peer: Arc<str>,
+    pub groups: Vec<Arc<str>>,
+    pub token_hash: Option<[u8; 32]>,
+    pub public_key: Option<[u8; 32]>,
+    pub acked: u64,
+}
+
+impl CheckpointV2Rec {
+    /// The same checkpoint in the old format, if no peer needs the new fields.
+    pub fn to_v1(&self) -> Option<CheckpointRec> {
+        let mut meshes = Vec::with_capacity(self.meshes.len());
+        for m in &self.meshes {
+            let mut peers = Vec::with_capacity(m.peers.len());
+            for p in &m.peers {
+                match (p.token_hash, p.public_key) {
+                    (Some(token_hash), None) => peers.push(PeerCheckpoint {
+                        peer: p.peer.clone(),
+                        groups: p.groups.clone(),
+                        token_hash,
+                        acked: p.acked,
+                    }),
+                    _ => return None,
+                }
+            }
+            meshes.push(MeshCheckpoint {
+                mesh: m.mesh.clone(),
+                head: m.head,
+                peers,
+            });
+        }
+        Some(CheckpointRec {
+            meshes,
+            convs: self.convs.clone(),
+        })
+    }
+}
+
+impl From<CheckpointRec> for CheckpointV2Rec {
+    fn from(c: CheckpointRec) -> CheckpointV2Rec {
+        CheckpointV2Rec {
+            meshes: c
+                .meshes
+                .into_iter()
+                .map(|m| MeshCheckpointV2 {
+                    mesh: m.mesh,
+                    head: m.head,
+                    peers: m
+                        .peers
+                        .into_iter()
+                        .map(|p| PeerCheckpointV2 {
+                            peer: p.peer,
+                            groups: p.groups,
+                            token_hash: Some(p.token_hash),
+                            public_key: None,
+                            acked: p.acked,
+                        })
+                        .collect(),
+                })
+                .collect(),
+            convs: c.convs,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConvCheckpoint {
     pub mesh: Arc<str>,
@@ -110,6 +207,8 @@ pub enum Record {
     Appended(AppendedRec),
     Acked(AckedRec),
     Checkpoint(CheckpointRec),
+    PeerKeyAdded(PeerKeyRec),
+    CheckpointV2(CheckpointV2Rec),
 }
 
 impl Record {
@@ -122,6 +221,8 @@ impl Record {
             Record::Appended(r) => (RecordType::Appended, payload(r)),
             Record::Acked(r) => (RecordType::Acked, payload(r)),
             Record::Checkpoint(r) => (RecordType::Checkpoint, payload(r)),
+            Record::PeerKeyAdded(r) => (RecordType::PeerKeyAdded, payload(r)),
+            Record::CheckpointV2(r) => (RecordType::CheckpointV2, payload(r)),
         }
     }
 
@@ -133,6 +234,8 @@ impl Record {
             RecordType::Appended => Record::Appended(codec::from_binary(bytes)?),
             RecordType::Acked => Record::Acked(codec::from_binary(bytes)?),
             RecordType::Checkpoint => Record::Checkpoint(codec::from_binary(bytes)?),
+            RecordType::PeerKeyAdded => Record::PeerKeyAdded(codec::from_binary(bytes)?),
+            RecordType::CheckpointV2 => Record::CheckpointV2(codec::from_binary(bytes)?),
         })
     }
 }

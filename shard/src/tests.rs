@@ -103,7 +103,8 @@ impl Node {
                     mesh: "m".into(),
                     peer: (*p).into(),
                     groups: groups.iter().map(|g| Arc::from(*g)).collect(),
-                    token_hash: token_hash(&format!("tok-{p}")),
+                    token_hash: Some(token_hash(&format!("tok-{p}"))),
+                    public_key: None,
                 },
             );
         }
@@ -117,6 +118,7 @@ impl Node {
                 mesh: "m".into(),
                 peer: peer.into(),
                 token: format!("tok-{peer}"),
+                proof: None,
             },
         );
         self.pump()
@@ -365,6 +367,7 @@ fn bad_requests_get_stable_codes() {
             mesh: "m".into(),
             peer: "a".into(),
             token: "wrong".into(),
+            proof: None,
         },
     );
     assert_eq!(error_code(&n.pump()), Some(ErrorCode::Unauthorized));
@@ -374,6 +377,7 @@ fn bad_requests_get_stable_codes() {
             mesh: "other".into(),
             peer: "a".into(),
             token: "tok-a".into(),
+            proof: None,
         },
     );
     assert_eq!(error_code(&n.pump()), Some(ErrorCode::Unauthorized));
@@ -384,7 +388,8 @@ fn bad_requests_get_stable_codes() {
             mesh: "nope".into(),
             peer: "x".into(),
             groups: vec![],
-            token_hash: [0; 32],
+            token_hash: Some([0; 32]),
+            public_key: None,
         },
     );
     assert_eq!(error_code(&n.pump()), Some(ErrorCode::NotFound));
@@ -632,4 +637,242 @@ fn many_acks_in_one_group_commit_write_one_cursor_record() {
         Reply::Frame(ServerOp::Welcome { acked, .. }) => assert_eq!(*acked, 10),
         r => panic!("expected welcome, got {r:?}"),
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Key hellos
+// ---------------------------------------------------------------------------------------------
+
+use ed25519_dalek::{Signer, SigningKey};
+use fabric_proto::internal::HelloProof;
+
+fn signing_key(seed: u8) -> SigningKey {
+    SigningKey::from_bytes(&[seed; 32])
+}
+
+impl Node {
+    /// Adds peer `peer` to mesh "m" with `key`'s public key and, if given, a token.
+    fn add_key_peer(&mut self, peer: &str, key: &SigningKey, token: Option<&str>) -> Vec<Output> {
+        self.req(
+            0,
+            ShardOp::AddPeer {
+                r: 7,
+                mesh: "m".into(),
+                peer: peer.into(),
+                groups: vec![],
+                token_hash: token.map(token_hash),
+                public_key: Some(key.verifying_key().to_bytes()),
+            },
+        );
+        self.pump()
+    }
+
+    /// A key hello as the session forwards it: signed by `key` over `nonce` at `ts`.
+    fn key_hello(
+        &mut self,
+        session: SessionId,
+        peer: &str,
+        key: &SigningKey,
+        ts: u64,
+        nonce: [u8; 32],
+    ) -> Vec<Output> {
+        let msg = fabric_proto::hello::hello_message("m", peer, ts, &nonce);
+        let sig = key.sign(&msg).to_bytes().to_vec();
+        self.req(
+            session,
+            ShardOp::Hello {
+                mesh: "m".into(),
+                peer: peer.into(),
+                token: String::new(),
+                proof: Some(HelloProof { sig, ts, nonce }),
+            },
+        );
+        self.pump()
+    }
+}
+
+fn welcomed(out: &[Output], session: SessionId) -> bool {
+    out.iter().any(|o| {
+        o.session == session && matches!(o.reply, Reply::Frame(ServerOp::Welcome { .. }))
+    })
+}
+
+fn error_message(out: &[Output]) -> String {
+    out.iter()
+        .find_map(|o| match &o.reply {
+            Reply::Frame(ServerOp::Error { message, .. }) => Some(message.clone()),
+            _ => None,
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_key_hello_with_a_good_signature_is_welcomed_and_gets_its_inbox() {
+    // Proves a peer registered with a public key authenticates by signature and is attached.
+    let mut n = Node::new(ShardConfig::default());
+    n.setup_mesh(&[("a", &[])]);
+    let key = signing_key(1);
+    assert_eq!(error_code(&n.add_key_peer("k", &key, None)), None);
+    n.send(1, 1, "a", "k", "\"hi\"");
+    n.pump();
+    let now = n.now;
+    let out = n.key_hello(5, "k", &key, now - 1_000, [9; 32]);
+    assert!(welcomed(&out, 5), "{out:?}");
+    assert_eq!(deliveries(&out, 5), vec![1]);
+}
+
+#[test]
+fn key_hellos_with_a_bad_signature_wrong_key_or_no_key_are_unauthorized() {
+    // Proves a tampered signature, a signature by another key, and a key hello for a peer that
+    // has only a token are each refused as unauthorized with a message saying why.
+    let mut n = Node::new(ShardConfig::default());
+    n.setup_mesh(&[("a", &[])]);
+    let key = signing_key(1);
+    n.add_key_peer("k", &key, None);
+    let now = n.now;
+
+    // Signed over another nonce than the one the session forwards: the signature is bad.
+    let msg = fabric_proto::hello::hello_message("m", "k", now, &[1; 32]);
+    let sig = key.sign(&msg).to_bytes().to_vec();
+    n.req(
+        10,
+        ShardOp::Hello {
+            mesh: "m".into(),
+            peer: "k".into(),
+            token: String::new(),
+            proof: Some(HelloProof {
+                sig,
+                ts: now,
+                nonce: [2; 32],
+            }),
+        },
+    );
+    let out = n.pump();
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert!(error_message(&out).contains("bad signature"), "{out:?}");
+    assert!(!welcomed(&out, 10));
+
+    let out = n.key_hello(11, "k", &signing_key(2), now, [3; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert!(error_message(&out).contains("bad signature"));
+
+    let out = n.key_hello(12, "a", &key, now, [4; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert!(error_message(&out).contains("no public key"), "{out:?}");
+
+    let out = n.key_hello(13, "ghost", &key, now, [5; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+
+    // A key-only peer has no token: a token hello with an empty token is refused too.
+    n.req(
+        14,
+        ShardOp::Hello {
+            mesh: "m".into(),
+            peer: "k".into(),
+            token: String::new(),
+            proof: None,
+        },
+    );
+    assert_eq!(error_code(&n.pump()), Some(ErrorCode::Unauthorized));
+}
+
+#[test]
+fn a_stale_or_future_ts_is_refused_at_the_skew_limit() {
+    // Proves `ts` more than HELLO_SKEW_MS_MAX from the shard's clock is refused either way,
+    // and exactly at the limit it is accepted.
+    let mut n = Node::new(ShardConfig::default());
+    n.now = 10_000_000;
+    n.setup_mesh(&[]);
+    let key = signing_key(1);
+    n.add_key_peer("k", &key, None);
+    let max = fabric_proto::hello::HELLO_SKEW_MS_MAX;
+    let now = n.now;
+    let out = n.key_hello(1, "k", &key, now - max - 1, [1; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert!(error_message(&out).contains("hello_skew_ms_max"), "{out:?}");
+    let out = n.key_hello(2, "k", &key, now + max + 1, [2; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    let now = n.now;
+    let out = n.key_hello(3, "k", &key, now - max, [3; 32]);
+    assert!(welcomed(&out, 3), "{out:?}");
+}
+
+#[test]
+fn a_nonce_proves_one_hello_per_session() {
+    // Proves a second hello on a session with the nonce already used is refused, even with a
+    // valid signature, while another session with its own nonce is welcomed.
+    let mut n = Node::new(ShardConfig::default());
+    n.setup_mesh(&[]);
+    let key = signing_key(1);
+    n.add_key_peer("k", &key, Some("tok-k"));
+    let now = n.now;
+    assert!(welcomed(&n.key_hello(1, "k", &key, now, [7; 32]), 1));
+    let out = n.key_hello(1, "k", &key, now, [7; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert!(error_message(&out).contains("already used"), "{out:?}");
+    assert!(welcomed(&n.key_hello(2, "k", &key, now, [8; 32]), 2));
+    // The peer registered with both can still use its token.
+    assert!(welcomed(&n.hello(3, "k"), 3));
+}
+
+#[test]
+fn add_peer_needs_a_token_or_a_valid_key() {
+    // Proves a peer with neither credential, or with bytes that are not an ed25519 point, is
+    // refused as a bad request and nothing is logged.
+    let mut n = Node::new(ShardConfig::default());
+    n.setup_mesh(&[]);
+    let before = n.shard.stats().records_written;
+    // Some y coordinates have no point on the curve; take the first such small one.
+    let not_a_point = (0u8..=255)
+        .map(|i| {
+            let mut b = [0u8; 32];
+            b[0] = i;
+            b
+        })
+        .find(|b| ed25519_dalek::VerifyingKey::from_bytes(b).is_err())
+        .expect("an invalid encoding exists");
+    for public_key in [None, Some(not_a_point)] {
+        n.req(
+            0,
+            ShardOp::AddPeer {
+                r: 1,
+                mesh: "m".into(),
+                peer: "x".into(),
+                groups: vec![],
+                token_hash: None,
+                public_key,
+            },
+        );
+        assert_eq!(error_code(&n.pump()), Some(ErrorCode::BadRequest));
+    }
+    assert_eq!(n.shard.stats().records_written, before);
+}
+
+#[test]
+fn public_keys_survive_restarts_and_retention_checkpoints() {
+    // Proves a key-only peer is recovered from its PeerKeyAdded record, and from a version-2
+    // checkpoint once retention deleted the segment that held that record.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 4_000,
+        retention_bytes_max: 12_000,
+        ..ShardConfig::default()
+    });
+    n.setup_mesh(&[("a", &[])]);
+    let key = signing_key(3);
+    n.add_key_peer("k", &key, None);
+    n.restart();
+    let now = n.now;
+    assert!(welcomed(&n.key_hello(1, "k", &key, now, [1; 32]), 1));
+    for i in 0..400 {
+        n.append(1, i, "conv", "\"event\"", None);
+        n.pump();
+    }
+    assert!(n.shard.stats().segments_deleted > 0, "retention ran");
+    let first = *n.disk.segments.keys().next().unwrap();
+    assert!(first > 1, "the segment with the PeerKeyAdded record is gone");
+    n.restart();
+    let now = n.now;
+    assert!(welcomed(&n.key_hello(2, "k", &key, now, [2; 32]), 2));
+    let out = n.key_hello(3, "k", &signing_key(4), now, [3; 32]);
+    assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
 }

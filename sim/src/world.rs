@@ -638,7 +638,8 @@ impl Simulation {
                 mesh: MESH.into(),
                 peer: c.peer.clone(),
                 groups: self.model.groups[i].clone(),
-                token_hash: fabric_shard::token_hash(&c.token),
+                token_hash: Some(fabric_shard::token_hash(&c.token)),
+                public_key: None,
             });
         }
         let want = ops.len();
@@ -1370,6 +1371,7 @@ impl Simulation {
             mesh: MESH.into(),
             peer: self.clients[c].peer.clone(),
             token: self.clients[c].token.clone(),
+            proof: None,
         };
         self.hosts[s]
             .shard
