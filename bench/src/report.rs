@@ -192,7 +192,7 @@ impl Report {
     }
 }
 
-/// The median of each figure over several rounds of the same system (rounds alternate
+/// The median (lower middle for an even count) of each figure over several rounds of the same system (rounds alternate
 /// between systems, so a slow moment of the machine does not land on one side only).
 pub fn median(rounds: &[Report]) -> Option<Report> {
     let first = rounds.first()?;
@@ -200,7 +200,8 @@ pub fn median(rounds: &[Report]) -> Option<Report> {
     for f in &mut out.figures {
         let mut vs: Vec<f64> = rounds.iter().filter_map(|r| r.get(&f.key)).collect();
         vs.sort_by(|a, b| a.total_cmp(b));
-        f.value = vs[vs.len() / 2];
+        // The lower middle for an even count: never better than a measured round.
+        f.value = vs[(vs.len() - 1) / 2];
     }
     out.notes.push(format!("median of {} rounds", rounds.len()));
     Some(out)
