@@ -1,9 +1,15 @@
 //! The Rust client: [`Admin`] and two peer-token HTTP helpers over REST, and [`Client`], a
-//! pipelined WebSocket session.
+//! pipelined session over WebSocket or QUIC.
 //!
-//! # The WebSocket client
+//! # The session client
 //!
-//! [`Client::connect`] dials `ws://host:port/v1/ws`, says hello and waits for the welcome. After
+//! [`Client::connect`] dials the URL of [`ClientConfig::url`]: `ws://host:port/v1/ws` (or
+//! `wss://`) for WebSocket, `quic://host:port` for QUIC (ALPN `fabric/1`; the node's
+//! certificate is trusted by [`ClientConfig::trust`], or by a `?pin=SHA256` in the URL). Over
+//! QUIC every frame is postcard on one control stream, and each subscription's events arrive on
+//! a stream of their own, so a busy conversation never holds up inbox deliveries or answers; a
+//! change of the client's address (a phone changing networks, or [`Client::rebind`]) keeps the
+//! session. Everything below is the same on both. It says hello and waits for the welcome. After
 //! that every request method takes `&self`, so one `Client` (shared through an `Arc`) can have
 //! many requests in flight at once: up to [`ClientConfig::window`]; further callers wait for a
 //! slot. One background task owns the socket. Callers queue ops into a bounded channel; the
@@ -67,18 +73,17 @@
 //! # Ok(()) }
 //! ```
 
+use crate::client_io::{Io, ReadHalf, WriteHalf};
 use fabric_proto::{
-    codec, validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode,
-    IdKind, ProtoError, ServerOp, Target,
+    validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode, IdKind,
+    ProtoError, ServerOp, Target,
 };
-use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, watch, Semaphore};
-use tokio_tungstenite::tungstenite::Message;
 
 /// Requests in flight per client unless configured otherwise (the node's own per-session limit
 /// defaults to 1024; staying under it means the node never stops reading us).
@@ -112,6 +117,10 @@ pub enum ClientError {
     /// Dialing or the WebSocket handshake failed.
     #[error("websocket: {0}")]
     WebSocket(#[from] Box<tokio_tungstenite::tungstenite::Error>),
+    /// Dialing over QUIC, its TLS handshake (a certificate that does not match the pin, a
+    /// refused ALPN) or a QUIC stream failed.
+    #[error("quic: {0}")]
+    Quic(String),
     /// An HTTP request failed below the API (connect, read, decode).
     #[error("http: {0}")]
     Http(#[from] reqwest::Error),
@@ -372,6 +381,11 @@ pub struct ClientConfig {
     /// The node's frame limit: a single request larger than this is refused locally (a frame
     /// over the limit would be refused by the node as a whole, with no `ref` to answer).
     pub frame_bytes_max: usize,
+    /// How a `quic://` client trusts the node's certificate (a `?pin=` in the URL wins).
+    pub trust: crate::tls::Trust,
+    /// The ALPN protocol a `quic://` client offers (`fabric/1`; changeable only to test that
+    /// the node refuses others).
+    pub alpn: Vec<u8>,
 }
 
 impl ClientConfig {
@@ -387,7 +401,15 @@ impl ClientConfig {
             incoming_frames_max: INCOMING_FRAMES_DEFAULT,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             frame_bytes_max: fabric_proto::FRAME_BYTES_MAX_DEFAULT,
+            trust: crate::tls::Trust::Unset,
+            alpn: crate::tls::ALPN.to_vec(),
         }
+    }
+
+    /// Trusts the node whose certificate has this SHA-256 (what `fabric serve` prints).
+    pub fn with_pin(mut self, sha256: [u8; 32]) -> ClientConfig {
+        self.trust = crate::tls::Trust::Pin(sha256);
+        self
     }
 }
 
@@ -481,10 +503,7 @@ fn fail_all(pending: &Mutex<Pending>) {
     }
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// One WebSocket connection: the queue into its socket task and what waits on it.
+/// One connection: the queue into its socket task and what waits on it.
 struct Conn {
     welcome: Welcome,
     tx: mpsc::Sender<ClientOp>,
@@ -493,6 +512,8 @@ struct Conn {
     closed: watch::Receiver<bool>,
     closed_tx: Arc<watch::Sender<bool>>,
     task: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The QUIC endpoint (its UDP socket), for [`Client::rebind`].
+    endpoint: Option<quinn::Endpoint>,
 }
 
 impl Conn {
@@ -772,6 +793,29 @@ impl Client {
         }
     }
 
+    /// Moves a QUIC session to a new local UDP socket (port chosen by the OS), as when a phone
+    /// changes networks: the session, its window and its subscriptions carry on (QUIC
+    /// connection migration). Returns the new local address. WebSocket sessions cannot.
+    pub fn rebind(&self) -> Result<std::net::SocketAddr, ClientError> {
+        let conn = self.conn();
+        let endpoint = conn.endpoint.as_ref().ok_or_else(|| ClientError::Invalid {
+            code: ErrorCode::BadRequest,
+            message: "only a quic:// session can change its address".into(),
+        })?;
+        let here = endpoint
+            .local_addr()
+            .map_err(|e| ClientError::Quic(e.to_string()))?;
+        let socket = crate::quic::udp_socket(crate::client_io::local_any(here))
+            .map_err(|e| ClientError::Quic(e.to_string()))?;
+        let local = socket
+            .local_addr()
+            .map_err(|e| ClientError::Quic(e.to_string()))?;
+        endpoint
+            .rebind(socket)
+            .map_err(|e| ClientError::Quic(e.to_string()))?;
+        Ok(local)
+    }
+
     /// Drops the connection abruptly, without a close handshake, as a network failure would:
     /// requests in flight fail with [`ClientError::Disconnected`], and [`Client::next_delivery`]
     /// returns `None` once drained. For abandoning a stuck connection, and for tests.
@@ -836,22 +880,6 @@ fn json_body(value: &serde_json::Value) -> Result<Body, ClientError> {
     Ok(Body::from_trusted(text.into()))
 }
 
-fn encode_one(op: &ClientOp, binary: bool) -> Result<Message, ClientError> {
-    if binary {
-        Ok(Message::Binary(codec::encode_client_binary(op).into()))
-    } else {
-        let mut out = Vec::with_capacity(128);
-        codec::encode_client_json(op, &mut out);
-        text_message(out)
-    }
-}
-
-fn text_message(bytes: Vec<u8>) -> Result<Message, ClientError> {
-    String::from_utf8(bytes)
-        .map(|s| Message::Text(s.into()))
-        .map_err(|_| ClientError::Protocol("encoded JSON is not UTF-8".into()))
-}
-
 /// Dials and completes hello/welcome; then starts the socket task.
 async fn dial(
     cfg: &ClientConfig,
@@ -859,35 +887,16 @@ async fn dial(
     incoming: mpsc::Sender<Incoming>,
 ) -> Result<Conn, ClientError> {
     let handshake = async {
-        // Nagle would hold small frames back for the ack of the previous one: latency for
-        // nothing, since the writer already batches.
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_with_config(cfg.url.as_str(), None, true).await?;
+        let mut io = Io::dial(cfg).await?;
+        let binary = io.binary(cfg.binary);
         let hello = ClientOp::Hello {
             mesh: cfg.mesh.as_str().into(),
             peer: cfg.peer.as_str().into(),
             token: cfg.token.clone(),
         };
-        ws.send(encode_one(&hello, cfg.binary)?).await?;
+        io.send(&hello, binary).await?;
         loop {
-            let ops = match ws.next().await {
-                Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
-                Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(ClientError::Protocol(format!(
-                        "the node closed the connection before welcome: {}",
-                        frame.map_or_else(String::new, |f| f.reason.to_string())
-                    )))
-                }
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(e.into()),
-                None => {
-                    return Err(ClientError::Protocol(
-                        "the node closed the connection before welcome".into(),
-                    ))
-                }
-            }
-            .map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}")))?;
+            let ops = io.recv().await?;
             let mut ops = ops.into_iter();
             // The first op decides; an empty batch frame is skipped.
             if let Some(op) = ops.next() {
@@ -902,7 +911,7 @@ async fn dial(
                             acked,
                             head,
                         };
-                        return Ok((ws, welcome, ops.collect::<Vec<_>>()));
+                        return Ok((io, binary, welcome, ops.collect::<Vec<_>>()));
                     }
                     ServerOp::Error { code, message, .. } => {
                         return Err(ClientError::Server { code, message })
@@ -917,7 +926,7 @@ async fn dial(
             }
         }
     };
-    let (ws, welcome, leftover) =
+    let (io, binary, welcome, leftover) =
         tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), handshake)
             .await
             .map_err(|_| ClientError::Timeout("connect (dial, hello, welcome)"))??;
@@ -934,12 +943,14 @@ async fn dial(
         incoming,
     };
     let batch_bytes_max = BATCH_FRAME_BYTES_MAX.min(cfg.frame_bytes_max);
+    let (write, read, endpoint) = io.split();
     let task = tokio::spawn(run_socket(
-        ws,
+        write,
+        read,
         leftover,
         rx,
         reader,
-        cfg.binary,
+        binary,
         batch_bytes_max,
         closed_tx.clone(),
     ));
@@ -950,14 +961,17 @@ async fn dial(
         closed,
         closed_tx,
         task: Mutex::new(Some(task)),
+        endpoint,
     })
 }
 
 /// The socket task: reader and writer run concurrently (neither may block the other, or a
 /// full socket in one direction would deadlock against the node); when either ends, so does
 /// the connection.
+#[allow(clippy::too_many_arguments)]
 async fn run_socket(
-    ws: Ws,
+    write: WriteHalf,
+    read: ReadHalf,
     leftover: Vec<ServerOp>,
     rx: mpsc::Receiver<ClientOp>,
     reader: Reader,
@@ -965,11 +979,10 @@ async fn run_socket(
     batch_bytes_max: usize,
     closed_tx: Arc<watch::Sender<bool>>,
 ) {
-    let (sink, stream) = ws.split();
     let pending = reader.pending.clone();
     let why = tokio::select! {
-        r = reader.run(stream, leftover) => r,
-        w = write_loop(sink, rx, binary, batch_bytes_max) => w,
+        r = reader.run(read, leftover) => r,
+        w = write_loop(write, rx, binary, batch_bytes_max) => w,
     };
     match &why {
         Ok(()) => tracing::debug!("connection closed"),
@@ -995,7 +1008,7 @@ fn op_bytes_estimate(op: &ClientOp) -> usize {
 /// Takes the first queued op, then everything else already queued (up to the batch limits),
 /// and writes it all as one frame.
 async fn write_loop(
-    mut sink: futures_util::stream::SplitSink<Ws, Message>,
+    mut sink: WriteHalf,
     mut rx: mpsc::Receiver<ClientOp>,
     binary: bool,
     batch_bytes_max: usize,
@@ -1010,7 +1023,7 @@ async fn write_loop(
                 Some(op) => op,
                 None => {
                     // The client is gone: say goodbye properly.
-                    let _ = sink.send(Message::Close(None)).await;
+                    sink.close().await;
                     return Ok(());
                 }
             },
@@ -1027,28 +1040,7 @@ async fn write_loop(
             bytes += n;
             batch.push(op);
         }
-        let msg = if batch.len() == 1 {
-            let op = batch.pop().ok_or("empty batch")?;
-            encode_one(&op, binary).map_err(|e| e.to_string())?
-        } else if binary {
-            Message::Binary(
-                codec::encode_client_binary(&ClientOp::Batch(std::mem::take(&mut batch))).into(),
-            )
-        } else {
-            json.clear();
-            json.push(b'[');
-            for (i, op) in batch.drain(..).enumerate() {
-                if i > 0 {
-                    json.push(b',');
-                }
-                codec::encode_client_json(&op, &mut json);
-            }
-            json.push(b']');
-            text_message(std::mem::take(&mut json)).map_err(|e| e.to_string())?
-        };
-        sink.send(msg)
-            .await
-            .map_err(|e| format!("websocket write failed: {e}"))?;
+        sink.write(&mut batch, binary, &mut json).await?;
     }
 }
 
@@ -1060,34 +1052,9 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(
-        &self,
-        mut stream: futures_util::stream::SplitStream<Ws>,
-        leftover: Vec<ServerOp>,
-    ) -> Result<(), String> {
+    async fn run(&self, read: ReadHalf, leftover: Vec<ServerOp>) -> Result<(), String> {
         self.handle(leftover).await?;
-        loop {
-            let ops = match stream.next().await {
-                Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
-                Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(format!(
-                        "the node closed the connection: {}",
-                        frame.map_or_else(String::new, |f| f.reason.to_string())
-                    ))
-                }
-                // Pings are answered by tungstenite itself.
-                Some(Ok(_)) => continue,
-                Some(Err(e)) => return Err(format!("websocket read failed: {e}")),
-                None => return Err("the node closed the connection".into()),
-            };
-            match ops {
-                Ok(ops) => self.handle(ops).await?,
-                // A frame we cannot read may have held answers we will never see: waiting
-                // requests would hang, so the connection is given up instead.
-                Err(e) => return Err(format!("undecodable frame from the node: {e}")),
-            }
-        }
+        read.run(|ops| self.handle(ops)).await
     }
 
     fn answer(&self, r: u64, answer: Result<Reply, ClientError>) {

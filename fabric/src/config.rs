@@ -44,6 +44,16 @@ pub struct Config {
     /// A second address serving only `/metrics`, `/healthz` and `/readyz` (for a scrape port
     /// that is not exposed to clients). The main port serves them too.
     pub metrics_listen: Option<SocketAddr>,
+    /// Serve QUIC (ALPN `fabric/1`) beside WebSocket (default on).
+    pub quic: bool,
+    /// QUIC's UDP address. Default: the `listen` host with the next port (127.0.0.1:7401 for
+    /// the default `listen`; port 0, any free port, when `listen`'s port is 0).
+    pub quic_listen: Option<SocketAddr>,
+    /// Certificate chain (PEM) for QUIC. Default: a self-signed certificate generated on first
+    /// start in `data_dir/tls/`, whose SHA-256 fingerprint the node prints for clients to pin.
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of `tls_cert`.
+    pub tls_key: Option<PathBuf>,
     /// Meshes that get per-mesh series (label `mesh`); every other mesh is only in the
     /// per-shard totals, so label cardinality stays bounded. At most 64.
     pub metrics_meshes: Vec<String>,
@@ -85,6 +95,10 @@ impl Default for Config {
             metrics: true,
             metrics_listen: None,
             metrics_meshes: Vec::new(),
+            quic: true,
+            quic_listen: None,
+            tls_cert: None,
+            tls_key: None,
         }
     }
 }
@@ -118,8 +132,25 @@ impl Config {
         })
     }
 
+    /// Where QUIC listens, if it is on (see `quic_listen`).
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        if !self.quic {
+            return None;
+        }
+        Some(self.quic_listen.unwrap_or_else(|| {
+            let port = match self.listen.port() {
+                0 => 0,
+                p => p.saturating_add(1),
+            };
+            SocketAddr::new(self.listen.ip(), port)
+        }))
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
+        if self.tls_cert.is_some() != self.tls_key.is_some() {
+            return bad("tls_cert and tls_key go together");
+        }
         if self.shards == 0 || self.shards > 1024 {
             return bad("shards must be 1..=1024");
         }

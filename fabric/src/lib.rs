@@ -4,12 +4,17 @@
 //! Nothing here decides protocol or storage questions; it moves bytes, batches and files.
 
 pub mod client;
+pub(crate) mod client_io;
 pub mod config;
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod node;
+pub mod quic;
+pub(crate) mod session;
 pub mod shard_actor;
 pub mod storage;
+pub mod tls;
 pub mod ws;
 
 /// Wall-clock milliseconds since the Unix epoch: the `now` the cores are given.

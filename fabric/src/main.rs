@@ -66,6 +66,19 @@ struct ServeArgs {
     /// fsync (default: every ack is durable) or none (benchmark comparisons only).
     #[arg(long, env = "FABRIC_DURABILITY", value_enum)]
     durability: Option<Durability>,
+    /// Serve QUIC beside WebSocket (true or false). Default true.
+    #[arg(long, env = "FABRIC_QUIC")]
+    quic: Option<bool>,
+    /// QUIC (UDP) listen address. Default: the --listen host and the next port (127.0.0.1:7401).
+    #[arg(long, env = "FABRIC_QUIC_LISTEN")]
+    quic_listen: Option<SocketAddr>,
+    /// TLS certificate chain (PEM) for QUIC. Default: a self-signed one made on first start in
+    /// the data dir; its SHA-256 fingerprint is printed at every start, for clients to pin.
+    #[arg(long, env = "FABRIC_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "FABRIC_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     /// Log format: human or json. The level comes from FABRIC_LOG (env-filter syntax).
     #[arg(long, env = "FABRIC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -105,6 +118,16 @@ impl ServeArgs {
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
+        }
+        if let Some(q) = self.quic {
+            c.quic = q;
+        }
+        if self.quic_listen.is_some() {
+            c.quic_listen = self.quic_listen;
+        }
+        if self.tls_cert.is_some() {
+            c.tls_cert = self.tls_cert;
+            c.tls_key = self.tls_key;
         }
         if self.admin_token.is_some() {
             c.admin_token = self.admin_token;
@@ -183,6 +206,12 @@ fn main() -> anyhow::Result<()> {
                 let node = fabric::node::start(config)
                     .await
                     .with_context(|| format!("cannot start a node on {}", data_dir.display()))?;
+                if let (Some(quic), Some(fp)) = (node.quic_addr(), node.tls_fingerprint()) {
+                    println!(
+                        "fabric: QUIC on quic://{quic} (ALPN fabric/1), certificate SHA-256 {}",
+                        fabric::tls::fingerprint_hex(&fp)
+                    );
+                }
                 println!(
                     "fabric: listening on http://{} (WebSocket: ws://{}/v1/ws)",
                     node.addr(),

@@ -114,7 +114,53 @@ impl Registrar<'_> {
     }
 }
 
-/// Sessions of one transport (`ws`; QUIC later).
+/// Series of one transport (label `transport`: `ws` or `quic`).
+fn transport_metrics(r: &Registrar<'_>, transport: &'static str) -> TransportMetrics {
+    let t = || vec![("transport", transport.to_string())];
+    TransportMetrics {
+        sessions_open: r.gauge("fabric_sessions_open", "Sessions open now.", &t()),
+        sessions_opened: r.counter("fabric_sessions_opened_total", "Sessions accepted.", &t()),
+        frames_in: r.counter("fabric_frames_in_total", "Frames read from clients.", &t()),
+        frames_out: r.counter(
+            "fabric_frames_out_total",
+            "Frames written to clients.",
+            &t(),
+        ),
+        bytes_in: r.counter(
+            "fabric_frame_in_bytes_total",
+            "Frame bytes read from clients.",
+            &t(),
+        ),
+        bytes_out: r.counter(
+            "fabric_frame_out_bytes_total",
+            "Frame bytes written to clients.",
+            &t(),
+        ),
+        errors: error_counters(r, transport),
+        hello_failures: HELLO_FAILURE_REASONS.map(|reason| {
+            r.counter(
+                "fabric_hello_failures_total",
+                "Sessions that ended without a welcome, by reason.",
+                &[("transport", transport.into()), ("reason", reason.into())],
+            )
+        }),
+        refused_overloaded: r.counter(
+            "fabric_requests_refused_total",
+            "Requests refused by backpressure (overloaded: over the in-flight limit).",
+            &[
+                ("transport", transport.into()),
+                ("reason", "overloaded".into()),
+            ],
+        ),
+        ack_latency: r.histogram(
+            "fabric_ack_latency_seconds",
+            "Request received to its answer sent (ok or error), seconds.",
+            &t(),
+        ),
+    }
+}
+
+/// Sessions of one transport (`ws` or `quic`).
 pub struct TransportMetrics {
     pub sessions_open: Gauge,
     pub sessions_opened: Counter,
@@ -179,10 +225,21 @@ pub struct MeshMetrics {
 pub struct Metrics {
     handle: Option<PrometheusHandle>,
     pub ws: TransportMetrics,
+    pub quic: TransportMetrics,
     pub http: HttpMetrics,
     pub shards: Vec<ShardMetrics>,
     pub meshes: Vec<MeshMetrics>,
     ready: Gauge,
+}
+
+impl Metrics {
+    /// The series of transport `name` (`ws` or `quic`).
+    pub fn transport(&self, name: &str) -> &TransportMetrics {
+        match name {
+            "quic" => &self.quic,
+            _ => &self.ws,
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,45 +275,8 @@ impl Metrics {
         let r = Registrar {
             recorder: recorder.as_ref(),
         };
-        let t = || vec![("transport", "ws".to_string())];
-        let ws = TransportMetrics {
-            sessions_open: r.gauge("fabric_sessions_open", "Sessions open now.", &t()),
-            sessions_opened: r.counter("fabric_sessions_opened_total", "Sessions accepted.", &t()),
-            frames_in: r.counter("fabric_frames_in_total", "Frames read from clients.", &t()),
-            frames_out: r.counter(
-                "fabric_frames_out_total",
-                "Frames written to clients.",
-                &t(),
-            ),
-            bytes_in: r.counter(
-                "fabric_frame_in_bytes_total",
-                "Frame bytes read from clients.",
-                &t(),
-            ),
-            bytes_out: r.counter(
-                "fabric_frame_out_bytes_total",
-                "Frame bytes written to clients.",
-                &t(),
-            ),
-            errors: error_counters(&r, "ws"),
-            hello_failures: HELLO_FAILURE_REASONS.map(|reason| {
-                r.counter(
-                    "fabric_hello_failures_total",
-                    "Sessions that ended without a welcome, by reason.",
-                    &[("transport", "ws".into()), ("reason", reason.into())],
-                )
-            }),
-            refused_overloaded: r.counter(
-                "fabric_requests_refused_total",
-                "Requests refused by backpressure (overloaded: over the in-flight limit).",
-                &[("transport", "ws".into()), ("reason", "overloaded".into())],
-            ),
-            ack_latency: r.histogram(
-                "fabric_ack_latency_seconds",
-                "Request received to its answer sent (ok or error), seconds.",
-                &t(),
-            ),
-        };
+        let ws = transport_metrics(&r, "ws");
+        let quic = transport_metrics(&r, "quic");
         let http = HttpMetrics {
             errors: error_counters(&r, "http"),
             ack_latency: r.histogram(
@@ -346,6 +366,7 @@ impl Metrics {
         Ok(Metrics {
             handle: recorder.as_ref().map(|r| r.handle()),
             ws,
+            quic,
             http,
             shards,
             meshes,

@@ -46,6 +46,10 @@ pub enum NodeError {
     Actors(String),
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
+    #[error(transparent)]
+    Quic(#[from] crate::quic::QuicError),
 }
 
 /// What every session and HTTP handler shares.
@@ -152,6 +156,8 @@ impl NodeCtx {
 pub struct RunningNode {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    quic_addr: Option<SocketAddr>,
+    tls_fingerprint: Option<[u8; 32]>,
     ctx: Arc<NodeCtx>,
     shutdown_tx: watch::Sender<bool>,
     server: tokio::task::JoinHandle<()>,
@@ -166,6 +172,16 @@ impl RunningNode {
     /// The separate metrics address (`metrics_listen`), if configured.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The QUIC (UDP) address, when QUIC is on.
+    pub fn quic_addr(&self) -> Option<SocketAddr> {
+        self.quic_addr
+    }
+
+    /// SHA-256 of the node's TLS certificate (what QUIC clients pin), when QUIC is on.
+    pub fn tls_fingerprint(&self) -> Option<[u8; 32]> {
+        self.tls_fingerprint
     }
 
     pub fn admin_token(&self) -> &str {
@@ -390,6 +406,26 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         node_name,
         metrics,
     });
+    let (quic_addr, tls_fingerprint) = match ctx.config.quic_addr() {
+        Some(q) => {
+            let identity = crate::tls::load_or_generate(
+                ctx.config.tls_cert.as_deref(),
+                ctx.config.tls_key.as_deref(),
+                &ctx.config.data_dir,
+                &[addr.ip().to_string()],
+            )?;
+            let fp = identity.fingerprint();
+            let local = crate::quic::start(ctx.clone(), q, &identity, shutdown_rx.clone())?;
+            tracing::info!(
+                quic = %local,
+                certificate = %identity.source.display(),
+                sha256 = %crate::tls::fingerprint_hex(&fp),
+                "QUIC listening"
+            );
+            (Some(local), Some(fp))
+        }
+        None => (None, None),
+    };
     let app = crate::http::routes(ctx.clone());
     let metrics_addr = match metrics_listener {
         Some((listener, local)) => {
@@ -437,6 +473,8 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     Ok(RunningNode {
         addr,
         metrics_addr,
+        quic_addr,
+        tls_fingerprint,
         ctx,
         shutdown_tx,
         server,

@@ -1,0 +1,402 @@
+//! The client's transports: one connection's frames over WebSocket (`ws://`, JSON or binary)
+//! or QUIC (`quic://`, length-prefixed postcard on a control stream, plus one server stream per
+//! subscription). `client.rs` speaks ops; this moves them.
+
+use crate::client::{ClientConfig, ClientError};
+use crate::quic;
+use fabric_proto::{codec, ClientOp, ServerOp};
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use std::net::SocketAddr;
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// Frames from subscription streams queued for the reader.
+const SUB_FRAMES_QUEUED_MAX: usize = 256;
+
+/// Where a URL points.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Target {
+    Ws(String),
+    Quic {
+        host: String,
+        port: u16,
+        pin: Option<String>,
+    },
+}
+
+pub(crate) fn parse_url(url: &str) -> Result<Target, ClientError> {
+    if url.starts_with("ws://") || url.starts_with("wss://") {
+        return Ok(Target::Ws(url.to_string()));
+    }
+    let Some(rest) = url.strip_prefix("quic://") else {
+        return Err(ClientError::Invalid {
+            code: fabric_proto::ErrorCode::BadRequest,
+            message: format!("{url:?}: the URL must start with ws://, wss:// or quic://"),
+        });
+    };
+    let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let authority = authority.trim_end_matches('/');
+    let bad = |why: &str| ClientError::Invalid {
+        code: fabric_proto::ErrorCode::BadRequest,
+        message: format!("{url:?}: {why}"),
+    };
+    let (host, port) = authority
+        .rsplit_once(':')
+        .ok_or_else(|| bad("quic:// needs host:port"))?;
+    let port: u16 = port.parse().map_err(|_| bad("bad port"))?;
+    let host = host
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_string();
+    let pin = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("pin="))
+        .map(str::to_string);
+    Ok(Target::Quic { host, port, pin })
+}
+
+/// A connection during the handshake (before it is split into halves).
+pub(crate) enum Io {
+    Ws(Box<Ws>),
+    Quic(QuicConn),
+}
+
+pub(crate) struct QuicConn {
+    pub(crate) endpoint: quinn::Endpoint,
+    pub(crate) conn: quinn::Connection,
+    send: quinn::SendStream,
+    recv: quinn::RecvStream,
+}
+
+impl Io {
+    pub(crate) async fn dial(cfg: &ClientConfig) -> Result<Io, ClientError> {
+        match parse_url(&cfg.url)? {
+            Target::Ws(url) => {
+                // Nagle would hold small frames back for the ack of the previous one: latency
+                // for nothing, since the writer already batches.
+                let (ws, _) =
+                    tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await?;
+                Ok(Io::Ws(Box::new(ws)))
+            }
+            Target::Quic { host, port, pin } => {
+                let trust = match pin {
+                    Some(p) => crate::tls::Trust::Pin(
+                        crate::tls::parse_pin(&p).map_err(|e| ClientError::Quic(e.to_string()))?,
+                    ),
+                    None => cfg.trust.clone(),
+                };
+                let remote = tokio::net::lookup_host((host.as_str(), port))
+                    .await
+                    .map_err(|e| ClientError::Quic(format!("cannot resolve {host}: {e}")))?
+                    .next()
+                    .ok_or_else(|| ClientError::Quic(format!("{host} has no address")))?;
+                let config = quic::client_config(&trust, &cfg.alpn)
+                    .map_err(|e| ClientError::Quic(e.to_string()))?;
+                let endpoint = client_endpoint(remote)?;
+                let conn = endpoint
+                    .connect_with(config, remote, &host)
+                    .map_err(|e| ClientError::Quic(e.to_string()))?
+                    .await
+                    .map_err(|e| ClientError::Quic(format!("handshake with {remote}: {e}")))?;
+                let (send, recv) = conn
+                    .open_bi()
+                    .await
+                    .map_err(|e| ClientError::Quic(e.to_string()))?;
+                Ok(Io::Quic(QuicConn {
+                    endpoint,
+                    conn,
+                    send,
+                    recv,
+                }))
+            }
+        }
+    }
+
+    /// Whether ops go as binary frames (QUIC always; WebSocket as configured).
+    pub(crate) fn binary(&self, configured: bool) -> bool {
+        matches!(self, Io::Quic(_)) || configured
+    }
+
+    pub(crate) async fn send(&mut self, op: &ClientOp, binary: bool) -> Result<(), ClientError> {
+        match self {
+            Io::Ws(ws) => Ok(ws.send(encode_ws(op, binary)?).await?),
+            Io::Quic(q) => q
+                .send
+                .write_all(&quic::frame(&codec::encode_client_binary(op)))
+                .await
+                .map_err(|e| ClientError::Quic(e.to_string())),
+        }
+    }
+
+    /// The next frame's ops, during the handshake (control stream only).
+    pub(crate) async fn recv(&mut self) -> Result<Vec<ServerOp>, ClientError> {
+        match self {
+            Io::Ws(ws) => loop {
+                let ops = match ws.next().await {
+                    Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
+                    Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
+                    Some(Ok(Message::Close(frame))) => {
+                        return Err(ClientError::Protocol(format!(
+                            "the node closed the connection before welcome: {}",
+                            frame.map_or_else(String::new, |f| f.reason.to_string())
+                        )))
+                    }
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(e.into()),
+                    None => {
+                        return Err(ClientError::Protocol(
+                            "the node closed the connection before welcome".into(),
+                        ))
+                    }
+                };
+                return ops.map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}")));
+            },
+            Io::Quic(q) => match quic::read_frame(&mut q.recv, usize::MAX).await {
+                Ok(Some(quic::ReadFrame::Frame(b))) => codec::decode_server_binary(&b)
+                    .map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}"))),
+                Ok(_) => Err(ClientError::Protocol(
+                    "the node closed the connection before welcome".into(),
+                )),
+                Err(e) => Err(ClientError::Quic(format!(
+                    "{e} ({})",
+                    close_reason(&q.conn)
+                ))),
+            },
+        }
+    }
+
+    pub(crate) fn split(self) -> (WriteHalf, ReadHalf, Option<quinn::Endpoint>) {
+        match self {
+            Io::Ws(ws) => {
+                let (sink, stream) = (*ws).split();
+                (WriteHalf::Ws(sink), ReadHalf::Ws(stream), None)
+            }
+            Io::Quic(q) => (
+                WriteHalf::Quic(q.send),
+                ReadHalf::Quic {
+                    recv: q.recv,
+                    conn: q.conn,
+                },
+                Some(q.endpoint),
+            ),
+        }
+    }
+}
+
+fn close_reason(conn: &quinn::Connection) -> String {
+    conn.close_reason()
+        .map_or_else(|| "connection open".into(), |r| r.to_string())
+}
+
+/// A client endpoint on a fresh UDP socket of the remote's address family.
+pub(crate) fn client_endpoint(remote: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
+    let socket =
+        quic::udp_socket(local_any(remote)).map_err(|e| ClientError::Quic(e.to_string()))?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        std::sync::Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|e| ClientError::Quic(e.to_string()))
+}
+
+pub(crate) fn local_any(remote: SocketAddr) -> SocketAddr {
+    if remote.is_ipv4() {
+        SocketAddr::from(([0, 0, 0, 0], 0))
+    } else {
+        SocketAddr::from(([0u16; 8], 0))
+    }
+}
+
+pub(crate) fn encode_ws(op: &ClientOp, binary: bool) -> Result<Message, ClientError> {
+    if binary {
+        Ok(Message::Binary(codec::encode_client_binary(op).into()))
+    } else {
+        let mut out = Vec::with_capacity(128);
+        codec::encode_client_json(op, &mut out);
+        text_message(out)
+    }
+}
+
+pub(crate) fn text_message(bytes: Vec<u8>) -> Result<Message, ClientError> {
+    String::from_utf8(bytes)
+        .map(|s| Message::Text(s.into()))
+        .map_err(|_| ClientError::Protocol("encoded JSON is not UTF-8".into()))
+}
+
+/// The writing half of a connection.
+pub(crate) enum WriteHalf {
+    Ws(SplitSink<Ws, Message>),
+    Quic(quinn::SendStream),
+}
+
+impl WriteHalf {
+    /// Writes `batch` (one op, or several as one batch frame) as one frame.
+    pub(crate) async fn write(
+        &mut self,
+        batch: &mut Vec<ClientOp>,
+        binary: bool,
+        json: &mut Vec<u8>,
+    ) -> Result<(), String> {
+        let one = batch.len() == 1;
+        match self {
+            WriteHalf::Ws(sink) => {
+                let msg = if one {
+                    let op = batch.pop().ok_or("empty batch")?;
+                    encode_ws(&op, binary).map_err(|e| e.to_string())?
+                } else if binary {
+                    Message::Binary(
+                        codec::encode_client_binary(&ClientOp::Batch(std::mem::take(batch))).into(),
+                    )
+                } else {
+                    json.clear();
+                    json.push(b'[');
+                    for (i, op) in batch.drain(..).enumerate() {
+                        if i > 0 {
+                            json.push(b',');
+                        }
+                        codec::encode_client_json(&op, json);
+                    }
+                    json.push(b']');
+                    text_message(std::mem::take(json)).map_err(|e| e.to_string())?
+                };
+                sink.send(msg)
+                    .await
+                    .map_err(|e| format!("websocket write failed: {e}"))
+            }
+            WriteHalf::Quic(send) => {
+                let bytes = if one {
+                    let op = batch.pop().ok_or("empty batch")?;
+                    codec::encode_client_binary(&op)
+                } else {
+                    codec::encode_client_binary(&ClientOp::Batch(std::mem::take(batch)))
+                };
+                send.write_all(&quic::frame(&bytes))
+                    .await
+                    .map_err(|e| format!("QUIC write failed: {e}"))
+            }
+        }
+    }
+
+    /// The client is done: a close frame, or the end of the control stream.
+    pub(crate) async fn close(&mut self) {
+        match self {
+            WriteHalf::Ws(sink) => {
+                let _ = sink.send(Message::Close(None)).await;
+            }
+            WriteHalf::Quic(send) => {
+                let _ = send.finish();
+                let _ =
+                    tokio::time::timeout(std::time::Duration::from_secs(1), send.stopped()).await;
+            }
+        }
+    }
+}
+
+/// The reading half of a connection: yields each frame's ops, control stream and subscription
+/// streams merged.
+pub(crate) enum ReadHalf {
+    Ws(SplitStream<Ws>),
+    Quic {
+        recv: quinn::RecvStream,
+        conn: quinn::Connection,
+    },
+}
+
+impl ReadHalf {
+    /// Runs `handle` on every frame's ops until the connection ends; returns why.
+    pub(crate) async fn run<F, Fut>(self, mut handle: F) -> Result<(), String>
+    where
+        F: FnMut(Vec<ServerOp>) -> Fut,
+        Fut: std::future::Future<Output = Result<(), String>>,
+    {
+        match self {
+            ReadHalf::Ws(mut stream) => loop {
+                let ops = match stream.next().await {
+                    Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
+                    Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
+                    Some(Ok(Message::Close(frame))) => {
+                        return Err(format!(
+                            "the node closed the connection: {}",
+                            frame.map_or_else(String::new, |f| f.reason.to_string())
+                        ))
+                    }
+                    // Pings are answered by tungstenite itself.
+                    Some(Ok(_)) => continue,
+                    Some(Err(e)) => return Err(format!("websocket read failed: {e}")),
+                    None => return Err("the node closed the connection".into()),
+                };
+                match ops {
+                    Ok(ops) => handle(ops).await?,
+                    // A frame we cannot read may have held answers we will never see: waiting
+                    // requests would hang, so the connection is given up instead.
+                    Err(e) => return Err(format!("undecodable frame from the node: {e}")),
+                }
+            },
+            ReadHalf::Quic { recv, conn } => {
+                // Each stream is read by a task of its own (a partly read frame must not be lost
+                // to a `select!`), all into one queue.
+                let (tx, mut frames) =
+                    mpsc::channel::<Result<Vec<ServerOp>, String>>(SUB_FRAMES_QUEUED_MAX);
+                let control = tokio::spawn(read_stream(recv, tx.clone(), true, conn.clone()));
+                let acceptor = tokio::spawn(accept_subscription_streams(conn.clone(), tx));
+                let result = loop {
+                    match frames.recv().await {
+                        Some(Ok(ops)) => {
+                            if let Err(e) = handle(ops).await {
+                                break Err(e);
+                            }
+                        }
+                        Some(Err(e)) => break Err(e),
+                        None => break Err("the connection ended".into()),
+                    }
+                };
+                control.abort();
+                acceptor.abort();
+                result
+            }
+        }
+    }
+}
+
+/// Reads one stream's frames into `tx`. The end of the control stream ends the connection; the
+/// end of a subscription stream only that subscription.
+async fn read_stream(
+    mut recv: quinn::RecvStream,
+    tx: mpsc::Sender<Result<Vec<ServerOp>, String>>,
+    control: bool,
+    conn: quinn::Connection,
+) {
+    loop {
+        let item = match quic::read_frame(&mut recv, usize::MAX).await {
+            Ok(Some(quic::ReadFrame::Frame(b))) => codec::decode_server_binary(&b)
+                .map_err(|e| format!("undecodable frame from the node: {e}")),
+            Ok(_) if control => Err(format!(
+                "the node closed the connection ({})",
+                close_reason(&conn)
+            )),
+            Ok(_) => return,
+            Err(e) => Err(format!("QUIC read failed: {e} ({})", close_reason(&conn))),
+        };
+        let end = item.is_err();
+        if tx.send(item).await.is_err() || end {
+            return;
+        }
+    }
+}
+
+/// Accepts the node's subscription streams; each gets a reader task of its own.
+async fn accept_subscription_streams(
+    conn: quinn::Connection,
+    tx: mpsc::Sender<Result<Vec<ServerOp>, String>>,
+) {
+    let mut readers = tokio::task::JoinSet::new();
+    while let Ok(recv) = conn.accept_uni().await {
+        readers.spawn(read_stream(recv, tx.clone(), false, conn.clone()));
+    }
+}
