@@ -360,3 +360,49 @@ async fn metrics_off_serves_no_metrics_and_still_serves_traffic() {
     assert_eq!(body["code"], "not_found");
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hello_failures_are_counted_by_reason() {
+    // Proves an op before hello counts as not_hello and a silent session as timeout, each once,
+    // with their unauthorized error frames.
+    let dir = tempfile::tempdir().unwrap();
+    let config = fabric::config::Config {
+        hello_timeout_ms: 200,
+        ..config(dir.path())
+    };
+    let node = fabric::node::start(config).await.unwrap();
+    let base = base(&node);
+    let before = scrape(&base).await;
+    let mut early = Peer::connect(node.addr()).await;
+    early
+        .send(json!({"op":"send","ref":1,"to":"b","body":1}))
+        .await;
+    assert_eq!(early.recv().await["code"], "unauthorized");
+    assert!(early.try_recv().await.is_none(), "closed after a non-hello");
+    let mut silent = Peer::connect(node.addr()).await;
+    assert_eq!(
+        silent.recv().await["code"],
+        "unauthorized",
+        "hello timed out"
+    );
+    assert!(silent.try_recv().await.is_none());
+    let after = scrape_until(&base, |s| s.sum("fabric_sessions_open", &[]) == 0.0).await;
+    let d = |labels: &[(&str, &str)]| {
+        after.sum("fabric_hello_failures_total", labels)
+            - before.sum("fabric_hello_failures_total", labels)
+    };
+    assert_eq!(d(&[("reason", "not_hello")]), 1.0);
+    assert_eq!(d(&[("reason", "timeout")]), 1.0);
+    assert_eq!(d(&[]), 2.0);
+    assert_eq!(
+        after.sum(
+            "fabric_errors_sent_total",
+            &[("transport", "ws"), ("code", "unauthorized")]
+        ) - before.sum(
+            "fabric_errors_sent_total",
+            &[("transport", "ws"), ("code", "unauthorized")]
+        ),
+        2.0
+    );
+    node.shutdown().await;
+}
