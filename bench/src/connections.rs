@@ -95,7 +95,8 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     r.fsync_probe = probe;
     r.load_average = load;
     r.notes.extend(notes);
-    r.notes.push(format!("open-file limit of the load generator: {limit}"));
+    r.notes
+        .push(format!("open-file limit of the load generator: {limit}"));
     Ok(r)
 }
 
