@@ -265,6 +265,39 @@ impl Admin {
         }
         Ok(parse_body::<Added>("add peer", &body)?.token)
     }
+
+    /// `POST /v1/meshes/M/peers` with an ed25519 public key (64 hex characters): the peer says
+    /// hello by signature ([`ClientConfig::with_key`]). With `with_token` it gets a token too,
+    /// returned here.
+    pub async fn add_peer_with_key(
+        &self,
+        mesh: &str,
+        peer: &str,
+        groups: &[&str],
+        public_key: &str,
+        with_token: bool,
+    ) -> Result<Option<String>, ClientError> {
+        validate_id(IdKind::Mesh, mesh)?;
+        validate_id(IdKind::Peer, peer)?;
+        let resp = self
+            .http
+            .post(format!("{}/v1/meshes/{mesh}/peers", self.base))
+            .bearer_auth(&self.token)
+            .json(&serde_json::json!({
+                "id": peer,
+                "groups": groups,
+                "public_key": public_key,
+                "token": with_token,
+            }))
+            .send()
+            .await?;
+        let body = checked(resp).await?;
+        #[derive(Deserialize)]
+        struct Added {
+            token: Option<String>,
+        }
+        Ok(parse_body::<Added>("add peer", &body)?.token)
+    }
 }
 
 /// `POST /v1/meshes/M/conversations/C/messages` with a peer token; returns the durable `seq`.
@@ -381,6 +414,9 @@ pub struct ClientConfig {
     /// The node's frame limit: a single request larger than this is refused locally (a frame
     /// over the limit would be refused by the node as a whole, with no `ref` to answer).
     pub frame_bytes_max: usize,
+    /// Say hello with this ed25519 key (challenge, then a signed hello) instead of `token`.
+    /// Set with [`ClientConfig::with_key`].
+    pub key: Option<crate::identity::Identity>,
     /// How a `quic://` client trusts the node's certificate (a `?pin=` in the URL wins).
     pub trust: crate::tls::Trust,
     /// The ALPN protocol a `quic://` client offers (`fabric/1`; changeable only to test that
@@ -389,6 +425,14 @@ pub struct ClientConfig {
 }
 
 impl ClientConfig {
+    /// Authenticates with the peer's ed25519 key instead of a token: `dial` sends
+    /// `challenge`, signs the nonce the node answers with, and sends `hello` with `sig` and
+    /// `ts` (docs/PROTOCOL.md, "Key hellos"). The token, if any, is then not used.
+    pub fn with_key(mut self, key: crate::identity::Identity) -> ClientConfig {
+        self.key = Some(key);
+        self
+    }
+
     /// JSON frames, [`WINDOW_REQUESTS_DEFAULT`] in flight, the other defaults above.
     pub fn new(url: &str, mesh: &str, peer: &str, token: &str) -> ClientConfig {
         ClientConfig {
@@ -401,6 +445,7 @@ impl ClientConfig {
             incoming_frames_max: INCOMING_FRAMES_DEFAULT,
             connect_timeout_ms: CONNECT_TIMEOUT_MS_DEFAULT,
             frame_bytes_max: fabric_proto::FRAME_BYTES_MAX_DEFAULT,
+            key: None,
             trust: crate::tls::Trust::Unset,
             alpn: crate::tls::ALPN.to_vec(),
         }
@@ -880,6 +925,32 @@ fn json_body(value: &serde_json::Value) -> Result<Body, ClientError> {
     Ok(Body::from_trusted(text.into()))
 }
 
+/// What the client says first: `challenge` for a key hello, else the token hello.
+fn first_hello(cfg: &ClientConfig) -> ClientOp {
+    match cfg.key {
+        Some(_) => ClientOp::Challenge,
+        None => ClientOp::Hello {
+            mesh: cfg.mesh.as_str().into(),
+            peer: cfg.peer.as_str().into(),
+            token: cfg.token.clone(),
+        },
+    }
+}
+
+/// The key hello answering the node's challenge: `nonce` signed with the config's key, now.
+fn signed_hello(cfg: &ClientConfig, nonce: &[u8; 32]) -> ClientOp {
+    let ts = crate::now_ms();
+    let sig = cfg.key.as_ref().map_or_else(Vec::new, |k| {
+        k.sign_hello(&cfg.mesh, &cfg.peer, ts, nonce).to_vec()
+    });
+    ClientOp::HelloSigned {
+        mesh: cfg.mesh.as_str().into(),
+        peer: cfg.peer.as_str().into(),
+        sig,
+        ts,
+    }
+}
+
 /// Dials and completes hello/welcome; then starts the socket task.
 async fn dial(
     cfg: &ClientConfig,
@@ -889,11 +960,7 @@ async fn dial(
     let handshake = async {
         let mut io = Io::dial(cfg).await?;
         let binary = io.binary(cfg.binary);
-        let hello = ClientOp::Hello {
-            mesh: cfg.mesh.as_str().into(),
-            peer: cfg.peer.as_str().into(),
-            token: cfg.token.clone(),
-        };
+        let hello = first_hello(cfg);
         io.send(&hello, binary).await?;
         loop {
             let ops = io.recv().await?;
@@ -912,6 +979,10 @@ async fn dial(
                             head,
                         };
                         return Ok((io, binary, welcome, ops.collect::<Vec<_>>()));
+                    }
+                    ServerOp::Challenge { nonce } if cfg.key.is_some() => {
+                        let hello = signed_hello(cfg, &nonce);
+                        io.send(&hello, binary).await?;
                     }
                     ServerOp::Error { code, message, .. } => {
                         return Err(ClientError::Server { code, message })

@@ -244,6 +244,12 @@ struct AddPeer {
     id: String,
     #[serde(default)]
     groups: Vec<String>,
+    /// The peer's ed25519 public key, 64 hex characters: it may then say hello by signature.
+    #[serde(default)]
+    public_key: Option<String>,
+    /// Whether to make a token too. Default: true without `public_key`, false with one.
+    #[serde(default)]
+    token: Option<bool>,
 }
 
 async fn add_peer(
@@ -279,7 +285,22 @@ async fn add_peer(
     for g in &req.groups {
         validate_id(IdKind::Group, g)?;
     }
-    let token = crate::node::new_token();
+    let public_key = match &req.public_key {
+        Some(text) => Some(
+            crate::identity::parse_public_key(text)
+                .map_err(|e| ProtoError::bad_request(format!("\"public_key\": {e}")))?,
+        ),
+        None => None,
+    };
+    if req.token == Some(false) && public_key.is_none() {
+        return Err(
+            ProtoError::bad_request("a peer without a token needs a \"public_key\"").into(),
+        );
+    }
+    let token = req
+        .token
+        .unwrap_or(public_key.is_none())
+        .then(crate::node::new_token);
     call(
         &ctx,
         ShardOp::AddPeer {
@@ -287,16 +308,19 @@ async fn add_peer(
             mesh: mesh.as_str().into(),
             peer: req.id.as_str().into(),
             groups: req.groups.iter().map(|g| g.as_str().into()).collect(),
-            token_hash: Some(fabric_shard::token_hash(&token)),
-            public_key: None,
+            token_hash: token.as_deref().map(fabric_shard::token_hash),
+            public_key,
         },
     )
     .await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(serde_json::json!({"id": req.id, "groups": req.groups, "token": token})),
-    )
-        .into_response())
+    let mut answer = serde_json::json!({"id": req.id, "groups": req.groups});
+    if let Some(t) = token {
+        answer["token"] = t.into();
+    }
+    if let Some(k) = public_key {
+        answer["public_key"] = hex::encode(k).into();
+    }
+    Ok((StatusCode::CREATED, Json(answer)).into_response())
 }
 
 /// Resolves a peer bearer token to its peer id (asks the mesh's shard).
