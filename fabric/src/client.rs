@@ -228,6 +228,25 @@ impl Admin {
         }
     }
 
+    /// [`Admin::new`] for a node whose HTTP port speaks TLS (`https://`, `--ws-tls`), trusted
+    /// as `trust` says (its certificate's pin, or roots).
+    pub fn with_trust(
+        base_url: &str,
+        admin_token: &str,
+        trust: &crate::tls::Trust,
+    ) -> Result<Admin, ClientError> {
+        let tls = crate::tls::client_config(trust, crate::tls::ALPN_HTTP1)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let http = reqwest::Client::builder()
+            .use_preconfigured_tls(tls)
+            .build()?;
+        Ok(Admin {
+            http,
+            base: trim_base(base_url).to_string(),
+            token: admin_token.to_string(),
+        })
+    }
+
     /// `POST /v1/meshes`. An existing mesh is [`ErrorCode::Conflict`].
     pub async fn create_mesh(&self, mesh: &str) -> Result<(), ClientError> {
         validate_id(IdKind::Mesh, mesh)?;

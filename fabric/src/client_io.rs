@@ -76,10 +76,37 @@ impl Io {
     pub(crate) async fn dial(cfg: &ClientConfig) -> Result<Io, ClientError> {
         match parse_url(&cfg.url)? {
             Target::Ws(url) => {
+                // `wss://…?pin=HEX`: trust the node's certificate by its SHA-256 (the pin is
+                // ours, not part of the request).
+                let (url, pin) = match url.split_once("?pin=") {
+                    Some((u, p)) => (u.to_string(), Some(p.to_string())),
+                    None => (url, None),
+                };
+                let connector = if url.starts_with("wss://") {
+                    let trust = match pin {
+                        Some(p) => crate::tls::Trust::Pin(
+                            crate::tls::parse_pin(&p)
+                                .map_err(|e| ClientError::Quic(e.to_string()))?,
+                        ),
+                        None => cfg.trust.clone(),
+                    };
+                    let tls = crate::tls::client_config(&trust, crate::tls::ALPN_HTTP1)
+                        .map_err(|e| ClientError::Protocol(e.to_string()))?;
+                    Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+                        tls,
+                    )))
+                } else {
+                    None
+                };
                 // Nagle would hold small frames back for the ack of the previous one: latency
                 // for nothing, since the writer already batches.
-                let (ws, _) =
-                    tokio_tungstenite::connect_async_with_config(url.as_str(), None, true).await?;
+                let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+                    url.as_str(),
+                    None,
+                    true,
+                    connector,
+                )
+                .await?;
                 Ok(Io::Ws(Box::new(ws)))
             }
             Target::Quic { host, port, pin } => {

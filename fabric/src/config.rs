@@ -54,6 +54,8 @@ pub struct Config {
     pub tls_cert: Option<PathBuf>,
     /// Private key (PEM) of `tls_cert`.
     pub tls_key: Option<PathBuf>,
+    /// Serve the HTTP port over TLS (HTTPS and `wss://`) with the same certificate as QUIC.
+    pub ws_tls: bool,
     /// Meshes that get per-mesh series (label `mesh`); every other mesh is only in the
     /// per-shard totals, so label cardinality stays bounded. At most 64.
     pub metrics_meshes: Vec<String>,
@@ -99,6 +101,7 @@ impl Default for Config {
             quic_listen: None,
             tls_cert: None,
             tls_key: None,
+            ws_tls: false,
         }
     }
 }

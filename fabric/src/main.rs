@@ -6,6 +6,7 @@ use fabric::config::{Config, Durability, LogFormat};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+mod cli_client;
 mod sim_cmd;
 
 /// Fabric: a durable, sharded message fabric for multi-tenant agent meshes.
@@ -27,6 +28,8 @@ enum Command {
     /// variables, and these flags.
     Serve(ServeArgs),
     Sim(sim_cmd::SimArgs),
+    #[command(flatten)]
+    Client(cli_client::ClientCommand),
 }
 
 #[derive(Args)]
@@ -79,6 +82,9 @@ struct ServeArgs {
     /// Private key (PEM) of --tls-cert.
     #[arg(long, env = "FABRIC_TLS_KEY", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Serve the HTTP and WebSocket port over TLS (https://, wss://) with the QUIC certificate.
+    #[arg(long, env = "FABRIC_WS_TLS")]
+    ws_tls: Option<bool>,
     /// Log format: human or json. The level comes from FABRIC_LOG (env-filter syntax).
     #[arg(long, env = "FABRIC_LOG_FORMAT", value_enum)]
     log_format: Option<LogFormat>,
@@ -121,6 +127,9 @@ impl ServeArgs {
         }
         if let Some(q) = self.quic {
             c.quic = q;
+        }
+        if let Some(t) = self.ws_tls {
+            c.ws_tls = t;
         }
         if self.quic_listen.is_some() {
             c.quic_listen = self.quic_listen;
@@ -186,6 +195,7 @@ impl ShutdownSignal {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
+        Command::Client(cmd) => cli_client::run(cmd),
         Command::Sim(args) => {
             if !sim_cmd::run(args)? {
                 std::process::exit(1);
@@ -212,8 +222,13 @@ fn main() -> anyhow::Result<()> {
                         fabric::tls::fingerprint_hex(&fp)
                     );
                 }
+                let (http, ws) = if node.ctx().config.ws_tls {
+                    ("https", "wss")
+                } else {
+                    ("http", "ws")
+                };
                 println!(
-                    "fabric: listening on http://{} (WebSocket: ws://{}/v1/ws)",
+                    "fabric: listening on {http}://{} (WebSocket: {ws}://{}/v1/ws)",
                     node.addr(),
                     node.addr()
                 );

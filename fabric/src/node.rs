@@ -406,25 +406,36 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         node_name,
         metrics,
     });
-    let (quic_addr, tls_fingerprint) = match ctx.config.quic_addr() {
-        Some(q) => {
-            let identity = crate::tls::load_or_generate(
-                ctx.config.tls_cert.as_deref(),
-                ctx.config.tls_key.as_deref(),
-                &ctx.config.data_dir,
-                &[addr.ip().to_string()],
-            )?;
-            let fp = identity.fingerprint();
-            let local = crate::quic::start(ctx.clone(), q, &identity, shutdown_rx.clone())?;
+    // One certificate for QUIC and, when on, HTTPS/wss on the HTTP port.
+    let identity = if ctx.config.quic || ctx.config.ws_tls {
+        Some(crate::tls::load_or_generate(
+            ctx.config.tls_cert.as_deref(),
+            ctx.config.tls_key.as_deref(),
+            &ctx.config.data_dir,
+            &[addr.ip().to_string()],
+        )?)
+    } else {
+        None
+    };
+    let tls_fingerprint = identity.as_ref().map(|i| i.fingerprint());
+    let quic_addr = match (ctx.config.quic_addr(), &identity) {
+        (Some(q), Some(identity)) => {
+            let local = crate::quic::start(ctx.clone(), q, identity, shutdown_rx.clone())?;
             tracing::info!(
                 quic = %local,
                 certificate = %identity.source.display(),
-                sha256 = %crate::tls::fingerprint_hex(&fp),
+                sha256 = %crate::tls::fingerprint_hex(&identity.fingerprint()),
                 "QUIC listening"
             );
-            (Some(local), Some(fp))
+            Some(local)
         }
-        None => (None, None),
+        _ => None,
+    };
+    let https = match (&identity, ctx.config.ws_tls) {
+        (Some(identity), true) => {
+            Some(crate::tls::server_config(identity, crate::tls::ALPN_HTTP1)?)
+        }
+        _ => None,
     };
     let app = crate::http::routes(ctx.clone());
     let metrics_addr = match metrics_listener {
@@ -461,14 +472,31 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         });
     }
     let mut stop = shutdown_rx;
-    let server = tokio::spawn(async move {
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = stop.wait_for(|s| *s).await;
-        });
-        if let Err(e) = serve.await {
-            tracing::error!(error = %e, "HTTP server failed");
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let server = match https {
+        None => tokio::spawn(async move {
+            let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
+            if let Err(e) = serve.await {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }),
+        Some(config) => {
+            let tls = crate::tls::TlsListener::new(listener, config).map_err(|source| {
+                NodeError::Listen {
+                    addr: ctx.config.listen,
+                    source,
+                }
+            })?;
+            tokio::spawn(async move {
+                let serve = axum::serve(tls, app).with_graceful_shutdown(stopped);
+                if let Err(e) = serve.await {
+                    tracing::error!(error = %e, "HTTPS server failed");
+                }
+            })
         }
-    });
+    };
     tracing::info!(%addr, shards = ctx.shards.len(), metrics = ?metrics_addr, "listening");
     Ok(RunningNode {
         addr,

@@ -153,7 +153,8 @@ pub fn start(
     identity: &Identity,
     mut shutdown: watch::Receiver<bool>,
 ) -> Result<SocketAddr, QuicError> {
-    let crypto = tls::server_config(identity).map_err(|e| QuicError::Tls(e.to_string()))?;
+    let crypto =
+        tls::server_config(identity, tls::ALPN).map_err(|e| QuicError::Tls(e.to_string()))?;
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
         .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));

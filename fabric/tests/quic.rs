@@ -14,7 +14,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 fn quic_url(node: &RunningNode) -> String {
-    format!("quic://{}", node.quic_addr().expect("QUIC is on by default"))
+    format!(
+        "quic://{}",
+        node.quic_addr().expect("QUIC is on by default")
+    )
 }
 
 async fn quic_client(node: &RunningNode, peer: &str, token: &str) -> Client {
@@ -75,7 +78,10 @@ async fn quic_clients_send_append_subscribe_and_receive() {
     let tb = add_peer(&b, "m", "b", &[]).await;
     let a = Arc::new(quic_client(&node, "a", &ta).await);
     let bob = quic_client(&node, "b", &tb).await;
-    let seq1 = a.append("chat", &json!({"n": 1}), Some("k1")).await.unwrap();
+    let seq1 = a
+        .append("chat", &json!({"n": 1}), Some("k1"))
+        .await
+        .unwrap();
     assert_eq!(seq1, 1);
     bob.subscribe("chat", 1).await.unwrap();
     let pos = a.send("b", &json!({"hi": "bob"})).await.unwrap();
@@ -83,7 +89,10 @@ async fn quic_clients_send_append_subscribe_and_receive() {
     let mut got_event = Vec::new();
     let mut got_pos = None;
     while got_event.len() < 2 || got_pos.is_none() {
-        match tokio::time::timeout(WAIT, bob.next_delivery()).await.unwrap() {
+        match tokio::time::timeout(WAIT, bob.next_delivery())
+            .await
+            .unwrap()
+        {
             Some(Incoming::Event { seq, .. }) => got_event.push(seq),
             Some(Incoming::Deliver { pos, .. }) => got_pos = Some(pos),
             None => panic!("connection lost"),
@@ -93,12 +102,10 @@ async fn quic_clients_send_append_subscribe_and_receive() {
     assert_eq!(got_pos, Some(pos));
     bob.ack(pos).await.unwrap();
     // 100 pipelined appends over one QUIC connection, all durable and dense.
-    let seqs = futures_util::future::join_all(
-        (0..100).map(|i| {
-            let a = a.clone();
-            async move { a.append("bulk", &json!({"i": i}), None).await.unwrap() }
-        }),
-    )
+    let seqs = futures_util::future::join_all((0..100).map(|i| {
+        let a = a.clone();
+        async move { a.append("bulk", &json!({"i": i}), None).await.unwrap() }
+    }))
     .await;
     let mut sorted = seqs.clone();
     sorted.sort();
@@ -154,7 +161,10 @@ async fn wrong_alpn_and_wrong_pin_are_refused_and_the_node_keeps_serving() {
     let b = base(&node);
     let ta = mesh_with_peer(&b).await;
     let err = raw(&node, b"h3").await.expect_err("wrong ALPN refused");
-    assert!(err.to_lowercase().contains("alpn") || err.contains("120"), "{err}");
+    assert!(
+        err.to_lowercase().contains("alpn") || err.contains("120"),
+        "{err}"
+    );
     let mut cfg = ClientConfig::new(&quic_url(&node), "m", "a", &ta).with_pin([7; 32]);
     cfg.connect_timeout_ms = 5_000;
     match Client::connect(cfg).await {
@@ -181,13 +191,21 @@ async fn a_stream_reset_mid_frame_ends_only_that_session() {
     let conn = raw(&node, fabric::tls::ALPN).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_op(&mut send, &hello(&ta)).await;
-    assert!(matches!(read_ops(&mut recv).await[0], ServerOp::Welcome { .. }));
+    assert!(matches!(
+        read_ops(&mut recv).await[0],
+        ServerOp::Welcome { .. }
+    ));
     // A prefix announcing 100 bytes, 10 of them, then a reset.
     send.write_all(&100u32.to_le_bytes()).await.unwrap();
     send.write_all(&[0u8; 10]).await.unwrap();
     send.reset(quinn::VarInt::from_u32(7)).unwrap();
-    let closed = tokio::time::timeout(WAIT, conn.closed()).await.expect("the node closes it");
-    assert!(matches!(closed, quinn::ConnectionError::ApplicationClosed(_)), "{closed:?}");
+    let closed = tokio::time::timeout(WAIT, conn.closed())
+        .await
+        .expect("the node closes it");
+    assert!(
+        matches!(closed, quinn::ConnectionError::ApplicationClosed(_)),
+        "{closed:?}"
+    );
     let ok = quic_client(&node, "a", &ta).await;
     assert_eq!(ok.append("after-reset", &json!({}), None).await.unwrap(), 1);
 }
@@ -207,7 +225,10 @@ async fn an_oversize_frame_gets_too_large_and_the_session_goes_on() {
     let conn = raw(&node, fabric::tls::ALPN).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_op(&mut send, &hello(&ta)).await;
-    assert!(matches!(read_ops(&mut recv).await[0], ServerOp::Welcome { .. }));
+    assert!(matches!(
+        read_ops(&mut recv).await[0],
+        ServerOp::Welcome { .. }
+    ));
     let big = vec![b'x'; 100_000];
     send.write_all(&fabric::quic::frame(&big)).await.unwrap();
     match &read_ops(&mut recv).await[0] {
@@ -232,7 +253,10 @@ async fn each_subscription_gets_a_stream_of_its_own() {
     let conn = raw(&node, fabric::tls::ALPN).await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     write_op(&mut send, &hello(&ta)).await;
-    assert!(matches!(read_ops(&mut recv).await[0], ServerOp::Welcome { .. }));
+    assert!(matches!(
+        read_ops(&mut recv).await[0],
+        ServerOp::Welcome { .. }
+    ));
     for (r, conv) in [(1, "one"), (2, "two")] {
         write_op(
             &mut send,
@@ -260,7 +284,10 @@ async fn each_subscription_gets_a_stream_of_its_own() {
     let mut oks = 0;
     while oks < 2 {
         for op in read_ops(&mut recv).await {
-            assert!(matches!(op, ServerOp::Ok { .. }), "control stream carries answers: {op:?}");
+            assert!(
+                matches!(op, ServerOp::Ok { .. }),
+                "control stream carries answers: {op:?}"
+            );
             oks += 1;
         }
     }
@@ -312,4 +339,44 @@ fn base64_decode(s: &str) -> Vec<u8> {
         }
     }
     out
+}
+
+#[tokio::test]
+async fn the_same_certificate_serves_wss_and_https_when_tls_is_on() {
+    // Proves --ws-tls: the HTTP port speaks TLS with the QUIC certificate (one pin for
+    // https://, wss:// and quic://), plain ws:// to it fails, and both transports work.
+    let dir = tempfile::tempdir().unwrap();
+    let config = fabric::config::Config {
+        ws_tls: true,
+        ..config(dir.path())
+    };
+    let node = fabric::node::start(config).await.unwrap();
+    let pin = node.tls_fingerprint().unwrap();
+    let base = format!("https://localhost:{}", node.addr().port());
+    let admin = fabric::client::Admin::with_trust(&base, "admin-secret", &Trust::Pin(pin)).unwrap();
+    admin.create_mesh("m").await.unwrap();
+    let token = admin.add_peer("m", "a", &[]).await.unwrap();
+    let wss = format!("wss://localhost:{}/v1/ws", node.addr().port());
+    let c = Client::connect(ClientConfig::new(&wss, "m", "a", &token).with_pin(pin))
+        .await
+        .expect("wss connects with the pin");
+    assert_eq!(c.append("t", &json!({}), None).await.unwrap(), 1);
+    let q = quic_client(&node, "a", &token).await;
+    assert_eq!(q.append("t", &json!({}), None).await.unwrap(), 2);
+    let mut plain = ClientConfig::new(
+        &format!("ws://127.0.0.1:{}/v1/ws", node.addr().port()),
+        "m",
+        "a",
+        &token,
+    );
+    plain.connect_timeout_ms = 3_000;
+    assert!(
+        Client::connect(plain).await.is_err(),
+        "plain ws:// to a TLS port"
+    );
+    let wrong = ClientConfig::new(&wss, "m", "a", &token).with_pin([1; 32]);
+    assert!(
+        Client::connect(wrong).await.is_err(),
+        "a wrong pin is refused"
+    );
 }

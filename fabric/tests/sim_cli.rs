@@ -57,7 +57,14 @@ fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
     // from the file alone.
     let dir = tempfile::tempdir().unwrap();
     let out = fabric()
-        .args(["sim", "--seeds", "30", "--planted", "ack_before_fsync", "--out"])
+        .args([
+            "sim",
+            "--seeds",
+            "30",
+            "--planted",
+            "ack_before_fsync",
+            "--out",
+        ])
         .arg(dir.path())
         .output()
         .unwrap();
