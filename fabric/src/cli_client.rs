@@ -1,0 +1,460 @@
+//! The client side of the `fabric` command line: admin calls (`mesh create`, `peer add`),
+//! `keygen`, and a peer's `send`, `append`, `tail` and `replay` (docs/CLI.md). Transport and
+//! hello are `fabric::client`'s business: a `ws://` or `quic://` URL, a token or a key file.
+//!
+//! Output is one line per result, for people by default and one JSON object per line with
+//! `--json`. Errors go to stderr with a non-zero exit status.
+
+use anyhow::{bail, Context};
+use clap::{Args, Subcommand};
+use fabric::client::{read_http, Admin, Client, ClientConfig, Incoming};
+use fabric::identity::{parse_public_key, Identity};
+use serde_json::{json, Value};
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// Where `fabric keygen` writes the private key unless told otherwise.
+const KEY_FILE_DEFAULT: &str = "fabric-ed25519.key";
+/// Most conversation entries `fabric replay` asks for unless told otherwise.
+const REPLAY_LIMIT_DEFAULT: u32 = 100;
+
+#[derive(Subcommand)]
+pub enum ClientCommand {
+    /// Meshes (admin): `fabric mesh create ID`.
+    Mesh {
+        #[command(subcommand)]
+        cmd: MeshCmd,
+    },
+    /// Peers (admin): `fabric peer add MESH PEER [--group G]... [--public-key KEY]`.
+    Peer {
+        #[command(subcommand)]
+        cmd: PeerCmd,
+    },
+    /// Make an ed25519 key for key hellos: writes the private key file (mode 0600, never
+    /// overwritten) and prints the public key to register with `peer add --public-key`.
+    Keygen(KeygenArgs),
+    /// Send one inbox message: `--to PEER`, `--to group:NAME` or `--to '*'`. Prints its pos.
+    Send(SendArgs),
+    /// Append one entry to a conversation. Prints its seq.
+    Append(AppendArgs),
+    /// Follow the peer's inbox (printing and acking each delivery), or with `--conv` follow a
+    /// conversation from `--from`.
+    Tail(TailArgs),
+    /// Read a page of a conversation over HTTP (needs a peer token).
+    Replay(ReplayArgs),
+}
+
+#[derive(Subcommand)]
+pub enum MeshCmd {
+    /// Create a mesh.
+    Create {
+        /// The mesh id.
+        id: String,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum PeerCmd {
+    /// Add a peer. Without --public-key it gets a token, printed once (the node keeps only
+    /// its hash); with one it says hello by signature, and gets a token as well only with
+    /// --token.
+    Add {
+        mesh: String,
+        peer: String,
+        /// A group the peer belongs to (repeatable).
+        #[arg(long = "group")]
+        groups: Vec<String>,
+        /// The peer's ed25519 public key: 64 hex characters, or a key file from `fabric keygen`.
+        #[arg(long)]
+        public_key: Option<String>,
+        /// With --public-key: make a token too.
+        #[arg(long)]
+        token: bool,
+        #[command(flatten)]
+        admin: AdminArgs,
+    },
+}
+
+/// How to reach the admin API.
+#[derive(Args)]
+pub struct AdminArgs {
+    /// The node's HTTP base URL.
+    #[arg(
+        long = "http",
+        env = "FABRIC_HTTP",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    http: String,
+    /// The admin bearer token.
+    #[arg(long, env = "FABRIC_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: String,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Who the peer is and how to reach its node.
+#[derive(Args)]
+pub struct PeerArgs {
+    /// The session URL: ws://HOST:PORT/v1/ws or quic://HOST:PORT.
+    #[arg(long, env = "FABRIC_URL", default_value = "ws://127.0.0.1:7400/v1/ws")]
+    url: String,
+    /// The node's HTTP base URL (replay).
+    #[arg(
+        long = "http",
+        env = "FABRIC_HTTP",
+        default_value = "http://127.0.0.1:7400"
+    )]
+    http: String,
+    #[arg(long, env = "FABRIC_MESH")]
+    mesh: String,
+    #[arg(long, env = "FABRIC_PEER")]
+    peer: String,
+    /// The peer's token.
+    #[arg(
+        long,
+        env = "FABRIC_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "key"
+    )]
+    token: Option<String>,
+    /// The peer's private key file (`fabric keygen`): say hello by signature.
+    #[arg(long, env = "FABRIC_KEY")]
+    key: Option<PathBuf>,
+    /// One JSON object per line instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct KeygenArgs {
+    /// Where to write the private key file.
+    #[arg(long, default_value = KEY_FILE_DEFAULT)]
+    out: PathBuf,
+    /// One JSON object instead of text.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct SendArgs {
+    /// PEER, group:NAME or '*'.
+    #[arg(long)]
+    to: String,
+    /// The body: JSON text, or any other text (sent as a JSON string).
+    body: String,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+#[derive(Args)]
+pub struct AppendArgs {
+    #[arg(long)]
+    conv: String,
+    /// The body: JSON text, or any other text (sent as a JSON string).
+    body: String,
+    /// Idempotency key: a retry with the same key gets the original seq. (`--key` is the
+    /// peer's key file, as in every peer command.)
+    #[arg(long = "idempotency-key")]
+    idempotency_key: Option<String>,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+#[derive(Args)]
+pub struct TailArgs {
+    /// Follow this conversation instead of the inbox.
+    #[arg(long)]
+    conv: Option<String>,
+    /// With --conv: the first seq to show.
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    /// Exit after this many items (0: no limit).
+    #[arg(long, default_value_t = 0)]
+    count: u64,
+    /// Exit after this many seconds (0: no limit). With --count, not reaching the count in
+    /// time is an error.
+    #[arg(long, default_value_t = 0)]
+    timeout_secs: u64,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+#[derive(Args)]
+pub struct ReplayArgs {
+    #[arg(long)]
+    conv: String,
+    #[arg(long, default_value_t = 1)]
+    from: u64,
+    #[arg(long, default_value_t = REPLAY_LIMIT_DEFAULT)]
+    limit: u32,
+    #[command(flatten)]
+    peer: PeerArgs,
+}
+
+/// Runs one client subcommand on a small runtime of its own.
+pub fn run(cmd: ClientCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")?;
+    runtime.block_on(run_async(cmd))
+}
+
+async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClientCommand::Mesh {
+            cmd: MeshCmd::Create { id, admin },
+        } => {
+            Admin::new(&admin.http, &admin.admin_token)
+                .create_mesh(&id)
+                .await
+                .with_context(|| format!("cannot create mesh {id:?}"))?;
+            print(admin.json, json!({ "mesh": id }), || {
+                format!("created mesh {id}")
+            });
+        }
+        ClientCommand::Peer {
+            cmd:
+                PeerCmd::Add {
+                    mesh,
+                    peer,
+                    groups,
+                    public_key,
+                    token,
+                    admin,
+                },
+        } => add_peer(mesh, peer, groups, public_key, token, admin).await?,
+        ClientCommand::Keygen(a) => {
+            let id = Identity::generate()?;
+            id.save(&a.out)?;
+            let public = id.public_key_hex();
+            let path = a.out.display().to_string();
+            print(
+                a.json,
+                json!({ "public_key": public, "file": path }),
+                || format!("{public}\n(private key written to {path}; keep it secret)"),
+            );
+        }
+        ClientCommand::Send(a) => {
+            let client = connect(&a.peer).await?;
+            let pos = client
+                .send(&a.to, &body_value(&a.body))
+                .await
+                .context("send failed")?;
+            print(a.peer.json, json!({ "pos": pos }), || {
+                format!("sent pos {pos}")
+            });
+            client.close().await;
+        }
+        ClientCommand::Append(a) => {
+            let client = connect(&a.peer).await?;
+            let seq = client
+                .append(&a.conv, &body_value(&a.body), a.idempotency_key.as_deref())
+                .await
+                .context("append failed")?;
+            print(a.peer.json, json!({ "conv": a.conv, "seq": seq }), || {
+                format!("appended {} seq {seq}", a.conv)
+            });
+            client.close().await;
+        }
+        ClientCommand::Tail(a) => tail(a).await?,
+        ClientCommand::Replay(a) => {
+            let Some(token) = a.peer.token.as_deref() else {
+                bail!(
+                    "replay reads over HTTP, which takes a peer --token; with a key, use \
+                     `fabric tail --conv {} --from {}`",
+                    a.conv,
+                    a.from
+                );
+            };
+            let (events, head) =
+                read_http(&a.peer.http, token, &a.peer.mesh, &a.conv, a.from, a.limit)
+                    .await
+                    .context("replay failed")?;
+            for e in &events {
+                let v = json!({
+                    "op": "event", "conv": e.conv.as_ref(), "seq": e.seq,
+                    "from": e.from.as_ref(), "body": raw(e.body.as_str()), "ts": e.ts,
+                });
+                print(a.peer.json, v, || {
+                    format!("{} #{} {}: {}", e.conv, e.seq, e.from, e.body.as_str())
+                });
+            }
+            print(a.peer.json, json!({ "head": head }), || {
+                format!("({} entries; head {head})", events.len())
+            });
+        }
+    }
+    Ok(())
+}
+
+async fn add_peer(
+    mesh: String,
+    peer: String,
+    groups: Vec<String>,
+    public_key: Option<String>,
+    token: bool,
+    admin: AdminArgs,
+) -> anyhow::Result<()> {
+    let api = Admin::new(&admin.http, &admin.admin_token);
+    let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
+    let fail = || format!("cannot add peer {peer:?} to mesh {mesh:?}");
+    match public_key {
+        None => {
+            let t = api
+                .add_peer(&mesh, &peer, &groups)
+                .await
+                .with_context(fail)?;
+            print(
+                admin.json,
+                json!({ "mesh": mesh, "peer": peer, "token": t }),
+                || t.clone(),
+            );
+        }
+        Some(text) => {
+            let key = public_key_of(&text)?;
+            let t = api
+                .add_peer_with_key(&mesh, &peer, &groups, &key, token)
+                .await
+                .with_context(fail)?;
+            let mut v = json!({ "mesh": mesh, "peer": peer, "public_key": key });
+            if let Some(t) = &t {
+                v["token"] = t.clone().into();
+            }
+            print(admin.json, v, || match &t {
+                Some(t) => format!("{t}\n(peer {peer} registered with key {key} and this token)"),
+                None => format!("registered peer {peer} with key {key}"),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `--public-key`: hex, or a file holding a private key file or a hex public key.
+fn public_key_of(text: &str) -> anyhow::Result<String> {
+    if let Ok(k) = parse_public_key(text) {
+        return Ok(hex::encode(k));
+    }
+    let path = std::path::Path::new(text);
+    if !path.is_file() {
+        bail!("--public-key {text:?} is neither 64 hex characters nor a file");
+    }
+    let content =
+        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    match Identity::from_file_text(&content) {
+        Ok(id) => Ok(id.public_key_hex()),
+        Err(_) => Ok(hex::encode(parse_public_key(&content).with_context(
+            || {
+                format!(
+                    "{} holds neither a key file nor a public key",
+                    path.display()
+                )
+            },
+        )?)),
+    }
+}
+
+async fn connect(p: &PeerArgs) -> anyhow::Result<Client> {
+    let cfg = ClientConfig::new(&p.url, &p.mesh, &p.peer, p.token.as_deref().unwrap_or(""));
+    let cfg = match &p.key {
+        Some(path) => cfg.with_key(Identity::load(path)?),
+        None if p.token.is_none() => bail!("give the peer's --token (or FABRIC_TOKEN) or --key"),
+        None => cfg,
+    };
+    Client::connect(cfg)
+        .await
+        .with_context(|| format!("cannot connect to {} as {}/{}", p.url, p.mesh, p.peer))
+}
+
+async fn tail(a: TailArgs) -> anyhow::Result<()> {
+    let client = connect(&a.peer).await?;
+    if let Some(conv) = &a.conv {
+        client
+            .subscribe(conv, a.from)
+            .await
+            .context("subscribe failed")?;
+    }
+    let deadline = (a.timeout_secs > 0)
+        .then(|| tokio::time::Instant::now() + Duration::from_secs(a.timeout_secs));
+    let mut seen = 0u64;
+    while a.count == 0 || seen < a.count {
+        let next = match deadline {
+            Some(d) => match tokio::time::timeout_at(d, client.next_delivery()).await {
+                Ok(next) => next,
+                Err(_) if a.count > 0 => {
+                    bail!(
+                        "timed out after {} s with {seen} of {} items",
+                        a.timeout_secs,
+                        a.count
+                    )
+                }
+                Err(_) => break,
+            },
+            None => client.next_delivery().await,
+        };
+        let Some(item) = next else {
+            bail!("the connection to the node was lost");
+        };
+        match &item {
+            Incoming::Deliver {
+                pos,
+                from,
+                to,
+                body,
+                ts,
+            } => {
+                // The conversation tail does not consume the inbox.
+                if a.conv.is_some() {
+                    continue;
+                }
+                let v = json!({
+                    "op": "deliver", "pos": pos, "from": from.as_ref(), "to": to.to_wire(),
+                    "body": raw(body.as_str()), "ts": ts,
+                });
+                print(a.peer.json, v, || {
+                    format!("#{pos} {from} -> {}: {}", to.to_wire(), body.as_str())
+                });
+                client.ack(*pos).await.context("ack failed")?;
+            }
+            Incoming::Event {
+                conv,
+                seq,
+                from,
+                body,
+                ts,
+            } => {
+                let v = json!({
+                    "op": "event", "conv": conv.as_ref(), "seq": seq, "from": from.as_ref(),
+                    "body": raw(body.as_str()), "ts": ts,
+                });
+                print(a.peer.json, v, || {
+                    format!("{conv} #{seq} {from}: {}", body.as_str())
+                });
+            }
+        }
+        seen += 1;
+    }
+    client.close().await;
+    Ok(())
+}
+
+/// A command-line body: JSON if it parses, else the text as a JSON string.
+fn body_value(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+}
+
+/// A body the node validated as JSON, as a value for printing.
+fn raw(text: &str) -> Value {
+    serde_json::from_str(text).unwrap_or(Value::Null)
+}
+
+fn print(json: bool, value: Value, human: impl FnOnce() -> String) {
+    if json {
+        println!("{value}");
+    } else {
+        println!("{}", human());
+    }
+}
