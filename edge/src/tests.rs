@@ -884,7 +884,11 @@ fn an_oversize_length_prefix_gets_too_large_and_the_session_goes_on() {
     assert_eq!(codes(&frames(&mut s)), vec!["too_large"]);
     assert!(!s.is_closed() && s.wants_read());
     text(&mut s, r#"{"op":"ping","ref":1}"#);
-    assert_eq!(requests(&mut s).len(), 0, "ping is answered by the session itself");
+    assert_eq!(
+        requests(&mut s).len(),
+        0,
+        "ping is answered by the session itself"
+    );
     assert_eq!(frames(&mut s)[0]["op"], "pong");
 }
 
@@ -982,7 +986,10 @@ fn challenge_without_a_nonce_errors_and_a_token_hello_still_works() {
     text(&mut s, r#"{"op":"challenge"}"#);
     let f = frames(&mut s);
     assert_eq!(codes(&f), vec!["unavailable"]);
-    assert!(f[0]["message"].as_str().unwrap().contains("no challenge nonce"));
+    assert!(f[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("no challenge nonce"));
     assert!(!s.is_closed());
     welcome(&mut s);
     assert!(s.identity().is_some());

@@ -804,7 +804,7 @@ mod hello_tests {
             vec![ClientOp::Challenge]
         );
         let bad = [
-            format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"abcd","ts":5}}"#),
+            r#"{"op":"hello","mesh":"m","peer":"p","sig":"abcd","ts":5}"#.to_string(),
             format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"{sig}"}}"#),
             format!(r#"{{"op":"hello","mesh":"m","peer":"p","sig":"{sig}","ts":5,"token":"t"}}"#),
             format!(

@@ -692,9 +692,8 @@ impl Node {
 }
 
 fn welcomed(out: &[Output], session: SessionId) -> bool {
-    out.iter().any(|o| {
-        o.session == session && matches!(o.reply, Reply::Frame(ServerOp::Welcome { .. }))
-    })
+    out.iter()
+        .any(|o| o.session == session && matches!(o.reply, Reply::Frame(ServerOp::Welcome { .. })))
 }
 
 fn error_message(out: &[Output]) -> String {
@@ -869,7 +868,10 @@ fn public_keys_survive_restarts_and_retention_checkpoints() {
     }
     assert!(n.shard.stats().segments_deleted > 0, "retention ran");
     let first = *n.disk.segments.keys().next().unwrap();
-    assert!(first > 1, "the segment with the PeerKeyAdded record is gone");
+    assert!(
+        first > 1,
+        "the segment with the PeerKeyAdded record is gone"
+    );
     n.restart();
     let now = n.now;
     assert!(welcomed(&n.key_hello(2, "k", &key, now, [2; 32]), 2));
