@@ -115,8 +115,8 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         crate::progress::Progress::counted("connections", opts.sessions as u64, counter.clone());
     let started = Instant::now();
     let mesh_ref = &mesh;
-    let url = &setup.ws_url;
     let transport = opts.transport;
+    let url = setup.url(transport)?;
     let results: Vec<Result<(WsConn, u64), BenchError>> =
         futures_util::stream::iter(tokens.iter().enumerate().map(|(i, token)| {
             let counter = counter.clone();

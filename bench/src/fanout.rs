@@ -89,10 +89,19 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let sender_token = admin.add_peer(&mesh, "sender", &[]).await?;
     let mut subs = Vec::with_capacity(opts.subscribers);
     for (i, token) in tokens.iter().enumerate() {
-        subs.push(WsConn::connect(&setup.ws_url, opts.transport, &mesh, &peer_id(i), token).await?);
+        subs.push(
+            WsConn::connect(
+                setup.url(opts.transport)?,
+                opts.transport,
+                &mesh,
+                &peer_id(i),
+                token,
+            )
+            .await?,
+        );
     }
     let sender = WsConn::connect(
-        &setup.ws_url,
+        setup.url(opts.transport)?,
         opts.transport,
         &mesh,
         "sender",

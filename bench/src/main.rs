@@ -74,6 +74,10 @@ struct Common {
     /// PID of the --target node, to sample its CPU, RSS and open FDs from /proc.
     #[arg(long)]
     server_pid: Option<u32>,
+    /// QUIC URL of the --target node, `quic://host:port?pin=SHA256` (the fingerprint
+    /// `fabric serve` prints), for `--transport quic`.
+    #[arg(long)]
+    quic_url: Option<String>,
     #[arg(long, value_enum, default_value_t = Transport::WsJson)]
     transport: Transport,
     /// Same as `--transport ws-binary`.
@@ -138,6 +142,7 @@ impl Common {
             target: self.target.clone(),
             admin_token: self.admin_token.clone(),
             server_pid: self.server_pid,
+            quic_url: self.quic_url.clone(),
             data_dir: self.data_dir.clone(),
             probe: Duration::from_millis(self.probe_ms),
             shards: self.shards,
@@ -335,6 +340,7 @@ impl LoadArgs {
             ..c.node()
         };
         o.binary = c.transport().binary();
+        o.quic = c.transport() == Transport::Quic;
         o.driver = self.driver;
         if let Some(v) = sweep {
             match c.sweep_of {

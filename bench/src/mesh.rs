@@ -80,8 +80,16 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let (mesh, tokens) = crate::setup::mesh_with_peers(&admin, "mesh", opts.peers, &[]).await?;
     let mut conns = Vec::with_capacity(opts.peers);
     for (i, token) in tokens.iter().enumerate() {
-        conns
-            .push(WsConn::connect(&setup.ws_url, opts.transport, &mesh, &peer_id(i), token).await?);
+        conns.push(
+            WsConn::connect(
+                setup.url(opts.transport)?,
+                opts.transport,
+                &mesh,
+                &peer_id(i),
+                token,
+            )
+            .await?,
+        );
     }
     let sampler = setup.sampler();
     let shared = Shared::new(opts.peers, opts.peers);

@@ -75,6 +75,8 @@ pub struct Options {
     pub duration: Duration,
     pub warmup: Duration,
     pub binary: bool,
+    /// QUIC instead of WebSocket (always binary).
+    pub quic: bool,
     pub driver: Driver,
 }
 
@@ -90,6 +92,7 @@ impl Default for Options {
             duration: Duration::from_secs(10),
             warmup: Duration::from_millis(1500),
             binary: false,
+            quic: false,
             driver: Driver::Raw,
         }
     }
@@ -123,7 +126,9 @@ impl Options {
     }
 
     fn transport(&self) -> Transport {
-        if self.binary {
+        if self.quic {
+            Transport::Quic
+        } else if self.binary {
             Transport::WsBinary
         } else {
             Transport::WsJson
@@ -363,12 +368,19 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         let c = match opts.driver {
             Driver::Raw => Conn::Raw(
                 Box::new(
-                    WsConn::connect(&setup.ws_url, opts.transport(), &mesh, &peer, token).await?,
+                    WsConn::connect(
+                        setup.url(opts.transport())?,
+                        opts.transport(),
+                        &mesh,
+                        &peer,
+                        token,
+                    )
+                    .await?,
                 ),
                 conv,
             ),
             Driver::Client => {
-                let mut cfg = ClientConfig::new(&setup.ws_url, &mesh, &peer, token);
+                let mut cfg = ClientConfig::new(setup.url(opts.transport())?, &mesh, &peer, token);
                 cfg.binary = opts.binary;
                 cfg.window = opts.depth;
                 Conn::Client(Arc::new(Client::connect(cfg).await?), conv)

@@ -262,8 +262,16 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let body = crate::pipelined::padded_body(opts.body_bytes);
     let mut conns = Vec::with_capacity(peers);
     for (i, token) in tokens.iter().enumerate() {
-        conns
-            .push(WsConn::connect(&setup.ws_url, opts.transport, &mesh, &peer_id(i), token).await?);
+        conns.push(
+            WsConn::connect(
+                setup.url(opts.transport)?,
+                opts.transport,
+                &mesh,
+                &peer_id(i),
+                token,
+            )
+            .await?,
+        );
     }
     let writers: Vec<WsConn> = conns.split_off(opts.readers);
     let mut readers = conns;

@@ -23,17 +23,20 @@ pub enum Transport {
     WsJson,
     /// WebSocket, postcard binary frames.
     WsBinary,
+    /// QUIC: postcard frames on a control stream, a stream per subscription.
+    Quic,
 }
 
 impl Transport {
     pub fn binary(self) -> bool {
-        matches!(self, Transport::WsBinary)
+        matches!(self, Transport::WsBinary | Transport::Quic)
     }
 
     pub fn name(self) -> &'static str {
         match self {
             Transport::WsJson => "ws-json",
             Transport::WsBinary => "ws-binary",
+            Transport::Quic => "quic",
         }
     }
 }
@@ -47,6 +50,8 @@ pub struct NodeOptions {
     pub admin_token: Option<String>,
     /// PID of the --target node's process, for CPU/RSS/FD sampling.
     pub server_pid: Option<u32>,
+    /// `quic://host:port?pin=SHA256` of the --target node, for `--transport quic`.
+    pub quic_url: Option<String>,
     /// Where the temp dir (node data, fsync probe) is made; default the system temp dir.
     pub data_dir: Option<PathBuf>,
     /// fsync probe length; zero skips it.
@@ -68,6 +73,7 @@ impl Default for NodeOptions {
             target: None,
             admin_token: None,
             server_pid: None,
+            quic_url: None,
             data_dir: None,
             probe: Duration::from_secs(2),
             shards: None,
@@ -128,6 +134,8 @@ pub fn temp_dir(parent: &Option<PathBuf>, prefix: &str) -> Result<tempfile::Temp
 pub struct Setup {
     pub base: String,
     pub ws_url: String,
+    /// `quic://host:port?pin=SHA256`, when the node serves QUIC.
+    pub quic_url: Option<String>,
     pub admin_token: String,
     /// The in-process node's context (WAL counters); `None` for a target.
     pub ctx: Option<Arc<NodeCtx>>,
@@ -141,7 +149,8 @@ pub struct Setup {
     _tmp: tempfile::TempDir,
 }
 
-/// The line a `serve-node` child prints once it listens: `fabric-bench-node ADDR TOKEN`.
+/// The line a `serve-node` child prints once it listens:
+/// `fabric-bench-node ADDR TOKEN QUIC_URL` (`-` without QUIC).
 const CHILD_READY: &str = "fabric-bench-node";
 /// How long a child node may take to start, and to stop after its stdin closes.
 const CHILD_WAIT_MS: u64 = 15_000;
@@ -158,7 +167,8 @@ pub fn serve_node(opts: &NodeOptions, data_dir: PathBuf) -> Result<(), BenchErro
     let n = rt.block_on(fabric::node::start(opts.config(data_dir)))?;
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "{CHILD_READY} {} {}", n.addr(), n.admin_token())?;
+        let quic = quic_url(&n).unwrap_or_else(|| "-".into());
+        writeln!(out, "{CHILD_READY} {} {} {quic}", n.addr(), n.admin_token())?;
         out.flush()?;
     }
     // Blocks until the parent closes our stdin (or dies): bounded by the parent's life.
@@ -168,11 +178,20 @@ pub fn serve_node(opts: &NodeOptions, data_dir: PathBuf) -> Result<(), BenchErro
     Ok(())
 }
 
-/// Starts this binary's `serve-node` on `data_dir`; returns the child, base URL and token.
-fn spawn_node(
-    opts: &NodeOptions,
-    data_dir: &std::path::Path,
-) -> Result<(std::process::Child, String, String), BenchError> {
+/// `quic://ADDR?pin=SHA256` of a running node, if it serves QUIC.
+fn quic_url(n: &RunningNode) -> Option<String> {
+    let (addr, pin) = (n.quic_addr()?, n.tls_fingerprint()?);
+    Some(format!(
+        "quic://{addr}?pin={}",
+        fabric::tls::fingerprint_hex(&pin)
+    ))
+}
+
+/// A started child: the process, base URL, token and QUIC URL.
+type Child = (std::process::Child, String, String, Option<String>);
+
+/// Starts this binary's `serve-node` on `data_dir`.
+fn spawn_node(opts: &NodeOptions, data_dir: &std::path::Path) -> Result<Child, BenchError> {
     use std::io::BufRead;
     use std::process::{Command, Stdio};
     let exe = std::env::current_exe()?;
@@ -207,10 +226,13 @@ fn spawn_node(
         .recv_timeout(Duration::from_millis(CHILD_WAIT_MS))
         .map_err(|_| BenchError::Timeout("child node start"))?;
     let mut parts = line.split_whitespace();
-    match (parts.next(), parts.next(), parts.next()) {
-        (Some(CHILD_READY), Some(addr), Some(token)) => {
-            Ok((child, format!("http://{addr}"), token.to_string()))
-        }
+    match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(CHILD_READY), Some(addr), Some(token), Some(quic)) => Ok((
+            child,
+            format!("http://{addr}"),
+            token.to_string(),
+            (quic != "-").then(|| quic.to_string()),
+        )),
         _ => {
             let _ = child.kill();
             let _ = child.wait();
@@ -232,7 +254,7 @@ impl Setup {
         };
         let load_average = crate::stats::load_average();
         let mut child = None;
-        let (base, admin_token, node, server_pid) = match &opts.target {
+        let (base, admin_token, node, server_pid, quic_url) = match &opts.target {
             Some(t) => (
                 t.trim_end_matches('/').to_string(),
                 opts.admin_token
@@ -240,12 +262,13 @@ impl Setup {
                     .ok_or_else(|| BenchError::Options("--target needs --admin-token".into()))?,
                 None,
                 opts.server_pid,
+                opts.quic_url.clone(),
             ),
             None if opts.node_process => {
-                let (c, base, token) = spawn_node(opts, &tmp.path().join("data"))?;
+                let (c, base, token, quic) = spawn_node(opts, &tmp.path().join("data"))?;
                 let pid = c.id();
                 child = Some(c);
-                (base, token, None, Some(pid))
+                (base, token, None, Some(pid), quic)
             }
             None => {
                 let rt = tokio::runtime::Builder::new_multi_thread()
@@ -255,7 +278,8 @@ impl Setup {
                 let n = rt.block_on(fabric::node::start(opts.config(tmp.path().join("data"))))?;
                 let base = format!("http://{}", n.addr());
                 let token = n.admin_token().to_string();
-                (base, token, Some((rt, n)), Some(std::process::id()))
+                let quic = quic_url(&n);
+                (base, token, Some((rt, n)), Some(std::process::id()), quic)
             }
         };
         let load_rt = tokio::runtime::Builder::new_multi_thread()
@@ -264,6 +288,7 @@ impl Setup {
             .build()?;
         Ok(Setup {
             ws_url: format!("{}/v1/ws", base.replacen("http", "ws", 1)),
+            quic_url,
             base,
             admin_token,
             ctx: node.as_ref().map(|(_, n)| n.ctx().clone()),
@@ -275,6 +300,19 @@ impl Setup {
             child,
             _tmp: tmp,
         })
+    }
+
+    /// Where a session of `transport` dials.
+    pub fn url(&self, transport: Transport) -> Result<&str, BenchError> {
+        match transport {
+            Transport::Quic => self.quic_url.as_deref().ok_or_else(|| {
+                BenchError::Options(
+                    "--transport quic: the node serves no QUIC (for --target, give --quic-url)"
+                        .into(),
+                )
+            }),
+            Transport::WsJson | Transport::WsBinary => Ok(&self.ws_url),
+        }
     }
 
     /// The node runs in this process (so samples of it include the load generator).

@@ -1,5 +1,6 @@
-//! One WebSocket connection spoken with the proto codec directly (the least client overhead):
-//! dial, hello, then frames of ops out and frames of server ops in.
+//! One connection spoken with the proto codec directly (the least client overhead): dial,
+//! hello, then frames of ops out and frames of server ops in. WebSocket (JSON or binary) or
+//! QUIC (`fabric::quic`'s framing: length-prefixed postcard, a stream per subscription).
 
 use crate::error::BenchError;
 use crate::setup::Transport;
@@ -72,9 +73,38 @@ pub fn decode(msg: Message) -> Result<Option<Vec<ServerOp>>, BenchError> {
 
 /// An authenticated session, split into its two halves.
 pub struct WsConn {
-    pub sink: Sink,
-    pub stream: Stream,
+    inner: Inner,
     pub binary: bool,
+}
+
+enum Inner {
+    Ws {
+        sink: Sink,
+        stream: Stream,
+    },
+    Quic {
+        send: quinn::SendStream,
+        frames: fabric::quic::ServerFrames,
+        /// Frames fed and not yet flushed (one write for many frames).
+        out: Vec<u8>,
+        conn: quinn::Connection,
+        _endpoint: quinn::Endpoint,
+    },
+}
+
+fn quic_err(e: impl std::fmt::Display) -> BenchError {
+    BenchError::Protocol(format!("quic: {e}"))
+}
+
+/// Encodes ops as one QUIC frame (postcard, length-prefixed) onto `out`.
+fn encode_quic(ops: Vec<ClientOp>, out: &mut Vec<u8>) -> Result<(), BenchError> {
+    let op = match ops.len() {
+        0 => return Err(BenchError::Protocol("nothing to encode".into())),
+        1 => ops.into_iter().next().expect("one op"),
+        _ => ClientOp::Batch(ops),
+    };
+    out.extend_from_slice(&fabric::quic::frame(&codec::encode_client_binary(&op)));
+    Ok(())
 }
 
 impl WsConn {
@@ -86,6 +116,9 @@ impl WsConn {
         peer: &str,
         token: &str,
     ) -> Result<WsConn, BenchError> {
+        if transport == Transport::Quic {
+            return WsConn::connect_quic(url, mesh, peer, token).await;
+        }
         let binary = transport.binary();
         let config = WebSocketConfig::default()
             .read_buffer_size(WS_BUFFER_BYTES)
@@ -110,8 +143,7 @@ impl WsConn {
                     ServerOp::Welcome { .. } => {
                         let (sink, stream) = ws.split();
                         return Ok(WsConn {
-                            sink,
-                            stream,
+                            inner: Inner::Ws { sink, stream },
                             binary,
                         });
                     }
@@ -125,23 +157,82 @@ impl WsConn {
         }
     }
 
+    /// `quic://host:port?pin=HEX`: dial, open the control stream, hello, welcome.
+    async fn connect_quic(
+        url: &str,
+        mesh: &str,
+        peer: &str,
+        token: &str,
+    ) -> Result<WsConn, BenchError> {
+        let rest = url
+            .strip_prefix("quic://")
+            .ok_or_else(|| BenchError::Options(format!("{url:?} is not a quic:// URL")))?;
+        let (authority, pin) = rest
+            .split_once("?pin=")
+            .ok_or_else(|| BenchError::Options(format!("{url:?} needs ?pin=SHA256")))?;
+        let (host, port) = authority
+            .rsplit_once(':')
+            .ok_or_else(|| BenchError::Options(format!("{url:?} needs host:port")))?;
+        let port: u16 = port
+            .parse()
+            .map_err(|_| BenchError::Options(format!("{url:?}: bad port")))?;
+        let trust = fabric::tls::Trust::Pin(fabric::tls::parse_pin(pin).map_err(quic_err)?);
+        let d = fabric::quic::dial(host, port, &trust, fabric::tls::ALPN)
+            .await
+            .map_err(quic_err)?;
+        let mut conn = WsConn {
+            inner: Inner::Quic {
+                send: d.send,
+                frames: fabric::quic::ServerFrames::spawn(d.conn.clone(), d.recv),
+                out: Vec::new(),
+                conn: d.conn,
+                _endpoint: d.endpoint,
+            },
+            binary: true,
+        };
+        let hello = ClientOp::Hello {
+            mesh: mesh.into(),
+            peer: peer.into(),
+            token: token.to_string(),
+        };
+        conn.send(vec![hello]).await?;
+        match conn.next("welcome").await?.into_iter().next() {
+            Some(ServerOp::Welcome { .. }) => Ok(conn),
+            other => Err(BenchError::Protocol(format!(
+                "expected welcome, got {other:?}"
+            ))),
+        }
+    }
+
     /// Writes `ops` as one frame and flushes.
     pub async fn send(&mut self, ops: Vec<ClientOp>) -> Result<(), BenchError> {
-        let msg = encode(ops, self.binary)?;
-        self.sink.send(msg).await?;
-        Ok(())
+        self.feed(ops).await?;
+        self.flush().await
     }
 
     /// Queues `ops` as one frame without flushing (the socket is written as its buffer
     /// fills): many small frames then cost a few syscalls, not one each.
     pub async fn feed(&mut self, ops: Vec<ClientOp>) -> Result<(), BenchError> {
-        let msg = encode(ops, self.binary)?;
-        self.sink.feed(msg).await?;
+        match &mut self.inner {
+            Inner::Ws { sink, .. } => {
+                let msg = encode(ops, self.binary)?;
+                sink.feed(msg).await?;
+            }
+            Inner::Quic { out, .. } => encode_quic(ops, out)?,
+        }
         Ok(())
     }
 
     pub async fn flush(&mut self) -> Result<(), BenchError> {
-        self.sink.flush().await?;
+        match &mut self.inner {
+            Inner::Ws { sink, .. } => sink.flush().await?,
+            Inner::Quic { send, out, .. } => {
+                if !out.is_empty() {
+                    send.write_all(out).await.map_err(quic_err)?;
+                    out.clear();
+                }
+            }
+        }
         Ok(())
     }
 
@@ -150,12 +241,20 @@ impl WsConn {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Vec<ServerOp>>, BenchError> {
-        match tokio::time::timeout(timeout, self.stream.next()).await {
-            Err(_) => Ok(None),
-            Ok(None) => Err(BenchError::Protocol(
-                "the node closed the connection".into(),
-            )),
-            Ok(Some(msg)) => Ok(Some(decode(msg?)?.unwrap_or_default())),
+        match &mut self.inner {
+            Inner::Ws { stream, .. } => match tokio::time::timeout(timeout, stream.next()).await {
+                Err(_) => Ok(None),
+                Ok(None) => Err(BenchError::Protocol(
+                    "the node closed the connection".into(),
+                )),
+                Ok(Some(msg)) => Ok(Some(decode(msg?)?.unwrap_or_default())),
+            },
+            Inner::Quic { frames, .. } => {
+                match tokio::time::timeout(timeout, frames.recv()).await {
+                    Err(_) => Ok(None),
+                    Ok(r) => r.map(Some).map_err(quic_err),
+                }
+            }
         }
     }
 
@@ -168,16 +267,28 @@ impl WsConn {
 
     /// A frame that is already received, without waiting.
     pub fn try_next(&mut self) -> Result<Option<Vec<ServerOp>>, BenchError> {
-        match self.stream.next().now_or_never() {
-            None => Ok(None),
-            Some(None) => Err(BenchError::Protocol(
-                "the node closed the connection".into(),
-            )),
-            Some(Some(msg)) => Ok(Some(decode(msg?)?.unwrap_or_default())),
+        match &mut self.inner {
+            Inner::Ws { stream, .. } => match stream.next().now_or_never() {
+                None => Ok(None),
+                Some(None) => Err(BenchError::Protocol(
+                    "the node closed the connection".into(),
+                )),
+                Some(Some(msg)) => Ok(Some(decode(msg?)?.unwrap_or_default())),
+            },
+            Inner::Quic { frames, .. } => frames.try_recv().transpose().map_err(quic_err),
         }
     }
 
     pub async fn close(mut self) {
-        let _ = self.sink.send(Message::Close(None)).await;
+        match &mut self.inner {
+            Inner::Ws { sink, .. } => {
+                let _ = sink.send(Message::Close(None)).await;
+            }
+            Inner::Quic { send, conn, .. } => {
+                let _ = send.finish();
+                let _ = tokio::time::timeout(Duration::from_secs(1), send.stopped()).await;
+                conn.close(quinn::VarInt::from_u32(0), b"bench done");
+            }
+        }
     }
 }

@@ -8,14 +8,10 @@ use fabric_proto::{codec, ClientOp, ServerOp};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use std::net::SocketAddr;
-use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
 type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-/// Frames from subscription streams queued for the reader.
-const SUB_FRAMES_QUEUED_MAX: usize = 256;
 
 /// Where a URL points.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -69,7 +65,7 @@ pub(crate) struct QuicConn {
     pub(crate) endpoint: quinn::Endpoint,
     pub(crate) conn: quinn::Connection,
     send: quinn::SendStream,
-    recv: quinn::RecvStream,
+    reader: quic::FrameReader,
 }
 
 impl Io {
@@ -116,28 +112,16 @@ impl Io {
                     ),
                     None => cfg.trust.clone(),
                 };
-                let remote = tokio::net::lookup_host((host.as_str(), port))
-                    .await
-                    .map_err(|e| ClientError::Quic(format!("cannot resolve {host}: {e}")))?
-                    .next()
-                    .ok_or_else(|| ClientError::Quic(format!("{host} has no address")))?;
-                let config = quic::client_config(&trust, &cfg.alpn)
-                    .map_err(|e| ClientError::Quic(e.to_string()))?;
-                let endpoint = client_endpoint(remote)?;
-                let conn = endpoint
-                    .connect_with(config, remote, &host)
-                    .map_err(|e| ClientError::Quic(e.to_string()))?
-                    .await
-                    .map_err(|e| ClientError::Quic(format!("handshake with {remote}: {e}")))?;
-                let (send, recv) = conn
-                    .open_bi()
+                let d = quic::dial(&host, port, &trust, &cfg.alpn)
                     .await
                     .map_err(|e| ClientError::Quic(e.to_string()))?;
+                let (endpoint, conn, send) = (d.endpoint, d.conn, d.send);
+                let reader = quic::FrameReader::new(d.recv, usize::MAX);
                 Ok(Io::Quic(QuicConn {
                     endpoint,
                     conn,
                     send,
-                    recv,
+                    reader,
                 }))
             }
         }
@@ -182,7 +166,7 @@ impl Io {
                 };
                 return ops.map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}")));
             },
-            Io::Quic(q) => match quic::read_frame(&mut q.recv, usize::MAX).await {
+            Io::Quic(q) => match q.reader.next().await {
                 Ok(Some(quic::ReadFrame::Frame(b))) => codec::decode_server_binary(&b)
                     .map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}"))),
                 Ok(_) => Err(ClientError::Protocol(
@@ -205,7 +189,7 @@ impl Io {
             Io::Quic(q) => (
                 WriteHalf::Quic(q.send),
                 ReadHalf::Quic {
-                    recv: q.recv,
+                    reader: q.reader,
                     conn: q.conn,
                 },
                 Some(q.endpoint),
@@ -219,19 +203,7 @@ fn close_reason(conn: &quinn::Connection) -> String {
         .map_or_else(|| "connection open".into(), |r| r.to_string())
 }
 
-/// A client endpoint on a fresh UDP socket of the remote's address family.
-pub(crate) fn client_endpoint(remote: SocketAddr) -> Result<quinn::Endpoint, ClientError> {
-    let socket =
-        quic::udp_socket(local_any(remote)).map_err(|e| ClientError::Quic(e.to_string()))?;
-    quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
-        None,
-        socket,
-        std::sync::Arc::new(quinn::TokioRuntime),
-    )
-    .map_err(|e| ClientError::Quic(e.to_string()))
-}
-
+/// The unspecified address of `remote`'s family, any port.
 pub(crate) fn local_any(remote: SocketAddr) -> SocketAddr {
     if remote.is_ipv4() {
         SocketAddr::from(([0, 0, 0, 0], 0))
@@ -330,7 +302,7 @@ impl WriteHalf {
 pub(crate) enum ReadHalf {
     Ws(SplitStream<Ws>),
     Quic {
-        recv: quinn::RecvStream,
+        reader: quic::FrameReader,
         conn: quinn::Connection,
     },
 }
@@ -365,65 +337,15 @@ impl ReadHalf {
                     Err(e) => return Err(format!("undecodable frame from the node: {e}")),
                 }
             },
-            ReadHalf::Quic { recv, conn } => {
-                // Each stream is read by a task of its own (a partly read frame must not be lost
-                // to a `select!`), all into one queue.
-                let (tx, mut frames) =
-                    mpsc::channel::<Result<Vec<ServerOp>, String>>(SUB_FRAMES_QUEUED_MAX);
-                let control = tokio::spawn(read_stream(recv, tx.clone(), true, conn.clone()));
-                let acceptor = tokio::spawn(accept_subscription_streams(conn.clone(), tx));
-                let result = loop {
+            ReadHalf::Quic { reader, conn } => {
+                let mut frames = quic::ServerFrames::spawn_with(conn, reader);
+                loop {
                     match frames.recv().await {
-                        Some(Ok(ops)) => {
-                            if let Err(e) = handle(ops).await {
-                                break Err(e);
-                            }
-                        }
-                        Some(Err(e)) => break Err(e),
-                        None => break Err("the connection ended".into()),
+                        Ok(ops) => handle(ops).await?,
+                        Err(e) => return Err(e),
                     }
-                };
-                control.abort();
-                acceptor.abort();
-                result
+                }
             }
         }
-    }
-}
-
-/// Reads one stream's frames into `tx`. The end of the control stream ends the connection; the
-/// end of a subscription stream only that subscription.
-async fn read_stream(
-    mut recv: quinn::RecvStream,
-    tx: mpsc::Sender<Result<Vec<ServerOp>, String>>,
-    control: bool,
-    conn: quinn::Connection,
-) {
-    loop {
-        let item = match quic::read_frame(&mut recv, usize::MAX).await {
-            Ok(Some(quic::ReadFrame::Frame(b))) => codec::decode_server_binary(&b)
-                .map_err(|e| format!("undecodable frame from the node: {e}")),
-            Ok(_) if control => Err(format!(
-                "the node closed the connection ({})",
-                close_reason(&conn)
-            )),
-            Ok(_) => return,
-            Err(e) => Err(format!("QUIC read failed: {e} ({})", close_reason(&conn))),
-        };
-        let end = item.is_err();
-        if tx.send(item).await.is_err() || end {
-            return;
-        }
-    }
-}
-
-/// Accepts the node's subscription streams; each gets a reader task of its own.
-async fn accept_subscription_streams(
-    conn: quinn::Connection,
-    tx: mpsc::Sender<Result<Vec<ServerOp>, String>>,
-) {
-    let mut readers = tokio::task::JoinSet::new();
-    while let Ok(recv) = conn.accept_uni().await {
-        readers.spawn(read_stream(recv, tx.clone(), false, conn.clone()));
     }
 }

@@ -31,10 +31,11 @@ const READ_QUEUE_FRAMES_MAX: usize = 256;
 pub const SUBSCRIPTION_STREAMS_MAX: usize = 256;
 /// UDP socket buffers: the kernel default (about 208 KiB) drops datagrams at loopback rates.
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
+/// Flow-control window of one stream, and of a whole connection.
+const STREAM_WINDOW_BYTES: u32 = 8 << 20;
+const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
 /// A connection with no packets for this long is gone (clients send keepalives).
 pub const IDLE_TIMEOUT_MS: u64 = 30_000;
-/// Chunk size when skipping the bytes of an oversize frame.
-const SKIP_CHUNK_BYTES: usize = 64 * 1024;
 /// How long a closing session waits for the client to acknowledge its last frames.
 const CLOSE_LINGER_MS: u64 = 1_000;
 /// QUIC application error codes (connection close).
@@ -51,6 +52,8 @@ pub enum QuicError {
     },
     #[error("QUIC TLS setup: {0}")]
     Tls(String),
+    #[error("QUIC connection to {0}")]
+    Dial(String),
 }
 
 /// A frame read from a stream.
@@ -61,43 +64,83 @@ pub enum ReadFrame {
     Oversize(u64),
 }
 
-/// Reads one length-prefixed frame; `Ok(None)` at a clean end of stream.
-pub async fn read_frame(
-    recv: &mut quinn::RecvStream,
+/// Reads length-prefixed frames off a stream through a buffer: one `read_chunk` takes in many
+/// small frames at once (a read per frame would lock the connection and copy per frame).
+pub struct FrameReader {
+    recv: quinn::RecvStream,
+    buf: bytes::BytesMut,
     frame_bytes_max: usize,
-) -> Result<Option<ReadFrame>, String> {
-    let mut prefix = [0u8; FRAME_PREFIX_BYTES];
-    match recv.read_exact(&mut prefix).await {
-        Ok(()) => {}
-        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
-        Err(quinn::ReadExactError::FinishedEarly(n)) => {
-            return Err(format!(
-                "stream ended {n} bytes into a frame's length prefix"
-            ))
+}
+
+/// Most bytes one read takes from the stream.
+const READ_CHUNK_BYTES: usize = 256 * 1024;
+
+impl FrameReader {
+    pub fn new(recv: quinn::RecvStream, frame_bytes_max: usize) -> FrameReader {
+        FrameReader {
+            recv,
+            buf: bytes::BytesMut::new(),
+            frame_bytes_max,
         }
-        Err(quinn::ReadExactError::ReadError(e)) => return Err(e.to_string()),
     }
-    let len = u32::from_le_bytes(prefix) as usize;
-    if len > frame_bytes_max {
-        let mut left = len;
-        while left > 0 {
-            let chunk = recv
-                .read_chunk(left.min(SKIP_CHUNK_BYTES), true)
-                .await
-                .map_err(|e| e.to_string())?
-                .ok_or("stream ended inside an oversize frame")?;
-            left -= chunk.bytes.len();
+
+    /// Reads more into the buffer; false at a clean end of stream.
+    async fn fill(&mut self) -> Result<bool, String> {
+        match self
+            .recv
+            .read_chunk(READ_CHUNK_BYTES, true)
+            .await
+            .map_err(|e| e.to_string())?
+        {
+            Some(chunk) => {
+                self.buf.extend_from_slice(&chunk.bytes);
+                Ok(true)
+            }
+            None => Ok(false),
         }
-        return Ok(Some(ReadFrame::Oversize(len as u64)));
     }
-    let mut buf = vec![0u8; len];
-    recv.read_exact(&mut buf).await.map_err(|e| match e {
-        quinn::ReadExactError::FinishedEarly(n) => {
-            format!("stream ended {n} bytes into a {len}-byte frame")
+
+    /// The next frame; `Ok(None)` at a clean end of stream between frames.
+    pub async fn next(&mut self) -> Result<Option<ReadFrame>, String> {
+        while self.buf.len() < FRAME_PREFIX_BYTES {
+            if !self.fill().await? {
+                return match self.buf.len() {
+                    0 => Ok(None),
+                    n => Err(format!(
+                        "stream ended {n} bytes into a frame's length prefix"
+                    )),
+                };
+            }
         }
-        quinn::ReadExactError::ReadError(e) => e.to_string(),
-    })?;
-    Ok(Some(ReadFrame::Frame(buf)))
+        let len = u32::from_le_bytes(self.buf[..FRAME_PREFIX_BYTES].try_into().expect("4 bytes"))
+            as usize;
+        if len > self.frame_bytes_max {
+            // Skip it without holding it: drop what is buffered, then read past the rest.
+            let _ = self.buf.split_to(FRAME_PREFIX_BYTES);
+            let mut left = len;
+            loop {
+                let take = left.min(self.buf.len());
+                let _ = self.buf.split_to(take);
+                left -= take;
+                if left == 0 {
+                    return Ok(Some(ReadFrame::Oversize(len as u64)));
+                }
+                if !self.fill().await? {
+                    return Err("stream ended inside an oversize frame".into());
+                }
+            }
+        }
+        while self.buf.len() < FRAME_PREFIX_BYTES + len {
+            if !self.fill().await? {
+                return Err(format!(
+                    "stream ended {} bytes into a {len}-byte frame",
+                    self.buf.len() - FRAME_PREFIX_BYTES
+                ));
+            }
+        }
+        let _ = self.buf.split_to(FRAME_PREFIX_BYTES);
+        Ok(Some(ReadFrame::Frame(self.buf.split_to(len).to_vec())))
+    }
 }
 
 /// `bytes` with its length prefix.
@@ -128,6 +171,11 @@ fn transport_config(keepalive: bool) -> quinn::TransportConfig {
     if keepalive {
         t.keep_alive_interval(Some(Duration::from_millis(IDLE_TIMEOUT_MS / 3)));
     }
+    // Larger flow-control windows than the defaults: a pipelining client keeps megabytes in
+    // flight on one stream at loopback and datacenter speeds.
+    t.stream_receive_window(quinn::VarInt::from_u32(STREAM_WINDOW_BYTES));
+    t.receive_window(quinn::VarInt::from_u32(CONNECTION_WINDOW_BYTES));
+    t.send_window(u64::from(CONNECTION_WINDOW_BYTES));
     t
 }
 
@@ -144,6 +192,58 @@ pub fn client_config(trust: &tls::Trust, alpn: &[u8]) -> Result<quinn::ClientCon
     ));
     c.transport_config(Arc::new(t));
     Ok(c)
+}
+
+/// A client connection with its control stream open.
+pub struct Dialed {
+    pub endpoint: quinn::Endpoint,
+    pub conn: quinn::Connection,
+    pub send: quinn::SendStream,
+    pub recv: quinn::RecvStream,
+}
+
+/// Dials `host:port` from a fresh endpoint (a UDP socket of its own, as each client process
+/// has), completes the handshake with `trust` and `alpn`, and opens the control stream.
+pub async fn dial(
+    host: &str,
+    port: u16,
+    trust: &tls::Trust,
+    alpn: &[u8],
+) -> Result<Dialed, QuicError> {
+    let dial_err = |m: String| QuicError::Dial(format!("{host}:{port}: {m}"));
+    let remote = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| dial_err(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| dial_err("no address".into()))?;
+    let config = client_config(trust, alpn)?;
+    let local = crate::client_io::local_any(remote);
+    let socket = udp_socket(local).map_err(|source| QuicError::Bind {
+        addr: local,
+        source,
+    })?;
+    let endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        None,
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(|source| QuicError::Bind {
+        addr: local,
+        source,
+    })?;
+    let conn = endpoint
+        .connect_with(config, remote, host)
+        .map_err(|e| dial_err(e.to_string()))?
+        .await
+        .map_err(|e| dial_err(format!("handshake: {e}")))?;
+    let (send, recv) = conn.open_bi().await.map_err(|e| dial_err(e.to_string()))?;
+    Ok(Dialed {
+        endpoint,
+        conn,
+        send,
+        recv,
+    })
 }
 
 /// Binds the node's QUIC endpoint and starts accepting; returns its address.
@@ -228,6 +328,7 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<NodeCtx>) {
         control: send,
         frames,
         subs: HashMap::new(),
+        out: Vec::new(),
     };
     crate::session::run(transport, ctx, "quic").await;
     reader.abort();
@@ -243,13 +344,10 @@ enum QuicIn {
 
 /// Reads frames off the control stream into the session's queue. A task of its own because a
 /// partly read frame must survive the session task's `select!` (which drops the losing arm).
-async fn read_control(
-    mut recv: quinn::RecvStream,
-    tx: mpsc::Sender<QuicIn>,
-    frame_bytes_max: usize,
-) {
+async fn read_control(recv: quinn::RecvStream, tx: mpsc::Sender<QuicIn>, frame_bytes_max: usize) {
+    let mut reader = FrameReader::new(recv, frame_bytes_max);
     loop {
-        let item = match read_frame(&mut recv, frame_bytes_max).await {
+        let item = match reader.next().await {
             Ok(Some(ReadFrame::Frame(b))) => QuicIn::Frame(b),
             Ok(Some(ReadFrame::Oversize(n))) => QuicIn::Oversize(n),
             Ok(None) => QuicIn::End(None),
@@ -266,8 +364,10 @@ struct QuicTransport {
     conn: quinn::Connection,
     control: quinn::SendStream,
     frames: mpsc::Receiver<QuicIn>,
-    /// A unidirectional stream per subscribed conversation.
-    subs: HashMap<Arc<str>, quinn::SendStream>,
+    /// A unidirectional stream per subscribed conversation, with what was fed for it.
+    subs: HashMap<Arc<str>, (quinn::SendStream, Vec<u8>)>,
+    /// Frames fed for the control stream, written at the flush: one write for the batch.
+    out: Vec<u8>,
 }
 
 impl Transport for QuicTransport {
@@ -304,24 +404,38 @@ impl Transport for QuicTransport {
     }
 
     async fn feed(&mut self, f: OutFrame) -> Result<(), String> {
-        let bytes = frame(&f.bytes);
-        if let Some(conv) = f.conv {
-            if !self.subs.contains_key(&conv) && self.subs.len() < SUBSCRIPTION_STREAMS_MAX {
-                let s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
-                self.subs.insert(conv.clone(), s);
+        let out = match f.conv {
+            Some(conv) => {
+                if !self.subs.contains_key(&conv) && self.subs.len() < SUBSCRIPTION_STREAMS_MAX {
+                    let s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
+                    self.subs.insert(conv.clone(), (s, Vec::new()));
+                }
+                match self.subs.get_mut(&conv) {
+                    Some((_, buf)) => buf,
+                    None => &mut self.out,
+                }
             }
-            if let Some(s) = self.subs.get_mut(&conv) {
-                return s.write_all(&bytes).await.map_err(|e| e.to_string());
-            }
-        }
-        self.control
-            .write_all(&bytes)
-            .await
-            .map_err(|e| e.to_string())
+            None => &mut self.out,
+        };
+        out.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
+        out.extend_from_slice(&f.bytes);
+        Ok(())
     }
 
     async fn flush(&mut self) -> Result<(), String> {
-        // quinn sends what `write_all` accepted without being asked.
+        if !self.out.is_empty() {
+            self.control
+                .write_all(&self.out)
+                .await
+                .map_err(|e| e.to_string())?;
+            self.out.clear();
+        }
+        for (s, buf) in self.subs.values_mut() {
+            if !buf.is_empty() {
+                s.write_all(buf).await.map_err(|e| e.to_string())?;
+                buf.clear();
+            }
+        }
         Ok(())
     }
 
@@ -347,7 +461,7 @@ impl QuicTransport {
     /// connection discards what it has not sent).
     async fn linger(&mut self) {
         let _ = self.control.finish();
-        for s in self.subs.values_mut() {
+        for (s, _) in self.subs.values_mut() {
             let _ = s.finish();
         }
         let _ = tokio::time::timeout(
@@ -355,5 +469,87 @@ impl QuicTransport {
             self.control.stopped(),
         )
         .await;
+    }
+}
+
+/// Server frames queued from all of a connection's streams for the reader.
+const CLIENT_FRAMES_QUEUED_MAX: usize = 256;
+
+/// A client's view of what the node sends: the control stream and every subscription stream,
+/// each read by a task of its own (a partly read frame must not be lost to a `select!`) into
+/// one queue. Dropping it stops the tasks.
+pub struct ServerFrames {
+    rx: mpsc::Receiver<Result<Vec<fabric_proto::ServerOp>, String>>,
+    tasks: tokio::task::JoinSet<()>,
+}
+
+impl ServerFrames {
+    pub fn spawn(conn: quinn::Connection, control: quinn::RecvStream) -> ServerFrames {
+        ServerFrames::spawn_with(conn, FrameReader::new(control, usize::MAX))
+    }
+
+    /// [`ServerFrames::spawn`] for a control stream already being read (its buffer kept).
+    pub fn spawn_with(conn: quinn::Connection, control: FrameReader) -> ServerFrames {
+        let (tx, rx) = mpsc::channel(CLIENT_FRAMES_QUEUED_MAX);
+        let mut tasks = tokio::task::JoinSet::new();
+        tasks.spawn(read_server_stream(control, tx.clone(), true, conn.clone()));
+        tasks.spawn(async move {
+            let mut readers = tokio::task::JoinSet::new();
+            while let Ok(recv) = conn.accept_uni().await {
+                let reader = FrameReader::new(recv, usize::MAX);
+                readers.spawn(read_server_stream(reader, tx.clone(), false, conn.clone()));
+            }
+        });
+        ServerFrames { rx, tasks }
+    }
+
+    /// The next frame's ops, from any stream; an error ends the connection.
+    pub async fn recv(&mut self) -> Result<Vec<fabric_proto::ServerOp>, String> {
+        self.rx
+            .recv()
+            .await
+            .unwrap_or_else(|| Err("the connection ended".into()))
+    }
+
+    /// A frame already queued, without waiting.
+    pub fn try_recv(&mut self) -> Option<Result<Vec<fabric_proto::ServerOp>, String>> {
+        self.rx.try_recv().ok()
+    }
+}
+
+impl Drop for ServerFrames {
+    fn drop(&mut self) {
+        self.tasks.abort_all();
+    }
+}
+
+fn close_reason(conn: &quinn::Connection) -> String {
+    conn.close_reason()
+        .map_or_else(|| "connection open".into(), |r| r.to_string())
+}
+
+/// Reads one stream's frames into `tx`. The end of the control stream ends the connection; the
+/// end of a subscription stream only that subscription.
+async fn read_server_stream(
+    mut reader: FrameReader,
+    tx: mpsc::Sender<Result<Vec<fabric_proto::ServerOp>, String>>,
+    control: bool,
+    conn: quinn::Connection,
+) {
+    loop {
+        let item = match reader.next().await {
+            Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
+                .map_err(|e| format!("undecodable frame from the node: {e}")),
+            Ok(_) if control => Err(format!(
+                "the node closed the connection ({})",
+                close_reason(&conn)
+            )),
+            Ok(_) => return,
+            Err(e) => Err(format!("QUIC read failed: {e} ({})", close_reason(&conn))),
+        };
+        let end = item.is_err();
+        if tx.send(item).await.is_err() || end {
+            return;
+        }
     }
 }

@@ -41,8 +41,8 @@ async fn raw(node: &RunningNode, alpn: &[u8]) -> Result<quinn::Connection, Strin
         .map_err(|e| e.to_string())
 }
 
-async fn read_ops(recv: &mut quinn::RecvStream) -> Vec<ServerOp> {
-    let frame = tokio::time::timeout(WAIT, fabric::quic::read_frame(recv, 1 << 20))
+async fn read_ops(recv: &mut fabric::quic::FrameReader) -> Vec<ServerOp> {
+    let frame = tokio::time::timeout(WAIT, recv.next())
         .await
         .expect("a frame in time")
         .expect("readable")
@@ -189,7 +189,8 @@ async fn a_stream_reset_mid_frame_ends_only_that_session() {
     let b = base(&node);
     let ta = mesh_with_peer(&b).await;
     let conn = raw(&node, fabric::tls::ALPN).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = fabric::quic::FrameReader::new(recv, 1 << 20);
     write_op(&mut send, &hello(&ta)).await;
     assert!(matches!(
         read_ops(&mut recv).await[0],
@@ -223,7 +224,8 @@ async fn an_oversize_frame_gets_too_large_and_the_session_goes_on() {
     let b = base(&node);
     let ta = mesh_with_peer(&b).await;
     let conn = raw(&node, fabric::tls::ALPN).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = fabric::quic::FrameReader::new(recv, 1 << 20);
     write_op(&mut send, &hello(&ta)).await;
     assert!(matches!(
         read_ops(&mut recv).await[0],
@@ -251,7 +253,8 @@ async fn each_subscription_gets_a_stream_of_its_own() {
     writer.append("one", &json!({"c": 1}), None).await.unwrap();
     writer.append("two", &json!({"c": 2}), None).await.unwrap();
     let conn = raw(&node, fabric::tls::ALPN).await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let (mut send, recv) = conn.open_bi().await.unwrap();
+    let mut recv = fabric::quic::FrameReader::new(recv, 1 << 20);
     write_op(&mut send, &hello(&ta)).await;
     assert!(matches!(
         read_ops(&mut recv).await[0],
@@ -270,10 +273,11 @@ async fn each_subscription_gets_a_stream_of_its_own() {
     }
     let mut convs = Vec::new();
     for _ in 0..2 {
-        let mut uni = tokio::time::timeout(WAIT, conn.accept_uni())
+        let uni = tokio::time::timeout(WAIT, conn.accept_uni())
             .await
             .unwrap()
             .unwrap();
+        let mut uni = fabric::quic::FrameReader::new(uni, 1 << 20);
         match &read_ops(&mut uni).await[0] {
             ServerOp::Event(e) => convs.push(e.conv.to_string()),
             other => panic!("expected an event, got {other:?}"),
