@@ -215,3 +215,36 @@ async fn a_peer_with_both_a_key_and_a_token_may_use_either_and_keys_survive_a_re
         .await
         .expect("the key was recovered from the WAL");
 }
+
+#[tokio::test]
+async fn a_key_hello_works_over_quic_too() {
+    // Proves the challenge and signed hello run over the QUIC transport (the same session
+    // core), and a wrong key is refused there as well.
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path()).await;
+    let base = base(&node);
+    create_mesh(&base, "m").await;
+    let key = Identity::generate().unwrap();
+    add_key_peer(&base, "bob", &key).await;
+    let url = format!(
+        "quic://{}",
+        node.quic_addr().expect("QUIC is on by default")
+    );
+    let pin = node.tls_fingerprint().expect("a certificate");
+
+    let wrong = ClientConfig::new(&url, "m", "bob", "")
+        .with_pin(pin)
+        .with_key(Identity::generate().unwrap());
+    let err = Client::connect(wrong).await.expect_err("wrong key refused");
+    assert_eq!(err.code(), Some(ErrorCode::Unauthorized), "{err}");
+
+    let bob = Client::connect(
+        ClientConfig::new(&url, "m", "bob", "")
+            .with_pin(pin)
+            .with_key(key),
+    )
+    .await
+    .expect("key hello over QUIC");
+    let seq = bob.append("c", &json!("over quic"), None).await.unwrap();
+    assert_eq!(seq, 1);
+}
