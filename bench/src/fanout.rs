@@ -73,13 +73,7 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     }
     let setup = Setup::start(&opts.node)?;
     let result = setup.load_rt.block_on(scenario(opts, &setup));
-    let probe = setup.fsync_probe.clone();
-    let load = setup.load_average.clone();
-    setup.finish();
-    let mut r = result?;
-    r.fsync_probe = probe;
-    r.load_average = load;
-    Ok(r)
+    setup.finish_with(result)
 }
 
 async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {

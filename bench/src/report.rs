@@ -308,6 +308,17 @@ pub fn check_baseline(report: &Report, baseline: &Baseline) -> (String, usize) {
     (s, regressions)
 }
 
+impl crate::setup::RunContext for Report {
+    fn set_context(
+        &mut self,
+        fsync_probe: Option<crate::fsync_probe::FsyncProbe>,
+        load_average: String,
+    ) {
+        self.fsync_probe = fsync_probe;
+        self.load_average = load_average;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

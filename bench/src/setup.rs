@@ -128,6 +128,15 @@ pub fn temp_dir(parent: &Option<PathBuf>, prefix: &str) -> Result<tempfile::Temp
         .tempdir_in(&parent)?)
 }
 
+/// A scenario's report, which carries the conditions it was measured under.
+pub trait RunContext {
+    fn set_context(
+        &mut self,
+        fsync_probe: Option<crate::fsync_probe::FsyncProbe>,
+        load_average: String,
+    );
+}
+
 /// The node under test, for the length of one scenario run. Owns the in-process node's
 /// runtime (so the load generator's tasks never share worker threads with the node) and a
 /// second runtime for the load.
@@ -336,6 +345,20 @@ impl Setup {
     }
 
     /// Stops the bench's own node gracefully.
+    /// Stops the node and stamps the scenario's `result` with the run's fsync probe and load
+    /// average: the end of every scenario's `run`.
+    pub fn finish_with<R: RunContext>(
+        self,
+        result: Result<R, BenchError>,
+    ) -> Result<R, BenchError> {
+        let probe = self.fsync_probe.clone();
+        let load = self.load_average.clone();
+        self.finish();
+        let mut r = result?;
+        r.set_context(probe, load);
+        Ok(r)
+    }
+
     pub fn finish(self) {
         let Setup {
             node,
