@@ -174,7 +174,7 @@ impl Io {
                 )),
                 Err(e) => Err(ClientError::Quic(format!(
                     "{e} ({})",
-                    close_reason(&q.conn)
+                    quic::close_reason(&q.conn)
                 ))),
             },
         }
@@ -196,11 +196,6 @@ impl Io {
             ),
         }
     }
-}
-
-fn close_reason(conn: &quinn::Connection) -> String {
-    conn.close_reason()
-        .map_or_else(|| "connection open".into(), |r| r.to_string())
 }
 
 /// The unspecified address of `remote`'s family, any port.

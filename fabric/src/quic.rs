@@ -530,7 +530,8 @@ impl Drop for ServerFrames {
     }
 }
 
-fn close_reason(conn: &quinn::Connection) -> String {
+/// Why a connection closed, for error messages.
+pub(crate) fn close_reason(conn: &quinn::Connection) -> String {
     conn.close_reason()
         .map_or_else(|| "connection open".into(), |r| r.to_string())
 }
