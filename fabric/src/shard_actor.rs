@@ -174,6 +174,7 @@ async fn shard_loop(
                     crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync_duration);
                 }
                 shard.handle_wal_done(crate::now_ms(), done.last_lsn);
+                shard.recycle_wal_buffer(done.buffer);
                 if let Ok(mut s) = slot.stats.lock() {
                     s.wal_writes += 1;
                     s.wal_bytes += done.bytes as u64;

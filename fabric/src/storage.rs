@@ -115,6 +115,8 @@ pub struct WalDone {
     pub fsync_duration: Duration,
     pub bytes: usize,
     pub records: u64,
+    /// The written buffer, handed back for the shard to reuse (`Shard::recycle_wal_buffer`).
+    pub buffer: Vec<u8>,
 }
 
 /// The body of a shard's WAL thread: it owns the open segment, performs each write with one
@@ -149,9 +151,10 @@ fn write_loop(
     done: tokio::sync::mpsc::Sender<WalDone>,
     deleter: &std::sync::mpsc::Sender<Vec<u64>>,
 ) {
-    while let Ok(w) = writes.recv() {
+    while let Ok(mut w) = writes.recv() {
         let started = Instant::now();
         let result = apply(dir, &mut open, durability, &w);
+        let delete = std::mem::take(&mut w.delete);
         let failed = result.is_err();
         let fsync_duration = *result.as_ref().unwrap_or(&Duration::ZERO);
         let report = WalDone {
@@ -161,6 +164,7 @@ fn write_loop(
             fsync_duration,
             bytes: w.bytes.len(),
             records: w.records,
+            buffer: w.bytes,
         };
         if done.blocking_send(report).is_err() || failed {
             // The shard loop is gone, or storage failed: a failed fsync leaves the page cache
@@ -169,7 +173,7 @@ fn write_loop(
         }
         // Deletions go to their own thread: unlinking a large segment can take long, and no
         // ack waits on it (the checkpoint that makes it safe is already durable).
-        if !w.delete.is_empty() && deleter.send(w.delete).is_err() {
+        if !delete.is_empty() && deleter.send(delete).is_err() {
             return;
         }
     }

@@ -23,6 +23,37 @@ pub fn to_binary<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_allocvec(value).unwrap_or_default()
 }
 
+/// Postcard-encodes any serde value onto the end of `out` (WAL records are framed straight
+/// into the group-commit buffer: no intermediate `Vec`, no second copy). On the impossible
+/// error `out` is left as it was.
+pub fn to_binary_into<T: serde::Serialize>(value: &T, out: &mut Vec<u8>) {
+    let start = out.len();
+    if postcard::serialize_with_flavor(value, AppendFlavor(out)).is_err() {
+        out.truncate(start);
+    }
+}
+
+/// A postcard output that appends to a borrowed `Vec`.
+struct AppendFlavor<'a>(&'a mut Vec<u8>);
+
+impl postcard::ser_flavors::Flavor for AppendFlavor<'_> {
+    type Output = ();
+
+    fn try_extend(&mut self, data: &[u8]) -> postcard::Result<()> {
+        self.0.extend_from_slice(data);
+        Ok(())
+    }
+
+    fn try_push(&mut self, data: u8) -> postcard::Result<()> {
+        self.0.push(data);
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<()> {
+        Ok(())
+    }
+}
+
 /// Postcard-decodes any serde value; trailing bytes are an error.
 pub fn from_binary<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     let (value, rest) = postcard::take_from_bytes(bytes)

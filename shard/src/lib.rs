@@ -225,6 +225,8 @@ struct Mesh {
     durable_pos: u64,
     /// Sessions attached to this mesh's inboxes (in attach order).
     sessions: Vec<SessionId>,
+    /// Listed in the building batch's `Dirty` (one entry per mesh per batch, not per send).
+    in_building: bool,
 }
 
 impl Mesh {
@@ -348,6 +350,8 @@ struct Conv {
     durable_seq: u64,
     keys: HashMap<Arc<str>, u64>,
     subscribers: Vec<SessionId>,
+    /// Listed in the building batch's `Dirty` (one entry per conversation per batch).
+    in_building: bool,
 }
 
 impl Default for Conv {
@@ -360,6 +364,7 @@ impl Default for Conv {
             durable_seq: 0,
             keys: HashMap::new(),
             subscribers: Vec::new(),
+            in_building: false,
         }
     }
 }
@@ -399,7 +404,10 @@ struct SessionState {
     hello_nonce: Option<[u8; 32]>,
 }
 
-/// The set of entities a WAL batch made durable, applied on `handle_wal_done`.
+/// The set of entities a WAL batch made durable, applied on `handle_wal_done`: each mesh and
+/// conversation once, in the order it was first written, with its head when the batch was
+/// cut (`poll_wal` fills the heads in). Per-message entries would make `handle_wal_done`
+/// queue every attached session once per message.
 #[derive(Debug, Default)]
 struct Dirty {
     meshes: Vec<(Arc<str>, u64)>,
@@ -437,6 +445,10 @@ pub struct Shard {
     building_first_lsn: u64,
     building_records: u64,
     building_dirty: Dirty,
+    /// An emptied buffer of an earlier write, handed back by the glue
+    /// ([`Shard::recycle_wal_buffer`]): the next batch is framed into memory that is already
+    /// allocated and faulted in, instead of growing a new `Vec` by doubling every commit.
+    spare_buffer: Vec<u8>,
     inflight: Option<Inflight>,
     pending: VecDeque<(u64, Output)>,
     deletes: Vec<u64>,
@@ -477,6 +489,7 @@ impl Shard {
             building_first_lsn: 1,
             building_records: 0,
             building_dirty: Dirty::default(),
+            spare_buffer: Vec::new(),
             inflight: None,
             pending: VecDeque::new(),
             deletes: Vec::new(),
@@ -704,6 +717,7 @@ impl Shard {
                 to,
                 body,
             } => {
+                let lsn = self.next_lsn;
                 let m = self.mesh_mut(&mesh)?;
                 if let Target::Peer(p) = &to {
                     if m.peer_index
@@ -720,8 +734,7 @@ impl Shard {
                 let stored_to = m.stored_target(&to);
                 m.head += 1;
                 let pos = m.head;
-                let lsn = self.next_lsn;
-                self.meshes.get_mut(&mesh).expect("mesh").log.insert(
+                m.log.insert(
                     pos,
                     InboxMsg {
                         from: from_idx,
@@ -731,7 +744,10 @@ impl Shard {
                         lsn,
                     },
                 );
-                self.building_dirty.meshes.push((mesh.clone(), pos));
+                if !m.in_building {
+                    m.in_building = true;
+                    self.building_dirty.meshes.push((mesh.clone(), 0));
+                }
                 let logged = self.log(Record::Sent(SentRec {
                     mesh,
                     pos,
@@ -777,7 +793,10 @@ impl Shard {
                     lsn,
                     key: key.clone(),
                 });
-                self.building_dirty.convs.push((ck, seq));
+                if !c.in_building {
+                    c.in_building = true;
+                    self.building_dirty.convs.push((ck, 0));
+                }
                 self.log(Record::Appended(AppendedRec {
                     mesh,
                     conv,
@@ -1062,7 +1081,7 @@ impl Shard {
         if self.building.is_empty() && self.deletes.is_empty() {
             return None;
         }
-        let bytes = std::mem::take(&mut self.building);
+        let bytes = std::mem::replace(&mut self.building, std::mem::take(&mut self.spare_buffer));
         let records = std::mem::take(&mut self.building_records);
         let first_lsn = self.building_first_lsn;
         let last_lsn = self.next_lsn - 1;
@@ -1093,10 +1112,20 @@ impl Shard {
                 self.wal_bytes += bytes.len() as u64;
             }
         }
-        self.inflight = Some(Inflight {
-            last_lsn,
-            dirty: std::mem::take(&mut self.building_dirty),
-        });
+        let mut dirty = std::mem::take(&mut self.building_dirty);
+        for (mesh, pos) in &mut dirty.meshes {
+            if let Some(m) = self.meshes.get_mut(mesh) {
+                m.in_building = false;
+                *pos = m.head;
+            }
+        }
+        for (ck, seq) in &mut dirty.convs {
+            if let Some(c) = self.convs.get_mut(ck) {
+                c.in_building = false;
+                *seq = c.head;
+            }
+        }
+        self.inflight = Some(Inflight { last_lsn, dirty });
         self.stats.wal_writes += 1;
         Some(WalWrite {
             segment,
@@ -1171,6 +1200,21 @@ impl Shard {
             }
         }
         self.maybe_start_retention();
+    }
+
+    /// Hands back the buffer of a finished [`WalWrite`] for the next batch. Optional: without
+    /// it each batch starts in a new `Vec`. Only its allocation is kept, never its bytes.
+    pub fn recycle_wal_buffer(&mut self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        // A buffer larger than one batch may hold (a checkpoint can be) is not kept.
+        if buffer.capacity() > 2 * self.config.wal_batch_bytes_max {
+            return;
+        }
+        if self.building.is_empty() && buffer.capacity() > self.building.capacity() {
+            self.building = buffer;
+        } else if buffer.capacity() > self.spare_buffer.capacity() {
+            self.spare_buffer = buffer;
+        }
     }
 
     /// The glue could not write or sync the WAL. Nothing pending can be acknowledged: the

@@ -212,17 +212,32 @@ pub enum Record {
 }
 
 impl Record {
-    pub fn encode(&self) -> (RecordType, Vec<u8>) {
-        use crate::wal::payload;
+    /// Appends the record's payload (postcard) to `out` and returns its type.
+    pub fn encode_into(&self, out: &mut Vec<u8>) -> RecordType {
+        use fabric_proto::codec::to_binary_into as put;
         match self {
-            Record::MeshCreated(r) => (RecordType::MeshCreated, payload(r)),
-            Record::PeerAdded(r) => (RecordType::PeerAdded, payload(r)),
-            Record::Sent(r) => (RecordType::Sent, payload(r)),
-            Record::Appended(r) => (RecordType::Appended, payload(r)),
-            Record::Acked(r) => (RecordType::Acked, payload(r)),
-            Record::Checkpoint(r) => (RecordType::Checkpoint, payload(r)),
-            Record::PeerKeyAdded(r) => (RecordType::PeerKeyAdded, payload(r)),
-            Record::CheckpointV2(r) => (RecordType::CheckpointV2, payload(r)),
+            Record::MeshCreated(r) => put(r, out),
+            Record::PeerAdded(r) => put(r, out),
+            Record::Sent(r) => put(r, out),
+            Record::Appended(r) => put(r, out),
+            Record::Acked(r) => put(r, out),
+            Record::Checkpoint(r) => put(r, out),
+            Record::PeerKeyAdded(r) => put(r, out),
+            Record::CheckpointV2(r) => put(r, out),
+        }
+        self.kind()
+    }
+
+    pub fn kind(&self) -> RecordType {
+        match self {
+            Record::MeshCreated(_) => RecordType::MeshCreated,
+            Record::PeerAdded(_) => RecordType::PeerAdded,
+            Record::Sent(_) => RecordType::Sent,
+            Record::Appended(_) => RecordType::Appended,
+            Record::Acked(_) => RecordType::Acked,
+            Record::Checkpoint(_) => RecordType::Checkpoint,
+            Record::PeerKeyAdded(_) => RecordType::PeerKeyAdded,
+            Record::CheckpointV2(_) => RecordType::CheckpointV2,
         }
     }
 

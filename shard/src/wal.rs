@@ -15,7 +15,6 @@
 //! segment may end in a torn record.
 
 use crate::record::{Record, RecordType};
-use fabric_proto::codec;
 
 pub const RECORD_HEADER_BYTES: usize = 4 + 4 + 1 + 8;
 /// A length field larger than this is corruption, not a record.
@@ -34,24 +33,23 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Appends one framed record to `out`; returns the framed size in bytes.
+/// Appends one framed record to `out`; returns the framed size in bytes. The payload is
+/// encoded in place after a reserved header, which is filled in last (length, then CRC).
 pub fn encode_record(lsn: u64, record: &Record, out: &mut Vec<u8>) -> usize {
     let start = out.len();
-    let (kind, payload) = record.encode();
+    out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
+    let kind = record.encode_into(out);
+    let payload_len = out.len() - start - RECORD_HEADER_BYTES;
     assert!(
-        payload.len() <= RECORD_BYTES_MAX,
+        payload_len <= RECORD_BYTES_MAX,
         "record over RECORD_BYTES_MAX"
     );
-    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    out.extend_from_slice(&[0; 4]); // crc, filled below
-    out.push(kind as u8);
-    out.extend_from_slice(&lsn.to_le_bytes());
-    out.extend_from_slice(&payload);
+    out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
+    out[start + 8] = kind as u8;
+    out[start + 9..start + RECORD_HEADER_BYTES].copy_from_slice(&lsn.to_le_bytes());
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    let framed = out.len() - start;
-    debug_assert_eq!(framed, RECORD_HEADER_BYTES + payload.len());
-    framed
+    out.len() - start
 }
 
 /// Why a scan stopped before the end of the bytes.
@@ -148,11 +146,6 @@ pub fn scan_segment(bytes: &[u8], mut expect_lsn: Option<u64>, skip_crc: bool) -
         valid_len: at as u64,
         stop,
     }
-}
-
-/// Encodes a record's payload (postcard, via proto's codec module).
-pub(crate) fn payload<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    codec::to_binary(value)
 }
 
 #[cfg(test)]

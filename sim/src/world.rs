@@ -1148,6 +1148,9 @@ impl Simulation {
             w.last_lsn
         ));
         self.hosts[s].shard.handle_wal_done(self.now, w.last_lsn);
+        // As the node's glue does: the next batch is framed into this write's buffer, so a
+        // recycled buffer that kept old bytes would show up as corrupt WAL in the checkers.
+        self.hosts[s].shard.recycle_wal_buffer(inflight.write.bytes);
         self.probe_retention(shard);
         Ok(())
     }
