@@ -84,7 +84,7 @@ enum Inner {
     },
     Quic {
         send: quinn::SendStream,
-        frames: fabric::quic::ServerFrames,
+        frames: Box<fabric::quic::ServerFrames>,
         /// Frames fed and not yet flushed (one write for many frames).
         out: Vec<u8>,
         conn: quinn::Connection,
@@ -183,7 +183,7 @@ impl WsConn {
         let mut conn = WsConn {
             inner: Inner::Quic {
                 send: d.send,
-                frames: fabric::quic::ServerFrames::spawn(d.conn.clone(), d.recv),
+                frames: Box::new(fabric::quic::ServerFrames::spawn(d.conn.clone(), d.recv)),
                 out: Vec::new(),
                 conn: d.conn,
                 _endpoint: d.endpoint,

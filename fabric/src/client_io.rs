@@ -58,7 +58,7 @@ pub(crate) fn parse_url(url: &str) -> Result<Target, ClientError> {
 /// A connection during the handshake (before it is split into halves).
 pub(crate) enum Io {
     Ws(Box<Ws>),
-    Quic(QuicConn),
+    Quic(Box<QuicConn>),
 }
 
 pub(crate) struct QuicConn {
@@ -117,12 +117,12 @@ impl Io {
                     .map_err(|e| ClientError::Quic(e.to_string()))?;
                 let (endpoint, conn, send) = (d.endpoint, d.conn, d.send);
                 let reader = quic::FrameReader::new(d.recv, usize::MAX);
-                Ok(Io::Quic(QuicConn {
+                Ok(Io::Quic(Box::new(QuicConn {
                     endpoint,
                     conn,
                     send,
                     reader,
-                }))
+                })))
             }
         }
     }
@@ -186,14 +186,17 @@ impl Io {
                 let (sink, stream) = (*ws).split();
                 (WriteHalf::Ws(sink), ReadHalf::Ws(stream), None)
             }
-            Io::Quic(q) => (
-                WriteHalf::Quic(q.send),
-                ReadHalf::Quic {
-                    reader: q.reader,
-                    conn: q.conn,
-                },
-                Some(q.endpoint),
-            ),
+            Io::Quic(q) => {
+                let q = *q;
+                (
+                    WriteHalf::Quic(q.send),
+                    ReadHalf::Quic {
+                        reader: q.reader,
+                        conn: q.conn,
+                    },
+                    Some(q.endpoint),
+                )
+            }
         }
     }
 }

@@ -23,9 +23,6 @@ use tokio::sync::{mpsc, watch};
 
 /// Bytes of a frame's length prefix.
 pub const FRAME_PREFIX_BYTES: usize = 4;
-/// Frames the control stream's reader task buffers for the session; when full it stops
-/// reading, and QUIC flow control pushes back on the client.
-const READ_QUEUE_FRAMES_MAX: usize = 256;
 /// Subscription streams one session may have open; events of further subscriptions share the
 /// control stream (still correct, only without their own stream).
 pub const SUBSCRIPTION_STREAMS_MAX: usize = 256;
@@ -33,6 +30,10 @@ pub const SUBSCRIPTION_STREAMS_MAX: usize = 256;
 const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Largest UDP payload path MTU discovery tries.
 const MTU_UPPER_BOUND_BYTES: u16 = 8952;
+/// ACK frequency (draft-ietf-quic-ack-frequency) asked of the peer: ack-eliciting packets it
+/// may take before it must ACK, and how long it may hold an ACK back.
+const ACK_ELICITING_THRESHOLD: u32 = 8;
+const ACK_DELAY_MAX_MS: u64 = 5;
 /// Flow-control window of one stream, and of a whole connection.
 const STREAM_WINDOW_BYTES: u32 = 8 << 20;
 const CONNECTION_WINDOW_BYTES: u32 = 16 << 20;
@@ -61,17 +62,25 @@ pub enum QuicError {
 /// A frame read from a stream.
 #[derive(Debug)]
 pub enum ReadFrame {
-    Frame(Vec<u8>),
+    /// The frame's bytes, without their length prefix (a view into the read buffer: no copy).
+    Frame(bytes::Bytes),
     /// Its length prefix said this many bytes, over the limit; they were skipped.
     Oversize(u64),
 }
 
 /// Reads length-prefixed frames off a stream through a buffer: one `read_chunk` takes in many
 /// small frames at once (a read per frame would lock the connection and copy per frame).
+///
+/// [`FrameReader::next`] is cancel-safe: everything read is kept in the reader (the buffer, and
+/// how much of an oversize frame is still to skip), and its only await is quinn's cancel-safe
+/// `read_chunk`. So a session can `select!` it against replies without a reader task between.
 pub struct FrameReader {
     recv: quinn::RecvStream,
     buf: bytes::BytesMut,
     frame_bytes_max: usize,
+    /// Bytes of an oversize frame not yet skipped, and that frame's length.
+    skip_left: u64,
+    skip_len: u64,
 }
 
 /// Most bytes one read takes from the stream.
@@ -83,10 +92,13 @@ impl FrameReader {
             recv,
             buf: bytes::BytesMut::new(),
             frame_bytes_max,
+            skip_left: 0,
+            skip_len: 0,
         }
     }
 
-    /// Reads more into the buffer; false at a clean end of stream.
+    /// Reads more into the buffer; false at a clean end of stream. Cancel-safe: a chunk is
+    /// either returned by quinn and appended before any other await, or left in the stream.
     async fn fill(&mut self) -> Result<bool, String> {
         match self
             .recv
@@ -102,46 +114,48 @@ impl FrameReader {
         }
     }
 
-    /// The next frame; `Ok(None)` at a clean end of stream between frames.
+    /// The next frame; `Ok(None)` at a clean end of stream between frames. Cancel-safe.
     pub async fn next(&mut self) -> Result<Option<ReadFrame>, String> {
-        while self.buf.len() < FRAME_PREFIX_BYTES {
+        use bytes::Buf;
+        loop {
+            if self.skip_left > 0 {
+                // An oversize frame is skipped without holding it: what is buffered is
+                // dropped, then reading goes on past the rest.
+                let take = self.skip_left.min(self.buf.len() as u64);
+                self.buf.advance(take as usize);
+                self.skip_left -= take;
+                if self.skip_left == 0 {
+                    return Ok(Some(ReadFrame::Oversize(self.skip_len)));
+                }
+            } else if self.buf.len() >= FRAME_PREFIX_BYTES {
+                let len =
+                    u32::from_le_bytes(self.buf[..FRAME_PREFIX_BYTES].try_into().expect("4 bytes"))
+                        as usize;
+                if len > self.frame_bytes_max {
+                    self.buf.advance(FRAME_PREFIX_BYTES);
+                    self.skip_left = len as u64;
+                    self.skip_len = len as u64;
+                    continue;
+                }
+                if self.buf.len() >= FRAME_PREFIX_BYTES + len {
+                    self.buf.advance(FRAME_PREFIX_BYTES);
+                    return Ok(Some(ReadFrame::Frame(self.buf.split_to(len).freeze())));
+                }
+            }
             if !self.fill().await? {
-                return match self.buf.len() {
-                    0 => Ok(None),
-                    n => Err(format!(
+                return match (self.skip_left, self.buf.len()) {
+                    (0, 0) => Ok(None),
+                    (0, n) if n < FRAME_PREFIX_BYTES => Err(format!(
                         "stream ended {n} bytes into a frame's length prefix"
                     )),
+                    (0, n) => Err(format!(
+                        "stream ended {} bytes into a frame",
+                        n - FRAME_PREFIX_BYTES
+                    )),
+                    _ => Err("stream ended inside an oversize frame".into()),
                 };
             }
         }
-        let len = u32::from_le_bytes(self.buf[..FRAME_PREFIX_BYTES].try_into().expect("4 bytes"))
-            as usize;
-        if len > self.frame_bytes_max {
-            // Skip it without holding it: drop what is buffered, then read past the rest.
-            let _ = self.buf.split_to(FRAME_PREFIX_BYTES);
-            let mut left = len;
-            loop {
-                let take = left.min(self.buf.len());
-                let _ = self.buf.split_to(take);
-                left -= take;
-                if left == 0 {
-                    return Ok(Some(ReadFrame::Oversize(len as u64)));
-                }
-                if !self.fill().await? {
-                    return Err("stream ended inside an oversize frame".into());
-                }
-            }
-        }
-        while self.buf.len() < FRAME_PREFIX_BYTES + len {
-            if !self.fill().await? {
-                return Err(format!(
-                    "stream ended {} bytes into a {len}-byte frame",
-                    self.buf.len() - FRAME_PREFIX_BYTES
-                ));
-            }
-        }
-        let _ = self.buf.split_to(FRAME_PREFIX_BYTES);
-        Ok(Some(ReadFrame::Frame(self.buf.split_to(len).to_vec())))
     }
 }
 
@@ -183,6 +197,10 @@ fn transport_config(keepalive: bool) -> quinn::TransportConfig {
     let mut mtu = quinn::MtuDiscoveryConfig::default();
     mtu.upper_bound(MTU_UPPER_BOUND_BYTES);
     t.mtu_discovery_config(Some(mtu));
+    let mut ack = quinn::AckFrequencyConfig::default();
+    ack.ack_eliciting_threshold(quinn::VarInt::from_u32(ACK_ELICITING_THRESHOLD));
+    ack.max_ack_delay(Some(Duration::from_millis(ACK_DELAY_MAX_MS)));
+    t.ack_frequency_config(Some(ack));
     t
 }
 
@@ -327,50 +345,30 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<NodeCtx>) {
             return;
         }
     };
-    let (tx, frames) = mpsc::channel(READ_QUEUE_FRAMES_MAX);
-    let frame_bytes_max = ctx.config.frame_bytes_max;
-    let reader = tokio::spawn(read_control(recv, tx, frame_bytes_max));
     let transport = QuicTransport {
         conn,
         control: send,
-        frames,
+        reader: FrameReader::new(recv, ctx.config.frame_bytes_max),
         subs: HashMap::new(),
         out: Vec::new(),
     };
     crate::session::run(transport, ctx, "quic").await;
-    reader.abort();
 }
 
-/// What the control stream's reader task hands the session.
+/// What one read of the control stream yields.
 enum QuicIn {
-    Frame(Vec<u8>),
+    Frame(bytes::Bytes),
     Oversize(u64),
     /// The stream (or connection) ended, cleanly (`None`) or not.
     End(Option<String>),
 }
 
-/// Reads frames off the control stream into the session's queue. A task of its own because a
-/// partly read frame must survive the session task's `select!` (which drops the losing arm).
-async fn read_control(recv: quinn::RecvStream, tx: mpsc::Sender<QuicIn>, frame_bytes_max: usize) {
-    let mut reader = FrameReader::new(recv, frame_bytes_max);
-    loop {
-        let item = match reader.next().await {
-            Ok(Some(ReadFrame::Frame(b))) => QuicIn::Frame(b),
-            Ok(Some(ReadFrame::Oversize(n))) => QuicIn::Oversize(n),
-            Ok(None) => QuicIn::End(None),
-            Err(e) => QuicIn::End(Some(e)),
-        };
-        let end = matches!(item, QuicIn::End(_));
-        if tx.send(item).await.is_err() || end {
-            return;
-        }
-    }
-}
-
 struct QuicTransport {
     conn: quinn::Connection,
     control: quinn::SendStream,
-    frames: mpsc::Receiver<QuicIn>,
+    /// The control stream, read in the session task itself (`FrameReader::next` is
+    /// cancel-safe), so a frame reaches the core without a task hop.
+    reader: FrameReader,
     /// A unidirectional stream per subscribed conversation, with what was fed for it.
     subs: HashMap<Arc<str>, (quinn::SendStream, Vec<u8>)>,
     /// Frames fed for the control stream, written at the flush: one write for the batch.
@@ -381,7 +379,12 @@ impl Transport for QuicTransport {
     type In = QuicIn;
 
     async fn recv(&mut self) -> QuicIn {
-        self.frames.recv().await.unwrap_or(QuicIn::End(None))
+        match self.reader.next().await {
+            Ok(Some(ReadFrame::Frame(b))) => QuicIn::Frame(b),
+            Ok(Some(ReadFrame::Oversize(n))) => QuicIn::Oversize(n),
+            Ok(None) => QuicIn::End(None),
+            Err(e) => QuicIn::End(Some(e)),
+        }
     }
 
     fn handle_in(core: &mut Session, now: u64, input: QuicIn) -> bool {
@@ -479,14 +482,18 @@ impl QuicTransport {
     }
 }
 
-/// Server frames queued from all of a connection's streams for the reader.
+/// Server frames queued from a connection's subscription streams for the reader.
 const CLIENT_FRAMES_QUEUED_MAX: usize = 256;
 
-/// A client's view of what the node sends: the control stream and every subscription stream,
-/// each read by a task of its own (a partly read frame must not be lost to a `select!`) into
-/// one queue. Dropping it stops the tasks.
+/// A client's view of what the node sends: the control stream, read inline (its reader is
+/// cancel-safe), and every subscription stream, each read by a task of its own into one queue
+/// (there may be many, and they come and go). Dropping it stops the tasks.
 pub struct ServerFrames {
-    rx: mpsc::Receiver<Result<Vec<fabric_proto::ServerOp>, String>>,
+    control: FrameReader,
+    conn: quinn::Connection,
+    /// Set once the control stream has ended: only the error is left to report.
+    ended: Option<String>,
+    subs: mpsc::Receiver<Result<Vec<fabric_proto::ServerOp>, String>>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -497,30 +504,53 @@ impl ServerFrames {
 
     /// [`ServerFrames::spawn`] for a control stream already being read (its buffer kept).
     pub fn spawn_with(conn: quinn::Connection, control: FrameReader) -> ServerFrames {
-        let (tx, rx) = mpsc::channel(CLIENT_FRAMES_QUEUED_MAX);
+        let (tx, subs) = mpsc::channel(CLIENT_FRAMES_QUEUED_MAX);
         let mut tasks = tokio::task::JoinSet::new();
-        tasks.spawn(read_server_stream(control, tx.clone(), true, conn.clone()));
+        let accept = conn.clone();
         tasks.spawn(async move {
             let mut readers = tokio::task::JoinSet::new();
-            while let Ok(recv) = conn.accept_uni().await {
+            while let Ok(recv) = accept.accept_uni().await {
                 let reader = FrameReader::new(recv, usize::MAX);
-                readers.spawn(read_server_stream(reader, tx.clone(), false, conn.clone()));
+                readers.spawn(read_subscription_stream(reader, tx.clone()));
             }
         });
-        ServerFrames { rx, tasks }
+        ServerFrames {
+            control,
+            conn,
+            ended: None,
+            subs,
+            tasks,
+        }
     }
 
-    /// The next frame's ops, from any stream; an error ends the connection.
+    /// The next frame's ops, from any stream; an error ends the connection. Cancel-safe.
     pub async fn recv(&mut self) -> Result<Vec<fabric_proto::ServerOp>, String> {
-        self.rx
-            .recv()
-            .await
-            .unwrap_or_else(|| Err("the connection ended".into()))
+        if let Some(e) = &self.ended {
+            return Err(e.clone());
+        }
+        let item = tokio::select! {
+            biased;
+            frame = self.control.next() => match frame {
+                Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
+                    .map_err(|e| format!("undecodable frame from the node: {e}")),
+                Ok(_) => Err(format!(
+                    "the node closed the connection ({})",
+                    close_reason(&self.conn)
+                )),
+                Err(e) => Err(format!("QUIC read failed: {e} ({})", close_reason(&self.conn))),
+            },
+            Some(item) = self.subs.recv() => item,
+        };
+        if let Err(e) = &item {
+            self.ended = Some(e.clone());
+        }
+        item
     }
 
-    /// A frame already queued, without waiting.
+    /// A frame already received, without waiting.
     pub fn try_recv(&mut self) -> Option<Result<Vec<fabric_proto::ServerOp>, String>> {
-        self.rx.try_recv().ok()
+        use futures_util::FutureExt;
+        self.recv().now_or_never()
     }
 }
 
@@ -536,24 +566,17 @@ pub(crate) fn close_reason(conn: &quinn::Connection) -> String {
         .map_or_else(|| "connection open".into(), |r| r.to_string())
 }
 
-/// Reads one stream's frames into `tx`. The end of the control stream ends the connection; the
-/// end of a subscription stream only that subscription.
-async fn read_server_stream(
+/// Reads one subscription stream's frames into `tx`; its end ends only that subscription.
+async fn read_subscription_stream(
     mut reader: FrameReader,
     tx: mpsc::Sender<Result<Vec<fabric_proto::ServerOp>, String>>,
-    control: bool,
-    conn: quinn::Connection,
 ) {
     loop {
         let item = match reader.next().await {
             Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
                 .map_err(|e| format!("undecodable frame from the node: {e}")),
-            Ok(_) if control => Err(format!(
-                "the node closed the connection ({})",
-                close_reason(&conn)
-            )),
             Ok(_) => return,
-            Err(e) => Err(format!("QUIC read failed: {e} ({})", close_reason(&conn))),
+            Err(e) => Err(format!("QUIC read of a subscription stream failed: {e}")),
         };
         let end = item.is_err();
         if tx.send(item).await.is_err() || end {
