@@ -19,6 +19,8 @@ use tracing::Instrument;
 const READ_FRAMES_PER_BATCH_MAX: usize = 256;
 /// Most reply batches taken from the shards before the session writes to the transport.
 const REPLY_BATCHES_PER_FLUSH_MAX: usize = 64;
+/// Where the session's timer rests while the core has no deadline.
+const TIMER_IDLE_SECS: u64 = 3600;
 /// How long a session closing for node shutdown waits for its in-flight acks.
 const SHUTDOWN_DRAIN_MS: u64 = 5_000;
 
@@ -94,6 +96,12 @@ async fn run_session<T: Transport>(
     meter.sessions_open.increment(1.0);
     let mut export = ctx.metrics.enabled().then(SessionExport::default);
     let mut identified = false;
+    // One timer for the session's life, moved only when its deadline changes: a new `Sleep`
+    // per loop iteration would register and cancel a timer-wheel entry (under the driver's
+    // lock) for every batch of frames.
+    let timer = tokio::time::sleep(Duration::from_secs(TIMER_IDLE_SECS));
+    tokio::pin!(timer);
+    let mut timer_at: Option<u64> = None;
 
     'session: loop {
         if let Some(x) = export.as_mut() {
@@ -152,11 +160,14 @@ async fn run_session<T: Transport>(
             core.handle_transport_closed(crate::now_ms());
             continue;
         }
-        let timeout = core
-            .poll_timeout()
-            .or(drain_deadline)
-            .map(|t| Duration::from_millis(t.saturating_sub(crate::now_ms())))
-            .unwrap_or(Duration::from_secs(3600));
+        let deadline = core.poll_timeout().or(drain_deadline);
+        if deadline != timer_at {
+            timer_at = deadline;
+            let wait = deadline.map_or(Duration::from_secs(TIMER_IDLE_SECS), |t| {
+                Duration::from_millis(t.saturating_sub(crate::now_ms()))
+            });
+            timer.as_mut().reset(tokio::time::Instant::now() + wait);
+        }
         let reading = core.wants_read() && !shutting_down;
         tokio::select! {
             input = transport.recv(), if reading => {
@@ -198,7 +209,8 @@ async fn run_session<T: Transport>(
                 shutting_down = true;
                 drain_deadline = Some(crate::now_ms() + SHUTDOWN_DRAIN_MS);
             }
-            _ = tokio::time::sleep(timeout) => {
+            _ = &mut timer, if timer_at.is_some() => {
+                timer_at = None;
                 core.handle_timeout(crate::now_ms());
             }
         }
