@@ -177,12 +177,21 @@ struct LoadArgs {
     /// Default: 64 (pipelined), 200 (fire-and-wait).
     #[arg(long)]
     connections: Option<usize>,
-    /// Appends in flight per connection (fire-and-wait: the batch B). Default 256 / 10.
+    /// Appends in flight per connection (fire-and-wait: the batch B). Default 5 (pipelined),
+    /// 256 with --deep, 10 (fire-and-wait).
     #[arg(long)]
     depth: Option<usize>,
-    /// Appends per frame (1 to 1024). Default 1024 (pipelined: the whole refill), 10.
+    /// pipelined: the deep mode, 256 appends in flight per connection.
+    #[arg(long)]
+    deep: bool,
+    /// Appends per frame (1 to 1024): client-side batching. Default 1 (pipelined), 10
+    /// (fire-and-wait: the whole batch in one frame).
     #[arg(long)]
     batch: Option<usize>,
+    /// fire-and-wait: pause between a batch's last ack and the next batch (TopGun's harness
+    /// sleeps 50 ms). Default 0: a closed loop.
+    #[arg(long, default_value_t = 0)]
+    interval_ms: u64,
     #[arg(long, default_value_t = 128)]
     body_bytes: usize,
     /// Measured time, after the warm-up. Keep it short: the disk throttles after a few GB.
@@ -323,7 +332,14 @@ impl LoadArgs {
         } else {
             pipelined::Options {
                 connections: self.connections.unwrap_or(base.connections),
-                depth: self.depth.unwrap_or(base.depth),
+                depth: self
+                    .depth
+                    .unwrap_or(if self.deep && mode == Mode::Pipelined {
+                        pipelined::PIPELINED_DEPTH_DEEP
+                    } else {
+                        base.depth
+                    }),
+                interval: Duration::from_millis(self.interval_ms),
                 batch: self.batch.unwrap_or(base.batch),
                 body_bytes: self.body_bytes,
                 duration: Duration::from_secs(self.duration_secs),

@@ -4,7 +4,9 @@
 //! - `pipelined` keeps D appends in flight per connection, refilling the window as acks come,
 //!   N appends per frame (`--batch`); latency is per append, written -> `ok` read.
 //! - `fire-and-wait` sends one batch of B appends (as frames of N), waits for every ack, and
-//!   repeats; latency is the batch's round trip, written -> last `ok` read.
+//!   repeats, after `--interval-ms` if given (TopGun's `send_interval_ms`: a pause between a
+//!   batch's last ack and the next batch); latency is the batch's round trip, written -> last
+//!   `ok` read. With no interval it is a closed loop with C x B appends always in flight.
 //!
 //! Both check that every conversation's acked seqs are exactly 1..=n (nothing lost, nothing
 //! doubled). Two load drivers: `raw` speaks the protocol with the proto codec (the least client
@@ -78,7 +80,14 @@ pub struct Options {
     /// QUIC instead of WebSocket (always binary).
     pub quic: bool,
     pub driver: Driver,
+    /// fire-and-wait: pause between a batch's last ack and the next batch.
+    pub interval: Duration,
 }
+
+/// Pipeline depth of `pipelined` (FleetLM's hot path: a few appends in flight per connection).
+pub const PIPELINED_DEPTH: usize = 5;
+/// Pipeline depth of `pipelined --deep`.
+pub const PIPELINED_DEPTH_DEEP: usize = 256;
 
 impl Default for Options {
     fn default() -> Options {
@@ -86,14 +95,15 @@ impl Default for Options {
             node: NodeOptions::default(),
             mode: Mode::Pipelined,
             connections: 64,
-            depth: 256,
-            batch: fabric_proto::BATCH_OPS_MAX,
+            depth: PIPELINED_DEPTH,
+            batch: 1,
             body_bytes: 128,
             duration: Duration::from_secs(10),
             warmup: Duration::from_millis(1500),
             binary: false,
             quic: false,
             driver: Driver::Raw,
+            interval: Duration::ZERO,
         }
     }
 }
@@ -214,6 +224,7 @@ impl Report {
                 "body_bytes": o.body_bytes,
                 "duration_secs": self.measured.as_secs_f64(),
                 "warmup_secs": o.warmup.as_secs_f64(),
+                "interval_ms": o.interval.as_millis() as u64,
             }),
         );
         r.add("msgs_per_sec", self.msgs_per_sec, Unit::PerSec);
@@ -411,25 +422,39 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         })
     });
     let wait_all = opts.mode == Mode::FireAndWait;
+    let connections = conns.len() as u32;
     let tasks: Vec<_> = conns
         .into_iter()
-        .map(|c| {
+        .enumerate()
+        .map(|(i, c)| {
             let body = body.clone();
             let depth = opts.depth;
             let batch = opts.batch;
+            let interval = opts.interval;
+            // Paced connections start spread over one interval, as independent clients would;
+            // started together they stay in step and every batch lands in the same instant.
+            let stagger = interval * i as u32 / connections;
             let counter = counter.clone();
             tokio::spawn(async move {
+                tokio::time::sleep(stagger).await;
                 match c {
                     Conn::Raw(raw, conv) => {
                         let shape = Shape {
                             depth,
                             batch,
                             wait_all,
+                            interval,
                         };
                         run_raw(*raw, conv, body, shape, schedule, counter).await
                     }
                     Conn::Client(client, conv) => {
-                        run_client(client, conv, body, depth, wait_all, schedule, counter).await
+                        let shape = Shape {
+                            depth,
+                            batch,
+                            wait_all,
+                            interval,
+                        };
+                        run_client(client, conv, body, shape, schedule, counter).await
                     }
                 }
             })
@@ -499,6 +524,8 @@ struct Shape {
     depth: usize,
     batch: usize,
     wait_all: bool,
+    /// fire-and-wait: pause after a batch's last ack.
+    interval: Duration,
 }
 
 /// Keeps `depth` appends in flight (or sends `depth` and waits for all) until the measured
@@ -569,6 +596,9 @@ async fn run_raw(
         }
         if shape.wait_all && inflight.is_empty() {
             result.latency(&schedule, batch_sent, now);
+            if !shape.interval.is_zero() && now < schedule.measure_until {
+                tokio::time::sleep(shape.interval).await;
+            }
         }
     }
     conn.close().await;
@@ -609,14 +639,14 @@ async fn run_client(
     client: Arc<Client>,
     conv: Arc<str>,
     body: Body,
-    depth: usize,
-    wait_all: bool,
+    shape: Shape,
     schedule: Schedule,
     counter: Arc<AtomicU64>,
 ) -> Result<ConnResult, BenchError> {
+    let depth = shape.depth;
     let mut result = ConnResult::new()?;
     let deadline = Duration::from_millis(REPLY_TIMEOUT_MS);
-    if wait_all {
+    if shape.wait_all {
         while Instant::now() < schedule.measure_until {
             let sent = Instant::now();
             let all = futures_util::future::join_all(
@@ -631,6 +661,9 @@ async fn run_client(
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             result.latency(&schedule, sent, now);
+            if !shape.interval.is_zero() && now < schedule.measure_until {
+                tokio::time::sleep(shape.interval).await;
+            }
         }
         return Ok(result);
     }
