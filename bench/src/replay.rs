@@ -257,14 +257,9 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let mut conns = Vec::with_capacity(peers);
     for (i, token) in tokens.iter().enumerate() {
         conns.push(
-            WsConn::connect(
-                setup.url(opts.transport)?,
-                opts.transport,
-                &mesh,
-                &peer_id(i),
-                token,
-            )
-            .await?,
+            setup
+                .connect(opts.transport, &mesh, &peer_id(i), token)
+                .await?,
         );
     }
     let writers: Vec<WsConn> = conns.split_off(opts.readers);
@@ -298,11 +293,19 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
             ))
         })
         .collect();
+    // Readers run on a runtime of their own: decoding a replay is the heaviest client work
+    // here, and sharing the writers' workers would stall the writers in the load generator
+    // itself, which would then be measured as a slow node.
+    let reader_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .thread_name("load-replay")
+        .build()?;
     let r: Vec<_> = readers
         .into_iter()
         .enumerate()
         .map(|(i, c)| {
-            tokio::spawn(reader(
+            reader_rt.spawn(reader(
                 c,
                 reader_conv(i),
                 opts.entries,
@@ -333,6 +336,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         passes += p;
     }
     progress.finish();
+    reader_rt.shutdown_background();
     let server = crate::setup::finish_sampler(sampler);
     let secs = opts.duration.as_secs_f64();
     let mut rep = Report::new(
@@ -341,7 +345,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         &format!("{} durability, group commit", opts.node.durability_name()),
         serde_json::json!({
             "target": opts.node.target_name(),
-            "transport": opts.transport.name(),
+            "transport": opts.node.transport_name(opts.transport),
             "readers": opts.readers,
             "entries_per_conversation": opts.entries,
             "writers": opts.writers,
