@@ -7,7 +7,6 @@ use crate::inbox::{delivered_ratio, run_peer, Plan, Recipients, Shared};
 use crate::report::{Report, Unit};
 use crate::setup::{peer_id, NodeOptions, Setup, Transport};
 use crate::stats::{merge, new_histogram, Latency};
-use crate::wire::WsConn;
 use fabric_proto::Target;
 use std::time::{Duration, Instant};
 
@@ -84,24 +83,14 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let mut subs = Vec::with_capacity(opts.subscribers);
     for (i, token) in tokens.iter().enumerate() {
         subs.push(
-            WsConn::connect(
-                setup.url(opts.transport)?,
-                opts.transport,
-                &mesh,
-                &peer_id(i),
-                token,
-            )
-            .await?,
+            setup
+                .connect(opts.transport, &mesh, &peer_id(i), token)
+                .await?,
         );
     }
-    let sender = WsConn::connect(
-        setup.url(opts.transport)?,
-        opts.transport,
-        &mesh,
-        "sender",
-        &sender_token,
-    )
-    .await?;
+    let sender = setup
+        .connect(opts.transport, &mesh, "sender", &sender_token)
+        .await?;
     let sampler = setup.sampler();
     let shared = Shared::new(opts.subscribers, 1);
     let total = (opts.subscribers * opts.messages) as u64;
@@ -164,7 +153,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         &format!("{} durability, group commit", opts.node.durability_name()),
         serde_json::json!({
             "target": opts.node.target_name(),
-            "transport": opts.transport.name(),
+            "transport": opts.node.transport_name(opts.transport),
             "subscribers": opts.subscribers,
             "messages": opts.messages,
             "depth": opts.depth,

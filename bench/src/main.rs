@@ -13,6 +13,10 @@ use fabric_bench::{connections, fanout, mesh, replay};
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The same allocator as the `fabric` binary, so an in-process node runs as a real one does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// fsync probe length of `--smoke` runs.
 const SMOKE_PROBE_MS: u64 = 200;
 
@@ -102,6 +106,10 @@ struct Common {
     /// FDs are then the server's alone).
     #[arg(long)]
     node_process: bool,
+    /// `--transport quic`: the load generator's sessions share one UDP socket and endpoint
+    /// driver (as in one process hosting many agents) instead of one each.
+    #[arg(long)]
+    quic_shared_endpoint: bool,
     /// Write every figure of every run to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -149,6 +157,7 @@ impl Common {
             durability: self.durability,
             retention_bytes_max: self.retention_bytes_max,
             node_process: self.node_process,
+            quic_shared_endpoint: self.quic_shared_endpoint,
         }
     }
 

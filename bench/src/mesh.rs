@@ -8,7 +8,6 @@ use crate::inbox::{delivered_ratio, run_peer, Plan, Recipients, Shared};
 use crate::report::{Report, Unit};
 use crate::setup::{peer_id, NodeOptions, Setup, Transport};
 use crate::stats::{merge, new_histogram, Latency};
-use crate::wire::WsConn;
 use fabric_proto::Target;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
@@ -75,14 +74,9 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let mut conns = Vec::with_capacity(opts.peers);
     for (i, token) in tokens.iter().enumerate() {
         conns.push(
-            WsConn::connect(
-                setup.url(opts.transport)?,
-                opts.transport,
-                &mesh,
-                &peer_id(i),
-                token,
-            )
-            .await?,
+            setup
+                .connect(opts.transport, &mesh, &peer_id(i), token)
+                .await?,
         );
     }
     let sampler = setup.sampler();
@@ -149,7 +143,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         &format!("{} durability, group commit", opts.node.durability_name()),
         serde_json::json!({
             "target": opts.node.target_name(),
-            "transport": opts.transport.name(),
+            "transport": opts.node.transport_name(opts.transport),
             "peers": opts.peers,
             "messages_per_peer": opts.messages,
             "depth": opts.depth,

@@ -216,7 +216,7 @@ impl Report {
             &format!("{} durability, group commit", o.node.durability_name()),
             serde_json::json!({
                 "target": o.node.target_name(),
-                "transport": o.transport().name(),
+                "transport": o.node.transport_name(o.transport()),
                 "driver": o.driver.name(),
                 "connections": o.connections,
                 "depth": o.depth,
@@ -378,16 +378,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         let conv: Arc<str> = format!("conv-{i}").into();
         let c = match opts.driver {
             Driver::Raw => Conn::Raw(
-                Box::new(
-                    WsConn::connect(
-                        setup.url(opts.transport())?,
-                        opts.transport(),
-                        &mesh,
-                        &peer,
-                        token,
-                    )
-                    .await?,
-                ),
+                Box::new(setup.connect(opts.transport(), &mesh, &peer, token).await?),
                 conv,
             ),
             Driver::Client => {

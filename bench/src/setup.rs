@@ -65,6 +65,9 @@ pub struct NodeOptions {
     /// in-process: the server's CPU, RSS and FDs are then its own, and each process needs
     /// only one fd per connection.
     pub node_process: bool,
+    /// QUIC sessions of the load generator share one client endpoint (one UDP socket and one
+    /// endpoint driver, as in a process that hosts many agents) instead of one each.
+    pub quic_shared_endpoint: bool,
 }
 
 impl Default for NodeOptions {
@@ -80,6 +83,7 @@ impl Default for NodeOptions {
             durability: Durability::Fsync,
             retention_bytes_max: None,
             node_process: false,
+            quic_shared_endpoint: false,
         }
     }
 }
@@ -90,6 +94,14 @@ impl NodeOptions {
         match self.target {
             Some(_) => "the target's".into(),
             None => format!("{:?}", self.durability).to_lowercase(),
+        }
+    }
+
+    /// The transport as reported: QUIC says whether its client endpoint was shared.
+    pub fn transport_name(&self, transport: Transport) -> String {
+        match transport {
+            Transport::Quic if self.quic_shared_endpoint => "quic (shared client endpoint)".into(),
+            t => t.name().into(),
         }
     }
 
@@ -152,6 +164,8 @@ pub struct Setup {
     /// The `/proc/loadavg` numbers when the run started.
     pub load_average: String,
     pub load_rt: tokio::runtime::Runtime,
+    /// The load generator's shared QUIC endpoint (`--quic-shared-endpoint`).
+    quic_endpoint: Option<quinn::Endpoint>,
     server_pid: Option<u32>,
     node: Option<(tokio::runtime::Runtime, RunningNode)>,
     child: Option<std::process::Child>,
@@ -295,7 +309,23 @@ impl Setup {
             .enable_all()
             .thread_name("load")
             .build()?;
+        let quic_endpoint = match (&quic_url, opts.quic_shared_endpoint) {
+            (Some(url), true) => {
+                let addr = url
+                    .strip_prefix("quic://")
+                    .and_then(|r| r.split('?').next())
+                    .and_then(|a| a.parse::<std::net::SocketAddr>().ok())
+                    .ok_or_else(|| BenchError::Options(format!("{url:?}: no host:port")))?;
+                let _in_load_rt = load_rt.enter();
+                Some(
+                    fabric::quic::client_endpoint(addr)
+                        .map_err(|e| BenchError::Protocol(e.to_string()))?,
+                )
+            }
+            _ => None,
+        };
         Ok(Setup {
+            quic_endpoint,
             ws_url: format!("{}/v1/ws", base.replacen("http", "ws", 1)),
             quic_url,
             base,
@@ -322,6 +352,25 @@ impl Setup {
             }),
             Transport::WsJson | Transport::WsBinary => Ok(&self.ws_url),
         }
+    }
+
+    /// Opens one session of `transport` (QUIC from the shared endpoint, if there is one).
+    pub async fn connect(
+        &self,
+        transport: Transport,
+        mesh: &str,
+        peer: &str,
+        token: &str,
+    ) -> Result<crate::wire::WsConn, BenchError> {
+        crate::wire::WsConn::connect_via(
+            self.quic_endpoint.as_ref(),
+            self.url(transport)?,
+            transport,
+            mesh,
+            peer,
+            token,
+        )
+        .await
     }
 
     /// The node runs in this process (so samples of it include the load generator).

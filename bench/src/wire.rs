@@ -116,8 +116,21 @@ impl WsConn {
         peer: &str,
         token: &str,
     ) -> Result<WsConn, BenchError> {
+        WsConn::connect_via(None, url, transport, mesh, peer, token).await
+    }
+
+    /// [`WsConn::connect`]; a QUIC session dials from `endpoint` if given (one UDP socket
+    /// shared by many connections), else from an endpoint of its own.
+    pub async fn connect_via(
+        endpoint: Option<&quinn::Endpoint>,
+        url: &str,
+        transport: Transport,
+        mesh: &str,
+        peer: &str,
+        token: &str,
+    ) -> Result<WsConn, BenchError> {
         if transport == Transport::Quic {
-            return WsConn::connect_quic(url, mesh, peer, token).await;
+            return WsConn::connect_quic(endpoint, url, mesh, peer, token).await;
         }
         let binary = transport.binary();
         let config = WebSocketConfig::default()
@@ -159,6 +172,7 @@ impl WsConn {
 
     /// `quic://host:port?pin=HEX`: dial, open the control stream, hello, welcome.
     async fn connect_quic(
+        endpoint: Option<&quinn::Endpoint>,
         url: &str,
         mesh: &str,
         peer: &str,
@@ -177,7 +191,7 @@ impl WsConn {
             .parse()
             .map_err(|_| BenchError::Options(format!("{url:?}: bad port")))?;
         let trust = fabric::tls::Trust::Pin(fabric::tls::parse_pin(pin).map_err(quic_err)?);
-        let d = fabric::quic::dial(host, port, &trust, fabric::tls::ALPN)
+        let d = fabric::quic::dial_from(endpoint, host, port, &trust, fabric::tls::ALPN)
             .await
             .map_err(quic_err)?;
         let mut conn = WsConn {

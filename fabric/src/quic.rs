@@ -235,19 +235,17 @@ pub async fn dial(
     trust: &tls::Trust,
     alpn: &[u8],
 ) -> Result<Dialed, QuicError> {
-    let dial_err = |m: String| QuicError::Dial(format!("{host}:{port}: {m}"));
-    let remote = tokio::net::lookup_host((host, port))
-        .await
-        .map_err(|e| dial_err(format!("cannot resolve: {e}")))?
-        .next()
-        .ok_or_else(|| dial_err("no address".into()))?;
-    let config = client_config(trust, alpn)?;
+    dial_from(None, host, port, trust, alpn).await
+}
+
+/// A client endpoint (a UDP socket and its driver) for connections to `remote`'s family.
+pub fn client_endpoint(remote: SocketAddr) -> Result<quinn::Endpoint, QuicError> {
     let local = crate::client_io::local_any(remote);
     let socket = udp_socket(local).map_err(|source| QuicError::Bind {
         addr: local,
         source,
     })?;
-    let endpoint = quinn::Endpoint::new(
+    quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         None,
         socket,
@@ -256,7 +254,29 @@ pub async fn dial(
     .map_err(|source| QuicError::Bind {
         addr: local,
         source,
-    })?;
+    })
+}
+
+/// [`dial`] from `endpoint` if given (many connections may share one UDP socket, as in a
+/// process that hosts many agents), else from a fresh one.
+pub async fn dial_from(
+    endpoint: Option<&quinn::Endpoint>,
+    host: &str,
+    port: u16,
+    trust: &tls::Trust,
+    alpn: &[u8],
+) -> Result<Dialed, QuicError> {
+    let dial_err = |m: String| QuicError::Dial(format!("{host}:{port}: {m}"));
+    let remote = tokio::net::lookup_host((host, port))
+        .await
+        .map_err(|e| dial_err(format!("cannot resolve: {e}")))?
+        .next()
+        .ok_or_else(|| dial_err("no address".into()))?;
+    let config = client_config(trust, alpn)?;
+    let endpoint = match endpoint {
+        Some(e) => e.clone(),
+        None => client_endpoint(remote)?,
+    };
     let conn = endpoint
         .connect_with(config, remote, host)
         .map_err(|e| dial_err(e.to_string()))?
