@@ -39,6 +39,9 @@ use fabric_proto::{ClientOp, ErrorCode, ProtoError, ServerOp, BATCH_OPS_MAX};
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 
+/// Bytes a batch frame adds around its parts (brackets, or a variant index and a length).
+const BATCH_FRAMING_BYTES: usize = 16;
+
 /// Limits of one session. Units are last in every name.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionConfig {
@@ -56,6 +59,9 @@ pub struct SessionConfig {
     /// smaller value such as 4096 would close healthy sessions on nodes with 4+ shards when
     /// every shard spends its credit at once.
     pub pending_transmit_frames_max: usize,
+    /// Most server ops joined into one frame for a client that asked for batches (`options`
+    /// with `batch`); the client's own number is used when smaller. At most `BATCH_OPS_MAX`.
+    pub out_batch_ops_max: u32,
 }
 
 impl Default for SessionConfig {
@@ -65,6 +71,7 @@ impl Default for SessionConfig {
             inflight_requests_max: 1024,
             hello_timeout_ms: 10_000,
             pending_transmit_frames_max: 65_536,
+            out_batch_ops_max: 256,
         }
     }
 }
@@ -102,6 +109,8 @@ pub struct SessionStats {
     pub frames_in: u64,
     pub bytes_in: u64,
     pub frames_out: u64,
+    /// Server ops handed out, counting each op of a batch frame.
+    pub ops_out: u64,
     pub bytes_out: u64,
     /// Error frames queued for the client, its own or a shard's.
     pub errors_sent: u64,
@@ -193,6 +202,8 @@ pub struct Session {
     closed_sent: bool,
     /// The nonce a key hello on this session must sign, set by the glue from its OS RNG.
     challenge: Challenge,
+    /// Most ops `poll_transmit` joins into one frame: 1 until the client asks for batches.
+    out_batch_ops: usize,
     stats: SessionStats,
 }
 
@@ -212,6 +223,7 @@ impl Session {
             attached: false,
             challenge: Challenge::None,
             closed_sent: false,
+            out_batch_ops: 1,
             stats: SessionStats::default(),
         }
     }
@@ -278,15 +290,57 @@ impl Session {
     }
 
     /// The next frame for the socket.
+    ///
+    /// For a client that asked for batches, consecutive queued frames bound for the same
+    /// stream (the control stream, or one conversation's) are joined into one batch frame of
+    /// at most `out_batch_ops` ops and `frame_bytes_max` bytes; each op still counts against
+    /// the push credit of the shard that sent it.
     pub fn poll_transmit(&mut self) -> Option<OutFrame> {
-        let q = self.transmit.pop_front()?;
+        let first = self.transmit.pop_front()?;
+        self.count_polled(&first);
+        let (conv, binary) = (first.frame.conv.clone(), first.frame.binary);
+        let frame_bytes_max = self.config.frame_bytes_max;
+        // `bytes` counts each part plus a separator, and room for the batch's own framing.
+        let joins = |q: &Queued, bytes: usize| {
+            q.frame.conv == conv
+                && q.frame.binary == binary
+                && bytes + q.frame.bytes.len() < frame_bytes_max
+        };
+        let framing = BATCH_FRAMING_BYTES + first.frame.bytes.len();
+        let frame = match self.transmit.front() {
+            Some(next) if self.out_batch_ops > 1 && joins(next, framing) => {
+                let mut bytes = framing;
+                let mut parts = vec![first.frame.bytes];
+                while parts.len() < self.out_batch_ops {
+                    match self.transmit.front() {
+                        Some(q) if joins(q, bytes) => {}
+                        _ => break,
+                    }
+                    let q = self.transmit.pop_front().expect("front exists");
+                    self.count_polled(&q);
+                    bytes += q.frame.bytes.len() + 1;
+                    parts.push(q.frame.bytes);
+                }
+                OutFrame {
+                    binary: first.frame.binary,
+                    bytes: codec::batch_server_frames(&parts, first.frame.binary),
+                    conv: first.frame.conv,
+                }
+            }
+            _ => first.frame,
+        };
         self.stats.frames_out += 1;
-        self.stats.bytes_out += q.frame.bytes.len() as u64;
+        self.stats.bytes_out += frame.bytes.len() as u64;
+        Some(frame)
+    }
+
+    /// A queued op is handed to the glue: a pushed one spends its shard's credit.
+    fn count_polled(&mut self, q: &Queued) {
+        self.stats.ops_out += 1;
         if let Some(shard) = q.pushed_by {
             let n = self.pushed_polled.entry(shard).or_insert(0);
             *n = n.saturating_add(1);
         }
-        Some(q.frame)
     }
 
     /// A frame the transport would not read into memory because its length prefix alone is
@@ -359,6 +413,13 @@ impl Session {
     }
 
     fn handle_op(&mut self, now: u64, op: ClientOp) {
+        if let ClientOp::Options { r, batch } = op {
+            // Session-local, and valid in every state (a client may send it with its hello).
+            if !self.is_closed() {
+                self.set_options(r, batch);
+            }
+            return;
+        }
         match &self.state {
             State::Closed => {}
             State::AwaitingHello => match op {
@@ -442,6 +503,20 @@ impl Session {
         }
     }
 
+    /// `options`: the client's batch size, capped by the node's; answered at once.
+    fn set_options(&mut self, r: u64, batch: u32) {
+        let cap = self.config.out_batch_ops_max.min(BATCH_OPS_MAX as u32);
+        self.out_batch_ops = batch.clamp(1, cap.max(1)) as usize;
+        self.push_frame(
+            &ServerOp::Ok {
+                r,
+                pos: None,
+                seq: None,
+            },
+            None,
+        );
+    }
+
     fn handle_open_op(&mut self, op: ClientOp, mesh: Arc<str>, peer: Arc<str>) {
         // Ops that wait for an answer pass the hard in-flight cap first (a glue that honours
         // `wants_read` never reaches it).
@@ -478,6 +553,8 @@ impl Session {
             ClientOp::Unsubscribe { r, conv } => ShardOp::Unsubscribe { r, mesh, conv },
             ClientOp::Ack { upto } => return self.forward_ack(mesh, peer, upto),
             ClientOp::Ping { r } => return self.push_frame(&ServerOp::Pong { r }, None),
+            // Handled in `handle_op` before any state.
+            ClientOp::Options { r, batch } => return self.set_options(r, batch),
             // The codec flattens batches and refuses nested ones; this is only a safety net.
             ClientOp::Batch(_) => {
                 return self.error(None, ProtoError::bad_request("batches may not nest"))
@@ -792,7 +869,8 @@ fn counted_ref(op: &ClientOp) -> Option<u64> {
         | ClientOp::HelloSigned { .. }
         | ClientOp::Challenge
         | ClientOp::Ack { .. }
-        | ClientOp::Ping { .. } => None,
+        | ClientOp::Ping { .. }
+        | ClientOp::Options { .. } => None,
         ClientOp::Batch(_) => None,
     }
 }

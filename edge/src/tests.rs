@@ -1012,3 +1012,153 @@ fn a_signed_hello_without_a_challenge_is_refused_and_closes() {
         assert!(requests(&mut s).is_empty(), "no shard heard of it");
     }
 }
+
+/// Every queued frame as (its ops, the stream it is for), batches flattened.
+fn batched_frames(s: &mut Session) -> Vec<(Vec<ServerOp>, Option<Arc<str>>)> {
+    let mut out = Vec::new();
+    while let Some(f) = s.poll_transmit() {
+        let ops = if f.binary {
+            codec::decode_server_binary(&f.bytes).expect("a valid binary frame")
+        } else {
+            codec::decode_server_json(&f.bytes).expect("a valid JSON frame")
+        };
+        out.push((ops, f.conv));
+    }
+    out
+}
+
+#[test]
+fn options_batch_joins_queued_frames_per_stream_in_order() {
+    // Proves `options` with `batch`: answered with ok (before hello too), after which queued
+    // server ops go out joined, in order, at most `batch` per frame, never mixing a
+    // conversation's events with control-stream frames.
+    let mut s = session();
+    text(
+        &mut s,
+        r#"[{"op":"options","ref":1,"batch":3},{"op":"hello","mesh":"m","peer":"p","token":"t"}]"#,
+    );
+    requests(&mut s);
+    s.handle_reply(NOW, 0, welcome_reply());
+    let first = batched_frames(&mut s);
+    assert_eq!(first.len(), 1, "the ok and the welcome share one frame");
+    assert!(matches!(
+        first[0].0[..],
+        [ServerOp::Ok { r: 1, .. }, ServerOp::Welcome { .. }]
+    ));
+    for r in 10..15 {
+        append(&mut s, r);
+    }
+    requests(&mut s);
+    for r in 10..13 {
+        s.handle_reply(NOW, 0, ok(r));
+    }
+    s.handle_reply(NOW, 0, event(1));
+    s.handle_reply(NOW, 0, event(2));
+    s.handle_reply(NOW, 0, ok(13));
+    s.handle_reply(NOW, 0, ok(14));
+    let got: Vec<(Vec<String>, bool)> = batched_frames(&mut s)
+        .into_iter()
+        .map(|(ops, conv)| {
+            let names = ops
+                .iter()
+                .map(|o| match o {
+                    ServerOp::Ok { r, .. } => format!("ok{r}"),
+                    ServerOp::Event(e) => format!("event{}", e.seq),
+                    other => other.name().to_string(),
+                })
+                .collect();
+            (names, conv.is_some())
+        })
+        .collect();
+    let expect = |names: &[&str], conv: bool| (names.iter().map(|n| n.to_string()).collect(), conv);
+    assert_eq!(
+        got,
+        vec![
+            expect(&["ok10", "ok11", "ok12"], false),
+            expect(&["event1", "event2"], true),
+            expect(&["ok13", "ok14"], false),
+        ]
+    );
+}
+
+#[test]
+fn batched_pushes_still_return_credit_per_op() {
+    // Proves push credit counts each delivery inside a batch frame, so a batching client
+    // returns exactly the credit it spent (binary session, one frame of four deliveries).
+    let mut s = session();
+    binary(&mut s, &ClientOp::Options { r: 1, batch: 64 });
+    binary(
+        &mut s,
+        &ClientOp::Hello {
+            mesh: "m".into(),
+            peer: "p".into(),
+            token: "t".into(),
+        },
+    );
+    requests(&mut s);
+    s.handle_reply(NOW, 0, welcome_reply());
+    batched_frames(&mut s);
+    s.handle_flushed(NOW);
+    requests(&mut s);
+    for pos in 1..=4 {
+        s.handle_reply(NOW, 1, deliver(pos));
+    }
+    let frames = batched_frames(&mut s);
+    assert_eq!(frames.len(), 1);
+    assert_eq!(frames[0].0.len(), 4);
+    assert_eq!(s.stats().ops_out, 6, "ok, welcome and four deliveries");
+    s.handle_flushed(NOW);
+    assert!(matches!(
+        &requests(&mut s)[..],
+        [(Route::Shard(1), ShardOp::Flushed { frames: 4 })]
+    ));
+}
+
+#[test]
+fn batches_stay_within_the_node_cap_and_the_frame_size_limit() {
+    // Proves the two bounds on a batch frame: the node's out_batch_ops_max caps a larger
+    // client ask, and a batch closes before it would pass frame_bytes_max.
+    let mut s = session_with(SessionConfig {
+        out_batch_ops_max: 4,
+        frame_bytes_max: 4096,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    text(&mut s, r#"{"op":"options","ref":1,"batch":1000}"#);
+    batched_frames(&mut s);
+    for pos in 1..=10 {
+        s.handle_reply(NOW, 0, deliver(pos));
+    }
+    let sizes: Vec<usize> = batched_frames(&mut s)
+        .iter()
+        .map(|(ops, _)| ops.len())
+        .collect();
+    assert_eq!(sizes, vec![4, 4, 2]);
+    let mut s = session_with(SessionConfig {
+        frame_bytes_max: 4096,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    text(&mut s, r#"{"op":"options","ref":1,"batch":1000}"#);
+    batched_frames(&mut s);
+    let big = Body::from_json_text(format!("\"{}\"", "x".repeat(1500))).unwrap();
+    for pos in 1..=5 {
+        s.handle_reply(
+            NOW,
+            0,
+            Reply::Frame(ServerOp::Deliver {
+                pos,
+                from: "q".into(),
+                to: Target::All,
+                body: big.clone(),
+                ts: 1,
+            }),
+        );
+    }
+    let mut total = 0;
+    while let Some(f) = s.poll_transmit() {
+        assert!(f.bytes.len() <= 4096, "a batch of {} bytes", f.bytes.len());
+        total += codec::decode_server_json(&f.bytes).unwrap().len();
+    }
+    assert_eq!(total, 5);
+}

@@ -90,6 +90,10 @@ use tokio::sync::{mpsc, oneshot, watch, Semaphore};
 pub const WINDOW_REQUESTS_DEFAULT: usize = 256;
 /// Pushed frames buffered for [`Client::next_delivery`] unless configured otherwise.
 pub const INCOMING_FRAMES_DEFAULT: usize = 4096;
+/// Server ops the client asks to receive joined in one frame (`options` `batch`).
+pub const BATCH_OPS_IN_DEFAULT: u32 = 256;
+/// The `ref` of the `options` op a client sends with its hello (its `ok` precedes `welcome`).
+const OPTIONS_REF: u64 = 0;
 /// Dial + hello + welcome must finish within this unless configured otherwise.
 pub const CONNECT_TIMEOUT_MS_DEFAULT: u64 = 10_000;
 /// A batched frame is cut at this size even if more ops are queued: big enough to amortize
@@ -441,6 +445,10 @@ pub struct ClientConfig {
     /// The ALPN protocol a `quic://` client offers (`fabric/1`; changeable only to test that
     /// the node refuses others).
     pub alpn: Vec<u8>,
+    /// Most server ops the node may join into one frame for this client (`options` with
+    /// `batch`, sent with the hello): fewer, larger frames for both sides. 0 or 1: one op
+    /// per frame.
+    pub batch_ops_in_max: u32,
 }
 
 impl ClientConfig {
@@ -467,6 +475,7 @@ impl ClientConfig {
             key: None,
             trust: crate::tls::Trust::Unset,
             alpn: crate::tls::ALPN.to_vec(),
+            batch_ops_in_max: BATCH_OPS_IN_DEFAULT,
         }
     }
 
@@ -980,10 +989,24 @@ async fn dial(
         let mut io = Io::dial(cfg).await?;
         let binary = io.binary(cfg.binary);
         let hello = first_hello(cfg);
-        io.send(&hello, binary).await?;
+        let first = if cfg.batch_ops_in_max > 1 {
+            ClientOp::Batch(vec![
+                ClientOp::Options {
+                    r: OPTIONS_REF,
+                    batch: cfg.batch_ops_in_max,
+                },
+                hello,
+            ])
+        } else {
+            hello
+        };
+        io.send(&first, binary).await?;
         loop {
             let ops = io.recv().await?;
-            let mut ops = ops.into_iter();
+            // The `ok` to our options goes first; skip it.
+            let mut ops = ops
+                .into_iter()
+                .skip_while(|op| matches!(op, ServerOp::Ok { r: OPTIONS_REF, .. }));
             // The first op decides; an empty batch frame is skipped.
             if let Some(op) = ops.next() {
                 match op {

@@ -106,6 +106,7 @@ struct JsonFrame<'a> {
     sig: Option<Cow<'a, str>>,
     #[serde(borrow)]
     nonce: Option<Cow<'a, str>>,
+    batch: Option<u32>,
 }
 
 /// `from` is a number in `subscribe` (a seq) and a peer id in `deliver`/`event`.
@@ -238,9 +239,13 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
             upto: f.upto.ok_or_else(|| missing(op, "upto"))?,
         },
         "ping" => ClientOp::Ping { r: r()? },
+        "options" => ClientOp::Options {
+            r: r()?,
+            batch: f.batch.ok_or_else(|| missing(op, "batch"))?,
+        },
         other => {
             return Err(ProtoError::bad_request(format!(
-                "unknown op {other:?}; expected hello, challenge, send, append, subscribe, unsubscribe, ack or ping"
+                "unknown op {other:?}; expected hello, challenge, send, append, subscribe, unsubscribe, ack, ping or options"
             )))
         }
     })
@@ -318,9 +323,11 @@ fn validate_binary_op(op: &ClientOp) -> Result<(), ProtoError> {
         ClientOp::Subscribe { conv, .. } | ClientOp::Unsubscribe { conv, .. } => {
             validate_conv(conv)
         }
-        ClientOp::Ack { .. } | ClientOp::Ping { .. } | ClientOp::Batch(_) | ClientOp::Challenge => {
-            Ok(())
-        }
+        ClientOp::Ack { .. }
+        | ClientOp::Ping { .. }
+        | ClientOp::Batch(_)
+        | ClientOp::Challenge
+        | ClientOp::Options { .. } => Ok(()),
     }
 }
 
@@ -344,7 +351,7 @@ fn push_str(out: &mut Vec<u8>, s: &str) {
 }
 
 fn push_u64(out: &mut Vec<u8>, n: u64) {
-    out.extend_from_slice(n.to_string().as_bytes());
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
 fn field(out: &mut Vec<u8>, name: &str) {
@@ -523,6 +530,12 @@ pub fn encode_client_json(op: &ClientOp, out: &mut Vec<u8>) {
             field(out, "ref");
             push_u64(out, *r);
         }
+        ClientOp::Options { r, batch } => {
+            field(out, "ref");
+            push_u64(out, *r);
+            field(out, "batch");
+            push_u64(out, u64::from(*batch));
+        }
         ClientOp::Batch(ops) => {
             out.truncate(out.len() - b"{\"op\":\"batch\"".len());
             out.push(b'[');
@@ -609,6 +622,43 @@ pub fn decode_server_json(bytes: &[u8]) -> Result<Vec<ServerOp>, ProtoError> {
         .collect()
 }
 
+/// Joins already-encoded server frames of one encoding into one batch frame: a JSON array of
+/// them, or the postcard `ServerOp::Batch` (its variant index and length, then the frames as
+/// they are: postcard values are self-delimiting). No frame is decoded or encoded again.
+pub fn batch_server_frames(frames: &[Vec<u8>], binary: bool) -> Vec<u8> {
+    let len: usize = frames.iter().map(Vec::len).sum();
+    let mut out = Vec::with_capacity(len + frames.len() + 12);
+    if binary {
+        push_varint(&mut out, SERVER_BATCH_VARIANT);
+        push_varint(&mut out, frames.len() as u64);
+        for f in frames {
+            out.extend_from_slice(f);
+        }
+    } else {
+        out.push(b'[');
+        for (i, f) in frames.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(f);
+        }
+        out.push(b']');
+    }
+    out
+}
+
+/// The postcard variant index of `ServerOp::Batch` (its place in the enum; pinned by a test).
+const SERVER_BATCH_VARIANT: u64 = 6;
+
+/// Postcard's unsigned varint (LEB128), as it encodes variant indices and lengths.
+fn push_varint(out: &mut Vec<u8>, mut n: u64) {
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
 /// Decodes one binary frame from the server (a `Batch` is flattened).
 pub fn decode_server_binary(bytes: &[u8]) -> Result<Vec<ServerOp>, ProtoError> {
     match from_binary::<ServerOp>(bytes)? {
@@ -661,6 +711,7 @@ mod tests {
                 sig: (0..64).collect(),
                 ts: 1_700_000_000_000,
             },
+            ClientOp::Options { r: 6, batch: 64 },
         ]
     }
 
@@ -729,6 +780,32 @@ mod tests {
             decode_client_binary(&encode_client_binary(&batch)).unwrap(),
             client_ops()
         );
+    }
+
+    #[test]
+    fn joined_server_frames_decode_as_the_ops_they_hold_in_order() {
+        // Proves batch_server_frames builds a real batch frame in both encodings (a JSON array,
+        // the postcard Batch variant) from frames encoded one by one, for small and large
+        // counts (the length varint grows past one byte at 128).
+        for n in [2usize, 3, 130, 1024] {
+            let ops: Vec<ServerOp> = server_ops().into_iter().cycle().take(n).collect();
+            let json: Vec<Vec<u8>> = ops
+                .iter()
+                .map(|op| {
+                    let mut out = Vec::new();
+                    encode_server_json(op, &mut out);
+                    out
+                })
+                .collect();
+            assert_eq!(
+                decode_server_json(&batch_server_frames(&json, false)).unwrap(),
+                ops
+            );
+            let binary: Vec<Vec<u8>> = ops.iter().map(encode_server_binary).collect();
+            let joined = batch_server_frames(&binary, true);
+            assert_eq!(decode_server_binary(&joined).unwrap(), ops);
+            assert_eq!(joined, encode_server_binary(&ServerOp::Batch(ops.clone())));
+        }
     }
 
     #[test]

@@ -94,6 +94,13 @@ pub enum ClientOp {
         sig: Vec<u8>,
         ts: u64,
     },
+    /// Session options, valid at any point of a session (before hello too); answered with
+    /// `ok`. `batch`: the most server ops the client takes in one frame (a JSON array or a
+    /// binary `Batch`); 0 or 1 keeps one op per frame, the default.
+    Options {
+        r: u64,
+        batch: u32,
+    },
 }
 
 impl ClientOp {
@@ -109,6 +116,7 @@ impl ClientOp {
             ClientOp::Batch(_) => "batch",
             ClientOp::Challenge => "challenge",
             ClientOp::HelloSigned { .. } => "hello",
+            ClientOp::Options { .. } => "options",
         }
     }
 
@@ -119,7 +127,8 @@ impl ClientOp {
             | ClientOp::Append { r, .. }
             | ClientOp::Subscribe { r, .. }
             | ClientOp::Unsubscribe { r, .. }
-            | ClientOp::Ping { r } => Some(*r),
+            | ClientOp::Ping { r }
+            | ClientOp::Options { r, .. } => Some(*r),
             ClientOp::Hello { .. }
             | ClientOp::HelloSigned { .. }
             | ClientOp::Challenge

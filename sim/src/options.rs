@@ -86,6 +86,9 @@ pub struct SimOptions {
     pub sync_after_recovery: bool,
     #[serde(with = "planted_names")]
     pub planted: PlantedBugs,
+    /// Chance each client asks for batch frames (`options` with `batch`, of 2, 3 or 64 ops)
+    /// before its hello, so the edge joins server ops into frames under every fault.
+    pub batch_in_probability: f64,
 }
 
 impl Default for SimOptions {
@@ -131,6 +134,7 @@ impl Default for SimOptions {
             pending_acks_max: 16,
             sync_after_recovery: true,
             planted: PlantedBugs::default(),
+            batch_in_probability: 0.5,
         }
     }
 }
@@ -183,6 +187,7 @@ impl SimOptions {
         ];
         let probabilities = [
             self.binary_probability,
+            self.batch_in_probability,
             self.torn_write_probability,
             self.tail_corruption_probability,
             self.read_corruption_probability,
@@ -218,7 +223,7 @@ impl fmt::Display for SimOptions {
              clog_every_ms={} clog_ms={} disk_full_every_ms={} disk_full_ms={} load_every_ms={} \
              disconnect_every_ms={} torn_p={} tail_flip_p={} read_flip_p={} enospc_p={} ack_p={} \
              segment_bytes={} retention_bytes={} batch_bytes={} credit={} scan={} pending={} \
-             sync_after_recovery={} planted={}",
+             sync_after_recovery={} batch_in_p={} planted={}",
             self.nodes,
             self.shards,
             self.partitions,
@@ -264,6 +269,7 @@ impl fmt::Display for SimOptions {
             self.drain_scan_entries_max,
             self.pending_acks_max,
             self.sync_after_recovery,
+            self.batch_in_probability,
             planted_names::join(self.planted),
         )
     }
@@ -330,6 +336,8 @@ pub fn swarm(seed: u64) -> SimOptions {
         pending_acks_max: [2, 16, 65_536][rng.random_range(0..3)],
         sync_after_recovery: true,
         planted: PlantedBugs::default(),
+        // Drawn last, so that every earlier option of a seed is as it was before it existed.
+        batch_in_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
     }
 }
 

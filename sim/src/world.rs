@@ -35,6 +35,8 @@ const PUMP_ROUNDS_MAX: usize = 10_000;
 /// Frame type bytes the simulated transport puts before each frame (WebSocket's opcodes).
 const FRAME_TEXT: u8 = 0;
 const FRAME_BINARY: u8 = 1;
+/// The `ref` of the `options` a batching client sends before its hello (client refs start at 1).
+const OPTIONS_REF: u64 = 0;
 
 /// Peer `i`'s groups in a swarm: `g0` for even peers, `g1` for every third (so some peers are
 /// in both, some in neither).
@@ -109,6 +111,8 @@ pub(crate) struct Client {
     pub(crate) peer: Arc<str>,
     token: String,
     binary: bool,
+    /// Server ops per frame this client asks for with `options` before each hello (0: none).
+    batch_in: u32,
     conn: Option<ClientConn>,
     next_r: u64,
     /// Ref -> operation, on the current connection.
@@ -280,6 +284,11 @@ impl Simulation {
                 peer: peer.clone(),
                 token: format!("tok-{peer}"),
                 binary: rng.random_bool(options.binary_probability),
+                batch_in: if rng.random_bool(options.batch_in_probability) {
+                    [2, 3, 64][rng.random_range(0..3)]
+                } else {
+                    0
+                },
                 conn: None,
                 next_r: 1,
                 inflight: BTreeMap::new(),
@@ -1542,6 +1551,16 @@ impl Simulation {
             "{} connects: connection {id}",
             self.clients[c].peer
         ));
+        let batch = self.clients[c].batch_in;
+        if batch > 0 {
+            self.client_send(
+                c,
+                &ClientOp::Options {
+                    r: OPTIONS_REF,
+                    batch,
+                },
+            );
+        }
         self.client_send(c, &hello);
         self.pump_client(c)
     }
@@ -1653,6 +1672,7 @@ impl Simulation {
                 self.clients[c].max_received = acked;
                 self.wake(c, 0);
             }
+            ServerOp::Ok { r: OPTIONS_REF, .. } if self.clients[c].batch_in > 0 => {}
             ServerOp::Ok { r, .. } => {
                 if self.clients[c].inflight.remove(&r).is_none() {
                     return fail(
