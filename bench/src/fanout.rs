@@ -154,6 +154,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         serde_json::json!({
             "target": opts.node.target_name(),
             "transport": opts.node.transport_name(opts.transport),
+            "batch_in": opts.node.batch_in,
             "subscribers": opts.subscribers,
             "messages": opts.messages,
             "depth": opts.depth,

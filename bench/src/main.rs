@@ -110,6 +110,10 @@ struct Common {
     /// driver (as in one process hosting many agents) instead of one each.
     #[arg(long)]
     quic_shared_endpoint: bool,
+    /// Server ops per frame the load generator's sessions ask for (`options` with `batch`,
+    /// as the Rust client does); 0 or 1: one op per frame.
+    #[arg(long, default_value_t = fabric_bench::wire::BATCH_OPS_IN_DEFAULT)]
+    batch_in: u32,
     /// Write every figure of every run to this JSON file.
     #[arg(long)]
     json: Option<PathBuf>,
@@ -158,6 +162,7 @@ impl Common {
             retention_bytes_max: self.retention_bytes_max,
             node_process: self.node_process,
             quic_shared_endpoint: self.quic_shared_endpoint,
+            batch_in: self.batch_in,
         }
     }
 

@@ -144,6 +144,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         serde_json::json!({
             "target": opts.node.target_name(),
             "transport": opts.node.transport_name(opts.transport),
+            "batch_in": opts.node.batch_in,
             "peers": opts.peers,
             "messages_per_peer": opts.messages,
             "depth": opts.depth,

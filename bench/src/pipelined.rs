@@ -217,6 +217,7 @@ impl Report {
             serde_json::json!({
                 "target": o.node.target_name(),
                 "transport": o.node.transport_name(o.transport()),
+                "batch_in": o.node.batch_in,
                 "driver": o.driver.name(),
                 "connections": o.connections,
                 "depth": o.depth,

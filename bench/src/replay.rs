@@ -346,6 +346,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         serde_json::json!({
             "target": opts.node.target_name(),
             "transport": opts.node.transport_name(opts.transport),
+            "batch_in": opts.node.batch_in,
             "readers": opts.readers,
             "entries_per_conversation": opts.entries,
             "writers": opts.writers,

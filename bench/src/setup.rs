@@ -68,6 +68,9 @@ pub struct NodeOptions {
     /// QUIC sessions of the load generator share one client endpoint (one UDP socket and one
     /// endpoint driver, as in a process that hosts many agents) instead of one each.
     pub quic_shared_endpoint: bool,
+    /// Server ops per frame the load generator's sessions ask for (`options` `batch`); 0 or
+    /// 1 asks for nothing: one op per frame.
+    pub batch_in: u32,
 }
 
 impl Default for NodeOptions {
@@ -84,6 +87,7 @@ impl Default for NodeOptions {
             retention_bytes_max: None,
             node_process: false,
             quic_shared_endpoint: false,
+            batch_in: crate::wire::BATCH_OPS_IN_DEFAULT,
         }
     }
 }
@@ -166,6 +170,7 @@ pub struct Setup {
     pub load_rt: tokio::runtime::Runtime,
     /// The load generator's shared QUIC endpoint (`--quic-shared-endpoint`).
     quic_endpoint: Option<quinn::Endpoint>,
+    batch_in: u32,
     server_pid: Option<u32>,
     node: Option<(tokio::runtime::Runtime, RunningNode)>,
     child: Option<std::process::Child>,
@@ -326,6 +331,7 @@ impl Setup {
         };
         Ok(Setup {
             quic_endpoint,
+            batch_in: opts.batch_in,
             ws_url: format!("{}/v1/ws", base.replacen("http", "ws", 1)),
             quic_url,
             base,
@@ -354,7 +360,8 @@ impl Setup {
         }
     }
 
-    /// Opens one session of `transport` (QUIC from the shared endpoint, if there is one).
+    /// Opens one session of `transport` (QUIC from the shared endpoint, if there is one),
+    /// asking for batch frames as configured.
     pub async fn connect(
         &self,
         transport: Transport,
@@ -364,6 +371,7 @@ impl Setup {
     ) -> Result<crate::wire::WsConn, BenchError> {
         crate::wire::WsConn::connect_via(
             self.quic_endpoint.as_ref(),
+            self.batch_in,
             self.url(transport)?,
             transport,
             mesh,

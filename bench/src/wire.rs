@@ -15,6 +15,11 @@ pub const REPLY_TIMEOUT_MS: u64 = 30_000;
 /// Client socket buffers: the node uses 8 KiB too; tungstenite's 128 KiB default would make
 /// each of 10,000 idle client sessions cost far more than the server side being measured.
 const WS_BUFFER_BYTES: usize = 8 * 1024;
+/// Server ops per frame the load generator asks for by default (`options` `batch`), as the
+/// Rust client does.
+pub const BATCH_OPS_IN_DEFAULT: u32 = fabric::client::BATCH_OPS_IN_DEFAULT;
+/// The `ref` of the `options` sent with the hello.
+const OPTIONS_REF: u64 = 0;
 
 pub type Ws =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
@@ -75,6 +80,8 @@ pub fn decode(msg: Message) -> Result<Option<Vec<ServerOp>>, BenchError> {
 pub struct WsConn {
     inner: Inner,
     pub binary: bool,
+    /// Ops that came in the welcome's frame after it, handed out first.
+    leftover: Option<Vec<ServerOp>>,
 }
 
 enum Inner {
@@ -108,7 +115,8 @@ fn encode_quic(ops: Vec<ClientOp>, out: &mut Vec<u8>) -> Result<(), BenchError> 
 }
 
 impl WsConn {
-    /// Dials `url`, says hello and waits for the welcome.
+    /// Dials `url`, says hello (asking for batch frames of up to [`BATCH_OPS_IN_DEFAULT`]
+    /// ops) and waits for the welcome.
     pub async fn connect(
         url: &str,
         transport: Transport,
@@ -116,67 +124,86 @@ impl WsConn {
         peer: &str,
         token: &str,
     ) -> Result<WsConn, BenchError> {
-        WsConn::connect_via(None, url, transport, mesh, peer, token).await
+        WsConn::connect_via(
+            None,
+            BATCH_OPS_IN_DEFAULT,
+            url,
+            transport,
+            mesh,
+            peer,
+            token,
+        )
+        .await
     }
 
     /// [`WsConn::connect`]; a QUIC session dials from `endpoint` if given (one UDP socket
-    /// shared by many connections), else from an endpoint of its own.
+    /// shared by many connections), else from an endpoint of its own. `batch_in` is what the
+    /// hello's `options` asks for (0 or 1: no `options`, one op per frame).
     pub async fn connect_via(
         endpoint: Option<&quinn::Endpoint>,
+        batch_in: u32,
         url: &str,
         transport: Transport,
         mesh: &str,
         peer: &str,
         token: &str,
     ) -> Result<WsConn, BenchError> {
-        if transport == Transport::Quic {
-            return WsConn::connect_quic(endpoint, url, mesh, peer, token).await;
+        let mut conn = match transport {
+            Transport::Quic => WsConn::dial_quic(endpoint, url).await?,
+            _ => {
+                let config = WebSocketConfig::default()
+                    .read_buffer_size(WS_BUFFER_BYTES)
+                    .write_buffer_size(WS_BUFFER_BYTES);
+                // Nagle off: small frames must not wait for the previous one's ack.
+                let (ws, _) =
+                    tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+                let (sink, stream) = ws.split();
+                WsConn {
+                    inner: Inner::Ws { sink, stream },
+                    binary: transport.binary(),
+                    leftover: None,
+                }
+            }
+        };
+        let mut first = Vec::new();
+        if batch_in > 1 {
+            first.push(ClientOp::Options {
+                r: OPTIONS_REF,
+                batch: batch_in,
+            });
         }
-        let binary = transport.binary();
-        let config = WebSocketConfig::default()
-            .read_buffer_size(WS_BUFFER_BYTES)
-            .write_buffer_size(WS_BUFFER_BYTES);
-        // Nagle off: small frames must not wait for the previous one's ack.
-        let (mut ws, _) =
-            tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
-        let hello = ClientOp::Hello {
+        first.push(ClientOp::Hello {
             mesh: mesh.into(),
             peer: peer.into(),
             token: token.to_string(),
-        };
-        ws.send(encode(vec![hello], binary)?).await?;
-        let deadline = Duration::from_millis(REPLY_TIMEOUT_MS);
+        });
+        conn.send(first).await?;
         loop {
-            let msg = tokio::time::timeout(deadline, ws.next())
-                .await
-                .map_err(|_| BenchError::Timeout("welcome"))?
-                .ok_or_else(|| BenchError::Protocol("closed before welcome".into()))??;
-            if let Some(op) = decode(msg)?.unwrap_or_default().into_iter().next() {
-                match op {
-                    ServerOp::Welcome { .. } => {
-                        let (sink, stream) = ws.split();
-                        return Ok(WsConn {
-                            inner: Inner::Ws { sink, stream },
-                            binary,
-                        });
-                    }
-                    other => {
-                        return Err(BenchError::Protocol(format!(
-                            "expected welcome, got {other:?}"
-                        )))
-                    }
+            let mut ops = conn
+                .next("welcome")
+                .await?
+                .into_iter()
+                .skip_while(|op| matches!(op, ServerOp::Ok { r: OPTIONS_REF, .. }));
+            match ops.next() {
+                Some(ServerOp::Welcome { .. }) => {
+                    let rest: Vec<ServerOp> = ops.collect();
+                    conn.leftover = (!rest.is_empty()).then_some(rest);
+                    return Ok(conn);
                 }
+                Some(other) => {
+                    return Err(BenchError::Protocol(format!(
+                        "expected welcome, got {other:?}"
+                    )))
+                }
+                None => continue,
             }
         }
     }
 
-    /// `quic://host:port?pin=HEX`: dial, open the control stream, hello, welcome.
-    async fn connect_quic(
+    /// `quic://host:port?pin=HEX`: dial and open the control stream.
+    async fn dial_quic(
         endpoint: Option<&quinn::Endpoint>,
         url: &str,
-        mesh: &str,
-        peer: &str,
-        token: &str,
     ) -> Result<WsConn, BenchError> {
         let rest = url
             .strip_prefix("quic://")
@@ -194,7 +221,7 @@ impl WsConn {
         let d = fabric::quic::dial_from(endpoint, host, port, &trust, fabric::tls::ALPN)
             .await
             .map_err(quic_err)?;
-        let mut conn = WsConn {
+        Ok(WsConn {
             inner: Inner::Quic {
                 send: d.send,
                 frames: Box::new(fabric::quic::ServerFrames::spawn(d.conn.clone(), d.recv)),
@@ -203,19 +230,8 @@ impl WsConn {
                 _endpoint: d.endpoint,
             },
             binary: true,
-        };
-        let hello = ClientOp::Hello {
-            mesh: mesh.into(),
-            peer: peer.into(),
-            token: token.to_string(),
-        };
-        conn.send(vec![hello]).await?;
-        match conn.next("welcome").await?.into_iter().next() {
-            Some(ServerOp::Welcome { .. }) => Ok(conn),
-            other => Err(BenchError::Protocol(format!(
-                "expected welcome, got {other:?}"
-            ))),
-        }
+            leftover: None,
+        })
     }
 
     /// Writes `ops` as one frame and flushes.
@@ -255,6 +271,9 @@ impl WsConn {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<Vec<ServerOp>>, BenchError> {
+        if let Some(ops) = self.leftover.take() {
+            return Ok(Some(ops));
+        }
         match &mut self.inner {
             Inner::Ws { stream, .. } => match tokio::time::timeout(timeout, stream.next()).await {
                 Err(_) => Ok(None),
@@ -281,6 +300,9 @@ impl WsConn {
 
     /// A frame that is already received, without waiting.
     pub fn try_next(&mut self) -> Result<Option<Vec<ServerOp>>, BenchError> {
+        if let Some(ops) = self.leftover.take() {
+            return Ok(Some(ops));
+        }
         match &mut self.inner {
             Inner::Ws { stream, .. } => match stream.next().now_or_never() {
                 None => Ok(None),
