@@ -202,10 +202,15 @@ struct LoadArgs {
     /// (fire-and-wait: the whole batch in one frame).
     #[arg(long)]
     batch: Option<usize>,
-    /// fire-and-wait: pause between a batch's last ack and the next batch (TopGun's harness
-    /// sleeps 50 ms). Default 0: a closed loop.
+    /// fire-and-wait: mean pause between a batch's last ack and the next batch, drawn per
+    /// pause from half to one and a half times it (TopGun's harness sleeps 50 ms). Default 0:
+    /// a closed loop.
     #[arg(long, default_value_t = 0)]
     interval_ms: u64,
+    /// fire-and-wait: every pause exactly --interval-ms (TopGun's loop), which locks the
+    /// connections acked in one group commit into sending again in the same instant.
+    #[arg(long)]
+    interval_fixed: bool,
     #[arg(long, default_value_t = 128)]
     body_bytes: usize,
     /// Measured time, after the warm-up. Keep it short: the disk throttles after a few GB.
@@ -354,6 +359,7 @@ impl LoadArgs {
                         base.depth
                     }),
                 interval: Duration::from_millis(self.interval_ms),
+                interval_fixed: self.interval_fixed,
                 batch: self.batch.unwrap_or(base.batch),
                 body_bytes: self.body_bytes,
                 duration: Duration::from_secs(self.duration_secs),

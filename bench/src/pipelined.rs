@@ -4,9 +4,13 @@
 //! - `pipelined` keeps D appends in flight per connection, refilling the window as acks come,
 //!   N appends per frame (`--batch`); latency is per append, written -> `ok` read.
 //! - `fire-and-wait` sends one batch of B appends (as frames of N), waits for every ack, and
-//!   repeats, after `--interval-ms` if given (TopGun's `send_interval_ms`: a pause between a
-//!   batch's last ack and the next batch); latency is the batch's round trip, written -> last
-//!   `ok` read. With no interval it is a closed loop with C x B appends always in flight.
+//!   repeats, after a pause if `--interval-ms` is given (TopGun's `send_interval_ms`); latency
+//!   is the batch's round trip, written -> last `ok` read. With no interval it is a closed
+//!   loop with C x B appends always in flight. Each pause is drawn uniformly from half to one
+//!   and a half times the interval (mean: the interval), from a generator seeded by the
+//!   connection's index: independent clients do not move in step, while identical fixed
+//!   pauses (`--interval-fixed`, TopGun's exact loop) lock every connection that was acked
+//!   in one group commit into sending its next batch in the same instant.
 //!
 //! Both check that every conversation's acked seqs are exactly 1..=n (nothing lost, nothing
 //! doubled). Two load drivers: `raw` speaks the protocol with the proto codec (the least client
@@ -80,8 +84,10 @@ pub struct Options {
     /// QUIC instead of WebSocket (always binary).
     pub quic: bool,
     pub driver: Driver,
-    /// fire-and-wait: pause between a batch's last ack and the next batch.
+    /// fire-and-wait: mean pause between a batch's last ack and the next batch.
     pub interval: Duration,
+    /// fire-and-wait: every pause exactly `interval` instead of drawn around it.
+    pub interval_fixed: bool,
 }
 
 /// Pipeline depth of `pipelined` (FleetLM's hot path: a few appends in flight per connection).
@@ -104,6 +110,7 @@ impl Default for Options {
             quic: false,
             driver: Driver::Raw,
             interval: Duration::ZERO,
+            interval_fixed: false,
         }
     }
 }
@@ -226,6 +233,7 @@ impl Report {
                 "duration_secs": self.measured.as_secs_f64(),
                 "warmup_secs": o.warmup.as_secs_f64(),
                 "interval_ms": o.interval.as_millis() as u64,
+                "interval_fixed": o.interval_fixed,
             }),
         );
         r.add("msgs_per_sec", self.msgs_per_sec, Unit::PerSec);
@@ -422,10 +430,10 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
             let body = body.clone();
             let depth = opts.depth;
             let batch = opts.batch;
-            let interval = opts.interval;
+            let pause = Pause::new(opts.interval, opts.interval_fixed, i as u64);
             // Paced connections start spread over one interval, as independent clients would;
             // started together they stay in step and every batch lands in the same instant.
-            let stagger = interval * i as u32 / connections;
+            let stagger = opts.interval * i as u32 / connections;
             let counter = counter.clone();
             tokio::spawn(async move {
                 tokio::time::sleep(stagger).await;
@@ -435,7 +443,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
                             depth,
                             batch,
                             wait_all,
-                            interval,
+                            pause,
                         };
                         run_raw(*raw, conv, body, shape, schedule, counter).await
                     }
@@ -444,7 +452,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
                             depth,
                             batch,
                             wait_all,
-                            interval,
+                            pause,
                         };
                         run_client(client, conv, body, shape, schedule, counter).await
                     }
@@ -511,13 +519,46 @@ enum Conn {
 }
 
 /// How a raw connection loads the node.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Shape {
     depth: usize,
     batch: usize,
     wait_all: bool,
-    /// fire-and-wait: pause after a batch's last ack.
-    interval: Duration,
+    /// fire-and-wait: the pause after a batch's last ack.
+    pause: Pause,
+}
+
+/// The pause of one fire-and-wait connection between a batch's last ack and its next batch.
+#[derive(Debug, Clone)]
+struct Pause {
+    mean: Duration,
+    fixed: bool,
+    rng: rand::rngs::SmallRng,
+}
+
+impl Pause {
+    fn new(mean: Duration, fixed: bool, seed: u64) -> Pause {
+        use rand::SeedableRng;
+        Pause {
+            mean,
+            fixed,
+            rng: rand::rngs::SmallRng::seed_from_u64(seed),
+        }
+    }
+
+    /// Waits one pause: `mean`, or uniform in [mean/2, 3 mean/2]. Nothing without a mean.
+    async fn wait(&mut self) {
+        use rand::Rng;
+        if self.mean.is_zero() {
+            return;
+        }
+        let factor = if self.fixed {
+            1.0
+        } else {
+            self.rng.random_range(0.5..1.5)
+        };
+        tokio::time::sleep(self.mean.mul_f64(factor)).await;
+    }
 }
 
 /// Keeps `depth` appends in flight (or sends `depth` and waits for all) until the measured
@@ -526,7 +567,7 @@ async fn run_raw(
     mut conn: WsConn,
     conv: Arc<str>,
     body: Body,
-    shape: Shape,
+    mut shape: Shape,
     schedule: Schedule,
     counter: Arc<AtomicU64>,
 ) -> Result<ConnResult, BenchError> {
@@ -588,8 +629,8 @@ async fn run_raw(
         }
         if shape.wait_all && inflight.is_empty() {
             result.latency(&schedule, batch_sent, now);
-            if !shape.interval.is_zero() && now < schedule.measure_until {
-                tokio::time::sleep(shape.interval).await;
+            if now < schedule.measure_until {
+                shape.pause.wait().await;
             }
         }
     }
@@ -631,7 +672,7 @@ async fn run_client(
     client: Arc<Client>,
     conv: Arc<str>,
     body: Body,
-    shape: Shape,
+    mut shape: Shape,
     schedule: Schedule,
     counter: Arc<AtomicU64>,
 ) -> Result<ConnResult, BenchError> {
@@ -653,8 +694,8 @@ async fn run_client(
                 counter.fetch_add(1, Ordering::Relaxed);
             }
             result.latency(&schedule, sent, now);
-            if !shape.interval.is_zero() && now < schedule.measure_until {
-                tokio::time::sleep(shape.interval).await;
+            if now < schedule.measure_until {
+                shape.pause.wait().await;
             }
         }
         return Ok(result);
