@@ -163,6 +163,7 @@ impl Common {
             node_process: self.node_process,
             quic_shared_endpoint: self.quic_shared_endpoint,
             batch_in: self.batch_in,
+            ws_tls: self.transport().wss(),
         }
     }
 
@@ -302,6 +303,8 @@ struct ServeNodeArgs {
     shards: Option<u32>,
     #[arg(long)]
     retention_bytes_max: Option<u64>,
+    #[arg(long)]
+    ws_tls: bool,
 }
 
 #[derive(Args)]
@@ -375,8 +378,7 @@ impl LoadArgs {
             },
             ..c.node()
         };
-        o.binary = c.transport().binary();
-        o.quic = c.transport() == Transport::Quic;
+        o.transport = c.transport();
         o.driver = self.driver;
         if let Some(v) = sweep {
             match c.sweep_of {
@@ -795,6 +797,7 @@ fn main() -> anyhow::Result<()> {
                 durability: a.durability,
                 shards: a.shards,
                 retention_bytes_max: a.retention_bytes_max,
+                ws_tls: a.ws_tls,
                 ..NodeOptions::default()
             };
             fabric_bench::setup::serve_node(&opts, a.data_dir)?;

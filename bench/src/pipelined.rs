@@ -80,9 +80,7 @@ pub struct Options {
     pub body_bytes: usize,
     pub duration: Duration,
     pub warmup: Duration,
-    pub binary: bool,
-    /// QUIC instead of WebSocket (always binary).
-    pub quic: bool,
+    pub transport: Transport,
     pub driver: Driver,
     /// fire-and-wait: mean pause between a batch's last ack and the next batch.
     pub interval: Duration,
@@ -106,8 +104,7 @@ impl Default for Options {
             body_bytes: 128,
             duration: Duration::from_secs(10),
             warmup: Duration::from_millis(1500),
-            binary: false,
-            quic: false,
+            transport: Transport::WsJson,
             driver: Driver::Raw,
             interval: Duration::ZERO,
             interval_fixed: false,
@@ -143,13 +140,7 @@ impl Options {
     }
 
     fn transport(&self) -> Transport {
-        if self.quic {
-            Transport::Quic
-        } else if self.binary {
-            Transport::WsBinary
-        } else {
-            Transport::WsJson
-        }
+        self.transport
     }
 }
 
@@ -392,7 +383,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
             ),
             Driver::Client => {
                 let mut cfg = ClientConfig::new(setup.url(opts.transport())?, &mesh, &peer, token);
-                cfg.binary = opts.binary;
+                cfg.binary = opts.transport.binary();
                 cfg.window = opts.depth;
                 Conn::Client(Arc::new(Client::connect(cfg).await?), conv)
             }

@@ -14,8 +14,8 @@ use std::time::Duration;
 /// Admin calls (peer creation) in flight at once while a scenario sets up.
 const ADMIN_CALLS_INFLIGHT_MAX: usize = 64;
 
-/// How the load generator talks to the node. QUIC joins as a third variant when the node
-/// speaks it; every scenario goes through [`crate::wire::WsConn`], so it is one more arm there.
+/// How the load generator talks to the node; every scenario goes through
+/// [`crate::wire::WsConn`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Transport {
@@ -25,11 +25,23 @@ pub enum Transport {
     WsBinary,
     /// QUIC: postcard frames on a control stream, a stream per subscription.
     Quic,
+    /// WebSocket over TLS (`wss://`, the node's `--ws-tls`), JSON text frames.
+    WssJson,
+    /// WebSocket over TLS, postcard binary frames: QUIC's like-for-like (both encrypted).
+    WssBinary,
 }
 
 impl Transport {
     pub fn binary(self) -> bool {
-        matches!(self, Transport::WsBinary | Transport::Quic)
+        matches!(
+            self,
+            Transport::WsBinary | Transport::Quic | Transport::WssBinary
+        )
+    }
+
+    /// WebSocket over TLS: the node's HTTP port must speak TLS.
+    pub fn wss(self) -> bool {
+        matches!(self, Transport::WssJson | Transport::WssBinary)
     }
 
     pub fn name(self) -> &'static str {
@@ -37,6 +49,8 @@ impl Transport {
             Transport::WsJson => "ws-json",
             Transport::WsBinary => "ws-binary",
             Transport::Quic => "quic",
+            Transport::WssJson => "wss-json",
+            Transport::WssBinary => "wss-binary",
         }
     }
 }
@@ -71,6 +85,8 @@ pub struct NodeOptions {
     /// Server ops per frame the load generator's sessions ask for (`options` `batch`); 0 or
     /// 1 asks for nothing: one op per frame.
     pub batch_in: u32,
+    /// The bench's own node serves its HTTP port over TLS (for `wss-*` transports).
+    pub ws_tls: bool,
 }
 
 impl Default for NodeOptions {
@@ -88,6 +104,7 @@ impl Default for NodeOptions {
             node_process: false,
             quic_shared_endpoint: false,
             batch_in: crate::wire::BATCH_OPS_IN_DEFAULT,
+            ws_tls: false,
         }
     }
 }
@@ -130,6 +147,7 @@ impl NodeOptions {
                 .unwrap_or(defaults.retention_bytes_max),
             shards,
             partitions: defaults.partitions.max(shards),
+            ws_tls: self.ws_tls,
             ..defaults
         }
     }
@@ -159,6 +177,8 @@ pub trait RunContext {
 pub struct Setup {
     pub base: String,
     pub ws_url: String,
+    /// The node certificate's SHA-256, when its HTTP port speaks TLS (`wss://`, `https://`).
+    tls_pin: Option<[u8; 32]>,
     /// `quic://host:port?pin=SHA256`, when the node serves QUIC.
     pub quic_url: Option<String>,
     pub admin_token: String,
@@ -234,6 +254,9 @@ fn spawn_node(opts: &NodeOptions, data_dir: &std::path::Path) -> Result<Child, B
     }
     if let Some(r) = opts.retention_bytes_max {
         cmd.arg("--retention-bytes-max").arg(r.to_string());
+    }
+    if opts.ws_tls {
+        cmd.arg("--ws-tls");
     }
     let mut child = cmd
         .stdin(Stdio::piped())
@@ -314,6 +337,25 @@ impl Setup {
             .enable_all()
             .thread_name("load")
             .build()?;
+        // With --ws-tls the HTTP port speaks TLS with the QUIC certificate: its pin is in the
+        // QUIC URL.
+        let tls_pin = match (opts.ws_tls, &quic_url) {
+            (false, _) => None,
+            (true, Some(url)) => Some(
+                url.split_once("?pin=")
+                    .and_then(|(_, p)| fabric::tls::parse_pin(p).ok())
+                    .ok_or_else(|| BenchError::Options(format!("{url:?}: no pin")))?,
+            ),
+            (true, None) => {
+                return Err(BenchError::Options(
+                    "wss transports need the bench's own node (no --target)".into(),
+                ))
+            }
+        };
+        let base = match tls_pin {
+            Some(_) => base.replacen("http://", "https://", 1),
+            None => base,
+        };
         let quic_endpoint = match (&quic_url, opts.quic_shared_endpoint) {
             (Some(url), true) => {
                 let addr = url
@@ -332,7 +374,15 @@ impl Setup {
         Ok(Setup {
             quic_endpoint,
             batch_in: opts.batch_in,
-            ws_url: format!("{}/v1/ws", base.replacen("http", "ws", 1)),
+            ws_url: match tls_pin {
+                Some(pin) => format!(
+                    "{}/v1/ws?pin={}",
+                    base.replacen("https", "wss", 1),
+                    fabric::tls::fingerprint_hex(&pin)
+                ),
+                None => format!("{}/v1/ws", base.replacen("http", "ws", 1)),
+            },
+            tls_pin,
             quic_url,
             base,
             admin_token,
@@ -356,7 +406,16 @@ impl Setup {
                         .into(),
                 )
             }),
-            Transport::WsJson | Transport::WsBinary => Ok(&self.ws_url),
+            t if t.wss() != self.tls_pin.is_some() => Err(BenchError::Options(format!(
+                "--transport {}: the node's HTTP port {} TLS",
+                t.name(),
+                if self.tls_pin.is_some() {
+                    "speaks"
+                } else {
+                    "does not speak"
+                }
+            ))),
+            _ => Ok(&self.ws_url),
         }
     }
 
@@ -398,7 +457,13 @@ impl Setup {
     }
 
     pub fn admin(&self) -> Admin {
-        Admin::new(&self.base, &self.admin_token)
+        match self.tls_pin {
+            Some(pin) => {
+                Admin::with_trust(&self.base, &self.admin_token, &fabric::tls::Trust::Pin(pin))
+                    .unwrap_or_else(|_| Admin::new(&self.base, &self.admin_token))
+            }
+            None => Admin::new(&self.base, &self.admin_token),
+        }
     }
 
     /// Stops the bench's own node gracefully.

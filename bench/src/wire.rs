@@ -154,9 +154,35 @@ impl WsConn {
                 let config = WebSocketConfig::default()
                     .read_buffer_size(WS_BUFFER_BYTES)
                     .write_buffer_size(WS_BUFFER_BYTES);
+                // `wss://…?pin=HEX`: TLS, trusting the node's certificate by its SHA-256 (the
+                // pin is ours, not part of the request).
+                let (url, connector) = match url.split_once("?pin=") {
+                    Some((u, pin)) => {
+                        let tls_err =
+                            |e: fabric::tls::TlsError| BenchError::Protocol(format!("wss: {e}"));
+                        let pin = fabric::tls::parse_pin(pin).map_err(tls_err)?;
+                        let tls = fabric::tls::client_config(
+                            &fabric::tls::Trust::Pin(pin),
+                            fabric::tls::ALPN_HTTP1,
+                        )
+                        .map_err(tls_err)?;
+                        (
+                            u,
+                            Some(tokio_tungstenite::Connector::Rustls(std::sync::Arc::new(
+                                tls,
+                            ))),
+                        )
+                    }
+                    None => (url, None),
+                };
                 // Nagle off: small frames must not wait for the previous one's ack.
-                let (ws, _) =
-                    tokio_tungstenite::connect_async_with_config(url, Some(config), true).await?;
+                let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
+                    url,
+                    Some(config),
+                    true,
+                    connector,
+                )
+                .await?;
                 let (sink, stream) = ws.split();
                 WsConn {
                     inner: Inner::Ws { sink, stream },
