@@ -43,9 +43,30 @@ fn smoke_client_driver_binary_frames() {
     // Proves the same through fabric::client::Client with binary frames.
     check(Options {
         driver: Driver::Client,
-        binary: true,
+        transport: Transport::WsBinary,
         ..Options::smoke()
     });
+}
+
+#[test]
+fn smoke_pipelined_over_quic_wss_and_without_batch_frames() {
+    // Proves the raw driver over QUIC (own and shared client endpoints), over TLS WebSocket
+    // (the bench's node with --ws-tls, a pinned certificate), and with one op per server frame.
+    for (transport, shared, batch_in) in [
+        (Transport::Quic, false, 256),
+        (Transport::Quic, true, 256),
+        (Transport::WssJson, false, 256),
+        (Transport::WssBinary, false, 0),
+    ] {
+        let mut o = Options {
+            transport,
+            ..Options::smoke()
+        };
+        o.node.quic_shared_endpoint = shared;
+        o.node.ws_tls = transport.wss();
+        o.node.batch_in = batch_in;
+        check(o);
+    }
 }
 
 #[test]
@@ -60,30 +81,55 @@ fn smoke_pipelined_batch_of_four_per_frame() {
 #[test]
 fn smoke_fire_and_wait_both_transports() {
     // Proves fire-and-wait completes whole batches with dense seqs, JSON and binary.
-    for binary in [false, true] {
+    for transport in [Transport::WsJson, Transport::WsBinary] {
         check(Options {
             mode: pipelined::Mode::FireAndWait,
             depth: 10,
             batch: 5,
-            binary,
+            transport,
             ..Options::smoke()
         });
     }
 }
 
 #[test]
+fn smoke_fire_and_wait_paced_stays_under_its_offered_load() {
+    // Proves --interval-ms paces each connection: with pauses of at least half the mean, two
+    // connections of 10 appends cannot be acked faster than 2 x 10 per 25 ms (plus the one
+    // batch each may have in flight as the window closes).
+    let o = Options {
+        mode: pipelined::Mode::FireAndWait,
+        depth: 10,
+        batch: 10,
+        interval: std::time::Duration::from_millis(50),
+        ..Options::smoke()
+    };
+    let secs = o.duration.as_secs_f64();
+    let report = pipelined::run(&o).expect("the scenario runs");
+    let ceiling = 2.0 * 10.0 * (secs / 0.025 + 1.0);
+    assert!(report.acked > 0);
+    assert!(
+        (report.acked as f64) <= ceiling,
+        "{} acked in {secs} s, more than paced connections can send ({ceiling})",
+        report.acked
+    );
+}
+
+#[test]
 fn smoke_mesh_delivers_everything_acked() {
     // Proves mesh delivers every acked direct message exactly to its recipient, over binary.
-    let r = mesh::run(&mesh::Options {
-        transport: Transport::WsBinary,
-        ..mesh::Options::smoke()
-    })
-    .expect("mesh runs");
-    let o = mesh::Options::smoke();
-    assert_eq!(value(&r, "acked"), (o.peers * o.messages) as f64);
-    assert_eq!(value(&r, "delivered_ratio"), 1.0, "{}", r.table());
-    assert!(value(&r, "send_deliver_p99_us") > 0.0);
-    assert!(value(&r, "server_rss_peak_bytes") > 0.0 && value(&r, "server_fds_peak") > 0.0);
+    for transport in [Transport::WsBinary, Transport::Quic, Transport::WssBinary] {
+        let mut o = mesh::Options {
+            transport,
+            ..mesh::Options::smoke()
+        };
+        o.node.ws_tls = transport.wss();
+        let r = mesh::run(&o).expect("mesh runs");
+        assert_eq!(value(&r, "acked"), (o.peers * o.messages) as f64);
+        assert_eq!(value(&r, "delivered_ratio"), 1.0, "{}", r.table());
+        assert!(value(&r, "send_deliver_p99_us") > 0.0);
+        assert!(value(&r, "server_rss_peak_bytes") > 0.0 && value(&r, "server_fds_peak") > 0.0);
+    }
 }
 
 #[test]
