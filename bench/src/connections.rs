@@ -111,13 +111,15 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let started = Instant::now();
     let mesh_ref = &mesh;
     let transport = opts.transport;
-    let url = setup.url(transport)?;
+    setup.url(transport)?;
     let results: Vec<Result<(WsConn, u64), BenchError>> =
         futures_util::stream::iter(tokens.iter().enumerate().map(|(i, token)| {
             let counter = counter.clone();
             async move {
                 let t = Instant::now();
-                let c = WsConn::connect(url, transport, mesh_ref, &peer_id(i), token).await?;
+                let c = setup
+                    .connect(transport, mesh_ref, &peer_id(i), token)
+                    .await?;
                 counter.fetch_add(1, Ordering::Relaxed);
                 Ok((c, t.elapsed().as_micros().max(1) as u64))
             }

@@ -477,6 +477,13 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     };
     let server = match https {
         None => tokio::spawn(async move {
+            use axum::serve::ListenerExt;
+            // Nagle off, as on the TLS port: a session writes whole batches and flushes once,
+            // and Nagle would hold a second small write (a welcome after an options `ok`, an
+            // answer after a push) until the client's delayed ACK, up to 40 ms later.
+            let listener = listener.tap_io(|tcp| {
+                let _ = tcp.set_nodelay(true);
+            });
             let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
             if let Err(e) = serve.await {
                 tracing::error!(error = %e, "HTTP server failed");
