@@ -204,9 +204,9 @@ struct LoadArgs {
     #[arg(long)]
     batch: Option<usize>,
     /// fire-and-wait: mean pause between a batch's last ack and the next batch, drawn per
-    /// pause from half to one and a half times it (TopGun's harness sleeps 50 ms). Default 0:
-    /// a closed loop.
-    #[arg(long, default_value_t = 0)]
+    /// pause from half to one and a half times it (TopGun's harness sleeps 50 ms; 40 lets
+    /// 200 x 10 offer 50,000 ops/s). 0: a closed loop. pipelined: ignored.
+    #[arg(long, default_value_t = 40)]
     interval_ms: u64,
     /// fire-and-wait: every pause exactly --interval-ms (TopGun's loop), which locks the
     /// connections acked in one group commit into sending again in the same instant.
@@ -361,7 +361,10 @@ impl LoadArgs {
                     } else {
                         base.depth
                     }),
-                interval: Duration::from_millis(self.interval_ms),
+                interval: match mode {
+                    Mode::FireAndWait => Duration::from_millis(self.interval_ms),
+                    Mode::Pipelined => Duration::ZERO,
+                },
                 interval_fixed: self.interval_fixed,
                 batch: self.batch.unwrap_or(base.batch),
                 body_bytes: self.body_bytes,
