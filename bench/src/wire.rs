@@ -115,30 +115,10 @@ fn encode_quic(ops: Vec<ClientOp>, out: &mut Vec<u8>) -> Result<(), BenchError> 
 }
 
 impl WsConn {
-    /// Dials `url`, says hello (asking for batch frames of up to [`BATCH_OPS_IN_DEFAULT`]
-    /// ops) and waits for the welcome.
-    pub async fn connect(
-        url: &str,
-        transport: Transport,
-        mesh: &str,
-        peer: &str,
-        token: &str,
-    ) -> Result<WsConn, BenchError> {
-        WsConn::connect_via(
-            None,
-            BATCH_OPS_IN_DEFAULT,
-            url,
-            transport,
-            mesh,
-            peer,
-            token,
-        )
-        .await
-    }
-
-    /// [`WsConn::connect`]; a QUIC session dials from `endpoint` if given (one UDP socket
-    /// shared by many connections), else from an endpoint of its own. `batch_in` is what the
-    /// hello's `options` asks for (0 or 1: no `options`, one op per frame).
+    /// Dials `url`, says hello and waits for the welcome. A QUIC session dials from `endpoint`
+    /// if given (one UDP socket shared by many connections), else from an endpoint of its own.
+    /// `batch_in` is what the hello's `options` asks for (0 or 1: no `options`, one op per
+    /// frame; [`BATCH_OPS_IN_DEFAULT`] is the Rust client's).
     pub async fn connect_via(
         endpoint: Option<&quinn::Endpoint>,
         batch_in: u32,

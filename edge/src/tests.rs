@@ -70,6 +70,18 @@ fn welcome_reply() -> Reply {
     })
 }
 
+/// A token hello in a binary frame (which makes the session binary).
+fn binary_hello(s: &mut Session) {
+    binary(
+        s,
+        &ClientOp::Hello {
+            mesh: "m".into(),
+            peer: "p".into(),
+            token: "t".into(),
+        },
+    );
+}
+
 fn hello(s: &mut Session) {
     text(s, r#"{"op":"hello","mesh":"m","peer":"p","token":"t"}"#);
 }
@@ -467,14 +479,7 @@ fn bad_frames_before_hello_keep_the_session_waiting_for_hello() {
         }]
     ));
     assert!(!s.is_closed() && s.wants_read());
-    binary(
-        &mut s,
-        &ClientOp::Hello {
-            mesh: "m".into(),
-            peer: "p".into(),
-            token: "t".into(),
-        },
-    );
+    binary_hello(&mut s);
     assert!(matches!(
         &requests(&mut s)[..],
         [(Route::ByKey, ShardOp::Hello { .. })]
@@ -485,14 +490,7 @@ fn bad_frames_before_hello_keep_the_session_waiting_for_hello() {
 fn binary_sessions_get_binary_replies_and_batches_work() {
     // Proves the first frame picks the encoding, and a batch frame yields every op in order.
     let mut s = session();
-    binary(
-        &mut s,
-        &ClientOp::Hello {
-            mesh: "m".into(),
-            peer: "p".into(),
-            token: "t".into(),
-        },
-    );
+    binary_hello(&mut s);
     requests(&mut s);
     s.handle_reply(NOW, 0, welcome_reply());
     let f = s.poll_transmit().unwrap();
@@ -1087,14 +1085,7 @@ fn batched_pushes_still_return_credit_per_op() {
     // returns exactly the credit it spent (binary session, one frame of four deliveries).
     let mut s = session();
     binary(&mut s, &ClientOp::Options { r: 1, batch: 64 });
-    binary(
-        &mut s,
-        &ClientOp::Hello {
-            mesh: "m".into(),
-            peer: "p".into(),
-            token: "t".into(),
-        },
-    );
+    binary_hello(&mut s);
     requests(&mut s);
     s.handle_reply(NOW, 0, welcome_reply());
     batched_frames(&mut s);
