@@ -12,14 +12,13 @@
 //! every [`CONSUMER_ACK_EVERY`] messages, as Fabric receivers ack a burst at a time).
 
 use crate::error::BenchError;
-use crate::inbox::{delivered_ratio, PeerResult, Recipients, Shared};
+use crate::inbox::{delivered_ratio, PeerResult, Recipients, Seen, Shared};
 use crate::report::{Report, Unit};
 use crate::stats::{merge, new_histogram, since_stamp_us, stamp_us, stamped_body, Latency};
 use async_nats::jetstream::{self, consumer, stream};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
 use rand::{Rng, SeedableRng};
-use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -342,7 +341,7 @@ async fn publisher(
         send_ack: new_histogram()?,
         send_deliver: new_histogram()?,
         acked: Vec::with_capacity(sends_total),
-        delivered: HashSet::new(),
+        delivered: Seen::default(),
         duplicates: 0,
         first_send: Some(Instant::now()),
         last_delivery: None,
@@ -406,7 +405,7 @@ async fn consumer_task(
         send_ack: new_histogram()?,
         send_deliver: new_histogram()?,
         acked: Vec::new(),
-        delivered: HashSet::new(),
+        delivered: Seen::default(),
         duplicates: 0,
         first_send: None,
         last_delivery: None,
