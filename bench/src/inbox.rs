@@ -37,12 +37,17 @@ pub struct Seen {
 }
 
 impl Seen {
+    /// The bitmap word and bit of `pos`, or None if it lies below the base or too far past it.
+    fn slot(base: u64, pos: u64) -> Option<(usize, u64)> {
+        let i = pos.checked_sub(base).filter(|&i| i < SEEN_BITS_MAX)?;
+        Some(((i / 64) as usize, 1u64 << (i % 64)))
+    }
+
     /// Adds `pos`; false if it was there already.
     pub fn insert(&mut self, pos: u64) -> bool {
         let base = *self.base.get_or_insert(pos);
-        let fresh = match pos.checked_sub(base).filter(|&i| i < SEEN_BITS_MAX) {
-            Some(i) => {
-                let (word, bit) = ((i / 64) as usize, 1u64 << (i % 64));
+        let fresh = match Seen::slot(base, pos) {
+            Some((word, bit)) => {
                 if word >= self.words.len() {
                     self.words.resize(word + 1, 0);
                 }
@@ -58,11 +63,8 @@ impl Seen {
 
     pub fn contains(&self, pos: u64) -> bool {
         let Some(base) = self.base else { return false };
-        match pos.checked_sub(base).filter(|&i| i < SEEN_BITS_MAX) {
-            Some(i) => self
-                .words
-                .get((i / 64) as usize)
-                .is_some_and(|w| w & (1u64 << (i % 64)) != 0),
+        match Seen::slot(base, pos) {
+            Some((word, bit)) => self.words.get(word).is_some_and(|w| w & bit != 0),
             None => self.outside.contains(&pos),
         }
     }
