@@ -26,10 +26,18 @@ pub enum ErrorCode {
     Conflict = 9,
     /// A bug. The message says what failed; the node keeps serving.
     Internal = 10,
+    /// The shard's disk is full: writes are refused, reads still served; the shard retries
+    /// writes by itself once space returns.
+    StorageFull = 11,
+    /// The recipient's (or the mesh's) unacknowledged inbox backlog is at its byte limit:
+    /// nothing already accepted is dropped, new sends wait until recipients acknowledge.
+    InboxFull = 12,
+    /// Reserved for the Postgres archive: its write-behind backlog is full; retry later.
+    ArchiveBacklogFull = 13,
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 10] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::BadRequest,
         ErrorCode::Unauthorized,
         ErrorCode::Forbidden,
@@ -40,6 +48,9 @@ impl ErrorCode {
         ErrorCode::Unavailable,
         ErrorCode::Conflict,
         ErrorCode::Internal,
+        ErrorCode::StorageFull,
+        ErrorCode::InboxFull,
+        ErrorCode::ArchiveBacklogFull,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +65,9 @@ impl ErrorCode {
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Conflict => "conflict",
             ErrorCode::Internal => "internal",
+            ErrorCode::StorageFull => "storage_full",
+            ErrorCode::InboxFull => "inbox_full",
+            ErrorCode::ArchiveBacklogFull => "archive_backlog_full",
         }
     }
 
@@ -74,6 +88,23 @@ impl ErrorCode {
             ErrorCode::Unavailable => 503,
             ErrorCode::Conflict => 409,
             ErrorCode::Internal => 500,
+            ErrorCode::StorageFull => 507,
+            ErrorCode::InboxFull => 429,
+            ErrorCode::ArchiveBacklogFull => 503,
+        }
+    }
+}
+
+impl ErrorCode {
+    /// Seconds for an HTTP `Retry-After` header on responses with this code, for the codes
+    /// that mean "try again shortly" (the 503s and 429s a client should back off on).
+    pub fn retry_after_secs(self) -> Option<u32> {
+        match self {
+            ErrorCode::Unavailable | ErrorCode::Overloaded | ErrorCode::ArchiveBacklogFull => {
+                Some(1)
+            }
+            ErrorCode::InboxFull | ErrorCode::StorageFull => Some(5),
+            _ => None,
         }
     }
 }
@@ -133,5 +164,26 @@ mod tests {
         }
         assert!(ErrorCode::try_from(0).is_err());
         assert_eq!(ErrorCode::Internal as u16, 10, "codes are pinned");
+        let pinned = [
+            ("storage_full", 11, 507),
+            ("inbox_full", 12, 429),
+            ("archive_backlog_full", 13, 503),
+        ];
+        for (name, number, status) in pinned {
+            let c = ErrorCode::from_str_code(name).expect("known name");
+            assert_eq!(
+                (c as u16, c.http_status()),
+                (number, status),
+                "{name} is pinned"
+            );
+        }
+    }
+
+    #[test]
+    fn retry_after_is_sent_for_codes_worth_retrying_soon() {
+        // Proves which codes carry an HTTP Retry-After header: the transient 503 ones.
+        assert!(ErrorCode::ArchiveBacklogFull.retry_after_secs().is_some());
+        assert!(ErrorCode::Unavailable.retry_after_secs().is_some());
+        assert!(ErrorCode::BadRequest.retry_after_secs().is_none());
     }
 }

@@ -1315,8 +1315,12 @@ impl Shard {
         for c in self.convs.values_mut() {
             while c.events.front().is_some_and(|e| e.lsn <= oldest.last_lsn) {
                 let e = c.events.pop_front().expect("front exists");
+                // The key may point to a newer, retained entry (a retry stored after a failed
+                // write and a restart): only a key that points here leaves with this entry.
                 if let Some(k) = e.key {
-                    c.keys.remove(&k);
+                    if c.keys.get(&k) == Some(&e.seq) {
+                        c.keys.remove(&k);
+                    }
                 }
                 c.first_seq = e.seq + 1;
             }

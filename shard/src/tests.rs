@@ -918,3 +918,85 @@ fn group_commit_reuses_the_last_write_buffer_and_none_of_its_bytes() {
     );
     assert_eq!(events(&n.pump(), 2), vec![1, 2]);
 }
+
+impl Node {
+    /// Like `pump`, but the segment deletions the writes ask for never reach the disk (a power
+    /// loss took the unsynced directory operations): a restart then reads the old segments.
+    fn pump_keeping_segments(&mut self) -> Vec<Output> {
+        let mut out = Vec::new();
+        loop {
+            while let Some(o) = self.shard.poll_output() {
+                out.push(o);
+            }
+            let Some(mut w) = self.shard.poll_wal() else {
+                break;
+            };
+            w.delete.clear();
+            self.disk.apply(&w);
+            self.now += 1;
+            self.shard.handle_wal_done(self.now, w.last_lsn);
+        }
+        out
+    }
+
+    fn first_retained_seq(&mut self, conv: &str) -> Option<u64> {
+        self.req(
+            99,
+            ShardOp::Read {
+                r: 0,
+                mesh: "m".into(),
+                conv: conv.into(),
+                from: 1,
+                limit: 1,
+            },
+        );
+        self.pump_keeping_segments()
+            .into_iter()
+            .find_map(|o| match o.reply {
+                Reply::Messages { events, .. } => Some(events.first().map_or(u64::MAX, |e| e.seq)),
+                _ => None,
+            })
+    }
+}
+
+#[test]
+fn evicting_an_old_entry_keeps_its_key_when_the_key_points_to_a_newer_retained_entry() {
+    // Proves retention forgets an idempotency key only with the entry it points to: a key
+    // stored twice (its first entry left memory, a retry got a new seq, a restart then read
+    // both from disk) keeps answering the retained seq when the old entry is evicted again.
+    // Seeds 7417 and 8752 of the swarm found this as DuplicateSeq.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 600,
+        retention_bytes_max: 1_200,
+        ..ShardConfig::default()
+    });
+    n.append(1, 1, "c", "\"first\"", Some("k"));
+    n.pump_keeping_segments();
+    let mut r = 2;
+    while n.first_retained_seq("c") == Some(1) {
+        n.append(1, r, "other", "\"filler to roll segments\"", None);
+        n.pump_keeping_segments();
+        r += 1;
+        assert!(r < 1_000, "retention never evicted seq 1");
+    }
+    // The key left memory with seq 1: a retry is stored again, at a new seq.
+    n.append(1, r, "c", "\"first\"", Some("k"));
+    let retried = oks(&n.pump_keeping_segments())[0].2.expect("a seq");
+    assert!(retried > 1);
+    // The restart reads seq 1 (its segment was never deleted) and then the retry.
+    n.restart();
+    n.append(
+        1,
+        r + 1,
+        "other",
+        "\"one more write, so retention runs again\"",
+        None,
+    );
+    n.pump_keeping_segments();
+    n.append(1, r + 2, "c", "\"first\"", Some("k"));
+    assert_eq!(
+        oks(&n.pump_keeping_segments()),
+        vec![(r + 2, None, Some(retried))],
+        "the key still answers its retained seq"
+    );
+}
