@@ -39,12 +39,15 @@ pub fn run(
     let mut shard = Shard::new(config.clone());
     let (writes_tx, writes_rx) = crossbeam_channel::bounded(2);
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel(2);
-    let wal_dir = dir.to_path_buf();
-    std::fs::create_dir_all(&wal_dir)?;
+    std::fs::create_dir_all(dir)?;
+    fabric::storage::init_shard_dirs(dir, 1).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let wal_dir = fabric::storage::shard_dir(dir, 0);
+    let store = fabric::storage::FileStore::open(&wal_dir)
+        .map_err(|e| std::io::Error::other(e.to_string()))?
+        .with_durability(Durability::None);
     // The node's own writer thread, without fdatasync: the bytes are what recovery reads.
-    let writer = std::thread::spawn(move || {
-        fabric::storage::writer_thread(wal_dir, None, Durability::None, writes_rx, done_tx)
-    });
+    let writer =
+        std::thread::spawn(move || fabric::storage::writer_thread(store, writes_rx, done_tx));
     let mut written = 0u64;
     while written < records {
         let n = BATCH_RECORDS.min(records - written);
@@ -73,7 +76,9 @@ pub fn run(
             let done = done_rx
                 .blocking_recv()
                 .ok_or_else(|| std::io::Error::other("writer ended"))?;
-            done.result.map_err(std::io::Error::other)?;
+            if done.outcome != fabric::storage::WriteOutcome::Done {
+                return Err(std::io::Error::other(format!("{:?}", done.outcome)));
+            }
             shard.handle_wal_done(written, done.last_lsn);
         }
         while shard.poll_output().is_some() {}
@@ -83,8 +88,8 @@ pub fn run(
     let write_duration = started.elapsed();
 
     let started = Instant::now();
-    let recovered =
-        fabric::storage::recover(dir, config).map_err(|e| std::io::Error::other(e.to_string()))?;
+    let recovered = fabric::storage::recover(&wal_dir, config, Durability::None)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     let recovery_duration = started.elapsed();
     assert_eq!(recovered.report.records, records, "every record recovered");
     Ok(RecoveryFigures {

@@ -59,6 +59,19 @@ pub struct Config {
     /// Meshes that get per-mesh series (label `mesh`); every other mesh is only in the
     /// per-shard totals, so label cardinality stays bounded. At most 64.
     pub metrics_meshes: Vec<String>,
+    /// Body bytes of unacknowledged inbox messages one peer may hold; a send that would grow a
+    /// full backlog is refused with `inbox_full` (nothing accepted is ever dropped).
+    pub inbox_backlog_bytes_max: u64,
+    /// The same for a whole mesh on one shard, each message counted once.
+    pub mesh_inbox_backlog_bytes_max: u64,
+    /// Conversations of one mesh one shard holds; the first append to one more is refused
+    /// with `too_large`.
+    pub mesh_conversations_max: u32,
+    /// Longest wait before a shard whose storage failed is recovered (the wait doubles from
+    /// 10 ms per failure in a row; a disk-full shard refuses writes that long).
+    pub restart_backoff_ms_max: u64,
+    /// A WAL write (fdatasync) in flight longer than this makes `/readyz` fail for its shard.
+    pub wal_sync_stall_ms_max: u64,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -97,6 +110,11 @@ impl Default for Config {
             metrics: true,
             metrics_listen: None,
             metrics_meshes: Vec::new(),
+            inbox_backlog_bytes_max: 64 * 1024 * 1024,
+            mesh_inbox_backlog_bytes_max: 512 * 1024 * 1024,
+            mesh_conversations_max: 100_000,
+            restart_backoff_ms_max: 30_000,
+            wal_sync_stall_ms_max: 10_000,
             quic: true,
             quic_listen: None,
             tls_cert: None,
@@ -135,6 +153,12 @@ impl Config {
         })
     }
 
+    /// The largest message body accepted: `frame_bytes_max` minus 1 KiB, so that the largest
+    /// `deliver` or `event` frame carrying it still fits in `frame_bytes_max`.
+    pub fn body_bytes_max(&self) -> usize {
+        self.frame_bytes_max.saturating_sub(1024)
+    }
+
     /// Where QUIC listens, if it is on (see `quic_listen`).
     pub fn quic_addr(&self) -> Option<SocketAddr> {
         if !self.quic {
@@ -171,6 +195,28 @@ impl Config {
         }
         if self.wal_segment_bytes_max < 4096 {
             return bad("wal_segment_bytes_max must be at least 4096");
+        }
+        if self.inbox_backlog_bytes_max < self.body_bytes_max() as u64 {
+            return Err(ConfigError::Invalid(format!(
+                "inbox_backlog_bytes_max ({}) must be at least body_bytes_max ({}: \
+                 frame_bytes_max - 1024), or the largest message could never be sent",
+                self.inbox_backlog_bytes_max,
+                self.body_bytes_max()
+            )));
+        }
+        if self.mesh_inbox_backlog_bytes_max < self.inbox_backlog_bytes_max {
+            return Err(ConfigError::Invalid(format!(
+                "mesh_inbox_backlog_bytes_max ({}) must be at least inbox_backlog_bytes_max ({})",
+                self.mesh_inbox_backlog_bytes_max, self.inbox_backlog_bytes_max
+            )));
+        }
+        if self.mesh_conversations_max == 0 {
+            return bad("mesh_conversations_max must be positive");
+        }
+        if self.restart_backoff_ms_max < 10 || self.wal_sync_stall_ms_max == 0 {
+            return bad(
+                "restart_backoff_ms_max must be at least 10 and wal_sync_stall_ms_max positive",
+            );
         }
         if self.metrics_meshes.len() > crate::metrics::METRICS_MESHES_MAX {
             return bad("metrics_meshes may name at most 64 meshes");

@@ -103,6 +103,22 @@ struct ServeArgs {
     /// Comma-separated meshes that get per-mesh metric series (at most 64).
     #[arg(long, env = "FABRIC_METRICS_MESHES", value_delimiter = ',')]
     metrics_meshes: Option<Vec<String>>,
+    /// Body bytes of unacknowledged inbox messages one peer may hold before sends to it are
+    /// refused with inbox_full. Default 64 MiB.
+    #[arg(long, env = "FABRIC_INBOX_BACKLOG_BYTES_MAX")]
+    inbox_backlog_bytes_max: Option<u64>,
+    /// The same for a whole mesh (on one shard). Default 512 MiB.
+    #[arg(long, env = "FABRIC_MESH_INBOX_BACKLOG_BYTES_MAX")]
+    mesh_inbox_backlog_bytes_max: Option<u64>,
+    /// Conversations of one mesh one shard holds. Default 100000.
+    #[arg(long, env = "FABRIC_MESH_CONVERSATIONS_MAX")]
+    mesh_conversations_max: Option<u32>,
+    /// Longest wait before a failed shard is recovered, in ms. Default 30000.
+    #[arg(long, env = "FABRIC_RESTART_BACKOFF_MS_MAX")]
+    restart_backoff_ms_max: Option<u64>,
+    /// A WAL write in flight longer than this (ms) fails /readyz for its shard. Default 10000.
+    #[arg(long, env = "FABRIC_WAL_SYNC_STALL_MS_MAX")]
+    wal_sync_stall_ms_max: Option<u64>,
 }
 
 impl ServeArgs {
@@ -126,7 +142,12 @@ impl ServeArgs {
             durability,
             log_format,
             metrics,
-            metrics_meshes
+            metrics_meshes,
+            inbox_backlog_bytes_max,
+            mesh_inbox_backlog_bytes_max,
+            mesh_conversations_max,
+            restart_backoff_ms_max,
+            wal_sync_stall_ms_max
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

@@ -320,6 +320,16 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     config.validate()?;
     std::fs::create_dir_all(&config.data_dir).map_err(io_err("create", &config.data_dir))?;
     let router = Router::new(config.partitions, config.shards)?;
+    // A new data directory gets every shard's directory and manifest before its placement is
+    // recorded: afterwards a shard directory without a manifest means it was emptied.
+    if !config.data_dir.join(META_FILE).exists() {
+        crate::storage::init_shard_dirs(&config.data_dir, config.shards).map_err(|e| {
+            NodeError::Meta {
+                path: config.data_dir.clone(),
+                message: e.to_string(),
+            }
+        })?;
+    }
     check_meta(&config, &router)?;
     let admin_token = admin_token(&config)?;
 
@@ -361,16 +371,26 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             wal_batch_bytes_max: config.wal_batch_bytes_max,
             retention_bytes_max: config.retention_bytes_max,
             push_credit_frames_max: config.push_credit_frames_max,
+            body_bytes_max: config.body_bytes_max(),
+            inbox_backlog_bytes_max: config.inbox_backlog_bytes_max,
+            mesh_inbox_backlog_bytes_max: config.mesh_inbox_backlog_bytes_max,
+            mesh_conversations_max: config.mesh_conversations_max,
             ..ShardConfig::default()
+        };
+        let policy = fabric_router::supervise::RestartPolicy {
+            restart_backoff_ms_max: config.restart_backoff_ms_max,
+            ..Default::default()
         };
         let (slot, tx) = ShardSlot::new(
             i,
-            config.data_dir.join(format!("shard-{i:03}")),
+            crate::storage::shard_dir(&config.data_dir, i),
             shard_config,
             config.durability,
             config.shard_queue_batches_max,
             node_name.clone(),
             metrics.clone(),
+            policy,
+            config.wal_sync_stall_ms_max,
         );
         slots.push(slot);
         senders.push(tx);

@@ -4,14 +4,20 @@
 //! message, so it carries only control messages; requests never pass through it.
 //!
 //! A crashed shard (loop panic, storage failure, or a crash drill) fails its actor; the node
-//! supervisor restarts it, and the new incarnation recovers from the WAL. The input channel
-//! outlives incarnations, so sessions keep their senders; sessions attached to the old
-//! incarnation are told to reconnect.
+//! supervisor decides what next with the shared restart policy
+//! (`fabric_router::supervise`): recover after a backoff that doubles per failure in a row,
+//! recover at once refusing writes with `storage_full` after ENOSPC, or stay down after a
+//! failure whose bytes could not be cut back. While a shard is down a stand-in holds its input
+//! channel and answers every request `unavailable` (`fabric_shard::unavailable_reply`), so no
+//! session waits on a shard that is not there. The input channel outlives incarnations, so
+//! sessions keep their senders; sessions attached to the old incarnation are told to
+//! reconnect.
 
 use crate::config::Durability;
 use crate::metrics::{Metrics, ShardExport};
-use crate::storage::{self, WalDone};
+use crate::storage::{self, WalDone, WriteOutcome};
 use fabric_proto::internal::{Output, Reply, Request, SessionId, ShardIdx};
+use fabric_router::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_shard::{Shard, ShardConfig};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::HashMap;
@@ -57,6 +63,13 @@ pub struct ShardSlot {
     pub stats: Mutex<SlotStats>,
     /// The node's metrics; this shard's are `metrics.shards[idx]`.
     pub metrics: Arc<Metrics>,
+    /// Why the last incarnation ended (set by its loop), and the failure history.
+    failure: Mutex<Option<ShardFailure>>,
+    supervision: Mutex<Supervision>,
+    /// After ENOSPC: writes are refused with `storage_full` until this unix ms.
+    writes_from_ms: Mutex<Option<u64>>,
+    /// A WAL write in flight longer than this marks the shard not ready (a hung fdatasync).
+    pub wal_sync_stall_ms_max: u64,
 }
 
 /// Figures the shard loop publishes for health checks and metrics.
@@ -68,9 +81,13 @@ pub struct SlotStats {
     pub wal_bytes: u64,
     pub records_written: u64,
     pub last_error: Option<String>,
+    /// A WAL write has been in flight longer than `wal_sync_stall_ms_max` (cleared when it
+    /// completes): `/readyz` reports it.
+    pub wal_stalled: bool,
 }
 
 impl ShardSlot {
+    #[allow(clippy::too_many_arguments)] // each is a setting of the slot, named at the call
     pub fn new(
         idx: ShardIdx,
         dir: PathBuf,
@@ -79,6 +96,8 @@ impl ShardSlot {
         queue_batches_max: usize,
         node: Arc<str>,
         metrics: Arc<Metrics>,
+        policy: RestartPolicy,
+        wal_sync_stall_ms_max: u64,
     ) -> (Arc<ShardSlot>, mpsc::Sender<ShardMsg>) {
         let (tx, rx) = mpsc::channel(queue_batches_max);
         let slot = Arc::new(ShardSlot {
@@ -92,6 +111,10 @@ impl ShardSlot {
             node,
             stats: Mutex::new(SlotStats::default()),
             metrics,
+            failure: Mutex::new(None),
+            supervision: Mutex::new(Supervision::new(policy)),
+            writes_from_ms: Mutex::new(None),
+            wal_sync_stall_ms_max,
         });
         (slot, tx)
     }
@@ -130,6 +153,28 @@ impl Drop for Sessions {
 /// Most batches taken from the input channel before the loop writes and answers.
 const LOOP_BATCHES_MAX: usize = 256;
 
+/// Why a shard incarnation's loop ended early.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardLoopError {
+    #[error("the WAL writer thread ended")]
+    WriterEnded,
+    #[error("WAL write failed: {0}")]
+    WriteFailed(String),
+    #[error("shard loop panicked")]
+    Panicked,
+}
+
+/// One incarnation's loop state besides the shard itself.
+struct LoopState {
+    sessions: Sessions,
+    stop: Option<oneshot::Sender<()>>,
+    per_session: HashMap<SessionId, Vec<Reply>>,
+    /// When the write in flight was handed to the writer thread (the stall watchdog), and
+    /// whether it was reported stalled already.
+    write_started: Option<std::time::Instant>,
+    stall_marked: bool,
+}
+
 /// The hot loop of one shard incarnation.
 async fn shard_loop(
     slot: Arc<ShardSlot>,
@@ -137,16 +182,21 @@ async fn shard_loop(
     mut input: InputGuard,
     wal_tx: crossbeam_channel::Sender<fabric_shard::WalWrite>,
     mut wal_done: mpsc::Receiver<WalDone>,
-) -> Result<(), String> {
-    let mut sessions = Sessions {
-        idx: slot.idx,
-        txs: HashMap::new(),
+) -> Result<(), ShardLoopError> {
+    let mut st = LoopState {
+        sessions: Sessions {
+            idx: slot.idx,
+            txs: HashMap::new(),
+        },
+        stop: None,
+        per_session: HashMap::new(),
+        write_started: None,
+        stall_marked: false,
     };
-    let mut stop: Option<oneshot::Sender<()>> = None;
-    let mut per_session: HashMap<SessionId, Vec<Reply>> = HashMap::new();
     let metrics = slot.metrics.clone();
     let meter = &metrics.shards[slot.idx as usize];
     let mut export = metrics.enabled().then(|| ShardExport::new(&shard));
+    let stall = Duration::from_millis(slot.wal_sync_stall_ms_max);
     loop {
         let rx = input.rx.as_mut().expect("input present while running");
         // Gauges that walk peers are refreshed at most every REFRESH_INTERVAL_MS; when one is
@@ -155,78 +205,142 @@ async fn shard_loop(
             .as_ref()
             .filter(|e| e.refresh_pending)
             .and_then(|e| e.refresh_due(std::time::Instant::now()));
+        let stall_at = st
+            .write_started
+            .filter(|_| !st.stall_marked)
+            .map(|t| t + stall);
         tokio::select! {
             biased;
             done = wal_done.recv() => {
-                let Some(done) = done else { return Err("WAL writer thread ended".into()) };
-                if let Err(e) = done.result {
-                    shard.handle_wal_failed(crate::now_ms(), &e);
-                    route(&mut shard, &mut sessions, &mut per_session);
-                    if let Some(x) = export.as_mut() {
-                        x.export(&shard, meter, &metrics.meshes, std::time::Instant::now());
-                    }
-                    if let Ok(mut s) = slot.stats.lock() {
-                        s.last_error = Some(e.clone());
-                    }
-                    return Err(format!("WAL write failed: {e}"));
-                }
-                if export.is_some() {
-                    crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync_duration);
-                }
-                shard.handle_wal_done(crate::now_ms(), done.last_lsn);
-                shard.recycle_wal_buffer(done.buffer);
-                if let Ok(mut s) = slot.stats.lock() {
-                    s.wal_writes += 1;
-                    s.wal_bytes += done.bytes as u64;
-                    s.records_written += done.records;
-                }
+                let done = done.ok_or(ShardLoopError::WriterEnded)?;
+                handle_done(&slot, &mut shard, &mut st, done, meter, export.is_some())?;
             }
-            msg = rx.recv(), if stop.is_none() && shard.wants_input() => {
+            msg = rx.recv(), if st.stop.is_none() && shard.wants_input() => {
                 let Some(msg) = msg else { return Ok(()) };
-                let mut next = Some(msg);
-                let mut taken = 0;
-                while let Some(msg) = next.take() {
-                    match msg {
-                        ShardMsg::Batch { session, tx, requests } => {
-                            sessions.txs.entry(session).or_insert(tx);
-                            let closing = requests
-                                .iter()
-                                .any(|r| matches!(r.op, fabric_proto::internal::ShardOp::Closed));
-                            shard.handle_requests(crate::now_ms(), requests);
-                            if closing {
-                                // Deliver what is already owed, then forget the sender.
-                                route(&mut shard, &mut sessions, &mut per_session);
-                                sessions.txs.remove(&session);
-                            }
-                        }
-                        ShardMsg::Stop { done } => stop = Some(done),
-                    }
-                    taken += 1;
-                    if taken < LOOP_BATCHES_MAX && stop.is_none() && shard.wants_input() {
-                        next = rx.try_recv().ok();
-                    }
-                }
+                take_batches(&mut shard, &mut st, rx, msg);
+            }
+            _ = sleep_until(stall_at), if stall_at.is_some() => {
+                st.stall_marked = true;
+                mark_stalled(&slot, stall);
             }
             _ = sleep_until(refresh_at), if refresh_at.is_some() => {}
         }
         if let Some(w) = shard.poll_wal() {
             // At most one write is in flight (the core guarantees it), so this never blocks.
-            wal_tx
-                .send(w)
-                .map_err(|_| "WAL writer thread ended".to_string())?;
+            wal_tx.send(w).map_err(|_| ShardLoopError::WriterEnded)?;
+            st.write_started = Some(std::time::Instant::now());
+            st.stall_marked = false;
         }
-        route(&mut shard, &mut sessions, &mut per_session);
+        route(&mut shard, &mut st.sessions, &mut st.per_session);
         if let Some(x) = export.as_mut() {
             // Once per iteration (a group commit or up to LOOP_BATCHES_MAX request batches).
             x.export(&shard, meter, &metrics.meshes, std::time::Instant::now());
         }
-        if stop.is_some() && shard.is_idle() {
-            if let Some(done) = stop.take() {
+        if st.stop.is_some() && shard.is_idle() {
+            if let Some(done) = st.stop.take() {
                 let _ = done.send(());
             }
-            sessions.txs.clear();
+            st.sessions.txs.clear();
             return Ok(());
         }
+    }
+}
+
+/// A write the writer thread finished: on success the acks it covers go out; on failure the
+/// pending writes are answered with an error, the failure is recorded for the supervisor,
+/// and the incarnation ends (its memory holds records that are not on disk).
+fn handle_done(
+    slot: &ShardSlot,
+    shard: &mut Shard,
+    st: &mut LoopState,
+    done: WalDone,
+    meter: &crate::metrics::ShardMetrics,
+    metered: bool,
+) -> Result<(), ShardLoopError> {
+    st.write_started = None;
+    let (failure, error, no_space) = match done.outcome {
+        WriteOutcome::Done => {
+            if metered {
+                crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync_duration);
+            }
+            shard.handle_wal_done(crate::now_ms(), done.last_lsn);
+            shard.recycle_wal_buffer(done.buffer);
+            if let Ok(mut s) = slot.stats.lock() {
+                s.wal_writes += 1;
+                s.wal_bytes += done.bytes as u64;
+                s.records_written += done.records;
+                s.wal_stalled = false;
+            }
+            return Ok(());
+        }
+        WriteOutcome::Failed { no_space, error } => {
+            let kind = if no_space {
+                ShardFailure::NoSpace
+            } else {
+                ShardFailure::Storage
+            };
+            (kind, error, no_space)
+        }
+        WriteOutcome::Fatal { error } => (ShardFailure::Unrecoverable, error, false),
+    };
+    shard.handle_wal_failed(crate::now_ms(), no_space, &error);
+    route(shard, &mut st.sessions, &mut st.per_session);
+    if let Ok(mut f) = slot.failure.lock() {
+        *f = Some(failure);
+    }
+    if let Ok(mut s) = slot.stats.lock() {
+        s.last_error = Some(error.clone());
+    }
+    Err(ShardLoopError::WriteFailed(error))
+}
+
+/// Takes up to LOOP_BATCHES_MAX batches, each whole, checking `wants_input` between them.
+fn take_batches(
+    shard: &mut Shard,
+    st: &mut LoopState,
+    rx: &mut mpsc::Receiver<ShardMsg>,
+    first: ShardMsg,
+) {
+    let mut next = Some(first);
+    let mut taken = 0;
+    while let Some(msg) = next.take() {
+        match msg {
+            ShardMsg::Batch {
+                session,
+                tx,
+                requests,
+            } => {
+                st.sessions.txs.entry(session).or_insert(tx);
+                let closing = requests
+                    .iter()
+                    .any(|r| matches!(r.op, fabric_proto::internal::ShardOp::Closed));
+                shard.handle_requests(crate::now_ms(), requests);
+                if closing {
+                    // Deliver what is already owed, then forget the sender.
+                    route(shard, &mut st.sessions, &mut st.per_session);
+                    st.sessions.txs.remove(&session);
+                }
+            }
+            ShardMsg::Stop { done } => st.stop = Some(done),
+        }
+        taken += 1;
+        if taken < LOOP_BATCHES_MAX && st.stop.is_none() && shard.wants_input() {
+            next = rx.try_recv().ok();
+        }
+    }
+}
+
+/// The write in flight has taken longer than `wal_sync_stall_ms_max`: the shard is not ready
+/// (`/readyz` says why) until it completes.
+fn mark_stalled(slot: &ShardSlot, stall: Duration) {
+    if let Ok(mut s) = slot.stats.lock() {
+        if !s.wal_stalled {
+            tracing::error!(
+                stall_ms = stall.as_millis() as u64,
+                "a WAL write (fdatasync) has been in flight longer than wal_sync_stall_ms_max"
+            );
+        }
+        s.wal_stalled = true;
     }
 }
 
@@ -266,7 +380,7 @@ fn route(
 
 /// The shard actor's control messages.
 pub enum ShardActorMsg {
-    LoopEnded(Result<(), String>),
+    LoopEnded(Result<(), ShardLoopError>),
     /// Chaos drill: fail this incarnation now (tests and operators' drills).
     Crash,
 }
@@ -300,37 +414,19 @@ impl Actor for ShardActor {
             slot: slot.clone(),
             rx: Some(rx),
         };
-        let dir = slot.dir.clone();
-        let config = slot.config.clone();
-        let recovered = tokio::task::spawn_blocking(move || storage::recover(&dir, config))
-            .await
-            .map_err(|e| format!("recovery panicked: {e}"))??;
-        tracing::info!(
-            parent: &span,
-            records = recovered.report.records,
-            segments = recovered.report.segments,
-            bytes = recovered.report.bytes,
-            ms = recovered.duration.as_millis() as u64,
-            "shard recovered"
-        );
-        if let Ok(mut s) = slot.stats.lock() {
-            s.recovery_ms = recovered.duration.as_millis() as u64;
-            s.recovered_records = recovered.report.records;
-        }
-        let meter = &slot.metrics.shards[slot.idx as usize];
-        meter.recovery_seconds.set(recovered.duration.as_secs_f64());
-        meter.recovered_records.set(recovered.report.records as f64);
+        let recovered = recover_slot(&slot, &span).await?;
         let (wal_tx, wal_rx) = crossbeam_channel::bounded(2);
         let (done_tx, done_rx) = mpsc::channel(2);
-        let dir = slot.dir.clone();
-        let durability = slot.durability;
-        let open = recovered.open;
+        let store = recovered.store;
         let writer = std::thread::Builder::new()
             .name(format!("wal-{}", slot.idx))
-            .spawn(move || storage::writer_thread(dir, open, durability, wal_rx, done_tx))
+            .spawn(move || storage::writer_thread(store, wal_rx, done_tx))
             .map_err(|e| format!("cannot start WAL thread: {e}"))?;
         let loop_slot = slot.clone();
-        let shard = recovered.shard;
+        let mut shard = recovered.shard;
+        if let Some(until) = slot.writes_from_ms.lock().ok().and_then(|mut w| w.take()) {
+            shard.handle_storage_full(crate::now_ms(), until);
+        }
         let task = tokio::spawn(
             async move {
                 use futures_util::FutureExt;
@@ -339,7 +435,7 @@ impl Actor for ShardActor {
                 let result = std::panic::AssertUnwindSafe(run)
                     .catch_unwind()
                     .await
-                    .unwrap_or_else(|_| Err("shard loop panicked".to_string()));
+                    .unwrap_or(Err(ShardLoopError::Panicked));
                 let _ = myself.cast(ShardActorMsg::LoopEnded(result));
             }
             .instrument(span),
@@ -367,7 +463,7 @@ impl Actor for ShardActor {
             }
             ShardActorMsg::LoopEnded(Err(e)) => {
                 state.end().await;
-                Err(e.into())
+                Err(Box::new(e))
             }
             ShardActorMsg::Crash => {
                 state.end().await;
@@ -386,6 +482,36 @@ impl Actor for ShardActor {
     }
 }
 
+/// Recovers a slot's shard from its directory on a blocking thread, and records how long it
+/// took.
+async fn recover_slot(
+    slot: &Arc<ShardSlot>,
+    span: &tracing::Span,
+) -> Result<storage::Recovered, ActorProcessingErr> {
+    let dir = slot.dir.clone();
+    let config = slot.config.clone();
+    let durability = slot.durability;
+    let recovered = tokio::task::spawn_blocking(move || storage::recover(&dir, config, durability))
+        .await
+        .map_err(|e| format!("recovery panicked: {e}"))??;
+    tracing::info!(
+        parent: span,
+        records = recovered.report.records,
+        segments = recovered.report.segments,
+        bytes = recovered.report.bytes,
+        ms = recovered.duration.as_millis() as u64,
+        "shard recovered"
+    );
+    if let Ok(mut s) = slot.stats.lock() {
+        s.recovery_ms = recovered.duration.as_millis() as u64;
+        s.recovered_records = recovered.report.records;
+    }
+    let meter = &slot.metrics.shards[slot.idx as usize];
+    meter.recovery_seconds.set(recovered.duration.as_secs_f64());
+    meter.recovered_records.set(recovered.report.records as f64);
+    Ok(recovered)
+}
+
 impl ShardActorState {
     /// Ends this incarnation: stops the loop (which returns the input receiver and tells its
     /// sessions to reconnect) and waits for the WAL thread to finish its last write.
@@ -402,11 +528,74 @@ impl ShardActorState {
     }
 }
 
-/// Supervises the shard actors: a failed shard is restarted (and recovers from its WAL).
+/// Milliseconds on the node's monotonic clock (the restart policy's time; never the wall
+/// clock, which can jump).
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    START
+        .get_or_init(std::time::Instant::now)
+        .elapsed()
+        .as_millis() as u64
+}
+
+/// Stands in for a shard that is down: holds its input channel and answers every request
+/// `unavailable` (so no session waits on it), until told to hand the channel back.
+struct StandIn {
+    stop: oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl StandIn {
+    fn start(slot: Arc<ShardSlot>, reason: String) -> StandIn {
+        let (stop, mut stopped) = oneshot::channel();
+        let task = tokio::spawn(async move {
+            let Some(mut rx) = slot.input.lock().ok().and_then(|mut g| g.take()) else {
+                return;
+            };
+            loop {
+                let msg = tokio::select! {
+                    _ = &mut stopped => break,
+                    msg = rx.recv() => msg,
+                };
+                match msg {
+                    None => break,
+                    Some(ShardMsg::Stop { done }) => {
+                        let _ = done.send(());
+                    }
+                    Some(ShardMsg::Batch { tx, requests, .. }) => {
+                        let replies: Vec<Reply> = requests
+                            .iter()
+                            .filter_map(|r| fabric_shard::unavailable_reply(r, &reason))
+                            .map(|o| o.reply)
+                            .collect();
+                        if !replies.is_empty() {
+                            let _ = tx.try_send(SessionMsg::Replies(slot.idx, replies));
+                        }
+                    }
+                }
+            }
+            if let Ok(mut g) = slot.input.lock() {
+                *g = Some(rx);
+            }
+        });
+        StandIn { stop, task }
+    }
+
+    /// Stops answering and waits until the input channel is back in its slot.
+    async fn finish(self) {
+        let _ = self.stop.send(());
+        let _ = self.task.await;
+    }
+}
+
+/// Supervises the shard actors: a failed shard is recovered from its WAL when the restart
+/// policy says so (`fabric_router::supervise`), and answered for meanwhile.
 pub struct NodeSupervisor;
 
 pub enum SupervisorMsg {
     Crash(ShardIdx),
+    /// The restart policy's wait for a failed shard is over: recover it.
+    Restart(ShardIdx),
     /// Stop every shard gracefully (each finishes its batch and syncs), then reply.
     Stop(oneshot::Sender<()>),
 }
@@ -415,6 +604,7 @@ pub struct SupervisorState {
     slots: Vec<Arc<ShardSlot>>,
     senders: Vec<mpsc::Sender<ShardMsg>>,
     actors: Vec<Option<ActorRef<ShardActorMsg>>>,
+    stand_ins: Vec<Option<StandIn>>,
     stopping: bool,
 }
 
@@ -422,9 +612,6 @@ pub struct SupervisorArgs {
     pub slots: Vec<Arc<ShardSlot>>,
     pub senders: Vec<mpsc::Sender<ShardMsg>>,
 }
-
-/// Most restarts of one shard before the node gives up on it (a crash loop needs a human).
-const SHARD_RESTARTS_MAX: u64 = 100;
 
 impl Actor for NodeSupervisor {
     type Msg = SupervisorMsg;
@@ -443,6 +630,7 @@ impl Actor for NodeSupervisor {
             actors.push(Some(a));
         }
         Ok(SupervisorState {
+            stand_ins: args.slots.iter().map(|_| None).collect(),
             slots: args.slots,
             senders: args.senders,
             actors,
@@ -452,7 +640,7 @@ impl Actor for NodeSupervisor {
 
     async fn handle(
         &self,
-        _myself: ActorRef<Self::Msg>,
+        myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
@@ -460,6 +648,11 @@ impl Actor for NodeSupervisor {
             SupervisorMsg::Crash(i) => {
                 if let Some(Some(a)) = state.actors.get(i as usize) {
                     let _ = a.cast(ShardActorMsg::Crash);
+                }
+            }
+            SupervisorMsg::Restart(i) => {
+                if !state.stopping && state.actors[i as usize].is_none() {
+                    state.spawn_shard(i as usize, &myself).await;
                 }
             }
             SupervisorMsg::Stop(reply) => {
@@ -472,6 +665,9 @@ impl Actor for NodeSupervisor {
                 }
                 for a in state.actors.iter().flatten() {
                     let _ = a.stop_and_wait(None, Some(Duration::from_secs(30))).await;
+                }
+                for s in state.stand_ins.iter_mut().filter_map(Option::take) {
+                    s.finish().await;
                 }
                 let _ = reply.send(());
             }
@@ -503,25 +699,68 @@ impl Actor for NodeSupervisor {
         if state.stopping {
             return Ok(());
         }
-        let slot = state.slots[i].clone();
-        let restarts = slot.restarts.fetch_add(1, Ordering::SeqCst) + 1;
-        tracing::error!(shard = i, restarts, reason = %why, "shard failed; restarting from its WAL");
-        if restarts > SHARD_RESTARTS_MAX {
-            tracing::error!(shard = i, "shard restarted too often; leaving it down");
-            return Ok(());
-        }
         // The failed incarnation has ended (input returned, writer joined).
-        match Actor::spawn_linked(None, ShardActor, slot.clone(), myself.get_cell()).await {
-            Ok((a, _)) => state.actors[i] = Some(a),
-            Err(e) => {
-                // Recovery failed (corruption, I/O). The shard stays down and /readyz says so;
-                // the rest of the node keeps serving.
-                tracing::error!(shard = i, error = %e, "shard could not be restarted");
-                if let Ok(mut s) = slot.stats.lock() {
-                    s.last_error = Some(e.to_string());
+        let slot = state.slots[i].clone();
+        let failure = slot
+            .failure
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take())
+            .unwrap_or(ShardFailure::Crashed);
+        let now = monotonic_ms();
+        let decision = match slot.supervision.lock() {
+            Ok(mut s) => s.handle_failure(now, failure),
+            Err(_) => Decision::StayDown,
+        };
+        let restarts = slot.restarts.fetch_add(1, Ordering::SeqCst) + 1;
+        tracing::error!(shard = i, restarts, reason = %why, ?failure, ?decision, "shard failed");
+        match decision {
+            Decision::RecoverRefusingWrites { writes_from_ms } => {
+                if let Ok(mut w) = slot.writes_from_ms.lock() {
+                    *w = Some(crate::now_ms() + writes_from_ms.saturating_sub(now));
                 }
+                state.spawn_shard(i, &myself).await;
             }
+            Decision::RestartAt { at_ms } => {
+                let reason = format!(
+                    "shard {i} failed ({why}); it restarts in {} ms",
+                    at_ms - now
+                );
+                state.stand_ins[i] = Some(StandIn::start(slot, reason));
+                let me = myself.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now))).await;
+                    let _ = me.cast(SupervisorMsg::Restart(i as ShardIdx));
+                });
+            }
+            Decision::StayDown => state.stay_down(i, why),
         }
         Ok(())
+    }
+}
+
+impl SupervisorState {
+    /// Starts a new incarnation of shard `i` (after handing back its input channel, if a
+    /// stand-in holds it). If recovery fails (corruption, I/O), the shard stays down.
+    async fn spawn_shard(&mut self, i: usize, myself: &ActorRef<SupervisorMsg>) {
+        if let Some(s) = self.stand_ins[i].take() {
+            s.finish().await;
+        }
+        let slot = self.slots[i].clone();
+        match Actor::spawn_linked(None, ShardActor, slot, myself.get_cell()).await {
+            Ok((a, _)) => self.actors[i] = Some(a),
+            Err(e) => self.stay_down(i, format!("recovery failed: {e}")),
+        }
+    }
+
+    /// Shard `i` stays down: `/readyz` names the reason, requests are answered `unavailable`.
+    fn stay_down(&mut self, i: usize, why: String) {
+        tracing::error!(shard = i, reason = %why, "shard stays down until an operator looks");
+        let slot = self.slots[i].clone();
+        if let Ok(mut s) = slot.stats.lock() {
+            s.last_error = Some(why.clone());
+        }
+        let reason = format!("shard {i} is down: {why}");
+        self.stand_ins[i] = Some(StandIn::start(slot, reason));
     }
 }

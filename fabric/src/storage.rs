@@ -1,9 +1,14 @@
-//! WAL files: recovery at start, and the writer thread that turns each `WalWrite` into one
-//! `write` and one `fdatasync`. The shard core decides *what* to write; this module only does it.
+//! WAL files: [`FileStore`], the shard directory as `fabric_shard::store::SegmentStore`
+//! implements it with real files, and the writer thread that performs each `WalWrite`. The
+//! order of the file steps (create, manifest, append, fdatasync, cut back after a failure,
+//! delete) and what recovery reads, cuts and quarantines are decided in
+//! `fabric_shard::store`, shared with the simulator; this module only does the syscalls.
 
 use crate::config::Durability;
 use crossbeam_channel::Receiver;
-use fabric_shard::{wal, Recoverer, RecoveryReport, Shard, ShardConfig, WalWrite};
+use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind};
+use fabric_shard::{wal, RecoveryReport, Shard, ShardConfig, WalWrite};
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,6 +22,8 @@ pub enum StorageError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error(transparent)]
     Recover(#[from] fabric_shard::RecoverError),
 }
@@ -36,82 +43,345 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
         .map_err(io("fsync directory", dir))
 }
 
-/// A recovered shard with its open last segment.
+/// Files the node writes hold data of its tenants: only the node's user may read them.
+const FILE_MODE: u32 = 0o600;
+const DIR_MODE: u32 = 0o700;
+
+fn open_options() -> OpenOptions {
+    let mut o = OpenOptions::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        o.mode(FILE_MODE);
+    }
+    o
+}
+
+/// Creates `dir` (mode 0700) if it does not exist, and makes its entry durable in its parent.
+fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let mut b = std::fs::DirBuilder::new();
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        b.mode(DIR_MODE);
+    }
+    b.recursive(true)
+        .create(dir)
+        .map_err(io("create directory", dir))?;
+    if let Some(parent) = dir.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+/// Prepares the shard directories of a new data directory: each created with an empty
+/// manifest, durably, before the node records its placement (so a data directory with a
+/// placement always has every shard's manifest, and a missing one means it was emptied).
+/// A directory that already holds segments is left alone (recovery judges it).
+pub fn init_shard_dirs(data_dir: &Path, shards: u32) -> Result<(), StorageError> {
+    for i in 0..shards {
+        let dir = shard_dir(data_dir, i);
+        create_private_dir(&dir)?;
+        let mut s = FileStore::open(&dir)?;
+        if s.read_manifest()?.is_none() && s.list_segments()?.is_empty() {
+            store::init(&mut s, i)?;
+        }
+    }
+    Ok(())
+}
+
+/// Where shard `i` keeps its WAL.
+pub fn shard_dir(data_dir: &Path, i: u32) -> PathBuf {
+    data_dir.join(format!("shard-{i:03}"))
+}
+
+/// A shard directory as a `SegmentStore`: segment files, `MANIFEST`, `quarantine/`.
+pub struct FileStore {
+    dir: PathBuf,
+    /// Segments open for appending (the newest, mostly).
+    open: HashMap<u64, File>,
+    durability: Durability,
+    /// Time spent in data syncs since the last `take_sync_time` (the fsync histogram).
+    sync_time: Duration,
+}
+
+fn store_err(op: &'static str, file: &Path, e: std::io::Error) -> StoreError {
+    let kind = match e.raw_os_error() {
+        Some(libc::ENOSPC) | Some(libc::EDQUOT) => StoreErrorKind::NoSpace,
+        _ if e.kind() == std::io::ErrorKind::NotFound => StoreErrorKind::NotFound,
+        _ if e.kind() == std::io::ErrorKind::StorageFull => StoreErrorKind::NoSpace,
+        _ => StoreErrorKind::Io,
+    };
+    StoreError {
+        kind,
+        op,
+        file: file.display().to_string(),
+        message: e.to_string(),
+    }
+}
+
+impl FileStore {
+    pub fn open(dir: &Path) -> Result<FileStore, StorageError> {
+        Ok(FileStore {
+            dir: dir.to_path_buf(),
+            open: HashMap::new(),
+            durability: Durability::Fsync,
+            sync_time: Duration::ZERO,
+        })
+    }
+
+    /// `Durability::None` skips the data syncs of appends (benchmark comparisons only); the
+    /// syncs that order the directory and manifest steps are kept.
+    pub fn with_durability(mut self, durability: Durability) -> FileStore {
+        self.durability = durability;
+        self
+    }
+
+    /// Time spent in fdatasync since the last call.
+    pub fn take_sync_time(&mut self) -> Duration {
+        std::mem::take(&mut self.sync_time)
+    }
+
+    fn path(&self, id: u64) -> PathBuf {
+        self.dir.join(wal::segment_file_name(id))
+    }
+
+    fn handle(&mut self, op: &'static str, id: u64) -> Result<&mut File, StoreError> {
+        if !self.open.contains_key(&id) {
+            let path = self.path(id);
+            let f = open_options()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .map_err(|e| store_err(op, &path, e))?;
+            self.open.insert(id, f);
+        }
+        Ok(self.open.get_mut(&id).expect("just opened"))
+    }
+
+    /// Writes a small file atomically: temp file (0600), fsync, rename, directory fsync.
+    fn write_atomic(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let tmp = dir.join(format!("{name}.tmp"));
+        let path = dir.join(name);
+        let mut f = open_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| store_err("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| store_err("write", &tmp, e))?;
+        f.sync_all().map_err(|e| store_err("fsync", &tmp, e))?;
+        std::fs::rename(&tmp, &path).map_err(|e| store_err("rename", &path, e))?;
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| store_err("fsync directory", dir, e))
+    }
+}
+
+impl SegmentStore for FileStore {
+    fn list_segments(&mut self) -> Result<Vec<u64>, StoreError> {
+        let dir = self.dir.clone();
+        let mut ids = Vec::new();
+        let entries = std::fs::read_dir(&dir).map_err(|e| store_err("list", &dir, e))?;
+        for entry in entries {
+            let entry = entry.map_err(|e| store_err("list", &dir, e))?;
+            let name = entry.file_name();
+            match name.to_str().and_then(wal::parse_segment_file_name) {
+                Some(id) => ids.push(id),
+                None => {
+                    let known = [
+                        wal::MANIFEST_FILE,
+                        wal::MANIFEST_TEMP_FILE,
+                        wal::QUARANTINE_DIR,
+                    ];
+                    if !name.to_str().is_some_and(|n| known.contains(&n)) {
+                        tracing::warn!(file = ?name, "ignoring a file that is not a WAL segment");
+                    }
+                }
+            }
+        }
+        Ok(ids)
+    }
+
+    fn read_segment(&mut self, id: u64) -> Result<Vec<u8>, StoreError> {
+        let path = self.path(id);
+        std::fs::read(&path).map_err(|e| store_err("read", &path, e))
+    }
+
+    fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.dir.join(wal::MANIFEST_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(store_err("read", &path, e)),
+        }
+    }
+
+    fn create_segment(&mut self, id: u64) -> Result<(), StoreError> {
+        let path = self.path(id);
+        let f = open_options()
+            .read(true)
+            .append(true)
+            .create_new(true)
+            .open(&path)
+            .map_err(|e| store_err("create", &path, e))?;
+        self.open.insert(id, f);
+        Ok(())
+    }
+
+    fn append(&mut self, id: u64, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.path(id);
+        self.handle("write", id)?
+            .write_all(bytes)
+            .map_err(|e| store_err("write", &path, e))
+    }
+
+    fn sync(&mut self, id: u64) -> Result<(), StoreError> {
+        if self.durability == Durability::None {
+            return Ok(());
+        }
+        let path = self.path(id);
+        let started = Instant::now();
+        let result = self
+            .handle("fdatasync", id)?
+            .sync_data()
+            .map_err(|e| store_err("fdatasync", &path, e));
+        self.sync_time += started.elapsed();
+        result
+    }
+
+    fn truncate(&mut self, id: u64, len: u64) -> Result<(), StoreError> {
+        let path = self.path(id);
+        let f = self.handle("truncate", id)?;
+        f.set_len(len)
+            .map_err(|e| store_err("truncate", &path, e))?;
+        f.sync_all().map_err(|e| store_err("fsync", &path, e))
+    }
+
+    fn remove_segment(&mut self, id: u64) -> Result<(), StoreError> {
+        self.open.remove(&id);
+        let path = self.path(id);
+        std::fs::remove_file(&path).map_err(|e| store_err("delete", &path, e))
+    }
+
+    fn sync_dir(&mut self) -> Result<(), StoreError> {
+        File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| store_err("fsync directory", &self.dir, e))
+    }
+
+    fn write_manifest_temp(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let tmp = self.dir.join(wal::MANIFEST_TEMP_FILE);
+        let mut f = open_options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(|e| store_err("create", &tmp, e))?;
+        f.write_all(bytes)
+            .map_err(|e| store_err("write", &tmp, e))?;
+        f.sync_all().map_err(|e| store_err("fsync", &tmp, e))
+    }
+
+    fn rename_manifest(&mut self) -> Result<(), StoreError> {
+        let tmp = self.dir.join(wal::MANIFEST_TEMP_FILE);
+        let path = self.dir.join(wal::MANIFEST_FILE);
+        std::fs::rename(&tmp, &path).map_err(|e| store_err("rename", &path, e))
+    }
+
+    fn quarantine(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        let q = self.dir.join(wal::QUARANTINE_DIR);
+        if !q.is_dir() {
+            let mut b = std::fs::DirBuilder::new();
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::DirBuilderExt;
+                b.mode(DIR_MODE);
+            }
+            b.create(&q)
+                .map_err(|e| store_err("create directory", &q, e))?;
+            self.sync_dir()?;
+        }
+        self.write_atomic(&q, name, bytes)
+    }
+
+    fn segment_path(&self, id: u64) -> String {
+        self.path(id).display().to_string()
+    }
+}
+
+/// A recovered shard with its store, ready for the writer thread.
 pub struct Recovered {
     pub shard: Shard,
     pub report: RecoveryReport,
-    pub open: Option<(u64, File)>,
+    pub store: FileStore,
     pub duration: Duration,
 }
 
-/// Scans every segment in `dir` oldest first, truncates a torn tail, and rebuilds the shard.
-pub fn recover(dir: &Path, config: ShardConfig) -> Result<Recovered, StorageError> {
+/// Recovers shard `config.shard` from `dir` (see `fabric_shard::store::recover`), logging
+/// what it cut or removed.
+pub fn recover(
+    dir: &Path,
+    config: ShardConfig,
+    durability: Durability,
+) -> Result<Recovered, StorageError> {
     let started = Instant::now();
-    std::fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-    let mut ids = Vec::new();
-    for entry in std::fs::read_dir(dir).map_err(io("list", dir))? {
-        let entry = entry.map_err(io("list", dir))?;
-        let name = entry.file_name();
-        match name.to_str().and_then(wal::parse_segment_file_name) {
-            Some(id) => ids.push(id),
-            None => tracing::warn!(file = ?name, "ignoring a file that is not a WAL segment"),
-        }
-    }
-    ids.sort_unstable();
-    let mut recoverer = Recoverer::new(config);
-    for (i, id) in ids.iter().enumerate() {
-        let path = dir.join(wal::segment_file_name(*id));
-        let bytes = std::fs::read(&path).map_err(io("read", &path))?;
-        recoverer.handle_segment(*id, &path.display().to_string(), &bytes, i + 1 == ids.len())?;
-    }
-    let (shard, report) = recoverer.finish();
-    if let Some((id, len)) = report.truncate {
-        let path = dir.join(wal::segment_file_name(id));
-        let f = OpenOptions::new()
-            .write(true)
-            .open(&path)
-            .map_err(io("open", &path))?;
-        f.set_len(len).map_err(io("truncate", &path))?;
-        f.sync_all().map_err(io("fsync", &path))?;
+    let mut store = FileStore::open(dir)?.with_durability(durability);
+    let (shard, report) = store::recover(&mut store, config)?;
+    if let Some(cut) = report.cut {
         tracing::warn!(
-            file = %path.display(),
-            kept_bytes = len,
-            cut_bytes = report.truncated_bytes,
-            "truncated a torn WAL tail"
+            file = %store.segment_path(cut.segment),
+            offset = cut.offset,
+            cut_bytes = cut.bytes,
+            reason = report.cut_reason.as_deref().unwrap_or(""),
+            quarantine = ?report.quarantined,
+            "cut a damaged final write (never synced, nothing acknowledged in it); its bytes \
+             are kept in quarantine/"
         );
     }
-    let open = match ids.last() {
-        Some(id) => {
-            let path = dir.join(wal::segment_file_name(*id));
-            let f = OpenOptions::new()
-                .append(true)
-                .open(&path)
-                .map_err(io("open", &path))?;
-            // What recovery just read may exist only in the page cache (a write or fdatasync
-            // that failed before a restart, or a crash of this process but not of the
-            // machine). The shard now serves it as durable, so make it so before serving.
-            f.sync_all().map_err(io("fsync", &path))?;
-            Some((*id, f))
-        }
-        None => None,
-    };
-    sync_dir(dir)?;
+    if let Some(id) = report.incomplete_segment {
+        tracing::warn!(
+            file = %store.segment_path(id),
+            "removed an incompletely created segment (kept in quarantine/)"
+        );
+    }
     Ok(Recovered {
         shard,
         report,
-        open,
+        store,
         duration: started.elapsed(),
     })
+}
+
+/// How a write ended, as the writer thread reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WriteOutcome {
+    Done,
+    /// The write failed and its bytes were cut back: recover the shard and go on.
+    /// `no_space` when the disk was full.
+    Failed {
+        no_space: bool,
+        error: String,
+    },
+    /// The write failed and cutting it back failed too: the page cache cannot be trusted and
+    /// the shard must stay down until an operator looks.
+    Fatal {
+        error: String,
+    },
 }
 
 /// What the writer thread reports back for each write, in order.
 #[derive(Debug)]
 pub struct WalDone {
     pub last_lsn: u64,
-    pub result: Result<(), String>,
-    /// The whole write: create, write and sync.
+    pub outcome: WriteOutcome,
+    /// The whole write: create, write, sync, deletions.
     pub sync_duration: Duration,
-    /// The `fdatasync` alone (zero with `durability = none`).
+    /// The fdatasyncs alone (zero with `durability = none`).
     pub fsync_duration: Duration,
     pub bytes: usize,
     pub records: u64,
@@ -119,130 +389,46 @@ pub struct WalDone {
     pub buffer: Vec<u8>,
 }
 
-/// The body of a shard's WAL thread: it owns the open segment, performs each write with one
-/// `write_all` and one `fdatasync`, and reports completion through `done` (a blocking send into
-/// a bounded channel: at most one write is in flight, so it never waits long).
+/// The body of a shard's WAL thread: it owns the store, performs each write
+/// (`fabric_shard::store::perform`), and reports completion through `done` (a blocking send
+/// into a bounded channel: at most one write is in flight, so it never waits long). After a
+/// failed write it stops: the shard is recovered anew, with a new thread.
 pub fn writer_thread(
-    dir: PathBuf,
-    open: Option<(u64, File)>,
-    durability: Durability,
+    mut store: FileStore,
     writes: Receiver<WalWrite>,
     done: tokio::sync::mpsc::Sender<WalDone>,
 ) {
-    let (deleter, retired) = std::sync::mpsc::channel::<Vec<u64>>();
-    let deleter_dir = dir.clone();
-    let deleter_thread = std::thread::Builder::new()
-        .name("wal-delete".into())
-        .spawn(move || delete_thread(deleter_dir, retired));
-    write_loop(&dir, open, durability, writes, done, &deleter);
-    // The next incarnation lists segments as soon as this thread is joined: no deletion may
-    // still be under way then.
-    drop(deleter);
-    if let Ok(t) = deleter_thread {
-        let _ = t.join();
-    }
-}
-
-fn write_loop(
-    dir: &Path,
-    mut open: Option<(u64, File)>,
-    durability: Durability,
-    writes: Receiver<WalWrite>,
-    done: tokio::sync::mpsc::Sender<WalDone>,
-    deleter: &std::sync::mpsc::Sender<Vec<u64>>,
-) {
-    while let Ok(mut w) = writes.recv() {
+    while let Ok(w) = writes.recv() {
         let started = Instant::now();
-        let result = apply(dir, &mut open, durability, &w);
-        let delete = std::mem::take(&mut w.delete);
-        let failed = result.is_err();
-        let fsync_duration = *result.as_ref().unwrap_or(&Duration::ZERO);
+        let outcome = match store::perform(&mut store, &w, &fabric_shard::PlantedBugs::default()) {
+            Ok(()) => WriteOutcome::Done,
+            Err(f) if f.cleaned => WriteOutcome::Failed {
+                no_space: f.error.kind == StoreErrorKind::NoSpace,
+                error: f.error.to_string(),
+            },
+            Err(f) => WriteOutcome::Fatal {
+                error: format!(
+                    "{}; then cutting the write back failed: {}",
+                    f.error,
+                    f.cleanup_error.map(|e| e.to_string()).unwrap_or_default()
+                ),
+            },
+        };
+        let failed = outcome != WriteOutcome::Done;
         let report = WalDone {
             last_lsn: w.last_lsn,
-            result: result.map(|_| ()).map_err(|e| e.to_string()),
+            outcome,
             sync_duration: started.elapsed(),
-            fsync_duration,
+            fsync_duration: store.take_sync_time(),
             bytes: w.bytes.len(),
             records: w.records,
             buffer: w.bytes,
         };
         if done.blocking_send(report).is_err() || failed {
-            // The shard loop is gone, or storage failed: a failed fsync leaves the page cache
-            // in an unknown state, so this writer stops; the shard is recovered anew.
-            return;
-        }
-        // Deletions go to their own thread: unlinking a large segment can take long, and no
-        // ack waits on it (the checkpoint that makes it safe is already durable).
-        if !delete.is_empty() && deleter.send(delete).is_err() {
             return;
         }
     }
 }
 
-/// Deletes retired segments strictly oldest first; a failed one is retried (after a pause)
-/// before any newer one, so the segments left on disk never have an LSN gap between them.
-/// Ends when the writer thread ends.
-fn delete_thread(dir: PathBuf, retired: std::sync::mpsc::Receiver<Vec<u64>>) {
-    let mut queue: std::collections::VecDeque<u64> = std::collections::VecDeque::new();
-    loop {
-        let next = if queue.is_empty() {
-            retired.recv().map_err(|_| ())
-        } else {
-            match retired.recv_timeout(Duration::from_secs(1)) {
-                Ok(ids) => Ok(ids),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => Ok(Vec::new()),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => Err(()),
-            }
-        };
-        let Ok(ids) = next else { return };
-        queue.extend(ids);
-        while let Some(&id) = queue.front() {
-            let path = dir.join(wal::segment_file_name(id));
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    tracing::warn!(file = %path.display(), error = %e, "cannot delete a retired WAL segment; will retry");
-                    break;
-                }
-            }
-            queue.pop_front();
-        }
-    }
-}
-
-fn apply(
-    dir: &Path,
-    open: &mut Option<(u64, File)>,
-    durability: Durability,
-    w: &WalWrite,
-) -> Result<Duration, StorageError> {
-    let mut fsync = Duration::ZERO;
-    if w.create {
-        let path = dir.join(wal::segment_file_name(w.segment));
-        let f = OpenOptions::new()
-            .create_new(true)
-            .append(true)
-            .open(&path)
-            .map_err(io("create", &path))?;
-        // The new file's directory entry must be durable before any ack depends on it.
-        sync_dir(dir)?;
-        *open = Some((w.segment, f));
-    }
-    if !w.bytes.is_empty() {
-        let path = dir.join(wal::segment_file_name(w.segment));
-        let (id, f) = open.as_mut().ok_or_else(|| StorageError::Io {
-            op: "write",
-            path: path.clone(),
-            source: std::io::Error::other("no open segment"),
-        })?;
-        assert_eq!(*id, w.segment, "writes go to the open segment");
-        f.write_all(&w.bytes).map_err(io("write", &path))?;
-        if durability == Durability::Fsync {
-            let started = Instant::now();
-            f.sync_data().map_err(io("fdatasync", &path))?;
-            fsync = started.elapsed();
-        }
-    }
-    Ok(fsync)
-}
+#[cfg(test)]
+mod tests;

@@ -23,6 +23,8 @@
 //! shard per hand-off is what carries the hot path: a shard actor takes one message for many
 //! requests instead of one message each.
 
+pub mod supervise;
+
 use fabric_proto::internal::{Placement, Request, Route, ShardIdx};
 use serde::{Deserialize, Serialize};
 use xxhash_rust::xxh3::xxh3_64;

@@ -1,6 +1,6 @@
 //! WAL record payloads. The type byte of the frame says which struct the payload is; payloads
 //! are postcard. Field order is part of the on-disk format: add new record types, never change
-//! an existing one.
+//! an existing one (a change needs a new WAL format, `wal::FORMAT`).
 
 use fabric_proto::{codec, Body, ProtoError, Target};
 use serde::{Deserialize, Serialize};
@@ -14,12 +14,12 @@ pub enum RecordType {
     Sent = 3,
     Appended = 4,
     Acked = 5,
-    Checkpoint = 6,
+    // 6 (a format-1 checkpoint) is retired: format 2 never writes or reads it.
     /// A peer with an ed25519 public key (and maybe a token): [`PeerKeyRec`].
     PeerKeyAdded = 7,
-    /// A checkpoint that can hold public keys: [`CheckpointV2Rec`]. Written instead of
-    /// `Checkpoint` once some peer of the shard has a key or no token.
-    CheckpointV2 = 8,
+    // 8 (a format-1 checkpoint with keys) is retired as well.
+    /// One part of a checkpoint: [`CheckpointPartRec`].
+    CheckpointPart = 9,
 }
 
 impl RecordType {
@@ -30,9 +30,8 @@ impl RecordType {
             3 => RecordType::Sent,
             4 => RecordType::Appended,
             5 => RecordType::Acked,
-            6 => RecordType::Checkpoint,
             7 => RecordType::PeerKeyAdded,
-            8 => RecordType::CheckpointV2,
+            9 => RecordType::CheckpointPart,
             _ => return None,
         })
     }
@@ -89,10 +88,17 @@ pub struct AckedRec {
     pub upto: u64,
 }
 
-/// Everything a shard must remember that is not in a retained data record: written before the
-/// oldest segment is deleted, so the deletion loses no metadata.
+/// One part of a checkpoint: everything a shard must remember that is not in a retained data
+/// record, written before the oldest segment is deleted, so the deletion loses no metadata. A
+/// checkpoint is split into parts of at most `CHECKPOINT_PART_BYTES_MAX` (a mesh with many
+/// peers may appear in several parts, each with some of its peers); the segment is deleted only
+/// once the last part is durable. Applying parts is idempotent (heads and cursors take the
+/// maximum), so a checkpoint cut short by a crash is harmless.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct CheckpointRec {
+pub struct CheckpointPartRec {
+    /// 0-based index of this part, and how many parts the checkpoint has.
+    pub part: u32,
+    pub parts: u32,
     pub meshes: Vec<MeshCheckpoint>,
     pub convs: Vec<ConvCheckpoint>,
 }
@@ -108,88 +114,9 @@ pub struct MeshCheckpoint {
 pub struct PeerCheckpoint {
     pub peer: Arc<str>,
     pub groups: Vec<Arc<str>>,
-    pub token_hash: [u8; 32],
-    pub acked: u64,
-}
-
-/// [`CheckpointRec`] with peers that may have a public key and no token.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
-pub struct CheckpointV2Rec {
-    pub meshes: Vec<MeshCheckpointV2>,
-    pub convs: Vec<ConvCheckpoint>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MeshCheckpointV2 {
-    pub mesh: Arc<str>,
-    pub head: u64,
-    pub peers: Vec<PeerCheckpointV2>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerCheckpointV2 {
-    pub peer: Arc<str>,
-    pub groups: Vec<Arc<str>>,
     pub token_hash: Option<[u8; 32]>,
     pub public_key: Option<[u8; 32]>,
     pub acked: u64,
-}
-
-impl CheckpointV2Rec {
-    /// The same checkpoint in the old format, if no peer needs the new fields.
-    pub fn to_v1(&self) -> Option<CheckpointRec> {
-        let mut meshes = Vec::with_capacity(self.meshes.len());
-        for m in &self.meshes {
-            let mut peers = Vec::with_capacity(m.peers.len());
-            for p in &m.peers {
-                match (p.token_hash, p.public_key) {
-                    (Some(token_hash), None) => peers.push(PeerCheckpoint {
-                        peer: p.peer.clone(),
-                        groups: p.groups.clone(),
-                        token_hash,
-                        acked: p.acked,
-                    }),
-                    _ => return None,
-                }
-            }
-            meshes.push(MeshCheckpoint {
-                mesh: m.mesh.clone(),
-                head: m.head,
-                peers,
-            });
-        }
-        Some(CheckpointRec {
-            meshes,
-            convs: self.convs.clone(),
-        })
-    }
-}
-
-impl From<CheckpointRec> for CheckpointV2Rec {
-    fn from(c: CheckpointRec) -> CheckpointV2Rec {
-        CheckpointV2Rec {
-            meshes: c
-                .meshes
-                .into_iter()
-                .map(|m| MeshCheckpointV2 {
-                    mesh: m.mesh,
-                    head: m.head,
-                    peers: m
-                        .peers
-                        .into_iter()
-                        .map(|p| PeerCheckpointV2 {
-                            peer: p.peer,
-                            groups: p.groups,
-                            token_hash: Some(p.token_hash),
-                            public_key: None,
-                            acked: p.acked,
-                        })
-                        .collect(),
-                })
-                .collect(),
-            convs: c.convs,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -206,9 +133,8 @@ pub enum Record {
     Sent(SentRec),
     Appended(AppendedRec),
     Acked(AckedRec),
-    Checkpoint(CheckpointRec),
     PeerKeyAdded(PeerKeyRec),
-    CheckpointV2(CheckpointV2Rec),
+    CheckpointPart(CheckpointPartRec),
 }
 
 impl Record {
@@ -221,9 +147,8 @@ impl Record {
             Record::Sent(r) => put(r, out),
             Record::Appended(r) => put(r, out),
             Record::Acked(r) => put(r, out),
-            Record::Checkpoint(r) => put(r, out),
             Record::PeerKeyAdded(r) => put(r, out),
-            Record::CheckpointV2(r) => put(r, out),
+            Record::CheckpointPart(r) => put(r, out),
         }
         self.kind()
     }
@@ -235,9 +160,8 @@ impl Record {
             Record::Sent(_) => RecordType::Sent,
             Record::Appended(_) => RecordType::Appended,
             Record::Acked(_) => RecordType::Acked,
-            Record::Checkpoint(_) => RecordType::Checkpoint,
             Record::PeerKeyAdded(_) => RecordType::PeerKeyAdded,
-            Record::CheckpointV2(_) => RecordType::CheckpointV2,
+            Record::CheckpointPart(_) => RecordType::CheckpointPart,
         }
     }
 
@@ -248,9 +172,8 @@ impl Record {
             RecordType::Sent => Record::Sent(codec::from_binary(bytes)?),
             RecordType::Appended => Record::Appended(codec::from_binary(bytes)?),
             RecordType::Acked => Record::Acked(codec::from_binary(bytes)?),
-            RecordType::Checkpoint => Record::Checkpoint(codec::from_binary(bytes)?),
             RecordType::PeerKeyAdded => Record::PeerKeyAdded(codec::from_binary(bytes)?),
-            RecordType::CheckpointV2 => Record::CheckpointV2(codec::from_binary(bytes)?),
+            RecordType::CheckpointPart => Record::CheckpointPart(codec::from_binary(bytes)?),
         })
     }
 }

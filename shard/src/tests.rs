@@ -1,62 +1,37 @@
-//! Shard core tests, driven by an in-memory disk that applies `WalWrite`s exactly as the glue
-//! does (append, sync, delete) so recovery runs over real segment bytes.
+//! Shard core tests, driven by the in-memory store (`store::mem::MemStore`) through the same
+//! file steps every host performs (`store::perform`, `store::recover`), so recovery runs over
+//! real segment bytes.
 
 use super::*;
+use crate::record::{MeshRec, Record};
+use crate::store::mem::MemStore;
+use crate::store::SegmentStore;
+use crate::store::StoreErrorKind;
 use fabric_proto::internal::{Output, Reply, Request, ShardOp};
-use std::collections::BTreeMap;
-
-#[derive(Default, Clone)]
-struct Disk {
-    segments: BTreeMap<u64, Vec<u8>>,
-}
-
-impl Disk {
-    fn apply(&mut self, w: &WalWrite) {
-        if w.create {
-            assert!(
-                !self.segments.contains_key(&w.segment),
-                "segment created twice"
-            );
-            self.segments.insert(w.segment, Vec::new());
-        }
-        if !w.bytes.is_empty() {
-            self.segments
-                .get_mut(&w.segment)
-                .expect("write to a created segment")
-                .extend_from_slice(&w.bytes);
-        }
-        for d in &w.delete {
-            self.segments.remove(d);
-        }
-    }
-
-    fn recover(&self, config: ShardConfig) -> Result<(Shard, RecoveryReport), RecoverError> {
-        let mut r = Recoverer::new(config);
-        let last = self.segments.keys().last().copied();
-        for (id, bytes) in &self.segments {
-            r.handle_segment(*id, &wal::segment_file_name(*id), bytes, Some(*id) == last)?;
-        }
-        Ok(r.finish())
-    }
-}
+use fabric_proto::{Body, Target};
 
 struct Node {
     shard: Shard,
-    disk: Disk,
+    disk: MemStore,
     now: u64,
 }
 
 impl Node {
     fn new(config: ShardConfig) -> Node {
         Node {
+            disk: MemStore::new(config.shard),
             shard: Shard::new(config),
-            disk: Disk::default(),
             now: 1_000,
         }
     }
 
     fn req(&mut self, session: SessionId, op: ShardOp) {
         self.shard.handle_request(self.now, Request { session, op });
+    }
+
+    /// Performs one write as a host does.
+    fn write(&mut self, w: &WalWrite) {
+        store::perform(&mut self.disk, w, &PlantedBugs::default()).expect("the write lands");
     }
 
     /// Runs WAL writes to completion and returns every output.
@@ -68,7 +43,7 @@ impl Node {
             }
             match self.shard.poll_wal() {
                 Some(w) => {
-                    self.disk.apply(&w);
+                    self.write(&w);
                     self.now += 1;
                     self.shard.handle_wal_done(self.now, w.last_lsn);
                     // As the glue does; scribbled over first, so that a recycled buffer whose
@@ -83,13 +58,19 @@ impl Node {
         out
     }
 
+    fn recover(&self, config: ShardConfig) -> Result<(Shard, RecoveryReport), RecoverError> {
+        store::recover(&mut self.disk.clone(), config)
+    }
+
     fn restart(&mut self) -> RecoveryReport {
-        let (shard, report) = self
-            .disk
-            .recover(self.shard.config.clone())
-            .expect("recovers");
+        let (shard, report) =
+            store::recover(&mut self.disk, self.shard.config.clone()).expect("recovers");
         self.shard = shard;
         report
+    }
+
+    fn last_segment(&self) -> u64 {
+        *self.disk.segments().keys().last().expect("a segment")
     }
 
     fn setup_mesh(&mut self, peers: &[(&str, &[&str])]) {
@@ -216,7 +197,7 @@ fn acks_wait_for_the_wal_and_share_one_group_commit() {
         n.shard.poll_output().is_none(),
         "nothing acknowledged before fsync returns"
     );
-    n.disk.apply(&w);
+    n.write(&w);
     n.shard.handle_wal_done(n.now, w.last_lsn);
     let out = n.pump();
     let oks = oks(&out);
@@ -425,9 +406,9 @@ fn recovery_rebuilds_heads_cursors_and_keys() {
         n.append(1, i, "c", "2", Some(&format!("k{i}")));
         n.pump();
     }
-    assert!(n.disk.segments.len() > 3, "segments rotated");
+    assert!(n.disk.segments().len() > 3, "segments rotated");
     let report = n.restart();
-    assert_eq!(report.truncate, None);
+    assert_eq!(report.cut, None);
     assert_eq!(report.records, 3 + 400);
     n.send(1, 1, "a", "b", "1");
     n.append(1, 2, "c", "1", Some("k7"));
@@ -444,8 +425,9 @@ fn recovery_rebuilds_heads_cursors_and_keys() {
 }
 
 #[test]
-fn a_torn_tail_is_truncated_and_earlier_corruption_refuses_to_start() {
-    // Proves recovery cuts a torn last segment but names file and offset for corruption elsewhere.
+fn a_torn_final_write_is_cut_to_quarantine_and_earlier_corruption_refuses_to_start() {
+    // Proves recovery cuts a torn final write of the newest segment (keeping its bytes in
+    // quarantine) but names file and offset for damage anywhere else.
     let mut n = Node::new(ShardConfig {
         wal_segment_bytes_max: 1_000,
         ..ShardConfig::default()
@@ -455,11 +437,18 @@ fn a_torn_tail_is_truncated_and_earlier_corruption_refuses_to_start() {
         n.append(1, i, "c", "\"some body\"", None);
         n.pump();
     }
-    let last = *n.disk.segments.keys().last().unwrap();
-    let len = n.disk.segments[&last].len();
-    n.disk.segments.get_mut(&last).unwrap().truncate(len - 3);
+    let last = n.last_segment();
+    let seg = n.disk.segment_mut(last).unwrap();
+    let len = seg.len();
+    seg.truncate(len - 3);
     let report = n.restart();
-    assert_eq!(report.truncate.map(|t| t.0), Some(last));
+    let cut = report.cut.expect("the torn write is cut");
+    assert_eq!(cut.segment, last);
+    assert_eq!(report.quarantined.len(), 1);
+    assert_eq!(
+        n.disk.quarantined()[&report.quarantined[0]].len() as u64,
+        cut.bytes
+    );
     n.append(1, 99, "c", "1", None);
     assert_eq!(
         oks(&n.pump()),
@@ -467,13 +456,371 @@ fn a_torn_tail_is_truncated_and_earlier_corruption_refuses_to_start() {
         "the torn append is gone"
     );
 
-    let first = *n.disk.segments.keys().next().unwrap();
-    n.disk.segments.get_mut(&first).unwrap()[30] ^= 0xff;
-    match n.disk.recover(ShardConfig::default()) {
+    let first = *n.disk.segments().keys().next().unwrap();
+    n.disk.segment_mut(first).unwrap()[wal::SEGMENT_HEADER_BYTES + 30] ^= 0xff;
+    match n.recover(ShardConfig::default()) {
         Err(RecoverError::Corrupt { file, .. }) => assert_eq!(file, wal::segment_file_name(first)),
         Err(e) => panic!("wrong error {e}"),
         Ok(_) => panic!("corruption went unnoticed"),
     }
+}
+
+/// Twenty acknowledged appends, one per write, in one segment; the offset where each write
+/// (frame) starts.
+fn twenty_acknowledged_appends() -> (Node, Vec<usize>) {
+    let mut n = Node::new(ShardConfig::default());
+    let mut starts = Vec::new();
+    for i in 1..=20 {
+        starts.push(
+            n.disk
+                .segments()
+                .get(&1)
+                .map_or(wal::SEGMENT_HEADER_BYTES, |b| b.len()),
+        );
+        n.append(1, i, "c", "\"an acknowledged entry\"", None);
+        assert_eq!(oks(&n.pump()), vec![(i, None, Some(i))]);
+    }
+    (n, starts)
+}
+
+#[test]
+fn one_flipped_byte_in_an_acknowledged_record_of_the_newest_segment_refuses_to_start() {
+    // Proves the audit's case: a flip inside record 4 of 20 acknowledged appends in the newest
+    // segment is refused (naming file and offset), not cut as a torn tail.
+    let (mut n, starts) = twenty_acknowledged_appends();
+    assert_eq!(n.disk.segments().len(), 1, "one segment: the newest");
+    n.disk.segment_mut(1).unwrap()[starts[3] + wal::FRAME_HEADER_BYTES + 20] ^= 0x01;
+    match n.recover(ShardConfig::default()) {
+        Err(RecoverError::Corrupt {
+            file,
+            offset,
+            reason,
+        }) => {
+            assert_eq!(file, wal::segment_file_name(1));
+            assert_eq!(offset as usize, starts[3], "the damaged write's offset");
+            assert!(reason.contains("follows"), "{reason}");
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok((_, report)) => panic!("acknowledged records were cut: {report:?}"),
+    }
+}
+
+#[test]
+fn damage_in_the_final_write_is_cut_even_with_valid_records_after_the_hole() {
+    // Proves a power loss that kept later pages of the final write but not an earlier one (a
+    // hole, then valid records) is cut whole: nothing in the final write was acknowledged.
+    let mut n = Node::new(ShardConfig::default());
+    n.append(1, 1, "c", "\"kept\"", None);
+    n.pump();
+    for r in 2..=6 {
+        n.append(1, r, "c", "\"in the final write\"", None);
+    }
+    let w = n.shard.poll_wal().expect("the final write");
+    assert_eq!(w.records, 5);
+    n.write(&w);
+    let start = w.offset as usize;
+    // The second record's bytes never reached the disk: a hole of zeros inside the write.
+    let hole = start + wal::FRAME_HEADER_BYTES + 40;
+    n.disk.segment_mut(1).unwrap()[hole..hole + 30].fill(0);
+    let (mut shard, report) = n.recover(ShardConfig::default()).expect("recovers");
+    assert_eq!(report.cut.map(|c| c.offset as usize), Some(start));
+    let mut out = Vec::new();
+    shard.handle_request(
+        n.now,
+        Request {
+            session: 9,
+            op: ShardOp::Read {
+                r: 0,
+                mesh: "m".into(),
+                conv: "c".into(),
+                from: 1,
+                limit: 100,
+            },
+        },
+    );
+    while let Some(o) = shard.poll_output() {
+        out.push(o);
+    }
+    match &out[0].reply {
+        Reply::Messages { events, head, .. } => assert_eq!((events.len(), *head), (1, 1)),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn a_damaged_tail_longer_than_one_write_refuses_to_start() {
+    // Proves damage followed by more bytes than one write can hold is not taken for the final
+    // write, even when no intact frame header follows it.
+    let (mut n, starts) = twenty_acknowledged_appends();
+    let seg = n.disk.segment_mut(1).unwrap();
+    // Destroy every frame header from the fifth write on (no intact write is visible after
+    // the damage), then make the tail longer than one write can be.
+    for s in &starts[4..] {
+        seg[*s] ^= 0xff;
+    }
+    let config = ShardConfig {
+        wal_batch_bytes_max: 16,
+        ..ShardConfig::default()
+    };
+    let limit = config.wal_batch_bytes_max + wal::RECORD_BYTES_MAX + wal::FRAME_HEADER_BYTES;
+    seg.resize(starts[4] + limit + 1, 7);
+    match n.recover(config) {
+        Err(RecoverError::Corrupt { offset, reason, .. }) => {
+            assert_eq!(offset as usize, starts[4]);
+            assert!(reason.contains("more than one write"), "{reason}");
+        }
+        Err(e) => panic!("wrong error {e}"),
+        Ok(_) => panic!("a tail longer than one write was cut"),
+    }
+}
+
+#[test]
+fn planted_cut_any_damage_in_newest_segment_loses_acknowledged_records() {
+    // Proves the planted bug (the old rule) really cuts acknowledged records, so the
+    // simulator's checkers have something to catch.
+    let (mut n, starts) = twenty_acknowledged_appends();
+    n.disk.segment_mut(1).unwrap()[starts[3] + wal::FRAME_HEADER_BYTES + 20] ^= 0x01;
+    let config = ShardConfig {
+        planted: PlantedBugs {
+            cut_any_damage_in_newest_segment: true,
+            ..PlantedBugs::default()
+        },
+        ..ShardConfig::default()
+    };
+    let (_, report) = n.recover(config).expect("the planted bug cuts");
+    assert_eq!(report.cut.map(|c| c.offset as usize), Some(starts[3]));
+}
+
+#[test]
+fn missing_segments_an_emptied_directory_and_a_lost_manifest_refuse_to_start() {
+    // Proves the manifest catches a missing newest, oldest or middle segment and an emptied
+    // shard directory, instead of starting with data missing.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 600,
+        ..ShardConfig::default()
+    });
+    for i in 0..40 {
+        n.append(1, i, "c", "\"fill the segments up\"", None);
+        n.pump();
+    }
+    let ids: Vec<u64> = n.disk.segments().keys().copied().collect();
+    assert!(ids.len() >= 3, "{ids:?}");
+    for (which, id) in [
+        ("newest", *ids.last().unwrap()),
+        ("oldest", ids[0]),
+        ("middle", ids[1]),
+    ] {
+        let mut disk = n.disk.clone();
+        disk.lose_segment(id);
+        match store::recover(&mut disk, ShardConfig::default()) {
+            Err(RecoverError::Manifest(m)) => assert!(m.contains(which), "{which}: {m}"),
+            Err(e) => panic!("{which}: wrong error {e}"),
+            Ok(_) => panic!("the {which} segment went missing unnoticed"),
+        }
+    }
+    let mut emptied = n.disk.clone();
+    emptied.remove_manifest();
+    for id in &ids {
+        emptied.lose_segment(*id);
+    }
+    assert!(matches!(
+        store::recover(&mut emptied, ShardConfig::default()),
+        Err(RecoverError::Manifest(m)) if m.contains("emptied")
+    ));
+    let mut no_manifest = n.disk.clone();
+    no_manifest.remove_manifest();
+    assert!(store::recover(&mut no_manifest, ShardConfig::default()).is_err());
+}
+
+#[test]
+fn a_segment_created_but_not_yet_listed_is_quarantined_and_removed() {
+    // Proves a crash between a new segment's header and the manifest listing it leaves a
+    // segment recovery removes (after quarantine), while one that holds records refuses.
+    let mut n = Node::new(ShardConfig::default());
+    n.append(1, 1, "c", "1", None);
+    n.pump();
+    let mut disk = n.disk.clone();
+    disk.create_segment(2).unwrap();
+    let header = wal::SegmentHeader {
+        shard: 0,
+        segment: 2,
+        first_lsn: 2,
+    };
+    disk.append(2, &header.encode()[..20]).unwrap();
+    disk.sync_dir().unwrap();
+    let (_, report) = store::recover(&mut disk, ShardConfig::default()).expect("recovers");
+    assert_eq!(report.incomplete_segment, Some(2));
+    assert_eq!(disk.segments().len(), 1);
+    assert_eq!(disk.quarantined().len(), 1);
+
+    let mut disk = n.disk.clone();
+    disk.create_segment(2).unwrap();
+    disk.append(2, &header.encode()).unwrap();
+    disk.append(2, &[1; 64]).unwrap();
+    disk.sync_dir().unwrap();
+    assert!(matches!(
+        store::recover(&mut disk, ShardConfig::default()),
+        Err(RecoverError::Manifest(m)) if m.contains("does not list")
+    ));
+}
+
+#[test]
+fn a_crash_right_after_each_write_step_keeps_every_acknowledged_append() {
+    // Proves the order of the file steps: a power loss after any acknowledged write (across
+    // segment creations, manifest updates and deletions) recovers every acknowledged entry.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 500,
+        retention_bytes_max: 1_500,
+        ..ShardConfig::default()
+    });
+    for i in 1..=60 {
+        n.append(
+            1,
+            i,
+            "c",
+            "\"survives every crash\"",
+            Some(&format!("k{i}")),
+        );
+        assert_eq!(oks(&n.pump()).len(), 1);
+        let mut crashed = n.disk.clone();
+        crashed.crash();
+        let (mut shard, _) =
+            store::recover(&mut crashed, ShardConfig::default()).expect("recovers");
+        shard.handle_request(
+            n.now,
+            Request {
+                session: 5,
+                op: ShardOp::Read {
+                    r: 0,
+                    mesh: "m".into(),
+                    conv: "c".into(),
+                    from: 1,
+                    limit: 1_000,
+                },
+            },
+        );
+        match shard.poll_output().map(|o| o.reply) {
+            Some(Reply::Messages { events, head, .. }) => {
+                assert_eq!(head, i, "the head after a crash at {i}");
+                assert_eq!(events.last().map(|e| e.seq), Some(i));
+            }
+            r => panic!("{r:?}"),
+        }
+    }
+    assert!(
+        n.shard.stats().segments_deleted > 0,
+        "retention deleted segments meanwhile"
+    );
+}
+
+#[test]
+fn a_missing_directory_fsync_on_segment_creation_loses_the_segment_in_a_crash() {
+    // Proves the directory fsync that makes a new segment's name durable matters: without it
+    // (planted), a crash takes the segment and the manifest's rename, and an acknowledged
+    // write is gone; with it, the same crash keeps it.
+    for planted in [false, true] {
+        let mut disk = MemStore::new(0);
+        let mut shard = Shard::new(ShardConfig::default());
+        shard.handle_request(
+            1,
+            Request {
+                session: 1,
+                op: ShardOp::CreateMesh {
+                    r: 1,
+                    mesh: "m".into(),
+                },
+            },
+        );
+        let w = shard.poll_wal().expect("the first write creates segment 1");
+        assert!(w.create);
+        let bugs = PlantedBugs {
+            no_dir_fsync_on_segment_create: planted,
+            ..PlantedBugs::default()
+        };
+        store::perform(&mut disk, &w, &bugs).expect("lands");
+        shard.handle_wal_done(2, w.last_lsn);
+        assert!(shard.poll_output().is_some(), "the create is acknowledged");
+        let mut crashed = disk.clone();
+        crashed.crash();
+        let (mut recovered, _) =
+            store::recover(&mut crashed, ShardConfig::default()).expect("recovers");
+        recovered.handle_request(
+            3,
+            Request {
+                session: 1,
+                op: ShardOp::CreateMesh {
+                    r: 2,
+                    mesh: "m".into(),
+                },
+            },
+        );
+        let refused = error_code(&recovered.poll_output().into_iter().collect::<Vec<_>>());
+        let kept = refused == Some(ErrorCode::Conflict);
+        assert_eq!(
+            kept, !planted,
+            "planted={planted}: the acknowledged mesh survives"
+        );
+    }
+}
+
+#[test]
+fn a_failed_sync_cuts_the_segment_back_to_what_was_synced() {
+    // Proves the fsyncgate rule: after a failed fdatasync the bytes of that write are cut
+    // (never trusted from the page cache), the shard answers the write with an error, and a
+    // recovery reads exactly the synced records.
+    for (kind, code) in [
+        (StoreErrorKind::Io, ErrorCode::Unavailable),
+        (StoreErrorKind::NoSpace, ErrorCode::StorageFull),
+    ] {
+        let mut n = Node::new(ShardConfig::default());
+        n.append(1, 1, "c", "1", None);
+        n.pump();
+        let synced = n.disk.segments()[&1].len();
+        n.append(1, 2, "c", "2", None);
+        let w = n.shard.poll_wal().unwrap();
+        n.disk.fail_next("sync", kind);
+        let failure = store::perform(&mut n.disk, &w, &PlantedBugs::default()).unwrap_err();
+        assert!(failure.cleaned);
+        assert_eq!(
+            n.disk.segments()[&1].len(),
+            synced,
+            "cut back to the synced length"
+        );
+        n.shard.handle_wal_failed(
+            n.now,
+            failure.error.kind == StoreErrorKind::NoSpace,
+            "injected",
+        );
+        assert_eq!(error_code(&n.pump()), Some(code));
+        let report = n.restart();
+        assert_eq!(report.records, 1);
+    }
+}
+
+#[test]
+fn after_a_full_disk_writes_are_refused_with_storage_full_and_reads_go_on() {
+    // Proves the degraded mode: until the glue's deadline writes get storage_full, reads are
+    // answered, and after it writes are taken again.
+    let mut n = Node::new(ShardConfig::default());
+    n.append(1, 1, "c", "1", None);
+    n.pump();
+    n.shard.handle_storage_full(n.now, n.now + 1_000);
+    n.append(1, 2, "c", "2", None);
+    assert_eq!(error_code(&n.pump()), Some(ErrorCode::StorageFull));
+    n.req(
+        2,
+        ShardOp::Read {
+            r: 3,
+            mesh: "m".into(),
+            conv: "c".into(),
+            from: 1,
+            limit: 10,
+        },
+    );
+    assert!(matches!(n.pump()[0].reply, Reply::Messages { .. }));
+    n.now += 1_000;
+    n.append(1, 4, "c", "3", None);
+    assert_eq!(oks(&n.pump()), vec![(4, None, Some(2))]);
 }
 
 #[test]
@@ -506,7 +853,7 @@ fn retention_deletes_old_segments_but_keeps_unacked_inbox_and_metadata() {
     assert!(n.shard.stats().segments_deleted > 0, "retention ran");
     assert!(
         n.disk
-            .segments
+            .segments()
             .values()
             .map(|s| s.len() as u64)
             .sum::<u64>()
@@ -546,7 +893,11 @@ fn planted_ack_before_fsync_releases_acks_early() {
         PlantedBugs {
             ack_before_fsync: false,
             skip_crc_on_recovery: false,
-            lose_cursor_update: false
+            lose_cursor_update: false,
+            cut_any_damage_in_newest_segment: false,
+            no_dir_fsync_on_segment_create: false,
+            trust_page_cache_after_failed_sync: false,
+            no_sync_after_recovery: false,
         }
     );
 }
@@ -588,24 +939,23 @@ fn repeated_retention_rounds_keep_every_unacked_message() {
 }
 
 #[test]
-fn a_checksummed_record_out_of_sequence_in_the_last_segment_refuses_to_start() {
-    // Proves recovery cuts only what a torn write can leave: a valid frame with an unexpected
-    // LSN (lost records before it) is an error even in the newest segment.
+fn a_checksummed_frame_out_of_sequence_in_the_last_segment_refuses_to_start() {
+    // Proves recovery cuts only what a torn write can leave: an intact frame with an
+    // unexpected LSN (lost records before it) is an error even as the newest segment's final
+    // write.
     let mut n = Node::new(ShardConfig::default());
     n.append(1, 1, "c", "1", None);
     n.pump();
-    let mut bytes = Vec::new();
+    let mut frame = vec![0; wal::FRAME_HEADER_BYTES];
     wal::encode_record(
         5,
         &Record::MeshCreated(MeshRec { mesh: "x".into() }),
-        &mut bytes,
-    );
-    n.disk
-        .segments
-        .get_mut(&1)
-        .unwrap()
-        .extend_from_slice(&bytes);
-    match n.disk.recover(ShardConfig::default()) {
+        &mut frame,
+    )
+    .unwrap();
+    wal::FrameHeader::seal(&mut frame, 5, 1);
+    n.disk.segment_mut(1).unwrap().extend_from_slice(&frame);
+    match n.recover(ShardConfig::default()) {
         Err(RecoverError::Corrupt { reason, .. }) => assert!(reason.contains("lsn 5"), "{reason}"),
         Err(e) => panic!("wrong error {e}"),
         Ok(_) => panic!("a gap in the last segment was cut silently"),
@@ -633,7 +983,7 @@ fn many_acks_in_one_group_commit_write_one_cursor_record() {
     }
     let w = n.shard.poll_wal().expect("the cursor record");
     assert_eq!(w.records, 1, "ten acks, one record");
-    n.disk.apply(&w);
+    n.write(&w);
     n.shard.handle_wal_done(n.now, w.last_lsn);
     n.pump();
     n.restart();
@@ -727,8 +1077,9 @@ fn a_key_hello_with_a_good_signature_is_welcomed_and_gets_its_inbox() {
 
 #[test]
 fn key_hellos_with_a_bad_signature_wrong_key_or_no_key_are_unauthorized() {
-    // Proves a tampered signature, a signature by another key, and a key hello for a peer that
-    // has only a token are each refused as unauthorized with a message saying why.
+    // Proves a tampered signature, a signature by another key, a key hello for a peer that has
+    // only a token, and one for a peer that does not exist are each refused as unauthorized,
+    // all with the same message: a refusal never reveals whether a mesh or peer exists.
     let mut n = Node::new(ShardConfig::default());
     n.setup_mesh(&[("a", &[])]);
     let key = signing_key(1);
@@ -753,19 +1104,27 @@ fn key_hellos_with_a_bad_signature_wrong_key_or_no_key_are_unauthorized() {
     );
     let out = n.pump();
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
-    assert!(error_message(&out).contains("bad signature"), "{out:?}");
+    let tampered = error_message(&out);
     assert!(!welcomed(&out, 10));
 
     let out = n.key_hello(11, "k", &signing_key(2), now, [3; 32]);
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
-    assert!(error_message(&out).contains("bad signature"));
+    assert_eq!(error_message(&out), tampered);
 
     let out = n.key_hello(12, "a", &key, now, [4; 32]);
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
-    assert!(error_message(&out).contains("no public key"), "{out:?}");
+    assert_eq!(error_message(&out), tampered);
 
     let out = n.key_hello(13, "ghost", &key, now, [5; 32]);
     assert_eq!(error_code(&out), Some(ErrorCode::Unauthorized));
+    assert_eq!(
+        error_message(&out),
+        tampered,
+        "a missing peer looks like a bad signature"
+    );
+
+    let out = n.key_hello(15, "k", &key, now, [6; 32]);
+    assert!(welcomed(&out, 15), "the right key is welcomed");
 
     // A key-only peer has no token: a token hello with an empty token is refused too.
     n.req(
@@ -872,7 +1231,7 @@ fn public_keys_survive_restarts_and_retention_checkpoints() {
         n.pump();
     }
     assert!(n.shard.stats().segments_deleted > 0, "retention ran");
-    let first = *n.disk.segments.keys().next().unwrap();
+    let first = *n.disk.segments().keys().next().unwrap();
     assert!(
         first > 1,
         "the segment with the PeerKeyAdded record is gone"
@@ -892,7 +1251,7 @@ fn group_commit_reuses_the_last_write_buffer_and_none_of_its_bytes() {
     n.append(1, 10, "c", "1", None);
     let first = n.shard.poll_wal().expect("a write");
     let first_ptr = first.bytes.as_ptr();
-    n.disk.apply(&first);
+    n.write(&first);
     n.shard.handle_wal_done(n.now, first.last_lsn);
     let mut buffer = first.bytes;
     buffer.fill(0xEE);
@@ -904,7 +1263,7 @@ fn group_commit_reuses_the_last_write_buffer_and_none_of_its_bytes() {
         !second.bytes.contains(&0xEE),
         "no old byte is written again"
     );
-    n.disk.apply(&second);
+    n.write(&second);
     n.shard.handle_wal_done(n.now, second.last_lsn);
     n.restart();
     n.req(
@@ -932,7 +1291,7 @@ impl Node {
                 break;
             };
             w.delete.clear();
-            self.disk.apply(&w);
+            self.write(&w);
             self.now += 1;
             self.shard.handle_wal_done(self.now, w.last_lsn);
         }
@@ -1000,3 +1359,5 @@ fn evicting_an_old_entry_keeps_its_key_when_the_key_points_to_a_newer_retained_e
         "the key still answers its retained seq"
     );
 }
+
+mod limits;

@@ -1,24 +1,52 @@
-//! The WAL's on-disk format: segment files of framed records. Pure functions over byte slices;
-//! the glue owns the files.
+//! The WAL's on-disk format (format 2): segment files of write frames of records, and the
+//! shard's `MANIFEST`. Pure functions over byte slices; the glue owns the files.
 //!
 //! ```text
-//! record = len:u32le | crc:u32le | type:u8 | lsn:u64le | payload[len]
-//! crc    = crc32c(type | lsn | payload)
+//! segment  = segment_header | frame*
+//! segment_header (36 bytes) = magic "FABRWAL2" | format:u32le | shard:u32le
+//!                             | segment:u64le | first_lsn:u64le | crc:u32le
+//! frame    = frame_header | record*            (one frame per group-commit write)
+//! frame_header (28 bytes)   = magic FF FE 46 57 | len:u32le | first_lsn:u64le
+//!                             | records:u32le | flags:u32le (0) | crc:u32le
+//! record   = len:u32le | crc:u32le | type:u8 | lsn:u64le | payload[len]
+//! crc      = crc32c of everything before it in the header; a record's crc covers
+//!            type | lsn | payload
+//! MANIFEST (36 bytes) = magic "FABRMANI" | format:u32le | shard:u32le | oldest:u64le
+//!                       | newest:u64le | crc:u32le    (oldest = newest = 0: no segment yet)
 //! ```
 //!
 //! LSNs are dense across the whole shard (each record is the previous plus one), which lets
 //! recovery tell a lost record from a reordered one. Segments are named by a number that only
-//! grows (`00000000000000000001.wal`); a segment holds whole records only.
+//! grows (`00000000000000000001.wal`); a segment holds whole frames only.
 //!
-//! Scanning stops at the first frame that is not a whole, valid record. Whether that is a torn
-//! tail (truncate and go on) or corruption (refuse to start) is the caller's call: only the last
-//! segment may end in a torn record.
+//! Why frames: a power loss can persist any subset of the pages of the write that was in
+//! flight, so valid records may follow a hole inside that write; but it cannot damage a write
+//! that completed its fdatasync. The frame header says where each write starts and ends, so
+//! recovery can tell "damage inside the final write" (never synced, nothing acknowledged in
+//! it: cut it, keeping the bytes in quarantine) from "damage in an earlier write" (synced and
+//! acknowledged: refuse to start, naming file and offset). The frame magic holds the bytes
+//! 0xFF and 0xFE, which never occur in UTF-8, so no message body can forge a frame header.
 
 use crate::record::{Record, RecordType};
 
+/// The WAL format this code writes and reads. A data dir of another format is refused.
+pub const FORMAT: u32 = 2;
+pub const SEGMENT_MAGIC: &[u8; 8] = b"FABRWAL2";
+pub const MANIFEST_MAGIC: &[u8; 8] = b"FABRMANI";
+pub const FRAME_MAGIC: [u8; 4] = [0xFF, 0xFE, b'F', b'W'];
+pub const SEGMENT_HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4;
+pub const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 4 + 4;
+pub const MANIFEST_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4;
 pub const RECORD_HEADER_BYTES: usize = 4 + 4 + 1 + 8;
-/// A length field larger than this is corruption, not a record.
+/// A record's payload may be at most this long; a length field larger than this is
+/// corruption, not a record. Bodies are far smaller (`frame_bytes_max` is capped below it) and
+/// checkpoints are split into parts of `CHECKPOINT_PART_BYTES_MAX`.
 pub const RECORD_BYTES_MAX: usize = 16 * 1024 * 1024;
+/// The file name of a shard's manifest, and of the temp file it is written through.
+pub const MANIFEST_FILE: &str = "MANIFEST";
+pub const MANIFEST_TEMP_FILE: &str = "MANIFEST.tmp";
+/// The directory (inside a shard's directory) that keeps bytes recovery cut off.
+pub const QUARANTINE_DIR: &str = "quarantine";
 const SEGMENT_SUFFIX: &str = ".wal";
 
 pub fn segment_file_name(id: u64) -> String {
@@ -33,212 +61,368 @@ pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     digits.parse().ok()
 }
 
-/// Appends one framed record to `out`; returns the framed size in bytes. The payload is
-/// encoded in place after a reserved header, which is filled in last (length, then CRC).
-pub fn encode_record(lsn: u64, record: &Record, out: &mut Vec<u8>) -> usize {
+/// The quarantine file name for bytes cut from `segment` at `offset`.
+pub fn quarantine_file_name(segment: u64, offset: u64) -> String {
+    format!("{segment:020}-{offset:012}.cut")
+}
+
+fn u32_at(b: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes(b[at..at + 4].try_into().unwrap_or_default())
+}
+
+fn u64_at(b: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default())
+}
+
+/// The header every segment file starts with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentHeader {
+    pub shard: u32,
+    pub segment: u64,
+    /// The LSN of the first record the segment holds (the next LSN when it was created).
+    pub first_lsn: u64,
+}
+
+/// Why a segment header or manifest is not usable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum HeaderError {
+    #[error("{0} bytes, shorter than a header")]
+    Short(usize),
+    #[error("no {what} magic: not a Fabric {what} (or written by a Fabric before WAL format 2)")]
+    Magic { what: &'static str },
+    #[error("header checksum mismatch")]
+    Checksum,
+    #[error("WAL format {0}; this node reads format {FORMAT} only")]
+    Format(u32),
+}
+
+impl SegmentHeader {
+    pub fn encode(&self) -> [u8; SEGMENT_HEADER_BYTES] {
+        let mut b = [0u8; SEGMENT_HEADER_BYTES];
+        b[0..8].copy_from_slice(SEGMENT_MAGIC);
+        b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        b[12..16].copy_from_slice(&self.shard.to_le_bytes());
+        b[16..24].copy_from_slice(&self.segment.to_le_bytes());
+        b[24..32].copy_from_slice(&self.first_lsn.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<SegmentHeader, HeaderError> {
+        if b.len() < SEGMENT_HEADER_BYTES {
+            return Err(HeaderError::Short(b.len()));
+        }
+        if &b[0..8] != SEGMENT_MAGIC {
+            return Err(HeaderError::Magic { what: "segment" });
+        }
+        if crc32c::crc32c(&b[..32]) != u32_at(b, 32) {
+            return Err(HeaderError::Checksum);
+        }
+        let format = u32_at(b, 8);
+        if format != FORMAT {
+            return Err(HeaderError::Format(format));
+        }
+        Ok(SegmentHeader {
+            shard: u32_at(b, 12),
+            segment: u64_at(b, 16),
+            first_lsn: u64_at(b, 24),
+        })
+    }
+}
+
+/// Which segments a shard holds: every id from `oldest` to `newest`, none missing. Written
+/// (temp file, fsync, rename, directory fsync) after a new segment's header is durable and
+/// before any record goes into it, and before retired segments are unlinked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Manifest {
+    pub shard: u32,
+    /// 0 when the shard has no segment yet.
+    pub oldest: u64,
+    pub newest: u64,
+}
+
+impl Manifest {
+    pub fn empty(shard: u32) -> Manifest {
+        Manifest {
+            shard,
+            oldest: 0,
+            newest: 0,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.newest == 0
+    }
+
+    pub fn lists(&self, id: u64) -> bool {
+        !self.is_empty() && (self.oldest..=self.newest).contains(&id)
+    }
+
+    pub fn encode(&self) -> [u8; MANIFEST_BYTES] {
+        let mut b = [0u8; MANIFEST_BYTES];
+        b[0..8].copy_from_slice(MANIFEST_MAGIC);
+        b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
+        b[12..16].copy_from_slice(&self.shard.to_le_bytes());
+        b[16..24].copy_from_slice(&self.oldest.to_le_bytes());
+        b[24..32].copy_from_slice(&self.newest.to_le_bytes());
+        let crc = crc32c::crc32c(&b[..32]);
+        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8]) -> Result<Manifest, HeaderError> {
+        if b.len() < MANIFEST_BYTES {
+            return Err(HeaderError::Short(b.len()));
+        }
+        if &b[0..8] != MANIFEST_MAGIC {
+            return Err(HeaderError::Magic { what: "manifest" });
+        }
+        if crc32c::crc32c(&b[..32]) != u32_at(b, 32) {
+            return Err(HeaderError::Checksum);
+        }
+        let format = u32_at(b, 8);
+        if format != FORMAT {
+            return Err(HeaderError::Format(format));
+        }
+        Ok(Manifest {
+            shard: u32_at(b, 12),
+            oldest: u64_at(b, 16),
+            newest: u64_at(b, 24),
+        })
+    }
+}
+
+/// A frame header as read back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Bytes of records after the header.
+    pub len: u32,
+    pub first_lsn: u64,
+    pub records: u32,
+}
+
+impl FrameHeader {
+    /// Fills the reserved header at the start of `frame` (whose records follow it).
+    pub fn seal(frame: &mut [u8], first_lsn: u64, records: u32) {
+        debug_assert!(frame.len() >= FRAME_HEADER_BYTES);
+        let len = (frame.len() - FRAME_HEADER_BYTES) as u32;
+        frame[0..4].copy_from_slice(&FRAME_MAGIC);
+        frame[4..8].copy_from_slice(&len.to_le_bytes());
+        frame[8..16].copy_from_slice(&first_lsn.to_le_bytes());
+        frame[16..20].copy_from_slice(&records.to_le_bytes());
+        frame[20..24].copy_from_slice(&0u32.to_le_bytes());
+        let crc = crc32c::crc32c(&frame[..24]);
+        frame[24..28].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// The header at the start of `b`, if whole and intact.
+    pub fn decode(b: &[u8]) -> Option<FrameHeader> {
+        if b.len() < FRAME_HEADER_BYTES || b[0..4] != FRAME_MAGIC {
+            return None;
+        }
+        if crc32c::crc32c(&b[..24]) != u32_at(b, 24) || u32_at(b, 20) != 0 {
+            return None;
+        }
+        Some(FrameHeader {
+            len: u32_at(b, 4),
+            first_lsn: u64_at(b, 8),
+            records: u32_at(b, 16),
+        })
+    }
+}
+
+/// Appends one framed record to `out`; returns the framed size in bytes, or `None` (with
+/// `out` unchanged) if the payload is over [`RECORD_BYTES_MAX`]. The payload is encoded in
+/// place after a reserved header, which is filled in last (length, then CRC).
+pub fn encode_record(lsn: u64, record: &Record, out: &mut Vec<u8>) -> Option<usize> {
     let start = out.len();
     out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
     let kind = record.encode_into(out);
     let payload_len = out.len() - start - RECORD_HEADER_BYTES;
-    assert!(
-        payload_len <= RECORD_BYTES_MAX,
-        "record over RECORD_BYTES_MAX"
-    );
+    if payload_len > RECORD_BYTES_MAX {
+        out.truncate(start);
+        return None;
+    }
     out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
     out[start + 8] = kind as u8;
     out[start + 9..start + RECORD_HEADER_BYTES].copy_from_slice(&lsn.to_le_bytes());
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
-    out.len() - start
+    Some(out.len() - start)
 }
 
-/// Why a scan stopped before the end of the bytes.
+/// How the bytes from some offset on fail to be a whole, valid frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StopReason {
-    /// Fewer bytes left than a header, or than the header's length says: a torn write.
-    Torn,
-    /// Zero bytes to the end: preallocated or never written.
-    ZeroTail,
-    /// A whole frame whose checksum (or length field) is wrong: a torn or damaged write.
-    Corrupt(String),
-    /// A frame whose checksum is right but whose content is wrong (LSN out of sequence, unknown
-    /// type, undecodable payload). No torn write looks like this: it is never cut as a tail.
+pub enum Damage {
+    /// Damage a write torn by a power loss can leave: a missing, zeroed or partial header,
+    /// a length past the end of the file, a record whose checksum or framing is wrong.
+    Torn(String),
+    /// Something no torn write leaves: a checksummed frame or record out of LSN sequence, a
+    /// checksummed record that does not decode or has an unknown type. Never cut.
     Invalid(String),
+}
+
+impl Damage {
+    pub fn reason(&self) -> &str {
+        match self {
+            Damage::Torn(r) | Damage::Invalid(r) => r,
+        }
+    }
 }
 
 #[derive(Debug)]
 pub struct Scanned {
     pub lsn: u64,
+    /// Byte offset of the record in the segment file.
     pub offset: u64,
     pub bytes: u64,
     pub record: Record,
 }
 
-/// The result of scanning one segment.
+/// The result of scanning one segment's frames.
 #[derive(Debug)]
 pub struct Scan {
     pub records: Vec<Scanned>,
-    /// Bytes from the start that hold whole valid records.
+    /// Bytes from the start of the file that hold the header and whole, valid frames.
     pub valid_len: u64,
-    /// `None` if the scan reached the end exactly.
-    pub stop: Option<StopReason>,
+    /// Where the first damaged frame starts, and what is wrong; `None` if the frames reach the
+    /// end of the file exactly.
+    pub damage: Option<(u64, Damage)>,
+    /// Frames read whole.
+    pub frames: u64,
 }
 
-/// Scans a segment's bytes. `expect_lsn`, when known, is the LSN the first record must have.
-/// `skip_crc` exists only for the simulator's planted-bug mode.
-pub fn scan_segment(bytes: &[u8], mut expect_lsn: Option<u64>, skip_crc: bool) -> Scan {
+/// Scans the frames of a segment whose header has been checked, from byte
+/// [`SEGMENT_HEADER_BYTES`]. `expect_lsn` is the LSN the first record must have. `skip_crc`
+/// exists only for the simulator's planted-bug mode (record checksums are not checked).
+pub fn scan_frames(bytes: &[u8], mut expect_lsn: u64, skip_crc: bool) -> Scan {
     let mut records = Vec::new();
-    let mut at = 0usize;
-    let stop = loop {
-        let rest = &bytes[at..];
-        if rest.is_empty() {
+    let mut at = SEGMENT_HEADER_BYTES.min(bytes.len());
+    let mut frames = 0;
+    let damage = loop {
+        if at == bytes.len() {
             break None;
         }
-        if rest.iter().all(|b| *b == 0) {
-            break Some(StopReason::ZeroTail);
-        }
-        if rest.len() < RECORD_HEADER_BYTES {
-            break Some(StopReason::Torn);
-        }
-        let len = u32::from_le_bytes(rest[0..4].try_into().unwrap_or_default()) as usize;
-        let crc = u32::from_le_bytes(rest[4..8].try_into().unwrap_or_default());
-        if len > RECORD_BYTES_MAX {
-            break Some(StopReason::Corrupt(format!(
-                "length {len} over the record limit {RECORD_BYTES_MAX}"
-            )));
-        }
-        if rest.len() < RECORD_HEADER_BYTES + len {
-            break Some(StopReason::Torn);
-        }
-        let frame = &rest[..RECORD_HEADER_BYTES + len];
-        if !skip_crc && crc32c::crc32c(&frame[8..]) != crc {
-            break Some(StopReason::Corrupt("checksum mismatch".into()));
-        }
-        let lsn = u64::from_le_bytes(frame[9..17].try_into().unwrap_or_default());
-        if let Some(expect) = expect_lsn {
-            if lsn != expect {
-                break Some(StopReason::Invalid(format!(
-                    "lsn {lsn} where {expect} was expected"
-                )));
+        match scan_frame(bytes, at, expect_lsn, skip_crc, &mut records) {
+            Ok(end) => {
+                frames += 1;
+                expect_lsn = records.last().map_or(expect_lsn, |r| r.lsn + 1);
+                at = end;
             }
+            Err(d) => break Some((at as u64, d)),
         }
-        let Some(kind) = RecordType::from_u8(frame[8]) else {
-            break Some(StopReason::Invalid(format!(
-                "unknown record type {}",
-                frame[8]
-            )));
-        };
-        let record = match Record::decode(kind, &frame[RECORD_HEADER_BYTES..]) {
-            Ok(r) => r,
-            Err(e) => break Some(StopReason::Invalid(format!("payload does not decode: {e}"))),
-        };
-        records.push(Scanned {
-            lsn,
-            offset: at as u64,
-            bytes: frame.len() as u64,
-            record,
-        });
-        expect_lsn = Some(lsn + 1);
-        at += frame.len();
     };
     Scan {
         records,
         valid_len: at as u64,
-        stop,
+        damage,
+        frames,
     }
+}
+
+/// One frame at `at`: its records are appended to `out` only if the whole frame is valid.
+fn scan_frame(
+    bytes: &[u8],
+    at: usize,
+    expect_lsn: u64,
+    skip_crc: bool,
+    out: &mut Vec<Scanned>,
+) -> Result<usize, Damage> {
+    let rest = &bytes[at..];
+    if rest.iter().all(|b| *b == 0) {
+        return Err(Damage::Torn("zero bytes to the end of the file".into()));
+    }
+    let Some(h) = FrameHeader::decode(rest) else {
+        return Err(Damage::Torn("no intact frame header".into()));
+    };
+    let end = FRAME_HEADER_BYTES + h.len as usize;
+    if end > rest.len() {
+        return Err(Damage::Torn(format!(
+            "frame of {} bytes runs past the end of the file",
+            h.len
+        )));
+    }
+    if h.first_lsn != expect_lsn {
+        return Err(Damage::Invalid(format!(
+            "frame starts at lsn {} where {expect_lsn} was expected",
+            h.first_lsn
+        )));
+    }
+    let mut found = Vec::with_capacity(h.records as usize);
+    let mut p = FRAME_HEADER_BYTES;
+    let mut lsn = expect_lsn;
+    while p < end {
+        let r = scan_record(&rest[p..end], lsn, skip_crc)?;
+        found.push(Scanned {
+            lsn,
+            offset: (at + p) as u64,
+            bytes: r.1 as u64,
+            record: r.0,
+        });
+        p += r.1;
+        lsn += 1;
+    }
+    if found.len() != h.records as usize {
+        return Err(Damage::Torn(format!(
+            "frame holds {} records where its header says {}",
+            found.len(),
+            h.records
+        )));
+    }
+    out.extend(found);
+    Ok(at + end)
+}
+
+/// One record at the start of `b` (which ends where its frame ends): the record and its size.
+fn scan_record(b: &[u8], lsn: u64, skip_crc: bool) -> Result<(Record, usize), Damage> {
+    if b.len() < RECORD_HEADER_BYTES {
+        return Err(Damage::Torn(
+            "a record header crosses the frame's end".into(),
+        ));
+    }
+    let len = u32_at(b, 0) as usize;
+    if len > RECORD_BYTES_MAX || RECORD_HEADER_BYTES + len > b.len() {
+        return Err(Damage::Torn(format!(
+            "record length {len} does not fit its frame"
+        )));
+    }
+    let frame = &b[..RECORD_HEADER_BYTES + len];
+    if !skip_crc && crc32c::crc32c(&frame[8..]) != u32_at(frame, 4) {
+        return Err(Damage::Torn("record checksum mismatch".into()));
+    }
+    let found = u64_at(frame, 9);
+    if found != lsn {
+        return Err(Damage::Invalid(format!(
+            "record lsn {found} where {lsn} was expected"
+        )));
+    }
+    let Some(kind) = RecordType::from_u8(frame[8]) else {
+        return Err(Damage::Invalid(format!("unknown record type {}", frame[8])));
+    };
+    match Record::decode(kind, &frame[RECORD_HEADER_BYTES..]) {
+        Ok(r) => Ok((r, frame.len())),
+        Err(e) => Err(Damage::Invalid(format!("payload does not decode: {e}"))),
+    }
+}
+
+/// The offset of the first intact frame header in `bytes[from..]` whose first LSN is at least
+/// `lsn_min`: proof that a write followed the damage at `from`.
+pub fn find_frame_after(bytes: &[u8], from: usize, lsn_min: u64) -> Option<usize> {
+    let mut at = from + 1;
+    while at + FRAME_HEADER_BYTES <= bytes.len() {
+        let rest = &bytes[at..];
+        let hit = rest.windows(4).position(|w| w == FRAME_MAGIC)?;
+        at += hit;
+        if let Some(h) = FrameHeader::decode(&bytes[at..]) {
+            if h.first_lsn >= lsn_min {
+                return Some(at);
+            }
+        }
+        at += 1;
+    }
+    None
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::record::{AckedRec, MeshRec};
-
-    fn sample(n: u64) -> (Vec<u8>, Vec<usize>) {
-        let mut out = Vec::new();
-        let mut ends = Vec::new();
-        for lsn in 1..=n {
-            encode_record(
-                lsn,
-                &Record::Acked(AckedRec {
-                    mesh: "m".into(),
-                    peer: "p".into(),
-                    upto: lsn,
-                }),
-                &mut out,
-            );
-            ends.push(out.len());
-        }
-        encode_record(
-            n + 1,
-            &Record::MeshCreated(MeshRec { mesh: "x".into() }),
-            &mut out,
-        );
-        ends.push(out.len());
-        (out, ends)
-    }
-
-    #[test]
-    fn whole_segment_scans_to_the_end() {
-        // Proves framed records scan back in order with dense LSNs and no stop reason.
-        let (bytes, _) = sample(5);
-        let scan = scan_segment(&bytes, Some(1), false);
-        assert_eq!(scan.records.len(), 6);
-        assert_eq!(scan.valid_len, bytes.len() as u64);
-        assert!(scan.stop.is_none());
-        assert_eq!(scan.records[5].lsn, 6);
-    }
-
-    #[test]
-    fn every_truncation_point_is_a_torn_tail_that_keeps_earlier_records() {
-        // Proves cutting a segment anywhere keeps exactly the records before the cut.
-        let (bytes, ends) = sample(4);
-        for cut in 0..bytes.len() {
-            let scan = scan_segment(&bytes[..cut], None, false);
-            let whole = ends.iter().filter(|e| **e <= cut).count();
-            assert_eq!(scan.records.len(), whole, "cut at {cut}");
-            assert_eq!(
-                scan.valid_len as usize,
-                if whole == 0 { 0 } else { ends[whole - 1] }
-            );
-            if scan.valid_len as usize != cut {
-                assert_eq!(scan.stop, Some(StopReason::Torn), "cut at {cut}");
-            }
-        }
-    }
-
-    #[test]
-    fn a_flipped_bit_is_corruption_at_its_record() {
-        // Proves any single bit flip inside a record stops the scan at that record's offset.
-        let (bytes, ends) = sample(3);
-        for i in 0..bytes.len() {
-            let mut bad = bytes.clone();
-            bad[i] ^= 0x10;
-            let scan = scan_segment(&bad, Some(1), false);
-            let record = ends.iter().position(|e| i < *e).unwrap();
-            assert_eq!(scan.records.len(), record, "flip at {i}");
-            assert!(scan.stop.is_some(), "flip at {i} went unnoticed");
-        }
-    }
-
-    #[test]
-    fn lsn_gaps_are_corruption_and_zero_tails_are_clean() {
-        // Proves a record with an unexpected LSN is refused and zero padding ends a scan cleanly.
-        let (bytes, _) = sample(2);
-        let scan = scan_segment(&bytes, Some(7), false);
-        assert!(matches!(scan.stop, Some(StopReason::Invalid(_))));
-        let mut padded = bytes.clone();
-        padded.extend_from_slice(&[0; 100]);
-        let scan = scan_segment(&padded, Some(1), false);
-        assert_eq!(scan.stop, Some(StopReason::ZeroTail));
-        assert_eq!(scan.valid_len as usize, bytes.len());
-    }
-
-    #[test]
-    fn segment_names_round_trip() {
-        // Proves segment file names sort numerically and parse back.
-        assert_eq!(parse_segment_file_name(&segment_file_name(42)), Some(42));
-        assert!(segment_file_name(9) < segment_file_name(10));
-        assert_eq!(parse_segment_file_name("42.wal"), None);
-        assert_eq!(parse_segment_file_name("00000000000000000042.tmp"), None);
-    }
-}
+mod tests;

@@ -149,7 +149,12 @@ impl SimOptions {
             push_credit_frames_max: self.push_credit_frames_max,
             drain_scan_entries_max: self.drain_scan_entries_max,
             pending_acks_max: self.pending_acks_max,
-            planted: self.planted,
+            planted: fabric_shard::PlantedBugs {
+                no_sync_after_recovery: self.planted.no_sync_after_recovery
+                    || !self.sync_after_recovery,
+                ..self.planted
+            },
+            ..ShardConfig::default()
         }
     }
 
@@ -347,10 +352,14 @@ pub mod planted_names {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     /// Every bug the shard core can plant, by name.
-    pub const ALL: [&str; 3] = [
+    pub const ALL: [&str; 7] = [
         "ack_before_fsync",
         "skip_crc_on_recovery",
         "lose_cursor_update",
+        "cut_any_damage_in_newest_segment",
+        "no_dir_fsync_on_segment_create",
+        "trust_page_cache_after_failed_sync",
+        "no_sync_after_recovery",
     ];
 
     pub fn names(p: PlantedBugs) -> Vec<&'static str> {
@@ -358,6 +367,10 @@ pub mod planted_names {
             p.ack_before_fsync,
             p.skip_crc_on_recovery,
             p.lose_cursor_update,
+            p.cut_any_damage_in_newest_segment,
+            p.no_dir_fsync_on_segment_create,
+            p.trust_page_cache_after_failed_sync,
+            p.no_sync_after_recovery,
         ];
         ALL.iter()
             .zip(on)
@@ -381,6 +394,10 @@ pub mod planted_names {
             "ack_before_fsync" => p.ack_before_fsync = true,
             "skip_crc_on_recovery" => p.skip_crc_on_recovery = true,
             "lose_cursor_update" => p.lose_cursor_update = true,
+            "cut_any_damage_in_newest_segment" => p.cut_any_damage_in_newest_segment = true,
+            "no_dir_fsync_on_segment_create" => p.no_dir_fsync_on_segment_create = true,
+            "trust_page_cache_after_failed_sync" => p.trust_page_cache_after_failed_sync = true,
+            "no_sync_after_recovery" => p.no_sync_after_recovery = true,
             "none" => {}
             other => {
                 return Err(format!(

@@ -4,7 +4,7 @@
 //! the decisions stay in the real cores.
 
 use crate::check::{fail, Checked, Failure, Model, OpKind, ViolationKind};
-use crate::disk::{CrashFaults, Disk};
+use crate::disk::{CrashFaults, Disk, Fault};
 use crate::net::{Closed, ConnId, Endpoint, Network, Segment, Stream};
 use crate::options::{SimOptions, RETENTION_OFF_BYTES};
 use crate::schedule::{FaultEvent, Schedule, Timed};
@@ -13,8 +13,10 @@ use bytes::Bytes;
 use fabric_edge::{InFrame, OutFrame, Session, SessionConfig};
 use fabric_proto::internal::{Output, Placement, Reply, Request, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
+use fabric_router::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_router::Router;
-use fabric_shard::{wal, RecoverError, Recoverer, RecoveryReport, Shard, ShardConfig, WalWrite};
+use fabric_shard::store;
+use fabric_shard::{RecoverError, Shard, WalWrite};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -22,10 +24,6 @@ use std::sync::Arc;
 
 /// The mesh every simulated client belongs to.
 pub const MESH: &str = "m";
-/// Shortest and longest wait before the glue restarts a shard whose storage failed, in ms;
-/// consecutive failures double it (as a supervisor backs off).
-const RESTART_DELAY_MIN_MS: u64 = 1;
-const RESTART_DELAY_MAX_MS: u64 = 2_000;
 /// Longest wait before a disconnected client reconnects, in ms.
 const RECONNECT_DELAY_MAX_MS: u64 = 50;
 /// Longest padding in a message body, in bytes (varies record sizes, so tears land anywhere).
@@ -169,8 +167,11 @@ struct Host {
     input: VecDeque<Request>,
     disk_full: bool,
     flip: Option<ArmedFlip>,
-    /// Failed writes since the last good one (the restart backoff).
-    failures: u32,
+    /// The node's restart policy for this shard (`fabric_router::supervise`).
+    supervision: Supervision,
+    /// Failed, waiting for its restart: requests are answered `unavailable` meanwhile, as the
+    /// node's stand-in does.
+    down: bool,
 }
 
 #[derive(Debug)]
@@ -309,13 +310,14 @@ impl Simulation {
         let hosts = (0..options.shards)
             .map(|s| Host {
                 shard: Shard::new(options.shard_config(s)),
-                disk: Disk::new(),
+                disk: Disk::new(s),
                 epoch: 0,
                 inflight: None,
                 input: VecDeque::new(),
                 disk_full: false,
                 flip: None,
-                failures: 0,
+                supervision: Supervision::new(restart_policy()),
+                down: false,
             })
             .collect();
         let mesh_shard = placement
@@ -669,8 +671,13 @@ impl Simulation {
             let Some(w) = host.shard.poll_wal() else {
                 break;
             };
-            host.disk.begin_write(&w);
-            host.disk.complete_write(&w);
+            let planted = host.shard.config().planted;
+            if let Err(f) = store::perform(&mut host.disk, &w, &planted) {
+                return fail(
+                    ViolationKind::Liveness,
+                    format!("setup write failed: {f:?}"),
+                );
+            }
             self.counters.wal_writes += 1;
             host.shard.handle_wal_done(now, w.last_lsn);
         }
@@ -929,6 +936,15 @@ impl Simulation {
         }
         for s in 0..self.hosts.len() {
             let shard = s as ShardIdx;
+            if self.hosts[s].down {
+                let reason = format!("shard {s} failed; it restarts shortly");
+                for req in std::mem::take(&mut self.hosts[s].input) {
+                    if let Some(o) = fabric_shard::unavailable_reply(&req, &reason) {
+                        outputs.push((shard, o));
+                    }
+                }
+                continue;
+            }
             while self.hosts[s].shard.wants_input() {
                 let Some(req) = self.hosts[s].input.pop_front() else {
                     break;
@@ -1065,7 +1081,7 @@ impl Simulation {
                     self.model.on_ok(op, *pos, *seq)?;
                 }
                 ServerOp::Error { r, code, message } => {
-                    if *code != ErrorCode::Unavailable {
+                    if !matches!(code, ErrorCode::Unavailable | ErrorCode::StorageFull) {
                         return fail(
                             ViolationKind::UnexpectedReply,
                             format!("s{shard} error to {peer} r={r:?} {code:?}: {message}"),
@@ -1107,15 +1123,56 @@ impl Simulation {
             w.bytes.len(),
             w.delete
         ));
-        let acks = if shard == self.mesh_shard {
+        // The acks taken in so far are all in this write only if nothing taken in is left
+        // unwritten (a frame cut at wal_batch_bytes_max may go first, the cursor records
+        // after it): only then does this write's completion make them durable.
+        let acks = if shard == self.mesh_shard && self.hosts[shard as usize].shard.all_polled() {
             self.model.ack_snapshot()
         } else {
             Vec::new()
         };
+        // The node's file steps run when the write completes (or, cut short, when the power
+        // fails while it is in flight: `crash`).
         let host = &mut self.hosts[shard as usize];
-        host.disk.begin_write(&w);
         host.inflight = Some(Inflight { id, write: w, acks });
         self.schedule_at(self.now + latency, Event::WalDone { shard, write: id });
+    }
+
+    /// The fault a completing write runs into, if any: a full disk, or (while faults are on)
+    /// ENOSPC or EIO at one of its file steps, chosen from a dry run of those steps.
+    fn write_fault(&mut self, s: usize, w: &WalWrite) -> Option<Fault> {
+        if self.hosts[s].disk_full {
+            return Some(Fault::Full);
+        }
+        if self.phase != Phase::Faults || !self.rng.random_bool(self.options.enospc_probability) {
+            return None;
+        }
+        let mut dry = self.hosts[s].disk.clone();
+        dry.set_fault(None);
+        let planted = self.hosts[s].shard.config().planted;
+        let _ = store::perform(&mut dry, w, &planted);
+        let failable: Vec<(usize, &str)> = dry
+            .step_ops()
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| ["create", "write", "append", "fdatasync"].contains(op))
+            .map(|(i, op)| (i, *op))
+            .collect();
+        if failable.is_empty() {
+            return None;
+        }
+        let (step, op) = failable[self.rng.random_range(0..failable.len())];
+        let sectors = if op == "fdatasync" {
+            usize::MAX
+        } else {
+            self.rng.random_range(0..4)
+        };
+        let drop_pages = self.rng.random_bool(0.5);
+        Some(Fault::FailAt {
+            step,
+            sectors,
+            drop_pages,
+        })
     }
 
     fn wal_done(&mut self, shard: ShardIdx, id: u64) -> Checked {
@@ -1127,30 +1184,28 @@ impl Simulation {
             return Ok(()); // the write died with a crashed incarnation
         };
         let w = &inflight.write;
-        let full = self.hosts[s].disk_full;
-        if full
-            || (self.phase == Phase::Faults
-                && self.rng.random_bool(self.options.enospc_probability))
-        {
-            let written = self.hosts[s].disk.failed_write_cut(w, &mut self.rng);
-            self.hosts[s].disk.fail_write(w, written);
+        let fault = self.write_fault(s, w);
+        let planted = self.hosts[s].shard.config().planted;
+        self.hosts[s].disk.set_fault(fault);
+        let result = store::perform(&mut self.hosts[s].disk, w, &planted);
+        self.hosts[s].disk.set_fault(None);
+        if let Err(f) = result {
             self.counters.faults += 1;
             self.trace(format!(
-                "s{shard} wal write {id} failed ({}) after {written} of {} bytes reached the page cache",
-                if full { "disk full" } else { "ENOSPC/EIO" },
-                w.bytes.len()
+                "s{shard} wal write {id} failed ({fault:?}): {} (cut back: {})",
+                f.error, f.cleaned
             ));
-            self.hosts[s].shard.handle_wal_failed(self.now, "ENOSPC");
-            let failures = self.hosts[s].failures.min(16);
-            self.hosts[s].failures += 1;
-            let delay = (RESTART_DELAY_MIN_MS << failures).min(RESTART_DELAY_MAX_MS);
-            let delay = self.rng.random_range(RESTART_DELAY_MIN_MS..=delay);
-            let epoch = self.hosts[s].epoch;
-            self.schedule_at(self.now + delay, Event::ShardRestart { shard, epoch });
-            return Ok(());
+            let no_space = f.error.kind == fabric_shard::store::StoreErrorKind::NoSpace;
+            self.hosts[s]
+                .shard
+                .handle_wal_failed(self.now, no_space, &f.error.to_string());
+            let failure = match (f.cleaned, no_space) {
+                (false, _) => ShardFailure::Unrecoverable,
+                (true, true) => ShardFailure::NoSpace,
+                (true, false) => ShardFailure::Storage,
+            };
+            return self.shard_failed(shard, failure);
         }
-        self.hosts[s].failures = 0;
-        self.hosts[s].disk.complete_write(w);
         self.model.ack_durable(&inflight.acks);
         self.trace(format!(
             "s{shard} wal write {id} durable up to lsn {}",
@@ -1161,6 +1216,34 @@ impl Simulation {
         // recycled buffer that kept old bytes would show up as corrupt WAL in the checkers.
         self.hosts[s].shard.recycle_wal_buffer(inflight.write.bytes);
         self.probe_retention(shard);
+        Ok(())
+    }
+
+    /// What the node's supervisor does with a failed shard (`fabric_router::supervise`): recover
+    /// at once refusing writes (disk full), or after a backoff, answering `unavailable` meanwhile.
+    fn shard_failed(&mut self, shard: ShardIdx, failure: ShardFailure) -> Checked {
+        let s = shard as usize;
+        let decision = self.hosts[s].supervision.handle_failure(self.now, failure);
+        self.trace(format!("s{shard} failed ({failure:?}): {decision:?}"));
+        match decision {
+            Decision::RecoverRefusingWrites { writes_from_ms } => {
+                self.restart_after_failure(shard)?;
+                self.hosts[s]
+                    .shard
+                    .handle_storage_full(self.now, writes_from_ms);
+            }
+            Decision::RestartAt { at_ms } => {
+                self.hosts[s].down = true;
+                let epoch = self.hosts[s].epoch;
+                self.schedule_at(at_ms, Event::ShardRestart { shard, epoch });
+            }
+            Decision::StayDown => {
+                return fail(
+                    ViolationKind::RecoveryRefused,
+                    format!("s{shard} stays down: a failed write could not be cut back"),
+                )
+            }
+        }
         Ok(())
     }
 
@@ -1208,6 +1291,19 @@ impl Simulation {
             tail_corruption_probability: self.options.tail_corruption_probability,
         };
         for s in 0..self.hosts.len() {
+            // A write in flight stops after a random number of the node's file steps.
+            if let Some(inflight) = self.hosts[s].inflight.take() {
+                let mut dry = self.hosts[s].disk.clone();
+                let planted = self.hosts[s].shard.config().planted;
+                let _ = store::perform(&mut dry, &inflight.write, &planted);
+                let steps = self.rng.random_range(0..=dry.steps());
+                let disk = &mut self.hosts[s].disk;
+                disk.set_fault(Some(Fault::CrashAfter { steps }));
+                let _ = store::perform(disk, &inflight.write, &planted);
+                self.trace(format!(
+                    "CRASH s{s} after {steps} file steps of the write in flight"
+                ));
+            }
             let report = self.hosts[s].disk.crash(&mut self.rng, faults);
             self.counters.faults += report.faults();
             self.trace(format!("CRASH s{s} {report:?}"));
@@ -1215,7 +1311,9 @@ impl Simulation {
             h.epoch += 1;
             h.inflight = None;
             h.input.clear();
-            h.failures = 0;
+            h.down = false;
+            // A new process: the supervisor's history starts over.
+            h.supervision = Supervision::new(restart_policy());
         }
         self.conns.clear();
         self.sessions.clear();
@@ -1238,6 +1336,7 @@ impl Simulation {
     /// old incarnation (each session core decides how); their clients reconnect.
     fn restart_after_failure(&mut self, shard: ShardIdx) -> Checked {
         self.counters.restarts += 1;
+        self.hosts[shard as usize].down = false;
         self.trace(format!("s{shard} restart after storage failure"));
         self.reincarnate(shard)?;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
@@ -1262,8 +1361,8 @@ impl Simulation {
         self.audit(shard)
     }
 
-    /// Recovery exactly as the glue does it, after maybe one corrupted read that must be
-    /// refused.
+    /// Recovery exactly as the node does it (`fabric_shard::store::recover` on the shard's
+    /// disk), after maybe one corrupted read of synced data that must be refused.
     fn recover(&mut self, shard: ShardIdx) -> Checked {
         let s = shard as usize;
         let config = self.options.shard_config(shard);
@@ -1276,34 +1375,31 @@ impl Simulation {
             );
             if let Some(flip) = flip {
                 self.counters.faults += 1;
-                let segments = self.hosts[s].disk.read_flipped(flip);
-                match recover_from(config.clone(), segments.iter().map(|(id, b)| (*id, &b[..]))) {
+                self.hosts[s].disk.flip_next_read(flip);
+                match store::recover(&mut self.hosts[s].disk, config.clone()) {
                     Err(RecoverError::Corrupt { file, offset, .. }) => {
                         self.trace(format!(
                             "s{shard} read corruption {flip:?} refused: {file} at {offset}"
                         ));
                     }
-                    Err(e) => {
-                        return fail(
-                            ViolationKind::RecoveryRefused,
-                            format!(
+                    Err(e) => return fail(
+                        ViolationKind::RecoveryRefused,
+                        format!(
                             "s{shard} read corruption {flip:?} refused with the wrong error: {e}"
                         ),
-                        )
-                    }
-                    Ok(_) => {
+                    ),
+                    Ok((_, report)) => {
                         return fail(
                             ViolationKind::CorruptionAccepted,
                             format!(
-                            "s{shard} recovery accepted {flip:?} in a segment that is not the last"
-                        ),
+                                "s{shard} recovery accepted {flip:?} in synced data: {report:?}"
+                            ),
                         )
                     }
                 }
             }
         }
-        let result = recover_from(config, self.hosts[s].disk.segments().into_iter());
-        let (recovered, report) = match result {
+        let (recovered, report) = match store::recover(&mut self.hosts[s].disk, config) {
             Ok(x) => x,
             Err(e) => {
                 return fail(
@@ -1312,14 +1408,7 @@ impl Simulation {
                 )
             }
         };
-        let host = &mut self.hosts[s];
-        if let Some((id, len)) = report.truncate {
-            host.disk.truncate(id, len);
-        }
-        if self.options.sync_after_recovery {
-            host.disk.sync_all();
-        }
-        host.shard = recovered;
+        self.hosts[s].shard = recovered;
         self.trace(format!("s{shard} recovered {report:?}"));
         Ok(())
     }
@@ -1685,10 +1774,10 @@ impl Simulation {
             }
             ServerOp::Error {
                 r: Some(r),
-                code: ErrorCode::Unavailable,
+                code: code @ (ErrorCode::Unavailable | ErrorCode::StorageFull),
                 message,
             } => {
-                self.trace(format!("{peer} unavailable r={r}: {message}"));
+                self.trace(format!("{peer} {code} r={r}: {message}"));
                 // Refused, or its WAL write failed (and may yet survive in the page cache).
                 // Keyed appends and sends are retried; keyless appends abandoned.
                 if let Some(op) = self.clients[c].inflight.remove(&r) {
@@ -1826,15 +1915,7 @@ fn frame_bytes(f: &OutFrame) -> Bytes {
     Bytes::from(b)
 }
 
-/// Feeds segments to a `Recoverer` as the glue does: in id order, `is_last` for the newest.
-fn recover_from<'a>(
-    config: ShardConfig,
-    segments: impl ExactSizeIterator<Item = (u64, &'a [u8])>,
-) -> Result<(Shard, RecoveryReport), RecoverError> {
-    let mut r = Recoverer::new(config);
-    let n = segments.len();
-    for (i, (id, bytes)) in segments.enumerate() {
-        r.handle_segment(id, &wal::segment_file_name(id), bytes, i + 1 == n)?;
-    }
-    Ok(r.finish())
+/// The node's restart policy (`fabric serve` defaults).
+fn restart_policy() -> RestartPolicy {
+    RestartPolicy::default()
 }

@@ -1,0 +1,326 @@
+//! Group commit: records are framed into the building write frame as requests arrive; one
+//! frame at a time goes to the glue as a [`WalWrite`]; `handle_wal_done` releases the acks it
+//! covers and makes its data visible.
+//!
+//! A frame is cut ("sealed") once it holds `wal_batch_bytes_max`: requests stop being taken
+//! then (`wants_input`), but records the shard makes itself (copy-forwards, checkpoint parts,
+//! cursor records) may keep coming, and go into further frames. So no write is longer than
+//! `wal_batch_bytes_max` plus one record, which is what lets recovery tell the final write of a
+//! segment from an earlier one whose header was damaged.
+
+use crate::conv::ConvKey;
+use crate::record::{AckedRec, Record};
+use crate::{wal, SegmentInfo, Shard, WalWrite};
+use fabric_proto::internal::{Output, Reply, SessionId};
+use fabric_proto::{ErrorCode, ProtoError, ServerOp};
+use std::sync::Arc;
+
+/// The set of entities a write frame made durable, applied on `handle_wal_done`: each mesh and
+/// conversation once, in the order it was first written, with its head when the frame was
+/// sealed. Per-message entries would make `handle_wal_done` queue every attached session once
+/// per message.
+#[derive(Debug, Default)]
+pub(crate) struct Dirty {
+    pub(crate) meshes: Vec<(Arc<str>, u64)>,
+    pub(crate) convs: Vec<(ConvKey, u64)>,
+}
+
+/// A frame cut from the building buffer, waiting for its write.
+#[derive(Debug)]
+pub(crate) struct Sealed {
+    bytes: Vec<u8>,
+    first_lsn: u64,
+    last_lsn: u64,
+    records: u64,
+    dirty: Dirty,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inflight {
+    pub(crate) last_lsn: u64,
+    pub(crate) dirty: Dirty,
+}
+
+impl Shard {
+    /// Frames a record into the building write frame and returns its LSN; `too_large` (and
+    /// nothing framed) if its payload is over `wal::RECORD_BYTES_MAX`. Callers check sizes
+    /// that input controls before they change any state, so this refusal is a last guard.
+    pub(crate) fn log(&mut self, record: &Record) -> Result<u64, ProtoError> {
+        if self.building.len() >= self.config.wal_batch_bytes_max {
+            self.seal();
+        }
+        let lsn = self.next_lsn;
+        if self.building_records == 0 {
+            debug_assert!(self.building.is_empty());
+            self.building.clear();
+            self.building
+                .extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
+            self.building_first_lsn = lsn;
+        }
+        let Some(framed) = wal::encode_record(lsn, record, &mut self.building) else {
+            if self.building_records == 0 {
+                self.building.clear();
+            }
+            return Err(ProtoError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "the record is over {} bytes (the WAL's record limit)",
+                    wal::RECORD_BYTES_MAX
+                ),
+            ));
+        };
+        self.next_lsn += 1;
+        self.building_records += 1;
+        self.stats.records_written += 1;
+        self.stats.bytes_written += framed as u64;
+        Ok(lsn)
+    }
+
+    /// Cuts the building frame: fills its header and captures what it makes visible (each
+    /// dirty mesh and conversation with its head now, which is the last position or seq the
+    /// frame holds: positions and seqs are assigned in the order records are framed).
+    fn seal(&mut self) {
+        if self.building_records == 0 {
+            return;
+        }
+        let records = std::mem::take(&mut self.building_records);
+        let mut bytes =
+            std::mem::replace(&mut self.building, std::mem::take(&mut self.spare_buffer));
+        self.building.clear();
+        let first_lsn = self.building_first_lsn;
+        wal::FrameHeader::seal(&mut bytes, first_lsn, records as u32);
+        let mut dirty = std::mem::take(&mut self.building_dirty);
+        for (mesh, pos) in &mut dirty.meshes {
+            if let Some(m) = self.meshes.get_mut(mesh) {
+                m.in_building = false;
+                *pos = m.head;
+            }
+        }
+        for (ck, seq) in &mut dirty.convs {
+            if let Some(c) = self.convs.get_mut(ck) {
+                c.in_building = false;
+                *seq = c.head;
+            }
+        }
+        self.sealed.push_back(Sealed {
+            bytes,
+            first_lsn,
+            last_lsn: self.next_lsn - 1,
+            records,
+            dirty,
+        });
+    }
+
+    pub(crate) fn ack_at(&mut self, lsn: u64, session: SessionId, reply: Reply) {
+        if self.config.planted.ack_before_fsync {
+            self.emit(session, reply);
+            return;
+        }
+        debug_assert!(self.pending.back().is_none_or(|(l, _)| *l <= lsn));
+        self.pending.push_back((lsn, Output { session, reply }));
+    }
+
+    /// One cursor record per peer whose cursor moved since the last write, with its latest
+    /// cursor (however often it acknowledged meanwhile).
+    fn log_cursors(&mut self) {
+        for (mesh, idx) in std::mem::take(&mut self.unlogged_cursors) {
+            let Some(m) = self.meshes.get_mut(&mesh) else {
+                continue;
+            };
+            let p = &mut m.peers[idx as usize];
+            p.cursor_unlogged = false;
+            let rec = AckedRec {
+                mesh,
+                peer: p.id.clone(),
+                upto: p.acked,
+            };
+            // A cursor record is a few hundred bytes at most (two ids and a number).
+            let logged = self.log(&Record::Acked(rec));
+            debug_assert!(logged.is_ok());
+        }
+    }
+
+    /// The next WAL write, if one is due and none is in flight.
+    pub fn poll_wal(&mut self) -> Option<WalWrite> {
+        if self.inflight.is_some() || self.failed {
+            return None;
+        }
+        self.log_cursors();
+        if self.sealed.is_empty() {
+            self.seal();
+        }
+        let frame = self.sealed.pop_front();
+        if frame.is_none() && self.deletes.is_empty() && !self.manifest_dirty {
+            return None;
+        }
+        let (bytes, first_lsn, last_lsn, records, dirty) = match frame {
+            Some(f) => (f.bytes, f.first_lsn, f.last_lsn, f.records, f.dirty),
+            None => (
+                Vec::new(),
+                self.next_lsn,
+                self.next_lsn - 1,
+                0,
+                Dirty::default(),
+            ),
+        };
+        let create = !bytes.is_empty() && self.rotates(bytes.len() as u64);
+        if create {
+            self.open_segment(first_lsn);
+        }
+        let (segment, offset) = self.append_to_newest(&bytes, first_lsn, last_lsn);
+        let manifest = std::mem::take(&mut self.manifest_dirty).then_some(self.manifest);
+        self.inflight = Some(Inflight { last_lsn, dirty });
+        self.stats.wal_writes += 1;
+        Some(WalWrite {
+            shard: self.config.shard,
+            segment,
+            create,
+            offset,
+            bytes,
+            first_lsn,
+            last_lsn,
+            records,
+            manifest,
+            delete: std::mem::take(&mut self.deletes),
+        })
+    }
+
+    /// A frame of `len` bytes starts a new segment: there is none yet, or the newest one holds
+    /// a frame already and would grow past `wal_segment_bytes_max`.
+    fn rotates(&self, len: u64) -> bool {
+        match self.segments.back() {
+            None => true,
+            Some(s) => {
+                s.bytes > wal::SEGMENT_HEADER_BYTES as u64
+                    && s.bytes + len > self.config.wal_segment_bytes_max
+            }
+        }
+    }
+
+    fn open_segment(&mut self, first_lsn: u64) {
+        let id = self.segments.back().map_or(1, |s| s.id + 1);
+        self.segments.push_back(SegmentInfo {
+            id,
+            first_lsn,
+            last_lsn: first_lsn - 1,
+            bytes: wal::SEGMENT_HEADER_BYTES as u64,
+        });
+        self.wal_bytes += wal::SEGMENT_HEADER_BYTES as u64;
+        self.manifest.newest = id;
+        if self.manifest.oldest == 0 {
+            self.manifest.oldest = id;
+        }
+        self.manifest_dirty = true;
+    }
+
+    /// Accounts a frame to the newest segment; returns the segment and the offset it starts at.
+    fn append_to_newest(&mut self, bytes: &[u8], first_lsn: u64, last_lsn: u64) -> (u64, u64) {
+        let Some(seg) = self.segments.back_mut() else {
+            return (0, 0);
+        };
+        let offset = seg.bytes;
+        if !bytes.is_empty() {
+            assert_eq!(seg.last_lsn + 1, first_lsn, "LSNs are dense across writes");
+            seg.last_lsn = last_lsn;
+            seg.bytes += bytes.len() as u64;
+            self.wal_bytes += bytes.len() as u64;
+        }
+        (seg.id, offset)
+    }
+
+    /// The glue wrote and fdatasynced everything up to `last_lsn`.
+    pub fn handle_wal_done(&mut self, _now: u64, last_lsn: u64) {
+        let Some(inflight) = self.inflight.take() else {
+            debug_assert!(false, "wal done with no write in flight");
+            return;
+        };
+        assert_eq!(inflight.last_lsn, last_lsn, "WAL writes complete in order");
+        assert!(last_lsn >= self.durable_lsn, "durability never goes back");
+        self.durable_lsn = last_lsn;
+        self.release_acks(last_lsn);
+        self.make_visible(inflight.dirty);
+        self.retention_step(last_lsn);
+    }
+
+    fn release_acks(&mut self, last_lsn: u64) {
+        while self.pending.front().is_some_and(|(l, _)| *l <= last_lsn) {
+            let (_, o) = self.pending.pop_front().expect("front exists");
+            self.stats.acks_released += 1;
+            match &o.reply {
+                Reply::Frame(ServerOp::Ok { pos: Some(_), .. }) => self.stats.sends_acked += 1,
+                Reply::Frame(ServerOp::Ok { seq: Some(_), .. }) => self.stats.appends_acked += 1,
+                _ => {}
+            }
+            self.out.push_back(o);
+        }
+    }
+
+    fn make_visible(&mut self, dirty: Dirty) {
+        for (mesh, pos) in dirty.meshes {
+            let sessions = match self.meshes.get_mut(&mesh) {
+                Some(m) if pos > m.durable_pos => {
+                    m.durable_pos = pos;
+                    m.sessions.clone()
+                }
+                _ => continue,
+            };
+            for s in sessions {
+                self.queue_drain(s);
+            }
+        }
+        for (ck, seq) in dirty.convs {
+            let subs = match self.convs.get_mut(&ck) {
+                Some(c) if seq > c.durable_seq => {
+                    c.durable_seq = seq;
+                    c.subscribers.clone()
+                }
+                _ => continue,
+            };
+            for s in subs {
+                self.queue_drain(s);
+            }
+        }
+    }
+
+    /// Hands back the buffer of a finished [`WalWrite`] for the next batch. Optional: without
+    /// it each batch starts in a new `Vec`. Only its allocation is kept, never its bytes.
+    pub fn recycle_wal_buffer(&mut self, mut buffer: Vec<u8>) {
+        buffer.clear();
+        // A buffer larger than one batch may hold is not kept.
+        if buffer.capacity() > 2 * self.config.wal_batch_bytes_max {
+            return;
+        }
+        if self.building.is_empty() && buffer.capacity() > self.building.capacity() {
+            self.building = buffer;
+        } else if buffer.capacity() > self.spare_buffer.capacity() {
+            self.spare_buffer = buffer;
+        }
+    }
+
+    /// The glue could not write or sync the WAL (and has cut the segment back to what was
+    /// synced). Nothing pending can be acknowledged: the writes fail with `unavailable`, or
+    /// `storage_full` when the disk was full, and the shard refuses writes until it is
+    /// recovered anew from disk.
+    pub fn handle_wal_failed(&mut self, _now: u64, no_space: bool, reason: &str) {
+        self.failed = true;
+        self.inflight = None;
+        let code = if no_space {
+            ErrorCode::StorageFull
+        } else {
+            ErrorCode::Unavailable
+        };
+        let pending = std::mem::take(&mut self.pending);
+        for (_, o) in pending {
+            let r = match &o.reply {
+                Reply::Frame(ServerOp::Ok { r, .. }) => Some(*r),
+                _ => None,
+            };
+            self.stats.errors_sent += 1;
+            let message = format!("WAL write failed: {reason}");
+            self.emit(
+                o.session,
+                Reply::Frame(ServerOp::error(r, ProtoError::new(code, message))),
+            );
+        }
+    }
+}

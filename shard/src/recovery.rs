@@ -1,0 +1,382 @@
+//! Rebuilding a shard from its segments, and what recovery may cut.
+//!
+//! The rules (docs/OPERATIONS.md, "Recovery"):
+//! - Damage may be cut only in the newest listed segment, and only when the damaged write and
+//!   every byte after it lie inside the final write: no intact frame header follows it, and
+//!   it is no longer than one write can be (`wal_batch_bytes_max` plus one record). That
+//!   write was never synced (a completed fdatasync cannot be torn by a power loss), so it
+//!   holds nothing acknowledged. The cut bytes are kept in `quarantine/`, never destroyed.
+//! - Anything else (damage in a sealed segment or an earlier write, a checksummed record or
+//!   frame out of LSN sequence, a damaged segment header of a listed segment) refuses to
+//!   start, naming the file and byte offset.
+//! - A segment newer than the manifest lists is an incomplete creation (its header is written
+//!   before the manifest lists it, and records only after): if it holds no frame it is
+//!   quarantined and removed; if it holds one, recovery refuses.
+
+use crate::mesh::{InboxMsg, Mesh};
+use crate::record::*;
+use crate::store::StoreError;
+use crate::wal::{self, Damage, SegmentHeader};
+use crate::{conv::StoredEvent, SegmentInfo, Shard, ShardConfig};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RecoverError {
+    #[error("WAL corrupt in {file} at byte {offset}: {reason}")]
+    Corrupt {
+        file: String,
+        offset: u64,
+        reason: String,
+    },
+    #[error("WAL segment {file} is out of order: segment {id} after {previous}")]
+    OutOfOrder {
+        file: String,
+        id: u64,
+        previous: u64,
+    },
+    /// The manifest and the segments on disk disagree, or the manifest is missing or damaged.
+    #[error("shard directory inconsistent: {0}")]
+    Manifest(String),
+    /// Data of a WAL format this node does not read.
+    #[error("{file}: {reason}")]
+    Format { file: String, reason: String },
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// Bytes recovery cuts from the newest segment (after keeping them in quarantine).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Cut {
+    pub segment: u64,
+    /// The segment keeps `[0, offset)`.
+    pub offset: u64,
+    /// Bytes cut.
+    pub bytes: u64,
+}
+
+/// What recovery found and did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    pub segments: u64,
+    pub records: u64,
+    pub bytes: u64,
+    /// A damaged final write cut from the newest segment.
+    pub cut: Option<Cut>,
+    /// Why it was cut.
+    pub cut_reason: Option<String>,
+    /// Files written under `quarantine/` (cut bytes, incomplete segments).
+    pub quarantined: Vec<String>,
+    /// An incompletely created segment that was removed (after quarantine).
+    pub incomplete_segment: Option<u64>,
+    /// Retired segments (no longer in the manifest) whose deletion recovery finished.
+    pub retired_removed: Vec<u64>,
+}
+
+/// Rebuilds a shard from its listed segments, oldest first. Pure: [`crate::store::recover`]
+/// reads the files and carries out the cuts it reports.
+pub struct Recoverer {
+    shard: Shard,
+    expect_lsn: Option<u64>,
+    last_segment: Option<u64>,
+    report: RecoveryReport,
+}
+
+impl Recoverer {
+    pub fn new(config: ShardConfig) -> Recoverer {
+        Recoverer {
+            shard: Shard::new(config),
+            expect_lsn: None,
+            last_segment: None,
+            report: RecoveryReport::default(),
+        }
+    }
+
+    /// The most bytes one write can hold: recovery never cuts more than this.
+    pub fn write_bytes_max(&self) -> u64 {
+        (self.shard.config.wal_batch_bytes_max + wal::RECORD_BYTES_MAX + wal::FRAME_HEADER_BYTES)
+            as u64
+    }
+
+    /// Feeds one listed segment. `newest` says it is the newest listed one: only there may a
+    /// damaged final write be cut (reported in the report's `cut`).
+    pub fn handle_segment(
+        &mut self,
+        id: u64,
+        file: &str,
+        bytes: &[u8],
+        newest: bool,
+    ) -> Result<(), RecoverError> {
+        self.check_order(id, file)?;
+        let corrupt = |offset: u64, reason: String| RecoverError::Corrupt {
+            file: file.to_string(),
+            offset,
+            reason,
+        };
+        let header =
+            SegmentHeader::decode(bytes).map_err(|e| corrupt(0, format!("segment header: {e}")))?;
+        self.check_header(&header, id, file)?;
+        let expect = self.expect_lsn.unwrap_or(header.first_lsn);
+        let skip_crc = self.shard.config.planted.skip_crc_on_recovery;
+        let scan = wal::scan_frames(bytes, expect, skip_crc);
+        if let Some((at, damage)) = &scan.damage {
+            let next = scan.records.last().map_or(expect, |r| r.lsn + 1);
+            self.may_cut(bytes, *at, damage, next, newest)
+                .map_err(|reason| corrupt(*at, reason))?;
+            self.report.cut = Some(crate::recovery::Cut {
+                segment: id,
+                offset: *at,
+                bytes: bytes.len() as u64 - *at,
+            });
+            self.report.cut_reason = Some(damage.reason().to_string());
+        }
+        let first_lsn = header.first_lsn;
+        let mut last_lsn = first_lsn - 1;
+        for rec in scan.records {
+            last_lsn = rec.lsn;
+            self.report.records += 1;
+            self.apply(rec.lsn, rec.record);
+        }
+        self.shard.next_lsn = last_lsn + 1;
+        self.expect_lsn = Some(last_lsn + 1);
+        self.shard.segments.push_back(SegmentInfo {
+            id,
+            first_lsn,
+            last_lsn,
+            bytes: scan.valid_len,
+        });
+        self.shard.wal_bytes += scan.valid_len;
+        self.report.segments += 1;
+        self.report.bytes += scan.valid_len;
+        Ok(())
+    }
+
+    fn check_order(&mut self, id: u64, file: &str) -> Result<(), RecoverError> {
+        if let Some(prev) = self.last_segment {
+            if id <= prev {
+                return Err(RecoverError::OutOfOrder {
+                    file: file.to_string(),
+                    id,
+                    previous: prev,
+                });
+            }
+        }
+        self.last_segment = Some(id);
+        Ok(())
+    }
+
+    fn check_header(&self, h: &SegmentHeader, id: u64, file: &str) -> Result<(), RecoverError> {
+        let corrupt = |reason: String| RecoverError::Corrupt {
+            file: file.to_string(),
+            offset: 0,
+            reason,
+        };
+        if h.shard != self.shard.config.shard {
+            return Err(corrupt(format!(
+                "segment header names shard {}, but this is shard {}",
+                h.shard, self.shard.config.shard
+            )));
+        }
+        if h.segment != id {
+            return Err(corrupt(format!(
+                "segment header names segment {}, but the file name says {id}",
+                h.segment
+            )));
+        }
+        match self.expect_lsn {
+            Some(expect) if h.first_lsn != expect => Err(corrupt(format!(
+                "segment starts at lsn {} where {expect} was expected: a segment is missing \
+                 or was replaced",
+                h.first_lsn
+            ))),
+            _ if h.first_lsn == 0 => Err(corrupt("segment header names lsn 0".into())),
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether damage at `at` may be cut; the reason to refuse otherwise.
+    fn may_cut(
+        &self,
+        bytes: &[u8],
+        at: u64,
+        damage: &Damage,
+        next_lsn: u64,
+        newest: bool,
+    ) -> Result<(), String> {
+        let reason = damage.reason();
+        if !newest {
+            return Err(format!("{reason}, in a segment that is not the newest"));
+        }
+        if self.shard.config.planted.cut_any_damage_in_newest_segment {
+            return Ok(());
+        }
+        if let Damage::Invalid(r) = damage {
+            return Err(format!("{r} (no torn write looks like this)"));
+        }
+        if let Some(later) = wal::find_frame_after(bytes, at as usize, next_lsn) {
+            return Err(format!(
+                "{reason}; an intact write follows at byte {later}, so the damaged write was \
+                 synced and acknowledged"
+            ));
+        }
+        let tail = bytes.len() as u64 - at;
+        if tail > self.write_bytes_max() {
+            return Err(format!(
+                "{reason}; the {tail} bytes from here to the end of the file are more than one \
+                 write can hold ({}), so the damage is not in the final write",
+                self.write_bytes_max()
+            ));
+        }
+        Ok(())
+    }
+
+    /// An unlisted segment newer than the manifest's newest: an incomplete creation if it holds
+    /// no frame (the caller quarantines and removes it); a refusal if it holds one.
+    pub fn handle_unlisted(
+        &mut self,
+        id: u64,
+        file: &str,
+        bytes: &[u8],
+    ) -> Result<(), RecoverError> {
+        if bytes.len() > wal::SEGMENT_HEADER_BYTES && SegmentHeader::decode(bytes).is_ok() {
+            return Err(RecoverError::Manifest(format!(
+                "{file} holds {} bytes after its header, but MANIFEST does not list it (records \
+                 are written only to listed segments)",
+                bytes.len() - wal::SEGMENT_HEADER_BYTES
+            )));
+        }
+        if bytes.len() > wal::SEGMENT_HEADER_BYTES {
+            return Err(RecoverError::Manifest(format!(
+                "{file} is not in MANIFEST and is {} bytes, more than a segment header",
+                bytes.len()
+            )));
+        }
+        self.report.incomplete_segment = Some(id);
+        Ok(())
+    }
+
+    fn apply(&mut self, lsn: u64, record: Record) {
+        let s = &mut self.shard;
+        match record {
+            Record::MeshCreated(r) => {
+                mesh_entry(s, &r.mesh).exists = true;
+            }
+            // A peer starts at the head it was added at (the replayed head then; a checkpoint
+            // later in the log gives its exact cursor if copies of older messages moved).
+            Record::PeerAdded(r) => {
+                let m = mesh_entry(s, &r.mesh);
+                let head = m.head;
+                m.define_peer(&r.peer, r.groups, Some(r.token_hash), None, head);
+            }
+            Record::PeerKeyAdded(r) => {
+                let m = mesh_entry(s, &r.mesh);
+                let head = m.head;
+                m.define_peer(&r.peer, r.groups, r.token_hash, Some(r.public_key), head);
+            }
+            Record::Sent(r) => apply_sent(s, lsn, r),
+            Record::Appended(r) => apply_appended(s, lsn, r),
+            Record::Acked(r) => {
+                if let Some(m) = s.meshes.get_mut(&r.mesh) {
+                    let i = m.ensure_peer(&r.peer) as usize;
+                    m.peers[i].acked = m.peers[i].acked.max(r.upto);
+                }
+            }
+            Record::CheckpointPart(ck) => apply_checkpoint(s, ck),
+        }
+    }
+
+    /// The recovered shard, ready to serve (counts rebuilt, indexes built), and the report.
+    pub fn finish(mut self, manifest: wal::Manifest) -> (Shard, RecoveryReport) {
+        let s = &mut self.shard;
+        s.durable_lsn = s.next_lsn - 1;
+        s.building_first_lsn = s.next_lsn;
+        s.manifest = manifest;
+        if let Some(cut) = self.report.cut {
+            if let Some(seg) = s.segments.iter_mut().find(|x| x.id == cut.segment) {
+                seg.bytes = cut.offset;
+            }
+        }
+        for m in s.meshes.values_mut() {
+            m.recount();
+        }
+        for (id, m) in &s.meshes {
+            for (pos, msg) in &m.log {
+                s.inbox_by_lsn.insert(msg.lsn, (id.clone(), *pos));
+            }
+        }
+        for (ck, c) in &s.convs {
+            if let Some(first) = c.first_lsn() {
+                s.convs_by_lsn.insert((first, ck.clone()));
+            }
+            if c.head > 0 {
+                *s.mesh_convs.entry(ck.0.clone()).or_default() += 1;
+            }
+        }
+        (self.shard, self.report)
+    }
+}
+
+fn mesh_entry<'a>(s: &'a mut Shard, mesh: &std::sync::Arc<str>) -> &'a mut Mesh {
+    s.meshes
+        .entry(mesh.clone())
+        .or_insert_with(|| Mesh::new(mesh.clone()))
+}
+
+fn apply_sent(s: &mut Shard, lsn: u64, r: SentRec) {
+    let m = mesh_entry(s, &r.mesh);
+    let from = m.ensure_peer(&r.from);
+    let to = m.stored_target(&r.to);
+    // A message copied forward by retention appears twice until the old segment is gone; the
+    // newest copy's LSN is the one retention must see. `pending` is counted in `finish`, once
+    // every peer is defined.
+    m.log.insert(
+        r.pos,
+        InboxMsg {
+            from,
+            to,
+            body: r.body,
+            ts: r.ts,
+            lsn,
+            pending: 0,
+        },
+    );
+    m.head = m.head.max(r.pos);
+    m.durable_pos = m.head;
+}
+
+fn apply_appended(s: &mut Shard, lsn: u64, r: AppendedRec) {
+    let c = s.convs.entry((r.mesh, r.conv)).or_default();
+    if r.seq > c.head {
+        c.push(StoredEvent {
+            seq: r.seq,
+            from: r.from,
+            body: r.body,
+            ts: r.ts,
+            lsn,
+            key: r.key,
+        });
+        c.durable_seq = c.head;
+    }
+}
+
+fn apply_checkpoint(s: &mut Shard, ck: CheckpointPartRec) {
+    for mc in ck.meshes {
+        let m = mesh_entry(s, &mc.mesh);
+        m.exists = true;
+        m.head = m.head.max(mc.head);
+        m.durable_pos = m.head;
+        for pc in mc.peers {
+            m.define_peer(&pc.peer, pc.groups, pc.token_hash, pc.public_key, 0);
+            let i = m.peer_index[&pc.peer] as usize;
+            m.peers[i].acked = m.peers[i].acked.max(pc.acked);
+        }
+    }
+    for cc in ck.convs {
+        let c = s.convs.entry((cc.mesh, cc.conv)).or_default();
+        if cc.head > c.head {
+            c.head = cc.head;
+            c.durable_seq = cc.head;
+            if c.events.is_empty() {
+                c.first_seq = cc.head + 1;
+            }
+        }
+    }
+}
