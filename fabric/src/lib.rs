@@ -6,6 +6,7 @@
 pub mod client;
 pub(crate) mod client_io;
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod identity;
 pub mod metrics;
