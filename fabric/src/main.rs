@@ -152,18 +152,6 @@ impl ServeArgs {
     }
 }
 
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Listens for SIGTERM and SIGINT. Made before the node starts, so that a signal that arrives
 /// right after the "listening" line is never missed (it would kill the process ungracefully).
 struct ShutdownSignal {
@@ -210,7 +198,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let config = args.into_config()?;
-            init_logging(config.log_format);
+            // Kept until exit: its drop writes out the log lines still queued.
+            let _log = fabric::logging::init(config.log_format).context("cannot start logging")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("fabric")
@@ -223,21 +212,21 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot start a node on {}", data_dir.display()))?;
                 if let (Some(quic), Some(fp)) = (node.quic_addr(), node.tls_fingerprint()) {
-                    println!(
+                    fabric::logging::say(format_args!(
                         "fabric: QUIC on quic://{quic} (ALPN fabric/1), certificate SHA-256 {}",
                         fabric::tls::fingerprint_hex(&fp)
-                    );
+                    ));
                 }
                 let (http, ws) = if node.ctx().config.ws_tls {
                     ("https", "wss")
                 } else {
                     ("http", "ws")
                 };
-                println!(
+                fabric::logging::say(format_args!(
                     "fabric: listening on {http}://{} (WebSocket: {ws}://{}/v1/ws)",
                     node.addr(),
                     node.addr()
-                );
+                ));
                 signal.recv().await;
                 node.shutdown().await;
                 anyhow::Ok(())

@@ -397,6 +397,7 @@ impl Metrics {
         }
         let mut out = handle.render();
         render_process(&mut out);
+        render_logging(&mut out);
         Some(out)
     }
 }
@@ -412,6 +413,30 @@ fn error_counters(r: &Registrar<'_>, transport: &'static str) -> [Counter; ERROR
             ],
         )
     })
+}
+
+/// Logging's process-wide counters (`crate::logging::STATS`): logging is set up once per
+/// process, before any node's recorder exists.
+fn render_logging(out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &crate::logging::STATS;
+    for (name, help, value) in [
+        (
+            "fabric_log_write_errors_total",
+            "Log lines whose write to stderr failed (the node goes on).",
+            s.write_errors.load(Relaxed),
+        ),
+        (
+            "fabric_log_lines_dropped_total",
+            "Log lines dropped because stderr did not keep up with the log queue.",
+            s.lines_dropped.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        );
+    }
 }
 
 /// Process figures read from /proc/self at scrape time (Linux). Rendered here rather than
