@@ -2,6 +2,7 @@
 //! the HTTP/WebSocket server. Also graceful shutdown.
 
 use crate::config::Config;
+use crate::files;
 use crate::metrics::Metrics;
 use crate::shard_actor::{NodeSupervisor, ShardMsg, ShardSlot, SupervisorArgs, SupervisorMsg};
 use fabric_edge::SessionConfig;
@@ -50,6 +51,8 @@ pub enum NodeError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Quic(#[from] crate::quic::QuicError),
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
 }
 
 /// What every session and HTTP handler shares.
@@ -235,22 +238,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-/// Writes a small file so that it is either wholly there or not at all: temp file, fsync,
-/// rename, fsync the directory.
-fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-    crate::storage::sync_dir(dir).map_err(|e| NodeError::Meta {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
 /// Checks (or, on a new data dir, records) the placement the data was written with.
 fn check_meta(config: &Config, router: &Router) -> Result<(), NodeError> {
     let path = config.data_dir.join(META_FILE);
@@ -283,7 +270,8 @@ fn check_meta(config: &Config, router: &Router) -> Result<(), NodeError> {
                 "format_version": META_FORMAT_VERSION,
                 "placement": ours,
             });
-            write_durably(&config.data_dir, META_FILE, json.to_string().as_bytes())
+            crate::files::write_atomic(&path, json.to_string().as_bytes(), files::MODE_PUBLIC)?;
+            Ok(())
         }
         Err(e) => Err(io_err("read", &path)(e)),
     }
@@ -295,30 +283,32 @@ fn admin_token(config: &Config) -> Result<String, NodeError> {
     }
     let path = config.data_dir.join(ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) => Ok(t.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = new_token();
-            write_durably(&config.data_dir, ADMIN_TOKEN_FILE, token.as_bytes())?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-            }
-            // Printed once, on the start that made it; afterwards it is in the data dir.
-            println!(
-                "fabric: generated admin token {token} (stored in {})",
-                path.display()
-            );
-            Ok(token)
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {
+            // Only a file written before tokens were written atomically can be empty (a power
+            // loss right after the first start): nobody can hold that token, so make a new one.
+            tracing::warn!(file = %path.display(), "the stored admin token is empty; generating a new one");
         }
-        Err(e) => Err(io_err("read", &path)(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", &path)(e)),
     }
+    let token = new_token();
+    // Mode 0600 from creation on: the secret is never readable by others, not even briefly.
+    files::write_atomic(&path, token.as_bytes(), files::MODE_SECRET)?;
+    // Printed once, on the start that made it; afterwards it is in the data dir.
+    crate::logging::say(format_args!(
+        "fabric: generated admin token {token} (stored in {})",
+        path.display()
+    ));
+    Ok(token)
 }
 
 /// Starts a node and returns once it is listening and every shard has recovered.
 pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(io_err("create", &config.data_dir))?;
+    // 0700: the data dir holds the admin token and every tenant's messages. Its entry (and any
+    // parent made with it) is fsynced, so files written into it next survive a power loss.
+    files::create_dir_private(&config.data_dir)?;
     let router = Router::new(config.partitions, config.shards)?;
     check_meta(&config, &router)?;
     let admin_token = admin_token(&config)?;
