@@ -55,7 +55,89 @@ pub fn routes(ctx: Arc<NodeCtx>) -> Router {
             ctx.clone(),
             count_errors,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            body_deadline,
+        ))
         .with_state(ctx)
+}
+
+/// A request body that fails once its deadline passes (and says so in `expired`).
+struct DeadlineBody {
+    inner: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.expired
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request body did not arrive in time",
+            )))));
+        }
+        std::task::Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Gives a request body `http_body_timeout_ms` from the handler's start to arrive; a body
+/// still incomplete then is answered 408 (plain text) and its connection closed, so a client
+/// that sends headers and then trickles (or stalls) cannot hold a handler and a connection.
+async fn body_deadline(
+    State(ctx): State<Arc<NodeCtx>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use hyper::body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let limit = Duration::from_millis(ctx.config.http_body_timeout_ms);
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = expired.clone();
+    let req = req.map(|inner| {
+        axum::body::Body::new(DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            expired: flag,
+        })
+    });
+    let resp = next.run(req).await;
+    if !expired.load(std::sync::atomic::Ordering::Relaxed) {
+        return resp;
+    }
+    ctx.metrics.http_port.timeouts[1].increment(1);
+    (
+        StatusCode::REQUEST_TIMEOUT,
+        [(axum::http::header::CONNECTION, "close")],
+        format!(
+            "the request body did not arrive within http_body_timeout_ms ({} ms)",
+            limit.as_millis()
+        ),
+    )
+        .into_response()
 }
 
 /// The separate metrics port (`metrics_listen`): metrics and health only.

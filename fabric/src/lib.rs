@@ -9,6 +9,7 @@ pub mod config;
 pub mod files;
 pub mod http;
 pub mod identity;
+pub mod listener;
 pub mod logging;
 pub mod metrics;
 pub mod node;

@@ -103,6 +103,23 @@ struct ServeArgs {
     /// Comma-separated meshes that get per-mesh metric series (at most 64).
     #[arg(long, env = "FABRIC_METRICS_MESHES", value_delimiter = ',')]
     metrics_meshes: Option<Vec<String>>,
+    /// An HTTP request's headers must arrive within this time (also the idle keep-alive
+    /// limit), in ms. Default 10000.
+    #[arg(long, env = "FABRIC_HTTP_HEADER_TIMEOUT_MS")]
+    http_header_timeout_ms: Option<u64>,
+    /// An HTTP request's body must arrive within this time, in ms (else 408). Default 30000.
+    #[arg(long, env = "FABRIC_HTTP_BODY_TIMEOUT_MS")]
+    http_body_timeout_ms: Option<u64>,
+    /// A TLS handshake on the HTTP port (--ws-tls) must finish within this time, in ms.
+    /// Default 10000.
+    #[arg(long, env = "FABRIC_TLS_HANDSHAKE_TIMEOUT_MS")]
+    tls_handshake_timeout_ms: Option<u64>,
+    /// Client connections open at once (HTTP/WebSocket and QUIC together). Default 65536.
+    #[arg(long, env = "FABRIC_CONNECTIONS_MAX")]
+    connections_max: Option<u32>,
+    /// Client connections open at once from one address (IPv6: one /64). Default 16384.
+    #[arg(long, env = "FABRIC_CONNECTIONS_PER_IP_MAX")]
+    connections_per_ip_max: Option<u32>,
 }
 
 impl ServeArgs {
@@ -126,7 +143,12 @@ impl ServeArgs {
             durability,
             log_format,
             metrics,
-            metrics_meshes
+            metrics_meshes,
+            http_header_timeout_ms,
+            http_body_timeout_ms,
+            tls_handshake_timeout_ms,
+            connections_max,
+            connections_per_ip_max
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

@@ -70,6 +70,11 @@ pub struct NodeCtx {
     pub node_name: Arc<str>,
     /// This node's metric handles (no-ops when `metrics = false`).
     pub metrics: Arc<Metrics>,
+    /// Client connections open (HTTP/WebSocket port and QUIC), against `connections_max` and
+    /// `connections_per_ip_max`.
+    pub connections: Arc<crate::listener::ConnLimiter>,
+    /// QUIC refusals being answered at once.
+    pub(crate) quic_refusals: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a node is or is not ready to serve writes (`/readyz`, `fabric_ready`).
@@ -383,6 +388,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         hello_timeout_ms: config.hello_timeout_ms,
         ..SessionConfig::default()
     };
+    let config_caps = (config.connections_max, config.connections_per_ip_max);
     let ctx = Arc::new(NodeCtx {
         config,
         admin_token,
@@ -395,6 +401,8 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         next_session: AtomicU64::new(1),
         node_name,
         metrics,
+        connections: crate::listener::ConnLimiter::new(config_caps.0, config_caps.1),
+        quic_refusals: crate::listener::refusal_slots(),
     });
     // One certificate for QUIC and, when on, HTTPS/wss on the HTTP port.
     let identity = if ctx.config.quic || ctx.config.ws_tls {
@@ -422,24 +430,27 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         _ => None,
     };
     let https = match (&identity, ctx.config.ws_tls) {
-        (Some(identity), true) => {
-            Some(crate::tls::server_config(identity, crate::tls::ALPN_HTTP1)?)
-        }
+        (Some(identity), true) => Some(crate::listener::TlsSide::new(
+            crate::tls::server_config(identity, crate::tls::ALPN_HTTP1)?,
+            std::time::Duration::from_millis(ctx.config.tls_handshake_timeout_ms),
+        )),
         _ => None,
     };
-    let app = crate::http::routes(ctx.clone());
+    let header_timeout = std::time::Duration::from_millis(ctx.config.http_header_timeout_ms);
     let metrics_addr = match metrics_listener {
         Some((listener, local)) => {
-            let app = crate::http::ops_routes(ctx.clone());
-            let mut stop = shutdown_rx.clone();
-            tokio::spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "metrics HTTP server failed");
-                }
-            });
+            let port = crate::listener::HttpPort::new(
+                crate::http::ops_routes(ctx.clone()),
+                crate::listener::ConnLimiter::new(
+                    crate::listener::METRICS_CONNECTIONS_MAX,
+                    crate::listener::METRICS_CONNECTIONS_PER_IP_MAX,
+                ),
+                None,
+                header_timeout,
+                ctx.metrics.clone(),
+                |m| &m.metrics_port,
+            );
+            tokio::spawn(crate::listener::serve(listener, port, shutdown_rx.clone()));
             Some(local)
         }
         None => None,
@@ -461,39 +472,18 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             }
         });
     }
-    let mut stop = shutdown_rx;
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let server = match https {
-        None => tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            // Nagle off, as on the TLS port: a session writes whole batches and flushes once,
-            // and Nagle would hold a second small write (a welcome after an options `ok`, an
-            // answer after a push) until the client's delayed ACK, up to 40 ms later.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }),
-        Some(config) => {
-            let tls = crate::tls::TlsListener::new(listener, config).map_err(|source| {
-                NodeError::Listen {
-                    addr: ctx.config.listen,
-                    source,
-                }
-            })?;
-            tokio::spawn(async move {
-                let serve = axum::serve(tls, app).with_graceful_shutdown(stopped);
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "HTTPS server failed");
-                }
-            })
-        }
-    };
+    // Nagle is off on every accepted connection (listener.rs): a session writes whole
+    // batches and flushes once, and Nagle would hold a second small write (a welcome after an
+    // options `ok`, an answer after a push) until the client's delayed ACK, up to 40 ms later.
+    let port = crate::listener::HttpPort::new(
+        crate::http::routes(ctx.clone()),
+        ctx.connections.clone(),
+        https,
+        header_timeout,
+        ctx.metrics.clone(),
+        |m| &m.http_port,
+    );
+    let server = tokio::spawn(crate::listener::serve(listener, port, shutdown_rx));
     tracing::info!(%addr, shards = ctx.shards.len(), metrics = ?metrics_addr, "listening");
     Ok(RunningNode {
         addr,

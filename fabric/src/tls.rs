@@ -195,84 +195,8 @@ pub fn server_config(id: &Identity, alpn: &[u8]) -> Result<rustls::ServerConfig,
     Ok(c)
 }
 
-/// ALPN of HTTPS and `wss://` on the node's HTTP port.
+/// ALPN of HTTPS and `wss://` on the node's HTTP port (served by `listener.rs`).
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// TLS handshakes in progress on the HTTP port at once; more wait in the accept queue.
-const TLS_HANDSHAKES_MAX: usize = 256;
-/// A client that has not finished its TLS handshake by then is dropped.
-const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-
-/// The node's TCP listener with TLS in front (HTTPS and `wss://` on one port), for
-/// `axum::serve`. Handshakes run on tasks of their own, so a slow client never holds up the
-/// others' accepts.
-pub struct TlsListener {
-    accepted: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        std::net::SocketAddr,
-    )>,
-    local: std::net::SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(
-        listener: tokio::net::TcpListener,
-        config: rustls::ServerConfig,
-    ) -> std::io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let (tx, accepted) = tokio::sync::mpsc::channel(TLS_HANDSHAKES_MAX);
-        let slots = Arc::new(tokio::sync::Semaphore::new(TLS_HANDSHAKES_MAX));
-        tokio::spawn(async move {
-            loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (tcp, addr) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let _ = tcp.set_nodelay(true);
-                    let timeout = std::time::Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS);
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { accepted, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(x) => x,
-            // The acceptor task is gone only when the runtime is: never yield a connection.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
 
 /// How a client decides to trust the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
