@@ -436,6 +436,49 @@ mod tests {
         assert_eq!(e.op, "fsync directory");
     }
 
+    /// Records the mode each file has the moment it is created.
+    struct ModeAtCreate(Vec<u32>);
+
+    impl FileOps for ModeAtCreate {
+        fn create_new(&mut self, path: &Path, mode: u32) -> std::io::Result<File> {
+            let f = Os.create_new(path, mode)?;
+            self.0.push(mode_of(path));
+            Ok(f)
+        }
+        fn write_all(&mut self, file: &mut File, bytes: &[u8]) -> std::io::Result<()> {
+            Os.write_all(file, bytes)
+        }
+        fn sync_file(&mut self, file: &File) -> std::io::Result<()> {
+            Os.sync_file(file)
+        }
+        fn rename(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
+            Os.rename(from, to)
+        }
+        fn hard_link(&mut self, from: &Path, to: &Path) -> std::io::Result<()> {
+            Os.hard_link(from, to)
+        }
+        fn remove(&mut self, path: &Path) -> std::io::Result<()> {
+            Os.remove(path)
+        }
+        fn sync_dir(&mut self, dir: &Path) -> std::io::Result<()> {
+            Os.sync_dir(dir)
+        }
+        fn create_dir(&mut self, path: &Path, mode: u32) -> std::io::Result<()> {
+            Os.create_dir(path, mode)
+        }
+    }
+
+    #[test]
+    fn a_secret_is_0600_from_the_moment_its_file_exists() {
+        // Proves the mode is applied at creation (not by a later chmod), so a secret is never
+        // readable by others, even between create and rename.
+        let dir = tempfile::tempdir().unwrap();
+        let mut ops = ModeAtCreate(Vec::new());
+        write_atomic_with(&mut ops, &dir.path().join("t"), b"s", MODE_SECRET).unwrap();
+        write_new_with(&mut ops, &dir.path().join("k"), b"s", MODE_SECRET).unwrap();
+        assert_eq!(ops.0, [0o600, 0o600]);
+    }
+
     #[test]
     fn a_stale_temp_file_with_a_wide_mode_is_never_reused() {
         // Proves a temp left by a crash (mode 0644, old bytes) is replaced, so a secret is
