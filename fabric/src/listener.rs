@@ -322,7 +322,7 @@ async fn connection(
     ip: IpAddr,
     slot: ConnSlot,
     port: &HttpPort,
-    stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<bool>,
 ) {
     let Some(tls) = &port.tls else {
         return serve_http(
@@ -348,7 +348,12 @@ async fn connection(
         let _permit = tls.slots.acquire().await;
         tls.acceptor.accept(tcp).await
     };
-    let stream = match tokio::time::timeout(tls.handshake_timeout, handshake).await {
+    let handshake = tokio::time::timeout(tls.handshake_timeout, handshake);
+    let stream = match tokio::select! {
+        r = handshake => r,
+        // A shutdown does not wait for handshakes: nothing was asked yet.
+        () = stopped(&mut stop) => return,
+    } {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {
             tracing::debug!(%ip, error = %e, "TLS handshake failed");

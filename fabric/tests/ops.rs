@@ -389,8 +389,9 @@ async fn slow_tls_handshakes_time_out_and_one_address_cannot_hold_every_slot() {
     let mut answer = String::new();
     let _ = tls.read_to_string(&mut answer).await;
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // Stalled slots would be held for the full 10 s; 5 s leaves room for a loaded machine.
     assert!(
-        started.elapsed() < Duration::from_secs(2),
+        started.elapsed() < Duration::from_secs(5),
         "handshake and request took {:?}",
         started.elapsed()
     );
