@@ -72,6 +72,20 @@ pub struct Config {
     pub restart_backoff_ms_max: u64,
     /// A WAL write (fdatasync) in flight longer than this makes `/readyz` fail for its shard.
     pub wal_sync_stall_ms_max: u64,
+    /// An HTTP request's headers must be in within this time of the connection being ready
+    /// for one (so it also bounds how long an idle keep-alive connection stays open); else the
+    /// connection is closed.
+    pub http_header_timeout_ms: u64,
+    /// An HTTP request's body must be in within this time of its handler starting to read it;
+    /// else 408 and the connection is closed.
+    pub http_body_timeout_ms: u64,
+    /// A TLS handshake on the HTTP port (`ws_tls`) must finish within this time of the accept.
+    pub tls_handshake_timeout_ms: u64,
+    /// Client connections open at once, the HTTP/WebSocket port and QUIC together; more are
+    /// refused (HTTP 503 `overloaded`, QUIC close 1013).
+    pub connections_max: u32,
+    /// Client connections open at once from one address (IPv6: one /64).
+    pub connections_per_ip_max: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -120,6 +134,11 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             ws_tls: false,
+            http_header_timeout_ms: 10_000,
+            http_body_timeout_ms: 30_000,
+            tls_handshake_timeout_ms: 10_000,
+            connections_max: 65_536,
+            connections_per_ip_max: 16_384,
         }
     }
 }
@@ -217,6 +236,15 @@ impl Config {
             return bad(
                 "restart_backoff_ms_max must be at least 10 and wal_sync_stall_ms_max positive",
             );
+        }
+        if self.http_header_timeout_ms == 0
+            || self.http_body_timeout_ms == 0
+            || self.tls_handshake_timeout_ms == 0
+        {
+            return bad("http_header_timeout_ms, http_body_timeout_ms and tls_handshake_timeout_ms must be positive");
+        }
+        if self.connections_max == 0 || self.connections_per_ip_max == 0 {
+            return bad("connections_max and connections_per_ip_max must be positive");
         }
         if self.metrics_meshes.len() > crate::metrics::METRICS_MESHES_MAX {
             return bad("metrics_meshes may name at most 64 meshes");

@@ -3,7 +3,7 @@
 //! shards, so it follows exactly the path (and durability) of WebSocket traffic.
 
 use crate::node::NodeCtx;
-use crate::shard_actor::{SessionMsg, ShardMsg};
+use crate::shard_actor::{SessionMsg, SessionTx, ShardMsg};
 use axum::extract::{DefaultBodyLimit, Path, Query, State, WebSocketUpgrade};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -29,6 +29,15 @@ const HTTP_REPLY_TIMEOUT_MS: u64 = 30_000;
 
 pub fn routes(ctx: Arc<NodeCtx>) -> Router {
     let frame_max = ctx.config.frame_bytes_max;
+    // With a metrics port, the client port keeps its details to itself: no /metrics (mesh
+    // names of `metrics_meshes`, per-shard figures) and a /readyz without per-shard errors
+    // (file paths). Without one, the client port serves both in full, as before.
+    let private = ctx.config.metrics_listen.is_some();
+    let (readyz, metrics) = if private {
+        (get(readyz_brief), get(metrics_elsewhere))
+    } else {
+        (get(readyz), get(metrics))
+    };
     Router::new()
         .route("/v1/ws", get(ws_upgrade))
         .route("/v1/meshes", post(create_mesh))
@@ -38,15 +47,97 @@ pub fn routes(ctx: Arc<NodeCtx>) -> Router {
             post(append).get(read),
         )
         .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/readyz", readyz)
+        .route("/metrics", metrics)
         .fallback(|| async { ApiError(ProtoError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(DefaultBodyLimit::max(frame_max))
         .layer(axum::middleware::from_fn_with_state(
             ctx.clone(),
             count_errors,
         ))
+        .layer(axum::middleware::from_fn_with_state(
+            ctx.clone(),
+            body_deadline,
+        ))
         .with_state(ctx)
+}
+
+/// A request body that fails once its deadline passes (and says so in `expired`).
+struct DeadlineBody {
+    inner: axum::body::Body,
+    deadline: std::pin::Pin<Box<tokio::time::Sleep>>,
+    expired: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl hyper::body::Body for DeadlineBody {
+    type Data = bytes::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, axum::Error>>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut this.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        if this.deadline.as_mut().poll(cx).is_ready() {
+            this.expired
+                .store(true, std::sync::atomic::Ordering::Relaxed);
+            return std::task::Poll::Ready(Some(Err(axum::Error::new(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the request body did not arrive in time",
+            )))));
+        }
+        std::task::Poll::Pending
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Gives a request body `http_body_timeout_ms` from the handler's start to arrive; a body
+/// still incomplete then is answered 408 (plain text) and its connection closed, so a client
+/// that sends headers and then trickles (or stalls) cannot hold a handler and a connection.
+async fn body_deadline(
+    State(ctx): State<Arc<NodeCtx>>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    use hyper::body::Body as _;
+    if req.body().is_end_stream() {
+        return next.run(req).await;
+    }
+    let limit = Duration::from_millis(ctx.config.http_body_timeout_ms);
+    let expired = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = expired.clone();
+    let req = req.map(|inner| {
+        axum::body::Body::new(DeadlineBody {
+            inner,
+            deadline: Box::pin(tokio::time::sleep(limit)),
+            expired: flag,
+        })
+    });
+    let resp = next.run(req).await;
+    if !expired.load(std::sync::atomic::Ordering::Relaxed) {
+        return resp;
+    }
+    ctx.metrics.http_port.timeouts[1].increment(1);
+    (
+        StatusCode::REQUEST_TIMEOUT,
+        [(axum::http::header::CONNECTION, "close")],
+        format!(
+            "the request body did not arrive within http_body_timeout_ms ({} ms)",
+            limit.as_millis()
+        ),
+    )
+        .into_response()
 }
 
 /// The separate metrics port (`metrics_listen`): metrics and health only.
@@ -81,6 +172,11 @@ impl IntoResponse for ApiError {
             .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
         let body = serde_json::json!({"code": self.0.code.as_str(), "message": self.0.message});
         let mut resp = (status, Json(body)).into_response();
+        // Codes that ask for a later retry say when (docs/PROTOCOL.md, errors table).
+        if let Some(secs) = self.0.code.retry_after_secs() {
+            resp.headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
         resp.extensions_mut().insert(self.0.code);
         resp
     }
@@ -172,28 +268,73 @@ async fn call(ctx: &NodeCtx, op: ShardOp) -> Result<Reply, ProtoError> {
 }
 
 async fn call_session(ctx: &NodeCtx, session: u64, op: ShardOp) -> Result<Reply, ProtoError> {
+    let (tx, rx) = mpsc::channel(4);
+    call_with(ctx, session, op, tx, rx).await
+}
+
+/// Makes the shard forget a one-request HTTP session when the call ends, however it ends. A
+/// request whose client goes away is cancelled: its future is dropped at an await, and the
+/// shard, which keeps a session's reply sender until it hears `Closed`, kept it forever.
+struct ForgetSession<'a> {
+    shard: &'a mpsc::Sender<ShardMsg>,
+    session: u64,
+    tx: SessionTx,
+}
+
+impl Drop for ForgetSession<'_> {
+    fn drop(&mut self) {
+        let msg = ShardMsg::Batch {
+            session: self.session,
+            tx: self.tx.clone(),
+            requests: vec![Request {
+                session: self.session,
+                op: ShardOp::Closed,
+            }],
+        };
+        match self.shard.try_send(msg) {
+            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+            Err(mpsc::error::TrySendError::Full(msg)) => {
+                // A drop cannot wait: a busy shard gets it as soon as its queue has room.
+                if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                    let shard = self.shard.clone();
+                    rt.spawn(async move {
+                        let _ = shard.send(msg).await;
+                    });
+                }
+            }
+        }
+    }
+}
+
+/// [`call_session`] with its reply channel given (the leak test keeps a weak sender to see
+/// whether the shard still holds one).
+async fn call_with(
+    ctx: &NodeCtx,
+    session: u64,
+    op: ShardOp,
+    tx: SessionTx,
+    mut rx: mpsc::Receiver<SessionMsg>,
+) -> Result<Reply, ProtoError> {
     let router = ctx.router();
     let shard = router
         .shard_of(op.placement())
         .ok_or_else(|| ProtoError::new(ErrorCode::Internal, "op has no placement"))?;
-    let (tx, mut rx) = mpsc::channel(4);
-    let send = |requests| ShardMsg::Batch {
-        session,
-        tx: tx.clone(),
-        requests,
-    };
-    ctx.shards[shard as usize]
-        .send(send(vec![Request { session, op }]))
+    let shard_tx = &ctx.shards[shard as usize];
+    // A cancelled `send` queues nothing (tokio's send is cancel-safe): no session to forget.
+    shard_tx
+        .send(ShardMsg::Batch {
+            session,
+            tx: tx.clone(),
+            requests: vec![Request { session, op }],
+        })
         .await
         .map_err(|_| ProtoError::new(ErrorCode::Unavailable, "the shard is not running"))?;
+    let _forget = ForgetSession {
+        shard: shard_tx,
+        session,
+        tx,
+    };
     let reply = tokio::time::timeout(Duration::from_millis(HTTP_REPLY_TIMEOUT_MS), rx.recv()).await;
-    // Let the shard forget this session's reply channel.
-    let _ = ctx.shards[shard as usize]
-        .send(send(vec![Request {
-            session,
-            op: ShardOp::Closed,
-        }]))
-        .await;
     match reply {
         Ok(Some(SessionMsg::Replies(_, mut replies))) if !replies.is_empty() => {
             let reply = replies.swap_remove(0);
@@ -485,6 +626,31 @@ async fn readyz(State(ctx): State<Arc<NodeCtx>>) -> Response {
     (status, Json(r)).into_response()
 }
 
+/// `/readyz` on the client port when a metrics port exists: ready or not, and the reason (which
+/// names shard numbers only); per-shard details are on the metrics port.
+async fn readyz_brief(State(ctx): State<Arc<NodeCtx>>) -> Response {
+    let r = ctx.readiness();
+    let status = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let mut body = serde_json::json!({"ready": r.ready});
+    if let Some(reason) = r.reason {
+        body["reason"] = reason.into();
+    }
+    (status, Json(body)).into_response()
+}
+
+/// `/metrics` on the client port when a metrics port exists.
+async fn metrics_elsewhere() -> Response {
+    ApiError(ProtoError::new(
+        ErrorCode::NotFound,
+        "metrics are served on the metrics port (metrics_listen) only",
+    ))
+    .into_response()
+}
+
 /// The Prometheus text exposition format (404 when `metrics = false`).
 async fn metrics(State(ctx): State<Arc<NodeCtx>>) -> Response {
     match ctx.render_metrics() {
@@ -499,5 +665,111 @@ async fn metrics(State(ctx): State<Arc<NodeCtx>>) -> Response {
             "metrics are off (metrics = false)",
         ))
         .into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::task::{Context, Wake, Waker};
+
+    #[test]
+    fn every_error_code_travels_with_its_status_and_retry_after() {
+        // Proves an HTTP error carries its code's status, and exactly the codes with a
+        // retry hint (storage_full 507, inbox_full 429, archive_backlog_full 503 among them)
+        // carry `Retry-After`.
+        for code in ErrorCode::ALL {
+            let resp = ApiError(ProtoError::new(code, "m")).into_response();
+            assert_eq!(resp.status().as_u16(), code.http_status(), "{code:?}");
+            let retry = resp
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().parse::<u32>().unwrap());
+            assert_eq!(retry, code.retry_after_secs(), "{code:?}");
+        }
+        for (code, status) in [
+            (ErrorCode::StorageFull, 507),
+            (ErrorCode::InboxFull, 429),
+            (ErrorCode::ArchiveBacklogFull, 503),
+        ] {
+            let resp = ApiError(ProtoError::new(code, "m")).into_response();
+            assert_eq!(resp.status().as_u16(), status, "{code:?}");
+            assert!(resp.headers().contains_key("retry-after"), "{code:?}");
+        }
+    }
+
+    /// A waker that records that it was woken.
+    #[derive(Default)]
+    struct Woken {
+        flag: AtomicBool,
+        notify: tokio::sync::Notify,
+    }
+
+    impl Wake for Woken {
+        fn wake(self: Arc<Self>) {
+            self.flag.store(true, Ordering::SeqCst);
+            self.notify.notify_one();
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_http_call_leaves_no_reply_sender_in_the_shard() {
+        // Proves that an HTTP call cancelled after its answer reached the reply channel (the
+        // client went away) still makes the shard drop its reply sender: none is kept.
+        const CALLS: usize = 50;
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::start(crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards: 1,
+            partitions: 1,
+            admin_token: Some("admin".into()),
+            quic: false,
+            ..crate::config::Config::default()
+        })
+        .await
+        .unwrap();
+        let ctx = node.ctx().clone();
+        let mut held = Vec::new();
+        for i in 0..CALLS {
+            let (tx, rx) = mpsc::channel(4);
+            held.push(tx.downgrade());
+            let op = ShardOp::CreateMesh {
+                r: 0,
+                mesh: format!("m{i}").as_str().into(),
+            };
+            let mut call = Box::pin(call_with(&ctx, ctx.next_session_id(), op, tx, rx));
+            let woken = Arc::new(Woken::default());
+            let waker = Waker::from(woken.clone());
+            let mut cx = Context::from_waker(&waker);
+            assert!(
+                call.as_mut().poll(&mut cx).is_pending(),
+                "waits for its answer"
+            );
+            // The answer is in the channel once the call is woken; the client goes away then.
+            tokio::time::timeout(Duration::from_secs(10), async {
+                while !woken.flag.load(Ordering::SeqCst) {
+                    woken.notify.notified().await;
+                }
+            })
+            .await
+            .expect("the shard answered");
+            drop(call);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let kept = held.iter().filter(|w| w.upgrade().is_some()).count();
+            if kept == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the shard still holds {kept} of {CALLS} cancelled calls' reply senders"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        node.shutdown().await;
     }
 }

@@ -44,6 +44,8 @@ pub enum IdentityError {
     PublicKey(String),
     #[error("the OS RNG failed: {0}")]
     Rng(String),
+    #[error("key file: {0}")]
+    File(#[from] crate::files::FileError),
 }
 
 /// A peer's ed25519 signing key. `Debug` shows only the public key.
@@ -172,27 +174,16 @@ impl Identity {
         Identity::from_file_text(&text)
     }
 
-    /// Writes a new key file, readable by its owner only; an existing file is never replaced.
+    /// Writes a new key file, readable by its owner only (mode 0600 from creation), durably
+    /// (temp file, fsync, link, directory fsync: a crash never leaves a half-written key under
+    /// the name); an existing file is never replaced.
     pub fn save(&self, path: &Path) -> Result<(), IdentityError> {
-        use std::io::Write;
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create_new(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        let io = |what| {
-            move |source| IdentityError::Io {
-                what,
-                path: path.to_path_buf(),
-                source,
-            }
-        };
-        let mut f = opts.open(path).map_err(io("cannot create key file"))?;
-        f.write_all(self.to_file_text().as_bytes())
-            .map_err(io("cannot write key file"))?;
-        f.sync_all().map_err(io("cannot sync key file"))
+        crate::files::write_new(
+            path,
+            self.to_file_text().as_bytes(),
+            crate::files::MODE_SECRET,
+        )?;
+        Ok(())
     }
 }
 
@@ -233,6 +224,24 @@ mod tests {
             id.public_key()
         );
         assert!(parse_public_key("abcd").is_err());
+    }
+
+    #[test]
+    fn a_key_file_is_0600_durable_and_never_replaced() {
+        // Proves `fabric keygen`'s file is created 0600 with its full text, an existing file
+        // is refused and kept, and no temp file is left.
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("peer.key");
+        let id = Identity::generate().unwrap();
+        id.save(&path).unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(Identity::load(&path).unwrap().public_key(), id.public_key());
+        let e = Identity::generate().unwrap().save(&path).unwrap_err();
+        assert!(e.to_string().contains("exists"), "{e}");
+        assert_eq!(Identity::load(&path).unwrap().public_key(), id.public_key());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
     }
 
     #[test]

@@ -6,8 +6,11 @@
 pub mod client;
 pub(crate) mod client_io;
 pub mod config;
+pub mod files;
 pub mod http;
 pub mod identity;
+pub mod listener;
+pub mod logging;
 pub mod metrics;
 pub mod node;
 pub mod quic;

@@ -119,6 +119,23 @@ struct ServeArgs {
     /// A WAL write in flight longer than this (ms) fails /readyz for its shard. Default 10000.
     #[arg(long, env = "FABRIC_WAL_SYNC_STALL_MS_MAX")]
     wal_sync_stall_ms_max: Option<u64>,
+    /// An HTTP request's headers must arrive within this time (also the idle keep-alive
+    /// limit), in ms. Default 10000.
+    #[arg(long, env = "FABRIC_HTTP_HEADER_TIMEOUT_MS")]
+    http_header_timeout_ms: Option<u64>,
+    /// An HTTP request's body must arrive within this time, in ms (else 408). Default 30000.
+    #[arg(long, env = "FABRIC_HTTP_BODY_TIMEOUT_MS")]
+    http_body_timeout_ms: Option<u64>,
+    /// A TLS handshake on the HTTP port (--ws-tls) must finish within this time, in ms.
+    /// Default 10000.
+    #[arg(long, env = "FABRIC_TLS_HANDSHAKE_TIMEOUT_MS")]
+    tls_handshake_timeout_ms: Option<u64>,
+    /// Client connections open at once (HTTP/WebSocket and QUIC together). Default 65536.
+    #[arg(long, env = "FABRIC_CONNECTIONS_MAX")]
+    connections_max: Option<u32>,
+    /// Client connections open at once from one address (IPv6: one /64). Default 16384.
+    #[arg(long, env = "FABRIC_CONNECTIONS_PER_IP_MAX")]
+    connections_per_ip_max: Option<u32>,
 }
 
 impl ServeArgs {
@@ -147,7 +164,12 @@ impl ServeArgs {
             mesh_inbox_backlog_bytes_max,
             mesh_conversations_max,
             restart_backoff_ms_max,
-            wal_sync_stall_ms_max
+            wal_sync_stall_ms_max,
+            http_header_timeout_ms,
+            http_body_timeout_ms,
+            tls_handshake_timeout_ms,
+            connections_max,
+            connections_per_ip_max
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;
@@ -170,18 +192,6 @@ impl ServeArgs {
         }
         c.validate()?;
         Ok(c)
-    }
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FABRIC_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().init(),
     }
 }
 
@@ -231,7 +241,8 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Serve(args) => {
             let config = args.into_config()?;
-            init_logging(config.log_format);
+            // Kept until exit: its drop writes out the log lines still queued.
+            let _log = fabric::logging::init(config.log_format).context("cannot start logging")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .enable_all()
                 .thread_name("fabric")
@@ -244,21 +255,21 @@ fn main() -> anyhow::Result<()> {
                     .await
                     .with_context(|| format!("cannot start a node on {}", data_dir.display()))?;
                 if let (Some(quic), Some(fp)) = (node.quic_addr(), node.tls_fingerprint()) {
-                    println!(
+                    fabric::logging::say(format_args!(
                         "fabric: QUIC on quic://{quic} (ALPN fabric/1), certificate SHA-256 {}",
                         fabric::tls::fingerprint_hex(&fp)
-                    );
+                    ));
                 }
                 let (http, ws) = if node.ctx().config.ws_tls {
                     ("https", "wss")
                 } else {
                     ("http", "ws")
                 };
-                println!(
+                fabric::logging::say(format_args!(
                     "fabric: listening on {http}://{} (WebSocket: {ws}://{}/v1/ws)",
                     node.addr(),
                     node.addr()
-                );
+                ));
                 signal.recv().await;
                 node.shutdown().await;
                 anyhow::Ok(())

@@ -58,6 +58,16 @@ pub const HELLO_FAILURE_REASONS: [&str; 4] =
 
 const ERROR_CODES: usize = ErrorCode::ALL.len();
 
+/// Why a connection was refused at accept, in the order of `ListenerMetrics::refused`.
+pub const REFUSAL_REASONS: [&str; 3] = [
+    "connections_max",
+    "connections_per_ip_max",
+    "tls_handshakes_per_ip",
+];
+/// What an HTTP connection can run out of time for, in the order of
+/// `ListenerMetrics::timeouts`.
+pub const TIMEOUT_PHASES: [&str; 3] = ["header", "body", "tls_handshake"];
+
 /// Registers handles on a recorder, or hands out no-op handles when metrics are off.
 struct Registrar<'a> {
     recorder: Option<&'a PrometheusRecorder>,
@@ -177,6 +187,43 @@ pub struct TransportMetrics {
     pub ack_latency: Histogram,
 }
 
+/// One listening port (label `listener`: `http` for the HTTP/WebSocket port, `quic`,
+/// `metrics` for `metrics_listen`).
+pub struct ListenerMetrics {
+    pub open: Gauge,
+    /// By [`REFUSAL_REASONS`] order.
+    pub refused: [Counter; 3],
+    /// By [`TIMEOUT_PHASES`] order (no-ops for QUIC).
+    pub timeouts: [Counter; 3],
+}
+
+fn listener_metrics(r: &Registrar<'_>, listener: &'static str, http: bool) -> ListenerMetrics {
+    ListenerMetrics {
+        open: r.gauge(
+            "fabric_connections_open",
+            "Connections open now (an upgraded WebSocket counts as its connection).",
+            &[("listener", listener.into())],
+        ),
+        refused: REFUSAL_REASONS.map(|reason| {
+            r.counter(
+                "fabric_connections_refused_total",
+                "Connections refused at accept, by reason.",
+                &[("listener", listener.into()), ("reason", reason.into())],
+            )
+        }),
+        timeouts: TIMEOUT_PHASES.map(|phase| {
+            if !http {
+                return Counter::noop();
+            }
+            r.counter(
+                "fabric_http_timeouts_total",
+                "HTTP connections closed (header, tls_handshake) or answered 408 (body) for taking too long.",
+                &[("listener", listener.into()), ("phase", phase.into())],
+            )
+        }),
+    }
+}
+
 /// The REST API.
 pub struct HttpMetrics {
     pub errors: [Counter; ERROR_CODES],
@@ -229,6 +276,10 @@ pub struct Metrics {
     pub http: HttpMetrics,
     pub shards: Vec<ShardMetrics>,
     pub meshes: Vec<MeshMetrics>,
+    /// The HTTP/WebSocket port, QUIC, and the metrics port.
+    pub http_port: ListenerMetrics,
+    pub quic_port: ListenerMetrics,
+    pub metrics_port: ListenerMetrics,
     ready: Gauge,
 }
 
@@ -363,6 +414,9 @@ impl Metrics {
             "1 while the node is ready to serve writes (as /readyz).",
             &[],
         );
+        let http_port = listener_metrics(&r, "http", true);
+        let quic_port = listener_metrics(&r, "quic", false);
+        let metrics_port = listener_metrics(&r, "metrics", true);
         Ok(Metrics {
             handle: recorder.as_ref().map(|r| r.handle()),
             ws,
@@ -370,6 +424,9 @@ impl Metrics {
             http,
             shards,
             meshes,
+            http_port,
+            quic_port,
+            metrics_port,
             ready,
         })
     }
@@ -397,6 +454,7 @@ impl Metrics {
         }
         let mut out = handle.render();
         render_process(&mut out);
+        render_logging(&mut out);
         Some(out)
     }
 }
@@ -412,6 +470,30 @@ fn error_counters(r: &Registrar<'_>, transport: &'static str) -> [Counter; ERROR
             ],
         )
     })
+}
+
+/// Logging's process-wide counters (`crate::logging::STATS`): logging is set up once per
+/// process, before any node's recorder exists.
+fn render_logging(out: &mut String) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let s = &crate::logging::STATS;
+    for (name, help, value) in [
+        (
+            "fabric_log_write_errors_total",
+            "Log lines whose write to stderr failed (the node goes on).",
+            s.write_errors.load(Relaxed),
+        ),
+        (
+            "fabric_log_lines_dropped_total",
+            "Log lines dropped because stderr did not keep up with the log queue.",
+            s.lines_dropped.load(Relaxed),
+        ),
+    ] {
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}\n"
+        );
+    }
 }
 
 /// Process figures read from /proc/self at scrape time (Linux). Rendered here rather than

@@ -2,6 +2,7 @@
 //! the HTTP/WebSocket server. Also graceful shutdown.
 
 use crate::config::Config;
+use crate::files;
 use crate::metrics::Metrics;
 use crate::shard_actor::{NodeSupervisor, ShardMsg, ShardSlot, SupervisorArgs, SupervisorMsg};
 use fabric_edge::SessionConfig;
@@ -50,6 +51,8 @@ pub enum NodeError {
     Tls(#[from] crate::tls::TlsError),
     #[error(transparent)]
     Quic(#[from] crate::quic::QuicError),
+    #[error(transparent)]
+    File(#[from] crate::files::FileError),
 }
 
 /// What every session and HTTP handler shares.
@@ -67,6 +70,11 @@ pub struct NodeCtx {
     pub node_name: Arc<str>,
     /// This node's metric handles (no-ops when `metrics = false`).
     pub metrics: Arc<Metrics>,
+    /// Client connections open (HTTP/WebSocket port and QUIC), against `connections_max` and
+    /// `connections_per_ip_max`.
+    pub connections: Arc<crate::listener::ConnLimiter>,
+    /// QUIC refusals being answered at once.
+    pub(crate) quic_refusals: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a node is or is not ready to serve writes (`/readyz`, `fabric_ready`).
@@ -235,22 +243,6 @@ fn io_err<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error)
     }
 }
 
-/// Writes a small file so that it is either wholly there or not at all: temp file, fsync,
-/// rename, fsync the directory.
-fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), NodeError> {
-    use std::io::Write;
-    let tmp = dir.join(format!("{name}.tmp"));
-    let path = dir.join(name);
-    let mut f = std::fs::File::create(&tmp).map_err(io_err("create", &tmp))?;
-    f.write_all(bytes).map_err(io_err("write", &tmp))?;
-    f.sync_all().map_err(io_err("fsync", &tmp))?;
-    std::fs::rename(&tmp, &path).map_err(io_err("rename", &path))?;
-    crate::storage::sync_dir(dir).map_err(|e| NodeError::Meta {
-        path: dir.to_path_buf(),
-        message: e.to_string(),
-    })
-}
-
 /// Checks (or, on a new data dir, records) the placement the data was written with.
 fn check_meta(config: &Config, router: &Router) -> Result<(), NodeError> {
     let path = config.data_dir.join(META_FILE);
@@ -283,7 +275,8 @@ fn check_meta(config: &Config, router: &Router) -> Result<(), NodeError> {
                 "format_version": META_FORMAT_VERSION,
                 "placement": ours,
             });
-            write_durably(&config.data_dir, META_FILE, json.to_string().as_bytes())
+            crate::files::write_atomic(&path, json.to_string().as_bytes(), files::MODE_PUBLIC)?;
+            Ok(())
         }
         Err(e) => Err(io_err("read", &path)(e)),
     }
@@ -295,30 +288,32 @@ fn admin_token(config: &Config) -> Result<String, NodeError> {
     }
     let path = config.data_dir.join(ADMIN_TOKEN_FILE);
     match std::fs::read_to_string(&path) {
-        Ok(t) => Ok(t.trim().to_string()),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            let token = new_token();
-            write_durably(&config.data_dir, ADMIN_TOKEN_FILE, token.as_bytes())?;
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::PermissionsExt;
-                let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
-            }
-            // Printed once, on the start that made it; afterwards it is in the data dir.
-            println!(
-                "fabric: generated admin token {token} (stored in {})",
-                path.display()
-            );
-            Ok(token)
+        Ok(t) if !t.trim().is_empty() => return Ok(t.trim().to_string()),
+        Ok(_) => {
+            // Only a file written before tokens were written atomically can be empty (a power
+            // loss right after the first start): nobody can hold that token, so make a new one.
+            tracing::warn!(file = %path.display(), "the stored admin token is empty; generating a new one");
         }
-        Err(e) => Err(io_err("read", &path)(e)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err("read", &path)(e)),
     }
+    let token = new_token();
+    // Mode 0600 from creation on: the secret is never readable by others, not even briefly.
+    files::write_atomic(&path, token.as_bytes(), files::MODE_SECRET)?;
+    // Printed once, on the start that made it; afterwards it is in the data dir.
+    crate::logging::say(format_args!(
+        "fabric: generated admin token {token} (stored in {})",
+        path.display()
+    ));
+    Ok(token)
 }
 
 /// Starts a node and returns once it is listening and every shard has recovered.
 pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     config.validate()?;
-    std::fs::create_dir_all(&config.data_dir).map_err(io_err("create", &config.data_dir))?;
+    // 0700: the data dir holds the admin token and every tenant's messages. Its entry (and any
+    // parent made with it) is fsynced, so files written into it next survive a power loss.
+    files::create_dir_private(&config.data_dir)?;
     let router = Router::new(config.partitions, config.shards)?;
     // A new data directory gets every shard's directory and manifest before its placement is
     // recorded: afterwards a shard directory without a manifest means it was emptied.
@@ -413,6 +408,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         hello_timeout_ms: config.hello_timeout_ms,
         ..SessionConfig::default()
     };
+    let config_caps = (config.connections_max, config.connections_per_ip_max);
     let ctx = Arc::new(NodeCtx {
         config,
         admin_token,
@@ -425,6 +421,8 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         next_session: AtomicU64::new(1),
         node_name,
         metrics,
+        connections: crate::listener::ConnLimiter::new(config_caps.0, config_caps.1),
+        quic_refusals: crate::listener::refusal_slots(),
     });
     // One certificate for QUIC and, when on, HTTPS/wss on the HTTP port.
     let identity = if ctx.config.quic || ctx.config.ws_tls {
@@ -452,24 +450,27 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         _ => None,
     };
     let https = match (&identity, ctx.config.ws_tls) {
-        (Some(identity), true) => {
-            Some(crate::tls::server_config(identity, crate::tls::ALPN_HTTP1)?)
-        }
+        (Some(identity), true) => Some(crate::listener::TlsSide::new(
+            crate::tls::server_config(identity, crate::tls::ALPN_HTTP1)?,
+            std::time::Duration::from_millis(ctx.config.tls_handshake_timeout_ms),
+        )),
         _ => None,
     };
-    let app = crate::http::routes(ctx.clone());
+    let header_timeout = std::time::Duration::from_millis(ctx.config.http_header_timeout_ms);
     let metrics_addr = match metrics_listener {
         Some((listener, local)) => {
-            let app = crate::http::ops_routes(ctx.clone());
-            let mut stop = shutdown_rx.clone();
-            tokio::spawn(async move {
-                let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-                    let _ = stop.wait_for(|s| *s).await;
-                });
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "metrics HTTP server failed");
-                }
-            });
+            let port = crate::listener::HttpPort::new(
+                crate::http::ops_routes(ctx.clone()),
+                crate::listener::ConnLimiter::new(
+                    crate::listener::METRICS_CONNECTIONS_MAX,
+                    crate::listener::METRICS_CONNECTIONS_PER_IP_MAX,
+                ),
+                None,
+                header_timeout,
+                ctx.metrics.clone(),
+                |m| &m.metrics_port,
+            );
+            tokio::spawn(crate::listener::serve(listener, port, shutdown_rx.clone()));
             Some(local)
         }
         None => None,
@@ -491,39 +492,18 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             }
         });
     }
-    let mut stop = shutdown_rx;
-    let stopped = async move {
-        let _ = stop.wait_for(|s| *s).await;
-    };
-    let server = match https {
-        None => tokio::spawn(async move {
-            use axum::serve::ListenerExt;
-            // Nagle off, as on the TLS port: a session writes whole batches and flushes once,
-            // and Nagle would hold a second small write (a welcome after an options `ok`, an
-            // answer after a push) until the client's delayed ACK, up to 40 ms later.
-            let listener = listener.tap_io(|tcp| {
-                let _ = tcp.set_nodelay(true);
-            });
-            let serve = axum::serve(listener, app).with_graceful_shutdown(stopped);
-            if let Err(e) = serve.await {
-                tracing::error!(error = %e, "HTTP server failed");
-            }
-        }),
-        Some(config) => {
-            let tls = crate::tls::TlsListener::new(listener, config).map_err(|source| {
-                NodeError::Listen {
-                    addr: ctx.config.listen,
-                    source,
-                }
-            })?;
-            tokio::spawn(async move {
-                let serve = axum::serve(tls, app).with_graceful_shutdown(stopped);
-                if let Err(e) = serve.await {
-                    tracing::error!(error = %e, "HTTPS server failed");
-                }
-            })
-        }
-    };
+    // Nagle is off on every accepted connection (listener.rs): a session writes whole
+    // batches and flushes once, and Nagle would hold a second small write (a welcome after an
+    // options `ok`, an answer after a push) until the client's delayed ACK, up to 40 ms later.
+    let port = crate::listener::HttpPort::new(
+        crate::http::routes(ctx.clone()),
+        ctx.connections.clone(),
+        https,
+        header_timeout,
+        ctx.metrics.clone(),
+        |m| &m.http_port,
+    );
+    let server = tokio::spawn(crate::listener::serve(listener, port, shutdown_rx));
     tracing::info!(%addr, shards = ctx.shards.len(), metrics = ?metrics_addr, "listening");
     Ok(RunningNode {
         addr,

@@ -325,7 +325,14 @@ pub fn start(
             tokio::select! {
                 incoming = endpoint.accept() => {
                     let Some(incoming) = incoming else { break };
-                    tokio::spawn(connection(incoming, ctx.clone()));
+                    // Connection caps (listener.rs): over one, it is refused and answered there.
+                    if let Some((incoming, slot)) = crate::listener::admit_quic(&ctx, incoming) {
+                        let ctx = ctx.clone();
+                        tokio::spawn(async move {
+                            let _slot = slot;
+                            connection(incoming, ctx).await;
+                        });
+                    }
                 }
                 _ = shutdown.wait_for(|s| *s) => break,
             }

@@ -39,6 +39,8 @@ pub enum TlsError {
     Generate(String),
     #[error("TLS configuration refused: {0}")]
     Config(String),
+    #[error(transparent)]
+    File(crate::files::FileError),
     #[error(
         "a certificate pin is 32 bytes of SHA-256 in hex (64 digits, colons allowed), not {0:?}"
     )]
@@ -79,6 +81,11 @@ pub fn parse_pin(s: &str) -> Result<[u8; 32], TlsError> {
 }
 
 /// The configured certificate, or the data dir's generated one (made on first use).
+///
+/// A configured certificate that cannot be used is an error. A generated one that cannot be
+/// used (empty or half-written after a power loss under an older version, its key missing or
+/// not matching) is made anew, with a warning: nothing but this node depends on it, and
+/// clients that pinned the old fingerprint must pin the new one (printed at start).
 pub fn load_or_generate(
     cert: Option<&Path>,
     key: Option<&Path>,
@@ -90,9 +97,18 @@ pub fn load_or_generate(
     }
     let dir = data_dir.join("tls");
     let (cert_path, key_path) = (dir.join(CERT_FILE), dir.join(KEY_FILE));
-    if !cert_path.exists() {
-        generate(&dir, &cert_path, &key_path, hosts)?;
+    if cert_path.exists() || key_path.exists() {
+        match load(&cert_path, &key_path) {
+            Ok(id) => return Ok(id),
+            Err(e) => tracing::warn!(
+                dir = %dir.display(),
+                error = %e,
+                "the generated TLS certificate is unusable; generating a new one (clients that \
+                 pinned the old fingerprint must pin the new one)"
+            ),
+        }
     }
+    generate(&dir, &cert_path, &key_path, hosts)?;
     load(&cert_path, &key_path)
 }
 
@@ -113,20 +129,26 @@ fn load(cert: &Path, key: &Path) -> Result<Identity, TlsError> {
             message: "no CERTIFICATE section".into(),
         });
     }
-    let key = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, "private key", e))?;
+    let key_der = PrivateKeyDer::from_pem_file(key).map_err(|e| pem_err(key, "private key", e))?;
+    // A certificate whose key is another one (or unreadable) would fail every handshake:
+    // refuse it now, naming both files.
+    rustls::sign::CertifiedKey::from_der(chain.clone(), key_der.clone_key(), &provider()).map_err(
+        |e| TlsError::Pem {
+            path: cert.to_path_buf(),
+            what: "certificate and key pair",
+            message: format!("with key {}: {e}", key.display()),
+        },
+    )?;
     Ok(Identity {
         chain,
-        key,
+        key: key_der,
         source: cert.to_path_buf(),
     })
 }
 
 fn generate(dir: &Path, cert: &Path, key: &Path, hosts: &[String]) -> Result<(), TlsError> {
-    let io = |what, path: &Path| {
-        let path = path.to_path_buf();
-        move |source| TlsError::Io { what, path, source }
-    };
-    std::fs::create_dir_all(dir).map_err(io("create", dir))?;
+    // 0700, and its entry fsynced: the key file inside must survive a power loss.
+    crate::files::create_dir_private(dir).map_err(TlsError::File)?;
     let mut names = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
     for h in hosts {
         if !names.contains(h) {
@@ -145,26 +167,15 @@ fn generate(dir: &Path, cert: &Path, key: &Path, hosts: &[String]) -> Result<(),
     let made = params
         .self_signed(&signing)
         .map_err(|e| TlsError::Generate(e.to_string()))?;
-    // The key first: a certificate without its key would be unusable after a crash.
-    write_private(key, signing.serialize_pem().as_bytes()).map_err(io("write", key))?;
-    std::fs::write(cert, made.pem()).map_err(io("write", cert))?;
-    crate::storage::sync_dir(dir)
-        .map_err(|e| io("fsync", dir)(std::io::Error::other(e.to_string())))?;
+    // Each file is replaced whole (temp, fsync, rename, directory fsync), the key first. A
+    // crash between the two leaves a key that does not match the old certificate, or no
+    // certificate: `load` refuses both, and the next start generates a fresh pair.
+    let secret = signing.serialize_pem();
+    crate::files::write_atomic(key, secret.as_bytes(), crate::files::MODE_SECRET)
+        .map_err(TlsError::File)?;
+    crate::files::write_atomic(cert, made.pem().as_bytes(), crate::files::MODE_PUBLIC)
+        .map_err(TlsError::File)?;
     Ok(())
-}
-
-fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts.open(path)?;
-    f.write_all(bytes)?;
-    f.sync_all()
 }
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
@@ -184,84 +195,8 @@ pub fn server_config(id: &Identity, alpn: &[u8]) -> Result<rustls::ServerConfig,
     Ok(c)
 }
 
-/// ALPN of HTTPS and `wss://` on the node's HTTP port.
+/// ALPN of HTTPS and `wss://` on the node's HTTP port (served by `listener.rs`).
 pub const ALPN_HTTP1: &[u8] = b"http/1.1";
-/// TLS handshakes in progress on the HTTP port at once; more wait in the accept queue.
-const TLS_HANDSHAKES_MAX: usize = 256;
-/// A client that has not finished its TLS handshake by then is dropped.
-const TLS_HANDSHAKE_TIMEOUT_MS: u64 = 10_000;
-
-/// The node's TCP listener with TLS in front (HTTPS and `wss://` on one port), for
-/// `axum::serve`. Handshakes run on tasks of their own, so a slow client never holds up the
-/// others' accepts.
-pub struct TlsListener {
-    accepted: tokio::sync::mpsc::Receiver<(
-        tokio_rustls::server::TlsStream<tokio::net::TcpStream>,
-        std::net::SocketAddr,
-    )>,
-    local: std::net::SocketAddr,
-}
-
-impl TlsListener {
-    pub fn new(
-        listener: tokio::net::TcpListener,
-        config: rustls::ServerConfig,
-    ) -> std::io::Result<TlsListener> {
-        let local = listener.local_addr()?;
-        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
-        let (tx, accepted) = tokio::sync::mpsc::channel(TLS_HANDSHAKES_MAX);
-        let slots = Arc::new(tokio::sync::Semaphore::new(TLS_HANDSHAKES_MAX));
-        tokio::spawn(async move {
-            loop {
-                let Ok(slot) = slots.clone().acquire_owned().await else {
-                    return;
-                };
-                let (tcp, addr) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        tracing::debug!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                        continue;
-                    }
-                };
-                if tx.is_closed() {
-                    return;
-                }
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    let _ = tcp.set_nodelay(true);
-                    let timeout = std::time::Duration::from_millis(TLS_HANDSHAKE_TIMEOUT_MS);
-                    match tokio::time::timeout(timeout, acceptor.accept(tcp)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send((tls, addr)).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%addr, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%addr, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(TlsListener { accepted, local })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = tokio_rustls::server::TlsStream<tokio::net::TcpStream>;
-    type Addr = std::net::SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.accepted.recv().await {
-            Some(x) => x,
-            // The acceptor task is gone only when the runtime is: never yield a connection.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
-}
 
 /// How a client decides to trust the node.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

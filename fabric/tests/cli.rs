@@ -64,10 +64,16 @@ fn help_documents_every_option() {
         "--retention-bytes-max",
         "--durability",
         "--log-format",
+        "--http-header-timeout-ms",
+        "--http-body-timeout-ms",
+        "--tls-handshake-timeout-ms",
+        "--connections-max",
+        "--connections-per-ip-max",
     ] {
         assert!(text.contains(opt), "--help lacks {opt}");
     }
     assert!(text.contains("FABRIC_DATA_DIR"));
+    assert!(text.contains("FABRIC_CONNECTIONS_PER_IP_MAX"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

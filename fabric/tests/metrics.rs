@@ -406,3 +406,78 @@ async fn hello_failures_are_counted_by_reason() {
     );
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_metrics_port_the_client_port_keeps_metrics_and_details_to_itself() {
+    // Proves that with metrics_listen set, the client port answers /metrics with 404 and
+    // /readyz with ready and reason only (no per-shard errors, which name files), while the
+    // metrics port serves both in full (per-mesh series included).
+    let dir = tempfile::tempdir().unwrap();
+    let config = fabric::config::Config {
+        metrics_listen: Some("127.0.0.1:0".parse().unwrap()),
+        metrics_meshes: vec!["secret-mesh".into()],
+        ..config(dir.path())
+    };
+    let node = fabric::node::start(config).await.unwrap();
+    let base = base(&node);
+    let ops = format!("http://{}", node.metrics_addr().unwrap());
+    wait_ready(&base).await;
+    let r = http().get(format!("{base}/metrics")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "not_found");
+    assert!(scrape(&ops).await.has("fabric_mesh_peers"));
+    let text = http()
+        .get(format!("{ops}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(text.contains("secret-mesh"));
+
+    let brief = |b: &serde_json::Value| {
+        let keys: Vec<&String> = b.as_object().unwrap().keys().collect();
+        assert!(
+            keys.iter().all(|k| *k == "ready" || *k == "reason"),
+            "client port /readyz says more than ready and reason: {b}"
+        );
+    };
+    let body: serde_json::Value = http()
+        .get(format!("{base}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(body, json!({"ready": true}));
+    // While a shard is down: 503 and the reason on the client port, details on the other.
+    node.crash_shard(0);
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let r = http().get(format!("{base}/readyz")).send().await.unwrap();
+        let status = r.status();
+        let body: serde_json::Value = r.json().await.unwrap();
+        brief(&body);
+        if status == 503 {
+            assert!(body["reason"].as_str().unwrap().contains("[0]"), "{body}");
+        }
+        let full: serde_json::Value = http()
+            .get(format!("{ops}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert!(full["shards"].is_array(), "{full}");
+        if full["shards"][0]["restarts"] == 1 && status == 200 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no restart: {full}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    node.shutdown().await;
+}

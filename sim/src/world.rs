@@ -1382,12 +1382,14 @@ impl Simulation {
                             "s{shard} read corruption {flip:?} refused: {file} at {offset}"
                         ));
                     }
-                    Err(e) => return fail(
-                        ViolationKind::RecoveryRefused,
-                        format!(
+                    Err(e) => {
+                        return fail(
+                            ViolationKind::RecoveryRefused,
+                            format!(
                             "s{shard} read corruption {flip:?} refused with the wrong error: {e}"
                         ),
-                    ),
+                        )
+                    }
                     Ok((_, report)) => {
                         return fail(
                             ViolationKind::CorruptionAccepted,
