@@ -59,6 +59,20 @@ pub struct Config {
     /// Meshes that get per-mesh series (label `mesh`); every other mesh is only in the
     /// per-shard totals, so label cardinality stays bounded. At most 64.
     pub metrics_meshes: Vec<String>,
+    /// Conversations one session may be subscribed to at once (`too_large` beyond).
+    pub session_subscriptions_max: usize,
+    /// The node pings each WebSocket session this often (0: never; QUIC uses its own
+    /// keepalives and idle timeout instead).
+    pub ping_interval_ms: u64,
+    /// A session whose pong is this late is closed (the peer is gone or stuck).
+    pub pong_timeout_ms: u64,
+    /// A session whose writes make no progress for this long is closed (the client stopped
+    /// reading).
+    pub write_timeout_ms: u64,
+    /// Frames a connection may send before its hello; one more closes it.
+    pub prehello_frames_max: u32,
+    /// Frames the node answers a connection before it is welcomed; past it, it is closed.
+    pub prehello_answers_max: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -102,9 +116,27 @@ impl Default for Config {
             tls_cert: None,
             tls_key: None,
             ws_tls: false,
+            session_subscriptions_max: 1024,
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            prehello_frames_max: 16,
+            prehello_answers_max: 64,
         }
     }
 }
+
+/// Largest `frame_bytes_max` accepted: a body (at most a frame) must fit in one WAL record
+/// (`fabric_shard::wal::RECORD_BYTES_MAX`, 16 MiB) with its ids and headers, with room to spare.
+pub const FRAME_BYTES_MAX_LIMIT: usize = 8 << 20;
+/// Smallest `frame_bytes_max` accepted: `body_bytes_max` is 1 KiB less.
+pub const FRAME_BYTES_MAX_FLOOR: usize = 2048;
+/// Frames waiting for a client that does not read, past which its session closes as
+/// `overloaded`, unless in-flight answers plus every shard's push credit need more.
+const PENDING_TRANSMIT_FRAMES_FLOOR: usize = 65_536;
+/// Reply batches a session's channel holds beyond every reply it can be owed (welcome,
+/// errors without ref): slack, not a bound anything relies on.
+const SESSION_REPLY_SLACK: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -149,7 +181,95 @@ impl Config {
         }))
     }
 
+    /// Largest `send`/`append` body: `frame_bytes_max` less 1 KiB, room for what a `deliver`
+    /// or `event` frame adds around the body, so no frame the node sends is over
+    /// `frame_bytes_max` (1,047,552 bytes by default).
+    pub fn body_bytes_max(&self) -> usize {
+        self.frame_bytes_max
+            .saturating_sub(fabric_edge::BODY_FRAMING_BYTES)
+    }
+
+    /// Replies one session can be owed at once: its in-flight requests up to the hard limit
+    /// (`inflight_requests_max` plus one batch frame's ops, which `wants_read` cannot split)
+    /// and every shard's push credit. `None` if it does not fit in a `usize`.
+    pub fn session_replies_owed_max(&self) -> Option<usize> {
+        (self.push_credit_frames_max as usize)
+            .checked_mul(self.shards as usize)?
+            .checked_add(self.inflight_requests_max as usize)?
+            .checked_add(fabric_proto::BATCH_OPS_MAX)
+    }
+
+    /// Capacity of a session's reply channel (in reply batches; a batch holds at least one
+    /// reply): every reply it can be owed, plus slack. So a shard's `try_send` fails only for a
+    /// session that stopped taking replies, which is then closed as `overloaded`.
+    pub fn session_reply_queue_max(&self) -> usize {
+        self.session_replies_owed_max()
+            .unwrap_or(usize::MAX)
+            .saturating_add(SESSION_REPLY_SLACK)
+    }
+
+    /// The session core's limits for this node's settings.
+    pub fn session_config(&self) -> fabric_edge::SessionConfig {
+        fabric_edge::SessionConfig {
+            frame_bytes_max: self.frame_bytes_max,
+            inflight_requests_max: self.inflight_requests_max,
+            hello_timeout_ms: self.hello_timeout_ms,
+            // It must hold everything the shards can send before the session next drains.
+            pending_transmit_frames_max: self
+                .session_replies_owed_max()
+                .unwrap_or(usize::MAX)
+                .max(PENDING_TRANSMIT_FRAMES_FLOOR),
+            body_bytes_max: self.body_bytes_max(),
+            subscriptions_max: self.session_subscriptions_max,
+            ping_interval_ms: self.ping_interval_ms,
+            pong_timeout_ms: self.pong_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
+            prehello_frames_max: self.prehello_frames_max,
+            prehello_answers_max: self.prehello_answers_max,
+            ..fabric_edge::SessionConfig::default()
+        }
+    }
+
+    /// The session limits of this file's last fields (kept apart from `validate`'s older
+    /// checks so that the hunks of concurrent changes stay separate).
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(FRAME_BYTES_MAX_FLOOR..=FRAME_BYTES_MAX_LIMIT).contains(&self.frame_bytes_max) {
+            return bad(format!(
+                "frame_bytes_max must be {FRAME_BYTES_MAX_FLOOR}..={FRAME_BYTES_MAX_LIMIT} (a \
+                 body must fit in one WAL record of at most 16 MiB)"
+            ));
+        }
+        if self.session_subscriptions_max == 0 {
+            return bad("session_subscriptions_max must be positive".into());
+        }
+        if self.ping_interval_ms != 0 && self.ping_interval_ms < 100 {
+            return bad("ping_interval_ms must be 0 (no pings) or at least 100".into());
+        }
+        if self.pong_timeout_ms < 100 || self.write_timeout_ms < 100 {
+            return bad("pong_timeout_ms and write_timeout_ms must be at least 100".into());
+        }
+        if self.prehello_frames_max == 0 || self.prehello_answers_max < 2 {
+            return bad(
+                "prehello_frames_max must be positive and prehello_answers_max at least 2 \
+                 (options and challenge)"
+                    .into(),
+            );
+        }
+        // The reply channel must hold every reply a session can be owed, or a shard would
+        // find it full while the session is healthy.
+        match self.session_replies_owed_max() {
+            Some(owed) if self.session_reply_queue_max() > owed && owed <= 1 << 26 => Ok(()),
+            _ => bad(
+                "push_credit_frames_max x shards + inflight_requests_max is too large for a \
+                 session's reply channel (at most 67108864)"
+                    .into(),
+            ),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sessions()?;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert and tls_key go together");

@@ -103,6 +103,24 @@ struct ServeArgs {
     /// Comma-separated meshes that get per-mesh metric series (at most 64).
     #[arg(long, env = "FABRIC_METRICS_MESHES", value_delimiter = ',')]
     metrics_meshes: Option<Vec<String>>,
+    /// Conversations one session may be subscribed to at once. Default 1024.
+    #[arg(long, env = "FABRIC_SESSION_SUBSCRIPTIONS_MAX")]
+    session_subscriptions_max: Option<usize>,
+    /// Ping each WebSocket session this often, in ms (0: never). Default 30000.
+    #[arg(long, env = "FABRIC_PING_INTERVAL_MS")]
+    ping_interval_ms: Option<u64>,
+    /// Close a session whose pong is this late, in ms. Default 30000.
+    #[arg(long, env = "FABRIC_PONG_TIMEOUT_MS")]
+    pong_timeout_ms: Option<u64>,
+    /// Close a session whose writes make no progress for this long, in ms. Default 30000.
+    #[arg(long, env = "FABRIC_WRITE_TIMEOUT_MS")]
+    write_timeout_ms: Option<u64>,
+    /// Frames a connection may send before its hello. Default 16.
+    #[arg(long, env = "FABRIC_PREHELLO_FRAMES_MAX")]
+    prehello_frames_max: Option<u32>,
+    /// Frames the node answers a connection before its welcome. Default 64.
+    #[arg(long, env = "FABRIC_PREHELLO_ANSWERS_MAX")]
+    prehello_answers_max: Option<u32>,
 }
 
 impl ServeArgs {
@@ -127,6 +145,14 @@ impl ServeArgs {
             log_format,
             metrics,
             metrics_meshes
+        );
+        set!(
+            session_subscriptions_max,
+            ping_interval_ms,
+            pong_timeout_ms,
+            write_timeout_ms,
+            prehello_frames_max,
+            prehello_answers_max
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

@@ -28,6 +28,9 @@ pub enum SessionMsg {
     Replies(ShardIdx, Vec<Reply>),
     /// The shard restarted and forgot this session's attachments: reconnect.
     ShardRestarted(ShardIdx),
+    /// The session's channel was full when the shard had replies for it (it stopped taking
+    /// them): the shard dropped them and forgot the session, which must close.
+    Overloaded(ShardIdx),
 }
 
 pub type SessionTx = mpsc::Sender<SessionMsg>;
@@ -122,8 +125,26 @@ struct Sessions {
 impl Drop for Sessions {
     fn drop(&mut self) {
         for tx in self.txs.values() {
-            let _ = tx.try_send(SessionMsg::ShardRestarted(self.idx));
+            notify(tx, SessionMsg::ShardRestarted(self.idx));
         }
+    }
+}
+
+/// Sends a notice that must never be lost (a restart, an overload) even when the session's
+/// channel is full: a full channel means the session is busy (a slow write, bounded by its
+/// write deadline), not gone, so the notice waits for room in a task of its own. It is lost
+/// only with the session itself (its receiver dropped) or the runtime.
+fn notify(tx: &SessionTx, msg: SessionMsg) {
+    match tx.try_send(msg) {
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let tx = tx.clone();
+                rt.spawn(async move {
+                    let _ = tx.send(msg).await;
+                });
+            }
+        }
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
     }
 }
 
@@ -253,13 +274,20 @@ fn route(
             continue;
         };
         // The channel's capacity covers every reply a session can be owed (in-flight limit plus
-        // push credit), so Full means the session stopped draining it: drop the session rather
-        // than block the shard; its client reconnects and gets its inbox redelivered.
-        if tx
-            .try_send(SessionMsg::Replies(sessions.idx, replies))
-            .is_err()
-        {
-            sessions.txs.remove(&session);
+        // push credit; `Config::session_reply_queue_max`), so Full means the session stopped
+        // taking replies. The shard must not block on it: it forgets the session, and the
+        // session is told to close as `overloaded` (its client resumes; its inbox is
+        // redelivered), never left open with its replies silently gone.
+        match tx.try_send(SessionMsg::Replies(sessions.idx, replies)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if let Some(tx) = sessions.txs.remove(&session) {
+                    notify(&tx, SessionMsg::Overloaded(sessions.idx));
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                sessions.txs.remove(&session);
+            }
         }
     }
 }
