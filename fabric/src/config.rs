@@ -306,3 +306,107 @@ impl Config {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod session_limit_tests {
+    use super::*;
+    use fabric_edge::{InFrame, Session};
+    use fabric_proto::internal::{Reply, ShardOp};
+    use fabric_proto::ServerOp;
+
+    /// Requests a session core with `config`'s limits takes in flight when its glue ignores
+    /// `wants_read` (whole batch frames of appends), before it refuses with `overloaded`.
+    fn inflight_accepted(config: &Config) -> usize {
+        let mut s = Session::new(1, 0, config.session_config());
+        let hello = br#"{"op":"hello","mesh":"m","peer":"p","token":"t"}"#;
+        s.handle_frame(
+            0,
+            InFrame {
+                binary: false,
+                bytes: hello,
+            },
+        );
+        while s.poll_request().is_some() {}
+        s.handle_reply(
+            0,
+            0,
+            Reply::Frame(ServerOp::Welcome {
+                session: 1,
+                acked: 0,
+                head: 0,
+            }),
+        );
+        let ops: Vec<String> = (0..fabric_proto::BATCH_OPS_MAX)
+            .map(|r| format!(r#"{{"op":"append","ref":{r},"conv":"c","body":1}}"#))
+            .collect();
+        let batch = format!("[{}]", ops.join(","));
+        let mut accepted = 0;
+        for _ in 0..8 {
+            s.handle_frame(
+                0,
+                InFrame {
+                    binary: false,
+                    bytes: batch.as_bytes(),
+                },
+            );
+            while let Some((_, req)) = s.poll_request() {
+                accepted += usize::from(matches!(req.op, ShardOp::Append { .. }));
+            }
+        }
+        accepted
+    }
+
+    #[test]
+    fn a_sessions_reply_channel_holds_everything_it_can_be_owed() {
+        // Proves the zombie-session sizing: the reply channel holds every answer the session
+        // core lets a session have in flight (the soft limit plus one batch frame, which the
+        // old capacity of in-flight + credit x shards + 64 did not) plus every shard's push
+        // credit, and the core holds as many frames before closing as overloaded.
+        for shards in [1, 4, 64] {
+            let c = Config {
+                shards,
+                ..Config::default()
+            };
+            c.validate().unwrap();
+            let inflight = inflight_accepted(&c);
+            assert!(inflight > c.inflight_requests_max as usize, "{inflight}");
+            let owed = inflight + c.push_credit_frames_max as usize * shards as usize;
+            assert!(c.session_reply_queue_max() >= owed, "{shards} shards");
+            assert!(c.session_config().pending_transmit_frames_max >= owed);
+        }
+        let huge = Config {
+            push_credit_frames_max: u32::MAX,
+            shards: 1024,
+            partitions: 1024,
+            ..Config::default()
+        };
+        assert!(
+            huge.validate().is_err(),
+            "a reply channel that large is refused"
+        );
+    }
+
+    #[test]
+    fn frame_and_body_limits_are_bounded_and_derived() {
+        // Proves frame_bytes_max is capped so a body always fits a WAL record, body_bytes_max is
+        // 1 KiB below it (1,047,552 by default), and the session timers are validated.
+        let c = Config::default();
+        assert_eq!(c.body_bytes_max(), 1_047_552);
+        assert_eq!(c.session_config().body_bytes_max, 1_047_552);
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(&|c| c.frame_bytes_max = 8 << 20).is_ok());
+        assert!(with(&|c| c.frame_bytes_max = (8 << 20) + 1).is_err());
+        assert!(with(&|c| c.frame_bytes_max = 16 << 20).is_err());
+        assert!(with(&|c| c.frame_bytes_max = 1024).is_err());
+        assert!(8 << 20 < fabric_shard::wal::RECORD_BYTES_MAX);
+        assert!(with(&|c| c.ping_interval_ms = 0).is_ok());
+        assert!(with(&|c| c.ping_interval_ms = 50).is_err());
+        assert!(with(&|c| c.write_timeout_ms = 0).is_err());
+        assert!(with(&|c| c.session_subscriptions_max = 0).is_err());
+        assert!(with(&|c| c.prehello_frames_max = 0).is_err());
+    }
+}

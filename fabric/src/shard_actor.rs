@@ -148,6 +148,67 @@ fn notify(tx: &SessionTx, msg: SessionMsg) {
     }
 }
 
+#[cfg(test)]
+mod session_notice_tests {
+    use super::*;
+    use fabric_proto::ServerOp;
+
+    fn pong() -> Reply {
+        Reply::Frame(ServerOp::Pong { r: 1 })
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<SessionMsg>) -> SessionMsg {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("the channel is open")
+    }
+
+    #[tokio::test]
+    async fn a_restart_notice_reaches_a_session_whose_channel_is_full() {
+        // Proves Sessions' drop never loses ShardRestarted: with the session's channel full
+        // (try_send fails), the notice arrives once the session takes the message ahead of it.
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.try_send(SessionMsg::Replies(0, vec![pong()])).unwrap();
+        drop(Sessions {
+            idx: 3,
+            txs: HashMap::from([(7, tx)]),
+        });
+        assert!(matches!(next(&mut rx).await, SessionMsg::Replies(0, _)));
+        assert!(matches!(next(&mut rx).await, SessionMsg::ShardRestarted(3)));
+    }
+
+    #[tokio::test]
+    async fn replies_that_do_not_fit_close_the_session_instead_of_vanishing() {
+        // Proves route() with a full session channel forgets the session's sender and tells the
+        // session Overloaded (so it closes and its client resumes) instead of dropping it in
+        // silence; another session is served as usual.
+        let mut shard = Shard::new(ShardConfig::default());
+        let (full_tx, mut full_rx) = mpsc::channel(1);
+        full_tx
+            .try_send(SessionMsg::Replies(2, vec![pong()]))
+            .unwrap();
+        let (ok_tx, mut ok_rx) = mpsc::channel(8);
+        let mut sessions = Sessions {
+            idx: 2,
+            txs: HashMap::from([(1, full_tx), (2, ok_tx)]),
+        };
+        let mut per_session = HashMap::from([(1, vec![pong()]), (2, vec![pong()])]);
+        route(&mut shard, &mut sessions, &mut per_session);
+        assert!(!sessions.txs.contains_key(&1) && sessions.txs.contains_key(&2));
+        assert!(matches!(next(&mut ok_rx).await, SessionMsg::Replies(2, _)));
+        assert!(matches!(
+            next(&mut full_rx).await,
+            SessionMsg::Replies(2, _)
+        ));
+        assert!(matches!(
+            next(&mut full_rx).await,
+            SessionMsg::Overloaded(2)
+        ));
+        sessions.txs.clear();
+    }
+}
+
 /// Most batches taken from the input channel before the loop writes and answers.
 const LOOP_BATCHES_MAX: usize = 256;
 
