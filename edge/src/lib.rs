@@ -390,10 +390,10 @@ impl Session {
                     bytes += q.frame.bytes.len() + 1;
                     parts.push(q.frame.bytes);
                 }
-                let credit = match first.frame.credit {
-                    Some((shard, _)) => Some((shard, parts.len() as u32)),
-                    None => None,
-                };
+                let credit = first
+                    .frame
+                    .credit
+                    .map(|(shard, _)| (shard, parts.len() as u32));
                 OutFrame {
                     binary: first.frame.binary,
                     bytes: codec::batch_server_frames(&parts, first.frame.binary),

@@ -148,7 +148,9 @@ fn notify(tx: &SessionTx, msg: SessionMsg) {
     }
 }
 
+// Beside what it tests (the rest of this file is the supervisor's, changed separately).
 #[cfg(test)]
+#[allow(clippy::items_after_test_module)]
 mod session_notice_tests {
     use super::*;
     use fabric_proto::ServerOp;

@@ -558,11 +558,11 @@ async fn a_quic_subscription_stream_nobody_reads_blocks_nothing_else() {
         for op in quic_ops(&mut control).await {
             match op {
                 ServerOp::Pong { r: 7 } => ponged_at = Some(started.elapsed()),
-                ServerOp::Error { code, message, .. }
-                    if code == fabric_proto::ErrorCode::Overloaded =>
-                {
-                    closed_for = Some(message)
-                }
+                ServerOp::Error {
+                    code: fabric_proto::ErrorCode::Overloaded,
+                    message,
+                    ..
+                } => closed_for = Some(message),
                 _ => {}
             }
         }
