@@ -155,18 +155,26 @@ async fn a_body_that_is_not_utf8_is_refused_and_json_recipients_miss_nothing() {
         to: Target::Peer("b".into()),
         body: fabric_proto::Body::from_trusted(bytes::Bytes::from_static(body)),
     };
+    let append = |r: u64, body: &'static [u8]| ClientOp::Append {
+        r,
+        conv: "c".into(),
+        body: fabric_proto::Body::from_trusted(bytes::Bytes::from_static(body)),
+        key: None,
+    };
     for op in [
         &hello,
         &send(1, b"1"),
         &send(2, b"\"\xff\""),
         &send(3, b"3"),
+        &append(4, b"[\"\xc3\"]"),
+        &append(5, b"5"),
     ] {
         a.ws.send(Message::Binary(codec::encode_client_binary(op).into()))
             .await
             .unwrap();
     }
     let mut answers = Vec::new();
-    while answers.len() < 4 {
+    while answers.len() < 6 {
         answers.extend(recv_binary(&mut a.ws).await);
     }
     let refused = answers
@@ -183,7 +191,7 @@ async fn a_body_that_is_not_utf8_is_refused_and_json_recipients_miss_nothing() {
             _ => None,
         })
         .collect();
-    assert_eq!((refused, acked), (1, vec![1, 2]), "{answers:?}");
+    assert_eq!((refused, acked), (2, vec![1, 2]), "{answers:?}");
     let got = bob.collect(2, |v| v["op"] == "deliver").await;
     assert_eq!(
         (got[0]["pos"].clone(), got[0]["body"].clone()),
@@ -193,6 +201,17 @@ async fn a_body_that_is_not_utf8_is_refused_and_json_recipients_miss_nothing() {
         (got[1]["pos"].clone(), got[1]["body"].clone()),
         (json!(2), json!(3))
     );
+    let page = http()
+        .get(format!("{b}/v1/meshes/m/conversations/c/messages"))
+        .bearer_auth(&ta)
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let page: Value = serde_json::from_slice(&page).expect("the HTTP page is valid JSON");
+    assert_eq!(page["messages"].as_array().unwrap().len(), 1, "{page}");
     node.shutdown().await;
 }
 
