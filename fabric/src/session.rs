@@ -283,20 +283,8 @@ async fn session_loop<T: Transport>(
         if !identified {
             identified = record_identity(core);
         }
-        // Requests the core produced go to the shards in per-shard batches. `send` waits when a
-        // shard's queue is full: that wait is the backpressure that stops this session's reads.
-        while let Some((route, req)) = core.poll_request() {
-            router.handle_request(crate::now_ms(), route, req);
-        }
-        while let Some((shard, requests)) = router.poll_batch() {
-            let msg = ShardMsg::Batch {
-                session: id,
-                tx: tx.clone(),
-                requests,
-            };
-            if send_to_shard(ctx, shard as usize, msg).await.is_err() {
-                return Ended::Normally;
-            }
+        if forward_requests(core, router, ctx, id, tx).await.is_err() {
+            return Ended::Normally;
         }
         match write_out(transport, core, &mut timer).await {
             Err(ended) => return ended,
@@ -330,17 +318,7 @@ async fn session_loop<T: Transport>(
         );
         let reading = core.wants_read() && !shutting_down;
         tokio::select! {
-            event = transport.next(reading) => match event {
-                Event::In(input) => read_frames(transport, core, input),
-                // Streams the main write does not wait for (QUIC subscriptions) moved on.
-                Event::Wrote(Ok(())) => {
-                    transport.report(core, crate::now_ms());
-                }
-                Event::Wrote(Err(e)) => {
-                    tracing::debug!(error = %e, "session write failed");
-                    core.handle_transport_closed(crate::now_ms());
-                }
-            },
+            event = transport.next(reading) => handle_event(transport, core, event),
             msg = rx.recv() => take_replies(core, rx, msg),
             _ = shutdown.changed(), if !shutting_down => {
                 shutting_down = true;
@@ -349,6 +327,29 @@ async fn session_loop<T: Transport>(
             _ = timer.fired() => core.handle_timeout(crate::now_ms()),
         }
     }
+}
+
+/// Requests the core produced go to the shards in per-shard batches. `send` waits when a
+/// shard's queue is full: that wait is the backpressure that stops this session's reads.
+async fn forward_requests(
+    core: &mut Session,
+    router: &mut fabric_router::Router,
+    ctx: &NodeCtx,
+    id: u64,
+    tx: &mpsc::Sender<SessionMsg>,
+) -> Result<(), ()> {
+    while let Some((route, req)) = core.poll_request() {
+        router.handle_request(crate::now_ms(), route, req);
+    }
+    while let Some((shard, requests)) = router.poll_batch() {
+        let msg = ShardMsg::Batch {
+            session: id,
+            tx: tx.clone(),
+            requests,
+        };
+        send_to_shard(ctx, shard as usize, msg).await?;
+    }
+    Ok(())
 }
 
 /// Names the session's mesh and peer in its span once it is welcomed; true then.
@@ -360,6 +361,20 @@ fn record_identity(core: &Session) -> bool {
     span.record("mesh", &**mesh);
     span.record("peer", &**peer);
     true
+}
+
+fn handle_event<T: Transport>(transport: &mut T, core: &mut Session, event: Event<T::In>) {
+    match event {
+        Event::In(input) => read_frames(transport, core, input),
+        // Streams the main write does not wait for (QUIC subscriptions) moved on.
+        Event::Wrote(Ok(())) => {
+            transport.report(core, crate::now_ms());
+        }
+        Event::Wrote(Err(e)) => {
+            tracing::debug!(error = %e, "session write failed");
+            core.handle_transport_closed(crate::now_ms());
+        }
+    }
 }
 
 /// Hands the core `input` and whatever else the transport has already buffered, so the shards
