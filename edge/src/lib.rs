@@ -11,10 +11,13 @@
 //! poll_request()                    <-    (route, request) for the router
 //! handle_reply(now, shard, reply)   ->    encode frames, count acks and pushes
 //! poll_transmit()                   <-    frames for the socket
+//! handle_writing(now, stream)       ->    a write started or progressed: it has write_timeout_ms
 //! handle_flushed(now)               ->    every polled frame is written: return push credit
-//! poll_timeout() / handle_timeout() <->   the hello deadline
+//! poll_ping(now) / handle_pong(now) <->   liveness: a transport ping is due / its pong came
+//! poll_timeout() / handle_timeout() <->   hello, write, ping and pong deadlines
 //! wants_read()                      <-    false = stop reading the socket (backpressure)
 //! is_closed()                       <-    send what is left to transmit, then close
+//! is_write_abandoned()              <-    a write timed out: drop the transport, write nothing
 //! ```
 //!
 //! Lifecycle: `AwaitingHello` -> (hello forwarded) `Authenticating` -> (welcome) `Open`, and
@@ -36,8 +39,10 @@
 use fabric_proto::codec;
 use fabric_proto::internal::{HelloProof, Reply, Request, Route, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{ClientOp, ErrorCode, ProtoError, ServerOp, BATCH_OPS_MAX};
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
+
+mod liveness;
 
 /// Bytes a batch frame adds around its parts (brackets, or a variant index and a length).
 const BATCH_FRAMING_BYTES: usize = 16;
@@ -62,6 +67,28 @@ pub struct SessionConfig {
     /// Most server ops joined into one frame for a client that asked for batches (`options`
     /// with `batch`); the client's own number is used when smaller. At most `BATCH_OPS_MAX`.
     pub out_batch_ops_max: u32,
+    /// Largest `send` or `append` body; a larger one gets `too_large` (with the request's
+    /// ref). Keep it below `frame_bytes_max` by the most a `deliver` or `event` frame adds
+    /// around a body (ids of 128 bytes, numbers, field names: well under 1 KiB), so that no
+    /// frame carrying an accepted body is over `frame_bytes_max`.
+    pub body_bytes_max: usize,
+    /// Distinct conversations the session may be subscribed to at once; a `subscribe` to one
+    /// more gets `too_large` (unsubscribing frees a place).
+    pub subscriptions_max: usize,
+    /// A transport ping is due this long after the session started or the last ping was
+    /// sent; 0: never (a transport with its own keepalives, QUIC).
+    pub ping_interval_ms: u64,
+    /// The session closes as `overloaded` when a ping's pong is this late (unless the node
+    /// itself was not reading: then it waits another period).
+    pub pong_timeout_ms: u64,
+    /// A write to the transport (one stream's) that makes no progress for this long ends the
+    /// session: the client stopped reading. 0: no deadline.
+    pub write_timeout_ms: u64,
+    /// Frames a session may send before its hello; one more closes it as `unauthorized`.
+    pub prehello_frames_max: u32,
+    /// Frames the session answers before it is welcomed (errors, `challenge`, `ok` to
+    /// `options`); past it the session closes as `unauthorized`.
+    pub prehello_answers_max: u32,
 }
 
 impl Default for SessionConfig {
@@ -72,9 +99,20 @@ impl Default for SessionConfig {
             hello_timeout_ms: 10_000,
             pending_transmit_frames_max: 65_536,
             out_batch_ops_max: 256,
+            body_bytes_max: fabric_proto::FRAME_BYTES_MAX_DEFAULT - BODY_FRAMING_BYTES,
+            subscriptions_max: 1024,
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            prehello_frames_max: 16,
+            prehello_answers_max: 64,
         }
     }
 }
+
+/// What `body_bytes_max` leaves below `frame_bytes_max` by default: room for everything a
+/// `deliver` or `event` frame puts around its body (at most about 400 bytes of JSON).
+pub const BODY_FRAMING_BYTES: usize = 1024;
 
 /// How a session's frames are encoded: fixed by its first frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +139,10 @@ pub struct OutFrame {
     /// subscription a stream of its own, so one slow tail never blocks inbox delivery. Every
     /// other frame (answers, deliveries, errors) is `None` and goes on the control stream.
     pub conv: Option<Arc<str>>,
+    /// For a conversation's frame: the shard whose push credit its events spent, and how many
+    /// (one conversation lives on one shard). A stream transport that cannot write it yet
+    /// keeps that credit back (`handle_flushed_holding`) until it can.
+    pub credit: Option<(ShardIdx, u32)>,
 }
 
 /// Plain counters for metrics. Frames and bytes out count when polled (handed to the glue).
@@ -136,6 +178,19 @@ pub struct SessionStats {
     pub hellos_timed_out: u64,
     /// Sessions whose first op was not a hello.
     pub ops_before_hello: u64,
+    /// Sessions closed for sending or being answered too much before hello.
+    pub prehello_limited: u64,
+    /// Transport pings handed to the glue.
+    pub pings_sent: u64,
+    /// Sessions closed because a pong was too late (a dead or stuck peer).
+    pub pongs_late: u64,
+    /// Sessions closed because a write (one stream's) made no progress in time.
+    pub writes_timed_out: u64,
+    /// `subscribe`s refused at `subscriptions_max`.
+    pub subscriptions_refused: u64,
+    /// Deliveries and events that could not be encoded for this session (a stored body that
+    /// is not UTF-8, for JSON; a frame over `frame_bytes_max`): each became an error frame.
+    pub unencodable_pushes: u64,
 }
 
 /// The index of `code` in `SessionStats::errors_by_code` (and in `ErrorCode::ALL`).
@@ -204,6 +259,12 @@ pub struct Session {
     challenge: Challenge,
     /// Most ops `poll_transmit` joins into one frame: 1 until the client asks for batches.
     out_batch_ops: usize,
+    /// Conversations subscribed to (by request; `unsubscribe` removes). Only looked up.
+    subscriptions: HashSet<Arc<str>>,
+    /// Frames received and frames answered before the session was welcomed.
+    prehello_frames: u32,
+    prehello_answers: u32,
+    liveness: liveness::Liveness,
     stats: SessionStats,
 }
 
@@ -212,7 +273,6 @@ impl Session {
         Session {
             id,
             hello_deadline: now.saturating_add(config.hello_timeout_ms),
-            config,
             state: State::AwaitingHello,
             encoding: None,
             inflight: 0,
@@ -224,6 +284,11 @@ impl Session {
             challenge: Challenge::None,
             closed_sent: false,
             out_batch_ops: 1,
+            subscriptions: HashSet::new(),
+            prehello_frames: 0,
+            prehello_answers: 0,
+            liveness: liveness::Liveness::new(now, &config),
+            config,
             stats: SessionStats::default(),
         }
     }
@@ -276,12 +341,16 @@ impl Session {
             && self.transmit.len() < self.config.pending_transmit_frames_max
     }
 
-    /// The next deadline in unix ms: the hello deadline, until welcomed.
+    /// The next deadline in unix ms: the hello deadline until welcomed, write deadlines while
+    /// a write is under way (also after close: the last frames' write is bounded too), and the
+    /// ping and pong deadlines.
     pub fn poll_timeout(&self) -> Option<u64> {
-        match self.state {
+        let hello = match self.state {
             State::AwaitingHello | State::Authenticating { .. } => Some(self.hello_deadline),
             State::Open { .. } | State::Closed => None,
-        }
+        };
+        let liveness = self.liveness.poll_timeout(self.is_closed());
+        [hello, liveness].into_iter().flatten().min()
     }
 
     /// The next request for the router, in the order the session made them.
@@ -321,10 +390,15 @@ impl Session {
                     bytes += q.frame.bytes.len() + 1;
                     parts.push(q.frame.bytes);
                 }
+                let credit = first
+                    .frame
+                    .credit
+                    .map(|(shard, _)| (shard, parts.len() as u32));
                 OutFrame {
                     binary: first.frame.binary,
                     bytes: codec::batch_server_frames(&parts, first.frame.binary),
                     conv: first.frame.conv,
+                    credit,
                 }
             }
             _ => first.frame,
@@ -346,12 +420,15 @@ impl Session {
     /// A frame the transport would not read into memory because its length prefix alone is
     /// over `frame_bytes_max` (stream transports skip its bytes): `too_large`, as for a whole
     /// frame over the limit, and the session goes on.
-    pub fn handle_oversize_frame(&mut self, _now: u64, len: u64) {
+    pub fn handle_oversize_frame(&mut self, now: u64, len: u64) {
         if self.is_closed() {
             return;
         }
         self.stats.frames_in += 1;
         self.stats.bytes_in += len;
+        if self.prehello_frame_refused(now) {
+            return;
+        }
         self.error(
             None,
             ProtoError::new(
@@ -362,6 +439,7 @@ impl Session {
                 ),
             ),
         );
+        self.prehello_answers_refused(now);
     }
 
     /// One frame read from the transport. A frame may carry several ops (a batch); each is
@@ -379,6 +457,9 @@ impl Session {
                 Encoding::Json
             });
         }
+        if self.prehello_frame_refused(now) {
+            return;
+        }
         if frame.bytes.len() > self.config.frame_bytes_max {
             self.error(
                 None,
@@ -391,6 +472,7 @@ impl Session {
                     ),
                 ),
             );
+            self.prehello_answers_refused(now);
             return;
         }
         // Each frame decodes by its own kind; answers use the session's encoding.
@@ -403,13 +485,59 @@ impl Session {
             Ok(ops) => {
                 for op in ops {
                     self.handle_op(now, op);
-                    if self.is_closed() {
+                    if self.is_closed() || self.prehello_answers_refused(now) {
                         return;
                     }
                 }
             }
-            Err(e) => self.error(None, e),
+            Err(e) => {
+                self.error(None, e);
+                self.prehello_answers_refused(now);
+            }
         }
+    }
+
+    /// Counts a frame that arrived before hello; past `prehello_frames_max` the session closes
+    /// (a client that never says hello cannot keep the node busy answering it). True if so.
+    fn prehello_frame_refused(&mut self, now: u64) -> bool {
+        if !matches!(self.state, State::AwaitingHello) {
+            return false;
+        }
+        self.prehello_frames = self.prehello_frames.saturating_add(1);
+        if self.prehello_frames <= self.config.prehello_frames_max {
+            return false;
+        }
+        self.refuse_prehello(
+            now,
+            format!(
+                "more than {} frames before hello (prehello_frames_max); say hello first",
+                self.config.prehello_frames_max
+            ),
+        );
+        true
+    }
+
+    /// Past `prehello_answers_max` frames answered before welcome, the session closes (one
+    /// batch frame of 1024 `options` or `challenge` ops would otherwise get 1024 answers,
+    /// each frame of them). True if so.
+    fn prehello_answers_refused(&mut self, now: u64) -> bool {
+        if self.is_closed() || self.prehello_answers <= self.config.prehello_answers_max {
+            return false;
+        }
+        self.refuse_prehello(
+            now,
+            format!(
+                "more than {} frames answered before welcome (prehello_answers_max)",
+                self.config.prehello_answers_max
+            ),
+        );
+        true
+    }
+
+    fn refuse_prehello(&mut self, now: u64, message: String) {
+        self.stats.prehello_limited += 1;
+        self.error(None, ProtoError::new(ErrorCode::Unauthorized, message));
+        self.close(now);
     }
 
     fn handle_op(&mut self, now: u64, op: ClientOp) {
@@ -460,6 +588,8 @@ impl Session {
                     );
                 }
                 ClientOp::Hello { mesh, peer, token } => {
+                    // A nonce serves the session's one hello, whichever kind it is.
+                    self.challenge = Challenge::Used;
                     self.state = State::Authenticating {
                         mesh: mesh.clone(),
                         peer: peer.clone(),
@@ -490,7 +620,8 @@ impl Session {
             },
             State::Authenticating { .. } => match op {
                 ClientOp::HelloSigned { .. } => self.nonce_reused(),
-                ClientOp::Hello { .. } | ClientOp::Challenge => self.second_hello(),
+                ClientOp::Challenge => self.answer_challenge(),
+                ClientOp::Hello { .. } => self.second_hello(),
                 // Held and handled after welcome, in order; counted against the in-flight
                 // limit meanwhile so that a client cannot park unbounded work here.
                 op if self.pending_ops() < self.inflight_hard_max() => self.early.push_back(op),
@@ -526,9 +657,13 @@ impl Session {
                 return;
             }
         }
+        if let Some(e) = self.refusal(&op) {
+            return self.error(op.reference(), e);
+        }
         let shard_op = match op {
             ClientOp::HelloSigned { .. } => return self.nonce_reused(),
-            ClientOp::Hello { .. } | ClientOp::Challenge => return self.second_hello(),
+            ClientOp::Challenge => return self.answer_challenge(),
+            ClientOp::Hello { .. } => return self.second_hello(),
             ClientOp::Send { r, to, body } => ShardOp::Send {
                 r,
                 mesh,
@@ -544,13 +679,19 @@ impl Session {
                 body,
                 key,
             },
-            ClientOp::Subscribe { r, conv, from } => ShardOp::Subscribe {
-                r,
-                mesh,
-                conv,
-                from,
-            },
-            ClientOp::Unsubscribe { r, conv } => ShardOp::Unsubscribe { r, mesh, conv },
+            ClientOp::Subscribe { r, conv, from } => {
+                self.subscriptions.insert(conv.clone());
+                ShardOp::Subscribe {
+                    r,
+                    mesh,
+                    conv,
+                    from,
+                }
+            }
+            ClientOp::Unsubscribe { r, conv } => {
+                self.subscriptions.remove(&conv);
+                ShardOp::Unsubscribe { r, mesh, conv }
+            }
             ClientOp::Ack { upto } => return self.forward_ack(mesh, peer, upto),
             ClientOp::Ping { r } => return self.push_frame(&ServerOp::Pong { r }, None),
             // Handled in `handle_op` before any state.
@@ -563,6 +704,41 @@ impl Session {
         self.inflight = self.inflight.saturating_add(1);
         self.stats.requests_counted += 1;
         self.forward(Route::ByKey, shard_op);
+    }
+
+    /// Why an open op is refused before it goes anywhere: a body over `body_bytes_max`, or a
+    /// subscription past `subscriptions_max`. Both answer the op's own ref.
+    fn refusal(&mut self, op: &ClientOp) -> Option<ProtoError> {
+        match op {
+            ClientOp::Send { body, .. } | ClientOp::Append { body, .. }
+                if body.len() > self.config.body_bytes_max =>
+            {
+                Some(ProtoError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "body is {} bytes; the limit is {} (body_bytes_max: frame_bytes_max less \
+                         room for the frame that delivers it)",
+                        body.len(),
+                        self.config.body_bytes_max
+                    ),
+                ))
+            }
+            ClientOp::Subscribe { conv, .. }
+                if self.subscriptions.len() >= self.config.subscriptions_max
+                    && !self.subscriptions.contains(conv) =>
+            {
+                self.stats.subscriptions_refused += 1;
+                Some(ProtoError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "this session is subscribed to {} conversations, the limit \
+                         (session_subscriptions_max); unsubscribe from one first",
+                        self.subscriptions.len()
+                    ),
+                ))
+            }
+            _ => None,
+        }
     }
 
     /// Acks are cumulative and the shard keeps the highest, so an ack right behind another
@@ -691,21 +867,46 @@ impl Session {
 
     /// The glue wrote every frame polled so far: each shard gets back the credit its polled
     /// pushes used, as one `Flushed` per shard, in shard order.
-    pub fn handle_flushed(&mut self, _now: u64) {
+    pub fn handle_flushed(&mut self, now: u64) {
+        self.handle_flushed_holding(now, &[]);
+    }
+
+    /// As [`Session::handle_flushed`], for a stream transport that wrote everything polled
+    /// except some conversation frames whose streams were not writable yet: `held` lists, per
+    /// shard, the pushes in them (their `OutFrame::credit`). Their credit comes back with
+    /// [`Session::handle_credit_released`] once they are written, so a stream the client does
+    /// not read is paced by its shard's push credit instead of buffering without bound.
+    pub fn handle_flushed_holding(&mut self, now: u64, held: &[(ShardIdx, u32)]) {
+        self.liveness.written(None);
         if self.is_closed() {
             // The shards were told `Closed` and forgot the session; credit means nothing now.
             self.pushed_polled.clear();
             return;
         }
-        for (shard, frames) in std::mem::take(&mut self.pushed_polled) {
-            if frames > 0 {
-                self.forward(Route::Shard(shard), ShardOp::Flushed { frames });
+        for &(shard, frames) in held {
+            if let Some(n) = self.pushed_polled.get_mut(&shard) {
+                *n = n.saturating_sub(frames);
             }
+        }
+        for (shard, frames) in std::mem::take(&mut self.pushed_polled) {
+            self.handle_credit_released(now, shard, frames);
         }
     }
 
-    /// Time passed: closes the session if the hello deadline is reached without a welcome.
+    /// Pushes of `shard` that a stream transport held back are written now: their credit
+    /// returns to the shard.
+    pub fn handle_credit_released(&mut self, _now: u64, shard: ShardIdx, frames: u32) {
+        if frames > 0 && !self.is_closed() {
+            self.forward(Route::Shard(shard), ShardOp::Flushed { frames });
+        }
+    }
+
+    /// Time passed: closes the session if the hello deadline is reached without a welcome, a
+    /// write made no progress in time, or a pong is late; marks a ping as due.
     pub fn handle_timeout(&mut self, now: u64) {
+        if self.liveness_timeout(now) || self.is_closed() {
+            return;
+        }
         if matches!(
             self.state,
             State::AwaitingHello | State::Authenticating { .. }
@@ -718,6 +919,26 @@ impl Session {
             );
             self.close(now);
         }
+    }
+
+    /// A shard could not queue its replies for this session (the session's reply channel was
+    /// full: it did not take them in time) and forgot it; replies may be lost, so the session
+    /// ends and the client resumes on a new one.
+    pub fn handle_shard_overloaded(&mut self, now: u64, shard: ShardIdx) {
+        if self.is_closed() {
+            return;
+        }
+        self.error(
+            None,
+            ProtoError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "shard {shard} could not queue replies for this session in time; closing \
+                     the session: reconnect to resume"
+                ),
+            ),
+        );
+        self.close(now);
     }
 
     /// A shard restarted and forgot this session: the client must reconnect to resume.
@@ -834,6 +1055,9 @@ impl Session {
     }
 
     fn push_frame(&mut self, op: &ServerOp, pushed_by: Option<ShardIdx>) {
+        if !matches!(self.state, State::Open { .. }) {
+            self.prehello_answers = self.prehello_answers.saturating_add(1);
+        }
         // Before any frame arrived (a timeout) there is no choice yet: JSON, the default.
         let binary = self.encoding == Some(Encoding::Binary);
         let bytes = if binary {
@@ -843,8 +1067,36 @@ impl Session {
             codec::encode_server_json(op, &mut out);
             out
         };
+        if let Some(e) = self.unencodable(op, binary, bytes.len()) {
+            // Never skipped in silence: the client sees which message it cannot get here, in
+            // its place (and the push credit it spent comes back as for any push).
+            self.stats.unencodable_pushes += 1;
+            self.count_error(e.code);
+            let bytes = if binary {
+                codec::encode_server_binary(&ServerOp::error(None, e))
+            } else {
+                let mut out = Vec::with_capacity(256);
+                codec::encode_server_json(&ServerOp::error(None, e), &mut out);
+                out
+            };
+            return self.queue(binary, bytes, None, pushed_by);
+        }
         let conv = match op {
             ServerOp::Event(e) => Some(e.conv.clone()),
+            _ => None,
+        };
+        self.queue(binary, bytes, conv, pushed_by);
+    }
+
+    fn queue(
+        &mut self,
+        binary: bool,
+        bytes: Vec<u8>,
+        conv: Option<Arc<str>>,
+        pushed_by: Option<ShardIdx>,
+    ) {
+        let credit = match (&conv, pushed_by) {
+            (Some(_), Some(shard)) => Some((shard, 1)),
             _ => None,
         };
         self.transmit.push_back(Queued {
@@ -852,9 +1104,40 @@ impl Session {
                 binary,
                 bytes,
                 conv,
+                credit,
             },
             pushed_by,
         });
+    }
+
+    /// Why a pushed message cannot go to this client as it is: a JSON frame needs a UTF-8
+    /// body (bodies are checked on the way in; data an older node stored may not be), and no
+    /// frame may be over `frame_bytes_max` (`body_bytes_max` keeps new ones under it).
+    fn unencodable(&self, op: &ServerOp, binary: bool, len: usize) -> Option<ProtoError> {
+        let (what, body) = match op {
+            ServerOp::Deliver { pos, body, .. } => (format!("inbox message pos {pos}"), body),
+            ServerOp::Event(e) => (format!("event {} seq {}", e.conv, e.seq), &e.body),
+            _ => return None,
+        };
+        if !binary && body.to_text().is_none() {
+            return Some(ProtoError::new(
+                ErrorCode::Internal,
+                format!(
+                    "{what} cannot be sent as JSON: its stored body is not UTF-8 text; a binary \
+                     session can read it"
+                ),
+            ));
+        }
+        (len > self.config.frame_bytes_max).then(|| {
+            ProtoError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "{what} cannot be sent: its frame would be {len} bytes, over \
+                     frame_bytes_max ({})",
+                    self.config.frame_bytes_max
+                ),
+            )
+        })
     }
 }
 

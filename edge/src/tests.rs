@@ -167,7 +167,11 @@ fn hello_welcome_send_ok() {
         s.identity().map(|(m, p)| (m.to_string(), p.to_string())),
         Some(("m".into(), "p".into()))
     );
-    assert_eq!(s.poll_timeout(), None, "no deadline once open");
+    assert_eq!(
+        s.poll_timeout(),
+        Some(NOW + 30_000),
+        "no hello deadline once open: the first ping's"
+    );
     text(&mut s, r#"{"op":"send","ref":1,"to":"q","body":{"x":1}}"#);
     match &requests(&mut s)[..] {
         [(
@@ -1152,4 +1156,430 @@ fn batches_stay_within_the_node_cap_and_the_frame_size_limit() {
         total += codec::decode_server_json(&f.bytes).unwrap().len();
     }
     assert_eq!(total, 5);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Hostile or broken clients: limits before hello, bodies, subscriptions, liveness
+// ---------------------------------------------------------------------------------------------
+
+fn is_closed_with(s: &mut Session, code: &str) -> bool {
+    let f = frames(s);
+    s.is_closed()
+        && f.last()
+            .is_some_and(|v| v["code"] == code && v.get("ref").is_none())
+}
+
+#[test]
+fn a_session_that_never_says_hello_is_answered_only_so_much() {
+    // Proves prehello_frames_max bounds the frames answered before hello (bad frames and
+    // oversize ones count), and prehello_answers_max bounds the answers one batch frame can
+    // draw (1024 options before hello): either closes the session as unauthorized.
+    let mut s = session_with(SessionConfig {
+        prehello_frames_max: 3,
+        frame_bytes_max: 1024,
+        ..SessionConfig::default()
+    });
+    text(&mut s, "{not json");
+    s.handle_oversize_frame(NOW, 1 << 20);
+    text(&mut s, &"x".repeat(2000));
+    assert_eq!(
+        codes(&frames(&mut s)),
+        ["bad_request", "too_large", "too_large"]
+    );
+    assert!(!s.is_closed(), "3 frames are allowed");
+    text(&mut s, r#"{"op":"challenge"}"#);
+    assert!(is_closed_with(&mut s, "unauthorized"));
+    assert_eq!(s.stats().prehello_limited, 1);
+
+    let mut s = session();
+    let batch: Vec<String> = (0..1024)
+        .map(|r| format!(r#"{{"op":"options","ref":{r},"batch":1}}"#))
+        .collect();
+    text(&mut s, &format!("[{}]", batch.join(",")));
+    let f = frames(&mut s);
+    assert!(s.is_closed());
+    assert_eq!(
+        f.len(),
+        66,
+        "64 answers, the one past the limit, then the refusal"
+    );
+    assert_eq!(f[65]["code"], "unauthorized");
+    assert!(requests(&mut s).is_empty(), "no shard ever heard of it");
+}
+
+#[test]
+fn a_hello_inside_the_limits_is_unaffected_and_open_sessions_are_not_counted() {
+    // Proves the pre-hello limits leave a normal session alone: options and a hello in one
+    // frame, then many frames and answers after welcome.
+    let mut s = session_with(SessionConfig {
+        prehello_frames_max: 1,
+        prehello_answers_max: 1,
+        ..SessionConfig::default()
+    });
+    text(
+        &mut s,
+        r#"[{"op":"options","ref":0,"batch":1},{"op":"hello","mesh":"m","peer":"p","token":"t"}]"#,
+    );
+    requests(&mut s);
+    s.handle_reply(NOW, 0, welcome_reply());
+    assert_eq!(frames(&mut s).len(), 2);
+    for r in 0..10 {
+        text(&mut s, &format!(r#"{{"op":"ping","ref":{r}}}"#));
+    }
+    assert_eq!(frames(&mut s).len(), 10);
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn challenge_after_any_hello_is_unauthorized_and_the_session_stays_open() {
+    // Proves `challenge` after the nonce was used answers the documented `unauthorized`
+    // ("already used"), after a token hello too, while authenticating and once open.
+    let mut s = session();
+    s.set_challenge_nonce(NOW, [1; 32]);
+    hello(&mut s);
+    text(&mut s, r#"{"op":"challenge"}"#);
+    let f = frames(&mut s);
+    assert_eq!(f[0]["code"], "unauthorized", "{f:?}");
+    assert!(f[0]["message"].as_str().unwrap().contains("already used"));
+    requests(&mut s);
+    s.handle_reply(NOW, 0, welcome_reply());
+    frames(&mut s);
+    text(&mut s, r#"{"op":"challenge"}"#);
+    let f = frames(&mut s);
+    assert_eq!(f[0]["code"], "unauthorized");
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn bodies_over_body_bytes_max_are_too_large_for_their_request_only() {
+    // Proves a body of exactly body_bytes_max is forwarded and one byte more is refused with
+    // too_large and the request's ref, taking no in-flight slot; the session stays open.
+    let mut s = session_with(SessionConfig {
+        body_bytes_max: 100,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    let body = |n: usize| format!("\"{}\"", "a".repeat(n - 2));
+    text(
+        &mut s,
+        &format!(r#"{{"op":"send","ref":1,"to":"*","body":{}}}"#, body(100)),
+    );
+    assert_eq!(requests(&mut s).len(), 1);
+    text(
+        &mut s,
+        &format!(
+            r#"{{"op":"append","ref":2,"conv":"c","body":{}}}"#,
+            body(101)
+        ),
+    );
+    let f = frames(&mut s);
+    assert_eq!(
+        (f[0]["code"].clone(), f[0]["ref"].clone()),
+        ("too_large".into(), 2.into())
+    );
+    assert!(requests(&mut s).is_empty());
+    assert_eq!(s.inflight(), 1);
+    assert!(!s.is_closed());
+}
+
+#[test]
+fn subscriptions_are_bounded_per_session() {
+    // Proves subscriptions_max: distinct conversations count once, one more is too_large with
+    // its ref, and unsubscribing frees a place.
+    let mut s = session_with(SessionConfig {
+        subscriptions_max: 2,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    let sub = |s: &mut Session, r: u64, c: &str| {
+        text(
+            s,
+            &format!(r#"{{"op":"subscribe","ref":{r},"conv":"{c}"}}"#),
+        )
+    };
+    sub(&mut s, 1, "a");
+    sub(&mut s, 2, "b");
+    sub(&mut s, 3, "a");
+    assert_eq!(
+        requests(&mut s).len(),
+        3,
+        "a again restarts it, no new place"
+    );
+    sub(&mut s, 4, "c");
+    let f = frames(&mut s);
+    assert_eq!(
+        (f[0]["code"].clone(), f[0]["ref"].clone()),
+        ("too_large".into(), 4.into())
+    );
+    assert!(f[0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("session_subscriptions_max"));
+    assert!(requests(&mut s).is_empty());
+    text(&mut s, r#"{"op":"unsubscribe","ref":5,"conv":"a"}"#);
+    sub(&mut s, 6, "c");
+    assert_eq!(requests(&mut s).len(), 2);
+    assert_eq!(s.stats().subscriptions_refused, 1);
+}
+
+fn deliver_body(pos: u64, body: &'static [u8]) -> Reply {
+    Reply::Frame(ServerOp::Deliver {
+        pos,
+        from: "q".into(),
+        to: Target::All,
+        body: Body::from_trusted(bytes::Bytes::from_static(body)),
+        ts: 1,
+    })
+}
+
+#[test]
+fn a_push_a_session_cannot_encode_is_an_error_in_its_place_never_a_gap() {
+    // Proves a stored body that is not UTF-8 (written before bodies were checked) reaches a
+    // JSON client as an error naming its pos, in order between its neighbours, with its push
+    // credit returned; a binary client gets the body as it is; a frame over frame_bytes_max
+    // becomes a too_large error. Every frame sent is valid JSON.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_reply(NOW, 0, deliver(1));
+    s.handle_reply(NOW, 0, deliver_body(2, b"\"\xff\""));
+    s.handle_reply(NOW, 0, deliver(3));
+    let f = frames(&mut s);
+    assert_eq!(f[0]["pos"], 1);
+    assert_eq!(f[1]["code"], "internal");
+    assert!(f[1]["message"].as_str().unwrap().contains("pos 2"), "{f:?}");
+    assert_eq!(f[2]["pos"], 3);
+    s.handle_flushed(NOW);
+    assert_eq!(
+        requests(&mut s),
+        vec![(Route::Shard(0), ShardOp::Flushed { frames: 3 })]
+    );
+    assert_eq!(s.stats().unencodable_pushes, 1);
+
+    let mut b = session();
+    binary_hello(&mut b);
+    requests(&mut b);
+    b.handle_reply(NOW, 0, welcome_reply());
+    b.poll_transmit();
+    b.handle_reply(NOW, 0, deliver_body(2, b"\"\xff\""));
+    let f = b.poll_transmit().unwrap();
+    match &codec::decode_server_binary(&f.bytes).unwrap()[..] {
+        [ServerOp::Deliver { body, .. }] => assert_eq!(&body.0[..], b"\"\xff\""),
+        other => panic!("{other:?}"),
+    }
+
+    let mut s = session_with(SessionConfig {
+        frame_bytes_max: 200,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    s.handle_reply(NOW, 0, deliver_body(4, &[b'1'; 300]));
+    let f = frames(&mut s);
+    assert_eq!(f[0]["code"], "too_large");
+    assert!(f[0]["message"].as_str().unwrap().contains("pos 4"));
+}
+
+#[test]
+fn pings_are_due_every_interval_and_a_late_pong_closes() {
+    // Proves the ping timer: due 30 s after the start, taken once by the glue, answered by
+    // any pong (the next one then 30 s after the last went out); a pong 30 s late closes the
+    // session as overloaded and tells the shards.
+    let mut s = session();
+    welcome(&mut s);
+    assert_eq!(s.poll_timeout(), Some(NOW + 30_000));
+    s.handle_timeout(NOW + 29_999);
+    assert_eq!(s.poll_ping(NOW + 29_999), None, "not due yet");
+    s.handle_timeout(NOW + 30_000);
+    assert_eq!(
+        s.poll_timeout(),
+        None,
+        "due: waiting for the glue to take it"
+    );
+    assert_eq!(s.poll_ping(NOW + 30_001), Some(1));
+    assert_eq!(s.poll_ping(NOW + 30_001), None, "once");
+    assert_eq!(s.poll_timeout(), Some(NOW + 60_001), "the pong deadline");
+    s.handle_pong(NOW + 30_050);
+    assert_eq!(
+        s.poll_timeout(),
+        Some(NOW + 60_001),
+        "next ping: 30 s after the last"
+    );
+    s.handle_timeout(NOW + 60_001);
+    assert_eq!(s.poll_ping(NOW + 60_001), Some(2));
+    s.handle_timeout(NOW + 90_000);
+    assert!(!s.is_closed(), "the pong is not late yet");
+    s.handle_timeout(NOW + 90_001);
+    assert!(is_closed_with(&mut s, "overloaded"));
+    assert_eq!(closes(&requests(&mut s)), 1);
+    assert_eq!(s.stats().pongs_late, 1);
+}
+
+#[test]
+fn a_live_idle_session_is_never_closed() {
+    // Proves a client that only answers pings (what a WebSocket library does by itself)
+    // stays open for a simulated day, through pings every 30 s.
+    let mut s = session();
+    welcome(&mut s);
+    let mut now = NOW;
+    for _ in 0..3000 {
+        now = s.poll_timeout().expect("a ping is always scheduled");
+        s.handle_timeout(now);
+        assert!(s.poll_ping(now).is_some());
+        s.handle_pong(now + 20);
+    }
+    assert!(now >= NOW + 3000 * 30_000);
+    assert!(!s.is_closed() && frames(&mut s).is_empty());
+    assert_eq!(s.stats().pings_sent, 3000);
+}
+
+#[test]
+fn a_late_pong_waits_while_the_node_is_not_reading_or_writing() {
+    // Proves the pong deadline is extended, not fatal, while the node stopped reading (the
+    // in-flight limit: the pong is behind unread frames) or a write is under way (bounded by
+    // the write deadline instead).
+    let mut s = session_with(SessionConfig {
+        inflight_requests_max: 1,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    s.handle_timeout(NOW + 30_000);
+    s.poll_ping(NOW + 30_000).unwrap();
+    append(&mut s, 1);
+    assert!(!s.wants_read());
+    s.handle_timeout(NOW + 60_000);
+    assert!(!s.is_closed(), "not reading: the pong cannot be seen");
+    s.handle_reply(NOW, 0, ok(1));
+    frames(&mut s);
+    s.handle_writing(NOW + 70_000, None);
+    s.handle_timeout(NOW + 90_000);
+    assert!(!s.is_closed(), "writing: the write deadline guards it");
+    s.handle_flushed(NOW + 90_000);
+    s.handle_timeout(NOW + 120_000);
+    assert!(is_closed_with(&mut s, "overloaded"));
+}
+
+#[test]
+fn a_write_without_progress_abandons_the_session() {
+    // Proves the write deadline: progress moves it, a flush clears it, and a write stuck for
+    // write_timeout_ms closes the session, drops its queued frames, tells the shards, and
+    // tells the glue to abandon the transport.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_writing(NOW, None);
+    assert_eq!(s.poll_timeout(), Some(NOW + 30_000));
+    s.handle_writing(NOW + 20_000, None);
+    s.handle_timeout(NOW + 30_000);
+    assert!(!s.is_closed(), "progress at 20 s moved the deadline");
+    s.handle_flushed(NOW + 30_000);
+    assert_eq!(
+        s.poll_timeout(),
+        None,
+        "no write deadline; the due ping waits for the glue"
+    );
+    s.handle_writing(NOW + 31_000, None);
+    s.handle_reply(NOW, 0, deliver(1));
+    s.handle_timeout(NOW + 61_000);
+    assert!(s.is_closed() && s.is_write_abandoned());
+    assert!(s.poll_transmit().is_none(), "nothing more is written");
+    assert_eq!(closes(&requests(&mut s)), 1);
+    assert_eq!(s.stats().writes_timed_out, 1);
+}
+
+#[test]
+fn the_hello_timeout_fires_while_a_write_is_stuck() {
+    // Proves the hello deadline does not wait for writes (20 silent pre-hello connections that
+    // never read held their memory for 30 s+): it closes the session at 10 s, and the final
+    // error frame's write stays bounded by the write deadline after the close.
+    let mut s = session();
+    text(&mut s, r#"{"op":"challenge"}"#);
+    s.poll_transmit();
+    s.handle_writing(NOW + 1, None);
+    assert_eq!(s.poll_timeout(), Some(NOW + 10_000));
+    s.handle_timeout(NOW + 10_000);
+    assert!(s.is_closed());
+    assert_eq!(
+        s.poll_timeout(),
+        Some(NOW + 30_001),
+        "the write deadline outlives the close"
+    );
+    s.handle_timeout(NOW + 30_001);
+    assert!(s.is_write_abandoned());
+    assert_eq!(s.poll_timeout(), None);
+}
+
+#[test]
+fn a_stuck_subscription_stream_closes_the_session_with_a_reason() {
+    // Proves a stream transport's per-stream deadline: a conversation stream without progress
+    // closes the session with overloaded naming the conversation, on the main stream (which
+    // still works, so the transport is not abandoned); a stream written out clears its own.
+    let mut s = session();
+    welcome(&mut s);
+    let (a, b): (Arc<str>, Arc<str>) = ("a".into(), "b".into());
+    s.handle_writing(NOW, Some(&a));
+    s.handle_writing(NOW + 5, Some(&b));
+    s.handle_stream_written(NOW + 10, &a);
+    s.handle_timeout(NOW + 30_004);
+    assert!(!s.is_closed(), "a was written out");
+    s.handle_timeout(NOW + 30_005);
+    let f = frames(&mut s);
+    assert!(s.is_closed() && !s.is_write_abandoned());
+    assert_eq!(f[0]["code"], "overloaded");
+    assert!(f[0]["message"].as_str().unwrap().contains("conversation b"));
+}
+
+#[test]
+fn credit_of_frames_a_stream_could_not_take_returns_when_written() {
+    // Proves handle_flushed_holding: conversation frames carry their shard's credit, credit
+    // held by a stream transport is not returned at the flush, and comes back when released.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_reply(NOW, 3, event(1));
+    s.handle_reply(NOW, 3, event(2));
+    s.handle_reply(NOW, 0, deliver(1));
+    let e1 = s.poll_transmit().unwrap();
+    assert_eq!(e1.credit, Some((3, 1)));
+    s.poll_transmit().unwrap();
+    assert_eq!(
+        s.poll_transmit().unwrap().credit,
+        None,
+        "a deliver: control stream"
+    );
+    s.handle_flushed_holding(NOW, &[(3, 1)]);
+    assert_eq!(
+        requests(&mut s),
+        vec![
+            (Route::Shard(0), ShardOp::Flushed { frames: 1 }),
+            (Route::Shard(3), ShardOp::Flushed { frames: 1 }),
+        ]
+    );
+    s.handle_credit_released(NOW, 3, 1);
+    assert_eq!(
+        requests(&mut s),
+        vec![(Route::Shard(3), ShardOp::Flushed { frames: 1 })]
+    );
+    // A batch frame of one conversation carries the credit of all its events.
+    s.handle_reply(
+        NOW,
+        3,
+        Reply::Frame(ServerOp::Ok {
+            r: 9,
+            pos: None,
+            seq: None,
+        }),
+    );
+    text(&mut s, r#"{"op":"options","ref":9,"batch":8}"#);
+    frames(&mut s);
+    s.handle_reply(NOW, 3, event(3));
+    s.handle_reply(NOW, 3, event(4));
+    assert_eq!(s.poll_transmit().unwrap().credit, Some((3, 2)));
+}
+
+#[test]
+fn a_shard_that_cannot_queue_replies_closes_the_session() {
+    // Proves the zombie fix's core half: when a shard could not queue replies for the session
+    // it is closed with overloaded and every shard is told, never silently kept open.
+    let mut s = session();
+    welcome(&mut s);
+    s.handle_shard_overloaded(NOW, 2);
+    assert!(is_closed_with(&mut s, "overloaded"));
+    assert_eq!(closes(&requests(&mut s)), 1);
 }

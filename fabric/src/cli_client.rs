@@ -9,6 +9,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 use fabric::client::{read_http, Admin, Client, ClientConfig, Incoming};
 use fabric::identity::{parse_public_key, Identity};
+use fabric_proto::{codec, Body, DeliveredEvent, ServerOp};
 use serde_json::{json, Value};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -240,8 +241,9 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
         }
         ClientCommand::Send(a) => {
             let client = connect(&a.peer).await?;
+            let to = fabric_proto::Target::parse(&a.to).map_err(|e| anyhow::anyhow!(e.message))?;
             let pos = client
-                .send(&a.to, &body_value(&a.body))
+                .send_raw(to, body_of(&a.body))
                 .await
                 .context("send failed")?;
             print(a.peer.json, json!({ "pos": pos }), || {
@@ -252,7 +254,11 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Append(a) => {
             let client = connect(&a.peer).await?;
             let seq = client
-                .append(&a.conv, &body_value(&a.body), a.idempotency_key.as_deref())
+                .append_raw(
+                    a.conv.as_str().into(),
+                    body_of(&a.body),
+                    a.idempotency_key.as_deref().map(Into::into),
+                )
                 .await
                 .context("append failed")?;
             print(a.peer.json, json!({ "conv": a.conv, "seq": seq }), || {
@@ -275,11 +281,7 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
                     .await
                     .context("replay failed")?;
             for e in &events {
-                let v = json!({
-                    "op": "event", "conv": e.conv.as_ref(), "seq": e.seq,
-                    "from": e.from.as_ref(), "body": raw(e.body.as_str()), "ts": e.ts,
-                });
-                print(a.peer.json, v, || {
+                print_frame(a.peer.json, &ServerOp::Event(e.clone()), || {
                     format!("{} #{} {}: {}", e.conv, e.seq, e.from, e.body.as_str())
                 });
             }
@@ -410,11 +412,14 @@ async fn tail(a: TailArgs) -> anyhow::Result<()> {
                 if a.conv.is_some() {
                     continue;
                 }
-                let v = json!({
-                    "op": "deliver", "pos": pos, "from": from.as_ref(), "to": to.to_wire(),
-                    "body": raw(body.as_str()), "ts": ts,
-                });
-                print(a.peer.json, v, || {
+                let frame = ServerOp::Deliver {
+                    pos: *pos,
+                    from: from.clone(),
+                    to: to.clone(),
+                    body: body.clone(),
+                    ts: *ts,
+                };
+                print_frame(a.peer.json, &frame, || {
                     format!("#{pos} {from} -> {}: {}", to.to_wire(), body.as_str())
                 });
                 client.ack(*pos).await.context("ack failed")?;
@@ -426,11 +431,14 @@ async fn tail(a: TailArgs) -> anyhow::Result<()> {
                 body,
                 ts,
             } => {
-                let v = json!({
-                    "op": "event", "conv": conv.as_ref(), "seq": seq, "from": from.as_ref(),
-                    "body": raw(body.as_str()), "ts": ts,
+                let frame = ServerOp::Event(DeliveredEvent {
+                    conv: conv.clone(),
+                    seq: *seq,
+                    from: from.clone(),
+                    body: body.clone(),
+                    ts: *ts,
                 });
-                print(a.peer.json, v, || {
+                print_frame(a.peer.json, &frame, || {
                     format!("{conv} #{seq} {from}: {}", body.as_str())
                 });
             }
@@ -441,14 +449,27 @@ async fn tail(a: TailArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A command-line body: JSON if it parses, else the text as a JSON string.
-fn body_value(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.to_string()))
+/// A command-line body: its text as it is when it is one JSON value (sent byte for byte:
+/// big integers, key order and escapes unchanged), else the text as a JSON string.
+fn body_of(text: &str) -> Body {
+    Body::from_json_text(text.to_string()).unwrap_or_else(|_| {
+        let quoted = serde_json::to_string(text).unwrap_or_else(|_| "null".into());
+        Body::from_trusted(quoted.into())
+    })
 }
 
-/// A body the node validated as JSON, as a value for printing.
-fn raw(text: &str) -> Value {
-    serde_json::from_str(text).unwrap_or(Value::Null)
+/// Prints a delivery or event: with `--json`, exactly the JSON frame the protocol defines,
+/// with the body spliced in byte for byte as the node forwarded it (never parsed into a value
+/// and printed again, which rounds big numbers and turns `1e999999` or lone surrogates into
+/// `null`).
+fn print_frame(json: bool, frame: &ServerOp, human: impl FnOnce() -> String) {
+    if json {
+        let mut out = Vec::with_capacity(256);
+        codec::encode_server_json(frame, &mut out);
+        println!("{}", String::from_utf8_lossy(&out));
+    } else {
+        println!("{}", human());
+    }
 }
 
 fn print(json: bool, value: Value, human: impl FnOnce() -> String) {

@@ -96,9 +96,15 @@ impl Io {
                 };
                 // Nagle would hold small frames back for the ack of the previous one: latency
                 // for nothing, since the writer already batches.
+                // Messages over this client's frame limit fail the connection instead of being
+                // buffered (the node never sends one over its own frame_bytes_max).
+                let ws_config =
+                    tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                        .max_message_size(Some(cfg.frame_bytes_max))
+                        .max_frame_size(Some(cfg.frame_bytes_max));
                 let (ws, _) = tokio_tungstenite::connect_async_tls_with_config(
                     url.as_str(),
-                    None,
+                    Some(ws_config),
                     true,
                     connector,
                 )
@@ -116,7 +122,9 @@ impl Io {
                     .await
                     .map_err(|e| ClientError::Quic(e.to_string()))?;
                 let (endpoint, conn, send) = (d.endpoint, d.conn, d.send);
-                let reader = quic::FrameReader::new(d.recv, usize::MAX);
+                // Server frames are read up to this client's own frame limit: a length prefix
+                // over it is never buffered (it ends the connection instead).
+                let reader = quic::FrameReader::for_client(d.recv, cfg.frame_bytes_max);
                 Ok(Io::Quic(Box::new(QuicConn {
                     endpoint,
                     conn,
@@ -169,7 +177,10 @@ impl Io {
             Io::Quic(q) => match q.reader.next().await {
                 Ok(Some(quic::ReadFrame::Frame(b))) => codec::decode_server_binary(&b)
                     .map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}"))),
-                Ok(_) => Err(ClientError::Protocol(
+                Ok(Some(quic::ReadFrame::Oversize(n))) => Err(ClientError::Protocol(
+                    quic::oversize(n, q.reader.frame_bytes_max()),
+                )),
+                Ok(None) => Err(ClientError::Protocol(
                     "the node closed the connection before welcome".into(),
                 )),
                 Err(e) => Err(ClientError::Quic(format!(

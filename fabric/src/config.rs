@@ -86,6 +86,20 @@ pub struct Config {
     pub connections_max: u32,
     /// Client connections open at once from one address (IPv6: one /64).
     pub connections_per_ip_max: u32,
+    /// Conversations one session may be subscribed to at once (`too_large` beyond).
+    pub session_subscriptions_max: usize,
+    /// The node pings each WebSocket session this often (0: never; QUIC uses its own
+    /// keepalives and idle timeout instead).
+    pub ping_interval_ms: u64,
+    /// A session whose pong is this late is closed (the peer is gone or stuck).
+    pub pong_timeout_ms: u64,
+    /// A session whose writes make no progress for this long is closed (the client stopped
+    /// reading).
+    pub write_timeout_ms: u64,
+    /// Frames a connection may send before its hello; one more closes it.
+    pub prehello_frames_max: u32,
+    /// Frames the node answers a connection before it is welcomed; past it, it is closed.
+    pub prehello_answers_max: u32,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -139,9 +153,28 @@ impl Default for Config {
             tls_handshake_timeout_ms: 10_000,
             connections_max: 65_536,
             connections_per_ip_max: 16_384,
+            session_subscriptions_max: 1024,
+            ping_interval_ms: 30_000,
+            pong_timeout_ms: 30_000,
+            write_timeout_ms: 30_000,
+            prehello_frames_max: 16,
+            prehello_answers_max: 64,
         }
     }
 }
+
+/// Largest `frame_bytes_max` accepted: a body (at most a frame) must fit in one WAL record
+/// (`fabric_shard::wal::RECORD_BYTES_MAX`, 16 MiB) with its ids and headers, with room to spare.
+pub const FRAME_BYTES_MAX_LIMIT: usize = 8 << 20;
+const _: () = assert!(FRAME_BYTES_MAX_LIMIT < fabric_shard::wal::RECORD_BYTES_MAX);
+/// Smallest `frame_bytes_max` accepted: `body_bytes_max` is 1 KiB less.
+pub const FRAME_BYTES_MAX_FLOOR: usize = 2048;
+/// Frames waiting for a client that does not read, past which its session closes as
+/// `overloaded`, unless in-flight answers plus every shard's push credit need more.
+const PENDING_TRANSMIT_FRAMES_FLOOR: usize = 65_536;
+/// Reply batches a session's channel holds beyond every reply it can be owed (welcome,
+/// errors without ref): slack, not a bound anything relies on.
+const SESSION_REPLY_SLACK: usize = 64;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -172,12 +205,6 @@ impl Config {
         })
     }
 
-    /// The largest message body accepted: `frame_bytes_max` minus 1 KiB, so that the largest
-    /// `deliver` or `event` frame carrying it still fits in `frame_bytes_max`.
-    pub fn body_bytes_max(&self) -> usize {
-        self.frame_bytes_max.saturating_sub(1024)
-    }
-
     /// Where QUIC listens, if it is on (see `quic_listen`).
     pub fn quic_addr(&self) -> Option<SocketAddr> {
         if !self.quic {
@@ -192,7 +219,95 @@ impl Config {
         }))
     }
 
+    /// Largest `send`/`append` body: `frame_bytes_max` less 1 KiB, room for what a `deliver`
+    /// or `event` frame adds around the body, so no frame the node sends is over
+    /// `frame_bytes_max` (1,047,552 bytes by default).
+    pub fn body_bytes_max(&self) -> usize {
+        self.frame_bytes_max
+            .saturating_sub(fabric_edge::BODY_FRAMING_BYTES)
+    }
+
+    /// Replies one session can be owed at once: its in-flight requests up to the hard limit
+    /// (`inflight_requests_max` plus one batch frame's ops, which `wants_read` cannot split)
+    /// and every shard's push credit. `None` if it does not fit in a `usize`.
+    pub fn session_replies_owed_max(&self) -> Option<usize> {
+        (self.push_credit_frames_max as usize)
+            .checked_mul(self.shards as usize)?
+            .checked_add(self.inflight_requests_max as usize)?
+            .checked_add(fabric_proto::BATCH_OPS_MAX)
+    }
+
+    /// Capacity of a session's reply channel (in reply batches; a batch holds at least one
+    /// reply): every reply it can be owed, plus slack. So a shard's `try_send` fails only for a
+    /// session that stopped taking replies, which is then closed as `overloaded`.
+    pub fn session_reply_queue_max(&self) -> usize {
+        self.session_replies_owed_max()
+            .unwrap_or(usize::MAX)
+            .saturating_add(SESSION_REPLY_SLACK)
+    }
+
+    /// The session core's limits for this node's settings.
+    pub fn session_config(&self) -> fabric_edge::SessionConfig {
+        fabric_edge::SessionConfig {
+            frame_bytes_max: self.frame_bytes_max,
+            inflight_requests_max: self.inflight_requests_max,
+            hello_timeout_ms: self.hello_timeout_ms,
+            // It must hold everything the shards can send before the session next drains.
+            pending_transmit_frames_max: self
+                .session_replies_owed_max()
+                .unwrap_or(usize::MAX)
+                .max(PENDING_TRANSMIT_FRAMES_FLOOR),
+            body_bytes_max: self.body_bytes_max(),
+            subscriptions_max: self.session_subscriptions_max,
+            ping_interval_ms: self.ping_interval_ms,
+            pong_timeout_ms: self.pong_timeout_ms,
+            write_timeout_ms: self.write_timeout_ms,
+            prehello_frames_max: self.prehello_frames_max,
+            prehello_answers_max: self.prehello_answers_max,
+            ..fabric_edge::SessionConfig::default()
+        }
+    }
+
+    /// The session limits of this file's last fields (kept apart from `validate`'s older
+    /// checks so that the hunks of concurrent changes stay separate).
+    fn validate_sessions(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(FRAME_BYTES_MAX_FLOOR..=FRAME_BYTES_MAX_LIMIT).contains(&self.frame_bytes_max) {
+            return bad(format!(
+                "frame_bytes_max must be {FRAME_BYTES_MAX_FLOOR}..={FRAME_BYTES_MAX_LIMIT} (a \
+                 body must fit in one WAL record of at most 16 MiB)"
+            ));
+        }
+        if self.session_subscriptions_max == 0 {
+            return bad("session_subscriptions_max must be positive".into());
+        }
+        if self.ping_interval_ms != 0 && self.ping_interval_ms < 100 {
+            return bad("ping_interval_ms must be 0 (no pings) or at least 100".into());
+        }
+        if self.pong_timeout_ms < 100 || self.write_timeout_ms < 100 {
+            return bad("pong_timeout_ms and write_timeout_ms must be at least 100".into());
+        }
+        if self.prehello_frames_max == 0 || self.prehello_answers_max < 2 {
+            return bad(
+                "prehello_frames_max must be positive and prehello_answers_max at least 2 \
+                 (options and challenge)"
+                    .into(),
+            );
+        }
+        // The reply channel must hold every reply a session can be owed, or a shard would
+        // find it full while the session is healthy.
+        match self.session_replies_owed_max() {
+            Some(owed) if self.session_reply_queue_max() > owed && owed <= 1 << 26 => Ok(()),
+            _ => bad(
+                "push_credit_frames_max x shards + inflight_requests_max is too large for a \
+                 session's reply channel (at most 67108864)"
+                    .into(),
+            ),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_sessions()?;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert and tls_key go together");
@@ -258,5 +373,108 @@ impl Config {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod session_limit_tests {
+    use super::*;
+    use fabric_edge::{InFrame, Session};
+    use fabric_proto::internal::{Reply, ShardOp};
+    use fabric_proto::ServerOp;
+
+    /// Requests a session core with `config`'s limits takes in flight when its glue ignores
+    /// `wants_read` (whole batch frames of appends), before it refuses with `overloaded`.
+    fn inflight_accepted(config: &Config) -> usize {
+        let mut s = Session::new(1, 0, config.session_config());
+        let hello = br#"{"op":"hello","mesh":"m","peer":"p","token":"t"}"#;
+        s.handle_frame(
+            0,
+            InFrame {
+                binary: false,
+                bytes: hello,
+            },
+        );
+        while s.poll_request().is_some() {}
+        s.handle_reply(
+            0,
+            0,
+            Reply::Frame(ServerOp::Welcome {
+                session: 1,
+                acked: 0,
+                head: 0,
+            }),
+        );
+        let ops: Vec<String> = (0..fabric_proto::BATCH_OPS_MAX)
+            .map(|r| format!(r#"{{"op":"append","ref":{r},"conv":"c","body":1}}"#))
+            .collect();
+        let batch = format!("[{}]", ops.join(","));
+        let mut accepted = 0;
+        for _ in 0..8 {
+            s.handle_frame(
+                0,
+                InFrame {
+                    binary: false,
+                    bytes: batch.as_bytes(),
+                },
+            );
+            while let Some((_, req)) = s.poll_request() {
+                accepted += usize::from(matches!(req.op, ShardOp::Append { .. }));
+            }
+        }
+        accepted
+    }
+
+    #[test]
+    fn a_sessions_reply_channel_holds_everything_it_can_be_owed() {
+        // Proves the zombie-session sizing: the reply channel holds every answer the session
+        // core lets a session have in flight (the soft limit plus one batch frame, which the
+        // old capacity of in-flight + credit x shards + 64 did not) plus every shard's push
+        // credit, and the core holds as many frames before closing as overloaded.
+        for shards in [1, 4, 64] {
+            let c = Config {
+                shards,
+                ..Config::default()
+            };
+            c.validate().unwrap();
+            let inflight = inflight_accepted(&c);
+            assert!(inflight > c.inflight_requests_max as usize, "{inflight}");
+            let owed = inflight + c.push_credit_frames_max as usize * shards as usize;
+            assert!(c.session_reply_queue_max() >= owed, "{shards} shards");
+            assert!(c.session_config().pending_transmit_frames_max >= owed);
+        }
+        let huge = Config {
+            push_credit_frames_max: u32::MAX,
+            shards: 1024,
+            partitions: 1024,
+            ..Config::default()
+        };
+        assert!(
+            huge.validate().is_err(),
+            "a reply channel that large is refused"
+        );
+    }
+
+    #[test]
+    fn frame_and_body_limits_are_bounded_and_derived() {
+        // Proves frame_bytes_max is capped so a body always fits a WAL record, body_bytes_max is
+        // 1 KiB below it (1,047,552 by default), and the session timers are validated.
+        let c = Config::default();
+        assert_eq!(c.body_bytes_max(), 1_047_552);
+        assert_eq!(c.session_config().body_bytes_max, 1_047_552);
+        let with = |f: &dyn Fn(&mut Config)| {
+            let mut c = Config::default();
+            f(&mut c);
+            c.validate()
+        };
+        assert!(with(&|c| c.frame_bytes_max = 8 << 20).is_ok());
+        assert!(with(&|c| c.frame_bytes_max = (8 << 20) + 1).is_err());
+        assert!(with(&|c| c.frame_bytes_max = 16 << 20).is_err());
+        assert!(with(&|c| c.frame_bytes_max = 1024).is_err());
+        assert!(with(&|c| c.ping_interval_ms = 0).is_ok());
+        assert!(with(&|c| c.ping_interval_ms = 50).is_err());
+        assert!(with(&|c| c.write_timeout_ms = 0).is_err());
+        assert!(with(&|c| c.session_subscriptions_max = 0).is_err());
+        assert!(with(&|c| c.prehello_frames_max = 0).is_err());
     }
 }

@@ -528,7 +528,20 @@ async fn append_inner(
     if let Some(k) = &req.key {
         validate_key(k)?;
     }
-    let body = Body::from_trusted(bytes::Bytes::copy_from_slice(raw.get().as_bytes()));
+    // As over WebSocket: at most body_bytes_max (so every event frame carrying it fits in
+    // frame_bytes_max) and BODY_NESTING_MAX deep.
+    if raw.get().len() > ctx.config.body_bytes_max() {
+        return Err(ProtoError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "body is {} bytes; the limit is {} (body_bytes_max)",
+                raw.get().len(),
+                ctx.config.body_bytes_max()
+            ),
+        )
+        .into());
+    }
+    let body = Body::from_parsed_json(raw.get())?;
     match call(
         ctx,
         ShardOp::Append {

@@ -136,6 +136,24 @@ struct ServeArgs {
     /// Client connections open at once from one address (IPv6: one /64). Default 16384.
     #[arg(long, env = "FABRIC_CONNECTIONS_PER_IP_MAX")]
     connections_per_ip_max: Option<u32>,
+    /// Conversations one session may be subscribed to at once. Default 1024.
+    #[arg(long, env = "FABRIC_SESSION_SUBSCRIPTIONS_MAX")]
+    session_subscriptions_max: Option<usize>,
+    /// Ping each WebSocket session this often, in ms (0: never). Default 30000.
+    #[arg(long, env = "FABRIC_PING_INTERVAL_MS")]
+    ping_interval_ms: Option<u64>,
+    /// Close a session whose pong is this late, in ms. Default 30000.
+    #[arg(long, env = "FABRIC_PONG_TIMEOUT_MS")]
+    pong_timeout_ms: Option<u64>,
+    /// Close a session whose writes make no progress for this long, in ms. Default 30000.
+    #[arg(long, env = "FABRIC_WRITE_TIMEOUT_MS")]
+    write_timeout_ms: Option<u64>,
+    /// Frames a connection may send before its hello. Default 16.
+    #[arg(long, env = "FABRIC_PREHELLO_FRAMES_MAX")]
+    prehello_frames_max: Option<u32>,
+    /// Frames the node answers a connection before its welcome. Default 64.
+    #[arg(long, env = "FABRIC_PREHELLO_ANSWERS_MAX")]
+    prehello_answers_max: Option<u32>,
 }
 
 impl ServeArgs {
@@ -170,6 +188,14 @@ impl ServeArgs {
             tls_handshake_timeout_ms,
             connections_max,
             connections_per_ip_max
+        );
+        set!(
+            session_subscriptions_max,
+            ping_interval_ms,
+            pong_timeout_ms,
+            write_timeout_ms,
+            prehello_frames_max,
+            prehello_answers_max
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

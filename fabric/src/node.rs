@@ -370,6 +370,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             inbox_backlog_bytes_max: config.inbox_backlog_bytes_max,
             mesh_inbox_backlog_bytes_max: config.mesh_inbox_backlog_bytes_max,
             mesh_conversations_max: config.mesh_conversations_max,
+            session_subscriptions_max: config.session_subscriptions_max,
             ..ShardConfig::default()
         };
         let policy = fabric_router::supervise::RestartPolicy {

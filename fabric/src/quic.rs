@@ -12,12 +12,16 @@
 //! - Connection migration is on: a client whose address changes keeps its session.
 
 use crate::node::NodeCtx;
-use crate::session::Transport;
+use crate::session::{Event, Transport, TransportError};
 use crate::tls::{self, Identity};
 use fabric_edge::{InFrame, OutFrame, Session};
-use std::collections::HashMap;
+use fabric_proto::internal::ShardIdx;
+use futures_util::FutureExt;
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 
@@ -81,6 +85,9 @@ pub struct FrameReader {
     /// Bytes of an oversize frame not yet skipped, and that frame's length.
     skip_left: u64,
     skip_len: u64,
+    /// Skip an oversize frame and go on (the node: the session answers `too_large`), or report
+    /// it at once and read no further (a client: it gives the connection up).
+    skip_oversize: bool,
 }
 
 /// Most bytes one read takes from the stream.
@@ -94,7 +101,22 @@ impl FrameReader {
             frame_bytes_max,
             skip_left: 0,
             skip_len: 0,
+            skip_oversize: true,
         }
+    }
+
+    /// A client's reader: a length prefix over `frame_bytes_max` is reported at once (the
+    /// stream is then unusable), neither buffered nor read through.
+    pub fn for_client(recv: quinn::RecvStream, frame_bytes_max: usize) -> FrameReader {
+        FrameReader {
+            skip_oversize: false,
+            ..FrameReader::new(recv, frame_bytes_max)
+        }
+    }
+
+    /// The largest frame this reader takes.
+    pub fn frame_bytes_max(&self) -> usize {
+        self.frame_bytes_max
     }
 
     /// Reads more into the buffer; false at a clean end of stream. Cancel-safe: a chunk is
@@ -133,6 +155,9 @@ impl FrameReader {
                         as usize;
                 if len > self.frame_bytes_max {
                     self.buf.advance(FRAME_PREFIX_BYTES);
+                    if !self.skip_oversize {
+                        return Ok(Some(ReadFrame::Oversize(len as u64)));
+                    }
                     self.skip_left = len as u64;
                     self.skip_len = len as u64;
                     continue;
@@ -303,7 +328,9 @@ pub fn start(
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(crypto)
         .map_err(|e| QuicError::Tls(e.to_string()))?;
     let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
-    let mut t = transport_config(false);
+    // The node sends keepalives too: a live client that sends none is never idle-closed, and
+    // one that acknowledges nothing for IDLE_TIMEOUT_MS (gone, or its stack stuck) is.
+    let mut t = transport_config(true);
     // One control stream per connection; the client opens no unidirectional streams.
     t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(1));
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(0));
@@ -373,11 +400,18 @@ async fn connection(incoming: quinn::Incoming, ctx: Arc<NodeCtx>) {
         }
     };
     let transport = QuicTransport {
-        conn,
-        control: send,
         reader: FrameReader::new(recv, ctx.config.frame_bytes_max),
-        subs: HashMap::new(),
-        out: Vec::new(),
+        out: QuicOut {
+            conn,
+            control: send,
+            main: Vec::new(),
+            main_off: 0,
+            subs: HashMap::new(),
+            streams_exhausted: false,
+            released: Vec::new(),
+            moved: false,
+            flush_owed: false,
+        },
     };
     crate::session::run(transport, ctx, "quic").await;
 }
@@ -390,31 +424,198 @@ enum QuicIn {
     End(Option<String>),
 }
 
-struct QuicTransport {
-    conn: quinn::Connection,
-    control: quinn::SendStream,
-    /// The control stream, read in the session task itself (`FrameReader::next` is
-    /// cancel-safe), so a frame reaches the core without a task hop.
-    reader: FrameReader,
-    /// A unidirectional stream per subscribed conversation, with what was fed for it.
-    subs: HashMap<Arc<str>, (quinn::SendStream, Vec<u8>)>,
-    /// Frames fed for the control stream, written at the flush: one write for the batch.
-    out: Vec<u8>,
-}
-
-impl Transport for QuicTransport {
-    type In = QuicIn;
-
-    async fn recv(&mut self) -> QuicIn {
-        match self.reader.next().await {
+impl From<Result<Option<ReadFrame>, String>> for QuicIn {
+    fn from(read: Result<Option<ReadFrame>, String>) -> QuicIn {
+        match read {
             Ok(Some(ReadFrame::Frame(b))) => QuicIn::Frame(b),
             Ok(Some(ReadFrame::Oversize(n))) => QuicIn::Oversize(n),
             Ok(None) => QuicIn::End(None),
             Err(e) => QuicIn::End(Some(e)),
         }
     }
+}
 
-    fn handle_in(core: &mut Session, now: u64, input: QuicIn) -> bool {
+struct QuicTransport {
+    /// The control stream, read in the session task itself (`FrameReader::next` is
+    /// cancel-safe), so a frame reaches the core without a task hop.
+    reader: FrameReader,
+    out: QuicOut,
+}
+
+/// The writing side: the control stream and one unidirectional stream per subscription, each
+/// written only as fast as it takes data, none waiting for another.
+struct QuicOut {
+    conn: quinn::Connection,
+    control: quinn::SendStream,
+    /// Frames queued for the control stream, and how much of them is written.
+    main: Vec<u8>,
+    main_off: usize,
+    /// A unidirectional stream per subscribed conversation (never more than
+    /// SUBSCRIPTION_STREAMS_MAX; kept until the session ends, so one conversation's events
+    /// always travel on one stream, in order).
+    subs: HashMap<Arc<str>, SubStream>,
+    /// A stream could not be opened at once (the client allows fewer): conversations without
+    /// one share the control stream from then on.
+    streams_exhausted: bool,
+    /// Push credit of held frames written since the last report.
+    released: Vec<(ShardIdx, u32)>,
+    /// The control stream moved since the last report.
+    moved: bool,
+    /// Something was queued since the core last heard a flush.
+    flush_owed: bool,
+}
+
+/// One subscription stream and the frames it has not taken yet.
+struct SubStream {
+    send: quinn::SendStream,
+    frames: VecDeque<Held>,
+    /// Bytes of the front frame already written.
+    off: usize,
+    moved: bool,
+    /// The core holds a write deadline for this stream.
+    armed: bool,
+}
+
+/// A queued subscription frame (with its length prefix) and the push credit it holds.
+struct Held {
+    bytes: Vec<u8>,
+    credit: Option<(ShardIdx, u32)>,
+    /// The core was told at a flush that this frame's credit is held: it comes back through
+    /// `released` when written. A frame written before that flush needs nothing.
+    accounted: bool,
+}
+
+fn write_err(e: impl std::fmt::Display) -> TransportError {
+    TransportError::Write(e.to_string())
+}
+
+impl QuicOut {
+    fn pending(&self) -> bool {
+        self.main_off < self.main.len() || self.subs.values().any(|s| !s.frames.is_empty())
+    }
+
+    /// The stream for `conv`'s events, opened on its first one if a stream is available now
+    /// (an open that would wait for the client's stream credit is not awaited).
+    fn sub_stream(&mut self, conv: &Arc<str>) -> Option<&mut SubStream> {
+        if !self.subs.contains_key(conv)
+            && !self.streams_exhausted
+            && self.subs.len() < SUBSCRIPTION_STREAMS_MAX
+        {
+            match self.conn.open_uni().now_or_never() {
+                Some(Ok(send)) => {
+                    let sub = SubStream {
+                        send,
+                        frames: VecDeque::new(),
+                        off: 0,
+                        moved: false,
+                        armed: false,
+                    };
+                    self.subs.insert(conv.clone(), sub);
+                }
+                _ => self.streams_exhausted = true,
+            }
+        }
+        self.subs.get_mut(conv)
+    }
+
+    /// Writes every stream as far as it takes data now. Ready once something moved, or
+    /// nothing is left. Cancel-safe: only what quinn took leaves a queue.
+    fn poll_write(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), TransportError>> {
+        let mut moved = false;
+        while self.main_off < self.main.len() {
+            match Pin::new(&mut self.control).poll_write(cx, &self.main[self.main_off..]) {
+                Poll::Ready(Ok(n)) => {
+                    self.main_off += n;
+                    self.moved = true;
+                    moved = true;
+                }
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                Poll::Pending => break,
+            }
+        }
+        if self.main_off == self.main.len() {
+            self.main.clear();
+            self.main_off = 0;
+        }
+        for sub in self.subs.values_mut() {
+            while let Some(front) = sub.frames.front() {
+                match Pin::new(&mut sub.send).poll_write(cx, &front.bytes[sub.off..]) {
+                    Poll::Ready(Ok(n)) => {
+                        sub.off += n;
+                        sub.moved = true;
+                        moved = true;
+                        if sub.off == front.bytes.len() {
+                            sub.off = 0;
+                            let held = sub.frames.pop_front().expect("the front frame");
+                            if let (true, Some(c)) = (held.accounted, held.credit) {
+                                self.released.push(c);
+                            }
+                        }
+                    }
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(write_err(e))),
+                    Poll::Pending => break,
+                }
+            }
+        }
+        if moved || !self.pending() {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    async fn write(&mut self) -> Result<(), TransportError> {
+        std::future::poll_fn(|cx| self.poll_write(cx)).await
+    }
+
+    /// Tells the core about subscription streams: deadlines armed, moved or cleared, and the
+    /// credit of held frames that were written.
+    fn report_streams(&mut self, core: &mut Session, now: u64) {
+        for (shard, frames) in self.released.drain(..) {
+            core.handle_credit_released(now, shard, frames);
+        }
+        for (conv, sub) in &mut self.subs {
+            if sub.frames.is_empty() {
+                if std::mem::take(&mut sub.armed) {
+                    core.handle_stream_written(now, conv);
+                }
+            } else if std::mem::take(&mut sub.moved) || !sub.armed {
+                sub.armed = true;
+                core.handle_writing(now, Some(conv));
+            }
+            sub.moved = false;
+        }
+    }
+
+    /// The credit held by subscription frames the core has not been told about, per shard;
+    /// from now on it is told (they return it through `released` when written).
+    fn take_held(&mut self) -> Vec<(ShardIdx, u32)> {
+        let mut held: Vec<(ShardIdx, u32)> = Vec::new();
+        for sub in self.subs.values_mut() {
+            for h in sub.frames.iter_mut().filter(|h| !h.accounted) {
+                h.accounted = true;
+                let Some((shard, n)) = h.credit else { continue };
+                match held.iter_mut().find(|(s, _)| *s == shard) {
+                    Some((_, total)) => *total += n,
+                    None => held.push((shard, n)),
+                }
+            }
+        }
+        held
+    }
+}
+
+impl Transport for QuicTransport {
+    type In = QuicIn;
+    /// QUIC keeps itself alive: both sides send PING frames (every third of the idle timeout),
+    /// and a connection that acknowledged nothing for IDLE_TIMEOUT_MS is closed by QUIC.
+    const PINGS: bool = false;
+
+    async fn recv(&mut self) -> QuicIn {
+        QuicIn::from(self.reader.next().await)
+    }
+
+    fn handle_in(&mut self, core: &mut Session, now: u64, input: QuicIn) -> bool {
         match input {
             QuicIn::Frame(b) => {
                 core.handle_frame(
@@ -440,45 +641,56 @@ impl Transport for QuicTransport {
         }
     }
 
-    async fn feed(&mut self, f: OutFrame) -> Result<(), String> {
-        let out = match f.conv {
-            Some(conv) => {
-                if !self.subs.contains_key(&conv) && self.subs.len() < SUBSCRIPTION_STREAMS_MAX {
-                    let s = self.conn.open_uni().await.map_err(|e| e.to_string())?;
-                    self.subs.insert(conv.clone(), (s, Vec::new()));
-                }
-                match self.subs.get_mut(&conv) {
-                    Some((_, buf)) => buf,
-                    None => &mut self.out,
-                }
+    fn feed(&mut self, f: OutFrame) -> Result<(), TransportError> {
+        let framed = frame(&f.bytes);
+        self.out.flush_owed = true;
+        if let Some(conv) = &f.conv {
+            if let Some(sub) = self.out.sub_stream(conv) {
+                sub.frames.push_back(Held {
+                    bytes: framed,
+                    credit: f.credit,
+                    accounted: false,
+                });
+                return Ok(());
             }
-            None => &mut self.out,
-        };
-        out.extend_from_slice(&(f.bytes.len() as u32).to_le_bytes());
-        out.extend_from_slice(&f.bytes);
+        }
+        self.out.main.extend_from_slice(&framed);
         Ok(())
     }
 
-    async fn flush(&mut self) -> Result<(), String> {
-        if !self.out.is_empty() {
-            self.control
-                .write_all(&self.out)
-                .await
-                .map_err(|e| e.to_string())?;
-            self.out.clear();
+    fn feed_ping(&mut self, _payload: u64) {}
+
+    async fn write(&mut self) -> Result<(), TransportError> {
+        self.out.write().await
+    }
+
+    async fn next(&mut self, reading: bool) -> Event<QuicIn> {
+        let writing = self.out.pending();
+        tokio::select! {
+            input = self.reader.next(), if reading => Event::In(QuicIn::from(input)),
+            r = self.out.write(), if writing => Event::Wrote(r),
+            else => std::future::pending().await,
         }
-        for (s, buf) in self.subs.values_mut() {
-            if !buf.is_empty() {
-                s.write_all(buf).await.map_err(|e| e.to_string())?;
-                buf.clear();
-            }
+    }
+
+    fn report(&mut self, core: &mut Session, now: u64) -> bool {
+        let out = &mut self.out;
+        if std::mem::take(&mut out.moved) {
+            core.handle_writing(now, None);
         }
-        Ok(())
+        let main_done = out.main_off == out.main.len();
+        if main_done && std::mem::take(&mut out.flush_owed) {
+            // Everything polled is written but what subscription streams still hold.
+            let held = out.take_held();
+            core.handle_flushed_holding(now, &held);
+        }
+        out.report_streams(core, now);
+        main_done
     }
 
     async fn close_for_shutdown(&mut self) {
         self.linger().await;
-        self.conn.close(
+        self.out.conn.close(
             quinn::VarInt::from_u32(CLOSE_SHUTDOWN),
             b"node shutting down",
         );
@@ -486,7 +698,7 @@ impl Transport for QuicTransport {
 
     async fn close(&mut self) {
         self.linger().await;
-        self.conn.close(
+        self.out.conn.close(
             quinn::VarInt::from_u32(CLOSE_SESSION_ENDED),
             b"session ended",
         );
@@ -494,18 +706,22 @@ impl Transport for QuicTransport {
 }
 
 impl QuicTransport {
-    /// Finishes every stream and gives the client a moment to take the last frames (a closed
-    /// connection discards what it has not sent).
+    /// Writes what is queued, finishes every stream and gives the client a moment to take the
+    /// last frames (a closed connection discards what it has not sent).
     async fn linger(&mut self) {
-        let _ = self.control.finish();
-        for (s, _) in self.subs.values_mut() {
-            let _ = s.finish();
-        }
-        let _ = tokio::time::timeout(
-            Duration::from_millis(CLOSE_LINGER_MS),
-            self.control.stopped(),
-        )
-        .await;
+        let linger = async {
+            while self.out.pending() {
+                if self.out.write().await.is_err() {
+                    break;
+                }
+            }
+            let _ = self.out.control.finish();
+            for sub in self.out.subs.values_mut() {
+                let _ = sub.send.finish();
+            }
+            let _ = self.out.control.stopped().await;
+        };
+        let _ = tokio::time::timeout(Duration::from_millis(CLOSE_LINGER_MS), linger).await;
     }
 }
 
@@ -525,19 +741,25 @@ pub struct ServerFrames {
 }
 
 impl ServerFrames {
+    /// Reads frames of at most the largest `frame_bytes_max` a node accepts
+    /// (`config::FRAME_BYTES_MAX_LIMIT`); a client with a limit of its own uses `spawn_with`.
     pub fn spawn(conn: quinn::Connection, control: quinn::RecvStream) -> ServerFrames {
-        ServerFrames::spawn_with(conn, FrameReader::new(control, usize::MAX))
+        let limit = crate::config::FRAME_BYTES_MAX_LIMIT;
+        ServerFrames::spawn_with(conn, FrameReader::for_client(control, limit))
     }
 
-    /// [`ServerFrames::spawn`] for a control stream already being read (its buffer kept).
+    /// [`ServerFrames::spawn`] for a control stream already being read (its buffer kept); every
+    /// subscription stream is read with the same frame limit as `control`. A length prefix over
+    /// it ends the connection, never an allocation of that size.
     pub fn spawn_with(conn: quinn::Connection, control: FrameReader) -> ServerFrames {
         let (tx, subs) = mpsc::channel(CLIENT_FRAMES_QUEUED_MAX);
         let mut tasks = tokio::task::JoinSet::new();
         let accept = conn.clone();
+        let frame_bytes_max = control.frame_bytes_max();
         tasks.spawn(async move {
             let mut readers = tokio::task::JoinSet::new();
             while let Ok(recv) = accept.accept_uni().await {
-                let reader = FrameReader::new(recv, usize::MAX);
+                let reader = FrameReader::for_client(recv, frame_bytes_max);
                 readers.spawn(read_subscription_stream(reader, tx.clone()));
             }
         });
@@ -560,7 +782,8 @@ impl ServerFrames {
             frame = self.control.next() => match frame {
                 Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
                     .map_err(|e| format!("undecodable frame from the node: {e}")),
-                Ok(_) => Err(format!(
+                Ok(Some(ReadFrame::Oversize(n))) => Err(oversize(n, self.control.frame_bytes_max())),
+                Ok(None) => Err(format!(
                     "the node closed the connection ({})",
                     close_reason(&self.conn)
                 )),
@@ -593,6 +816,12 @@ pub(crate) fn close_reason(conn: &quinn::Connection) -> String {
         .map_or_else(|| "connection open".into(), |r| r.to_string())
 }
 
+/// A server frame over the client's limit: the client cannot know what it held (answers it
+/// waits for, perhaps), so it gives the connection up.
+pub(crate) fn oversize(len: u64, frame_bytes_max: usize) -> String {
+    format!("the node sent a frame of {len} bytes, over this client's frame_bytes_max ({frame_bytes_max})")
+}
+
 /// Reads one subscription stream's frames into `tx`; its end ends only that subscription.
 async fn read_subscription_stream(
     mut reader: FrameReader,
@@ -602,7 +831,8 @@ async fn read_subscription_stream(
         let item = match reader.next().await {
             Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
                 .map_err(|e| format!("undecodable frame from the node: {e}")),
-            Ok(_) => return,
+            Ok(Some(ReadFrame::Oversize(n))) => Err(oversize(n, reader.frame_bytes_max())),
+            Ok(None) => return,
             Err(e) => Err(format!("QUIC read of a subscription stream failed: {e}")),
         };
         let end = item.is_err();

@@ -34,6 +34,9 @@ pub enum SessionMsg {
     Replies(ShardIdx, Vec<Reply>),
     /// The shard restarted and forgot this session's attachments: reconnect.
     ShardRestarted(ShardIdx),
+    /// The session's channel was full when the shard had replies for it (it stopped taking
+    /// them): the shard dropped them and forgot the session, which must close.
+    Overloaded(ShardIdx),
 }
 
 pub type SessionTx = mpsc::Sender<SessionMsg>;
@@ -145,8 +148,89 @@ struct Sessions {
 impl Drop for Sessions {
     fn drop(&mut self) {
         for tx in self.txs.values() {
-            let _ = tx.try_send(SessionMsg::ShardRestarted(self.idx));
+            notify(tx, SessionMsg::ShardRestarted(self.idx));
         }
+    }
+}
+
+/// Sends a notice that must never be lost (a restart, an overload) even when the session's
+/// channel is full: a full channel means the session is busy (a slow write, bounded by its
+/// write deadline), not gone, so the notice waits for room in a task of its own. It is lost
+/// only with the session itself (its receiver dropped) or the runtime.
+fn notify(tx: &SessionTx, msg: SessionMsg) {
+    match tx.try_send(msg) {
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let tx = tx.clone();
+                rt.spawn(async move {
+                    let _ = tx.send(msg).await;
+                });
+            }
+        }
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+    }
+}
+
+// Beside what it tests (the rest of this file is the supervisor's, changed separately).
+#[cfg(test)]
+#[allow(clippy::items_after_test_module)]
+mod session_notice_tests {
+    use super::*;
+    use fabric_proto::ServerOp;
+
+    fn pong() -> Reply {
+        Reply::Frame(ServerOp::Pong { r: 1 })
+    }
+
+    async fn next(rx: &mut mpsc::Receiver<SessionMsg>) -> SessionMsg {
+        tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("a message in time")
+            .expect("the channel is open")
+    }
+
+    #[tokio::test]
+    async fn a_restart_notice_reaches_a_session_whose_channel_is_full() {
+        // Proves Sessions' drop never loses ShardRestarted: with the session's channel full
+        // (try_send fails), the notice arrives once the session takes the message ahead of it.
+        let (tx, mut rx) = mpsc::channel(1);
+        tx.try_send(SessionMsg::Replies(0, vec![pong()])).unwrap();
+        drop(Sessions {
+            idx: 3,
+            txs: HashMap::from([(7, tx)]),
+        });
+        assert!(matches!(next(&mut rx).await, SessionMsg::Replies(0, _)));
+        assert!(matches!(next(&mut rx).await, SessionMsg::ShardRestarted(3)));
+    }
+
+    #[tokio::test]
+    async fn replies_that_do_not_fit_close_the_session_instead_of_vanishing() {
+        // Proves route() with a full session channel forgets the session's sender and tells the
+        // session Overloaded (so it closes and its client resumes) instead of dropping it in
+        // silence; another session is served as usual.
+        let mut shard = Shard::new(ShardConfig::default());
+        let (full_tx, mut full_rx) = mpsc::channel(1);
+        full_tx
+            .try_send(SessionMsg::Replies(2, vec![pong()]))
+            .unwrap();
+        let (ok_tx, mut ok_rx) = mpsc::channel(8);
+        let mut sessions = Sessions {
+            idx: 2,
+            txs: HashMap::from([(1, full_tx), (2, ok_tx)]),
+        };
+        let mut per_session = HashMap::from([(1, vec![pong()]), (2, vec![pong()])]);
+        route(&mut shard, &mut sessions, &mut per_session);
+        assert!(!sessions.txs.contains_key(&1) && sessions.txs.contains_key(&2));
+        assert!(matches!(next(&mut ok_rx).await, SessionMsg::Replies(2, _)));
+        assert!(matches!(
+            next(&mut full_rx).await,
+            SessionMsg::Replies(2, _)
+        ));
+        assert!(matches!(
+            next(&mut full_rx).await,
+            SessionMsg::Overloaded(2)
+        ));
+        sessions.txs.clear();
     }
 }
 
@@ -367,13 +451,20 @@ fn route(
             continue;
         };
         // The channel's capacity covers every reply a session can be owed (in-flight limit plus
-        // push credit), so Full means the session stopped draining it: drop the session rather
-        // than block the shard; its client reconnects and gets its inbox redelivered.
-        if tx
-            .try_send(SessionMsg::Replies(sessions.idx, replies))
-            .is_err()
-        {
-            sessions.txs.remove(&session);
+        // push credit; `Config::session_reply_queue_max`), so Full means the session stopped
+        // taking replies. The shard must not block on it: it forgets the session, and the
+        // session is told to close as `overloaded` (its client resumes; its inbox is
+        // redelivered), never left open with its replies silently gone.
+        match tx.try_send(SessionMsg::Replies(sessions.idx, replies)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if let Some(tx) = sessions.txs.remove(&session) {
+                    notify(&tx, SessionMsg::Overloaded(sessions.idx));
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                sessions.txs.remove(&session);
+            }
         }
     }
 }

@@ -456,3 +456,48 @@ async fn a_frame_reader_cancelled_mid_frame_loses_no_bytes() {
         matches!(next(&mut reader).await, fabric::quic::ReadFrame::Frame(b) if &b[..] == b"after")
     );
 }
+
+#[tokio::test]
+async fn every_transport_label_in_metrics_is_documented() {
+    // Proves docs/OPERATIONS.md lists every `transport` label value the node exports (it
+    // omitted `quic`), after a QUIC session has run.
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(dir.path()).await;
+    let b = base(&node);
+    let ta = mesh_with_peer(&b).await;
+    let a = quic_client(&node, "a", &ta).await;
+    a.append("c", &json!(1), None).await.unwrap();
+    let text = http()
+        .get(format!("{b}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let mut exported: Vec<&str> = text
+        .split("transport=\"")
+        .skip(1)
+        .filter_map(|rest| rest.split('"').next())
+        .collect();
+    exported.sort();
+    exported.dedup();
+    assert!(exported.contains(&"quic"), "{exported:?}");
+    let ops = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docs/OPERATIONS.md"
+    ))
+    .unwrap();
+    let listed = ops
+        .split("Labels are bounded: `transport` (")
+        .nth(1)
+        .and_then(|rest| rest.split(')').next())
+        .expect("OPERATIONS.md lists the transport labels");
+    for t in exported {
+        assert!(
+            listed.contains(&format!("`{t}`")),
+            "transport {t:?} is not in {listed:?}"
+        );
+    }
+    node.shutdown().await;
+}

@@ -146,7 +146,14 @@ fn json_frames(bytes: &[u8]) -> Result<Vec<JsonFrame<'_>>, ProtoError> {
 
 fn body_of(op: &str, body: Option<&RawValue>) -> Result<Body, ProtoError> {
     let raw = body.ok_or_else(|| missing(op, "body"))?;
-    // The JSON parser already validated the value; keep its exact text.
+    // The JSON parser already validated the value (and its UTF-8); keep its exact text.
+    Body::from_parsed_json(raw.get())
+}
+
+/// A body in a server frame: the node validated it when it was stored, so it is kept as it is
+/// (a client that refused an old body would stall on a message it can never acknowledge).
+fn server_body_of(op: &str, body: Option<&RawValue>) -> Result<Body, ProtoError> {
+    let raw = body.ok_or_else(|| missing(op, "body"))?;
     Ok(Body::from_trusted(bytes::Bytes::copy_from_slice(
         raw.get().as_bytes(),
     )))
@@ -260,27 +267,86 @@ pub fn decode_client_json(bytes: &[u8]) -> Result<Vec<ClientOp>, ProtoError> {
         .collect()
 }
 
-/// Decodes one binary frame from a client (a `Batch` is flattened; nested batches are refused).
+/// Decodes one binary frame from a client (a `Batch` is flattened; nested batches are refused
+/// before anything recursive runs, see [`decode_flat`]).
 pub fn decode_client_binary(bytes: &[u8]) -> Result<Vec<ClientOp>, ProtoError> {
-    match from_binary::<ClientOp>(bytes)? {
-        ClientOp::Batch(ops) => {
-            if ops.len() > BATCH_OPS_MAX {
-                return Err(ProtoError::new(
-                    ErrorCode::TooLarge,
-                    format!("batch has {} ops; the limit is {BATCH_OPS_MAX}", ops.len()),
-                ));
-            }
-            if ops.iter().any(|o| matches!(o, ClientOp::Batch(_))) {
-                return Err(ProtoError::bad_request("batches may not nest"));
-            }
-            ops.iter().try_for_each(validate_binary_op)?;
-            Ok(ops)
+    let ops = decode_flat::<ClientOp>(bytes, CLIENT_BATCH_VARIANT)?;
+    ops.iter().try_for_each(validate_binary_op)?;
+    Ok(ops)
+}
+
+/// The postcard variant index of `ClientOp::Batch` (its place in the enum; pinned by a test).
+const CLIENT_BATCH_VARIANT: u32 = 7;
+
+/// Decodes a binary frame of an op enum whose variant `batch_variant` is a `Vec` of the same
+/// enum, flattened into its ops.
+///
+/// Postcard decodes `Batch(Vec<Op>)` by recursion, one stack frame set per nesting level, and a
+/// frame of 12 KB of nested batch tags (`07 01` repeated) overflows the stack before any check
+/// could run. So the top level is read by hand: the variant index, and for a batch its length
+/// and each element's variant index, which must not be a batch again; postcard only ever
+/// decodes ops that cannot nest.
+fn decode_flat<'a, T: serde::Deserialize<'a>>(
+    bytes: &'a [u8],
+    batch_variant: u32,
+) -> Result<Vec<T>, ProtoError> {
+    let (tag, rest) = take_varint_u32(bytes)?;
+    if tag != batch_variant {
+        return Ok(vec![from_binary::<T>(bytes)?]);
+    }
+    let (n, mut rest) = take_varint_u64(rest)?;
+    if n > BATCH_OPS_MAX as u64 {
+        return Err(ProtoError::new(
+            ErrorCode::TooLarge,
+            format!("batch has {n} ops; the limit is {BATCH_OPS_MAX}"),
+        ));
+    }
+    let mut ops = Vec::with_capacity(n as usize);
+    for _ in 0..n {
+        if take_varint_u32(rest)?.0 == batch_variant {
+            return Err(ProtoError::bad_request("batches may not nest"));
         }
-        op => {
-            validate_binary_op(&op)?;
-            Ok(vec![op])
+        let (op, after) = postcard::take_from_bytes::<T>(rest)
+            .map_err(|e| ProtoError::bad_request(format!("binary frame does not decode: {e}")))?;
+        ops.push(op);
+        rest = after;
+    }
+    if !rest.is_empty() {
+        return Err(ProtoError::bad_request(format!(
+            "binary frame has {} trailing bytes",
+            rest.len()
+        )));
+    }
+    Ok(ops)
+}
+
+/// Postcard's varint for a `u32` (variant indices): at most 5 bytes, the last one at most 0x0f.
+fn take_varint_u32(bytes: &[u8]) -> Result<(u32, &[u8]), ProtoError> {
+    let (n, rest) = take_varint(bytes, 5, 0x0f)?;
+    Ok((n as u32, rest))
+}
+
+/// Postcard's varint for a `u64` or `usize` (lengths): at most 10 bytes, the last one at most 1.
+fn take_varint_u64(bytes: &[u8]) -> Result<(u64, &[u8]), ProtoError> {
+    take_varint(bytes, 10, 0x01)
+}
+
+/// Unsigned LEB128 exactly as postcard reads it (so a tag means here what it means there).
+fn take_varint(bytes: &[u8], len_max: usize, last_max: u8) -> Result<(u64, &[u8]), ProtoError> {
+    let mut out = 0u64;
+    for i in 0..len_max {
+        let b = *bytes
+            .get(i)
+            .ok_or_else(|| ProtoError::bad_request("binary frame ends inside a varint"))?;
+        out |= u64::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            if i == len_max - 1 && b > last_max {
+                break;
+            }
+            return Ok((out, &bytes[i + 1..]));
         }
     }
+    Err(ProtoError::bad_request("binary frame has a bad varint"))
 }
 
 /// Binary frames skip the JSON parser, so their ids and bodies are checked here.
@@ -581,14 +647,14 @@ fn server_op_from_json(f: JsonFrame<'_>) -> Result<ServerOp, ProtoError> {
             pos: f.pos.ok_or_else(|| missing(op, "pos"))?,
             from: peer_from(&f)?,
             to: Target::parse(f.to.as_deref().ok_or_else(|| missing(op, "to"))?)?,
-            body: body_of(op, f.body)?,
+            body: server_body_of(op, f.body)?,
             ts: f.ts.unwrap_or(0),
         },
         "event" => ServerOp::Event(DeliveredEvent {
             conv: f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?.into(),
             seq: f.seq.ok_or_else(|| missing(op, "seq"))?,
             from: peer_from(&f)?,
-            body: body_of(op, f.body)?,
+            body: server_body_of(op, f.body)?,
             ts: f.ts.unwrap_or(0),
         }),
         "pong" => ServerOp::Pong {
@@ -659,12 +725,10 @@ fn push_varint(out: &mut Vec<u8>, mut n: u64) {
     out.push(n as u8);
 }
 
-/// Decodes one binary frame from the server (a `Batch` is flattened).
+/// Decodes one binary frame from the server (a `Batch` is flattened; a nested one is refused
+/// before any recursive decoding, as for client frames).
 pub fn decode_server_binary(bytes: &[u8]) -> Result<Vec<ServerOp>, ProtoError> {
-    match from_binary::<ServerOp>(bytes)? {
-        ServerOp::Batch(ops) => Ok(ops),
-        op => Ok(vec![op]),
-    }
+    decode_flat::<ServerOp>(bytes, SERVER_BATCH_VARIANT as u32)
 }
 
 #[cfg(test)]
@@ -945,5 +1009,208 @@ mod hello_tests {
             String::from_utf8(json).unwrap(),
             format!(r#"{{"op":"challenge","nonce":"{}"}}"#, "0f".repeat(32))
         );
+    }
+}
+
+#[cfg(test)]
+mod hostile_tests {
+    use super::*;
+    use crate::BODY_NESTING_MAX;
+
+    /// `[7,1]` x n, then `[6,1]`: the frame of the pre-auth crash (issue 12), n nested batches.
+    fn nested_client_batches(n: usize) -> Vec<u8> {
+        let mut f = [7u8, 1].repeat(n);
+        f.extend_from_slice(&[6, 1]);
+        f
+    }
+
+    #[test]
+    fn deeply_nested_binary_batches_are_refused_without_recursing() {
+        // Proves the 12 KB frame of 6,000 nested `Batch` tags (which overflowed the stack in
+        // postcard's recursive decoder) is a bad_request, in both directions, and so is one
+        // level of nesting, also with a non-canonical tag encoding (0x87 0x00 is 7 to postcard).
+        let frame = nested_client_batches(6000);
+        assert_eq!(frame.len(), 12_002);
+        let e = decode_client_binary(&frame).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+        assert!(e.message.contains("nest"), "{}", e.message);
+        assert_eq!(
+            decode_client_binary(&nested_client_batches(1)).unwrap(),
+            vec![ClientOp::Ping { r: 1 }],
+            "one batch holding a ping"
+        );
+        let e = decode_client_binary(&nested_client_batches(2)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("nest"), "{}", e.message);
+        let e = decode_client_binary(&[0x87, 0x00, 1, 0x87, 0x00, 1, 6, 1]).unwrap_err();
+        assert!(e.message.contains("nest"), "{}", e.message);
+        // Server frames: `Batch` is 6; a pong is `[4, ref]`.
+        let mut server = [6u8, 1].repeat(6000);
+        server.extend_from_slice(&[4, 1]);
+        let e = decode_server_binary(&server).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        assert!(e.message.contains("nest"), "{}", e.message);
+        assert_eq!(
+            decode_server_binary(&[6, 2, 4, 1, 4, 2]).unwrap(),
+            vec![ServerOp::Pong { r: 1 }, ServerOp::Pong { r: 2 }]
+        );
+    }
+
+    #[test]
+    fn the_batch_variant_indexes_are_pinned() {
+        // Proves the hand-read batch tags are the enums' own: a one-op batch encodes as
+        // `[tag, 1, op]` in each direction.
+        let ping = ClientOp::Ping { r: 3 };
+        assert_eq!(
+            encode_client_binary(&ClientOp::Batch(vec![ping.clone()])),
+            [
+                vec![CLIENT_BATCH_VARIANT as u8, 1],
+                encode_client_binary(&ping)
+            ]
+            .concat()
+        );
+        let pong = ServerOp::Pong { r: 3 };
+        assert_eq!(
+            encode_server_binary(&ServerOp::Batch(vec![pong.clone()])),
+            [
+                vec![SERVER_BATCH_VARIANT as u8, 1],
+                encode_server_binary(&pong)
+            ]
+            .concat()
+        );
+    }
+
+    #[test]
+    fn truncated_and_oversize_batches_get_codes() {
+        // Proves a batch length over BATCH_OPS_MAX is too_large before anything is allocated,
+        // and truncated frames, bad varints and trailing bytes are bad requests.
+        let mut big = vec![7u8];
+        big.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert_eq!(
+            decode_client_binary(&big).unwrap_err().code,
+            ErrorCode::TooLarge
+        );
+        for bad in [
+            &[][..],
+            &[7],
+            &[7, 2, 6, 1],
+            &[7, 1, 6, 1, 0],
+            &[0x80, 0x80, 0x80, 0x80, 0x80, 0x01],
+            &[0xff, 0xff, 0xff, 0xff, 0x1f],
+        ] {
+            assert_eq!(
+                decode_client_binary(bad).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            decode_client_binary(&[7, 2, 6, 1, 5, 9]).unwrap(),
+            vec![ClientOp::Ping { r: 1 }, ClientOp::Ack { upto: 9 }]
+        );
+    }
+
+    #[test]
+    fn deeply_nested_json_is_refused_not_a_crash() {
+        // Proves deep JSON nesting, as a whole frame, as a batch element, or inside a body (JSON
+        // or binary), is a bad_request from serde_json's recursion limit, never a stack
+        // overflow, and that a moderately nested body still passes.
+        let deep = |n: usize| format!("{}1{}", "[".repeat(n), "]".repeat(n));
+        for frame in [
+            "[".repeat(100_000),
+            deep(100_000),
+            format!("[{}]", "{\"a\":".repeat(50_000)),
+            format!(
+                r#"{{"op":"send","ref":1,"to":"*","body":{}}}"#,
+                deep(100_000)
+            ),
+            format!(
+                r#"[{{"op":"send","ref":1,"to":"*","body":{}}}]"#,
+                deep(100_000)
+            ),
+        ] {
+            let e = decode_client_json(frame.as_bytes()).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{}", e.message);
+            assert!(decode_server_json(frame.as_bytes()).is_err());
+        }
+        let binary = ClientOp::Send {
+            r: 1,
+            to: Target::All,
+            body: Body::from_trusted(deep(100_000).into()),
+        };
+        let e = decode_client_binary(&encode_client_binary(&binary)).unwrap_err();
+        assert_eq!(e.code, ErrorCode::BadRequest);
+        // The limit is exact, in both encodings; brackets inside strings do not count.
+        let max = BODY_NESTING_MAX;
+        let frame = |d: usize| format!(r#"{{"op":"send","ref":1,"to":"*","body":{}}}"#, deep(d));
+        assert!(decode_client_json(frame(max).as_bytes()).is_ok());
+        assert!(decode_client_json(frame(max + 1).as_bytes()).is_err());
+        assert!(Body::from_json_text(deep(max)).is_ok());
+        assert!(Body::from_json_text(deep(max + 1)).is_err());
+        let strings = format!("[{}]", r#""[[{\"[","#.repeat(1000) + "1");
+        assert!(Body::from_json_text(strings.clone()).is_ok(), "{strings}");
+        // The whole frame a session delivers a deepest body in still parses with serde_json.
+        let mut out = Vec::new();
+        let deliver = ServerOp::Deliver {
+            pos: 1,
+            from: "a".into(),
+            to: Target::All,
+            body: Body::from_json_text(deep(max)).unwrap(),
+            ts: 1,
+        };
+        encode_server_json(&ServerOp::Batch(vec![deliver]), &mut out);
+        serde_json::from_slice::<serde_json::Value>(&out).unwrap();
+    }
+
+    #[test]
+    fn bodies_must_be_utf8_json_in_both_encodings() {
+        // Proves a binary body that is JSON to serde_json's validator but not UTF-8 (a quoted
+        // 0xff byte: issue 12's acknowledged `"\xff"`) is a bad_request, as is the same in a
+        // JSON frame; valid UTF-8 and odd but valid JSON (huge exponents, lone surrogate
+        // escapes) pass byte for byte.
+        for bad in [
+            &b"\"\xff\""[..],
+            b"\xff",
+            b"\"\xc3\"",
+            b"[\"\xed\xa0\x80\"]",
+        ] {
+            let op = ClientOp::Send {
+                r: 1,
+                to: Target::All,
+                body: Body::from_trusted(bytes::Bytes::copy_from_slice(bad)),
+            };
+            let e = decode_client_binary(&encode_client_binary(&op)).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}");
+            assert!(Body::from_json_text(bad.to_vec()).is_err());
+            let mut frame = br#"{"op":"send","ref":1,"to":"*","body":"#.to_vec();
+            frame.extend_from_slice(bad);
+            frame.push(b'}');
+            assert_eq!(
+                decode_client_json(&frame).unwrap_err().code,
+                ErrorCode::BadRequest,
+                "{bad:?}"
+            );
+        }
+        for good in [
+            "\"é\"",
+            "1e999999",
+            r#""\ud800""#,
+            "123456789012345678901234567890",
+        ] {
+            let body = Body::from_json_text(good.to_string()).unwrap();
+            let op = ClientOp::Append {
+                r: 1,
+                conv: "c".into(),
+                body: body.clone(),
+                key: None,
+            };
+            assert_eq!(
+                decode_client_binary(&encode_client_binary(&op)).unwrap(),
+                vec![op.clone()]
+            );
+            let mut json = Vec::new();
+            encode_client_json(&op, &mut json);
+            assert_eq!(decode_client_json(&json).unwrap(), vec![op], "{good}");
+        }
     }
 }

@@ -29,6 +29,9 @@ pub const ID_BYTES_MAX: usize = 128;
 pub const KEY_BYTES_MAX: usize = 128;
 /// Most ops one batched frame (a JSON array or a binary `Batch`) may carry.
 pub const BATCH_OPS_MAX: usize = 1024;
+/// Deepest nesting of arrays and objects in a message body (so that every recipient's JSON
+/// parser can read the frame it is delivered in: serde_json stops at 128 levels in all).
+pub const BODY_NESTING_MAX: usize = 64;
 /// Most groups one peer may belong to.
 pub const PEER_GROUPS_MAX: usize = 64;
 /// Most messages one HTTP replay page returns.

@@ -13,12 +13,32 @@ use std::sync::Arc;
 pub struct Body(pub Bytes);
 
 impl Body {
-    /// Wraps JSON text after checking that it is exactly one valid JSON value.
+    /// Wraps JSON text after checking that it is UTF-8 text of exactly one valid JSON value.
+    ///
+    /// UTF-8 is checked first, over the whole body: serde_json skips the bytes inside strings
+    /// without decoding them when it only validates, so `"\xff"` (a quoted 0xff byte) would
+    /// pass as JSON and then break every JSON frame and HTTP page it is spliced into.
     pub fn from_json_text(text: impl Into<Bytes>) -> Result<Body, crate::ProtoError> {
         let bytes: Bytes = text.into();
-        serde_json::from_slice::<serde::de::IgnoredAny>(&bytes)
+        let text = std::str::from_utf8(&bytes)
+            .map_err(|e| crate::ProtoError::bad_request(format!("body is not UTF-8 text: {e}")))?;
+        serde_json::from_str::<serde::de::IgnoredAny>(text)
             .map_err(|e| crate::ProtoError::bad_request(format!("body is not valid JSON: {e}")))?;
+        check_nesting(&bytes)?;
         Ok(Body(bytes))
+    }
+
+    /// Wraps the text of one JSON value that a JSON parser already validated (a raw value
+    /// borrowed from a frame or an HTTP body): only the nesting limit is left to check.
+    pub fn from_parsed_json(text: &str) -> Result<Body, crate::ProtoError> {
+        check_nesting(text.as_bytes())?;
+        Ok(Body(Bytes::copy_from_slice(text.as_bytes())))
+    }
+
+    /// The body as text, if it is UTF-8 (every body validated since bodies are checked for it;
+    /// data written by an older node may not be, and can then not be sent as JSON).
+    pub fn to_text(&self) -> Option<&str> {
+        std::str::from_utf8(&self.0).ok()
     }
 
     /// For bodies already validated (read back from the WAL, or produced by `serde_json`).
@@ -38,6 +58,47 @@ impl Body {
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
+}
+
+/// Checks that JSON text nests arrays and objects at most [`BODY_NESTING_MAX`] deep.
+///
+/// serde_json validates a raw or ignored value without a depth limit, so a 12 KB body of
+/// `[[[[…` would be stored and then break every recipient whose parser recurses (serde_json
+/// stops at 128 levels, counting the frame's own object). Counting brackets is vectorised and
+/// settles almost every body; only a body with more brackets than the limit is walked, outside
+/// strings, to find its real depth.
+fn check_nesting(json: &[u8]) -> Result<(), crate::ProtoError> {
+    let brackets = json.iter().filter(|&&b| b == b'[' || b == b'{').count();
+    if brackets <= crate::BODY_NESTING_MAX {
+        return Ok(());
+    }
+    let (mut depth, mut in_string, mut escaped) = (0usize, false, false);
+    for &b in json {
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'"' => in_string = true,
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > crate::BODY_NESTING_MAX {
+                    return Err(crate::ProtoError::bad_request(format!(
+                        "body nests arrays and objects more than {} deep",
+                        crate::BODY_NESTING_MAX
+                    )));
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 impl std::fmt::Debug for Body {
