@@ -32,7 +32,7 @@ enum Command {
     /// Settings come from, lowest to highest precedence: embedded defaults, the TOML file given
     /// by --config (keys are the long option names with underscores), FABRIC_* environment
     /// variables, and these flags.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     Sim(sim_cmd::SimArgs),
     #[command(flatten)]
     Client(cli_client::ClientCommand),

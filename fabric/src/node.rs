@@ -95,6 +95,11 @@ pub struct ShardReadiness {
     /// The last storage or recovery failure, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
+    /// A WAL write (fdatasync) has been in flight longer than `wal_sync_stall_ms_max`.
+    pub wal_stalled: bool,
+    /// The last write failed for lack of space and none has landed since: writes are refused
+    /// with `storage_full` and retried after a backoff (reads are served).
+    pub storage_full: bool,
 }
 
 impl NodeCtx {
@@ -122,11 +127,20 @@ impl NodeCtx {
         let shards: Vec<ShardReadiness> = self
             .slots
             .iter()
-            .map(|s| ShardReadiness {
-                shard: s.idx,
-                ready: s.ready.load(Ordering::SeqCst),
-                restarts: s.restarts.load(Ordering::SeqCst),
-                last_error: s.stats.lock().ok().and_then(|st| st.last_error.clone()),
+            .map(|s| {
+                let (last_error, stalled, storage_full) = s
+                    .stats
+                    .lock()
+                    .map(|st| (st.last_error.clone(), st.wal_stalled, st.disk_full))
+                    .unwrap_or_default();
+                ShardReadiness {
+                    shard: s.idx,
+                    ready: s.ready.load(Ordering::SeqCst) && !stalled && !storage_full,
+                    restarts: s.restarts.load(Ordering::SeqCst),
+                    last_error,
+                    wal_stalled: stalled,
+                    storage_full,
+                }
             })
             .collect();
         let down: Vec<u32> = shards
@@ -138,7 +152,8 @@ impl NodeCtx {
             Some("the node is shutting down".to_string())
         } else if !down.is_empty() {
             Some(format!(
-                "shards not serving (recovering, restarting or failed): {down:?}"
+                "shards not serving writes (recovering, restarting, failed, disk full or a \
+                 WAL sync stalled): {down:?}"
             ))
         } else {
             None
@@ -370,7 +385,10 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             inbox_backlog_bytes_max: config.inbox_backlog_bytes_max,
             mesh_inbox_backlog_bytes_max: config.mesh_inbox_backlog_bytes_max,
             mesh_conversations_max: config.mesh_conversations_max,
-            session_subscriptions_max: config.session_subscriptions_max,
+            session_subscriptions_max: config
+                .session_subscriptions_max
+                .try_into()
+                .unwrap_or(u32::MAX),
             ..ShardConfig::default()
         };
         let policy = fabric_router::supervise::RestartPolicy {

@@ -87,6 +87,8 @@ pub struct SlotStats {
     /// A WAL write has been in flight longer than `wal_sync_stall_ms_max` (cleared when it
     /// completes): `/readyz` reports it.
     pub wal_stalled: bool,
+    /// The last write failed for lack of space, and none has landed since (`/readyz`).
+    pub disk_full: bool,
 }
 
 impl ShardSlot {
@@ -354,6 +356,7 @@ fn handle_done(
                 s.wal_bytes += done.bytes as u64;
                 s.records_written += done.records;
                 s.wal_stalled = false;
+                s.disk_full &= done.bytes == 0;
             }
             return Ok(());
         }
@@ -374,6 +377,7 @@ fn handle_done(
     }
     if let Ok(mut s) = slot.stats.lock() {
         s.last_error = Some(error.clone());
+        s.disk_full = no_space;
     }
     Err(ShardLoopError::WriteFailed(error))
 }
@@ -515,8 +519,12 @@ impl Actor for ShardActor {
             .map_err(|e| format!("cannot start WAL thread: {e}"))?;
         let loop_slot = slot.clone();
         let mut shard = recovered.shard;
-        if let Some(until) = slot.writes_from_ms.lock().ok().and_then(|mut w| w.take()) {
+        let full_until = slot.writes_from_ms.lock().ok().and_then(|mut w| w.take());
+        if let Some(until) = full_until {
             shard.handle_storage_full(crate::now_ms(), until);
+        }
+        if let Ok(mut s) = slot.stats.lock() {
+            s.wal_stalled = false;
         }
         let task = tokio::spawn(
             async move {

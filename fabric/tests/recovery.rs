@@ -6,8 +6,9 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_torn_tail_is_cut_and_earlier_records_survive() {
-    // Proves the node starts after the last bytes of a segment are cut or corrupted, and keeps
-    // every record before the damage.
+    // Proves the node starts after the last bytes of the newest segment's final write are cut
+    // or corrupted (what a power loss during that write leaves), keeps every record before the
+    // damage, and keeps the cut bytes in quarantine/.
     let dir = tempfile::tempdir().unwrap();
     let cfg = one_shard_config(dir.path());
     for damage in ["cut", "corrupt"] {
@@ -27,6 +28,7 @@ async fn a_torn_tail_is_cut_and_earlier_records_survive() {
         let mut segs: Vec<_> = std::fs::read_dir(&seg_dir)
             .unwrap()
             .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "wal"))
             .collect();
         segs.sort();
         let last = segs.last().unwrap();
@@ -54,6 +56,10 @@ async fn a_torn_tail_is_cut_and_earlier_records_survive() {
             "{damage}: only the damaged last record is gone"
         );
         node.shutdown().await;
+        let quarantined = std::fs::read_dir(seg_dir.join("quarantine"))
+            .unwrap()
+            .count();
+        assert_eq!(quarantined, 1, "{damage}: the cut bytes are kept");
     }
 }
 

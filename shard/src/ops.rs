@@ -608,8 +608,8 @@ impl Shard {
             .map_err(|_| refuse("bad signature: not 64 bytes".into()))?;
         let denied = || {
             refuse(
-                "key hello refused: unknown mesh or peer, no public key registered for the \
-                 peer, or a signature that does not verify over this session's nonce"
+                "key hello refused: bad signature, or no public key registered for this mesh \
+                 and peer (one answer for both, so it never tells whether they exist)"
                     .into(),
             )
         };

@@ -84,10 +84,11 @@ pub struct WriteFailure {
     /// The store holds exactly what was synced before this write: the shard may be recovered
     /// and go on. False: the cut failed too; the shard must stop until an operator looks.
     pub cleaned: bool,
-    pub cleanup_error: Option<StoreError>,
+    pub cleanup_error: Option<Box<StoreError>>,
 }
 
 /// Performs one [`WalWrite`] (see the module docs for the steps).
+#[allow(clippy::result_large_err)] // a failure is rare; its error is what the host reports
 pub fn perform<S: SegmentStore>(
     store: &mut S,
     w: &WalWrite,
@@ -175,7 +176,7 @@ fn cut_back<S: SegmentStore>(
         Err(e) => WriteFailure {
             error,
             cleaned: false,
-            cleanup_error: Some(e),
+            cleanup_error: Some(Box::new(e)),
         },
     }
 }
@@ -252,7 +253,10 @@ pub fn recover_planted<S: SegmentStore>(
 
 /// Which segments are retired (older than the manifest's oldest: their removal was not
 /// durable), listed (all must exist), and at most one newer (an incomplete creation).
-fn classify(m: &Manifest, ids: &[u64]) -> Result<(Vec<u64>, Vec<u64>, Option<u64>), RecoverError> {
+/// Segment ids: retired, listed, and the one newer than the manifest's newest (if any).
+type Classified = (Vec<u64>, Vec<u64>, Option<u64>);
+
+fn classify(m: &Manifest, ids: &[u64]) -> Result<Classified, RecoverError> {
     let retired: Vec<u64> = ids.iter().copied().filter(|id| *id < m.oldest).collect();
     let listed: Vec<u64> = ids.iter().copied().filter(|id| m.lists(*id)).collect();
     let newer: Vec<u64> = ids.iter().copied().filter(|id| *id > m.newest).collect();
