@@ -45,7 +45,6 @@ pub fn sync_dir(dir: &Path) -> Result<(), StorageError> {
 
 /// Files the node writes hold data of its tenants: only the node's user may read them.
 const FILE_MODE: u32 = 0o600;
-const DIR_MODE: u32 = 0o700;
 
 fn open_options() -> OpenOptions {
     let mut o = OpenOptions::new();
@@ -57,24 +56,13 @@ fn open_options() -> OpenOptions {
     o
 }
 
-/// Creates `dir` (mode 0700) if it does not exist, and makes its entry durable in its parent.
+fn file_err(e: crate::files::FileError) -> StoreError {
+    store_err(e.op, &e.path.clone(), e.source)
+}
+
+/// Creates `dir` (mode 0700, each missing level) and makes its entry durable in its parent.
 fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    let mut b = std::fs::DirBuilder::new();
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        b.mode(DIR_MODE);
-    }
-    b.recursive(true)
-        .create(dir)
-        .map_err(io("create directory", dir))?;
-    if let Some(parent) = dir.parent() {
-        sync_dir(parent)?;
-    }
-    Ok(())
+    crate::files::create_dir_private(dir).map_err(|e| StorageError::Store(file_err(e)))
 }
 
 /// Prepares the shard directories of a new data directory: each created with an empty
@@ -160,25 +148,6 @@ impl FileStore {
             self.open.insert(id, f);
         }
         Ok(self.open.get_mut(&id).expect("just opened"))
-    }
-
-    /// Writes a small file atomically: temp file (0600), fsync, rename, directory fsync.
-    fn write_atomic(&self, dir: &Path, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
-        let tmp = dir.join(format!("{name}.tmp"));
-        let path = dir.join(name);
-        let mut f = open_options()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| store_err("create", &tmp, e))?;
-        f.write_all(bytes)
-            .map_err(|e| store_err("write", &tmp, e))?;
-        f.sync_all().map_err(|e| store_err("fsync", &tmp, e))?;
-        std::fs::rename(&tmp, &path).map_err(|e| store_err("rename", &path, e))?;
-        File::open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| store_err("fsync directory", dir, e))
     }
 }
 
@@ -295,18 +264,8 @@ impl SegmentStore for FileStore {
 
     fn quarantine(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         let q = self.dir.join(wal::QUARANTINE_DIR);
-        if !q.is_dir() {
-            let mut b = std::fs::DirBuilder::new();
-            #[cfg(unix)]
-            {
-                use std::os::unix::fs::DirBuilderExt;
-                b.mode(DIR_MODE);
-            }
-            b.create(&q)
-                .map_err(|e| store_err("create directory", &q, e))?;
-            self.sync_dir()?;
-        }
-        self.write_atomic(&q, name, bytes)
+        crate::files::create_dir_private(&q).map_err(file_err)?;
+        crate::files::write_atomic(&q.join(name), bytes, FILE_MODE).map_err(file_err)
     }
 
     fn segment_path(&self, id: u64) -> String {

@@ -89,14 +89,7 @@ async fn serve_with_broken_output(stderr: std::fs::File) {
     // A bad frame is logged too (a refusal); the session answers and goes on.
     p.send_text("{not json").await;
     assert_eq!(p.recv().await["code"], "bad_request");
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&base).await;
     assert!(
         metric(&text, "fabric_log_write_errors_total") > 0.0,
         "failed log writes are counted"
@@ -186,14 +179,7 @@ async fn crash_drill_with_node_logging() {
         .await
         .unwrap();
     assert_eq!(r.status(), 201);
-    let text = http()
-        .get(format!("{base}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&base).await;
     if broken {
         assert!(metric(&text, "fabric_log_write_errors_total") > 0.0);
     }

@@ -427,14 +427,7 @@ async fn with_a_metrics_port_the_client_port_keeps_metrics_and_details_to_itself
     let body: serde_json::Value = r.json().await.unwrap();
     assert_eq!(body["code"], "not_found");
     assert!(scrape(&ops).await.has("fabric_mesh_peers"));
-    let text = http()
-        .get(format!("{ops}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&ops).await;
     assert!(text.contains("secret-mesh"));
 
     let brief = |b: &serde_json::Value| {

@@ -467,14 +467,7 @@ async fn every_transport_label_in_metrics_is_documented() {
     let ta = mesh_with_peer(&b).await;
     let a = quic_client(&node, "a", &ta).await;
     a.append("c", &json!(1), None).await.unwrap();
-    let text = http()
-        .get(format!("{b}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = metrics_text(&b).await;
     let mut exported: Vec<&str> = text
         .split("transport=\"")
         .skip(1)

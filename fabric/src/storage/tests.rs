@@ -107,6 +107,17 @@ fn done(shard: &mut Shard, w: &WalWrite) {
     while shard.poll_output().is_some() {}
 }
 
+/// A fresh shard directory holding one acknowledged append.
+fn one_append(tmp: &tempfile::TempDir) -> (PathBuf, FileStore, Shard) {
+    let dir = shard_dir_in(tmp);
+    let mut store = FileStore::open(&dir).unwrap();
+    let mut shard = Shard::new(ShardConfig::default());
+    let w = append(&mut shard, 1, "\"acknowledged\"");
+    store::perform(&mut store, &w, &PlantedBugs::default()).unwrap();
+    done(&mut shard, &w);
+    (dir, store, shard)
+}
+
 #[test]
 fn a_segment_is_listed_and_its_name_synced_before_any_record_goes_into_it() {
     // Proves the node performs the file steps in the order recovery relies on, on real files:
@@ -191,12 +202,7 @@ fn a_torn_final_write_on_disk_is_quarantined_then_cut() {
     // Proves recovery on real files keeps the bytes it cuts: quarantine/ holds them (0600),
     // the segment is truncated to the last whole write, and the acknowledged write survives.
     let tmp = tempfile::tempdir().unwrap();
-    let dir = shard_dir_in(&tmp);
-    let mut store = FileStore::open(&dir).unwrap();
-    let mut shard = Shard::new(ShardConfig::default());
-    let w = append(&mut shard, 1, "\"acknowledged\"");
-    store::perform(&mut store, &w, &PlantedBugs::default()).unwrap();
-    done(&mut shard, &w);
+    let (dir, _, mut shard) = one_append(&tmp);
     let path = dir.join(wal::segment_file_name(1));
     let good = std::fs::metadata(&path).unwrap().len();
     let torn = append(&mut shard, 2, "\"torn by a power loss\"");
@@ -220,11 +226,7 @@ fn an_emptied_shard_directory_refuses_to_start() {
     // Proves a shard directory whose files were removed (MANIFEST and segments) is refused
     // instead of starting that shard empty.
     let tmp = tempfile::tempdir().unwrap();
-    let dir = shard_dir_in(&tmp);
-    let mut store = FileStore::open(&dir).unwrap();
-    let mut shard = Shard::new(ShardConfig::default());
-    let w = append(&mut shard, 1, "\"x\"");
-    store::perform(&mut store, &w, &PlantedBugs::default()).unwrap();
+    let (dir, _, _) = one_append(&tmp);
     for e in std::fs::read_dir(&dir).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }

@@ -175,6 +175,18 @@ pub async fn wait_ready(base: &str) {
     }
 }
 
+/// The node's `/metrics` text.
+pub async fn metrics_text(base: &str) -> String {
+    http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
 /// One replay page of a conversation over HTTP: `{"messages":[…],"head":N}`.
 pub async fn read_conv(base: &str, token: &str, mesh: &str, conv: &str, query: &str) -> Value {
     http()
