@@ -166,6 +166,19 @@ fn many(
     Ok(report.violation_count() == 0)
 }
 
+/// Every failing seed, with its violation kind: `1335 (UnexpectedReply), 1346 (NotDelivered)`.
+fn failing_seeds(r: &SwarmReport) -> String {
+    if r.failing.is_empty() {
+        return "none".into();
+    }
+    let seeds: Vec<String> = r
+        .failing
+        .iter()
+        .map(|(seed, kind)| format!("{seed} ({kind})"))
+        .collect();
+    seeds.join(", ")
+}
+
 fn print_table(r: &SwarmReport, first: u64, threads: usize) {
     let rows = [
         (
@@ -177,6 +190,7 @@ fn print_table(r: &SwarmReport, first: u64, threads: usize) {
             "violations",
             format!("{} {:?}", r.violation_count(), r.violations),
         ),
+        ("failing seeds", failing_seeds(r)),
         (
             "simulated time",
             format!(

@@ -22,11 +22,16 @@ pub struct SwarmReport {
     pub violations: BTreeMap<ViolationKind, u64>,
     /// The first violations found (lowest seeds first), at most [`VIOLATIONS_KEPT_MAX`].
     pub first: Vec<Box<Violation>>,
+    /// Every failing seed with its violation kind, lowest first (at most
+    /// [`FAILING_SEEDS_KEPT_MAX`]).
+    pub failing: Vec<(u64, ViolationKind)>,
     pub wall: Duration,
 }
 
 /// Violations a report keeps whole.
 pub const VIOLATIONS_KEPT_MAX: usize = 8;
+/// Failing seeds a report lists (a broken build fails every seed; the list stays bounded).
+pub const FAILING_SEEDS_KEPT_MAX: usize = 10_000;
 
 impl SwarmReport {
     fn add(&mut self, r: Result<RunSummary, Box<Violation>>) {
@@ -45,6 +50,9 @@ impl SwarmReport {
             }
             Err(v) => {
                 *self.violations.entry(v.kind).or_insert(0) += 1;
+                if self.failing.len() < FAILING_SEEDS_KEPT_MAX {
+                    self.failing.push((v.seed, v.kind));
+                }
                 self.first.push(v);
                 self.first.sort_by_key(|v| v.seed);
                 self.first.truncate(VIOLATIONS_KEPT_MAX);
@@ -95,6 +103,7 @@ pub fn run_seeds(
         }
     });
     let mut report = report.into_inner().expect("threads joined");
+    report.failing.sort_unstable();
     report.wall = started.elapsed();
     report
 }
