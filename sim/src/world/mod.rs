@@ -1,0 +1,887 @@
+//! The simulated world: one node (its shards, their disks, the edge sessions and routers the
+//! glue keeps per connection), the clients, the network between them, and the event queue that
+//! moves simulated time. Everything here is the glue's job done by hand, one thread, no I/O:
+//! the decisions stay in the real cores.
+
+use crate::check::{fail, Checked, Failure, Model, OpKind, ViolationKind};
+use crate::disk::{CrashFaults, Disk};
+use crate::net::{Closed, ConnId, Endpoint, Network, Segment, Stream};
+use crate::options::{SimOptions, RETENTION_OFF_BYTES};
+use crate::schedule::{FaultEvent, Schedule, Timed};
+use crate::{Fnv, RunSummary, Violation, LIVENESS_BOUND_MS, RUN_EVENTS_MAX, TRACE_RING_LINES};
+use bytes::Bytes;
+use fabric_edge::{InFrame, OutFrame, Session, SessionConfig};
+use fabric_proto::internal::{Output, Placement, Reply, Request, SessionId, ShardIdx, ShardOp};
+use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
+use fabric_router::Router;
+use fabric_shard::{wal, RecoverError, Recoverer, RecoveryReport, Shard, ShardConfig, WalWrite};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::Arc;
+
+mod client;
+mod links;
+mod node;
+mod storage;
+
+/// The mesh every simulated client belongs to.
+pub const MESH: &str = "m";
+/// Shortest and longest wait before the glue restarts a shard whose storage failed, in ms;
+/// consecutive failures double it (as a supervisor backs off).
+const RESTART_DELAY_MIN_MS: u64 = 1;
+const RESTART_DELAY_MAX_MS: u64 = 2_000;
+/// Longest wait before a disconnected client reconnects, in ms.
+const RECONNECT_DELAY_MAX_MS: u64 = 50;
+/// Longest padding in a message body, in bytes (varies record sizes, so tears land anywhere).
+const BODY_PAD_BYTES_MAX: usize = 160;
+/// Rounds of shard-to-session-to-shard exchange one event may cause; more is a livelock.
+const PUMP_ROUNDS_MAX: usize = 10_000;
+/// Frame type bytes the simulated transport puts before each frame (WebSocket's opcodes).
+const FRAME_TEXT: u8 = 0;
+const FRAME_BINARY: u8 = 1;
+/// The `ref` of the `options` a batching client sends before its hello (client refs start at 1).
+const OPTIONS_REF: u64 = 0;
+
+/// Peer `i`'s groups in a swarm: `g0` for even peers, `g1` for every third (so some peers are
+/// in both, some in neither).
+#[allow(clippy::manual_is_multiple_of)] // `is_multiple_of` needs Rust 1.87; the MSRV is 1.85
+pub(crate) fn groups_of(i: usize) -> Vec<Arc<str>> {
+    let mut g = Vec::new();
+    if i % 2 == 0 {
+        g.push(Arc::from("g0"));
+    }
+    if i % 3 == 0 {
+        g.push(Arc::from("g1"));
+    }
+    g
+}
+
+/// Where `--trace` lines go.
+pub(crate) type TraceSink = Box<dyn FnMut(&str) + Send>;
+
+pub(crate) struct Trace {
+    pub(crate) hash: Fnv,
+    pub(crate) ring: VecDeque<String>,
+    /// Every line also goes here (`fabric sim --trace`).
+    pub(crate) sink: Option<TraceSink>,
+}
+
+impl Trace {
+    fn line(&mut self, now: u64, text: String) {
+        let line = format!("{now:>6}ms {text}");
+        self.hash.write(line.as_bytes());
+        self.hash.write(b"\n");
+        if let Some(sink) = &mut self.sink {
+            sink(&line);
+        }
+        if self.ring.len() == TRACE_RING_LINES {
+            self.ring.pop_front();
+        }
+        self.ring.push_back(line);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Phase {
+    Setup,
+    Faults,
+    Liveness,
+}
+
+/// What a scripted client does next (see `crate::script`).
+#[derive(Debug, Clone)]
+pub(crate) enum Action {
+    Send {
+        to: Target,
+        body: String,
+    },
+    Append {
+        conv: Arc<str>,
+        body: String,
+        key: Option<Arc<str>>,
+    },
+}
+
+#[derive(Debug)]
+struct ClientConn {
+    id: ConnId,
+    stream: Stream,
+    welcomed: bool,
+    timer_at: Option<u64>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) peer: Arc<str>,
+    token: String,
+    binary: bool,
+    /// Server ops per frame this client asks for with `options` before each hello (0: none).
+    batch_in: u32,
+    conn: Option<ClientConn>,
+    next_r: u64,
+    /// Ref -> operation, on the current connection.
+    inflight: BTreeMap<u64, usize>,
+    retry: VecDeque<usize>,
+    ops_left: u32,
+    pub(crate) script: VecDeque<Action>,
+    /// False while the client stays away (scripted `go_offline`).
+    pub(crate) online: bool,
+    max_received: u64,
+    acked_sent: u64,
+    /// Inbox messages received, once per position: sender, target, body.
+    pub(crate) received: BTreeMap<u64, (Arc<str>, Target, Body)>,
+    wake_pending: bool,
+    /// After an `unavailable` or a lost connection, the client waits until this time.
+    backoff_until_ms: u64,
+}
+
+/// A connection as the node's glue holds it: the socket (stream), the session core, and the
+/// session's router.
+#[derive(Debug)]
+struct NodeConn {
+    client: usize,
+    stream: Stream,
+    session: Session,
+    router: Router,
+    timer_at: Option<u64>,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    id: u64,
+    write: WalWrite,
+    /// The acks taken in before the write was polled (checker 6), for the mesh's shard.
+    acks: Vec<u64>,
+}
+
+/// Where the next recovery of a shard reads a flipped bit.
+#[derive(Debug, Clone, Copy)]
+struct ArmedFlip {
+    segment: Option<u64>,
+    offset_min: Option<u64>,
+    offset_max: Option<u64>,
+}
+
+/// One shard of the node, with what the glue keeps for it.
+struct Host {
+    shard: Shard,
+    disk: Disk,
+    /// Bumped by every restart; a restart timer for an older incarnation is stale.
+    epoch: u64,
+    inflight: Option<Inflight>,
+    /// The glue's input channel while the shard wants no input (backpressure).
+    input: VecDeque<Request>,
+    disk_full: bool,
+    flip: Option<ArmedFlip>,
+    /// Failed writes since the last good one (the restart backoff).
+    failures: u32,
+}
+
+#[derive(Debug)]
+enum Event {
+    Wake(usize),
+    ToNode {
+        conn: ConnId,
+        client: usize,
+        seg: Segment,
+    },
+    ToClient {
+        client: usize,
+        conn: ConnId,
+        seg: Segment,
+    },
+    NodeTimer(ConnId),
+    ClientTimer(usize, ConnId),
+    WalDone {
+        shard: ShardIdx,
+        write: u64,
+    },
+    ShardRestart {
+        shard: ShardIdx,
+        epoch: u64,
+    },
+    Fault(FaultEvent),
+    FaultsEnd,
+}
+
+/// Counters for the summary.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Counters {
+    pub(crate) events: u64,
+    pub(crate) crashes: u64,
+    pub(crate) restarts: u64,
+    pub(crate) faults: u64,
+    pub(crate) wal_writes: u64,
+    pub(crate) connections: u64,
+}
+
+/// One simulated cluster (one node for now) with its clients, checkers and event queue.
+pub struct Simulation {
+    seed: u64,
+    pub(crate) options: SimOptions,
+    rng: ChaCha8Rng,
+    pub(crate) now: u64,
+    queue: BTreeMap<(u64, u64), Event>,
+    next_event: u64,
+    pub(crate) phase: Phase,
+    deadline_ms: u64,
+    node_up: bool,
+    hosts: Vec<Host>,
+    conns: BTreeMap<ConnId, NodeConn>,
+    sessions: BTreeMap<SessionId, ConnId>,
+    /// Every connection the node ever accepted, in any incarnation. It stands for what the
+    /// client's end of a real connection knows and a reboot does not erase: the connection is
+    /// established and its sequence numbers are in use. A rebooted node has no socket for it,
+    /// so its stray packets (a retransmission, or a delayed or duplicated first packet) get a
+    /// reset, as from a real stack: TCP never accepts a mid-stream segment as a new connection,
+    /// and answers an old SYN with a SYN-ACK the client refuses. A connection whose first
+    /// packet never reached the node may still open after a reboot (its handshake simply
+    /// completes then). Forgetting this on `crash()` let an old connection reopen on the
+    /// rebooted node with its sequence numbers starting over, replaying its hello and requests
+    /// (swarm seeds 1335, 1346, 8383, 12983, 19926, 21929, 25111, 25749, 26067, 29274).
+    known_conns: BTreeSet<ConnId>,
+    dirty: BTreeSet<ConnId>,
+    net: Network,
+    placement: Router,
+    mesh_shard: ShardIdx,
+    session_config: SessionConfig,
+    next_write: u64,
+    next_conn: ConnId,
+    next_session: SessionId,
+    pub(crate) clients: Vec<Client>,
+    refs: BTreeMap<(ConnId, u64), usize>,
+    probe: Option<SessionId>,
+    pub(crate) model: Model,
+    pub(crate) trace: Trace,
+    pub(crate) counters: Counters,
+    /// The schedule this run applies (for writing out when it fails).
+    schedule: Schedule,
+    think_time_max_ms: u64,
+    load_paused: bool,
+    scripted: bool,
+    /// The final checks passed.
+    finished: bool,
+}
+
+impl Simulation {
+    /// A random run of `seed`: the schedule is generated from the seed and the options.
+    pub fn new(seed: u64, options: SimOptions) -> Simulation {
+        let schedule = Schedule::generate(seed, &options);
+        Simulation::from_schedule(schedule)
+    }
+
+    /// A run that applies `schedule` (a file's, or a generated one). Panics if the schedule
+    /// does not validate; `Schedule::load` and `from_json` validate.
+    pub fn from_schedule(schedule: Schedule) -> Simulation {
+        let peers = (0..schedule.options.clients)
+            .map(|i| (Arc::from(format!("p{i}")), groups_of(i)))
+            .collect();
+        Simulation::build(schedule, peers, false)
+    }
+
+    pub(crate) fn build(
+        schedule: Schedule,
+        peers: Vec<(Arc<str>, Vec<Arc<str>>)>,
+        scripted: bool,
+    ) -> Simulation {
+        if let Err(why) = schedule.validate() {
+            panic!("invalid schedule: {why}");
+        }
+        let seed = schedule.seed;
+        let options = schedule.options.clone();
+        let placement = Router::new(options.partitions, options.shards).expect("valid placement");
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let clients: Vec<Client> = peers
+            .iter()
+            .map(|(peer, _)| Client {
+                peer: peer.clone(),
+                token: format!("tok-{peer}"),
+                binary: rng.random_bool(options.binary_probability),
+                batch_in: if rng.random_bool(options.batch_in_probability) {
+                    [2, 3, 64][rng.random_range(0..3)]
+                } else {
+                    0
+                },
+                conn: None,
+                next_r: 1,
+                inflight: BTreeMap::new(),
+                retry: VecDeque::new(),
+                ops_left: if scripted { 0 } else { options.client_ops_max },
+                script: VecDeque::new(),
+                online: true,
+                max_received: 0,
+                acked_sent: 0,
+                received: BTreeMap::new(),
+                wake_pending: false,
+                backoff_until_ms: 0,
+            })
+            .collect();
+        let names = peers.iter().map(|(p, _)| p.clone()).collect();
+        let groups = peers.iter().map(|(_, g)| g.clone()).collect();
+        let retention = options.retention_bytes_max < RETENTION_OFF_BYTES;
+        let hosts = (0..options.shards)
+            .map(|s| Host {
+                shard: Shard::new(options.shard_config(s)),
+                disk: Disk::new(),
+                epoch: 0,
+                inflight: None,
+                input: VecDeque::new(),
+                disk_full: false,
+                flip: None,
+                failures: 0,
+            })
+            .collect();
+        let mesh_shard = placement
+            .shard_of(Placement::Mesh(MESH))
+            .expect("a mesh has a shard");
+        let session_config = SessionConfig {
+            inflight_requests_max: options.session_inflight_requests_max,
+            ..SessionConfig::default()
+        };
+        Simulation {
+            seed,
+            rng,
+            now: 0,
+            queue: BTreeMap::new(),
+            next_event: 0,
+            phase: Phase::Setup,
+            deadline_ms: u64::MAX,
+            node_up: true,
+            hosts,
+            conns: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            known_conns: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            net: Network::default(),
+            placement,
+            mesh_shard,
+            session_config,
+            next_write: 0,
+            next_conn: 1,
+            next_session: 1,
+            clients,
+            refs: BTreeMap::new(),
+            probe: None,
+            model: Model::new(names, groups, retention),
+            trace: Trace {
+                hash: Fnv::new(),
+                ring: VecDeque::new(),
+                sink: None,
+            },
+            counters: Counters::default(),
+            think_time_max_ms: options.think_time_max_ms,
+            load_paused: false,
+            scripted,
+            finished: false,
+            schedule,
+            options,
+        }
+    }
+
+    /// Sends every trace line to `sink` as well (one line per event, with simulated time).
+    pub fn with_trace(mut self, sink: impl FnMut(&str) + Send + 'static) -> Simulation {
+        self.trace.sink = Some(Box::new(sink));
+        self
+    }
+
+    /// The schedule this run applies.
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    /// Runs to the end: setup, the fault phase, the liveness phase, the final checks.
+    pub fn run(mut self) -> Result<RunSummary, Box<Violation>> {
+        let result = self.guard(|s| {
+            s.start()?;
+            s.run_until(u64::MAX)?;
+            s.require_finished()
+        });
+        match result {
+            Ok(()) => Ok(self.summary()),
+            Err(v) => Err(v),
+        }
+    }
+
+    pub(crate) fn summary(&self) -> RunSummary {
+        RunSummary {
+            seed: self.seed,
+            trace_hash: self.trace.hash.0,
+            sim_ms: self.now,
+            events: self.counters.events,
+            requests_acked: self.model.acks(),
+            crashes: self.counters.crashes,
+            restarts: self.counters.restarts,
+            faults_injected: self.counters.faults,
+            wal_writes: self.counters.wal_writes,
+            connections: self.counters.connections,
+            net: self.net.stats,
+        }
+    }
+
+    /// Runs `f`, turning a checker failure or a panic in a core into a violation.
+    pub(crate) fn guard(
+        &mut self,
+        f: impl FnOnce(&mut Simulation) -> Checked,
+    ) -> Result<(), Box<Violation>> {
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)));
+        let failure = match result {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(f)) => f,
+            Err(panic) => Failure {
+                kind: ViolationKind::Panic,
+                message: panic
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_else(|| "a non-string panic".into()),
+            },
+        };
+        Err(Box::new(Violation {
+            seed: self.seed,
+            kind: failure.kind,
+            message: failure.message,
+            options: self.options.to_string(),
+            last_events: self.trace.ring.iter().cloned().collect(),
+            schedule: self.schedule.clone(),
+        }))
+    }
+
+    fn trace(&mut self, text: String) {
+        self.trace.line(self.now, text);
+    }
+
+    fn schedule_at(&mut self, at: u64, event: Event) {
+        self.queue.insert((at, self.next_event), event);
+        self.next_event += 1;
+    }
+
+    fn conv_shard(&self, conv: &str) -> ShardIdx {
+        self.placement
+            .shard_of(Placement::Conversation(MESH, conv))
+            .expect("a conversation has a shard")
+    }
+
+    /// Setup (mesh and peers, without faults), then the fault phase begins: the schedule's
+    /// events and its end are queued, and every client wakes.
+    pub(crate) fn start(&mut self) -> Checked {
+        self.trace(format!("start seed={} {}", self.seed, self.options));
+        self.setup()?;
+        self.phase = Phase::Faults;
+        let events: Vec<Timed> = self.schedule.events.clone();
+        for t in events {
+            self.schedule_at(t.at_ms, Event::Fault(t.event));
+        }
+        if !self.scripted {
+            self.schedule_at(self.options.duration_ms, Event::FaultsEnd);
+        }
+        for c in 0..self.clients.len() {
+            let delay = self.rng.random_range(0..=self.think_time_max_ms);
+            self.wake(c, delay);
+        }
+        Ok(())
+    }
+
+    /// Processes events up to simulated time `until` (inclusive), or until the liveness phase
+    /// finds everything quiet (then runs the final checks and returns).
+    pub(crate) fn run_until(&mut self, until: u64) -> Checked {
+        loop {
+            if self.phase == Phase::Liveness && self.quiescent() {
+                return self.finish();
+            }
+            let Some(entry) = self.queue.first_entry() else {
+                return Ok(());
+            };
+            let at = entry.key().0;
+            if at > until {
+                self.now = self.now.max(until);
+                return Ok(());
+            }
+            let event = entry.remove();
+            if self.phase == Phase::Liveness && at > self.deadline_ms {
+                return fail(
+                    ViolationKind::Liveness,
+                    format!(
+                        "still busy {LIVENESS_BOUND_MS} ms after faults stopped: {}",
+                        self.pending_summary()
+                    ),
+                );
+            }
+            self.now = at;
+            self.counters.events += 1;
+            if self.counters.events > RUN_EVENTS_MAX {
+                return fail(
+                    ViolationKind::Liveness,
+                    format!(
+                        "{RUN_EVENTS_MAX} events without finishing: {}",
+                        self.pending_summary()
+                    ),
+                );
+            }
+            self.handle(event)?;
+            self.pump()?;
+        }
+    }
+
+    /// Ends the fault phase now: everything heals, every client reconnects and drains.
+    pub(crate) fn end_faults(&mut self) -> Checked {
+        if self.phase == Phase::Liveness {
+            return Ok(());
+        }
+        self.phase = Phase::Liveness;
+        self.deadline_ms = self.now + LIVENESS_BOUND_MS;
+        self.trace(
+            "faults end: the network and disks heal, every client reconnects and drains".into(),
+        );
+        self.net.heal();
+        for h in &mut self.hosts {
+            h.disk_full = false;
+            h.flip = None;
+        }
+        if !self.node_up {
+            self.restart_node()?;
+        }
+        for c in 0..self.clients.len() {
+            self.clients[c].online = true;
+            self.drop_conn(c);
+        }
+        Ok(())
+    }
+
+    /// Nothing left to do: every client is welcomed with nothing in flight and everything it
+    /// received acknowledged, no data is unacknowledged on any connection, and every shard is
+    /// idle.
+    fn quiescent(&self) -> bool {
+        let clients = self.clients.iter().all(|c| {
+            c.inflight.is_empty()
+                && c.retry.is_empty()
+                && c.script.is_empty()
+                && c.acked_sent >= c.max_received
+                && c.conn
+                    .as_ref()
+                    .is_some_and(|k| k.welcomed && k.stream.unacked() == 0)
+        });
+        clients
+            && self.node_up
+            && self
+                .hosts
+                .iter()
+                .all(|h| h.shard.is_idle() && h.input.is_empty() && h.inflight.is_none())
+            && self.conns.values().all(|k| k.stream.unacked() == 0)
+    }
+
+    fn pending_summary(&self) -> String {
+        let shards: Vec<String> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(s, h)| {
+                format!(
+                    "s{s} idle={} failed={} input={} writing={}",
+                    h.shard.is_idle(),
+                    h.shard.is_failed(),
+                    h.input.len(),
+                    h.inflight.is_some()
+                )
+            })
+            .collect();
+        let clients: Vec<String> = self
+            .clients
+            .iter()
+            .map(|c| {
+                format!(
+                    "{} conn={:?} welcomed={} inflight={:?} retry={:?} received={} acked={}",
+                    c.peer,
+                    c.conn.as_ref().map(|k| k.id),
+                    c.conn.as_ref().is_some_and(|k| k.welcomed),
+                    c.inflight,
+                    c.retry,
+                    c.max_received,
+                    c.acked_sent
+                )
+            })
+            .collect();
+        format!(
+            "node_up={} {}; clients: {}",
+            self.node_up,
+            shards.join(", "),
+            clients.join("; ")
+        )
+    }
+
+    /// A run whose queue ran dry before it became quiet stalled.
+    pub(crate) fn require_finished(&self) -> Checked {
+        if self.finished {
+            return Ok(());
+        }
+        fail(
+            ViolationKind::Liveness,
+            format!(
+                "the run stalled in the {:?} phase: {}",
+                self.phase,
+                self.pending_summary()
+            ),
+        )
+    }
+
+    /// Adds an event applied now to the run's schedule (scripted runs).
+    pub(crate) fn record(&mut self, event: FaultEvent) {
+        self.schedule.events.push(Timed {
+            at_ms: self.now,
+            event,
+        });
+    }
+
+    /// The final checks once everything is quiet (checker 3).
+    fn finish(&mut self) -> Checked {
+        self.model.final_delivery()?;
+        self.finished = true;
+        self.trace(format!(
+            "end acked={} crashes={} restarts={} faults={} connections={}",
+            self.model.acks(),
+            self.counters.crashes,
+            self.counters.restarts,
+            self.counters.faults,
+            self.counters.connections
+        ));
+        Ok(())
+    }
+
+    /// Creates the mesh and its peers on the mesh's shard, without faults.
+    fn setup(&mut self) -> Checked {
+        let admin = self.next_session;
+        self.next_session += 1;
+        let mut ops = vec![ShardOp::CreateMesh {
+            r: 0,
+            mesh: MESH.into(),
+        }];
+        for (i, c) in self.clients.iter().enumerate() {
+            ops.push(ShardOp::AddPeer {
+                r: i as u64 + 1,
+                mesh: MESH.into(),
+                peer: c.peer.clone(),
+                groups: self.model.groups[i].clone(),
+                token_hash: Some(fabric_shard::token_hash(&c.token)),
+                public_key: None,
+            });
+        }
+        let want = ops.len();
+        let now = self.now;
+        let host = &mut self.hosts[self.mesh_shard as usize];
+        for op in ops {
+            host.shard
+                .handle_request(now, Request { session: admin, op });
+        }
+        let mut oks = 0;
+        loop {
+            while let Some(o) = host.shard.poll_output() {
+                match o.reply {
+                    Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
+                    r => return fail(ViolationKind::UnexpectedReply, format!("setup got {r:?}")),
+                }
+            }
+            let Some(w) = host.shard.poll_wal() else {
+                break;
+            };
+            host.disk.begin_write(&w);
+            host.disk.complete_write(&w);
+            self.counters.wal_writes += 1;
+            host.shard.handle_wal_done(now, w.last_lsn);
+        }
+        if oks != want {
+            return fail(
+                ViolationKind::Liveness,
+                format!("setup got {oks} of {want} oks"),
+            );
+        }
+        self.trace(format!(
+            "setup done: mesh {MESH} on shard {} with {} peers",
+            self.mesh_shard,
+            self.clients.len()
+        ));
+        Ok(())
+    }
+
+    pub(crate) fn wake(&mut self, c: usize, delay: u64) {
+        if !self.clients[c].wake_pending {
+            self.clients[c].wake_pending = true;
+            self.schedule_at(self.now + delay, Event::Wake(c));
+        }
+    }
+
+    fn faults_on(&self) -> bool {
+        self.phase == Phase::Faults
+    }
+
+    fn handle(&mut self, event: Event) -> Checked {
+        match event {
+            Event::Wake(c) => {
+                self.clients[c].wake_pending = false;
+                self.client_wake(c)?;
+            }
+            Event::ToNode { conn, client, seg } => self.node_packet(conn, client, seg),
+            Event::ToClient { client, conn, seg } => self.client_packet(client, conn, seg)?,
+            Event::NodeTimer(id) => {
+                if let Some(k) = self.conns.get_mut(&id) {
+                    k.timer_at = None;
+                    k.stream.handle_timeout(self.now);
+                    k.session.handle_timeout(self.now);
+                    self.dirty.insert(id);
+                }
+            }
+            Event::ClientTimer(c, id) => {
+                let now = self.now;
+                if let Some(k) = self.clients[c].conn.as_mut().filter(|k| k.id == id) {
+                    k.timer_at = None;
+                    k.stream.handle_timeout(now);
+                    self.pump_client(c)?;
+                }
+            }
+            Event::WalDone { shard, write } => self.wal_done(shard, write)?,
+            Event::ShardRestart { shard, epoch } => {
+                if self.node_up && epoch == self.hosts[shard as usize].epoch {
+                    self.restart_after_failure(shard)?;
+                }
+            }
+            Event::Fault(f) => self.apply(f)?,
+            Event::FaultsEnd => self.end_faults()?,
+        }
+        Ok(())
+    }
+
+    /// One schedule event.
+    pub(crate) fn apply(&mut self, event: FaultEvent) -> Checked {
+        if self.phase != Phase::Faults {
+            return Ok(());
+        }
+        self.trace(format!("FAULT {event:?}"));
+        match event {
+            FaultEvent::Crash { .. } => {
+                if self.node_up {
+                    self.crash()?;
+                }
+            }
+            FaultEvent::Restart { .. } => {
+                if !self.node_up {
+                    self.restart_node()?;
+                }
+            }
+            FaultEvent::Partition { a, b, one_way } => {
+                self.counters.faults += 1;
+                self.net.partition(&a, &b, one_way);
+            }
+            FaultEvent::Heal => self.net.heal(),
+            FaultEvent::Clog { from, to, ms } => {
+                self.counters.faults += 1;
+                self.net.clog(from, to, self.now + ms);
+            }
+            FaultEvent::CorruptRead {
+                shard,
+                segment,
+                offset_min,
+                offset_max,
+                ..
+            } => {
+                self.hosts[shard as usize].flip = Some(ArmedFlip {
+                    segment,
+                    offset_min,
+                    offset_max,
+                });
+            }
+            FaultEvent::DiskFull { shard, .. } => {
+                self.counters.faults += 1;
+                self.hosts[shard as usize].disk_full = true;
+            }
+            FaultEvent::DiskFree { shard, .. } => self.hosts[shard as usize].disk_full = false,
+            FaultEvent::Load {
+                think_time_max_ms,
+                paused,
+            } => {
+                self.think_time_max_ms = think_time_max_ms;
+                self.load_paused = paused;
+                for c in 0..self.clients.len() {
+                    self.wake(c, 0);
+                }
+            }
+            FaultEvent::Disconnect { client } => self.drop_conn(client as usize),
+        }
+        Ok(())
+    }
+}
+
+/// A frame for the simulated socket: its type byte, then its bytes.
+fn frame_bytes(f: &OutFrame) -> Bytes {
+    let mut b = Vec::with_capacity(f.bytes.len() + 1);
+    b.push(if f.binary { FRAME_BINARY } else { FRAME_TEXT });
+    b.extend_from_slice(&f.bytes);
+    Bytes::from(b)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A calm run of one client and no scheduled faults.
+    fn calm(seed: u64) -> Simulation {
+        let options = SimOptions {
+            clients: 1,
+            ..SimOptions::default()
+        };
+        Simulation::from_schedule(Schedule {
+            seed,
+            options,
+            events: Vec::new(),
+        })
+    }
+
+    fn hello_frame(sim: &Simulation) -> Bytes {
+        let mut b = vec![FRAME_TEXT];
+        let hello = ClientOp::Hello {
+            mesh: MESH.into(),
+            peer: sim.clients[0].peer.clone(),
+            token: sim.clients[0].token.clone(),
+        };
+        codec::encode_client_json(&hello, &mut b);
+        Bytes::from(b)
+    }
+
+    fn resets_queued(sim: &Simulation, id: ConnId) -> usize {
+        sim.queue
+            .values()
+            .filter(
+                |e| matches!(e, Event::ToClient { conn, seg: Segment::Reset, .. } if *conn == id),
+            )
+            .count()
+    }
+
+    #[test]
+    fn a_rebooted_node_resets_an_old_connection_and_accepts_a_new_one() {
+        // Proves the network model is faithful across a reboot: a stray first packet of a
+        // connection the node had accepted before the crash gets a reset (it would otherwise
+        // reopen the connection with its sequence numbers starting over and replay its
+        // requests), while a connection whose first packet never reached the node still opens.
+        let mut sim = calm(1);
+        sim.start().unwrap();
+        sim.run_until(500).unwrap();
+        let old = sim.clients[0].conn.as_ref().expect("connected").id;
+        assert!(sim.conns.contains_key(&old), "the node accepted it");
+        sim.crash().unwrap();
+        sim.restart_node().unwrap();
+        let hello = hello_frame(&sim);
+        let seg = Segment::Data {
+            seq: 0,
+            bytes: hello.clone(),
+        };
+        sim.node_packet(old, 0, seg.clone());
+        assert!(!sim.conns.contains_key(&old), "an old connection reopened");
+        assert_eq!(resets_queued(&sim, old), 1);
+        let fresh = sim.next_conn;
+        sim.next_conn += 1;
+        sim.node_packet(fresh, 0, seg);
+        assert!(
+            sim.conns.contains_key(&fresh),
+            "a new connection was refused"
+        );
+        assert_eq!(resets_queued(&sim, fresh), 0);
+    }
+}

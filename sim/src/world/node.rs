@@ -1,0 +1,199 @@
+//! The node's glue, done by hand as `fabric` does it: shard loops, session tasks, routers.
+
+use super::*;
+
+impl Simulation {
+    /// Moves work between shards and sessions until nothing moves: shard input, WAL writes,
+    /// shard outputs into sessions, sessions' requests into shard input, frames onto streams.
+    pub(super) fn pump(&mut self) -> Checked {
+        for _ in 0..PUMP_ROUNDS_MAX {
+            let outputs = self.pump_shards();
+            if outputs.is_empty() && self.dirty.is_empty() {
+                return Ok(());
+            }
+            for (shard, o) in outputs {
+                self.route_output(shard, o)?;
+            }
+            for id in std::mem::take(&mut self.dirty) {
+                self.pump_conn(id);
+            }
+        }
+        fail(
+            ViolationKind::Liveness,
+            format!(
+                "{PUMP_ROUNDS_MAX} rounds between shards and sessions in one event: {}",
+                self.pending_summary()
+            ),
+        )
+    }
+
+    /// The shard loop of the glue, shard by shard: feed input while the shard wants it, start
+    /// a WAL write if none is in flight, collect outputs.
+    pub(super) fn pump_shards(&mut self) -> Vec<(ShardIdx, Output)> {
+        let mut outputs = Vec::new();
+        if !self.node_up {
+            return outputs;
+        }
+        for s in 0..self.hosts.len() {
+            let shard = s as ShardIdx;
+            while self.hosts[s].shard.wants_input() {
+                let Some(req) = self.hosts[s].input.pop_front() else {
+                    break;
+                };
+                if let ShardOp::Ack { peer, upto, .. } = &req.op {
+                    if let Some(i) = self.clients.iter().position(|c| c.peer == *peer) {
+                        self.model.ack_handled(i, *upto);
+                    }
+                }
+                self.hosts[s].shard.handle_request(self.now, req);
+            }
+            if self.hosts[s].inflight.is_none() && !self.hosts[s].shard.is_failed() {
+                if let Some(w) = self.hosts[s].shard.poll_wal() {
+                    self.start_write(shard, w);
+                }
+            }
+            while let Some(o) = self.hosts[s].shard.poll_output() {
+                outputs.push((shard, o));
+            }
+        }
+        outputs
+    }
+
+    /// The glue's session task for one connection: read frames while the session wants them,
+    /// forward its requests, write its frames (then report the flush), close when it closes.
+    pub(super) fn pump_conn(&mut self, id: ConnId) {
+        let now = self.now;
+        let Some(k) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while k.session.wants_read() {
+            let Some(frame) = k.stream.poll_frame() else {
+                break;
+            };
+            let (kind, bytes) = frame.split_first().unwrap_or((&FRAME_TEXT, &[]));
+            k.session.handle_frame(
+                now,
+                InFrame {
+                    binary: *kind == FRAME_BINARY,
+                    bytes,
+                },
+            );
+        }
+        if k.stream.closed().is_some() {
+            k.session.handle_transport_closed(now);
+        }
+        let mut wrote = false;
+        while let Some(f) = k.session.poll_transmit() {
+            k.stream.send(now, frame_bytes(&f));
+            wrote = true;
+        }
+        if wrote {
+            k.session.handle_flushed(now);
+        }
+        if k.session.is_closed() {
+            k.stream.close();
+        }
+        let client = k.client;
+        let mut segs = Vec::new();
+        while let Some(seg) = k.stream.poll_segment() {
+            segs.push(seg);
+        }
+        let timer = [k.stream.poll_timeout(), k.session.poll_timeout()]
+            .into_iter()
+            .flatten()
+            .min();
+        let arm = timer.filter(|t| k.timer_at.is_none_or(|a| *t < a));
+        if let Some(t) = arm {
+            k.timer_at = Some(t);
+        }
+        let done = k.session.is_closed() && k.stream.closed().is_some();
+        let session = k.session.id();
+        self.forward_requests(id);
+        for seg in segs {
+            self.send_to_client(client, id, seg);
+        }
+        if let Some(t) = arm {
+            self.schedule_at(t.max(now), Event::NodeTimer(id));
+        }
+        if done {
+            self.conns.remove(&id);
+            self.sessions.remove(&session);
+        }
+    }
+
+    /// A session's requests, batched by its router, into the shards' input channels.
+    pub(super) fn forward_requests(&mut self, id: ConnId) {
+        let Some(k) = self.conns.get_mut(&id) else {
+            return;
+        };
+        while let Some((route, req)) = k.session.poll_request() {
+            k.router.handle_request(self.now, route, req);
+        }
+        while let Some((shard, requests)) = k.router.poll_batch() {
+            self.hosts[shard as usize].input.extend(requests);
+        }
+    }
+
+    /// A shard's output: the checkers see it first (what a shard says is its promise, whether
+    /// or not the client ever reads it), then the session it is for.
+    pub(super) fn route_output(&mut self, shard: ShardIdx, o: Output) -> Checked {
+        if Some(o.session) == self.probe {
+            let Reply::Messages { r, events, head } = o.reply else {
+                return fail(
+                    ViolationKind::UnexpectedReply,
+                    format!("probe got {:?}", o.reply),
+                );
+            };
+            let conv = self.model.conv_names()[r as usize].clone();
+            self.model.note_retained(&conv, &events, head);
+            return Ok(());
+        }
+        let Some(&id) = self.sessions.get(&o.session) else {
+            return Ok(()); // the session is gone; the shard will hear `Closed`
+        };
+        let c = self.conns[&id].client;
+        let peer = self.clients[c].peer.clone();
+        if let Reply::Frame(frame) = &o.reply {
+            match frame {
+                ServerOp::Welcome { acked, head, .. } => {
+                    self.model.on_welcome(c, *acked, *head)?;
+                }
+                ServerOp::Ok { r, pos, seq } => {
+                    let Some(op) = self.refs.remove(&(id, *r)) else {
+                        return fail(
+                            ViolationKind::UnexpectedReply,
+                            format!("{peer} ok for unknown r={r} on connection {id}"),
+                        );
+                    };
+                    self.trace(format!(
+                        "s{shard} ok {peer} op {op} r={r} pos={pos:?} seq={seq:?}"
+                    ));
+                    self.model.on_ok(op, *pos, *seq)?;
+                }
+                ServerOp::Error { r, code, message } => {
+                    if *code != ErrorCode::Unavailable {
+                        return fail(
+                            ViolationKind::UnexpectedReply,
+                            format!("s{shard} error to {peer} r={r:?} {code:?}: {message}"),
+                        );
+                    }
+                    if let Some(r) = r {
+                        self.refs.remove(&(id, *r));
+                    }
+                }
+                ServerOp::Deliver {
+                    pos,
+                    from,
+                    to,
+                    body,
+                    ..
+                } => self.model.on_deliver(c, *pos, from, to, body)?,
+                _ => {}
+            }
+        }
+        let k = self.conns.get_mut(&id).expect("looked up above");
+        k.session.handle_reply(self.now, shard, o.reply);
+        self.dirty.insert(id);
+        Ok(())
+    }
+}
