@@ -1257,6 +1257,15 @@ impl Shard {
         self.failed
     }
 
+    /// The sessions this shard holds state for (an attached inbox, subscriptions, push
+    /// credit), in id order. Read-only: the simulator checks at quiescence that every one of
+    /// them is still open on the node (a `Closed` that never reached this shard leaks them).
+    pub fn session_ids(&self) -> Vec<SessionId> {
+        let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
+        ids.sort_unstable();
+        ids
+    }
+
     fn maybe_start_retention(&mut self) {
         if !matches!(self.retention, Retention::Idle)
             || self.wal_bytes
