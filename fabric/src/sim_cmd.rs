@@ -94,6 +94,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<bool> {
 }
 
 fn one(sim: Simulation, trace: bool, out: Option<&Path>) -> anyhow::Result<bool> {
+    let sim = sim.keeping_last_events();
     let sim = if trace {
         sim.with_trace(|line| {
             let _ = writeln!(std::io::stdout().lock(), "{line}");

@@ -71,12 +71,12 @@ fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
         .unwrap();
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("violation LostWrite"), "{text}");
+    assert!(text.contains("violation NotDurable"), "{text}");
     let listed = text
         .lines()
         .find(|l| l.starts_with("failing seeds"))
         .expect("a failing seeds row");
-    assert!(listed.contains(" (LostWrite)"), "{listed}");
+    assert!(listed.contains(" (NotDurable)"), "{listed}");
     let file = std::fs::read_dir(dir.path())
         .unwrap()
         .next()
@@ -90,7 +90,7 @@ fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
         .unwrap();
     let again = stdout(&replayed);
     assert_eq!(replayed.status.code(), Some(1), "{again}");
-    assert!(again.contains("violation LostWrite"), "{again}");
+    assert!(again.contains("violation NotDurable"), "{again}");
     let bad = fabric()
         .args(["sim", "--seed", "1", "--planted", "no_such_bug"])
         .output()

@@ -1,6 +1,6 @@
 //! Many seeds at once: the loop behind `fabric sim --seeds N` and the CI swarm test.
 
-use crate::{run, swarm, RunSummary, SimOptions, Violation, ViolationKind};
+use crate::{run, swarm, RunSummary, SimOptions, Violation, ViolationKind, WorkloadStats};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -19,6 +19,7 @@ pub struct SwarmReport {
     pub faults_injected: u64,
     pub packets_lost: u64,
     pub connections: u64,
+    pub workload: WorkloadStats,
     pub violations: BTreeMap<ViolationKind, u64>,
     /// The first violations found (lowest seeds first), at most [`VIOLATIONS_KEPT_MAX`].
     pub first: Vec<Box<Violation>>,
@@ -47,6 +48,7 @@ impl SwarmReport {
                 self.faults_injected += s.faults_injected;
                 self.packets_lost += s.net.packets_lost + s.net.packets_blocked;
                 self.connections += s.connections;
+                self.workload.add(&s.workload);
             }
             Err(v) => {
                 *self.violations.entry(v.kind).or_insert(0) += 1;

@@ -26,7 +26,9 @@
 //!    ack, carries its record; losing it only costs redelivery, which at-least-once allows, so
 //!    checkers 1-3 cannot see it). Nor is it above anything the peer ever acknowledged.
 
-use bytes::Bytes;
+pub mod conn;
+pub mod durable;
+
 use fabric_proto::{Body, DeliveredEvent, Target};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -58,6 +60,16 @@ pub enum ViolationKind {
     CursorInvented,
     /// A reply the protocol does not allow here (an unexpected error, an unknown ref).
     UnexpectedReply,
+    /// (7) An `ok`, delivery, event or read named data the disks did not hold synced at the
+    /// moment it was sent.
+    NotDurable,
+    /// (8) An ordering promise broke on one connection: deliveries not in increasing `pos`,
+    /// requests to one conversation (or sends) answered out of order or with decreasing seqs
+    /// (positions), a subscription's events not dense and in order from its `from`, pongs out
+    /// of order.
+    OutOfOrder,
+    /// (9) At quiescence a shard holds state for a session the node no longer has.
+    LeakedSession,
     /// The shard core panicked.
     Panic,
 }
@@ -106,10 +118,13 @@ pub struct Op {
     pub acks: Vec<u64>,
 }
 
+/// No operation (yet) at a seq of [`ConvModel::at`].
+const NO_OP: usize = usize::MAX;
+
 #[derive(Debug, Default)]
 struct ConvModel {
-    /// Seq -> operation, fixed once acknowledged or read back.
-    at: BTreeMap<u64, usize>,
+    /// Seq -> operation ([`NO_OP`] where none yet), fixed once acknowledged or shown.
+    at: Vec<usize>,
     /// Operation -> its one seq.
     seq_of: BTreeMap<usize, u64>,
     acked_max: u64,
@@ -124,7 +139,6 @@ pub struct Model {
     pub peers: Vec<Arc<str>>,
     pub groups: Vec<Vec<Arc<str>>>,
     pub ops: Vec<Op>,
-    bodies: BTreeMap<Bytes, usize>,
     /// Position -> operation, fixed once acknowledged or delivered.
     inbox: BTreeMap<u64, usize>,
     acked_pos_max: u64,
@@ -148,7 +162,6 @@ impl Model {
             peers,
             groups,
             ops: Vec::new(),
-            bodies: BTreeMap::new(),
             inbox: BTreeMap::new(),
             acked_pos_max: 0,
             convs: BTreeMap::new(),
@@ -180,8 +193,11 @@ impl Model {
         if let OpKind::Append { conv, .. } = &kind {
             self.convs.entry(conv.clone()).or_default();
         }
-        let fresh = self.bodies.insert(body.0.clone(), id).is_none();
-        assert!(fresh, "bodies are unique per operation");
+        assert_eq!(
+            op_id_of(&body.0),
+            Some(id),
+            "a body starts with its operation's id, which makes it unique"
+        );
         self.ops.push(Op {
             client,
             kind,
@@ -191,16 +207,80 @@ impl Model {
         id
     }
 
+    /// Seqs of `conv` that have left the shard's memory at some point (retention): a read or a
+    /// subscription may skip them.
+    pub fn evicted_upto(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(0, |c| c.evicted_upto)
+    }
+
+    /// The highest seq of `conv` acknowledged so far.
+    pub fn conv_acked_max(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(0, |c| c.acked_max)
+    }
+
+    /// A conversation entry shown to a client (an event or a read): checker 2.
+    pub fn on_event(&mut self, conv: &Arc<str>, seq: u64, from: &str, body: &Body) -> Checked {
+        // Shown so before (the common case of an audit after a restart): the same operation's
+        // body from the same peer, at the one seq it has.
+        if let Some(c) = self.convs.get(conv) {
+            if let Some(&op) = c.at.get(seq as usize).filter(|op| **op != NO_OP) {
+                let o = &self.ops[op];
+                if o.body == *body
+                    && *self.peers[o.client] == *from
+                    && c.seq_of.get(&op) == Some(&seq)
+                {
+                    return Ok(());
+                }
+            }
+        }
+        let what = || format!("conv {conv} seq {seq}");
+        let op = self.op_of(body, what)?;
+        let o = &self.ops[op];
+        match &o.kind {
+            OpKind::Append { conv: c, .. } if c == conv && *self.peers[o.client] == *from => {}
+            _ => {
+                return fail(
+                    ViolationKind::WrongRecord,
+                    format!("{} shows op {op} ({:?} from {from})", what(), o.kind),
+                )
+            }
+        }
+        self.fix_seq(conv, seq, op, "shown")
+    }
+
+    /// Whether operation `op` may be sent again after an unknown outcome: sends (a second
+    /// copy is allowed) and keyed appends (the key makes it idempotent), not keyless appends.
+    pub fn retryable(&self, op: usize) -> bool {
+        match &self.ops[op].kind {
+            OpKind::Send { .. } => true,
+            OpKind::Append { key, .. } => key.is_some(),
+        }
+    }
+
+    pub fn keyed_append(&self, op: usize) -> bool {
+        matches!(&self.ops[op].kind, OpKind::Append { key: Some(_), .. })
+    }
+
+    /// What operation `op`'s answer is ordered with on a connection (checker 8).
+    pub fn order_key(&self, op: usize) -> conn::OrderKey {
+        match &self.ops[op].kind {
+            OpKind::Send { .. } => conn::OrderKey::Inbox,
+            OpKind::Append { conv, .. } => conn::OrderKey::Conv(conv.clone()),
+        }
+    }
+
     pub fn conv_names(&self) -> Vec<Arc<str>> {
         self.convs.keys().cloned().collect()
     }
 
-    fn op_of(&self, body: &Body, what: &str) -> Checked<usize> {
-        match self.bodies.get(&body.0) {
-            Some(op) => Ok(*op),
+    /// The operation that wrote `body`: bodies start with their operation's id, and must then
+    /// be exactly that operation's body (a flipped bit elsewhere is caught by the comparison).
+    pub fn op_of(&self, body: &Body, what: impl FnOnce() -> String) -> Checked<usize> {
+        match op_id_of(&body.0).filter(|id| self.ops.get(*id).is_some_and(|o| o.body == *body)) {
+            Some(op) => Ok(op),
             None => fail(
                 ViolationKind::WrongRecord,
-                format!("{what} has body {body:?}, which no client wrote"),
+                format!("{} has body {body:?}, which no client wrote", what()),
             ),
         }
     }
@@ -244,8 +324,15 @@ impl Model {
     }
 
     fn fix_seq(&mut self, conv: &Arc<str>, seq: u64, op: usize, how: &str) -> Checked {
-        let c = self.convs.entry(conv.clone()).or_default();
-        if let Some(o) = c.at.get(&seq) {
+        if !self.convs.contains_key(conv) {
+            self.convs.insert(conv.clone(), ConvModel::default());
+        }
+        let c = self.convs.get_mut(conv).expect("inserted above");
+        let i = seq as usize;
+        if c.at.get(i) == Some(&op) && c.seq_of.get(&op) == Some(&seq) {
+            return Ok(()); // seen so before: the common case of an audit
+        }
+        if let Some(o) = c.at.get(i).filter(|o| **o != NO_OP) {
             if *o != op {
                 return fail(
                     ViolationKind::WrongRecord,
@@ -263,7 +350,10 @@ impl Model {
                 );
             }
         }
-        c.at.insert(seq, op);
+        if c.at.len() <= i {
+            c.at.resize(i + 1, NO_OP);
+        }
+        c.at[i] = op;
         c.seq_of.insert(op, seq);
         Ok(())
     }
@@ -277,8 +367,8 @@ impl Model {
         to: &Target,
         body: &Body,
     ) -> Checked {
-        let what = format!("delivery of pos {pos} to {}", self.peers[peer]);
-        let op = self.op_of(body, &what)?;
+        let what = || format!("delivery of pos {pos} to {}", self.peers[peer]);
+        let op = self.op_of(body, what)?;
         let o = &self.ops[op];
         let OpKind::Send {
             to: sent_to,
@@ -287,14 +377,15 @@ impl Model {
         else {
             return fail(
                 ViolationKind::WrongRecord,
-                format!("{what} carries append op {op}"),
+                format!("{} carries append op {op}", what()),
             );
         };
         if &*self.peers[o.client] != from || sent_to != to {
             return fail(
                 ViolationKind::WrongRecord,
                 format!(
-                    "{what}: op {op} was from {} to {sent_to:?}, shown from {from} to {to:?}",
+                    "{}: op {op} was from {} to {sent_to:?}, shown from {from} to {to:?}",
+                    what(),
                     self.peers[o.client]
                 ),
             );
@@ -302,7 +393,7 @@ impl Model {
         if !recipients.contains(&peer) {
             return fail(
                 ViolationKind::WrongRecord,
-                format!("{what}: op {op} is not for this peer"),
+                format!("{}: op {op} is not for this peer", what()),
             );
         }
         self.fix_pos(pos, op, "delivered")
@@ -400,19 +491,7 @@ impl Model {
             );
         }
         for e in events {
-            let what = format!("conv {conv} seq {}", e.seq);
-            let op = self.op_of(&e.body, &what)?;
-            let o = &self.ops[op];
-            match &o.kind {
-                OpKind::Append { conv: c, .. } if c == conv && self.peers[o.client] == e.from => {}
-                _ => {
-                    return fail(
-                        ViolationKind::WrongRecord,
-                        format!("{what} shows op {op} ({:?} from {})", o.kind, e.from),
-                    )
-                }
-            }
-            self.fix_seq(conv, e.seq, op, "read back")?;
+            self.on_event(conv, e.seq, &e.from, &e.body)?;
         }
         Ok(())
     }
@@ -474,4 +553,14 @@ impl Model {
     pub fn acks(&self) -> u64 {
         self.ops.iter().map(|o| o.acks.len() as u64).sum()
     }
+}
+
+/// The operation id a simulated body starts with (`{"op":ID,`), if it does.
+fn op_id_of(body: &[u8]) -> Option<usize> {
+    let digits = body.strip_prefix(br#"{"op":"#)?;
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || n > 18 || digits.get(n) != Some(&b',') {
+        return None;
+    }
+    std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
 }

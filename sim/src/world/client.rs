@@ -1,4 +1,6 @@
-//! The simulated clients: connect, say hello, issue the workload, take in frames, reconnect.
+//! The simulated clients' connections: connect, say hello (with a token, or signed over the
+//! session's challenge nonce), send frames, take in frames (checking every ordering promise
+//! on the way, checker 8), acknowledge deliveries, reconnect.
 
 use super::*;
 
@@ -9,10 +11,7 @@ impl Simulation {
     /// retry could store them twice.
     pub(crate) fn drop_conn(&mut self, c: usize) {
         if let Some(mut k) = self.clients[c].conn.take() {
-            self.trace(format!(
-                "{} drops connection {}",
-                self.clients[c].peer, k.id
-            ));
+            trace!(self, "{} drops connection {}", self.clients[c].peer, k.id);
             k.stream.close();
             while let Some(seg) = k.stream.poll_segment() {
                 self.send_to_node(c, k.id, seg);
@@ -24,94 +23,90 @@ impl Simulation {
     pub(super) fn lost_conn(&mut self, c: usize) {
         let client = &mut self.clients[c];
         client.conn = None;
-        let lost: Vec<usize> = std::mem::take(&mut client.inflight).into_values().collect();
-        for op in lost.into_iter().rev() {
-            let retryable = match &self.model.ops[op].kind {
-                OpKind::Send { .. } => true,
-                OpKind::Append { key, .. } => key.is_some(),
-            };
-            if retryable {
-                self.clients[c].retry.push_front(op);
+        // In ref order, so retries go out in the order the operations first did. A hedged
+        // append is in flight under two refs: it is retried once.
+        let mut lost: Vec<usize> = Vec::new();
+        for req in std::mem::take(&mut client.inflight).into_values() {
+            if let Req::Op { op, .. } = req {
+                if self.model.retryable(op) && !lost.contains(&op) && !client.retry.contains(&op) {
+                    lost.push(op);
+                }
             }
+        }
+        for op in lost.into_iter().rev() {
+            client.retry.push_front(op);
         }
         let delay = self.rng.random_range(1..=RECONNECT_DELAY_MAX_MS);
         self.clients[c].backoff_until_ms = self.now + delay;
         self.wake(c, delay);
     }
 
-    pub(super) fn client_wake(&mut self, c: usize) -> Checked {
-        if !self.clients[c].online {
-            return Ok(());
-        }
-        if self.now < self.clients[c].backoff_until_ms {
-            let delay = self.clients[c].backoff_until_ms - self.now;
-            self.wake(c, delay);
-            return Ok(());
-        }
-        let Some(k) = &self.clients[c].conn else {
-            return self.connect(c);
-        };
-        if !k.welcomed {
-            return Ok(());
-        }
-        if self.clients[c].inflight.len() >= self.options.inflight_requests_max {
-            return Ok(());
-        }
-        let op = if let Some(op) = self.clients[c].retry.pop_front() {
-            op
-        } else if let Some(action) = self.clients[c].script.pop_front() {
-            self.scripted_op(c, action)
-        } else if self.phase == Phase::Faults && !self.load_paused && self.clients[c].ops_left > 0 {
-            self.clients[c].ops_left -= 1;
-            self.new_op(c)
-        } else {
-            return Ok(());
-        };
-        self.issue(c, op)?;
-        let client = &self.clients[c];
-        let more = !client.retry.is_empty()
-            || !client.script.is_empty()
-            || (self.phase == Phase::Faults && !self.load_paused && client.ops_left > 0);
-        if more && client.inflight.len() < self.options.inflight_requests_max {
-            let delay = self.rng.random_range(0..=self.think_time_max_ms);
-            self.wake(c, delay);
-        }
-        Ok(())
-    }
-
-    /// A new connection and its hello.
+    /// A new connection and its hello: `options` first for a client that takes batch frames,
+    /// then a token hello, or a `challenge` for a key peer (its signed hello follows the
+    /// nonce). Half the time the two go in one batch frame, as docs/PROTOCOL.md suggests.
     pub(super) fn connect(&mut self, c: usize) -> Checked {
         let id = self.next_conn;
         self.next_conn += 1;
         self.counters.connections += 1;
         let stream = Stream::new(self.now, self.options.stream.clone());
+        let key_hello = self.clients[c].key.is_some();
         self.clients[c].conn = Some(ClientConn {
             id,
             stream,
             welcomed: false,
+            awaiting_challenge: key_hello,
             timer_at: None,
+            checks: ConnChecks::default(),
         });
-        let hello = ClientOp::Hello {
-            mesh: MESH.into(),
-            peer: self.clients[c].peer.clone(),
-            token: self.clients[c].token.clone(),
-        };
-        self.trace(format!(
-            "{} connects: connection {id}",
-            self.clients[c].peer
-        ));
+        let mut ops = Vec::with_capacity(2);
         let batch = self.clients[c].batch_in;
         if batch > 0 {
-            self.client_send(
-                c,
-                &ClientOp::Options {
-                    r: OPTIONS_REF,
-                    batch,
-                },
-            );
+            ops.push(ClientOp::Options {
+                r: OPTIONS_REF,
+                batch,
+            });
         }
-        self.client_send(c, &hello);
+        ops.push(if key_hello {
+            ClientOp::Challenge
+        } else {
+            ClientOp::Hello {
+                mesh: MESH.into(),
+                peer: self.clients[c].peer.clone(),
+                token: self.clients[c].token.clone(),
+            }
+        });
+        trace!(
+            self,
+            "{} connects: connection {id}{}",
+            self.clients[c].peer,
+            if key_hello { " (key hello)" } else { "" }
+        );
+        if ops.len() > 1 && self.rng.random_bool(0.5) {
+            self.client_send_frame(c, ops);
+        } else {
+            for op in ops {
+                self.client_send(c, &op);
+            }
+        }
         self.pump_client(c)
+    }
+
+    /// A key peer's hello: mesh, peer, its clock and the session's nonce, signed.
+    fn signed_hello(&mut self, c: usize, nonce: [u8; 32]) -> ClientOp {
+        let client = &self.clients[c];
+        let key = client.key.as_ref().expect("a key peer");
+        let ts = self.now;
+        let message = fabric_proto::hello::hello_message(MESH, &client.peer, ts, &nonce);
+        let sig = ed25519_dalek::Signer::sign(key, &message)
+            .to_bytes()
+            .to_vec();
+        self.counters.workload.key_hellos += 1;
+        ClientOp::HelloSigned {
+            mesh: MESH.into(),
+            peer: client.peer.clone(),
+            sig,
+            ts,
+        }
     }
 
     pub(super) fn client_send(&mut self, c: usize, op: &ClientOp) {
@@ -130,6 +125,23 @@ impl Simulation {
             b
         };
         k.stream.send(now, Bytes::from(bytes));
+    }
+
+    /// Ops in one frame: alone, or as a batch (a binary `Batch`, or a JSON array).
+    pub(super) fn client_send_frame(&mut self, c: usize, mut ops: Vec<ClientOp>) {
+        if ops.len() == 1 {
+            let op = ops.pop().expect("one op");
+            self.client_send(c, &op);
+            return;
+        }
+        self.counters.workload.client_batches += 1;
+        trace!(
+            self,
+            "{} sends {} ops in one frame",
+            self.clients[c].peer,
+            ops.len()
+        );
+        self.client_send(c, &ClientOp::Batch(ops));
     }
 
     /// The client's socket loop: frames in, reactions out, packets onto the network.
@@ -159,15 +171,7 @@ impl Simulation {
                 delivered |= self.client_frame(c, op)?;
             }
         }
-        let ack = self.phase == Phase::Liveness
-            || self.scripted
-            || self.rng.random_bool(self.options.ack_probability);
-        let upto = self.clients[c].max_received;
-        if delivered && ack && upto > self.clients[c].acked_sent {
-            self.clients[c].acked_sent = upto;
-            self.trace(format!("{} ack upto {upto}", self.clients[c].peer));
-            self.client_send(c, &ClientOp::Ack { upto });
-        }
+        self.maybe_ack(c, delivered);
         let now = self.now;
         let Some(k) = self.clients[c].conn.as_mut() else {
             return Ok(());
@@ -195,14 +199,38 @@ impl Simulation {
                 Closed::IdleTimeout => "timed out",
                 Closed::Local => "closed",
             };
-            self.trace(format!("{} connection {id} {how}", self.clients[c].peer));
+            trace!(self, "{} connection {id} {how}", self.clients[c].peer);
             self.lost_conn(c);
         }
         Ok(())
     }
 
+    /// After a frame of deliveries, the client acks what it has (always in the liveness
+    /// phase and in scripts, otherwise with `ack_probability`).
+    fn maybe_ack(&mut self, c: usize, delivered: bool) {
+        let ack = self.phase == Phase::Liveness
+            || self.scripted
+            || self.rng.random_bool(self.options.ack_probability);
+        let upto = self.clients[c].max_received;
+        if delivered && ack && upto > self.clients[c].acked_sent {
+            self.clients[c].acked_sent = upto;
+            trace!(self, "{} ack upto {upto}", self.clients[c].peer);
+            self.client_send(c, &ClientOp::Ack { upto });
+        }
+    }
+
+    fn checks(&mut self, c: usize) -> Checked<&mut ConnChecks> {
+        match self.clients[c].conn.as_mut() {
+            Some(k) => Ok(&mut k.checks),
+            None => fail(
+                ViolationKind::UnexpectedReply,
+                "a frame on no connection".to_string(),
+            ),
+        }
+    }
+
     /// One server frame at client `c`; true if it was a delivery.
-    pub(super) fn client_frame(&mut self, c: usize, op: ServerOp) -> Checked<bool> {
+    fn client_frame(&mut self, c: usize, op: ServerOp) -> Checked<bool> {
         let peer = self.clients[c].peer.clone();
         match op {
             ServerOp::Welcome {
@@ -210,9 +238,10 @@ impl Simulation {
                 acked,
                 head,
             } => {
-                self.trace(format!(
+                trace!(
+                    self,
                     "{peer} welcome session={session} acked={acked} head={head}"
-                ));
+                );
                 if let Some(k) = self.clients[c].conn.as_mut() {
                     k.welcomed = true;
                 }
@@ -221,35 +250,29 @@ impl Simulation {
                 self.clients[c].max_received = acked;
                 self.wake(c, 0);
             }
-            ServerOp::Ok { r: OPTIONS_REF, .. } if self.clients[c].batch_in > 0 => {}
-            ServerOp::Ok { r, .. } => {
-                if self.clients[c].inflight.remove(&r).is_none() {
+            ServerOp::Challenge { nonce } => {
+                let k = self.clients[c].conn.as_mut();
+                if !k.as_ref().is_some_and(|k| k.awaiting_challenge) {
                     return fail(
                         ViolationKind::UnexpectedReply,
-                        format!("{peer} got ok for r={r}, which it is not waiting for"),
+                        format!("{peer} got a challenge it did not ask for"),
                     );
                 }
-                let delay = self.rng.random_range(0..=self.think_time_max_ms);
-                self.wake(c, delay);
+                if let Some(k) = k {
+                    k.awaiting_challenge = false;
+                }
+                let hello = self.signed_hello(c, nonce);
+                self.client_send(c, &hello);
             }
+            ServerOp::Ok { r: OPTIONS_REF, .. } if self.clients[c].batch_in > 0 => {}
+            ServerOp::Ok { r, pos, seq } => self.client_ok(c, r, pos.or(seq))?,
             ServerOp::Error {
                 r: Some(r),
                 code: ErrorCode::Unavailable,
                 message,
             } => {
-                self.trace(format!("{peer} unavailable r={r}: {message}"));
-                // Refused, or its WAL write failed (and may yet survive in the page cache).
-                // Keyed appends and sends are retried; keyless appends abandoned.
-                if let Some(op) = self.clients[c].inflight.remove(&r) {
-                    let keyless =
-                        matches!(&self.model.ops[op].kind, OpKind::Append { key: None, .. });
-                    if !keyless {
-                        self.clients[c].retry.push_back(op);
-                    }
-                }
-                let delay = self.rng.random_range(1..=RECONNECT_DELAY_MAX_MS);
-                self.clients[c].backoff_until_ms = self.now + delay;
-                self.wake(c, delay);
+                trace!(self, "{peer} unavailable r={r}: {message}");
+                self.client_unavailable(c, r)?;
             }
             ServerOp::Error {
                 r: None,
@@ -260,7 +283,7 @@ impl Simulation {
             {
                 // The session ends (a shard restarted, or a hello the network delayed past
                 // the deadline); the connection closes behind it.
-                self.trace(format!("{peer} session error {code:?}: {message}"));
+                trace!(self, "{peer} session error {code:?}: {message}");
             }
             ServerOp::Deliver {
                 pos,
@@ -269,13 +292,22 @@ impl Simulation {
                 body,
                 ..
             } => {
-                self.trace(format!("{peer} deliver pos={pos}"));
+                trace!(self, "{peer} deliver pos={pos}");
+                self.checks(c)?.on_deliver(pos)?;
                 self.model.delivered[c].insert(pos);
                 self.clients[c].received.insert(pos, (from, to, body));
                 let client = &mut self.clients[c];
                 client.max_received = client.max_received.max(pos);
                 return Ok(true);
             }
+            ServerOp::Event(e) => {
+                trace!(self, "{peer} event {} seq={}", e.conv, e.seq);
+                self.counters.workload.events_received += 1;
+                let evicted = self.model.evicted_upto(&e.conv);
+                self.checks(c)?.on_event(&e.conv, e.seq, evicted)?;
+                self.clients[c].last_event.insert(e.conv, e.seq);
+            }
+            ServerOp::Pong { r } => self.checks(c)?.on_pong(r)?,
             ServerOp::Batch(ops) => {
                 let mut delivered = false;
                 for op in ops {
@@ -288,81 +320,60 @@ impl Simulation {
         Ok(false)
     }
 
-    /// A new operation for client `c`, with a body unique to it (its id twice, and padding).
-    pub(super) fn new_op(&mut self, c: usize) -> usize {
-        let id = self.model.ops.len();
-        let pad = "x".repeat(self.rng.random_range(0..=BODY_PAD_BYTES_MAX));
-        let body =
-            Body::from_trusted(format!("{{\"op\":{id},\"pad\":\"{pad}\",\"again\":{id}}}").into());
-        let kind = if self.rng.random_bool(0.5) {
-            let n = self.clients.len();
-            let to = match self.rng.random_range(0..10) {
-                0 | 1 => Target::Group(format!("g{}", self.rng.random_range(0..2)).into()),
-                2 => Target::All,
-                _ => Target::Peer(self.clients[self.rng.random_range(0..n)].peer.clone()),
-            };
-            let recipients = self.model.recipients(c, &to);
-            OpKind::Send { to, recipients }
-        } else {
-            let conv: Arc<str> =
-                format!("c{}", self.rng.random_range(0..self.options.convs)).into();
-            let key = self
-                .rng
-                .random_bool(0.8)
-                .then(|| Arc::from(format!("k{id}")));
-            OpKind::Append { conv, key }
+    /// An `ok` for ref `r` carrying `value` (a send's position, an append's seq, or none).
+    fn client_ok(&mut self, c: usize, r: u64, value: Option<u64>) -> Checked {
+        let Some(req) = self.clients[c].inflight.remove(&r) else {
+            return fail(
+                ViolationKind::UnexpectedReply,
+                format!(
+                    "{} got ok for r={r}, which it is not waiting for",
+                    self.clients[c].peer
+                ),
+            );
         };
-        self.model.add_op(c, kind, body)
-    }
-
-    /// A scripted operation: the user's body inside an envelope that makes it unique, which
-    /// the checkers need to tell operations apart (`crate::script` unwraps it again).
-    pub(super) fn scripted_op(&mut self, c: usize, action: Action) -> usize {
-        let id = self.model.ops.len();
-        let wrap = |body: &str| {
-            Body::from_trusted(format!("{{\"op\":{id},\"user\":{body},\"again\":{id}}}").into())
-        };
-        let (kind, body) = match action {
-            Action::Send { to, body } => {
-                let recipients = self.model.recipients(c, &to);
-                (OpKind::Send { to, recipients }, wrap(&body))
+        match req {
+            Req::Op { op, ordered: true } => {
+                let key = self.model.order_key(op);
+                self.checks(c)?.answered(&key, r, value)?;
             }
-            Action::Append { conv, body, key } => (OpKind::Append { conv, key }, wrap(&body)),
-        };
-        self.model.add_op(c, kind, body)
+            Req::Op { .. } => {}
+            Req::Subscribe { conv } | Req::Unsubscribe { conv } => {
+                self.checks(c)?.sub_answered(&conv, r)?;
+            }
+        }
+        let delay = self.rng.random_range(0..=self.think_time_max_ms);
+        self.wake(c, delay);
+        Ok(())
     }
 
-    pub(super) fn issue(&mut self, c: usize, op: usize) -> Checked {
-        let Some(id) = self.clients[c].conn.as_ref().map(|k| k.id) else {
-            self.clients[c].retry.push_front(op);
-            return Ok(());
-        };
-        let r = self.clients[c].next_r;
-        self.clients[c].next_r += 1;
-        self.clients[c].inflight.insert(r, op);
-        self.refs.insert((id, r), op);
-        let o = &self.model.ops[op];
-        let (client_op, what) = match &o.kind {
-            OpKind::Send { to, .. } => (
-                ClientOp::Send {
-                    r,
-                    to: to.clone(),
-                    body: o.body.clone(),
-                },
-                format!("send to {}", to.to_wire()),
-            ),
-            OpKind::Append { conv, key } => (
-                ClientOp::Append {
-                    r,
-                    conv: conv.clone(),
-                    body: o.body.clone(),
-                    key: key.clone(),
-                },
-                format!("append {conv} key={key:?}"),
-            ),
-        };
-        self.trace(format!("{} op {op} r={r} {what}", self.clients[c].peer));
-        self.client_send(c, &client_op);
-        self.pump_client(c)
+    /// `unavailable` for ref `r`: refused, or its WAL write failed (and may yet survive in the
+    /// page cache). Keyed appends and sends are retried; keyless appends abandoned.
+    fn client_unavailable(&mut self, c: usize, r: u64) -> Checked {
+        match self.clients[c].inflight.remove(&r) {
+            Some(Req::Op { op, ordered }) => {
+                if ordered {
+                    let key = self.model.order_key(op);
+                    self.checks(c)?.answered(&key, r, None)?;
+                }
+                let client = &self.clients[c];
+                // A hedged append still in flight under its other ref is not queued twice.
+                let queued = client.retry.contains(&op)
+                    || client
+                        .inflight
+                        .values()
+                        .any(|q| matches!(q, Req::Op { op: o, .. } if *o == op));
+                if self.model.retryable(op) && !queued {
+                    self.clients[c].retry.push_back(op);
+                }
+            }
+            Some(Req::Subscribe { conv } | Req::Unsubscribe { conv }) => {
+                self.checks(c)?.sub_refused(&conv);
+            }
+            None => {}
+        }
+        let delay = self.rng.random_range(1..=RECONNECT_DELAY_MAX_MS);
+        self.clients[c].backoff_until_ms = self.now + delay;
+        self.wake(c, delay);
+        Ok(())
     }
 }

@@ -64,17 +64,21 @@ impl Simulation {
         }
         let opens = matches!(seg, Segment::Data { seq: 0, .. });
         if opens && self.known_conns.insert(id) {
-            self.trace(format!("n0 accepts connection {id}"));
+            trace!(self, "n0 accepts connection {id}");
             let session = self.next_session;
             self.next_session += 1;
             let mut stream = Stream::new(self.now, self.options.stream.clone());
             stream.handle_segment(self.now, seg);
+            let mut core = Session::new(session, self.now, self.session_config.clone());
+            // The nonce a key hello on this session must sign: the node's glue draws it from
+            // the OS RNG, the simulator from the run's.
+            core.set_challenge_nonce(self.now, self.rng.random());
             self.conns.insert(
                 id,
                 NodeConn {
                     client: c,
                     stream,
-                    session: Session::new(session, self.now, self.session_config.clone()),
+                    session: core,
                     router: self.placement.clone(),
                     timer_at: None,
                 },
@@ -82,7 +86,7 @@ impl Simulation {
             self.sessions.insert(session, id);
             self.dirty.insert(id);
         } else if seg != Segment::Reset {
-            self.trace(format!("n0 resets connection {id}: no socket for it"));
+            trace!(self, "n0 resets connection {id}: no socket for it");
             self.send_to_client(c, id, Segment::Reset);
         }
     }

@@ -3,15 +3,21 @@
 //! moves simulated time. Everything here is the glue's job done by hand, one thread, no I/O:
 //! the decisions stay in the real cores.
 
+use crate::check::conn::ConnChecks;
+use crate::check::durable::Durable;
 use crate::check::{fail, Checked, Failure, Model, OpKind, ViolationKind};
 use crate::disk::{CrashFaults, Disk};
 use crate::net::{Closed, ConnId, Endpoint, Network, Segment, Stream};
 use crate::options::{SimOptions, RETENTION_OFF_BYTES};
 use crate::schedule::{FaultEvent, Schedule, Timed};
-use crate::{Fnv, RunSummary, Violation, LIVENESS_BOUND_MS, RUN_EVENTS_MAX, TRACE_RING_LINES};
+use crate::{
+    Fnv, RunSummary, Violation, WorkloadStats, LIVENESS_BOUND_MS, RUN_EVENTS_MAX, TRACE_RING_LINES,
+};
 use bytes::Bytes;
 use fabric_edge::{InFrame, OutFrame, Session, SessionConfig};
-use fabric_proto::internal::{Output, Placement, Reply, Request, SessionId, ShardIdx, ShardOp};
+use fabric_proto::internal::{
+    Output, Placement, Reply, Request, Route, SessionId, ShardIdx, ShardOp,
+};
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
 use fabric_router::Router;
 use fabric_shard::{wal, RecoverError, Recoverer, RecoveryReport, Shard, ShardConfig, WalWrite};
@@ -20,10 +26,24 @@ use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 
+/// A trace line, formatted only if the run keeps lines.
+macro_rules! trace {
+    ($sim:expr, $($arg:tt)*) => {
+        if $sim.trace.lines {
+            let now = $sim.now;
+            $sim.trace.line(now, format!($($arg)*));
+        }
+    };
+}
+
 mod client;
+mod http;
 mod links;
 mod node;
 mod storage;
+mod workload;
+
+use http::HttpRead;
 
 /// The mesh every simulated client belongs to.
 pub const MESH: &str = "m";
@@ -35,6 +55,9 @@ const RESTART_DELAY_MAX_MS: u64 = 2_000;
 const RECONNECT_DELAY_MAX_MS: u64 = 50;
 /// Longest padding in a message body, in bytes (varies record sizes, so tears land anywhere).
 const BODY_PAD_BYTES_MAX: usize = 160;
+/// Batches the shard loop takes from its channel before it writes and answers (the node's
+/// `LOOP_BATCHES_MAX` in `fabric/src/shard_actor.rs`).
+const LOOP_BATCHES_MAX: usize = 256;
 /// Rounds of shard-to-session-to-shard exchange one event may cause; more is a livelock.
 const PUMP_ROUNDS_MAX: usize = 10_000;
 /// Frame type bytes the simulated transport puts before each frame (WebSocket's opcodes).
@@ -42,6 +65,8 @@ const FRAME_TEXT: u8 = 0;
 const FRAME_BINARY: u8 = 1;
 /// The `ref` of the `options` a batching client sends before its hello (client refs start at 1).
 const OPTIONS_REF: u64 = 0;
+/// Most requests a client puts in one batch frame (its window bounds it too).
+pub const CLIENT_BATCH_OPS_MAX: usize = 8;
 
 /// Peer `i`'s groups in a swarm: `g0` for even peers, `g1` for every third (so some peers are
 /// in both, some in neither).
@@ -60,9 +85,18 @@ pub(crate) fn groups_of(i: usize) -> Vec<Arc<str>> {
 /// Where `--trace` lines go.
 pub(crate) type TraceSink = Box<dyn FnMut(&str) + Send>;
 
+/// The run's trace. Its hash covers every event the run processes (its time, kind and ids:
+/// `Event::hash_into`), whether or not lines are written, so a run has one hash with or
+/// without `--trace`. Lines, which cost most of a fast run's time to format, are made only
+/// for a sink (`--trace`) or for the ring of last lines a violation report carries; a fast
+/// run that fails is run again with the ring on (`crate::run`), which determinism makes the
+/// same run.
 pub(crate) struct Trace {
     pub(crate) hash: Fnv,
-    pub(crate) ring: VecDeque<String>,
+    /// Whether lines are formatted at all.
+    pub(crate) lines: bool,
+    /// The last [`TRACE_RING_LINES`] lines, if kept.
+    pub(crate) ring: Option<VecDeque<String>>,
     /// Every line also goes here (`fabric sim --trace`).
     pub(crate) sink: Option<TraceSink>,
 }
@@ -70,15 +104,15 @@ pub(crate) struct Trace {
 impl Trace {
     fn line(&mut self, now: u64, text: String) {
         let line = format!("{now:>6}ms {text}");
-        self.hash.write(line.as_bytes());
-        self.hash.write(b"\n");
         if let Some(sink) = &mut self.sink {
             sink(&line);
         }
-        if self.ring.len() == TRACE_RING_LINES {
-            self.ring.pop_front();
+        if let Some(ring) = &mut self.ring {
+            if ring.len() == TRACE_RING_LINES {
+                ring.pop_front();
+            }
+            ring.push_back(line);
         }
-        self.ring.push_back(line);
     }
 }
 
@@ -103,25 +137,48 @@ pub(crate) enum Action {
     },
 }
 
+/// A request a client waits for an answer to, by its ref.
+#[derive(Debug, Clone)]
+enum Req {
+    /// A send or append; `ordered` if the ordering checker follows its answer (sends, and
+    /// first attempts of appends).
+    Op {
+        op: usize,
+        ordered: bool,
+    },
+    Subscribe {
+        conv: Arc<str>,
+    },
+    Unsubscribe {
+        conv: Arc<str>,
+    },
+}
+
 #[derive(Debug)]
 struct ClientConn {
     id: ConnId,
     stream: Stream,
     welcomed: bool,
+    /// A key hello waits for the session's challenge nonce.
+    awaiting_challenge: bool,
     timer_at: Option<u64>,
+    /// Checker 8: the ordering promises on this connection.
+    checks: ConnChecks,
 }
 
 #[derive(Debug)]
 pub(crate) struct Client {
     pub(crate) peer: Arc<str>,
     token: String,
+    /// A key peer's signing key: it says key hellos.
+    key: Option<ed25519_dalek::SigningKey>,
     binary: bool,
     /// Server ops per frame this client asks for with `options` before each hello (0: none).
     batch_in: u32,
     conn: Option<ClientConn>,
     next_r: u64,
-    /// Ref -> operation, on the current connection.
-    inflight: BTreeMap<u64, usize>,
+    /// Ref -> request, on the current connection.
+    inflight: BTreeMap<u64, Req>,
     retry: VecDeque<usize>,
     ops_left: u32,
     pub(crate) script: VecDeque<Action>,
@@ -134,6 +191,8 @@ pub(crate) struct Client {
     wake_pending: bool,
     /// After an `unavailable` or a lost connection, the client waits until this time.
     backoff_until_ms: u64,
+    /// The last event seq received per conversation: a new subscription starts after it.
+    last_event: BTreeMap<Arc<str>, u64>,
 }
 
 /// A connection as the node's glue holds it: the socket (stream), the session core, and the
@@ -170,8 +229,9 @@ struct Host {
     /// Bumped by every restart; a restart timer for an older incarnation is stale.
     epoch: u64,
     inflight: Option<Inflight>,
-    /// The glue's input channel while the shard wants no input (backpressure).
-    input: VecDeque<Request>,
+    /// The glue's input channel: request batches, one per router hand-off, left there while
+    /// the shard wants no input (backpressure).
+    input: VecDeque<Vec<Request>>,
     disk_full: bool,
     flip: Option<ArmedFlip>,
     /// Failed writes since the last good one (the restart backoff).
@@ -203,6 +263,54 @@ enum Event {
     },
     Fault(FaultEvent),
     FaultsEnd,
+    /// An HTTP client reads a conversation.
+    HttpRead,
+}
+
+impl Event {
+    /// Feeds the event's kind and identity into the run's hash (`Trace`).
+    fn hash_into(&self, h: &mut Fnv) {
+        let mut put = |xs: &[u64]| {
+            for x in xs {
+                h.write(&x.to_le_bytes());
+            }
+        };
+        let seg = |s: &Segment| match s {
+            Segment::Data { seq, bytes } => [1, *seq, bytes.len() as u64],
+            Segment::Ack { next } => [2, *next, 0],
+            Segment::Ping => [3, 0, 0],
+            Segment::Reset => [4, 0, 0],
+        };
+        match self {
+            Event::Wake(c) => put(&[1, *c as u64]),
+            Event::ToNode {
+                conn,
+                client,
+                seg: s,
+            } => {
+                put(&[2, *conn, *client as u64]);
+                put(&seg(s));
+            }
+            Event::ToClient {
+                client,
+                conn,
+                seg: s,
+            } => {
+                put(&[3, *conn, *client as u64]);
+                put(&seg(s));
+            }
+            Event::NodeTimer(id) => put(&[4, *id]),
+            Event::ClientTimer(c, id) => put(&[5, *c as u64, *id]),
+            Event::WalDone { shard, write } => put(&[6, u64::from(*shard), *write]),
+            Event::ShardRestart { shard, epoch } => put(&[7, u64::from(*shard), *epoch]),
+            Event::Fault(f) => {
+                put(&[8]);
+                h.write(format!("{f:?}").as_bytes());
+            }
+            Event::FaultsEnd => put(&[9]),
+            Event::HttpRead => put(&[10]),
+        }
+    }
 }
 
 /// Counters for the summary.
@@ -214,6 +322,7 @@ pub(crate) struct Counters {
     pub(crate) faults: u64,
     pub(crate) wal_writes: u64,
     pub(crate) connections: u64,
+    pub(crate) workload: WorkloadStats,
 }
 
 /// One simulated cluster (one node for now) with its clients, checkers and event queue.
@@ -250,7 +359,12 @@ pub struct Simulation {
     next_conn: ConnId,
     next_session: SessionId,
     pub(crate) clients: Vec<Client>,
-    refs: BTreeMap<(ConnId, u64), usize>,
+    refs: BTreeMap<(ConnId, u64), Req>,
+    /// Checker 7's oracle: what the disks hold synced.
+    durable: Durable,
+    /// HTTP reads in progress, by their session, and the router they go through.
+    http: BTreeMap<SessionId, HttpRead>,
+    http_router: Router,
     probe: Option<SessionId>,
     pub(crate) model: Model,
     pub(crate) trace: Trace,
@@ -297,6 +411,9 @@ impl Simulation {
             .map(|(peer, _)| Client {
                 peer: peer.clone(),
                 token: format!("tok-{peer}"),
+                key: rng
+                    .random_bool(options.key_peer_probability)
+                    .then(|| ed25519_dalek::SigningKey::from_bytes(&rng.random())),
                 binary: rng.random_bool(options.binary_probability),
                 batch_in: if rng.random_bool(options.batch_in_probability) {
                     [2, 3, 64][rng.random_range(0..3)]
@@ -315,6 +432,7 @@ impl Simulation {
                 received: BTreeMap::new(),
                 wake_pending: false,
                 backoff_until_ms: 0,
+                last_event: BTreeMap::new(),
             })
             .collect();
         let names = peers.iter().map(|(p, _)| p.clone()).collect();
@@ -332,6 +450,7 @@ impl Simulation {
                 failures: 0,
             })
             .collect();
+        let http_router = placement.clone();
         let mesh_shard = placement
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
@@ -362,11 +481,15 @@ impl Simulation {
             next_session: 1,
             clients,
             refs: BTreeMap::new(),
+            durable: Durable::new(options.shards as usize),
+            http: BTreeMap::new(),
+            http_router,
             probe: None,
             model: Model::new(names, groups, retention),
             trace: Trace {
                 hash: Fnv::new(),
-                ring: VecDeque::new(),
+                lines: false,
+                ring: None,
                 sink: None,
             },
             counters: Counters::default(),
@@ -382,6 +505,15 @@ impl Simulation {
     /// Sends every trace line to `sink` as well (one line per event, with simulated time).
     pub fn with_trace(mut self, sink: impl FnMut(&str) + Send + 'static) -> Simulation {
         self.trace.sink = Some(Box::new(sink));
+        self.trace.lines = true;
+        self
+    }
+
+    /// Keeps the last [`TRACE_RING_LINES`] trace lines for a violation report (a run that
+    /// does not keep them formats no lines, and is faster).
+    pub fn keeping_last_events(mut self) -> Simulation {
+        self.trace.ring = Some(VecDeque::with_capacity(TRACE_RING_LINES));
+        self.trace.lines = true;
         self
     }
 
@@ -416,6 +548,7 @@ impl Simulation {
             wal_writes: self.counters.wal_writes,
             connections: self.counters.connections,
             net: self.net.stats,
+            workload: self.counters.workload,
         }
     }
 
@@ -442,13 +575,13 @@ impl Simulation {
             kind: failure.kind,
             message: failure.message,
             options: self.options.to_string(),
-            last_events: self.trace.ring.iter().cloned().collect(),
+            last_events: self
+                .trace
+                .ring
+                .as_ref()
+                .map_or_else(Vec::new, |r| r.iter().cloned().collect()),
             schedule: self.schedule.clone(),
         }))
-    }
-
-    fn trace(&mut self, text: String) {
-        self.trace.line(self.now, text);
     }
 
     fn schedule_at(&mut self, at: u64, event: Event) {
@@ -465,7 +598,7 @@ impl Simulation {
     /// Setup (mesh and peers, without faults), then the fault phase begins: the schedule's
     /// events and its end are queued, and every client wakes.
     pub(crate) fn start(&mut self) -> Checked {
-        self.trace(format!("start seed={} {}", self.seed, self.options));
+        trace!(self, "start seed={} {}", self.seed, self.options);
         self.setup()?;
         self.phase = Phase::Faults;
         let events: Vec<Timed> = self.schedule.events.clone();
@@ -475,6 +608,7 @@ impl Simulation {
         if !self.scripted {
             self.schedule_at(self.options.duration_ms, Event::FaultsEnd);
         }
+        self.schedule_http_read();
         for c in 0..self.clients.len() {
             let delay = self.rng.random_range(0..=self.think_time_max_ms);
             self.wake(c, delay);
@@ -509,6 +643,8 @@ impl Simulation {
             }
             self.now = at;
             self.counters.events += 1;
+            self.trace.hash.write(&at.to_le_bytes());
+            event.hash_into(&mut self.trace.hash);
             if self.counters.events > RUN_EVENTS_MAX {
                 return fail(
                     ViolationKind::Liveness,
@@ -530,8 +666,9 @@ impl Simulation {
         }
         self.phase = Phase::Liveness;
         self.deadline_ms = self.now + LIVENESS_BOUND_MS;
-        self.trace(
-            "faults end: the network and disks heal, every client reconnects and drains".into(),
+        trace!(
+            self,
+            "faults end: the network and disks heal, every client reconnects and drains"
         );
         self.net.heal();
         for h in &mut self.hosts {
@@ -563,6 +700,7 @@ impl Simulation {
         });
         clients
             && self.node_up
+            && self.http.is_empty()
             && self
                 .hosts
                 .iter()
@@ -632,18 +770,39 @@ impl Simulation {
         });
     }
 
-    /// The final checks once everything is quiet (checker 3).
+    /// Checker 9, once everything is quiet: no shard holds state for a session the node no
+    /// longer has (every session that ends tells every shard `Closed`, through its router).
+    fn check_no_leaked_sessions(&self) -> Checked {
+        for (s, h) in self.hosts.iter().enumerate() {
+            if let Some(id) = h
+                .shard
+                .session_ids()
+                .into_iter()
+                .find(|id| !self.sessions.contains_key(id))
+            {
+                return fail(
+                    ViolationKind::LeakedSession,
+                    format!("s{s} holds state for session {id}, which the node closed"),
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The final checks once everything is quiet (checkers 3 and 9).
     fn finish(&mut self) -> Checked {
         self.model.final_delivery()?;
+        self.check_no_leaked_sessions()?;
         self.finished = true;
-        self.trace(format!(
+        trace!(
+            self,
             "end acked={} crashes={} restarts={} faults={} connections={}",
             self.model.acks(),
             self.counters.crashes,
             self.counters.restarts,
             self.counters.faults,
             self.counters.connections
-        ));
+        );
         Ok(())
     }
 
@@ -662,7 +821,7 @@ impl Simulation {
                 peer: c.peer.clone(),
                 groups: self.model.groups[i].clone(),
                 token_hash: Some(fabric_shard::token_hash(&c.token)),
-                public_key: None,
+                public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
             });
         }
         let want = ops.len();
@@ -670,7 +829,7 @@ impl Simulation {
         let host = &mut self.hosts[self.mesh_shard as usize];
         for op in ops {
             host.shard
-                .handle_request(now, Request { session: admin, op });
+                .handle_requests(now, [Request { session: admin, op }]);
         }
         let mut oks = 0;
         loop {
@@ -694,11 +853,12 @@ impl Simulation {
                 format!("setup got {oks} of {want} oks"),
             );
         }
-        self.trace(format!(
+        trace!(
+            self,
             "setup done: mesh {MESH} on shard {} with {} peers",
             self.mesh_shard,
             self.clients.len()
-        ));
+        );
         Ok(())
     }
 
@@ -745,6 +905,7 @@ impl Simulation {
             }
             Event::Fault(f) => self.apply(f)?,
             Event::FaultsEnd => self.end_faults()?,
+            Event::HttpRead => self.http_read(),
         }
         Ok(())
     }
@@ -754,11 +915,13 @@ impl Simulation {
         if self.phase != Phase::Faults {
             return Ok(());
         }
-        self.trace(format!("FAULT {event:?}"));
+        trace!(self, "FAULT {event:?}");
         match event {
             FaultEvent::Crash { .. } => {
                 if self.node_up {
                     self.crash()?;
+                    // HTTP requests in progress fail with the node.
+                    self.http.clear();
                 }
             }
             FaultEvent::Restart { .. } => {

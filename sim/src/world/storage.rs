@@ -11,7 +11,8 @@ impl Simulation {
         let latency = self
             .rng
             .random_range(self.options.fsync_latency_min_ms..=self.options.fsync_latency_max_ms);
-        self.trace(format!(
+        trace!(
+            self,
             "s{shard} wal write {id} seg={}{} lsn={}..={} bytes={} delete={:?} done in {latency}ms",
             w.segment,
             if w.create { " (new)" } else { "" },
@@ -19,7 +20,7 @@ impl Simulation {
             w.last_lsn,
             w.bytes.len(),
             w.delete
-        ));
+        );
         let acks = if shard == self.mesh_shard {
             self.model.ack_snapshot()
         } else {
@@ -48,11 +49,12 @@ impl Simulation {
             let written = self.hosts[s].disk.failed_write_cut(w, &mut self.rng);
             self.hosts[s].disk.fail_write(w, written);
             self.counters.faults += 1;
-            self.trace(format!(
+            trace!(
+                self,
                 "s{shard} wal write {id} failed ({}) after {written} of {} bytes reached the page cache",
                 if full { "disk full" } else { "ENOSPC/EIO" },
                 w.bytes.len()
-            ));
+            );
             self.hosts[s].shard.handle_wal_failed(self.now, "ENOSPC");
             let failures = self.hosts[s].failures.min(16);
             self.hosts[s].failures += 1;
@@ -64,11 +66,13 @@ impl Simulation {
         }
         self.hosts[s].failures = 0;
         self.hosts[s].disk.complete_write(w);
+        self.learn_synced(shard, Some(w.segment))?;
         self.model.ack_durable(&inflight.acks);
-        self.trace(format!(
+        trace!(
+            self,
             "s{shard} wal write {id} durable up to lsn {}",
             w.last_lsn
-        ));
+        );
         self.hosts[s].shard.handle_wal_done(self.now, w.last_lsn);
         // As the node's glue does: the next batch is framed into this write's buffer, so a
         // recycled buffer that kept old bytes would show up as corrupt WAL in the checkers.
@@ -100,12 +104,12 @@ impl Simulation {
                 from: 1,
                 limit: 1,
             };
-            self.hosts[shard as usize].shard.handle_request(
+            self.hosts[shard as usize].shard.handle_requests(
                 self.now,
-                Request {
+                [Request {
                     session: probe,
                     op: read,
-                },
+                }],
             );
         }
     }
@@ -123,7 +127,7 @@ impl Simulation {
         for s in 0..self.hosts.len() {
             let report = self.hosts[s].disk.crash(&mut self.rng, faults);
             self.counters.faults += report.faults();
-            self.trace(format!("CRASH s{s} {report:?}"));
+            trace!(self, "CRASH s{s} {report:?}");
             let h = &mut self.hosts[s];
             h.epoch += 1;
             h.inflight = None;
@@ -139,7 +143,7 @@ impl Simulation {
 
     /// The node boots: every shard recovers from its disk and is audited.
     pub(super) fn restart_node(&mut self) -> Checked {
-        self.trace("node boots".into());
+        trace!(self, "node boots");
         for s in 0..self.hosts.len() {
             self.reincarnate(s as ShardIdx)?;
         }
@@ -151,7 +155,7 @@ impl Simulation {
     /// old incarnation (each session core decides how); their clients reconnect.
     pub(super) fn restart_after_failure(&mut self, shard: ShardIdx) -> Checked {
         self.counters.restarts += 1;
-        self.trace(format!("s{shard} restart after storage failure"));
+        trace!(self, "s{shard} restart after storage failure");
         self.reincarnate(shard)?;
         let ids: Vec<ConnId> = self.conns.keys().copied().collect();
         for id in ids {
@@ -164,6 +168,7 @@ impl Simulation {
 
     /// A new incarnation of `shard`, recovered from its disk and audited.
     pub(super) fn reincarnate(&mut self, shard: ShardIdx) -> Checked {
+        self.http_forget(shard);
         let host = &mut self.hosts[shard as usize];
         host.epoch += 1;
         host.inflight = None;
@@ -192,9 +197,10 @@ impl Simulation {
                 let segments = self.hosts[s].disk.read_flipped(flip);
                 match recover_from(config.clone(), segments.iter().map(|(id, b)| (*id, &b[..]))) {
                     Err(RecoverError::Corrupt { file, offset, .. }) => {
-                        self.trace(format!(
+                        trace!(
+                            self,
                             "s{shard} read corruption {flip:?} refused: {file} at {offset}"
-                        ));
+                        );
                     }
                     Err(e) => {
                         return fail(
@@ -233,7 +239,8 @@ impl Simulation {
             host.disk.sync_all();
         }
         host.shard = recovered;
-        self.trace(format!("s{shard} recovered {report:?}"));
+        trace!(self, "s{shard} recovered {report:?}");
+        self.learn_synced(shard, None)?;
         Ok(())
     }
 
@@ -254,12 +261,12 @@ impl Simulation {
                 from: 1,
                 limit: fabric_proto::READ_LIMIT_MAX,
             };
-            self.hosts[s].shard.handle_request(
+            self.hosts[s].shard.handle_requests(
                 self.now,
-                Request {
+                [Request {
                     session: audit,
                     op: read,
-                },
+                }],
             );
             let mut got = None;
             while let Some(o) = self.hosts[s].shard.poll_output() {
@@ -283,7 +290,7 @@ impl Simulation {
                 self.audit_inbox(c)?;
             }
         }
-        self.trace(format!("s{shard} audit passed"));
+        trace!(self, "s{shard} audit passed");
         Ok(())
     }
 
@@ -300,7 +307,7 @@ impl Simulation {
         };
         self.hosts[s]
             .shard
-            .handle_request(self.now, Request { session, op: hello });
+            .handle_requests(self.now, [Request { session, op: hello }]);
         let mut cursor = None;
         let mut shown = BTreeSet::new();
         loop {
@@ -343,24 +350,24 @@ impl Simulation {
                 break;
             }
             let flushed = ShardOp::Flushed { frames };
-            self.hosts[s].shard.handle_request(
+            self.hosts[s].shard.handle_requests(
                 self.now,
-                Request {
+                [Request {
                     session,
                     op: flushed,
-                },
+                }],
             );
         }
         let Some(acked) = cursor else {
             return fail(ViolationKind::UnexpectedReply, "audit hello got no welcome");
         };
         self.model.audit_inbox(c, acked, &shown)?;
-        self.hosts[s].shard.handle_request(
+        self.hosts[s].shard.handle_requests(
             self.now,
-            Request {
+            [Request {
                 session,
                 op: ShardOp::Closed,
-            },
+            }],
         );
         Ok(())
     }
