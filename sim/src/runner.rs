@@ -2,7 +2,7 @@
 
 use crate::{run, swarm, RunSummary, SimOptions, Violation, ViolationKind, WorkloadStats};
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -85,22 +85,31 @@ pub fn run_seeds(
     tweak: &(dyn Fn(&mut SimOptions) + Sync),
     progress: &(dyn Fn(u64) + Sync),
 ) -> SwarmReport {
+    let seeds: Vec<u64> = (first..first.saturating_add(count)).collect();
+    run_list(&seeds, threads, tweak, progress)
+}
+
+/// Runs the seeds listed (a regression list, say), as [`run_seeds`] does a range.
+pub fn run_list(
+    seeds: &[u64],
+    threads: usize,
+    tweak: &(dyn Fn(&mut SimOptions) + Sync),
+    progress: &(dyn Fn(u64) + Sync),
+) -> SwarmReport {
     let started = Instant::now();
-    let next = AtomicU64::new(first);
+    let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let report = Mutex::new(SwarmReport::default());
     std::thread::scope(|scope| {
         for _ in 0..threads.max(1) {
-            scope.spawn(|| loop {
-                let seed = next.fetch_add(1, Ordering::Relaxed);
-                if seed >= first + count {
-                    break;
+            scope.spawn(|| {
+                while let Some(&seed) = seeds.get(next.fetch_add(1, Ordering::Relaxed)) {
+                    let mut options = swarm(seed);
+                    tweak(&mut options);
+                    let r = run(seed, &options);
+                    report.lock().expect("no thread panics holding it").add(r);
+                    progress(done.fetch_add(1, Ordering::Relaxed) + 1);
                 }
-                let mut options = swarm(seed);
-                tweak(&mut options);
-                let r = run(seed, &options);
-                report.lock().expect("no thread panics holding it").add(r);
-                progress(done.fetch_add(1, Ordering::Relaxed) + 1);
             });
         }
     });
@@ -108,4 +117,21 @@ pub fn run_seeds(
     report.failing.sort_unstable();
     report.wall = started.elapsed();
     report
+}
+
+/// The seeds of a regression list: the first number of each line; `#` starts a comment
+/// (what the seed found). See `sim/regression-seeds.txt`.
+pub fn parse_seed_list(text: &str) -> Result<Vec<u64>, String> {
+    let mut seeds = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        let Some(first) = line.split_whitespace().next() else {
+            continue;
+        };
+        let seed = first
+            .parse()
+            .map_err(|_| format!("line {}: {first:?} is not a seed", i + 1))?;
+        seeds.push(seed);
+    }
+    Ok(seeds)
 }

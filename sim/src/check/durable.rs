@@ -148,3 +148,87 @@ fn fix(table: &mut Vec<usize>, at: u64, op: usize, what: impl Fn() -> String) ->
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::check::OpKind;
+    use fabric_proto::internal::{Request, ShardOp};
+    use fabric_proto::{Body, Target};
+    use fabric_shard::{Shard, ShardConfig};
+
+    fn body(op: usize, pad: &str) -> Body {
+        Body::from_trusted(format!("{{\"op\":{op},\"pad\":\"{pad}\",\"again\":{op}}}").into())
+    }
+
+    /// One WAL write of a fresh shard holding a mesh, peer `a`, a send of `send` and an
+    /// append to `c` of `append`.
+    fn write_of(send: &Body, append: &Body) -> Vec<u8> {
+        let mut shard = Shard::new(ShardConfig::default());
+        let ops = [
+            ShardOp::CreateMesh {
+                r: 0,
+                mesh: "m".into(),
+            },
+            ShardOp::AddPeer {
+                r: 1,
+                mesh: "m".into(),
+                peer: "a".into(),
+                groups: vec![],
+                token_hash: Some([7; 32]),
+                public_key: None,
+            },
+            ShardOp::Send {
+                r: 2,
+                mesh: "m".into(),
+                from: "a".into(),
+                to: Target::Peer("a".into()),
+                body: send.clone(),
+            },
+            ShardOp::Append {
+                r: 3,
+                mesh: "m".into(),
+                conv: "c".into(),
+                from: "a".into(),
+                body: append.clone(),
+                key: None,
+            },
+        ];
+        shard.handle_requests(0, ops.map(|op| Request { session: 1, op }));
+        shard.poll_wal().expect("a write").bytes
+    }
+
+    #[test]
+    fn durability_comes_from_the_synced_bytes_and_never_changes_meaning() {
+        // Proves the oracle learns what a completed write holds from its bytes alone (nothing
+        // is durable before), learns each byte once, and refuses a later durable record that
+        // gives a position another operation's body.
+        let mut model = Model::new(vec!["a".into()], vec![vec![]], false);
+        let send = OpKind::Send {
+            to: Target::Peer("a".into()),
+            recipients: vec![0],
+        };
+        let append = OpKind::Append {
+            conv: "c".into(),
+            key: None,
+        };
+        let s = model.add_op(0, send.clone(), body(0, ""));
+        let a = model.add_op(0, append, body(1, ""));
+        let other = model.add_op(0, send, body(2, "x"));
+        let bytes = write_of(&body(s, ""), &body(a, ""));
+        let mut d = Durable::new(1);
+        assert_eq!((d.pos_op(1), d.seq_op("c", 1)), (None, None));
+        d.learn_segment(&model, 0, 1, &bytes).unwrap();
+        assert_eq!((d.pos_op(1), d.seq_op("c", 1)), (Some(s), Some(a)));
+        d.learn_segment(&model, 0, 1, &bytes).unwrap();
+        let changed = write_of(&body(other, "x"), &body(a, ""));
+        let e = d.learn_segment(&model, 0, 2, &changed).unwrap_err();
+        assert_eq!(e.kind, ViolationKind::WrongRecord, "{e:?}");
+        let mut garbage = bytes.clone();
+        garbage.extend_from_slice(&[0xff; 40]);
+        let e = Durable::new(1)
+            .learn_segment(&model, 0, 1, &garbage)
+            .unwrap_err();
+        assert_eq!(e.kind, ViolationKind::WrongRecord, "{e:?}");
+    }
+}

@@ -827,12 +827,16 @@ impl Simulation {
         let want = ops.len();
         let now = self.now;
         let host = &mut self.hosts[self.mesh_shard as usize];
-        for op in ops {
-            host.shard
-                .handle_requests(now, [Request { session: admin, op }]);
-        }
+        // One admin call per batch, as the node's HTTP admin path sends them, and only while
+        // the shard wants input.
+        let mut ops = ops.into_iter().peekable();
         let mut oks = 0;
         loop {
+            while host.shard.wants_input() {
+                let Some(op) = ops.next() else { break };
+                host.shard
+                    .handle_requests(now, [Request { session: admin, op }]);
+            }
             while let Some(o) = host.shard.poll_output() {
                 match o.reply {
                     Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
@@ -840,7 +844,10 @@ impl Simulation {
                 }
             }
             let Some(w) = host.shard.poll_wal() else {
-                break;
+                if ops.peek().is_none() || !host.shard.wants_input() {
+                    break;
+                }
+                continue;
             };
             host.disk.begin_write(&w);
             host.disk.complete_write(&w);
@@ -1046,5 +1053,36 @@ mod tests {
             "a new connection was refused"
         );
         assert_eq!(resets_queued(&sim, fresh), 0);
+    }
+
+    #[test]
+    fn a_shard_holding_a_closed_session_is_a_leak() {
+        // Proves checker 9 can fail: after a calm run ends with every promise kept, a shard
+        // that holds state for a session the node no longer has (a subscription whose
+        // `Closed` never reached it) is reported as a leaked session.
+        let mut sim = calm(2);
+        sim.start().unwrap();
+        sim.run_until(2_000).unwrap();
+        sim.end_faults().unwrap();
+        sim.run_until(u64::MAX).unwrap();
+        sim.require_finished().unwrap();
+        sim.check_no_leaked_sessions().unwrap();
+        let gone = sim.next_session + 1_000;
+        let subscribe = ShardOp::Subscribe {
+            r: 1,
+            mesh: MESH.into(),
+            conv: "c0".into(),
+            from: 1,
+        };
+        let now = sim.now;
+        sim.hosts[0].shard.handle_requests(
+            now,
+            [Request {
+                session: gone,
+                op: subscribe,
+            }],
+        );
+        let e = sim.check_no_leaked_sessions().unwrap_err();
+        assert_eq!(e.kind, ViolationKind::LeakedSession, "{e:?}");
     }
 }
