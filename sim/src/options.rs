@@ -333,8 +333,8 @@ pub fn swarm(seed: u64) -> SimOptions {
         clients: rng.random_range(1..=6),
         binary_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
         duration_ms: 60_000,
-        // Most seeds issue thousands of requests: 1-6 clients of 150-1,000 each.
-        client_ops_max: rng.random_range(150..=1_000),
+        // Most seeds issue over a thousand requests: 1-6 clients of 120-800 each.
+        client_ops_max: rng.random_range(120..=800),
         inflight_requests_max: rng.random_range(1..=6),
         session_inflight_requests_max: [1, 2, 1024][rng.random_range(0..3)],
         convs: rng.random_range(1..=3),
@@ -352,7 +352,7 @@ pub fn swarm(seed: u64) -> SimOptions {
         think_time_max_ms: pick(&mut rng, &[0, 5, 20, 100]),
         // Every restart recovers (and audits) the whole WAL, which thousands of requests make
         // long: crash storms and failing writes are rarer than with tens of requests.
-        crash_interval_ms_mean: pick(&mut rng, &[0, 20_000, 5_000, 2_000, 1_000]),
+        crash_interval_ms_mean: pick(&mut rng, &[0, 30_000, 10_000, 3_000, 1_000]),
         restart_delay_ms_max: pick(&mut rng, &[0, 50, 1_000]),
         partition_interval_ms_mean: pick(&mut rng, &[0, 0, 10_000, 2_000]),
         partition_ms_max: pick(&mut rng, &[500, 6_000]),
@@ -377,12 +377,12 @@ pub fn swarm(seed: u64) -> SimOptions {
         planted: PlantedBugs::default(),
         // Drawn last, so that every earlier option of a seed is as it was before it existed.
         batch_in_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
-        key_peer_probability: pick_f(&mut rng, &[0.0, 0.3, 1.0]),
+        key_peer_probability: pick_f(&mut rng, &[0.0, 0.2, 0.6]),
         client_batch_probability: pick_f(&mut rng, &[0.0, 0.3, 0.8]),
-        subscribe_probability: pick_f(&mut rng, &[0.0, 0.05, 0.2]),
+        subscribe_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
         ping_probability: pick_f(&mut rng, &[0.0, 0.05, 0.2]),
         hedge_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
-        http_read_interval_ms_mean: pick(&mut rng, &[0, 100, 1_000]),
+        http_read_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
     }
 }
 

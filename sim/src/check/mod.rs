@@ -140,7 +140,7 @@ pub struct Model {
     pub groups: Vec<Vec<Arc<str>>>,
     pub ops: Vec<Op>,
     /// Position -> operation, fixed once acknowledged or delivered.
-    inbox: BTreeMap<u64, usize>,
+    inbox: Vec<usize>,
     acked_pos_max: u64,
     convs: BTreeMap<Arc<str>, ConvModel>,
     /// Conversation events may leave memory (retention), so a read need not start at seq 1.
@@ -152,7 +152,7 @@ pub struct Model {
     /// Highest `upto` per peer ever sent and taken in.
     ever_ack: Vec<u64>,
     /// Positions each peer's client received (content checked on receipt).
-    pub delivered: Vec<BTreeSet<u64>>,
+    pub delivered: Vec<PosSet>,
 }
 
 impl Model {
@@ -162,14 +162,14 @@ impl Model {
             peers,
             groups,
             ops: Vec::new(),
-            inbox: BTreeMap::new(),
+            inbox: Vec::new(),
             acked_pos_max: 0,
             convs: BTreeMap::new(),
             retention,
             handled_ack: vec![0; n],
             durable_ack: vec![0; n],
             ever_ack: vec![0; n],
-            delivered: vec![BTreeSet::new(); n],
+            delivered: vec![PosSet::default(); n],
         }
     }
 
@@ -311,13 +311,17 @@ impl Model {
     }
 
     fn fix_pos(&mut self, pos: u64, op: usize, how: &str) -> Checked {
-        match self.inbox.get(&pos) {
-            Some(o) if *o != op => fail(
+        let i = pos as usize;
+        match self.inbox.get(i) {
+            Some(o) if *o != op && *o != NO_OP => fail(
                 ViolationKind::WrongRecord,
                 format!("inbox pos {pos} {how} as op {op} but was op {o} before"),
             ),
             _ => {
-                self.inbox.insert(pos, op);
+                if self.inbox.len() <= i {
+                    self.inbox.resize(i + 1, NO_OP);
+                }
+                self.inbox[i] = op;
                 Ok(())
             }
         }
@@ -435,7 +439,12 @@ impl Model {
     /// After a recovery, `peer`'s inbox replayed from its cursor `acked`: every acknowledged
     /// message for it past the cursor must be there.
     pub fn audit_inbox(&self, peer: usize, acked: u64, shown: &BTreeSet<u64>) -> Checked {
-        for (pos, op) in self.inbox.range(acked + 1..) {
+        let from = usize::try_from(acked + 1).unwrap_or(usize::MAX);
+        for (pos, op) in self.inbox.iter().enumerate().skip(from) {
+            if *op == NO_OP {
+                continue;
+            }
+            let pos = &(pos as u64);
             let o = &self.ops[*op];
             let OpKind::Send { recipients, .. } = &o.kind else {
                 continue;
@@ -534,7 +543,7 @@ impl Model {
             };
             for pos in &o.acks {
                 for r in recipients {
-                    if !self.delivered[*r].contains(pos) {
+                    if !self.delivered[*r].contains(*pos) {
                         return fail(
                             ViolationKind::NotDelivered,
                             format!(
@@ -563,4 +572,25 @@ fn op_id_of(body: &[u8]) -> Option<usize> {
         return None;
     }
     std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
+}
+
+/// A set of inbox positions, as a bitmap: positions are dense from 1, and a peer receives a
+/// good share of them.
+#[derive(Debug, Clone, Default)]
+pub struct PosSet(Vec<u64>);
+
+impl PosSet {
+    pub fn insert(&mut self, pos: u64) {
+        let (word, bit) = ((pos / 64) as usize, pos % 64);
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << bit;
+    }
+
+    pub fn contains(&self, pos: u64) -> bool {
+        self.0
+            .get((pos / 64) as usize)
+            .is_some_and(|w| w & (1 << (pos % 64)) != 0)
+    }
 }

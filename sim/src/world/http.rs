@@ -12,8 +12,9 @@
 
 use super::*;
 
-/// Page sizes a read asks for (`READ_LIMIT_MAX` reads a whole conversation).
-const HTTP_READ_LIMITS: [u32; 4] = [1, 10, 100, fabric_proto::READ_LIMIT_MAX];
+/// Page sizes a read asks for, small ones more often (`READ_LIMIT_MAX` reads a whole
+/// conversation; every entry of a page is checked, which costs the simulator time).
+const HTTP_READ_LIMITS: [u32; 8] = [1, 1, 10, 10, 100, 100, 1_000, fabric_proto::READ_LIMIT_MAX];
 
 /// One HTTP read in progress.
 #[derive(Debug)]

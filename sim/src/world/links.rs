@@ -14,8 +14,10 @@ impl Simulation {
             Endpoint::Client(c as u32),
             Endpoint::Node(0),
         );
-        for t in &at[..n] {
-            let seg = seg.clone();
+        // The last copy takes the segment itself: most packets have one.
+        let mut seg = Some(seg);
+        for (i, t) in at[..n].iter().enumerate() {
+            let seg = if i + 1 == n { seg.take() } else { seg.clone() }.expect("held");
             self.schedule_at(
                 *t,
                 Event::ToNode {
@@ -37,8 +39,10 @@ impl Simulation {
             Endpoint::Node(0),
             Endpoint::Client(c as u32),
         );
-        for t in &at[..n] {
-            let seg = seg.clone();
+        // The last copy takes the segment itself: most packets have one.
+        let mut seg = Some(seg);
+        for (i, t) in at[..n].iter().enumerate() {
+            let seg = if i + 1 == n { seg.take() } else { seg.clone() }.expect("held");
             self.schedule_at(
                 *t,
                 Event::ToClient {

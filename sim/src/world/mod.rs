@@ -23,7 +23,7 @@ use fabric_router::Router;
 use fabric_shard::{wal, RecoverError, Recoverer, RecoveryReport, Shard, ShardConfig, WalWrite};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
 use std::sync::Arc;
 
 /// A trace line, formatted only if the run keeps lines.
@@ -267,6 +267,36 @@ enum Event {
     HttpRead,
 }
 
+/// An event in the queue. The heap pops the earliest first, and of events at the same time
+/// the one queued first, so the order is a function of the run alone.
+#[derive(Debug)]
+struct Queued {
+    at: u64,
+    seq: u64,
+    event: Event,
+}
+
+impl PartialEq for Queued {
+    fn eq(&self, other: &Queued) -> bool {
+        (self.at, self.seq) == (other.at, other.seq)
+    }
+}
+
+impl Eq for Queued {}
+
+impl PartialOrd for Queued {
+    fn partial_cmp(&self, other: &Queued) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Queued {
+    fn cmp(&self, other: &Queued) -> std::cmp::Ordering {
+        // Reversed: `BinaryHeap` is a max-heap.
+        (other.at, other.seq).cmp(&(self.at, self.seq))
+    }
+}
+
 impl Event {
     /// Feeds the event's kind and identity into the run's hash (`Trace`).
     fn hash_into(&self, h: &mut Fnv) {
@@ -331,7 +361,8 @@ pub struct Simulation {
     pub(crate) options: SimOptions,
     rng: ChaCha8Rng,
     pub(crate) now: u64,
-    queue: BTreeMap<(u64, u64), Event>,
+    /// Events by time, then by the order they were queued in (`Queued`'s order).
+    queue: BinaryHeap<Queued>,
     next_event: u64,
     pub(crate) phase: Phase,
     deadline_ms: u64,
@@ -462,7 +493,7 @@ impl Simulation {
             seed,
             rng,
             now: 0,
-            queue: BTreeMap::new(),
+            queue: BinaryHeap::new(),
             next_event: 0,
             phase: Phase::Setup,
             deadline_ms: u64::MAX,
@@ -585,7 +616,11 @@ impl Simulation {
     }
 
     fn schedule_at(&mut self, at: u64, event: Event) {
-        self.queue.insert((at, self.next_event), event);
+        self.queue.push(Queued {
+            at,
+            seq: self.next_event,
+            event,
+        });
         self.next_event += 1;
     }
 
@@ -623,15 +658,15 @@ impl Simulation {
             if self.phase == Phase::Liveness && self.quiescent() {
                 return self.finish();
             }
-            let Some(entry) = self.queue.first_entry() else {
+            let Some(next) = self.queue.peek() else {
                 return Ok(());
             };
-            let at = entry.key().0;
+            let at = next.at;
             if at > until {
                 self.now = self.now.max(until);
                 return Ok(());
             }
-            let event = entry.remove();
+            let event = self.queue.pop().expect("peeked").event;
             if self.phase == Phase::Liveness && at > self.deadline_ms {
                 return fail(
                     ViolationKind::Liveness,
@@ -1017,7 +1052,8 @@ mod tests {
 
     fn resets_queued(sim: &Simulation, id: ConnId) -> usize {
         sim.queue
-            .values()
+            .iter()
+            .map(|q| &q.event)
             .filter(
                 |e| matches!(e, Event::ToClient { conn, seg: Segment::Reset, .. } if *conn == id),
             )

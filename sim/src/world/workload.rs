@@ -168,9 +168,8 @@ impl Simulation {
             self.counters.workload.subscribes += 1;
             let last = self.clients[c].last_event.get(&conv).copied();
             let from = match self.rng.random_range(0..10) {
-                0..=4 => last.map_or(1, |s| s + 1),
-                5 => 0,
-                6 => 1,
+                0..=6 => last.map_or(1, |s| s + 1),
+                7 => self.rng.random_range(0..=1),
                 _ => self
                     .rng
                     .random_range(1..=self.model.conv_acked_max(&conv) + 3),
