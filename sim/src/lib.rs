@@ -19,10 +19,16 @@
 //! 1. Setup, without faults: one mesh, one peer per client (in groups `g0`/`g1`).
 //! 2. The fault phase (`duration_ms`, a minute in the swarm): each client connects over its
 //!    own link (a reliable stream over lossy packets, [`net`]), says hello to a real edge
-//!    session, and issues sends and appends (keyed appends are retried with the same key after
-//!    a lost connection), acks what it received, reconnects when its connection dies. The
+//!    session (with a token, or signed with its ed25519 key over the session's nonce), and
+//!    issues sends, appends (keyed appends are retried with the same key after a lost
+//!    connection, some resent while in flight), subscribes, unsubscribes and pings, often
+//!    several in one batch frame; it acks what it received and reconnects when its connection
+//!    dies. An HTTP client beside the node reads conversation pages through a router. The
 //!    node's glue is simulated as `fabric` does it: per connection an edge session and a
-//!    router, per shard an input channel, one WAL write in flight, fsync latency from the RNG.
+//!    router, per shard an input channel of router batches taken through
+//!    `Shard::handle_requests`, one WAL write in flight, fsync latency from the RNG. Every frame
+//!    a shard sends is checked as it leaves (checkers 1, 2, 7), every frame a client receives
+//!    as it arrives (checker 8).
 //!    Meanwhile the [`schedule`] applies its timed faults: power loss and reboot, symmetric and
 //!    one-way partitions, clogged links, read corruption of sealed segments, full disks, load
 //!    bursts and pauses, clients dropping connections; packets are lost, duplicated and
@@ -31,7 +37,8 @@
 //!    conversation and replays every inbox (checkers 1, 2, 6).
 //! 3. The liveness phase: everything heals, every client reconnects and drains; the run must
 //!    become quiet within [`LIVENESS_BOUND_MS`], and every acknowledged message must have
-//!    reached every recipient over its connection (checkers 3, 4).
+//!    reached every recipient over its connection, and no shard may hold a closed session
+//!    (checkers 3, 4, 9).
 //!
 //! The simulated glue differs from `fabric/src/storage.rs` in one respect, on purpose: after
 //! recovery it fsyncs what it read, not only when it truncates. A restart after a failed write

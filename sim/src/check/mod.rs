@@ -25,6 +25,12 @@
 //!    peer acknowledged before a WAL write that then completed (the write, polled after the
 //!    ack, carries its record; losing it only costs redelivery, which at-least-once allows, so
 //!    checkers 1-3 cannot see it). Nor is it above anything the peer ever acknowledged.
+//! 7. **Nothing is shown before it is durable** ([`durable`]): an `ok`, delivery, event or read
+//!    page entry names only what the disks hold synced, checked when the shard sends it.
+//! 8. **Ordering while connected** ([`conn`]): what one connection's client sees keeps the
+//!    ordering promises of docs/PROTOCOL.md.
+//! 9. **No leaked sessions**: at quiescence no shard holds state for a session the node closed
+//!    (the simulator's, `world`).
 
 pub mod conn;
 pub mod durable;
