@@ -94,6 +94,7 @@ pub fn run(args: SimArgs) -> anyhow::Result<bool> {
 }
 
 fn one(sim: Simulation, trace: bool, out: Option<&Path>) -> anyhow::Result<bool> {
+    let sim = sim.keeping_last_events();
     let sim = if trace {
         sim.with_trace(|line| {
             let _ = writeln!(std::io::stdout().lock(), "{line}");
@@ -166,6 +167,19 @@ fn many(
     Ok(report.violation_count() == 0)
 }
 
+/// Every failing seed, with its violation kind: `1335 (UnexpectedReply), 1346 (NotDelivered)`.
+fn failing_seeds(r: &SwarmReport) -> String {
+    if r.failing.is_empty() {
+        return "none".into();
+    }
+    let seeds: Vec<String> = r
+        .failing
+        .iter()
+        .map(|(seed, kind)| format!("{seed} ({kind})"))
+        .collect();
+    seeds.join(", ")
+}
+
 fn print_table(r: &SwarmReport, first: u64, threads: usize) {
     let rows = [
         (
@@ -177,6 +191,7 @@ fn print_table(r: &SwarmReport, first: u64, threads: usize) {
             "violations",
             format!("{} {:?}", r.violation_count(), r.violations),
         ),
+        ("failing seeds", failing_seeds(r)),
         (
             "simulated time",
             format!(

@@ -42,6 +42,7 @@ fn sim_seeds_prints_a_summary_table() {
     for row in [
         "seeds run                20 (100..120)",
         "violations               0",
+        "failing seeds            none",
         "simulated time",
         "faults injected",
         "seeds per second",
@@ -53,7 +54,7 @@ fn sim_seeds_prints_a_summary_table() {
 #[test]
 fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
     // Proves the failure path end to end: a planted bug makes `fabric sim` exit 1 with the
-    // violation and a schedule file, and `fabric sim replay FILE` reproduces the violation
+    // violation, every failing seed listed in the summary, and a schedule file, and `fabric sim replay FILE` reproduces the violation
     // from the file alone.
     let dir = tempfile::tempdir().unwrap();
     let out = fabric()
@@ -70,7 +71,12 @@ fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
         .unwrap();
     let text = stdout(&out);
     assert_eq!(out.status.code(), Some(1), "{text}");
-    assert!(text.contains("violation LostWrite"), "{text}");
+    assert!(text.contains("violation NotDurable"), "{text}");
+    let listed = text
+        .lines()
+        .find(|l| l.starts_with("failing seeds"))
+        .expect("a failing seeds row");
+    assert!(listed.contains(" (NotDurable)"), "{listed}");
     let file = std::fs::read_dir(dir.path())
         .unwrap()
         .next()
@@ -84,7 +90,7 @@ fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
         .unwrap();
     let again = stdout(&replayed);
     assert_eq!(replayed.status.code(), Some(1), "{again}");
-    assert!(again.contains("violation LostWrite"), "{again}");
+    assert!(again.contains("violation NotDurable"), "{again}");
     let bad = fabric()
         .args(["sim", "--seed", "1", "--planted", "no_such_bug"])
         .output()

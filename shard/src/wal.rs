@@ -296,9 +296,25 @@ pub struct Scan {
 /// Scans the frames of a segment whose header has been checked, from byte
 /// [`SEGMENT_HEADER_BYTES`]. `expect_lsn` is the LSN the first record must have. `skip_crc`
 /// exists only for the simulator's planted-bug mode (record checksums are not checked).
-pub fn scan_frames(bytes: &[u8], mut expect_lsn: u64, skip_crc: bool) -> Scan {
+pub fn scan_frames(bytes: &[u8], expect_lsn: u64, skip_crc: bool) -> Scan {
+    scan_frames_from(bytes, SEGMENT_HEADER_BYTES, expect_lsn, skip_crc)
+}
+
+/// Scans the frames of a segment from byte `at` (a frame boundary, at or after the header),
+/// taking the LSN the first frame's intact header names as the expected one. For readers that
+/// learn a segment write by write (the simulator's durability oracle).
+pub fn scan_frames_at(bytes: &[u8], at: usize) -> Scan {
+    let at = at.max(SEGMENT_HEADER_BYTES);
+    let expect = bytes
+        .get(at..)
+        .and_then(FrameHeader::decode)
+        .map_or(0, |h| h.first_lsn);
+    scan_frames_from(bytes, at, expect, false)
+}
+
+fn scan_frames_from(bytes: &[u8], from: usize, mut expect_lsn: u64, skip_crc: bool) -> Scan {
     let mut records = Vec::new();
-    let mut at = SEGMENT_HEADER_BYTES.min(bytes.len());
+    let mut at = from.min(bytes.len());
     let mut frames = 0;
     let damage = loop {
         if at == bytes.len() {

@@ -19,10 +19,16 @@
 //! 1. Setup, without faults: one mesh, one peer per client (in groups `g0`/`g1`).
 //! 2. The fault phase (`duration_ms`, a minute in the swarm): each client connects over its
 //!    own link (a reliable stream over lossy packets, [`net`]), says hello to a real edge
-//!    session, and issues sends and appends (keyed appends are retried with the same key after
-//!    a lost connection), acks what it received, reconnects when its connection dies. The
+//!    session (with a token, or signed with its ed25519 key over the session's nonce), and
+//!    issues sends, appends (keyed appends are retried with the same key after a lost
+//!    connection, some resent while in flight), subscribes, unsubscribes and pings, often
+//!    several in one batch frame; it acks what it received and reconnects when its connection
+//!    dies. An HTTP client beside the node reads conversation pages through a router. The
 //!    node's glue is simulated as `fabric` does it: per connection an edge session and a
-//!    router, per shard an input channel, one WAL write in flight, fsync latency from the RNG.
+//!    router, per shard an input channel of router batches taken through
+//!    `Shard::handle_requests`, one WAL write in flight, fsync latency from the RNG. Every frame
+//!    a shard sends is checked as it leaves (checkers 1, 2, 7), every frame a client receives
+//!    as it arrives (checker 8).
 //!    Meanwhile the [`schedule`] applies its timed faults: power loss and reboot, symmetric and
 //!    one-way partitions, clogged links, read corruption of sealed segments, full disks, load
 //!    bursts and pauses, clients dropping connections; packets are lost, duplicated and
@@ -31,7 +37,8 @@
 //!    conversation and replays every inbox (checkers 1, 2, 6).
 //! 3. The liveness phase: everything heals, every client reconnects and drains; the run must
 //!    become quiet within [`LIVENESS_BOUND_MS`], and every acknowledged message must have
-//!    reached every recipient over its connection (checkers 3, 4).
+//!    reached every recipient over its connection, and no shard may hold a closed session
+//!    (checkers 3, 4, 9).
 //!
 //! The simulated glue differs from `fabric/src/storage.rs` in one respect, on purpose: after
 //! recovery it fsyncs what it read, not only when it truncates. A restart after a failed write
@@ -66,7 +73,7 @@ mod world;
 pub use check::ViolationKind;
 pub use options::{swarm, SimOptions, RETENTION_OFF_BYTES};
 pub use schedule::{FaultEvent, Schedule, ScheduleError, Timed};
-pub use world::{Simulation, MESH};
+pub use world::{Simulation, CLIENT_BATCH_OPS_MAX, MESH};
 
 use std::fmt;
 
@@ -125,16 +132,68 @@ pub struct RunSummary {
     /// Connections the clients opened.
     pub connections: u64,
     pub net: net::NetStats,
+    pub workload: WorkloadStats,
+}
+
+/// What a run's clients and the node's glue did, beyond sends and appends acknowledged: the
+/// swarm tests assert that each kind really happens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WorkloadStats {
+    /// Sends and appends sent, retries and resends included.
+    pub requests: u64,
+    pub subscribes: u64,
+    pub unsubscribes: u64,
+    /// Conversation events the clients received.
+    pub events_received: u64,
+    pub pings: u64,
+    /// Keyed appends resent while still waiting for their answer.
+    pub hedges: u64,
+    /// Hellos signed with a peer's key over its session's challenge nonce.
+    pub key_hellos: u64,
+    /// Frames a client sent with several ops in them.
+    pub client_batches: u64,
+    /// HTTP-style conversation reads answered.
+    pub http_reads: u64,
+    /// Request batches the shards took through `Shard::handle_requests`.
+    pub shard_batches: u64,
+    /// Of those, batches of several requests after which the shard wanted no more input:
+    /// backpressure reached inside a batch, which the batch entry point must still finish.
+    pub shard_batches_past_backpressure: u64,
+}
+
+impl WorkloadStats {
+    pub fn add(&mut self, o: &WorkloadStats) {
+        self.requests += o.requests;
+        self.subscribes += o.subscribes;
+        self.unsubscribes += o.unsubscribes;
+        self.events_received += o.events_received;
+        self.pings += o.pings;
+        self.hedges += o.hedges;
+        self.key_hellos += o.key_hellos;
+        self.client_batches += o.client_batches;
+        self.http_reads += o.http_reads;
+        self.shard_batches += o.shard_batches;
+        self.shard_batches_past_backpressure += o.shard_batches_past_backpressure;
+    }
 }
 
 /// Runs one random seed with `options` (its schedule generated from the seed).
 pub fn run(seed: u64, options: &SimOptions) -> Result<RunSummary, Box<Violation>> {
-    Simulation::new(seed, options.clone()).run()
+    replay(&Schedule::generate(seed, options))
 }
 
-/// Runs the run a schedule describes.
+/// Runs the run a schedule describes. It runs without formatting trace lines; should it
+/// fail, it runs again keeping the last lines for the report (the same run: a schedule
+/// replays exactly).
 pub fn replay(schedule: &Schedule) -> Result<RunSummary, Box<Violation>> {
-    Simulation::from_schedule(schedule.clone()).run()
+    Simulation::from_schedule(schedule.clone())
+        .run()
+        .map_err(|_| {
+            let again = Simulation::from_schedule(schedule.clone())
+                .keeping_last_events()
+                .run();
+            again.expect_err("a failing run fails again with the same schedule")
+        })
 }
 
 /// 64-bit FNV-1a, written out so that the trace hash never depends on a library's version.

@@ -89,6 +89,24 @@ pub struct SimOptions {
     /// Chance each client asks for batch frames (`options` with `batch`, of 2, 3 or 64 ops)
     /// before its hello, so the edge joins server ops into frames under every fault.
     pub batch_in_probability: f64,
+    /// Chance each peer is registered with an ed25519 public key and says key hellos
+    /// (`challenge`, then a `hello` signed over the session's nonce, which the glue draws from
+    /// the run's RNG). Such peers keep a token too, which only the simulator's audits use.
+    pub key_peer_probability: f64,
+    /// Chance a client puts several requests (up to its free window, at most
+    /// `CLIENT_BATCH_OPS_MAX`) into one batch frame: a binary `Batch` or a JSON array.
+    pub client_batch_probability: f64,
+    /// Chance a new request is a subscribe or an unsubscribe of a conversation.
+    pub subscribe_probability: f64,
+    /// Chance a frame a client sends carries a `ping` too.
+    pub ping_probability: f64,
+    /// Chance a new request resends a keyed append still waiting for its answer, with a new
+    /// ref and the same key (a client whose request timer fired): the shard must answer it
+    /// with the original seq, and only once that is durable.
+    pub hedge_probability: f64,
+    /// Mean time between HTTP-style conversation reads (0: none): `Auth`, then `Read`, each
+    /// sent through a `Router` into the shards as the HTTP path does, on a session of its own.
+    pub http_read_interval_ms_mean: u64,
 }
 
 impl Default for SimOptions {
@@ -135,6 +153,12 @@ impl Default for SimOptions {
             sync_after_recovery: true,
             planted: PlantedBugs::default(),
             batch_in_probability: 0.5,
+            key_peer_probability: 0.3,
+            client_batch_probability: 0.3,
+            subscribe_probability: 0.1,
+            ping_probability: 0.05,
+            hedge_probability: 0.05,
+            http_read_interval_ms_mean: 500,
         }
     }
 }
@@ -193,6 +217,11 @@ impl SimOptions {
         let probabilities = [
             self.binary_probability,
             self.batch_in_probability,
+            self.key_peer_probability,
+            self.client_batch_probability,
+            self.subscribe_probability,
+            self.ping_probability,
+            self.hedge_probability,
             self.torn_write_probability,
             self.tail_corruption_probability,
             self.read_corruption_probability,
@@ -228,7 +257,8 @@ impl fmt::Display for SimOptions {
              clog_every_ms={} clog_ms={} disk_full_every_ms={} disk_full_ms={} load_every_ms={} \
              disconnect_every_ms={} torn_p={} tail_flip_p={} read_flip_p={} enospc_p={} ack_p={} \
              segment_bytes={} retention_bytes={} batch_bytes={} credit={} scan={} pending={} \
-             sync_after_recovery={} batch_in_p={} planted={}",
+             sync_after_recovery={} batch_in_p={} key_peer_p={} client_batch_p={} \
+             subscribe_p={} ping_p={} hedge_p={} http_read_every_ms={} planted={}",
             self.nodes,
             self.shards,
             self.partitions,
@@ -275,6 +305,12 @@ impl fmt::Display for SimOptions {
             self.pending_acks_max,
             self.sync_after_recovery,
             self.batch_in_probability,
+            self.key_peer_probability,
+            self.client_batch_probability,
+            self.subscribe_probability,
+            self.ping_probability,
+            self.hedge_probability,
+            self.http_read_interval_ms_mean,
             planted_names::join(self.planted),
         )
     }
@@ -302,7 +338,8 @@ pub fn swarm(seed: u64) -> SimOptions {
         clients: rng.random_range(1..=6),
         binary_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
         duration_ms: 60_000,
-        client_ops_max: rng.random_range(10..=60),
+        // Most seeds issue over a thousand requests: 1-6 clients of 120-800 each.
+        client_ops_max: rng.random_range(120..=800),
         inflight_requests_max: rng.random_range(1..=6),
         session_inflight_requests_max: [1, 2, 1024][rng.random_range(0..3)],
         convs: rng.random_range(1..=3),
@@ -318,7 +355,9 @@ pub fn swarm(seed: u64) -> SimOptions {
         },
         stream: StreamConfig::default(),
         think_time_max_ms: pick(&mut rng, &[0, 5, 20, 100]),
-        crash_interval_ms_mean: pick(&mut rng, &[0, 20_000, 5_000, 1_000, 300]),
+        // Every restart recovers (and audits) the whole WAL, which thousands of requests make
+        // long: crash storms and failing writes are rarer than with tens of requests.
+        crash_interval_ms_mean: pick(&mut rng, &[0, 30_000, 10_000, 3_000, 1_000]),
         restart_delay_ms_max: pick(&mut rng, &[0, 50, 1_000]),
         partition_interval_ms_mean: pick(&mut rng, &[0, 0, 10_000, 2_000]),
         partition_ms_max: pick(&mut rng, &[500, 6_000]),
@@ -331,7 +370,7 @@ pub fn swarm(seed: u64) -> SimOptions {
         torn_write_probability: pick_f(&mut rng, &[0.0, 0.3, 0.7, 1.0]),
         tail_corruption_probability: pick_f(&mut rng, &[0.0, 0.3, 0.7]),
         read_corruption_probability: pick_f(&mut rng, &[0.0, 0.3, 0.7]),
-        enospc_probability: pick_f(&mut rng, &[0.0, 0.0, 0.01, 0.04]),
+        enospc_probability: pick_f(&mut rng, &[0.0, 0.0, 0.003, 0.01]),
         ack_probability: pick_f(&mut rng, &[0.2, 0.6, 1.0]),
         wal_segment_bytes_max: segment,
         retention_bytes_max: retention,
@@ -343,6 +382,12 @@ pub fn swarm(seed: u64) -> SimOptions {
         planted: PlantedBugs::default(),
         // Drawn last, so that every earlier option of a seed is as it was before it existed.
         batch_in_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
+        key_peer_probability: pick_f(&mut rng, &[0.0, 0.2, 0.6]),
+        client_batch_probability: pick_f(&mut rng, &[0.0, 0.3, 0.8]),
+        subscribe_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
+        ping_probability: pick_f(&mut rng, &[0.0, 0.05, 0.2]),
+        hedge_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
+        http_read_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
     }
 }
 

@@ -87,7 +87,8 @@ impl MeshSimBuilder {
             options,
             events: Vec::new(),
         };
-        let mut sim = Simulation::build(schedule, self.peers.clone(), true);
+        // A script cannot be run again, so it keeps its last trace lines all along.
+        let mut sim = Simulation::build(schedule, self.peers.clone(), true).keeping_last_events();
         sim.guard(|s| s.start())?;
         Ok(MeshSim {
             sim,

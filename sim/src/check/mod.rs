@@ -25,8 +25,16 @@
 //!    peer acknowledged before a WAL write that then completed (the write, polled after the
 //!    ack, carries its record; losing it only costs redelivery, which at-least-once allows, so
 //!    checkers 1-3 cannot see it). Nor is it above anything the peer ever acknowledged.
+//! 7. **Nothing is shown before it is durable** ([`durable`]): an `ok`, delivery, event or read
+//!    page entry names only what the disks hold synced, checked when the shard sends it.
+//! 8. **Ordering while connected** ([`conn`]): what one connection's client sees keeps the
+//!    ordering promises of docs/PROTOCOL.md.
+//! 9. **No leaked sessions**: at quiescence no shard holds state for a session the node closed
+//!    (the simulator's, `world`).
 
-use bytes::Bytes;
+pub mod conn;
+pub mod durable;
+
 use fabric_proto::{Body, DeliveredEvent, Target};
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -58,6 +66,16 @@ pub enum ViolationKind {
     CursorInvented,
     /// A reply the protocol does not allow here (an unexpected error, an unknown ref).
     UnexpectedReply,
+    /// (7) An `ok`, delivery, event or read named data the disks did not hold synced at the
+    /// moment it was sent.
+    NotDurable,
+    /// (8) An ordering promise broke on one connection: deliveries not in increasing `pos`,
+    /// requests to one conversation (or sends) answered out of order or with decreasing seqs
+    /// (positions), a subscription's events not dense and in order from its `from`, pongs out
+    /// of order.
+    OutOfOrder,
+    /// (9) At quiescence a shard holds state for a session the node no longer has.
+    LeakedSession,
     /// The shard core panicked.
     Panic,
 }
@@ -106,10 +124,13 @@ pub struct Op {
     pub acks: Vec<u64>,
 }
 
+/// No operation (yet) at a seq of [`ConvModel::at`].
+const NO_OP: usize = usize::MAX;
+
 #[derive(Debug, Default)]
 struct ConvModel {
-    /// Seq -> operation, fixed once acknowledged or read back.
-    at: BTreeMap<u64, usize>,
+    /// Seq -> operation ([`NO_OP`] where none yet), fixed once acknowledged or shown.
+    at: Vec<usize>,
     /// Operation -> its one seq.
     seq_of: BTreeMap<usize, u64>,
     acked_max: u64,
@@ -124,9 +145,8 @@ pub struct Model {
     pub peers: Vec<Arc<str>>,
     pub groups: Vec<Vec<Arc<str>>>,
     pub ops: Vec<Op>,
-    bodies: BTreeMap<Bytes, usize>,
     /// Position -> operation, fixed once acknowledged or delivered.
-    inbox: BTreeMap<u64, usize>,
+    inbox: Vec<usize>,
     acked_pos_max: u64,
     convs: BTreeMap<Arc<str>, ConvModel>,
     /// Conversation events may leave memory (retention), so a read need not start at seq 1.
@@ -138,7 +158,7 @@ pub struct Model {
     /// Highest `upto` per peer ever sent and taken in.
     ever_ack: Vec<u64>,
     /// Positions each peer's client received (content checked on receipt).
-    pub delivered: Vec<BTreeSet<u64>>,
+    pub delivered: Vec<PosSet>,
 }
 
 impl Model {
@@ -148,15 +168,14 @@ impl Model {
             peers,
             groups,
             ops: Vec::new(),
-            bodies: BTreeMap::new(),
-            inbox: BTreeMap::new(),
+            inbox: Vec::new(),
             acked_pos_max: 0,
             convs: BTreeMap::new(),
             retention,
             handled_ack: vec![0; n],
             durable_ack: vec![0; n],
             ever_ack: vec![0; n],
-            delivered: vec![BTreeSet::new(); n],
+            delivered: vec![PosSet::default(); n],
         }
     }
 
@@ -180,8 +199,11 @@ impl Model {
         if let OpKind::Append { conv, .. } = &kind {
             self.convs.entry(conv.clone()).or_default();
         }
-        let fresh = self.bodies.insert(body.0.clone(), id).is_none();
-        assert!(fresh, "bodies are unique per operation");
+        assert_eq!(
+            op_id_of(&body.0),
+            Some(id),
+            "a body starts with its operation's id, which makes it unique"
+        );
         self.ops.push(Op {
             client,
             kind,
@@ -191,16 +213,80 @@ impl Model {
         id
     }
 
+    /// Seqs of `conv` that have left the shard's memory at some point (retention): a read or a
+    /// subscription may skip them.
+    pub fn evicted_upto(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(0, |c| c.evicted_upto)
+    }
+
+    /// The highest seq of `conv` acknowledged so far.
+    pub fn conv_acked_max(&self, conv: &str) -> u64 {
+        self.convs.get(conv).map_or(0, |c| c.acked_max)
+    }
+
+    /// A conversation entry shown to a client (an event or a read): checker 2.
+    pub fn on_event(&mut self, conv: &Arc<str>, seq: u64, from: &str, body: &Body) -> Checked {
+        // Shown so before (the common case of an audit after a restart): the same operation's
+        // body from the same peer, at the one seq it has.
+        if let Some(c) = self.convs.get(conv) {
+            if let Some(&op) = c.at.get(seq as usize).filter(|op| **op != NO_OP) {
+                let o = &self.ops[op];
+                if o.body == *body
+                    && *self.peers[o.client] == *from
+                    && c.seq_of.get(&op) == Some(&seq)
+                {
+                    return Ok(());
+                }
+            }
+        }
+        let what = || format!("conv {conv} seq {seq}");
+        let op = self.op_of(body, what)?;
+        let o = &self.ops[op];
+        match &o.kind {
+            OpKind::Append { conv: c, .. } if c == conv && *self.peers[o.client] == *from => {}
+            _ => {
+                return fail(
+                    ViolationKind::WrongRecord,
+                    format!("{} shows op {op} ({:?} from {from})", what(), o.kind),
+                )
+            }
+        }
+        self.fix_seq(conv, seq, op, "shown")
+    }
+
+    /// Whether operation `op` may be sent again after an unknown outcome: sends (a second
+    /// copy is allowed) and keyed appends (the key makes it idempotent), not keyless appends.
+    pub fn retryable(&self, op: usize) -> bool {
+        match &self.ops[op].kind {
+            OpKind::Send { .. } => true,
+            OpKind::Append { key, .. } => key.is_some(),
+        }
+    }
+
+    pub fn keyed_append(&self, op: usize) -> bool {
+        matches!(&self.ops[op].kind, OpKind::Append { key: Some(_), .. })
+    }
+
+    /// What operation `op`'s answer is ordered with on a connection (checker 8).
+    pub fn order_key(&self, op: usize) -> conn::OrderKey {
+        match &self.ops[op].kind {
+            OpKind::Send { .. } => conn::OrderKey::Inbox,
+            OpKind::Append { conv, .. } => conn::OrderKey::Conv(conv.clone()),
+        }
+    }
+
     pub fn conv_names(&self) -> Vec<Arc<str>> {
         self.convs.keys().cloned().collect()
     }
 
-    fn op_of(&self, body: &Body, what: &str) -> Checked<usize> {
-        match self.bodies.get(&body.0) {
-            Some(op) => Ok(*op),
+    /// The operation that wrote `body`: bodies start with their operation's id, and must then
+    /// be exactly that operation's body (a flipped bit elsewhere is caught by the comparison).
+    pub fn op_of(&self, body: &Body, what: impl FnOnce() -> String) -> Checked<usize> {
+        match op_id_of(&body.0).filter(|id| self.ops.get(*id).is_some_and(|o| o.body == *body)) {
+            Some(op) => Ok(op),
             None => fail(
                 ViolationKind::WrongRecord,
-                format!("{what} has body {body:?}, which no client wrote"),
+                format!("{} has body {body:?}, which no client wrote", what()),
             ),
         }
     }
@@ -231,21 +317,32 @@ impl Model {
     }
 
     fn fix_pos(&mut self, pos: u64, op: usize, how: &str) -> Checked {
-        match self.inbox.get(&pos) {
-            Some(o) if *o != op => fail(
+        let i = pos as usize;
+        match self.inbox.get(i) {
+            Some(o) if *o != op && *o != NO_OP => fail(
                 ViolationKind::WrongRecord,
                 format!("inbox pos {pos} {how} as op {op} but was op {o} before"),
             ),
             _ => {
-                self.inbox.insert(pos, op);
+                if self.inbox.len() <= i {
+                    self.inbox.resize(i + 1, NO_OP);
+                }
+                self.inbox[i] = op;
                 Ok(())
             }
         }
     }
 
     fn fix_seq(&mut self, conv: &Arc<str>, seq: u64, op: usize, how: &str) -> Checked {
-        let c = self.convs.entry(conv.clone()).or_default();
-        if let Some(o) = c.at.get(&seq) {
+        if !self.convs.contains_key(conv) {
+            self.convs.insert(conv.clone(), ConvModel::default());
+        }
+        let c = self.convs.get_mut(conv).expect("inserted above");
+        let i = seq as usize;
+        if c.at.get(i) == Some(&op) && c.seq_of.get(&op) == Some(&seq) {
+            return Ok(()); // seen so before: the common case of an audit
+        }
+        if let Some(o) = c.at.get(i).filter(|o| **o != NO_OP) {
             if *o != op {
                 return fail(
                     ViolationKind::WrongRecord,
@@ -263,7 +360,10 @@ impl Model {
                 );
             }
         }
-        c.at.insert(seq, op);
+        if c.at.len() <= i {
+            c.at.resize(i + 1, NO_OP);
+        }
+        c.at[i] = op;
         c.seq_of.insert(op, seq);
         Ok(())
     }
@@ -277,8 +377,8 @@ impl Model {
         to: &Target,
         body: &Body,
     ) -> Checked {
-        let what = format!("delivery of pos {pos} to {}", self.peers[peer]);
-        let op = self.op_of(body, &what)?;
+        let what = || format!("delivery of pos {pos} to {}", self.peers[peer]);
+        let op = self.op_of(body, what)?;
         let o = &self.ops[op];
         let OpKind::Send {
             to: sent_to,
@@ -287,14 +387,15 @@ impl Model {
         else {
             return fail(
                 ViolationKind::WrongRecord,
-                format!("{what} carries append op {op}"),
+                format!("{} carries append op {op}", what()),
             );
         };
         if &*self.peers[o.client] != from || sent_to != to {
             return fail(
                 ViolationKind::WrongRecord,
                 format!(
-                    "{what}: op {op} was from {} to {sent_to:?}, shown from {from} to {to:?}",
+                    "{}: op {op} was from {} to {sent_to:?}, shown from {from} to {to:?}",
+                    what(),
                     self.peers[o.client]
                 ),
             );
@@ -302,7 +403,7 @@ impl Model {
         if !recipients.contains(&peer) {
             return fail(
                 ViolationKind::WrongRecord,
-                format!("{what}: op {op} is not for this peer"),
+                format!("{}: op {op} is not for this peer", what()),
             );
         }
         self.fix_pos(pos, op, "delivered")
@@ -344,7 +445,12 @@ impl Model {
     /// After a recovery, `peer`'s inbox replayed from its cursor `acked`: every acknowledged
     /// message for it past the cursor must be there.
     pub fn audit_inbox(&self, peer: usize, acked: u64, shown: &BTreeSet<u64>) -> Checked {
-        for (pos, op) in self.inbox.range(acked + 1..) {
+        let from = usize::try_from(acked + 1).unwrap_or(usize::MAX);
+        for (pos, op) in self.inbox.iter().enumerate().skip(from) {
+            if *op == NO_OP {
+                continue;
+            }
+            let pos = &(pos as u64);
             let o = &self.ops[*op];
             let OpKind::Send { recipients, .. } = &o.kind else {
                 continue;
@@ -400,19 +506,7 @@ impl Model {
             );
         }
         for e in events {
-            let what = format!("conv {conv} seq {}", e.seq);
-            let op = self.op_of(&e.body, &what)?;
-            let o = &self.ops[op];
-            match &o.kind {
-                OpKind::Append { conv: c, .. } if c == conv && self.peers[o.client] == e.from => {}
-                _ => {
-                    return fail(
-                        ViolationKind::WrongRecord,
-                        format!("{what} shows op {op} ({:?} from {})", o.kind, e.from),
-                    )
-                }
-            }
-            self.fix_seq(conv, e.seq, op, "read back")?;
+            self.on_event(conv, e.seq, &e.from, &e.body)?;
         }
         Ok(())
     }
@@ -455,7 +549,7 @@ impl Model {
             };
             for pos in &o.acks {
                 for r in recipients {
-                    if !self.delivered[*r].contains(pos) {
+                    if !self.delivered[*r].contains(*pos) {
                         return fail(
                             ViolationKind::NotDelivered,
                             format!(
@@ -473,5 +567,36 @@ impl Model {
     /// Acknowledgements received, over all operations.
     pub fn acks(&self) -> u64 {
         self.ops.iter().map(|o| o.acks.len() as u64).sum()
+    }
+}
+
+/// The operation id a simulated body starts with (`{"op":ID,`), if it does.
+fn op_id_of(body: &[u8]) -> Option<usize> {
+    let digits = body.strip_prefix(br#"{"op":"#)?;
+    let n = digits.iter().take_while(|b| b.is_ascii_digit()).count();
+    if n == 0 || n > 18 || digits.get(n) != Some(&b',') {
+        return None;
+    }
+    std::str::from_utf8(&digits[..n]).ok()?.parse().ok()
+}
+
+/// A set of inbox positions, as a bitmap: positions are dense from 1, and a peer receives a
+/// good share of them.
+#[derive(Debug, Clone, Default)]
+pub struct PosSet(Vec<u64>);
+
+impl PosSet {
+    pub fn insert(&mut self, pos: u64) {
+        let (word, bit) = ((pos / 64) as usize, pos % 64);
+        if self.0.len() <= word {
+            self.0.resize(word + 1, 0);
+        }
+        self.0[word] |= 1 << bit;
+    }
+
+    pub fn contains(&self, pos: u64) -> bool {
+        self.0
+            .get((pos / 64) as usize)
+            .is_some_and(|w| w & (1 << (pos % 64)) != 0)
     }
 }

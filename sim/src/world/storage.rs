@@ -1,0 +1,452 @@
+//! The storage side of the glue: WAL writes and their completion, power loss, restarts,
+//! recovery from the simulated disks, and the audit after each recovery.
+
+use super::*;
+
+impl Simulation {
+    pub(super) fn start_write(&mut self, shard: ShardIdx, w: WalWrite) {
+        let id = self.next_write;
+        self.next_write += 1;
+        self.counters.wal_writes += 1;
+        let latency = self
+            .rng
+            .random_range(self.options.fsync_latency_min_ms..=self.options.fsync_latency_max_ms);
+        trace!(
+            self,
+            "s{shard} wal write {id} seg={}{} lsn={}..={} bytes={} delete={:?} done in {latency}ms",
+            w.segment,
+            if w.create { " (new)" } else { "" },
+            w.first_lsn,
+            w.last_lsn,
+            w.bytes.len(),
+            w.delete
+        );
+        // The acks taken in so far are all in this write only if nothing taken in is left
+        // unwritten (a frame cut at wal_batch_bytes_max may go first, the cursor records
+        // after it): only then does this write's completion make them durable.
+        let all_polled = self.hosts[shard as usize].shard.all_polled();
+        let acks = if shard == self.mesh_shard && all_polled {
+            self.model.ack_snapshot()
+        } else {
+            Vec::new()
+        };
+        // The node's file steps run when the write completes (or, cut short, when the power
+        // fails while it is in flight: `crash`).
+        let host = &mut self.hosts[shard as usize];
+        host.inflight = Some(Inflight { id, write: w, acks });
+        self.schedule_at(self.now + latency, Event::WalDone { shard, write: id });
+    }
+
+    /// The fault a completing write runs into, if any: a full disk, or (while faults are on)
+    /// ENOSPC or EIO at one of its file steps, chosen from a dry run of those steps.
+    fn write_fault(&mut self, s: usize, w: &WalWrite) -> Option<Fault> {
+        if self.hosts[s].disk_full {
+            return Some(Fault::Full);
+        }
+        if self.phase != Phase::Faults || !self.rng.random_bool(self.options.enospc_probability) {
+            return None;
+        }
+        let mut dry = self.hosts[s].disk.clone();
+        dry.set_fault(None);
+        let planted = self.hosts[s].shard.config().planted;
+        let _ = store::perform(&mut dry, w, &planted);
+        let failable: Vec<(usize, &str)> = dry
+            .step_ops()
+            .iter()
+            .enumerate()
+            .filter(|(_, op)| ["create", "write", "append", "fdatasync"].contains(op))
+            .map(|(i, op)| (i, *op))
+            .collect();
+        if failable.is_empty() {
+            return None;
+        }
+        let (step, op) = failable[self.rng.random_range(0..failable.len())];
+        let sectors = if op == "fdatasync" {
+            usize::MAX
+        } else {
+            self.rng.random_range(0..4)
+        };
+        let drop_pages = self.rng.random_bool(0.5);
+        Some(Fault::FailAt {
+            step,
+            sectors,
+            drop_pages,
+        })
+    }
+
+    pub(super) fn wal_done(&mut self, shard: ShardIdx, id: u64) -> Checked {
+        let s = shard as usize;
+        if !self.node_up {
+            return Ok(());
+        }
+        let Some(inflight) = self.hosts[s].inflight.take_if(|i| i.id == id) else {
+            return Ok(()); // the write died with a crashed incarnation
+        };
+        let w = &inflight.write;
+        let fault = self.write_fault(s, w);
+        let planted = self.hosts[s].shard.config().planted;
+        self.hosts[s].disk.set_fault(fault);
+        let result = store::perform(&mut self.hosts[s].disk, w, &planted);
+        self.hosts[s].disk.set_fault(None);
+        if let Err(f) = result {
+            self.counters.faults += 1;
+            trace!(
+                self,
+                "s{shard} wal write {id} failed ({fault:?}): {} (cut back: {})",
+                f.error,
+                f.cleaned
+            );
+            let no_space = f.error.kind == fabric_shard::store::StoreErrorKind::NoSpace;
+            let reason = f.error.to_string();
+            self.hosts[s]
+                .shard
+                .handle_wal_failed(self.now, no_space, &reason);
+            let failure = match (f.cleaned, no_space) {
+                (false, _) => ShardFailure::Unrecoverable,
+                (true, true) => ShardFailure::NoSpace,
+                (true, false) => ShardFailure::Storage,
+            };
+            return self.shard_failed(shard, failure);
+        }
+        self.learn_synced(shard, Some(w.segment))?;
+        self.model.ack_durable(&inflight.acks);
+        trace!(
+            self,
+            "s{shard} wal write {id} durable up to lsn {}",
+            w.last_lsn
+        );
+        self.hosts[s].shard.handle_wal_done(self.now, w.last_lsn);
+        // As the node's glue does: the next batch is framed into this write's buffer, so a
+        // recycled buffer that kept old bytes would show up as corrupt WAL in the checkers.
+        self.hosts[s].shard.recycle_wal_buffer(inflight.write.bytes);
+        self.probe_retention(shard);
+        Ok(())
+    }
+
+    /// What the node's supervisor does with a failed shard (`fabric_router::supervise`):
+    /// recover at once refusing writes (disk full), or after a backoff, answering
+    /// `unavailable` meanwhile.
+    fn shard_failed(&mut self, shard: ShardIdx, failure: ShardFailure) -> Checked {
+        let s = shard as usize;
+        let decision = self.hosts[s].supervision.handle_failure(self.now, failure);
+        trace!(self, "s{shard} failed ({failure:?}): {decision:?}");
+        match decision {
+            Decision::RecoverRefusingWrites { writes_from_ms } => {
+                self.restart_after_failure(shard)?;
+                self.hosts[s]
+                    .shard
+                    .handle_storage_full(self.now, writes_from_ms);
+            }
+            Decision::RestartAt { at_ms } => {
+                self.hosts[s].down = true;
+                let epoch = self.hosts[s].epoch;
+                self.schedule_at(at_ms, Event::ShardRestart { shard, epoch });
+            }
+            Decision::StayDown => {
+                return fail(
+                    ViolationKind::RecoveryRefused,
+                    format!("s{shard} stays down: a failed write could not be cut back"),
+                )
+            }
+        }
+        Ok(())
+    }
+
+    /// Retention starts (and evicts conversation entries, and their idempotency keys, from
+    /// memory) only in `handle_wal_done`; a one-entry read from seq 1 right after shows what is
+    /// left, so the checker knows which keys the shard may have forgotten.
+    pub(super) fn probe_retention(&mut self, shard: ShardIdx) {
+        if self.options.retention_bytes_max >= RETENTION_OFF_BYTES {
+            return;
+        }
+        let probe = *self.probe.get_or_insert_with(|| {
+            let s = self.next_session;
+            self.next_session += 1;
+            s
+        });
+        for (i, conv) in self.model.conv_names().into_iter().enumerate() {
+            if self.conv_shard(&conv) != shard {
+                continue;
+            }
+            let read = ShardOp::Read {
+                r: i as u64,
+                mesh: MESH.into(),
+                conv,
+                from: 1,
+                limit: 1,
+            };
+            self.hosts[shard as usize].shard.handle_requests(
+                self.now,
+                [Request {
+                    session: probe,
+                    op: read,
+                }],
+            );
+        }
+    }
+
+    /// Power loss: every shard, its in-flight write, its input and every connection die
+    /// together, silently: clients find out by their idle timeouts, or by a reset once the
+    /// node is back.
+    pub(super) fn crash(&mut self) -> Checked {
+        self.counters.crashes += 1;
+        self.node_up = false;
+        let faults = CrashFaults {
+            torn_write_probability: self.options.torn_write_probability,
+            tail_corruption_probability: self.options.tail_corruption_probability,
+        };
+        for s in 0..self.hosts.len() {
+            // A write in flight stops after a random number of the node's file steps.
+            if let Some(inflight) = self.hosts[s].inflight.take() {
+                let mut dry = self.hosts[s].disk.clone();
+                let planted = self.hosts[s].shard.config().planted;
+                let _ = store::perform(&mut dry, &inflight.write, &planted);
+                let steps = self.rng.random_range(0..=dry.steps());
+                let disk = &mut self.hosts[s].disk;
+                disk.set_fault(Some(Fault::CrashAfter { steps }));
+                let _ = store::perform(disk, &inflight.write, &planted);
+                trace!(
+                    self,
+                    "CRASH s{s} after {steps} file steps of the write in flight"
+                );
+            }
+            let report = self.hosts[s].disk.crash(&mut self.rng, faults);
+            self.counters.faults += report.faults();
+            trace!(self, "CRASH s{s} {report:?}");
+            let h = &mut self.hosts[s];
+            h.epoch += 1;
+            h.inflight = None;
+            h.input.clear();
+            h.down = false;
+            // A new process: the supervisor's history starts over.
+            h.supervision = Supervision::new(restart_policy());
+        }
+        // `known_conns` survives: the clients' ends of those connections survive the crash.
+        self.conns.clear();
+        self.sessions.clear();
+        self.dirty.clear();
+        Ok(())
+    }
+
+    /// The node boots: every shard recovers from its disk and is audited.
+    pub(super) fn restart_node(&mut self) -> Checked {
+        trace!(self, "node boots");
+        for s in 0..self.hosts.len() {
+            self.reincarnate(s as ShardIdx)?;
+        }
+        self.node_up = true;
+        Ok(())
+    }
+
+    /// The glue restarts a shard whose WAL write failed and closes the sessions attached to the
+    /// old incarnation (each session core decides how); their clients reconnect.
+    pub(super) fn restart_after_failure(&mut self, shard: ShardIdx) -> Checked {
+        self.counters.restarts += 1;
+        self.hosts[shard as usize].down = false;
+        trace!(self, "s{shard} restart after storage failure");
+        self.reincarnate(shard)?;
+        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
+        for id in ids {
+            let k = self.conns.get_mut(&id).expect("listed");
+            k.session.handle_shard_restarted(self.now, shard);
+            self.dirty.insert(id);
+        }
+        Ok(())
+    }
+
+    /// A new incarnation of `shard`, recovered from its disk and audited.
+    pub(super) fn reincarnate(&mut self, shard: ShardIdx) -> Checked {
+        self.http_forget(shard);
+        let host = &mut self.hosts[shard as usize];
+        host.epoch += 1;
+        host.inflight = None;
+        host.input.clear();
+        if shard == self.mesh_shard {
+            self.model.restart();
+        }
+        self.recover(shard)?;
+        self.audit(shard)
+    }
+
+    /// Recovery exactly as the node does it (`fabric_shard::store::recover` on the shard's
+    /// disk), after maybe one corrupted read of synced data that must be refused.
+    pub(super) fn recover(&mut self, shard: ShardIdx) -> Checked {
+        let s = shard as usize;
+        let config = self.options.shard_config(shard);
+        if let Some(armed) = self.hosts[s].flip.take() {
+            let flip = self.hosts[s].disk.pick_read_flip_in(
+                &mut self.rng,
+                armed.segment,
+                armed.offset_min.map(|o| o as usize),
+                armed.offset_max.map(|o| o as usize),
+            );
+            if let Some(flip) = flip {
+                self.counters.faults += 1;
+                self.hosts[s].disk.flip_next_read(flip);
+                match store::recover(&mut self.hosts[s].disk, config.clone()) {
+                    Err(RecoverError::Corrupt { file, offset, .. }) => {
+                        trace!(
+                            self,
+                            "s{shard} read corruption {flip:?} refused: {file} at {offset}"
+                        );
+                    }
+                    Err(e) => return fail(
+                        ViolationKind::RecoveryRefused,
+                        format!(
+                            "s{shard} read corruption {flip:?} refused with the wrong error: {e}"
+                        ),
+                    ),
+                    Ok((_, report)) => {
+                        return fail(
+                            ViolationKind::CorruptionAccepted,
+                            format!(
+                                "s{shard} recovery accepted {flip:?} in synced data: {report:?}"
+                            ),
+                        )
+                    }
+                }
+            }
+        }
+        let (recovered, report) = match store::recover(&mut self.hosts[s].disk, config) {
+            Ok(x) => x,
+            Err(e) => {
+                return fail(
+                    ViolationKind::RecoveryRefused,
+                    format!("s{shard} recovery refused a sound disk: {e}"),
+                )
+            }
+        };
+        self.hosts[s].shard = recovered;
+        trace!(self, "s{shard} recovered {report:?}");
+        self.learn_synced(shard, None)?;
+        Ok(())
+    }
+
+    /// Reads back every conversation of a fresh incarnation and, on the mesh's shard, replays
+    /// every inbox (checkers 1, 2 and 6), on sessions of its own that it closes again.
+    pub(super) fn audit(&mut self, shard: ShardIdx) -> Checked {
+        let s = shard as usize;
+        let audit = self.next_session;
+        self.next_session += 1;
+        for conv in self.model.conv_names() {
+            if self.conv_shard(&conv) != shard {
+                continue;
+            }
+            let read = ShardOp::Read {
+                r: 0,
+                mesh: MESH.into(),
+                conv: conv.clone(),
+                from: 1,
+                limit: fabric_proto::READ_LIMIT_MAX,
+            };
+            self.hosts[s].shard.handle_requests(
+                self.now,
+                [Request {
+                    session: audit,
+                    op: read,
+                }],
+            );
+            let mut got = None;
+            while let Some(o) = self.hosts[s].shard.poll_output() {
+                match o.reply {
+                    Reply::Messages { events, head, .. } => got = Some((events, head)),
+                    r => {
+                        return fail(
+                            ViolationKind::UnexpectedReply,
+                            format!("audit read got {r:?}"),
+                        )
+                    }
+                }
+            }
+            let Some((events, head)) = got else {
+                return fail(ViolationKind::UnexpectedReply, "audit read got no reply");
+            };
+            self.model.audit_conv(&conv, &events, head)?;
+        }
+        if shard == self.mesh_shard {
+            for c in 0..self.clients.len() {
+                self.audit_inbox(c)?;
+            }
+        }
+        trace!(self, "s{shard} audit passed");
+        Ok(())
+    }
+
+    /// Replays peer `c`'s inbox from its cursor on a fresh incarnation of the mesh's shard.
+    pub(super) fn audit_inbox(&mut self, c: usize) -> Checked {
+        let s = self.mesh_shard as usize;
+        let session = self.next_session;
+        self.next_session += 1;
+        let hello = ShardOp::Hello {
+            mesh: MESH.into(),
+            peer: self.clients[c].peer.clone(),
+            token: self.clients[c].token.clone(),
+            proof: None,
+        };
+        self.hosts[s]
+            .shard
+            .handle_requests(self.now, [Request { session, op: hello }]);
+        let mut cursor = None;
+        let mut shown = BTreeSet::new();
+        loop {
+            let mut frames = 0;
+            while let Some(o) = self.hosts[s].shard.poll_output() {
+                match o.reply {
+                    Reply::Frame(ServerOp::Welcome { acked, head, .. }) => {
+                        self.model.on_welcome(c, acked, head)?;
+                        cursor = Some(acked);
+                    }
+                    Reply::Frame(ServerOp::Deliver {
+                        pos,
+                        from,
+                        to,
+                        body,
+                        ..
+                    }) => {
+                        self.model.on_deliver(c, pos, &from, &to, &body)?;
+                        if shown.last().is_some_and(|l| *l >= pos) {
+                            return fail(
+                                ViolationKind::WrongRecord,
+                                format!(
+                                    "audit replay of {} out of order at pos {pos}",
+                                    self.clients[c].peer
+                                ),
+                            );
+                        }
+                        shown.insert(pos);
+                        frames += 1;
+                    }
+                    r => {
+                        return fail(
+                            ViolationKind::UnexpectedReply,
+                            format!("audit hello got {r:?}"),
+                        )
+                    }
+                }
+            }
+            if frames == 0 {
+                break;
+            }
+            let flushed = ShardOp::Flushed { frames };
+            self.hosts[s].shard.handle_requests(
+                self.now,
+                [Request {
+                    session,
+                    op: flushed,
+                }],
+            );
+        }
+        let Some(acked) = cursor else {
+            return fail(ViolationKind::UnexpectedReply, "audit hello got no welcome");
+        };
+        self.model.audit_inbox(c, acked, &shown)?;
+        self.hosts[s].shard.handle_requests(
+            self.now,
+            [Request {
+                session,
+                op: ShardOp::Closed,
+            }],
+        );
+        Ok(())
+    }
+}
