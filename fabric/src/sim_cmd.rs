@@ -33,8 +33,10 @@ pub struct SimArgs {
     /// Threads for --seeds (default: one per core).
     #[arg(long)]
     threads: Option<usize>,
-    /// Plant a known bug in the cores (proves the checkers catch it): ack_before_fsync,
-    /// skip_crc_on_recovery or lose_cursor_update.
+    /// Plant a known bug (proves the checkers catch it): ack_before_fsync,
+    /// skip_crc_on_recovery, lose_cursor_update, cut_any_damage_in_newest_segment,
+    /// no_dir_fsync_on_segment_create, trust_page_cache_after_failed_sync or
+    /// no_sync_after_recovery. Only `fabric sim` can plant them; `fabric serve` never does.
     #[arg(long)]
     planted: Option<String>,
     /// Print one line per event, with simulated time (--seed only).

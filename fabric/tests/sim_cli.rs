@@ -98,3 +98,15 @@ fn sim_planted_bug_fails_writes_a_schedule_and_replays() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("unknown planted bug"));
 }
+
+#[test]
+fn sim_help_lists_every_planted_bug_and_serve_takes_none() {
+    // Proves every planted bug the simulator knows is named in `fabric sim --help`, and that
+    // `fabric serve` has no way to plant one.
+    let help = stdout(&fabric().args(["sim", "--help"]).output().unwrap());
+    for name in fabric_sim::options::planted_names::ALL {
+        assert!(help.contains(name), "{name} missing from --help");
+    }
+    let serve = stdout(&fabric().args(["serve", "--help"]).output().unwrap());
+    assert!(!serve.contains("planted"), "{serve}");
+}

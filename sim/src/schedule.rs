@@ -34,6 +34,12 @@ pub enum FaultEvent {
     Crash {
         node: u32,
     },
+    /// The node's process dies (SIGKILL, OOM) but the machine does not: sessions and the write
+    /// in flight stop (after any of its file steps), the page cache survives, unsynced bytes
+    /// included, until a later power loss.
+    Kill {
+        node: u32,
+    },
     /// The node boots and recovers from its disks (nothing if it is up).
     Restart {
         node: u32,
@@ -209,7 +215,9 @@ impl Schedule {
                 return bad("at_ms must be inside the fault phase (below options.duration_ms)");
             }
             let ok = match &t.event {
-                FaultEvent::Crash { node } | FaultEvent::Restart { node } => *node < o.nodes,
+                FaultEvent::Crash { node }
+                | FaultEvent::Kill { node }
+                | FaultEvent::Restart { node } => *node < o.nodes,
                 FaultEvent::Partition { a, b, .. } => {
                     a.iter().chain(b).all(endpoint_ok) && !a.is_empty() && !b.is_empty()
                 }
@@ -271,7 +279,14 @@ fn generate_events(seed: u64, o: &SimOptions) -> Vec<Timed> {
                 };
                 push(&mut events, t, corrupt);
             }
-            push(&mut events, t, FaultEvent::Crash { node: 0 });
+            // Some crashes are of the process only: what it read back from the page cache
+            // must be synced before it is served, or a later power loss takes it.
+            let down = if rng.random_bool(0.3) {
+                FaultEvent::Kill { node: 0 }
+            } else {
+                FaultEvent::Crash { node: 0 }
+            };
+            push(&mut events, t, down);
             let down = rng.random_range(0..=o.restart_delay_ms_max);
             push(&mut events, t + down, FaultEvent::Restart { node: 0 });
             t += down + gap(&mut rng, o.crash_interval_ms_mean);

@@ -54,14 +54,13 @@ fn planted_ack_before_fsync_is_caught_as_an_ok_before_durable() {
 
 #[test]
 fn planted_skip_crc_on_recovery_is_caught_as_an_invented_record() {
-    // Proves checker 2 catches a recovery that skips checksums: a crash tears the in-flight
-    // write and flips a bit inside a message body in the surviving tail, or zero-fills the
-    // torn sectors of a record whose length survived; the length and LSN are intact, so only
-    // the checksum can tell, the payload still decodes, recovery keeps it, and the audit (or
-    // a delivery) shows a body no client ever wrote (bodies carry their op id twice, so one
-    // flipped bit never yields another valid body). Read corruption of a sealed segment is
-    // accepted too (checker 5). Without tears and bit flips, skipping checksums changes
-    // nothing, so the control run passes.
+    // Proves checkers 2 and 5 catch a recovery that skips record checksums: read corruption
+    // of synced data (a sealed segment, or the newest before its final write) is accepted
+    // (checker 5); and a crash that tears the in-flight write and flips a bit inside a message
+    // body of a frame that otherwise survived whole leaves a record only its checksum could
+    // refuse, so the audit or a delivery shows a body no client ever wrote (checker 2; rarer
+    // now that a torn frame's header usually gives the tear away). Without tears and bit
+    // flips, skipping checksums changes nothing, so the control run passes.
     let bug = |p: &mut PlantedBugs| p.skip_crc_on_recovery = true;
     let (kinds, first) = sweep(planted(bug));
     let invented = kinds.get(&ViolationKind::WrongRecord).copied().unwrap_or(0);
@@ -69,9 +68,24 @@ fn planted_skip_crc_on_recovery_is_caught_as_an_invented_record() {
         .get(&ViolationKind::CorruptionAccepted)
         .copied()
         .unwrap_or(0);
-    assert!(invented >= 5 && accepted >= 5, "found only {kinds:?}");
+    assert!(invented + accepted >= 5, "found only {kinds:?}");
     println!(
         "skip_crc_on_recovery: {kinds:?}\n{}",
+        first.unwrap_or_default()
+    );
+    // Torn tails with a flipped body in every crash: the invented record itself.
+    let (tails, first) = sweep(|o| {
+        bug(&mut o.planted);
+        o.read_corruption_probability = 0.0;
+        o.torn_write_probability = 1.0;
+        o.tail_corruption_probability = 1.0;
+        o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 1_000);
+    });
+    let invented = tails.get(&ViolationKind::WrongRecord).copied().unwrap_or(0)
+        + tails.get(&ViolationKind::NotDurable).copied().unwrap_or(0);
+    assert!(invented >= 1, "torn tails: found only {tails:?}");
+    println!(
+        "skip_crc_on_recovery, torn tails: {tails:?}\n{}",
         first.unwrap_or_default()
     );
     let (control, first) = sweep(|o| {
@@ -116,20 +130,96 @@ fn planted_lose_cursor_update_is_caught_by_the_cursor_checker() {
 
 #[test]
 fn planted_glue_without_recovery_fsync_is_caught() {
-    // Proves the simulated glue must fsync after recovery (fabric/src/storage.rs does so only
-    // when it truncates): after a failed write, a restart serves records that exist only in
-    // the page cache; a later power loss takes them, and their positions and seqs are reused
-    // for other messages (checker 2), or an acknowledged record behind the hole is cut as a
-    // torn tail (checker 1), or the hole sits in a sealed segment and recovery refuses. Failed
-    // writes are made common here, since the bug needs one followed by a power loss.
+    // Proves the node's file steps must sync what recovery read: after a process crash (the
+    // page cache survives), a restart serves records that exist only in the page cache; a
+    // later power loss takes them, and an ok, a delivery or a read named a record that was
+    // never durable (checker 7), or their positions are reused (checker 2).
     let (kinds, first) = sweep(|o| {
-        o.sync_after_recovery = false;
-        o.enospc_probability = o.enospc_probability.max(0.1);
+        o.planted.no_sync_after_recovery = true;
         o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
     });
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
     println!(
         "no fsync after recovery: {kinds:?}\n{}",
+        first.unwrap_or_default()
+    );
+}
+
+#[test]
+fn planted_cut_any_damage_in_newest_segment_is_caught_by_a_bit_flip_in_synced_data() {
+    // Proves the simulator sees the audit's truncation bug: rot (a flipped bit) in synced,
+    // acknowledged data of the newest segment must refuse to start, and a recovery that cuts
+    // any damage in the newest segment as a torn tail accepts it (checker 5). Without read
+    // corruption the bug has nothing to cut wrongly, so the control run passes.
+    let bug = |p: &mut PlantedBugs| p.cut_any_damage_in_newest_segment = true;
+    let (kinds, first) = sweep(|o| {
+        bug(&mut o.planted);
+        o.read_corruption_probability = o.read_corruption_probability.max(0.5);
+        o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 5_000);
+    });
+    let accepted = kinds
+        .get(&ViolationKind::CorruptionAccepted)
+        .copied()
+        .unwrap_or(0);
+    assert!(accepted >= SEEDS / 10, "found only {kinds:?}");
+    println!(
+        "cut_any_damage_in_newest_segment: {kinds:?}\n{}",
+        first.unwrap_or_default()
+    );
+    let (control, first) = sweep(|o| {
+        bug(&mut o.planted);
+        o.read_corruption_probability = 0.0;
+        o.tail_corruption_probability = 0.0;
+    });
+    assert!(
+        control.is_empty(),
+        "{control:?}\n{}",
+        first.unwrap_or_default()
+    );
+}
+
+#[test]
+fn planted_trust_page_cache_after_failed_sync_is_caught_when_pages_are_dropped() {
+    // Proves the fsyncgate rule matters: a node that keeps what a failed fdatasync left in the
+    // page cache (instead of cutting the write back) reads it back after its restart and
+    // serves it; when the kernel had dropped those pages, a later power loss turns them into
+    // zeros under acknowledged data, and recovery refuses or an acknowledged write is lost.
+    // Without failed writes the bug does nothing, so the control run passes.
+    let bug = |p: &mut PlantedBugs| p.trust_page_cache_after_failed_sync = true;
+    let (kinds, first) = sweep(|o| {
+        bug(&mut o.planted);
+        o.enospc_probability = o.enospc_probability.max(0.05);
+        o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
+    });
+    assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
+    println!(
+        "trust_page_cache_after_failed_sync: {kinds:?}\n{}",
+        first.unwrap_or_default()
+    );
+    let (control, first) = sweep(|o| {
+        bug(&mut o.planted);
+        o.enospc_probability = 0.0;
+        o.disk_full_interval_ms_mean = 0;
+    });
+    assert!(
+        control.is_empty(),
+        "{control:?}\n{}",
+        first.unwrap_or_default()
+    );
+}
+
+#[test]
+fn planted_no_dir_fsync_on_segment_create_is_caught() {
+    // Proves the directory fsync that makes a new segment (and the manifest listing it)
+    // durable matters: without it a power loss takes a segment holding acknowledged records.
+    let bug = |p: &mut PlantedBugs| p.no_dir_fsync_on_segment_create = true;
+    let (kinds, first) = sweep(|o| {
+        bug(&mut o.planted);
+        o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
+    });
+    assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
+    println!(
+        "no_dir_fsync_on_segment_create: {kinds:?}\n{}",
         first.unwrap_or_default()
     );
 }

@@ -966,6 +966,12 @@ impl Simulation {
         }
         trace!(self, "FAULT {event:?}");
         match event {
+            FaultEvent::Kill { .. } => {
+                if self.node_up {
+                    self.crash_process(false)?;
+                    self.http.clear();
+                }
+            }
             FaultEvent::Crash { .. } => {
                 if self.node_up {
                     self.crash()?;

@@ -189,6 +189,12 @@ impl Simulation {
     /// together, silently: clients find out by their idle timeouts, or by a reset once the
     /// node is back.
     pub(super) fn crash(&mut self) -> Checked {
+        self.crash_process(true)
+    }
+
+    /// The node's process dies; with `power_loss`, the machine too (the disks lose what was
+    /// not synced). Without it the page cache survives, unsynced bytes included.
+    pub(super) fn crash_process(&mut self, power_loss: bool) -> Checked {
         self.counters.crashes += 1;
         self.node_up = false;
         let faults = CrashFaults {
@@ -210,9 +216,14 @@ impl Simulation {
                     "CRASH s{s} after {steps} file steps of the write in flight"
                 );
             }
-            let report = self.hosts[s].disk.crash(&mut self.rng, faults);
-            self.counters.faults += report.faults();
-            trace!(self, "CRASH s{s} {report:?}");
+            self.hosts[s].disk.set_fault(None);
+            if power_loss {
+                let report = self.hosts[s].disk.crash(&mut self.rng, faults);
+                self.counters.faults += report.faults();
+                trace!(self, "CRASH s{s} {report:?}");
+            } else {
+                trace!(self, "KILL s{s}: the page cache survives");
+            }
             let h = &mut self.hosts[s];
             h.epoch += 1;
             h.inflight = None;
@@ -290,12 +301,14 @@ impl Simulation {
                             "s{shard} read corruption {flip:?} refused: {file} at {offset}"
                         );
                     }
-                    Err(e) => return fail(
-                        ViolationKind::RecoveryRefused,
-                        format!(
+                    Err(e) => {
+                        return fail(
+                            ViolationKind::RecoveryRefused,
+                            format!(
                             "s{shard} read corruption {flip:?} refused with the wrong error: {e}"
                         ),
-                    ),
+                        )
+                    }
                     Ok((_, report)) => {
                         return fail(
                             ViolationKind::CorruptionAccepted,
