@@ -194,7 +194,16 @@ mod tests {
             },
         ];
         shard.handle_requests(0, ops.map(|op| Request { session: 1, op }));
-        shard.poll_wal().expect("a write").bytes
+        let w = shard.poll_wal().expect("a write");
+        // A segment as the file steps leave it: its header, then the write's frame.
+        let header = wal::SegmentHeader {
+            shard: 0,
+            segment: w.segment,
+            first_lsn: w.first_lsn,
+        };
+        let mut segment = header.encode().to_vec();
+        segment.extend_from_slice(&w.bytes);
+        segment
     }
 
     #[test]
