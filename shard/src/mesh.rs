@@ -153,15 +153,7 @@ impl Mesh {
     }
 
     pub(crate) fn is_recipient(&self, msg: &InboxMsg, peer: u32) -> bool {
-        let p = &self.peers[peer as usize];
-        if p.placeholder {
-            return false;
-        }
-        match &msg.to {
-            StoredTarget::Peer(to) => *to == peer,
-            StoredTarget::Group(g) => p.groups.iter().any(|x| x == g),
-            StoredTarget::All => msg.from != peer,
-        }
+        is_recipient(&self.peers, msg, peer)
     }
 
     /// The defined peers a message from `from` to `to` is for, by the protocol's rules.
@@ -200,16 +192,15 @@ impl Mesh {
         self.peers[peer as usize].acked = upto;
         let mut released = 0;
         let mut done = Vec::new();
-        let positions: Vec<u64> = self.log.range(from + 1..=upto).map(|(p, _)| *p).collect();
-        for pos in positions {
-            if !self.is_recipient(&self.log[&pos], peer) {
+        let peers = &self.peers;
+        for (pos, msg) in self.log.range_mut(from + 1..=upto) {
+            if !is_recipient(peers, msg, peer) {
                 continue;
             }
-            let msg = self.log.get_mut(&pos).expect("listed");
             released += msg.bytes();
             msg.pending = msg.pending.saturating_sub(1);
             if msg.pending == 0 {
-                done.push((pos, msg.lsn));
+                done.push((*pos, msg.lsn));
             }
         }
         let p = &mut self.peers[peer as usize];
@@ -250,5 +241,18 @@ impl Mesh {
             self.log.remove(pos);
         }
         done
+    }
+}
+
+/// Whether `peer` is one of `msg`'s recipients (the protocol's rules; placeholders never are).
+fn is_recipient(peers: &[Peer], msg: &InboxMsg, peer: u32) -> bool {
+    let p = &peers[peer as usize];
+    if p.placeholder {
+        return false;
+    }
+    match &msg.to {
+        StoredTarget::Peer(to) => *to == peer,
+        StoredTarget::Group(g) => p.groups.iter().any(|x| x == g),
+        StoredTarget::All => msg.from != peer,
     }
 }
