@@ -165,7 +165,7 @@ async fn get_once(s: &mut TcpStream, path: &str) -> String {
 
 /// The value of series `name` whose labels include each of `labels` (`k="v"` strings).
 async fn metric(base: &str, name: &str, labels: &[&str]) -> f64 {
-    let text = metrics_text(&base).await;
+    let text = metrics_text(base).await;
     text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
         .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())

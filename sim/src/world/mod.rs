@@ -1035,6 +1035,11 @@ fn frame_bytes(f: &OutFrame) -> Bytes {
     Bytes::from(b)
 }
 
+/// The node's restart policy (`fabric serve` defaults).
+fn restart_policy() -> RestartPolicy {
+    RestartPolicy::default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1134,9 +1139,4 @@ mod tests {
         let e = sim.check_no_leaked_sessions().unwrap_err();
         assert_eq!(e.kind, ViolationKind::LeakedSession, "{e:?}");
     }
-}
-
-/// The node's restart policy (`fabric serve` defaults).
-fn restart_policy() -> RestartPolicy {
-    RestartPolicy::default()
 }
