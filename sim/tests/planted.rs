@@ -32,11 +32,33 @@ fn planted(bug: impl Fn(&mut PlantedBugs)) -> impl Fn(&mut SimOptions) {
     move |o| bug(&mut o.planted)
 }
 
+/// Runs the seeds with `tweak` and prints what they found under `name` (with the first
+/// violation in full); returns the counts by kind.
+fn found(name: &str, tweak: impl Fn(&mut SimOptions)) -> BTreeMap<ViolationKind, u64> {
+    let (kinds, first) = sweep(tweak);
+    println!("{name}: {kinds:?}\n{}", first.unwrap_or_default());
+    kinds
+}
+
+/// How many seeds failed with any of `which`.
+fn count(kinds: &BTreeMap<ViolationKind, u64>, which: &[ViolationKind]) -> u64 {
+    which.iter().filter_map(|k| kinds.get(k)).sum()
+}
+
+/// The control run: with `tweak` (the bug planted, the fault it needs off) no seed fails.
+fn silent(tweak: impl Fn(&mut SimOptions)) {
+    let (control, first) = sweep(tweak);
+    assert!(
+        control.is_empty(),
+        "{control:?}\n{}",
+        first.unwrap_or_default()
+    );
+}
+
 #[test]
 fn planted_nothing_every_seed_passes() {
     // Proves the checkers are sound: the real core, under every fault, breaks no promise.
-    let (kinds, first) = sweep(|_| {});
-    assert!(kinds.is_empty(), "{kinds:?}\n{}", first.unwrap_or_default());
+    silent(|_| {});
 }
 
 #[test]
@@ -46,10 +68,9 @@ fn planted_ack_before_fsync_is_caught_as_an_ok_before_durable() {
     // scanner) does not yet hold the position or seq the `ok` names. No crash or failed write
     // is needed, so nearly every seed finds it; before this checker, a power loss had to take
     // the record and the post-recovery audit (checker 1) had to notice.
-    let (kinds, first) = sweep(planted(|p| p.ack_before_fsync = true));
-    let caught = kinds.get(&ViolationKind::NotDurable).copied().unwrap_or(0);
+    let kinds = found("ack_before_fsync", planted(|p| p.ack_before_fsync = true));
+    let caught = count(&kinds, &[ViolationKind::NotDurable]);
     assert!(caught >= SEEDS * 3 / 4, "found only {kinds:?}");
-    println!("ack_before_fsync: {kinds:?}\n{}", first.unwrap_or_default());
 }
 
 #[test]
@@ -62,43 +83,34 @@ fn planted_skip_crc_on_recovery_is_caught_as_an_invented_record() {
     // now that a torn frame's header usually gives the tear away). Without tears and bit
     // flips, skipping checksums changes nothing, so the control run passes.
     let bug = |p: &mut PlantedBugs| p.skip_crc_on_recovery = true;
-    let (kinds, first) = sweep(planted(bug));
-    let invented = kinds.get(&ViolationKind::WrongRecord).copied().unwrap_or(0);
-    let accepted = kinds
-        .get(&ViolationKind::CorruptionAccepted)
-        .copied()
-        .unwrap_or(0);
-    assert!(invented + accepted >= 5, "found only {kinds:?}");
-    println!(
-        "skip_crc_on_recovery: {kinds:?}\n{}",
-        first.unwrap_or_default()
+    let kinds = found("skip_crc_on_recovery", planted(bug));
+    let caught = count(
+        &kinds,
+        &[
+            ViolationKind::WrongRecord,
+            ViolationKind::CorruptionAccepted,
+        ],
     );
+    assert!(caught >= 5, "found only {kinds:?}");
     // Torn tails with a flipped body in every crash: the invented record itself.
-    let (tails, first) = sweep(|o| {
+    let tails = found("skip_crc_on_recovery, torn tails", |o| {
         bug(&mut o.planted);
         o.read_corruption_probability = 0.0;
         o.torn_write_probability = 1.0;
         o.tail_corruption_probability = 1.0;
         o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 1_000);
     });
-    let invented = tails.get(&ViolationKind::WrongRecord).copied().unwrap_or(0)
-        + tails.get(&ViolationKind::NotDurable).copied().unwrap_or(0);
-    assert!(invented >= 1, "torn tails: found only {tails:?}");
-    println!(
-        "skip_crc_on_recovery, torn tails: {tails:?}\n{}",
-        first.unwrap_or_default()
+    let invented = count(
+        &tails,
+        &[ViolationKind::WrongRecord, ViolationKind::NotDurable],
     );
-    let (control, first) = sweep(|o| {
+    assert!(invented >= 1, "torn tails: found only {tails:?}");
+    silent(|o| {
         bug(&mut o.planted);
         o.torn_write_probability = 0.0;
         o.tail_corruption_probability = 0.0;
         o.read_corruption_probability = 0.0;
     });
-    assert!(
-        control.is_empty(),
-        "{control:?}\n{}",
-        first.unwrap_or_default()
-    );
 }
 
 #[test]
@@ -108,24 +120,17 @@ fn planted_lose_cursor_update_is_caught_by_the_cursor_checker() {
     // (a lost ack only redelivers, which at-least-once allows), and without restarts the
     // in-memory cursor hides it, so the control run passes.
     let bug = |p: &mut PlantedBugs| p.lose_cursor_update = true;
-    let (kinds, first) = sweep(planted(bug));
-    let caught = kinds.get(&ViolationKind::CursorLost).copied().unwrap_or(0);
-    assert!(caught >= SEEDS / 10, "found only {kinds:?}");
-    println!(
-        "lose_cursor_update: {kinds:?}\n{}",
-        first.unwrap_or_default()
+    let kinds = found("lose_cursor_update", planted(bug));
+    assert!(
+        count(&kinds, &[ViolationKind::CursorLost]) >= SEEDS / 10,
+        "found only {kinds:?}"
     );
-    let (control, first) = sweep(|o| {
+    silent(|o| {
         bug(&mut o.planted);
         o.crash_interval_ms_mean = 0;
         o.enospc_probability = 0.0;
         o.disk_full_interval_ms_mean = 0;
     });
-    assert!(
-        control.is_empty(),
-        "{control:?}\n{}",
-        first.unwrap_or_default()
-    );
 }
 
 #[test]
@@ -134,15 +139,11 @@ fn planted_glue_without_recovery_fsync_is_caught() {
     // page cache survives), a restart serves records that exist only in the page cache; a
     // later power loss takes them, and an ok, a delivery or a read named a record that was
     // never durable (checker 7), or their positions are reused (checker 2).
-    let (kinds, first) = sweep(|o| {
+    let kinds = found("no_sync_after_recovery", |o| {
         o.planted.no_sync_after_recovery = true;
         o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
     });
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
-    println!(
-        "no fsync after recovery: {kinds:?}\n{}",
-        first.unwrap_or_default()
-    );
 }
 
 #[test]
@@ -152,30 +153,18 @@ fn planted_cut_any_damage_in_newest_segment_is_caught_by_a_bit_flip_in_synced_da
     // any damage in the newest segment as a torn tail accepts it (checker 5). Without read
     // corruption the bug has nothing to cut wrongly, so the control run passes.
     let bug = |p: &mut PlantedBugs| p.cut_any_damage_in_newest_segment = true;
-    let (kinds, first) = sweep(|o| {
+    let kinds = found("cut_any_damage_in_newest_segment", |o| {
         bug(&mut o.planted);
         o.read_corruption_probability = o.read_corruption_probability.max(0.5);
         o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 5_000);
     });
-    let accepted = kinds
-        .get(&ViolationKind::CorruptionAccepted)
-        .copied()
-        .unwrap_or(0);
+    let accepted = count(&kinds, &[ViolationKind::CorruptionAccepted]);
     assert!(accepted >= SEEDS / 10, "found only {kinds:?}");
-    println!(
-        "cut_any_damage_in_newest_segment: {kinds:?}\n{}",
-        first.unwrap_or_default()
-    );
-    let (control, first) = sweep(|o| {
+    silent(|o| {
         bug(&mut o.planted);
         o.read_corruption_probability = 0.0;
         o.tail_corruption_probability = 0.0;
     });
-    assert!(
-        control.is_empty(),
-        "{control:?}\n{}",
-        first.unwrap_or_default()
-    );
 }
 
 #[test]
@@ -186,40 +175,26 @@ fn planted_trust_page_cache_after_failed_sync_is_caught_when_pages_are_dropped()
     // zeros under acknowledged data, and recovery refuses or an acknowledged write is lost.
     // Without failed writes the bug does nothing, so the control run passes.
     let bug = |p: &mut PlantedBugs| p.trust_page_cache_after_failed_sync = true;
-    let (kinds, first) = sweep(|o| {
+    let kinds = found("trust_page_cache_after_failed_sync", |o| {
         bug(&mut o.planted);
         o.enospc_probability = o.enospc_probability.max(0.05);
         o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
     });
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
-    println!(
-        "trust_page_cache_after_failed_sync: {kinds:?}\n{}",
-        first.unwrap_or_default()
-    );
-    let (control, first) = sweep(|o| {
+    silent(|o| {
         bug(&mut o.planted);
         o.enospc_probability = 0.0;
         o.disk_full_interval_ms_mean = 0;
     });
-    assert!(
-        control.is_empty(),
-        "{control:?}\n{}",
-        first.unwrap_or_default()
-    );
 }
 
 #[test]
 fn planted_no_dir_fsync_on_segment_create_is_caught() {
     // Proves the directory fsync that makes a new segment (and the manifest listing it)
     // durable matters: without it a power loss takes a segment holding acknowledged records.
-    let bug = |p: &mut PlantedBugs| p.no_dir_fsync_on_segment_create = true;
-    let (kinds, first) = sweep(|o| {
-        bug(&mut o.planted);
+    let kinds = found("no_dir_fsync_on_segment_create", |o| {
+        o.planted.no_dir_fsync_on_segment_create = true;
         o.crash_interval_ms_mean = o.crash_interval_ms_mean.clamp(1, 2_000);
     });
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
-    println!(
-        "no_dir_fsync_on_segment_create: {kinds:?}\n{}",
-        first.unwrap_or_default()
-    );
 }
