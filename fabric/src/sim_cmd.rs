@@ -36,7 +36,10 @@ pub struct SimArgs {
     /// Plant a known bug (proves the checkers catch it): ack_before_fsync,
     /// skip_crc_on_recovery, lose_cursor_update, cut_any_damage_in_newest_segment,
     /// no_dir_fsync_on_segment_create, trust_page_cache_after_failed_sync or
-    /// no_sync_after_recovery. Only `fabric sim` can plant them; `fabric serve` never does.
+    /// no_sync_after_recovery, or in the node's shard host: glue_drop_reply_on_full_queue,
+    /// glue_restart_without_recovery, glue_batch_drops_rest_under_backpressure,
+    /// no_dir_fsync_on_segment_create. Only `fabric sim` can plant them; `fabric serve` never
+    /// does.
     #[arg(long)]
     planted: Option<String>,
     /// Print one line per event, with simulated time (--seed only).
@@ -78,19 +81,25 @@ pub fn run(args: SimArgs) -> anyhow::Result<bool> {
         return one(Simulation::from_schedule(schedule), trace, None);
     }
     let mut planted = fabric_shard::PlantedBugs::default();
+    let mut planted_glue = fabric_router::host::PlantedGlueBugs::default();
     if let Some(name) = &args.planted {
-        planted_names::plant(&mut planted, name).map_err(anyhow::Error::msg)?;
+        planted_names::plant_any(&mut planted, &mut planted_glue, name)
+            .map_err(anyhow::Error::msg)?;
     }
     match (args.seed, args.seeds) {
         (Some(seed), _) => {
             let options = fabric_sim::SimOptions {
                 planted,
+                planted_glue,
                 ..fabric_sim::swarm(seed)
             };
             println!("SEED={seed} {options}");
             one(Simulation::new(seed, options), args.trace, Some(&args.out))
         }
-        (None, Some(count)) => many(args.first, count, args.threads, planted, &args.out),
+        (None, Some(count)) => {
+            let planted = (planted, planted_glue);
+            many(args.first, count, args.threads, planted, &args.out)
+        }
         (None, None) => anyhow::bail!("give --seed N, --seeds COUNT, or `replay FILE`"),
     }
 }
@@ -147,7 +156,10 @@ fn many(
     first: u64,
     count: u64,
     threads: Option<usize>,
-    planted: fabric_shard::PlantedBugs,
+    planted: (
+        fabric_shard::PlantedBugs,
+        fabric_router::host::PlantedGlueBugs,
+    ),
     out: &Path,
 ) -> anyhow::Result<bool> {
     let threads =
@@ -157,7 +169,7 @@ fn many(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} seeds  {per_sec}  eta {eta}")
             .expect("a valid template"),
     );
-    let tweak = move |o: &mut fabric_sim::SimOptions| o.planted = planted;
+    let tweak = move |o: &mut fabric_sim::SimOptions| (o.planted, o.planted_glue) = planted;
     let report = run_seeds(first, count, threads, &tweak, &|done| {
         bar.set_position(done)
     });

@@ -104,7 +104,11 @@ fn sim_help_lists_every_planted_bug_and_serve_takes_none() {
     // Proves every planted bug the simulator knows is named in `fabric sim --help`, and that
     // `fabric serve` has no way to plant one.
     let help = stdout(&fabric().args(["sim", "--help"]).output().unwrap());
-    for name in fabric_sim::options::planted_names::ALL {
+    let all = fabric_sim::options::planted_names::ALL;
+    for name in all
+        .iter()
+        .chain(&fabric_sim::options::planted_names::glue::ALL)
+    {
         assert!(help.contains(name), "{name} missing from --help");
     }
     let serve = stdout(&fabric().args(["serve", "--help"]).output().unwrap());

@@ -23,6 +23,7 @@
 //! shard per hand-off is what carries the hot path: a shard actor takes one message for many
 //! requests instead of one message each.
 
+pub mod host;
 pub mod supervise;
 
 use fabric_proto::internal::{Placement, Request, Route, ShardIdx};

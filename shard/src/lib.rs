@@ -503,6 +503,12 @@ impl Shard {
     pub fn is_failed(&self) -> bool {
         self.failed
     }
+
+    /// Forgets that a write failed, keeping memory ahead of the disk: exactly what a host
+    /// must never do. Only the simulator's planted `glue_restart_without_recovery` calls it.
+    pub fn revive_for_planted_bug(&mut self) {
+        self.failed = false;
+    }
 }
 
 /// Adds each peer's count of durable messages addressed to it beyond its cursor.

@@ -2,6 +2,7 @@
 
 use crate::net::{NetOptions, StreamConfig};
 use fabric_proto::internal::ShardIdx;
+use fabric_router::host::PlantedGlueBugs;
 use fabric_shard::{PlantedBugs, ShardConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -86,6 +87,9 @@ pub struct SimOptions {
     pub sync_after_recovery: bool,
     #[serde(with = "planted_names")]
     pub planted: PlantedBugs,
+    /// Bugs planted in the node's host (`fabric_router::host`), by name.
+    #[serde(with = "planted_names::glue")]
+    pub planted_glue: PlantedGlueBugs,
     /// Chance each client asks for batch frames (`options` with `batch`, of 2, 3 or 64 ops)
     /// before its hello, so the edge joins server ops into frames under every fault.
     pub batch_in_probability: f64,
@@ -152,6 +156,7 @@ impl Default for SimOptions {
             pending_acks_max: 16,
             sync_after_recovery: true,
             planted: PlantedBugs::default(),
+            planted_glue: PlantedGlueBugs::default(),
             batch_in_probability: 0.5,
             key_peer_probability: 0.3,
             client_batch_probability: 0.3,
@@ -311,7 +316,7 @@ impl fmt::Display for SimOptions {
             self.ping_probability,
             self.hedge_probability,
             self.http_read_interval_ms_mean,
-            planted_names::join(self.planted),
+            planted_names::join_all(self.planted, self.planted_glue),
         )
     }
 }
@@ -380,6 +385,7 @@ pub fn swarm(seed: u64) -> SimOptions {
         pending_acks_max: [2, 16, 65_536][rng.random_range(0..3)],
         sync_after_recovery: true,
         planted: PlantedBugs::default(),
+        planted_glue: PlantedGlueBugs::default(),
         // Drawn last, so that every earlier option of a seed is as it was before it existed.
         batch_in_probability: pick_f(&mut rng, &[0.0, 0.5, 1.0]),
         key_peer_probability: pick_f(&mut rng, &[0.0, 0.2, 0.6]),
@@ -422,6 +428,78 @@ pub mod planted_names {
             .filter(|(_, on)| *on)
             .map(|(n, _)| *n)
             .collect()
+    }
+
+    /// Both kinds of planted bugs, for the options line.
+    pub fn join_all(p: PlantedBugs, g: fabric_router::host::PlantedGlueBugs) -> String {
+        let mut n = names(p);
+        n.extend(glue::names(g));
+        if n.is_empty() {
+            "none".into()
+        } else {
+            n.join(",")
+        }
+    }
+
+    /// Turns on the core or host bug called `name`.
+    pub fn plant_any(
+        p: &mut PlantedBugs,
+        g: &mut fabric_router::host::PlantedGlueBugs,
+        name: &str,
+    ) -> Result<(), String> {
+        if glue::ALL.contains(&name) {
+            return glue::plant(g, name);
+        }
+        plant(p, name).map_err(|e| format!("{e}, {}", glue::ALL.join(", ")))
+    }
+
+    /// Bugs planted in the node's host (`fabric_router::host::PlantedGlueBugs`).
+    pub mod glue {
+        use fabric_router::host::PlantedGlueBugs;
+        use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+        pub const ALL: [&str; 3] = [
+            "glue_drop_reply_on_full_queue",
+            "glue_restart_without_recovery",
+            "glue_batch_drops_rest_under_backpressure",
+        ];
+
+        pub fn names(g: PlantedGlueBugs) -> Vec<&'static str> {
+            let on = [
+                g.glue_drop_reply_on_full_queue,
+                g.glue_restart_without_recovery,
+                g.glue_batch_drops_rest_under_backpressure,
+            ];
+            ALL.iter()
+                .zip(on)
+                .filter(|(_, on)| *on)
+                .map(|(n, _)| *n)
+                .collect()
+        }
+
+        pub fn plant(g: &mut PlantedGlueBugs, name: &str) -> Result<(), String> {
+            match name {
+                "glue_drop_reply_on_full_queue" => g.glue_drop_reply_on_full_queue = true,
+                "glue_restart_without_recovery" => g.glue_restart_without_recovery = true,
+                "glue_batch_drops_rest_under_backpressure" => {
+                    g.glue_batch_drops_rest_under_backpressure = true
+                }
+                other => return Err(format!("unknown planted host bug {other:?}")),
+            }
+            Ok(())
+        }
+
+        pub fn serialize<S: Serializer>(g: &PlantedGlueBugs, s: S) -> Result<S::Ok, S::Error> {
+            names(*g).serialize(s)
+        }
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<PlantedGlueBugs, D::Error> {
+            let mut g = PlantedGlueBugs::default();
+            for n in Vec::<String>::deserialize(d)? {
+                plant(&mut g, &n).map_err(serde::de::Error::custom)?;
+            }
+            Ok(g)
+        }
     }
 
     pub fn join(p: PlantedBugs) -> String {

@@ -19,10 +19,11 @@ use fabric_proto::internal::{
     Output, Placement, Reply, Request, Route, SessionId, ShardIdx, ShardOp,
 };
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
-use fabric_router::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
+use fabric_router::host::{CloseReason, Effect, ShardDriver, Time};
+use fabric_router::supervise::RestartPolicy;
 use fabric_router::Router;
 use fabric_shard::store;
-use fabric_shard::{RecoverError, Shard, WalWrite};
+use fabric_shard::{RecoverError, WalWrite};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -220,11 +221,19 @@ struct ArmedFlip {
     offset_max: Option<u64>,
 }
 
-/// One shard of the node, with what the glue keeps for it.
+/// What a shard's host hands the simulated node, in order.
+#[derive(Debug)]
+pub(super) enum HostOut {
+    Reply(Output),
+    Close(SessionId, CloseReason),
+}
+
+/// One shard of the node: the node's own host (`fabric_router::host::ShardDriver`) and what the
+/// simulated glue around it keeps.
 struct Host {
-    shard: Shard,
+    driver: ShardDriver,
     disk: Disk,
-    /// Bumped by every restart; a restart timer for an older incarnation is stale.
+    /// Bumped by every restart; a timer for an older incarnation is stale.
     epoch: u64,
     inflight: Option<Inflight>,
     /// The glue's input channel: request batches, one per router hand-off, left there while
@@ -232,11 +241,8 @@ struct Host {
     input: VecDeque<Vec<Request>>,
     disk_full: bool,
     flip: Option<ArmedFlip>,
-    /// The node's restart policy for this shard (`fabric_router::supervise`).
-    supervision: Supervision,
-    /// Failed, waiting for its restart: requests are answered `unavailable` meanwhile, as the
-    /// node's stand-in does.
-    down: bool,
+    /// When the driver's next timer is scheduled (monotonic ms), if one is.
+    timer_at: Option<u64>,
 }
 
 #[derive(Debug)]
@@ -258,7 +264,8 @@ enum Event {
         shard: ShardIdx,
         write: u64,
     },
-    ShardRestart {
+    /// The shard driver's timer (restart backoff, stall watchdog).
+    ShardTimer {
         shard: ShardIdx,
         epoch: u64,
     },
@@ -333,7 +340,7 @@ impl Event {
             Event::NodeTimer(id) => put(&[4, *id]),
             Event::ClientTimer(c, id) => put(&[5, *c as u64, *id]),
             Event::WalDone { shard, write } => put(&[6, u64::from(*shard), *write]),
-            Event::ShardRestart { shard, epoch } => put(&[7, u64::from(*shard), *epoch]),
+            Event::ShardTimer { shard, epoch } => put(&[7, u64::from(*shard), *epoch]),
             Event::Fault(f) => {
                 put(&[8]);
                 h.write(format!("{f:?}").as_bytes());
@@ -472,15 +479,14 @@ impl Simulation {
         let retention = options.retention_bytes_max < RETENTION_OFF_BYTES;
         let hosts = (0..options.shards)
             .map(|s| Host {
-                shard: Shard::new(options.shard_config(s)),
+                driver: new_driver(&options, s),
                 disk: Disk::new(s),
                 epoch: 0,
                 inflight: None,
                 input: VecDeque::new(),
                 disk_full: false,
                 flip: None,
-                supervision: Supervision::new(restart_policy()),
-                down: false,
+                timer_at: None,
             })
             .collect();
         let http_router = placement.clone();
@@ -741,7 +747,7 @@ impl Simulation {
             && self
                 .hosts
                 .iter()
-                .all(|h| h.shard.is_idle() && h.input.is_empty() && h.inflight.is_none())
+                .all(|h| h.driver.is_idle() && h.input.is_empty() && h.inflight.is_none())
             && self.conns.values().all(|k| k.stream.unacked() == 0)
     }
 
@@ -752,9 +758,9 @@ impl Simulation {
             .enumerate()
             .map(|(s, h)| {
                 format!(
-                    "s{s} idle={} failed={} input={} writing={}",
-                    h.shard.is_idle(),
-                    h.shard.is_failed(),
+                    "s{s} idle={} status={:?} input={} writing={}",
+                    h.driver.is_idle(),
+                    h.driver.status(),
                     h.input.len(),
                     h.inflight.is_some()
                 )
@@ -812,8 +818,10 @@ impl Simulation {
     fn check_no_leaked_sessions(&self) -> Checked {
         for (s, h) in self.hosts.iter().enumerate() {
             if let Some(id) = h
-                .shard
-                .session_ids()
+                .driver
+                .shard()
+                .map(|x| x.session_ids())
+                .unwrap_or_default()
                 .into_iter()
                 .find(|id| !self.sessions.contains_key(id))
             {
@@ -862,39 +870,21 @@ impl Simulation {
             });
         }
         let want = ops.len();
-        let now = self.now;
-        let host = &mut self.hosts[self.mesh_shard as usize];
+        // Every shard recovers its (empty) disk, as a node does when it starts.
+        for shard in 0..self.hosts.len() as ShardIdx {
+            self.setup_effects(shard, admin)?;
+        }
         // One admin call per batch, as the node's HTTP admin path sends them, and only while
         // the shard wants input.
-        let mut ops = ops.into_iter().peekable();
         let mut oks = 0;
-        loop {
-            while host.shard.wants_input() {
-                let Some(op) = ops.next() else { break };
-                host.shard
-                    .handle_requests(now, [Request { session: admin, op }]);
-            }
-            while let Some(o) = host.shard.poll_output() {
-                match o.reply {
-                    Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
-                    r => return fail(ViolationKind::UnexpectedReply, format!("setup got {r:?}")),
-                }
-            }
-            let Some(w) = host.shard.poll_wal() else {
-                if ops.peek().is_none() || !host.shard.wants_input() {
-                    break;
-                }
-                continue;
-            };
-            let planted = host.shard.config().planted;
-            if let Err(f) = store::perform(&mut host.disk, &w, &planted) {
-                return fail(
-                    ViolationKind::Liveness,
-                    format!("setup write failed: {f:?}"),
-                );
-            }
-            self.counters.wal_writes += 1;
-            host.shard.handle_wal_done(now, w.last_lsn);
+        let shard = self.mesh_shard;
+        for op in ops {
+            let t = self.time();
+            let batch = vec![Request { session: admin, op }];
+            self.hosts[shard as usize]
+                .driver
+                .handle_batch(t, admin, batch);
+            oks += self.setup_effects(shard, admin)?;
         }
         if oks != want {
             return fail(
@@ -909,6 +899,56 @@ impl Simulation {
             self.clients.len()
         );
         Ok(())
+    }
+
+    /// Performs a shard driver's effects at once, without faults (setup); returns the `ok`s.
+    fn setup_effects(&mut self, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
+        let mut oks = 0;
+        let t = self.time();
+        let host = &mut self.hosts[shard as usize];
+        while let Some(e) = host.driver.poll_effect() {
+            match e {
+                Effect::Write(w) => {
+                    let planted = self.options.shard_config(shard).planted;
+                    let r = store::perform(&mut host.disk, &w, &planted);
+                    if let Err(f) = &r {
+                        return fail(
+                            ViolationKind::Liveness,
+                            format!("setup write failed: {f:?}"),
+                        );
+                    }
+                    self.counters.wal_writes += 1;
+                    host.driver.handle_write_done(t, r);
+                }
+                Effect::Recover(config) => {
+                    let r = store::recover(&mut host.disk, config);
+                    host.driver.handle_recovered(t, r);
+                }
+                Effect::Replies { session, replies } if session == admin => {
+                    for r in replies {
+                        match r {
+                            Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
+                            r => {
+                                return fail(
+                                    ViolationKind::UnexpectedReply,
+                                    format!("setup got {r:?}"),
+                                )
+                            }
+                        }
+                    }
+                }
+                e => return fail(ViolationKind::UnexpectedReply, format!("setup got {e:?}")),
+            }
+        }
+        Ok(oks)
+    }
+
+    /// The simulated clock as the host reads it: one clock serves as wall and monotonic time.
+    pub(super) fn time(&self) -> Time {
+        Time {
+            unix_ms: self.now,
+            mono_ms: self.now,
+        }
     }
 
     pub(crate) fn wake(&mut self, c: usize, delay: u64) {
@@ -947,9 +987,12 @@ impl Simulation {
                 }
             }
             Event::WalDone { shard, write } => self.wal_done(shard, write)?,
-            Event::ShardRestart { shard, epoch } => {
-                if self.node_up && epoch == self.hosts[shard as usize].epoch {
-                    self.restart_after_failure(shard)?;
+            Event::ShardTimer { shard, epoch } => {
+                let h = &mut self.hosts[shard as usize];
+                if self.node_up && epoch == h.epoch {
+                    h.timer_at = None;
+                    let t = self.time();
+                    self.hosts[shard as usize].driver.handle_timeout(t);
                 }
             }
             Event::Fault(f) => self.apply(f)?,
@@ -1035,10 +1078,22 @@ fn frame_bytes(f: &OutFrame) -> Bytes {
     Bytes::from(b)
 }
 
-/// The node's restart policy (`fabric serve` defaults).
-fn restart_policy() -> RestartPolicy {
-    RestartPolicy::default()
+/// A shard's host as the node builds it (its restart policy, input bound and stall limit),
+/// with the run's planted host bugs.
+pub(super) fn new_driver(options: &SimOptions, shard: ShardIdx) -> ShardDriver {
+    ShardDriver::new(
+        shard,
+        options.shard_config(shard),
+        RestartPolicy::default(),
+        SHARD_QUEUE_BATCHES_MAX,
+        WAL_SYNC_STALL_MS_MAX,
+    )
+    .with_planted(options.planted_glue)
 }
+
+/// The node's defaults for a shard's input channel (batches) and the WAL stall watchdog.
+const SHARD_QUEUE_BATCHES_MAX: usize = 1024;
+const WAL_SYNC_STALL_MS_MAX: u64 = 10_000;
 
 #[cfg(test)]
 mod tests {
@@ -1129,7 +1184,7 @@ mod tests {
             from: 1,
         };
         let now = sim.now;
-        sim.hosts[0].shard.handle_requests(
+        sim.hosts[0].driver.shard_mut().unwrap().handle_requests(
             now,
             [Request {
                 session: gone,

@@ -7,12 +7,15 @@ impl Simulation {
     /// shard outputs into sessions, sessions' requests into shard input, frames onto streams.
     pub(super) fn pump(&mut self) -> Checked {
         for _ in 0..PUMP_ROUNDS_MAX {
-            let outputs = self.pump_shards();
+            let outputs = self.pump_shards()?;
             if outputs.is_empty() && self.dirty.is_empty() {
                 return Ok(());
             }
             for (shard, o) in outputs {
-                self.route_output(shard, o)?;
+                match o {
+                    HostOut::Reply(o) => self.route_output(shard, o)?,
+                    HostOut::Close(session, why) => self.close_for_shard(shard, session, why),
+                }
             }
             for id in std::mem::take(&mut self.dirty) {
                 self.pump_conn(id);
@@ -32,55 +35,108 @@ impl Simulation {
     /// [`LOOP_BATCHES_MAX`] a round) through `Shard::handle_requests`, as the node does;
     /// `wants_input` is asked between batches, never inside one. Then start a WAL write if
     /// none is in flight, and collect outputs.
-    pub(super) fn pump_shards(&mut self) -> Vec<(ShardIdx, Output)> {
+    pub(super) fn pump_shards(&mut self) -> Checked<Vec<(ShardIdx, HostOut)>> {
         let mut outputs = Vec::new();
         if !self.node_up {
-            return outputs;
+            return Ok(outputs);
         }
         for s in 0..self.hosts.len() {
             let shard = s as ShardIdx;
-            if self.hosts[s].down {
-                // The node's stand-in for a shard waiting for its restart.
-                let reason = format!("shard {s} failed; it restarts shortly");
-                for batch in std::mem::take(&mut self.hosts[s].input) {
-                    for req in &batch {
-                        if let Some(o) = fabric_shard::unavailable_reply(req, &reason) {
-                            outputs.push((shard, o));
-                        }
-                    }
-                }
-                continue;
-            }
+            // What the host asked for since (a write polled when the last one completed)
+            // happens before new input is taken in.
+            self.host_effects(shard, &mut outputs)?;
             let mut taken = 0;
-            while taken < LOOP_BATCHES_MAX && self.hosts[s].shard.wants_input() {
+            while taken < LOOP_BATCHES_MAX && self.hosts[s].driver.feeds_now() {
                 let Some(batch) = self.hosts[s].input.pop_front() else {
                     break;
                 };
                 taken += 1;
-                let several = batch.len() > 1;
-                for req in &batch {
-                    if let ShardOp::Ack { peer, upto, .. } = &req.op {
-                        if let Some(i) = self.clients.iter().position(|c| c.peer == *peer) {
-                            self.model.ack_handled(i, *upto);
-                        }
+                self.feed_batch(s, batch);
+                // At once, as the node's adapter does: a write the host polled starts before
+                // the next batch's acks are taken in (the cursor checker counts on it).
+                self.host_effects(shard, &mut outputs)?;
+            }
+            self.host_effects(shard, &mut outputs)?;
+        }
+        Ok(outputs)
+    }
+
+    /// One batch from a shard's channel into its host, which takes it at once (the loop asks
+    /// `feeds_now` first): the model learns the acks the shard took in.
+    fn feed_batch(&mut self, s: usize, batch: Vec<Request>) {
+        let several = batch.len() > 1;
+        if self.hosts[s].driver.shard().is_some() {
+            for req in &batch {
+                if let ShardOp::Ack { peer, upto, .. } = &req.op {
+                    if let Some(i) = self.clients.iter().position(|c| c.peer == *peer) {
+                        self.model.ack_handled(i, *upto);
                     }
                 }
-                self.hosts[s].shard.handle_requests(self.now, batch);
-                self.counters.workload.shard_batches += 1;
-                if several && !self.hosts[s].shard.wants_input() {
-                    self.counters.workload.shard_batches_past_backpressure += 1;
-                }
-            }
-            if self.hosts[s].inflight.is_none() && !self.hosts[s].shard.is_failed() {
-                if let Some(w) = self.hosts[s].shard.poll_wal() {
-                    self.start_write(shard, w);
-                }
-            }
-            while let Some(o) = self.hosts[s].shard.poll_output() {
-                outputs.push((shard, o));
             }
         }
-        outputs
+        let t = self.time();
+        let session = batch.first().map_or(0, |r| r.session);
+        let host = &mut self.hosts[s];
+        host.driver.handle_batch(t, session, batch);
+        self.counters.workload.shard_batches += 1;
+        if several && host.driver.shard().is_some_and(|x| !x.wants_input()) {
+            self.counters.workload.shard_batches_past_backpressure += 1;
+        }
+    }
+
+    /// What the host asks of the glue, done as the node's adapter does it: writes started,
+    /// recoveries run, replies and session closes routed (in order), the host's timer armed.
+    pub(super) fn host_effects(
+        &mut self,
+        shard: ShardIdx,
+        outputs: &mut Vec<(ShardIdx, HostOut)>,
+    ) -> Checked {
+        let s = shard as usize;
+        while let Some(e) = self.hosts[s].driver.poll_effect() {
+            match e {
+                Effect::Write(w) => self.start_write(shard, w),
+                Effect::Recover(config) => self.recover_effect(shard, config)?,
+                Effect::Replies { session, replies } => {
+                    for reply in replies {
+                        outputs.push((shard, HostOut::Reply(Output { session, reply })));
+                    }
+                }
+                Effect::Forget { .. } => {}
+                Effect::CloseSession { session, why } => {
+                    outputs.push((shard, HostOut::Close(session, why)));
+                }
+            }
+        }
+        self.arm_host_timer(shard);
+        Ok(())
+    }
+
+    fn arm_host_timer(&mut self, shard: ShardIdx) {
+        let h = &mut self.hosts[shard as usize];
+        let Some(at) = h.driver.poll_timeout() else {
+            return;
+        };
+        if h.timer_at.is_some_and(|t| t <= at) {
+            return;
+        }
+        h.timer_at = Some(at);
+        let epoch = h.epoch;
+        self.schedule_at(at.max(self.now), Event::ShardTimer { shard, epoch });
+    }
+
+    /// The host closed a session (its shard incarnation ended, or its replies could not be
+    /// queued): the session core decides how the client hears it.
+    fn close_for_shard(&mut self, shard: ShardIdx, session: SessionId, why: CloseReason) {
+        let Some(&id) = self.sessions.get(&session) else {
+            return;
+        };
+        if let Some(k) = self.conns.get_mut(&id) {
+            match why {
+                CloseReason::Restarted => k.session.handle_shard_restarted(self.now, shard),
+                CloseReason::Overloaded => k.session.handle_transport_closed(self.now),
+            }
+            self.dirty.insert(id);
+        }
     }
 
     /// The glue's session task for one connection: read frames while the session wants them,

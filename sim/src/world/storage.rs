@@ -2,6 +2,7 @@
 //! recovery from the simulated disks, and the audit after each recovery.
 
 use super::*;
+use fabric_shard::ShardConfig;
 
 impl Simulation {
     pub(super) fn start_write(&mut self, shard: ShardIdx, w: WalWrite) {
@@ -24,7 +25,10 @@ impl Simulation {
         // The acks taken in so far are all in this write only if nothing taken in is left
         // unwritten (a frame cut at wal_batch_bytes_max may go first, the cursor records
         // after it): only then does this write's completion make them durable.
-        let all_polled = self.hosts[shard as usize].shard.all_polled();
+        let all_polled = self.hosts[shard as usize]
+            .driver
+            .shard()
+            .is_some_and(|x| x.all_polled());
         let acks = if shard == self.mesh_shard && all_polled {
             self.model.ack_snapshot()
         } else {
@@ -48,7 +52,7 @@ impl Simulation {
         }
         let mut dry = self.hosts[s].disk.clone();
         dry.set_fault(None);
-        let planted = self.hosts[s].shard.config().planted;
+        let planted = self.options.shard_config(s as ShardIdx).planted;
         let _ = store::perform(&mut dry, w, &planted);
         let failable: Vec<(usize, &str)> = dry
             .step_ops()
@@ -84,70 +88,40 @@ impl Simulation {
         };
         let w = &inflight.write;
         let fault = self.write_fault(s, w);
-        let planted = self.hosts[s].shard.config().planted;
+        let planted = self.options.shard_config(shard).planted;
         self.hosts[s].disk.set_fault(fault);
         let result = store::perform(&mut self.hosts[s].disk, w, &planted);
         self.hosts[s].disk.set_fault(None);
-        if let Err(f) = result {
-            self.counters.faults += 1;
-            trace!(
-                self,
-                "s{shard} wal write {id} failed ({fault:?}): {} (cut back: {})",
-                f.error,
-                f.cleaned
-            );
-            let no_space = f.error.kind == fabric_shard::store::StoreErrorKind::NoSpace;
-            let reason = f.error.to_string();
-            self.hosts[s]
-                .shard
-                .handle_wal_failed(self.now, no_space, &reason);
-            let failure = match (f.cleaned, no_space) {
-                (false, _) => ShardFailure::Unrecoverable,
-                (true, true) => ShardFailure::NoSpace,
-                (true, false) => ShardFailure::Storage,
-            };
-            return self.shard_failed(shard, failure);
+        let t = self.time();
+        match &result {
+            Err(f) => {
+                self.counters.faults += 1;
+                trace!(
+                    self,
+                    "s{shard} wal write {id} failed ({fault:?}): {} (cut back: {})",
+                    f.error,
+                    f.cleaned
+                );
+            }
+            Ok(()) => {
+                self.learn_synced(shard, Some(w.segment))?;
+                self.model.ack_durable(&inflight.acks);
+                trace!(
+                    self,
+                    "s{shard} wal write {id} durable up to lsn {}",
+                    w.last_lsn
+                );
+            }
         }
-        self.learn_synced(shard, Some(w.segment))?;
-        self.model.ack_durable(&inflight.acks);
-        trace!(
-            self,
-            "s{shard} wal write {id} durable up to lsn {}",
-            w.last_lsn
-        );
-        self.hosts[s].shard.handle_wal_done(self.now, w.last_lsn);
-        // As the node's glue does: the next batch is framed into this write's buffer, so a
-        // recycled buffer that kept old bytes would show up as corrupt WAL in the checkers.
-        self.hosts[s].shard.recycle_wal_buffer(inflight.write.bytes);
-        self.probe_retention(shard);
-        Ok(())
-    }
-
-    /// What the node's supervisor does with a failed shard (`fabric_router::supervise`):
-    /// recover at once refusing writes (disk full), or after a backoff, answering
-    /// `unavailable` meanwhile.
-    fn shard_failed(&mut self, shard: ShardIdx, failure: ShardFailure) -> Checked {
-        let s = shard as usize;
-        let decision = self.hosts[s].supervision.handle_failure(self.now, failure);
-        trace!(self, "s{shard} failed ({failure:?}): {decision:?}");
-        match decision {
-            Decision::RecoverRefusingWrites { writes_from_ms } => {
-                self.restart_after_failure(shard)?;
-                self.hosts[s]
-                    .shard
-                    .handle_storage_full(self.now, writes_from_ms);
-            }
-            Decision::RestartAt { at_ms } => {
-                self.hosts[s].down = true;
-                let epoch = self.hosts[s].epoch;
-                self.schedule_at(at_ms, Event::ShardRestart { shard, epoch });
-            }
-            Decision::StayDown => {
-                return fail(
-                    ViolationKind::RecoveryRefused,
-                    format!("s{shard} stays down: a failed write could not be cut back"),
-                )
-            }
+        let ok = result.is_ok();
+        let driver = &mut self.hosts[s].driver;
+        driver.handle_write_done(t, result);
+        if ok {
+            // As the node's glue does: the next batch is framed into this write's buffer, so
+            // a recycled buffer that kept old bytes would show up as corrupt WAL in the
+            // checkers.
+            driver.recycle_wal_buffer(inflight.write.bytes);
+            self.probe_retention(shard);
         }
         Ok(())
     }
@@ -175,14 +149,18 @@ impl Simulation {
                 from: 1,
                 limit: 1,
             };
-            self.hosts[shard as usize].shard.handle_requests(
-                self.now,
-                [Request {
-                    session: probe,
-                    op: read,
-                }],
-            );
+            if let Some(x) = self.hosts[shard as usize].driver.shard_mut() {
+                x.handle_requests(
+                    self.now,
+                    [Request {
+                        session: probe,
+                        op: read,
+                    }],
+                );
+            }
         }
+        let t = self.time();
+        self.hosts[shard as usize].driver.flush(t);
     }
 
     /// Power loss: every shard, its in-flight write, its input and every connection die
@@ -205,7 +183,7 @@ impl Simulation {
             // A write in flight stops after a random number of the node's file steps.
             if let Some(inflight) = self.hosts[s].inflight.take() {
                 let mut dry = self.hosts[s].disk.clone();
-                let planted = self.hosts[s].shard.config().planted;
+                let planted = self.options.shard_config(s as ShardIdx).planted;
                 let _ = store::perform(&mut dry, &inflight.write, &planted);
                 let steps = self.rng.random_range(0..=dry.steps());
                 let disk = &mut self.hosts[s].disk;
@@ -224,13 +202,14 @@ impl Simulation {
             } else {
                 trace!(self, "KILL s{s}: the page cache survives");
             }
+            // A new process: a new host, whose first effect is the shard's recovery.
+            let driver = new_driver(&self.options, s as ShardIdx);
             let h = &mut self.hosts[s];
+            h.driver = driver;
             h.epoch += 1;
             h.inflight = None;
             h.input.clear();
-            h.down = false;
-            // A new process: the supervisor's history starts over.
-            h.supervision = Supervision::new(restart_policy());
+            h.timer_at = None;
         }
         // `known_conns` survives: the clients' ends of those connections survive the crash.
         self.conns.clear();
@@ -239,51 +218,42 @@ impl Simulation {
         Ok(())
     }
 
-    /// The node boots: every shard recovers from its disk and is audited.
+    /// The node boots: every shard's host recovers it from its disk (and the audit checks it).
     pub(super) fn restart_node(&mut self) -> Checked {
         trace!(self, "node boots");
-        for s in 0..self.hosts.len() {
-            self.reincarnate(s as ShardIdx)?;
-        }
         self.node_up = true;
-        Ok(())
-    }
-
-    /// The glue restarts a shard whose WAL write failed and closes the sessions attached to the
-    /// old incarnation (each session core decides how); their clients reconnect.
-    pub(super) fn restart_after_failure(&mut self, shard: ShardIdx) -> Checked {
-        self.counters.restarts += 1;
-        self.hosts[shard as usize].down = false;
-        trace!(self, "s{shard} restart after storage failure");
-        self.reincarnate(shard)?;
-        let ids: Vec<ConnId> = self.conns.keys().copied().collect();
-        for id in ids {
-            let k = self.conns.get_mut(&id).expect("listed");
-            k.session.handle_shard_restarted(self.now, shard);
-            self.dirty.insert(id);
+        let mut outputs = Vec::new();
+        for s in 0..self.hosts.len() {
+            self.host_effects(s as ShardIdx, &mut outputs)?;
         }
+        debug_assert!(outputs.is_empty(), "nothing to answer at boot");
         Ok(())
     }
 
-    /// A new incarnation of `shard`, recovered from its disk and audited.
-    pub(super) fn reincarnate(&mut self, shard: ShardIdx) -> Checked {
+    /// The host asked for a new incarnation of `shard`: recovered from its disk as the node
+    /// does it, handed to the host, then audited.
+    pub(super) fn recover_effect(&mut self, shard: ShardIdx, config: ShardConfig) -> Checked {
+        let s = shard as usize;
+        if self.hosts[s].epoch > 0 && self.node_up {
+            self.counters.restarts += 1;
+        }
+        trace!(self, "s{shard} recovers");
         self.http_forget(shard);
-        let host = &mut self.hosts[shard as usize];
+        let host = &mut self.hosts[s];
         host.epoch += 1;
         host.inflight = None;
-        host.input.clear();
+        host.timer_at = None;
         if shard == self.mesh_shard {
             self.model.restart();
         }
-        self.recover(shard)?;
+        self.recover(shard, config)?;
         self.audit(shard)
     }
 
     /// Recovery exactly as the node does it (`fabric_shard::store::recover` on the shard's
     /// disk), after maybe one corrupted read of synced data that must be refused.
-    pub(super) fn recover(&mut self, shard: ShardIdx) -> Checked {
+    pub(super) fn recover(&mut self, shard: ShardIdx, config: ShardConfig) -> Checked {
         let s = shard as usize;
-        let config = self.options.shard_config(shard);
         if let Some(armed) = self.hosts[s].flip.take() {
             let flip = self.hosts[s].disk.pick_read_flip_in(
                 &mut self.rng,
@@ -329,8 +299,11 @@ impl Simulation {
                 )
             }
         };
-        self.hosts[s].shard = recovered;
         trace!(self, "s{shard} recovered {report:?}");
+        let t = self.time();
+        self.hosts[s]
+            .driver
+            .handle_recovered(t, Ok((recovered, report)));
         self.learn_synced(shard, None)?;
         Ok(())
     }
@@ -352,15 +325,24 @@ impl Simulation {
                 from: 1,
                 limit: fabric_proto::READ_LIMIT_MAX,
             };
-            self.hosts[s].shard.handle_requests(
-                self.now,
-                [Request {
-                    session: audit,
-                    op: read,
-                }],
-            );
+            self.hosts[s]
+                .driver
+                .shard_mut()
+                .expect("a recovered shard")
+                .handle_requests(
+                    self.now,
+                    [Request {
+                        session: audit,
+                        op: read,
+                    }],
+                );
             let mut got = None;
-            while let Some(o) = self.hosts[s].shard.poll_output() {
+            while let Some(o) = self.hosts[s]
+                .driver
+                .shard_mut()
+                .expect("a recovered shard")
+                .poll_output()
+            {
                 match o.reply {
                     Reply::Messages { events, head, .. } => got = Some((events, head)),
                     r => {
@@ -397,13 +379,20 @@ impl Simulation {
             proof: None,
         };
         self.hosts[s]
-            .shard
+            .driver
+            .shard_mut()
+            .expect("a recovered shard")
             .handle_requests(self.now, [Request { session, op: hello }]);
         let mut cursor = None;
         let mut shown = BTreeSet::new();
         loop {
             let mut frames = 0;
-            while let Some(o) = self.hosts[s].shard.poll_output() {
+            while let Some(o) = self.hosts[s]
+                .driver
+                .shard_mut()
+                .expect("a recovered shard")
+                .poll_output()
+            {
                 match o.reply {
                     Reply::Frame(ServerOp::Welcome { acked, head, .. }) => {
                         self.model.on_welcome(c, acked, head)?;
@@ -441,25 +430,33 @@ impl Simulation {
                 break;
             }
             let flushed = ShardOp::Flushed { frames };
-            self.hosts[s].shard.handle_requests(
-                self.now,
-                [Request {
-                    session,
-                    op: flushed,
-                }],
-            );
+            self.hosts[s]
+                .driver
+                .shard_mut()
+                .expect("a recovered shard")
+                .handle_requests(
+                    self.now,
+                    [Request {
+                        session,
+                        op: flushed,
+                    }],
+                );
         }
         let Some(acked) = cursor else {
             return fail(ViolationKind::UnexpectedReply, "audit hello got no welcome");
         };
         self.model.audit_inbox(c, acked, &shown)?;
-        self.hosts[s].shard.handle_requests(
-            self.now,
-            [Request {
-                session,
-                op: ShardOp::Closed,
-            }],
-        );
+        self.hosts[s]
+            .driver
+            .shard_mut()
+            .expect("a recovered shard")
+            .handle_requests(
+                self.now,
+                [Request {
+                    session,
+                    op: ShardOp::Closed,
+                }],
+            );
         Ok(())
     }
 }

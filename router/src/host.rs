@@ -1,0 +1,537 @@
+//! The node's shard host, sans-IO: everything that drives one shard, written once for the node
+//! (`fabric/src/shard_actor.rs`) and the simulator (`sim/src/world/`), so the simulator checks
+//! the code the node runs (TigerBeetle's replica generic over its storage and bus).
+//!
+//! A [`ShardDriver`] owns one shard's incarnations and decides:
+//! - its input queue of request batches and the queue's bound (`input_batches_max`), fed
+//!   batch by batch into `Shard::handle_requests` while the shard wants input (asked between
+//!   batches, never inside one: a batch is always taken whole);
+//! - the one WAL write in flight, and what a failed one means (the restart policy of
+//!   [`crate::supervise`]: recover after a backoff, at once refusing writes when the disk is
+//!   full, or stay down);
+//! - recovery: a new incarnation is asked for ([`Effect::Recover`]) and installed when it
+//!   arrives; while there is none, every request is answered `unavailable` (a stand-in);
+//! - routing of the shard's outputs to sessions, grouped per session, in order; the sessions
+//!   this incarnation knows, told when it ends; a session whose replies cannot be queued is
+//!   closed (`overloaded`), never silently forgotten.
+//!
+//! I/O stays with the host's adapter: it performs [`Effect::Write`] with
+//! `fabric_shard::store::perform` and [`Effect::Recover`] with `fabric_shard::store::recover`
+//! on its `SegmentStore` (files, or the simulated disk), at whatever time that takes, and
+//! reports back. Time comes in as [`Time`]: wall-clock ms for what the shard stamps into
+//! messages, monotonic ms for the host's own timers.
+
+use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
+use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx, ShardOp};
+use fabric_shard::store::{StoreErrorKind, WriteFailure};
+use fabric_shard::{RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
+use std::collections::VecDeque;
+
+/// Batches taken from the input queue per pump before the driver writes and answers.
+pub const PUMP_BATCHES_MAX: usize = 256;
+
+/// The two clocks a host reads: wall-clock ms (stamped into messages, compared with clients'
+/// clocks) and monotonic ms (timers: backoffs, stall deadlines).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Time {
+    pub unix_ms: u64,
+    pub mono_ms: u64,
+}
+
+/// Where a host gets its time; the node reads the system clocks, the simulator its own.
+pub trait Clock {
+    fn time(&self) -> Time;
+}
+
+/// Bugs planted in the host, for the simulator's checkers. Reachable only from `fabric sim`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PlantedGlueBugs {
+    /// A session whose replies cannot be queued is dropped silently instead of closed.
+    pub glue_drop_reply_on_full_queue: bool,
+    /// After a failed write the same incarnation goes on serving (no recovery from disk).
+    pub glue_restart_without_recovery: bool,
+    /// A batch fed while the shard wants no more input loses its remaining requests.
+    pub glue_batch_drops_rest_under_backpressure: bool,
+}
+
+/// What the adapter must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Perform this write (`store::perform`), then call `handle_write_done`.
+    Write(WalWrite),
+    /// Recover a new incarnation (`store::recover` with this config), then call
+    /// `handle_recovered`.
+    Recover(ShardConfig),
+    /// Hand these replies to the session, in order, then go on; if they cannot be queued,
+    /// call `handle_reply_refused`.
+    Replies {
+        session: SessionId,
+        replies: Vec<Reply>,
+    },
+    /// This shard forgot the session (it said `Closed`): the adapter may drop its reply sink.
+    Forget { session: SessionId },
+    /// Close the session: the incarnation it was attached to ended (`restarted`), or its
+    /// replies could not be queued (`overloaded`). Its client reconnects and resumes.
+    CloseSession {
+        session: SessionId,
+        why: CloseReason,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CloseReason {
+    Restarted,
+    Overloaded,
+}
+
+/// Where the shard is in its life.
+enum State {
+    Serving(Box<Shard>),
+    /// A recovery is under way (asked for with `Effect::Recover`).
+    Recovering,
+    /// Failed; recovery is asked for at `until_mono_ms`.
+    Waiting {
+        until_mono_ms: u64,
+    },
+    /// Down until an operator looks.
+    Stopped,
+}
+
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            State::Serving(s) => write!(f, "Serving(lsn {})", s.durable_lsn()),
+            State::Recovering => f.write_str("Recovering"),
+            State::Waiting { until_mono_ms } => write!(f, "Waiting(until {until_mono_ms})"),
+            State::Stopped => f.write_str("Stopped"),
+        }
+    }
+}
+
+/// What an operator sees of a shard (`/readyz`, metrics).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DriverStatus {
+    /// Serving and its writes go through.
+    pub serving: bool,
+    /// Down for good (a failure that could not be cleaned up, or a refused recovery).
+    pub stopped: bool,
+    /// The last write failed for lack of space and none has landed since.
+    pub disk_full: bool,
+    /// The write in flight has taken longer than the stall limit.
+    pub wal_stalled: bool,
+    pub restarts: u64,
+    pub last_error: Option<String>,
+}
+
+/// One shard's host.
+#[derive(Debug)]
+pub struct ShardDriver {
+    idx: ShardIdx,
+    config: ShardConfig,
+    input: VecDeque<Vec<Request>>,
+    input_batches_max: usize,
+    state: State,
+    writing: Option<WriteInFlight>,
+    wal_sync_stall_ms_max: u64,
+    supervision: Supervision,
+    /// After ENOSPC: the new incarnation refuses writes until this wall-clock ms.
+    writes_from_unix_ms: Option<u64>,
+    /// Sessions that sent this incarnation a batch (told when it ends).
+    sessions: Vec<SessionId>,
+    effects: VecDeque<Effect>,
+    status: DriverStatus,
+    planted: PlantedGlueBugs,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct WriteInFlight {
+    last_lsn: u64,
+    started_mono_ms: u64,
+}
+
+impl ShardDriver {
+    /// A driver whose first effect asks for the shard's recovery from its store.
+    pub fn new(
+        idx: ShardIdx,
+        config: ShardConfig,
+        policy: RestartPolicy,
+        input_batches_max: usize,
+        wal_sync_stall_ms_max: u64,
+    ) -> ShardDriver {
+        let mut d = ShardDriver {
+            idx,
+            config,
+            input: VecDeque::new(),
+            input_batches_max: input_batches_max.max(1),
+            state: State::Recovering,
+            writing: None,
+            wal_sync_stall_ms_max,
+            supervision: Supervision::new(policy),
+            writes_from_unix_ms: None,
+            sessions: Vec::new(),
+            effects: VecDeque::new(),
+            status: DriverStatus::default(),
+            planted: PlantedGlueBugs::default(),
+        };
+        d.effects.push_back(Effect::Recover(d.config.clone()));
+        d
+    }
+
+    /// Plants host bugs (the simulator only).
+    pub fn with_planted(mut self, planted: PlantedGlueBugs) -> ShardDriver {
+        self.planted = planted;
+        self
+    }
+
+    pub fn idx(&self) -> ShardIdx {
+        self.idx
+    }
+
+    pub fn status(&self) -> &DriverStatus {
+        &self.status
+    }
+
+    /// The serving incarnation (metrics, and the simulator's audits, which read it directly).
+    pub fn shard(&self) -> Option<&Shard> {
+        match &self.state {
+            State::Serving(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    pub fn shard_mut(&mut self) -> Option<&mut Shard> {
+        match &mut self.state {
+            State::Serving(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    /// Room in the input queue for another batch: false is the adapter's backpressure (stop
+    /// reading the channel; the sessions behind it stop reading their sockets).
+    pub fn wants_batch(&self) -> bool {
+        self.input.len() < self.input_batches_max
+    }
+
+    /// A batch handed in now is taken at once: fed whole into a serving shard that wants
+    /// input, or answered by the stand-in while there is no incarnation (a recovery under way
+    /// holds it instead).
+    pub fn feeds_now(&self) -> bool {
+        self.input.is_empty()
+            && match &self.state {
+                State::Serving(s) => s.wants_input(),
+                State::Recovering => false,
+                State::Waiting { .. } | State::Stopped => true,
+            }
+    }
+
+    /// Moves what the serving shard produced since the last call (after requests put to it
+    /// directly through `shard_mut`, as the simulator's audits do) and starts the next write.
+    pub fn flush(&mut self, t: Time) {
+        self.pump(t);
+    }
+
+    /// A write is in flight.
+    pub fn is_writing(&self) -> bool {
+        self.writing.is_some()
+    }
+
+    /// Everything taken in is written, synced and answered (graceful shutdown waits for it).
+    pub fn is_idle(&self) -> bool {
+        self.input.is_empty()
+            && self.writing.is_none()
+            && self.effects.is_empty()
+            && self.shard().is_none_or(|s| s.is_idle())
+    }
+
+    /// One session's batch of requests. The adapter checks `wants_batch` first; a batch past
+    /// the bound is still taken (a channel already held it), never dropped.
+    pub fn handle_batch(&mut self, t: Time, session: SessionId, batch: Vec<Request>) {
+        if !self.sessions.contains(&session) {
+            self.sessions.push(session);
+        }
+        self.input.push_back(batch);
+        self.pump(t);
+    }
+
+    /// The write handed out as `Effect::Write` finished.
+    pub fn handle_write_done(&mut self, t: Time, result: Result<(), WriteFailure>) {
+        let Some(w) = self.writing.take() else {
+            debug_assert!(false, "a write finished that was never started");
+            return;
+        };
+        self.status.wal_stalled = false;
+        let State::Serving(shard) = &mut self.state else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                shard.handle_wal_done(t.unix_ms, w.last_lsn);
+                self.status.disk_full = false;
+                self.status.serving = true;
+            }
+            Err(f) => self.write_failed(t, f),
+        }
+        self.pump(t);
+    }
+
+    /// Hands back the buffer of a finished write (optional; see `Shard::recycle_wal_buffer`).
+    pub fn recycle_wal_buffer(&mut self, buffer: Vec<u8>) {
+        if let State::Serving(s) = &mut self.state {
+            s.recycle_wal_buffer(buffer);
+        }
+    }
+
+    fn write_failed(&mut self, t: Time, f: WriteFailure) {
+        let no_space = f.error.kind == StoreErrorKind::NoSpace;
+        let reason = f.error.to_string();
+        if let State::Serving(shard) = &mut self.state {
+            shard.handle_wal_failed(t.unix_ms, no_space, &reason);
+        }
+        self.route_outputs();
+        self.status.last_error = Some(match &f.cleanup_error {
+            Some(e) => format!("{reason}; then cutting the write back failed: {e}"),
+            None => reason,
+        });
+        self.status.disk_full = no_space;
+        self.status.serving = false;
+        if self.planted.glue_restart_without_recovery && f.cleaned {
+            if let State::Serving(shard) = &mut self.state {
+                // The bug: the failed incarnation (memory ahead of the disk) goes on.
+                shard.revive_for_planted_bug();
+                self.status.serving = true;
+                return;
+            }
+        }
+        let failure = match (f.cleaned, no_space) {
+            (false, _) => ShardFailure::Unrecoverable,
+            (true, true) => ShardFailure::NoSpace,
+            (true, false) => ShardFailure::Storage,
+        };
+        self.end_incarnation(t, failure);
+    }
+
+    /// The incarnation is gone: tell its sessions, then follow the restart policy.
+    fn end_incarnation(&mut self, t: Time, failure: ShardFailure) {
+        self.state = State::Stopped;
+        self.writing = None;
+        self.status.restarts += 1;
+        for session in std::mem::take(&mut self.sessions) {
+            self.effects.push_back(Effect::CloseSession {
+                session,
+                why: CloseReason::Restarted,
+            });
+        }
+        match self.supervision.handle_failure(t.mono_ms, failure) {
+            Decision::RecoverRefusingWrites { writes_from_ms } => {
+                let wait = writes_from_ms.saturating_sub(t.mono_ms);
+                self.writes_from_unix_ms = Some(t.unix_ms + wait);
+                self.request_recovery();
+            }
+            Decision::RestartAt { at_ms } => {
+                self.state = State::Waiting {
+                    until_mono_ms: at_ms,
+                }
+            }
+            Decision::StayDown => self.state = State::Stopped,
+        }
+    }
+
+    fn request_recovery(&mut self) {
+        self.state = State::Recovering;
+        self.effects.push_back(Effect::Recover(self.config.clone()));
+    }
+
+    /// The recovery asked for with `Effect::Recover` finished.
+    pub fn handle_recovered(
+        &mut self,
+        t: Time,
+        result: Result<(Shard, RecoveryReport), RecoverError>,
+    ) {
+        if !matches!(self.state, State::Recovering) {
+            debug_assert!(false, "a recovery arrived that was not asked for");
+            return;
+        }
+        match result {
+            Ok((mut shard, _)) => {
+                if let Some(until) = self.writes_from_unix_ms.take() {
+                    shard.handle_storage_full(t.unix_ms, until);
+                }
+                self.state = State::Serving(Box::new(shard));
+                self.status.serving = !self.status.disk_full;
+                self.status.stopped = false;
+            }
+            Err(e) => {
+                // Corruption or a missing segment: an operator must look.
+                self.status.last_error = Some(format!("recovery refused: {e}"));
+                self.status.stopped = true;
+                self.state = State::Stopped;
+            }
+        }
+        self.pump(t);
+    }
+
+    /// The adapter could not queue an `Effect::Replies` for `session` (its reply channel is
+    /// full: the session stopped draining it). The session is closed as `overloaded` and the
+    /// shard forgets it; its client reconnects and resumes.
+    pub fn handle_reply_refused(&mut self, t: Time, session: SessionId) {
+        self.sessions.retain(|s| *s != session);
+        if self.planted.glue_drop_reply_on_full_queue {
+            return;
+        }
+        self.effects.push_back(Effect::CloseSession {
+            session,
+            why: CloseReason::Overloaded,
+        });
+        if let State::Serving(shard) = &mut self.state {
+            shard.handle_request(
+                t.unix_ms,
+                Request {
+                    session,
+                    op: ShardOp::Closed,
+                },
+            );
+        }
+        self.effects.push_back(Effect::Forget { session });
+    }
+
+    /// The next time `handle_timeout` has something to do (monotonic ms).
+    pub fn poll_timeout(&self) -> Option<u64> {
+        let stall = self
+            .writing
+            .filter(|_| !self.status.wal_stalled)
+            .map(|w| w.started_mono_ms + self.wal_sync_stall_ms_max);
+        let restart = match self.state {
+            State::Waiting { until_mono_ms } => Some(until_mono_ms),
+            _ => None,
+        };
+        stall.into_iter().chain(restart).min()
+    }
+
+    pub fn handle_timeout(&mut self, t: Time) {
+        if let Some(w) = self.writing {
+            if t.mono_ms >= w.started_mono_ms + self.wal_sync_stall_ms_max {
+                self.status.wal_stalled = true;
+            }
+        }
+        if let State::Waiting { until_mono_ms } = self.state {
+            if t.mono_ms >= until_mono_ms {
+                self.request_recovery();
+            }
+        }
+        self.pump(t);
+    }
+
+    /// The next effect for the adapter.
+    pub fn poll_effect(&mut self) -> Option<Effect> {
+        self.effects.pop_front()
+    }
+
+    /// Moves work: input into the shard while it wants it (or into `unavailable` answers
+    /// while it is down), the next WAL write, the shard's outputs to their sessions.
+    fn pump(&mut self, t: Time) {
+        match &self.state {
+            State::Serving(_) => self.feed(t),
+            _ => self.answer_down(),
+        }
+        if self.writing.is_none() {
+            if let State::Serving(shard) = &mut self.state {
+                if let Some(w) = shard.poll_wal() {
+                    self.writing = Some(WriteInFlight {
+                        last_lsn: w.last_lsn,
+                        started_mono_ms: t.mono_ms,
+                    });
+                    self.effects.push_back(Effect::Write(w));
+                }
+            }
+        }
+        self.route_outputs();
+    }
+
+    /// Input batches into the serving shard, each whole, while it wants input.
+    fn feed(&mut self, t: Time) {
+        let State::Serving(shard) = &mut self.state else {
+            return;
+        };
+        let mut taken = 0;
+        while taken < PUMP_BATCHES_MAX && shard.wants_input() {
+            let Some(batch) = self.input.pop_front() else {
+                break;
+            };
+            taken += 1;
+            let closing: Vec<SessionId> = batch
+                .iter()
+                .filter(|r| matches!(r.op, ShardOp::Closed))
+                .map(|r| r.session)
+                .collect();
+            if self.planted.glue_batch_drops_rest_under_backpressure {
+                for req in batch {
+                    if !shard.wants_input() {
+                        break; // the bug: the rest of the batch is lost
+                    }
+                    shard.handle_request(t.unix_ms, req);
+                }
+            } else {
+                shard.handle_requests(t.unix_ms, batch);
+            }
+            for session in closing {
+                self.sessions.retain(|s| *s != session);
+                // Replies already owed go out before the sink is forgotten.
+                route(shard, &mut self.effects);
+                self.effects.push_back(Effect::Forget { session });
+            }
+        }
+    }
+
+    /// While there is no serving incarnation: every request answered `unavailable`.
+    fn answer_down(&mut self) {
+        let reason = match &self.state {
+            State::Stopped => format!(
+                "shard {} is down: {}",
+                self.idx,
+                self.status.last_error.as_deref().unwrap_or("stopped")
+            ),
+            _ => format!("shard {} is recovering; retry shortly", self.idx),
+        };
+        let mut out: Vec<(SessionId, Vec<Reply>)> = Vec::new();
+        for batch in self.input.drain(..) {
+            for req in &batch {
+                if let Some(o) = fabric_shard::unavailable_reply(req, &reason) {
+                    push_reply(&mut out, o.session, o.reply);
+                }
+                if matches!(req.op, ShardOp::Closed) {
+                    self.sessions.retain(|s| *s != req.session);
+                }
+            }
+        }
+        for (session, replies) in out {
+            self.effects.push_back(Effect::Replies { session, replies });
+        }
+    }
+
+    fn route_outputs(&mut self) {
+        if let State::Serving(shard) = &mut self.state {
+            route(shard, &mut self.effects);
+        }
+    }
+}
+
+/// The shard's outputs, grouped per session in the order each session first appears.
+fn route(shard: &mut Shard, effects: &mut VecDeque<Effect>) {
+    let mut out: Vec<(SessionId, Vec<Reply>)> = Vec::new();
+    while let Some(o) = shard.poll_output() {
+        push_reply(&mut out, o.session, o.reply);
+    }
+    for (session, replies) in out {
+        effects.push_back(Effect::Replies { session, replies });
+    }
+}
+
+fn push_reply(out: &mut Vec<(SessionId, Vec<Reply>)>, session: SessionId, reply: Reply) {
+    match out.iter_mut().find(|(s, _)| *s == session) {
+        Some((_, v)) => v.push(reply),
+        None => out.push((session, vec![reply])),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,238 @@
+//! The driver under an adapter written the way the node's and the simulator's are: effects
+//! performed on an in-memory store (`MemStore`), results fed back.
+
+use super::*;
+use fabric_proto::internal::ShardOp;
+use fabric_proto::{Body, ErrorCode, ServerOp};
+use fabric_shard::store::{self, mem::MemStore};
+use fabric_shard::PlantedBugs;
+
+struct Adapter {
+    driver: ShardDriver,
+    store: MemStore,
+    t: Time,
+    /// Replies per session, in order.
+    replies: Vec<(SessionId, Reply)>,
+    closed: Vec<(SessionId, CloseReason)>,
+    /// The next write fails with this kind.
+    fail_next_write: Option<StoreErrorKind>,
+    /// Sessions whose replies the adapter cannot queue.
+    full: Vec<SessionId>,
+}
+
+impl Adapter {
+    fn new(policy: RestartPolicy) -> Adapter {
+        let mut a = Adapter {
+            driver: ShardDriver::new(0, ShardConfig::default(), policy, 4, 1_000),
+            store: MemStore::new(0),
+            t: Time {
+                unix_ms: 1_000_000,
+                mono_ms: 0,
+            },
+            replies: Vec::new(),
+            closed: Vec::new(),
+            fail_next_write: None,
+            full: Vec::new(),
+        };
+        a.run();
+        a
+    }
+
+    /// Performs effects until none is left.
+    fn run(&mut self) {
+        while let Some(e) = self.driver.poll_effect() {
+            match e {
+                Effect::Write(w) => {
+                    if let Some(kind) = self.fail_next_write.take() {
+                        self.store.fail_next("sync", kind);
+                    }
+                    let r = store::perform(&mut self.store, &w, &PlantedBugs::default());
+                    self.driver.handle_write_done(self.t, r);
+                }
+                Effect::Recover(config) => {
+                    let r = store::recover(&mut self.store, config);
+                    self.driver.handle_recovered(self.t, r);
+                }
+                Effect::Replies { session, replies } => {
+                    if self.full.contains(&session) {
+                        self.driver.handle_reply_refused(self.t, session);
+                    } else {
+                        self.replies
+                            .extend(replies.into_iter().map(|r| (session, r)));
+                    }
+                }
+                Effect::Forget { .. } => {}
+                Effect::CloseSession { session, why } => self.closed.push((session, why)),
+            }
+        }
+    }
+
+    fn batch(&mut self, session: SessionId, ops: Vec<ShardOp>) {
+        let batch = ops.into_iter().map(|op| Request { session, op }).collect();
+        self.driver.handle_batch(self.t, session, batch);
+        self.run();
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.t.mono_ms += ms;
+        self.t.unix_ms += ms;
+        self.driver.handle_timeout(self.t);
+        self.run();
+    }
+
+    fn codes(&self, session: SessionId) -> Vec<Option<ErrorCode>> {
+        self.replies
+            .iter()
+            .filter(|(s, _)| *s == session)
+            .map(|(_, r)| match r {
+                Reply::Frame(ServerOp::Error { code, .. }) => Some(*code),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+fn append(r: u64) -> ShardOp {
+    ShardOp::Append {
+        r,
+        mesh: "m".into(),
+        conv: "c".into(),
+        from: "a".into(),
+        body: Body::from_json_text("\"x\"".to_string()).unwrap(),
+        key: None,
+    }
+}
+
+#[test]
+fn a_batch_is_written_synced_and_answered_in_order() {
+    // Proves the driver's loop: a batch goes into the shard, one write is asked for, and the
+    // answers are routed to the session only after it completes.
+    let mut a = Adapter::new(RestartPolicy::default());
+    a.batch(1, (1..=5).map(append).collect());
+    assert_eq!(a.codes(1), vec![None; 5]);
+    assert!(a.driver.is_idle());
+    assert!(a.driver.status().serving);
+}
+
+#[test]
+fn a_failed_write_closes_the_sessions_answers_unavailable_then_recovers_after_the_backoff() {
+    // Proves the restart policy runs in the host: the failed write's requests get
+    // `unavailable`, the incarnation's sessions are closed, requests meanwhile are answered
+    // `unavailable` by the stand-in, and after the backoff a recovered incarnation serves
+    // again with exactly what was synced.
+    let mut a = Adapter::new(RestartPolicy::default());
+    a.batch(1, vec![append(1)]);
+    a.fail_next_write = Some(StoreErrorKind::Io);
+    a.batch(1, vec![append(2)]);
+    assert_eq!(a.codes(1)[1], Some(ErrorCode::Unavailable));
+    assert_eq!(a.closed, vec![(1, CloseReason::Restarted)]);
+    assert!(!a.driver.status().serving);
+    a.batch(2, vec![append(3)]);
+    assert_eq!(
+        a.codes(2),
+        vec![Some(ErrorCode::Unavailable)],
+        "the stand-in"
+    );
+    a.advance(10);
+    a.batch(2, vec![append(4)]);
+    assert_eq!(a.codes(2)[1], None);
+    match &a.replies.last().unwrap().1 {
+        Reply::Frame(ServerOp::Ok { seq, .. }) => assert_eq!(*seq, Some(2)),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn a_full_disk_recovers_at_once_and_refuses_writes_until_the_backoff_passes() {
+    // Proves ENOSPC is not an outage: the shard is recovered at once, writes get
+    // storage_full until the backoff has passed, then they go through again.
+    let mut a = Adapter::new(RestartPolicy::default());
+    a.fail_next_write = Some(StoreErrorKind::NoSpace);
+    a.batch(1, vec![append(1)]);
+    assert_eq!(a.codes(1), vec![Some(ErrorCode::StorageFull)]);
+    assert!(a.driver.status().disk_full);
+    a.batch(2, vec![append(2)]);
+    assert_eq!(
+        a.codes(2),
+        vec![Some(ErrorCode::StorageFull)],
+        "refused, not unavailable"
+    );
+    a.advance(10);
+    a.batch(2, vec![append(3)]);
+    assert_eq!(a.codes(2)[1], None);
+    assert!(!a.driver.status().disk_full);
+}
+
+#[test]
+fn a_session_whose_replies_cannot_be_queued_is_closed_not_forgotten() {
+    // Proves reply-queue overflow closes the session as overloaded (its client resumes), and
+    // the planted bug that drops it silently is visible as the missing close.
+    for planted in [false, true] {
+        let mut a = Adapter::new(RestartPolicy::default());
+        a.driver = ShardDriver::new(
+            0,
+            ShardConfig::default(),
+            RestartPolicy::default(),
+            4,
+            1_000,
+        )
+        .with_planted(PlantedGlueBugs {
+            glue_drop_reply_on_full_queue: planted,
+            ..PlantedGlueBugs::default()
+        });
+        a.run();
+        a.full.push(7);
+        a.batch(7, vec![append(1)]);
+        let closed = a.closed.contains(&(7, CloseReason::Overloaded));
+        assert_eq!(closed, !planted, "planted={planted}");
+    }
+}
+
+#[test]
+fn a_batch_past_backpressure_is_taken_whole_and_the_planted_bug_loses_its_rest() {
+    // Proves a batch is fed whole even when the shard stops wanting input in its middle, and
+    // that the planted glue bug (checking inside the batch) loses requests.
+    for planted in [false, true] {
+        let config = ShardConfig {
+            pending_acks_max: 2,
+            ..ShardConfig::default()
+        };
+        let mut a = Adapter::new(RestartPolicy::default());
+        a.driver = ShardDriver::new(0, config, RestartPolicy::default(), 4, 1_000).with_planted(
+            PlantedGlueBugs {
+                glue_batch_drops_rest_under_backpressure: planted,
+                ..PlantedGlueBugs::default()
+            },
+        );
+        a.run();
+        a.batch(1, (1..=10).map(append).collect());
+        let answered = a.codes(1).len();
+        assert_eq!(
+            answered == 10,
+            !planted,
+            "planted={planted}: {answered} answered"
+        );
+    }
+}
+
+#[test]
+fn a_stalled_write_is_reported_until_it_completes() {
+    // Proves the stall watchdog: a write in flight past wal_sync_stall_ms_max marks the shard
+    // stalled; its completion clears it.
+    let mut a = Adapter::new(RestartPolicy::default());
+    let batch = vec![Request {
+        session: 1,
+        op: append(1),
+    }];
+    a.driver.handle_batch(a.t, 1, batch);
+    let Some(Effect::Write(w)) = a.driver.poll_effect() else {
+        panic!("a write");
+    };
+    assert_eq!(a.driver.poll_timeout(), Some(1_000));
+    a.t.mono_ms = 1_000;
+    a.driver.handle_timeout(a.t);
+    assert!(a.driver.status().wal_stalled);
+    let r = store::perform(&mut a.store, &w, &PlantedBugs::default());
+    a.driver.handle_write_done(a.t, r);
+    assert!(!a.driver.status().wal_stalled);
+}
