@@ -15,20 +15,41 @@
 //!   this incarnation knows, told when it ends; a session whose replies cannot be queued is
 //!   closed (`overloaded`), never silently forgotten.
 //!
-//! I/O stays with the host's adapter: it performs [`Effect::Write`] with
-//! `fabric_shard::store::perform` and [`Effect::Recover`] with `fabric_shard::store::recover`
-//! on its `SegmentStore` (files, or the simulated disk), at whatever time that takes, and
-//! reports back. Time comes in as [`Time`]: wall-clock ms for what the shard stamps into
+//! I/O stays with the host's adapter: it performs [`Effect::Write`] ([`WriteJob::perform`]) and
+//! [`Effect::Recover`] ([`RecoverJob::perform`]) on its `SegmentStore` (files, or the
+//! simulated disk), at whatever time that takes, and reports back. The file steps themselves
+//! are decided here and in `fabric_shard::store`, never by an adapter. Time comes in as [`Time`]: wall-clock ms for what the shard stamps into
 //! messages, monotonic ms for the host's own timers.
 
 use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx, ShardOp};
-use fabric_shard::store::{StoreErrorKind, WriteFailure};
-use fabric_shard::{RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
+use fabric_shard::store::{self, SegmentStore, StoreErrorKind, WriteFailure};
+use fabric_shard::{PlantedBugs, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
 use std::collections::VecDeque;
 
 /// Batches taken from the input queue per pump before the driver writes and answers.
 pub const PUMP_BATCHES_MAX: usize = 256;
+
+/// Reply batches a session's reply queue holds beyond every reply it can be owed (a welcome,
+/// errors without a ref): slack, not a bound anything relies on.
+pub const SESSION_REPLY_SLACK_BATCHES: usize = 64;
+
+/// The capacity a session's reply queue needs (in batches; a batch holds at least one reply)
+/// so that a full queue can only mean the session stopped taking replies: every reply it can
+/// be owed at once (its in-flight requests up to the hard limit, `inflight_requests_max` plus
+/// one batch frame's ops, and every shard's push credit), plus slack. `None` if that does not
+/// fit in a `usize`.
+pub fn session_reply_queue_batches_min(
+    push_credit_frames_max: u32,
+    shards: u32,
+    inflight_requests_max: u32,
+) -> Option<usize> {
+    (push_credit_frames_max as usize)
+        .checked_mul(shards as usize)?
+        .checked_add(inflight_requests_max as usize)?
+        .checked_add(fabric_proto::BATCH_OPS_MAX)?
+        .checked_add(SESSION_REPLY_SLACK_BATCHES)
+}
 
 /// The two clocks a host reads: wall-clock ms (stamped into messages, compared with clients'
 /// clocks) and monotonic ms (timers: backoffs, stall deadlines).
@@ -52,16 +73,58 @@ pub struct PlantedGlueBugs {
     pub glue_restart_without_recovery: bool,
     /// A batch fed while the shard wants no more input loses its remaining requests.
     pub glue_batch_drops_rest_under_backpressure: bool,
+    /// The host's write job skips the directory fsync that makes a new segment's name (and the
+    /// manifest listing it) durable.
+    pub glue_no_dir_fsync_on_segment_create: bool,
+}
+
+/// One WAL write for the adapter to perform on its store, on whatever thread and at whatever
+/// time; its result goes back through [`ShardDriver::handle_write_done`].
+#[derive(Debug)]
+pub struct WriteJob {
+    pub write: WalWrite,
+    steps: PlantedBugs,
+}
+
+impl WriteJob {
+    /// The file steps (`fabric_shard::store::perform`): create, manifest, append, fdatasync,
+    /// cut back after a failure, delete.
+    pub fn perform<S: SegmentStore>(&self, store: &mut S) -> Result<(), WriteFailure> {
+        store::perform(store, &self.write, &self.steps)
+    }
+
+    /// The written buffer, for `handle_write_done`'s caller to hand back for reuse.
+    pub fn into_buffer(self) -> Vec<u8> {
+        self.write.bytes
+    }
+}
+
+/// One recovery for the adapter to run on the shard's store (blocking: it reads every
+/// segment); its result goes back through [`ShardDriver::handle_recovered`].
+#[derive(Debug, Clone)]
+pub struct RecoverJob {
+    pub config: ShardConfig,
+}
+
+impl RecoverJob {
+    /// Recovery (`fabric_shard::store::recover`): reads, verifies, cuts only a torn final
+    /// write, syncs what it read.
+    pub fn perform<S: SegmentStore>(
+        &self,
+        store: &mut S,
+    ) -> Result<(Shard, RecoveryReport), RecoverError> {
+        store::recover(store, self.config.clone())
+    }
 }
 
 /// What the adapter must do.
 #[derive(Debug)]
 pub enum Effect {
-    /// Perform this write (`store::perform`), then call `handle_write_done`.
-    Write(WalWrite),
-    /// Recover a new incarnation (`store::recover` with this config), then call
-    /// `handle_recovered`.
-    Recover(ShardConfig),
+    /// Perform this write, then call `handle_write_done`.
+    Write(WriteJob),
+    /// Recover a new incarnation, then call `handle_recovered`. A write still in flight from
+    /// the ended incarnation finishes first (the adapter waits for it).
+    Recover(RecoverJob),
     /// Hand these replies to the session, in order, then go on; if they cannot be queued,
     /// call `handle_reply_refused`.
     Replies {
@@ -132,6 +195,8 @@ pub struct ShardDriver {
     input_batches_max: usize,
     state: State,
     writing: Option<WriteInFlight>,
+    /// An ended incarnation's write is still being performed: its completion is ignored.
+    orphaned_writes: u32,
     wal_sync_stall_ms_max: u64,
     supervision: Supervision,
     /// After ENOSPC: the new incarnation refuses writes until this wall-clock ms.
@@ -165,6 +230,7 @@ impl ShardDriver {
             input_batches_max: input_batches_max.max(1),
             state: State::Recovering,
             writing: None,
+            orphaned_writes: 0,
             wal_sync_stall_ms_max,
             supervision: Supervision::new(policy),
             writes_from_unix_ms: None,
@@ -173,7 +239,7 @@ impl ShardDriver {
             status: DriverStatus::default(),
             planted: PlantedGlueBugs::default(),
         };
-        d.effects.push_back(Effect::Recover(d.config.clone()));
+        d.request_recovery();
         d
     }
 
@@ -256,7 +322,12 @@ impl ShardDriver {
     /// The write handed out as `Effect::Write` finished.
     pub fn handle_write_done(&mut self, t: Time, result: Result<(), WriteFailure>) {
         let Some(w) = self.writing.take() else {
-            debug_assert!(false, "a write finished that was never started");
+            // Only an ended incarnation's write can finish with none in flight.
+            assert!(
+                self.orphaned_writes > 0,
+                "a write finished that was never started"
+            );
+            self.orphaned_writes -= 1;
             return;
         };
         self.status.wal_stalled = false;
@@ -313,7 +384,9 @@ impl ShardDriver {
     /// The incarnation is gone: tell its sessions, then follow the restart policy.
     fn end_incarnation(&mut self, t: Time, failure: ShardFailure) {
         self.state = State::Stopped;
-        self.writing = None;
+        if self.writing.take().is_some() {
+            self.orphaned_writes += 1;
+        }
         self.status.restarts += 1;
         for session in std::mem::take(&mut self.sessions) {
             self.effects.push_back(Effect::CloseSession {
@@ -338,7 +411,21 @@ impl ShardDriver {
 
     fn request_recovery(&mut self) {
         self.state = State::Recovering;
-        self.effects.push_back(Effect::Recover(self.config.clone()));
+        self.effects.push_back(Effect::Recover(RecoverJob {
+            config: self.config.clone(),
+        }));
+    }
+
+    /// The incarnation failed outside its writes (a panic in the core, an operator's crash
+    /// drill): it ends as after a failed write, and the restart policy decides what next.
+    pub fn handle_crash(&mut self, t: Time, why: &str) {
+        if !matches!(self.state, State::Serving(_)) {
+            return;
+        }
+        self.status.last_error = Some(why.to_string());
+        self.status.serving = false;
+        self.end_incarnation(t, ShardFailure::Crashed);
+        self.pump(t);
     }
 
     /// The recovery asked for with `Effect::Recover` finished.
@@ -351,6 +438,8 @@ impl ShardDriver {
             debug_assert!(false, "a recovery arrived that was not asked for");
             return;
         }
+        // The adapter finished every ended incarnation's write before it recovered.
+        self.orphaned_writes = 0;
         match result {
             Ok((mut shard, _)) => {
                 if let Some(until) = self.writes_from_unix_ms.take() {
@@ -440,7 +529,11 @@ impl ShardDriver {
                         last_lsn: w.last_lsn,
                         started_mono_ms: t.mono_ms,
                     });
-                    self.effects.push_back(Effect::Write(w));
+                    let mut steps = self.config.planted;
+                    steps.no_dir_fsync_on_segment_create |=
+                        self.planted.glue_no_dir_fsync_on_segment_create;
+                    self.effects
+                        .push_back(Effect::Write(WriteJob { write: w, steps }));
                 }
             }
         }

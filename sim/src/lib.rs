@@ -159,6 +159,9 @@ pub struct WorkloadStats {
     /// Of those, batches of several requests after which the shard wanted no more input:
     /// backpressure reached inside a batch, which the batch entry point must still finish.
     pub shard_batches_past_backpressure: u64,
+    /// Reply batches a session's full reply queue refused (the session was then closed as
+    /// `overloaded`).
+    pub reply_queue_overflows: u64,
 }
 
 impl WorkloadStats {
@@ -174,6 +177,7 @@ impl WorkloadStats {
         self.http_reads += o.http_reads;
         self.shard_batches += o.shard_batches;
         self.shard_batches_past_backpressure += o.shard_batches_past_backpressure;
+        self.reply_queue_overflows += o.reply_queue_overflows;
     }
 }
 

@@ -111,6 +111,15 @@ pub struct SimOptions {
     /// Mean time between HTTP-style conversation reads (0: none): `Auth`, then `Read`, each
     /// sent through a `Router` into the shards as the HTTP path does, on a session of its own.
     pub http_read_interval_ms_mean: u64,
+    /// Capacity of each session's reply queue, in batches (0: the node's own rule,
+    /// `fabric_router::host::session_reply_queue_batches_min`). Smaller than that rule, a
+    /// session that stops taking replies overflows it, and the host must close it
+    /// (`overloaded`), never drop its replies in silence.
+    pub reply_queue_batches_max: usize,
+    /// A session takes no replies from its queue while this many frames it wrote are
+    /// unacknowledged (its socket's send buffer is full: the node's session task is blocked
+    /// in a write).
+    pub socket_window_frames: usize,
 }
 
 impl Default for SimOptions {
@@ -164,6 +173,8 @@ impl Default for SimOptions {
             ping_probability: 0.05,
             hedge_probability: 0.05,
             http_read_interval_ms_mean: 500,
+            reply_queue_batches_max: 0,
+            socket_window_frames: 1 << 16,
         }
     }
 }
@@ -241,6 +252,9 @@ impl SimOptions {
                 return Err(why.into());
             }
         }
+        if self.socket_window_frames == 0 {
+            return Err("socket_window_frames must be at least 1".into());
+        }
         if probabilities.iter().any(|p| !(0.0..=1.0).contains(p)) {
             return Err("every probability must be within 0..=1".into());
         }
@@ -263,7 +277,8 @@ impl fmt::Display for SimOptions {
              disconnect_every_ms={} torn_p={} tail_flip_p={} read_flip_p={} enospc_p={} ack_p={} \
              segment_bytes={} retention_bytes={} batch_bytes={} credit={} scan={} pending={} \
              sync_after_recovery={} batch_in_p={} key_peer_p={} client_batch_p={} \
-             subscribe_p={} ping_p={} hedge_p={} http_read_every_ms={} planted={}",
+             subscribe_p={} ping_p={} hedge_p={} http_read_every_ms={} reply_queue={} \
+             socket_window={} planted={}",
             self.nodes,
             self.shards,
             self.partitions,
@@ -316,6 +331,8 @@ impl fmt::Display for SimOptions {
             self.ping_probability,
             self.hedge_probability,
             self.http_read_interval_ms_mean,
+            self.reply_queue_batches_max,
+            self.socket_window_frames,
             planted_names::join_all(self.planted, self.planted_glue),
         )
     }
@@ -394,6 +411,8 @@ pub fn swarm(seed: u64) -> SimOptions {
         ping_probability: pick_f(&mut rng, &[0.0, 0.05, 0.2]),
         hedge_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
         http_read_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
+        reply_queue_batches_max: [0, 0, 0, 2, 8][rng.random_range(0..5)],
+        socket_window_frames: [8, 64, 1 << 16][rng.random_range(0..3)],
     }
 }
 
@@ -458,9 +477,10 @@ pub mod planted_names {
         use fabric_router::host::PlantedGlueBugs;
         use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
-        pub const ALL: [&str; 3] = [
+        pub const ALL: [&str; 4] = [
             "glue_drop_reply_on_full_queue",
             "glue_restart_without_recovery",
+            "glue_no_dir_fsync_on_segment_create",
             "glue_batch_drops_rest_under_backpressure",
         ];
 
@@ -468,6 +488,7 @@ pub mod planted_names {
             let on = [
                 g.glue_drop_reply_on_full_queue,
                 g.glue_restart_without_recovery,
+                g.glue_no_dir_fsync_on_segment_create,
                 g.glue_batch_drops_rest_under_backpressure,
             ];
             ALL.iter()
@@ -481,6 +502,9 @@ pub mod planted_names {
             match name {
                 "glue_drop_reply_on_full_queue" => g.glue_drop_reply_on_full_queue = true,
                 "glue_restart_without_recovery" => g.glue_restart_without_recovery = true,
+                "glue_no_dir_fsync_on_segment_create" => {
+                    g.glue_no_dir_fsync_on_segment_create = true
+                }
                 "glue_batch_drops_rest_under_backpressure" => {
                     g.glue_batch_drops_rest_under_backpressure = true
                 }

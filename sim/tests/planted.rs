@@ -198,3 +198,83 @@ fn planted_no_dir_fsync_on_segment_create_is_caught() {
     });
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
 }
+
+fn glue(bug: impl Fn(&mut fabric_router::host::PlantedGlueBugs)) -> impl Fn(&mut SimOptions) {
+    move |o| bug(&mut o.planted_glue)
+}
+
+#[test]
+fn planted_glue_drop_reply_on_full_queue_is_caught_as_replies_gone_missing() {
+    // Proves the host's overflow rule is checked: a session whose reply queue is full must be
+    // closed (`overloaded`); a host that drops its replies in silence leaves a client with a
+    // gap in its answers or an inbox message it never gets. The control run keeps the node's
+    // queue rule (no queue can overflow), and nothing fails.
+    let kinds = found(
+        "glue_drop_reply_on_full_queue",
+        glue(|g| g.glue_drop_reply_on_full_queue = true),
+    );
+    let k = count(
+        &kinds,
+        &[
+            ViolationKind::OutOfOrder,
+            ViolationKind::NotDelivered,
+            ViolationKind::Liveness,
+        ],
+    );
+    assert!(k > 0, "not found in {SEEDS} seeds: {kinds:?}");
+    silent(|o| {
+        o.planted_glue.glue_drop_reply_on_full_queue = true;
+        o.reply_queue_batches_max = 0;
+    });
+}
+
+#[test]
+fn planted_glue_restart_without_recovery_is_caught_after_a_failed_write() {
+    // Proves the host's restart policy is checked: an incarnation that goes on serving after
+    // a failed write serves memory the disk does not hold. Without failed writes, silence.
+    let kinds = found(
+        "glue_restart_without_recovery",
+        glue(|g| g.glue_restart_without_recovery = true),
+    );
+    assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
+    silent(|o| {
+        o.planted_glue.glue_restart_without_recovery = true;
+        o.enospc_probability = 0.0;
+        o.disk_full_interval_ms_mean = 0;
+    });
+}
+
+#[test]
+fn planted_glue_no_dir_fsync_on_segment_create_is_caught_by_a_power_loss() {
+    // Proves the host's write job is what the simulator runs: when it skips the directory
+    // fsync of a new segment, a power loss takes acknowledged records. Without power losses,
+    // silence.
+    let kinds = found(
+        "glue_no_dir_fsync_on_segment_create",
+        glue(|g| g.glue_no_dir_fsync_on_segment_create = true),
+    );
+    let k = count(
+        &kinds,
+        &[
+            ViolationKind::LostWrite,
+            ViolationKind::RecoveryRefused,
+            ViolationKind::CursorLost,
+        ],
+    );
+    assert!(k > 0, "not found in {SEEDS} seeds: {kinds:?}");
+    silent(|o| {
+        o.planted_glue.glue_no_dir_fsync_on_segment_create = true;
+        o.crash_interval_ms_mean = 0;
+    });
+}
+
+#[test]
+fn planted_glue_batch_drops_rest_under_backpressure_is_caught() {
+    // Proves the host's feeding rule (a batch is taken whole, whatever the shard's backpressure
+    // says halfway) is checked: a host that drops the rest loses requests a client waits for.
+    let kinds = found(
+        "glue_batch_drops_rest_under_backpressure",
+        glue(|g| g.glue_batch_drops_rest_under_backpressure = true),
+    );
+    assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
+}

@@ -4,8 +4,7 @@
 use super::*;
 use fabric_proto::internal::ShardOp;
 use fabric_proto::{Body, ErrorCode, ServerOp};
-use fabric_shard::store::{self, mem::MemStore};
-use fabric_shard::PlantedBugs;
+use fabric_shard::store::mem::MemStore;
 
 struct Adapter {
     driver: ShardDriver,
@@ -46,11 +45,11 @@ impl Adapter {
                     if let Some(kind) = self.fail_next_write.take() {
                         self.store.fail_next("sync", kind);
                     }
-                    let r = store::perform(&mut self.store, &w, &PlantedBugs::default());
+                    let r = w.perform(&mut self.store);
                     self.driver.handle_write_done(self.t, r);
                 }
-                Effect::Recover(config) => {
-                    let r = store::recover(&mut self.store, config);
+                Effect::Recover(job) => {
+                    let r = job.perform(&mut self.store);
                     self.driver.handle_recovered(self.t, r);
                 }
                 Effect::Replies { session, replies } => {
@@ -232,7 +231,78 @@ fn a_stalled_write_is_reported_until_it_completes() {
     a.t.mono_ms = 1_000;
     a.driver.handle_timeout(a.t);
     assert!(a.driver.status().wal_stalled);
-    let r = store::perform(&mut a.store, &w, &PlantedBugs::default());
+    let r = w.perform(&mut a.store);
     a.driver.handle_write_done(a.t, r);
     assert!(!a.driver.status().wal_stalled);
+}
+
+#[test]
+fn a_crash_with_a_write_in_flight_ends_the_incarnation_and_ignores_its_late_completion() {
+    // Proves handle_crash: the sessions are told, the restart policy's backoff applies, the
+    // ended incarnation's write finishing later is ignored (not a second failure), and the next
+    // incarnation recovers what that write made durable.
+    let mut a = Adapter::new(RestartPolicy::default());
+    a.driver.handle_batch(
+        a.t,
+        1,
+        vec![Request {
+            session: 1,
+            op: append(1),
+        }],
+    );
+    let Some(Effect::Write(w)) = a.driver.poll_effect() else {
+        panic!("a write");
+    };
+    a.driver.handle_crash(a.t, "crash drill");
+    a.run();
+    assert_eq!(a.closed, vec![(1, CloseReason::Restarted)]);
+    assert!(!a.driver.status().serving);
+    let r = w.perform(&mut a.store);
+    a.driver.handle_write_done(a.t, r);
+    let wait = a.driver.poll_timeout().expect("a restart is scheduled");
+    a.advance(wait);
+    assert!(a.driver.status().serving);
+    assert_eq!(a.driver.shard().map(|s| s.durable_lsn()), Some(1));
+}
+
+#[test]
+fn the_planted_glue_no_dir_fsync_reaches_the_write_job_only_when_planted() {
+    // Proves the glue bug lives in the host's write job: with it planted a segment-creating
+    // write skips the directory fsync; without it the job keeps the shard's own steps.
+    for planted in [false, true] {
+        let bugs = PlantedGlueBugs {
+            glue_no_dir_fsync_on_segment_create: planted,
+            ..Default::default()
+        };
+        let mut d = ShardDriver::new(
+            0,
+            ShardConfig::default(),
+            RestartPolicy::default(),
+            4,
+            1_000,
+        )
+        .with_planted(bugs);
+        let mut store = MemStore::new(0);
+        let Some(Effect::Recover(job)) = d.poll_effect() else {
+            panic!("a recovery first");
+        };
+        let t = Time {
+            unix_ms: 1,
+            mono_ms: 1,
+        };
+        d.handle_recovered(t, job.perform(&mut store));
+        d.handle_batch(
+            t,
+            1,
+            vec![Request {
+                session: 1,
+                op: append(1),
+            }],
+        );
+        let Some(Effect::Write(w)) = d.poll_effect() else {
+            panic!("a write");
+        };
+        assert!(w.write.create, "the first write creates a segment");
+        assert_eq!(w.steps.no_dir_fsync_on_segment_create, planted);
+    }
 }

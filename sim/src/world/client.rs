@@ -279,10 +279,14 @@ impl Simulation {
                 code,
                 message,
             } if code == ErrorCode::Unavailable
-                || (code == ErrorCode::Unauthorized && message.contains("timed out")) =>
+                || (code == ErrorCode::Unauthorized && message.contains("timed out"))
+                // Only with a reply queue smaller than the node's rule: under the rule a
+                // session is owed no more than its queue holds, so it never overflows.
+                || (code == ErrorCode::Overloaded && self.options.reply_queue_batches_max != 0) =>
             {
-                // The session ends (a shard restarted, or a hello the network delayed past
-                // the deadline); the connection closes behind it.
+                // The session ends (a shard restarted, a hello the network delayed past the
+                // deadline, replies that did not fit its queue); the connection closes behind
+                // it.
                 trace!(self, "{peer} session error {code:?}: {message}");
             }
             ServerOp::Deliver {

@@ -85,6 +85,7 @@ impl Simulation {
                     session: core,
                     router: self.placement.clone(),
                     timer_at: None,
+                    replies: VecDeque::new(),
                 },
             );
             self.sessions.insert(session, id);

@@ -19,11 +19,10 @@ use fabric_proto::internal::{
     Output, Placement, Reply, Request, Route, SessionId, ShardIdx, ShardOp,
 };
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
-use fabric_router::host::{CloseReason, Effect, ShardDriver, Time};
+use fabric_router::host::{CloseReason, Effect, RecoverJob, ShardDriver, Time, WriteJob};
 use fabric_router::supervise::RestartPolicy;
 use fabric_router::Router;
-use fabric_shard::store;
-use fabric_shard::{RecoverError, WalWrite};
+use fabric_shard::RecoverError;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, VecDeque};
@@ -203,12 +202,14 @@ struct NodeConn {
     session: Session,
     router: Router,
     timer_at: Option<u64>,
+    /// The session's reply queue (the node's bounded channel from the shards), in batches.
+    replies: VecDeque<(ShardIdx, Vec<Reply>)>,
 }
 
 #[derive(Debug)]
 struct Inflight {
     id: u64,
-    write: WalWrite,
+    write: WriteJob,
     /// The acks taken in before the write was polled (checker 6), for the mesh's shard.
     acks: Vec<u64>,
 }
@@ -224,7 +225,7 @@ struct ArmedFlip {
 /// What a shard's host hands the simulated node, in order.
 #[derive(Debug)]
 pub(super) enum HostOut {
-    Reply(Output),
+    Replies(SessionId, Vec<Reply>),
     Close(SessionId, CloseReason),
 }
 
@@ -394,6 +395,9 @@ pub struct Simulation {
     placement: Router,
     mesh_shard: ShardIdx,
     session_config: SessionConfig,
+    /// Capacity of each session's reply queue (`SimOptions::reply_queue_batches_max`, or the
+    /// node's rule).
+    reply_queue_batches_max: usize,
     next_write: u64,
     next_conn: ConnId,
     next_session: SessionId,
@@ -493,6 +497,15 @@ impl Simulation {
         let mesh_shard = placement
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
+        let reply_queue_batches_max = match options.reply_queue_batches_max {
+            0 => fabric_router::host::session_reply_queue_batches_min(
+                options.push_credit_frames_max,
+                options.shards,
+                options.session_inflight_requests_max,
+            )
+            .unwrap_or(usize::MAX),
+            n => n,
+        };
         let session_config = SessionConfig {
             inflight_requests_max: options.session_inflight_requests_max,
             ..SessionConfig::default()
@@ -515,6 +528,7 @@ impl Simulation {
             placement,
             mesh_shard,
             session_config,
+            reply_queue_batches_max,
             next_write: 0,
             next_conn: 1,
             next_session: 1,
@@ -909,8 +923,7 @@ impl Simulation {
         while let Some(e) = host.driver.poll_effect() {
             match e {
                 Effect::Write(w) => {
-                    let planted = self.options.shard_config(shard).planted;
-                    let r = store::perform(&mut host.disk, &w, &planted);
+                    let r = w.perform(&mut host.disk);
                     if let Err(f) = &r {
                         return fail(
                             ViolationKind::Liveness,
@@ -920,8 +933,8 @@ impl Simulation {
                     self.counters.wal_writes += 1;
                     host.driver.handle_write_done(t, r);
                 }
-                Effect::Recover(config) => {
-                    let r = store::recover(&mut host.disk, config);
+                Effect::Recover(job) => {
+                    let r = job.perform(&mut host.disk);
                     host.driver.handle_recovered(t, r);
                 }
                 Effect::Replies { session, replies } if session == admin => {

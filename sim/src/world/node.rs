@@ -13,11 +13,14 @@ impl Simulation {
             }
             for (shard, o) in outputs {
                 match o {
-                    HostOut::Reply(o) => self.route_output(shard, o)?,
+                    HostOut::Replies(session, replies) => {
+                        self.queue_replies(shard, session, replies)?
+                    }
                     HostOut::Close(session, why) => self.close_for_shard(shard, session, why),
                 }
             }
             for id in std::mem::take(&mut self.dirty) {
+                self.take_replies(id)?;
                 self.pump_conn(id);
             }
         }
@@ -95,11 +98,9 @@ impl Simulation {
         while let Some(e) = self.hosts[s].driver.poll_effect() {
             match e {
                 Effect::Write(w) => self.start_write(shard, w),
-                Effect::Recover(config) => self.recover_effect(shard, config)?,
+                Effect::Recover(job) => self.recover_effect(shard, job)?,
                 Effect::Replies { session, replies } => {
-                    for reply in replies {
-                        outputs.push((shard, HostOut::Reply(Output { session, reply })));
-                    }
+                    outputs.push((shard, HostOut::Replies(session, replies)));
                 }
                 Effect::Forget { .. } => {}
                 Effect::CloseSession { session, why } => {
@@ -133,7 +134,7 @@ impl Simulation {
         if let Some(k) = self.conns.get_mut(&id) {
             match why {
                 CloseReason::Restarted => k.session.handle_shard_restarted(self.now, shard),
-                CloseReason::Overloaded => k.session.handle_transport_closed(self.now),
+                CloseReason::Overloaded => k.session.handle_shard_overloaded(self.now, shard),
             }
             self.dirty.insert(id);
         }
@@ -216,6 +217,65 @@ impl Simulation {
 
     /// A shard's output: the checkers see it first (what a shard says is its promise, whether
     /// or not the client ever reads it), then the session it is for.
+    /// A batch of replies for one session, as the node's adapter hands it over: into the
+    /// session's bounded reply queue, or, when the queue is full, back to the host as refused
+    /// (which closes the session). The simulator's own sessions (probe, HTTP reads) take
+    /// theirs at once.
+    fn queue_replies(
+        &mut self,
+        shard: ShardIdx,
+        session: SessionId,
+        replies: Vec<Reply>,
+    ) -> Checked {
+        if Some(session) == self.probe || self.http.contains_key(&session) {
+            for reply in replies {
+                self.route_output(shard, Output { session, reply })?;
+            }
+            return Ok(());
+        }
+        let Some(&id) = self.sessions.get(&session) else {
+            return Ok(()); // the session is gone; the shard will hear `Closed`
+        };
+        let cap = self.reply_queue_batches_max;
+        let k = self.conns.get_mut(&id).expect("sessions and conns agree");
+        if k.replies.len() >= cap {
+            self.counters.workload.reply_queue_overflows += 1;
+            trace!(
+                self,
+                "s{shard} cannot queue replies for session {session}: closing it"
+            );
+            let t = self.time();
+            self.hosts[shard as usize]
+                .driver
+                .handle_reply_refused(t, session);
+            return Ok(());
+        }
+        k.replies.push_back((shard, replies));
+        self.dirty.insert(id);
+        Ok(())
+    }
+
+    /// The session task takes reply batches from its queue unless it is blocked writing (its
+    /// socket holds `socket_window_frames` unacknowledged frames).
+    fn take_replies(&mut self, id: ConnId) -> Checked {
+        loop {
+            let window = self.options.socket_window_frames;
+            let Some(k) = self.conns.get_mut(&id) else {
+                return Ok(());
+            };
+            if k.stream.unacked() >= window {
+                return Ok(());
+            }
+            let Some((shard, replies)) = k.replies.pop_front() else {
+                return Ok(());
+            };
+            for reply in replies {
+                let session = self.conns[&id].session.id();
+                self.route_output(shard, Output { session, reply })?;
+            }
+        }
+    }
+
     pub(super) fn route_output(&mut self, shard: ShardIdx, o: Output) -> Checked {
         if Some(o.session) == self.probe {
             let Reply::Messages { r, events, head } = o.reply else {

@@ -2,10 +2,10 @@
 //! recovery from the simulated disks, and the audit after each recovery.
 
 use super::*;
-use fabric_shard::ShardConfig;
 
 impl Simulation {
-    pub(super) fn start_write(&mut self, shard: ShardIdx, w: WalWrite) {
+    pub(super) fn start_write(&mut self, shard: ShardIdx, job: WriteJob) {
+        let w = &job.write;
         let id = self.next_write;
         self.next_write += 1;
         self.counters.wal_writes += 1;
@@ -37,13 +37,17 @@ impl Simulation {
         // The node's file steps run when the write completes (or, cut short, when the power
         // fails while it is in flight: `crash`).
         let host = &mut self.hosts[shard as usize];
-        host.inflight = Some(Inflight { id, write: w, acks });
+        host.inflight = Some(Inflight {
+            id,
+            write: job,
+            acks,
+        });
         self.schedule_at(self.now + latency, Event::WalDone { shard, write: id });
     }
 
     /// The fault a completing write runs into, if any: a full disk, or (while faults are on)
     /// ENOSPC or EIO at one of its file steps, chosen from a dry run of those steps.
-    fn write_fault(&mut self, s: usize, w: &WalWrite) -> Option<Fault> {
+    fn write_fault(&mut self, s: usize, w: &WriteJob) -> Option<Fault> {
         if self.hosts[s].disk_full {
             return Some(Fault::Full);
         }
@@ -52,8 +56,7 @@ impl Simulation {
         }
         let mut dry = self.hosts[s].disk.clone();
         dry.set_fault(None);
-        let planted = self.options.shard_config(s as ShardIdx).planted;
-        let _ = store::perform(&mut dry, w, &planted);
+        let _ = w.perform(&mut dry);
         let failable: Vec<(usize, &str)> = dry
             .step_ops()
             .iter()
@@ -86,11 +89,11 @@ impl Simulation {
         let Some(inflight) = self.hosts[s].inflight.take_if(|i| i.id == id) else {
             return Ok(()); // the write died with a crashed incarnation
         };
-        let w = &inflight.write;
-        let fault = self.write_fault(s, w);
-        let planted = self.options.shard_config(shard).planted;
+        let job = &inflight.write;
+        let w = &job.write;
+        let fault = self.write_fault(s, job);
         self.hosts[s].disk.set_fault(fault);
-        let result = store::perform(&mut self.hosts[s].disk, w, &planted);
+        let result = job.perform(&mut self.hosts[s].disk);
         self.hosts[s].disk.set_fault(None);
         let t = self.time();
         match &result {
@@ -120,7 +123,7 @@ impl Simulation {
             // As the node's glue does: the next batch is framed into this write's buffer, so
             // a recycled buffer that kept old bytes would show up as corrupt WAL in the
             // checkers.
-            driver.recycle_wal_buffer(inflight.write.bytes);
+            driver.recycle_wal_buffer(inflight.write.into_buffer());
             self.probe_retention(shard);
         }
         Ok(())
@@ -183,12 +186,11 @@ impl Simulation {
             // A write in flight stops after a random number of the node's file steps.
             if let Some(inflight) = self.hosts[s].inflight.take() {
                 let mut dry = self.hosts[s].disk.clone();
-                let planted = self.options.shard_config(s as ShardIdx).planted;
-                let _ = store::perform(&mut dry, &inflight.write, &planted);
+                let _ = inflight.write.perform(&mut dry);
                 let steps = self.rng.random_range(0..=dry.steps());
                 let disk = &mut self.hosts[s].disk;
                 disk.set_fault(Some(Fault::CrashAfter { steps }));
-                let _ = store::perform(disk, &inflight.write, &planted);
+                let _ = inflight.write.perform(disk);
                 trace!(
                     self,
                     "CRASH s{s} after {steps} file steps of the write in flight"
@@ -232,7 +234,7 @@ impl Simulation {
 
     /// The host asked for a new incarnation of `shard`: recovered from its disk as the node
     /// does it, handed to the host, then audited.
-    pub(super) fn recover_effect(&mut self, shard: ShardIdx, config: ShardConfig) -> Checked {
+    pub(super) fn recover_effect(&mut self, shard: ShardIdx, job: RecoverJob) -> Checked {
         let s = shard as usize;
         if self.hosts[s].epoch > 0 && self.node_up {
             self.counters.restarts += 1;
@@ -246,13 +248,13 @@ impl Simulation {
         if shard == self.mesh_shard {
             self.model.restart();
         }
-        self.recover(shard, config)?;
+        self.recover(shard, job)?;
         self.audit(shard)
     }
 
     /// Recovery exactly as the node does it (`fabric_shard::store::recover` on the shard's
     /// disk), after maybe one corrupted read of synced data that must be refused.
-    pub(super) fn recover(&mut self, shard: ShardIdx, config: ShardConfig) -> Checked {
+    pub(super) fn recover(&mut self, shard: ShardIdx, job: RecoverJob) -> Checked {
         let s = shard as usize;
         if let Some(armed) = self.hosts[s].flip.take() {
             let flip = self.hosts[s].disk.pick_read_flip_in(
@@ -264,7 +266,7 @@ impl Simulation {
             if let Some(flip) = flip {
                 self.counters.faults += 1;
                 self.hosts[s].disk.flip_next_read(flip);
-                match store::recover(&mut self.hosts[s].disk, config.clone()) {
+                match job.perform(&mut self.hosts[s].disk) {
                     Err(RecoverError::Corrupt { file, offset, .. }) => {
                         trace!(
                             self,
@@ -290,7 +292,7 @@ impl Simulation {
                 }
             }
         }
-        let (recovered, report) = match store::recover(&mut self.hosts[s].disk, config) {
+        let (recovered, report) = match job.perform(&mut self.hosts[s].disk) {
             Ok(x) => x,
             Err(e) => {
                 return fail(
