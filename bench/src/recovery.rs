@@ -42,9 +42,7 @@ pub fn run(
     std::fs::create_dir_all(dir)?;
     fabric::storage::init_shard_dirs(dir, 1).map_err(|e| std::io::Error::other(e.to_string()))?;
     let wal_dir = fabric::storage::shard_dir(dir, 0);
-    let store = fabric::storage::FileStore::open(&wal_dir)
-        .map_err(|e| std::io::Error::other(e.to_string()))?
-        .with_durability(Durability::None);
+    let store = fabric::storage::FileStore::new(&wal_dir).with_durability(Durability::None);
     // The node's own writer thread, without fdatasync: the bytes are what recovery reads.
     let writer =
         std::thread::spawn(move || fabric::storage::writer_thread(store, writes_rx, done_tx));
@@ -71,13 +69,13 @@ pub fn run(
         written += n;
         if let Some(w) = shard.poll_wal() {
             writes_tx
-                .send(w)
+                .send(fabric_router::host::WriteJob::new(w, &config))
                 .map_err(|_| std::io::Error::other("writer ended"))?;
             let done = done_rx
                 .blocking_recv()
                 .ok_or_else(|| std::io::Error::other("writer ended"))?;
-            if done.outcome != fabric::storage::WriteOutcome::Done {
-                return Err(std::io::Error::other(format!("{:?}", done.outcome)));
+            if let Err(f) = done.result {
+                return Err(std::io::Error::other(f.error.to_string()));
             }
             shard.handle_wal_done(written, done.last_lsn);
         }
@@ -88,7 +86,8 @@ pub fn run(
     let write_duration = started.elapsed();
 
     let started = Instant::now();
-    let recovered = fabric::storage::recover(&wal_dir, config, Durability::None)
+    let job = fabric_router::host::RecoverJob { config };
+    let recovered = fabric::storage::recover(&wal_dir, &job, Durability::None)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let recovery_duration = started.elapsed();
     assert_eq!(recovered.report.records, records, "every record recovered");

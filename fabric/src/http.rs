@@ -746,6 +746,7 @@ mod tests {
         .unwrap();
         let ctx = node.ctx().clone();
         let mut held = Vec::new();
+        let mut cancelled = 0;
         for i in 0..CALLS {
             let (tx, rx) = mpsc::channel(4);
             held.push(tx.downgrade());
@@ -757,10 +758,12 @@ mod tests {
             let woken = Arc::new(Woken::default());
             let waker = Waker::from(woken.clone());
             let mut cx = Context::from_waker(&waker);
-            assert!(
-                call.as_mut().poll(&mut cx).is_pending(),
-                "waits for its answer"
-            );
+            if call.as_mut().poll(&mut cx).is_ready() {
+                // The shard answered within the first poll (another worker thread ran it):
+                // this call was not cancelled; its sender must go all the same.
+                continue;
+            }
+            cancelled += 1;
             // The answer is in the channel once the call is woken; the client goes away then.
             tokio::time::timeout(Duration::from_secs(10), async {
                 while !woken.flag.load(Ordering::SeqCst) {
@@ -771,6 +774,7 @@ mod tests {
             .expect("the shard answered");
             drop(call);
         }
+        assert!(cancelled > 0, "no call waited for its answer");
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
             let kept = held.iter().filter(|w| w.upgrade().is_some()).count();

@@ -4,7 +4,9 @@
 use crate::config::Config;
 use crate::files;
 use crate::metrics::Metrics;
-use crate::shard_actor::{NodeSupervisor, ShardMsg, ShardSlot, SupervisorArgs, SupervisorMsg};
+use crate::shard_actor::{
+    NodeSupervisor, ShardMsg, ShardSlot, SlotSettings, SupervisorArgs, SupervisorMsg,
+};
 use fabric_edge::SessionConfig;
 use fabric_router::{PlacementMeta, Router};
 use fabric_shard::ShardConfig;
@@ -45,6 +47,8 @@ pub enum NodeError {
     },
     #[error("shard actors did not start: {0}")]
     Actors(String),
+    #[error("shard {shard} refused to recover: {message}")]
+    Recovery { shard: u32, message: String },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
@@ -395,17 +399,17 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             restart_backoff_ms_max: config.restart_backoff_ms_max,
             ..Default::default()
         };
-        let (slot, tx) = ShardSlot::new(
-            i,
-            crate::storage::shard_dir(&config.data_dir, i),
-            shard_config,
-            config.durability,
-            config.shard_queue_batches_max,
-            node_name.clone(),
-            metrics.clone(),
+        let (slot, tx) = ShardSlot::new(SlotSettings {
+            idx: i,
+            dir: crate::storage::shard_dir(&config.data_dir, i),
+            config: shard_config,
+            durability: config.durability,
+            queue_batches_max: config.shard_queue_batches_max,
+            node: node_name.clone(),
+            metrics: metrics.clone(),
             policy,
-            config.wal_sync_stall_ms_max,
-        );
+            wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
+        });
         slots.push(slot);
         senders.push(tx);
     }
@@ -419,6 +423,21 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     )
     .await
     .map_err(|e| NodeError::Actors(e.to_string()))?;
+    // Every shard recovers before the node listens; one that refuses (corruption, a missing
+    // segment) keeps the node from starting, naming what it refused.
+    for (i, slot) in slots.iter().enumerate() {
+        if let Err(message) = slot.wait_recovered().await {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if supervisor.cast(SupervisorMsg::Stop(tx)).is_ok() {
+                let _ = rx.await;
+            }
+            supervisor.stop(None);
+            return Err(NodeError::Recovery {
+                shard: i as u32,
+                message,
+            });
+        }
+    }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let session_config = SessionConfig {

@@ -1,31 +1,35 @@
-//! Shards at run time: a ractor actor per shard for lifecycle and supervision, and under it the
-//! hot loop (a tokio task fed by a bounded channel of request *batches*) plus a WAL writer thread
-//! (fed by a bounded crossbeam channel). Ractor's mailbox is unbounded and costs ~360 ns a
-//! message, so it carries only control messages; requests never pass through it.
+//! Shards at run time: the node's adapter over the shared shard host
+//! (`fabric_router::host::ShardDriver`), which the simulator runs too. Everything that decides
+//! (the input queue and its bound, the one WAL write in flight, the restart policy, the
+//! stand-in that answers `unavailable` while a shard is down, routing replies to sessions,
+//! closing a session whose replies do not fit) is in the driver; this file only moves its
+//! effects onto threads, files and channels:
+//! - a tokio task per shard (the host loop) owns the driver, reads the shard's bounded input
+//!   channel of request *batches*, and hands replies to sessions with `try_send`;
+//! - a WAL writer thread per incarnation performs each `WriteJob` on a `FileStore` (fed by a
+//!   bounded crossbeam channel); recoveries run on tokio's blocking pool.
 //!
-//! A crashed shard (loop panic, storage failure, or a crash drill) fails its actor; the node
-//! supervisor decides what next with the shared restart policy
-//! (`fabric_router::supervise`): recover after a backoff that doubles per failure in a row,
-//! recover at once refusing writes with `storage_full` after ENOSPC, or stay down after a
-//! failure whose bytes could not be cut back. While a shard is down a stand-in holds its input
-//! channel and answers every request `unavailable` (`fabric_shard::unavailable_reply`), so no
-//! session waits on a shard that is not there. The input channel outlives incarnations, so
-//! sessions keep their senders; sessions attached to the old incarnation are told to
-//! reconnect.
+//! A ractor actor per shard holds the task for lifecycle only (start, graceful stop): ractor's
+//! mailbox is unbounded and costs ~360 ns a message, so requests never pass through it. A
+//! panic in the shard core is caught around the driver call and ends the incarnation like a
+//! failed write (`ShardDriver::handle_crash`); a panic in the adapter itself fails the actor,
+//! and the supervisor starts a new host after `ADAPTER_RESTART_DELAY_MS`.
 
 use crate::config::Durability;
 use crate::metrics::{Metrics, ShardExport};
-use crate::storage::{self, WalDone, WriteOutcome};
-use fabric_proto::internal::{Output, Reply, Request, SessionId, ShardIdx};
-use fabric_router::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
-use fabric_shard::{Shard, ShardConfig};
+use crate::storage::{self, WalDone};
+use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx};
+use fabric_router::host::{Clock, CloseReason, DriverStatus, Effect, ShardDriver, Time};
+use fabric_router::supervise::RestartPolicy;
+use fabric_shard::store::{StoreError, StoreErrorKind};
+use fabric_shard::{RecoverError, RecoveryReport, Shard, ShardConfig};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
 
 /// What a shard sends a session.
@@ -35,7 +39,7 @@ pub enum SessionMsg {
     /// The shard restarted and forgot this session's attachments: reconnect.
     ShardRestarted(ShardIdx),
     /// The session's channel was full when the shard had replies for it (it stopped taking
-    /// them): the shard dropped them and forgot the session, which must close.
+    /// them): the shard forgot the session, which must close.
     Overloaded(ShardIdx),
 }
 
@@ -52,13 +56,21 @@ pub enum ShardMsg {
     Stop { done: oneshot::Sender<()> },
 }
 
-/// Everything about one shard that outlives its incarnations.
+/// Batches taken from the input channel per wake-up before the host writes and answers.
+const LOOP_BATCHES_MAX: usize = 256;
+/// A host whose adapter (not its core: that is caught) panicked is started again after this.
+const ADAPTER_RESTART_DELAY_MS: u64 = 1_000;
+/// Bound of the channel to the WAL writer thread: at most one write is in flight.
+const WRITER_QUEUE_WRITES_MAX: usize = 2;
+
+/// Everything about one shard that outlives its host tasks.
 pub struct ShardSlot {
     pub idx: ShardIdx,
     pub dir: PathBuf,
     pub config: ShardConfig,
     pub durability: Durability,
     input: Mutex<Option<mpsc::Receiver<ShardMsg>>>,
+    /// Serving, as the driver says (`/readyz` also checks stalls and a full disk).
     pub ready: AtomicBool,
     pub restarts: AtomicU64,
     /// The node's name for log spans.
@@ -66,16 +78,20 @@ pub struct ShardSlot {
     pub stats: Mutex<SlotStats>,
     /// The node's metrics; this shard's are `metrics.shards[idx]`.
     pub metrics: Arc<Metrics>,
-    /// Why the last incarnation ended (set by its loop), and the failure history.
-    failure: Mutex<Option<ShardFailure>>,
-    supervision: Mutex<Supervision>,
-    /// After ENOSPC: writes are refused with `storage_full` until this unix ms.
-    writes_from_ms: Mutex<Option<u64>>,
+    policy: RestartPolicy,
+    /// Capacity of the driver's input queue (the channel in front of it has the same).
+    queue_batches_max: usize,
     /// A WAL write in flight longer than this marks the shard not ready (a hung fdatasync).
     pub wal_sync_stall_ms_max: u64,
+    /// An operator's crash drill for the running host.
+    crash: Notify,
+    /// How the first recovery ended (the node does not start over a shard that refused to
+    /// recover): the sender is taken by the host, the receiver by `wait_recovered`.
+    first_recovery: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
+    first_recovered: tokio::sync::Mutex<Option<oneshot::Receiver<Result<(), String>>>>,
 }
 
-/// Figures the shard loop publishes for health checks and metrics.
+/// Figures the host loop publishes for health checks and metrics.
 #[derive(Debug, Clone, Default)]
 pub struct SlotStats {
     pub recovery_ms: u64,
@@ -91,41 +107,91 @@ pub struct SlotStats {
     pub disk_full: bool,
 }
 
+/// How one shard slot is set up (`ShardSlot::new`).
+pub struct SlotSettings {
+    pub idx: ShardIdx,
+    pub dir: PathBuf,
+    pub config: ShardConfig,
+    pub durability: Durability,
+    pub queue_batches_max: usize,
+    pub node: Arc<str>,
+    pub metrics: Arc<Metrics>,
+    pub policy: RestartPolicy,
+    pub wal_sync_stall_ms_max: u64,
+}
+
 impl ShardSlot {
-    #[allow(clippy::too_many_arguments)] // each is a setting of the slot, named at the call
-    pub fn new(
-        idx: ShardIdx,
-        dir: PathBuf,
-        config: ShardConfig,
-        durability: Durability,
-        queue_batches_max: usize,
-        node: Arc<str>,
-        metrics: Arc<Metrics>,
-        policy: RestartPolicy,
-        wal_sync_stall_ms_max: u64,
-    ) -> (Arc<ShardSlot>, mpsc::Sender<ShardMsg>) {
-        let (tx, rx) = mpsc::channel(queue_batches_max);
+    pub fn new(s: SlotSettings) -> (Arc<ShardSlot>, mpsc::Sender<ShardMsg>) {
+        let (tx, rx) = mpsc::channel(s.queue_batches_max.max(1));
+        let (first_tx, first_rx) = oneshot::channel();
         let slot = Arc::new(ShardSlot {
-            idx,
-            dir,
-            config,
-            durability,
+            idx: s.idx,
+            dir: s.dir,
+            config: s.config,
+            durability: s.durability,
             input: Mutex::new(Some(rx)),
             ready: AtomicBool::new(false),
             restarts: AtomicU64::new(0),
-            node,
+            node: s.node,
             stats: Mutex::new(SlotStats::default()),
-            metrics,
-            failure: Mutex::new(None),
-            supervision: Mutex::new(Supervision::new(policy)),
-            writes_from_ms: Mutex::new(None),
-            wal_sync_stall_ms_max,
+            metrics: s.metrics,
+            policy: s.policy,
+            queue_batches_max: s.queue_batches_max,
+            wal_sync_stall_ms_max: s.wal_sync_stall_ms_max,
+            crash: Notify::new(),
+            first_recovery: Mutex::new(Some(first_tx)),
+            first_recovered: tokio::sync::Mutex::new(Some(first_rx)),
         });
         (slot, tx)
     }
+
+    /// Waits for the shard's first recovery: its error (naming the file and offset of what it
+    /// refused) if it refused to recover.
+    pub async fn wait_recovered(&self) -> Result<(), String> {
+        let Some(rx) = self.first_recovered.lock().await.take() else {
+            return Ok(());
+        };
+        rx.await
+            .unwrap_or_else(|_| Err("the shard host ended before recovering".into()))
+    }
+
+    fn driver(&self) -> ShardDriver {
+        ShardDriver::new(
+            self.idx,
+            self.config.clone(),
+            self.policy,
+            self.queue_batches_max,
+            self.wal_sync_stall_ms_max,
+        )
+    }
 }
 
-/// Gives the input receiver back to its slot when an incarnation ends, even by panic or abort.
+/// The node's clocks: the system's wall clock for message timestamps, a monotonic one (never
+/// jumps) for the host's timers.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn time(&self) -> Time {
+        Time {
+            unix_ms: crate::now_ms(),
+            mono_ms: monotonic_ms(),
+        }
+    }
+}
+
+fn monotonic_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_millis() as u64
+}
+
+/// The `Instant` at which the monotonic clock reads `mono_ms`.
+fn instant_at(mono_ms: u64) -> Instant {
+    let now = monotonic_ms();
+    Instant::now() + Duration::from_millis(mono_ms.saturating_sub(now))
+}
+
+/// Gives the input receiver back to its slot when a host task ends, even by panic or abort.
 struct InputGuard {
     slot: Arc<ShardSlot>,
     rx: Option<mpsc::Receiver<ShardMsg>>,
@@ -137,20 +203,6 @@ impl Drop for InputGuard {
             if let Ok(mut g) = self.slot.input.lock() {
                 *g = Some(rx);
             }
-        }
-    }
-}
-
-/// Session reply senders known to one incarnation; told to reconnect when it ends.
-struct Sessions {
-    idx: ShardIdx,
-    txs: HashMap<SessionId, SessionTx>,
-}
-
-impl Drop for Sessions {
-    fn drop(&mut self) {
-        for tx in self.txs.values() {
-            notify(tx, SessionMsg::ShardRestarted(self.idx));
         }
     }
 }
@@ -173,319 +225,381 @@ fn notify(tx: &SessionTx, msg: SessionMsg) {
     }
 }
 
-// Beside what it tests (the rest of this file is the supervisor's, changed separately).
-#[cfg(test)]
-#[allow(clippy::items_after_test_module)]
-mod session_notice_tests {
-    use super::*;
-    use fabric_proto::ServerOp;
-
-    fn pong() -> Reply {
-        Reply::Frame(ServerOp::Pong { r: 1 })
-    }
-
-    async fn next(rx: &mut mpsc::Receiver<SessionMsg>) -> SessionMsg {
-        tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .expect("a message in time")
-            .expect("the channel is open")
-    }
-
-    #[tokio::test]
-    async fn a_restart_notice_reaches_a_session_whose_channel_is_full() {
-        // Proves Sessions' drop never loses ShardRestarted: with the session's channel full
-        // (try_send fails), the notice arrives once the session takes the message ahead of it.
-        let (tx, mut rx) = mpsc::channel(1);
-        tx.try_send(SessionMsg::Replies(0, vec![pong()])).unwrap();
-        drop(Sessions {
-            idx: 3,
-            txs: HashMap::from([(7, tx)]),
-        });
-        assert!(matches!(next(&mut rx).await, SessionMsg::Replies(0, _)));
-        assert!(matches!(next(&mut rx).await, SessionMsg::ShardRestarted(3)));
-    }
-
-    #[tokio::test]
-    async fn replies_that_do_not_fit_close_the_session_instead_of_vanishing() {
-        // Proves route() with a full session channel forgets the session's sender and tells the
-        // session Overloaded (so it closes and its client resumes) instead of dropping it in
-        // silence; another session is served as usual.
-        let mut shard = Shard::new(ShardConfig::default());
-        let (full_tx, mut full_rx) = mpsc::channel(1);
-        full_tx
-            .try_send(SessionMsg::Replies(2, vec![pong()]))
-            .unwrap();
-        let (ok_tx, mut ok_rx) = mpsc::channel(8);
-        let mut sessions = Sessions {
-            idx: 2,
-            txs: HashMap::from([(1, full_tx), (2, ok_tx)]),
-        };
-        let mut per_session = HashMap::from([(1, vec![pong()]), (2, vec![pong()])]);
-        route(&mut shard, &mut sessions, &mut per_session);
-        assert!(!sessions.txs.contains_key(&1) && sessions.txs.contains_key(&2));
-        assert!(matches!(next(&mut ok_rx).await, SessionMsg::Replies(2, _)));
-        assert!(matches!(
-            next(&mut full_rx).await,
-            SessionMsg::Replies(2, _)
-        ));
-        assert!(matches!(
-            next(&mut full_rx).await,
-            SessionMsg::Overloaded(2)
-        ));
-        sessions.txs.clear();
-    }
+/// The current incarnation's WAL writer thread and its channels.
+struct Writer {
+    tx: crossbeam_channel::Sender<fabric_router::host::WriteJob>,
+    done: mpsc::Receiver<WalDone>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-/// Most batches taken from the input channel before the loop writes and answers.
-const LOOP_BATCHES_MAX: usize = 256;
+type Recovery = tokio::task::JoinHandle<Result<storage::Recovered, RecoverError>>;
 
-/// Why a shard incarnation's loop ended early.
-#[derive(Debug, thiserror::Error)]
-pub enum ShardLoopError {
-    #[error("the WAL writer thread ended")]
-    WriterEnded,
-    #[error("WAL write failed: {0}")]
-    WriteFailed(String),
-    #[error("shard loop panicked")]
-    Panicked,
-}
-
-/// One incarnation's loop state besides the shard itself.
-struct LoopState {
-    sessions: Sessions,
-    stop: Option<oneshot::Sender<()>>,
-    per_session: HashMap<SessionId, Vec<Reply>>,
-    /// When the write in flight was handed to the writer thread (the stall watchdog), and
-    /// whether it was reported stalled already.
-    write_started: Option<std::time::Instant>,
-    stall_marked: bool,
-}
-
-/// The hot loop of one shard incarnation.
-async fn shard_loop(
+/// What the host loop keeps besides the driver: the I/O the driver's effects started.
+struct HostIo {
     slot: Arc<ShardSlot>,
-    mut shard: Shard,
-    mut input: InputGuard,
-    wal_tx: crossbeam_channel::Sender<fabric_shard::WalWrite>,
-    mut wal_done: mpsc::Receiver<WalDone>,
-) -> Result<(), ShardLoopError> {
-    let mut st = LoopState {
-        sessions: Sessions {
-            idx: slot.idx,
-            txs: HashMap::new(),
-        },
+    /// Reply senders of the sessions that sent this shard a batch.
+    sinks: HashMap<SessionId, SessionTx>,
+    writer: Option<Writer>,
+    recovery: Option<Recovery>,
+    stop: Option<oneshot::Sender<()>>,
+    export: Option<ShardExport>,
+    /// What was last published (logs on changes).
+    published: DriverStatus,
+}
+
+/// The host loop of one shard: driver in, effects out, until stopped.
+async fn host_loop(slot: Arc<ShardSlot>, mut input: InputGuard) {
+    let mut driver = slot.driver();
+    let mut io = HostIo {
+        slot: slot.clone(),
+        sinks: HashMap::new(),
+        writer: None,
+        recovery: None,
         stop: None,
-        per_session: HashMap::new(),
-        write_started: None,
-        stall_marked: false,
+        export: None,
+        published: DriverStatus::default(),
     };
-    let metrics = slot.metrics.clone();
-    let meter = &metrics.shards[slot.idx as usize];
-    let mut export = metrics.enabled().then(|| ShardExport::new(&shard));
-    let stall = Duration::from_millis(slot.wal_sync_stall_ms_max);
+    let clock = SystemClock;
     loop {
-        let rx = input.rx.as_mut().expect("input present while running");
-        // Gauges that walk peers are refreshed at most every REFRESH_INTERVAL_MS; when one is
-        // owed and the shard goes quiet, this timer delivers it.
-        let refresh_at = export
-            .as_ref()
-            .filter(|e| e.refresh_pending)
-            .and_then(|e| e.refresh_due(std::time::Instant::now()));
-        let stall_at = st
-            .write_started
-            .filter(|_| !st.stall_marked)
-            .map(|t| t + stall);
-        tokio::select! {
-            biased;
-            done = wal_done.recv() => {
-                let done = done.ok_or(ShardLoopError::WriterEnded)?;
-                handle_done(&slot, &mut shard, &mut st, done, meter, export.is_some())?;
-            }
-            msg = rx.recv(), if st.stop.is_none() && shard.wants_input() => {
-                let Some(msg) = msg else { return Ok(()) };
-                take_batches(&mut shard, &mut st, rx, msg);
-            }
-            _ = sleep_until(stall_at), if stall_at.is_some() => {
-                st.stall_marked = true;
-                mark_stalled(&slot, stall);
-            }
-            _ = sleep_until(refresh_at), if refresh_at.is_some() => {}
-        }
-        if let Some(w) = shard.poll_wal() {
-            // At most one write is in flight (the core guarantees it), so this never blocks.
-            wal_tx.send(w).map_err(|_| ShardLoopError::WriterEnded)?;
-            st.write_started = Some(std::time::Instant::now());
-            st.stall_marked = false;
-        }
-        route(&mut shard, &mut st.sessions, &mut st.per_session);
-        if let Some(x) = export.as_mut() {
-            // Once per iteration (a group commit or up to LOOP_BATCHES_MAX request batches).
-            x.export(&shard, meter, &metrics.meshes, std::time::Instant::now());
-        }
-        if st.stop.is_some() && shard.is_idle() {
-            if let Some(done) = st.stop.take() {
+        io.perform_effects(&mut driver);
+        io.publish(&driver);
+        if io.stop.is_some() && driver.is_idle() && io.recovery.is_none() {
+            if let Some(done) = io.stop.take() {
                 let _ = done.send(());
             }
-            st.sessions.txs.clear();
-            return Ok(());
+            io.end_writer().await;
+            return;
+        }
+        let rx = input.rx.as_mut().expect("input present while running");
+        let timer = driver.poll_timeout().map(instant_at);
+        let refresh = io.refresh_due();
+        let reading = io.stop.is_none() && driver.feeds_now();
+        tokio::select! {
+            biased;
+            done = recv_done(&mut io.writer) => io.write_done(&mut driver, clock.time(), done),
+            rec = join_recovery(&mut io.recovery) => io.recovered(&mut driver, clock.time(), rec),
+            _ = slot.crash.notified() => driver.handle_crash(clock.time(), "crash drill"),
+            msg = rx.recv(), if reading => {
+                let Some(msg) = msg else { return };
+                io.take_batches(&mut driver, &clock, rx, msg);
+            }
+            _ = sleep_until(timer), if timer.is_some() => {
+                guarded(&mut driver, clock.time(), |d, t| d.handle_timeout(t));
+            }
+            _ = sleep_until(refresh), if refresh.is_some() => {}
         }
     }
 }
 
-/// A write the writer thread finished: on success the acks it covers go out; on failure the
-/// pending writes are answered with an error, the failure is recorded for the supervisor,
-/// and the incarnation ends (its memory holds records that are not on disk).
-fn handle_done(
-    slot: &ShardSlot,
-    shard: &mut Shard,
-    st: &mut LoopState,
-    done: WalDone,
-    meter: &crate::metrics::ShardMetrics,
-    metered: bool,
-) -> Result<(), ShardLoopError> {
-    st.write_started = None;
-    let (failure, error, no_space) = match done.outcome {
-        WriteOutcome::Done => {
-            if metered {
-                crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync_duration);
-            }
-            shard.handle_wal_done(crate::now_ms(), done.last_lsn);
-            shard.recycle_wal_buffer(done.buffer);
-            if let Ok(mut s) = slot.stats.lock() {
-                s.wal_writes += 1;
-                s.wal_bytes += done.bytes as u64;
-                s.records_written += done.records;
-                s.wal_stalled = false;
-                s.disk_full &= done.bytes == 0;
-            }
-            return Ok(());
-        }
-        WriteOutcome::Failed { no_space, error } => {
-            let kind = if no_space {
-                ShardFailure::NoSpace
-            } else {
-                ShardFailure::Storage
-            };
-            (kind, error, no_space)
-        }
-        WriteOutcome::Fatal { error } => (ShardFailure::Unrecoverable, error, false),
+/// Runs one driver step; a panic inside it (a bug in the shard core) ends the incarnation
+/// through the restart policy instead of taking the node down.
+fn guarded(driver: &mut ShardDriver, t: Time, step: impl FnOnce(&mut ShardDriver, Time)) {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| step(driver, t)));
+    if let Err(panic) = run {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        tracing::error!(panic = %why, "the shard core panicked; restarting the shard");
+        driver.handle_crash(t, &format!("the shard core panicked: {why}"));
+    }
+}
+
+async fn recv_done(writer: &mut Option<Writer>) -> Option<WalDone> {
+    match writer {
+        Some(w) => w.done.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_recovery(
+    recovery: &mut Option<Recovery>,
+) -> Result<storage::Recovered, RecoverError> {
+    let Some(r) = recovery.as_mut() else {
+        return std::future::pending().await;
     };
-    shard.handle_wal_failed(crate::now_ms(), no_space, &error);
-    route(shard, &mut st.sessions, &mut st.per_session);
-    if let Ok(mut f) = slot.failure.lock() {
-        *f = Some(failure);
-    }
-    if let Ok(mut s) = slot.stats.lock() {
-        s.last_error = Some(error.clone());
-        s.disk_full = no_space;
-    }
-    Err(ShardLoopError::WriteFailed(error))
+    let joined = r.await;
+    *recovery = None;
+    joined.unwrap_or_else(|e| {
+        Err(RecoverError::Store(StoreError {
+            kind: StoreErrorKind::Io,
+            op: "recover",
+            file: String::new(),
+            message: format!("recovery panicked: {e}"),
+        }))
+    })
 }
 
-/// Takes up to LOOP_BATCHES_MAX batches, each whole, checking `wants_input` between them.
-fn take_batches(
-    shard: &mut Shard,
-    st: &mut LoopState,
-    rx: &mut mpsc::Receiver<ShardMsg>,
-    first: ShardMsg,
-) {
-    let mut next = Some(first);
-    let mut taken = 0;
-    while let Some(msg) = next.take() {
-        match msg {
-            ShardMsg::Batch {
-                session,
-                tx,
-                requests,
-            } => {
-                st.sessions.txs.entry(session).or_insert(tx);
-                let closing = requests
-                    .iter()
-                    .any(|r| matches!(r.op, fabric_proto::internal::ShardOp::Closed));
-                shard.handle_requests(crate::now_ms(), requests);
-                if closing {
-                    // Deliver what is already owed, then forget the sender.
-                    route(shard, &mut st.sessions, &mut st.per_session);
-                    st.sessions.txs.remove(&session);
-                }
-            }
-            ShardMsg::Stop { done } => st.stop = Some(done),
-        }
-        taken += 1;
-        if taken < LOOP_BATCHES_MAX && st.stop.is_none() && shard.wants_input() {
-            next = rx.try_recv().ok();
-        }
-    }
-}
-
-/// The write in flight has taken longer than `wal_sync_stall_ms_max`: the shard is not ready
-/// (`/readyz` says why) until it completes.
-fn mark_stalled(slot: &ShardSlot, stall: Duration) {
-    if let Ok(mut s) = slot.stats.lock() {
-        if !s.wal_stalled {
-            tracing::error!(
-                stall_ms = stall.as_millis() as u64,
-                "a WAL write (fdatasync) has been in flight longer than wal_sync_stall_ms_max"
-            );
-        }
-        s.wal_stalled = true;
-    }
-}
-
-async fn sleep_until(at: Option<std::time::Instant>) {
+async fn sleep_until(at: Option<Instant>) {
     if let Some(at) = at {
         tokio::time::sleep_until(at.into()).await;
     }
 }
 
-/// Groups outputs per session and hands each session one batch.
-fn route(
-    shard: &mut Shard,
-    sessions: &mut Sessions,
-    per_session: &mut HashMap<SessionId, Vec<Reply>>,
-) {
-    while let Some(Output { session, reply }) = shard.poll_output() {
-        per_session.entry(session).or_default().push(reply);
-    }
-    for (session, replies) in per_session.drain() {
-        if replies.is_empty() {
-            continue;
-        }
-        let Some(tx) = sessions.txs.get(&session) else {
-            continue;
-        };
-        // The channel's capacity covers every reply a session can be owed (in-flight limit plus
-        // push credit; `Config::session_reply_queue_max`), so Full means the session stopped
-        // taking replies. The shard must not block on it: it forgets the session, and the
-        // session is told to close as `overloaded` (its client resumes; its inbox is
-        // redelivered), never left open with its replies silently gone.
-        match tx.try_send(SessionMsg::Replies(sessions.idx, replies)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                if let Some(tx) = sessions.txs.remove(&session) {
-                    notify(&tx, SessionMsg::Overloaded(sessions.idx));
+impl HostIo {
+    /// Does what the driver asked, in order.
+    fn perform_effects(&mut self, driver: &mut ShardDriver) {
+        while let Some(e) = driver.poll_effect() {
+            match e {
+                Effect::Write(job) => {
+                    let w = self.writer.as_ref().expect("a write only while serving");
+                    // At most one write is in flight (the driver's rule), so this never blocks.
+                    if w.tx.send(job).is_err() {
+                        driver.handle_crash(SystemClock.time(), "the WAL writer thread ended");
+                    }
+                }
+                Effect::Recover(job) => self.start_recovery(job),
+                Effect::Replies { session, replies } => {
+                    self.deliver(driver, session, replies);
+                }
+                Effect::Forget { session } => {
+                    self.sinks.remove(&session);
+                }
+                Effect::CloseSession { session, why } => {
+                    if let Some(tx) = self.sinks.remove(&session) {
+                        let idx = self.slot.idx;
+                        notify(
+                            &tx,
+                            match why {
+                                CloseReason::Restarted => SessionMsg::ShardRestarted(idx),
+                                CloseReason::Overloaded => SessionMsg::Overloaded(idx),
+                            },
+                        );
+                    }
                 }
             }
+        }
+    }
+
+    /// Hands a session its replies without waiting: the channel's capacity covers every reply
+    /// a session can be owed (`host::session_reply_queue_batches_min`), so Full means the
+    /// session stopped taking replies, and the driver decides (it closes the session).
+    fn deliver(&mut self, driver: &mut ShardDriver, session: SessionId, replies: Vec<Reply>) {
+        let Some(tx) = self.sinks.get(&session) else {
+            return; // the session is gone (it told the shard `Closed`)
+        };
+        match tx.try_send(SessionMsg::Replies(self.slot.idx, replies)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                driver.handle_reply_refused(SystemClock.time(), session);
+            }
             Err(mpsc::error::TrySendError::Closed(_)) => {
-                sessions.txs.remove(&session);
+                self.sinks.remove(&session);
             }
         }
+    }
+
+    /// Takes batches while the driver takes them at once (up to LOOP_BATCHES_MAX), each whole.
+    fn take_batches(
+        &mut self,
+        driver: &mut ShardDriver,
+        clock: &SystemClock,
+        rx: &mut mpsc::Receiver<ShardMsg>,
+        first: ShardMsg,
+    ) {
+        let mut next = Some(first);
+        let mut taken = 0;
+        while let Some(msg) = next.take() {
+            match msg {
+                ShardMsg::Batch {
+                    session,
+                    tx,
+                    requests,
+                } => {
+                    self.sinks.entry(session).or_insert(tx);
+                    guarded(driver, clock.time(), |d, t| {
+                        d.handle_batch(t, session, requests)
+                    });
+                }
+                ShardMsg::Stop { done } => self.stop = Some(done),
+            }
+            taken += 1;
+            if taken < LOOP_BATCHES_MAX && self.stop.is_none() && driver.feeds_now() {
+                next = rx.try_recv().ok();
+            }
+        }
+    }
+
+    /// A write finished: the driver learns the outcome; the buffer goes back for reuse.
+    fn write_done(&mut self, driver: &mut ShardDriver, t: Time, done: Option<WalDone>) {
+        let Some(done) = done else {
+            // The writer thread ended without reporting: it panicked.
+            self.writer = None;
+            driver.handle_crash(t, "the WAL writer thread ended");
+            return;
+        };
+        let ok = done.result.is_ok();
+        if ok {
+            let meter = &self.slot.metrics.shards[self.slot.idx as usize];
+            if self.slot.metrics.enabled() {
+                crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync);
+            }
+            if let Ok(mut s) = self.slot.stats.lock() {
+                s.wal_writes += 1;
+                s.wal_bytes += done.bytes as u64;
+                s.records_written += done.records;
+            }
+        }
+        guarded(driver, t, |d, t| d.handle_write_done(t, done.result));
+        if ok {
+            driver.recycle_wal_buffer(done.buffer);
+        }
+    }
+
+    /// Starts a recovery on the blocking pool, after the ended incarnation's writer thread has
+    /// finished its last write (its channel closes when the sender is dropped here).
+    fn start_recovery(&mut self, job: fabric_router::host::RecoverJob) {
+        let old = self.writer.take().map(|w| w.thread);
+        let dir = self.slot.dir.clone();
+        let durability = self.slot.durability;
+        self.recovery = Some(tokio::task::spawn_blocking(move || {
+            if let Some(thread) = old {
+                let _ = thread.join();
+            }
+            storage::recover(&dir, &job, durability)
+        }));
+    }
+
+    /// A recovery finished: the new incarnation gets a writer thread, the driver the shard.
+    fn recovered(
+        &mut self,
+        driver: &mut ShardDriver,
+        t: Time,
+        result: Result<storage::Recovered, RecoverError>,
+    ) {
+        let result = result.and_then(|r| self.start_incarnation(r));
+        let first = self
+            .slot
+            .first_recovery
+            .lock()
+            .ok()
+            .and_then(|mut f| f.take());
+        if let Some(first) = first {
+            let _ = first.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+        }
+        if let Ok((shard, _)) = &result {
+            if self.slot.metrics.enabled() {
+                self.export = Some(ShardExport::new(shard));
+            }
+        }
+        guarded(driver, t, |d, t| d.handle_recovered(t, result));
+    }
+
+    fn start_incarnation(
+        &mut self,
+        r: storage::Recovered,
+    ) -> Result<(Shard, RecoveryReport), RecoverError> {
+        let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE_WRITES_MAX);
+        let (done_tx, done) = mpsc::channel(WRITER_QUEUE_WRITES_MAX);
+        let store = r.store;
+        let thread = std::thread::Builder::new()
+            .name(format!("wal-{}", self.slot.idx))
+            .spawn(move || storage::writer_thread(store, rx, done_tx))
+            .map_err(|e| {
+                RecoverError::Store(StoreError {
+                    kind: StoreErrorKind::Io,
+                    op: "start WAL thread",
+                    file: String::new(),
+                    message: e.to_string(),
+                })
+            })?;
+        self.writer = Some(Writer { tx, done, thread });
+        tracing::info!(
+            records = r.report.records,
+            segments = r.report.segments,
+            bytes = r.report.bytes,
+            ms = r.duration.as_millis() as u64,
+            "shard recovered"
+        );
+        if let Ok(mut s) = self.slot.stats.lock() {
+            s.recovery_ms = r.duration.as_millis() as u64;
+            s.recovered_records = r.report.records;
+        }
+        let meter = &self.slot.metrics.shards[self.slot.idx as usize];
+        meter.recovery_seconds.set(r.duration.as_secs_f64());
+        meter.recovered_records.set(r.report.records as f64);
+        Ok((r.shard, r.report))
+    }
+
+    /// Ends the writer thread after its last write (graceful stop).
+    async fn end_writer(&mut self) {
+        if let Some(w) = self.writer.take() {
+            drop(w.tx);
+            let _ = tokio::task::spawn_blocking(move || w.thread.join()).await;
+        }
+    }
+
+    fn refresh_due(&self) -> Option<Instant> {
+        self.export
+            .as_ref()
+            .filter(|e| e.refresh_pending)
+            .and_then(|e| e.refresh_due(Instant::now()))
+    }
+
+    /// The driver's status into the slot (`/readyz`, metrics), logging what changed; and the
+    /// shard's counters into the metrics, once per loop iteration.
+    fn publish(&mut self, driver: &ShardDriver) {
+        let st = driver.status();
+        if *st != self.published {
+            log_change(&self.published, st, self.slot.wal_sync_stall_ms_max);
+            self.slot.ready.store(st.serving, Ordering::SeqCst);
+            // Counted across hosts: a host started again after its adapter failed counts on.
+            let more = st.restarts.saturating_sub(self.published.restarts);
+            self.slot.restarts.fetch_add(more, Ordering::SeqCst);
+            if let Ok(mut s) = self.slot.stats.lock() {
+                s.wal_stalled = st.wal_stalled;
+                s.disk_full = st.disk_full;
+                s.last_error.clone_from(&st.last_error);
+            }
+            self.published = st.clone();
+        }
+        if let (Some(x), Some(shard)) = (self.export.as_mut(), driver.shard()) {
+            let m = &self.slot.metrics;
+            x.export(
+                shard,
+                &m.shards[self.slot.idx as usize],
+                &m.meshes,
+                Instant::now(),
+            );
+        }
+    }
+}
+
+/// One log line per change an operator must hear about.
+fn log_change(old: &DriverStatus, new: &DriverStatus, stall_ms: u64) {
+    if new.restarts > old.restarts {
+        tracing::error!(
+            restarts = new.restarts,
+            reason = new.last_error.as_deref().unwrap_or(""),
+            disk_full = new.disk_full,
+            "shard failed; the restart policy recovers it from its WAL"
+        );
+    }
+    if new.stopped && !old.stopped {
+        tracing::error!(
+            reason = new.last_error.as_deref().unwrap_or(""),
+            "shard stays down until an operator looks"
+        );
+    }
+    if new.wal_stalled && !old.wal_stalled {
+        tracing::error!(
+            stall_ms,
+            "a WAL write (fdatasync) has been in flight longer than wal_sync_stall_ms_max"
+        );
     }
 }
 
 /// The shard actor's control messages.
 pub enum ShardActorMsg {
-    LoopEnded(Result<(), ShardLoopError>),
-    /// Chaos drill: fail this incarnation now (tests and operators' drills).
-    Crash,
+    HostEnded,
 }
 
+/// Holds one shard's host task for its lifecycle.
 pub struct ShardActor;
 
 pub struct ShardActorState {
-    slot: Arc<ShardSlot>,
     task: Option<tokio::task::JoinHandle<()>>,
-    writer: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Actor for ShardActor {
@@ -504,69 +618,37 @@ impl Actor for ShardActor {
             .lock()
             .map_err(|_| "shard input lock poisoned")?
             .take()
-            .ok_or("shard input is held by another incarnation")?;
+            .ok_or("shard input is held by another host")?;
         let input = InputGuard {
             slot: slot.clone(),
             rx: Some(rx),
         };
-        let recovered = recover_slot(&slot, &span).await?;
-        let (wal_tx, wal_rx) = crossbeam_channel::bounded(2);
-        let (done_tx, done_rx) = mpsc::channel(2);
-        let store = recovered.store;
-        let writer = std::thread::Builder::new()
-            .name(format!("wal-{}", slot.idx))
-            .spawn(move || storage::writer_thread(store, wal_rx, done_tx))
-            .map_err(|e| format!("cannot start WAL thread: {e}"))?;
-        let loop_slot = slot.clone();
-        let mut shard = recovered.shard;
-        let full_until = slot.writes_from_ms.lock().ok().and_then(|mut w| w.take());
-        if let Some(until) = full_until {
-            shard.handle_storage_full(crate::now_ms(), until);
-        }
-        if let Ok(mut s) = slot.stats.lock() {
-            s.wal_stalled = false;
-        }
         let task = tokio::spawn(
             async move {
                 use futures_util::FutureExt;
-                let run = shard_loop(loop_slot, shard, input, wal_tx, done_rx);
-                // A panic in the loop is a shard failure like any other: report it to the actor.
-                let result = std::panic::AssertUnwindSafe(run)
-                    .catch_unwind()
-                    .await
-                    .unwrap_or(Err(ShardLoopError::Panicked));
-                let _ = myself.cast(ShardActorMsg::LoopEnded(result));
+                let run = std::panic::AssertUnwindSafe(host_loop(slot, input)).catch_unwind();
+                if run.await.is_err() {
+                    tracing::error!("the shard host's adapter panicked");
+                    let _ = myself.cast(ShardActorMsg::HostEnded);
+                    return;
+                }
+                myself.stop(Some("stopped".into()));
             }
             .instrument(span),
         );
-        slot.ready.store(true, Ordering::SeqCst);
-        Ok(ShardActorState {
-            slot,
-            task: Some(task),
-            writer: Some(writer),
-        })
+        Ok(ShardActorState { task: Some(task) })
     }
 
     async fn handle(
         &self,
-        myself: ActorRef<Self::Msg>,
+        _myself: ActorRef<Self::Msg>,
         msg: Self::Msg,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        // Ractor skips post_stop when a handler fails, so a failing incarnation cleans up here,
-        // before it reports the failure that makes the supervisor start the next one.
         match msg {
-            ShardActorMsg::LoopEnded(Ok(())) => {
-                myself.stop(Some("stopped".into()));
-                Ok(())
-            }
-            ShardActorMsg::LoopEnded(Err(e)) => {
-                state.end().await;
-                Err(Box::new(e))
-            }
-            ShardActorMsg::Crash => {
-                state.end().await;
-                Err("crash drill".into())
+            ShardActorMsg::HostEnded => {
+                state.task = None;
+                Err("the shard host's adapter panicked".into())
             }
         }
     }
@@ -576,124 +658,21 @@ impl Actor for ShardActor {
         _myself: ActorRef<Self::Msg>,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        state.end().await;
+        if let Some(task) = state.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
         Ok(())
     }
 }
 
-/// Recovers a slot's shard from its directory on a blocking thread, and records how long it
-/// took.
-async fn recover_slot(
-    slot: &Arc<ShardSlot>,
-    span: &tracing::Span,
-) -> Result<storage::Recovered, ActorProcessingErr> {
-    let dir = slot.dir.clone();
-    let config = slot.config.clone();
-    let durability = slot.durability;
-    let recovered = tokio::task::spawn_blocking(move || storage::recover(&dir, config, durability))
-        .await
-        .map_err(|e| format!("recovery panicked: {e}"))??;
-    tracing::info!(
-        parent: span,
-        records = recovered.report.records,
-        segments = recovered.report.segments,
-        bytes = recovered.report.bytes,
-        ms = recovered.duration.as_millis() as u64,
-        "shard recovered"
-    );
-    if let Ok(mut s) = slot.stats.lock() {
-        s.recovery_ms = recovered.duration.as_millis() as u64;
-        s.recovered_records = recovered.report.records;
-    }
-    let meter = &slot.metrics.shards[slot.idx as usize];
-    meter.recovery_seconds.set(recovered.duration.as_secs_f64());
-    meter.recovered_records.set(recovered.report.records as f64);
-    Ok(recovered)
-}
-
-impl ShardActorState {
-    /// Ends this incarnation: stops the loop (which returns the input receiver and tells its
-    /// sessions to reconnect) and waits for the WAL thread to finish its last write.
-    async fn end(&mut self) {
-        self.slot.ready.store(false, Ordering::SeqCst);
-        if let Some(task) = self.task.take() {
-            task.abort();
-            let _ = task.await;
-        }
-        if let Some(writer) = self.writer.take() {
-            // The loop owned the writer's sender, so the thread sees its channel close.
-            let _ = tokio::task::spawn_blocking(move || writer.join()).await;
-        }
-    }
-}
-
-/// Milliseconds on the node's monotonic clock (the restart policy's time; never the wall
-/// clock, which can jump).
-fn monotonic_ms() -> u64 {
-    static START: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
-    START
-        .get_or_init(std::time::Instant::now)
-        .elapsed()
-        .as_millis() as u64
-}
-
-/// Stands in for a shard that is down: holds its input channel and answers every request
-/// `unavailable` (so no session waits on it), until told to hand the channel back.
-struct StandIn {
-    stop: oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl StandIn {
-    fn start(slot: Arc<ShardSlot>, reason: String) -> StandIn {
-        let (stop, mut stopped) = oneshot::channel();
-        let task = tokio::spawn(async move {
-            let Some(mut rx) = slot.input.lock().ok().and_then(|mut g| g.take()) else {
-                return;
-            };
-            loop {
-                let msg = tokio::select! {
-                    _ = &mut stopped => break,
-                    msg = rx.recv() => msg,
-                };
-                match msg {
-                    None => break,
-                    Some(ShardMsg::Stop { done }) => {
-                        let _ = done.send(());
-                    }
-                    Some(ShardMsg::Batch { tx, requests, .. }) => {
-                        let replies: Vec<Reply> = requests
-                            .iter()
-                            .filter_map(|r| fabric_shard::unavailable_reply(r, &reason))
-                            .map(|o| o.reply)
-                            .collect();
-                        if !replies.is_empty() {
-                            let _ = tx.try_send(SessionMsg::Replies(slot.idx, replies));
-                        }
-                    }
-                }
-            }
-            if let Ok(mut g) = slot.input.lock() {
-                *g = Some(rx);
-            }
-        });
-        StandIn { stop, task }
-    }
-
-    /// Stops answering and waits until the input channel is back in its slot.
-    async fn finish(self) {
-        let _ = self.stop.send(());
-        let _ = self.task.await;
-    }
-}
-
-/// Supervises the shard actors: a failed shard is recovered from its WAL when the restart
-/// policy says so (`fabric_router::supervise`), and answered for meanwhile.
+/// Starts the shard hosts and starts one again if its adapter fails; shard failures
+/// themselves (failed writes, panics in the core, crash drills) are the driver's to handle.
 pub struct NodeSupervisor;
 
 pub enum SupervisorMsg {
     Crash(ShardIdx),
-    /// The restart policy's wait for a failed shard is over: recover it.
+    /// Start shard `i`'s host again (its adapter failed).
     Restart(ShardIdx),
     /// Stop every shard gracefully (each finishes its batch and syncs), then reply.
     Stop(oneshot::Sender<()>),
@@ -703,7 +682,6 @@ pub struct SupervisorState {
     slots: Vec<Arc<ShardSlot>>,
     senders: Vec<mpsc::Sender<ShardMsg>>,
     actors: Vec<Option<ActorRef<ShardActorMsg>>>,
-    stand_ins: Vec<Option<StandIn>>,
     stopping: bool,
 }
 
@@ -729,7 +707,6 @@ impl Actor for NodeSupervisor {
             actors.push(Some(a));
         }
         Ok(SupervisorState {
-            stand_ins: args.slots.iter().map(|_| None).collect(),
             slots: args.slots,
             senders: args.senders,
             actors,
@@ -745,13 +722,18 @@ impl Actor for NodeSupervisor {
     ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Crash(i) => {
-                if let Some(Some(a)) = state.actors.get(i as usize) {
-                    let _ = a.cast(ShardActorMsg::Crash);
+                if let Some(slot) = state.slots.get(i as usize) {
+                    slot.crash.notify_one();
                 }
             }
             SupervisorMsg::Restart(i) => {
-                if !state.stopping && state.actors[i as usize].is_none() {
-                    state.spawn_shard(i as usize, &myself).await;
+                let i = i as usize;
+                if !state.stopping && state.actors.get(i).is_some_and(|a| a.is_none()) {
+                    let slot = state.slots[i].clone();
+                    match Actor::spawn_linked(None, ShardActor, slot, myself.get_cell()).await {
+                        Ok((a, _)) => state.actors[i] = Some(a),
+                        Err(e) => tracing::error!(shard = i, error = %e, "cannot start shard host"),
+                    }
                 }
             }
             SupervisorMsg::Stop(reply) => {
@@ -765,9 +747,6 @@ impl Actor for NodeSupervisor {
                 for a in state.actors.iter().flatten() {
                     let _ = a.stop_and_wait(None, Some(Duration::from_secs(30))).await;
                 }
-                for s in state.stand_ins.iter_mut().filter_map(Option::take) {
-                    s.finish().await;
-                }
                 let _ = reply.send(());
             }
         }
@@ -780,12 +759,8 @@ impl Actor for NodeSupervisor {
         evt: SupervisionEvent,
         state: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let (cell, why) = match evt {
-            SupervisionEvent::ActorFailed(cell, err) => (cell, err.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, reason.unwrap_or_else(|| "terminated".into()))
-            }
-            _ => return Ok(()),
+        let SupervisionEvent::ActorFailed(cell, err) = evt else {
+            return Ok(());
         };
         let Some(i) = state
             .actors
@@ -798,68 +773,16 @@ impl Actor for NodeSupervisor {
         if state.stopping {
             return Ok(());
         }
-        // The failed incarnation has ended (input returned, writer joined).
-        let slot = state.slots[i].clone();
-        let failure = slot
-            .failure
-            .lock()
-            .ok()
-            .and_then(|mut f| f.take())
-            .unwrap_or(ShardFailure::Crashed);
-        let now = monotonic_ms();
-        let decision = match slot.supervision.lock() {
-            Ok(mut s) => s.handle_failure(now, failure),
-            Err(_) => Decision::StayDown,
-        };
-        let restarts = slot.restarts.fetch_add(1, Ordering::SeqCst) + 1;
-        tracing::error!(shard = i, restarts, reason = %why, ?failure, ?decision, "shard failed");
-        match decision {
-            Decision::RecoverRefusingWrites { writes_from_ms } => {
-                if let Ok(mut w) = slot.writes_from_ms.lock() {
-                    *w = Some(crate::now_ms() + writes_from_ms.saturating_sub(now));
-                }
-                state.spawn_shard(i, &myself).await;
-            }
-            Decision::RestartAt { at_ms } => {
-                let reason = format!(
-                    "shard {i} failed ({why}); it restarts in {} ms",
-                    at_ms - now
-                );
-                state.stand_ins[i] = Some(StandIn::start(slot, reason));
-                let me = myself.clone();
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(at_ms.saturating_sub(now))).await;
-                    let _ = me.cast(SupervisorMsg::Restart(i as ShardIdx));
-                });
-            }
-            Decision::StayDown => state.stay_down(i, why),
-        }
+        state.slots[i].ready.store(false, Ordering::SeqCst);
+        tracing::error!(shard = i, reason = %err, "shard host failed; starting it again");
+        let me = myself.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(ADAPTER_RESTART_DELAY_MS)).await;
+            let _ = me.cast(SupervisorMsg::Restart(i as ShardIdx));
+        });
         Ok(())
     }
 }
 
-impl SupervisorState {
-    /// Starts a new incarnation of shard `i` (after handing back its input channel, if a
-    /// stand-in holds it). If recovery fails (corruption, I/O), the shard stays down.
-    async fn spawn_shard(&mut self, i: usize, myself: &ActorRef<SupervisorMsg>) {
-        if let Some(s) = self.stand_ins[i].take() {
-            s.finish().await;
-        }
-        let slot = self.slots[i].clone();
-        match Actor::spawn_linked(None, ShardActor, slot, myself.get_cell()).await {
-            Ok((a, _)) => self.actors[i] = Some(a),
-            Err(e) => self.stay_down(i, format!("recovery failed: {e}")),
-        }
-    }
-
-    /// Shard `i` stays down: `/readyz` names the reason, requests are answered `unavailable`.
-    fn stay_down(&mut self, i: usize, why: String) {
-        tracing::error!(shard = i, reason = %why, "shard stays down until an operator looks");
-        let slot = self.slots[i].clone();
-        if let Ok(mut s) = slot.stats.lock() {
-            s.last_error = Some(why.clone());
-        }
-        let reason = format!("shard {i} is down: {why}");
-        self.stand_ins[i] = Some(StandIn::start(slot, reason));
-    }
-}
+#[cfg(test)]
+mod tests;

@@ -6,8 +6,9 @@
 
 use crate::config::Durability;
 use crossbeam_channel::Receiver;
-use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind};
-use fabric_shard::{wal, RecoveryReport, Shard, ShardConfig, WalWrite};
+use fabric_router::host::{RecoverJob, WriteJob};
+use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind, WriteFailure};
+use fabric_shard::{wal, RecoverError, RecoveryReport, Shard};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -73,7 +74,7 @@ pub fn init_shard_dirs(data_dir: &Path, shards: u32) -> Result<(), StorageError>
     for i in 0..shards {
         let dir = shard_dir(data_dir, i);
         create_private_dir(&dir)?;
-        let mut s = FileStore::open(&dir)?;
+        let mut s = FileStore::new(&dir);
         if s.read_manifest()?.is_none() && s.list_segments()?.is_empty() {
             store::init(&mut s, i)?;
         }
@@ -112,13 +113,14 @@ fn store_err(op: &'static str, file: &Path, e: std::io::Error) -> StoreError {
 }
 
 impl FileStore {
-    pub fn open(dir: &Path) -> Result<FileStore, StorageError> {
-        Ok(FileStore {
+    /// The store of shard directory `dir` (nothing is opened until a step needs it).
+    pub fn new(dir: &Path) -> FileStore {
+        FileStore {
             dir: dir.to_path_buf(),
             open: HashMap::new(),
             durability: Durability::Fsync,
             sync_time: Duration::ZERO,
-        })
+        }
     }
 
     /// `Durability::None` skips the data syncs of appends (benchmark comparisons only); the
@@ -281,16 +283,16 @@ pub struct Recovered {
     pub duration: Duration,
 }
 
-/// Recovers shard `config.shard` from `dir` (see `fabric_shard::store::recover`), logging
-/// what it cut or removed.
+/// Runs the host's recovery job on shard directory `dir` (see
+/// `fabric_router::host::RecoverJob`), logging what it cut or removed.
 pub fn recover(
     dir: &Path,
-    config: ShardConfig,
+    job: &RecoverJob,
     durability: Durability,
-) -> Result<Recovered, StorageError> {
+) -> Result<Recovered, RecoverError> {
     let started = Instant::now();
-    let mut store = FileStore::open(dir)?.with_durability(durability);
-    let (shard, report) = store::recover(&mut store, config)?;
+    let mut store = FileStore::new(dir).with_durability(durability);
+    let (shard, report) = job.perform(&mut store)?;
     if let Some(cut) = report.cut {
         tracing::warn!(
             file = %store.segment_path(cut.segment),
@@ -316,74 +318,45 @@ pub fn recover(
     })
 }
 
-/// How a write ended, as the writer thread reports it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum WriteOutcome {
-    Done,
-    /// The write failed and its bytes were cut back: recover the shard and go on.
-    /// `no_space` when the disk was full.
-    Failed {
-        no_space: bool,
-        error: String,
-    },
-    /// The write failed and cutting it back failed too: the page cache cannot be trusted and
-    /// the shard must stay down until an operator looks.
-    Fatal {
-        error: String,
-    },
-}
-
 /// What the writer thread reports back for each write, in order.
 #[derive(Debug)]
 pub struct WalDone {
     pub last_lsn: u64,
-    pub outcome: WriteOutcome,
+    /// How the file steps ended (a failure says whether its bytes were cut back).
+    pub result: Result<(), WriteFailure>,
     /// The whole write: create, write, sync, deletions.
-    pub sync_duration: Duration,
+    pub duration: Duration,
     /// The fdatasyncs alone (zero with `durability = none`).
-    pub fsync_duration: Duration,
+    pub fsync: Duration,
     pub bytes: usize,
     pub records: u64,
     /// The written buffer, handed back for the shard to reuse (`Shard::recycle_wal_buffer`).
     pub buffer: Vec<u8>,
 }
 
-/// The body of a shard's WAL thread: it owns the store, performs each write
-/// (`fabric_shard::store::perform`), and reports completion through `done` (a blocking send
-/// into a bounded channel: at most one write is in flight, so it never waits long). After a
-/// failed write it stops: the shard is recovered anew, with a new thread.
+/// The body of a shard's WAL thread: it owns the store, performs each write the host hands
+/// it (`WriteJob::perform`: the file steps are the host's), and reports completion through
+/// `done` (a blocking send into a bounded channel: at most one write is in flight, so it never
+/// waits long). It ends when its channel closes: the host drops the sender when the
+/// incarnation ends, and waits for this thread before it recovers the next one.
 pub fn writer_thread(
     mut store: FileStore,
-    writes: Receiver<WalWrite>,
+    writes: Receiver<WriteJob>,
     done: tokio::sync::mpsc::Sender<WalDone>,
 ) {
-    while let Ok(w) = writes.recv() {
+    while let Ok(job) = writes.recv() {
         let started = Instant::now();
-        let outcome = match store::perform(&mut store, &w, &fabric_shard::PlantedBugs::default()) {
-            Ok(()) => WriteOutcome::Done,
-            Err(f) if f.cleaned => WriteOutcome::Failed {
-                no_space: f.error.kind == StoreErrorKind::NoSpace,
-                error: f.error.to_string(),
-            },
-            Err(f) => WriteOutcome::Fatal {
-                error: format!(
-                    "{}; then cutting the write back failed: {}",
-                    f.error,
-                    f.cleanup_error.map(|e| e.to_string()).unwrap_or_default()
-                ),
-            },
-        };
-        let failed = outcome != WriteOutcome::Done;
+        let result = job.perform(&mut store);
         let report = WalDone {
-            last_lsn: w.last_lsn,
-            outcome,
-            sync_duration: started.elapsed(),
-            fsync_duration: store.take_sync_time(),
-            bytes: w.bytes.len(),
-            records: w.records,
-            buffer: w.bytes,
+            last_lsn: job.write.last_lsn,
+            result,
+            duration: started.elapsed(),
+            fsync: store.take_sync_time(),
+            bytes: job.write.bytes.len(),
+            records: job.write.records,
+            buffer: job.into_buffer(),
         };
-        if done.blocking_send(report).is_err() || failed {
+        if done.blocking_send(report).is_err() {
             return;
         }
     }

@@ -87,6 +87,14 @@ pub struct WriteJob {
 }
 
 impl WriteJob {
+    /// A write outside a driver (benchmarks, tools): the file steps of `config`'s shard.
+    pub fn new(write: WalWrite, config: &ShardConfig) -> WriteJob {
+        WriteJob {
+            write,
+            steps: config.planted,
+        }
+    }
+
     /// The file steps (`fabric_shard::store::perform`): create, manifest, append, fdatasync,
     /// cut back after a failure, delete.
     pub fn perform<S: SegmentStore>(&self, store: &mut S) -> Result<(), WriteFailure> {

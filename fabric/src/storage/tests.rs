@@ -4,7 +4,7 @@
 use super::*;
 use fabric_proto::internal::{Request, ShardOp};
 use fabric_proto::Body;
-use fabric_shard::PlantedBugs;
+use fabric_shard::{PlantedBugs, ShardConfig, WalWrite};
 
 /// A store that records every call and can fail the next call of one operation.
 struct Recording {
@@ -110,7 +110,7 @@ fn done(shard: &mut Shard, w: &WalWrite) {
 /// A fresh shard directory holding one acknowledged append.
 fn one_append(tmp: &tempfile::TempDir) -> (PathBuf, FileStore, Shard) {
     let dir = shard_dir_in(tmp);
-    let mut store = FileStore::open(&dir).unwrap();
+    let mut store = FileStore::new(&dir);
     let mut shard = Shard::new(ShardConfig::default());
     let w = append(&mut shard, 1, "\"acknowledged\"");
     store::perform(&mut store, &w, &PlantedBugs::default()).unwrap();
@@ -126,7 +126,7 @@ fn a_segment_is_listed_and_its_name_synced_before_any_record_goes_into_it() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = shard_dir_in(&tmp);
     let mut store = Recording {
-        inner: FileStore::open(&dir).unwrap(),
+        inner: FileStore::new(&dir),
         calls: Vec::new(),
         fail: None,
     };
@@ -154,8 +154,8 @@ fn a_segment_is_listed_and_its_name_synced_before_any_record_goes_into_it() {
         assert_eq!(mode(&dir.join(wal::MANIFEST_FILE)), 0o600);
         assert_eq!(mode(&dir), 0o700);
     }
-    let (_, report) = store::recover(&mut FileStore::open(&dir).unwrap(), ShardConfig::default())
-        .expect("recovers");
+    let (_, report) =
+        store::recover(&mut FileStore::new(&dir), ShardConfig::default()).expect("recovers");
     assert_eq!(report.records, 1);
 }
 
@@ -171,7 +171,7 @@ fn a_failed_fdatasync_cuts_the_file_back_and_enospc_is_told_apart() {
         let tmp = tempfile::tempdir().unwrap();
         let dir = shard_dir_in(&tmp);
         let mut store = Recording {
-            inner: FileStore::open(&dir).unwrap(),
+            inner: FileStore::new(&dir),
             calls: Vec::new(),
             fail: None,
         };
@@ -209,7 +209,14 @@ fn a_torn_final_write_on_disk_is_quarantined_then_cut() {
     let mut f = OpenOptions::new().append(true).open(&path).unwrap();
     f.write_all(&torn.bytes[..torn.bytes.len() / 2]).unwrap();
     drop(f);
-    let recovered = recover(&dir, ShardConfig::default(), Durability::Fsync).unwrap();
+    let recovered = recover(
+        &dir,
+        &RecoverJob {
+            config: ShardConfig::default(),
+        },
+        Durability::Fsync,
+    )
+    .unwrap();
     assert_eq!(recovered.report.records, 1);
     assert_eq!(std::fs::metadata(&path).unwrap().len(), good);
     let q = dir
@@ -230,8 +237,14 @@ fn an_emptied_shard_directory_refuses_to_start() {
     for e in std::fs::read_dir(&dir).unwrap() {
         std::fs::remove_file(e.unwrap().path()).unwrap();
     }
-    match recover(&dir, ShardConfig::default(), Durability::Fsync) {
-        Err(StorageError::Recover(fabric_shard::RecoverError::Manifest(m))) => {
+    match recover(
+        &dir,
+        &RecoverJob {
+            config: ShardConfig::default(),
+        },
+        Durability::Fsync,
+    ) {
+        Err(fabric_shard::RecoverError::Manifest(m)) => {
             assert!(m.contains("emptied"), "{m}")
         }
         Err(e) => panic!("wrong error: {e}"),
