@@ -47,8 +47,11 @@ pub enum NodeError {
     },
     #[error("shard actors did not start: {0}")]
     Actors(String),
-    #[error("shard {shard} refused to recover: {message}")]
-    Recovery { shard: u32, message: String },
+    #[error("shard {shard} refused to recover: {source}")]
+    Recovery {
+        shard: u32,
+        source: crate::shard_actor::RecoveryRefused,
+    },
     #[error(transparent)]
     Metrics(#[from] crate::metrics::MetricsError),
     #[error(transparent)]
@@ -426,7 +429,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     // Every shard recovers before the node listens; one that refuses (corruption, a missing
     // segment) keeps the node from starting, naming what it refused.
     for (i, slot) in slots.iter().enumerate() {
-        if let Err(message) = slot.wait_recovered().await {
+        if let Err(source) = slot.wait_recovered().await {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if supervisor.cast(SupervisorMsg::Stop(tx)).is_ok() {
                 let _ = rx.await;
@@ -434,7 +437,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             supervisor.stop(None);
             return Err(NodeError::Recovery {
                 shard: i as u32,
-                message,
+                source,
             });
         }
     }

@@ -87,9 +87,15 @@ pub struct ShardSlot {
     crash: Notify,
     /// How the first recovery ended (the node does not start over a shard that refused to
     /// recover): the sender is taken by the host, the receiver by `wait_recovered`.
-    first_recovery: Mutex<Option<oneshot::Sender<Result<(), String>>>>,
-    first_recovered: tokio::sync::Mutex<Option<oneshot::Receiver<Result<(), String>>>>,
+    first_recovery: Mutex<Option<oneshot::Sender<Result<(), RecoveryRefused>>>>,
+    first_recovered: tokio::sync::Mutex<Option<oneshot::Receiver<Result<(), RecoveryRefused>>>>,
 }
+
+/// Why a shard's first recovery did not give it an incarnation (the recovery error, which
+/// names the file and offset of what it refused).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0}")]
+pub struct RecoveryRefused(pub String);
 
 /// Figures the host loop publishes for health checks and metrics.
 #[derive(Debug, Clone, Default)]
@@ -147,12 +153,15 @@ impl ShardSlot {
 
     /// Waits for the shard's first recovery: its error (naming the file and offset of what it
     /// refused) if it refused to recover.
-    pub async fn wait_recovered(&self) -> Result<(), String> {
+    pub async fn wait_recovered(&self) -> Result<(), RecoveryRefused> {
         let Some(rx) = self.first_recovered.lock().await.take() else {
             return Ok(());
         };
-        rx.await
-            .unwrap_or_else(|_| Err("the shard host ended before recovering".into()))
+        rx.await.unwrap_or_else(|_| {
+            Err(RecoveryRefused(
+                "the shard host ended before recovering".into(),
+            ))
+        })
     }
 
     fn driver(&self) -> ShardDriver {
@@ -476,7 +485,8 @@ impl HostIo {
             .ok()
             .and_then(|mut f| f.take());
         if let Some(first) = first {
-            let _ = first.send(result.as_ref().map(|_| ()).map_err(|e| e.to_string()));
+            let outcome = result.as_ref().map(|_| ());
+            let _ = first.send(outcome.map_err(|e| RecoveryRefused(e.to_string())));
         }
         if let Ok((shard, _)) = &result {
             if self.slot.metrics.enabled() {
