@@ -25,7 +25,7 @@ use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx, ShardOp};
 use fabric_shard::store::{self, SegmentStore, StoreErrorKind, WriteFailure};
 use fabric_shard::{PlantedBugs, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
-use std::collections::VecDeque;
+use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Batches taken from the input queue per pump before the driver writes and answers.
 pub const PUMP_BATCHES_MAX: usize = 256;
@@ -210,7 +210,7 @@ pub struct ShardDriver {
     /// After ENOSPC: the new incarnation refuses writes until this wall-clock ms.
     writes_from_unix_ms: Option<u64>,
     /// Sessions that sent this incarnation a batch (told when it ends).
-    sessions: Vec<SessionId>,
+    sessions: BTreeSet<SessionId>,
     effects: VecDeque<Effect>,
     status: DriverStatus,
     planted: PlantedGlueBugs,
@@ -242,7 +242,7 @@ impl ShardDriver {
             wal_sync_stall_ms_max,
             supervision: Supervision::new(policy),
             writes_from_unix_ms: None,
-            sessions: Vec::new(),
+            sessions: BTreeSet::new(),
             effects: VecDeque::new(),
             status: DriverStatus::default(),
             planted: PlantedGlueBugs::default(),
@@ -320,9 +320,7 @@ impl ShardDriver {
     /// One session's batch of requests. The adapter checks `wants_batch` first; a batch past
     /// the bound is still taken (a channel already held it), never dropped.
     pub fn handle_batch(&mut self, t: Time, session: SessionId, batch: Vec<Request>) {
-        if !self.sessions.contains(&session) {
-            self.sessions.push(session);
-        }
+        self.sessions.insert(session);
         self.input.push_back(batch);
         self.pump(t);
     }
@@ -471,7 +469,7 @@ impl ShardDriver {
     /// full: the session stopped draining it). The session is closed as `overloaded` and the
     /// shard forgets it; its client reconnects and resumes.
     pub fn handle_reply_refused(&mut self, t: Time, session: SessionId) {
-        self.sessions.retain(|s| *s != session);
+        self.sessions.remove(&session);
         if self.planted.glue_drop_reply_on_full_queue {
             return;
         }
@@ -575,7 +573,7 @@ impl ShardDriver {
                 shard.handle_requests(t.unix_ms, batch);
             }
             for session in closing {
-                self.sessions.retain(|s| *s != session);
+                self.sessions.remove(&session);
                 // Replies already owed go out before the sink is forgotten.
                 route(shard, &mut self.effects);
                 self.effects.push_back(Effect::Forget { session });
@@ -593,20 +591,18 @@ impl ShardDriver {
             ),
             _ => format!("shard {} is recovering; retry shortly", self.idx),
         };
-        let mut out: Vec<(SessionId, Vec<Reply>)> = Vec::new();
+        let mut out = Grouped::default();
         for batch in self.input.drain(..) {
             for req in &batch {
                 if let Some(o) = fabric_shard::unavailable_reply(req, &reason) {
-                    push_reply(&mut out, o.session, o.reply);
+                    out.push(o.session, o.reply);
                 }
                 if matches!(req.op, ShardOp::Closed) {
-                    self.sessions.retain(|s| *s != req.session);
+                    self.sessions.remove(&req.session);
                 }
             }
         }
-        for (session, replies) in out {
-            self.effects.push_back(Effect::Replies { session, replies });
-        }
+        out.into_effects(&mut self.effects);
     }
 
     fn route_outputs(&mut self) {
@@ -618,19 +614,36 @@ impl ShardDriver {
 
 /// The shard's outputs, grouped per session in the order each session first appears.
 fn route(shard: &mut Shard, effects: &mut VecDeque<Effect>) {
-    let mut out: Vec<(SessionId, Vec<Reply>)> = Vec::new();
+    let mut out = Grouped::default();
     while let Some(o) = shard.poll_output() {
-        push_reply(&mut out, o.session, o.reply);
+        out.push(o.session, o.reply);
     }
-    for (session, replies) in out {
-        effects.push_back(Effect::Replies { session, replies });
-    }
+    out.into_effects(effects);
 }
 
-fn push_reply(out: &mut Vec<(SessionId, Vec<Reply>)>, session: SessionId, reply: Reply) {
-    match out.iter_mut().find(|(s, _)| *s == session) {
-        Some((_, v)) => v.push(reply),
-        None => out.push((session, vec![reply])),
+/// Replies grouped per session, sessions in the order they first appear (a drain after a group
+/// commit touches every attached session: an index keeps grouping linear).
+#[derive(Default)]
+struct Grouped {
+    order: Vec<(SessionId, Vec<Reply>)>,
+    index: HashMap<SessionId, usize>,
+}
+
+impl Grouped {
+    fn push(&mut self, session: SessionId, reply: Reply) {
+        match self.index.get(&session) {
+            Some(&i) => self.order[i].1.push(reply),
+            None => {
+                self.index.insert(session, self.order.len());
+                self.order.push((session, vec![reply]));
+            }
+        }
+    }
+
+    fn into_effects(self, effects: &mut VecDeque<Effect>) {
+        for (session, replies) in self.order {
+            effects.push_back(Effect::Replies { session, replies });
+        }
     }
 }
 
