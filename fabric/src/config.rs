@@ -35,6 +35,9 @@ pub struct Config {
     pub shard_queue_batches_max: usize,
     /// Frames a shard pushes to a session before the session reports them written.
     pub push_credit_frames_max: u32,
+    /// Most server ops joined into one batch frame for a client that asked for batch frames
+    /// (`options` `batch`), 1..=`fabric_proto::BATCH_OPS_MAX`.
+    pub out_batch_ops_max: u32,
     /// `fsync` (default; every ack is durable) or `none` (benchmark comparisons only).
     pub durability: Durability,
     /// `human` or `json`.
@@ -133,6 +136,7 @@ impl Default for Config {
             retention_bytes_max: 256 * 1024 * 1024,
             shard_queue_batches_max: 1024,
             push_credit_frames_max: 1024,
+            out_batch_ops_max: 256,
             durability: Durability::Fsync,
             log_format: LogFormat::Human,
             metrics: true,
@@ -174,7 +178,7 @@ pub const FRAME_BYTES_MAX_FLOOR: usize = 2048;
 const PENDING_TRANSMIT_FRAMES_FLOOR: usize = 65_536;
 /// Reply batches a session's channel holds beyond every reply it can be owed (welcome,
 /// errors without ref): slack, not a bound anything relies on.
-const SESSION_REPLY_SLACK: usize = 64;
+const SESSION_REPLY_SLACK: usize = fabric_router::host::SESSION_REPLY_SLACK_BATCHES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -231,10 +235,12 @@ impl Config {
     /// (`inflight_requests_max` plus one batch frame's ops, which `wants_read` cannot split)
     /// and every shard's push credit. `None` if it does not fit in a `usize`.
     pub fn session_replies_owed_max(&self) -> Option<usize> {
-        (self.push_credit_frames_max as usize)
-            .checked_mul(self.shards as usize)?
-            .checked_add(self.inflight_requests_max as usize)?
-            .checked_add(fabric_proto::BATCH_OPS_MAX)
+        fabric_router::host::session_reply_queue_batches_min(
+            self.push_credit_frames_max,
+            self.shards,
+            self.inflight_requests_max,
+        )?
+        .checked_sub(SESSION_REPLY_SLACK)
     }
 
     /// Capacity of a session's reply channel (in reply batches; a batch holds at least one
@@ -264,6 +270,7 @@ impl Config {
             write_timeout_ms: self.write_timeout_ms,
             prehello_frames_max: self.prehello_frames_max,
             prehello_answers_max: self.prehello_answers_max,
+            out_batch_ops_max: self.out_batch_ops_max,
             ..fabric_edge::SessionConfig::default()
         }
     }
@@ -276,6 +283,13 @@ impl Config {
             return bad(format!(
                 "frame_bytes_max must be {FRAME_BYTES_MAX_FLOOR}..={FRAME_BYTES_MAX_LIMIT} (a \
                  body must fit in one WAL record of at most 16 MiB)"
+            ));
+        }
+        if !(1..=fabric_proto::BATCH_OPS_MAX as u32).contains(&self.out_batch_ops_max) {
+            return bad(format!(
+                "out_batch_ops_max is {}; it must be 1..={}",
+                self.out_batch_ops_max,
+                fabric_proto::BATCH_OPS_MAX
             ));
         }
         if self.session_subscriptions_max == 0 {
@@ -476,5 +490,59 @@ mod session_limit_tests {
         assert!(with(&|c| c.write_timeout_ms = 0).is_err());
         assert!(with(&|c| c.session_subscriptions_max = 0).is_err());
         assert!(with(&|c| c.prehello_frames_max = 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod documented_keys_tests {
+    use super::*;
+
+    /// The keys of docs/OPERATIONS.md's settings table (first column, in backticks).
+    fn documented_keys() -> Vec<String> {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        doc.lines()
+            .skip_while(|l| !l.starts_with("| `data_dir`"))
+            .take_while(|l| l.starts_with("| `"))
+            .filter_map(|l| l.split('`').nth(1).map(str::to_string))
+            .collect()
+    }
+
+    #[test]
+    fn every_documented_key_is_a_key_the_config_accepts() {
+        // Proves docs/OPERATIONS.md documents no setting the node would refuse: each key of
+        // its table is a field of the TOML the node reads (`deny_unknown_fields` refuses
+        // anything else), e.g. `out_batch_ops_max`, once documented and refused.
+        let keys = documented_keys();
+        assert!(keys.len() > 20, "the table was found: {keys:?}");
+        let toml_value = toml::Value::try_from(Config::default()).expect("serialisable");
+        let table = toml_value.as_table().expect("a table");
+        for key in &keys {
+            // Unset options (no default) are not serialised; a file may still set them.
+            let optional = [
+                "admin_token",
+                "metrics_listen",
+                "quic_listen",
+                "tls_cert",
+                "tls_key",
+            ];
+            assert!(
+                table.contains_key(key) || optional.contains(&key.as_str()),
+                "documented key {key} is not a config field"
+            );
+        }
+    }
+
+    #[test]
+    fn out_batch_ops_max_is_read_from_toml_and_bounded() {
+        // Proves out_batch_ops_max reaches the session core, and a value outside
+        // 1..=BATCH_OPS_MAX is refused with a message naming it.
+        let c: Config = toml::from_str("out_batch_ops_max = 16").expect("accepted");
+        assert_eq!(c.session_config().out_batch_ops_max, 16);
+        let zero = Config {
+            out_batch_ops_max: 0,
+            ..Config::default()
+        };
+        let e = zero.validate().expect_err("refused");
+        assert!(e.to_string().contains("out_batch_ops_max"), "{e}");
     }
 }
