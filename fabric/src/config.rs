@@ -271,7 +271,6 @@ impl Config {
             prehello_frames_max: self.prehello_frames_max,
             prehello_answers_max: self.prehello_answers_max,
             out_batch_ops_max: self.out_batch_ops_max,
-            ..fabric_edge::SessionConfig::default()
         }
     }
 
