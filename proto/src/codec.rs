@@ -85,7 +85,9 @@ struct JsonFrame<'a> {
     to: Option<Cow<'a, str>>,
     #[serde(borrow)]
     from: Option<FromField<'a>>,
-    #[serde(borrow)]
+    /// Kept when it is `null` too (a plain `Option` would read `null` as absent): a client op's
+    /// `null` body counts as absent ([`body_of`]), but a server frame's is the body as stored.
+    #[serde(borrow, default, deserialize_with = "raw_even_null")]
     body: Option<&'a RawValue>,
     #[serde(borrow)]
     conv: Option<Cow<'a, str>>,
@@ -107,6 +109,13 @@ struct JsonFrame<'a> {
     #[serde(borrow)]
     nonce: Option<Cow<'a, str>>,
     batch: Option<u32>,
+}
+
+/// A present field's raw JSON text, `null` included.
+fn raw_even_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<&'de RawValue>, D::Error> {
+    <&'de RawValue>::deserialize(d).map(Some)
 }
 
 /// `from` is a number in `subscribe` (a seq) and a peer id in `deliver`/`event`.
@@ -145,13 +154,17 @@ fn json_frames(bytes: &[u8]) -> Result<Vec<JsonFrame<'_>>, ProtoError> {
 }
 
 fn body_of(op: &str, body: Option<&RawValue>) -> Result<Body, ProtoError> {
-    let raw = body.ok_or_else(|| missing(op, "body"))?;
+    // A `null` body counts as absent in a client op (docs/PROTOCOL.md, "Client ops").
+    let raw = body
+        .filter(|raw| raw.get() != "null")
+        .ok_or_else(|| missing(op, "body"))?;
     // The JSON parser already validated the value (and its UTF-8); keep its exact text.
     Body::from_parsed_json(raw.get())
 }
 
 /// A body in a server frame: the node validated it when it was stored, so it is kept as it is
-/// (a client that refused an old body would stall on a message it can never acknowledge).
+/// (a client that refused an old body would stall on a message it can never acknowledge), and
+/// that includes `null`, which a binary send may carry.
 fn server_body_of(op: &str, body: Option<&RawValue>) -> Result<Body, ProtoError> {
     let raw = body.ok_or_else(|| missing(op, "body"))?;
     Ok(Body::from_trusted(bytes::Bytes::copy_from_slice(

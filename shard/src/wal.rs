@@ -365,7 +365,10 @@ fn scan_frame(
             h.first_lsn
         )));
     }
-    let mut found = Vec::with_capacity(h.records as usize);
+    // The count is checksummed but not trusted: a header naming 2^32 records must not
+    // allocate for them (that aborts the process) before the records are found missing.
+    let mut found =
+        Vec::with_capacity((h.records as usize).min(h.len as usize / RECORD_HEADER_BYTES));
     let mut p = FRAME_HEADER_BYTES;
     let mut lsn = expect_lsn;
     while p < end {

@@ -1,112 +1,363 @@
-//! Golden bytes of the WAL (format 2): a record of every type, a segment header, the manifest
-//! and a write frame, exactly as `shard/src/wal.rs` documents them (record: `len u32 | crc32c
-//! u32 | type u8 | lsn u64 | postcard payload`, little-endian). The expected bytes are literals
-//! checked by hand against that layout once, never produced by the code under test at test
-//! time: reordering a record enum, changing a field or the framing fails here, and so does
-//! reading back what an older node wrote.
+//! Golden bytes of the WAL on disk (format 2): a whole segment holding every record type, in
+//! `tests/golden/segment-format2.hex` (annotated field by field), and the manifest. The bytes
+//! were written from the layout in `wal.rs`'s module docs and postcard's rules by an encoder
+//! separate from this crate (its own CRC32C included), never produced by the code under test.
+//! Reordering a record's fields, renumbering a record type or moving a header field fails here.
+//!
+//! Coverage: [`record_type`] matches every [`Record`] variant without a `_` arm (a new record
+//! does not compile until it gets its type byte here), and
+//! `golden_cases_cover_every_record_type` fails until the golden segment holds a record of
+//! every type byte the scanner accepts.
 
-mod golden_wal_cases;
+use fabric_proto::{Body, Target};
+use fabric_shard::record::*;
+use fabric_shard::store::{self, mem::MemStore, SegmentStore};
+use fabric_shard::wal::{self, FrameHeader, Manifest, SegmentHeader};
+use fabric_shard::ShardConfig;
+use std::collections::BTreeSet;
 
-use fabric_shard::wal::{self, FrameHeader, Manifest, SegmentHeader, SEGMENT_HEADER_BYTES};
-use golden_wal_cases::*;
+/// The annotated hex file: two hex digits per byte, `#` starts a comment.
+const SEGMENT_HEX: &str = include_str!("golden/segment-format2.hex");
 
-/// Each `records()` case framed at LSN 10, 11, ... in order.
-const RECORDS_GOLDEN: &[&str] = &[
-    "020000004a6c7625010a00000000000000016d",
-    "270000003015e625020b00000000000000016d01610101670101010101010101010101010101010101010101010101010101010101010101",
-    "100000007f812cb5030c00000000000000016d050161010167013180d095ffbc31",
-    "14000000d836d95c040d00000000000000016d01630301610322782201016b81d095ffbc31",
-    "060000005d8378cf050e00000000000000016d0161ac02",
-    "2600000045f59074070f00000000000000016d016200000202020202020202020202020202020202020202020202020202020202020202",
-    "35000000da5cf11a091000000000000000000101016d09010161010167010303030303030303030303030303030303030303030303030303030303030303000401016d016303",
-];
-/// `SegmentHeader { shard: 2, segment: 7, first_lsn: 10 }`.
-const SEGMENT_HEADER_GOLDEN: &str =
-    "4641425257414c32020000000200000007000000000000000a00000000000000f03e96b0";
-/// `Manifest { shard: 2, oldest: 7, newest: 8 }`.
-const MANIFEST_GOLDEN: &str =
-    "464142524d414e49020000000200000007000000000000000800000000000000448644a9";
-/// One write frame holding the first record (`MeshCreated`) at LSN 10.
-const FRAME_GOLDEN: &str = "fffe4657130000000a00000000000000010000000000000047e3919e020000004a6c7625010a00000000000000016d";
-
-fn unhex(s: &str) -> Vec<u8> {
-    hex::decode(s).expect("golden hex")
+fn unhex(text: &str) -> Vec<u8> {
+    text.lines()
+        .flat_map(|line| line.split('#').next().unwrap_or("").split_whitespace())
+        .map(|b| u8::from_str_radix(b, 16).expect("two hex digits"))
+        .collect()
 }
 
-#[test]
-fn golden_wal_cases_cover_every_record_type() {
-    // Proves every Record variant has a golden case.
-    let mut seen = vec![false; RECORD_VARIANTS];
-    records()
-        .iter()
-        .for_each(|r| seen[record_variant(r)] = true);
-    assert!(
-        seen.iter().all(|s| *s),
-        "record types without a case: {seen:?}"
-    );
-    assert_eq!(records().len(), RECORDS_GOLDEN.len());
+fn segment_bytes() -> Vec<u8> {
+    unhex(SEGMENT_HEX)
 }
 
-#[test]
-fn golden_wal_records_encode_to_the_pinned_bytes() {
-    // Proves each record type is framed into exactly the pinned bytes.
-    for (i, (r, want)) in records().iter().zip(RECORDS_GOLDEN).enumerate() {
-        let mut out = Vec::new();
-        wal::encode_record(10 + i as u64, r, &mut out).expect("small");
-        assert_eq!(hex::encode(&out), *want, "{r:?}");
+/// The type byte of each record variant, as the format names it. No `_` arm.
+fn record_type(r: &Record) -> u8 {
+    match r {
+        Record::MeshCreated(_) => 1,
+        Record::PeerAdded(_) => 2,
+        Record::Sent(_) => 3,
+        Record::Appended(_) => 4,
+        Record::Acked(_) => 5,
+        Record::PeerKeyAdded(_) => 7,
+        Record::CheckpointPart(_) => 9,
     }
 }
 
-#[test]
-fn golden_wal_records_scan_back_from_the_pinned_bytes() {
-    // Proves a segment built from the pinned bytes (header, one frame of every record) scans
-    // back into the same records at the same LSNs, with no damage.
-    let mut body = Vec::new();
-    for r in RECORDS_GOLDEN {
-        body.extend_from_slice(&unhex(r));
-    }
-    let mut frame = vec![0; wal::FRAME_HEADER_BYTES];
-    frame.extend_from_slice(&body);
-    FrameHeader::seal(&mut frame, 10, RECORDS_GOLDEN.len() as u32);
-    let mut seg = unhex(SEGMENT_HEADER_GOLDEN);
-    seg.extend_from_slice(&frame);
-    let scan = wal::scan_frames(&seg, 10, false);
-    assert!(scan.damage.is_none(), "{:?}", scan.damage);
-    let back: Vec<_> = scan
-        .records
-        .iter()
-        .map(|s| (s.lsn, s.record.clone()))
-        .collect();
-    let want: Vec<_> = records()
-        .into_iter()
-        .enumerate()
-        .map(|(i, r)| (10 + i as u64, r))
-        .collect();
-    assert_eq!(back, want);
+/// The records of the golden segment, with their LSN, byte offset and framed size.
+fn golden_records() -> Vec<(u64, u64, u64, Record)> {
+    let body = |s: &str| Body::from_trusted(bytes::Bytes::copy_from_slice(s.as_bytes()));
+    vec![
+        (
+            1,
+            64,
+            22,
+            Record::MeshCreated(MeshRec {
+                mesh: "demo".into(),
+            }),
+        ),
+        (
+            2,
+            86,
+            65,
+            Record::PeerAdded(PeerRec {
+                mesh: "demo".into(),
+                peer: "alice".into(),
+                groups: vec!["ops".into()],
+                token_hash: [0x11; 32],
+            }),
+        ),
+        (
+            3,
+            151,
+            60,
+            Record::PeerKeyAdded(PeerKeyRec {
+                mesh: "demo".into(),
+                peer: "bob".into(),
+                groups: vec![],
+                token_hash: None,
+                public_key: [0x22; 32],
+            }),
+        ),
+        (
+            4,
+            239,
+            55,
+            Record::Sent(SentRec {
+                mesh: "demo".into(),
+                pos: 300,
+                from: "alice".into(),
+                to: Target::Group("ops".into()),
+                body: body(r#"{"text":"hi"}"#),
+                ts: 1_795_356_091_730,
+            }),
+        ),
+        (
+            5,
+            294,
+            60,
+            Record::Appended(AppendedRec {
+                mesh: "demo".into(),
+                conv: "standup".into(),
+                seq: 1,
+                from: "alice".into(),
+                body: body(r#"{"n":1}"#),
+                key: Some("alice-1".into()),
+                ts: 1_795_356_091_771,
+            }),
+        ),
+        (
+            6,
+            354,
+            28,
+            Record::Acked(AckedRec {
+                mesh: "demo".into(),
+                peer: "bob".into(),
+                upto: 300,
+            }),
+        ),
+        (
+            7,
+            410,
+            130,
+            Record::CheckpointPart(CheckpointPartRec {
+                part: 0,
+                parts: 2,
+                meshes: vec![MeshCheckpoint {
+                    mesh: "demo".into(),
+                    head: 300,
+                    peers: vec![
+                        PeerCheckpoint {
+                            peer: "alice".into(),
+                            groups: vec!["ops".into()],
+                            token_hash: Some([0x11; 32]),
+                            public_key: None,
+                            acked: 0,
+                        },
+                        PeerCheckpoint {
+                            peer: "bob".into(),
+                            groups: vec![],
+                            token_hash: None,
+                            public_key: Some([0x22; 32]),
+                            acked: 300,
+                        },
+                    ],
+                }],
+                convs: vec![ConvCheckpoint {
+                    mesh: "demo".into(),
+                    conv: "standup".into(),
+                    head: 1,
+                }],
+            }),
+        ),
+    ]
 }
 
-#[test]
-fn golden_segment_header_manifest_and_frame_bytes() {
-    // Proves the segment header, the manifest and the write frame header are the pinned
-    // bytes, and decode back.
-    let h = SegmentHeader {
-        shard: 2,
+/// Which records each write frame of the golden segment holds (indexes into the list above).
+const FRAMES: [std::ops::Range<usize>; 3] = [0..3, 3..6, 6..7];
+
+/// Where each frame starts in the golden segment.
+const FRAME_OFFSETS: [usize; 3] = [36, 211, 382];
+
+fn golden_header() -> SegmentHeader {
+    SegmentHeader {
+        shard: 3,
         segment: 7,
-        first_lsn: 10,
-    };
-    assert_eq!(hex::encode(h.encode()), SEGMENT_HEADER_GOLDEN);
-    assert_eq!(SegmentHeader::decode(&unhex(SEGMENT_HEADER_GOLDEN)), Ok(h));
-    assert_eq!(unhex(SEGMENT_HEADER_GOLDEN).len(), SEGMENT_HEADER_BYTES);
-    let m = Manifest {
-        shard: 2,
+        first_lsn: 1,
+    }
+}
+
+/// The segment as this crate writes it: header, then each frame reserved, filled, sealed.
+fn written_segment() -> Vec<u8> {
+    let records = golden_records();
+    let mut out = golden_header().encode().to_vec();
+    for range in FRAMES {
+        let start = out.len();
+        out.extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
+        for (lsn, _, _, record) in &records[range.clone()] {
+            wal::encode_record(*lsn, record, &mut out).expect("small record");
+        }
+        let first_lsn = records[range.start].0;
+        FrameHeader::seal(&mut out[start..], first_lsn, range.len() as u32);
+    }
+    out
+}
+
+#[test]
+fn golden_segment_header_has_the_pinned_bytes() {
+    // Proves the segment header is magic, format, shard, segment, first LSN and CRC, as pinned.
+    let golden = segment_bytes();
+    assert_eq!(
+        golden_header().encode()[..],
+        golden[..wal::SEGMENT_HEADER_BYTES]
+    );
+    assert_eq!(SegmentHeader::decode(&golden), Ok(golden_header()));
+    assert_eq!(wal::SEGMENT_HEADER_BYTES, 36);
+    assert_eq!(&wal::SEGMENT_MAGIC[..], b"FABRWAL2");
+    assert_eq!(wal::FORMAT, 2);
+}
+
+#[test]
+fn golden_frame_headers_have_the_pinned_bytes() {
+    // Proves each write frame's header (magic, length, first LSN, record count, flags, CRC) is
+    // the pinned one, and decodes back to its fields.
+    let golden = segment_bytes();
+    let written = written_segment();
+    let records = golden_records();
+    let ends = [FRAME_OFFSETS[1], FRAME_OFFSETS[2], golden.len()];
+    for (i, at) in FRAME_OFFSETS.iter().enumerate() {
+        let header = &golden[*at..*at + wal::FRAME_HEADER_BYTES];
+        assert_eq!(
+            &written[*at..*at + wal::FRAME_HEADER_BYTES],
+            header,
+            "frame {i}"
+        );
+        assert_eq!(
+            FrameHeader::decode(header),
+            Some(FrameHeader {
+                len: (ends[i] - at - wal::FRAME_HEADER_BYTES) as u32,
+                first_lsn: records[FRAMES[i].start].0,
+                records: FRAMES[i].len() as u32,
+            }),
+            "frame {i}"
+        );
+    }
+    assert_eq!(wal::FRAME_MAGIC, [0xff, 0xfe, b'F', b'W']);
+    assert_eq!(wal::FRAME_HEADER_BYTES, 28);
+    assert_eq!(wal::RECORD_HEADER_BYTES, 17);
+}
+
+#[test]
+fn golden_every_record_variant_frames_to_the_pinned_bytes() {
+    // Proves each record type encodes (length, CRC, type, LSN, postcard payload) exactly as
+    // pinned at its place in the golden segment, and decodes back from its payload.
+    let golden = segment_bytes();
+    for (lsn, offset, size, record) in golden_records() {
+        let pinned = &golden[offset as usize..(offset + size) as usize];
+        let mut out = Vec::new();
+        assert_eq!(
+            wal::encode_record(lsn, &record, &mut out),
+            Some(size as usize)
+        );
+        assert_eq!(out, pinned, "{record:?}");
+        assert_eq!(pinned[8], record_type(&record), "{record:?}");
+        assert_eq!(pinned[9..17], lsn.to_le_bytes(), "{record:?}");
+        let kind = RecordType::from_u8(pinned[8]).expect("a known type");
+        assert_eq!(kind, record.kind());
+        assert_eq!(
+            Record::decode(kind, &pinned[wal::RECORD_HEADER_BYTES..]).expect("decodes"),
+            record
+        );
+    }
+}
+
+#[test]
+fn golden_segment_is_written_byte_for_byte() {
+    // Proves a segment written by this crate's framing is the pinned file, every byte of it.
+    let golden = segment_bytes();
+    let written = written_segment();
+    assert_eq!(written.len(), golden.len());
+    if let Some(i) = (0..golden.len()).find(|i| written[*i] != golden[*i]) {
+        panic!(
+            "first difference at byte {i}: wrote {:02x}, pinned {:02x}",
+            written[i], golden[i]
+        );
+    }
+}
+
+#[test]
+fn golden_segment_scans_back_to_its_records() {
+    // Proves the scanner reads the pinned segment as its records, LSNs, offsets and frames.
+    let golden = segment_bytes();
+    let scan = wal::scan_frames(&golden, 1, false);
+    assert!(scan.damage.is_none(), "{:?}", scan.damage);
+    assert_eq!(scan.valid_len, golden.len() as u64);
+    assert_eq!(scan.frames, 3);
+    let want = golden_records();
+    assert_eq!(scan.records.len(), want.len());
+    for (got, (lsn, offset, size, record)) in scan.records.iter().zip(want) {
+        assert_eq!(
+            (got.lsn, got.offset, got.bytes, &got.record),
+            (lsn, offset, size, &record)
+        );
+    }
+}
+
+#[test]
+fn golden_manifest_has_the_pinned_bytes() {
+    // Proves MANIFEST is magic, format, shard, oldest, newest and CRC, as pinned, also empty.
+    let listed = Manifest {
+        shard: 3,
         oldest: 7,
-        newest: 8,
+        newest: 7,
     };
-    assert_eq!(hex::encode(m.encode()), MANIFEST_GOLDEN);
-    let mut frame = vec![0; wal::FRAME_HEADER_BYTES];
-    frame.extend_from_slice(&unhex(RECORDS_GOLDEN[0]));
-    FrameHeader::seal(&mut frame, 10, 1);
-    assert_eq!(hex::encode(&frame), FRAME_GOLDEN);
-    let header = FrameHeader::decode(&unhex(FRAME_GOLDEN)).expect("intact");
-    assert_eq!((header.len, header.first_lsn, header.records), (19, 10, 1));
+    let pinned = unhex(
+        "46 41 42 52 4d 41 4e 49  02 00 00 00  03 00 00 00  07 00 00 00 00 00 00 00 \
+         07 00 00 00 00 00 00 00  27 70 65 26",
+    );
+    assert_eq!(listed.encode()[..], pinned[..]);
+    assert_eq!(Manifest::decode(&pinned), Ok(listed));
+    let empty = unhex(
+        "46 41 42 52 4d 41 4e 49  02 00 00 00  03 00 00 00  00 00 00 00 00 00 00 00 \
+         00 00 00 00 00 00 00 00  3b b9 c0 09",
+    );
+    assert_eq!(Manifest::empty(3).encode()[..], empty[..]);
+    assert_eq!(Manifest::decode(&empty), Ok(Manifest::empty(3)));
+    assert_eq!(wal::MANIFEST_BYTES, 36);
+    assert_eq!(wal::segment_file_name(7), "00000000000000000007.wal");
+}
+
+#[test]
+fn golden_segment_recovers_through_the_store() {
+    // Proves recovery reads the pinned files (MANIFEST and segment 7) into the shard they
+    // describe: every record applied, nothing cut, the mesh's head and peers rebuilt.
+    let mut disk = MemStore::new(3);
+    disk.create_segment(7).unwrap();
+    disk.append(7, &segment_bytes()).unwrap();
+    disk.sync(7).unwrap();
+    disk.write_manifest_temp(
+        &Manifest {
+            shard: 3,
+            oldest: 7,
+            newest: 7,
+        }
+        .encode(),
+    )
+    .unwrap();
+    disk.rename_manifest().unwrap();
+    disk.sync_dir().unwrap();
+    disk.crash();
+    let config = ShardConfig {
+        shard: 3,
+        ..ShardConfig::default()
+    };
+    let (shard, report) = store::recover(&mut disk, config).expect("the golden segment recovers");
+    assert_eq!(report.records, 7);
+    assert_eq!(report.segments, 1);
+    assert_eq!(report.cut, None);
+    assert_eq!(shard.durable_lsn(), 7);
+    assert_eq!(shard.wal_bytes(), segment_bytes().len() as u64);
+    assert_eq!(shard.conversation_count(), 1);
+    let mesh = shard.mesh_stats("demo", 100).expect("mesh demo exists");
+    assert_eq!((mesh.durable_pos, mesh.peers), (300, 2));
+}
+
+#[test]
+fn golden_cases_cover_every_record_type() {
+    // Proves the golden segment holds a record of every type byte the scanner accepts, and
+    // that those are exactly the bytes `record_type` lists.
+    let covered: BTreeSet<u8> = golden_records()
+        .iter()
+        .map(|(_, _, _, r)| record_type(r))
+        .collect();
+    let known: BTreeSet<u8> = (0..=255u8)
+        .filter(|b| RecordType::from_u8(*b).is_some())
+        .collect();
+    assert_eq!(covered, known);
+    assert_eq!(known, BTreeSet::from([1, 2, 3, 4, 5, 7, 9]));
+    let golden = segment_bytes();
+    let in_file: BTreeSet<u8> = golden_records()
+        .iter()
+        .map(|(_, offset, _, _)| golden[*offset as usize + 8])
+        .collect();
+    assert_eq!(in_file, known);
 }
