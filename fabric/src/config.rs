@@ -167,10 +167,7 @@ impl Default for Config {
     }
 }
 
-/// Largest `frame_bytes_max` accepted: a body (at most a frame) must fit in one WAL record
-/// (`fabric_shard::wal::RECORD_BYTES_MAX`, 16 MiB) with its ids and headers, with room to spare.
-pub const FRAME_BYTES_MAX_LIMIT: usize = 8 << 20;
-const _: () = assert!(FRAME_BYTES_MAX_LIMIT < fabric_shard::wal::RECORD_BYTES_MAX);
+pub use crate::FRAME_BYTES_MAX_LIMIT;
 /// Smallest `frame_bytes_max` accepted: `body_bytes_max` is 1 KiB less.
 pub const FRAME_BYTES_MAX_FLOOR: usize = 2048;
 /// Frames waiting for a client that does not read, past which its session closes as

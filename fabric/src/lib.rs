@@ -3,22 +3,45 @@
 //!
 //! Nothing here decides protocol or storage questions; it moves bytes, batches and files.
 
+//! With default features (`server`) this is the node and the client; with
+//! `--no-default-features --features client` only the client and what it needs (QUIC and
+//! WebSocket transports, TLS trust, key identities), with no axum, ractor or metrics exporter.
+
+// The client's side.
 pub mod client;
 pub(crate) mod client_io;
-pub mod config;
 pub mod files;
-pub mod http;
 pub mod identity;
-pub mod listener;
-pub mod logging;
-pub mod metrics;
-pub mod node;
 pub mod quic;
-pub(crate) mod session;
-pub mod shard_actor;
-pub mod storage;
 pub mod tls;
+
+// The node's side.
+#[cfg(feature = "server")]
+pub mod config;
+#[cfg(feature = "server")]
+pub mod http;
+#[cfg(feature = "server")]
+pub mod listener;
+#[cfg(feature = "server")]
+pub mod logging;
+#[cfg(feature = "server")]
+pub mod metrics;
+#[cfg(feature = "server")]
+pub mod node;
+#[cfg(feature = "server")]
+pub(crate) mod session;
+#[cfg(feature = "server")]
+pub mod shard_actor;
+#[cfg(feature = "server")]
+pub mod storage;
+#[cfg(feature = "server")]
 pub mod ws;
+
+/// Largest `frame_bytes_max` accepted: a body (at most a frame) must fit in one WAL record
+/// (`fabric_shard::wal::RECORD_BYTES_MAX`, 16 MiB) with its ids and headers, with room to spare.
+pub const FRAME_BYTES_MAX_LIMIT: usize = 8 << 20;
+#[cfg(feature = "server")]
+const _: () = assert!(FRAME_BYTES_MAX_LIMIT < fabric_shard::wal::RECORD_BYTES_MAX);
 
 /// Wall-clock milliseconds since the Unix epoch: the `now` the cores are given.
 pub fn now_ms() -> u64 {
