@@ -195,6 +195,38 @@ pub enum ConfigError {
 
 impl Config {
     /// Reads a TOML file whose keys are the field names above; missing keys keep their defaults.
+    /// The effective configuration as TOML that `--config` reads back (`fabric serve
+    /// --print-config`). Secrets (the admin token) are never printed; derived defaults (`shards`
+    /// from the core count, `quic_listen` from `listen`) are printed as comments, so a file
+    /// made from this output keeps deriving them on another machine.
+    pub fn to_printed_toml(&self) -> String {
+        let mut table = match toml::Value::try_from(self) {
+            Ok(toml::Value::Table(t)) => t,
+            _ => return String::new(),
+        };
+        table.remove("admin_token");
+        let shards_derived = self.shards == Config::default().shards;
+        if shards_derived {
+            table.remove("shards");
+        }
+        let mut out = String::from(
+            "# fabric serve --print-config: the effective configuration (read back with --config).\n\
+             # admin_token is never printed: set it with --admin-token or FABRIC_ADMIN_TOKEN, or\n\
+             # let the node keep the one it generated in data_dir/admin-token.\n",
+        );
+        if shards_derived {
+            out.push_str(&format!(
+                "# shards = {}  (derived: one per core)\n",
+                self.shards
+            ));
+        }
+        if self.quic_listen.is_none() {
+            out.push_str("# quic_listen  (derived: the listen host, next port)\n");
+        }
+        out.push_str(&toml::to_string(&table).unwrap_or_default());
+        out
+    }
+
     pub fn from_toml_file(path: &std::path::Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_path_buf(),
@@ -540,5 +572,41 @@ mod documented_keys_tests {
         };
         let e = zero.validate().expect_err("refused");
         assert!(e.to_string().contains("out_batch_ops_max"), "{e}");
+    }
+
+    #[test]
+    fn printed_config_reads_back_and_hides_the_admin_token() {
+        // Proves --print-config's TOML is accepted by --config and gives the same
+        // configuration back, prints no secret, keeps derived defaults as comments, and
+        // prints only keys docs/OPERATIONS.md documents.
+        let c = Config {
+            admin_token: Some("s3cret-token".into()),
+            retention_bytes_max: 1 << 30,
+            metrics_meshes: vec!["m1".into()],
+            ..Config::default()
+        };
+        let text = c.to_printed_toml();
+        assert!(!text.contains("s3cret-token"), "{text}");
+        assert!(text.contains("# shards = "), "{text}");
+        assert!(text.contains("# quic_listen"), "{text}");
+        let back: Config = toml::from_str(&text).expect("--config reads it back");
+        assert_eq!(
+            back,
+            Config {
+                admin_token: None,
+                ..c
+            }
+        );
+        let documented = documented_keys();
+        for line in text
+            .lines()
+            .filter(|l| !l.starts_with('#') && l.contains(" = "))
+        {
+            let key = line.split(" = ").next().unwrap_or_default();
+            assert!(
+                documented.iter().any(|d| d == key),
+                "printed key {key} is not documented"
+            );
+        }
     }
 }

@@ -40,6 +40,10 @@ enum Command {
 
 #[derive(Args)]
 struct ServeArgs {
+    /// Print the effective configuration as TOML (what --config reads back; never a secret,
+    /// derived defaults as comments) and exit.
+    #[arg(long)]
+    print_config: bool,
     /// TOML config file.
     #[arg(long, env = "FABRIC_CONFIG")]
     config: Option<PathBuf>,
@@ -266,7 +270,12 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         }
         Command::Serve(args) => {
+            let print_config = args.print_config;
             let config = args.into_config()?;
+            if print_config {
+                print!("{}", config.to_printed_toml());
+                return Ok(());
+            }
             // Kept until exit: its drop writes out the log lines still queued.
             let _log = fabric::logging::init(config.log_format).context("cannot start logging")?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
