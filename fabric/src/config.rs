@@ -173,9 +173,6 @@ pub const FRAME_BYTES_MAX_FLOOR: usize = 2048;
 /// Frames waiting for a client that does not read, past which its session closes as
 /// `overloaded`, unless in-flight answers plus every shard's push credit need more.
 const PENDING_TRANSMIT_FRAMES_FLOOR: usize = 65_536;
-/// Reply batches a session's channel holds beyond every reply it can be owed (welcome,
-/// errors without ref): slack, not a bound anything relies on.
-const SESSION_REPLY_SLACK: usize = fabric_router::host::SESSION_REPLY_SLACK_BATCHES;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -264,21 +261,23 @@ impl Config {
     /// (`inflight_requests_max` plus one batch frame's ops, which `wants_read` cannot split)
     /// and every shard's push credit. `None` if it does not fit in a `usize`.
     pub fn session_replies_owed_max(&self) -> Option<usize> {
-        fabric_router::host::session_reply_queue_batches_min(
+        fabric_router::host::session_replies_owed_max(
             self.push_credit_frames_max,
             self.shards,
             self.inflight_requests_max,
-        )?
-        .checked_sub(SESSION_REPLY_SLACK)
+        )
     }
 
     /// Capacity of a session's reply channel (in reply batches; a batch holds at least one
     /// reply): every reply it can be owed, plus slack. So a shard's `try_send` fails only for a
     /// session that stopped taking replies, which is then closed as `overloaded`.
     pub fn session_reply_queue_max(&self) -> usize {
-        self.session_replies_owed_max()
-            .unwrap_or(usize::MAX)
-            .saturating_add(SESSION_REPLY_SLACK)
+        fabric_router::host::session_reply_queue_batches_min(
+            self.push_credit_frames_max,
+            self.shards,
+            self.inflight_requests_max,
+        )
+        .unwrap_or(usize::MAX)
     }
 
     /// The session core's limits for this node's settings.

@@ -19,7 +19,9 @@ use crate::config::Durability;
 use crate::metrics::{Metrics, ShardExport};
 use crate::storage::{self, WalDone};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx};
-use fabric_router::host::{Clock, CloseReason, DriverStatus, Effect, ShardDriver, Time};
+use fabric_router::host::{
+    Clock, CloseReason, DriverStatus, Effect, ShardDriver, Time, PUMP_BATCHES_MAX,
+};
 use fabric_router::supervise::RestartPolicy;
 use fabric_shard::store::{StoreError, StoreErrorKind};
 use fabric_shard::{RecoverError, RecoveryReport, Shard, ShardConfig};
@@ -56,8 +58,6 @@ pub enum ShardMsg {
     Stop { done: oneshot::Sender<()> },
 }
 
-/// Batches taken from the input channel per wake-up before the host writes and answers.
-const LOOP_BATCHES_MAX: usize = 256;
 /// A host whose adapter (not its core: that is caught) panicked is started again after this.
 const ADAPTER_RESTART_DELAY_MS: u64 = 1_000;
 /// Bound of the channel to the WAL writer thread: at most one write is in flight.
@@ -259,15 +259,7 @@ struct HostIo {
 /// The host loop of one shard: driver in, effects out, until stopped.
 async fn host_loop(slot: Arc<ShardSlot>, mut input: InputGuard) {
     let mut driver = slot.driver();
-    let mut io = HostIo {
-        slot: slot.clone(),
-        sinks: HashMap::new(),
-        writer: None,
-        recovery: None,
-        stop: None,
-        export: None,
-        published: DriverStatus::default(),
-    };
+    let mut io = HostIo::new(slot.clone());
     let clock = SystemClock;
     loop {
         io.perform_effects(&mut driver);
@@ -347,6 +339,18 @@ async fn sleep_until(at: Option<Instant>) {
 }
 
 impl HostIo {
+    fn new(slot: Arc<ShardSlot>) -> HostIo {
+        HostIo {
+            slot,
+            sinks: HashMap::new(),
+            writer: None,
+            recovery: None,
+            stop: None,
+            export: None,
+            published: DriverStatus::default(),
+        }
+    }
+
     /// Does what the driver asked, in order.
     fn perform_effects(&mut self, driver: &mut ShardDriver) {
         while let Some(e) = driver.poll_effect() {
@@ -399,7 +403,7 @@ impl HostIo {
         }
     }
 
-    /// Takes batches while the driver takes them at once (up to LOOP_BATCHES_MAX), each whole.
+    /// Takes batches while the driver takes them at once (up to `host::PUMP_BATCHES_MAX`), each whole.
     fn take_batches(
         &mut self,
         driver: &mut ShardDriver,
@@ -424,7 +428,7 @@ impl HostIo {
                 ShardMsg::Stop { done } => self.stop = Some(done),
             }
             taken += 1;
-            if taken < LOOP_BATCHES_MAX && self.stop.is_none() && driver.feeds_now() {
+            if taken < PUMP_BATCHES_MAX && self.stop.is_none() && driver.feeds_now() {
                 next = rx.try_recv().ok();
             }
         }

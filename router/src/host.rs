@@ -36,10 +36,21 @@ pub const SESSION_REPLY_SLACK_BATCHES: usize = 64;
 
 /// The capacity a session's reply queue needs (in batches; a batch holds at least one reply)
 /// so that a full queue can only mean the session stopped taking replies: every reply it can
-/// be owed at once (its in-flight requests up to the hard limit, `inflight_requests_max` plus
-/// one batch frame's ops, and every shard's push credit), plus slack. `None` if that does not
+/// be owed at once ([`session_replies_owed_max`]), plus slack. `None` if that does not
 /// fit in a `usize`.
 pub fn session_reply_queue_batches_min(
+    push_credit_frames_max: u32,
+    shards: u32,
+    inflight_requests_max: u32,
+) -> Option<usize> {
+    session_replies_owed_max(push_credit_frames_max, shards, inflight_requests_max)?
+        .checked_add(SESSION_REPLY_SLACK_BATCHES)
+}
+
+/// Replies one session can be owed at once: its in-flight requests up to the hard limit
+/// (`inflight_requests_max` plus one batch frame's ops, which `wants_read` cannot split) and
+/// every shard's push credit. `None` if that does not fit in a `usize`.
+pub fn session_replies_owed_max(
     push_credit_frames_max: u32,
     shards: u32,
     inflight_requests_max: u32,
@@ -47,8 +58,7 @@ pub fn session_reply_queue_batches_min(
     (push_credit_frames_max as usize)
         .checked_mul(shards as usize)?
         .checked_add(inflight_requests_max as usize)?
-        .checked_add(fabric_proto::BATCH_OPS_MAX)?
-        .checked_add(SESSION_REPLY_SLACK_BATCHES)
+        .checked_add(fabric_proto::BATCH_OPS_MAX)
 }
 
 /// The two clocks a host reads: wall-clock ms (stamped into messages, compared with clients'

@@ -31,18 +31,6 @@ fn slot() -> Arc<ShardSlot> {
     .0
 }
 
-fn io(slot: Arc<ShardSlot>) -> HostIo {
-    HostIo {
-        slot,
-        sinks: HashMap::new(),
-        writer: None,
-        recovery: None,
-        stop: None,
-        export: None,
-        published: DriverStatus::default(),
-    }
-}
-
 #[tokio::test]
 async fn a_restart_notice_reaches_a_session_whose_channel_is_full() {
     // Proves the driver's CloseSession(Restarted) is never lost by the adapter: a crash drill
@@ -50,7 +38,7 @@ async fn a_restart_notice_reaches_a_session_whose_channel_is_full() {
     // (try_send fails) the notice still arrives once the session takes the message ahead.
     let slot = slot();
     let mut driver = slot.driver();
-    let mut io = io(slot.clone());
+    let mut io = HostIo::new(slot.clone());
     let t = SystemClock.time();
     let Some(Effect::Recover(job)) = driver.poll_effect() else {
         panic!("a recovery first");
@@ -76,7 +64,7 @@ async fn replies_that_do_not_fit_close_the_session_instead_of_vanishing() {
     // silence; another session is served as usual.
     let slot = slot();
     let mut driver = slot.driver();
-    let mut io = io(slot);
+    let mut io = HostIo::new(slot);
     assert!(matches!(driver.poll_effect(), Some(Effect::Recover(_))));
     let (full_tx, mut full_rx) = mpsc::channel(1);
     full_tx

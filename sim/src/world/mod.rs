@@ -19,7 +19,9 @@ use fabric_proto::internal::{
     Output, Placement, Reply, Request, Route, SessionId, ShardIdx, ShardOp,
 };
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
-use fabric_router::host::{CloseReason, Effect, RecoverJob, ShardDriver, Time, WriteJob};
+use fabric_router::host::{
+    CloseReason, Effect, RecoverJob, ShardDriver, Time, WriteJob, PUMP_BATCHES_MAX,
+};
 use fabric_router::supervise::RestartPolicy;
 use fabric_router::Router;
 use fabric_shard::RecoverError;
@@ -53,9 +55,6 @@ pub const MESH: &str = "m";
 const RECONNECT_DELAY_MAX_MS: u64 = 50;
 /// Longest padding in a message body, in bytes (varies record sizes, so tears land anywhere).
 const BODY_PAD_BYTES_MAX: usize = 160;
-/// Batches the shard loop takes from its channel before it writes and answers (the node's
-/// `LOOP_BATCHES_MAX` in `fabric/src/shard_actor.rs`).
-const LOOP_BATCHES_MAX: usize = 256;
 /// Rounds of shard-to-session-to-shard exchange one event may cause; more is a livelock.
 const PUMP_ROUNDS_MAX: usize = 10_000;
 /// Frame type bytes the simulated transport puts before each frame (WebSocket's opcodes).

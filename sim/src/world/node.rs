@@ -35,7 +35,7 @@ impl Simulation {
 
     /// The shard loop of the glue (`fabric/src/shard_actor.rs`), shard by shard: while the
     /// shard wants input, hand it whole batches from its channel (up to
-    /// [`LOOP_BATCHES_MAX`] a round) through `Shard::handle_requests`, as the node does;
+    /// [`PUMP_BATCHES_MAX`] a round) through `Shard::handle_requests`, as the node does;
     /// `wants_input` is asked between batches, never inside one. Then start a WAL write if
     /// none is in flight, and collect outputs.
     pub(super) fn pump_shards(&mut self) -> Checked<Vec<(ShardIdx, HostOut)>> {
@@ -49,7 +49,7 @@ impl Simulation {
             // happens before new input is taken in.
             self.host_effects(shard, &mut outputs)?;
             let mut taken = 0;
-            while taken < LOOP_BATCHES_MAX && self.hosts[s].driver.feeds_now() {
+            while taken < PUMP_BATCHES_MAX && self.hosts[s].driver.feeds_now() {
                 let Some(batch) = self.hosts[s].input.pop_front() else {
                     break;
                 };
@@ -269,8 +269,8 @@ impl Simulation {
             let Some((shard, replies)) = k.replies.pop_front() else {
                 return Ok(());
             };
+            let session = k.session.id();
             for reply in replies {
-                let session = self.conns[&id].session.id();
                 self.route_output(shard, Output { session, reply })?;
             }
         }
