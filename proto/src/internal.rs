@@ -124,6 +124,44 @@ impl ShardOp {
             ShardOp::Flushed { .. } | ShardOp::Closed => Placement::Broadcast,
         }
     }
+
+    /// The `ref` the op is answered with, if it is answered at all.
+    pub fn reference(&self) -> Option<u64> {
+        match self {
+            ShardOp::CreateMesh { r, .. }
+            | ShardOp::AddPeer { r, .. }
+            | ShardOp::Auth { r, .. }
+            | ShardOp::Send { r, .. }
+            | ShardOp::Append { r, .. }
+            | ShardOp::Subscribe { r, .. }
+            | ShardOp::Unsubscribe { r, .. }
+            | ShardOp::Read { r, .. } => Some(*r),
+            ShardOp::Hello { .. }
+            | ShardOp::Ack { .. }
+            | ShardOp::Flushed { .. }
+            | ShardOp::Closed => None,
+        }
+    }
+
+    /// Whether the op proposes a WAL record (and so is refused while the shard cannot write).
+    /// A cursor move (`Ack`) is logged too, but coalesced per group commit and never refused:
+    /// it only frees space.
+    pub fn is_write(&self) -> bool {
+        match self {
+            ShardOp::CreateMesh { .. }
+            | ShardOp::AddPeer { .. }
+            | ShardOp::Send { .. }
+            | ShardOp::Append { .. } => true,
+            ShardOp::Hello { .. }
+            | ShardOp::Auth { .. }
+            | ShardOp::Subscribe { .. }
+            | ShardOp::Unsubscribe { .. }
+            | ShardOp::Read { .. }
+            | ShardOp::Ack { .. }
+            | ShardOp::Flushed { .. }
+            | ShardOp::Closed => false,
+        }
+    }
 }
 
 /// A key hello's proof, as the session forwards it: the client's signature and timestamp, and

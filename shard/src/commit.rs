@@ -135,7 +135,7 @@ impl Shard {
                 upto: p.acked,
             };
             // A cursor record is a few hundred bytes at most (two ids and a number).
-            let logged = self.log(&Record::Acked(rec));
+            let logged = self.propose(Record::Acked(rec));
             debug_assert!(logged.is_ok());
         }
     }

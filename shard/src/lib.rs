@@ -25,14 +25,16 @@
 //! - A segment is deleted only after a durable checkpoint that makes it unnecessary.
 //!
 //! Modules: [`wal`] (format), [`record`] (payloads), `mesh` and `conv` (state), `ops` (one
-//! handler per request), `commit` (group commit), `retention`, `drain`, [`recovery`] (what
-//! recovery may cut), [`store`] (the file steps every host performs, generic over storage).
+//! handler per request: validate, then propose), `apply` (the one apply path, live and
+//! replay), `commit` (group commit), `retention`, `drain`, [`recovery`] (what recovery may
+//! cut), [`store`] (the file steps every host performs, generic over storage).
 
 pub mod record;
 pub mod recovery;
 pub mod store;
 pub mod wal;
 
+mod apply;
 mod commit;
 mod conv;
 mod drain;
@@ -278,6 +280,8 @@ pub struct Shard {
     pub(crate) last_round_bytes: u64,
     pub(crate) last_round_end_written: u64,
     pub(crate) failed: bool,
+    /// Recovery is feeding this shard records read back from its WAL (see `apply`).
+    pub(crate) replaying: bool,
     /// Writes are refused with `storage_full` until this time (the disk was full).
     pub(crate) storage_full_until: Option<u64>,
 
@@ -324,9 +328,18 @@ impl Shard {
             last_round_bytes: 0,
             last_round_end_written: 0,
             failed: false,
+            replaying: false,
             storage_full_until: None,
             out: VecDeque::new(),
             stats: ShardStats::default(),
+        }
+    }
+
+    /// An empty shard that recovery feeds records into ([`Recoverer`]).
+    pub(crate) fn replaying(config: ShardConfig) -> Shard {
+        Shard {
+            replaying: true,
+            ..Shard::new(config)
         }
     }
 
@@ -430,8 +443,8 @@ impl Shard {
 
     pub fn handle_request(&mut self, now: u64, req: Request) {
         let session = req.session;
-        let r = ops::op_ref(&req.op);
-        if let Err(e) = self.apply_request(now, req) {
+        let r = req.op.reference();
+        if let Err(e) = self.handle_op(now, req) {
             self.stats.errors_sent += 1;
             self.emit(session, Reply::Frame(ServerOp::error(r, e)));
         }

@@ -13,11 +13,9 @@
 //!   before the manifest lists it, and records only after): if it holds no frame it is
 //!   quarantined and removed; if it holds one, recovery refuses.
 
-use crate::mesh::{InboxMsg, Mesh};
-use crate::record::*;
 use crate::store::StoreError;
 use crate::wal::{self, Damage, SegmentHeader};
-use crate::{conv::StoredEvent, SegmentInfo, Shard, ShardConfig};
+use crate::{SegmentInfo, Shard, ShardConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RecoverError {
@@ -83,7 +81,7 @@ pub struct Recoverer {
 impl Recoverer {
     pub fn new(config: ShardConfig) -> Recoverer {
         Recoverer {
-            shard: Shard::new(config),
+            shard: Shard::replaying(config),
             expect_lsn: None,
             last_segment: None,
             report: RecoveryReport::default(),
@@ -133,7 +131,7 @@ impl Recoverer {
         for rec in scan.records {
             last_lsn = rec.lsn;
             self.report.records += 1;
-            self.apply(rec.lsn, rec.record);
+            self.shard.apply(rec.lsn, rec.record);
         }
         self.shard.next_lsn = last_lsn + 1;
         self.expect_lsn = Some(last_lsn + 1);
@@ -253,39 +251,10 @@ impl Recoverer {
         Ok(())
     }
 
-    fn apply(&mut self, lsn: u64, record: Record) {
-        let s = &mut self.shard;
-        match record {
-            Record::MeshCreated(r) => {
-                mesh_entry(s, &r.mesh).exists = true;
-            }
-            // A peer starts at the head it was added at (the replayed head then; a checkpoint
-            // later in the log gives its exact cursor if copies of older messages moved).
-            Record::PeerAdded(r) => {
-                let m = mesh_entry(s, &r.mesh);
-                let head = m.head;
-                m.define_peer(&r.peer, r.groups, Some(r.token_hash), None, head);
-            }
-            Record::PeerKeyAdded(r) => {
-                let m = mesh_entry(s, &r.mesh);
-                let head = m.head;
-                m.define_peer(&r.peer, r.groups, r.token_hash, Some(r.public_key), head);
-            }
-            Record::Sent(r) => apply_sent(s, lsn, r),
-            Record::Appended(r) => apply_appended(s, lsn, r),
-            Record::Acked(r) => {
-                if let Some(m) = s.meshes.get_mut(&r.mesh) {
-                    let i = m.ensure_peer(&r.peer) as usize;
-                    m.peers[i].acked = m.peers[i].acked.max(r.upto);
-                }
-            }
-            Record::CheckpointPart(ck) => apply_checkpoint(s, ck),
-        }
-    }
-
     /// The recovered shard, ready to serve (counts rebuilt, indexes built), and the report.
     pub fn finish(mut self, manifest: wal::Manifest) -> (Shard, RecoveryReport) {
         let s = &mut self.shard;
+        s.replaying = false;
         s.durable_lsn = s.next_lsn - 1;
         s.building_first_lsn = s.next_lsn;
         s.manifest = manifest;
@@ -311,72 +280,5 @@ impl Recoverer {
             }
         }
         (self.shard, self.report)
-    }
-}
-
-fn mesh_entry<'a>(s: &'a mut Shard, mesh: &std::sync::Arc<str>) -> &'a mut Mesh {
-    s.meshes
-        .entry(mesh.clone())
-        .or_insert_with(|| Mesh::new(mesh.clone()))
-}
-
-fn apply_sent(s: &mut Shard, lsn: u64, r: SentRec) {
-    let m = mesh_entry(s, &r.mesh);
-    let from = m.ensure_peer(&r.from);
-    let to = m.stored_target(&r.to);
-    // A message copied forward by retention appears twice until the old segment is gone; the
-    // newest copy's LSN is the one retention must see. `pending` is counted in `finish`, once
-    // every peer is defined.
-    m.log.insert(
-        r.pos,
-        InboxMsg {
-            from,
-            to,
-            body: r.body,
-            ts: r.ts,
-            lsn,
-            pending: 0,
-        },
-    );
-    m.head = m.head.max(r.pos);
-    m.durable_pos = m.head;
-}
-
-fn apply_appended(s: &mut Shard, lsn: u64, r: AppendedRec) {
-    let c = s.convs.entry((r.mesh, r.conv)).or_default();
-    if r.seq > c.head {
-        c.push(StoredEvent {
-            seq: r.seq,
-            from: r.from,
-            body: r.body,
-            ts: r.ts,
-            lsn,
-            key: r.key,
-        });
-        c.durable_seq = c.head;
-    }
-}
-
-fn apply_checkpoint(s: &mut Shard, ck: CheckpointPartRec) {
-    for mc in ck.meshes {
-        let m = mesh_entry(s, &mc.mesh);
-        m.exists = true;
-        m.head = m.head.max(mc.head);
-        m.durable_pos = m.head;
-        for pc in mc.peers {
-            m.define_peer(&pc.peer, pc.groups, pc.token_hash, pc.public_key, 0);
-            let i = m.peer_index[&pc.peer] as usize;
-            m.peers[i].acked = m.peers[i].acked.max(pc.acked);
-        }
-    }
-    for cc in ck.convs {
-        let c = s.convs.entry((cc.mesh, cc.conv)).or_default();
-        if cc.head > c.head {
-            c.head = cc.head;
-            c.durable_seq = cc.head;
-            if c.events.is_empty() {
-                c.first_seq = cc.head + 1;
-            }
-        }
     }
 }

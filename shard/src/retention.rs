@@ -168,14 +168,12 @@ impl Shard {
             body: msg.body.clone(),
             ts: msg.ts,
         };
+        // Applying the copy moves the message's LSN (and retention's index) to it.
         let lsn = self
-            .log(&Record::Sent(rec))
+            .propose(Record::Sent(rec))
             .expect("a copy is the size of the original, which was framed before");
-        if let Some(msg) = self.meshes.get_mut(&mesh).and_then(|m| m.log.get_mut(&pos)) {
-            msg.lsn = lsn;
-        }
-        self.inbox_by_lsn.remove(&old_lsn);
-        self.inbox_by_lsn.insert(lsn, (mesh, pos));
+        debug_assert_eq!(self.inbox_by_lsn.get(&lsn), Some(&(mesh, pos)));
+        debug_assert!(!self.inbox_by_lsn.contains_key(&old_lsn));
         self.stats.records_copied_forward += 1;
     }
 
@@ -188,10 +186,15 @@ impl Shard {
             part.part = i as u32;
             part.parts = n;
             last = self
-                .log(&Record::CheckpointPart(part))
+                .propose(Record::CheckpointPart(part))
                 .expect("checkpoint parts are sized far below the record limit");
         }
         last
+    }
+
+    #[cfg(test)]
+    pub(crate) fn checkpoint_parts_for_test(&self) -> Vec<CheckpointPartRec> {
+        self.checkpoint_parts()
     }
 
     /// The checkpoint, split into parts of about [`CHECKPOINT_PART_BYTES_MAX`]. Sorted, so

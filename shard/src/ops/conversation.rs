@@ -1,0 +1,142 @@
+//! Conversations: appends (dense seqs, idempotency keys), subscriptions that tail them, and
+//! reads of a range. Only appends propose records.
+
+use super::ok;
+use crate::conv::delivered;
+use crate::record::*;
+use crate::{Shard, Sub};
+use fabric_proto::internal::{Reply, SessionId};
+use fabric_proto::{ErrorCode, ProtoError};
+use std::sync::Arc;
+
+impl Shard {
+    pub(super) fn append(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        mut rec: AppendedRec,
+    ) -> Result<(), ProtoError> {
+        self.check_body(&rec.body)?;
+        let ck = (rec.mesh.clone(), rec.conv.clone());
+        if let Some(c) = self.convs.get(&ck) {
+            if let Some(&seq) = rec.key.as_ref().and_then(|k| c.keys.get(k)) {
+                // A retry: answer with the original seq once the original is durable (it is at
+                // or below the last record framed, so that record's durability covers it).
+                let reply = Reply::Frame(ok(r, None, Some(seq)));
+                if seq <= c.durable_seq {
+                    self.stats.appends_acked += 1;
+                    self.emit(session, reply);
+                } else {
+                    let lsn = self.next_lsn - 1;
+                    self.ack_at(lsn, session, reply);
+                }
+                return Ok(());
+            }
+        }
+        let head = self.convs.get(&ck).map_or(0, |c| c.head);
+        if head == 0 {
+            self.check_conversation_count(&rec.mesh)?;
+        }
+        rec.seq = head + 1;
+        let seq = rec.seq;
+        let lsn = self.propose(Record::Appended(rec))?;
+        self.ack_at(lsn, session, Reply::Frame(ok(r, None, Some(seq))));
+        Ok(())
+    }
+
+    fn check_conversation_count(&self, mesh: &Arc<str>) -> Result<(), ProtoError> {
+        let held = self.mesh_convs.get(mesh).copied().unwrap_or(0);
+        if held >= self.config.mesh_conversations_max {
+            return Err(ProtoError::new(
+                ErrorCode::TooLarge,
+                format!(
+                    "mesh {mesh:?} has {held} conversations on this shard; the limit is {} \
+                     (mesh_conversations_max); append to an existing conversation",
+                    self.config.mesh_conversations_max
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    pub(super) fn subscribe(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        ck: (Arc<str>, Arc<str>),
+        from: u64,
+    ) -> Result<(), ProtoError> {
+        let max = self.config.session_subscriptions_max as usize;
+        let s = self.session_state(session);
+        let next_seq = from.max(1);
+        let held = s.subs.len();
+        match s.subs.iter_mut().find(|x| x.key == ck) {
+            Some(sub) => sub.next_seq = next_seq,
+            None if held >= max => {
+                return Err(ProtoError::new(
+                    ErrorCode::TooLarge,
+                    format!(
+                        "this session holds {max} subscriptions on this shard; the limit is \
+                         {max} (session_subscriptions_max); unsubscribe first"
+                    ),
+                ))
+            }
+            None => s.subs.push(Sub {
+                key: ck.clone(),
+                next_seq,
+            }),
+        }
+        let c = self.convs.entry(ck).or_default();
+        if !c.subscribers.contains(&session) {
+            c.subscribers.push(session);
+        }
+        // The ok goes out before any event of the subscription.
+        self.emit(session, Reply::Frame(ok(r, None, None)));
+        self.queue_drain(session);
+        Ok(())
+    }
+
+    pub(super) fn unsubscribe(&mut self, session: SessionId, ck: &(Arc<str>, Arc<str>)) {
+        if let Some(s) = self.sessions.get_mut(&session) {
+            s.subs.retain(|x| &x.key != ck);
+        }
+        self.release_conv_listener(ck, session);
+    }
+
+    /// Drops `session` from a conversation's subscribers, and the conversation itself if it
+    /// never had an entry and nobody listens any more.
+    pub(super) fn release_conv_listener(&mut self, ck: &(Arc<str>, Arc<str>), session: SessionId) {
+        if let Some(c) = self.convs.get_mut(ck) {
+            c.unsubscribe(session);
+            if c.head == 0 && c.is_idle() {
+                self.convs.remove(ck);
+            }
+        }
+    }
+
+    pub(super) fn read(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        ck: (Arc<str>, Arc<str>),
+        from: u64,
+        limit: u32,
+    ) {
+        let limit = limit.min(fabric_proto::READ_LIMIT_MAX) as u64;
+        let (events, head) = match self.convs.get(&ck) {
+            None => (Vec::new(), 0),
+            Some(c) => {
+                let start = from.max(c.first_seq);
+                let end = c
+                    .durable_seq
+                    .min(start.saturating_add(limit).saturating_sub(1));
+                let events = (start..=end)
+                    .filter_map(|seq| c.get(seq))
+                    .map(|e| delivered(&ck.1, e))
+                    .collect();
+                (events, c.durable_seq)
+            }
+        };
+        self.emit(session, Reply::Messages { r, events, head });
+    }
+}
