@@ -43,6 +43,7 @@ use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
 mod liveness;
+pub mod rest;
 
 /// Bytes a batch frame adds around its parts (brackets, or a variant index and a length).
 const BATCH_FRAMING_BYTES: usize = 16;
@@ -108,6 +109,17 @@ impl Default for SessionConfig {
             prehello_answers_max: 64,
         }
     }
+}
+
+/// The refusal of a body over `body_bytes_max`, whichever transport carried it.
+pub(crate) fn body_too_large(len: usize, max: usize) -> ProtoError {
+    ProtoError::new(
+        ErrorCode::TooLarge,
+        format!(
+            "body is {len} bytes; the limit is {max} (body_bytes_max: frame_bytes_max less room \
+             for the frame that delivers it)"
+        ),
+    )
 }
 
 /// What `body_bytes_max` leaves below `frame_bytes_max` by default: room for everything a
@@ -713,15 +725,7 @@ impl Session {
             ClientOp::Send { body, .. } | ClientOp::Append { body, .. }
                 if body.len() > self.config.body_bytes_max =>
             {
-                Some(ProtoError::new(
-                    ErrorCode::TooLarge,
-                    format!(
-                        "body is {} bytes; the limit is {} (body_bytes_max: frame_bytes_max less \
-                         room for the frame that delivers it)",
-                        body.len(),
-                        self.config.body_bytes_max
-                    ),
-                ))
+                Some(body_too_large(body.len(), self.config.body_bytes_max))
             }
             ClientOp::Subscribe { conv, .. }
                 if self.subscriptions.len() >= self.config.subscriptions_max

@@ -9,12 +9,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use fabric_edge::rest::{RestAnswer, RestOp, RestRequest};
 use fabric_proto::internal::{Reply, Request, ShardOp};
-use fabric_proto::{
-    validate_conv, validate_id, validate_key, Body, ErrorCode, IdKind, ProtoError, ServerOp,
-};
+use fabric_proto::{validate_id, ErrorCode, IdKind, ProtoError, ServerOp};
 use serde::Deserialize;
-use serde_json::value::RawValue;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -490,11 +488,21 @@ async fn authenticate(
     }
 }
 
-#[derive(Deserialize)]
-struct AppendBody<'a> {
-    #[serde(borrow)]
-    body: Option<&'a RawValue>,
-    key: Option<String>,
+/// Runs a REST call on a session of its own, in a span with the fixed fields.
+async fn rest_call(ctx: &NodeCtx, request: RestRequest) -> Result<RestAnswer, ProtoError> {
+    let span = tracing::info_span!(
+        "http",
+        node = %ctx.node_name,
+        transport = "http",
+        mesh = %request.mesh
+    );
+    match crate::rest::call(ctx, request, HTTP_REPLY_TIMEOUT_MS)
+        .instrument(span)
+        .await?
+    {
+        RestAnswer::Error(e) => Err(e),
+        answer => Ok(answer),
+    }
 }
 
 async fn append(
@@ -512,53 +520,24 @@ async fn append(
     result
 }
 
+/// Everything but the bearer header is checked by the edge's REST core, after the token.
 async fn append_inner(
     ctx: &NodeCtx,
     mesh: String,
     conv: String,
     headers: HeaderMap,
-    body: axum::body::Bytes,
+    payload: axum::body::Bytes,
 ) -> ApiResult {
-    let peer = authenticate(ctx, &mesh, &headers).await?;
-    validate_conv(&conv)?;
-    let req: AppendBody<'_> = parse_json(&body)?;
-    let raw = req
-        .body
-        .ok_or_else(|| ProtoError::bad_request("request needs field \"body\""))?;
-    if let Some(k) = &req.key {
-        validate_key(k)?;
-    }
-    // As over WebSocket: at most body_bytes_max (so every event frame carrying it fits in
-    // frame_bytes_max) and BODY_NESTING_MAX deep.
-    if raw.get().len() > ctx.config.body_bytes_max() {
-        return Err(ProtoError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "body is {} bytes; the limit is {} (body_bytes_max)",
-                raw.get().len(),
-                ctx.config.body_bytes_max()
-            ),
-        )
-        .into());
-    }
-    let body = Body::from_parsed_json(raw.get())?;
-    match call(
-        ctx,
-        ShardOp::Append {
-            r: 0,
-            mesh: mesh.as_str().into(),
-            conv: conv.as_str().into(),
-            from: peer,
-            body,
-            key: req.key.as_deref().map(Into::into),
-        },
-    )
-    .await?
-    {
-        Reply::Frame(ServerOp::Ok { seq: Some(seq), .. }) => {
+    let request = RestRequest {
+        mesh,
+        token: bearer(&headers)?.to_string(),
+        op: RestOp::Append { conv, payload },
+    };
+    match rest_call(ctx, request).await? {
+        RestAnswer::Appended { seq } => {
             Ok((StatusCode::CREATED, Json(serde_json::json!({"seq": seq}))).into_response())
         }
-        _ => Err(ProtoError::new(ErrorCode::Internal, "unexpected reply to append").into()),
+        _ => Err(ProtoError::new(ErrorCode::Internal, "unexpected answer to append").into()),
     }
 }
 
@@ -574,54 +553,48 @@ async fn read(
     Query(q): Query<ReadQuery>,
     headers: HeaderMap,
 ) -> ApiResult {
-    authenticate(&ctx, &mesh, &headers).await?;
-    validate_conv(&conv)?;
-    let limit = q.limit.unwrap_or(100);
-    if limit == 0 || limit > fabric_proto::READ_LIMIT_MAX {
-        return Err(ProtoError::bad_request(format!(
-            "limit must be 1..={}",
-            fabric_proto::READ_LIMIT_MAX
-        ))
-        .into());
-    }
-    match call(
-        &ctx,
-        ShardOp::Read {
-            r: 0,
-            mesh: mesh.as_str().into(),
-            conv: conv.as_str().into(),
+    let request = RestRequest {
+        mesh,
+        token: bearer(&headers)?.to_string(),
+        op: RestOp::Read {
+            conv,
             from: q.from.unwrap_or(1),
-            limit,
+            limit: q.limit.unwrap_or(100),
         },
-    )
-    .await?
-    {
-        Reply::Messages { events, head, .. } => {
-            // Bodies are spliced in as raw JSON, exactly as they were appended.
-            let mut out =
-                Vec::with_capacity(64 + events.iter().map(|e| e.body.len() + 64).sum::<usize>());
-            out.extend_from_slice(b"{\"messages\":[");
-            for (i, e) in events.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                out.extend_from_slice(b"{\"seq\":");
-                out.extend_from_slice(e.seq.to_string().as_bytes());
-                out.extend_from_slice(b",\"from\":");
-                let _ = serde_json::to_writer(&mut out, &*e.from);
-                out.extend_from_slice(b",\"body\":");
-                out.extend_from_slice(&e.body.0);
-                out.extend_from_slice(b",\"ts\":");
-                out.extend_from_slice(e.ts.to_string().as_bytes());
-                out.push(b'}');
-            }
-            out.extend_from_slice(b"],\"head\":");
-            out.extend_from_slice(head.to_string().as_bytes());
-            out.push(b'}');
-            Ok((StatusCode::OK, [("content-type", "application/json")], out).into_response())
-        }
-        _ => Err(ProtoError::new(ErrorCode::Internal, "unexpected reply to read").into()),
+    };
+    match rest_call(&ctx, request).await? {
+        RestAnswer::Page { events, head } => Ok((
+            StatusCode::OK,
+            [("content-type", "application/json")],
+            page_json(&events, head),
+        )
+            .into_response()),
+        _ => Err(ProtoError::new(ErrorCode::Internal, "unexpected answer to read").into()),
     }
+}
+
+/// A page as JSON; bodies are spliced in as raw JSON, exactly as they were appended.
+fn page_json(events: &[fabric_proto::DeliveredEvent], head: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + events.iter().map(|e| e.body.len() + 64).sum::<usize>());
+    out.extend_from_slice(b"{\"messages\":[");
+    for (i, e) in events.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"seq\":");
+        out.extend_from_slice(e.seq.to_string().as_bytes());
+        out.extend_from_slice(b",\"from\":");
+        let _ = serde_json::to_writer(&mut out, &*e.from);
+        out.extend_from_slice(b",\"body\":");
+        out.extend_from_slice(&e.body.0);
+        out.extend_from_slice(b",\"ts\":");
+        out.extend_from_slice(e.ts.to_string().as_bytes());
+        out.push(b'}');
+    }
+    out.extend_from_slice(b"],\"head\":");
+    out.extend_from_slice(head.to_string().as_bytes());
+    out.push(b'}');
+    out
 }
 
 async fn healthz() -> Response {
@@ -784,6 +757,93 @@ mod tests {
             assert!(
                 std::time::Instant::now() < deadline,
                 "the shard still holds {kept} of {CALLS} cancelled calls' reply senders"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        node.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_rest_call_leaves_no_reply_sender_in_any_shard() {
+        // Proves that a REST append or read dropped at any await (before any answer, after the
+        // token's, after the op's) still makes every shard that may hold its session drop the
+        // reply sender.
+        const CALLS: usize = 60;
+        let dir = tempfile::tempdir().unwrap();
+        let node = crate::node::start(crate::config::Config {
+            data_dir: dir.path().to_path_buf(),
+            listen: "127.0.0.1:0".parse().unwrap(),
+            shards: 2,
+            partitions: 8,
+            admin_token: Some("admin".into()),
+            quic: false,
+            ..crate::config::Config::default()
+        })
+        .await
+        .unwrap();
+        let ctx = node.ctx().clone();
+        let mesh = ShardOp::CreateMesh {
+            r: 0,
+            mesh: "m".into(),
+        };
+        call(&ctx, mesh).await.unwrap();
+        let peer = ShardOp::AddPeer {
+            r: 0,
+            mesh: "m".into(),
+            peer: "p".into(),
+            groups: Vec::new(),
+            token_hash: Some(fabric_shard::token_hash("tok")),
+            public_key: None,
+        };
+        call(&ctx, peer).await.unwrap();
+        let mut held = Vec::new();
+        for i in 0..CALLS {
+            let (tx, rx) = mpsc::channel(4);
+            held.push(tx.downgrade());
+            let conv = format!("c{i}");
+            let op = if i % 2 == 0 {
+                RestOp::Read {
+                    conv,
+                    from: 1,
+                    limit: 10,
+                }
+            } else {
+                let payload = axum::body::Bytes::from_static(b"{\"body\":1}");
+                RestOp::Append { conv, payload }
+            };
+            let request = RestRequest {
+                mesh: "m".into(),
+                token: "tok".into(),
+                op,
+            };
+            let mut call = Box::pin(crate::rest::call_with(&ctx, request, 30_000, tx, rx));
+            let woken = Arc::new(Woken::default());
+            let waker = Waker::from(woken.clone());
+            let mut cx = Context::from_waker(&waker);
+            // Wakes to wait for before the client goes away: none, the token's answer, both.
+            for _ in 0..i % 3 {
+                if call.as_mut().poll(&mut cx).is_ready() {
+                    break;
+                }
+                tokio::time::timeout(Duration::from_secs(10), async {
+                    while !woken.flag.swap(false, Ordering::SeqCst) {
+                        woken.notify.notified().await;
+                    }
+                })
+                .await
+                .expect("a shard answered");
+            }
+            drop(call);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let kept = held.iter().filter(|w| w.upgrade().is_some()).count();
+            if kept == 0 {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shards still hold {kept} of {CALLS} cancelled REST calls' reply senders"
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }

@@ -29,6 +29,8 @@ pub mod metrics;
 #[cfg(feature = "server")]
 pub mod node;
 #[cfg(feature = "server")]
+pub(crate) mod rest;
+#[cfg(feature = "server")]
 pub(crate) mod session;
 #[cfg(feature = "server")]
 pub mod shard_actor;

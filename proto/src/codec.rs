@@ -282,6 +282,24 @@ pub fn decode_client_json(bytes: &[u8]) -> Result<Vec<ClientOp>, ProtoError> {
 
 /// Decodes one binary frame from a client (a `Batch` is flattened; nested batches are refused
 /// before anything recursive runs, see [`decode_flat`]).
+/// The body of an HTTP append, `{"body": JSON, "key": string}` (`key` optional): the body as
+/// it was written (nesting checked), and the key, not yet validated.
+pub fn decode_rest_append(bytes: &[u8]) -> Result<(Body, Option<String>), ProtoError> {
+    #[derive(Deserialize)]
+    struct AppendBody<'a> {
+        #[serde(borrow)]
+        body: Option<&'a RawValue>,
+        key: Option<String>,
+    }
+    let req: AppendBody<'_> = serde_json::from_slice(bytes).map_err(|e| {
+        ProtoError::bad_request(format!("request body is not the expected JSON: {e}"))
+    })?;
+    let raw = req
+        .body
+        .ok_or_else(|| ProtoError::bad_request("request needs field \"body\""))?;
+    Ok((Body::from_parsed_json(raw.get())?, req.key))
+}
+
 pub fn decode_client_binary(bytes: &[u8]) -> Result<Vec<ClientOp>, ProtoError> {
     let ops = decode_flat::<ClientOp>(bytes, CLIENT_BATCH_VARIANT)?;
     ops.iter().try_for_each(validate_binary_op)?;
