@@ -74,6 +74,7 @@
 //! ```
 
 use crate::client_io::{Io, ReadHalf, WriteHalf};
+use crate::quic::LinkError;
 use fabric_proto::{
     validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode, IdKind,
     ProtoError, ServerOp, Target,
@@ -1125,7 +1126,7 @@ async fn write_loop(
     mut rx: mpsc::Receiver<ClientOp>,
     binary: bool,
     batch_bytes_max: usize,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let mut carry: Option<ClientOp> = None;
     let mut batch: Vec<ClientOp> = Vec::new();
     let mut json = Vec::new();
@@ -1165,7 +1166,7 @@ struct Reader {
 }
 
 impl Reader {
-    async fn run(&self, read: ReadHalf, leftover: Vec<ServerOp>) -> Result<(), String> {
+    async fn run(&self, read: ReadHalf, leftover: Vec<ServerOp>) -> Result<(), LinkError> {
         self.handle(leftover).await?;
         read.run(|ops| self.handle(ops)).await
     }
@@ -1181,7 +1182,7 @@ impl Reader {
         }
     }
 
-    async fn handle(&self, ops: Vec<ServerOp>) -> Result<(), String> {
+    async fn handle(&self, ops: Vec<ServerOp>) -> Result<(), LinkError> {
         for op in ops {
             match op {
                 ServerOp::Ok { r, pos, seq } => self.answer(r, Ok(Reply::Ok { pos, seq })),
@@ -1200,7 +1201,7 @@ impl Reader {
                     // (unavailable, overloaded) or it refused a whole frame, whose requests
                     // will then never be answered. Both end this connection.
                     tracing::warn!(%code, %message, "session error from the node");
-                    return Err(format!("session error {code}: {message}"));
+                    return Err(LinkError::Session { code, message });
                 }
                 ServerOp::Deliver {
                     pos,
@@ -1258,11 +1259,11 @@ impl Reader {
         Ok(())
     }
 
-    async fn push(&self, item: Incoming) -> Result<(), String> {
+    async fn push(&self, item: Incoming) -> Result<(), LinkError> {
         // Waits while the user's queue is full: that is the backpressure on pushes.
         self.incoming
             .send(item)
             .await
-            .map_err(|_| "the client was dropped".to_string())
+            .map_err(|_| LinkError::ClientDropped)
     }
 }

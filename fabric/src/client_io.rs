@@ -3,7 +3,7 @@
 //! subscription). `client.rs` speaks ops; this moves them.
 
 use crate::client::{ClientConfig, ClientError};
-use crate::quic;
+use crate::quic::{self, LinkError};
 use fabric_proto::{codec, ClientOp, ServerOp};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
@@ -178,7 +178,7 @@ impl Io {
                 Ok(Some(quic::ReadFrame::Frame(b))) => codec::decode_server_binary(&b)
                     .map_err(|e| ClientError::Protocol(format!("undecodable frame: {e}"))),
                 Ok(Some(quic::ReadFrame::Oversize(n))) => Err(ClientError::Protocol(
-                    quic::oversize(n, q.reader.frame_bytes_max()),
+                    quic::oversize(n, q.reader.frame_bytes_max()).to_string(),
                 )),
                 Ok(None) => Err(ClientError::Protocol(
                     "the node closed the connection before welcome".into(),
@@ -250,13 +250,13 @@ impl WriteHalf {
         batch: &mut Vec<ClientOp>,
         binary: bool,
         json: &mut Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         let one = batch.len() == 1;
         match self {
             WriteHalf::Ws(sink) => {
                 let msg = if one {
-                    let op = batch.pop().ok_or("empty batch")?;
-                    encode_ws(&op, binary).map_err(|e| e.to_string())?
+                    let op = batch.pop().expect("a batch holds at least one op");
+                    encode_ws(&op, binary).map_err(|e| LinkError::Encode(e.to_string()))?
                 } else if binary {
                     Message::Binary(
                         codec::encode_client_binary(&ClientOp::Batch(std::mem::take(batch))).into(),
@@ -271,22 +271,23 @@ impl WriteHalf {
                         codec::encode_client_json(&op, json);
                     }
                     json.push(b']');
-                    text_message(std::mem::take(json)).map_err(|e| e.to_string())?
+                    text_message(std::mem::take(json))
+                        .map_err(|e| LinkError::Encode(e.to_string()))?
                 };
                 sink.send(msg)
                     .await
-                    .map_err(|e| format!("websocket write failed: {e}"))
+                    .map_err(|e| LinkError::WebSocket(format!("write failed: {e}")))
             }
             WriteHalf::Quic(send) => {
                 let bytes = if one {
-                    let op = batch.pop().ok_or("empty batch")?;
+                    let op = batch.pop().expect("a batch holds at least one op");
                     codec::encode_client_binary(&op)
                 } else {
                     codec::encode_client_binary(&ClientOp::Batch(std::mem::take(batch)))
                 };
                 send.write_all(&quic::frame(&bytes))
                     .await
-                    .map_err(|e| format!("QUIC write failed: {e}"))
+                    .map_err(LinkError::QuicWrite)
             }
         }
     }
@@ -318,10 +319,10 @@ pub(crate) enum ReadHalf {
 
 impl ReadHalf {
     /// Runs `handle` on every frame's ops until the connection ends; returns why.
-    pub(crate) async fn run<F, Fut>(self, mut handle: F) -> Result<(), String>
+    pub(crate) async fn run<F, Fut>(self, mut handle: F) -> Result<(), LinkError>
     where
         F: FnMut(Vec<ServerOp>) -> Fut,
-        Fut: std::future::Future<Output = Result<(), String>>,
+        Fut: std::future::Future<Output = Result<(), LinkError>>,
     {
         match self {
             ReadHalf::Ws(mut stream) => loop {
@@ -329,21 +330,20 @@ impl ReadHalf {
                     Some(Ok(Message::Text(t))) => codec::decode_server_json(t.as_bytes()),
                     Some(Ok(Message::Binary(b))) => codec::decode_server_binary(&b),
                     Some(Ok(Message::Close(frame))) => {
-                        return Err(format!(
-                            "the node closed the connection: {}",
-                            frame.map_or_else(String::new, |f| f.reason.to_string())
+                        return Err(LinkError::Closed(
+                            frame.map_or_else(|| "no reason".into(), |f| f.reason.to_string()),
                         ))
                     }
                     // Pings are answered by tungstenite itself.
                     Some(Ok(_)) => continue,
-                    Some(Err(e)) => return Err(format!("websocket read failed: {e}")),
-                    None => return Err("the node closed the connection".into()),
+                    Some(Err(e)) => return Err(LinkError::WebSocket(format!("read failed: {e}"))),
+                    None => return Err(LinkError::Closed("end of stream".into())),
                 };
                 match ops {
                     Ok(ops) => handle(ops).await?,
                     // A frame we cannot read may have held answers we will never see: waiting
                     // requests would hang, so the connection is given up instead.
-                    Err(e) => return Err(format!("undecodable frame from the node: {e}")),
+                    Err(e) => return Err(LinkError::Undecodable(e)),
                 }
             },
             ReadHalf::Quic { reader, conn } => {

@@ -58,6 +58,55 @@ pub enum QuicError {
     Dial(String),
 }
 
+/// Why a client's connection to the node ended: the reason the client logs and gives up the
+/// connection for (its waiting requests then fail).
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum LinkError {
+    #[error("the node closed the connection ({0})")]
+    Closed(String),
+    #[error("QUIC read failed: {source} ({reason})")]
+    QuicRead {
+        source: FrameReadError,
+        reason: String,
+    },
+    #[error("QUIC read of a subscription stream failed: {0}")]
+    SubscriptionRead(FrameReadError),
+    #[error("QUIC write failed: {0}")]
+    QuicWrite(quinn::WriteError),
+    #[error("websocket {0}")]
+    WebSocket(String),
+    /// A frame that cannot be read may have held answers that will never be seen: waiting
+    /// requests would hang, so the connection is given up instead.
+    #[error("undecodable frame from the node: {0}")]
+    Undecodable(fabric_proto::ProtoError),
+    #[error("the node sent a frame of {len} bytes, over this client's frame_bytes_max ({max})")]
+    Oversize { len: u64, max: usize },
+    /// A session-level error: the node is closing the session (unavailable, overloaded) or
+    /// refused a whole frame, whose requests will then never be answered.
+    #[error("session error {code}: {message}")]
+    Session {
+        code: fabric_proto::ErrorCode,
+        message: String,
+    },
+    #[error("cannot encode a frame: {0}")]
+    Encode(String),
+    #[error("the client was dropped")]
+    ClientDropped,
+}
+
+/// Why a stream of frames could not be read on.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum FrameReadError {
+    #[error(transparent)]
+    Read(#[from] quinn::ReadError),
+    #[error("stream ended {0} bytes into a frame's length prefix")]
+    InPrefix(usize),
+    #[error("stream ended {0} bytes into a frame")]
+    InFrame(usize),
+    #[error("stream ended inside an oversize frame")]
+    InOversize,
+}
+
 /// A frame read from a stream.
 #[derive(Debug)]
 pub enum ReadFrame {
@@ -116,13 +165,8 @@ impl FrameReader {
 
     /// Reads more into the buffer; false at a clean end of stream. Cancel-safe: a chunk is
     /// either returned by quinn and appended before any other await, or left in the stream.
-    async fn fill(&mut self) -> Result<bool, String> {
-        match self
-            .recv
-            .read_chunk(READ_CHUNK_BYTES, true)
-            .await
-            .map_err(|e| e.to_string())?
-        {
+    async fn fill(&mut self) -> Result<bool, quinn::ReadError> {
+        match self.recv.read_chunk(READ_CHUNK_BYTES, true).await? {
             Some(chunk) => {
                 self.buf.extend_from_slice(&chunk.bytes);
                 Ok(true)
@@ -132,7 +176,7 @@ impl FrameReader {
     }
 
     /// The next frame; `Ok(None)` at a clean end of stream between frames. Cancel-safe.
-    pub async fn next(&mut self) -> Result<Option<ReadFrame>, String> {
+    pub async fn next(&mut self) -> Result<Option<ReadFrame>, FrameReadError> {
         use bytes::Buf;
         loop {
             if self.skip_left > 0 {
@@ -165,14 +209,9 @@ impl FrameReader {
             if !self.fill().await? {
                 return match (self.skip_left, self.buf.len()) {
                     (0, 0) => Ok(None),
-                    (0, n) if n < FRAME_PREFIX_BYTES => Err(format!(
-                        "stream ended {n} bytes into a frame's length prefix"
-                    )),
-                    (0, n) => Err(format!(
-                        "stream ended {} bytes into a frame",
-                        n - FRAME_PREFIX_BYTES
-                    )),
-                    _ => Err("stream ended inside an oversize frame".into()),
+                    (0, n) if n < FRAME_PREFIX_BYTES => Err(FrameReadError::InPrefix(n)),
+                    (0, n) => Err(FrameReadError::InFrame(n - FRAME_PREFIX_BYTES)),
+                    _ => Err(FrameReadError::InOversize),
                 };
             }
         }
@@ -321,8 +360,8 @@ pub struct ServerFrames {
     control: FrameReader,
     conn: quinn::Connection,
     /// Set once the control stream has ended: only the error is left to report.
-    ended: Option<String>,
-    subs: mpsc::Receiver<Result<Vec<fabric_proto::ServerOp>, String>>,
+    ended: Option<LinkError>,
+    subs: mpsc::Receiver<Result<Vec<fabric_proto::ServerOp>, LinkError>>,
     tasks: tokio::task::JoinSet<()>,
 }
 
@@ -359,7 +398,7 @@ impl ServerFrames {
     }
 
     /// The next frame's ops, from any stream; an error ends the connection. Cancel-safe.
-    pub async fn recv(&mut self) -> Result<Vec<fabric_proto::ServerOp>, String> {
+    pub async fn recv(&mut self) -> Result<Vec<fabric_proto::ServerOp>, LinkError> {
         if let Some(e) = &self.ended {
             return Err(e.clone());
         }
@@ -367,13 +406,13 @@ impl ServerFrames {
             biased;
             frame = self.control.next() => match frame {
                 Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
-                    .map_err(|e| format!("undecodable frame from the node: {e}")),
+                    .map_err(LinkError::Undecodable),
                 Ok(Some(ReadFrame::Oversize(n))) => Err(oversize(n, self.control.frame_bytes_max())),
-                Ok(None) => Err(format!(
-                    "the node closed the connection ({})",
-                    close_reason(&self.conn)
-                )),
-                Err(e) => Err(format!("QUIC read failed: {e} ({})", close_reason(&self.conn))),
+                Ok(None) => Err(LinkError::Closed(close_reason(&self.conn))),
+                Err(source) => Err(LinkError::QuicRead {
+                    source,
+                    reason: close_reason(&self.conn),
+                }),
             },
             Some(item) = self.subs.recv() => item,
         };
@@ -384,7 +423,7 @@ impl ServerFrames {
     }
 
     /// A frame already received, without waiting.
-    pub fn try_recv(&mut self) -> Option<Result<Vec<fabric_proto::ServerOp>, String>> {
+    pub fn try_recv(&mut self) -> Option<Result<Vec<fabric_proto::ServerOp>, LinkError>> {
         use futures_util::FutureExt;
         self.recv().now_or_never()
     }
@@ -404,22 +443,26 @@ pub(crate) fn close_reason(conn: &quinn::Connection) -> String {
 
 /// A server frame over the client's limit: the client cannot know what it held (answers it
 /// waits for, perhaps), so it gives the connection up.
-pub(crate) fn oversize(len: u64, frame_bytes_max: usize) -> String {
-    format!("the node sent a frame of {len} bytes, over this client's frame_bytes_max ({frame_bytes_max})")
+pub(crate) fn oversize(len: u64, frame_bytes_max: usize) -> LinkError {
+    LinkError::Oversize {
+        len,
+        max: frame_bytes_max,
+    }
 }
 
 /// Reads one subscription stream's frames into `tx`; its end ends only that subscription.
 async fn read_subscription_stream(
     mut reader: FrameReader,
-    tx: mpsc::Sender<Result<Vec<fabric_proto::ServerOp>, String>>,
+    tx: mpsc::Sender<Result<Vec<fabric_proto::ServerOp>, LinkError>>,
 ) {
     loop {
         let item = match reader.next().await {
-            Ok(Some(ReadFrame::Frame(b))) => fabric_proto::codec::decode_server_binary(&b)
-                .map_err(|e| format!("undecodable frame from the node: {e}")),
+            Ok(Some(ReadFrame::Frame(b))) => {
+                fabric_proto::codec::decode_server_binary(&b).map_err(LinkError::Undecodable)
+            }
             Ok(Some(ReadFrame::Oversize(n))) => Err(oversize(n, reader.frame_bytes_max())),
             Ok(None) => return,
-            Err(e) => Err(format!("QUIC read of a subscription stream failed: {e}")),
+            Err(e) => Err(LinkError::SubscriptionRead(e)),
         };
         let end = item.is_err();
         if tx.send(item).await.is_err() || end {

@@ -115,13 +115,18 @@ impl From<ErrorCode> for u16 {
     }
 }
 
+/// A number that names no error code (a newer node's, or garbage).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("unknown error code {0}")]
+pub struct UnknownErrorCode(pub u16);
+
 impl TryFrom<u16> for ErrorCode {
-    type Error = String;
-    fn try_from(n: u16) -> Result<ErrorCode, String> {
+    type Error = UnknownErrorCode;
+    fn try_from(n: u16) -> Result<ErrorCode, UnknownErrorCode> {
         ErrorCode::ALL
             .into_iter()
             .find(|c| *c as u16 == n)
-            .ok_or_else(|| format!("unknown error code {n}"))
+            .ok_or(UnknownErrorCode(n))
     }
 }
 

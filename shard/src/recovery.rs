@@ -41,6 +41,29 @@ pub enum RecoverError {
     Store(#[from] StoreError),
 }
 
+/// Why damage may not be cut (recovery refuses to start, naming the file and offset).
+#[derive(Debug, thiserror::Error)]
+enum CutRefused {
+    #[error("{reason}, in a segment that is not the newest")]
+    NotNewest { reason: String },
+    #[error("{reason} (no torn write looks like this)")]
+    NotTorn { reason: String },
+    #[error(
+        "{reason}; an intact write follows at byte {later}, so the damaged write was synced and \
+         acknowledged"
+    )]
+    IntactWriteFollows { reason: String, later: usize },
+    #[error(
+        "{reason}; the {tail} bytes from here to the end of the file are more than one write can \
+         hold ({write_max}), so the damage is not in the final write"
+    )]
+    LongerThanOneWrite {
+        reason: String,
+        tail: u64,
+        write_max: u64,
+    },
+}
+
 /// Bytes recovery cuts from the newest segment (after keeping them in quarantine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cut {
@@ -118,7 +141,7 @@ impl Recoverer {
         if let Some((at, damage)) = &scan.damage {
             let next = scan.records.last().map_or(expect, |r| r.lsn + 1);
             self.may_cut(bytes, *at, damage, next, newest)
-                .map_err(|reason| corrupt(*at, reason))?;
+                .map_err(|refused| corrupt(*at, refused.to_string()))?;
             self.report.cut = Some(crate::recovery::Cut {
                 segment: id,
                 offset: *at,
@@ -198,30 +221,28 @@ impl Recoverer {
         damage: &Damage,
         next_lsn: u64,
         newest: bool,
-    ) -> Result<(), String> {
-        let reason = damage.reason();
+    ) -> Result<(), CutRefused> {
+        let reason = damage.reason().to_string();
         if !newest {
-            return Err(format!("{reason}, in a segment that is not the newest"));
+            return Err(CutRefused::NotNewest { reason });
         }
         if self.shard.config.planted.cut_any_damage_in_newest_segment {
             return Ok(());
         }
-        if let Damage::Invalid(r) = damage {
-            return Err(format!("{r} (no torn write looks like this)"));
+        if let Damage::Invalid(_) = damage {
+            return Err(CutRefused::NotTorn { reason });
         }
         if let Some(later) = wal::find_frame_after(bytes, at as usize, next_lsn) {
-            return Err(format!(
-                "{reason}; an intact write follows at byte {later}, so the damaged write was \
-                 synced and acknowledged"
-            ));
+            return Err(CutRefused::IntactWriteFollows { reason, later });
         }
         let tail = bytes.len() as u64 - at;
-        if tail > self.write_bytes_max() {
-            return Err(format!(
-                "{reason}; the {tail} bytes from here to the end of the file are more than one \
-                 write can hold ({}), so the damage is not in the final write",
-                self.write_bytes_max()
-            ));
+        let write_max = self.write_bytes_max();
+        if tail > write_max {
+            return Err(CutRefused::LongerThanOneWrite {
+                reason,
+                tail,
+                write_max,
+            });
         }
         Ok(())
     }

@@ -122,11 +122,11 @@ enum QuicIn {
     Frame(bytes::Bytes),
     Oversize(u64),
     /// The stream (or connection) ended, cleanly (`None`) or not.
-    End(Option<String>),
+    End(Option<crate::quic::FrameReadError>),
 }
 
-impl From<Result<Option<ReadFrame>, String>> for QuicIn {
-    fn from(read: Result<Option<ReadFrame>, String>) -> QuicIn {
+impl From<Result<Option<ReadFrame>, crate::quic::FrameReadError>> for QuicIn {
+    fn from(read: Result<Option<ReadFrame>, crate::quic::FrameReadError>) -> QuicIn {
         match read {
             Ok(Some(ReadFrame::Frame(b))) => QuicIn::Frame(b),
             Ok(Some(ReadFrame::Oversize(n))) => QuicIn::Oversize(n),
