@@ -256,7 +256,7 @@ impl MeshSim {
 
     /// Acknowledged requests so far.
     pub fn acks(&self) -> u64 {
-        self.sim.model.acks()
+        self.sim.acks()
     }
 }
 

@@ -4,6 +4,125 @@
 
 use super::*;
 
+/// What a scripted client does next (see `crate::script`).
+#[derive(Debug, Clone)]
+pub(crate) enum Action {
+    Send {
+        to: Target,
+        body: String,
+    },
+    Append {
+        conv: Arc<str>,
+        body: String,
+        key: Option<Arc<str>>,
+    },
+}
+
+/// A request a client waits for an answer to, by its ref.
+#[derive(Debug, Clone)]
+pub(super) enum Req {
+    /// A send or append; `ordered` if the ordering checker follows its answer (sends, and
+    /// first attempts of appends).
+    Op {
+        op: usize,
+        ordered: bool,
+    },
+    Subscribe {
+        conv: Arc<str>,
+    },
+    Unsubscribe {
+        conv: Arc<str>,
+    },
+}
+
+#[derive(Debug)]
+pub(super) struct ClientConn {
+    pub(super) id: ConnId,
+    pub(super) stream: Stream,
+    pub(super) welcomed: bool,
+    /// A key hello waits for the session's challenge nonce.
+    pub(super) awaiting_challenge: bool,
+    pub(super) timer_at: Option<u64>,
+    /// Checker 8: the ordering promises on this connection.
+    pub(super) checks: ConnChecks,
+}
+
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) peer: Arc<str>,
+    /// The node it is attached to (`Endpoint::Node(node)`), and its peer's index in that
+    /// node's model (`Node::clients[local]` is this client).
+    pub(super) node: usize,
+    pub(super) local: usize,
+    pub(super) token: String,
+    /// A key peer's signing key: it says key hellos.
+    pub(super) key: Option<ed25519_dalek::SigningKey>,
+    pub(super) binary: bool,
+    /// Server ops per frame this client asks for with `options` before each hello (0: none).
+    pub(super) batch_in: u32,
+    pub(super) conn: Option<ClientConn>,
+    pub(super) next_r: u64,
+    /// Ref -> request, on the current connection.
+    pub(super) inflight: BTreeMap<u64, Req>,
+    pub(super) retry: VecDeque<usize>,
+    pub(super) ops_left: u32,
+    pub(crate) script: VecDeque<Action>,
+    /// False while the client stays away (scripted `go_offline`).
+    pub(crate) online: bool,
+    pub(super) max_received: u64,
+    pub(super) acked_sent: u64,
+    /// Inbox messages received, once per position: sender, target, body.
+    pub(crate) received: BTreeMap<u64, (Arc<str>, Target, Body)>,
+    pub(super) wake_pending: bool,
+    /// After an `unavailable` or a lost connection, the client waits until this time.
+    pub(super) backoff_until_ms: u64,
+    /// The last event seq received per conversation: a new subscription starts after it.
+    pub(super) last_event: BTreeMap<Arc<str>, u64>,
+}
+
+impl Client {
+    /// Client `peer`, attached to node `node` as its `local`-th peer. Its key, frame kind and
+    /// batching are drawn from `rng`, client by client (the run's draws do not depend on the
+    /// node count).
+    pub(super) fn new(
+        peer: &Arc<str>,
+        node: usize,
+        local: usize,
+        options: &SimOptions,
+        scripted: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> Client {
+        Client {
+            peer: peer.clone(),
+            node,
+            local,
+            token: format!("tok-{peer}"),
+            key: rng
+                .random_bool(options.key_peer_probability)
+                .then(|| ed25519_dalek::SigningKey::from_bytes(&rng.random())),
+            binary: rng.random_bool(options.binary_probability),
+            batch_in: if rng.random_bool(options.batch_in_probability) {
+                [2, 3, 64][rng.random_range(0..3)]
+            } else {
+                0
+            },
+            conn: None,
+            next_r: 1,
+            inflight: BTreeMap::new(),
+            retry: VecDeque::new(),
+            ops_left: if scripted { 0 } else { options.client_ops_max },
+            script: VecDeque::new(),
+            online: true,
+            max_received: 0,
+            acked_sent: 0,
+            received: BTreeMap::new(),
+            wake_pending: false,
+            backoff_until_ms: 0,
+            last_event: BTreeMap::new(),
+        }
+    }
+}
+
 impl Simulation {
     /// Client `c` abandons its connection (with a reset, which may or may not arrive): what was
     /// in flight has an unknown outcome. Keyed appends and sends are retried (a send may then
@@ -21,6 +140,7 @@ impl Simulation {
     }
 
     pub(super) fn lost_conn(&mut self, c: usize) {
+        let model = &self.nodes[self.clients[c].node].model;
         let client = &mut self.clients[c];
         client.conn = None;
         // In ref order, so retries go out in the order the operations first did. A hedged
@@ -28,7 +148,7 @@ impl Simulation {
         let mut lost: Vec<usize> = Vec::new();
         for req in std::mem::take(&mut client.inflight).into_values() {
             if let Req::Op { op, .. } = req {
-                if self.model.retryable(op) && !lost.contains(&op) && !client.retry.contains(&op) {
+                if model.retryable(op) && !lost.contains(&op) && !client.retry.contains(&op) {
                     lost.push(op);
                 }
             }
@@ -298,7 +418,8 @@ impl Simulation {
             } => {
                 trace!(self, "{peer} deliver pos={pos}");
                 self.checks(c)?.on_deliver(pos)?;
-                self.model.delivered[c].insert(pos);
+                let local = self.clients[c].local;
+                self.model_mut(c).delivered[local].insert(pos);
                 if self.scripted {
                     // What `MeshSim::received` shows; the swarm has no use for it.
                     self.clients[c].received.insert(pos, (from, to, body));
@@ -310,7 +431,7 @@ impl Simulation {
             ServerOp::Event(e) => {
                 trace!(self, "{peer} event {} seq={}", e.conv, e.seq);
                 self.counters.workload.events_received += 1;
-                let evicted = self.model.evicted_upto(&e.conv);
+                let evicted = self.model(c).evicted_upto(&e.conv);
                 self.checks(c)?.on_event(&e.conv, e.seq, evicted)?;
                 self.clients[c].last_event.insert(e.conv, e.seq);
             }
@@ -340,7 +461,7 @@ impl Simulation {
         };
         match req {
             Req::Op { op, ordered: true } => {
-                let key = self.model.order_key(op);
+                let key = self.model(c).order_key(op);
                 self.checks(c)?.answered(&key, r, value)?;
             }
             Req::Op { .. } => {}
@@ -359,7 +480,7 @@ impl Simulation {
         match self.clients[c].inflight.remove(&r) {
             Some(Req::Op { op, ordered }) => {
                 if ordered {
-                    let key = self.model.order_key(op);
+                    let key = self.model(c).order_key(op);
                     self.checks(c)?.answered(&key, r, None)?;
                 }
                 let client = &self.clients[c];
@@ -369,7 +490,7 @@ impl Simulation {
                         .inflight
                         .values()
                         .any(|q| matches!(q, Req::Op { op: o, .. } if *o == op));
-                if self.model.retryable(op) && !queued {
+                if self.model(c).retryable(op) && !queued {
                     self.clients[c].retry.push_back(op);
                 }
             }
@@ -382,5 +503,14 @@ impl Simulation {
         self.clients[c].backoff_until_ms = self.now + delay;
         self.wake(c, delay);
         Ok(())
+    }
+
+    /// The model of client `c`'s node (its operations, its peer's promises).
+    pub(super) fn model(&self, c: usize) -> &Model {
+        &self.nodes[self.clients[c].node].model
+    }
+
+    pub(super) fn model_mut(&mut self, c: usize) -> &mut Model {
+        &mut self.nodes[self.clients[c].node].model
     }
 }

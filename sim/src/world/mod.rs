@@ -47,7 +47,11 @@ mod node;
 mod storage;
 mod workload;
 
+use client::{Client, Req};
 use http::HttpRead;
+use node::{new_driver, ArmedFlip, Inflight, NodeConn};
+
+pub(crate) use client::Action;
 
 /// The mesh every simulated client belongs to.
 pub const MESH: &str = "m";
@@ -120,159 +124,39 @@ pub(crate) enum Phase {
     Liveness,
 }
 
-/// What a scripted client does next (see `crate::script`).
-#[derive(Debug, Clone)]
-pub(crate) enum Action {
-    Send {
-        to: Target,
-        body: String,
-    },
-    Append {
-        conv: Arc<str>,
-        body: String,
-        key: Option<Arc<str>>,
-    },
-}
-
-/// A request a client waits for an answer to, by its ref.
-#[derive(Debug, Clone)]
-enum Req {
-    /// A send or append; `ordered` if the ordering checker follows its answer (sends, and
-    /// first attempts of appends).
-    Op {
-        op: usize,
-        ordered: bool,
-    },
-    Subscribe {
-        conv: Arc<str>,
-    },
-    Unsubscribe {
-        conv: Arc<str>,
-    },
-}
-
-#[derive(Debug)]
-struct ClientConn {
-    id: ConnId,
-    stream: Stream,
-    welcomed: bool,
-    /// A key hello waits for the session's challenge nonce.
-    awaiting_challenge: bool,
-    timer_at: Option<u64>,
-    /// Checker 8: the ordering promises on this connection.
-    checks: ConnChecks,
-}
-
-#[derive(Debug)]
-pub(crate) struct Client {
-    pub(crate) peer: Arc<str>,
-    token: String,
-    /// A key peer's signing key: it says key hellos.
-    key: Option<ed25519_dalek::SigningKey>,
-    binary: bool,
-    /// Server ops per frame this client asks for with `options` before each hello (0: none).
-    batch_in: u32,
-    conn: Option<ClientConn>,
-    next_r: u64,
-    /// Ref -> request, on the current connection.
-    inflight: BTreeMap<u64, Req>,
-    retry: VecDeque<usize>,
-    ops_left: u32,
-    pub(crate) script: VecDeque<Action>,
-    /// False while the client stays away (scripted `go_offline`).
-    pub(crate) online: bool,
-    max_received: u64,
-    acked_sent: u64,
-    /// Inbox messages received, once per position: sender, target, body.
-    pub(crate) received: BTreeMap<u64, (Arc<str>, Target, Body)>,
-    wake_pending: bool,
-    /// After an `unavailable` or a lost connection, the client waits until this time.
-    backoff_until_ms: u64,
-    /// The last event seq received per conversation: a new subscription starts after it.
-    last_event: BTreeMap<Arc<str>, u64>,
-}
-
-/// A connection as the node's glue holds it: the socket (stream), the session core, and the
-/// session's router.
-#[derive(Debug)]
-struct NodeConn {
-    client: usize,
-    stream: Stream,
-    session: Session,
-    router: Router,
-    timer_at: Option<u64>,
-    /// The session's reply queue (the node's bounded channel from the shards), in batches.
-    replies: VecDeque<(ShardIdx, Vec<Reply>)>,
-}
-
-#[derive(Debug)]
-struct Inflight {
-    id: u64,
-    write: WriteJob,
-    /// The acks taken in before the write was polled (checker 6), for the mesh's shard.
-    acks: Vec<u64>,
-}
-
-/// Where the next recovery of a shard reads a flipped bit.
-#[derive(Debug, Clone, Copy)]
-struct ArmedFlip {
-    segment: Option<u64>,
-    offset_min: Option<u64>,
-    offset_max: Option<u64>,
-}
-
-/// What a shard's host hands the simulated node, in order.
-#[derive(Debug)]
-pub(super) enum HostOut {
-    Replies(SessionId, Vec<Reply>),
-    Close(SessionId, CloseReason),
-}
-
-/// One shard of the node: the node's own host (`fabric_router::host::ShardDriver`) and what the
-/// simulated glue around it keeps.
-struct Host {
-    driver: ShardDriver,
-    disk: Disk,
-    /// Bumped by every restart; a timer for an older incarnation is stale.
-    epoch: u64,
-    inflight: Option<Inflight>,
-    /// The glue's input channel: request batches, one per router hand-off, left there while
-    /// the shard wants no input (backpressure).
-    input: VecDeque<Vec<Request>>,
-    disk_full: bool,
-    flip: Option<ArmedFlip>,
-    /// When the driver's next timer is scheduled (monotonic ms), if one is.
-    timer_at: Option<u64>,
-}
-
 #[derive(Debug)]
 enum Event {
     Wake(usize),
-    ToNode {
-        conn: ConnId,
-        client: usize,
-        seg: Segment,
-    },
-    ToClient {
-        client: usize,
+    /// A packet of connection `conn` reaches `to` (from a client to its node, from a node to
+    /// a client; a link between two nodes carries them too, once nodes talk to each other).
+    Packet {
+        from: Endpoint,
+        to: Endpoint,
         conn: ConnId,
         seg: Segment,
     },
-    NodeTimer(ConnId),
+    NodeTimer {
+        node: usize,
+        conn: ConnId,
+    },
     ClientTimer(usize, ConnId),
     WalDone {
+        node: usize,
         shard: ShardIdx,
         write: u64,
     },
     /// The shard driver's timer (restart backoff, stall watchdog).
     ShardTimer {
+        node: usize,
         shard: ShardIdx,
         epoch: u64,
     },
     Fault(FaultEvent),
     FaultsEnd,
-    /// An HTTP client reads a conversation.
-    HttpRead,
+    /// The HTTP client beside `node` reads a conversation.
+    HttpRead {
+        node: usize,
+    },
 }
 
 /// An event in the queue. The heap pops the earliest first, and of events at the same time
@@ -306,7 +190,9 @@ impl Ord for Queued {
 }
 
 impl Event {
-    /// Feeds the event's kind and identity into the run's hash (`Trace`).
+    /// Feeds the event's kind and identity into the run's hash (`Trace`). An event at node
+    /// 0 hashes as it did before events named their node, so a one-node run keeps its hash
+    /// (and recorded hashes stay comparable); another node's events add its number last.
     fn hash_into(&self, h: &mut Fnv) {
         let mut put = |xs: &[u64]| {
             for x in xs {
@@ -319,34 +205,71 @@ impl Event {
             Segment::Ping => [3, 0, 0],
             Segment::Reset => [4, 0, 0],
         };
-        match self {
-            Event::Wake(c) => put(&[1, *c as u64]),
-            Event::ToNode {
+        let ends = |e: &Endpoint| match e {
+            Endpoint::Node(n) => (0, u64::from(*n)),
+            Endpoint::Client(c) => (1, u64::from(*c)),
+        };
+        let node = match self {
+            Event::Wake(c) => {
+                put(&[1, *c as u64]);
+                0
+            }
+            Event::Packet {
+                from,
+                to,
                 conn,
-                client,
                 seg: s,
             } => {
-                put(&[2, *conn, *client as u64]);
+                let node = match (ends(from), ends(to)) {
+                    ((1, c), (0, n)) => {
+                        put(&[2, *conn, c]);
+                        n
+                    }
+                    ((0, n), (1, c)) => {
+                        put(&[3, *conn, c]);
+                        n
+                    }
+                    // Between two nodes, or two clients (no such link is used yet).
+                    ((k, a), (l, b)) => {
+                        put(&[12, *conn, k, a, l, b]);
+                        0
+                    }
+                };
                 put(&seg(s));
+                node
             }
-            Event::ToClient {
-                client,
-                conn,
-                seg: s,
-            } => {
-                put(&[3, *conn, *client as u64]);
-                put(&seg(s));
+            Event::NodeTimer { node, conn } => {
+                put(&[4, *conn]);
+                *node as u64
             }
-            Event::NodeTimer(id) => put(&[4, *id]),
-            Event::ClientTimer(c, id) => put(&[5, *c as u64, *id]),
-            Event::WalDone { shard, write } => put(&[6, u64::from(*shard), *write]),
-            Event::ShardTimer { shard, epoch } => put(&[7, u64::from(*shard), *epoch]),
+            Event::ClientTimer(c, id) => {
+                put(&[5, *c as u64, *id]);
+                0
+            }
+            Event::WalDone { node, shard, write } => {
+                put(&[6, u64::from(*shard), *write]);
+                *node as u64
+            }
+            Event::ShardTimer { node, shard, epoch } => {
+                put(&[7, u64::from(*shard), *epoch]);
+                *node as u64
+            }
             Event::Fault(f) => {
                 put(&[8]);
                 h.write(format!("{f:?}").as_bytes());
+                return;
             }
-            Event::FaultsEnd => put(&[9]),
-            Event::HttpRead => put(&[10]),
+            Event::FaultsEnd => {
+                put(&[9]);
+                0
+            }
+            Event::HttpRead { node } => {
+                put(&[10]);
+                *node as u64
+            }
+        };
+        if node != 0 {
+            put(&[11, node]);
         }
     }
 }
@@ -374,22 +297,9 @@ pub struct Simulation {
     next_event: u64,
     pub(crate) phase: Phase,
     deadline_ms: u64,
-    node_up: bool,
-    hosts: Vec<Host>,
-    conns: BTreeMap<ConnId, NodeConn>,
-    sessions: BTreeMap<SessionId, ConnId>,
-    /// Every connection the node ever accepted, in any incarnation. It stands for what the
-    /// client's end of a real connection knows and a reboot does not erase: the connection is
-    /// established and its sequence numbers are in use. A rebooted node has no socket for it,
-    /// so its stray packets (a retransmission, or a delayed or duplicated first packet) get a
-    /// reset, as from a real stack: TCP never accepts a mid-stream segment as a new connection,
-    /// and answers an old SYN with a SYN-ACK the client refuses. A connection whose first
-    /// packet never reached the node may still open after a reboot (its handshake simply
-    /// completes then). Forgetting this on `crash()` let an old connection reopen on the
-    /// rebooted node with its sequence numbers starting over, replaying its hello and requests
-    /// (swarm seeds 1335, 1346, 8383, 12983, 19926, 21929, 25111, 25749, 26067, 29274).
-    known_conns: BTreeSet<ConnId>,
-    dirty: BTreeSet<ConnId>,
+    /// One per node endpoint (`Endpoint::Node(i)` is `nodes[i]`): each its own hosts, disks,
+    /// connections and checkers' view (see `node::Node`).
+    nodes: Vec<node::Node>,
     net: Network,
     placement: Router,
     mesh_shard: ShardIdx,
@@ -398,17 +308,11 @@ pub struct Simulation {
     /// node's rule).
     reply_queue_batches_max: usize,
     next_write: u64,
+    /// Connection ids are unique over the run, across nodes (the network tells stray packets
+    /// of old connections apart by them).
     next_conn: ConnId,
-    next_session: SessionId,
     pub(crate) clients: Vec<Client>,
     refs: BTreeMap<(ConnId, u64), Req>,
-    /// Checker 7's oracle: what the disks hold synced.
-    durable: Durable,
-    /// HTTP reads in progress, by their session, and the router they go through.
-    http: BTreeMap<SessionId, HttpRead>,
-    http_router: Router,
-    probe: Option<SessionId>,
-    pub(crate) model: Model,
     pub(crate) trace: Trace,
     pub(crate) counters: Counters,
     /// The schedule this run applies (for writing out when it fails).
@@ -448,51 +352,23 @@ impl Simulation {
         let options = schedule.options.clone();
         let placement = Router::new(options.partitions, options.shards).expect("valid placement");
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let nodes = options.nodes as usize;
+        // Client `i` is attached to node `i % nodes` (all to node 0 with one node), in the
+        // order of `peers`: their draws come in that order whatever the node count.
         let clients: Vec<Client> = peers
             .iter()
-            .map(|(peer, _)| Client {
-                peer: peer.clone(),
-                token: format!("tok-{peer}"),
-                key: rng
-                    .random_bool(options.key_peer_probability)
-                    .then(|| ed25519_dalek::SigningKey::from_bytes(&rng.random())),
-                binary: rng.random_bool(options.binary_probability),
-                batch_in: if rng.random_bool(options.batch_in_probability) {
-                    [2, 3, 64][rng.random_range(0..3)]
-                } else {
-                    0
-                },
-                conn: None,
-                next_r: 1,
-                inflight: BTreeMap::new(),
-                retry: VecDeque::new(),
-                ops_left: if scripted { 0 } else { options.client_ops_max },
-                script: VecDeque::new(),
-                online: true,
-                max_received: 0,
-                acked_sent: 0,
-                received: BTreeMap::new(),
-                wake_pending: false,
-                backoff_until_ms: 0,
-                last_event: BTreeMap::new(),
+            .enumerate()
+            .map(|(i, (peer, _))| {
+                Client::new(peer, i % nodes, i / nodes, &options, scripted, &mut rng)
             })
             .collect();
-        let names = peers.iter().map(|(p, _)| p.clone()).collect();
-        let groups = peers.iter().map(|(_, g)| g.clone()).collect();
-        let retention = options.retention_bytes_max < RETENTION_OFF_BYTES;
-        let hosts = (0..options.shards)
-            .map(|s| Host {
-                driver: new_driver(&options, s),
-                disk: Disk::new(s),
-                epoch: 0,
-                inflight: None,
-                input: VecDeque::new(),
-                disk_full: false,
-                flip: None,
-                timer_at: None,
+        let nodes = (0..nodes)
+            .map(|n| {
+                let mine: Vec<usize> = (n..clients.len()).step_by(nodes).collect();
+                let peers = mine.iter().map(|&i| peers[i].clone()).collect();
+                node::Node::new(n, &options, &placement, peers, mine)
             })
             .collect();
-        let http_router = placement.clone();
         let mesh_shard = placement
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
@@ -517,12 +393,7 @@ impl Simulation {
             next_event: 0,
             phase: Phase::Setup,
             deadline_ms: u64::MAX,
-            node_up: true,
-            hosts,
-            conns: BTreeMap::new(),
-            sessions: BTreeMap::new(),
-            known_conns: BTreeSet::new(),
-            dirty: BTreeSet::new(),
+            nodes,
             net: Network::default(),
             placement,
             mesh_shard,
@@ -530,14 +401,8 @@ impl Simulation {
             reply_queue_batches_max,
             next_write: 0,
             next_conn: 1,
-            next_session: 1,
             clients,
             refs: BTreeMap::new(),
-            durable: Durable::new(options.shards as usize),
-            http: BTreeMap::new(),
-            http_router,
-            probe: None,
-            model: Model::new(names, groups, retention),
             trace: Trace {
                 hash: Fnv::new(),
                 lines: false,
@@ -593,7 +458,7 @@ impl Simulation {
             trace_hash: self.trace.hash.0,
             sim_ms: self.now,
             events: self.counters.events,
-            requests_acked: self.model.acks(),
+            requests_acked: self.acks(),
             crashes: self.counters.crashes,
             restarts: self.counters.restarts,
             faults_injected: self.counters.faults,
@@ -664,7 +529,9 @@ impl Simulation {
         if !self.scripted {
             self.schedule_at(self.options.duration_ms, Event::FaultsEnd);
         }
-        self.schedule_http_read();
+        for n in 0..self.nodes.len() {
+            self.schedule_http_read(n);
+        }
         for c in 0..self.clients.len() {
             let delay = self.rng.random_range(0..=self.think_time_max_ms);
             self.wake(c, delay);
@@ -727,12 +594,14 @@ impl Simulation {
             "faults end: the network and disks heal, every client reconnects and drains"
         );
         self.net.heal();
-        for h in &mut self.hosts {
-            h.disk_full = false;
-            h.flip = None;
-        }
-        if !self.node_up {
-            self.restart_node()?;
+        for n in 0..self.nodes.len() {
+            for h in &mut self.nodes[n].hosts {
+                h.disk_full = false;
+                h.flip = None;
+            }
+            if !self.nodes[n].up {
+                self.restart_node(n)?;
+            }
         }
         for c in 0..self.clients.len() {
             self.clients[c].online = true;
@@ -754,31 +623,11 @@ impl Simulation {
                     .as_ref()
                     .is_some_and(|k| k.welcomed && k.stream.unacked() == 0)
         });
-        clients
-            && self.node_up
-            && self.http.is_empty()
-            && self
-                .hosts
-                .iter()
-                .all(|h| h.driver.is_idle() && h.input.is_empty() && h.inflight.is_none())
-            && self.conns.values().all(|k| k.stream.unacked() == 0)
+        clients && self.nodes.iter().all(node::Node::quiescent)
     }
 
     fn pending_summary(&self) -> String {
-        let shards: Vec<String> = self
-            .hosts
-            .iter()
-            .enumerate()
-            .map(|(s, h)| {
-                format!(
-                    "s{s} idle={} status={:?} input={} writing={}",
-                    h.driver.is_idle(),
-                    h.driver.status(),
-                    h.input.len(),
-                    h.inflight.is_some()
-                )
-            })
-            .collect();
+        let nodes: Vec<String> = self.nodes.iter().map(node::Node::pending_summary).collect();
         let clients: Vec<String> = self
             .clients
             .iter()
@@ -795,12 +644,12 @@ impl Simulation {
                 )
             })
             .collect();
-        format!(
-            "node_up={} {}; clients: {}",
-            self.node_up,
-            shards.join(", "),
-            clients.join("; ")
-        )
+        format!("{}; clients: {}", nodes.join("; "), clients.join("; "))
+    }
+
+    /// Requests acknowledged so far, on every node.
+    pub(crate) fn acks(&self) -> u64 {
+        self.nodes.iter().map(|n| n.model.acks()).sum()
     }
 
     /// A run whose queue ran dry before it became quiet stalled.
@@ -826,36 +675,40 @@ impl Simulation {
         });
     }
 
-    /// Checker 9, once everything is quiet: no shard holds state for a session the node no
-    /// longer has (every session that ends tells every shard `Closed`, through its router).
-    fn check_no_leaked_sessions(&self) -> Checked {
-        for (s, h) in self.hosts.iter().enumerate() {
+    /// Checker 9 on node `n`, once everything is quiet: no shard holds state for a session
+    /// the node no longer has (every session that ends tells every shard `Closed`, through
+    /// its router).
+    fn check_no_leaked_sessions(&self, n: usize) -> Checked {
+        let node = &self.nodes[n];
+        for (s, h) in node.hosts.iter().enumerate() {
             if let Some(id) = h
                 .driver
                 .shard()
                 .map(|x| x.session_ids())
                 .unwrap_or_default()
                 .into_iter()
-                .find(|id| !self.sessions.contains_key(id))
+                .find(|id| !node.sessions.contains_key(id))
             {
                 return fail(
                     ViolationKind::LeakedSession,
-                    format!("s{s} holds state for session {id}, which the node closed"),
+                    format!("n{n} s{s} holds state for session {id}, which the node closed"),
                 );
             }
         }
         Ok(())
     }
 
-    /// The final checks once everything is quiet (checkers 3 and 9).
+    /// The final checks once everything is quiet (checkers 3 and 9), node by node.
     fn finish(&mut self) -> Checked {
-        self.model.final_delivery()?;
-        self.check_no_leaked_sessions()?;
+        for n in 0..self.nodes.len() {
+            self.nodes[n].model.final_delivery()?;
+            self.check_no_leaked_sessions(n)?;
+        }
         self.finished = true;
         trace!(
             self,
             "end acked={} crashes={} restarts={} faults={} connections={}",
-            self.model.acks(),
+            self.acks(),
             self.counters.crashes,
             self.counters.restarts,
             self.counters.faults,
@@ -864,28 +717,38 @@ impl Simulation {
         Ok(())
     }
 
-    /// Creates the mesh and its peers on the mesh's shard, without faults.
+    /// Creates each node's mesh and its peers on the mesh's shard, without faults.
     fn setup(&mut self) -> Checked {
-        let admin = self.next_session;
-        self.next_session += 1;
+        for n in 0..self.nodes.len() {
+            self.setup_node(n)?;
+        }
+        Ok(())
+    }
+
+    /// Creates node `n`'s mesh and the peers of its clients.
+    fn setup_node(&mut self, n: usize) -> Checked {
+        let node = &mut self.nodes[n];
+        let admin = node.next_session;
+        node.next_session += 1;
         let mut ops = vec![ShardOp::CreateMesh {
             r: 0,
             mesh: MESH.into(),
         }];
-        for (i, c) in self.clients.iter().enumerate() {
+        for (i, &c) in node.clients.iter().enumerate() {
+            let c = &self.clients[c];
             ops.push(ShardOp::AddPeer {
                 r: i as u64 + 1,
                 mesh: MESH.into(),
                 peer: c.peer.clone(),
-                groups: self.model.groups[i].clone(),
+                groups: node.model.groups[i].clone(),
                 token_hash: Some(fabric_shard::token_hash(&c.token)),
                 public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
             });
         }
         let want = ops.len();
         // Every shard recovers its (empty) disk, as a node does when it starts.
-        for shard in 0..self.hosts.len() as ShardIdx {
-            self.setup_effects(shard, admin)?;
+        for shard in 0..self.nodes[n].hosts.len() as ShardIdx {
+            self.setup_effects(n, shard, admin)?;
         }
         // One admin call per batch, as the node's HTTP admin path sends them, and only while
         // the shard wants input.
@@ -894,31 +757,36 @@ impl Simulation {
         for op in ops {
             let t = self.time();
             let batch = vec![Request { session: admin, op }];
-            self.hosts[shard as usize]
+            self.nodes[n].hosts[shard as usize]
                 .driver
                 .handle_batch(t, admin, batch);
-            oks += self.setup_effects(shard, admin)?;
+            oks += self.setup_effects(n, shard, admin)?;
         }
         if oks != want {
             return fail(
                 ViolationKind::Liveness,
-                format!("setup got {oks} of {want} oks"),
+                format!("n{n} setup got {oks} of {want} oks"),
             );
         }
         trace!(
             self,
-            "setup done: mesh {MESH} on shard {} with {} peers",
+            "setup done: mesh {MESH} on shard {} with {} peers{}",
             self.mesh_shard,
-            self.clients.len()
+            self.nodes[n].clients.len(),
+            if n > 0 {
+                format!(" on n{n}")
+            } else {
+                String::new()
+            }
         );
         Ok(())
     }
 
     /// Performs a shard driver's effects at once, without faults (setup); returns the `ok`s.
-    fn setup_effects(&mut self, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
+    fn setup_effects(&mut self, n: usize, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
         let mut oks = 0;
         let t = self.time();
-        let host = &mut self.hosts[shard as usize];
+        let host = &mut self.nodes[n].hosts[shard as usize];
         while let Some(e) = host.driver.poll_effect() {
             match e {
                 Effect::Write(w) => {
@@ -955,7 +823,8 @@ impl Simulation {
         Ok(oks)
     }
 
-    /// The simulated clock as the host reads it: one clock serves as wall and monotonic time.
+    /// The simulated clock as the host reads it: one clock serves as wall and monotonic time
+    /// (every node reads the same clock: the simulator has no clock skew yet).
     pub(super) fn time(&self) -> Time {
         Time {
             unix_ms: self.now,
@@ -980,14 +849,19 @@ impl Simulation {
                 self.clients[c].wake_pending = false;
                 self.client_wake(c)?;
             }
-            Event::ToNode { conn, client, seg } => self.node_packet(conn, client, seg),
-            Event::ToClient { client, conn, seg } => self.client_packet(client, conn, seg)?,
-            Event::NodeTimer(id) => {
-                if let Some(k) = self.conns.get_mut(&id) {
+            Event::Packet {
+                from,
+                to,
+                conn,
+                seg,
+            } => self.deliver(from, to, conn, seg)?,
+            Event::NodeTimer { node, conn } => {
+                let node = &mut self.nodes[node];
+                if let Some(k) = node.conns.get_mut(&conn) {
                     k.timer_at = None;
                     k.stream.handle_timeout(self.now);
                     k.session.handle_timeout(self.now);
-                    self.dirty.insert(id);
+                    node.dirty.insert(conn);
                 }
             }
             Event::ClientTimer(c, id) => {
@@ -998,18 +872,19 @@ impl Simulation {
                     self.pump_client(c)?;
                 }
             }
-            Event::WalDone { shard, write } => self.wal_done(shard, write)?,
-            Event::ShardTimer { shard, epoch } => {
-                let h = &mut self.hosts[shard as usize];
-                if self.node_up && epoch == h.epoch {
+            Event::WalDone { node, shard, write } => self.wal_done(node, shard, write)?,
+            Event::ShardTimer { node, shard, epoch } => {
+                let t = self.time();
+                let node = &mut self.nodes[node];
+                let h = &mut node.hosts[shard as usize];
+                if node.up && epoch == h.epoch {
                     h.timer_at = None;
-                    let t = self.time();
-                    self.hosts[shard as usize].driver.handle_timeout(t);
+                    h.driver.handle_timeout(t);
                 }
             }
             Event::Fault(f) => self.apply(f)?,
             Event::FaultsEnd => self.end_faults()?,
-            Event::HttpRead => self.http_read(),
+            Event::HttpRead { node } => self.http_read(node),
         }
         Ok(())
     }
@@ -1021,22 +896,11 @@ impl Simulation {
         }
         trace!(self, "FAULT {event:?}");
         match event {
-            FaultEvent::Kill { .. } => {
-                if self.node_up {
-                    self.crash_process(false)?;
-                    self.http.clear();
-                }
-            }
-            FaultEvent::Crash { .. } => {
-                if self.node_up {
-                    self.crash()?;
-                    // HTTP requests in progress fail with the node.
-                    self.http.clear();
-                }
-            }
-            FaultEvent::Restart { .. } => {
-                if !self.node_up {
-                    self.restart_node()?;
+            FaultEvent::Kill { node } => self.kill(node as usize, false)?,
+            FaultEvent::Crash { node } => self.kill(node as usize, true)?,
+            FaultEvent::Restart { node } => {
+                if !self.nodes[node as usize].up {
+                    self.restart_node(node as usize)?;
                 }
             }
             FaultEvent::Partition { a, b, one_way } => {
@@ -1049,23 +913,25 @@ impl Simulation {
                 self.net.clog(from, to, self.now + ms);
             }
             FaultEvent::CorruptRead {
+                node,
                 shard,
                 segment,
                 offset_min,
                 offset_max,
-                ..
             } => {
-                self.hosts[shard as usize].flip = Some(ArmedFlip {
+                self.nodes[node as usize].hosts[shard as usize].flip = Some(ArmedFlip {
                     segment,
                     offset_min,
                     offset_max,
                 });
             }
-            FaultEvent::DiskFull { shard, .. } => {
+            FaultEvent::DiskFull { node, shard } => {
                 self.counters.faults += 1;
-                self.hosts[shard as usize].disk_full = true;
+                self.nodes[node as usize].hosts[shard as usize].disk_full = true;
             }
-            FaultEvent::DiskFree { shard, .. } => self.hosts[shard as usize].disk_full = false,
+            FaultEvent::DiskFree { node, shard } => {
+                self.nodes[node as usize].hosts[shard as usize].disk_full = false;
+            }
             FaultEvent::Load {
                 think_time_max_ms,
                 paused,
@@ -1080,6 +946,16 @@ impl Simulation {
         }
         Ok(())
     }
+
+    /// Node `n` goes down (power loss if `power_loss`, else its process only), if it is up;
+    /// its HTTP requests in progress fail with it.
+    fn kill(&mut self, n: usize, power_loss: bool) -> Checked {
+        if self.nodes[n].up {
+            self.crash_process(n, power_loss)?;
+            self.nodes[n].http.clear();
+        }
+        Ok(())
+    }
 }
 
 /// A frame for the simulated socket: its type byte, then its bytes.
@@ -1089,23 +965,6 @@ fn frame_bytes(f: &OutFrame) -> Bytes {
     b.extend_from_slice(&f.bytes);
     Bytes::from(b)
 }
-
-/// A shard's host as the node builds it (its restart policy, input bound and stall limit),
-/// with the run's planted host bugs.
-pub(super) fn new_driver(options: &SimOptions, shard: ShardIdx) -> ShardDriver {
-    ShardDriver::new(
-        shard,
-        options.shard_config(shard),
-        RestartPolicy::default(),
-        SHARD_QUEUE_BATCHES_MAX,
-        WAL_SYNC_STALL_MS_MAX,
-    )
-    .with_planted(options.planted_glue)
-}
-
-/// The node's defaults for a shard's input channel (batches) and the WAL stall watchdog.
-const SHARD_QUEUE_BATCHES_MAX: usize = 1024;
-const WAL_SYNC_STALL_MS_MAX: u64 = 10_000;
 
 #[cfg(test)]
 mod tests {
@@ -1139,9 +998,7 @@ mod tests {
         sim.queue
             .iter()
             .map(|q| &q.event)
-            .filter(
-                |e| matches!(e, Event::ToClient { conn, seg: Segment::Reset, .. } if *conn == id),
-            )
+            .filter(|e| matches!(e, Event::Packet { conn, seg: Segment::Reset, .. } if *conn == id))
             .count()
     }
 
@@ -1155,22 +1012,28 @@ mod tests {
         sim.start().unwrap();
         sim.run_until(500).unwrap();
         let old = sim.clients[0].conn.as_ref().expect("connected").id;
-        assert!(sim.conns.contains_key(&old), "the node accepted it");
-        sim.crash().unwrap();
-        sim.restart_node().unwrap();
+        assert!(
+            sim.nodes[0].conns.contains_key(&old),
+            "the node accepted it"
+        );
+        sim.crash(0).unwrap();
+        sim.restart_node(0).unwrap();
         let hello = hello_frame(&sim);
         let seg = Segment::Data {
             seq: 0,
             bytes: hello.clone(),
         };
-        sim.node_packet(old, 0, seg.clone());
-        assert!(!sim.conns.contains_key(&old), "an old connection reopened");
+        sim.node_packet(0, old, 0, seg.clone());
+        assert!(
+            !sim.nodes[0].conns.contains_key(&old),
+            "an old connection reopened"
+        );
         assert_eq!(resets_queued(&sim, old), 1);
         let fresh = sim.next_conn;
         sim.next_conn += 1;
-        sim.node_packet(fresh, 0, seg);
+        sim.node_packet(0, fresh, 0, seg);
         assert!(
-            sim.conns.contains_key(&fresh),
+            sim.nodes[0].conns.contains_key(&fresh),
             "a new connection was refused"
         );
         assert_eq!(resets_queued(&sim, fresh), 0);
@@ -1187,8 +1050,8 @@ mod tests {
         sim.end_faults().unwrap();
         sim.run_until(u64::MAX).unwrap();
         sim.require_finished().unwrap();
-        sim.check_no_leaked_sessions().unwrap();
-        let gone = sim.next_session + 1_000;
+        sim.check_no_leaked_sessions(0).unwrap();
+        let gone = sim.nodes[0].next_session + 1_000;
         let subscribe = ShardOp::Subscribe {
             r: 1,
             mesh: MESH.into(),
@@ -1196,14 +1059,18 @@ mod tests {
             from: 1,
         };
         let now = sim.now;
-        sim.hosts[0].driver.shard_mut().unwrap().handle_requests(
-            now,
-            [Request {
-                session: gone,
-                op: subscribe,
-            }],
-        );
-        let e = sim.check_no_leaked_sessions().unwrap_err();
+        sim.nodes[0].hosts[0]
+            .driver
+            .shard_mut()
+            .unwrap()
+            .handle_requests(
+                now,
+                [Request {
+                    session: gone,
+                    op: subscribe,
+                }],
+            );
+        let e = sim.check_no_leaked_sessions(0).unwrap_err();
         assert_eq!(e.kind, ViolationKind::LeakedSession, "{e:?}");
     }
 }
