@@ -362,28 +362,9 @@ impl Simulation {
                     self,
                     "{peer} welcome session={session} acked={acked} head={head}"
                 );
-                if let Some(k) = self.clients[c].conn.as_mut() {
-                    k.welcomed = true;
-                }
-                // Anything received before was acknowledged or is redelivered from `acked`.
-                self.clients[c].acked_sent = acked;
-                self.clients[c].max_received = acked;
-                self.wake(c, 0);
+                self.client_welcome(c, acked);
             }
-            ServerOp::Challenge { nonce } => {
-                let k = self.clients[c].conn.as_mut();
-                if !k.as_ref().is_some_and(|k| k.awaiting_challenge) {
-                    return fail(
-                        ViolationKind::UnexpectedReply,
-                        format!("{peer} got a challenge it did not ask for"),
-                    );
-                }
-                if let Some(k) = k {
-                    k.awaiting_challenge = false;
-                }
-                let hello = self.signed_hello(c, nonce);
-                self.client_send(c, &hello);
-            }
+            ServerOp::Challenge { nonce } => self.client_challenge(c, nonce)?,
             ServerOp::Ok { r: OPTIONS_REF, .. } if self.clients[c].batch_in > 0 => {}
             ServerOp::Ok { r, pos, seq } => self.client_ok(c, r, pos.or(seq))?,
             ServerOp::Error {
@@ -416,16 +397,7 @@ impl Simulation {
                 body,
                 ..
             } => {
-                trace!(self, "{peer} deliver pos={pos}");
-                self.checks(c)?.on_deliver(pos)?;
-                let local = self.clients[c].local;
-                self.model_mut(c).delivered[local].insert(pos);
-                if self.scripted {
-                    // What `MeshSim::received` shows; the swarm has no use for it.
-                    self.clients[c].received.insert(pos, (from, to, body));
-                }
-                let client = &mut self.clients[c];
-                client.max_received = client.max_received.max(pos);
+                self.client_deliver(c, pos, from, to, body)?;
                 return Ok(true);
             }
             ServerOp::Event(e) => {
@@ -446,6 +418,59 @@ impl Simulation {
             f => return fail(ViolationKind::UnexpectedReply, format!("{peer} got {f:?}")),
         }
         Ok(false)
+    }
+
+    /// The session's welcome: the client may send, and anything it received before was
+    /// acknowledged or is redelivered from `acked`.
+    fn client_welcome(&mut self, c: usize, acked: u64) {
+        if let Some(k) = self.clients[c].conn.as_mut() {
+            k.welcomed = true;
+        }
+        self.clients[c].acked_sent = acked;
+        self.clients[c].max_received = acked;
+        self.wake(c, 0);
+    }
+
+    /// A `challenge` a key peer asked for: it answers with its signed hello.
+    fn client_challenge(&mut self, c: usize, nonce: [u8; 32]) -> Checked {
+        let k = self.clients[c].conn.as_mut();
+        if !k.as_ref().is_some_and(|k| k.awaiting_challenge) {
+            return fail(
+                ViolationKind::UnexpectedReply,
+                format!(
+                    "{} got a challenge it did not ask for",
+                    self.clients[c].peer
+                ),
+            );
+        }
+        if let Some(k) = k {
+            k.awaiting_challenge = false;
+        }
+        let hello = self.signed_hello(c, nonce);
+        self.client_send(c, &hello);
+        Ok(())
+    }
+
+    /// An inbox delivery at client `c` (checker 8 on its order; the model notes it arrived).
+    fn client_deliver(
+        &mut self,
+        c: usize,
+        pos: u64,
+        from: Arc<str>,
+        to: Target,
+        body: Body,
+    ) -> Checked {
+        trace!(self, "{} deliver pos={pos}", self.clients[c].peer);
+        self.checks(c)?.on_deliver(pos)?;
+        let local = self.clients[c].local;
+        self.model_mut(c).delivered[local].insert(pos);
+        if self.scripted {
+            // What `MeshSim::received` shows; the swarm has no use for it.
+            self.clients[c].received.insert(pos, (from, to, body));
+        }
+        let client = &mut self.clients[c];
+        client.max_received = client.max_received.max(pos);
+        Ok(())
     }
 
     /// An `ok` for ref `r` carrying `value` (a send's position, an append's seq, or none).
@@ -512,5 +537,10 @@ impl Simulation {
 
     pub(super) fn model_mut(&mut self, c: usize) -> &mut Model {
         &mut self.nodes[self.clients[c].node].model
+    }
+
+    /// The node client `c` is attached to.
+    pub(crate) fn node_of(&self, c: usize) -> u32 {
+        self.clients[c].node as u32
     }
 }

@@ -1,7 +1,21 @@
-//! The simulated world: one node (its shards, their disks, the edge sessions and routers the
-//! glue keeps per connection), the clients, the network between them, and the event queue that
-//! moves simulated time. Everything here is the glue's job done by hand, one thread, no I/O:
-//! the decisions stay in the real cores.
+//! The simulated world: its nodes (`options.nodes`, each the shared sans-IO host of its
+//! shards, their disks, and the edge sessions and routers the glue keeps per connection), the
+//! clients, each attached to a node, the network between them, and the event queue that moves
+//! simulated time. Everything here is the glue's job done by hand, one thread, no I/O: the
+//! decisions stay in the real cores.
+//!
+//! This file holds the world and its event loop; the rest is split by concern:
+//!
+//! - `event`: the queue's events and their order (and their part of the run's hash);
+//! - `trace`: the run's trace (hash and lines);
+//! - `links`: network wiring: packets between endpoints, the ends of connections taking them;
+//! - `node`: a node and its glue (shard loops, session tasks, routers), and its setup;
+//! - `storage`: a node's WAL writes, their faults, recovery from its disks;
+//! - `client` and `workload`: the clients' connections, and what they ask for;
+//! - `http`: the HTTP client beside each node;
+//! - `audit`: the checks hooked into the world (frames leaving a shard, recovered shards,
+//!   the final checks);
+//! - `faults`: a schedule's events applied to the node, shard, link or client they name.
 
 use crate::check::conn::ConnChecks;
 use crate::check::durable::Durable;
@@ -40,16 +54,22 @@ macro_rules! trace {
     };
 }
 
+mod audit;
 mod client;
+mod event;
+mod faults;
 mod http;
 mod links;
 mod node;
 mod storage;
+mod trace;
 mod workload;
 
 use client::{Client, Req};
+use event::{Event, Queued};
 use http::HttpRead;
-use node::{new_driver, ArmedFlip, Inflight, NodeConn};
+use node::{new_driver, ArmedFlip, Inflight, Node, NodeConn};
+use trace::Trace;
 
 pub(crate) use client::Action;
 
@@ -83,195 +103,11 @@ pub(crate) fn groups_of(i: usize) -> Vec<Arc<str>> {
     g
 }
 
-/// Where `--trace` lines go.
-pub(crate) type TraceSink = Box<dyn FnMut(&str) + Send>;
-
-/// The run's trace. Its hash covers every event the run processes (its time, kind and ids:
-/// `Event::hash_into`), whether or not lines are written, so a run has one hash with or
-/// without `--trace`. Lines, which cost most of a fast run's time to format, are made only
-/// for a sink (`--trace`) or for the ring of last lines a violation report carries; a fast
-/// run that fails is run again with the ring on (`crate::run`), which determinism makes the
-/// same run.
-pub(crate) struct Trace {
-    pub(crate) hash: Fnv,
-    /// Whether lines are formatted at all.
-    pub(crate) lines: bool,
-    /// The last [`TRACE_RING_LINES`] lines, if kept.
-    pub(crate) ring: Option<VecDeque<String>>,
-    /// Every line also goes here (`fabric sim --trace`).
-    pub(crate) sink: Option<TraceSink>,
-}
-
-impl Trace {
-    fn line(&mut self, now: u64, text: String) {
-        let line = format!("{now:>6}ms {text}");
-        if let Some(sink) = &mut self.sink {
-            sink(&line);
-        }
-        if let Some(ring) = &mut self.ring {
-            if ring.len() == TRACE_RING_LINES {
-                ring.pop_front();
-            }
-            ring.push_back(line);
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     Setup,
     Faults,
     Liveness,
-}
-
-#[derive(Debug)]
-enum Event {
-    Wake(usize),
-    /// A packet of connection `conn` reaches `to` (from a client to its node, from a node to
-    /// a client; a link between two nodes carries them too, once nodes talk to each other).
-    Packet {
-        from: Endpoint,
-        to: Endpoint,
-        conn: ConnId,
-        seg: Segment,
-    },
-    NodeTimer {
-        node: usize,
-        conn: ConnId,
-    },
-    ClientTimer(usize, ConnId),
-    WalDone {
-        node: usize,
-        shard: ShardIdx,
-        write: u64,
-    },
-    /// The shard driver's timer (restart backoff, stall watchdog).
-    ShardTimer {
-        node: usize,
-        shard: ShardIdx,
-        epoch: u64,
-    },
-    Fault(FaultEvent),
-    FaultsEnd,
-    /// The HTTP client beside `node` reads a conversation.
-    HttpRead {
-        node: usize,
-    },
-}
-
-/// An event in the queue. The heap pops the earliest first, and of events at the same time
-/// the one queued first, so the order is a function of the run alone.
-#[derive(Debug)]
-struct Queued {
-    at: u64,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, other: &Queued) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Queued {}
-
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Queued) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Queued {
-    fn cmp(&self, other: &Queued) -> std::cmp::Ordering {
-        // Reversed: `BinaryHeap` is a max-heap.
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
-impl Event {
-    /// Feeds the event's kind and identity into the run's hash (`Trace`). An event at node
-    /// 0 hashes as it did before events named their node, so a one-node run keeps its hash
-    /// (and recorded hashes stay comparable); another node's events add its number last.
-    fn hash_into(&self, h: &mut Fnv) {
-        let mut put = |xs: &[u64]| {
-            for x in xs {
-                h.write(&x.to_le_bytes());
-            }
-        };
-        let seg = |s: &Segment| match s {
-            Segment::Data { seq, bytes } => [1, *seq, bytes.len() as u64],
-            Segment::Ack { next } => [2, *next, 0],
-            Segment::Ping => [3, 0, 0],
-            Segment::Reset => [4, 0, 0],
-        };
-        let ends = |e: &Endpoint| match e {
-            Endpoint::Node(n) => (0, u64::from(*n)),
-            Endpoint::Client(c) => (1, u64::from(*c)),
-        };
-        let node = match self {
-            Event::Wake(c) => {
-                put(&[1, *c as u64]);
-                0
-            }
-            Event::Packet {
-                from,
-                to,
-                conn,
-                seg: s,
-            } => {
-                let node = match (ends(from), ends(to)) {
-                    ((1, c), (0, n)) => {
-                        put(&[2, *conn, c]);
-                        n
-                    }
-                    ((0, n), (1, c)) => {
-                        put(&[3, *conn, c]);
-                        n
-                    }
-                    // Between two nodes, or two clients (no such link is used yet).
-                    ((k, a), (l, b)) => {
-                        put(&[12, *conn, k, a, l, b]);
-                        0
-                    }
-                };
-                put(&seg(s));
-                node
-            }
-            Event::NodeTimer { node, conn } => {
-                put(&[4, *conn]);
-                *node as u64
-            }
-            Event::ClientTimer(c, id) => {
-                put(&[5, *c as u64, *id]);
-                0
-            }
-            Event::WalDone { node, shard, write } => {
-                put(&[6, u64::from(*shard), *write]);
-                *node as u64
-            }
-            Event::ShardTimer { node, shard, epoch } => {
-                put(&[7, u64::from(*shard), *epoch]);
-                *node as u64
-            }
-            Event::Fault(f) => {
-                put(&[8]);
-                h.write(format!("{f:?}").as_bytes());
-                return;
-            }
-            Event::FaultsEnd => {
-                put(&[9]);
-                0
-            }
-            Event::HttpRead { node } => {
-                put(&[10]);
-                *node as u64
-            }
-        };
-        if node != 0 {
-            put(&[11, node]);
-        }
-    }
 }
 
 /// Counters for the summary.
@@ -299,7 +135,7 @@ pub struct Simulation {
     deadline_ms: u64,
     /// One per node endpoint (`Endpoint::Node(i)` is `nodes[i]`): each its own hosts, disks,
     /// connections and checkers' view (see `node::Node`).
-    nodes: Vec<node::Node>,
+    nodes: Vec<Node>,
     net: Network,
     placement: Router,
     mesh_shard: ShardIdx,
@@ -366,21 +202,13 @@ impl Simulation {
             .map(|n| {
                 let mine: Vec<usize> = (n..clients.len()).step_by(nodes).collect();
                 let peers = mine.iter().map(|&i| peers[i].clone()).collect();
-                node::Node::new(n, &options, &placement, peers, mine)
+                Node::new(n, &options, &placement, peers, mine)
             })
             .collect();
         let mesh_shard = placement
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
-        let reply_queue_batches_max = match options.reply_queue_batches_max {
-            0 => fabric_router::host::session_reply_queue_batches_min(
-                options.push_credit_frames_max,
-                options.shards,
-                options.session_inflight_requests_max,
-            )
-            .unwrap_or(usize::MAX),
-            n => n,
-        };
+        let reply_queue_batches_max = reply_queue_batches_max(&options);
         let session_config = SessionConfig {
             inflight_requests_max: options.session_inflight_requests_max,
             ..SessionConfig::default()
@@ -623,11 +451,11 @@ impl Simulation {
                     .as_ref()
                     .is_some_and(|k| k.welcomed && k.stream.unacked() == 0)
         });
-        clients && self.nodes.iter().all(node::Node::quiescent)
+        clients && self.nodes.iter().all(Node::quiescent)
     }
 
     fn pending_summary(&self) -> String {
-        let nodes: Vec<String> = self.nodes.iter().map(node::Node::pending_summary).collect();
+        let nodes: Vec<String> = self.nodes.iter().map(Node::pending_summary).collect();
         let clients: Vec<String> = self
             .clients
             .iter()
@@ -665,162 +493,6 @@ impl Simulation {
                 self.pending_summary()
             ),
         )
-    }
-
-    /// Adds an event applied now to the run's schedule (scripted runs).
-    pub(crate) fn record(&mut self, event: FaultEvent) {
-        self.schedule.events.push(Timed {
-            at_ms: self.now,
-            event,
-        });
-    }
-
-    /// Checker 9 on node `n`, once everything is quiet: no shard holds state for a session
-    /// the node no longer has (every session that ends tells every shard `Closed`, through
-    /// its router).
-    fn check_no_leaked_sessions(&self, n: usize) -> Checked {
-        let node = &self.nodes[n];
-        for (s, h) in node.hosts.iter().enumerate() {
-            if let Some(id) = h
-                .driver
-                .shard()
-                .map(|x| x.session_ids())
-                .unwrap_or_default()
-                .into_iter()
-                .find(|id| !node.sessions.contains_key(id))
-            {
-                return fail(
-                    ViolationKind::LeakedSession,
-                    format!("n{n} s{s} holds state for session {id}, which the node closed"),
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The final checks once everything is quiet (checkers 3 and 9), node by node.
-    fn finish(&mut self) -> Checked {
-        for n in 0..self.nodes.len() {
-            self.nodes[n].model.final_delivery()?;
-            self.check_no_leaked_sessions(n)?;
-        }
-        self.finished = true;
-        trace!(
-            self,
-            "end acked={} crashes={} restarts={} faults={} connections={}",
-            self.acks(),
-            self.counters.crashes,
-            self.counters.restarts,
-            self.counters.faults,
-            self.counters.connections
-        );
-        Ok(())
-    }
-
-    /// Creates each node's mesh and its peers on the mesh's shard, without faults.
-    fn setup(&mut self) -> Checked {
-        for n in 0..self.nodes.len() {
-            self.setup_node(n)?;
-        }
-        Ok(())
-    }
-
-    /// Creates node `n`'s mesh and the peers of its clients.
-    fn setup_node(&mut self, n: usize) -> Checked {
-        let node = &mut self.nodes[n];
-        let admin = node.next_session;
-        node.next_session += 1;
-        let mut ops = vec![ShardOp::CreateMesh {
-            r: 0,
-            mesh: MESH.into(),
-        }];
-        for (i, &c) in node.clients.iter().enumerate() {
-            let c = &self.clients[c];
-            ops.push(ShardOp::AddPeer {
-                r: i as u64 + 1,
-                mesh: MESH.into(),
-                peer: c.peer.clone(),
-                groups: node.model.groups[i].clone(),
-                token_hash: Some(fabric_shard::token_hash(&c.token)),
-                public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
-            });
-        }
-        let want = ops.len();
-        // Every shard recovers its (empty) disk, as a node does when it starts.
-        for shard in 0..self.nodes[n].hosts.len() as ShardIdx {
-            self.setup_effects(n, shard, admin)?;
-        }
-        // One admin call per batch, as the node's HTTP admin path sends them, and only while
-        // the shard wants input.
-        let mut oks = 0;
-        let shard = self.mesh_shard;
-        for op in ops {
-            let t = self.time();
-            let batch = vec![Request { session: admin, op }];
-            self.nodes[n].hosts[shard as usize]
-                .driver
-                .handle_batch(t, admin, batch);
-            oks += self.setup_effects(n, shard, admin)?;
-        }
-        if oks != want {
-            return fail(
-                ViolationKind::Liveness,
-                format!("n{n} setup got {oks} of {want} oks"),
-            );
-        }
-        trace!(
-            self,
-            "setup done: mesh {MESH} on shard {} with {} peers{}",
-            self.mesh_shard,
-            self.nodes[n].clients.len(),
-            if n > 0 {
-                format!(" on n{n}")
-            } else {
-                String::new()
-            }
-        );
-        Ok(())
-    }
-
-    /// Performs a shard driver's effects at once, without faults (setup); returns the `ok`s.
-    fn setup_effects(&mut self, n: usize, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
-        let mut oks = 0;
-        let t = self.time();
-        let host = &mut self.nodes[n].hosts[shard as usize];
-        while let Some(e) = host.driver.poll_effect() {
-            match e {
-                Effect::Write(w) => {
-                    let r = w.perform(&mut host.disk);
-                    if let Err(f) = &r {
-                        return fail(
-                            ViolationKind::Liveness,
-                            format!("setup write failed: {f:?}"),
-                        );
-                    }
-                    self.counters.wal_writes += 1;
-                    host.driver.handle_write_done(t, r);
-                }
-                Effect::Recover(job) => {
-                    let r = job.perform(&mut host.disk);
-                    host.driver.handle_recovered(t, r);
-                }
-                Effect::Replies { session, replies } if session == admin => {
-                    for r in replies {
-                        match r {
-                            Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
-                            r => {
-                                return fail(
-                                    ViolationKind::UnexpectedReply,
-                                    format!("setup got {r:?}"),
-                                )
-                            }
-                        }
-                    }
-                }
-                e => return fail(ViolationKind::UnexpectedReply, format!("setup got {e:?}")),
-            }
-        }
-        Ok(oks)
     }
 
     /// The simulated clock as the host reads it: one clock serves as wall and monotonic time
@@ -888,189 +560,20 @@ impl Simulation {
         }
         Ok(())
     }
-
-    /// One schedule event.
-    pub(crate) fn apply(&mut self, event: FaultEvent) -> Checked {
-        if self.phase != Phase::Faults {
-            return Ok(());
-        }
-        trace!(self, "FAULT {event:?}");
-        match event {
-            FaultEvent::Kill { node } => self.kill(node as usize, false)?,
-            FaultEvent::Crash { node } => self.kill(node as usize, true)?,
-            FaultEvent::Restart { node } => {
-                if !self.nodes[node as usize].up {
-                    self.restart_node(node as usize)?;
-                }
-            }
-            FaultEvent::Partition { a, b, one_way } => {
-                self.counters.faults += 1;
-                self.net.partition(&a, &b, one_way);
-            }
-            FaultEvent::Heal => self.net.heal(),
-            FaultEvent::Clog { from, to, ms } => {
-                self.counters.faults += 1;
-                self.net.clog(from, to, self.now + ms);
-            }
-            FaultEvent::CorruptRead {
-                node,
-                shard,
-                segment,
-                offset_min,
-                offset_max,
-            } => {
-                self.nodes[node as usize].hosts[shard as usize].flip = Some(ArmedFlip {
-                    segment,
-                    offset_min,
-                    offset_max,
-                });
-            }
-            FaultEvent::DiskFull { node, shard } => {
-                self.counters.faults += 1;
-                self.nodes[node as usize].hosts[shard as usize].disk_full = true;
-            }
-            FaultEvent::DiskFree { node, shard } => {
-                self.nodes[node as usize].hosts[shard as usize].disk_full = false;
-            }
-            FaultEvent::Load {
-                think_time_max_ms,
-                paused,
-            } => {
-                self.think_time_max_ms = think_time_max_ms;
-                self.load_paused = paused;
-                for c in 0..self.clients.len() {
-                    self.wake(c, 0);
-                }
-            }
-            FaultEvent::Disconnect { client } => self.drop_conn(client as usize),
-        }
-        Ok(())
-    }
-
-    /// Node `n` goes down (power loss if `power_loss`, else its process only), if it is up;
-    /// its HTTP requests in progress fail with it.
-    fn kill(&mut self, n: usize, power_loss: bool) -> Checked {
-        if self.nodes[n].up {
-            self.crash_process(n, power_loss)?;
-            self.nodes[n].http.clear();
-        }
-        Ok(())
-    }
 }
 
-/// A frame for the simulated socket: its type byte, then its bytes.
-fn frame_bytes(f: &OutFrame) -> Bytes {
-    let mut b = Vec::with_capacity(f.bytes.len() + 1);
-    b.push(if f.binary { FRAME_BINARY } else { FRAME_TEXT });
-    b.extend_from_slice(&f.bytes);
-    Bytes::from(b)
+/// Capacity of each session's reply queue: the options', or the node's own rule.
+fn reply_queue_batches_max(options: &SimOptions) -> usize {
+    match options.reply_queue_batches_max {
+        0 => fabric_router::host::session_reply_queue_batches_min(
+            options.push_credit_frames_max,
+            options.shards,
+            options.session_inflight_requests_max,
+        )
+        .unwrap_or(usize::MAX),
+        n => n,
+    }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A calm run of one client and no scheduled faults.
-    fn calm(seed: u64) -> Simulation {
-        let options = SimOptions {
-            clients: 1,
-            ..SimOptions::default()
-        };
-        Simulation::from_schedule(Schedule {
-            seed,
-            options,
-            events: Vec::new(),
-        })
-    }
-
-    fn hello_frame(sim: &Simulation) -> Bytes {
-        let mut b = vec![FRAME_TEXT];
-        let hello = ClientOp::Hello {
-            mesh: MESH.into(),
-            peer: sim.clients[0].peer.clone(),
-            token: sim.clients[0].token.clone(),
-        };
-        codec::encode_client_json(&hello, &mut b);
-        Bytes::from(b)
-    }
-
-    fn resets_queued(sim: &Simulation, id: ConnId) -> usize {
-        sim.queue
-            .iter()
-            .map(|q| &q.event)
-            .filter(|e| matches!(e, Event::Packet { conn, seg: Segment::Reset, .. } if *conn == id))
-            .count()
-    }
-
-    #[test]
-    fn a_rebooted_node_resets_an_old_connection_and_accepts_a_new_one() {
-        // Proves the network model is faithful across a reboot: a stray first packet of a
-        // connection the node had accepted before the crash gets a reset (it would otherwise
-        // reopen the connection with its sequence numbers starting over and replay its
-        // requests), while a connection whose first packet never reached the node still opens.
-        let mut sim = calm(1);
-        sim.start().unwrap();
-        sim.run_until(500).unwrap();
-        let old = sim.clients[0].conn.as_ref().expect("connected").id;
-        assert!(
-            sim.nodes[0].conns.contains_key(&old),
-            "the node accepted it"
-        );
-        sim.crash(0).unwrap();
-        sim.restart_node(0).unwrap();
-        let hello = hello_frame(&sim);
-        let seg = Segment::Data {
-            seq: 0,
-            bytes: hello.clone(),
-        };
-        sim.node_packet(0, old, 0, seg.clone());
-        assert!(
-            !sim.nodes[0].conns.contains_key(&old),
-            "an old connection reopened"
-        );
-        assert_eq!(resets_queued(&sim, old), 1);
-        let fresh = sim.next_conn;
-        sim.next_conn += 1;
-        sim.node_packet(0, fresh, 0, seg);
-        assert!(
-            sim.nodes[0].conns.contains_key(&fresh),
-            "a new connection was refused"
-        );
-        assert_eq!(resets_queued(&sim, fresh), 0);
-    }
-
-    #[test]
-    fn a_shard_holding_a_closed_session_is_a_leak() {
-        // Proves checker 9 can fail: after a calm run ends with every promise kept, a shard
-        // that holds state for a session the node no longer has (a subscription whose
-        // `Closed` never reached it) is reported as a leaked session.
-        let mut sim = calm(2);
-        sim.start().unwrap();
-        sim.run_until(2_000).unwrap();
-        sim.end_faults().unwrap();
-        sim.run_until(u64::MAX).unwrap();
-        sim.require_finished().unwrap();
-        sim.check_no_leaked_sessions(0).unwrap();
-        let gone = sim.nodes[0].next_session + 1_000;
-        let subscribe = ShardOp::Subscribe {
-            r: 1,
-            mesh: MESH.into(),
-            conv: "c0".into(),
-            from: 1,
-        };
-        let now = sim.now;
-        sim.nodes[0].hosts[0]
-            .driver
-            .shard_mut()
-            .unwrap()
-            .handle_requests(
-                now,
-                [Request {
-                    session: gone,
-                    op: subscribe,
-                }],
-            );
-        let e = sim.check_no_leaked_sessions(0).unwrap_err();
-        assert_eq!(e.kind, ViolationKind::LeakedSession, "{e:?}");
-    }
-}
+mod tests;

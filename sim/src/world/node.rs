@@ -494,148 +494,6 @@ impl Simulation {
         node.dirty.insert(id);
         Ok(())
     }
-
-    /// Checkers 1, 2 and 7 on one frame a shard of node `n` sends to connection `id`: an
-    /// `ok` for the request it answers, naming a durable position or seq of that request's
-    /// operation; a delivery or an event of a durable entry, with the body its operation
-    /// wrote.
-    fn check_frame(&mut self, n: usize, shard: ShardIdx, id: ConnId, frame: &ServerOp) -> Checked {
-        let c = self.nodes[n].conns[&id].client;
-        let peer = self.clients[c].peer.clone();
-        let local = self.clients[c].local;
-        match frame {
-            ServerOp::Welcome { acked, head, .. } => {
-                self.nodes[n].model.on_welcome(local, *acked, *head)
-            }
-            ServerOp::Ok { r, pos, seq } => {
-                let Some(req) = self.refs.remove(&(id, *r)) else {
-                    return fail(
-                        ViolationKind::UnexpectedReply,
-                        format!("{peer} ok for unknown r={r} on connection {id}"),
-                    );
-                };
-                let Req::Op { op, .. } = req else {
-                    if pos.is_some() || seq.is_some() {
-                        return fail(
-                            ViolationKind::UnexpectedReply,
-                            format!("{peer} ok r={r} for a subscription carries {pos:?} {seq:?}"),
-                        );
-                    }
-                    return Ok(());
-                };
-                trace!(
-                    self,
-                    "s{shard} ok {peer} op {op} r={r} pos={pos:?} seq={seq:?}"
-                );
-                self.nodes[n].model.on_ok(op, *pos, *seq)?;
-                self.check_durable_ok(n, op, *pos, *seq)
-            }
-            ServerOp::Error { r, code, message } => {
-                if !matches!(code, ErrorCode::Unavailable | ErrorCode::StorageFull) {
-                    return fail(
-                        ViolationKind::UnexpectedReply,
-                        format!("s{shard} error to {peer} r={r:?} {code:?}: {message}"),
-                    );
-                }
-                if let Some(r) = r {
-                    self.refs.remove(&(id, *r));
-                }
-                Ok(())
-            }
-            ServerOp::Deliver {
-                pos,
-                from,
-                to,
-                body,
-                ..
-            } => {
-                let node = &mut self.nodes[n];
-                node.model.on_deliver(local, *pos, from, to, body)?;
-                let op = node.model.op_of(body, || "a delivery".into())?;
-                if node.durable.pos_op(*pos) != Some(op) {
-                    return fail(
-                        ViolationKind::NotDurable,
-                        format!(
-                            "s{shard} delivers pos {pos} (op {op}) to {peer} before it is durable"
-                        ),
-                    );
-                }
-                Ok(())
-            }
-            ServerOp::Event(e) => self.check_durable_event(n, shard, &peer, e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Checker 7 for an `ok`: node `n`'s disks hold its operation synced at the position or
-    /// seq it names (a keyed retry's too: its original must be durable by now).
-    fn check_durable_ok(&self, n: usize, op: usize, pos: Option<u64>, seq: Option<u64>) -> Checked {
-        let node = &self.nodes[n];
-        let (durable, what) = match (&node.model.ops[op].kind, pos, seq) {
-            (OpKind::Send { .. }, Some(pos), _) => (node.durable.pos_op(pos), format!("pos {pos}")),
-            (OpKind::Append { conv, .. }, _, Some(seq)) => {
-                (node.durable.seq_op(conv, seq), format!("{conv} seq {seq}"))
-            }
-            _ => return Ok(()),
-        };
-        if durable == Some(op) {
-            return Ok(());
-        }
-        fail(
-            ViolationKind::NotDurable,
-            format!("ok for op {op} at {what} before it is durable (durable there: {durable:?})"),
-        )
-    }
-
-    /// Checkers 2 and 7 for an event (pushed, or a read's): the body its append wrote, durable.
-    pub(super) fn check_durable_event(
-        &mut self,
-        n: usize,
-        shard: ShardIdx,
-        to: &str,
-        e: &fabric_proto::DeliveredEvent,
-    ) -> Checked {
-        let node = &mut self.nodes[n];
-        node.model.on_event(&e.conv, e.seq, &e.from, &e.body)?;
-        let op = node.model.op_of(&e.body, || "an event".into())?;
-        if node.durable.seq_op(&e.conv, e.seq) != Some(op) {
-            return fail(
-                ViolationKind::NotDurable,
-                format!(
-                    "s{shard} shows {} seq {} (op {op}) to {to} before it is durable",
-                    e.conv, e.seq
-                ),
-            );
-        }
-        Ok(())
-    }
-
-    /// Checker 7's oracle learns what the disk of `shard` on node `n` now holds synced: the
-    /// segment a write just completed to (`Some`), or, after a recovery, every segment, if
-    /// the recovery left nothing unsynced (a crash makes what survived durable, and the glue
-    /// syncs what a restart read; without that sync, page-cache data stays unlearned until a
-    /// later write to its segment syncs it).
-    pub(super) fn learn_synced(
-        &mut self,
-        n: usize,
-        shard: ShardIdx,
-        segment: Option<u64>,
-    ) -> Checked {
-        let s = shard as usize;
-        let node = &mut self.nodes[n];
-        let disk = &node.hosts[s].disk;
-        let segments = disk.segments();
-        match segment {
-            Some(id) => match segments.iter().find(|(x, _)| *x == id) {
-                Some((_, bytes)) => node.durable.learn_segment(&node.model, s, id, bytes),
-                None => Ok(()),
-            },
-            None if disk.unsynced_bytes() == 0 => {
-                node.durable.learn_disk(&node.model, s, &segments)
-            }
-            None => Ok(()),
-        }
-    }
 }
 
 /// The session task's socket work on one connection: frames in while the session wants
@@ -668,4 +526,120 @@ fn session_io(now: u64, k: &mut NodeConn) {
     if k.session.is_closed() {
         k.stream.close();
     }
+}
+
+impl Simulation {
+    /// Creates each node's mesh and its peers on the mesh's shard, without faults.
+    pub(super) fn setup(&mut self) -> Checked {
+        for n in 0..self.nodes.len() {
+            self.setup_node(n)?;
+        }
+        Ok(())
+    }
+
+    /// Creates node `n`'s mesh and the peers of its clients.
+    fn setup_node(&mut self, n: usize) -> Checked {
+        let node = &mut self.nodes[n];
+        let admin = node.next_session;
+        node.next_session += 1;
+        let mut ops = vec![ShardOp::CreateMesh {
+            r: 0,
+            mesh: MESH.into(),
+        }];
+        for (i, &c) in node.clients.iter().enumerate() {
+            let c = &self.clients[c];
+            ops.push(ShardOp::AddPeer {
+                r: i as u64 + 1,
+                mesh: MESH.into(),
+                peer: c.peer.clone(),
+                groups: node.model.groups[i].clone(),
+                token_hash: Some(fabric_shard::token_hash(&c.token)),
+                public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
+            });
+        }
+        let want = ops.len();
+        // Every shard recovers its (empty) disk, as a node does when it starts.
+        for shard in 0..self.nodes[n].hosts.len() as ShardIdx {
+            self.setup_effects(n, shard, admin)?;
+        }
+        // One admin call per batch, as the node's HTTP admin path sends them, and only while
+        // the shard wants input.
+        let mut oks = 0;
+        let shard = self.mesh_shard;
+        for op in ops {
+            let t = self.time();
+            let batch = vec![Request { session: admin, op }];
+            self.nodes[n].hosts[shard as usize]
+                .driver
+                .handle_batch(t, admin, batch);
+            oks += self.setup_effects(n, shard, admin)?;
+        }
+        if oks != want {
+            return fail(
+                ViolationKind::Liveness,
+                format!("n{n} setup got {oks} of {want} oks"),
+            );
+        }
+        trace!(
+            self,
+            "setup done: mesh {MESH} on shard {} with {} peers{}",
+            self.mesh_shard,
+            self.nodes[n].clients.len(),
+            if n > 0 {
+                format!(" on n{n}")
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+
+    /// Performs a shard driver's effects at once, without faults (setup); returns the `ok`s.
+    fn setup_effects(&mut self, n: usize, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
+        let mut oks = 0;
+        let t = self.time();
+        let host = &mut self.nodes[n].hosts[shard as usize];
+        while let Some(e) = host.driver.poll_effect() {
+            match e {
+                Effect::Write(w) => {
+                    let r = w.perform(&mut host.disk);
+                    if let Err(f) = &r {
+                        return fail(
+                            ViolationKind::Liveness,
+                            format!("setup write failed: {f:?}"),
+                        );
+                    }
+                    self.counters.wal_writes += 1;
+                    host.driver.handle_write_done(t, r);
+                }
+                Effect::Recover(job) => {
+                    let r = job.perform(&mut host.disk);
+                    host.driver.handle_recovered(t, r);
+                }
+                Effect::Replies { session, replies } if session == admin => {
+                    for r in replies {
+                        match r {
+                            Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
+                            r => {
+                                return fail(
+                                    ViolationKind::UnexpectedReply,
+                                    format!("setup got {r:?}"),
+                                )
+                            }
+                        }
+                    }
+                }
+                e => return fail(ViolationKind::UnexpectedReply, format!("setup got {e:?}")),
+            }
+        }
+        Ok(oks)
+    }
+}
+
+/// A frame for the simulated socket: its type byte, then its bytes.
+fn frame_bytes(f: &OutFrame) -> Bytes {
+    let mut b = Vec::with_capacity(f.bytes.len() + 1);
+    b.push(if f.binary { FRAME_BINARY } else { FRAME_TEXT });
+    b.extend_from_slice(&f.bytes);
+    Bytes::from(b)
 }
