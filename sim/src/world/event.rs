@@ -94,8 +94,8 @@ impl Event {
                 conn,
                 seg: s,
             } => {
-                let (words, node) = packet_words(*from, *to, *conn);
-                put(&words);
+                let (words, len, node) = packet_words(*from, *to, *conn);
+                put(&words[..len]);
                 put(&seg(s));
                 node
             }
@@ -135,17 +135,18 @@ impl Event {
     }
 }
 
-/// A packet's words in the hash, and the node whose number follows the event's words (0:
-/// none). A client-node link hashes as the `ToNode`/`ToClient` events it replaced did.
-fn packet_words(from: Endpoint, to: Endpoint, conn: ConnId) -> (Vec<u64>, u64) {
+/// A packet's words in the hash (the first `len`), and the node whose number follows the
+/// event's words (0: none). A client-node link hashes as the `ToNode`/`ToClient` events it
+/// replaced did. No allocation: this runs for every packet.
+fn packet_words(from: Endpoint, to: Endpoint, conn: ConnId) -> ([u64; 6], usize, u64) {
     let end = |e: Endpoint| match e {
         Endpoint::Node(n) => (0, u64::from(n)),
         Endpoint::Client(c) => (1, u64::from(c)),
     };
     match (end(from), end(to)) {
-        ((1, c), (0, n)) => (vec![2, conn, c], n),
-        ((0, n), (1, c)) => (vec![3, conn, c], n),
+        ((1, c), (0, n)) => ([2, conn, c, 0, 0, 0], 3, n),
+        ((0, n), (1, c)) => ([3, conn, c, 0, 0, 0], 3, n),
         // Between two nodes, or two clients (no such link is used yet).
-        ((k, a), (l, b)) => (vec![12, conn, k, a, l, b], 0),
+        ((k, a), (l, b)) => ([12, conn, k, a, l, b], 6, 0),
     }
 }
