@@ -46,9 +46,11 @@
 //! fsync a later power loss takes them ([`SimOptions::sync_after_recovery`] turns it off, and
 //! `tests/planted.rs` shows what breaks).
 //!
-//! One node for now, with 1-3 shards: the cores do not replicate yet, so a second node would
-//! share nothing with the first. `nodes` is in the options and the schedule's events name
-//! their node, so replication adds nodes without changing the file format.
+//! The world is `nodes` nodes (one by default, and in the swarm), each with 1-3 shards and the
+//! clients attached to it. The cores do not replicate yet, so several nodes are several
+//! independent single-node clusters; the world already keeps an endpoint per node, links
+//! between any two endpoints, and schedules whose events name their node, so replication adds
+//! node-to-node traffic without changing the world's shape or the file format.
 //!
 //! # Example
 //!

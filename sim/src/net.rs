@@ -1,6 +1,6 @@
 //! The simulated network, in two layers, as in a real stack:
 //!
-//! - [`Network`] carries *packets* between endpoints (the node `n0`, clients `c0`, `c1`, …). Each
+//! - [`Network`] carries *packets* between endpoints (nodes `n0`, `n1`, …, clients `c0`, `c1`, …). Each
 //!   packet gets its own latency, drawn from a distribution with a heavy tail, so packets
 //!   reorder; a packet may be lost or duplicated; a *partition* drops every packet from one set
 //!   of endpoints to another (symmetric, or one-way); a *clogged* link holds its packets until

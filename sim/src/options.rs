@@ -18,8 +18,8 @@ pub const RETENTION_OFF_BYTES: u64 = 1 << 40;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct SimOptions {
-    /// Nodes of the cluster. One until shards replicate: the cores have no replication yet,
-    /// so a second node would share nothing with the first.
+    /// Nodes of the world. The cores do not replicate yet, so each node is a cluster of its
+    /// own, serving the clients attached to it (client `i` to node `i % nodes`).
     pub nodes: u32,
     /// Shards of the node; keys are placed by `fabric_router::Router`.
     pub shards: u32,
@@ -201,7 +201,10 @@ impl SimOptions {
     /// Why these options cannot run, if they cannot.
     pub fn validate(&self) -> Result<(), String> {
         let checks: [(bool, &str); 10] = [
-            (self.nodes == 1, "nodes must be 1 until shards replicate"),
+            (
+                self.nodes >= 1 && self.nodes as usize <= self.clients,
+                "nodes must be from 1 to clients (each node serves clients of its own)",
+            ),
             (self.shards >= 1, "shards must be at least 1"),
             (
                 self.partitions >= self.shards,

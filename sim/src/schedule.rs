@@ -258,8 +258,22 @@ fn generate_events(seed: u64, o: &SimOptions) -> Vec<Timed> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5343_4845_4455_4c45);
     let end = o.duration_ms;
     let mut events = Vec::new();
-    let clients: Vec<Endpoint> = (0..o.clients as u32).map(Endpoint::Client).collect();
-    let node = Endpoint::Node(0);
+    // The node each fault hits. With one node nothing is drawn, so a one-node schedule is the
+    // one it was before faults named their node.
+    let pick_node = |rng: &mut ChaCha8Rng| {
+        if o.nodes > 1 {
+            rng.random_range(0..o.nodes)
+        } else {
+            0
+        }
+    };
+    // Node `n`'s clients (`i % nodes == n`): all of them with one node.
+    let clients_of = |n: u32| -> Vec<Endpoint> {
+        (0..o.clients as u32)
+            .filter(|i| i % o.nodes == n)
+            .map(Endpoint::Client)
+            .collect()
+    };
     let push = |events: &mut Vec<Timed>, at_ms: u64, event: FaultEvent| {
         if at_ms < end {
             events.push(Timed { at_ms, event });
@@ -268,10 +282,11 @@ fn generate_events(seed: u64, o: &SimOptions) -> Vec<Timed> {
     if o.crash_interval_ms_mean > 0 {
         let mut t = gap(&mut rng, o.crash_interval_ms_mean);
         while t < end {
+            let node = pick_node(&mut rng);
             if rng.random_bool(o.read_corruption_probability) {
                 let shard = rng.random_range(0..o.shards);
                 let corrupt = FaultEvent::CorruptRead {
-                    node: 0,
+                    node,
                     shard,
                     segment: None,
                     offset_min: None,
@@ -282,19 +297,21 @@ fn generate_events(seed: u64, o: &SimOptions) -> Vec<Timed> {
             // Some crashes are of the process only: what it read back from the page cache
             // must be synced before it is served, or a later power loss takes it.
             let down = if rng.random_bool(0.3) {
-                FaultEvent::Kill { node: 0 }
+                FaultEvent::Kill { node }
             } else {
-                FaultEvent::Crash { node: 0 }
+                FaultEvent::Crash { node }
             };
             push(&mut events, t, down);
             let down = rng.random_range(0..=o.restart_delay_ms_max);
-            push(&mut events, t + down, FaultEvent::Restart { node: 0 });
+            push(&mut events, t + down, FaultEvent::Restart { node });
             t += down + gap(&mut rng, o.crash_interval_ms_mean);
         }
     }
     if o.partition_interval_ms_mean > 0 {
         let mut t = gap(&mut rng, o.partition_interval_ms_mean);
         while t < end {
+            let n = pick_node(&mut rng);
+            let (node, clients) = (Endpoint::Node(n), clients_of(n));
             let mut side: Vec<Endpoint> = clients
                 .iter()
                 .copied()
@@ -317,6 +334,8 @@ fn generate_events(seed: u64, o: &SimOptions) -> Vec<Timed> {
     if o.clog_interval_ms_mean > 0 {
         let mut t = gap(&mut rng, o.clog_interval_ms_mean);
         while t < end {
+            let n = pick_node(&mut rng);
+            let (node, clients) = (Endpoint::Node(n), clients_of(n));
             let c = clients[rng.random_range(0..clients.len())];
             let (from, to) = if rng.random_bool(0.5) {
                 (c, node)
@@ -331,10 +350,11 @@ fn generate_events(seed: u64, o: &SimOptions) -> Vec<Timed> {
     if o.disk_full_interval_ms_mean > 0 {
         let mut t = gap(&mut rng, o.disk_full_interval_ms_mean);
         while t < end {
+            let node = pick_node(&mut rng);
             let shard = rng.random_range(0..o.shards);
-            push(&mut events, t, FaultEvent::DiskFull { node: 0, shard });
+            push(&mut events, t, FaultEvent::DiskFull { node, shard });
             t += rng.random_range(1..=o.disk_full_ms_max.max(1));
-            push(&mut events, t, FaultEvent::DiskFree { node: 0, shard });
+            push(&mut events, t, FaultEvent::DiskFree { node, shard });
             t += gap(&mut rng, o.disk_full_interval_ms_mean);
         }
     }

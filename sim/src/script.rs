@@ -182,24 +182,42 @@ impl MeshSim {
         self.sim.wake(p.0, 0);
     }
 
-    /// Power loss on the node, now.
+    /// The node `p`'s client is attached to: peer `i` (in the order they were added) to node
+    /// `i % nodes`, so node 0 with one node.
+    pub fn node_of(&self, p: PeerId) -> u32 {
+        self.sim.node_of(p.0)
+    }
+
+    /// Power loss on node 0 (the only node unless the options say otherwise), now.
     pub fn crash_node(&mut self) {
-        self.fault(FaultEvent::Crash { node: 0 });
+        self.crash(0);
     }
 
-    /// The node boots and recovers.
+    /// Node 0 boots and recovers.
     pub fn restart_node(&mut self) {
-        self.fault(FaultEvent::Restart { node: 0 });
+        self.restart(0);
     }
 
-    /// Cuts `peers` off from the node (only their packets to it, if `one_way`).
+    /// Power loss on `node`, now.
+    pub fn crash(&mut self, node: u32) {
+        self.fault(FaultEvent::Crash { node });
+    }
+
+    /// `node` boots and recovers (nothing if it is up).
+    pub fn restart(&mut self, node: u32) {
+        self.fault(FaultEvent::Restart { node });
+    }
+
+    /// Cuts `peers` off from their nodes (only their packets to them, if `one_way`).
     pub fn partition(&mut self, peers: &[PeerId], one_way: bool) {
         let a = peers.iter().map(|p| Endpoint::Client(p.0 as u32)).collect();
-        self.fault(FaultEvent::Partition {
-            a,
-            b: vec![Endpoint::Node(0)],
-            one_way,
-        });
+        let mut b: Vec<Endpoint> = peers
+            .iter()
+            .map(|p| Endpoint::Node(self.node_of(*p)))
+            .collect();
+        b.sort();
+        b.dedup();
+        self.fault(FaultEvent::Partition { a, b, one_way });
     }
 
     /// Ends every partition and clog.
@@ -256,7 +274,7 @@ impl MeshSim {
 
     /// Acknowledged requests so far.
     pub fn acks(&self) -> u64 {
-        self.sim.model.acks()
+        self.sim.acks()
     }
 }
 

@@ -4,6 +4,125 @@
 
 use super::*;
 
+/// What a scripted client does next (see `crate::script`).
+#[derive(Debug, Clone)]
+pub(crate) enum Action {
+    Send {
+        to: Target,
+        body: String,
+    },
+    Append {
+        conv: Arc<str>,
+        body: String,
+        key: Option<Arc<str>>,
+    },
+}
+
+/// A request a client waits for an answer to, by its ref.
+#[derive(Debug, Clone)]
+pub(super) enum Req {
+    /// A send or append; `ordered` if the ordering checker follows its answer (sends, and
+    /// first attempts of appends).
+    Op {
+        op: usize,
+        ordered: bool,
+    },
+    Subscribe {
+        conv: Arc<str>,
+    },
+    Unsubscribe {
+        conv: Arc<str>,
+    },
+}
+
+#[derive(Debug)]
+pub(super) struct ClientConn {
+    pub(super) id: ConnId,
+    pub(super) stream: Stream,
+    pub(super) welcomed: bool,
+    /// A key hello waits for the session's challenge nonce.
+    pub(super) awaiting_challenge: bool,
+    pub(super) timer_at: Option<u64>,
+    /// Checker 8: the ordering promises on this connection.
+    pub(super) checks: ConnChecks,
+}
+
+#[derive(Debug)]
+pub(crate) struct Client {
+    pub(crate) peer: Arc<str>,
+    /// The node it is attached to (`Endpoint::Node(node)`), and its peer's index in that
+    /// node's model (`Node::clients[local]` is this client).
+    pub(super) node: usize,
+    pub(super) local: usize,
+    pub(super) token: String,
+    /// A key peer's signing key: it says key hellos.
+    pub(super) key: Option<ed25519_dalek::SigningKey>,
+    pub(super) binary: bool,
+    /// Server ops per frame this client asks for with `options` before each hello (0: none).
+    pub(super) batch_in: u32,
+    pub(super) conn: Option<ClientConn>,
+    pub(super) next_r: u64,
+    /// Ref -> request, on the current connection.
+    pub(super) inflight: BTreeMap<u64, Req>,
+    pub(super) retry: VecDeque<usize>,
+    pub(super) ops_left: u32,
+    pub(crate) script: VecDeque<Action>,
+    /// False while the client stays away (scripted `go_offline`).
+    pub(crate) online: bool,
+    pub(super) max_received: u64,
+    pub(super) acked_sent: u64,
+    /// Inbox messages received, once per position: sender, target, body.
+    pub(crate) received: BTreeMap<u64, (Arc<str>, Target, Body)>,
+    pub(super) wake_pending: bool,
+    /// After an `unavailable` or a lost connection, the client waits until this time.
+    pub(super) backoff_until_ms: u64,
+    /// The last event seq received per conversation: a new subscription starts after it.
+    pub(super) last_event: BTreeMap<Arc<str>, u64>,
+}
+
+impl Client {
+    /// Client `peer`, attached to node `node` as its `local`-th peer. Its key, frame kind and
+    /// batching are drawn from `rng`, client by client (the run's draws do not depend on the
+    /// node count).
+    pub(super) fn new(
+        peer: &Arc<str>,
+        node: usize,
+        local: usize,
+        options: &SimOptions,
+        scripted: bool,
+        rng: &mut ChaCha8Rng,
+    ) -> Client {
+        Client {
+            peer: peer.clone(),
+            node,
+            local,
+            token: format!("tok-{peer}"),
+            key: rng
+                .random_bool(options.key_peer_probability)
+                .then(|| ed25519_dalek::SigningKey::from_bytes(&rng.random())),
+            binary: rng.random_bool(options.binary_probability),
+            batch_in: if rng.random_bool(options.batch_in_probability) {
+                [2, 3, 64][rng.random_range(0..3)]
+            } else {
+                0
+            },
+            conn: None,
+            next_r: 1,
+            inflight: BTreeMap::new(),
+            retry: VecDeque::new(),
+            ops_left: if scripted { 0 } else { options.client_ops_max },
+            script: VecDeque::new(),
+            online: true,
+            max_received: 0,
+            acked_sent: 0,
+            received: BTreeMap::new(),
+            wake_pending: false,
+            backoff_until_ms: 0,
+            last_event: BTreeMap::new(),
+        }
+    }
+}
+
 impl Simulation {
     /// Client `c` abandons its connection (with a reset, which may or may not arrive): what was
     /// in flight has an unknown outcome. Keyed appends and sends are retried (a send may then
@@ -21,6 +140,7 @@ impl Simulation {
     }
 
     pub(super) fn lost_conn(&mut self, c: usize) {
+        let model = &self.nodes[self.clients[c].node].model;
         let client = &mut self.clients[c];
         client.conn = None;
         // In ref order, so retries go out in the order the operations first did. A hedged
@@ -28,7 +148,7 @@ impl Simulation {
         let mut lost: Vec<usize> = Vec::new();
         for req in std::mem::take(&mut client.inflight).into_values() {
             if let Req::Op { op, .. } = req {
-                if self.model.retryable(op) && !lost.contains(&op) && !client.retry.contains(&op) {
+                if model.retryable(op) && !lost.contains(&op) && !client.retry.contains(&op) {
                     lost.push(op);
                 }
             }
@@ -242,28 +362,9 @@ impl Simulation {
                     self,
                     "{peer} welcome session={session} acked={acked} head={head}"
                 );
-                if let Some(k) = self.clients[c].conn.as_mut() {
-                    k.welcomed = true;
-                }
-                // Anything received before was acknowledged or is redelivered from `acked`.
-                self.clients[c].acked_sent = acked;
-                self.clients[c].max_received = acked;
-                self.wake(c, 0);
+                self.client_welcome(c, acked);
             }
-            ServerOp::Challenge { nonce } => {
-                let k = self.clients[c].conn.as_mut();
-                if !k.as_ref().is_some_and(|k| k.awaiting_challenge) {
-                    return fail(
-                        ViolationKind::UnexpectedReply,
-                        format!("{peer} got a challenge it did not ask for"),
-                    );
-                }
-                if let Some(k) = k {
-                    k.awaiting_challenge = false;
-                }
-                let hello = self.signed_hello(c, nonce);
-                self.client_send(c, &hello);
-            }
+            ServerOp::Challenge { nonce } => self.client_challenge(c, nonce)?,
             ServerOp::Ok { r: OPTIONS_REF, .. } if self.clients[c].batch_in > 0 => {}
             ServerOp::Ok { r, pos, seq } => self.client_ok(c, r, pos.or(seq))?,
             ServerOp::Error {
@@ -296,21 +397,13 @@ impl Simulation {
                 body,
                 ..
             } => {
-                trace!(self, "{peer} deliver pos={pos}");
-                self.checks(c)?.on_deliver(pos)?;
-                self.model.delivered[c].insert(pos);
-                if self.scripted {
-                    // What `MeshSim::received` shows; the swarm has no use for it.
-                    self.clients[c].received.insert(pos, (from, to, body));
-                }
-                let client = &mut self.clients[c];
-                client.max_received = client.max_received.max(pos);
+                self.client_deliver(c, pos, from, to, body)?;
                 return Ok(true);
             }
             ServerOp::Event(e) => {
                 trace!(self, "{peer} event {} seq={}", e.conv, e.seq);
                 self.counters.workload.events_received += 1;
-                let evicted = self.model.evicted_upto(&e.conv);
+                let evicted = self.model(c).evicted_upto(&e.conv);
                 self.checks(c)?.on_event(&e.conv, e.seq, evicted)?;
                 self.clients[c].last_event.insert(e.conv, e.seq);
             }
@@ -327,6 +420,59 @@ impl Simulation {
         Ok(false)
     }
 
+    /// The session's welcome: the client may send, and anything it received before was
+    /// acknowledged or is redelivered from `acked`.
+    fn client_welcome(&mut self, c: usize, acked: u64) {
+        if let Some(k) = self.clients[c].conn.as_mut() {
+            k.welcomed = true;
+        }
+        self.clients[c].acked_sent = acked;
+        self.clients[c].max_received = acked;
+        self.wake(c, 0);
+    }
+
+    /// A `challenge` a key peer asked for: it answers with its signed hello.
+    fn client_challenge(&mut self, c: usize, nonce: [u8; 32]) -> Checked {
+        let k = self.clients[c].conn.as_mut();
+        if !k.as_ref().is_some_and(|k| k.awaiting_challenge) {
+            return fail(
+                ViolationKind::UnexpectedReply,
+                format!(
+                    "{} got a challenge it did not ask for",
+                    self.clients[c].peer
+                ),
+            );
+        }
+        if let Some(k) = k {
+            k.awaiting_challenge = false;
+        }
+        let hello = self.signed_hello(c, nonce);
+        self.client_send(c, &hello);
+        Ok(())
+    }
+
+    /// An inbox delivery at client `c` (checker 8 on its order; the model notes it arrived).
+    fn client_deliver(
+        &mut self,
+        c: usize,
+        pos: u64,
+        from: Arc<str>,
+        to: Target,
+        body: Body,
+    ) -> Checked {
+        trace!(self, "{} deliver pos={pos}", self.clients[c].peer);
+        self.checks(c)?.on_deliver(pos)?;
+        let local = self.clients[c].local;
+        self.model_mut(c).delivered[local].insert(pos);
+        if self.scripted {
+            // What `MeshSim::received` shows; the swarm has no use for it.
+            self.clients[c].received.insert(pos, (from, to, body));
+        }
+        let client = &mut self.clients[c];
+        client.max_received = client.max_received.max(pos);
+        Ok(())
+    }
+
     /// An `ok` for ref `r` carrying `value` (a send's position, an append's seq, or none).
     fn client_ok(&mut self, c: usize, r: u64, value: Option<u64>) -> Checked {
         let Some(req) = self.clients[c].inflight.remove(&r) else {
@@ -340,7 +486,7 @@ impl Simulation {
         };
         match req {
             Req::Op { op, ordered: true } => {
-                let key = self.model.order_key(op);
+                let key = self.model(c).order_key(op);
                 self.checks(c)?.answered(&key, r, value)?;
             }
             Req::Op { .. } => {}
@@ -359,7 +505,7 @@ impl Simulation {
         match self.clients[c].inflight.remove(&r) {
             Some(Req::Op { op, ordered }) => {
                 if ordered {
-                    let key = self.model.order_key(op);
+                    let key = self.model(c).order_key(op);
                     self.checks(c)?.answered(&key, r, None)?;
                 }
                 let client = &self.clients[c];
@@ -369,7 +515,7 @@ impl Simulation {
                         .inflight
                         .values()
                         .any(|q| matches!(q, Req::Op { op: o, .. } if *o == op));
-                if self.model.retryable(op) && !queued {
+                if self.model(c).retryable(op) && !queued {
                     self.clients[c].retry.push_back(op);
                 }
             }
@@ -382,5 +528,19 @@ impl Simulation {
         self.clients[c].backoff_until_ms = self.now + delay;
         self.wake(c, delay);
         Ok(())
+    }
+
+    /// The model of client `c`'s node (its operations, its peer's promises).
+    pub(super) fn model(&self, c: usize) -> &Model {
+        &self.nodes[self.clients[c].node].model
+    }
+
+    pub(super) fn model_mut(&mut self, c: usize) -> &mut Model {
+        &mut self.nodes[self.clients[c].node].model
+    }
+
+    /// The node client `c` is attached to.
+    pub(crate) fn node_of(&self, c: usize) -> u32 {
+        self.clients[c].node as u32
     }
 }

@@ -30,40 +30,39 @@ pub(super) struct HttpRead {
 }
 
 impl Simulation {
-    /// Queues the next read, while faults are on.
-    pub(super) fn schedule_http_read(&mut self) {
+    /// Queues the next read of node `n`'s HTTP client, while faults are on.
+    pub(super) fn schedule_http_read(&mut self, n: usize) {
         let mean = self.options.http_read_interval_ms_mean;
         if mean > 0 && self.phase == Phase::Faults {
             let gap = self.rng.random_range(1..=mean.saturating_mul(2));
-            self.schedule_at(self.now + gap, Event::HttpRead);
+            self.schedule_at(self.now + gap, Event::HttpRead { node: n });
         }
     }
 
-    /// An HTTP client reads a page of a conversation (if the node is up: otherwise its
-    /// connection is refused).
-    pub(super) fn http_read(&mut self) {
-        self.schedule_http_read();
-        if !self.node_up || self.phase != Phase::Faults {
+    /// Node `n`'s HTTP client reads a page of a conversation as one of the node's peers (if
+    /// the node is up: otherwise its connection is refused).
+    pub(super) fn http_read(&mut self, n: usize) {
+        self.schedule_http_read(n);
+        if !self.nodes[n].up || self.phase != Phase::Faults {
             return;
         }
         let conv: Arc<str> = format!("c{}", self.rng.random_range(0..self.options.convs)).into();
-        let peer = self.rng.random_range(0..self.clients.len());
+        let peer = self.nodes[n].clients[self.rng.random_range(0..self.nodes[n].clients.len())];
         let from = match self.rng.random_range(0..4) {
             0 => 0,
             1 => 1,
             _ => self
                 .rng
-                .random_range(1..=self.model.conv_acked_max(&conv) + 2),
+                .random_range(1..=self.nodes[n].model.conv_acked_max(&conv) + 2),
         };
         let limit = HTTP_READ_LIMITS[self.rng.random_range(0..HTTP_READ_LIMITS.len())];
-        let session = self.next_session;
-        self.next_session += 1;
+        let session = self.nodes[n].new_session();
         trace!(
             self,
             "http session {session} reads {conv} from={from} limit={limit} as {}",
             self.clients[peer].peer
         );
-        self.http.insert(
+        self.nodes[n].http.insert(
             session,
             HttpRead {
                 shard: self.mesh_shard,
@@ -79,22 +78,26 @@ impl Simulation {
             mesh: MESH.into(),
             token: self.clients[peer].token.clone(),
         };
-        self.http_send(session, auth);
+        self.http_send(n, session, auth);
     }
 
     /// One request of an HTTP session, through the HTTP router into the shards' channels.
-    fn http_send(&mut self, session: SessionId, op: ShardOp) {
-        self.http_router
+    fn http_send(&mut self, n: usize, session: SessionId, op: ShardOp) {
+        let node = &mut self.nodes[n];
+        node.http_router
             .handle_request(self.now, Route::ByKey, Request { session, op });
-        while let Some((shard, batch)) = self.http_router.poll_batch() {
-            self.hosts[shard as usize].input.push_back(batch);
+        while let Some((shard, batch)) = node.http_router.poll_batch() {
+            node.hosts[shard as usize].input.push_back(batch);
         }
     }
 
     /// A shard's answer to an HTTP session: `Authed`, then the page.
-    pub(super) fn http_reply(&mut self, o: Output) -> Checked {
+    pub(super) fn http_reply(&mut self, n: usize, o: Output) -> Checked {
         let session = o.session;
-        let h = self.http.get_mut(&session).expect("an HTTP session");
+        let h = self.nodes[n]
+            .http
+            .get_mut(&session)
+            .expect("an HTTP session");
         match o.reply {
             Reply::Authed { peer, .. } if !h.authed => {
                 let want = &self.clients[h.peer].peer;
@@ -107,7 +110,7 @@ impl Simulation {
                 h.authed = true;
                 let (conv, from, limit) = (h.conv.clone(), h.from, h.limit);
                 let shard = self.conv_shard(&conv);
-                if let Some(h) = self.http.get_mut(&session) {
+                if let Some(h) = self.nodes[n].http.get_mut(&session) {
                     h.shard = shard;
                 }
                 let read = ShardOp::Read {
@@ -117,11 +120,14 @@ impl Simulation {
                     from,
                     limit,
                 };
-                self.http_send(session, read);
+                self.http_send(n, session, read);
                 Ok(())
             }
             Reply::Messages { events, head, .. } if h.authed => {
-                let h = self.http.remove(&session).expect("an HTTP session");
+                let h = self.nodes[n]
+                    .http
+                    .remove(&session)
+                    .expect("an HTTP session");
                 trace!(
                     self,
                     "http session {session} got {} events of {} head={head}",
@@ -129,9 +135,9 @@ impl Simulation {
                     h.conv
                 );
                 self.counters.workload.http_reads += 1;
-                self.check_page(&h, &events, head)?;
+                self.check_page(n, &h, &events, head)?;
                 // As the HTTP glue does: let the shards forget the one-request session.
-                self.http_send(session, ShardOp::Closed);
+                self.http_send(n, session, ShardOp::Closed);
                 Ok(())
             }
             // A shard that is down answers `unavailable` (the node's 503): the request ends.
@@ -140,9 +146,9 @@ impl Simulation {
                 message,
                 ..
             }) => {
-                self.http.remove(&session);
+                self.nodes[n].http.remove(&session);
                 trace!(self, "http session {session} unavailable: {message}");
-                self.http_send(session, ShardOp::Closed);
+                self.http_send(n, session, ShardOp::Closed);
                 Ok(())
             }
             other => fail(
@@ -155,19 +161,20 @@ impl Simulation {
     /// Checkers 1, 2 and 7 on one page.
     fn check_page(
         &mut self,
+        n: usize,
         h: &HttpRead,
         events: &[fabric_proto::DeliveredEvent],
         head: u64,
     ) -> Checked {
         let conv = &h.conv;
-        let acked = self.model.conv_acked_max(conv);
+        let acked = self.nodes[n].model.conv_acked_max(conv);
         if head < acked {
             return fail(
                 ViolationKind::LostWrite,
                 format!("http read of {conv}: head {head} is below acknowledged seq {acked}"),
             );
         }
-        let evicted = self.model.evicted_upto(conv);
+        let evicted = self.nodes[n].model.evicted_upto(conv);
         let start = h.from.max(1);
         let ok = match events.first() {
             // From `from`, or past evicted seqs only; dense; up to `limit` or the head.
@@ -197,13 +204,13 @@ impl Simulation {
             );
         }
         for e in events {
-            self.check_durable_event(h.shard, "an http client", e)?;
+            self.check_durable_event(n, h.shard, "an http client", e)?;
         }
         Ok(())
     }
 
     /// A shard restarted: HTTP requests waiting for it are lost (the node answers them 503).
-    pub(super) fn http_forget(&mut self, shard: ShardIdx) {
-        self.http.retain(|_, h| h.shard != shard);
+    pub(super) fn http_forget(&mut self, n: usize, shard: ShardIdx) {
+        self.nodes[n].http.retain(|_, h| h.shard != shard);
     }
 }

@@ -1,7 +1,21 @@
-//! The simulated world: one node (its shards, their disks, the edge sessions and routers the
-//! glue keeps per connection), the clients, the network between them, and the event queue that
-//! moves simulated time. Everything here is the glue's job done by hand, one thread, no I/O:
-//! the decisions stay in the real cores.
+//! The simulated world: its nodes (`options.nodes`, each the shared sans-IO host of its
+//! shards, their disks, and the edge sessions and routers the glue keeps per connection), the
+//! clients, each attached to a node, the network between them, and the event queue that moves
+//! simulated time. Everything here is the glue's job done by hand, one thread, no I/O: the
+//! decisions stay in the real cores.
+//!
+//! This file holds the world and its event loop; the rest is split by concern:
+//!
+//! - `event`: the queue's events and their order (and their part of the run's hash);
+//! - `trace`: the run's trace (hash and lines);
+//! - `links`: network wiring: packets between endpoints, the ends of connections taking them;
+//! - `node`: a node and its glue (shard loops, session tasks, routers), and its setup;
+//! - `storage`: a node's WAL writes, their faults, recovery from its disks;
+//! - `client` and `workload`: the clients' connections, and what they ask for;
+//! - `http`: the HTTP client beside each node;
+//! - `audit`: the checks hooked into the world (frames leaving a shard, recovered shards,
+//!   the final checks);
+//! - `faults`: a schedule's events applied to the node, shard, link or client they name.
 
 use crate::check::conn::ConnChecks;
 use crate::check::durable::Durable;
@@ -40,14 +54,24 @@ macro_rules! trace {
     };
 }
 
+mod audit;
 mod client;
+mod event;
+mod faults;
 mod http;
 mod links;
 mod node;
 mod storage;
+mod trace;
 mod workload;
 
+use client::{Client, Req};
+use event::{Event, Queued};
 use http::HttpRead;
+use node::{new_driver, ArmedFlip, Inflight, Node, NodeConn};
+use trace::Trace;
+
+pub(crate) use client::Action;
 
 /// The mesh every simulated client belongs to.
 pub const MESH: &str = "m";
@@ -79,276 +103,11 @@ pub(crate) fn groups_of(i: usize) -> Vec<Arc<str>> {
     g
 }
 
-/// Where `--trace` lines go.
-pub(crate) type TraceSink = Box<dyn FnMut(&str) + Send>;
-
-/// The run's trace. Its hash covers every event the run processes (its time, kind and ids:
-/// `Event::hash_into`), whether or not lines are written, so a run has one hash with or
-/// without `--trace`. Lines, which cost most of a fast run's time to format, are made only
-/// for a sink (`--trace`) or for the ring of last lines a violation report carries; a fast
-/// run that fails is run again with the ring on (`crate::run`), which determinism makes the
-/// same run.
-pub(crate) struct Trace {
-    pub(crate) hash: Fnv,
-    /// Whether lines are formatted at all.
-    pub(crate) lines: bool,
-    /// The last [`TRACE_RING_LINES`] lines, if kept.
-    pub(crate) ring: Option<VecDeque<String>>,
-    /// Every line also goes here (`fabric sim --trace`).
-    pub(crate) sink: Option<TraceSink>,
-}
-
-impl Trace {
-    fn line(&mut self, now: u64, text: String) {
-        let line = format!("{now:>6}ms {text}");
-        if let Some(sink) = &mut self.sink {
-            sink(&line);
-        }
-        if let Some(ring) = &mut self.ring {
-            if ring.len() == TRACE_RING_LINES {
-                ring.pop_front();
-            }
-            ring.push_back(line);
-        }
-    }
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
     Setup,
     Faults,
     Liveness,
-}
-
-/// What a scripted client does next (see `crate::script`).
-#[derive(Debug, Clone)]
-pub(crate) enum Action {
-    Send {
-        to: Target,
-        body: String,
-    },
-    Append {
-        conv: Arc<str>,
-        body: String,
-        key: Option<Arc<str>>,
-    },
-}
-
-/// A request a client waits for an answer to, by its ref.
-#[derive(Debug, Clone)]
-enum Req {
-    /// A send or append; `ordered` if the ordering checker follows its answer (sends, and
-    /// first attempts of appends).
-    Op {
-        op: usize,
-        ordered: bool,
-    },
-    Subscribe {
-        conv: Arc<str>,
-    },
-    Unsubscribe {
-        conv: Arc<str>,
-    },
-}
-
-#[derive(Debug)]
-struct ClientConn {
-    id: ConnId,
-    stream: Stream,
-    welcomed: bool,
-    /// A key hello waits for the session's challenge nonce.
-    awaiting_challenge: bool,
-    timer_at: Option<u64>,
-    /// Checker 8: the ordering promises on this connection.
-    checks: ConnChecks,
-}
-
-#[derive(Debug)]
-pub(crate) struct Client {
-    pub(crate) peer: Arc<str>,
-    token: String,
-    /// A key peer's signing key: it says key hellos.
-    key: Option<ed25519_dalek::SigningKey>,
-    binary: bool,
-    /// Server ops per frame this client asks for with `options` before each hello (0: none).
-    batch_in: u32,
-    conn: Option<ClientConn>,
-    next_r: u64,
-    /// Ref -> request, on the current connection.
-    inflight: BTreeMap<u64, Req>,
-    retry: VecDeque<usize>,
-    ops_left: u32,
-    pub(crate) script: VecDeque<Action>,
-    /// False while the client stays away (scripted `go_offline`).
-    pub(crate) online: bool,
-    max_received: u64,
-    acked_sent: u64,
-    /// Inbox messages received, once per position: sender, target, body.
-    pub(crate) received: BTreeMap<u64, (Arc<str>, Target, Body)>,
-    wake_pending: bool,
-    /// After an `unavailable` or a lost connection, the client waits until this time.
-    backoff_until_ms: u64,
-    /// The last event seq received per conversation: a new subscription starts after it.
-    last_event: BTreeMap<Arc<str>, u64>,
-}
-
-/// A connection as the node's glue holds it: the socket (stream), the session core, and the
-/// session's router.
-#[derive(Debug)]
-struct NodeConn {
-    client: usize,
-    stream: Stream,
-    session: Session,
-    router: Router,
-    timer_at: Option<u64>,
-    /// The session's reply queue (the node's bounded channel from the shards), in batches.
-    replies: VecDeque<(ShardIdx, Vec<Reply>)>,
-}
-
-#[derive(Debug)]
-struct Inflight {
-    id: u64,
-    write: WriteJob,
-    /// The acks taken in before the write was polled (checker 6), for the mesh's shard.
-    acks: Vec<u64>,
-}
-
-/// Where the next recovery of a shard reads a flipped bit.
-#[derive(Debug, Clone, Copy)]
-struct ArmedFlip {
-    segment: Option<u64>,
-    offset_min: Option<u64>,
-    offset_max: Option<u64>,
-}
-
-/// What a shard's host hands the simulated node, in order.
-#[derive(Debug)]
-pub(super) enum HostOut {
-    Replies(SessionId, Vec<Reply>),
-    Close(SessionId, CloseReason),
-}
-
-/// One shard of the node: the node's own host (`fabric_router::host::ShardDriver`) and what the
-/// simulated glue around it keeps.
-struct Host {
-    driver: ShardDriver,
-    disk: Disk,
-    /// Bumped by every restart; a timer for an older incarnation is stale.
-    epoch: u64,
-    inflight: Option<Inflight>,
-    /// The glue's input channel: request batches, one per router hand-off, left there while
-    /// the shard wants no input (backpressure).
-    input: VecDeque<Vec<Request>>,
-    disk_full: bool,
-    flip: Option<ArmedFlip>,
-    /// When the driver's next timer is scheduled (monotonic ms), if one is.
-    timer_at: Option<u64>,
-}
-
-#[derive(Debug)]
-enum Event {
-    Wake(usize),
-    ToNode {
-        conn: ConnId,
-        client: usize,
-        seg: Segment,
-    },
-    ToClient {
-        client: usize,
-        conn: ConnId,
-        seg: Segment,
-    },
-    NodeTimer(ConnId),
-    ClientTimer(usize, ConnId),
-    WalDone {
-        shard: ShardIdx,
-        write: u64,
-    },
-    /// The shard driver's timer (restart backoff, stall watchdog).
-    ShardTimer {
-        shard: ShardIdx,
-        epoch: u64,
-    },
-    Fault(FaultEvent),
-    FaultsEnd,
-    /// An HTTP client reads a conversation.
-    HttpRead,
-}
-
-/// An event in the queue. The heap pops the earliest first, and of events at the same time
-/// the one queued first, so the order is a function of the run alone.
-#[derive(Debug)]
-struct Queued {
-    at: u64,
-    seq: u64,
-    event: Event,
-}
-
-impl PartialEq for Queued {
-    fn eq(&self, other: &Queued) -> bool {
-        (self.at, self.seq) == (other.at, other.seq)
-    }
-}
-
-impl Eq for Queued {}
-
-impl PartialOrd for Queued {
-    fn partial_cmp(&self, other: &Queued) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(other))
-    }
-}
-
-impl Ord for Queued {
-    fn cmp(&self, other: &Queued) -> std::cmp::Ordering {
-        // Reversed: `BinaryHeap` is a max-heap.
-        (other.at, other.seq).cmp(&(self.at, self.seq))
-    }
-}
-
-impl Event {
-    /// Feeds the event's kind and identity into the run's hash (`Trace`).
-    fn hash_into(&self, h: &mut Fnv) {
-        let mut put = |xs: &[u64]| {
-            for x in xs {
-                h.write(&x.to_le_bytes());
-            }
-        };
-        let seg = |s: &Segment| match s {
-            Segment::Data { seq, bytes } => [1, *seq, bytes.len() as u64],
-            Segment::Ack { next } => [2, *next, 0],
-            Segment::Ping => [3, 0, 0],
-            Segment::Reset => [4, 0, 0],
-        };
-        match self {
-            Event::Wake(c) => put(&[1, *c as u64]),
-            Event::ToNode {
-                conn,
-                client,
-                seg: s,
-            } => {
-                put(&[2, *conn, *client as u64]);
-                put(&seg(s));
-            }
-            Event::ToClient {
-                client,
-                conn,
-                seg: s,
-            } => {
-                put(&[3, *conn, *client as u64]);
-                put(&seg(s));
-            }
-            Event::NodeTimer(id) => put(&[4, *id]),
-            Event::ClientTimer(c, id) => put(&[5, *c as u64, *id]),
-            Event::WalDone { shard, write } => put(&[6, u64::from(*shard), *write]),
-            Event::ShardTimer { shard, epoch } => put(&[7, u64::from(*shard), *epoch]),
-            Event::Fault(f) => {
-                put(&[8]);
-                h.write(format!("{f:?}").as_bytes());
-            }
-            Event::FaultsEnd => put(&[9]),
-            Event::HttpRead => put(&[10]),
-        }
-    }
 }
 
 /// Counters for the summary.
@@ -374,22 +133,9 @@ pub struct Simulation {
     next_event: u64,
     pub(crate) phase: Phase,
     deadline_ms: u64,
-    node_up: bool,
-    hosts: Vec<Host>,
-    conns: BTreeMap<ConnId, NodeConn>,
-    sessions: BTreeMap<SessionId, ConnId>,
-    /// Every connection the node ever accepted, in any incarnation. It stands for what the
-    /// client's end of a real connection knows and a reboot does not erase: the connection is
-    /// established and its sequence numbers are in use. A rebooted node has no socket for it,
-    /// so its stray packets (a retransmission, or a delayed or duplicated first packet) get a
-    /// reset, as from a real stack: TCP never accepts a mid-stream segment as a new connection,
-    /// and answers an old SYN with a SYN-ACK the client refuses. A connection whose first
-    /// packet never reached the node may still open after a reboot (its handshake simply
-    /// completes then). Forgetting this on `crash()` let an old connection reopen on the
-    /// rebooted node with its sequence numbers starting over, replaying its hello and requests
-    /// (swarm seeds 1335, 1346, 8383, 12983, 19926, 21929, 25111, 25749, 26067, 29274).
-    known_conns: BTreeSet<ConnId>,
-    dirty: BTreeSet<ConnId>,
+    /// One per node endpoint (`Endpoint::Node(i)` is `nodes[i]`): each its own hosts, disks,
+    /// connections and checkers' view (see `node::Node`).
+    nodes: Vec<Node>,
     net: Network,
     placement: Router,
     mesh_shard: ShardIdx,
@@ -398,17 +144,11 @@ pub struct Simulation {
     /// node's rule).
     reply_queue_batches_max: usize,
     next_write: u64,
+    /// Connection ids are unique over the run, across nodes (the network tells stray packets
+    /// of old connections apart by them).
     next_conn: ConnId,
-    next_session: SessionId,
     pub(crate) clients: Vec<Client>,
     refs: BTreeMap<(ConnId, u64), Req>,
-    /// Checker 7's oracle: what the disks hold synced.
-    durable: Durable,
-    /// HTTP reads in progress, by their session, and the router they go through.
-    http: BTreeMap<SessionId, HttpRead>,
-    http_router: Router,
-    probe: Option<SessionId>,
-    pub(crate) model: Model,
     pub(crate) trace: Trace,
     pub(crate) counters: Counters,
     /// The schedule this run applies (for writing out when it fails).
@@ -448,63 +188,27 @@ impl Simulation {
         let options = schedule.options.clone();
         let placement = Router::new(options.partitions, options.shards).expect("valid placement");
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let nodes = options.nodes as usize;
+        // Client `i` is attached to node `i % nodes` (all to node 0 with one node), in the
+        // order of `peers`: their draws come in that order whatever the node count.
         let clients: Vec<Client> = peers
             .iter()
-            .map(|(peer, _)| Client {
-                peer: peer.clone(),
-                token: format!("tok-{peer}"),
-                key: rng
-                    .random_bool(options.key_peer_probability)
-                    .then(|| ed25519_dalek::SigningKey::from_bytes(&rng.random())),
-                binary: rng.random_bool(options.binary_probability),
-                batch_in: if rng.random_bool(options.batch_in_probability) {
-                    [2, 3, 64][rng.random_range(0..3)]
-                } else {
-                    0
-                },
-                conn: None,
-                next_r: 1,
-                inflight: BTreeMap::new(),
-                retry: VecDeque::new(),
-                ops_left: if scripted { 0 } else { options.client_ops_max },
-                script: VecDeque::new(),
-                online: true,
-                max_received: 0,
-                acked_sent: 0,
-                received: BTreeMap::new(),
-                wake_pending: false,
-                backoff_until_ms: 0,
-                last_event: BTreeMap::new(),
+            .enumerate()
+            .map(|(i, (peer, _))| {
+                Client::new(peer, i % nodes, i / nodes, &options, scripted, &mut rng)
             })
             .collect();
-        let names = peers.iter().map(|(p, _)| p.clone()).collect();
-        let groups = peers.iter().map(|(_, g)| g.clone()).collect();
-        let retention = options.retention_bytes_max < RETENTION_OFF_BYTES;
-        let hosts = (0..options.shards)
-            .map(|s| Host {
-                driver: new_driver(&options, s),
-                disk: Disk::new(s),
-                epoch: 0,
-                inflight: None,
-                input: VecDeque::new(),
-                disk_full: false,
-                flip: None,
-                timer_at: None,
+        let nodes = (0..nodes)
+            .map(|n| {
+                let mine: Vec<usize> = (n..clients.len()).step_by(nodes).collect();
+                let peers = mine.iter().map(|&i| peers[i].clone()).collect();
+                Node::new(n, &options, &placement, peers, mine)
             })
             .collect();
-        let http_router = placement.clone();
         let mesh_shard = placement
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
-        let reply_queue_batches_max = match options.reply_queue_batches_max {
-            0 => fabric_router::host::session_reply_queue_batches_min(
-                options.push_credit_frames_max,
-                options.shards,
-                options.session_inflight_requests_max,
-            )
-            .unwrap_or(usize::MAX),
-            n => n,
-        };
+        let reply_queue_batches_max = reply_queue_batches_max(&options);
         let session_config = SessionConfig {
             inflight_requests_max: options.session_inflight_requests_max,
             ..SessionConfig::default()
@@ -517,12 +221,7 @@ impl Simulation {
             next_event: 0,
             phase: Phase::Setup,
             deadline_ms: u64::MAX,
-            node_up: true,
-            hosts,
-            conns: BTreeMap::new(),
-            sessions: BTreeMap::new(),
-            known_conns: BTreeSet::new(),
-            dirty: BTreeSet::new(),
+            nodes,
             net: Network::default(),
             placement,
             mesh_shard,
@@ -530,14 +229,8 @@ impl Simulation {
             reply_queue_batches_max,
             next_write: 0,
             next_conn: 1,
-            next_session: 1,
             clients,
             refs: BTreeMap::new(),
-            durable: Durable::new(options.shards as usize),
-            http: BTreeMap::new(),
-            http_router,
-            probe: None,
-            model: Model::new(names, groups, retention),
             trace: Trace {
                 hash: Fnv::new(),
                 lines: false,
@@ -593,7 +286,7 @@ impl Simulation {
             trace_hash: self.trace.hash.0,
             sim_ms: self.now,
             events: self.counters.events,
-            requests_acked: self.model.acks(),
+            requests_acked: self.acks(),
             crashes: self.counters.crashes,
             restarts: self.counters.restarts,
             faults_injected: self.counters.faults,
@@ -664,7 +357,9 @@ impl Simulation {
         if !self.scripted {
             self.schedule_at(self.options.duration_ms, Event::FaultsEnd);
         }
-        self.schedule_http_read();
+        for n in 0..self.nodes.len() {
+            self.schedule_http_read(n);
+        }
         for c in 0..self.clients.len() {
             let delay = self.rng.random_range(0..=self.think_time_max_ms);
             self.wake(c, delay);
@@ -727,12 +422,14 @@ impl Simulation {
             "faults end: the network and disks heal, every client reconnects and drains"
         );
         self.net.heal();
-        for h in &mut self.hosts {
-            h.disk_full = false;
-            h.flip = None;
-        }
-        if !self.node_up {
-            self.restart_node()?;
+        for n in 0..self.nodes.len() {
+            for h in &mut self.nodes[n].hosts {
+                h.disk_full = false;
+                h.flip = None;
+            }
+            if !self.nodes[n].up {
+                self.restart_node(n)?;
+            }
         }
         for c in 0..self.clients.len() {
             self.clients[c].online = true;
@@ -754,31 +451,11 @@ impl Simulation {
                     .as_ref()
                     .is_some_and(|k| k.welcomed && k.stream.unacked() == 0)
         });
-        clients
-            && self.node_up
-            && self.http.is_empty()
-            && self
-                .hosts
-                .iter()
-                .all(|h| h.driver.is_idle() && h.input.is_empty() && h.inflight.is_none())
-            && self.conns.values().all(|k| k.stream.unacked() == 0)
+        clients && self.nodes.iter().all(Node::quiescent)
     }
 
     fn pending_summary(&self) -> String {
-        let shards: Vec<String> = self
-            .hosts
-            .iter()
-            .enumerate()
-            .map(|(s, h)| {
-                format!(
-                    "s{s} idle={} status={:?} input={} writing={}",
-                    h.driver.is_idle(),
-                    h.driver.status(),
-                    h.input.len(),
-                    h.inflight.is_some()
-                )
-            })
-            .collect();
+        let nodes: Vec<String> = self.nodes.iter().map(Node::pending_summary).collect();
         let clients: Vec<String> = self
             .clients
             .iter()
@@ -795,12 +472,12 @@ impl Simulation {
                 )
             })
             .collect();
-        format!(
-            "node_up={} {}; clients: {}",
-            self.node_up,
-            shards.join(", "),
-            clients.join("; ")
-        )
+        format!("{}; clients: {}", nodes.join("; "), clients.join("; "))
+    }
+
+    /// Requests acknowledged so far, on every node.
+    pub(crate) fn acks(&self) -> u64 {
+        self.nodes.iter().map(|n| n.model.acks()).sum()
     }
 
     /// A run whose queue ran dry before it became quiet stalled.
@@ -818,144 +495,8 @@ impl Simulation {
         )
     }
 
-    /// Adds an event applied now to the run's schedule (scripted runs).
-    pub(crate) fn record(&mut self, event: FaultEvent) {
-        self.schedule.events.push(Timed {
-            at_ms: self.now,
-            event,
-        });
-    }
-
-    /// Checker 9, once everything is quiet: no shard holds state for a session the node no
-    /// longer has (every session that ends tells every shard `Closed`, through its router).
-    fn check_no_leaked_sessions(&self) -> Checked {
-        for (s, h) in self.hosts.iter().enumerate() {
-            if let Some(id) = h
-                .driver
-                .shard()
-                .map(|x| x.session_ids())
-                .unwrap_or_default()
-                .into_iter()
-                .find(|id| !self.sessions.contains_key(id))
-            {
-                return fail(
-                    ViolationKind::LeakedSession,
-                    format!("s{s} holds state for session {id}, which the node closed"),
-                );
-            }
-        }
-        Ok(())
-    }
-
-    /// The final checks once everything is quiet (checkers 3 and 9).
-    fn finish(&mut self) -> Checked {
-        self.model.final_delivery()?;
-        self.check_no_leaked_sessions()?;
-        self.finished = true;
-        trace!(
-            self,
-            "end acked={} crashes={} restarts={} faults={} connections={}",
-            self.model.acks(),
-            self.counters.crashes,
-            self.counters.restarts,
-            self.counters.faults,
-            self.counters.connections
-        );
-        Ok(())
-    }
-
-    /// Creates the mesh and its peers on the mesh's shard, without faults.
-    fn setup(&mut self) -> Checked {
-        let admin = self.next_session;
-        self.next_session += 1;
-        let mut ops = vec![ShardOp::CreateMesh {
-            r: 0,
-            mesh: MESH.into(),
-        }];
-        for (i, c) in self.clients.iter().enumerate() {
-            ops.push(ShardOp::AddPeer {
-                r: i as u64 + 1,
-                mesh: MESH.into(),
-                peer: c.peer.clone(),
-                groups: self.model.groups[i].clone(),
-                token_hash: Some(fabric_shard::token_hash(&c.token)),
-                public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
-            });
-        }
-        let want = ops.len();
-        // Every shard recovers its (empty) disk, as a node does when it starts.
-        for shard in 0..self.hosts.len() as ShardIdx {
-            self.setup_effects(shard, admin)?;
-        }
-        // One admin call per batch, as the node's HTTP admin path sends them, and only while
-        // the shard wants input.
-        let mut oks = 0;
-        let shard = self.mesh_shard;
-        for op in ops {
-            let t = self.time();
-            let batch = vec![Request { session: admin, op }];
-            self.hosts[shard as usize]
-                .driver
-                .handle_batch(t, admin, batch);
-            oks += self.setup_effects(shard, admin)?;
-        }
-        if oks != want {
-            return fail(
-                ViolationKind::Liveness,
-                format!("setup got {oks} of {want} oks"),
-            );
-        }
-        trace!(
-            self,
-            "setup done: mesh {MESH} on shard {} with {} peers",
-            self.mesh_shard,
-            self.clients.len()
-        );
-        Ok(())
-    }
-
-    /// Performs a shard driver's effects at once, without faults (setup); returns the `ok`s.
-    fn setup_effects(&mut self, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
-        let mut oks = 0;
-        let t = self.time();
-        let host = &mut self.hosts[shard as usize];
-        while let Some(e) = host.driver.poll_effect() {
-            match e {
-                Effect::Write(w) => {
-                    let r = w.perform(&mut host.disk);
-                    if let Err(f) = &r {
-                        return fail(
-                            ViolationKind::Liveness,
-                            format!("setup write failed: {f:?}"),
-                        );
-                    }
-                    self.counters.wal_writes += 1;
-                    host.driver.handle_write_done(t, r);
-                }
-                Effect::Recover(job) => {
-                    let r = job.perform(&mut host.disk);
-                    host.driver.handle_recovered(t, r);
-                }
-                Effect::Replies { session, replies } if session == admin => {
-                    for r in replies {
-                        match r {
-                            Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
-                            r => {
-                                return fail(
-                                    ViolationKind::UnexpectedReply,
-                                    format!("setup got {r:?}"),
-                                )
-                            }
-                        }
-                    }
-                }
-                e => return fail(ViolationKind::UnexpectedReply, format!("setup got {e:?}")),
-            }
-        }
-        Ok(oks)
-    }
-
-    /// The simulated clock as the host reads it: one clock serves as wall and monotonic time.
+    /// The simulated clock as the host reads it: one clock serves as wall and monotonic time
+    /// (every node reads the same clock: the simulator has no clock skew yet).
     pub(super) fn time(&self) -> Time {
         Time {
             unix_ms: self.now,
@@ -980,14 +521,19 @@ impl Simulation {
                 self.clients[c].wake_pending = false;
                 self.client_wake(c)?;
             }
-            Event::ToNode { conn, client, seg } => self.node_packet(conn, client, seg),
-            Event::ToClient { client, conn, seg } => self.client_packet(client, conn, seg)?,
-            Event::NodeTimer(id) => {
-                if let Some(k) = self.conns.get_mut(&id) {
+            Event::Packet {
+                from,
+                to,
+                conn,
+                seg,
+            } => self.deliver(from, to, conn, seg)?,
+            Event::NodeTimer { node, conn } => {
+                let node = &mut self.nodes[node];
+                if let Some(k) = node.conns.get_mut(&conn) {
                     k.timer_at = None;
                     k.stream.handle_timeout(self.now);
                     k.session.handle_timeout(self.now);
-                    self.dirty.insert(id);
+                    node.dirty.insert(conn);
                 }
             }
             Event::ClientTimer(c, id) => {
@@ -998,212 +544,36 @@ impl Simulation {
                     self.pump_client(c)?;
                 }
             }
-            Event::WalDone { shard, write } => self.wal_done(shard, write)?,
-            Event::ShardTimer { shard, epoch } => {
-                let h = &mut self.hosts[shard as usize];
-                if self.node_up && epoch == h.epoch {
+            Event::WalDone { node, shard, write } => self.wal_done(node, shard, write)?,
+            Event::ShardTimer { node, shard, epoch } => {
+                let t = self.time();
+                let node = &mut self.nodes[node];
+                let h = &mut node.hosts[shard as usize];
+                if node.up && epoch == h.epoch {
                     h.timer_at = None;
-                    let t = self.time();
-                    self.hosts[shard as usize].driver.handle_timeout(t);
+                    h.driver.handle_timeout(t);
                 }
             }
             Event::Fault(f) => self.apply(f)?,
             Event::FaultsEnd => self.end_faults()?,
-            Event::HttpRead => self.http_read(),
-        }
-        Ok(())
-    }
-
-    /// One schedule event.
-    pub(crate) fn apply(&mut self, event: FaultEvent) -> Checked {
-        if self.phase != Phase::Faults {
-            return Ok(());
-        }
-        trace!(self, "FAULT {event:?}");
-        match event {
-            FaultEvent::Kill { .. } => {
-                if self.node_up {
-                    self.crash_process(false)?;
-                    self.http.clear();
-                }
-            }
-            FaultEvent::Crash { .. } => {
-                if self.node_up {
-                    self.crash()?;
-                    // HTTP requests in progress fail with the node.
-                    self.http.clear();
-                }
-            }
-            FaultEvent::Restart { .. } => {
-                if !self.node_up {
-                    self.restart_node()?;
-                }
-            }
-            FaultEvent::Partition { a, b, one_way } => {
-                self.counters.faults += 1;
-                self.net.partition(&a, &b, one_way);
-            }
-            FaultEvent::Heal => self.net.heal(),
-            FaultEvent::Clog { from, to, ms } => {
-                self.counters.faults += 1;
-                self.net.clog(from, to, self.now + ms);
-            }
-            FaultEvent::CorruptRead {
-                shard,
-                segment,
-                offset_min,
-                offset_max,
-                ..
-            } => {
-                self.hosts[shard as usize].flip = Some(ArmedFlip {
-                    segment,
-                    offset_min,
-                    offset_max,
-                });
-            }
-            FaultEvent::DiskFull { shard, .. } => {
-                self.counters.faults += 1;
-                self.hosts[shard as usize].disk_full = true;
-            }
-            FaultEvent::DiskFree { shard, .. } => self.hosts[shard as usize].disk_full = false,
-            FaultEvent::Load {
-                think_time_max_ms,
-                paused,
-            } => {
-                self.think_time_max_ms = think_time_max_ms;
-                self.load_paused = paused;
-                for c in 0..self.clients.len() {
-                    self.wake(c, 0);
-                }
-            }
-            FaultEvent::Disconnect { client } => self.drop_conn(client as usize),
+            Event::HttpRead { node } => self.http_read(node),
         }
         Ok(())
     }
 }
 
-/// A frame for the simulated socket: its type byte, then its bytes.
-fn frame_bytes(f: &OutFrame) -> Bytes {
-    let mut b = Vec::with_capacity(f.bytes.len() + 1);
-    b.push(if f.binary { FRAME_BINARY } else { FRAME_TEXT });
-    b.extend_from_slice(&f.bytes);
-    Bytes::from(b)
+/// Capacity of each session's reply queue: the options', or the node's own rule.
+fn reply_queue_batches_max(options: &SimOptions) -> usize {
+    match options.reply_queue_batches_max {
+        0 => fabric_router::host::session_reply_queue_batches_min(
+            options.push_credit_frames_max,
+            options.shards,
+            options.session_inflight_requests_max,
+        )
+        .unwrap_or(usize::MAX),
+        n => n,
+    }
 }
-
-/// A shard's host as the node builds it (its restart policy, input bound and stall limit),
-/// with the run's planted host bugs.
-pub(super) fn new_driver(options: &SimOptions, shard: ShardIdx) -> ShardDriver {
-    ShardDriver::new(
-        shard,
-        options.shard_config(shard),
-        RestartPolicy::default(),
-        SHARD_QUEUE_BATCHES_MAX,
-        WAL_SYNC_STALL_MS_MAX,
-    )
-    .with_planted(options.planted_glue)
-}
-
-/// The node's defaults for a shard's input channel (batches) and the WAL stall watchdog.
-const SHARD_QUEUE_BATCHES_MAX: usize = 1024;
-const WAL_SYNC_STALL_MS_MAX: u64 = 10_000;
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A calm run of one client and no scheduled faults.
-    fn calm(seed: u64) -> Simulation {
-        let options = SimOptions {
-            clients: 1,
-            ..SimOptions::default()
-        };
-        Simulation::from_schedule(Schedule {
-            seed,
-            options,
-            events: Vec::new(),
-        })
-    }
-
-    fn hello_frame(sim: &Simulation) -> Bytes {
-        let mut b = vec![FRAME_TEXT];
-        let hello = ClientOp::Hello {
-            mesh: MESH.into(),
-            peer: sim.clients[0].peer.clone(),
-            token: sim.clients[0].token.clone(),
-        };
-        codec::encode_client_json(&hello, &mut b);
-        Bytes::from(b)
-    }
-
-    fn resets_queued(sim: &Simulation, id: ConnId) -> usize {
-        sim.queue
-            .iter()
-            .map(|q| &q.event)
-            .filter(
-                |e| matches!(e, Event::ToClient { conn, seg: Segment::Reset, .. } if *conn == id),
-            )
-            .count()
-    }
-
-    #[test]
-    fn a_rebooted_node_resets_an_old_connection_and_accepts_a_new_one() {
-        // Proves the network model is faithful across a reboot: a stray first packet of a
-        // connection the node had accepted before the crash gets a reset (it would otherwise
-        // reopen the connection with its sequence numbers starting over and replay its
-        // requests), while a connection whose first packet never reached the node still opens.
-        let mut sim = calm(1);
-        sim.start().unwrap();
-        sim.run_until(500).unwrap();
-        let old = sim.clients[0].conn.as_ref().expect("connected").id;
-        assert!(sim.conns.contains_key(&old), "the node accepted it");
-        sim.crash().unwrap();
-        sim.restart_node().unwrap();
-        let hello = hello_frame(&sim);
-        let seg = Segment::Data {
-            seq: 0,
-            bytes: hello.clone(),
-        };
-        sim.node_packet(old, 0, seg.clone());
-        assert!(!sim.conns.contains_key(&old), "an old connection reopened");
-        assert_eq!(resets_queued(&sim, old), 1);
-        let fresh = sim.next_conn;
-        sim.next_conn += 1;
-        sim.node_packet(fresh, 0, seg);
-        assert!(
-            sim.conns.contains_key(&fresh),
-            "a new connection was refused"
-        );
-        assert_eq!(resets_queued(&sim, fresh), 0);
-    }
-
-    #[test]
-    fn a_shard_holding_a_closed_session_is_a_leak() {
-        // Proves checker 9 can fail: after a calm run ends with every promise kept, a shard
-        // that holds state for a session the node no longer has (a subscription whose
-        // `Closed` never reached it) is reported as a leaked session.
-        let mut sim = calm(2);
-        sim.start().unwrap();
-        sim.run_until(2_000).unwrap();
-        sim.end_faults().unwrap();
-        sim.run_until(u64::MAX).unwrap();
-        sim.require_finished().unwrap();
-        sim.check_no_leaked_sessions().unwrap();
-        let gone = sim.next_session + 1_000;
-        let subscribe = ShardOp::Subscribe {
-            r: 1,
-            mesh: MESH.into(),
-            conv: "c0".into(),
-            from: 1,
-        };
-        let now = sim.now;
-        sim.hosts[0].driver.shard_mut().unwrap().handle_requests(
-            now,
-            [Request {
-                session: gone,
-                op: subscribe,
-            }],
-        );
-        let e = sim.check_no_leaked_sessions().unwrap_err();
-        assert_eq!(e.kind, ViolationKind::LeakedSession, "{e:?}");
-    }
-}
+mod tests;

@@ -1,27 +1,227 @@
-//! The node's glue, done by hand as `fabric` does it: shard loops, session tasks, routers.
+//! A simulated node: the host of its shards (`fabric_router::host::ShardDriver`, the same
+//! sans-IO host `fabric` runs), their disks, the connections it accepted with their edge
+//! sessions and routers, and the glue between them done by hand as `fabric` does it: shard
+//! loops, session tasks, routers. Each node is its own machine: its own hosts, disks,
+//! sessions and crashes; only the clock is shared.
 
 use super::*;
 
+/// One node of the world, at endpoint `Endpoint::Node(id)`.
+pub(super) struct Node {
+    pub(super) id: usize,
+    pub(super) up: bool,
+    pub(super) hosts: Vec<Host>,
+    pub(super) conns: BTreeMap<ConnId, NodeConn>,
+    pub(super) sessions: BTreeMap<SessionId, ConnId>,
+    /// Every connection the node ever accepted, in any incarnation. It stands for what the
+    /// client's end of a real connection knows and a reboot does not erase: the connection is
+    /// established and its sequence numbers are in use. A rebooted node has no socket for it,
+    /// so its stray packets (a retransmission, or a delayed or duplicated first packet) get a
+    /// reset, as from a real stack: TCP never accepts a mid-stream segment as a new connection,
+    /// and answers an old SYN with a SYN-ACK the client refuses. A connection whose first
+    /// packet never reached the node may still open after a reboot (its handshake simply
+    /// completes then). Forgetting this on `crash()` let an old connection reopen on the
+    /// rebooted node with its sequence numbers starting over, replaying its hello and requests
+    /// (swarm seeds 1335, 1346, 8383, 12983, 19926, 21929, 25111, 25749, 26067, 29274).
+    pub(super) known_conns: BTreeSet<ConnId>,
+    pub(super) dirty: BTreeSet<ConnId>,
+    /// Session ids are the node's own, as a real node numbers its sessions.
+    pub(super) next_session: SessionId,
+    /// The global indices of the clients attached to this node; a client's place here is its
+    /// peer's index in `model`.
+    pub(super) clients: Vec<usize>,
+    /// What this node's clients were promised (checkers 1-6): with no replication, each node
+    /// is a cluster of its own, with its own mesh, peers and conversations.
+    pub(super) model: Model,
+    /// Checker 7's oracle: what this node's disks hold synced.
+    pub(super) durable: Durable,
+    /// HTTP reads in progress, by their session, and the router they go through (the HTTP
+    /// client beside this node).
+    pub(super) http: BTreeMap<SessionId, HttpRead>,
+    pub(super) http_router: Router,
+    /// The session retention probes read on (`probe_retention`).
+    pub(super) probe: Option<SessionId>,
+}
+
+impl Node {
+    /// Node `id`, up, with empty disks, serving `clients` (global indices), whose peers and
+    /// groups are `peers`.
+    pub(super) fn new(
+        id: usize,
+        options: &SimOptions,
+        placement: &Router,
+        peers: Vec<(Arc<str>, Vec<Arc<str>>)>,
+        clients: Vec<usize>,
+    ) -> Node {
+        let retention = options.retention_bytes_max < RETENTION_OFF_BYTES;
+        let hosts = (0..options.shards)
+            .map(|s| Host {
+                driver: new_driver(options, s),
+                disk: Disk::new(s),
+                epoch: 0,
+                inflight: None,
+                input: VecDeque::new(),
+                disk_full: false,
+                flip: None,
+                timer_at: None,
+            })
+            .collect();
+        let (names, groups) = peers.into_iter().unzip();
+        Node {
+            id,
+            up: true,
+            hosts,
+            conns: BTreeMap::new(),
+            sessions: BTreeMap::new(),
+            known_conns: BTreeSet::new(),
+            dirty: BTreeSet::new(),
+            next_session: 1,
+            clients,
+            model: Model::new(names, groups, retention),
+            durable: Durable::new(options.shards as usize),
+            http: BTreeMap::new(),
+            http_router: placement.clone(),
+            probe: None,
+        }
+    }
+
+    /// A fresh session id of this node.
+    pub(super) fn new_session(&mut self) -> SessionId {
+        let s = self.next_session;
+        self.next_session += 1;
+        s
+    }
+
+    /// Up, with no HTTP read in progress, every shard idle, and nothing unacknowledged on
+    /// any of its connections.
+    pub(super) fn quiescent(&self) -> bool {
+        self.up
+            && self.http.is_empty()
+            && self
+                .hosts
+                .iter()
+                .all(|h| h.driver.is_idle() && h.input.is_empty() && h.inflight.is_none())
+            && self.conns.values().all(|k| k.stream.unacked() == 0)
+    }
+
+    pub(super) fn pending_summary(&self) -> String {
+        let shards: Vec<String> = self
+            .hosts
+            .iter()
+            .enumerate()
+            .map(|(s, h)| {
+                format!(
+                    "s{s} idle={} status={:?} input={} writing={}",
+                    h.driver.is_idle(),
+                    h.driver.status(),
+                    h.input.len(),
+                    h.inflight.is_some()
+                )
+            })
+            .collect();
+        format!("n{} up={} {}", self.id, self.up, shards.join(", "))
+    }
+}
+
+/// A connection as the node's glue holds it: the socket (stream), the session core, and the
+/// session's router.
+#[derive(Debug)]
+pub(super) struct NodeConn {
+    pub(super) client: usize,
+    pub(super) stream: Stream,
+    pub(super) session: Session,
+    pub(super) router: Router,
+    pub(super) timer_at: Option<u64>,
+    /// The session's reply queue (the node's bounded channel from the shards), in batches.
+    pub(super) replies: VecDeque<(ShardIdx, Vec<Reply>)>,
+}
+
+#[derive(Debug)]
+pub(super) struct Inflight {
+    pub(super) id: u64,
+    pub(super) write: WriteJob,
+    /// The acks taken in before the write was polled (checker 6), for the mesh's shard.
+    pub(super) acks: Vec<u64>,
+}
+
+/// Where the next recovery of a shard reads a flipped bit.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct ArmedFlip {
+    pub(super) segment: Option<u64>,
+    pub(super) offset_min: Option<u64>,
+    pub(super) offset_max: Option<u64>,
+}
+
+/// What a shard's host hands the simulated node, in order.
+#[derive(Debug)]
+pub(super) enum HostOut {
+    Replies(SessionId, Vec<Reply>),
+    Close(SessionId, CloseReason),
+}
+
+/// One shard of the node: the node's own host (`fabric_router::host::ShardDriver`) and what the
+/// simulated glue around it keeps.
+pub(super) struct Host {
+    pub(super) driver: ShardDriver,
+    pub(super) disk: Disk,
+    /// Bumped by every restart; a timer for an older incarnation is stale.
+    pub(super) epoch: u64,
+    pub(super) inflight: Option<Inflight>,
+    /// The glue's input channel: request batches, one per router hand-off, left there while
+    /// the shard wants no input (backpressure).
+    pub(super) input: VecDeque<Vec<Request>>,
+    pub(super) disk_full: bool,
+    pub(super) flip: Option<ArmedFlip>,
+    /// When the driver's next timer is scheduled (monotonic ms), if one is.
+    pub(super) timer_at: Option<u64>,
+}
+
+/// A shard's host as the node builds it (its restart policy, input bound and stall limit),
+/// with the run's planted host bugs.
+pub(super) fn new_driver(options: &SimOptions, shard: ShardIdx) -> ShardDriver {
+    ShardDriver::new(
+        shard,
+        options.shard_config(shard),
+        RestartPolicy::default(),
+        SHARD_QUEUE_BATCHES_MAX,
+        WAL_SYNC_STALL_MS_MAX,
+    )
+    .with_planted(options.planted_glue)
+}
+
+/// The node's defaults for a shard's input channel (batches) and the WAL stall watchdog.
+const SHARD_QUEUE_BATCHES_MAX: usize = 1024;
+const WAL_SYNC_STALL_MS_MAX: u64 = 10_000;
+
 impl Simulation {
-    /// Moves work between shards and sessions until nothing moves: shard input, WAL writes,
-    /// shard outputs into sessions, sessions' requests into shard input, frames onto streams.
+    /// Every node's glue, node by node, until nothing moves (see `pump_node`).
     pub(super) fn pump(&mut self) -> Checked {
+        for n in 0..self.nodes.len() {
+            self.pump_node(n)?;
+        }
+        Ok(())
+    }
+
+    /// Moves work between node `n`'s shards and sessions until nothing moves: shard input,
+    /// WAL writes, shard outputs into sessions, sessions' requests into shard input, frames
+    /// onto streams.
+    fn pump_node(&mut self, n: usize) -> Checked {
         for _ in 0..PUMP_ROUNDS_MAX {
-            let outputs = self.pump_shards()?;
-            if outputs.is_empty() && self.dirty.is_empty() {
+            let outputs = self.pump_shards(n)?;
+            if outputs.is_empty() && self.nodes[n].dirty.is_empty() {
                 return Ok(());
             }
             for (shard, o) in outputs {
                 match o {
                     HostOut::Replies(session, replies) => {
-                        self.queue_replies(shard, session, replies)?
+                        self.queue_replies(n, shard, session, replies)?
                     }
-                    HostOut::Close(session, why) => self.close_for_shard(shard, session, why),
+                    HostOut::Close(session, why) => self.close_for_shard(n, shard, session, why),
                 }
             }
-            for id in std::mem::take(&mut self.dirty) {
-                self.take_replies(id)?;
-                self.pump_conn(id);
+            for id in std::mem::take(&mut self.nodes[n].dirty) {
+                self.take_replies(n, id)?;
+                self.pump_conn(n, id);
             }
         }
         fail(
@@ -38,48 +238,49 @@ impl Simulation {
     /// [`PUMP_BATCHES_MAX`] a round) through `Shard::handle_requests`, as the node does;
     /// `wants_input` is asked between batches, never inside one. Then start a WAL write if
     /// none is in flight, and collect outputs.
-    pub(super) fn pump_shards(&mut self) -> Checked<Vec<(ShardIdx, HostOut)>> {
+    pub(super) fn pump_shards(&mut self, n: usize) -> Checked<Vec<(ShardIdx, HostOut)>> {
         let mut outputs = Vec::new();
-        if !self.node_up {
+        if !self.nodes[n].up {
             return Ok(outputs);
         }
-        for s in 0..self.hosts.len() {
+        for s in 0..self.nodes[n].hosts.len() {
             let shard = s as ShardIdx;
             // What the host asked for since (a write polled when the last one completed)
             // happens before new input is taken in.
-            self.host_effects(shard, &mut outputs)?;
+            self.host_effects(n, shard, &mut outputs)?;
             let mut taken = 0;
-            while taken < PUMP_BATCHES_MAX && self.hosts[s].driver.feeds_now() {
-                let Some(batch) = self.hosts[s].input.pop_front() else {
+            while taken < PUMP_BATCHES_MAX && self.nodes[n].hosts[s].driver.feeds_now() {
+                let Some(batch) = self.nodes[n].hosts[s].input.pop_front() else {
                     break;
                 };
                 taken += 1;
-                self.feed_batch(s, batch);
+                self.feed_batch(n, s, batch);
                 // At once, as the node's adapter does: a write the host polled starts before
                 // the next batch's acks are taken in (the cursor checker counts on it).
-                self.host_effects(shard, &mut outputs)?;
+                self.host_effects(n, shard, &mut outputs)?;
             }
-            self.host_effects(shard, &mut outputs)?;
+            self.host_effects(n, shard, &mut outputs)?;
         }
         Ok(outputs)
     }
 
     /// One batch from a shard's channel into its host, which takes it at once (the loop asks
     /// `feeds_now` first): the model learns the acks the shard took in.
-    fn feed_batch(&mut self, s: usize, batch: Vec<Request>) {
+    fn feed_batch(&mut self, n: usize, s: usize, batch: Vec<Request>) {
         let several = batch.len() > 1;
-        if self.hosts[s].driver.shard().is_some() {
+        let t = self.time();
+        let node = &mut self.nodes[n];
+        if node.hosts[s].driver.shard().is_some() {
             for req in &batch {
                 if let ShardOp::Ack { peer, upto, .. } = &req.op {
-                    if let Some(i) = self.clients.iter().position(|c| c.peer == *peer) {
-                        self.model.ack_handled(i, *upto);
+                    if let Some(i) = node.model.peers.iter().position(|p| p == peer) {
+                        node.model.ack_handled(i, *upto);
                     }
                 }
             }
         }
-        let t = self.time();
         let session = batch.first().map_or(0, |r| r.session);
-        let host = &mut self.hosts[s];
+        let host = &mut node.hosts[s];
         host.driver.handle_batch(t, session, batch);
         self.counters.workload.shard_batches += 1;
         if several && host.driver.shard().is_some_and(|x| !x.wants_input()) {
@@ -91,14 +292,15 @@ impl Simulation {
     /// recoveries run, replies and session closes routed (in order), the host's timer armed.
     pub(super) fn host_effects(
         &mut self,
+        n: usize,
         shard: ShardIdx,
         outputs: &mut Vec<(ShardIdx, HostOut)>,
     ) -> Checked {
         let s = shard as usize;
-        while let Some(e) = self.hosts[s].driver.poll_effect() {
+        while let Some(e) = self.nodes[n].hosts[s].driver.poll_effect() {
             match e {
-                Effect::Write(w) => self.start_write(shard, w),
-                Effect::Recover(job) => self.recover_effect(shard, job)?,
+                Effect::Write(w) => self.start_write(n, shard, w),
+                Effect::Recover(job) => self.recover_effect(n, shard, job)?,
                 Effect::Replies { session, replies } => {
                     outputs.push((shard, HostOut::Replies(session, replies)));
                 }
@@ -108,12 +310,12 @@ impl Simulation {
                 }
             }
         }
-        self.arm_host_timer(shard);
+        self.arm_host_timer(n, shard);
         Ok(())
     }
 
-    fn arm_host_timer(&mut self, shard: ShardIdx) {
-        let h = &mut self.hosts[shard as usize];
+    fn arm_host_timer(&mut self, n: usize, shard: ShardIdx) {
+        let h = &mut self.nodes[n].hosts[shard as usize];
         let Some(at) = h.driver.poll_timeout() else {
             return;
         };
@@ -122,58 +324,40 @@ impl Simulation {
         }
         h.timer_at = Some(at);
         let epoch = h.epoch;
-        self.schedule_at(at.max(self.now), Event::ShardTimer { shard, epoch });
+        self.schedule_at(
+            at.max(self.now),
+            Event::ShardTimer {
+                node: n,
+                shard,
+                epoch,
+            },
+        );
     }
 
     /// The host closed a session (its shard incarnation ended, or its replies could not be
     /// queued): the session core decides how the client hears it.
-    fn close_for_shard(&mut self, shard: ShardIdx, session: SessionId, why: CloseReason) {
-        let Some(&id) = self.sessions.get(&session) else {
+    fn close_for_shard(&mut self, n: usize, shard: ShardIdx, session: SessionId, why: CloseReason) {
+        let node = &mut self.nodes[n];
+        let Some(&id) = node.sessions.get(&session) else {
             return;
         };
-        if let Some(k) = self.conns.get_mut(&id) {
+        if let Some(k) = node.conns.get_mut(&id) {
             match why {
                 CloseReason::Restarted => k.session.handle_shard_restarted(self.now, shard),
                 CloseReason::Overloaded => k.session.handle_shard_overloaded(self.now, shard),
             }
-            self.dirty.insert(id);
+            node.dirty.insert(id);
         }
     }
 
     /// The glue's session task for one connection: read frames while the session wants them,
     /// forward its requests, write its frames (then report the flush), close when it closes.
-    pub(super) fn pump_conn(&mut self, id: ConnId) {
+    pub(super) fn pump_conn(&mut self, n: usize, id: ConnId) {
         let now = self.now;
-        let Some(k) = self.conns.get_mut(&id) else {
+        let Some(k) = self.nodes[n].conns.get_mut(&id) else {
             return;
         };
-        while k.session.wants_read() {
-            let Some(frame) = k.stream.poll_frame() else {
-                break;
-            };
-            let (kind, bytes) = frame.split_first().unwrap_or((&FRAME_TEXT, &[]));
-            k.session.handle_frame(
-                now,
-                InFrame {
-                    binary: *kind == FRAME_BINARY,
-                    bytes,
-                },
-            );
-        }
-        if k.stream.closed().is_some() {
-            k.session.handle_transport_closed(now);
-        }
-        let mut wrote = false;
-        while let Some(f) = k.session.poll_transmit() {
-            k.stream.send(now, frame_bytes(&f));
-            wrote = true;
-        }
-        if wrote {
-            k.session.handle_flushed(now);
-        }
-        if k.session.is_closed() {
-            k.stream.close();
-        }
+        session_io(now, k);
         let client = k.client;
         let mut segs = Vec::new();
         while let Some(seg) = k.stream.poll_segment() {
@@ -189,55 +373,59 @@ impl Simulation {
         }
         let done = k.session.is_closed() && k.stream.closed().is_some();
         let session = k.session.id();
-        self.forward_requests(id);
+        self.forward_requests(n, id);
         for seg in segs {
-            self.send_to_client(client, id, seg);
+            self.send_to_client(n, client, id, seg);
         }
         if let Some(t) = arm {
-            self.schedule_at(t.max(now), Event::NodeTimer(id));
+            self.schedule_at(t.max(now), Event::NodeTimer { node: n, conn: id });
         }
         if done {
-            self.conns.remove(&id);
-            self.sessions.remove(&session);
+            self.nodes[n].conns.remove(&id);
+            self.nodes[n].sessions.remove(&session);
         }
     }
 
     /// A session's requests, batched by its router, into the shards' input channels.
-    pub(super) fn forward_requests(&mut self, id: ConnId) {
-        let Some(k) = self.conns.get_mut(&id) else {
+    pub(super) fn forward_requests(&mut self, n: usize, id: ConnId) {
+        let node = &mut self.nodes[n];
+        let Some(k) = node.conns.get_mut(&id) else {
             return;
         };
         while let Some((route, req)) = k.session.poll_request() {
             k.router.handle_request(self.now, route, req);
         }
         while let Some((shard, requests)) = k.router.poll_batch() {
-            self.hosts[shard as usize].input.push_back(requests);
+            node.hosts[shard as usize].input.push_back(requests);
         }
     }
 
-    /// A shard's output: the checkers see it first (what a shard says is its promise, whether
-    /// or not the client ever reads it), then the session it is for.
     /// A batch of replies for one session, as the node's adapter hands it over: into the
     /// session's bounded reply queue, or, when the queue is full, back to the host as refused
     /// (which closes the session). The simulator's own sessions (probe, HTTP reads) take
     /// theirs at once.
     fn queue_replies(
         &mut self,
+        n: usize,
         shard: ShardIdx,
         session: SessionId,
         replies: Vec<Reply>,
     ) -> Checked {
-        if Some(session) == self.probe || self.http.contains_key(&session) {
+        let node = &self.nodes[n];
+        if Some(session) == node.probe || node.http.contains_key(&session) {
             for reply in replies {
-                self.route_output(shard, Output { session, reply })?;
+                self.route_output(n, shard, Output { session, reply })?;
             }
             return Ok(());
         }
-        let Some(&id) = self.sessions.get(&session) else {
+        let Some(&id) = node.sessions.get(&session) else {
             return Ok(()); // the session is gone; the shard will hear `Closed`
         };
         let cap = self.reply_queue_batches_max;
-        let k = self.conns.get_mut(&id).expect("sessions and conns agree");
+        let k = self.nodes[n]
+            .conns
+            .get_mut(&id)
+            .expect("sessions and conns agree");
         if k.replies.len() >= cap {
             self.counters.workload.reply_queue_overflows += 1;
             trace!(
@@ -245,22 +433,22 @@ impl Simulation {
                 "s{shard} cannot queue replies for session {session}: closing it"
             );
             let t = self.time();
-            self.hosts[shard as usize]
+            self.nodes[n].hosts[shard as usize]
                 .driver
                 .handle_reply_refused(t, session);
             return Ok(());
         }
         k.replies.push_back((shard, replies));
-        self.dirty.insert(id);
+        self.nodes[n].dirty.insert(id);
         Ok(())
     }
 
     /// The session task takes reply batches from its queue unless it is blocked writing (its
     /// socket holds `socket_window_frames` unacknowledged frames).
-    fn take_replies(&mut self, id: ConnId) -> Checked {
+    fn take_replies(&mut self, n: usize, id: ConnId) -> Checked {
         loop {
             let window = self.options.socket_window_frames;
-            let Some(k) = self.conns.get_mut(&id) else {
+            let Some(k) = self.nodes[n].conns.get_mut(&id) else {
                 return Ok(());
             };
             if k.stream.unacked() >= window {
@@ -271,165 +459,187 @@ impl Simulation {
             };
             let session = k.session.id();
             for reply in replies {
-                self.route_output(shard, Output { session, reply })?;
+                self.route_output(n, shard, Output { session, reply })?;
             }
         }
     }
 
-    pub(super) fn route_output(&mut self, shard: ShardIdx, o: Output) -> Checked {
-        if Some(o.session) == self.probe {
+    /// A shard's output: the checkers see it first (what a shard says is its promise, whether
+    /// or not the client ever reads it), then the session it is for.
+    pub(super) fn route_output(&mut self, n: usize, shard: ShardIdx, o: Output) -> Checked {
+        let node = &mut self.nodes[n];
+        if Some(o.session) == node.probe {
             let Reply::Messages { r, events, head } = o.reply else {
                 return fail(
                     ViolationKind::UnexpectedReply,
                     format!("probe got {:?}", o.reply),
                 );
             };
-            let conv = self.model.conv_names()[r as usize].clone();
-            self.model.note_retained(&conv, &events, head);
+            let conv = node.model.conv_names()[r as usize].clone();
+            node.model.note_retained(&conv, &events, head);
             return Ok(());
         }
-        if self.http.contains_key(&o.session) {
-            return self.http_reply(o);
+        if node.http.contains_key(&o.session) {
+            return self.http_reply(n, o);
         }
-        let Some(&id) = self.sessions.get(&o.session) else {
+        let Some(&id) = node.sessions.get(&o.session) else {
             return Ok(()); // the session is gone; the shard will hear `Closed`
         };
         if let Reply::Frame(frame) = &o.reply {
-            self.check_frame(shard, id, frame)?;
+            self.check_frame(n, shard, id, frame)?;
         }
-        let k = self.conns.get_mut(&id).expect("looked up above");
+        let node = &mut self.nodes[n];
+        let k = node.conns.get_mut(&id).expect("looked up above");
         k.session.handle_reply(self.now, shard, o.reply);
-        self.dirty.insert(id);
-        Ok(())
-    }
-
-    /// Checkers 1, 2 and 7 on one frame a shard sends to connection `id`: an `ok` for the
-    /// request it answers, naming a durable position or seq of that request's operation; a
-    /// delivery or an event of a durable entry, with the body its operation wrote.
-    fn check_frame(&mut self, shard: ShardIdx, id: ConnId, frame: &ServerOp) -> Checked {
-        let c = self.conns[&id].client;
-        let peer = self.clients[c].peer.clone();
-        match frame {
-            ServerOp::Welcome { acked, head, .. } => self.model.on_welcome(c, *acked, *head),
-            ServerOp::Ok { r, pos, seq } => {
-                let Some(req) = self.refs.remove(&(id, *r)) else {
-                    return fail(
-                        ViolationKind::UnexpectedReply,
-                        format!("{peer} ok for unknown r={r} on connection {id}"),
-                    );
-                };
-                let Req::Op { op, .. } = req else {
-                    if pos.is_some() || seq.is_some() {
-                        return fail(
-                            ViolationKind::UnexpectedReply,
-                            format!("{peer} ok r={r} for a subscription carries {pos:?} {seq:?}"),
-                        );
-                    }
-                    return Ok(());
-                };
-                trace!(
-                    self,
-                    "s{shard} ok {peer} op {op} r={r} pos={pos:?} seq={seq:?}"
-                );
-                self.model.on_ok(op, *pos, *seq)?;
-                self.check_durable_ok(op, *pos, *seq)
-            }
-            ServerOp::Error { r, code, message } => {
-                if !matches!(code, ErrorCode::Unavailable | ErrorCode::StorageFull) {
-                    return fail(
-                        ViolationKind::UnexpectedReply,
-                        format!("s{shard} error to {peer} r={r:?} {code:?}: {message}"),
-                    );
-                }
-                if let Some(r) = r {
-                    self.refs.remove(&(id, *r));
-                }
-                Ok(())
-            }
-            ServerOp::Deliver {
-                pos,
-                from,
-                to,
-                body,
-                ..
-            } => {
-                self.model.on_deliver(c, *pos, from, to, body)?;
-                let op = self.model.op_of(body, || "a delivery".into())?;
-                if self.durable.pos_op(*pos) != Some(op) {
-                    return fail(
-                        ViolationKind::NotDurable,
-                        format!(
-                            "s{shard} delivers pos {pos} (op {op}) to {peer} before it is durable"
-                        ),
-                    );
-                }
-                Ok(())
-            }
-            ServerOp::Event(e) => self.check_durable_event(shard, &peer, e),
-            _ => Ok(()),
-        }
-    }
-
-    /// Checker 7 for an `ok`: the disks hold its operation synced at the position or seq it
-    /// names (a keyed retry's too: its original must be durable by now).
-    fn check_durable_ok(&self, op: usize, pos: Option<u64>, seq: Option<u64>) -> Checked {
-        let (durable, what) = match (&self.model.ops[op].kind, pos, seq) {
-            (OpKind::Send { .. }, Some(pos), _) => (self.durable.pos_op(pos), format!("pos {pos}")),
-            (OpKind::Append { conv, .. }, _, Some(seq)) => {
-                (self.durable.seq_op(conv, seq), format!("{conv} seq {seq}"))
-            }
-            _ => return Ok(()),
-        };
-        if durable == Some(op) {
-            return Ok(());
-        }
-        fail(
-            ViolationKind::NotDurable,
-            format!("ok for op {op} at {what} before it is durable (durable there: {durable:?})"),
-        )
-    }
-
-    /// Checkers 2 and 7 for an event (pushed, or a read's): the body its append wrote, durable.
-    pub(super) fn check_durable_event(
-        &mut self,
-        shard: ShardIdx,
-        to: &str,
-        e: &fabric_proto::DeliveredEvent,
-    ) -> Checked {
-        self.model.on_event(&e.conv, e.seq, &e.from, &e.body)?;
-        let op = self.model.op_of(&e.body, || "an event".into())?;
-        if self.durable.seq_op(&e.conv, e.seq) != Some(op) {
-            return fail(
-                ViolationKind::NotDurable,
-                format!(
-                    "s{shard} shows {} seq {} (op {op}) to {to} before it is durable",
-                    e.conv, e.seq
-                ),
-            );
-        }
+        node.dirty.insert(id);
         Ok(())
     }
 }
 
-impl Simulation {
-    /// Checker 7's oracle learns what the disk of `shard` now holds synced: the segment a
-    /// write just completed to (`Some`), or, after a recovery, every segment, if the recovery
-    /// left nothing unsynced (a crash makes what survived durable, and the glue syncs what a
-    /// restart read; without that sync, page-cache data stays unlearned until a later write
-    /// to its segment syncs it).
-    pub(super) fn learn_synced(&mut self, shard: ShardIdx, segment: Option<u64>) -> Checked {
-        let s = shard as usize;
-        let disk = &self.hosts[s].disk;
-        let segments = disk.segments();
-        match segment {
-            Some(id) => match segments.iter().find(|(x, _)| *x == id) {
-                Some((_, bytes)) => self.durable.learn_segment(&self.model, s, id, bytes),
-                None => Ok(()),
+/// The session task's socket work on one connection: frames in while the session wants
+/// them, its frames out (then the flush reported), the socket closed behind a closed session.
+fn session_io(now: u64, k: &mut NodeConn) {
+    while k.session.wants_read() {
+        let Some(frame) = k.stream.poll_frame() else {
+            break;
+        };
+        let (kind, bytes) = frame.split_first().unwrap_or((&FRAME_TEXT, &[]));
+        k.session.handle_frame(
+            now,
+            InFrame {
+                binary: *kind == FRAME_BINARY,
+                bytes,
             },
-            None if disk.unsynced_bytes() == 0 => {
-                self.durable.learn_disk(&self.model, s, &segments)
-            }
-            None => Ok(()),
-        }
+        );
     }
+    if k.stream.closed().is_some() {
+        k.session.handle_transport_closed(now);
+    }
+    let mut wrote = false;
+    while let Some(f) = k.session.poll_transmit() {
+        k.stream.send(now, frame_bytes(&f));
+        wrote = true;
+    }
+    if wrote {
+        k.session.handle_flushed(now);
+    }
+    if k.session.is_closed() {
+        k.stream.close();
+    }
+}
+
+impl Simulation {
+    /// Creates each node's mesh and its peers on the mesh's shard, without faults.
+    pub(super) fn setup(&mut self) -> Checked {
+        for n in 0..self.nodes.len() {
+            self.setup_node(n)?;
+        }
+        Ok(())
+    }
+
+    /// Creates node `n`'s mesh and the peers of its clients.
+    fn setup_node(&mut self, n: usize) -> Checked {
+        let node = &mut self.nodes[n];
+        let admin = node.next_session;
+        node.next_session += 1;
+        let mut ops = vec![ShardOp::CreateMesh {
+            r: 0,
+            mesh: MESH.into(),
+        }];
+        for (i, &c) in node.clients.iter().enumerate() {
+            let c = &self.clients[c];
+            ops.push(ShardOp::AddPeer {
+                r: i as u64 + 1,
+                mesh: MESH.into(),
+                peer: c.peer.clone(),
+                groups: node.model.groups[i].clone(),
+                token_hash: Some(fabric_shard::token_hash(&c.token)),
+                public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
+            });
+        }
+        let want = ops.len();
+        // Every shard recovers its (empty) disk, as a node does when it starts.
+        for shard in 0..self.nodes[n].hosts.len() as ShardIdx {
+            self.setup_effects(n, shard, admin)?;
+        }
+        // One admin call per batch, as the node's HTTP admin path sends them, and only while
+        // the shard wants input.
+        let mut oks = 0;
+        let shard = self.mesh_shard;
+        for op in ops {
+            let t = self.time();
+            let batch = vec![Request { session: admin, op }];
+            self.nodes[n].hosts[shard as usize]
+                .driver
+                .handle_batch(t, admin, batch);
+            oks += self.setup_effects(n, shard, admin)?;
+        }
+        if oks != want {
+            return fail(
+                ViolationKind::Liveness,
+                format!("n{n} setup got {oks} of {want} oks"),
+            );
+        }
+        trace!(
+            self,
+            "setup done: mesh {MESH} on shard {} with {} peers{}",
+            self.mesh_shard,
+            self.nodes[n].clients.len(),
+            if n > 0 {
+                format!(" on n{n}")
+            } else {
+                String::new()
+            }
+        );
+        Ok(())
+    }
+
+    /// Performs a shard driver's effects at once, without faults (setup); returns the `ok`s.
+    fn setup_effects(&mut self, n: usize, shard: ShardIdx, admin: SessionId) -> Checked<usize> {
+        let mut oks = 0;
+        let t = self.time();
+        let host = &mut self.nodes[n].hosts[shard as usize];
+        while let Some(e) = host.driver.poll_effect() {
+            match e {
+                Effect::Write(w) => {
+                    let r = w.perform(&mut host.disk);
+                    if let Err(f) = &r {
+                        return fail(
+                            ViolationKind::Liveness,
+                            format!("setup write failed: {f:?}"),
+                        );
+                    }
+                    self.counters.wal_writes += 1;
+                    host.driver.handle_write_done(t, r);
+                }
+                Effect::Recover(job) => {
+                    let r = job.perform(&mut host.disk);
+                    host.driver.handle_recovered(t, r);
+                }
+                Effect::Replies { session, replies } if session == admin => {
+                    for r in replies {
+                        match r {
+                            Reply::Frame(ServerOp::Ok { .. }) => oks += 1,
+                            r => {
+                                return fail(
+                                    ViolationKind::UnexpectedReply,
+                                    format!("setup got {r:?}"),
+                                )
+                            }
+                        }
+                    }
+                }
+                e => return fail(ViolationKind::UnexpectedReply, format!("setup got {e:?}")),
+            }
+        }
+        Ok(oks)
+    }
+}
+
+/// A frame for the simulated socket: its type byte, then its bytes.
+fn frame_bytes(f: &OutFrame) -> Bytes {
+    let mut b = Vec::with_capacity(f.bytes.len() + 1);
+    b.push(if f.binary { FRAME_BINARY } else { FRAME_TEXT });
+    b.extend_from_slice(&f.bytes);
+    Bytes::from(b)
 }

@@ -1,10 +1,11 @@
-//! The storage side of the glue: WAL writes and their completion, power loss, restarts,
-//! recovery from the simulated disks, and the audit after each recovery.
+//! The storage side of a node's glue: WAL writes and their completion (and the faults they
+//! run into), retention probes, and recovery from the simulated disks (its audit is in
+//! `audit`, power loss and reboots in `faults`).
 
 use super::*;
 
 impl Simulation {
-    pub(super) fn start_write(&mut self, shard: ShardIdx, job: WriteJob) {
+    pub(super) fn start_write(&mut self, n: usize, shard: ShardIdx, job: WriteJob) {
         let w = &job.write;
         let id = self.next_write;
         self.next_write += 1;
@@ -25,36 +26,43 @@ impl Simulation {
         // The acks taken in so far are all in this write only if nothing taken in is left
         // unwritten (a frame cut at wal_batch_bytes_max may go first, the cursor records
         // after it): only then does this write's completion make them durable.
-        let all_polled = self.hosts[shard as usize]
+        let all_polled = self.nodes[n].hosts[shard as usize]
             .driver
             .shard()
             .is_some_and(|x| x.all_polled());
         let acks = if shard == self.mesh_shard && all_polled {
-            self.model.ack_snapshot()
+            self.nodes[n].model.ack_snapshot()
         } else {
             Vec::new()
         };
         // The node's file steps run when the write completes (or, cut short, when the power
         // fails while it is in flight: `crash`).
-        let host = &mut self.hosts[shard as usize];
+        let host = &mut self.nodes[n].hosts[shard as usize];
         host.inflight = Some(Inflight {
             id,
             write: job,
             acks,
         });
-        self.schedule_at(self.now + latency, Event::WalDone { shard, write: id });
+        self.schedule_at(
+            self.now + latency,
+            Event::WalDone {
+                node: n,
+                shard,
+                write: id,
+            },
+        );
     }
 
     /// The fault a completing write runs into, if any: a full disk, or (while faults are on)
     /// ENOSPC or EIO at one of its file steps, chosen from a dry run of those steps.
-    fn write_fault(&mut self, s: usize, w: &WriteJob) -> Option<Fault> {
-        if self.hosts[s].disk_full {
+    fn write_fault(&mut self, n: usize, s: usize, w: &WriteJob) -> Option<Fault> {
+        if self.nodes[n].hosts[s].disk_full {
             return Some(Fault::Full);
         }
         if self.phase != Phase::Faults || !self.rng.random_bool(self.options.enospc_probability) {
             return None;
         }
-        let mut dry = self.hosts[s].disk.clone();
+        let mut dry = self.nodes[n].hosts[s].disk.clone();
         dry.set_fault(None);
         let _ = w.perform(&mut dry);
         let failable: Vec<(usize, &str)> = dry
@@ -81,20 +89,20 @@ impl Simulation {
         })
     }
 
-    pub(super) fn wal_done(&mut self, shard: ShardIdx, id: u64) -> Checked {
+    pub(super) fn wal_done(&mut self, n: usize, shard: ShardIdx, id: u64) -> Checked {
         let s = shard as usize;
-        if !self.node_up {
+        if !self.nodes[n].up {
             return Ok(());
         }
-        let Some(inflight) = self.hosts[s].inflight.take_if(|i| i.id == id) else {
+        let Some(inflight) = self.nodes[n].hosts[s].inflight.take_if(|i| i.id == id) else {
             return Ok(()); // the write died with a crashed incarnation
         };
         let job = &inflight.write;
         let w = &job.write;
-        let fault = self.write_fault(s, job);
-        self.hosts[s].disk.set_fault(fault);
-        let result = job.perform(&mut self.hosts[s].disk);
-        self.hosts[s].disk.set_fault(None);
+        let fault = self.write_fault(n, s, job);
+        self.nodes[n].hosts[s].disk.set_fault(fault);
+        let result = job.perform(&mut self.nodes[n].hosts[s].disk);
+        self.nodes[n].hosts[s].disk.set_fault(None);
         let t = self.time();
         match &result {
             Err(f) => {
@@ -107,8 +115,8 @@ impl Simulation {
                 );
             }
             Ok(()) => {
-                self.learn_synced(shard, Some(w.segment))?;
-                self.model.ack_durable(&inflight.acks);
+                self.learn_synced(n, shard, Some(w.segment))?;
+                self.nodes[n].model.ack_durable(&inflight.acks);
                 trace!(
                     self,
                     "s{shard} wal write {id} durable up to lsn {}",
@@ -117,14 +125,14 @@ impl Simulation {
             }
         }
         let ok = result.is_ok();
-        let driver = &mut self.hosts[s].driver;
+        let driver = &mut self.nodes[n].hosts[s].driver;
         driver.handle_write_done(t, result);
         if ok {
             // As the node's glue does: the next batch is framed into this write's buffer, so
             // a recycled buffer that kept old bytes would show up as corrupt WAL in the
             // checkers.
             driver.recycle_wal_buffer(inflight.write.into_buffer());
-            self.probe_retention(shard);
+            self.probe_retention(n, shard);
         }
         Ok(())
     }
@@ -132,16 +140,19 @@ impl Simulation {
     /// Retention starts (and evicts conversation entries, and their idempotency keys, from
     /// memory) only in `handle_wal_done`; a one-entry read from seq 1 right after shows what is
     /// left, so the checker knows which keys the shard may have forgotten.
-    pub(super) fn probe_retention(&mut self, shard: ShardIdx) {
+    pub(super) fn probe_retention(&mut self, n: usize, shard: ShardIdx) {
         if self.options.retention_bytes_max >= RETENTION_OFF_BYTES {
             return;
         }
-        let probe = *self.probe.get_or_insert_with(|| {
-            let s = self.next_session;
-            self.next_session += 1;
-            s
-        });
-        for (i, conv) in self.model.conv_names().into_iter().enumerate() {
+        let node = &mut self.nodes[n];
+        let probe = match node.probe {
+            Some(p) => p,
+            None => {
+                let p = node.new_session();
+                *node.probe.insert(p)
+            }
+        };
+        for (i, conv) in self.nodes[n].model.conv_names().into_iter().enumerate() {
             if self.conv_shard(&conv) != shard {
                 continue;
             }
@@ -152,7 +163,7 @@ impl Simulation {
                 from: 1,
                 limit: 1,
             };
-            if let Some(x) = self.hosts[shard as usize].driver.shard_mut() {
+            if let Some(x) = self.nodes[n].hosts[shard as usize].driver.shard_mut() {
                 x.handle_requests(
                     self.now,
                     [Request {
@@ -163,101 +174,35 @@ impl Simulation {
             }
         }
         let t = self.time();
-        self.hosts[shard as usize].driver.flush(t);
-    }
-
-    /// Power loss: every shard, its in-flight write, its input and every connection die
-    /// together, silently: clients find out by their idle timeouts, or by a reset once the
-    /// node is back.
-    pub(super) fn crash(&mut self) -> Checked {
-        self.crash_process(true)
-    }
-
-    /// The node's process dies; with `power_loss`, the machine too (the disks lose what was
-    /// not synced). Without it the page cache survives, unsynced bytes included.
-    pub(super) fn crash_process(&mut self, power_loss: bool) -> Checked {
-        self.counters.crashes += 1;
-        self.node_up = false;
-        let faults = CrashFaults {
-            torn_write_probability: self.options.torn_write_probability,
-            tail_corruption_probability: self.options.tail_corruption_probability,
-        };
-        for s in 0..self.hosts.len() {
-            // A write in flight stops after a random number of the node's file steps.
-            if let Some(inflight) = self.hosts[s].inflight.take() {
-                let mut dry = self.hosts[s].disk.clone();
-                let _ = inflight.write.perform(&mut dry);
-                let steps = self.rng.random_range(0..=dry.steps());
-                let disk = &mut self.hosts[s].disk;
-                disk.set_fault(Some(Fault::CrashAfter { steps }));
-                let _ = inflight.write.perform(disk);
-                trace!(
-                    self,
-                    "CRASH s{s} after {steps} file steps of the write in flight"
-                );
-            }
-            self.hosts[s].disk.set_fault(None);
-            if power_loss {
-                let report = self.hosts[s].disk.crash(&mut self.rng, faults);
-                self.counters.faults += report.faults();
-                trace!(self, "CRASH s{s} {report:?}");
-            } else {
-                trace!(self, "KILL s{s}: the page cache survives");
-            }
-            // A new process: a new host, whose first effect is the shard's recovery.
-            let driver = new_driver(&self.options, s as ShardIdx);
-            let h = &mut self.hosts[s];
-            h.driver = driver;
-            h.epoch += 1;
-            h.inflight = None;
-            h.input.clear();
-            h.timer_at = None;
-        }
-        // `known_conns` survives: the clients' ends of those connections survive the crash.
-        self.conns.clear();
-        self.sessions.clear();
-        self.dirty.clear();
-        Ok(())
-    }
-
-    /// The node boots: every shard's host recovers it from its disk (and the audit checks it).
-    pub(super) fn restart_node(&mut self) -> Checked {
-        trace!(self, "node boots");
-        self.node_up = true;
-        let mut outputs = Vec::new();
-        for s in 0..self.hosts.len() {
-            self.host_effects(s as ShardIdx, &mut outputs)?;
-        }
-        debug_assert!(outputs.is_empty(), "nothing to answer at boot");
-        Ok(())
+        self.nodes[n].hosts[shard as usize].driver.flush(t);
     }
 
     /// The host asked for a new incarnation of `shard`: recovered from its disk as the node
     /// does it, handed to the host, then audited.
-    pub(super) fn recover_effect(&mut self, shard: ShardIdx, job: RecoverJob) -> Checked {
+    pub(super) fn recover_effect(&mut self, n: usize, shard: ShardIdx, job: RecoverJob) -> Checked {
         let s = shard as usize;
-        if self.hosts[s].epoch > 0 && self.node_up {
+        if self.nodes[n].hosts[s].epoch > 0 && self.nodes[n].up {
             self.counters.restarts += 1;
         }
         trace!(self, "s{shard} recovers");
-        self.http_forget(shard);
-        let host = &mut self.hosts[s];
+        self.http_forget(n, shard);
+        let host = &mut self.nodes[n].hosts[s];
         host.epoch += 1;
         host.inflight = None;
         host.timer_at = None;
         if shard == self.mesh_shard {
-            self.model.restart();
+            self.nodes[n].model.restart();
         }
-        self.recover(shard, job)?;
-        self.audit(shard)
+        self.recover(n, shard, job)?;
+        self.audit(n, shard)
     }
 
     /// Recovery exactly as the node does it (`fabric_shard::store::recover` on the shard's
     /// disk), after maybe one corrupted read of synced data that must be refused.
-    pub(super) fn recover(&mut self, shard: ShardIdx, job: RecoverJob) -> Checked {
+    pub(super) fn recover(&mut self, n: usize, shard: ShardIdx, job: RecoverJob) -> Checked {
         let s = shard as usize;
-        if let Some(armed) = self.hosts[s].flip.take() {
-            let flip = self.hosts[s].disk.pick_read_flip_in(
+        if let Some(armed) = self.nodes[n].hosts[s].flip.take() {
+            let flip = self.nodes[n].hosts[s].disk.pick_read_flip_in(
                 &mut self.rng,
                 armed.segment,
                 armed.offset_min.map(|o| o as usize),
@@ -265,8 +210,8 @@ impl Simulation {
             );
             if let Some(flip) = flip {
                 self.counters.faults += 1;
-                self.hosts[s].disk.flip_next_read(flip);
-                match job.perform(&mut self.hosts[s].disk) {
+                self.nodes[n].hosts[s].disk.flip_next_read(flip);
+                match job.perform(&mut self.nodes[n].hosts[s].disk) {
                     Err(RecoverError::Corrupt { file, offset, .. }) => {
                         trace!(
                             self,
@@ -292,7 +237,7 @@ impl Simulation {
                 }
             }
         }
-        let (recovered, report) = match job.perform(&mut self.hosts[s].disk) {
+        let (recovered, report) = match job.perform(&mut self.nodes[n].hosts[s].disk) {
             Ok(x) => x,
             Err(e) => {
                 return fail(
@@ -303,162 +248,10 @@ impl Simulation {
         };
         trace!(self, "s{shard} recovered {report:?}");
         let t = self.time();
-        self.hosts[s]
+        self.nodes[n].hosts[s]
             .driver
             .handle_recovered(t, Ok((recovered, report)));
-        self.learn_synced(shard, None)?;
-        Ok(())
-    }
-
-    /// Reads back every conversation of a fresh incarnation and, on the mesh's shard, replays
-    /// every inbox (checkers 1, 2 and 6), on sessions of its own that it closes again.
-    pub(super) fn audit(&mut self, shard: ShardIdx) -> Checked {
-        let s = shard as usize;
-        let audit = self.next_session;
-        self.next_session += 1;
-        for conv in self.model.conv_names() {
-            if self.conv_shard(&conv) != shard {
-                continue;
-            }
-            let read = ShardOp::Read {
-                r: 0,
-                mesh: MESH.into(),
-                conv: conv.clone(),
-                from: 1,
-                limit: fabric_proto::READ_LIMIT_MAX,
-            };
-            self.hosts[s]
-                .driver
-                .shard_mut()
-                .expect("a recovered shard")
-                .handle_requests(
-                    self.now,
-                    [Request {
-                        session: audit,
-                        op: read,
-                    }],
-                );
-            let mut got = None;
-            while let Some(o) = self.hosts[s]
-                .driver
-                .shard_mut()
-                .expect("a recovered shard")
-                .poll_output()
-            {
-                match o.reply {
-                    Reply::Messages { events, head, .. } => got = Some((events, head)),
-                    r => {
-                        return fail(
-                            ViolationKind::UnexpectedReply,
-                            format!("audit read got {r:?}"),
-                        )
-                    }
-                }
-            }
-            let Some((events, head)) = got else {
-                return fail(ViolationKind::UnexpectedReply, "audit read got no reply");
-            };
-            self.model.audit_conv(&conv, &events, head)?;
-        }
-        if shard == self.mesh_shard {
-            for c in 0..self.clients.len() {
-                self.audit_inbox(c)?;
-            }
-        }
-        trace!(self, "s{shard} audit passed");
-        Ok(())
-    }
-
-    /// Replays peer `c`'s inbox from its cursor on a fresh incarnation of the mesh's shard.
-    pub(super) fn audit_inbox(&mut self, c: usize) -> Checked {
-        let s = self.mesh_shard as usize;
-        let session = self.next_session;
-        self.next_session += 1;
-        let hello = ShardOp::Hello {
-            mesh: MESH.into(),
-            peer: self.clients[c].peer.clone(),
-            token: self.clients[c].token.clone(),
-            proof: None,
-        };
-        self.hosts[s]
-            .driver
-            .shard_mut()
-            .expect("a recovered shard")
-            .handle_requests(self.now, [Request { session, op: hello }]);
-        let mut cursor = None;
-        let mut shown = BTreeSet::new();
-        loop {
-            let mut frames = 0;
-            while let Some(o) = self.hosts[s]
-                .driver
-                .shard_mut()
-                .expect("a recovered shard")
-                .poll_output()
-            {
-                match o.reply {
-                    Reply::Frame(ServerOp::Welcome { acked, head, .. }) => {
-                        self.model.on_welcome(c, acked, head)?;
-                        cursor = Some(acked);
-                    }
-                    Reply::Frame(ServerOp::Deliver {
-                        pos,
-                        from,
-                        to,
-                        body,
-                        ..
-                    }) => {
-                        self.model.on_deliver(c, pos, &from, &to, &body)?;
-                        if shown.last().is_some_and(|l| *l >= pos) {
-                            return fail(
-                                ViolationKind::WrongRecord,
-                                format!(
-                                    "audit replay of {} out of order at pos {pos}",
-                                    self.clients[c].peer
-                                ),
-                            );
-                        }
-                        shown.insert(pos);
-                        frames += 1;
-                    }
-                    r => {
-                        return fail(
-                            ViolationKind::UnexpectedReply,
-                            format!("audit hello got {r:?}"),
-                        )
-                    }
-                }
-            }
-            if frames == 0 {
-                break;
-            }
-            let flushed = ShardOp::Flushed { frames };
-            self.hosts[s]
-                .driver
-                .shard_mut()
-                .expect("a recovered shard")
-                .handle_requests(
-                    self.now,
-                    [Request {
-                        session,
-                        op: flushed,
-                    }],
-                );
-        }
-        let Some(acked) = cursor else {
-            return fail(ViolationKind::UnexpectedReply, "audit hello got no welcome");
-        };
-        self.model.audit_inbox(c, acked, &shown)?;
-        self.hosts[s]
-            .driver
-            .shard_mut()
-            .expect("a recovered shard")
-            .handle_requests(
-                self.now,
-                [Request {
-                    session,
-                    op: ShardOp::Closed,
-                }],
-            );
+        self.learn_synced(n, shard, None)?;
         Ok(())
     }
 }

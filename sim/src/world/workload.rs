@@ -108,7 +108,7 @@ impl Simulation {
     fn op_request(&mut self, c: usize, op: usize, first: bool) -> ClientOp {
         let r = self.next_ref(c);
         let id = self.conn_id(c);
-        let o = &self.model.ops[op];
+        let o = &self.model(c).ops[op];
         let ordered = first || matches!(o.kind, OpKind::Send { .. });
         let (client_op, what) = match &o.kind {
             OpKind::Send { to, .. } => (
@@ -129,7 +129,7 @@ impl Simulation {
                 format!("append {conv} key={key:?}"),
             ),
         };
-        let key = self.model.order_key(op);
+        let key = self.model(c).order_key(op);
         let req = Req::Op { op, ordered };
         self.clients[c].inflight.insert(r, req.clone());
         self.refs.insert((id, r), req);
@@ -172,7 +172,7 @@ impl Simulation {
                 7 => self.rng.random_range(0..=1),
                 _ => self
                     .rng
-                    .random_range(1..=self.model.conv_acked_max(&conv) + 3),
+                    .random_range(1..=self.model(c).conv_acked_max(&conv) + 3),
             };
             let op = ClientOp::Subscribe {
                 r,
@@ -203,7 +203,7 @@ impl Simulation {
     /// whose request timer fired); `None` if there is none.
     fn hedge_request(&mut self, c: usize) -> Option<ClientOp> {
         let op = self.clients[c].inflight.values().find_map(|q| match q {
-            Req::Op { op, .. } if self.model.keyed_append(*op) => Some(*op),
+            Req::Op { op, .. } if self.model(c).keyed_append(*op) => Some(*op),
             _ => None,
         })?;
         self.counters.workload.hedges += 1;
@@ -221,18 +221,23 @@ impl Simulation {
 
     /// A new operation for client `c`, with a body unique to it (its id twice, and padding).
     fn new_op(&mut self, c: usize) -> usize {
-        let id = self.model.ops.len();
+        let id = self.model(c).ops.len();
         let pad = "x".repeat(self.rng.random_range(0..=BODY_PAD_BYTES_MAX));
         let body =
             Body::from_trusted(format!("{{\"op\":{id},\"pad\":\"{pad}\",\"again\":{id}}}").into());
+        let local = self.clients[c].local;
         let kind = if self.rng.random_bool(0.5) {
-            let n = self.clients.len();
+            // A peer of the client's own mesh (its node's; all clients with one node).
+            let n = self.model(c).peers.len();
             let to = match self.rng.random_range(0..10) {
                 0 | 1 => Target::Group(format!("g{}", self.rng.random_range(0..2)).into()),
                 2 => Target::All,
-                _ => Target::Peer(self.clients[self.rng.random_range(0..n)].peer.clone()),
+                _ => {
+                    let i = self.rng.random_range(0..n);
+                    Target::Peer(self.model(c).peers[i].clone())
+                }
             };
-            let recipients = self.model.recipients(c, &to);
+            let recipients = self.model(c).recipients(local, &to);
             OpKind::Send { to, recipients }
         } else {
             let conv: Arc<str> =
@@ -243,23 +248,24 @@ impl Simulation {
                 .then(|| Arc::from(format!("k{id}")));
             OpKind::Append { conv, key }
         };
-        self.model.add_op(c, kind, body)
+        self.model_mut(c).add_op(local, kind, body)
     }
 
     /// A scripted operation: the user's body inside an envelope that makes it unique, which
     /// the checkers need to tell operations apart (`crate::script` unwraps it again).
     pub(super) fn scripted_op(&mut self, c: usize, action: Action) -> usize {
-        let id = self.model.ops.len();
+        let id = self.model(c).ops.len();
+        let local = self.clients[c].local;
         let wrap = |body: &str| {
             Body::from_trusted(format!("{{\"op\":{id},\"user\":{body},\"again\":{id}}}").into())
         };
         let (kind, body) = match action {
             Action::Send { to, body } => {
-                let recipients = self.model.recipients(c, &to);
+                let recipients = self.model(c).recipients(local, &to);
                 (OpKind::Send { to, recipients }, wrap(&body))
             }
             Action::Append { conv, body, key } => (OpKind::Append { conv, key }, wrap(&body)),
         };
-        self.model.add_op(c, kind, body)
+        self.model_mut(c).add_op(local, kind, body)
     }
 }
