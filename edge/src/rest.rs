@@ -32,6 +32,10 @@ use fabric_proto::{
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
+/// How long a REST call waits for the shards, in ms (the node's and the simulator's HTTP
+/// clients): unanswered by then, `unavailable`.
+pub const REST_REPLY_TIMEOUT_MS: u64 = 30_000;
+
 /// The ref the core gives its own requests (one call has at most two, one at a time).
 const AUTH_REF: u64 = 1;
 const OP_REF: u64 = 2;

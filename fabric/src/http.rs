@@ -23,7 +23,7 @@ const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
 /// An HTTP request waits at most this long for its shard's answer.
-const HTTP_REPLY_TIMEOUT_MS: u64 = 30_000;
+const HTTP_REPLY_TIMEOUT_MS: u64 = fabric_edge::rest::REST_REPLY_TIMEOUT_MS;
 
 pub fn routes(ctx: Arc<NodeCtx>) -> Router {
     let frame_max = ctx.config.frame_bytes_max;

@@ -216,6 +216,10 @@ fn print_table(r: &SwarmReport, first: u64, threads: usize) {
         ),
         ("events", r.events.to_string()),
         ("requests acked", r.requests_acked.to_string()),
+        (
+            "http reads / appends",
+            format!("{} / {}", r.workload.http_reads, r.workload.http_appends),
+        ),
         ("crashes", r.crashes.to_string()),
         ("shard restarts", r.restarts.to_string()),
         ("faults injected", r.faults_injected.to_string()),

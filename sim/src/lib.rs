@@ -156,6 +156,8 @@ pub struct WorkloadStats {
     pub client_batches: u64,
     /// HTTP-style conversation reads answered.
     pub http_reads: u64,
+    /// HTTP appends acknowledged.
+    pub http_appends: u64,
     /// Request batches the shards took through `Shard::handle_requests`.
     pub shard_batches: u64,
     /// Of those, batches of several requests after which the shard wanted no more input:
@@ -177,6 +179,7 @@ impl WorkloadStats {
         self.key_hellos += o.key_hellos;
         self.client_batches += o.client_batches;
         self.http_reads += o.http_reads;
+        self.http_appends += o.http_appends;
         self.shard_batches += o.shard_batches;
         self.shard_batches_past_backpressure += o.shard_batches_past_backpressure;
         self.reply_queue_overflows += o.reply_queue_overflows;

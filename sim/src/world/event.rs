@@ -31,9 +31,14 @@ pub(super) enum Event {
     },
     Fault(FaultEvent),
     FaultsEnd,
-    /// The HTTP client beside `node` reads a conversation.
-    HttpRead {
+    /// The HTTP client beside `node` reads or appends to a conversation.
+    HttpCall {
         node: usize,
+    },
+    /// A REST call's answer deadline.
+    HttpTimeout {
+        node: usize,
+        session: SessionId,
     },
 }
 
@@ -124,8 +129,12 @@ impl Event {
                 put(&[9]);
                 0
             }
-            Event::HttpRead { node } => {
+            Event::HttpCall { node } => {
                 put(&[10]);
+                *node as u64
+            }
+            Event::HttpTimeout { node, session } => {
+                put(&[12, *session]);
                 *node as u64
             }
         };

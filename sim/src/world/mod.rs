@@ -29,9 +29,7 @@ use crate::{
 };
 use bytes::Bytes;
 use fabric_edge::{InFrame, OutFrame, Session, SessionConfig};
-use fabric_proto::internal::{
-    Output, Placement, Reply, Request, Route, SessionId, ShardIdx, ShardOp,
-};
+use fabric_proto::internal::{Output, Placement, Reply, Request, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
 use fabric_router::host::{
     CloseReason, Effect, RecoverJob, ShardDriver, Time, WriteJob, PUMP_BATCHES_MAX,
@@ -67,7 +65,7 @@ mod workload;
 
 use client::{Client, Req};
 use event::{Event, Queued};
-use http::HttpRead;
+use http::HttpCall;
 use node::{new_driver, ArmedFlip, Inflight, Node, NodeConn};
 use trace::Trace;
 
@@ -358,7 +356,7 @@ impl Simulation {
             self.schedule_at(self.options.duration_ms, Event::FaultsEnd);
         }
         for n in 0..self.nodes.len() {
-            self.schedule_http_read(n);
+            self.schedule_http_call(n);
         }
         for c in 0..self.clients.len() {
             let delay = self.rng.random_range(0..=self.think_time_max_ms);
@@ -556,7 +554,8 @@ impl Simulation {
             }
             Event::Fault(f) => self.apply(f)?,
             Event::FaultsEnd => self.end_faults()?,
-            Event::HttpRead { node } => self.http_read(node),
+            Event::HttpCall { node } => self.http_call(node)?,
+            Event::HttpTimeout { node, session } => self.http_timeout(node, session)?,
         }
         Ok(())
     }

@@ -37,7 +37,7 @@ pub(super) struct Node {
     pub(super) durable: Durable,
     /// HTTP reads in progress, by their session, and the router they go through (the HTTP
     /// client beside this node).
-    pub(super) http: BTreeMap<SessionId, HttpRead>,
+    pub(super) http: BTreeMap<SessionId, HttpCall>,
     pub(super) http_router: Router,
     /// The session retention probes read on (`probe_retention`).
     pub(super) probe: Option<SessionId>,
@@ -215,6 +215,9 @@ impl Simulation {
                 match o {
                     HostOut::Replies(session, replies) => {
                         self.queue_replies(n, shard, session, replies)?
+                    }
+                    HostOut::Close(session, why) if self.nodes[n].http.contains_key(&session) => {
+                        self.http_closed(n, shard, session, why)?
                     }
                     HostOut::Close(session, why) => self.close_for_shard(n, shard, session, why),
                 }
@@ -480,7 +483,7 @@ impl Simulation {
             return Ok(());
         }
         if node.http.contains_key(&o.session) {
-            return self.http_reply(n, o);
+            return self.http_reply(n, shard, o);
         }
         let Some(&id) = node.sessions.get(&o.session) else {
             return Ok(()); // the session is gone; the shard will hear `Closed`

@@ -185,7 +185,6 @@ impl Simulation {
             self.counters.restarts += 1;
         }
         trace!(self, "s{shard} recovers");
-        self.http_forget(n, shard);
         let host = &mut self.nodes[n].hosts[s];
         host.epoch += 1;
         host.inflight = None;
