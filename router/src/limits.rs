@@ -107,21 +107,21 @@ pub enum LimitsError {
 }
 
 /// Lossless widening of the limit types to the one type ranges are written in.
-trait AsU64 {
-    fn as_u64(self) -> u64;
+trait Widen {
+    fn widen(self) -> u64;
 }
-impl AsU64 for u32 {
-    fn as_u64(self) -> u64 {
+impl Widen for u32 {
+    fn widen(self) -> u64 {
         u64::from(self)
     }
 }
-impl AsU64 for u64 {
-    fn as_u64(self) -> u64 {
+impl Widen for u64 {
+    fn widen(self) -> u64 {
         self
     }
 }
-impl AsU64 for usize {
-    fn as_u64(self) -> u64 {
+impl Widen for usize {
+    fn widen(self) -> u64 {
         // usize is at most 64 bits on every target Fabric builds for.
         self as u64
     }
@@ -152,7 +152,7 @@ macro_rules! limits {
             pub fn entries(&self) -> Vec<LimitEntry> {
                 vec![$( LimitEntry {
                     key: stringify!($key),
-                    value: self.$key.as_u64(),
+                    value: self.$key.widen(),
                     range: $range,
                 }, )*]
             }
@@ -347,7 +347,7 @@ impl Limits {
             "every shard must own at least one partition",
         )?;
         relation(
-            self.inbox_backlog_bytes_max >= self.body_bytes_max().as_u64(),
+            self.inbox_backlog_bytes_max >= self.body_bytes_max().widen(),
             || format!("inbox_backlog_bytes_max {}", self.inbox_backlog_bytes_max),
             "below",
             || {

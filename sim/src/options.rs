@@ -215,6 +215,11 @@ impl SimOptions {
         }
     }
 
+    /// The session core's config: the node's derivation (`Limits::session_config`).
+    pub fn session_config(&self) -> fabric_edge::SessionConfig {
+        self.limits().session_config()
+    }
+
     /// Shard `shard`'s core config: the node's derivation (`Limits::shard_config`), plus this
     /// run's planted bugs.
     pub(crate) fn shard_config(&self, shard: ShardIdx) -> ShardConfig {
