@@ -211,9 +211,16 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
-    /// A limit out of its range, or two limits that do not fit together (both named).
+    /// A limit out of its range, or two limits that do not fit together (both named). Not a
+    /// `source`: the message already carries it, and a report would print it twice.
     #[error("invalid configuration: {0}")]
-    Limits(#[from] LimitsError),
+    Limits(LimitsError),
+}
+
+impl From<LimitsError> for ConfigError {
+    fn from(e: LimitsError) -> ConfigError {
+        ConfigError::Limits(e)
+    }
 }
 
 impl Config {
