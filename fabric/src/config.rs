@@ -1,6 +1,11 @@
 //! Node configuration: embedded defaults, then a TOML file, then `FABRIC_*` environment
 //! variables, then command-line flags (each layer overrides the one before).
+//!
+//! The numeric limits (their defaults, ranges and relations) are `fabric_router::limits::Limits`;
+//! `Config` carries them as fields of the same names ([`Config::limits`]), so the TOML keys,
+//! flags and variables stay flat.
 
+use fabric_router::limits::{Limits, LimitsError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -35,6 +40,10 @@ pub struct Config {
     pub shard_queue_batches_max: usize,
     /// Frames a shard pushes to a session before the session reports them written.
     pub push_credit_frames_max: u32,
+    /// Log entries one drain of one session may look at before the shard turns to the next.
+    pub drain_scan_entries_max: usize,
+    /// Writes waiting for durability before a shard stops taking requests.
+    pub pending_acks_max: usize,
     /// Most server ops joined into one batch frame for a client that asked for batch frames
     /// (`options` `batch`), 1..=`fabric_proto::BATCH_OPS_MAX`.
     pub out_batch_ops_max: u32,
@@ -119,60 +128,74 @@ pub enum LogFormat {
     Json,
 }
 
+/// The numeric fields of [`Config`], which are [`Limits`]' fields (same names). A literal
+/// of either struct without `..` must name every field, so the compiler holds this list, the
+/// two structs and `Config::default` in step.
+macro_rules! limit_fields {
+    ($mac:ident!($($args:tt)*)) => {
+        $mac!($($args)* shards, partitions, frame_bytes_max, inflight_requests_max,
+            hello_timeout_ms, wal_segment_bytes_max, wal_batch_bytes_max, retention_bytes_max,
+            shard_queue_batches_max, push_credit_frames_max, drain_scan_entries_max,
+            pending_acks_max, out_batch_ops_max, inbox_backlog_bytes_max,
+            mesh_inbox_backlog_bytes_max, mesh_conversations_max, restart_backoff_ms_max,
+            wal_sync_stall_ms_max, http_header_timeout_ms, http_body_timeout_ms,
+            tls_handshake_timeout_ms, connections_max, connections_per_ip_max,
+            session_subscriptions_max, ping_interval_ms, pong_timeout_ms, write_timeout_ms,
+            prehello_frames_max, prehello_answers_max)
+    };
+}
+
+/// `Limits { field: $from.field, .. }` over every limit field.
+macro_rules! limits_of {
+    ($from:expr; $($f:ident),*) => { Limits { $($f: $from.$f),* } };
+}
+
+/// A `Config` whose limits are `$l`'s and whose other fields are given.
+macro_rules! config_with {
+    ({ $($field:ident : $value:expr),* $(,)? } $l:expr; $($f:ident),*) => {
+        Config { $($field: $value,)* $($f: $l.$f,)* }
+    };
+}
+
 impl Default for Config {
+    /// `Limits::default()`, with one shard per core; the rest as documented.
     fn default() -> Config {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
-        Config {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let limits = Limits {
+            shards: Limits::shards_for_cores(cores),
+            ..Limits::default()
+        };
+        Config::with_limits(limits)
+    }
+}
+
+impl Config {
+    /// The default configuration with these limits.
+    pub fn with_limits(limits: Limits) -> Config {
+        limit_fields!(config_with!({
             data_dir: PathBuf::from("./fabric-data"),
             listen: "127.0.0.1:7400".parse().expect("valid default address"),
-            shards: cores.clamp(1, 64),
-            partitions: 256,
             admin_token: None,
-            frame_bytes_max: fabric_proto::FRAME_BYTES_MAX_DEFAULT,
-            inflight_requests_max: 1024,
-            hello_timeout_ms: 10_000,
-            wal_segment_bytes_max: 64 * 1024 * 1024,
-            wal_batch_bytes_max: 4 * 1024 * 1024,
-            retention_bytes_max: 256 * 1024 * 1024,
-            shard_queue_batches_max: 1024,
-            push_credit_frames_max: 1024,
-            out_batch_ops_max: 256,
             durability: Durability::Fsync,
             log_format: LogFormat::Human,
             metrics: true,
             metrics_listen: None,
             metrics_meshes: Vec::new(),
-            inbox_backlog_bytes_max: 64 * 1024 * 1024,
-            mesh_inbox_backlog_bytes_max: 512 * 1024 * 1024,
-            mesh_conversations_max: 100_000,
-            restart_backoff_ms_max: 30_000,
-            wal_sync_stall_ms_max: 10_000,
             quic: true,
             quic_listen: None,
             tls_cert: None,
             tls_key: None,
             ws_tls: false,
-            http_header_timeout_ms: 10_000,
-            http_body_timeout_ms: 30_000,
-            tls_handshake_timeout_ms: 10_000,
-            connections_max: 65_536,
-            connections_per_ip_max: 16_384,
-            session_subscriptions_max: 1024,
-            ping_interval_ms: 30_000,
-            pong_timeout_ms: 30_000,
-            write_timeout_ms: 30_000,
-            prehello_frames_max: 16,
-            prehello_answers_max: 64,
-        }
+        } limits;))
+    }
+
+    /// This configuration's numeric limits.
+    pub fn limits(&self) -> Limits {
+        limit_fields!(limits_of!(self;))
     }
 }
 
-pub use crate::FRAME_BYTES_MAX_LIMIT;
-/// Smallest `frame_bytes_max` accepted: `body_bytes_max` is 1 KiB less.
-pub const FRAME_BYTES_MAX_FLOOR: usize = 2048;
-/// Frames waiting for a client that does not read, past which its session closes as
-/// `overloaded`, unless in-flight answers plus every shard's push credit need more.
-const PENDING_TRANSMIT_FRAMES_FLOOR: usize = 65_536;
+pub use fabric_router::limits::{FRAME_BYTES_MAX_FLOOR, FRAME_BYTES_MAX_LIMIT};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -188,6 +211,16 @@ pub enum ConfigError {
     },
     #[error("invalid configuration: {0}")]
     Invalid(String),
+    /// A limit out of its range, or two limits that do not fit together (both named). Not a
+    /// `source`: the message already carries it, and a report would print it twice.
+    #[error("invalid configuration: {0}")]
+    Limits(LimitsError),
+}
+
+impl From<LimitsError> for ConfigError {
+    fn from(e: LimitsError) -> ConfigError {
+        ConfigError::Limits(e)
+    }
 }
 
 impl Config {
@@ -249,158 +282,33 @@ impl Config {
         }))
     }
 
-    /// Largest `send`/`append` body: `frame_bytes_max` less 1 KiB, room for what a `deliver`
-    /// or `event` frame adds around the body, so no frame the node sends is over
-    /// `frame_bytes_max` (1,047,552 bytes by default).
+    /// Largest `send`/`append` body (see `Limits::body_bytes_max`).
     pub fn body_bytes_max(&self) -> usize {
-        self.frame_bytes_max
-            .saturating_sub(fabric_edge::BODY_FRAMING_BYTES)
+        self.limits().body_bytes_max()
     }
 
-    /// Replies one session can be owed at once: its in-flight requests up to the hard limit
-    /// (`inflight_requests_max` plus one batch frame's ops, which `wants_read` cannot split)
-    /// and every shard's push credit. `None` if it does not fit in a `usize`.
-    pub fn session_replies_owed_max(&self) -> Option<usize> {
-        fabric_router::host::session_replies_owed_max(
-            self.push_credit_frames_max,
-            self.shards,
-            self.inflight_requests_max,
-        )
+    /// Replies one session can be owed at once (see `Limits::session_replies_owed_max`).
+    pub fn session_replies_owed_max(&self) -> usize {
+        self.limits().session_replies_owed_max()
     }
 
-    /// Capacity of a session's reply channel (in reply batches; a batch holds at least one
-    /// reply): every reply it can be owed, plus slack. So a shard's `try_send` fails only for a
-    /// session that stopped taking replies, which is then closed as `overloaded`.
+    /// Capacity of a session's reply channel (see `Limits::session_reply_queue_max`).
     pub fn session_reply_queue_max(&self) -> usize {
-        fabric_router::host::session_reply_queue_batches_min(
-            self.push_credit_frames_max,
-            self.shards,
-            self.inflight_requests_max,
-        )
-        .unwrap_or(usize::MAX)
+        self.limits().session_reply_queue_max()
     }
 
     /// The session core's limits for this node's settings.
     pub fn session_config(&self) -> fabric_edge::SessionConfig {
-        fabric_edge::SessionConfig {
-            frame_bytes_max: self.frame_bytes_max,
-            inflight_requests_max: self.inflight_requests_max,
-            hello_timeout_ms: self.hello_timeout_ms,
-            // It must hold everything the shards can send before the session next drains.
-            pending_transmit_frames_max: self
-                .session_replies_owed_max()
-                .unwrap_or(usize::MAX)
-                .max(PENDING_TRANSMIT_FRAMES_FLOOR),
-            body_bytes_max: self.body_bytes_max(),
-            subscriptions_max: self.session_subscriptions_max,
-            ping_interval_ms: self.ping_interval_ms,
-            pong_timeout_ms: self.pong_timeout_ms,
-            write_timeout_ms: self.write_timeout_ms,
-            prehello_frames_max: self.prehello_frames_max,
-            prehello_answers_max: self.prehello_answers_max,
-            out_batch_ops_max: self.out_batch_ops_max,
-        }
+        self.limits().session_config()
     }
 
-    /// The session limits of this file's last fields (kept apart from `validate`'s older
-    /// checks so that the hunks of concurrent changes stay separate).
-    fn validate_sessions(&self) -> Result<(), ConfigError> {
-        let bad = |m: String| Err(ConfigError::Invalid(m));
-        if !(FRAME_BYTES_MAX_FLOOR..=FRAME_BYTES_MAX_LIMIT).contains(&self.frame_bytes_max) {
-            return bad(format!(
-                "frame_bytes_max must be {FRAME_BYTES_MAX_FLOOR}..={FRAME_BYTES_MAX_LIMIT} (a \
-                 body must fit in one WAL record of at most 16 MiB)"
-            ));
-        }
-        if !(1..=fabric_proto::BATCH_OPS_MAX as u32).contains(&self.out_batch_ops_max) {
-            return bad(format!(
-                "out_batch_ops_max is {}; it must be 1..={}",
-                self.out_batch_ops_max,
-                fabric_proto::BATCH_OPS_MAX
-            ));
-        }
-        if self.session_subscriptions_max == 0 {
-            return bad("session_subscriptions_max must be positive".into());
-        }
-        if self.ping_interval_ms != 0 && self.ping_interval_ms < 100 {
-            return bad("ping_interval_ms must be 0 (no pings) or at least 100".into());
-        }
-        if self.pong_timeout_ms < 100 || self.write_timeout_ms < 100 {
-            return bad("pong_timeout_ms and write_timeout_ms must be at least 100".into());
-        }
-        if self.prehello_frames_max == 0 || self.prehello_answers_max < 2 {
-            return bad(
-                "prehello_frames_max must be positive and prehello_answers_max at least 2 \
-                 (options and challenge)"
-                    .into(),
-            );
-        }
-        // The reply channel must hold every reply a session can be owed, or a shard would
-        // find it full while the session is healthy.
-        match self.session_replies_owed_max() {
-            Some(owed) if self.session_reply_queue_max() > owed && owed <= 1 << 26 => Ok(()),
-            _ => bad(
-                "push_credit_frames_max x shards + inflight_requests_max is too large for a \
-                 session's reply channel (at most 67108864)"
-                    .into(),
-            ),
-        }
-    }
-
+    /// Every limit in its range and every relation between limits (`Limits::validate`),
+    /// then the settings that are not numbers.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.validate_sessions()?;
+        self.limits().validate()?;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
         if self.tls_cert.is_some() != self.tls_key.is_some() {
             return bad("tls_cert and tls_key go together");
-        }
-        if self.shards == 0 || self.shards > 1024 {
-            return bad("shards must be 1..=1024");
-        }
-        if self.partitions < self.shards || self.partitions > 65_536 {
-            return bad("partitions must be at least shards and at most 65536");
-        }
-        if self.frame_bytes_max < 1024 {
-            return bad("frame_bytes_max must be at least 1024");
-        }
-        if self.inflight_requests_max == 0 || self.shard_queue_batches_max == 0 {
-            return bad("inflight_requests_max and shard_queue_batches_max must be positive");
-        }
-        if self.push_credit_frames_max == 0 {
-            return bad("push_credit_frames_max must be positive");
-        }
-        if self.wal_segment_bytes_max < 4096 {
-            return bad("wal_segment_bytes_max must be at least 4096");
-        }
-        if self.inbox_backlog_bytes_max < self.body_bytes_max() as u64 {
-            return Err(ConfigError::Invalid(format!(
-                "inbox_backlog_bytes_max ({}) must be at least body_bytes_max ({}: \
-                 frame_bytes_max - 1024), or the largest message could never be sent",
-                self.inbox_backlog_bytes_max,
-                self.body_bytes_max()
-            )));
-        }
-        if self.mesh_inbox_backlog_bytes_max < self.inbox_backlog_bytes_max {
-            return Err(ConfigError::Invalid(format!(
-                "mesh_inbox_backlog_bytes_max ({}) must be at least inbox_backlog_bytes_max ({})",
-                self.mesh_inbox_backlog_bytes_max, self.inbox_backlog_bytes_max
-            )));
-        }
-        if self.mesh_conversations_max == 0 {
-            return bad("mesh_conversations_max must be positive");
-        }
-        if self.restart_backoff_ms_max < 10 || self.wal_sync_stall_ms_max == 0 {
-            return bad(
-                "restart_backoff_ms_max must be at least 10 and wal_sync_stall_ms_max positive",
-            );
-        }
-        if self.http_header_timeout_ms == 0
-            || self.http_body_timeout_ms == 0
-            || self.tls_handshake_timeout_ms == 0
-        {
-            return bad("http_header_timeout_ms, http_body_timeout_ms and tls_handshake_timeout_ms must be positive");
-        }
-        if self.connections_max == 0 || self.connections_per_ip_max == 0 {
-            return bad("connections_max and connections_per_ip_max must be positive");
         }
         if self.metrics_meshes.len() > crate::metrics::METRICS_MESHES_MAX {
             return bad("metrics_meshes may name at most 64 meshes");
@@ -517,6 +425,64 @@ mod session_limit_tests {
         assert!(with(&|c| c.write_timeout_ms = 0).is_err());
         assert!(with(&|c| c.session_subscriptions_max = 0).is_err());
         assert!(with(&|c| c.prehello_frames_max = 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    #[test]
+    fn config_limits_are_the_limits_and_read_back_from_toml() {
+        // Proves the configuration's numeric keys are exactly `Limits`' (same names, same
+        // defaults apart from the per-core shard count), and a limit set in TOML reaches
+        // `limits()`.
+        let c = Config::default();
+        let table = toml::Value::try_from(&c).expect("serialisable");
+        let limits = toml::Value::try_from(c.limits()).expect("serialisable");
+        for (key, value) in limits.as_table().expect("a table") {
+            assert_eq!(table.get(key), Some(value), "{key}");
+        }
+        assert_eq!(
+            fabric_router::limits::LIMIT_KEYS.len(),
+            limits.as_table().map_or(0, |t| t.len())
+        );
+        assert_eq!(
+            Limits {
+                shards: 1,
+                ..c.limits()
+            },
+            Limits::default()
+        );
+        let c: Config = toml::from_str("pending_acks_max = 7").expect("accepted");
+        assert_eq!(c.limits().shard_config(0).pending_acks_max, 7);
+    }
+
+    #[test]
+    fn a_broken_relation_is_refused_naming_both_limits_and_values() {
+        // Proves Config::validate refuses limits that do not fit together with a message that
+        // names both limits and their values.
+        let c = Config {
+            inbox_backlog_bytes_max: 1 << 30,
+            mesh_inbox_backlog_bytes_max: 1 << 20,
+            ..Config::default()
+        };
+        let e = c.validate().expect_err("refused").to_string();
+        assert!(
+            e.contains("mesh_inbox_backlog_bytes_max 1048576")
+                && e.contains("inbox_backlog_bytes_max 1073741824"),
+            "{e}"
+        );
+        let c = Config {
+            frame_bytes_max: 8 << 20,
+            inbox_backlog_bytes_max: 1 << 20,
+            ..Config::default()
+        };
+        let e = c.validate().expect_err("refused").to_string();
+        assert!(
+            e.contains("inbox_backlog_bytes_max 1048576") && e.contains("frame_bytes_max 8388608"),
+            "{e}"
+        );
     }
 }
 

@@ -43,7 +43,7 @@ pub mod ws;
 /// (`fabric_shard::wal::RECORD_BYTES_MAX`, 16 MiB) with its ids and headers, with room to spare.
 pub const FRAME_BYTES_MAX_LIMIT: usize = 8 << 20;
 #[cfg(feature = "server")]
-const _: () = assert!(FRAME_BYTES_MAX_LIMIT < fabric_shard::wal::RECORD_BYTES_MAX);
+const _: () = assert!(FRAME_BYTES_MAX_LIMIT == fabric_router::limits::FRAME_BYTES_MAX_LIMIT);
 
 /// Wall-clock milliseconds since the Unix epoch: the `now` the cores are given.
 pub fn now_ms() -> u64 {

@@ -69,6 +69,29 @@ struct ServeArgs {
     /// Requests a session may have unacknowledged before the node stops reading it. Default 1024.
     #[arg(long, env = "FABRIC_INFLIGHT_REQUESTS_MAX")]
     inflight_requests_max: Option<u32>,
+    /// A new connection must say hello within this time, in ms. Default 10000.
+    #[arg(long, env = "FABRIC_HELLO_TIMEOUT_MS")]
+    hello_timeout_ms: Option<u64>,
+    /// A shard stops taking requests while its unwritten batch is this large, in bytes.
+    /// Default 4 MiB.
+    #[arg(long, env = "FABRIC_WAL_BATCH_BYTES_MAX")]
+    wal_batch_bytes_max: Option<usize>,
+    /// Request batches queued per shard before senders wait. Default 1024.
+    #[arg(long, env = "FABRIC_SHARD_QUEUE_BATCHES_MAX")]
+    shard_queue_batches_max: Option<usize>,
+    /// Frames a shard pushes to a session before it must report them written. Default 1024.
+    #[arg(long, env = "FABRIC_PUSH_CREDIT_FRAMES_MAX")]
+    push_credit_frames_max: Option<u32>,
+    /// Log entries one drain of one session may look at before the shard turns to the next.
+    /// Default 4096.
+    #[arg(long, env = "FABRIC_DRAIN_SCAN_ENTRIES_MAX")]
+    drain_scan_entries_max: Option<usize>,
+    /// Writes waiting for durability before a shard stops taking requests. Default 65536.
+    #[arg(long, env = "FABRIC_PENDING_ACKS_MAX")]
+    pending_acks_max: Option<usize>,
+    /// Most server ops joined into one batch frame for a client that asked for them. Default 256.
+    #[arg(long, env = "FABRIC_OUT_BATCH_OPS_MAX")]
+    out_batch_ops_max: Option<u32>,
     /// WAL segment size at which a new segment starts, in bytes. Default 64 MiB.
     #[arg(long, env = "FABRIC_WAL_SEGMENT_BYTES_MAX")]
     wal_segment_bytes_max: Option<u64>,
@@ -176,6 +199,13 @@ impl ServeArgs {
             partitions,
             frame_bytes_max,
             inflight_requests_max,
+            hello_timeout_ms,
+            wal_batch_bytes_max,
+            shard_queue_batches_max,
+            push_credit_frames_max,
+            drain_scan_entries_max,
+            pending_acks_max,
+            out_batch_ops_max,
             wal_segment_bytes_max,
             retention_bytes_max,
             durability,
@@ -312,3 +342,6 @@ fn main() -> anyhow::Result<()> {
         }
     }
 }
+
+#[cfg(test)]
+mod serve_args_tests;

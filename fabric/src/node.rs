@@ -9,7 +9,6 @@ use crate::shard_actor::{
 };
 use fabric_edge::SessionConfig;
 use fabric_router::{PlacementMeta, Router};
-use fabric_shard::ShardConfig;
 use ractor::{Actor, ActorRef};
 use rand::RngCore;
 use std::net::SocketAddr;
@@ -119,13 +118,9 @@ impl NodeCtx {
         self.router.clone()
     }
 
-    /// Capacity of a session's reply channel: every reply it can be owed (in-flight requests,
-    /// push credit per shard) plus slack, so a shard's `try_send` only fails for a session
-    /// that stopped draining.
+    /// Capacity of a session's reply channel (the rule is `Limits::session_reply_queue_max`).
     pub fn session_queue_max(&self) -> usize {
-        self.config.inflight_requests_max as usize
-            + self.config.push_credit_frames_max as usize * self.shards.len()
-            + 64
+        self.config.session_reply_queue_max()
     }
 
     /// Ready when every shard has recovered and serves writes (its WAL has not failed) and the
@@ -381,27 +376,10 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     };
     let mut slots = Vec::new();
     let mut senders = Vec::new();
+    let limits = config.limits();
     for i in 0..config.shards {
-        let shard_config = ShardConfig {
-            shard: i,
-            wal_segment_bytes_max: config.wal_segment_bytes_max,
-            wal_batch_bytes_max: config.wal_batch_bytes_max,
-            retention_bytes_max: config.retention_bytes_max,
-            push_credit_frames_max: config.push_credit_frames_max,
-            body_bytes_max: config.body_bytes_max(),
-            inbox_backlog_bytes_max: config.inbox_backlog_bytes_max,
-            mesh_inbox_backlog_bytes_max: config.mesh_inbox_backlog_bytes_max,
-            mesh_conversations_max: config.mesh_conversations_max,
-            session_subscriptions_max: config
-                .session_subscriptions_max
-                .try_into()
-                .unwrap_or(u32::MAX),
-            ..ShardConfig::default()
-        };
-        let policy = fabric_router::supervise::RestartPolicy {
-            restart_backoff_ms_max: config.restart_backoff_ms_max,
-            ..Default::default()
-        };
+        let shard_config = limits.shard_config(i);
+        let policy = limits.restart_policy();
         let (slot, tx) = ShardSlot::new(SlotSettings {
             idx: i,
             dir: crate::storage::shard_dir(&config.data_dir, i),
@@ -443,12 +421,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     }
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let session_config = SessionConfig {
-        frame_bytes_max: config.frame_bytes_max,
-        inflight_requests_max: config.inflight_requests_max,
-        hello_timeout_ms: config.hello_timeout_ms,
-        ..SessionConfig::default()
-    };
+    let session_config = limits.session_config();
     let config_caps = (config.connections_max, config.connections_per_ip_max);
     let ctx = Arc::new(NodeCtx {
         config,

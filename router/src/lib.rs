@@ -24,6 +24,7 @@
 //! requests instead of one message each.
 
 pub mod host;
+pub mod limits;
 pub mod supervise;
 
 use fabric_proto::internal::{Placement, Request, Route, ShardIdx};

@@ -3,6 +3,7 @@
 use crate::net::{NetOptions, StreamConfig};
 use fabric_proto::internal::ShardIdx;
 use fabric_router::host::PlantedGlueBugs;
+use fabric_router::limits::Limits;
 use fabric_shard::{PlantedBugs, ShardConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -180,21 +181,55 @@ impl Default for SimOptions {
 }
 
 impl SimOptions {
-    pub(crate) fn shard_config(&self, shard: ShardIdx) -> ShardConfig {
-        ShardConfig {
-            shard,
+    /// The node limits of this run: `Limits::default()` varied by this run's drawn fields
+    /// (the one mapping from options to limits; every core config derives from its result).
+    pub fn limits(&self) -> Limits {
+        Limits {
+            shards: self.shards,
+            partitions: self.partitions,
+            inflight_requests_max: self.session_inflight_requests_max,
             wal_segment_bytes_max: self.wal_segment_bytes_max,
-            wal_batch_bytes_max: self.wal_batch_bytes_max,
             retention_bytes_max: self.retention_bytes_max,
+            wal_batch_bytes_max: self.wal_batch_bytes_max,
             push_credit_frames_max: self.push_credit_frames_max,
             drain_scan_entries_max: self.drain_scan_entries_max,
             pending_acks_max: self.pending_acks_max,
+            ..Limits::default()
+        }
+    }
+
+    /// These options with their limits taken from `limits` (the inverse of [`Self::limits`]
+    /// for the fields a run varies).
+    fn with_limits(self, l: Limits) -> SimOptions {
+        SimOptions {
+            shards: l.shards,
+            partitions: l.partitions,
+            session_inflight_requests_max: l.inflight_requests_max,
+            wal_segment_bytes_max: l.wal_segment_bytes_max,
+            retention_bytes_max: l.retention_bytes_max,
+            wal_batch_bytes_max: l.wal_batch_bytes_max,
+            push_credit_frames_max: l.push_credit_frames_max,
+            drain_scan_entries_max: l.drain_scan_entries_max,
+            pending_acks_max: l.pending_acks_max,
+            ..self
+        }
+    }
+
+    /// The session core's config: the node's derivation (`Limits::session_config`).
+    pub fn session_config(&self) -> fabric_edge::SessionConfig {
+        self.limits().session_config()
+    }
+
+    /// Shard `shard`'s core config: the node's derivation (`Limits::shard_config`), plus this
+    /// run's planted bugs.
+    pub(crate) fn shard_config(&self, shard: ShardIdx) -> ShardConfig {
+        ShardConfig {
             planted: fabric_shard::PlantedBugs {
                 no_sync_after_recovery: self.planted.no_sync_after_recovery
                     || !self.sync_after_recovery,
                 ..self.planted
             },
-            ..ShardConfig::default()
+            ..self.limits().shard_config(shard)
         }
     }
 
@@ -255,6 +290,9 @@ impl SimOptions {
                 return Err(why.into());
             }
         }
+        // The node's own rules: a run never uses limits a node would refuse to start with
+        // (`reply_queue_batches_max` is apart: a fault, below the rule on purpose).
+        self.limits().validate().map_err(|e| e.to_string())?;
         if self.socket_window_frames == 0 {
             return Err("socket_window_frames must be at least 1".into());
         }
@@ -356,7 +394,9 @@ pub fn swarm(seed: u64) -> SimOptions {
     };
     let shards = rng.random_range(1..=3);
     let latency_min = rng.random_range(0..=2);
-    SimOptions {
+    // The limits are drawn into the options' fields, in the order they always were (so a
+    // seed's options stay as they were), then checked as the node checks its own.
+    let drawn = SimOptions {
         nodes: 1,
         shards,
         partitions: [shards, 4, 8][rng.random_range(0..3)],
@@ -416,7 +456,36 @@ pub fn swarm(seed: u64) -> SimOptions {
         http_read_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
         reply_queue_batches_max: [0, 0, 0, 2, 8][rng.random_range(0..5)],
         socket_window_frames: [8, 64, 1 << 16][rng.random_range(0..3)],
+    };
+    let limits = valid_limits(drawn.limits());
+    drawn.with_limits(limits)
+}
+
+/// `drawn` if `Limits::validate` takes it, else `drawn` made valid without randomness (so
+/// the seed still decides the run): each limit clamped into its range, then each relation
+/// mended by raising the lower side (or, for what a session can be owed, lowering the push
+/// credit and the in-flight limit).
+pub fn valid_limits(drawn: Limits) -> Limits {
+    if drawn.validate().is_ok() {
+        return drawn;
     }
+    let mut l = drawn;
+    for e in drawn.entries() {
+        if !e.range.contains(e.value) {
+            l.set(e.key, e.value.clamp(e.range.min, e.range.max));
+        }
+    }
+    l.partitions = l.partitions.max(l.shards);
+    l.inbox_backlog_bytes_max = l.inbox_backlog_bytes_max.max(l.body_bytes_max() as u64);
+    l.mesh_inbox_backlog_bytes_max = l
+        .mesh_inbox_backlog_bytes_max
+        .max(l.inbox_backlog_bytes_max);
+    if l.validate().is_err() {
+        let d = Limits::default();
+        l.push_credit_frames_max = l.push_credit_frames_max.min(d.push_credit_frames_max);
+        l.inflight_requests_max = l.inflight_requests_max.min(d.inflight_requests_max);
+    }
+    l
 }
 
 /// Planted bugs as a list of names in files and on the command line.
@@ -570,5 +639,70 @@ pub mod planted_names {
             plant(&mut p, &n).map_err(serde::de::Error::custom)?;
         }
         Ok(p)
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    #[test]
+    fn every_swarm_draw_is_a_set_of_limits_a_node_would_take() {
+        // Proves the swarm only runs limits `Limits::validate` accepts, that it needs no
+        // mending for any seed (so each seed's options are what it drew), and that the shard
+        // config comes from `Limits::shard_config`.
+        for seed in 0..5_000 {
+            let o = swarm(seed);
+            o.validate().unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+            assert_eq!(valid_limits(o.limits()), o.limits(), "seed {seed}");
+            let c = o.shard_config(1);
+            let l = o.limits().shard_config(1);
+            assert_eq!(c.body_bytes_max, l.body_bytes_max);
+            assert_eq!(c.pending_acks_max, o.pending_acks_max);
+        }
+    }
+
+    #[test]
+    fn a_draw_that_breaks_the_rules_is_mended_deterministically() {
+        // Proves `valid_limits` turns limits out of range or out of relation into valid ones,
+        // the same every time (no randomness), keeping what was already valid.
+        let broken = Limits {
+            shards: 3,
+            partitions: 2,
+            wal_segment_bytes_max: 10,
+            push_credit_frames_max: 0,
+            inbox_backlog_bytes_max: 5,
+            ..Limits::default()
+        };
+        assert!(broken.validate().is_err());
+        let mended = valid_limits(broken);
+        mended.validate().expect("mended");
+        assert_eq!(mended, valid_limits(broken));
+        assert_eq!((mended.shards, mended.partitions), (3, 3));
+        assert_eq!(mended.wal_segment_bytes_max, 1024);
+        assert_eq!(mended.push_credit_frames_max, 1);
+        let huge = Limits {
+            shards: 1024,
+            partitions: 1024,
+            push_credit_frames_max: u32::MAX,
+            ..Limits::default()
+        };
+        valid_limits(huge).validate().expect("mended");
+    }
+
+    #[test]
+    fn options_with_limits_a_node_refuses_are_refused() {
+        // Proves a schedule file's options go through the node's rules too, naming both limits.
+        let o = SimOptions {
+            shards: 3,
+            partitions: 3,
+            push_credit_frames_max: u32::MAX,
+            ..SimOptions::default()
+        };
+        let e = o.validate().expect_err("refused");
+        assert!(
+            e.contains("push_credit_frames_max 4294967295 x shards 3"),
+            "{e}"
+        );
     }
 }
