@@ -207,10 +207,8 @@ impl Simulation {
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
         let reply_queue_batches_max = reply_queue_batches_max(&options);
-        let session_config = SessionConfig {
-            inflight_requests_max: options.session_inflight_requests_max,
-            ..SessionConfig::default()
-        };
+        // The node's derivation from the run's limits (`Limits::session_config`).
+        let session_config = options.session_config();
         Simulation {
             seed,
             rng,
