@@ -328,10 +328,75 @@ fn admin_token(config: &Config) -> Result<String, NodeError> {
 /// Starts a node and returns once it is listening and every shard has recovered.
 pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     config.validate()?;
-    // 0700: the data dir holds the admin token and every tenant's messages. Its entry (and any
-    // parent made with it) is fsynced, so files written into it next survive a power loss.
-    files::create_dir_private(&config.data_dir)?;
     let router = Router::new(config.partitions, config.shards)?;
+    prepare_data_dir(&config, &router)?;
+    let admin_token = admin_token(&config)?;
+    let (listener, addr) = bind(config.listen).await?;
+    let metrics_listener = match config.metrics_listen {
+        Some(a) => Some(bind(a).await?),
+        None => None,
+    };
+    // Log lines of this node carry its address as `node`.
+    let node_name: Arc<str> = addr.to_string().into();
+    let metrics = Arc::new(Metrics::new(
+        config.metrics,
+        config.shards,
+        &config.metrics_meshes,
+    )?);
+    let limits = config.limits();
+    let (slots, senders, supervisor) = start_shards(&config, &node_name, &metrics).await?;
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let config_caps = (config.connections_max, config.connections_per_ip_max);
+    let ctx = Arc::new(NodeCtx {
+        config,
+        admin_token,
+        shards: senders,
+        slots,
+        session_config: limits.session_config(),
+        shutdown: shutdown_rx.clone(),
+        sessions_open: AtomicU64::new(0),
+        router,
+        next_session: AtomicU64::new(1),
+        node_name,
+        metrics,
+        connections: crate::listener::ConnLimiter::new(config_caps.0, config_caps.1),
+        quic_refusals: crate::listener::refusal_slots(),
+    });
+    let tls = start_tls_and_quic(&ctx, addr, &shutdown_rx)?;
+    let header_timeout = std::time::Duration::from_millis(ctx.config.http_header_timeout_ms);
+    let metrics_addr = metrics_listener
+        .map(|(listener, local)| serve_metrics_port(&ctx, listener, local, &shutdown_rx));
+    spawn_metrics_upkeep(&ctx, &shutdown_rx);
+    // Nagle is off on every accepted connection (listener.rs): a session writes whole
+    // batches and flushes once, and Nagle would hold a second small write (a welcome after an
+    // options `ok`, an answer after a push) until the client's delayed ACK, up to 40 ms later.
+    let port = crate::listener::HttpPort::new(
+        crate::http::routes(ctx.clone()),
+        ctx.connections.clone(),
+        tls.https,
+        header_timeout,
+        ctx.metrics.clone(),
+        |m| &m.http_port,
+    );
+    let server = tokio::spawn(crate::listener::serve(listener, port, shutdown_rx));
+    tracing::info!(%addr, shards = ctx.shards.len(), metrics = ?metrics_addr, "listening");
+    Ok(RunningNode {
+        addr,
+        metrics_addr,
+        quic_addr: tls.quic_addr,
+        tls_fingerprint: tls.fingerprint,
+        ctx,
+        shutdown_tx,
+        server,
+        supervisor,
+    })
+}
+
+/// The data dir (0700: it holds the admin token and every tenant's messages; its entry and
+/// any parent made with it fsynced, so files written into it next survive a power loss), each
+/// shard's directory and manifest on a new one, and the placement check.
+fn prepare_data_dir(config: &Config, router: &Router) -> Result<(), NodeError> {
+    files::create_dir_private(&config.data_dir)?;
     // A new data directory gets every shard's directory and manifest before its placement is
     // recorded: afterwards a shard directory without a manifest means it was emptied.
     if !config.data_dir.join(META_FILE).exists() {
@@ -342,70 +407,53 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             }
         })?;
     }
-    check_meta(&config, &router)?;
-    let admin_token = admin_token(&config)?;
+    check_meta(config, router)
+}
 
-    let listener = tokio::net::TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| NodeError::Listen {
-            addr: config.listen,
-            source,
-        })?;
-    let addr = listener.local_addr().map_err(|source| NodeError::Listen {
-        addr: config.listen,
-        source,
-    })?;
-    // Log lines of this node carry its address as `node`.
-    let node_name: Arc<str> = addr.to_string().into();
-    let metrics = Arc::new(Metrics::new(
-        config.metrics,
-        config.shards,
-        &config.metrics_meshes,
-    )?);
-    let metrics_listener = match config.metrics_listen {
-        Some(a) => {
-            let l = tokio::net::TcpListener::bind(a)
-                .await
-                .map_err(|source| NodeError::Listen { addr: a, source })?;
-            let local = l
-                .local_addr()
-                .map_err(|source| NodeError::Listen { addr: a, source })?;
-            Some((l, local))
-        }
-        None => None,
-    };
-    let mut slots = Vec::new();
-    let mut senders = Vec::new();
+async fn bind(addr: SocketAddr) -> Result<(tokio::net::TcpListener, SocketAddr), NodeError> {
+    let listen = |source| NodeError::Listen { addr, source };
+    let listener = tokio::net::TcpListener::bind(addr).await.map_err(listen)?;
+    let local = listener.local_addr().map_err(listen)?;
+    Ok((listener, local))
+}
+
+type Shards = (
+    Vec<Arc<ShardSlot>>,
+    Vec<mpsc::Sender<ShardMsg>>,
+    ActorRef<SupervisorMsg>,
+);
+
+/// Every shard's slot under the supervisor, each recovered: one that refuses (corruption, a
+/// missing segment) keeps the node from starting, naming what it refused.
+async fn start_shards(
+    config: &Config,
+    node_name: &Arc<str>,
+    metrics: &Arc<Metrics>,
+) -> Result<Shards, NodeError> {
     let limits = config.limits();
+    let (mut slots, mut senders) = (Vec::new(), Vec::new());
     for i in 0..config.shards {
-        let shard_config = limits.shard_config(i);
-        let policy = limits.restart_policy();
         let (slot, tx) = ShardSlot::new(SlotSettings {
             idx: i,
             dir: crate::storage::shard_dir(&config.data_dir, i),
-            config: shard_config,
+            config: limits.shard_config(i),
             durability: config.durability,
             queue_batches_max: config.shard_queue_batches_max,
             node: node_name.clone(),
             metrics: metrics.clone(),
-            policy,
+            policy: limits.restart_policy(),
             wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
         });
         slots.push(slot);
         senders.push(tx);
     }
-    let (supervisor, _) = Actor::spawn(
-        None,
-        NodeSupervisor,
-        SupervisorArgs {
-            slots: slots.clone(),
-            senders: senders.clone(),
-        },
-    )
-    .await
-    .map_err(|e| NodeError::Actors(e.to_string()))?;
-    // Every shard recovers before the node listens; one that refuses (corruption, a missing
-    // segment) keeps the node from starting, naming what it refused.
+    let args = SupervisorArgs {
+        slots: slots.clone(),
+        senders: senders.clone(),
+    };
+    let (supervisor, _) = Actor::spawn(None, NodeSupervisor, args)
+        .await
+        .map_err(|e| NodeError::Actors(e.to_string()))?;
     for (i, slot) in slots.iter().enumerate() {
         if let Err(source) = slot.wait_recovered().await {
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -419,26 +467,22 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
             });
         }
     }
+    Ok((slots, senders, supervisor))
+}
 
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let session_config = limits.session_config();
-    let config_caps = (config.connections_max, config.connections_per_ip_max);
-    let ctx = Arc::new(NodeCtx {
-        config,
-        admin_token,
-        shards: senders,
-        slots,
-        session_config,
-        shutdown: shutdown_rx.clone(),
-        sessions_open: AtomicU64::new(0),
-        router,
-        next_session: AtomicU64::new(1),
-        node_name,
-        metrics,
-        connections: crate::listener::ConnLimiter::new(config_caps.0, config_caps.1),
-        quic_refusals: crate::listener::refusal_slots(),
-    });
-    // One certificate for QUIC and, when on, HTTPS/wss on the HTTP port.
+/// What the node's certificate serves: QUIC's address, HTTPS on the HTTP port.
+struct TlsSides {
+    fingerprint: Option<[u8; 32]>,
+    quic_addr: Option<SocketAddr>,
+    https: Option<crate::listener::TlsSide>,
+}
+
+/// One certificate for QUIC and, when on, HTTPS/wss on the HTTP port.
+fn start_tls_and_quic(
+    ctx: &Arc<NodeCtx>,
+    addr: SocketAddr,
+    shutdown: &watch::Receiver<bool>,
+) -> Result<TlsSides, NodeError> {
     let identity = if ctx.config.quic || ctx.config.ws_tls {
         Some(crate::tls::load_or_generate(
             ctx.config.tls_cert.as_deref(),
@@ -449,10 +493,10 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     } else {
         None
     };
-    let tls_fingerprint = identity.as_ref().map(|i| i.fingerprint());
+    let fingerprint = identity.as_ref().map(|i| i.fingerprint());
     let quic_addr = match (ctx.config.quic_addr(), &identity) {
         (Some(q), Some(identity)) => {
-            let local = crate::quic::start(ctx.clone(), q, identity, shutdown_rx.clone())?;
+            let local = crate::quic::start(ctx.clone(), q, identity, shutdown.clone())?;
             tracing::info!(
                 quic = %local,
                 certificate = %identity.source.display(),
@@ -470,63 +514,52 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         )),
         _ => None,
     };
-    let header_timeout = std::time::Duration::from_millis(ctx.config.http_header_timeout_ms);
-    let metrics_addr = match metrics_listener {
-        Some((listener, local)) => {
-            let port = crate::listener::HttpPort::new(
-                crate::http::ops_routes(ctx.clone()),
-                crate::listener::ConnLimiter::new(
-                    crate::listener::METRICS_CONNECTIONS_MAX,
-                    crate::listener::METRICS_CONNECTIONS_PER_IP_MAX,
-                ),
-                None,
-                header_timeout,
-                ctx.metrics.clone(),
-                |m| &m.metrics_port,
-            );
-            tokio::spawn(crate::listener::serve(listener, port, shutdown_rx.clone()));
-            Some(local)
-        }
-        None => None,
-    };
-    if ctx.metrics.enabled() {
-        // Without scrapes, histogram samples would pile up in the exporter until the next
-        // render; fold them into buckets regularly.
-        let m = ctx.metrics.clone();
-        let mut stop = shutdown_rx.clone();
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_millis(
-                crate::metrics::UPKEEP_INTERVAL_MS,
-            ));
-            loop {
-                tokio::select! {
-                    _ = tick.tick() => m.upkeep(),
-                    _ = stop.wait_for(|s| *s) => return,
-                }
-            }
-        });
-    }
-    // Nagle is off on every accepted connection (listener.rs): a session writes whole
-    // batches and flushes once, and Nagle would hold a second small write (a welcome after an
-    // options `ok`, an answer after a push) until the client's delayed ACK, up to 40 ms later.
-    let port = crate::listener::HttpPort::new(
-        crate::http::routes(ctx.clone()),
-        ctx.connections.clone(),
-        https,
-        header_timeout,
-        ctx.metrics.clone(),
-        |m| &m.http_port,
-    );
-    let server = tokio::spawn(crate::listener::serve(listener, port, shutdown_rx));
-    tracing::info!(%addr, shards = ctx.shards.len(), metrics = ?metrics_addr, "listening");
-    Ok(RunningNode {
-        addr,
-        metrics_addr,
+    Ok(TlsSides {
+        fingerprint,
         quic_addr,
-        tls_fingerprint,
-        ctx,
-        shutdown_tx,
-        server,
-        supervisor,
+        https,
     })
+}
+
+/// The scrape port: `/metrics`, `/healthz` and `/readyz` only, with connection caps of its own.
+fn serve_metrics_port(
+    ctx: &Arc<NodeCtx>,
+    listener: tokio::net::TcpListener,
+    local: SocketAddr,
+    shutdown: &watch::Receiver<bool>,
+) -> SocketAddr {
+    let port = crate::listener::HttpPort::new(
+        crate::http::ops_routes(ctx.clone()),
+        crate::listener::ConnLimiter::new(
+            crate::listener::METRICS_CONNECTIONS_MAX,
+            crate::listener::METRICS_CONNECTIONS_PER_IP_MAX,
+        ),
+        None,
+        std::time::Duration::from_millis(ctx.config.http_header_timeout_ms),
+        ctx.metrics.clone(),
+        |m| &m.metrics_port,
+    );
+    tokio::spawn(crate::listener::serve(listener, port, shutdown.clone()));
+    local
+}
+
+/// Without scrapes, histogram samples would pile up in the exporter until the next render;
+/// they are folded into buckets regularly.
+fn spawn_metrics_upkeep(ctx: &Arc<NodeCtx>, shutdown: &watch::Receiver<bool>) {
+    if !ctx.metrics.enabled() {
+        return;
+    }
+    let m = ctx.metrics.clone();
+    let mut stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(
+            crate::metrics::UPKEEP_INTERVAL_MS,
+        ));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => m.upkeep(),
+                _ = stop.wait_for(|s| *s) => return,
+            }
+        }
+    });
 }
