@@ -28,6 +28,7 @@ fn chart_err(e: impl std::fmt::Display) -> BenchError {
     BenchError::Chart(e.to_string())
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 pub fn draw(
     path: &Path,
     title: &str,

@@ -95,6 +95,7 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     Ok(r)
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let admin = setup.admin();
     let (mesh, tokens) = crate::setup::mesh_with_peers(&admin, "conns", opts.sessions, &[]).await?;

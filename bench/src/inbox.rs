@@ -166,6 +166,7 @@ pub struct PeerResult {
     pub last_ack: Option<Instant>,
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 pub async fn run_peer(
     mut conn: WsConn,
     mut plan: Plan,

@@ -631,6 +631,7 @@ fn nats_round(
     Ok(Some(r))
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 fn drive(run: &dyn Run, scenario: &str) -> anyhow::Result<()> {
     let c = run.common();
     anyhow::ensure!(c.rounds >= 1, "--rounds must be at least 1");

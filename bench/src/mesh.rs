@@ -68,6 +68,7 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     setup.finish_with(result)
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let admin = setup.admin();
     let (mesh, tokens) = crate::setup::mesh_with_peers(&admin, "mesh", opts.peers, &[]).await?;

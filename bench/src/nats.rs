@@ -231,6 +231,7 @@ fn new_report(scenario: &str, server: &NatsServer, params: serde_json::Value) ->
 
 /// Pipelined publishes: C connections each keep D publishes waiting for their PubAck, each
 /// to its own subject of one file-store stream; warm-up, then the measured window.
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 pub async fn pipelined(
     server: &NatsServer,
     o: &crate::pipelined::Options,
@@ -381,6 +382,7 @@ async fn publisher(
 
 /// Reads a durable pull consumer until every sender is done and it has all that was acked
 /// for it, or the deadline.
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 async fn consumer_task(
     stream: stream::Stream,
     name: String,
@@ -455,6 +457,7 @@ async fn consumer_task(
 }
 
 /// Fanout: one publisher, N consumers each reading every message of the subject.
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 pub async fn fanout(server: &NatsServer, o: &crate::fanout::Options) -> Result<Report, BenchError> {
     let client = server.connect().await?;
     let js = context(client, o.depth);
@@ -545,6 +548,7 @@ pub async fn fanout(server: &NatsServer, o: &crate::fanout::Options) -> Result<R
 
 /// Mesh: P peers, each a publisher of M messages to random other peers' subjects and a
 /// consumer of its own subject.
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 pub async fn mesh(server: &NatsServer, o: &crate::mesh::Options) -> Result<Report, BenchError> {
     let client = server.connect().await?;
     let js = jetstream::new(client);

@@ -365,6 +365,7 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     Ok(report)
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let admin = setup.admin();
     let (mesh, tokens) =
@@ -554,6 +555,7 @@ impl Pause {
 
 /// Keeps `depth` appends in flight (or sends `depth` and waits for all) until the measured
 /// window ends, then drains.
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 async fn run_raw(
     mut conn: WsConn,
     conv: Arc<str>,

@@ -22,6 +22,7 @@ pub struct RecoveryFigures {
 /// Appends per request batch handed to the core (a group commit of this size).
 const BATCH_RECORDS: u64 = 1024;
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 pub fn run(
     dir: &Path,
     records: u64,

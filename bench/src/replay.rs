@@ -249,6 +249,7 @@ async fn reader(
     Ok((events, passes))
 }
 
+// Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
 async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let admin = setup.admin();
     let peers = opts.readers + opts.writers;

@@ -296,6 +296,7 @@ fn spawn_node(opts: &NodeOptions, data_dir: &std::path::Path) -> Result<Child, B
 
 impl Setup {
     /// Probes the disk, then starts (or finds) the node.
+    // Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
     pub fn start(opts: &NodeOptions) -> Result<Setup, BenchError> {
         let tmp = temp_dir(&opts.data_dir, "fabric-bench-")?;
         let fsync_probe = if opts.probe.is_zero() {

@@ -763,6 +763,7 @@ mod tests {
         node.shutdown().await;
     }
 
+    // Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_rest_call_leaves_no_reply_sender_in_any_shard() {
         // Proves that a REST append or read dropped at any await (before any answer, after the

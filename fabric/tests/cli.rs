@@ -76,6 +76,7 @@ fn help_documents_every_option() {
     assert!(text.contains("FABRIC_CONNECTIONS_PER_IP_MAX"));
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_file_env_and_flags_layer_and_the_admin_token_is_generated_once() {
     // Proves file < env < flag precedence, a generated admin token printed only on the start

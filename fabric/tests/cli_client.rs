@@ -44,6 +44,7 @@ fn key_file(dir: &Path) -> String {
     dir.join("bob.key").display().to_string()
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_commands_create_add_send_tail_append_and_replay() {
     // Proves each client subcommand does its job against a node and prints what it says.
@@ -143,6 +144,7 @@ async fn the_client_commands_create_add_send_tail_append_and_replay() {
     );
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keygen_then_peer_add_with_the_key_then_send_with_the_key_file() {
     // Proves a key made by `fabric keygen` registers with `peer add --public-key` and then

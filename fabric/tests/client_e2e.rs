@@ -287,6 +287,7 @@ async fn deliveries_arrive_in_order_and_acks_move_the_durable_cursor() {
     n.shutdown().await;
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnect_resumes_without_duplicates_and_events_continue_from_the_last_seq() {
     // Proves that after a dropped connection, reconnect() hands out no pos already handed out

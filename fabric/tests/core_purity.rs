@@ -59,6 +59,7 @@ fn host_triple() -> String {
         .to_string()
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[test]
 fn core_crates_have_no_io_dependencies() {
     // Proves no core crate pulls a runtime, actor, QUIC or socket crate as a normal dependency.

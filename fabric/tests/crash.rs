@@ -98,6 +98,7 @@ async fn pipeline(addr: String, peer: String, token: String, acked: Arc<Mutex<Ac
     }
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_under_load_loses_nothing_acknowledged() {
     // Proves every acked append is present exactly once, in order, with dense seqs, and every

@@ -133,6 +133,7 @@ async fn quic_write(send: &mut quinn::SendStream, op: &ClientOp) {
         .unwrap();
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_that_is_not_utf8_is_refused_and_json_recipients_miss_nothing() {
     // Proves a binary send whose body is a quoted 0xff byte (acknowledged before, then skipped
@@ -504,6 +505,7 @@ async fn challenge_after_hello_is_unauthorized_as_documented() {
     node.shutdown().await;
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_subscription_stream_nobody_reads_blocks_nothing_else() {
     // Proves QUIC streams are independent: with one subscription stream unread (10 MB of

@@ -83,6 +83,7 @@ async fn scrape_until(base: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
     }
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_traffic_moves_every_counter_by_exactly_its_amount() {
     // Proves N appends, M sends, bad requests, HTTP calls and a failed hello move the ack,

@@ -232,6 +232,7 @@ async fn http_headers_and_bodies_that_do_not_arrive_in_time_are_cut_off() {
     node.shutdown().await;
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_over_the_caps_are_answered_503_overloaded() {
     // Proves connections_per_ip_max and connections_max refuse at accept with a 503
@@ -323,6 +324,7 @@ fn tls_connector(node: &fabric::node::RunningNode) -> tokio_rustls::TlsConnector
     tokio_rustls::TlsConnector::from(std::sync::Arc::new(config))
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_tls_handshakes_time_out_and_one_address_cannot_hold_every_slot() {
     // Proves a TLS handshake that never starts is cut after tls_handshake_timeout_ms, and

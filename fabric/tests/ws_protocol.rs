@@ -4,6 +4,7 @@ mod common;
 use common::*;
 use serde_json::json;
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_op_works_end_to_end() {
     // Proves hello, send (direct, group, *), deliver, ack, append, subscribe, unsubscribe, ping
@@ -107,6 +108,7 @@ async fn every_op_works_end_to_end() {
     node.shutdown().await;
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_gets_stable_error_codes_and_the_node_keeps_serving() {
     // Proves each malformed or refused frame gets its documented code and other sessions, and

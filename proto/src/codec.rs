@@ -172,6 +172,7 @@ fn server_body_of(op: &str, body: Option<&RawValue>) -> Result<Body, ProtoError>
     )))
 }
 
+// Over 70 lines: one arm per client op; split, the JSON wire format would be scattered.
 fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
     let op =
         f.op.as_deref()
@@ -459,6 +460,7 @@ fn field(out: &mut Vec<u8>, name: &str) {
 }
 
 /// Appends the JSON text of one server frame to `out`.
+// Over 70 lines: one arm per server frame; split, the JSON wire format would be scattered.
 pub fn encode_server_json(op: &ServerOp, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"op\":");
     push_str(out, op.name());
@@ -557,6 +559,7 @@ pub fn encode_server_binary(op: &ServerOp) -> Vec<u8> {
 }
 
 /// Appends the JSON text of one client op to `out` (used by the Rust client and the bench).
+// Over 70 lines: one arm per client op; split, the JSON wire format would be scattered.
 pub fn encode_client_json(op: &ClientOp, out: &mut Vec<u8>) {
     out.extend_from_slice(b"{\"op\":");
     push_str(out, op.name());

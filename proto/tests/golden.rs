@@ -108,6 +108,7 @@ fn error_code_wire(c: ErrorCode) -> (u8, &'static str) {
     }
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 fn client_goldens() -> Vec<Golden<ClientOp>> {
     vec![
         Golden {
@@ -261,6 +262,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
     ]
 }
 
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 fn server_goldens() -> Vec<Golden<ServerOp>> {
     vec![
         Golden {

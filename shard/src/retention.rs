@@ -200,6 +200,8 @@ impl Shard {
     /// The checkpoint, split into parts of about [`CHECKPOINT_PART_BYTES_MAX`]. Sorted, so
     /// that the same state always writes the same bytes (determinism). Always at least one
     /// part (an empty shard's checkpoint says so).
+    // Over 70 lines: one pass over meshes, peers and conversations that keeps the parts
+    // deterministic.
     fn checkpoint_parts(&self) -> Vec<CheckpointPartRec> {
         let mut parts = vec![CheckpointPartRec::default()];
         let mut size = 0usize;

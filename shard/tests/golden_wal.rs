@@ -44,6 +44,7 @@ fn record_type(r: &Record) -> u8 {
 }
 
 /// The records of the golden segment, with their LSN, byte offset and framed size.
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 fn golden_records() -> Vec<(u64, u64, u64, Record)> {
     let body = |s: &str| Body::from_trusted(bytes::Bytes::copy_from_slice(s.as_bytes()));
     vec![

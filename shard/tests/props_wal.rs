@@ -66,6 +66,7 @@ fn peer_checkpoint() -> impl Strategy<Value = PeerCheckpoint> {
 
 /// A record of any type with any field values (recovery does not validate ids: the shard
 /// did before writing them).
+// Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
 fn record() -> impl Strategy<Value = Record> {
     prop_oneof![
         text().prop_map(|mesh| Record::MeshCreated(MeshRec { mesh })),

@@ -305,6 +305,7 @@ impl SimOptions {
 
 impl fmt::Display for SimOptions {
     /// One line, `key=value` pairs, for beside a `SEED=` line.
+    // Over 70 lines: one line per option.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = &self.net;
         let s = &self.stream;
@@ -381,6 +382,7 @@ impl fmt::Display for SimOptions {
 
 /// The options for `seed`: drawn from their own RNG stream, so they are independent of the
 /// run's draws and a planted bug can be added to them without changing them.
+// Over 70 lines: one draw per option, in the order the seeds depend on.
 pub fn swarm(seed: u64) -> SimOptions {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5357_4152_4d00_0000);
     let pick_f = |rng: &mut ChaCha8Rng, xs: &[f64]| xs[rng.random_range(0..xs.len())];
