@@ -109,9 +109,9 @@ pub struct SimOptions {
     /// ref and the same key (a client whose request timer fired): the shard must answer it
     /// with the original seq, and only once that is durable.
     pub hedge_probability: f64,
-    /// Mean time between HTTP-style conversation reads (0: none): `Auth`, then `Read`, each
-    /// sent through a `Router` into the shards as the HTTP path does, on a session of its own.
-    pub http_read_interval_ms_mean: u64,
+    /// Mean time between calls of the HTTP client beside each node (0: none), half appends,
+    /// half page reads, each run by the edge's `RestCall` as the node's HTTP handler runs it.
+    pub http_call_interval_ms_mean: u64,
     /// Capacity of each session's reply queue, in batches (0: the node's own rule,
     /// `fabric_router::host::session_reply_queue_batches_min`). Smaller than that rule, a
     /// session that stops taking replies overflows it, and the host must close it
@@ -173,7 +173,7 @@ impl Default for SimOptions {
             subscribe_probability: 0.1,
             ping_probability: 0.05,
             hedge_probability: 0.05,
-            http_read_interval_ms_mean: 500,
+            http_call_interval_ms_mean: 500,
             reply_queue_batches_max: 0,
             socket_window_frames: 1 << 16,
         }
@@ -319,7 +319,7 @@ impl fmt::Display for SimOptions {
              disconnect_every_ms={} torn_p={} tail_flip_p={} read_flip_p={} enospc_p={} ack_p={} \
              segment_bytes={} retention_bytes={} batch_bytes={} credit={} scan={} pending={} \
              sync_after_recovery={} batch_in_p={} key_peer_p={} client_batch_p={} \
-             subscribe_p={} ping_p={} hedge_p={} http_read_every_ms={} reply_queue={} \
+             subscribe_p={} ping_p={} hedge_p={} http_call_every_ms={} reply_queue={} \
              socket_window={} planted={}",
             self.nodes,
             self.shards,
@@ -372,7 +372,7 @@ impl fmt::Display for SimOptions {
             self.subscribe_probability,
             self.ping_probability,
             self.hedge_probability,
-            self.http_read_interval_ms_mean,
+            self.http_call_interval_ms_mean,
             self.reply_queue_batches_max,
             self.socket_window_frames,
             planted_names::join_all(self.planted, self.planted_glue),
@@ -455,7 +455,7 @@ pub fn swarm(seed: u64) -> SimOptions {
         subscribe_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
         ping_probability: pick_f(&mut rng, &[0.0, 0.05, 0.2]),
         hedge_probability: pick_f(&mut rng, &[0.0, 0.02, 0.1]),
-        http_read_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
+        http_call_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
         reply_queue_batches_max: [0, 0, 0, 2, 8][rng.random_range(0..5)],
         socket_window_frames: [8, 64, 1 << 16][rng.random_range(0..3)],
     };

@@ -43,7 +43,7 @@ enum HttpWhat {
 impl Simulation {
     /// Queues node `n`'s HTTP client's next call, while faults are on.
     pub(super) fn schedule_http_call(&mut self, n: usize) {
-        let mean = self.options.http_read_interval_ms_mean;
+        let mean = self.options.http_call_interval_ms_mean;
         if mean > 0 && self.phase == Phase::Faults {
             let gap = self.rng.random_range(1..=mean.saturating_mul(2));
             self.schedule_at(self.now + gap, Event::HttpCall { node: n });
