@@ -7,6 +7,7 @@ use crate::inbox::{delivered_ratio, run_peer, Plan, Recipients, Shared};
 use crate::report::{Report, Unit};
 use crate::setup::{peer_id, NodeOptions, Setup, Transport};
 use crate::stats::{merge, new_histogram, Latency};
+use fabric_proto::GroupId;
 use fabric_proto::Target;
 use std::time::{Duration, Instant};
 
@@ -99,7 +100,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
     let started = Instant::now();
     let deadline = started + Duration::from_secs(opts.duration_secs_max);
     let target = match opts.to {
-        FanTo::Group => Target::Group(GROUP.into()),
+        FanTo::Group => Target::Group(GroupId::must(GROUP)),
         FanTo::All => Target::All,
     };
     let mut tasks = Vec::new();

@@ -8,6 +8,7 @@ use crate::inbox::{delivered_ratio, run_peer, Plan, Recipients, Shared};
 use crate::report::{Report, Unit};
 use crate::setup::{peer_id, NodeOptions, Setup, Transport};
 use crate::stats::{merge, new_histogram, Latency};
+use fabric_proto::PeerId;
 use fabric_proto::Target;
 use rand::{Rng, SeedableRng};
 use std::time::{Duration, Instant};
@@ -98,7 +99,7 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
                 if j >= i {
                     j += 1;
                 }
-                (Target::Peer(peer_id(j).into()), Recipients::One(j))
+                (Target::Peer(PeerId::must(&peer_id(j))), Recipients::One(j))
             };
             let plan = Plan {
                 me: Some(i),

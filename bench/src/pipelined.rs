@@ -23,6 +23,7 @@ use crate::setup::{wal_counters, NodeOptions, Setup, Transport};
 use crate::stats::{merge, new_histogram, Latency};
 use crate::wire::{WsConn, REPLY_TIMEOUT_MS};
 use fabric::client::{Client, ClientConfig, ClientError};
+use fabric_proto::ConvId;
 use fabric_proto::{Body, ClientOp, ServerOp};
 use futures_util::stream::FuturesUnordered;
 use futures_util::StreamExt;
@@ -579,7 +580,7 @@ async fn run_raw(
                     next_ref += 1;
                     batch.push(ClientOp::Append {
                         r,
-                        conv: conv.clone(),
+                        conv: ConvId::must(&conv),
                         body: body.clone(),
                         key: None,
                     });

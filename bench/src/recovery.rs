@@ -7,6 +7,8 @@
 use fabric::config::Durability;
 use fabric_proto::internal::{Request, ShardOp};
 use fabric_proto::Body;
+use fabric_proto::ConvId;
+use fabric_proto::{MeshId, PeerId};
 use fabric_shard::{Shard, ShardConfig};
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -58,9 +60,9 @@ pub fn run(
                     session: 1,
                     op: ShardOp::Append {
                         r: k,
-                        mesh: "bench".into(),
-                        conv: format!("c{}", k % conversations.max(1)).into(),
-                        from: "p".into(),
+                        mesh: MeshId::must("bench"),
+                        conv: ConvId::must(&format!("c{}", k % conversations.max(1))),
+                        from: PeerId::must("p"),
                         body: body.clone(),
                         key: None,
                     },

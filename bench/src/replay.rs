@@ -9,6 +9,7 @@ use crate::report::{Report, Unit};
 use crate::setup::{peer_id, NodeOptions, Setup, Transport};
 use crate::stats::{merge, new_histogram, Latency};
 use crate::wire::WsConn;
+use fabric_proto::ConvId;
 use fabric_proto::{Body, ClientOp, ServerOp};
 use hdrhistogram::Histogram;
 use std::collections::HashMap;
@@ -93,7 +94,7 @@ async fn preload(conn: &mut WsConn, conv: Arc<str>, body: &Body, n: u64) -> Resu
         {
             ops.push(ClientOp::Append {
                 r: next,
-                conv: conv.clone(),
+                conv: ConvId::must(&conv),
                 body: body.clone(),
                 key: None,
             });
@@ -143,7 +144,7 @@ async fn writer(
                 inflight.insert(next_ref, now);
                 ops.push(ClientOp::Append {
                     r: next_ref,
-                    conv: conv.clone(),
+                    conv: ConvId::must(&conv),
                     body: body.clone(),
                     key: None,
                 });
@@ -198,7 +199,7 @@ async fn reader(
     'passes: while Instant::now() < until {
         conn.send(vec![ClientOp::Subscribe {
             r,
-            conv: conv.clone(),
+            conv: ConvId::must(&conv),
             from: 1,
         }])
         .await?;
@@ -233,7 +234,7 @@ async fn reader(
         r += 1;
         conn.send(vec![ClientOp::Unsubscribe {
             r: unsub,
-            conv: conv.clone(),
+            conv: ConvId::must(&conv),
         }])
         .await?;
         // Events of this pass may still be queued before the unsubscribe's ok.

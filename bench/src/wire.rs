@@ -5,6 +5,7 @@
 use crate::error::BenchError;
 use crate::setup::Transport;
 use fabric_proto::{codec, ClientOp, ServerOp};
+use fabric_proto::{MeshId, PeerId};
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use std::time::Duration;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
@@ -180,8 +181,8 @@ impl WsConn {
             });
         }
         first.push(ClientOp::Hello {
-            mesh: mesh.into(),
-            peer: peer.into(),
+            mesh: MeshId::must(mesh),
+            peer: PeerId::must(peer),
             token: token.to_string(),
         });
         conn.send(first).await?;

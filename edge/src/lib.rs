@@ -38,7 +38,9 @@
 
 use fabric_proto::codec;
 use fabric_proto::internal::{HelloProof, Reply, Request, Route, SessionId, ShardIdx, ShardOp};
-use fabric_proto::{ClientOp, ErrorCode, ProtoError, ServerOp, BATCH_OPS_MAX};
+use fabric_proto::{
+    ClientOp, ConvId, ErrorCode, MeshId, PeerId, ProtoError, ServerOp, BATCH_OPS_MAX,
+};
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
@@ -215,12 +217,12 @@ enum State {
     AwaitingHello,
     /// Hello forwarded; holds the mesh and peer it named until the shard confirms them.
     Authenticating {
-        mesh: Arc<str>,
-        peer: Arc<str>,
+        mesh: MeshId,
+        peer: PeerId,
     },
     Open {
-        mesh: Arc<str>,
-        peer: Arc<str>,
+        mesh: MeshId,
+        peer: PeerId,
     },
     Closed,
 }
@@ -272,7 +274,7 @@ pub struct Session {
     /// Most ops `poll_transmit` joins into one frame: 1 until the client asks for batches.
     out_batch_ops: usize,
     /// Conversations subscribed to (by request; `unsubscribe` removes). Only looked up.
-    subscriptions: HashSet<Arc<str>>,
+    subscriptions: HashSet<ConvId>,
     /// Frames received and frames answered before the session was welcomed.
     prehello_frames: u32,
     prehello_answers: u32,
@@ -334,7 +336,7 @@ impl Session {
     }
 
     /// `(mesh, peer)` once welcomed.
-    pub fn identity(&self) -> Option<(&Arc<str>, &Arc<str>)> {
+    pub fn identity(&self) -> Option<(&MeshId, &PeerId)> {
         match &self.state {
             State::Open { mesh, peer } => Some((mesh, peer)),
             _ => None,
@@ -661,7 +663,7 @@ impl Session {
         );
     }
 
-    fn handle_open_op(&mut self, op: ClientOp, mesh: Arc<str>, peer: Arc<str>) {
+    fn handle_open_op(&mut self, op: ClientOp, mesh: MeshId, peer: PeerId) {
         // Ops that wait for an answer pass the hard in-flight cap first (a glue that honours
         // `wants_read` never reaches it).
         if let Some(r) = counted_ref(&op) {
@@ -748,7 +750,7 @@ impl Session {
 
     /// Acks are cumulative and the shard keeps the highest, so an ack right behind another
     /// unpolled one merges into it: same effect, one request.
-    fn forward_ack(&mut self, mesh: Arc<str>, peer: Arc<str>, upto: u64) {
+    fn forward_ack(&mut self, mesh: MeshId, peer: PeerId, upto: u64) {
         if let Some((
             Route::ByKey,
             Request {

@@ -26,8 +26,7 @@ use bytes::Bytes;
 use fabric_proto::codec::decode_rest_append;
 use fabric_proto::internal::{Reply, Request, Route, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{
-    validate_conv, validate_id, validate_key, Body, DeliveredEvent, ErrorCode, IdKind, ProtoError,
-    ServerOp,
+    validate_key, Body, ConvId, DeliveredEvent, ErrorCode, MeshId, PeerId, ProtoError, ServerOp,
 };
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
@@ -75,12 +74,12 @@ pub enum RestAnswer {
 #[derive(Debug)]
 enum Checked {
     Append {
-        conv: Arc<str>,
+        conv: ConvId,
         body: Body,
         key: Option<Arc<str>>,
     },
     Read {
-        conv: Arc<str>,
+        conv: ConvId,
         from: u64,
         limit: u32,
     },
@@ -88,7 +87,7 @@ enum Checked {
 
 #[derive(Debug)]
 enum Step {
-    Authenticating(RestOp),
+    Authenticating(MeshId, RestOp),
     Waiting,
     Answered,
 }
@@ -112,7 +111,6 @@ impl RestConfig {
 #[derive(Debug)]
 pub struct RestCall {
     id: SessionId,
-    mesh: Arc<str>,
     step: Step,
     requests: VecDeque<(Route, Request)>,
     answer: Option<RestAnswer>,
@@ -131,7 +129,6 @@ impl RestCall {
     pub fn new(id: SessionId, now: u64, config: &RestConfig, request: RestRequest) -> RestCall {
         let mut call = RestCall {
             id,
-            mesh: Arc::from(request.mesh.as_str()),
             step: Step::Answered,
             requests: VecDeque::new(),
             answer: None,
@@ -141,14 +138,14 @@ impl RestCall {
             unanswered: false,
             closed: true,
         };
-        match validate_id(IdKind::Mesh, &request.mesh) {
+        match MeshId::new(&request.mesh) {
             Err(e) => call.answer = Some(RestAnswer::Error(e)),
-            Ok(()) => {
-                call.step = Step::Authenticating(request.op);
+            Ok(mesh) => {
+                call.step = Step::Authenticating(mesh.clone(), request.op);
                 call.closed = false;
                 let op = ShardOp::Auth {
                     r: AUTH_REF,
-                    mesh: call.mesh.clone(),
+                    mesh,
                     token: request.token,
                 };
                 call.forward(op);
@@ -171,7 +168,7 @@ impl RestCall {
 
     /// The answer deadline, while the call waits for a shard.
     pub fn poll_timeout(&self) -> Option<u64> {
-        matches!(self.step, Step::Authenticating(_) | Step::Waiting).then_some(self.deadline)
+        matches!(self.step, Step::Authenticating(..) | Step::Waiting).then_some(self.deadline)
     }
 
     pub fn handle_timeout(&mut self, now: u64) {
@@ -189,12 +186,12 @@ impl RestCall {
         self.unanswered = false;
         let step = std::mem::replace(&mut self.step, Step::Waiting);
         match (step, reply) {
-            (Step::Authenticating(op), Reply::Authed { r: AUTH_REF, peer }) => {
-                match check(self.body_bytes_max, op) {
-                    Ok(checked) => {
-                        let op = self.op_for(checked, peer);
-                        self.forward(op);
-                    }
+            (Step::Authenticating(mesh, op), Reply::Authed { r: AUTH_REF, peer }) => {
+                // The shard names a peer it stored, which was a valid id when it came in.
+                let checked = PeerId::from_arc(peer)
+                    .and_then(|peer| Ok((peer, check(self.body_bytes_max, op)?)));
+                match checked {
+                    Ok((peer, checked)) => self.forward(op_for(checked, mesh, peer)),
                     Err(e) => self.finish(RestAnswer::Error(e)),
                 }
             }
@@ -246,27 +243,6 @@ impl RestCall {
         self.close();
     }
 
-    fn op_for(&self, checked: Checked, peer: Arc<str>) -> ShardOp {
-        let mesh = self.mesh.clone();
-        match checked {
-            Checked::Append { conv, body, key } => ShardOp::Append {
-                r: OP_REF,
-                mesh,
-                conv,
-                from: peer,
-                body,
-                key,
-            },
-            Checked::Read { conv, from, limit } => ShardOp::Read {
-                r: OP_REF,
-                mesh,
-                conv,
-                from,
-                limit,
-            },
-        }
-    }
-
     fn forward(&mut self, op: ShardOp) {
         self.unanswered = true;
         let req = Request {
@@ -305,12 +281,33 @@ impl RestCall {
     }
 }
 
+/// The op as the token's peer.
+fn op_for(checked: Checked, mesh: MeshId, peer: PeerId) -> ShardOp {
+    match checked {
+        Checked::Append { conv, body, key } => ShardOp::Append {
+            r: OP_REF,
+            mesh,
+            conv,
+            from: peer,
+            body,
+            key,
+        },
+        Checked::Read { conv, from, limit } => ShardOp::Read {
+            r: OP_REF,
+            mesh,
+            conv,
+            from,
+            limit,
+        },
+    }
+}
+
 /// The session's rules, applied to a REST op once its caller is authenticated: the same
 /// decoding and checks (and codes) as the codec and session apply to a WebSocket or QUIC op.
 fn check(body_bytes_max: usize, op: RestOp) -> Result<Checked, ProtoError> {
     match op {
         RestOp::Append { conv, payload } => {
-            validate_conv(&conv)?;
+            let conv = ConvId::new(&conv)?;
             let (body, key) = decode_rest_append(&payload)?;
             if let Some(k) = &key {
                 validate_key(k)?;
@@ -319,24 +316,20 @@ fn check(body_bytes_max: usize, op: RestOp) -> Result<Checked, ProtoError> {
                 return Err(crate::body_too_large(body.len(), body_bytes_max));
             }
             Ok(Checked::Append {
-                conv: conv.as_str().into(),
+                conv,
                 body,
                 key: key.as_deref().map(Into::into),
             })
         }
         RestOp::Read { conv, from, limit } => {
-            validate_conv(&conv)?;
+            let conv = ConvId::new(&conv)?;
             if limit == 0 || limit > fabric_proto::READ_LIMIT_MAX {
                 return Err(ProtoError::bad_request(format!(
                     "limit must be 1..={}",
                     fabric_proto::READ_LIMIT_MAX
                 )));
             }
-            Ok(Checked::Read {
-                conv: conv.as_str().into(),
-                from,
-                limit,
-            })
+            Ok(Checked::Read { conv, from, limit })
         }
     }
 }

@@ -75,8 +75,8 @@ fn binary_hello(s: &mut Session) {
     binary(
         s,
         &ClientOp::Hello {
-            mesh: "m".into(),
-            peer: "p".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("p"),
             token: "t".into(),
         },
     );
@@ -509,7 +509,7 @@ fn binary_sessions_get_binary_replies_and_batches_work() {
             ClientOp::Ping { r: 1 },
             ClientOp::Append {
                 r: 2,
-                conv: "c".into(),
+                conv: ConvId::must("c"),
                 body: Body::from_json_text("1").unwrap(),
                 key: None,
             },

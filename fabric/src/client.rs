@@ -76,8 +76,8 @@
 use crate::client_io::{Io, ReadHalf, WriteHalf};
 use crate::quic::LinkError;
 use fabric_proto::{
-    validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode, IdKind,
-    ProtoError, ServerOp, Target,
+    validate_conv, validate_id, validate_key, Body, ClientOp, ConvId, DeliveredEvent, ErrorCode,
+    IdKind, MeshId, PeerId, ProtoError, ServerOp, Target,
 };
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
@@ -776,7 +776,7 @@ impl Client {
         body: Body,
         key: Option<Arc<str>>,
     ) -> Result<u64, ClientError> {
-        validate_conv(&conv)?;
+        let conv = ConvId::from_arc(conv)?;
         if let Some(k) = &key {
             validate_key(k)?;
         }
@@ -795,21 +795,20 @@ impl Client {
     /// durable entries from there, then tails new ones. Subscribing again to a subscribed
     /// conversation moves its position (and may replay what was already seen).
     pub async fn subscribe(&self, conv: &str, from: u64) -> Result<(), ClientError> {
-        validate_conv(conv)?;
-        let conv: Arc<str> = conv.into();
+        let conv = ConvId::new(conv)?;
         // Recorded first: events may follow the `ok` closely, and must not be taken for
         // stragglers of an unknown subscription.
         lock(&self.resume)
             .subs
-            .insert(conv.clone(), from.max(1) - 1);
+            .insert(conv.as_arc().clone(), from.max(1) - 1);
         let result = self.subscribe_op(conv.clone(), from).await;
         if let Err(ClientError::Server { .. } | ClientError::Invalid { .. }) = &result {
-            lock(&self.resume).subs.remove(&conv);
+            lock(&self.resume).subs.remove(conv.as_str());
         }
         result
     }
 
-    async fn subscribe_op(&self, conv: Arc<str>, from: u64) -> Result<(), ClientError> {
+    async fn subscribe_op(&self, conv: ConvId, from: u64) -> Result<(), ClientError> {
         let estimate = conv.len() + OP_OVERHEAD_BYTES;
         self.request(estimate, |r| ClientOp::Subscribe { r, conv, from })
             .await
@@ -818,9 +817,8 @@ impl Client {
 
     /// Stops the subscription; events of `conv` still in flight are dropped.
     pub async fn unsubscribe(&self, conv: &str) -> Result<(), ClientError> {
-        validate_conv(conv)?;
-        let conv: Arc<str> = conv.into();
-        lock(&self.resume).subs.remove(&conv);
+        let conv = ConvId::new(conv)?;
+        lock(&self.resume).subs.remove(conv.as_str());
         let estimate = conv.len() + OP_OVERHEAD_BYTES;
         self.request(estimate, |r| ClientOp::Unsubscribe { r, conv })
             .await
@@ -920,7 +918,8 @@ impl Client {
         }
         let resubscribed = futures_util::future::join_all(
             subs.into_iter()
-                .map(|(conv, from)| self.subscribe_op(conv, from)),
+                // Each was a `ConvId` when it was subscribed.
+                .map(|(conv, from)| self.subscribe_op(ConvId::must(&conv), from)),
         )
         .await;
         for r in resubscribed {
@@ -955,29 +954,29 @@ fn json_body(value: &serde_json::Value) -> Result<Body, ClientError> {
 }
 
 /// What the client says first: `challenge` for a key hello, else the token hello.
-fn first_hello(cfg: &ClientConfig) -> ClientOp {
-    match cfg.key {
+fn first_hello(cfg: &ClientConfig) -> Result<ClientOp, ClientError> {
+    Ok(match cfg.key {
         Some(_) => ClientOp::Challenge,
         None => ClientOp::Hello {
-            mesh: cfg.mesh.as_str().into(),
-            peer: cfg.peer.as_str().into(),
+            mesh: MeshId::new(&cfg.mesh)?,
+            peer: PeerId::new(&cfg.peer)?,
             token: cfg.token.clone(),
         },
-    }
+    })
 }
 
 /// The key hello answering the node's challenge: `nonce` signed with the config's key, now.
-fn signed_hello(cfg: &ClientConfig, nonce: &[u8; 32]) -> ClientOp {
+fn signed_hello(cfg: &ClientConfig, nonce: &[u8; 32]) -> Result<ClientOp, ClientError> {
     let ts = crate::now_ms();
     let sig = cfg.key.as_ref().map_or_else(Vec::new, |k| {
         k.sign_hello(&cfg.mesh, &cfg.peer, ts, nonce).to_vec()
     });
-    ClientOp::HelloSigned {
-        mesh: cfg.mesh.as_str().into(),
-        peer: cfg.peer.as_str().into(),
+    Ok(ClientOp::HelloSigned {
+        mesh: MeshId::new(&cfg.mesh)?,
+        peer: PeerId::new(&cfg.peer)?,
         sig,
         ts,
-    }
+    })
 }
 
 /// Dials and completes hello/welcome; then starts the socket task.
@@ -991,7 +990,7 @@ async fn dial(
     let handshake = async {
         let mut io = Io::dial(cfg).await?;
         let binary = io.binary(cfg.binary);
-        let hello = first_hello(cfg);
+        let hello = first_hello(cfg)?;
         let first = if cfg.batch_ops_in_max > 1 {
             ClientOp::Batch(vec![
                 ClientOp::Options {
@@ -1026,7 +1025,7 @@ async fn dial(
                         return Ok((io, binary, welcome, ops.collect::<Vec<_>>()));
                     }
                     ServerOp::Challenge { nonce } if cfg.key.is_some() => {
-                        let hello = signed_hello(cfg, &nonce);
+                        let hello = signed_hello(cfg, &nonce)?;
                         io.send(&hello, binary).await?;
                     }
                     ServerOp::Error { code, message, .. } => {

@@ -11,7 +11,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use fabric_edge::rest::{RestAnswer, RestOp, RestRequest};
 use fabric_proto::internal::{Reply, Request, ShardOp};
-use fabric_proto::{validate_id, ErrorCode, IdKind, ProtoError, ServerOp};
+use fabric_proto::{ErrorCode, ProtoError, ServerOp};
+use fabric_proto::{GroupId, MeshId, PeerId};
 use serde::Deserialize;
 use std::sync::Arc;
 use std::time::Duration;
@@ -366,15 +367,8 @@ async fn create_mesh(
 ) -> ApiResult {
     require_admin(&ctx, &headers)?;
     let req: CreateMesh = parse_json(&body)?;
-    validate_id(IdKind::Mesh, &req.id)?;
-    call(
-        &ctx,
-        ShardOp::CreateMesh {
-            r: 0,
-            mesh: req.id.as_str().into(),
-        },
-    )
-    .await?;
+    let mesh = MeshId::new(&req.id)?;
+    call(&ctx, ShardOp::CreateMesh { r: 0, mesh }).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({"id": req.id}))).into_response())
 }
 
@@ -397,7 +391,7 @@ async fn add_peer(
     headers: HeaderMap,
     body: axum::body::Bytes,
 ) -> ApiResult {
-    validate_id(IdKind::Mesh, &mesh)?;
+    let mesh_id = MeshId::new(&mesh)?;
     if let Err(e) = require_admin(&ctx, &headers) {
         // A valid peer token is a credential, just not an admin one: 403, not 401.
         if authenticate(&ctx, &mesh, &headers).await.is_ok() {
@@ -410,7 +404,7 @@ async fn add_peer(
         return Err(e.into());
     }
     let req: AddPeer = parse_json(&body)?;
-    validate_id(IdKind::Peer, &req.id)?;
+    let peer = PeerId::new(&req.id)?;
     if req.groups.len() > fabric_proto::PEER_GROUPS_MAX {
         return Err(ProtoError::new(
             ErrorCode::TooLarge,
@@ -421,9 +415,11 @@ async fn add_peer(
         )
         .into());
     }
-    for g in &req.groups {
-        validate_id(IdKind::Group, g)?;
-    }
+    let groups = req
+        .groups
+        .iter()
+        .map(|g| GroupId::new(g))
+        .collect::<Result<Vec<_>, _>>()?;
     let public_key = match &req.public_key {
         Some(text) => Some(
             crate::identity::parse_public_key(text)
@@ -444,9 +440,9 @@ async fn add_peer(
         &ctx,
         ShardOp::AddPeer {
             r: 0,
-            mesh: mesh.as_str().into(),
-            peer: req.id.as_str().into(),
-            groups: req.groups.iter().map(|g| g.as_str().into()).collect(),
+            mesh: mesh_id,
+            peer,
+            groups,
             token_hash: token.as_deref().map(fabric_shard::token_hash),
             public_key,
         },
@@ -469,17 +465,8 @@ async fn authenticate(
     headers: &HeaderMap,
 ) -> Result<Arc<str>, ProtoError> {
     let token = bearer(headers)?.to_string();
-    validate_id(IdKind::Mesh, mesh)?;
-    match call(
-        ctx,
-        ShardOp::Auth {
-            r: 0,
-            mesh: mesh.into(),
-            token,
-        },
-    )
-    .await?
-    {
+    let mesh = MeshId::new(mesh)?;
+    match call(ctx, ShardOp::Auth { r: 0, mesh, token }).await? {
         Reply::Authed { peer, .. } => Ok(peer),
         _ => Err(ProtoError::new(
             ErrorCode::Internal,
@@ -725,7 +712,7 @@ mod tests {
             held.push(tx.downgrade());
             let op = ShardOp::CreateMesh {
                 r: 0,
-                mesh: format!("m{i}").as_str().into(),
+                mesh: MeshId::must(&format!("m{i}")),
             };
             let mut call = Box::pin(call_with(&ctx, ctx.next_session_id(), op, tx, rx));
             let woken = Arc::new(Woken::default());
@@ -785,13 +772,13 @@ mod tests {
         let ctx = node.ctx().clone();
         let mesh = ShardOp::CreateMesh {
             r: 0,
-            mesh: "m".into(),
+            mesh: MeshId::must("m"),
         };
         call(&ctx, mesh).await.unwrap();
         let peer = ShardOp::AddPeer {
             r: 0,
-            mesh: "m".into(),
-            peer: "p".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("p"),
             groups: Vec::new(),
             token_hash: Some(fabric_shard::token_hash("tok")),
             public_key: None,

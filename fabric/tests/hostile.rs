@@ -10,6 +10,7 @@ use fabric::config::Config;
 use fabric::node::RunningNode;
 use fabric::tls::Trust;
 use fabric_proto::{codec, ClientOp, ServerOp, Target};
+use fabric_proto::{ConvId, MeshId, PeerId};
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
@@ -80,8 +81,8 @@ async fn the_nested_batch_frame_before_hello_leaves_the_node_serving() {
         other => panic!("{other:?}"),
     }
     let hello = ClientOp::Hello {
-        mesh: "m".into(),
-        peer: "a".into(),
+        mesh: MeshId::must("m"),
+        peer: PeerId::must("a"),
         token: token.clone(),
     };
     p.ws.send(Message::Binary(codec::encode_client_binary(&hello).into()))
@@ -147,18 +148,18 @@ async fn a_body_that_is_not_utf8_is_refused_and_json_recipients_miss_nothing() {
     let (mut bob, _) = Peer::hello(node.addr(), "m", "b", &tb).await;
     let mut a = Peer::connect(node.addr()).await;
     let hello = ClientOp::Hello {
-        mesh: "m".into(),
-        peer: "a".into(),
+        mesh: MeshId::must("m"),
+        peer: PeerId::must("a"),
         token: ta.clone(),
     };
     let send = |r: u64, body: &'static [u8]| ClientOp::Send {
         r,
-        to: Target::Peer("b".into()),
+        to: Target::Peer(PeerId::must("b")),
         body: fabric_proto::Body::from_trusted(bytes::Bytes::from_static(body)),
     };
     let append = |r: u64, body: &'static [u8]| ClientOp::Append {
         r,
-        conv: "c".into(),
+        conv: ConvId::must("c"),
         body: fabric_proto::Body::from_trusted(bytes::Bytes::from_static(body)),
         key: None,
     };
@@ -530,8 +531,8 @@ async fn a_quic_subscription_stream_nobody_reads_blocks_nothing_else() {
     quic_write(
         &mut send,
         &ClientOp::Hello {
-            mesh: "m".into(),
-            peer: "a".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("a"),
             token: ta.clone(),
         },
     )
@@ -542,7 +543,7 @@ async fn a_quic_subscription_stream_nobody_reads_blocks_nothing_else() {
     ));
     let sub = |r, conv: &str| ClientOp::Subscribe {
         r,
-        conv: conv.into(),
+        conv: ConvId::must(conv),
         from: 1,
     };
     quic_write(&mut send, &sub(1, "stuck")).await;

@@ -9,6 +9,7 @@ use fabric::client::{Client, ClientConfig, ClientError, Incoming};
 use fabric::node::RunningNode;
 use fabric::tls::Trust;
 use fabric_proto::{codec, ClientOp, ServerOp};
+use fabric_proto::{ConvId, MeshId, PeerId};
 use serde_json::json;
 use std::sync::Arc;
 use std::time::Duration;
@@ -61,8 +62,8 @@ async fn write_op(send: &mut quinn::SendStream, op: &ClientOp) {
 
 fn hello(token: &str) -> ClientOp {
     ClientOp::Hello {
-        mesh: "m".into(),
-        peer: "a".into(),
+        mesh: MeshId::must("m"),
+        peer: PeerId::must("a"),
         token: token.into(),
     }
 }
@@ -265,7 +266,7 @@ async fn each_subscription_gets_a_stream_of_its_own() {
             &mut send,
             &ClientOp::Subscribe {
                 r,
-                conv: conv.into(),
+                conv: ConvId::must(conv),
                 from: 1,
             },
         )

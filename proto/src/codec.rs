@@ -9,8 +9,8 @@
 
 use crate::hello::{NONCE_BYTES, SIGNATURE_BYTES};
 use crate::{
-    validate_conv, validate_id, validate_key, Body, ClientOp, DeliveredEvent, ErrorCode, IdKind,
-    ProtoError, ServerOp, Target, BATCH_OPS_MAX,
+    validate_conv, validate_id, validate_key, Body, ClientOp, ConvId, DeliveredEvent, ErrorCode,
+    IdKind, MeshId, PeerId, ProtoError, ServerOp, Target, BATCH_OPS_MAX,
 };
 use serde::Deserialize;
 use serde_json::value::RawValue;
@@ -180,10 +180,8 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
     let r = || f.r.ok_or_else(|| missing(op, "ref"));
     Ok(match op {
         "hello" => {
-            let mesh = f.mesh.as_deref().ok_or_else(|| missing(op, "mesh"))?;
-            let peer = f.peer.as_deref().ok_or_else(|| missing(op, "peer"))?;
-            validate_id(IdKind::Mesh, mesh)?;
-            validate_id(IdKind::Peer, peer)?;
+            let mesh = MeshId::new(f.mesh.as_deref().ok_or_else(|| missing(op, "mesh"))?)?;
+            let peer = PeerId::new(f.peer.as_deref().ok_or_else(|| missing(op, "peer"))?)?;
             match f.sig.as_deref() {
                 Some(sig) => {
                     if f.token.is_some() {
@@ -193,15 +191,15 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
                     }
                     let sig = decode_hex_exact("hello", "sig", sig, SIGNATURE_BYTES)?;
                     ClientOp::HelloSigned {
-                        mesh: mesh.into(),
-                        peer: peer.into(),
+                        mesh,
+                        peer,
                         sig,
                         ts: f.ts.ok_or_else(|| missing(op, "ts"))?,
                     }
                 }
                 None => ClientOp::Hello {
-                    mesh: mesh.into(),
-                    peer: peer.into(),
+                    mesh,
+                    peer,
                     token: f.token.as_deref().unwrap_or_default().to_string(),
                 },
             }
@@ -216,8 +214,7 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
             }
         }
         "append" => {
-            let conv = f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?;
-            validate_conv(conv)?;
+            let conv = ConvId::new(f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?)?;
             let key = match f.key.as_deref() {
                 Some(k) => {
                     validate_key(k)?;
@@ -227,14 +224,13 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
             };
             ClientOp::Append {
                 r: r()?,
-                conv: conv.into(),
+                conv,
                 body: body_of(op, f.body)?,
                 key,
             }
         }
         "subscribe" => {
-            let conv = f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?;
-            validate_conv(conv)?;
+            let conv = ConvId::new(f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?)?;
             let from = match f.from {
                 Some(FromField::Seq(n)) => n,
                 None => 1,
@@ -244,16 +240,15 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
             };
             ClientOp::Subscribe {
                 r: r()?,
-                conv: conv.into(),
+                conv,
                 from,
             }
         }
         "unsubscribe" => {
-            let conv = f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?;
-            validate_conv(conv)?;
+            let conv = ConvId::new(f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?)?;
             ClientOp::Unsubscribe {
                 r: r()?,
-                conv: conv.into(),
+                conv,
             }
         }
         "ack" => ClientOp::Ack {
@@ -401,14 +396,7 @@ fn validate_binary_op(op: &ClientOp) -> Result<(), ProtoError> {
             }
             Ok(())
         }
-        ClientOp::Send { to, body, .. } => {
-            match to {
-                Target::Peer(p) => validate_id(IdKind::Peer, p)?,
-                Target::Group(g) => validate_id(IdKind::Group, g)?,
-                Target::All => {}
-            }
-            Body::from_json_text(body.0.clone()).map(|_| ())
-        }
+        ClientOp::Send { body, .. } => Body::from_json_text(body.0.clone()).map(|_| ()),
         ClientOp::Append {
             conv, body, key, ..
         } => {
@@ -768,6 +756,7 @@ pub fn decode_server_binary(bytes: &[u8]) -> Result<Vec<ServerOp>, ProtoError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::GroupId;
 
     fn body(s: &str) -> Body {
         Body::from_json_text(s.to_string()).unwrap()
@@ -776,36 +765,36 @@ mod tests {
     fn client_ops() -> Vec<ClientOp> {
         vec![
             ClientOp::Hello {
-                mesh: "m".into(),
-                peer: "p".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("p"),
                 token: "t\"x".into(),
             },
             ClientOp::Send {
                 r: 1,
-                to: Target::Group("g".into()),
+                to: Target::Group(GroupId::must("g")),
                 body: body(r#"{"a":[1,2,"é"]}"#),
             },
             ClientOp::Append {
                 r: 2,
-                conv: "c".into(),
+                conv: ConvId::must("c"),
                 body: body("\"hi\""),
                 key: Some("k1".into()),
             },
             ClientOp::Subscribe {
                 r: 3,
-                conv: "c".into(),
+                conv: ConvId::must("c"),
                 from: 7,
             },
             ClientOp::Unsubscribe {
                 r: 4,
-                conv: "c".into(),
+                conv: ConvId::must("c"),
             },
             ClientOp::Ack { upto: 9 },
             ClientOp::Ping { r: 5 },
             ClientOp::Challenge,
             ClientOp::HelloSigned {
-                mesh: "m".into(),
-                peer: "p".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("p"),
                 sig: (0..64).collect(),
                 ts: 1_700_000_000_000,
             },
@@ -999,8 +988,8 @@ mod hello_tests {
         assert_eq!(
             decode_client_json(ok.as_bytes()).unwrap(),
             vec![ClientOp::HelloSigned {
-                mesh: "m".into(),
-                peer: "p".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("p"),
                 sig: vec![0xab; 64],
                 ts: 5
             }]
@@ -1026,8 +1015,8 @@ mod hello_tests {
             );
         }
         let short = ClientOp::HelloSigned {
-            mesh: "m".into(),
-            peer: "p".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("p"),
             sig: vec![1; 10],
             ts: 5,
         };
@@ -1234,7 +1223,7 @@ mod hostile_tests {
             let body = Body::from_json_text(good.to_string()).unwrap();
             let op = ClientOp::Append {
                 r: 1,
-                conv: "c".into(),
+                conv: ConvId::must("c"),
                 body: body.clone(),
                 key: None,
             };

@@ -77,13 +77,126 @@ pub fn validate_key(s: &str) -> Result<(), ProtoError> {
     Ok(())
 }
 
+/// An id that can only be built by validating it: every entry point (JSON and binary frames,
+/// HTTP, the Rust client, the simulator) builds one through [`validate_id`], and what carries
+/// ids from the codec to the shard (`ClientOp`, `ShardOp`, `Target`) holds only these, so
+/// none can skip a rule. Its wire and WAL form is the string, unchanged.
+macro_rules! id_type {
+    ($(#[$doc:meta])* $name:ident, $kind:expr) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+        #[serde(transparent)]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            /// The id, if `s` is a valid one (else `bad_request` or `too_large`, saying why).
+            pub fn new(s: &str) -> Result<$name, ProtoError> {
+                validate_id($kind, s)?;
+                Ok($name(s.into()))
+            }
+
+            /// An id written into the program (a constant, a test's literal): panics if it
+            /// is not valid, which is the program's bug, never the input's.
+            #[track_caller]
+            pub fn must(s: &str) -> $name {
+                match $name::new(s) {
+                    Ok(id) => id,
+                    Err(e) => panic!("{s:?} is not a valid id: {}", e.message),
+                }
+            }
+
+            /// [`Self::new`] for an `Arc<str>` already held (no copy).
+            pub fn from_arc(s: Arc<str>) -> Result<$name, ProtoError> {
+                validate_id($kind, &s)?;
+                Ok($name(s))
+            }
+
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+
+            pub fn as_arc(&self) -> &Arc<str> {
+                &self.0
+            }
+
+            pub fn into_arc(self) -> Arc<str> {
+                self.0
+            }
+        }
+
+        impl std::ops::Deref for $name {
+            type Target = str;
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl std::fmt::Display for $name {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+
+        impl TryFrom<&str> for $name {
+            type Error = ProtoError;
+            fn try_from(s: &str) -> Result<$name, ProtoError> {
+                $name::new(s)
+            }
+        }
+
+        impl From<$name> for Arc<str> {
+            fn from(id: $name) -> Arc<str> {
+                id.0
+            }
+        }
+
+        // Deserializing does not validate: postcard drops a custom error's message (and so
+        // its code), so the binary decoder checks every id of a decoded op right after
+        // (`codec::validate_binary_op`, an exhaustive match) and answers exactly as JSON
+        // does; the other source, the WAL, is checksummed data this node validated before
+        // writing it.
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<$name, D::Error> {
+                Ok($name(<Arc<str>>::deserialize(d)?))
+            }
+        }
+    };
+}
+
+id_type!(
+    /// A mesh (tenant) id.
+    MeshId,
+    IdKind::Mesh
+);
+id_type!(
+    /// A peer id (never starting with `group:`).
+    PeerId,
+    IdKind::Peer
+);
+id_type!(
+    /// A conversation id.
+    ConvId,
+    IdKind::Conversation
+);
+id_type!(
+    /// A group name.
+    GroupId,
+    IdKind::Group
+);
+
 /// Who an inbox message is for.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub enum Target {
     /// One peer.
-    Peer(Arc<str>),
+    Peer(PeerId),
     /// Every member of a group (the sender too if it is a member).
-    Group(Arc<str>),
+    Group(GroupId),
     /// Every member of the mesh except the sender.
     All,
 }
@@ -95,11 +208,9 @@ impl Target {
             return Ok(Target::All);
         }
         if let Some(g) = s.strip_prefix("group:") {
-            validate_id(IdKind::Group, g)?;
-            return Ok(Target::Group(g.into()));
+            return Ok(Target::Group(GroupId::new(g)?));
         }
-        validate_id(IdKind::Peer, s)?;
-        Ok(Target::Peer(s.into()))
+        Ok(Target::Peer(PeerId::new(s)?))
     }
 
     /// The wire form.
@@ -131,5 +242,35 @@ mod tests {
                 .code,
             ErrorCode::TooLarge
         );
+    }
+    #[test]
+    fn typed_ids_are_built_only_by_validating_and_binary_frames_answer_as_json_does() {
+        // Proves each id type refuses what validate_id refuses, with the same code, and that a
+        // binary hello carrying a bad id (decoded without validation) is refused by the
+        // binary decoder with the code and message a JSON hello gets.
+        assert_eq!(MeshId::new("a b").unwrap_err().code, ErrorCode::BadRequest);
+        let long = "x".repeat(129);
+        assert_eq!(ConvId::new(&long).unwrap_err().code, ErrorCode::TooLarge);
+        assert!(PeerId::from_arc("group:x".into()).is_err());
+        assert!(GroupId::new("").is_err());
+        assert_eq!(&*PeerId::must("alice"), "alice");
+        for (mesh, code) in [
+            ("a b", ErrorCode::BadRequest),
+            (&*long, ErrorCode::TooLarge),
+        ] {
+            let hello = crate::ClientOp::Hello {
+                mesh: MeshId(mesh.into()),
+                peer: PeerId::must("p"),
+                token: "t".into(),
+            };
+            let binary = crate::codec::encode_client_binary(&hello);
+            let from_binary = crate::codec::decode_client_binary(&binary).unwrap_err();
+            let json = format!(r#"{{"op":"hello","mesh":"{mesh}","peer":"p","token":"t"}}"#);
+            let from_json = crate::codec::decode_client_json(json.as_bytes()).unwrap_err();
+            assert_eq!(
+                (from_binary.code, &from_binary.message),
+                (code, &from_json.message)
+            );
+        }
     }
 }

@@ -2,7 +2,7 @@
 //! shard that owns the key, and the replies back. They never cross the wire to clients; they are
 //! serde-capable so that later replication and the simulator can carry them.
 
-use crate::{Body, DeliveredEvent, ServerOp, Target};
+use crate::{Body, ConvId, DeliveredEvent, GroupId, MeshId, PeerId, ServerOp, Target};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -32,14 +32,17 @@ pub struct Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ShardOp {
     /// Admin: create a mesh. Replies `Ok` once durable, `Error(conflict)` if it exists.
-    CreateMesh { r: u64, mesh: Arc<str> },
+    CreateMesh {
+        r: u64,
+        mesh: MeshId,
+    },
     /// Admin: add a peer with the SHA-256 of its token, its ed25519 public key, or both (at
     /// least one). Replies `Ok` once durable.
     AddPeer {
         r: u64,
-        mesh: Arc<str>,
-        peer: Arc<str>,
-        groups: Vec<Arc<str>>,
+        mesh: MeshId,
+        peer: PeerId,
+        groups: Vec<GroupId>,
         token_hash: Option<[u8; 32]>,
         public_key: Option<[u8; 32]>,
     },
@@ -47,62 +50,64 @@ pub enum ShardOp {
     /// `token`, or, when `proof` is set, by the peer's key (then `token` is empty).
     /// Replies `Welcome` or `Error(unauthorized)`.
     Hello {
-        mesh: Arc<str>,
-        peer: Arc<str>,
+        mesh: MeshId,
+        peer: PeerId,
         token: String,
         proof: Option<HelloProof>,
     },
     /// Authenticate a bearer token of the mesh without attaching (HTTP). Replies `Authed`.
     Auth {
         r: u64,
-        mesh: Arc<str>,
+        mesh: MeshId,
         token: String,
     },
     /// Store an inbox message; replies `Ok{pos}` once durable.
     Send {
         r: u64,
-        mesh: Arc<str>,
-        from: Arc<str>,
+        mesh: MeshId,
+        from: PeerId,
         to: Target,
         body: Body,
     },
     /// Append to a conversation; replies `Ok{seq}` once durable.
     Append {
         r: u64,
-        mesh: Arc<str>,
-        conv: Arc<str>,
-        from: Arc<str>,
+        mesh: MeshId,
+        conv: ConvId,
+        from: PeerId,
         body: Body,
         key: Option<Arc<str>>,
     },
     /// Replay a conversation from `from`, then tail it live.
     Subscribe {
         r: u64,
-        mesh: Arc<str>,
-        conv: Arc<str>,
+        mesh: MeshId,
+        conv: ConvId,
         from: u64,
     },
     Unsubscribe {
         r: u64,
-        mesh: Arc<str>,
-        conv: Arc<str>,
+        mesh: MeshId,
+        conv: ConvId,
     },
     /// Read one page of a conversation (HTTP). Replies `Messages`.
     Read {
         r: u64,
-        mesh: Arc<str>,
-        conv: Arc<str>,
+        mesh: MeshId,
+        conv: ConvId,
         from: u64,
         limit: u32,
     },
     /// Move the peer's durable inbox cursor. No reply.
     Ack {
-        mesh: Arc<str>,
-        peer: Arc<str>,
+        mesh: MeshId,
+        peer: PeerId,
         upto: u64,
     },
     /// The session wrote `frames` frames pushed by this shard to its socket: push credit returns.
-    Flushed { frames: u32 },
+    Flushed {
+        frames: u32,
+    },
     /// The session is gone: detach it from everything in this shard. No reply.
     Closed,
 }

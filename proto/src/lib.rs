@@ -18,7 +18,9 @@ pub mod internal;
 pub mod ops;
 
 pub use error::{ErrorCode, ProtoError};
-pub use ids::{validate_conv, validate_id, validate_key, IdKind, Target};
+pub use ids::{
+    validate_conv, validate_id, validate_key, ConvId, GroupId, IdKind, MeshId, PeerId, Target,
+};
 pub use ops::{Body, ClientOp, DeliveredEvent, ServerOp};
 
 /// Largest WebSocket frame (or HTTP body) a node accepts unless configured otherwise.

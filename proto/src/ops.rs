@@ -2,7 +2,7 @@
 //! Rust form. The derives give the postcard (binary) encoding, whose variant order is therefore
 //! part of the wire format: append new variants and fields at the end only.
 
-use crate::{ErrorCode, Target};
+use crate::{ConvId, ErrorCode, MeshId, PeerId, Target};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -111,8 +111,8 @@ impl std::fmt::Debug for Body {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ClientOp {
     Hello {
-        mesh: Arc<str>,
-        peer: Arc<str>,
+        mesh: MeshId,
+        peer: PeerId,
         token: String,
     },
     Send {
@@ -122,18 +122,18 @@ pub enum ClientOp {
     },
     Append {
         r: u64,
-        conv: Arc<str>,
+        conv: ConvId,
         body: Body,
         key: Option<Arc<str>>,
     },
     Subscribe {
         r: u64,
-        conv: Arc<str>,
+        conv: ConvId,
         from: u64,
     },
     Unsubscribe {
         r: u64,
-        conv: Arc<str>,
+        conv: ConvId,
     },
     Ack {
         upto: u64,
@@ -150,8 +150,8 @@ pub enum ClientOp {
     /// [`crate::hello::hello_message`] of mesh, peer, `ts` (unix ms) and this session's nonce.
     /// In JSON it is a `hello` frame with `sig` and `ts` instead of `token`.
     HelloSigned {
-        mesh: Arc<str>,
-        peer: Arc<str>,
+        mesh: MeshId,
+        peer: PeerId,
         sig: Vec<u8>,
         ts: u64,
     },

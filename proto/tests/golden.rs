@@ -15,6 +15,7 @@ use fabric_proto::codec::{
     encode_server_json, from_binary,
 };
 use fabric_proto::{Body, ClientOp, DeliveredEvent, ErrorCode, ServerOp, Target};
+use fabric_proto::{ConvId, GroupId, MeshId, PeerId};
 use std::collections::BTreeSet;
 
 /// Hex with any whitespace between bytes.
@@ -114,8 +115,8 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
         Golden {
             name: "hello (documented)",
             op: ClientOp::Hello {
-                mesh: "demo".into(),
-                peer: "bob".into(),
+                mesh: MeshId::must("demo"),
+                peer: PeerId::must("bob"),
                 token: "t0k".into(),
             },
             json: r#"{"op":"hello","mesh":"demo","peer":"bob","token":"t0k"}"#,
@@ -124,8 +125,8 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
         Golden {
             name: "hello, token with UTF-8 and a quote",
             op: ClientOp::Hello {
-                mesh: "demo".into(),
-                peer: "bob".into(),
+                mesh: MeshId::must("demo"),
+                peer: PeerId::must("bob"),
                 token: "pässwörd \"q\"".into(),
             },
             json: r#"{"op":"hello","mesh":"demo","peer":"bob","token":"pässwörd \"q\""}"#,
@@ -135,7 +136,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
             name: "send to a peer (documented)",
             op: ClientOp::Send {
                 r: 1,
-                to: Target::Peer("bob".into()),
+                to: Target::Peer(PeerId::must("bob")),
                 body: body(r#"{"text":"hi"}"#),
             },
             json: r#"{"op":"send","ref":1,"to":"bob","body":{"text":"hi"}}"#,
@@ -145,7 +146,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
             name: "send to a group",
             op: ClientOp::Send {
                 r: 2,
-                to: Target::Group("ops".into()),
+                to: Target::Group(GroupId::must("ops")),
                 body: body(r#""deploy at 5""#),
             },
             json: r#"{"op":"send","ref":2,"to":"group:ops","body":"deploy at 5"}"#,
@@ -165,7 +166,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
             name: "append with a key (documented)",
             op: ClientOp::Append {
                 r: 4,
-                conv: "standup".into(),
+                conv: ConvId::must("standup"),
                 body: body(r#"{"n":1}"#),
                 key: Some("k1".into()),
             },
@@ -176,7 +177,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
             name: "append without a key",
             op: ClientOp::Append {
                 r: 5,
-                conv: "standup".into(),
+                conv: ConvId::must("standup"),
                 body: body(r#"{"text":"day 1"}"#),
                 key: None,
             },
@@ -188,7 +189,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
             name: "subscribe",
             op: ClientOp::Subscribe {
                 r: 5,
-                conv: "standup".into(),
+                conv: ConvId::must("standup"),
                 from: 1,
             },
             json: r#"{"op":"subscribe","ref":5,"conv":"standup","from":1}"#,
@@ -198,7 +199,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
             name: "unsubscribe",
             op: ClientOp::Unsubscribe {
                 r: 6,
-                conv: "standup".into(),
+                conv: ConvId::must("standup"),
             },
             json: r#"{"op":"unsubscribe","ref":6,"conv":"standup"}"#,
             binary: "04  06  07 73 74 61 6e 64 75 70",
@@ -236,8 +237,8 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
         Golden {
             name: "hello signed with a key",
             op: ClientOp::HelloSigned {
-                mesh: "demo".into(),
-                peer: "alice".into(),
+                mesh: MeshId::must("demo"),
+                peer: PeerId::must("alice"),
                 sig: sig(),
                 ts: 1_700_000_000_123,
             },
@@ -310,7 +311,7 @@ fn server_goldens() -> Vec<Golden<ServerOp>> {
             op: ServerOp::Deliver {
                 pos: 1,
                 from: "alice".into(),
-                to: Target::Peer("bob".into()),
+                to: Target::Peer(PeerId::must("bob")),
                 body: body(r#"{"text":"hi"}"#),
                 ts: 1_795_356_091_730,
             },
@@ -323,7 +324,7 @@ fn server_goldens() -> Vec<Golden<ServerOp>> {
             op: ServerOp::Deliver {
                 pos: 2,
                 from: "alice".into(),
-                to: Target::Group("ops".into()),
+                to: Target::Group(GroupId::must("ops")),
                 body: body(r#""deploy at 5""#),
                 ts: 1_795_356_091_730,
             },
@@ -554,8 +555,8 @@ fn golden_documented_client_examples_decode() {
         (
             r#"{"op":"hello","mesh":"demo","peer":"alice","token":"5dfaa212b9968c6e9dd90a5ca1c1415dad3665c03e5629bf990a09accce77837"}"#,
             ClientOp::Hello {
-                mesh: "demo".into(),
-                peer: "alice".into(),
+                mesh: MeshId::must("demo"),
+                peer: PeerId::must("alice"),
                 token: "5dfaa212b9968c6e9dd90a5ca1c1415dad3665c03e5629bf990a09accce77837".into(),
             },
         ),
@@ -563,7 +564,7 @@ fn golden_documented_client_examples_decode() {
             r#"{"op":"send","ref":1,"to":"bob","body":{"text":"hi bob"}}"#,
             ClientOp::Send {
                 r: 1,
-                to: Target::Peer("bob".into()),
+                to: Target::Peer(PeerId::must("bob")),
                 body: body(r#"{"text":"hi bob"}"#),
             },
         ),
@@ -571,7 +572,7 @@ fn golden_documented_client_examples_decode() {
             r#"{"op":"append","ref":4,"conv":"standup","body":{"text":"day 1"},"key":"alice-1"}"#,
             ClientOp::Append {
                 r: 4,
-                conv: "standup".into(),
+                conv: ConvId::must("standup"),
                 body: body(r#"{"text":"day 1"}"#),
                 key: Some("alice-1".into()),
             },
@@ -582,7 +583,7 @@ fn golden_documented_client_examples_decode() {
             r#"{"op":"subscribe","ref":5,"conv":"standup"}"#,
             ClientOp::Subscribe {
                 r: 5,
-                conv: "standup".into(),
+                conv: ConvId::must("standup"),
                 from: 1,
             },
         ),
@@ -600,8 +601,8 @@ fn golden_documented_client_examples_decode() {
         vec![
             ClientOp::Options { r: 0, batch: 256 },
             ClientOp::Hello {
-                mesh: "demo".into(),
-                peer: "bob".into(),
+                mesh: MeshId::must("demo"),
+                peer: PeerId::must("bob"),
                 token: "x".into()
             }
         ]

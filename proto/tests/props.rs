@@ -9,6 +9,7 @@ use fabric_proto::codec::{
     encode_server_json,
 };
 use fabric_proto::{Body, ClientOp, DeliveredEvent, ErrorCode, ServerOp, Target};
+use fabric_proto::{ConvId, GroupId, MeshId, PeerId};
 use proptest::prelude::*;
 use serde_json::Value;
 
@@ -45,8 +46,8 @@ fn peer_id() -> impl Strategy<Value = String> {
 
 fn target() -> impl Strategy<Value = Target> {
     prop_oneof![
-        peer_id().prop_map(|p| Target::Peer(p.into())),
-        id().prop_map(|g| Target::Group(g.into())),
+        peer_id().prop_map(|p| Target::Peer(PeerId::must(&p))),
+        id().prop_map(|g| Target::Group(GroupId::must(&g))),
         Just(Target::All),
     ]
 }
@@ -94,27 +95,27 @@ fn key() -> impl Strategy<Value = String> {
 fn client_op() -> impl Strategy<Value = ClientOp> {
     prop_oneof![
         (id(), peer_id(), any::<String>()).prop_map(|(mesh, peer, token)| ClientOp::Hello {
-            mesh: mesh.into(),
-            peer: peer.into(),
+            mesh: MeshId::must(&mesh),
+            peer: PeerId::must(&peer),
             token,
         }),
         (any::<u64>(), target(), body()).prop_map(|(r, to, body)| ClientOp::Send { r, to, body }),
         (any::<u64>(), id(), body(), prop::option::of(key())).prop_map(|(r, conv, body, key)| {
             ClientOp::Append {
                 r,
-                conv: conv.into(),
+                conv: ConvId::must(&conv),
                 body,
                 key: key.map(Into::into),
             }
         }),
         (any::<u64>(), id(), any::<u64>()).prop_map(|(r, conv, from)| ClientOp::Subscribe {
             r,
-            conv: conv.into(),
+            conv: ConvId::must(&conv),
             from,
         }),
         (any::<u64>(), id()).prop_map(|(r, conv)| ClientOp::Unsubscribe {
             r,
-            conv: conv.into()
+            conv: ConvId::must(&conv)
         }),
         any::<u64>().prop_map(|upto| ClientOp::Ack { upto }),
         any::<u64>().prop_map(|r| ClientOp::Ping { r }),
@@ -126,8 +127,8 @@ fn client_op() -> impl Strategy<Value = ClientOp> {
             any::<u64>()
         )
             .prop_map(|(mesh, peer, sig, ts)| ClientOp::HelloSigned {
-                mesh: mesh.into(),
-                peer: peer.into(),
+                mesh: MeshId::must(&mesh),
+                peer: PeerId::must(&peer),
                 sig,
                 ts,
             }),

@@ -295,13 +295,14 @@ impl Router {
 mod tests {
     use super::*;
     use fabric_proto::internal::ShardOp;
+    use fabric_proto::{MeshId, PeerId};
 
     fn ack(session: u64, mesh: &str) -> Request {
         Request {
             session,
             op: ShardOp::Ack {
-                mesh: mesh.into(),
-                peer: "p".into(),
+                mesh: MeshId::must(mesh),
+                peer: PeerId::must("p"),
                 upto: session,
             },
         }

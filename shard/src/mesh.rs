@@ -6,7 +6,7 @@
 //! (`pending`): a message whose last recipient acknowledges it leaves memory at once, and the
 //! backlog a send is refused on (`inbox_full`) is exact and O(1) to keep per peer.
 
-use fabric_proto::{Body, Target};
+use fabric_proto::{Body, GroupId, PeerId, Target};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -15,7 +15,7 @@ use crate::SessionId;
 #[derive(Debug, Clone)]
 pub(crate) enum StoredTarget {
     Peer(u32),
-    Group(Arc<str>),
+    Group(GroupId),
     All,
 }
 
@@ -138,7 +138,7 @@ impl Mesh {
 
     pub(crate) fn stored_target(&mut self, t: &Target) -> StoredTarget {
         match t {
-            Target::Peer(p) => StoredTarget::Peer(self.ensure_peer(p)),
+            Target::Peer(p) => StoredTarget::Peer(self.ensure_peer(p.as_arc())),
             Target::Group(g) => StoredTarget::Group(g.clone()),
             Target::All => StoredTarget::All,
         }
@@ -146,7 +146,8 @@ impl Mesh {
 
     pub(crate) fn wire_target(&self, t: &StoredTarget) -> Target {
         match t {
-            StoredTarget::Peer(i) => Target::Peer(self.peers[*i as usize].id.clone()),
+            // Every peer id the shard holds was a validated id when it came in.
+            StoredTarget::Peer(i) => Target::Peer(PeerId::must(&self.peers[*i as usize].id)),
             StoredTarget::Group(g) => Target::Group(g.clone()),
             StoredTarget::All => Target::All,
         }
@@ -161,7 +162,7 @@ impl Mesh {
         match to {
             StoredTarget::Peer(p) if !self.peers[*p as usize].placeholder => vec![*p],
             StoredTarget::Peer(_) => Vec::new(),
-            StoredTarget::Group(g) => self.groups.get(g).cloned().unwrap_or_default(),
+            StoredTarget::Group(g) => self.groups.get(g.as_str()).cloned().unwrap_or_default(),
             StoredTarget::All => (0..self.peers.len() as u32)
                 .filter(|i| *i != from && !self.peers[*i as usize].placeholder)
                 .collect(),
@@ -252,7 +253,7 @@ fn is_recipient(peers: &[Peer], msg: &InboxMsg, peer: u32) -> bool {
     }
     match &msg.to {
         StoredTarget::Peer(to) => *to == peer,
-        StoredTarget::Group(g) => p.groups.iter().any(|x| x == g),
+        StoredTarget::Group(g) => p.groups.iter().any(|x| **x == **g),
         StoredTarget::All => msg.from != peer,
     }
 }

@@ -8,7 +8,9 @@ use crate::store::mem::MemStore;
 use crate::store::SegmentStore;
 use crate::store::StoreErrorKind;
 use fabric_proto::internal::{Output, Reply, Request, ShardOp};
+use fabric_proto::GroupId;
 use fabric_proto::{Body, Target};
+use fabric_proto::{ConvId, MeshId, PeerId};
 
 struct Node {
     shard: Shard,
@@ -78,7 +80,7 @@ impl Node {
             0,
             ShardOp::CreateMesh {
                 r: 1,
-                mesh: "m".into(),
+                mesh: MeshId::must("m"),
             },
         );
         for (p, groups) in peers {
@@ -86,9 +88,9 @@ impl Node {
                 0,
                 ShardOp::AddPeer {
                     r: 2,
-                    mesh: "m".into(),
-                    peer: (*p).into(),
-                    groups: groups.iter().map(|g| Arc::from(*g)).collect(),
+                    mesh: MeshId::must("m"),
+                    peer: PeerId::must(p),
+                    groups: groups.iter().map(|g| GroupId::must(g)).collect(),
                     token_hash: Some(token_hash(&format!("tok-{p}"))),
                     public_key: None,
                 },
@@ -101,8 +103,8 @@ impl Node {
         self.req(
             session,
             ShardOp::Hello {
-                mesh: "m".into(),
-                peer: peer.into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must(peer),
                 token: format!("tok-{peer}"),
                 proof: None,
             },
@@ -115,8 +117,8 @@ impl Node {
             session,
             ShardOp::Send {
                 r,
-                mesh: "m".into(),
-                from: from.into(),
+                mesh: MeshId::must("m"),
+                from: PeerId::must(from),
                 to: Target::parse(to).unwrap(),
                 body: Body::from_json_text(body.to_string()).unwrap(),
             },
@@ -128,9 +130,9 @@ impl Node {
             session,
             ShardOp::Append {
                 r,
-                mesh: "m".into(),
-                conv: conv.into(),
-                from: "a".into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must(conv),
+                from: PeerId::must("a"),
                 body: Body::from_json_text(body.to_string()).unwrap(),
                 key: key.map(Arc::from),
             },
@@ -243,8 +245,8 @@ fn unacknowledged_messages_are_redelivered_on_reconnect_and_survive_restart() {
     n.req(
         2,
         ShardOp::Ack {
-            mesh: "m".into(),
-            peer: "b".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("b"),
             upto: 3,
         },
     );
@@ -294,8 +296,8 @@ fn subscribe_replays_then_tails_without_gaps_or_duplicates() {
         2,
         ShardOp::Subscribe {
             r: 1,
-            mesh: "m".into(),
-            conv: "c".into(),
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
             from: 4,
         },
     );
@@ -341,7 +343,7 @@ fn bad_requests_get_stable_codes() {
         1,
         ShardOp::CreateMesh {
             r: 1,
-            mesh: "m".into(),
+            mesh: MeshId::must("m"),
         },
     );
     assert_eq!(error_code(&n.pump()), Some(ErrorCode::Conflict));
@@ -350,8 +352,8 @@ fn bad_requests_get_stable_codes() {
     n.req(
         1,
         ShardOp::Hello {
-            mesh: "m".into(),
-            peer: "a".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("a"),
             token: "wrong".into(),
             proof: None,
         },
@@ -360,8 +362,8 @@ fn bad_requests_get_stable_codes() {
     n.req(
         1,
         ShardOp::Hello {
-            mesh: "other".into(),
-            peer: "a".into(),
+            mesh: MeshId::must("other"),
+            peer: PeerId::must("a"),
             token: "tok-a".into(),
             proof: None,
         },
@@ -371,8 +373,8 @@ fn bad_requests_get_stable_codes() {
         1,
         ShardOp::AddPeer {
             r: 1,
-            mesh: "nope".into(),
-            peer: "x".into(),
+            mesh: MeshId::must("nope"),
+            peer: PeerId::must("x"),
             groups: vec![],
             token_hash: Some([0; 32]),
             public_key: None,
@@ -383,7 +385,7 @@ fn bad_requests_get_stable_codes() {
         1,
         ShardOp::Auth {
             r: 1,
-            mesh: "m".into(),
+            mesh: MeshId::must("m"),
             token: "tok-a".into(),
         },
     );
@@ -531,8 +533,8 @@ fn damage_in_the_final_write_is_cut_even_with_valid_records_after_the_hole() {
             session: 9,
             op: ShardOp::Read {
                 r: 0,
-                mesh: "m".into(),
-                conv: "c".into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must("c"),
                 from: 1,
                 limit: 100,
             },
@@ -692,8 +694,8 @@ fn a_crash_right_after_each_write_step_keeps_every_acknowledged_append() {
                 session: 5,
                 op: ShardOp::Read {
                     r: 0,
-                    mesh: "m".into(),
-                    conv: "c".into(),
+                    mesh: MeshId::must("m"),
+                    conv: ConvId::must("c"),
                     from: 1,
                     limit: 1_000,
                 },
@@ -727,7 +729,7 @@ fn a_missing_directory_fsync_on_segment_creation_loses_the_segment_in_a_crash() 
                 session: 1,
                 op: ShardOp::CreateMesh {
                     r: 1,
-                    mesh: "m".into(),
+                    mesh: MeshId::must("m"),
                 },
             },
         );
@@ -750,7 +752,7 @@ fn a_missing_directory_fsync_on_segment_creation_loses_the_segment_in_a_crash() 
                 session: 1,
                 op: ShardOp::CreateMesh {
                     r: 2,
-                    mesh: "m".into(),
+                    mesh: MeshId::must("m"),
                 },
             },
         );
@@ -811,8 +813,8 @@ fn after_a_full_disk_writes_are_refused_with_storage_full_and_reads_go_on() {
         2,
         ShardOp::Read {
             r: 3,
-            mesh: "m".into(),
-            conv: "c".into(),
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
             from: 1,
             limit: 10,
         },
@@ -843,8 +845,8 @@ fn retention_deletes_old_segments_but_keeps_unacked_inbox_and_metadata() {
             n.req(
                 2,
                 ShardOp::Ack {
-                    mesh: "m".into(),
-                    peer: "b".into(),
+                    mesh: MeshId::must("m"),
+                    peer: PeerId::must("b"),
                     upto: 1_000,
                 },
             );
@@ -921,8 +923,8 @@ fn repeated_retention_rounds_keep_every_unacked_message() {
         n.req(
             2,
             ShardOp::Ack {
-                mesh: "m".into(),
-                peer: "b".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("b"),
                 upto: 10_000,
             },
         );
@@ -975,8 +977,8 @@ fn many_acks_in_one_group_commit_write_one_cursor_record() {
         n.req(
             2,
             ShardOp::Ack {
-                mesh: "m".into(),
-                peer: "b".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("b"),
                 upto,
             },
         );
@@ -1012,8 +1014,8 @@ impl Node {
             0,
             ShardOp::AddPeer {
                 r: 7,
-                mesh: "m".into(),
-                peer: peer.into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must(peer),
                 groups: vec![],
                 token_hash: token.map(token_hash),
                 public_key: Some(key.verifying_key().to_bytes()),
@@ -1036,8 +1038,8 @@ impl Node {
         self.req(
             session,
             ShardOp::Hello {
-                mesh: "m".into(),
-                peer: peer.into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must(peer),
                 token: String::new(),
                 proof: Some(HelloProof { sig, ts, nonce }),
             },
@@ -1092,8 +1094,8 @@ fn key_hellos_with_a_bad_signature_wrong_key_or_no_key_are_unauthorized() {
     n.req(
         10,
         ShardOp::Hello {
-            mesh: "m".into(),
-            peer: "k".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("k"),
             token: String::new(),
             proof: Some(HelloProof {
                 sig,
@@ -1130,8 +1132,8 @@ fn key_hellos_with_a_bad_signature_wrong_key_or_no_key_are_unauthorized() {
     n.req(
         14,
         ShardOp::Hello {
-            mesh: "m".into(),
-            peer: "k".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("k"),
             token: String::new(),
             proof: None,
         },
@@ -1199,8 +1201,8 @@ fn add_peer_needs_a_token_or_a_valid_key() {
             0,
             ShardOp::AddPeer {
                 r: 1,
-                mesh: "m".into(),
-                peer: "x".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("x"),
                 groups: vec![],
                 token_hash: None,
                 public_key,
@@ -1270,8 +1272,8 @@ fn group_commit_reuses_the_last_write_buffer_and_none_of_its_bytes() {
         2,
         ShardOp::Subscribe {
             r: 1,
-            mesh: "m".into(),
-            conv: "c".into(),
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
             from: 1,
         },
     );
@@ -1303,8 +1305,8 @@ impl Node {
             99,
             ShardOp::Read {
                 r: 0,
-                mesh: "m".into(),
-                conv: conv.into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must(conv),
                 from: 1,
                 limit: 1,
             },

@@ -9,6 +9,7 @@
 //! `golden_cases_cover_every_record_type` fails until the golden segment holds a record of
 //! every type byte the scanner accepts.
 
+use fabric_proto::GroupId;
 use fabric_proto::{Body, Target};
 use fabric_shard::record::*;
 use fabric_shard::store::{self, mem::MemStore, SegmentStore};
@@ -87,7 +88,7 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
                 mesh: "demo".into(),
                 pos: 300,
                 from: "alice".into(),
-                to: Target::Group("ops".into()),
+                to: Target::Group(GroupId::must("ops")),
                 body: body(r#"{"text":"hi"}"#),
                 ts: 1_795_356_091_730,
             }),

@@ -4,6 +4,7 @@
 use super::*;
 use fabric_proto::internal::{Request, ShardOp};
 use fabric_proto::Body;
+use fabric_proto::{ConvId, MeshId, PeerId};
 use fabric_shard::{PlantedBugs, ShardConfig, WalWrite};
 
 /// A store that records every call and can fail the next call of one operation.
@@ -91,9 +92,9 @@ fn append(shard: &mut Shard, r: u64, body: &str) -> WalWrite {
             session: 1,
             op: ShardOp::Append {
                 r,
-                mesh: "m".into(),
-                conv: "c".into(),
-                from: "p".into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must("c"),
+                from: PeerId::must("p"),
                 body: Body::from_json_text(body.to_string()).expect("json"),
                 key: None,
             },

@@ -4,6 +4,7 @@
 use super::*;
 use fabric_proto::internal::ShardOp;
 use fabric_proto::{Body, ErrorCode, ServerOp};
+use fabric_proto::{ConvId, MeshId, PeerId};
 use fabric_shard::store::mem::MemStore;
 
 struct Adapter {
@@ -94,9 +95,9 @@ impl Adapter {
 fn append(r: u64) -> ShardOp {
     ShardOp::Append {
         r,
-        mesh: "m".into(),
-        conv: "c".into(),
-        from: "a".into(),
+        mesh: MeshId::must("m"),
+        conv: ConvId::must("c"),
+        from: PeerId::must("a"),
         body: Body::from_json_text("\"x\"".to_string()).unwrap(),
         key: None,
     }

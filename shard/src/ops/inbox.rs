@@ -29,7 +29,7 @@ impl Shard {
         let m = self.mesh_mut(&mesh)?;
         if let Target::Peer(p) = &to {
             if m.peer_index
-                .get(p)
+                .get(p.as_str())
                 .is_none_or(|i| m.peers[*i as usize].placeholder)
             {
                 return Err(ProtoError::new(

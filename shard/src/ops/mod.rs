@@ -30,7 +30,7 @@ impl Shard {
             self.refuse_write(now)?;
         }
         match req.op {
-            ShardOp::CreateMesh { r, mesh } => self.create_mesh(session, r, mesh),
+            ShardOp::CreateMesh { r, mesh } => self.create_mesh(session, r, mesh.into()),
             ShardOp::AddPeer {
                 r,
                 mesh,
@@ -39,10 +39,11 @@ impl Shard {
                 token_hash,
                 public_key,
             } => {
+                // Past this dispatch the shard keeps ids as the strings its records hold.
                 let rec = PeerKeyRec {
-                    mesh,
-                    peer,
-                    groups,
+                    mesh: mesh.into(),
+                    peer: peer.into(),
+                    groups: groups.into_iter().map(Into::into).collect(),
                     token_hash,
                     public_key: public_key.unwrap_or_default(),
                 };
@@ -53,15 +54,15 @@ impl Shard {
                 peer,
                 token,
                 proof,
-            } => self.hello(now, session, mesh, peer, &token, proof),
-            ShardOp::Auth { r, mesh, token } => self.auth(session, r, &mesh, &token),
+            } => self.hello(now, session, mesh.into(), peer.into(), &token, proof),
+            ShardOp::Auth { r, mesh, token } => self.auth(session, r, &mesh.into(), &token),
             ShardOp::Send {
                 r,
                 mesh,
                 from,
                 to,
                 body,
-            } => self.send(now, session, r, mesh, from, to, body),
+            } => self.send(now, session, r, mesh.into(), from.into(), to, body),
             ShardOp::Append {
                 r,
                 mesh,
@@ -71,10 +72,10 @@ impl Shard {
                 key,
             } => {
                 let rec = AppendedRec {
-                    mesh,
-                    conv,
+                    mesh: mesh.into(),
+                    conv: conv.into(),
                     seq: 0,
-                    from,
+                    from: from.into(),
                     body,
                     key,
                     ts: now,
@@ -86,9 +87,9 @@ impl Shard {
                 mesh,
                 conv,
                 from,
-            } => self.subscribe(session, r, (mesh, conv), from),
+            } => self.subscribe(session, r, (mesh.into(), conv.into()), from),
             ShardOp::Unsubscribe { r, mesh, conv } => {
-                self.unsubscribe(session, &(mesh, conv));
+                self.unsubscribe(session, &(mesh.into(), conv.into()));
                 self.emit(session, Reply::Frame(ok(r, None, None)));
                 Ok(())
             }
@@ -99,10 +100,10 @@ impl Shard {
                 from,
                 limit,
             } => {
-                self.read(session, r, (mesh, conv), from, limit);
+                self.read(session, r, (mesh.into(), conv.into()), from, limit);
                 Ok(())
             }
-            ShardOp::Ack { mesh, peer, upto } => self.ack(&mesh, &peer, upto),
+            ShardOp::Ack { mesh, peer, upto } => self.ack(&mesh.into(), &peer.into(), upto),
             ShardOp::Flushed { frames } => {
                 self.flushed(session, frames);
                 Ok(())

@@ -1,6 +1,7 @@
 //! The one apply path: replaying the log rebuilds exactly the state the live path built.
 
 use super::*;
+use fabric_proto::{MeshId, PeerId};
 
 /// Everything a record describes, in a fixed order (maps sorted), without what is not durable
 /// (sessions, subscribers, credit, delivery progress, building flags).
@@ -84,8 +85,8 @@ fn replaying_the_log_rebuilds_the_state_the_live_path_built() {
                 n.req(
                     2,
                     ShardOp::Ack {
-                        mesh: "m".into(),
-                        peer: peer.into(),
+                        mesh: MeshId::must("m"),
+                        peer: PeerId::must(peer),
                         upto,
                     },
                 );

@@ -3,13 +3,14 @@
 //! segments smaller than a write.
 
 use super::*;
+use fabric_proto::{ConvId, MeshId, PeerId};
 
 fn ack(n: &mut Node, peer: &str, upto: u64) {
     n.req(
         2,
         ShardOp::Ack {
-            mesh: "m".into(),
-            peer: peer.into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must(peer),
             upto,
         },
     );
@@ -29,9 +30,9 @@ fn a_batch_is_taken_whole_under_backpressure() {
             session: 1,
             op: ShardOp::Append {
                 r,
-                mesh: "m".into(),
-                conv: "c".into(),
-                from: "a".into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must("c"),
+                from: PeerId::must("a"),
                 body: Body::from_json_text("\"a body that fills the batch\"".to_string()).unwrap(),
                 key: None,
             },
@@ -154,8 +155,8 @@ fn subscriptions_are_bounded_and_leave_nothing_behind() {
             7,
             ShardOp::Subscribe {
                 r,
-                mesh: "m".into(),
-                conv: conv.into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must(&conv),
                 from: 1,
             },
         );
@@ -171,8 +172,8 @@ fn subscriptions_are_bounded_and_leave_nothing_behind() {
         7,
         ShardOp::Unsubscribe {
             r: 101,
-            mesh: "m".into(),
-            conv: "nothing-0".into(),
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("nothing-0"),
         },
     );
     n.pump();
@@ -268,8 +269,8 @@ fn a_peer_added_later_starts_at_the_head() {
         0,
         ShardOp::AddPeer {
             r: 2,
-            mesh: "m".into(),
-            peer: "late".into(),
+            mesh: MeshId::must("m"),
+            peer: PeerId::must("late"),
             groups: Vec::new(),
             token_hash: Some(token_hash("tok-late")),
             public_key: None,

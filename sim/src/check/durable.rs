@@ -154,6 +154,7 @@ mod tests {
     use crate::check::OpKind;
     use fabric_proto::internal::{Request, ShardOp};
     use fabric_proto::{Body, Target};
+    use fabric_proto::{ConvId, MeshId, PeerId};
     use fabric_shard::{Shard, ShardConfig};
 
     fn body(op: usize, pad: &str) -> Body {
@@ -167,28 +168,28 @@ mod tests {
         let ops = [
             ShardOp::CreateMesh {
                 r: 0,
-                mesh: "m".into(),
+                mesh: MeshId::must("m"),
             },
             ShardOp::AddPeer {
                 r: 1,
-                mesh: "m".into(),
-                peer: "a".into(),
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("a"),
                 groups: vec![],
                 token_hash: Some([7; 32]),
                 public_key: None,
             },
             ShardOp::Send {
                 r: 2,
-                mesh: "m".into(),
-                from: "a".into(),
-                to: Target::Peer("a".into()),
+                mesh: MeshId::must("m"),
+                from: PeerId::must("a"),
+                to: Target::Peer(PeerId::must("a")),
                 body: send.clone(),
             },
             ShardOp::Append {
                 r: 3,
-                mesh: "m".into(),
-                conv: "c".into(),
-                from: "a".into(),
+                mesh: MeshId::must("m"),
+                conv: ConvId::must("c"),
+                from: PeerId::must("a"),
                 body: append.clone(),
                 key: None,
             },
@@ -213,7 +214,7 @@ mod tests {
         // gives a position another operation's body.
         let mut model = Model::new(vec!["a".into()], vec![vec![]], false);
         let send = OpKind::Send {
-            to: Target::Peer("a".into()),
+            to: Target::Peer(PeerId::must("a")),
             recipients: vec![0],
         };
         let append = OpKind::Append {

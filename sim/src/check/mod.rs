@@ -188,7 +188,7 @@ impl Model {
         match to {
             Target::Peer(p) => self.peer_index(p).into_iter().collect(),
             Target::Group(g) => (0..self.peers.len())
-                .filter(|i| self.groups[*i].iter().any(|x| x == g))
+                .filter(|i| self.groups[*i].iter().any(|x| **x == **g))
                 .collect(),
             Target::All => (0..self.peers.len()).filter(|i| *i != from).collect(),
         }

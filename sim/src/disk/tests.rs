@@ -1,6 +1,8 @@
 use super::*;
 use fabric_proto::internal::{Request, ShardOp};
 use fabric_proto::Body;
+use fabric_proto::PeerId;
+use fabric_proto::{ConvId, MeshId};
 use fabric_shard::store;
 use fabric_shard::{Shard, ShardConfig, WalWrite};
 use rand::SeedableRng;
@@ -26,9 +28,9 @@ fn writes(disk: &mut Disk, n: u64) -> (Shard, WalWrite) {
                 session: 1,
                 op: ShardOp::Append {
                     r,
-                    mesh: "m".into(),
-                    conv: "c".into(),
-                    from: "p".into(),
+                    mesh: MeshId::must("m"),
+                    conv: ConvId::must("c"),
+                    from: PeerId::must("p"),
                     body: Body::from_json_text(format!(
                         "{{\"op\":{r},\"pad\":\"{}\"}}",
                         "x".repeat(300)

@@ -4,6 +4,8 @@
 //! checkers 1, 2, 6), and the final checks run once the world is quiet (checkers 3, 9).
 
 use super::*;
+use fabric_proto::MeshId;
+use fabric_proto::{ConvId, PeerId};
 
 impl Simulation {
     /// Checker 9 on node `n`, once everything is quiet: no shard holds state for a session
@@ -199,8 +201,8 @@ impl Simulation {
             }
             let read = ShardOp::Read {
                 r: 0,
-                mesh: MESH.into(),
-                conv: conv.clone(),
+                mesh: MeshId::must(MESH),
+                conv: ConvId::must(&conv),
                 from: 1,
                 limit: fabric_proto::READ_LIMIT_MAX,
             };
@@ -252,8 +254,8 @@ impl Simulation {
         let c = self.nodes[n].clients[local];
         let session = self.nodes[n].new_session();
         let hello = ShardOp::Hello {
-            mesh: MESH.into(),
-            peer: self.clients[c].peer.clone(),
+            mesh: MeshId::must(MESH),
+            peer: PeerId::must(&self.clients[c].peer),
             token: self.clients[c].token.clone(),
             proof: None,
         };

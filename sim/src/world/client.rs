@@ -3,6 +3,8 @@
 //! on the way, checker 8), acknowledge deliveries, reconnect.
 
 use super::*;
+use fabric_proto::MeshId;
+use fabric_proto::PeerId;
 
 /// What a scripted client does next (see `crate::script`).
 #[derive(Debug, Clone)]
@@ -190,8 +192,8 @@ impl Simulation {
             ClientOp::Challenge
         } else {
             ClientOp::Hello {
-                mesh: MESH.into(),
-                peer: self.clients[c].peer.clone(),
+                mesh: MeshId::must(MESH),
+                peer: PeerId::must(&self.clients[c].peer),
                 token: self.clients[c].token.clone(),
             }
         });
@@ -222,8 +224,8 @@ impl Simulation {
             .to_vec();
         self.counters.workload.key_hellos += 1;
         ClientOp::HelloSigned {
-            mesh: MESH.into(),
-            peer: client.peer.clone(),
+            mesh: MeshId::must(MESH),
+            peer: PeerId::must(&client.peer),
             sig,
             ts,
         }

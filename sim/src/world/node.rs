@@ -5,6 +5,8 @@
 //! sessions and crashes; only the clock is shared.
 
 use super::*;
+use fabric_proto::MeshId;
+use fabric_proto::{GroupId, PeerId};
 
 /// One node of the world, at endpoint `Endpoint::Node(id)`.
 pub(super) struct Node {
@@ -276,7 +278,7 @@ impl Simulation {
         if node.hosts[s].driver.shard().is_some() {
             for req in &batch {
                 if let ShardOp::Ack { peer, upto, .. } = &req.op {
-                    if let Some(i) = node.model.peers.iter().position(|p| p == peer) {
+                    if let Some(i) = node.model.peers.iter().position(|p| **p == **peer) {
                         node.model.ack_handled(i, *upto);
                     }
                 }
@@ -547,15 +549,19 @@ impl Simulation {
         node.next_session += 1;
         let mut ops = vec![ShardOp::CreateMesh {
             r: 0,
-            mesh: MESH.into(),
+            mesh: MeshId::must(MESH),
         }];
         for (i, &c) in node.clients.iter().enumerate() {
             let c = &self.clients[c];
             ops.push(ShardOp::AddPeer {
                 r: i as u64 + 1,
-                mesh: MESH.into(),
-                peer: c.peer.clone(),
-                groups: node.model.groups[i].clone(),
+                mesh: MeshId::must(MESH),
+                peer: PeerId::must(&c.peer),
+                groups: node.model.groups[i]
+                    .clone()
+                    .iter()
+                    .map(|g| GroupId::must(g))
+                    .collect(),
                 token_hash: Some(fabric_shard::token_hash(&c.token)),
                 public_key: c.key.as_ref().map(|k| k.verifying_key().to_bytes()),
             });

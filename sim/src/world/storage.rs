@@ -3,6 +3,8 @@
 //! `audit`, power loss and reboots in `faults`).
 
 use super::*;
+use fabric_proto::ConvId;
+use fabric_proto::MeshId;
 
 impl Simulation {
     pub(super) fn start_write(&mut self, n: usize, shard: ShardIdx, job: WriteJob) {
@@ -158,8 +160,8 @@ impl Simulation {
             }
             let read = ShardOp::Read {
                 r: i as u64,
-                mesh: MESH.into(),
-                conv,
+                mesh: MeshId::must(MESH),
+                conv: ConvId::must(&conv),
                 from: 1,
                 limit: 1,
             };

@@ -1,6 +1,7 @@
 //! Tests of the world's wiring, node by node.
 
 use super::*;
+use fabric_proto::{ConvId, MeshId, PeerId};
 
 /// A calm run of one client and no scheduled faults.
 fn calm(seed: u64) -> Simulation {
@@ -18,8 +19,8 @@ fn calm(seed: u64) -> Simulation {
 fn hello_frame(sim: &Simulation) -> Bytes {
     let mut b = vec![FRAME_TEXT];
     let hello = ClientOp::Hello {
-        mesh: MESH.into(),
-        peer: sim.clients[0].peer.clone(),
+        mesh: MeshId::must(MESH),
+        peer: PeerId::must(&sim.clients[0].peer),
         token: sim.clients[0].token.clone(),
     };
     codec::encode_client_json(&hello, &mut b);
@@ -86,8 +87,8 @@ fn a_shard_holding_a_closed_session_is_a_leak() {
     let gone = sim.nodes[0].next_session + 1_000;
     let subscribe = ShardOp::Subscribe {
         r: 1,
-        mesh: MESH.into(),
-        conv: "c0".into(),
+        mesh: MeshId::must(MESH),
+        conv: ConvId::must("c0"),
         from: 1,
     };
     let now = sim.now;

@@ -4,6 +4,8 @@
 //! and scripted actions.
 
 use super::*;
+use fabric_proto::ConvId;
+use fabric_proto::{GroupId, PeerId};
 
 impl Simulation {
     pub(super) fn client_wake(&mut self, c: usize) -> Checked {
@@ -122,7 +124,7 @@ impl Simulation {
             OpKind::Append { conv, key } => (
                 ClientOp::Append {
                     r,
-                    conv: conv.clone(),
+                    conv: ConvId::must(conv),
                     body: o.body.clone(),
                     key: key.clone(),
                 },
@@ -161,7 +163,7 @@ impl Simulation {
             self.counters.workload.unsubscribes += 1;
             let op = ClientOp::Unsubscribe {
                 r,
-                conv: conv.clone(),
+                conv: ConvId::must(&conv),
             };
             (Req::Unsubscribe { conv: conv.clone() }, op, None)
         } else {
@@ -176,7 +178,7 @@ impl Simulation {
             };
             let op = ClientOp::Subscribe {
                 r,
-                conv: conv.clone(),
+                conv: ConvId::must(&conv),
                 from,
             };
             (Req::Subscribe { conv: conv.clone() }, op, Some(from))
@@ -230,11 +232,11 @@ impl Simulation {
             // A peer of the client's own mesh (its node's; all clients with one node).
             let n = self.model(c).peers.len();
             let to = match self.rng.random_range(0..10) {
-                0 | 1 => Target::Group(format!("g{}", self.rng.random_range(0..2)).into()),
+                0 | 1 => Target::Group(GroupId::must(&format!("g{}", self.rng.random_range(0..2)))),
                 2 => Target::All,
                 _ => {
                     let i = self.rng.random_range(0..n);
-                    Target::Peer(self.model(c).peers[i].clone())
+                    Target::Peer(PeerId::must(&self.model(c).peers[i]))
                 }
             };
             let recipients = self.model(c).recipients(local, &to);
