@@ -49,11 +49,16 @@ impl From<Endpoint> for String {
     }
 }
 
-impl TryFrom<String> for Endpoint {
-    type Error = String;
+/// A schedule names an endpoint that is neither `nN` nor `cN`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("endpoint {0:?} is neither nN (a node) nor cN (a client)")]
+pub struct BadEndpoint(pub String);
 
-    fn try_from(s: String) -> Result<Endpoint, String> {
-        let bad = || format!("endpoint {s:?} is neither nN (a node) nor cN (a client)");
+impl TryFrom<String> for Endpoint {
+    type Error = BadEndpoint;
+
+    fn try_from(s: String) -> Result<Endpoint, BadEndpoint> {
+        let bad = || BadEndpoint(s.clone());
         let (kind, n) = s.split_at_checked(1).ok_or_else(bad)?;
         let n: u32 = n.parse().map_err(|_| bad())?;
         match kind {

@@ -10,6 +10,25 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 use std::fmt;
 
+/// Why simulator options, a schedule or a planted bug's name cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SimConfigError {
+    #[error("{0}")]
+    Rule(&'static str),
+    /// A limit a node would refuse to start with.
+    #[error("{0}")]
+    Limits(String),
+    #[error("unknown planted bug {name:?}; known: {known}")]
+    UnknownBug { name: String, known: String },
+    /// An event of a schedule that cannot run.
+    #[error("event {index} ({event}): {why}")]
+    Event {
+        index: usize,
+        event: String,
+        why: &'static str,
+    },
+}
+
 /// A retention limit this large never triggers in a run.
 pub const RETENTION_OFF_BYTES: u64 = 1 << 40;
 
@@ -234,7 +253,7 @@ impl SimOptions {
     }
 
     /// Why these options cannot run, if they cannot.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SimConfigError> {
         let checks: [(bool, &str); 10] = [
             (
                 self.nodes >= 1 && self.nodes as usize <= self.clients,
@@ -287,17 +306,23 @@ impl SimOptions {
         ];
         for (ok, why) in checks {
             if !ok {
-                return Err(why.into());
+                return Err(SimConfigError::Rule(why));
             }
         }
         // The node's own rules: a run never uses limits a node would refuse to start with
         // (`reply_queue_batches_max` is apart: a fault, below the rule on purpose).
-        self.limits().validate().map_err(|e| e.to_string())?;
+        self.limits()
+            .validate()
+            .map_err(|e| SimConfigError::Limits(e.to_string()))?;
         if self.socket_window_frames == 0 {
-            return Err("socket_window_frames must be at least 1".into());
+            return Err(SimConfigError::Rule(
+                "socket_window_frames must be at least 1",
+            ));
         }
         if probabilities.iter().any(|p| !(0.0..=1.0).contains(p)) {
-            return Err("every probability must be within 0..=1".into());
+            return Err(SimConfigError::Rule(
+                "every probability must be within 0..=1",
+            ));
         }
         Ok(())
     }
@@ -492,6 +517,7 @@ pub fn valid_limits(drawn: Limits) -> Limits {
 
 /// Planted bugs as a list of names in files and on the command line.
 pub mod planted_names {
+    use super::SimConfigError;
     use fabric_shard::PlantedBugs;
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
@@ -539,11 +565,14 @@ pub mod planted_names {
         p: &mut PlantedBugs,
         g: &mut fabric_router::host::PlantedGlueBugs,
         name: &str,
-    ) -> Result<(), String> {
+    ) -> Result<(), SimConfigError> {
         if glue::ALL.contains(&name) {
             return glue::plant(g, name);
         }
-        plant(p, name).map_err(|e| format!("{e}, {}", glue::ALL.join(", ")))
+        plant(p, name).map_err(|_| SimConfigError::UnknownBug {
+            name: name.into(),
+            known: format!("{}, {}", ALL.join(", "), glue::ALL.join(", ")),
+        })
     }
 
     /// Bugs planted in the node's host (`fabric_router::host::PlantedGlueBugs`).
@@ -572,7 +601,10 @@ pub mod planted_names {
                 .collect()
         }
 
-        pub fn plant(g: &mut PlantedGlueBugs, name: &str) -> Result<(), String> {
+        pub fn plant(
+            g: &mut PlantedGlueBugs,
+            name: &str,
+        ) -> Result<(), crate::options::SimConfigError> {
             match name {
                 "glue_drop_reply_on_full_queue" => g.glue_drop_reply_on_full_queue = true,
                 "glue_restart_without_recovery" => g.glue_restart_without_recovery = true,
@@ -582,7 +614,12 @@ pub mod planted_names {
                 "glue_batch_drops_rest_under_backpressure" => {
                     g.glue_batch_drops_rest_under_backpressure = true
                 }
-                other => return Err(format!("unknown planted host bug {other:?}")),
+                other => {
+                    return Err(crate::options::SimConfigError::UnknownBug {
+                        name: other.into(),
+                        known: ALL.join(", "),
+                    })
+                }
             }
             Ok(())
         }
@@ -610,7 +647,7 @@ pub mod planted_names {
     }
 
     /// Turns on the bug called `name`.
-    pub fn plant(p: &mut PlantedBugs, name: &str) -> Result<(), String> {
+    pub fn plant(p: &mut PlantedBugs, name: &str) -> Result<(), SimConfigError> {
         match name {
             "ack_before_fsync" => p.ack_before_fsync = true,
             "skip_crc_on_recovery" => p.skip_crc_on_recovery = true,
@@ -621,10 +658,10 @@ pub mod planted_names {
             "no_sync_after_recovery" => p.no_sync_after_recovery = true,
             "none" => {}
             other => {
-                return Err(format!(
-                    "unknown planted bug {other:?}; known: {}",
-                    ALL.join(", ")
-                ))
+                return Err(SimConfigError::UnknownBug {
+                    name: other.into(),
+                    known: ALL.join(", "),
+                })
             }
         }
         Ok(())
@@ -701,7 +738,7 @@ mod limits_tests {
             push_credit_frames_max: u32::MAX,
             ..SimOptions::default()
         };
-        let e = o.validate().expect_err("refused");
+        let e = o.validate().expect_err("refused").to_string();
         assert!(
             e.contains("push_credit_frames_max 4294967295 x shards 3"),
             "{e}"

@@ -20,7 +20,7 @@
 //! then every fault heals (network, disks, a down node restarts) and the liveness phase runs.
 
 use crate::net::Endpoint;
-use crate::options::SimOptions;
+use crate::options::{SimConfigError, SimOptions};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
@@ -150,7 +150,7 @@ pub enum ScheduleError {
         source: serde_json::Error,
     },
     #[error("{path}: {why}")]
-    Invalid { path: String, why: String },
+    Invalid { path: String, why: SimConfigError },
 }
 
 impl Schedule {
@@ -197,7 +197,7 @@ impl Schedule {
 
     /// Why this schedule cannot run, if it cannot: bad options, events out of order or past
     /// the fault phase, endpoints, nodes or shards that do not exist.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), SimConfigError> {
         let o = &self.options;
         o.validate()?;
         let endpoint_ok = |e: &Endpoint| match e {
@@ -206,7 +206,13 @@ impl Schedule {
         };
         let mut last = 0;
         for (i, t) in self.events.iter().enumerate() {
-            let bad = |why: &str| Err(format!("event {i} ({:?}): {why}", t.event));
+            let bad = |why: &'static str| {
+                Err(SimConfigError::Event {
+                    index: i,
+                    event: format!("{:?}", t.event),
+                    why,
+                })
+            };
             if t.at_ms < last {
                 return bad("events must be in time order");
             }

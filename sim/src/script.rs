@@ -29,7 +29,7 @@ use crate::net::Endpoint;
 use crate::schedule::{FaultEvent, Schedule};
 use crate::world::{Action, Simulation};
 use crate::{SimOptions, Violation};
-use fabric_proto::{Body, Target};
+use fabric_proto::{Body, ProtoError, Target};
 use std::sync::Arc;
 
 /// A peer of the scripted mesh.
@@ -132,8 +132,8 @@ impl MeshSim {
 
     /// Queues an inbox message from `from` to `to` (a peer name, `group:NAME` or `*`) with a
     /// JSON `body`; it goes out when the peer is connected and has room in its window.
-    pub fn send(&mut self, from: PeerId, to: &str, body: &str) -> Result<(), String> {
-        let to = Target::parse(to).map_err(|e| e.message)?;
+    pub fn send(&mut self, from: PeerId, to: &str, body: &str) -> Result<(), ProtoError> {
+        let to = Target::parse(to)?;
         check_json(body)?;
         self.push(
             from,
@@ -152,7 +152,7 @@ impl MeshSim {
         conv: &str,
         body: &str,
         key: Option<&str>,
-    ) -> Result<(), String> {
+    ) -> Result<(), ProtoError> {
         check_json(body)?;
         self.push(
             from,
@@ -278,10 +278,8 @@ impl MeshSim {
     }
 }
 
-fn check_json(body: &str) -> Result<(), String> {
-    Body::from_json_text(body.to_string())
-        .map(|_| ())
-        .map_err(|e| e.message)
+fn check_json(body: &str) -> Result<(), ProtoError> {
+    Body::from_json_text(body.to_string()).map(|_| ())
 }
 
 fn unwrap_envelope(body: &Body) -> serde_json::Value {
