@@ -181,6 +181,24 @@ impl SegmentStore for FileStore {
         std::fs::read(&path).map_err(|e| store_err("read", &path, e))
     }
 
+    /// `pread` (no mmap: a file cut back under a reader is `ShortRead`, never SIGBUS).
+    fn read_at(&mut self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        use std::os::unix::fs::FileExt;
+        let path = self.path(id);
+        let file = std::fs::File::open(&path).map_err(|e| store_err("read_at", &path, e))?;
+        let mut bytes = vec![0; len];
+        match file.read_exact_at(&mut bytes, offset) {
+            Ok(()) => Ok(bytes),
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Err(StoreError {
+                kind: StoreErrorKind::ShortRead,
+                op: "read_at",
+                file: path.display().to_string(),
+                message: format!("{len} bytes at offset {offset} are past the end"),
+            }),
+            Err(e) => Err(store_err("read_at", &path, e)),
+        }
+    }
+
     fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
         let path = self.dir.join(wal::MANIFEST_FILE);
         match std::fs::read(&path) {

@@ -36,6 +36,9 @@ pub enum StoreErrorKind {
     NotFound,
     /// Any other I/O error (EIO, permissions, ...).
     Io,
+    /// A ranged read asked for bytes past the end of the file (it was cut back, or the range
+    /// is wrong): an answer, never a fault (no mmap, so a shorter file cannot become SIGBUS).
+    ShortRead,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -47,6 +50,33 @@ pub struct StoreError {
     pub message: String,
 }
 
+/// Bytes `[offset, offset + len)` of an in-memory file's `data`, or `ShortRead` naming the
+/// file: the ranged read of the in-memory stores (tests, the simulator), with the bounds a
+/// `pread` of a real file has.
+pub fn read_range(
+    data: &[u8],
+    file: String,
+    offset: u64,
+    len: usize,
+) -> Result<Vec<u8>, StoreError> {
+    let range = usize::try_from(offset)
+        .ok()
+        .and_then(|start| Some(start..start.checked_add(len)?))
+        .filter(|r| r.end <= data.len());
+    match range {
+        Some(r) => Ok(data[r].to_vec()),
+        None => Err(StoreError {
+            kind: StoreErrorKind::ShortRead,
+            op: "read_at",
+            file,
+            message: format!(
+                "{len} bytes at offset {offset} are past the end ({} bytes)",
+                data.len()
+            ),
+        }),
+    }
+}
+
 /// The file operations of one shard directory. Every method is blocking; a host runs them on
 /// a thread of its own.
 pub trait SegmentStore {
@@ -54,6 +84,10 @@ pub trait SegmentStore {
     fn list_segments(&mut self) -> Result<Vec<u64>, StoreError>;
     /// A segment's whole contents.
     fn read_segment(&mut self, id: u64) -> Result<Vec<u8>, StoreError>;
+    /// Bytes `[offset, offset + len)` of a segment (a positioned read, `pread`): the way a
+    /// shard reads back what it no longer keeps in memory. A range past the end of the file
+    /// is `ShortRead`.
+    fn read_at(&mut self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, StoreError>;
     /// The manifest's bytes, or `None` if the file does not exist.
     fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError>;
     /// Creates an empty segment file (it must not exist) and opens it for appending.

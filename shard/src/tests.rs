@@ -1364,3 +1364,18 @@ fn evicting_an_old_entry_keeps_its_key_when_the_key_points_to_a_newer_retained_e
 
 mod apply;
 mod limits;
+
+#[test]
+fn the_in_memory_store_reads_a_range_and_refuses_one_past_the_end() {
+    // Proves MemStore::read_at returns exactly the asked bytes of a segment's data and answers
+    // ShortRead (naming the segment) for a range past the end or one that overflows.
+    let mut disk = MemStore::new(0);
+    disk.create_segment(4).unwrap();
+    disk.append(4, b"hello world").unwrap();
+    assert_eq!(disk.read_at(4, 6, 5).unwrap(), b"world");
+    for (offset, len) in [(6, 6), (u64::MAX, 1), (0, usize::MAX)] {
+        let e = disk.read_at(4, offset, len).unwrap_err();
+        assert_eq!(e.kind, StoreErrorKind::ShortRead, "{offset} {len}");
+        assert_eq!(e.file, wal::segment_file_name(4));
+    }
+}

@@ -414,6 +414,23 @@ impl SegmentStore for Disk {
         Ok(bytes)
     }
 
+    /// A positioned read, with the same injected faults as a whole read: an I/O error of the
+    /// step, and a bit flipped in the bytes it returns (if the armed flip falls in the range).
+    fn read_at(&mut self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        self.step("read_at", wal::segment_file_name(id), false)?;
+        let data = &self.file_mut("read_at", id)?.data;
+        let mut bytes =
+            fabric_shard::store::read_range(data, wal::segment_file_name(id), offset, len)?;
+        if let Some(flip) = self.flip_next_read.filter(|f| f.segment == id) {
+            let at = (flip.offset as u64).checked_sub(offset);
+            if let Some(b) = at.and_then(|i| bytes.get_mut(i as usize)) {
+                self.flip_next_read = None;
+                *b ^= flip.mask;
+            }
+        }
+        Ok(bytes)
+    }
+
     fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
         self.step("read", wal::MANIFEST_FILE.into(), false)?;
         Ok(self.manifest.clone())

@@ -37,6 +37,9 @@ impl SegmentStore for Recording {
     fn read_segment(&mut self, id: u64) -> Result<Vec<u8>, StoreError> {
         self.inner.read_segment(id)
     }
+    fn read_at(&mut self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        self.inner.read_at(id, offset, len)
+    }
     fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
         self.inner.read_manifest()
     }
@@ -251,4 +254,26 @@ fn an_emptied_shard_directory_refuses_to_start() {
         Err(e) => panic!("wrong error: {e}"),
         Ok(_) => panic!("an emptied shard directory started empty"),
     }
+}
+
+#[test]
+fn a_ranged_read_returns_the_bytes_and_a_file_cut_back_under_it_is_a_short_read() {
+    // Proves FileStore::read_at is a positioned read of exactly the asked range, and that a
+    // range past the end (a segment cut back after a failed sync, or a wrong range) answers
+    // ShortRead instead of faulting or returning fewer bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = shard_dir_in(&tmp);
+    let mut store = FileStore::new(&dir);
+    store.create_segment(9).unwrap();
+    store.append(9, b"0123456789").unwrap();
+    store.sync(9).unwrap();
+    assert_eq!(store.read_at(9, 3, 4).unwrap(), b"3456");
+    assert_eq!(store.read_at(9, 10, 0).unwrap(), b"");
+    store.truncate(9, 5).unwrap();
+    let e = store.read_at(9, 3, 4).unwrap_err();
+    assert_eq!(e.kind, StoreErrorKind::ShortRead, "{e}");
+    assert_eq!(
+        store.read_at(8, 0, 1).unwrap_err().kind,
+        StoreErrorKind::NotFound
+    );
 }

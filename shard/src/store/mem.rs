@@ -138,6 +138,12 @@ impl SegmentStore for MemStore {
         Ok(self.file("read", id)?.data.clone())
     }
 
+    fn read_at(&mut self, id: u64, offset: u64, len: usize) -> Result<Vec<u8>, StoreError> {
+        self.op("read_at", Some(id))?;
+        let data = &self.file("read_at", id)?.data;
+        super::read_range(data, wal::segment_file_name(id), offset, len)
+    }
+
     fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
         self.op("read_manifest", None)?;
         Ok(self.manifest.clone())

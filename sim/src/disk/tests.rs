@@ -184,3 +184,35 @@ fn read_flips_land_in_synced_data_outside_the_final_write() {
         );
     }
 }
+
+#[test]
+fn a_ranged_read_sees_an_armed_bit_flip_only_inside_its_range() {
+    // Proves the simulated disk's positioned read returns exactly the range, answers ShortRead
+    // past the end, and corrupts a read only when the armed flip falls inside the range (an
+    // unrelated read leaves the flip armed for the read it was meant for).
+    let mut disk = Disk::new(0);
+    disk.create_segment(1).unwrap();
+    disk.append(1, b"abcdefgh").unwrap();
+    disk.flip_next_read(ReadFlip {
+        segment: 1,
+        offset: 6,
+        mask: 0x20,
+    });
+    assert_eq!(
+        disk.read_at(1, 0, 4).unwrap(),
+        b"abcd",
+        "flip outside the range"
+    );
+    assert_eq!(
+        disk.read_at(1, 4, 4).unwrap(),
+        b"efGh",
+        "flip inside the range"
+    );
+    assert_eq!(
+        disk.read_at(1, 4, 4).unwrap(),
+        b"efgh",
+        "a flip corrupts one read"
+    );
+    let e = disk.read_at(1, 6, 3).unwrap_err();
+    assert_eq!(e.kind, fabric_shard::store::StoreErrorKind::ShortRead);
+}
