@@ -290,18 +290,7 @@ impl Drop for ForgetSession<'_> {
                 op: ShardOp::Closed,
             }],
         };
-        match self.shard.try_send(msg) {
-            Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-            Err(mpsc::error::TrySendError::Full(msg)) => {
-                // A drop cannot wait: a busy shard gets it as soon as its queue has room.
-                if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                    let shard = self.shard.clone();
-                    rt.spawn(async move {
-                        let _ = shard.send(msg).await;
-                    });
-                }
-            }
-        }
+        crate::rest::send_from_drop(self.shard, msg);
     }
 }
 
@@ -687,23 +676,49 @@ mod tests {
         }
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_cancelled_http_call_leaves_no_reply_sender_in_the_shard() {
-        // Proves that an HTTP call cancelled after its answer reached the reply channel (the
-        // client went away) still makes the shard drop its reply sender: none is kept.
-        const CALLS: usize = 50;
+    /// A node on a free loopback port, without QUIC, and the data dir it lives in.
+    async fn test_node(
+        shards: u32,
+        partitions: u32,
+    ) -> (tempfile::TempDir, crate::node::RunningNode) {
         let dir = tempfile::tempdir().unwrap();
         let node = crate::node::start(crate::config::Config {
             data_dir: dir.path().to_path_buf(),
             listen: "127.0.0.1:0".parse().unwrap(),
-            shards: 1,
-            partitions: 1,
+            shards,
+            partitions,
             admin_token: Some("admin".into()),
             quic: false,
             ..crate::config::Config::default()
         })
         .await
         .unwrap();
+        (dir, node)
+    }
+
+    /// Waits (10 s at most) until no shard holds any of the `held` reply senders.
+    async fn all_released(held: &[mpsc::WeakSender<SessionMsg>], what: &str) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let kept = held.iter().filter(|w| w.upgrade().is_some()).count();
+            if kept == 0 {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "shards still hold {kept} of {} cancelled {what} reply senders",
+                held.len()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_http_call_leaves_no_reply_sender_in_the_shard() {
+        // Proves that an HTTP call cancelled after its answer reached the reply channel (the
+        // client went away) still makes the shard drop its reply sender: none is kept.
+        const CALLS: usize = 50;
+        let (_dir, node) = test_node(1, 1).await;
         let ctx = node.ctx().clone();
         let mut held = Vec::new();
         let mut cancelled = 0;
@@ -735,40 +750,17 @@ mod tests {
             drop(call);
         }
         assert!(cancelled > 0, "no call waited for its answer");
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let kept = held.iter().filter(|w| w.upgrade().is_some()).count();
-            if kept == 0 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "the shard still holds {kept} of {CALLS} cancelled calls' reply senders"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        all_released(&held, "HTTP calls'").await;
         node.shutdown().await;
     }
 
-    // Over 70 lines: one end-to-end scenario whose steps depend on each other, read top to bottom.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_cancelled_rest_call_leaves_no_reply_sender_in_any_shard() {
         // Proves that a REST append or read dropped at any await (before any answer, after the
         // token's, after the op's) still makes every shard that may hold its session drop the
         // reply sender.
         const CALLS: usize = 60;
-        let dir = tempfile::tempdir().unwrap();
-        let node = crate::node::start(crate::config::Config {
-            data_dir: dir.path().to_path_buf(),
-            listen: "127.0.0.1:0".parse().unwrap(),
-            shards: 2,
-            partitions: 8,
-            admin_token: Some("admin".into()),
-            quic: false,
-            ..crate::config::Config::default()
-        })
-        .await
-        .unwrap();
+        let (_dir, node) = test_node(2, 8).await;
         let ctx = node.ctx().clone();
         let mesh = ShardOp::CreateMesh {
             r: 0,
@@ -823,18 +815,7 @@ mod tests {
             }
             drop(call);
         }
-        let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        loop {
-            let kept = held.iter().filter(|w| w.upgrade().is_some()).count();
-            if kept == 0 {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "shards still hold {kept} of {CALLS} cancelled REST calls' reply senders"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        all_released(&held, "REST calls'").await;
         node.shutdown().await;
     }
 }

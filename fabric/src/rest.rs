@@ -26,19 +26,25 @@ struct Call<'a> {
 }
 
 impl Call<'_> {
-    /// Hands the core's requests to the router and its batches to the shards.
-    async fn forward(&mut self) -> Result<(), ProtoError> {
+    /// The core's requests through the router, as one message per shard.
+    fn next_message(&mut self) -> Option<(usize, ShardMsg)> {
         while let Some((route, req)) = self.core.poll_request() {
             self.router.handle_request(crate::now_ms(), route, req);
         }
-        while let Some((shard, requests)) = self.router.poll_batch() {
-            let msg = ShardMsg::Batch {
-                session: self.core.id(),
-                tx: self.tx.clone(),
-                requests,
-            };
+        let (shard, requests) = self.router.poll_batch()?;
+        let msg = ShardMsg::Batch {
+            session: self.core.id(),
+            tx: self.tx.clone(),
+            requests,
+        };
+        Some((shard as usize, msg))
+    }
+
+    /// Hands the core's requests to the shards, waiting while a shard's queue is full.
+    async fn forward(&mut self) -> Result<(), ProtoError> {
+        while let Some((shard, msg)) = self.next_message() {
             // A cancelled `send` queues nothing (tokio's send is cancel-safe).
-            self.ctx.shards[shard as usize]
+            self.ctx.shards[shard]
                 .send(msg)
                 .await
                 .map_err(|_| ProtoError::new(ErrorCode::Unavailable, "the shard is not running"))?;
@@ -65,27 +71,23 @@ impl Call<'_> {
 impl Drop for Call<'_> {
     fn drop(&mut self) {
         self.core.handle_cancel(crate::now_ms());
-        while let Some((route, req)) = self.core.poll_request() {
-            self.router.handle_request(crate::now_ms(), route, req);
+        while let Some((shard, msg)) = self.next_message() {
+            send_from_drop(&self.ctx.shards[shard], msg);
         }
-        while let Some((shard, requests)) = self.router.poll_batch() {
-            let msg = ShardMsg::Batch {
-                session: self.core.id(),
-                tx: self.tx.clone(),
-                requests,
-            };
-            let queue = &self.ctx.shards[shard as usize];
-            match queue.try_send(msg) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(msg)) => {
-                    // A drop cannot wait: a busy shard gets it as soon as its queue has room.
-                    if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                        let queue = queue.clone();
-                        rt.spawn(async move {
-                            let _ = queue.send(msg).await;
-                        });
-                    }
-                }
+    }
+}
+
+/// Sends `msg` from code that cannot wait (a `Drop`): at once if the shard's queue has room,
+/// else from a task as soon as it has (a shard that is gone needs nothing).
+pub(crate) fn send_from_drop(queue: &mpsc::Sender<ShardMsg>, msg: ShardMsg) {
+    match queue.try_send(msg) {
+        Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(mpsc::error::TrySendError::Full(msg)) => {
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                let queue = queue.clone();
+                rt.spawn(async move {
+                    let _ = queue.send(msg).await;
+                });
             }
         }
     }
