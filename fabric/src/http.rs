@@ -394,21 +394,7 @@ async fn add_peer(
     }
     let req: AddPeer = parse_json(&body)?;
     let peer = PeerId::new(&req.id)?;
-    if req.groups.len() > fabric_proto::PEER_GROUPS_MAX {
-        return Err(ProtoError::new(
-            ErrorCode::TooLarge,
-            format!(
-                "a peer may be in at most {} groups",
-                fabric_proto::PEER_GROUPS_MAX
-            ),
-        )
-        .into());
-    }
-    let groups = req
-        .groups
-        .iter()
-        .map(|g| GroupId::new(g))
-        .collect::<Result<Vec<_>, _>>()?;
+    let groups = peer_groups(&req.groups)?;
     let public_key = match &req.public_key {
         Some(text) => Some(
             crate::identity::parse_public_key(text)
@@ -445,6 +431,20 @@ async fn add_peer(
         answer["public_key"] = hex::encode(k).into();
     }
     Ok((StatusCode::CREATED, Json(answer)).into_response())
+}
+
+/// A new peer's groups: at most `PEER_GROUPS_MAX`, each a valid group id.
+fn peer_groups(groups: &[String]) -> Result<Vec<GroupId>, ProtoError> {
+    if groups.len() > fabric_proto::PEER_GROUPS_MAX {
+        return Err(ProtoError::new(
+            ErrorCode::TooLarge,
+            format!(
+                "a peer may be in at most {} groups",
+                fabric_proto::PEER_GROUPS_MAX
+            ),
+        ));
+    }
+    groups.iter().map(|g| GroupId::new(g)).collect()
 }
 
 /// Resolves a peer bearer token to its peer id (asks the mesh's shard).

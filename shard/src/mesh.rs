@@ -14,7 +14,9 @@ use crate::SessionId;
 
 #[derive(Debug, Clone)]
 pub(crate) enum StoredTarget {
-    Peer(u32),
+    /// The peer's index, and its id as the send named it (kept, so that a delivery's
+    /// target is the id itself, neither looked up nor checked again per delivery).
+    Peer(u32, PeerId),
     Group(GroupId),
     All,
 }
@@ -138,7 +140,7 @@ impl Mesh {
 
     pub(crate) fn stored_target(&mut self, t: &Target) -> StoredTarget {
         match t {
-            Target::Peer(p) => StoredTarget::Peer(self.ensure_peer(p.as_arc())),
+            Target::Peer(p) => StoredTarget::Peer(self.ensure_peer(p.as_arc()), p.clone()),
             Target::Group(g) => StoredTarget::Group(g.clone()),
             Target::All => StoredTarget::All,
         }
@@ -146,8 +148,7 @@ impl Mesh {
 
     pub(crate) fn wire_target(&self, t: &StoredTarget) -> Target {
         match t {
-            // Every peer id the shard holds was a validated id when it came in.
-            StoredTarget::Peer(i) => Target::Peer(PeerId::must(&self.peers[*i as usize].id)),
+            StoredTarget::Peer(_, id) => Target::Peer(id.clone()),
             StoredTarget::Group(g) => Target::Group(g.clone()),
             StoredTarget::All => Target::All,
         }
@@ -160,8 +161,8 @@ impl Mesh {
     /// The defined peers a message from `from` to `to` is for, by the protocol's rules.
     pub(crate) fn recipients(&self, from: u32, to: &StoredTarget) -> Vec<u32> {
         match to {
-            StoredTarget::Peer(p) if !self.peers[*p as usize].placeholder => vec![*p],
-            StoredTarget::Peer(_) => Vec::new(),
+            StoredTarget::Peer(p, _) if !self.peers[*p as usize].placeholder => vec![*p],
+            StoredTarget::Peer(..) => Vec::new(),
             StoredTarget::Group(g) => self.groups.get(g.as_str()).cloned().unwrap_or_default(),
             StoredTarget::All => (0..self.peers.len() as u32)
                 .filter(|i| *i != from && !self.peers[*i as usize].placeholder)
@@ -252,7 +253,7 @@ fn is_recipient(peers: &[Peer], msg: &InboxMsg, peer: u32) -> bool {
         return false;
     }
     match &msg.to {
-        StoredTarget::Peer(to) => *to == peer,
+        StoredTarget::Peer(to, _) => *to == peer,
         StoredTarget::Group(g) => p.groups.iter().any(|x| **x == **g),
         StoredTarget::All => msg.from != peer,
     }

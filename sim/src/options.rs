@@ -252,6 +252,27 @@ impl SimOptions {
         }
     }
 
+    /// Every probability of the options (each must be within 0..=1).
+    fn probabilities(&self) -> [f64; 15] {
+        [
+            self.binary_probability,
+            self.batch_in_probability,
+            self.key_peer_probability,
+            self.client_batch_probability,
+            self.subscribe_probability,
+            self.ping_probability,
+            self.hedge_probability,
+            self.torn_write_probability,
+            self.tail_corruption_probability,
+            self.read_corruption_probability,
+            self.enospc_probability,
+            self.ack_probability,
+            self.net.loss_probability,
+            self.net.duplicate_probability,
+            self.net.latency_tail_probability,
+        ]
+    }
+
     /// Why these options cannot run, if they cannot.
     pub fn validate(&self) -> Result<(), SimConfigError> {
         let checks: [(bool, &str); 10] = [
@@ -287,23 +308,6 @@ impl SimOptions {
                 "stream timers must be positive, and the idle timeout longer than the keepalive",
             ),
         ];
-        let probabilities = [
-            self.binary_probability,
-            self.batch_in_probability,
-            self.key_peer_probability,
-            self.client_batch_probability,
-            self.subscribe_probability,
-            self.ping_probability,
-            self.hedge_probability,
-            self.torn_write_probability,
-            self.tail_corruption_probability,
-            self.read_corruption_probability,
-            self.enospc_probability,
-            self.ack_probability,
-            self.net.loss_probability,
-            self.net.duplicate_probability,
-            self.net.latency_tail_probability,
-        ];
         for (ok, why) in checks {
             if !ok {
                 return Err(SimConfigError::Rule(why));
@@ -314,17 +318,19 @@ impl SimOptions {
         self.limits()
             .validate()
             .map_err(|e| SimConfigError::Limits(e.to_string()))?;
-        if self.socket_window_frames == 0 {
-            return Err(SimConfigError::Rule(
-                "socket_window_frames must be at least 1",
-            ));
-        }
-        if probabilities.iter().any(|p| !(0.0..=1.0).contains(p)) {
-            return Err(SimConfigError::Rule(
-                "every probability must be within 0..=1",
-            ));
-        }
-        Ok(())
+        let rule = |ok: bool, why| {
+            if ok {
+                Ok(())
+            } else {
+                Err(SimConfigError::Rule(why))
+            }
+        };
+        rule(
+            self.socket_window_frames > 0,
+            "socket_window_frames must be at least 1",
+        )?;
+        let in_range = self.probabilities().iter().all(|p| (0.0..=1.0).contains(p));
+        rule(in_range, "every probability must be within 0..=1")
     }
 }
 
