@@ -11,7 +11,8 @@
 //!   `Recoverer::finish`, because a checkpoint later in the log may define peers that an
 //!   earlier retained message was sent to (their definitions were in deleted segments).
 
-use crate::conv::StoredEvent;
+use crate::commit::DirtyConv;
+use crate::conv::{Mark, StoredEvent};
 use crate::mesh::{InboxMsg, Mesh};
 use crate::record::*;
 use crate::Shard;
@@ -116,17 +117,34 @@ impl Shard {
             return;
         }
         assert!(replaying || r.seq == c.head + 1, "live seqs are dense");
-        let (first, was_empty) = (c.head == 0, c.events.is_empty());
-        c.push(StoredEvent {
-            seq: r.seq,
+        let (first, was_empty) = (c.head == 0, !c.has_retained());
+        let seq = r.seq;
+        let e = StoredEvent {
+            seq,
             from: r.from,
             body: r.body,
             ts: r.ts,
             lsn,
             key: r.key,
-        });
+        };
+        self.cache_bytes += e.cache_bytes();
+        self.cache_bytes -= c.push(e);
+        self.cache_fifo.push_back((lsn, ck.clone()));
         if replaying {
             c.durable_seq = c.head;
+            let (segment, frame, offset) = self.replay_at;
+            if c.replay_frame != (segment, frame) {
+                // The conversation's first entry in this frame: where the live path marks.
+                c.replay_frame = (segment, frame);
+                let mark = Mark {
+                    seq,
+                    lsn,
+                    segment,
+                    offset,
+                };
+                c.maybe_mark(mark, self.config.log_index_stride_records);
+            }
+            self.trim_cache();
             return;
         }
         let new_in_building = !c.in_building;
@@ -138,7 +156,19 @@ impl Shard {
             self.convs_by_lsn.insert((lsn, ck.clone()));
         }
         if new_in_building {
-            self.building_dirty.convs.push((ck, 0));
+            // Where the conversation's first entry in this write is, relative to the frame;
+            // the write's segment and offset are known when it is handed out.
+            let first = Mark {
+                seq,
+                lsn,
+                segment: 0,
+                offset: self.framed_at as u64,
+            };
+            self.building_dirty.convs.push(DirtyConv {
+                key: ck,
+                head: 0,
+                first,
+            });
         }
     }
 
@@ -188,7 +218,7 @@ impl Shard {
             if cc.head > c.head {
                 c.head = cc.head;
                 c.durable_seq = cc.head;
-                if c.events.is_empty() {
+                if !c.has_retained() {
                     c.first_seq = cc.head + 1;
                 }
             }

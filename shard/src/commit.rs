@@ -8,7 +8,7 @@
 //! `wal_batch_bytes_max` plus one record, which is what lets recovery tell the final write of a
 //! segment from an earlier one whose header was damaged.
 
-use crate::conv::ConvKey;
+use crate::conv::{ConvKey, Mark};
 use crate::record::{AckedRec, Record};
 use crate::{wal, SegmentInfo, Shard, WalWrite};
 use fabric_proto::internal::{Output, Reply, SessionId};
@@ -22,7 +22,18 @@ use std::sync::Arc;
 #[derive(Debug, Default)]
 pub(crate) struct Dirty {
     pub(crate) meshes: Vec<(Arc<str>, u64)>,
-    pub(crate) convs: Vec<(ConvKey, u64)>,
+    pub(crate) convs: Vec<DirtyConv>,
+}
+
+/// A conversation a write frame holds entries of.
+#[derive(Debug)]
+pub(crate) struct DirtyConv {
+    pub(crate) key: ConvKey,
+    /// Its head when the frame was sealed (the last seq the frame holds).
+    pub(crate) head: u64,
+    /// Its first entry in the frame, the offset relative to the frame's start (the segment
+    /// and the frame's offset are known when the write is handed out).
+    pub(crate) first: Mark,
 }
 
 /// A frame cut from the building buffer, waiting for its write.
@@ -39,6 +50,8 @@ pub(crate) struct Sealed {
 pub(crate) struct Inflight {
     pub(crate) last_lsn: u64,
     pub(crate) dirty: Dirty,
+    /// Where the write ends: (segment, offset).
+    pub(crate) end: (u64, u64),
 }
 
 impl Shard {
@@ -57,6 +70,7 @@ impl Shard {
                 .extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
             self.building_first_lsn = lsn;
         }
+        self.framed_at = self.building.len();
         let Some(framed) = wal::encode_record(lsn, record, &mut self.building) else {
             if self.building_records == 0 {
                 self.building.clear();
@@ -96,10 +110,10 @@ impl Shard {
                 *pos = m.head;
             }
         }
-        for (ck, seq) in &mut dirty.convs {
-            if let Some(c) = self.convs.get_mut(ck) {
+        for d in &mut dirty.convs {
+            if let Some(c) = self.convs.get_mut(&d.key) {
                 c.in_building = false;
-                *seq = c.head;
+                d.head = c.head;
             }
         }
         self.sealed.push_back(Sealed {
@@ -168,8 +182,14 @@ impl Shard {
             self.open_segment(first_lsn);
         }
         let (segment, offset) = self.append_to_newest(&bytes, first_lsn, last_lsn);
+        self.mark_conversations(&dirty, segment, offset);
         let manifest = std::mem::take(&mut self.manifest_dirty).then_some(self.manifest);
-        self.inflight = Some(Inflight { last_lsn, dirty });
+        let end = (segment, offset + bytes.len() as u64);
+        self.inflight = Some(Inflight {
+            last_lsn,
+            dirty,
+            end,
+        });
         self.stats.wal_writes += 1;
         Some(WalWrite {
             shard: self.config.shard,
@@ -183,6 +203,22 @@ impl Shard {
             manifest,
             delete: std::mem::take(&mut self.deletes),
         })
+    }
+
+    /// Each conversation in a write gets its disk index entry, if due, now that the write's
+    /// place is known.
+    fn mark_conversations(&mut self, dirty: &Dirty, segment: u64, offset: u64) {
+        let stride = self.config.log_index_stride_records;
+        for d in &dirty.convs {
+            if let Some(c) = self.convs.get_mut(&d.key) {
+                let mark = Mark {
+                    segment,
+                    offset: offset + d.first.offset,
+                    ..d.first
+                };
+                c.maybe_mark(mark, stride);
+            }
+        }
     }
 
     /// A frame of `len` bytes starts a new segment: there is none yet, or the newest one holds
@@ -237,9 +273,13 @@ impl Shard {
         assert_eq!(inflight.last_lsn, last_lsn, "WAL writes complete in order");
         assert!(last_lsn >= self.durable_lsn, "durability never goes back");
         self.durable_lsn = last_lsn;
+        if inflight.end.1 > 0 {
+            self.durable_end = inflight.end;
+        }
         self.release_acks(last_lsn);
         self.make_visible(inflight.dirty);
         self.retention_step(last_lsn);
+        self.trim_cache();
     }
 
     fn release_acks(&mut self, last_lsn: u64) {
@@ -268,10 +308,10 @@ impl Shard {
                 self.queue_drain(s);
             }
         }
-        for (ck, seq) in dirty.convs {
-            let subs = match self.convs.get_mut(&ck) {
-                Some(c) if seq > c.durable_seq => {
-                    c.durable_seq = seq;
+        for d in dirty.convs {
+            let subs = match self.convs.get_mut(&d.key) {
+                Some(c) if d.head > c.durable_seq => {
+                    c.durable_seq = d.head;
                     c.subscribers.clone()
                 }
                 _ => continue,

@@ -2,6 +2,7 @@
 //! session's push credit, a bounded number of log entries at a time.
 
 use crate::conv::delivered;
+use crate::read::{ReadStart, Reader};
 use crate::Shard;
 use fabric_proto::internal::{Output, Reply, SessionId};
 use fabric_proto::ServerOp;
@@ -95,8 +96,9 @@ impl Shard {
         more
     }
 
-    /// The subscriptions part of a drain; true if it stopped at its scan budget with credit
-    /// left.
+    /// The subscriptions part of a drain: entries from the log cache, and a disk read for a
+    /// subscription whose next entry is older than the cache. True if it stopped at its scan
+    /// budget with credit left.
     fn drain_subscriptions(
         &mut self,
         session: SessionId,
@@ -105,17 +107,24 @@ impl Shard {
     ) -> bool {
         let scan_max = self.config.drain_scan_entries_max;
         let mut more = false;
-        for sub in &mut s.subs {
+        let mut from_disk = Vec::new();
+        for (i, sub) in s.subs.iter_mut().enumerate() {
             let Some(c) = self.convs.get(&sub.key) else {
                 continue;
             };
             sub.next_seq = sub.next_seq.max(c.first_seq);
+            if sub.reading.is_some() {
+                continue;
+            }
             while sub.next_seq <= c.durable_seq {
                 if s.credit == 0 || *scanned >= scan_max {
                     more |= s.credit > 0;
                     break;
                 }
-                let Some(e) = c.get(sub.next_seq) else { break };
+                let Some(e) = c.cached(sub.next_seq) else {
+                    from_disk.push(i);
+                    break;
+                };
                 s.credit -= 1;
                 *scanned += 1;
                 self.stats.events_pushed += 1;
@@ -124,6 +133,27 @@ impl Shard {
                     reply: Reply::Frame(ServerOp::Event(delivered(&sub.key.1, e))),
                 });
                 sub.next_seq += 1;
+            }
+        }
+        for i in from_disk {
+            if s.credit == 0 {
+                break;
+            }
+            let sub = &mut s.subs[i];
+            let at = sub
+                .resume
+                .filter(|(seq, _)| *seq == sub.next_seq)
+                .map(|(_, at)| at);
+            let key = sub.key.clone();
+            let started = self.start_read(
+                Reader::Sub(session),
+                &key,
+                sub.next_seq,
+                s.credit as u64,
+                at,
+            );
+            if let ReadStart::Started(id) = started {
+                s.subs[i].reading = Some(id);
             }
         }
         more

@@ -40,9 +40,11 @@ mod conv;
 mod drain;
 mod mesh;
 mod ops;
+mod read;
 mod retention;
 
 pub use ops::unavailable_reply;
+pub use read::{ReadRequest, READ_ATTEMPTS_MAX, READ_OPS_MAX};
 pub use recovery::{RecoverError, Recoverer, RecoveryReport};
 
 use commit::{Dirty, Inflight, Sealed};
@@ -86,6 +88,16 @@ pub struct ShardConfig {
     pub mesh_conversations_max: u32,
     /// Subscriptions one session may hold on this shard.
     pub session_subscriptions_max: u32,
+    /// Bytes of recent conversation entries kept in memory; older ones are read from disk.
+    pub log_cache_bytes_max: u64,
+    /// A conversation's disk index keeps one entry per this many of its entries at most
+    /// (and one per segment): a disk read scans at most about this many of its entries to
+    /// reach the one it wants.
+    pub log_index_stride_records: u64,
+    /// Bytes one disk read asks for (a record longer than this is read whole anyway).
+    pub log_read_bytes_max: usize,
+    /// Disk reads in flight at once; readers past it wait for a free slot.
+    pub log_reads_inflight_max: usize,
     /// Planted bugs for the simulator's checkers. Always off in a node.
     pub planted: PlantedBugs,
 }
@@ -105,6 +117,10 @@ impl Default for ShardConfig {
             mesh_inbox_backlog_bytes_max: 512 * 1024 * 1024,
             mesh_conversations_max: 100_000,
             session_subscriptions_max: 1024,
+            log_cache_bytes_max: 8 * 1024 * 1024,
+            log_index_stride_records: 256,
+            log_read_bytes_max: 256 * 1024,
+            log_reads_inflight_max: 16,
             planted: PlantedBugs::default(),
         }
     }
@@ -182,6 +198,11 @@ pub struct ShardStats {
     pub sends_refused_inbox_full: u64,
     /// Writes refused with `storage_full`.
     pub writes_refused_storage_full: u64,
+    /// Disk reads answered (conversation entries older than the log cache), and their bytes.
+    pub disk_reads: u64,
+    pub disk_read_bytes: u64,
+    /// Disk reads tried again (an I/O error, or bytes that did not verify).
+    pub disk_read_retries: u64,
 }
 
 /// Inbox messages waiting for their recipients' acknowledgement: messages addressed to a peer
@@ -222,6 +243,11 @@ pub(crate) struct SegmentInfo {
 pub(crate) struct Sub {
     pub(crate) key: ConvKey,
     pub(crate) next_seq: u64,
+    /// The disk read under way for this subscription, if any.
+    pub(crate) reading: Option<u64>,
+    /// Where on disk the entry `.0` can be found by scanning forward: (seq, (segment,
+    /// offset)), left by the last read (saves going back to the conversation's mark).
+    pub(crate) resume: Option<(u64, (u64, u64))>,
 }
 
 #[derive(Debug)]
@@ -285,6 +311,19 @@ pub struct Shard {
     /// Writes are refused with `storage_full` until this time (the disk was full).
     pub(crate) storage_full_until: Option<u64>,
 
+    /// The log cache: cached conversation entries in LSN order (each conversation's
+    /// `cached` holds the entries), and the bytes they count.
+    pub(crate) cache_fifo: VecDeque<(u64, ConvKey)>,
+    pub(crate) cache_bytes: u64,
+    /// Disk reads under way and the readers waiting for them.
+    pub(crate) reads: read::Reads,
+    /// Where durable bytes end: (segment, offset). Reads never go past it.
+    pub(crate) durable_end: (u64, u64),
+    /// Where the record being applied is: live, its offset in the building frame; in replay,
+    /// (segment, frame offset, record offset).
+    pub(crate) framed_at: usize,
+    pub(crate) replay_at: (u64, u64, u64),
+
     pub(crate) out: VecDeque<Output>,
     pub(crate) stats: ShardStats,
 }
@@ -330,6 +369,12 @@ impl Shard {
             failed: false,
             replaying: false,
             storage_full_until: None,
+            cache_fifo: VecDeque::new(),
+            cache_bytes: 0,
+            reads: read::Reads::default(),
+            durable_end: (0, 0),
+            framed_at: 0,
+            replay_at: (0, 0, 0),
             out: VecDeque::new(),
             stats: ShardStats::default(),
         }
@@ -375,6 +420,12 @@ impl Shard {
         let mut ids: Vec<SessionId> = self.sessions.keys().copied().collect();
         ids.sort_unstable();
         ids
+    }
+
+    /// Bytes the log cache counts now (at most `log_cache_bytes_max` plus what is not yet
+    /// durable).
+    pub fn cache_bytes(&self) -> u64 {
+        self.cache_bytes
     }
 
     /// Conversations held in memory (with entries, subscribers, or only a head).

@@ -154,6 +154,7 @@ impl Recoverer {
         for rec in scan.records {
             last_lsn = rec.lsn;
             self.report.records += 1;
+            self.shard.replay_at = (id, rec.frame, rec.offset);
             self.shard.apply(rec.lsn, rec.record);
         }
         self.shard.next_lsn = last_lsn + 1;
@@ -283,6 +284,9 @@ impl Recoverer {
             if let Some(seg) = s.segments.iter_mut().find(|x| x.id == cut.segment) {
                 seg.bytes = cut.offset;
             }
+        }
+        if let Some(seg) = s.segments.back() {
+            s.durable_end = (seg.id, seg.bytes);
         }
         for m in s.meshes.values_mut() {
             m.recount();

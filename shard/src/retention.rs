@@ -136,8 +136,9 @@ impl Shard {
         };
     }
 
-    /// Conversation entries in the oldest segment leave memory now; they stay on disk (and
-    /// come back on a restart) until the checkpoint is durable and the segment is deleted.
+    /// Conversation entries in the oldest segments leave the conversations' indexes and the
+    /// log cache now: no new read starts there (a read already under way that finds its
+    /// segment deleted starts again from what is retained).
     fn evict_conversations(&mut self, upto_lsn: u64) {
         while let Some((lsn, ck)) = self.convs_by_lsn.first().cloned() {
             if lsn > upto_lsn {
@@ -145,7 +146,7 @@ impl Shard {
             }
             self.convs_by_lsn.pop_first();
             if let Some(c) = self.convs.get_mut(&ck) {
-                c.evict_upto(upto_lsn);
+                self.cache_bytes -= c.evict_upto(upto_lsn);
                 if let Some(first) = c.first_lsn() {
                     self.convs_by_lsn.insert((first, ck));
                 }

@@ -43,6 +43,11 @@ impl Node {
             while let Some(o) = self.shard.poll_output() {
                 out.push(o);
             }
+            if let Some(rq) = self.shard.poll_read() {
+                let got = self.disk.read_at(rq.segment, rq.offset, rq.len);
+                self.shard.handle_read_done(self.now, rq.id, got);
+                continue;
+            }
             match self.shard.poll_wal() {
                 Some(w) => {
                     self.write(&w);
@@ -1364,6 +1369,7 @@ fn evicting_an_old_entry_keeps_its_key_when_the_key_points_to_a_newer_retained_e
 
 mod apply;
 mod limits;
+mod reads;
 
 #[test]
 fn the_in_memory_store_reads_a_range_and_refuses_one_past_the_end() {

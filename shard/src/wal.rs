@@ -276,6 +276,8 @@ pub struct Scanned {
     pub lsn: u64,
     /// Byte offset of the record in the segment file.
     pub offset: u64,
+    /// Byte offset of the frame holding it.
+    pub frame: u64,
     pub bytes: u64,
     pub record: Record,
 }
@@ -376,6 +378,7 @@ fn scan_frame(
         found.push(Scanned {
             lsn,
             offset: (at + p) as u64,
+            frame: at as u64,
             bytes: r.1 as u64,
             record: r.0,
         });
@@ -423,6 +426,24 @@ fn scan_record(b: &[u8], lsn: u64, skip_crc: bool) -> Result<(Record, usize), Da
         Ok(r) => Ok((r, frame.len())),
         Err(e) => Err(Damage::Invalid(format!("payload does not decode: {e}"))),
     }
+}
+
+/// The framed size of the record starting `b` (header and payload), once its header is
+/// there; whether it is all there is the caller's question. For readers that start at a
+/// record boundary (the shard's disk reads).
+pub fn record_size(b: &[u8]) -> Option<usize> {
+    (b.len() >= RECORD_HEADER_BYTES).then(|| RECORD_HEADER_BYTES + u32_at(b, 0) as usize)
+}
+
+/// One whole record (`b` is exactly its framed bytes): its LSN and payload, checked as
+/// recovery checks them (length, checksum, type, payload).
+pub fn decode_record(b: &[u8]) -> Result<(u64, Record), Damage> {
+    if b.len() < RECORD_HEADER_BYTES {
+        return Err(Damage::Torn("a record header is cut short".into()));
+    }
+    let lsn = u64_at(b, 9);
+    let (record, _) = scan_record(b, lsn, false)?;
+    Ok((lsn, record))
 }
 
 /// The offset of the first intact frame header in `bytes[from..]` whose first LSN is at least

@@ -71,7 +71,12 @@ impl Shard {
         let next_seq = from.max(1);
         let held = s.subs.len();
         match s.subs.iter_mut().find(|x| x.key == ck) {
-            Some(sub) => sub.next_seq = next_seq,
+            Some(sub) => {
+                // A read under way for the old position is ignored when it lands.
+                sub.next_seq = next_seq;
+                sub.reading = None;
+                sub.resume = None;
+            }
             None if held >= max => {
                 return Err(ProtoError::new(
                     ErrorCode::TooLarge,
@@ -84,6 +89,8 @@ impl Shard {
             None => s.subs.push(Sub {
                 key: ck.clone(),
                 next_seq,
+                reading: None,
+                resume: None,
             }),
         }
         let c = self.convs.entry(ck).or_default();
@@ -114,6 +121,8 @@ impl Shard {
         }
     }
 
+    /// Up to `limit` durable entries from `from`: from the log cache when it holds them all,
+    /// else through disk reads (the answer then comes when they are done).
     pub(super) fn read(
         &mut self,
         session: SessionId,
@@ -121,22 +130,30 @@ impl Shard {
         ck: (Arc<str>, Arc<str>),
         from: u64,
         limit: u32,
-    ) {
+    ) -> Result<(), ProtoError> {
         let limit = limit.min(fabric_proto::READ_LIMIT_MAX) as u64;
-        let (events, head) = match self.convs.get(&ck) {
-            None => (Vec::new(), 0),
-            Some(c) => {
-                let start = from.max(c.first_seq);
-                let end = c
-                    .durable_seq
-                    .min(start.saturating_add(limit).saturating_sub(1));
-                let events = (start..=end)
-                    .filter_map(|seq| c.get(seq))
-                    .map(|e| delivered(&ck.1, e))
-                    .collect();
-                (events, c.durable_seq)
-            }
+        let Some(c) = self.convs.get(&ck) else {
+            let reply = Reply::Messages {
+                r,
+                events: Vec::new(),
+                head: 0,
+            };
+            self.emit(session, reply);
+            return Ok(());
         };
+        let start = from.max(c.first_seq);
+        let end = c
+            .durable_seq
+            .min(start.saturating_add(limit).saturating_sub(1));
+        let head = c.durable_seq;
+        if start <= end && start < c.cached_from() {
+            return self.read_from_disk(session, r, ck, (start, end, head));
+        }
+        let events = (start..=end)
+            .filter_map(|seq| c.cached(seq))
+            .map(|e| delivered(&ck.1, e))
+            .collect();
         self.emit(session, Reply::Messages { r, events, head });
+        Ok(())
     }
 }

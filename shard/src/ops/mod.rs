@@ -99,10 +99,7 @@ impl Shard {
                 conv,
                 from,
                 limit,
-            } => {
-                self.read(session, r, (mesh.into(), conv.into()), from, limit);
-                Ok(())
-            }
+            } => self.read(session, r, (mesh.into(), conv.into()), from, limit),
             ShardOp::Ack { mesh, peer, upto } => self.ack(&mesh.into(), &peer.into(), upto),
             ShardOp::Flushed { frames } => {
                 self.flushed(session, frames);

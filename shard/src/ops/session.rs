@@ -30,6 +30,7 @@ impl Shard {
     }
 
     pub(super) fn detach(&mut self, session: SessionId) {
+        self.drop_reads_of(session);
         let Some(s) = self.sessions.remove(&session) else {
             return;
         };

@@ -43,8 +43,11 @@ fn durable_state(s: &Shard) -> String {
             c.first_seq,
             c.keys.len()
         );
-        for e in &c.events {
-            out += &format!("  event {} lsn={} key={:?}\n", e.seq, e.lsn, e.key);
+        for m in &c.marks {
+            out += &format!("  mark {m:?}\n");
+        }
+        for e in &c.cached {
+            out += &format!("  cached {} lsn={} key={:?}\n", e.seq, e.lsn, e.key);
         }
     }
     let mut mesh_convs: Vec<_> = s.mesh_convs.iter().collect();
@@ -52,6 +55,7 @@ fn durable_state(s: &Shard) -> String {
     out += &format!("mesh_convs {mesh_convs:?}\n");
     out += &format!("inbox_by_lsn {:?}\n", s.inbox_by_lsn);
     out += &format!("convs_by_lsn {:?}\n", s.convs_by_lsn);
+    out += &format!("cache_bytes {}\n", s.cache_bytes);
     out += &format!("next_lsn {} durable_lsn {}\n", s.next_lsn, s.durable_lsn);
     out
 }
@@ -61,11 +65,28 @@ fn replaying_the_log_rebuilds_the_state_the_live_path_built() {
     // Proves live handlers and recovery share one apply path: after sends to peers, groups
     // and everyone, partial acks, keyed appends, and retention rounds (copies forward,
     // checkpoints, deleted segments), a restart rebuilds the same durable state, field by field.
-    let mut n = Node::new(ShardConfig {
+    replay_matches_live(ShardConfig {
         wal_segment_bytes_max: 4_000,
         retention_bytes_max: 12_000,
         ..ShardConfig::default()
     });
+}
+
+#[test]
+fn replaying_the_log_rebuilds_the_disk_index_and_cache_the_live_path_built() {
+    // Proves the conversations' disk index (marks) and the log cache after a restart are the
+    // ones the live path built, when most entries live only on disk.
+    replay_matches_live(ShardConfig {
+        wal_segment_bytes_max: 4_000,
+        retention_bytes_max: 12_000,
+        log_cache_bytes_max: 1_000,
+        log_index_stride_records: 4,
+        ..ShardConfig::default()
+    });
+}
+
+fn replay_matches_live(config: ShardConfig) {
+    let mut n = Node::new(config);
     n.setup_mesh(&[
         ("a", &["ops"]),
         ("b", &["ops"]),

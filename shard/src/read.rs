@@ -1,0 +1,508 @@
+//! Reading the log back: the log cache of recent conversation entries, and positioned disk
+//! reads for the rest (a subscription that fell behind the cache, a `read` of older entries).
+//!
+//! The shard asks for reads as outputs ([`Shard::poll_read`] gives a [`ReadRequest`]) and
+//! takes their bytes back ([`Shard::handle_read_done`]); its host performs them with
+//! `SegmentStore::read_at` (`pread`, never mmap: a file cut back must not become SIGBUS), at
+//! whatever time that takes. A read starts at a record boundary the shard knows (a
+//! conversation's [`Mark`](crate::conv::Mark), or where the previous read of the same reader
+//! stopped) and every record it returns is checked again (CRC, framing, seq order): a read
+//! that does not verify is tried again, and after [`READ_ATTEMPTS_MAX`] tries the shard fails
+//! and its host recovers it from disk, which verifies every record (bit rot found after start
+//! is then refused like any other corruption in a synced write).
+
+use crate::conv::{delivered, ConvKey, StoredEvent};
+use crate::record::Record;
+use crate::store::{StoreError, StoreErrorKind};
+use crate::{wal, Shard};
+use fabric_proto::internal::{Reply, SessionId};
+use fabric_proto::{DeliveredEvent, ErrorCode, ProtoError, ServerOp};
+use std::collections::{HashMap, VecDeque};
+
+/// Tries of one read before the shard fails (the host then recovers it from disk).
+pub const READ_ATTEMPTS_MAX: u32 = 3;
+/// `read` requests served from disk at once; more are refused with `overloaded`.
+pub const READ_OPS_MAX: usize = 4096;
+
+/// One positioned read for the host: `len` bytes of `segment` from `offset`, reported back
+/// with [`Shard::handle_read_done`] under `id`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRequest {
+    pub id: u64,
+    pub segment: u64,
+    pub offset: u64,
+    pub len: usize,
+}
+
+/// Who a disk read is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Reader {
+    /// A subscription of this session (its conversation is the task's).
+    Sub(SessionId),
+    /// A `read` request.
+    Op(u64),
+}
+
+#[derive(Debug)]
+pub(crate) struct ReadTask {
+    reader: Reader,
+    key: ConvKey,
+    /// The first seq wanted, and how many entries at most.
+    from_seq: u64,
+    want: u64,
+    request: ReadRequest,
+    attempts: u32,
+}
+
+/// A `read` request waiting for entries from disk.
+#[derive(Debug)]
+pub(crate) struct ReadOp {
+    session: SessionId,
+    r: u64,
+    key: ConvKey,
+    next: u64,
+    end: u64,
+    head: u64,
+    events: Vec<DeliveredEvent>,
+    /// Where the next disk read starts, once one stopped: (segment, offset).
+    resume: Option<(u64, u64)>,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Reads {
+    next_id: u64,
+    /// Requests not yet handed to the host, oldest first.
+    queued: VecDeque<ReadRequest>,
+    tasks: HashMap<u64, ReadTask>,
+    ops: HashMap<u64, ReadOp>,
+    /// Readers that found every read slot taken: woken (oldest first) as slots free.
+    waiting: VecDeque<Reader>,
+    /// Why reading failed for good (the shard is then failed).
+    pub(crate) failure: Option<String>,
+}
+
+/// What `start_read` did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ReadStart {
+    Started(u64),
+    /// Every read slot is taken (`log_reads_inflight_max`); the reader is woken later.
+    Busy,
+    /// Nothing durable to read there.
+    Nothing,
+}
+
+/// What one read's bytes held for its reader.
+struct Parsed {
+    /// The entries found, each with the offset just past its record.
+    events: Vec<(StoredEvent, u64)>,
+    /// Where the scan stopped: (segment, offset).
+    stop: (u64, u64),
+    /// The first record did not fit: read again with this many bytes.
+    grow: Option<usize>,
+}
+
+impl Shard {
+    /// The next read the host should perform.
+    pub fn poll_read(&mut self) -> Option<ReadRequest> {
+        self.reads.queued.pop_front()
+    }
+
+    /// Reads handed out or queued and not yet answered.
+    pub fn reads_in_flight(&self) -> usize {
+        self.reads.tasks.len()
+    }
+
+    /// Why reading the log failed for good, if it did: the shard is failed, and its host must
+    /// recover it from disk.
+    pub fn read_failure(&self) -> Option<&str> {
+        self.reads.failure.as_deref()
+    }
+
+    /// The host performed read `id`. Unknown ids (a read of an ended incarnation) are ignored.
+    pub fn handle_read_done(&mut self, _now: u64, id: u64, result: Result<Vec<u8>, StoreError>) {
+        let Some(task) = self.reads.tasks.remove(&id) else {
+            return;
+        };
+        let gone = |k: StoreErrorKind| matches!(k, StoreErrorKind::NotFound);
+        match result {
+            // Retention deleted the segment meanwhile: the reader starts again from what is
+            // retained now.
+            Err(e) if gone(e.kind) && !self.holds_segment(task.request.segment) => {
+                self.deliver_read(task, Vec::new(), None);
+            }
+            Err(e) => self.retry_read(task, e.to_string()),
+            Ok(bytes) => {
+                self.stats.disk_reads += 1;
+                self.stats.disk_read_bytes += bytes.len() as u64;
+                self.read_bytes(task, &bytes);
+            }
+        }
+        self.wake_readers();
+    }
+
+    fn read_bytes(&mut self, task: ReadTask, bytes: &[u8]) {
+        match self.parse_read(&task, bytes) {
+            Err(reason) => self.retry_read(task, reason),
+            Ok(p) if p.grow.is_some() && p.events.is_empty() => {
+                let len = p.grow.unwrap_or_default();
+                self.requeue(task, len);
+            }
+            Ok(p) => self.deliver_read(task, p.events, Some(p.stop)),
+        }
+    }
+
+    fn holds_segment(&self, id: u64) -> bool {
+        self.segments.iter().any(|s| s.id == id)
+    }
+
+    /// Starts a disk read for `reader` of `key` from `from_seq` (at most `want` entries), at
+    /// `at` if given (where its last read stopped), else at the conversation's mark.
+    pub(crate) fn start_read(
+        &mut self,
+        reader: Reader,
+        key: &ConvKey,
+        from_seq: u64,
+        want: u64,
+        at: Option<(u64, u64)>,
+    ) -> ReadStart {
+        if self.reads.tasks.len() >= self.config.log_reads_inflight_max {
+            if !self.reads.waiting.contains(&reader) {
+                self.reads.waiting.push_back(reader);
+            }
+            return ReadStart::Busy;
+        }
+        let at = at.filter(|(seg, _)| self.holds_segment(*seg)).or_else(|| {
+            let m = self.convs.get(key)?.mark_before(from_seq)?;
+            Some((m.segment, m.offset))
+        });
+        let Some((segment, offset)) = at else {
+            return ReadStart::Nothing;
+        };
+        let len = self.readable_len(segment, offset);
+        if len == 0 {
+            return ReadStart::Nothing;
+        }
+        self.reads.next_id += 1;
+        let request = ReadRequest {
+            id: self.reads.next_id,
+            segment,
+            offset,
+            len,
+        };
+        self.reads.queued.push_back(request);
+        self.reads.tasks.insert(
+            request.id,
+            ReadTask {
+                reader,
+                key: key.clone(),
+                from_seq,
+                want: want.max(1),
+                request,
+                attempts: 0,
+            },
+        );
+        ReadStart::Started(request.id)
+    }
+
+    /// Durable bytes of `segment` from `offset`, up to `log_read_bytes_max`.
+    fn readable_len(&self, segment: u64, offset: u64) -> usize {
+        let (dseg, dend) = self.durable_end;
+        let end = match self.segments.iter().find(|s| s.id == segment) {
+            Some(_) if segment == dseg => dend,
+            Some(s) if segment < dseg => s.bytes,
+            _ => 0,
+        };
+        (end.saturating_sub(offset) as usize).min(self.config.log_read_bytes_max)
+    }
+
+    fn requeue(&mut self, mut task: ReadTask, len: usize) {
+        task.request.len = len;
+        self.reads.queued.push_back(task.request);
+        self.reads.tasks.insert(task.request.id, task);
+    }
+
+    fn retry_read(&mut self, mut task: ReadTask, reason: String) {
+        task.attempts += 1;
+        self.stats.disk_read_retries += 1;
+        if task.attempts < READ_ATTEMPTS_MAX {
+            let len = task.request.len;
+            self.requeue(task, len);
+            return;
+        }
+        let r = task.request;
+        self.reads.failure = Some(format!(
+            "reading {} at offset {} ({} bytes) failed {} times: {reason}",
+            wal::segment_file_name(r.segment),
+            r.offset,
+            r.len,
+            task.attempts
+        ));
+        self.failed = true;
+    }
+
+    /// Finds the task's entries in `bytes` (read at the task's position), checking every
+    /// record as recovery does.
+    fn parse_read(&self, task: &ReadTask, bytes: &[u8]) -> Result<Parsed, String> {
+        let (segment, base) = (task.request.segment, task.request.offset);
+        let mut p = Parsed {
+            events: Vec::new(),
+            stop: (segment, base),
+            grow: None,
+        };
+        let mut i = 0usize;
+        let mut expect = task.from_seq;
+        while (p.events.len() as u64) < task.want {
+            let rest = &bytes[i..];
+            if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
+                if rest.len() < wal::FRAME_HEADER_BYTES {
+                    break;
+                }
+                if wal::FrameHeader::decode(rest).is_none() {
+                    return Err(format!(
+                        "no intact frame header at offset {}",
+                        base + i as u64
+                    ));
+                }
+                i += wal::FRAME_HEADER_BYTES;
+                continue;
+            }
+            let Some(size) = wal::record_size(rest) else {
+                break;
+            };
+            if size > wal::RECORD_HEADER_BYTES + wal::RECORD_BYTES_MAX {
+                return Err(format!(
+                    "record length {size} at offset {} is over the record limit",
+                    base + i as u64
+                ));
+            }
+            if size > rest.len() {
+                if i == 0 {
+                    p.grow = Some(size);
+                }
+                break;
+            }
+            let at = base + i as u64;
+            let (lsn, record) = wal::decode_record(&rest[..size])
+                .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
+            if lsn > self.durable_lsn {
+                break;
+            }
+            i += size;
+            let Record::Appended(a) = record else {
+                continue;
+            };
+            if a.mesh != task.key.0 || a.conv != task.key.1 || a.seq < expect {
+                continue;
+            }
+            if a.seq > expect {
+                return Err(format!(
+                    "conversation {:?} has seq {} at offset {at} where {expect} was expected",
+                    a.conv, a.seq
+                ));
+            }
+            expect += 1;
+            let e = StoredEvent {
+                seq: a.seq,
+                from: a.from,
+                body: a.body,
+                ts: a.ts,
+                lsn,
+                key: a.key,
+            };
+            p.events.push((e, base + i as u64));
+        }
+        p.stop = (segment, base + i as u64);
+        if self.readable_len(segment, base + i as u64) == 0 && segment < self.durable_end.0 {
+            // The segment ends here: the next read starts after the next one's header.
+            p.stop = (segment + 1, wal::SEGMENT_HEADER_BYTES as u64);
+        }
+        Ok(p)
+    }
+
+    /// Hands a finished read's entries to its reader. `stop` is where the scan stopped
+    /// (`None`: start again from the marks).
+    fn deliver_read(
+        &mut self,
+        task: ReadTask,
+        events: Vec<(StoredEvent, u64)>,
+        stop: Option<(u64, u64)>,
+    ) {
+        match task.reader {
+            Reader::Sub(session) => self.deliver_to_sub(session, &task, events, stop),
+            Reader::Op(op) => self.deliver_to_op(op, events, stop),
+        }
+    }
+
+    fn deliver_to_sub(
+        &mut self,
+        session: SessionId,
+        task: &ReadTask,
+        events: Vec<(StoredEvent, u64)>,
+        stop: Option<(u64, u64)>,
+    ) {
+        let Some(mut s) = self.sessions.remove(&session) else {
+            return;
+        };
+        let id = task.request.id;
+        if let Some(sub) = s.subs.iter_mut().find(|x| x.reading == Some(id)) {
+            sub.reading = None;
+            sub.resume = None;
+            let mut resume = stop;
+            for (e, end) in events {
+                if e.seq != sub.next_seq {
+                    continue;
+                }
+                if s.credit == 0 {
+                    // The rest is read again later, from the last entry delivered.
+                    resume = None;
+                    break;
+                }
+                s.credit -= 1;
+                self.stats.events_pushed += 1;
+                self.out.push_back(fabric_proto::internal::Output {
+                    session,
+                    reply: Reply::Frame(ServerOp::Event(delivered(&sub.key.1, &e))),
+                });
+                sub.next_seq += 1;
+                resume = resume.or(Some((task.request.segment, end)));
+            }
+            sub.resume = resume.map(|at| (sub.next_seq, at));
+        }
+        self.sessions.insert(session, s);
+        self.queue_drain(session);
+    }
+
+    fn deliver_to_op(
+        &mut self,
+        op_id: u64,
+        events: Vec<(StoredEvent, u64)>,
+        stop: Option<(u64, u64)>,
+    ) {
+        let Some(mut op) = self.reads.ops.remove(&op_id) else {
+            return;
+        };
+        for (e, _) in events {
+            if e.seq == op.next && op.next <= op.end {
+                op.events.push(delivered(&op.key.1, &e));
+                op.next += 1;
+            }
+        }
+        op.resume = stop;
+        self.continue_op(op_id, op);
+    }
+
+    /// Takes a `read` from memory as far as it can, then from disk; answers it when done.
+    pub(crate) fn continue_op(&mut self, op_id: u64, mut op: ReadOp) {
+        let Some(c) = self.convs.get(&op.key) else {
+            return self.finish_op(op);
+        };
+        op.next = op.next.max(c.first_seq);
+        while op.next <= op.end {
+            let Some(e) = c.cached(op.next) else { break };
+            op.events.push(delivered(&op.key.1, e));
+            op.next += 1;
+        }
+        if op.next > op.end {
+            return self.finish_op(op);
+        }
+        let (key, next, want, at) = (op.key.clone(), op.next, op.end - op.next + 1, op.resume);
+        self.reads.ops.insert(op_id, op);
+        match self.start_read(Reader::Op(op_id), &key, next, want, at) {
+            ReadStart::Started(_) | ReadStart::Busy => {}
+            ReadStart::Nothing => {
+                let op = self.reads.ops.remove(&op_id).expect("just inserted");
+                self.finish_op(op);
+            }
+        }
+    }
+
+    fn finish_op(&mut self, op: ReadOp) {
+        self.emit(
+            op.session,
+            Reply::Messages {
+                r: op.r,
+                events: op.events,
+                head: op.head,
+            },
+        );
+    }
+
+    /// A `read` that needs the disk: refused with `overloaded` past [`READ_OPS_MAX`].
+    pub(crate) fn read_from_disk(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        key: ConvKey,
+        (from, end, head): (u64, u64, u64),
+    ) -> Result<(), ProtoError> {
+        if self.reads.ops.len() >= READ_OPS_MAX {
+            return Err(ProtoError::new(
+                ErrorCode::Overloaded,
+                format!(
+                    "{READ_OPS_MAX} reads from disk are under way on this shard; retry shortly"
+                ),
+            ));
+        }
+        self.reads.next_id += 1;
+        let id = self.reads.next_id;
+        let op = ReadOp {
+            session,
+            r,
+            key,
+            next: from,
+            end,
+            head,
+            events: Vec::new(),
+            resume: None,
+        };
+        self.continue_op(id, op);
+        Ok(())
+    }
+
+    /// Readers that waited for a read slot try again, while slots are free.
+    fn wake_readers(&mut self) {
+        while self.reads.tasks.len() < self.config.log_reads_inflight_max {
+            let Some(reader) = self.reads.waiting.pop_front() else {
+                break;
+            };
+            match reader {
+                Reader::Sub(session) => self.queue_drain(session),
+                Reader::Op(id) => {
+                    if let Some(op) = self.reads.ops.remove(&id) {
+                        self.continue_op(id, op);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Drops a closed session's `read`s (their disk reads finish and are ignored).
+    pub(crate) fn drop_reads_of(&mut self, session: SessionId) {
+        self.reads.ops.retain(|_, op| op.session != session);
+        self.reads.waiting.retain(|r| *r != Reader::Sub(session));
+    }
+
+    /// Trims the log cache to `log_cache_bytes_max`, oldest entries first, keeping what is not
+    /// durable yet (it cannot be read back).
+    pub(crate) fn trim_cache(&mut self) {
+        while let Some((lsn, key)) = self.cache_fifo.front() {
+            let Some(c) = self.convs.get_mut(key) else {
+                self.cache_fifo.pop_front();
+                continue;
+            };
+            let front = c.cached.front().map(|e| e.lsn);
+            if front != Some(*lsn) {
+                // Retention evicted it already (and released its bytes).
+                self.cache_fifo.pop_front();
+                continue;
+            }
+            let durable = *lsn <= self.durable_lsn || self.replaying;
+            if self.cache_bytes <= self.config.log_cache_bytes_max || !durable {
+                break;
+            }
+            let e = c.cached.pop_front().expect("front exists");
+            self.cache_bytes -= e.cache_bytes();
+            self.cache_fifo.pop_front();
+        }
+    }
+}
