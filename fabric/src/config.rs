@@ -112,6 +112,15 @@ pub struct Config {
     pub prehello_frames_max: u32,
     /// Frames the node answers a connection before it is welcomed; past it, it is closed.
     pub prehello_answers_max: u32,
+    /// Bytes of recent conversation entries a shard keeps in memory; older ones are read
+    /// from disk.
+    pub log_cache_bytes_max: u64,
+    /// A conversation's disk index keeps an entry per this many of its entries at most.
+    pub log_index_stride_records: u64,
+    /// Bytes one disk read of the log asks for.
+    pub log_read_bytes_max: usize,
+    /// Disk reads of the log one shard has in flight at once.
+    pub log_reads_inflight_max: usize,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -141,7 +150,8 @@ macro_rules! limit_fields {
             wal_sync_stall_ms_max, http_header_timeout_ms, http_body_timeout_ms,
             tls_handshake_timeout_ms, connections_max, connections_per_ip_max,
             session_subscriptions_max, ping_interval_ms, pong_timeout_ms, write_timeout_ms,
-            prehello_frames_max, prehello_answers_max)
+            prehello_frames_max, prehello_answers_max, log_cache_bytes_max,
+            log_index_stride_records, log_read_bytes_max, log_reads_inflight_max)
     };
 }
 

@@ -181,6 +181,19 @@ struct ServeArgs {
     /// Frames the node answers a connection before its welcome. Default 64.
     #[arg(long, env = "FABRIC_PREHELLO_ANSWERS_MAX")]
     prehello_answers_max: Option<u32>,
+    /// Bytes of recent conversation entries each shard keeps in memory (older ones are read
+    /// from disk). Default 8 MiB.
+    #[arg(long, env = "FABRIC_LOG_CACHE_BYTES_MAX")]
+    log_cache_bytes_max: Option<u64>,
+    /// A conversation's disk index keeps an entry per this many of its entries. Default 256.
+    #[arg(long, env = "FABRIC_LOG_INDEX_STRIDE_RECORDS")]
+    log_index_stride_records: Option<u64>,
+    /// Bytes one disk read of the log asks for. Default 256 KiB.
+    #[arg(long, env = "FABRIC_LOG_READ_BYTES_MAX")]
+    log_read_bytes_max: Option<usize>,
+    /// Disk reads of the log each shard has in flight at once. Default 16.
+    #[arg(long, env = "FABRIC_LOG_READS_INFLIGHT_MAX")]
+    log_reads_inflight_max: Option<usize>,
 }
 
 impl ServeArgs {
@@ -229,7 +242,11 @@ impl ServeArgs {
             pong_timeout_ms,
             write_timeout_ms,
             prehello_frames_max,
-            prehello_answers_max
+            prehello_answers_max,
+            log_cache_bytes_max,
+            log_index_stride_records,
+            log_read_bytes_max,
+            log_reads_inflight_max
         );
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen;

@@ -20,7 +20,7 @@ use crate::metrics::{Metrics, ShardExport};
 use crate::storage::{self, WalDone};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx};
 use fabric_router::host::{
-    Clock, CloseReason, DriverStatus, Effect, ShardDriver, Time, PUMP_BATCHES_MAX,
+    Clock, CloseReason, DriverStatus, Effect, ReadDone, ShardDriver, Time, PUMP_BATCHES_MAX,
 };
 use fabric_router::supervise::RestartPolicy;
 use fabric_shard::store::{StoreError, StoreErrorKind};
@@ -62,6 +62,71 @@ pub enum ShardMsg {
 const ADAPTER_RESTART_DELAY_MS: u64 = 1_000;
 /// Bound of the channel to the WAL writer thread: at most one write is in flight.
 const WRITER_QUEUE_WRITES_MAX: usize = 2;
+
+/// Reads of the log queued to a host's reader thread beyond the shard's in-flight bound (reads
+/// an ended incarnation asked for may still be queued); a read that finds the queue full is
+/// answered at once with an error, which the shard retries.
+const READER_QUEUE_SLACK_READS: usize = 64;
+
+/// The host's reader thread: positioned reads of the shard's segments (`pread` through a
+/// `FileStore` of its own), so a cold read never stalls the host loop or the WAL writer.
+struct Reader {
+    tx: crossbeam_channel::Sender<fabric_router::host::ReadJob>,
+    done: mpsc::Receiver<ReadDone>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Reader {
+    fn spawn(slot: &ShardSlot) -> std::io::Result<Reader> {
+        let cap = slot.config.log_reads_inflight_max + READER_QUEUE_SLACK_READS;
+        let (tx, rx) = crossbeam_channel::bounded::<fabric_router::host::ReadJob>(cap);
+        let (done_tx, done) = mpsc::channel(cap);
+        let mut store = storage::FileStore::new(&slot.dir);
+        let thread = std::thread::Builder::new()
+            .name(format!("fabric-read-{}", slot.idx))
+            .spawn(move || {
+                for job in rx {
+                    if done_tx.blocking_send(job.perform(&mut store)).is_err() {
+                        return;
+                    }
+                }
+            })?;
+        Ok(Reader {
+            tx,
+            done,
+            thread: Some(thread),
+        })
+    }
+
+    /// Queues a read; a full queue or a gone thread answers it at once with an error.
+    fn send(&self, job: fabric_router::host::ReadJob) -> Result<(), ReadDone> {
+        self.tx.try_send(job).map_err(|e| {
+            let job = e.into_inner();
+            ReadDone {
+                incarnation: job.incarnation,
+                id: job.request.id,
+                result: Err(StoreError {
+                    kind: StoreErrorKind::Io,
+                    op: "read_at",
+                    file: fabric_shard::wal::segment_file_name(job.request.segment),
+                    message: "the shard's reader queue is full or its thread ended".into(),
+                }),
+            }
+        })
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread after the reads it holds.
+        let (tx, _) = crossbeam_channel::bounded(1);
+        drop(std::mem::replace(&mut self.tx, tx));
+        self.done.close();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// Everything about one shard that outlives its host tasks.
 pub struct ShardSlot {
@@ -249,6 +314,7 @@ struct HostIo {
     /// Reply senders of the sessions that sent this shard a batch.
     sinks: HashMap<SessionId, SessionTx>,
     writer: Option<Writer>,
+    reader: Option<Reader>,
     recovery: Option<Recovery>,
     stop: Option<oneshot::Sender<()>>,
     export: Option<ShardExport>,
@@ -278,6 +344,9 @@ async fn host_loop(slot: Arc<ShardSlot>, mut input: InputGuard) {
         tokio::select! {
             biased;
             done = recv_done(&mut io.writer) => io.write_done(&mut driver, clock.time(), done),
+            Some(done) = recv_read(&mut io.reader) => {
+                guarded(&mut driver, clock.time(), |d, t| d.handle_read_done(t, done));
+            }
             rec = join_recovery(&mut io.recovery) => io.recovered(&mut driver, clock.time(), rec),
             _ = slot.crash.notified() => driver.handle_crash(clock.time(), "crash drill"),
             msg = rx.recv(), if reading => {
@@ -314,6 +383,13 @@ async fn recv_done(writer: &mut Option<Writer>) -> Option<WalDone> {
     }
 }
 
+async fn recv_read(reader: &mut Option<Reader>) -> Option<ReadDone> {
+    match reader {
+        Some(r) => r.done.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn join_recovery(
     recovery: &mut Option<Recovery>,
 ) -> Result<storage::Recovered, RecoverError> {
@@ -344,6 +420,7 @@ impl HostIo {
             slot,
             sinks: HashMap::new(),
             writer: None,
+            reader: None,
             recovery: None,
             stop: None,
             export: None,
@@ -362,6 +439,7 @@ impl HostIo {
                         driver.handle_crash(SystemClock.time(), "the WAL writer thread ended");
                     }
                 }
+                Effect::Read(job) => self.start_read(driver, job),
                 Effect::Recover(job) => self.start_recovery(job),
                 Effect::Replies { session, replies } => {
                     self.deliver(driver, session, replies);
@@ -382,6 +460,34 @@ impl HostIo {
                     }
                 }
             }
+        }
+    }
+
+    /// Hands a read to the reader thread (started on the first read).
+    fn start_read(&mut self, driver: &mut ShardDriver, job: fabric_router::host::ReadJob) {
+        if self.reader.is_none() {
+            match Reader::spawn(&self.slot) {
+                Ok(r) => self.reader = Some(r),
+                Err(e) => tracing::error!(error = %e, "cannot start the shard's reader thread"),
+            }
+        }
+        let sent = match &self.reader {
+            Some(r) => r.send(job),
+            None => Err(ReadDone {
+                incarnation: job.incarnation,
+                id: job.request.id,
+                result: Err(StoreError {
+                    kind: StoreErrorKind::Io,
+                    op: "read_at",
+                    file: String::new(),
+                    message: "the shard's reader thread could not start".into(),
+                }),
+            }),
+        };
+        if let Err(done) = sent {
+            guarded(driver, SystemClock.time(), |d, t| {
+                d.handle_read_done(t, done)
+            });
         }
     }
 

@@ -220,6 +220,7 @@ fn print_table(r: &SwarmReport, first: u64, threads: usize) {
             "http reads / appends",
             format!("{} / {}", r.workload.http_reads, r.workload.http_appends),
         ),
+        ("log reads from disk", r.log_reads.to_string()),
         ("crashes", r.crashes.to_string()),
         ("shard restarts", r.restarts.to_string()),
         ("faults injected", r.faults_injected.to_string()),

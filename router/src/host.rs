@@ -23,8 +23,10 @@
 
 use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx, ShardOp};
-use fabric_shard::store::{self, SegmentStore, StoreErrorKind, WriteFailure};
-use fabric_shard::{PlantedBugs, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
+use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind, WriteFailure};
+use fabric_shard::{
+    PlantedBugs, ReadRequest, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite,
+};
 use std::collections::{BTreeSet, HashMap, VecDeque};
 
 /// Batches taken from the input queue per pump before the driver writes and answers.
@@ -135,11 +137,44 @@ impl RecoverJob {
     }
 }
 
+/// One positioned read of the log for the adapter to perform on its store (`pread`), on
+/// whatever thread and at whatever time; its result goes back through
+/// [`ShardDriver::handle_read_done`]. Reads of an ended incarnation are ignored there.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadJob {
+    pub incarnation: u64,
+    pub request: ReadRequest,
+}
+
+/// A performed [`ReadJob`].
+#[derive(Debug)]
+pub struct ReadDone {
+    pub incarnation: u64,
+    pub id: u64,
+    pub result: Result<Vec<u8>, StoreError>,
+}
+
+impl ReadJob {
+    /// The read (`SegmentStore::read_at`): never mmap, so a file cut back meanwhile is an
+    /// error, not a signal.
+    pub fn perform<S: SegmentStore>(&self, store: &mut S) -> ReadDone {
+        let r = self.request;
+        ReadDone {
+            incarnation: self.incarnation,
+            id: r.id,
+            result: store.read_at(r.segment, r.offset, r.len),
+        }
+    }
+}
+
 /// What the adapter must do.
 #[derive(Debug)]
 pub enum Effect {
     /// Perform this write, then call `handle_write_done`.
     Write(WriteJob),
+    /// Perform this read (any number may be in flight, in any order), then call
+    /// `handle_read_done`.
+    Read(ReadJob),
     /// Recover a new incarnation, then call `handle_recovered`. A write still in flight from
     /// the ended incarnation finishes first (the adapter waits for it).
     Recover(RecoverJob),
@@ -224,6 +259,8 @@ pub struct ShardDriver {
     effects: VecDeque<Effect>,
     status: DriverStatus,
     planted: PlantedGlueBugs,
+    /// Counts the incarnations installed: a read carries the one that asked for it.
+    incarnation: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -256,6 +293,7 @@ impl ShardDriver {
             effects: VecDeque::new(),
             status: DriverStatus::default(),
             planted: PlantedGlueBugs::default(),
+            incarnation: 0,
         };
         d.request_recovery();
         d
@@ -361,6 +399,26 @@ impl ShardDriver {
         self.pump(t);
     }
 
+    /// A read handed out as `Effect::Read` finished. A read the shard cannot verify after its
+    /// retries fails the incarnation (the restart policy then recovers it from disk, which
+    /// checks every record).
+    pub fn handle_read_done(&mut self, t: Time, done: ReadDone) {
+        if done.incarnation != self.incarnation {
+            return;
+        }
+        let State::Serving(shard) = &mut self.state else {
+            return;
+        };
+        shard.handle_read_done(t.unix_ms, done.id, done.result);
+        if let Some(why) = shard.read_failure() {
+            self.status.last_error = Some(format!("reading the WAL failed: {why}"));
+            self.status.serving = false;
+            self.route_outputs();
+            self.end_incarnation(t, ShardFailure::Storage);
+        }
+        self.pump(t);
+    }
+
     /// Hands back the buffer of a finished write (optional; see `Shard::recycle_wal_buffer`).
     pub fn recycle_wal_buffer(&mut self, buffer: Vec<u8>) {
         if let State::Serving(s) = &mut self.state {
@@ -462,6 +520,7 @@ impl ShardDriver {
                     shard.handle_storage_full(t.unix_ms, until);
                 }
                 self.state = State::Serving(Box::new(shard));
+                self.incarnation += 1;
                 self.status.serving = !self.status.disk_full;
                 self.status.stopped = false;
             }
@@ -551,6 +610,14 @@ impl ShardDriver {
                     self.effects
                         .push_back(Effect::Write(WriteJob { write: w, steps }));
                 }
+            }
+        }
+        if let State::Serving(shard) = &mut self.state {
+            while let Some(request) = shard.poll_read() {
+                self.effects.push_back(Effect::Read(ReadJob {
+                    incarnation: self.incarnation,
+                    request,
+                }));
             }
         }
         self.route_outputs();

@@ -240,6 +240,15 @@ limits! {
     /// Frames the node answers a connection before it is welcomed (at least `options` and
     /// `challenge`).
     prehello_answers_max: u32 = 64, LimitRange::at_least(2);
+    /// Bytes of recent conversation entries a shard keeps in memory; older ones are read
+    /// from disk (0: none kept once durable).
+    log_cache_bytes_max: u64 = 8 << 20, LimitRange::at_least(0);
+    /// A conversation's disk index keeps an entry per this many of its entries at most.
+    log_index_stride_records: u64 = 256, LimitRange::between(1, 1 << 20);
+    /// Bytes one disk read of the log asks for.
+    log_read_bytes_max: usize = 256 << 10, LimitRange::between(4096, 16 << 20);
+    /// Disk reads of the log one shard has in flight at once.
+    log_reads_inflight_max: usize = 16, LimitRange::between(1, 4096);
 }
 
 /// `Err(Relation)` unless `ok`; the strings are only built for an error.
@@ -443,6 +452,10 @@ impl Limits {
             // In range by `validate` (at most u32::MAX).
             session_subscriptions_max: u32::try_from(self.session_subscriptions_max)
                 .unwrap_or(u32::MAX),
+            log_cache_bytes_max: self.log_cache_bytes_max,
+            log_index_stride_records: self.log_index_stride_records,
+            log_read_bytes_max: self.log_read_bytes_max,
+            log_reads_inflight_max: self.log_reads_inflight_max,
             planted: fabric_shard::PlantedBugs::default(),
         }
     }

@@ -428,6 +428,13 @@ impl Shard {
         self.cache_bytes
     }
 
+    /// The oldest retained seq of a conversation (its head plus one when none is retained),
+    /// if the shard knows the conversation.
+    pub fn retained_from(&self, mesh: &str, conv: &str) -> Option<u64> {
+        let c = self.convs.get(&(Arc::from(mesh), Arc::from(conv)))?;
+        Some(c.first_seq)
+    }
+
     /// Conversations held in memory (with entries, subscribers, or only a head).
     pub fn conversation_count(&self) -> usize {
         self.convs.len()

@@ -60,9 +60,10 @@ pub(crate) struct ReadOp {
     session: SessionId,
     r: u64,
     key: ConvKey,
+    /// The first seq of the answer, the next one wanted, and the last its limit allows.
+    from: u64,
     next: u64,
-    end: u64,
-    head: u64,
+    last: u64,
     events: Vec<DeliveredEvent>,
     /// Where the next disk read starts, once one stopped: (segment, offset).
     resume: Option<(u64, u64)>,
@@ -206,13 +207,19 @@ impl Shard {
 
     /// Durable bytes of `segment` from `offset`, up to `log_read_bytes_max`.
     fn readable_len(&self, segment: u64, offset: u64) -> usize {
+        self.readable_len_unbounded(segment, offset)
+            .min(self.config.log_read_bytes_max)
+    }
+
+    /// Durable bytes of `segment` from `offset`.
+    fn readable_len_unbounded(&self, segment: u64, offset: u64) -> usize {
         let (dseg, dend) = self.durable_end;
         let end = match self.segments.iter().find(|s| s.id == segment) {
             Some(_) if segment == dseg => dend,
             Some(s) if segment < dseg => s.bytes,
             _ => 0,
         };
-        (end.saturating_sub(offset) as usize).min(self.config.log_read_bytes_max)
+        end.saturating_sub(offset) as usize
     }
 
     fn requeue(&mut self, mut task: ReadTask, len: usize) {
@@ -276,9 +283,17 @@ impl Shard {
                 ));
             }
             if size > rest.len() {
-                if i == 0 {
-                    p.grow = Some(size);
+                if i > 0 {
+                    break;
                 }
+                // A record longer than the read: read it whole, if it is really there (a
+                // length that runs past the durable bytes is damage, not a long record).
+                if size > self.readable_len_unbounded(segment, base) {
+                    return Err(format!(
+                        "record length {size} at offset {base} runs past the durable bytes"
+                    ));
+                }
+                p.grow = Some(size);
                 break;
             }
             let at = base + i as u64;
@@ -382,7 +397,7 @@ impl Shard {
             return;
         };
         for (e, _) in events {
-            if e.seq == op.next && op.next <= op.end {
+            if e.seq == op.next && op.next <= op.last {
                 op.events.push(delivered(&op.key.1, &e));
                 op.next += 1;
             }
@@ -394,35 +409,46 @@ impl Shard {
     /// Takes a `read` from memory as far as it can, then from disk; answers it when done.
     pub(crate) fn continue_op(&mut self, op_id: u64, mut op: ReadOp) {
         let Some(c) = self.convs.get(&op.key) else {
-            return self.finish_op(op);
+            return self.finish_op(op, 0);
         };
-        op.next = op.next.max(c.first_seq);
-        while op.next <= op.end {
+        // The answer is as of when it is sent: entries made durable meanwhile are in it (up
+        // to the limit), and its head is the durable head then.
+        if op.next < c.first_seq {
+            // Retention passed the read meanwhile: it starts again at the oldest entry
+            // retained now (what it found so far is gone), still up to `limit` entries.
+            let limit = op.last - op.from + 1;
+            op.events.clear();
+            op.from = c.first_seq;
+            op.next = c.first_seq;
+            op.last = op.from.saturating_add(limit - 1);
+        }
+        let (end, head) = (op.last.min(c.durable_seq), c.durable_seq);
+        while op.next <= end {
             let Some(e) = c.cached(op.next) else { break };
             op.events.push(delivered(&op.key.1, e));
             op.next += 1;
         }
-        if op.next > op.end {
-            return self.finish_op(op);
+        if op.next > end {
+            return self.finish_op(op, head);
         }
-        let (key, next, want, at) = (op.key.clone(), op.next, op.end - op.next + 1, op.resume);
+        let (key, next, want, at) = (op.key.clone(), op.next, end - op.next + 1, op.resume);
         self.reads.ops.insert(op_id, op);
         match self.start_read(Reader::Op(op_id), &key, next, want, at) {
             ReadStart::Started(_) | ReadStart::Busy => {}
             ReadStart::Nothing => {
                 let op = self.reads.ops.remove(&op_id).expect("just inserted");
-                self.finish_op(op);
+                self.finish_op(op, head);
             }
         }
     }
 
-    fn finish_op(&mut self, op: ReadOp) {
+    fn finish_op(&mut self, op: ReadOp, head: u64) {
         self.emit(
             op.session,
             Reply::Messages {
                 r: op.r,
                 events: op.events,
-                head: op.head,
+                head,
             },
         );
     }
@@ -433,7 +459,7 @@ impl Shard {
         session: SessionId,
         r: u64,
         key: ConvKey,
-        (from, end, head): (u64, u64, u64),
+        (from, last): (u64, u64),
     ) -> Result<(), ProtoError> {
         if self.reads.ops.len() >= READ_OPS_MAX {
             return Err(ProtoError::new(
@@ -449,9 +475,9 @@ impl Shard {
             session,
             r,
             key,
+            from,
             next: from,
-            end,
-            head,
+            last,
             events: Vec::new(),
             resume: None,
         };

@@ -131,6 +131,8 @@ pub struct RunSummary {
     /// disks.
     pub faults_injected: u64,
     pub wal_writes: u64,
+    /// Disk reads of the log the shards asked for (subscribers and reads behind the cache).
+    pub log_reads: u64,
     /// Connections the clients opened.
     pub connections: u64,
     pub net: net::NetStats,

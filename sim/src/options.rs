@@ -128,6 +128,15 @@ pub struct SimOptions {
     /// ref and the same key (a client whose request timer fired): the shard must answer it
     /// with the original seq, and only once that is durable.
     pub hedge_probability: f64,
+    /// The shards' log cache, disk index stride and read size (`Limits`): small ones send
+    /// subscribers and reads to disk.
+    pub log_cache_bytes_max: u64,
+    pub log_index_stride_records: u64,
+    pub log_read_bytes_max: usize,
+    /// Chance a disk read of the log (while faults are on) fails with EIO or returns a
+    /// flipped bit: the shard must try again, never serve the flipped bytes, and after its
+    /// retries fail and be recovered.
+    pub log_read_fault_probability: f64,
     /// Mean time between calls of the HTTP client beside each node (0: none), half appends,
     /// half page reads, each run by the edge's `RestCall` as the node's HTTP handler runs it.
     pub http_call_interval_ms_mean: u64,
@@ -192,6 +201,10 @@ impl Default for SimOptions {
             subscribe_probability: 0.1,
             ping_probability: 0.05,
             hedge_probability: 0.05,
+            log_cache_bytes_max: 4_096,
+            log_index_stride_records: 4,
+            log_read_bytes_max: 4_096,
+            log_read_fault_probability: 0.01,
             http_call_interval_ms_mean: 500,
             reply_queue_batches_max: 0,
             socket_window_frames: 1 << 16,
@@ -213,6 +226,9 @@ impl SimOptions {
             push_credit_frames_max: self.push_credit_frames_max,
             drain_scan_entries_max: self.drain_scan_entries_max,
             pending_acks_max: self.pending_acks_max,
+            log_cache_bytes_max: self.log_cache_bytes_max,
+            log_index_stride_records: self.log_index_stride_records,
+            log_read_bytes_max: self.log_read_bytes_max,
             ..Limits::default()
         }
     }
@@ -230,6 +246,9 @@ impl SimOptions {
             push_credit_frames_max: l.push_credit_frames_max,
             drain_scan_entries_max: l.drain_scan_entries_max,
             pending_acks_max: l.pending_acks_max,
+            log_cache_bytes_max: l.log_cache_bytes_max,
+            log_index_stride_records: l.log_index_stride_records,
+            log_read_bytes_max: l.log_read_bytes_max,
             ..self
         }
     }
@@ -253,7 +272,7 @@ impl SimOptions {
     }
 
     /// Every probability of the options (each must be within 0..=1).
-    fn probabilities(&self) -> [f64; 15] {
+    fn probabilities(&self) -> [f64; 16] {
         [
             self.binary_probability,
             self.batch_in_probability,
@@ -270,6 +289,7 @@ impl SimOptions {
             self.net.loss_probability,
             self.net.duplicate_probability,
             self.net.latency_tail_probability,
+            self.log_read_fault_probability,
         ]
     }
 
@@ -351,7 +371,8 @@ impl fmt::Display for SimOptions {
              segment_bytes={} retention_bytes={} batch_bytes={} credit={} scan={} pending={} \
              sync_after_recovery={} batch_in_p={} key_peer_p={} client_batch_p={} \
              subscribe_p={} ping_p={} hedge_p={} http_call_every_ms={} reply_queue={} \
-             socket_window={} planted={}",
+             socket_window={} log_cache={} log_stride={} log_read={} log_read_fault_p={} \
+             planted={}",
             self.nodes,
             self.shards,
             self.partitions,
@@ -406,6 +427,10 @@ impl fmt::Display for SimOptions {
             self.http_call_interval_ms_mean,
             self.reply_queue_batches_max,
             self.socket_window_frames,
+            self.log_cache_bytes_max,
+            self.log_index_stride_records,
+            self.log_read_bytes_max,
+            self.log_read_fault_probability,
             planted_names::join_all(self.planted, self.planted_glue),
         )
     }
@@ -489,6 +514,10 @@ pub fn swarm(seed: u64) -> SimOptions {
         http_call_interval_ms_mean: pick(&mut rng, &[0, 250, 1_000]),
         reply_queue_batches_max: [0, 0, 0, 2, 8][rng.random_range(0..5)],
         socket_window_frames: [8, 64, 1 << 16][rng.random_range(0..3)],
+        log_cache_bytes_max: pick(&mut rng, &[0, 512, 65_536, 8 << 20]),
+        log_index_stride_records: pick(&mut rng, &[1, 4, 256]),
+        log_read_bytes_max: [4_096, 262_144][rng.random_range(0..2)],
+        log_read_fault_probability: pick_f(&mut rng, &[0.0, 0.0, 0.01, 0.05]),
     };
     let limits = valid_limits(drawn.limits());
     drawn.with_limits(limits)

@@ -19,6 +19,8 @@ pub struct SwarmReport {
     pub faults_injected: u64,
     pub packets_lost: u64,
     pub connections: u64,
+    /// Disk reads of the log the shards asked for.
+    pub log_reads: u64,
     pub workload: WorkloadStats,
     pub violations: BTreeMap<ViolationKind, u64>,
     /// The first violations found (lowest seeds first), at most [`VIOLATIONS_KEPT_MAX`].
@@ -48,6 +50,7 @@ impl SwarmReport {
                 self.faults_injected += s.faults_injected;
                 self.packets_lost += s.net.packets_lost + s.net.packets_blocked;
                 self.connections += s.connections;
+                self.log_reads += s.log_reads;
                 self.workload.add(&s.workload);
             }
             Err(v) => {

@@ -18,6 +18,11 @@ struct Adapter {
     fail_next_write: Option<StoreErrorKind>,
     /// Sessions whose replies the adapter cannot queue.
     full: Vec<SessionId>,
+    /// Reads flip a bit in what they return (bit rot after start).
+    rot_reads: bool,
+    /// Reads held back instead of performed (performed by the test, late).
+    hold_reads: bool,
+    held: Vec<ReadJob>,
 }
 
 impl Adapter {
@@ -33,6 +38,9 @@ impl Adapter {
             closed: Vec::new(),
             fail_next_write: None,
             full: Vec::new(),
+            rot_reads: false,
+            hold_reads: false,
+            held: Vec::new(),
         };
         a.run();
         a
@@ -52,6 +60,15 @@ impl Adapter {
                 Effect::Recover(job) => {
                     let r = job.perform(&mut self.store);
                     self.driver.handle_recovered(self.t, r);
+                }
+                Effect::Read(job) if self.hold_reads => self.held.push(job),
+                Effect::Read(job) => {
+                    let mut done = job.perform(&mut self.store);
+                    if let (true, Ok(bytes)) = (self.rot_reads, &mut done.result) {
+                        let last = bytes.len() - 1;
+                        bytes[last] ^= 0x10;
+                    }
+                    self.driver.handle_read_done(self.t, done);
                 }
                 Effect::Replies { session, replies } => {
                     if self.full.contains(&session) {
@@ -306,4 +323,92 @@ fn the_planted_glue_no_dir_fsync_reaches_the_write_job_only_when_planted() {
         assert!(w.write.create, "the first write creates a segment");
         assert_eq!(w.steps.no_dir_fsync_on_segment_create, planted);
     }
+}
+
+/// A shard that keeps nothing in its log cache, with `count` appends to "c" durable.
+fn disk_only_adapter(count: u64) -> Adapter {
+    let mut a = Adapter::new(RestartPolicy::default());
+    a.driver = ShardDriver::new(
+        0,
+        ShardConfig {
+            log_cache_bytes_max: 0,
+            ..ShardConfig::default()
+        },
+        RestartPolicy::default(),
+        4,
+        1_000,
+    );
+    a.run();
+    a.batch(1, (1..=count).map(append).collect());
+    a
+}
+
+fn read_c(r: u64) -> ShardOp {
+    ShardOp::Read {
+        r,
+        mesh: MeshId::must("m"),
+        conv: ConvId::must("c"),
+        from: 1,
+        limit: 100,
+    }
+}
+
+#[test]
+fn a_read_older_than_the_cache_goes_through_the_adapter_and_is_answered() {
+    // Proves the host hands the shard's disk reads to its adapter as effects and feeds their
+    // bytes back: a read of entries no longer in memory is answered with all of them.
+    let mut a = disk_only_adapter(20);
+    a.batch(2, vec![read_c(7)]);
+    match &a.replies.last().unwrap() {
+        (2, Reply::Messages { events, head, .. }) => assert_eq!((events.len(), *head), (20, 20)),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn a_read_that_never_verifies_ends_the_incarnation_and_recovery_serves_again() {
+    // Proves bit rot seen by a read fails the incarnation (its sessions closed, the status
+    // naming the read), and the restart policy recovers it from disk, whose bytes are intact
+    // here, so the same read is then answered.
+    let mut a = disk_only_adapter(20);
+    a.rot_reads = true;
+    a.batch(2, vec![read_c(7)]);
+    assert!(
+        a.closed.contains(&(2, CloseReason::Restarted)),
+        "{:?}",
+        a.closed
+    );
+    assert!(!a.driver.status().serving);
+    let why = a.driver.status().last_error.clone().unwrap_or_default();
+    assert!(why.contains("reading the WAL failed"), "{why}");
+    a.rot_reads = false;
+    a.advance(10);
+    a.batch(3, vec![read_c(8)]);
+    match &a.replies.last().unwrap() {
+        (3, Reply::Messages { events, .. }) => assert_eq!(events.len(), 20),
+        r => panic!("{r:?}"),
+    }
+}
+
+#[test]
+fn a_read_finishing_after_its_incarnation_ended_is_ignored() {
+    // Proves a read handed out by an ended incarnation cannot feed the next one: its
+    // completion carries the old incarnation and is dropped.
+    let mut a = disk_only_adapter(20);
+    a.hold_reads = true;
+    a.batch(2, vec![read_c(7)]);
+    let late = a.held.pop().expect("a read was asked for");
+    a.driver.handle_crash(a.t, "drill");
+    a.run();
+    a.advance(10);
+    let before = a.replies.len();
+    let done = late.perform(&mut a.store);
+    a.driver.handle_read_done(a.t, done);
+    a.run();
+    assert_eq!(
+        a.replies.len(),
+        before,
+        "nothing answered from the old read"
+    );
+    assert!(a.driver.status().serving);
 }

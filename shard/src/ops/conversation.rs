@@ -142,12 +142,11 @@ impl Shard {
             return Ok(());
         };
         let start = from.max(c.first_seq);
-        let end = c
-            .durable_seq
-            .min(start.saturating_add(limit).saturating_sub(1));
+        let last = start.saturating_add(limit).saturating_sub(1);
+        let end = c.durable_seq.min(last);
         let head = c.durable_seq;
         if start <= end && start < c.cached_from() {
-            return self.read_from_disk(session, r, ck, (start, end, head));
+            return self.read_from_disk(session, r, ck, (start, last));
         }
         let events = (start..=end)
             .filter_map(|seq| c.cached(seq))

@@ -470,7 +470,7 @@ impl Model {
 
     /// After a recovery, one conversation read from seq 1: checkers 1 and 2.
     pub fn audit_conv(&mut self, conv: &Arc<str>, events: &[DeliveredEvent], head: u64) -> Checked {
-        self.note_retained(conv, events, head);
+        self.note_evicted(conv, events.first().map_or(head, |e| e.seq - 1));
         let acked_max = self.convs.get(conv).map_or(0, |c| c.acked_max);
         if head < acked_max {
             return fail(
@@ -512,8 +512,7 @@ impl Model {
     }
 
     /// A read of `conv` from seq 1 showed `events` (its first retained event first) and `head`.
-    pub fn note_retained(&mut self, conv: &Arc<str>, events: &[DeliveredEvent], head: u64) {
-        let evicted = events.first().map_or(head, |e| e.seq - 1);
+    pub fn note_evicted(&mut self, conv: &Arc<str>, evicted: u64) {
         let c = self.convs.entry(conv.clone()).or_default();
         c.evicted_upto = c.evicted_upto.max(evicted);
     }

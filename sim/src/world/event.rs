@@ -23,6 +23,14 @@ pub(super) enum Event {
         shard: ShardIdx,
         write: u64,
     },
+    /// A disk read of the log a shard host asked for completes (`epoch`: the host's
+    /// incarnation count when it was asked; a read of an older one is dropped).
+    ReadDone {
+        node: usize,
+        shard: ShardIdx,
+        epoch: u64,
+        job: ReadJob,
+    },
     /// The shard driver's timer (restart backoff, stall watchdog).
     ShardTimer {
         node: usize,
@@ -135,6 +143,16 @@ impl Event {
             }
             Event::HttpTimeout { node, session } => {
                 put(&[12, *session]);
+                *node as u64
+            }
+            Event::ReadDone {
+                node,
+                shard,
+                epoch,
+                job,
+            } => {
+                let r = job.request;
+                put(&[13, u64::from(*shard), *epoch, r.id, r.segment, r.offset]);
                 *node as u64
             }
         };

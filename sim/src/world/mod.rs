@@ -32,7 +32,7 @@ use fabric_edge::{InFrame, OutFrame, Session, SessionConfig};
 use fabric_proto::internal::{Output, Placement, Reply, Request, SessionId, ShardIdx, ShardOp};
 use fabric_proto::{codec, Body, ClientOp, ErrorCode, ServerOp, Target};
 use fabric_router::host::{
-    CloseReason, Effect, RecoverJob, ShardDriver, Time, WriteJob, PUMP_BATCHES_MAX,
+    CloseReason, Effect, ReadJob, RecoverJob, ShardDriver, Time, WriteJob, PUMP_BATCHES_MAX,
 };
 use fabric_router::supervise::RestartPolicy;
 use fabric_router::Router;
@@ -116,6 +116,7 @@ pub(crate) struct Counters {
     pub(crate) restarts: u64,
     pub(crate) faults: u64,
     pub(crate) wal_writes: u64,
+    pub(crate) log_reads: u64,
     pub(crate) connections: u64,
     pub(crate) workload: WorkloadStats,
 }
@@ -287,6 +288,7 @@ impl Simulation {
             restarts: self.counters.restarts,
             faults_injected: self.counters.faults,
             wal_writes: self.counters.wal_writes,
+            log_reads: self.counters.log_reads,
             connections: self.counters.connections,
             net: self.net.stats,
             workload: self.counters.workload,
@@ -541,6 +543,12 @@ impl Simulation {
                 }
             }
             Event::WalDone { node, shard, write } => self.wal_done(node, shard, write)?,
+            Event::ReadDone {
+                node,
+                shard,
+                epoch,
+                job,
+            } => self.read_done(node, shard, epoch, job)?,
             Event::ShardTimer { node, shard, epoch } => {
                 let t = self.time();
                 let node = &mut self.nodes[node];

@@ -41,8 +41,6 @@ pub(super) struct Node {
     /// client beside this node).
     pub(super) http: BTreeMap<SessionId, HttpCall>,
     pub(super) http_router: Router,
-    /// The session retention probes read on (`probe_retention`).
-    pub(super) probe: Option<SessionId>,
 }
 
 impl Node {
@@ -83,7 +81,6 @@ impl Node {
             durable: Durable::new(options.shards as usize),
             http: BTreeMap::new(),
             http_router: placement.clone(),
-            probe: None,
         }
     }
 
@@ -305,6 +302,7 @@ impl Simulation {
         while let Some(e) = self.nodes[n].hosts[s].driver.poll_effect() {
             match e {
                 Effect::Write(w) => self.start_write(n, shard, w),
+                Effect::Read(job) => self.start_read(n, shard, job),
                 Effect::Recover(job) => self.recover_effect(n, shard, job)?,
                 Effect::Replies { session, replies } => {
                     outputs.push((shard, HostOut::Replies(session, replies)));
@@ -407,7 +405,7 @@ impl Simulation {
 
     /// A batch of replies for one session, as the node's adapter hands it over: into the
     /// session's bounded reply queue, or, when the queue is full, back to the host as refused
-    /// (which closes the session). The simulator's own sessions (probe, HTTP reads) take
+    /// (which closes the session). The simulator's own sessions (HTTP calls) take
     /// theirs at once.
     fn queue_replies(
         &mut self,
@@ -417,7 +415,7 @@ impl Simulation {
         replies: Vec<Reply>,
     ) -> Checked {
         let node = &self.nodes[n];
-        if Some(session) == node.probe || node.http.contains_key(&session) {
+        if node.http.contains_key(&session) {
             for reply in replies {
                 self.route_output(n, shard, Output { session, reply })?;
             }
@@ -473,17 +471,6 @@ impl Simulation {
     /// or not the client ever reads it), then the session it is for.
     pub(super) fn route_output(&mut self, n: usize, shard: ShardIdx, o: Output) -> Checked {
         let node = &mut self.nodes[n];
-        if Some(o.session) == node.probe {
-            let Reply::Messages { r, events, head } = o.reply else {
-                return fail(
-                    ViolationKind::UnexpectedReply,
-                    format!("probe got {:?}", o.reply),
-                );
-            };
-            let conv = node.model.conv_names()[r as usize].clone();
-            node.model.note_retained(&conv, &events, head);
-            return Ok(());
-        }
         if node.http.contains_key(&o.session) {
             return self.http_reply(n, shard, o);
         }
@@ -624,6 +611,10 @@ impl Simulation {
                 Effect::Recover(job) => {
                     let r = job.perform(&mut host.disk);
                     host.driver.handle_recovered(t, r);
+                }
+                Effect::Read(job) => {
+                    let done = job.perform(&mut host.disk);
+                    host.driver.handle_read_done(t, done);
                 }
                 Effect::Replies { session, replies } if session == admin => {
                     for r in replies {

@@ -3,8 +3,6 @@
 //! `audit`, power loss and reboots in `faults`).
 
 use super::*;
-use fabric_proto::ConvId;
-use fabric_proto::MeshId;
 
 impl Simulation {
     pub(super) fn start_write(&mut self, n: usize, shard: ShardIdx, job: WriteJob) {
@@ -53,6 +51,80 @@ impl Simulation {
                 write: id,
             },
         );
+    }
+
+    /// A disk read of the log, completed after a drawn latency (reads overtake each other
+    /// and writes, as `pread`s on the node's reader thread may).
+    pub(super) fn start_read(&mut self, n: usize, shard: ShardIdx, job: ReadJob) {
+        self.counters.log_reads += 1;
+        let latency = self
+            .rng
+            .random_range(self.options.fsync_latency_min_ms..=self.options.fsync_latency_max_ms);
+        let epoch = self.nodes[n].hosts[shard as usize].epoch;
+        let r = job.request;
+        trace!(
+            self,
+            "s{shard} read {} seg={} offset={} len={} done in {latency}ms",
+            r.id,
+            r.segment,
+            r.offset,
+            r.len
+        );
+        self.schedule_at(
+            self.now + latency,
+            Event::ReadDone {
+                node: n,
+                shard,
+                epoch,
+                job,
+            },
+        );
+    }
+
+    /// The read runs on the disk as it is now (retention may have deleted its segment, a
+    /// crash may have cut it back); while faults are on it may fail or return a flipped bit.
+    pub(super) fn read_done(
+        &mut self,
+        n: usize,
+        shard: ShardIdx,
+        epoch: u64,
+        job: ReadJob,
+    ) -> Checked {
+        let s = shard as usize;
+        if !self.nodes[n].up || self.nodes[n].hosts[s].epoch != epoch {
+            return Ok(());
+        }
+        let faulty = self.phase == Phase::Faults
+            && self
+                .rng
+                .random_bool(self.options.log_read_fault_probability);
+        let mut done = job.perform(&mut self.nodes[n].hosts[s].disk);
+        if faulty {
+            self.counters.faults += 1;
+            match &mut done.result {
+                Ok(bytes) if !bytes.is_empty() && self.rng.random_bool(0.5) => {
+                    let i = self.rng.random_range(0..bytes.len());
+                    bytes[i] ^= 1 << self.rng.random_range(0..8);
+                    trace!(
+                        self,
+                        "s{shard} read {} returns a flipped bit at +{i}",
+                        done.id
+                    );
+                }
+                _ => {
+                    trace!(self, "s{shard} read {} fails (EIO)", done.id);
+                    done.result = Err(fabric_shard::store::StoreError {
+                        kind: fabric_shard::store::StoreErrorKind::Io,
+                        op: "read_at",
+                        file: fabric_shard::wal::segment_file_name(job.request.segment),
+                        message: "injected EIO".into(),
+                    });
+                }
+            }
+        }
+        let t = self.time();
+        self.nodes[n].hosts[s].driver.handle_read_done(t, done);
+        Ok(())
     }
 
     /// The fault a completing write runs into, if any: a full disk, or (while faults are on)
@@ -139,44 +211,26 @@ impl Simulation {
         Ok(())
     }
 
-    /// Retention starts (and evicts conversation entries, and their idempotency keys, from
-    /// memory) only in `handle_wal_done`; a one-entry read from seq 1 right after shows what is
-    /// left, so the checker knows which keys the shard may have forgotten.
+    /// Retention starts (and evicts conversation entries, and their idempotency keys) only in
+    /// `handle_wal_done`; the shard's oldest retained seq right after tells the checker which
+    /// keys the shard may have forgotten (read from the core, not through a `read`, whose
+    /// answer may come later from disk).
     pub(super) fn probe_retention(&mut self, n: usize, shard: ShardIdx) {
         if self.options.retention_bytes_max >= RETENTION_OFF_BYTES {
             return;
         }
-        let node = &mut self.nodes[n];
-        let probe = match node.probe {
-            Some(p) => p,
-            None => {
-                let p = node.new_session();
-                *node.probe.insert(p)
-            }
-        };
-        for (i, conv) in self.nodes[n].model.conv_names().into_iter().enumerate() {
+        for conv in self.nodes[n].model.conv_names() {
             if self.conv_shard(&conv) != shard {
                 continue;
             }
-            let read = ShardOp::Read {
-                r: i as u64,
-                mesh: MeshId::must(MESH),
-                conv: ConvId::must(&conv),
-                from: 1,
-                limit: 1,
-            };
-            if let Some(x) = self.nodes[n].hosts[shard as usize].driver.shard_mut() {
-                x.handle_requests(
-                    self.now,
-                    [Request {
-                        session: probe,
-                        op: read,
-                    }],
-                );
+            let first = self.nodes[n].hosts[shard as usize]
+                .driver
+                .shard()
+                .and_then(|x| x.retained_from(MESH, &conv));
+            if let Some(first) = first {
+                self.nodes[n].model.note_evicted(&conv, first - 1);
             }
         }
-        let t = self.time();
-        self.nodes[n].hosts[shard as usize].driver.flush(t);
     }
 
     /// The host asked for a new incarnation of `shard`: recovered from its disk as the node
