@@ -245,6 +245,8 @@ pub struct ShardMetrics {
     pub recovered_records: Gauge,
     pub segments_deleted: Counter,
     pub retention_blocked: Counter,
+    pub log_reads: Counter,
+    pub log_read_bytes: Counter,
     pub sends_acked: Counter,
     pub appends_acked: Counter,
     pub deliveries: Counter,
@@ -354,6 +356,8 @@ impl Metrics {
                     recovered_records: r.gauge("fabric_wal_recovered_records", "Records read by the shard's last recovery.", &l),
                     segments_deleted: r.counter("fabric_wal_segments_deleted_total", "Segments retired by retention.", &l),
                     retention_blocked: r.counter("fabric_wal_retention_blocked_total", "Retention rounds held back by unacknowledged inbox data.", &l),
+                    log_reads: r.counter("fabric_log_reads_total", "Disk reads of the log (conversation entries older than the log cache).", &l),
+                    log_read_bytes: r.counter("fabric_log_read_bytes_total", "Bytes of disk reads of the log.", &l),
                     sends_acked: r.counter("fabric_sends_acked_total", "Inbox sends acknowledged (durable).", &l),
                     appends_acked: r.counter("fabric_appends_acked_total", "Conversation appends acknowledged (durable).", &l),
                     deliveries: r.counter("fabric_inbox_deliveries_total", "Inbox messages pushed to sessions.", &l),
@@ -737,6 +741,12 @@ impl ShardExport {
             &m.retention_blocked,
             s.retention_blocked,
             &mut last.retention_blocked,
+        );
+        add(&m.log_reads, s.disk_reads, &mut last.disk_reads);
+        add(
+            &m.log_read_bytes,
+            s.disk_read_bytes,
+            &mut last.disk_read_bytes,
         );
         // Acks move cursors without changing any counter above.
         if s.records_written != last.records_written {

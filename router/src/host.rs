@@ -612,6 +612,8 @@ impl ShardDriver {
                 }
             }
         }
+        self.route_outputs();
+        // After the outputs: drains (run by `poll_output`) are what ask for most reads.
         if let State::Serving(shard) = &mut self.state {
             while let Some(request) = shard.poll_read() {
                 self.effects.push_back(Effect::Read(ReadJob {
@@ -620,7 +622,6 @@ impl ShardDriver {
                 }));
             }
         }
-        self.route_outputs();
     }
 
     /// Input batches into the serving shard, each whole, while it wants input.
