@@ -130,6 +130,8 @@ fn planted_lose_cursor_update_is_caught_by_the_cursor_checker() {
         o.crash_interval_ms_mean = 0;
         o.enospc_probability = 0.0;
         o.disk_full_interval_ms_mean = 0;
+        // A disk read that fails three times restarts the shard too.
+        o.log_read_fault_probability = 0.0;
     });
 }
 
