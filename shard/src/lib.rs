@@ -148,6 +148,9 @@ pub struct PlantedBugs {
     /// Recovery does not sync what it read (it may be page cache only, after a process crash
     /// or a failed write, and the shard serves it as durable).
     pub no_sync_after_recovery: bool,
+    /// Disk reads of the log do not check record checksums (a flipped bit in what a read
+    /// returns is served as the entry).
+    pub skip_crc_on_log_reads: bool,
 }
 
 /// One write for the glue, performed by [`store::perform`]: create `segment` (header, then

@@ -297,7 +297,8 @@ impl Shard {
                 break;
             }
             let at = base + i as u64;
-            let (lsn, record) = wal::decode_record(&rest[..size])
+            let check_crc = !self.config.planted.skip_crc_on_log_reads;
+            let (lsn, record) = wal::decode_record_checked(&rest[..size], check_crc)
                 .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
             if lsn > self.durable_lsn {
                 break;

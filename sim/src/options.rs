@@ -557,7 +557,7 @@ pub mod planted_names {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     /// Every bug the shard core can plant, by name.
-    pub const ALL: [&str; 7] = [
+    pub const ALL: [&str; 8] = [
         "ack_before_fsync",
         "skip_crc_on_recovery",
         "lose_cursor_update",
@@ -565,6 +565,7 @@ pub mod planted_names {
         "no_dir_fsync_on_segment_create",
         "trust_page_cache_after_failed_sync",
         "no_sync_after_recovery",
+        "skip_crc_on_log_reads",
     ];
 
     pub fn names(p: PlantedBugs) -> Vec<&'static str> {
@@ -576,6 +577,7 @@ pub mod planted_names {
             p.no_dir_fsync_on_segment_create,
             p.trust_page_cache_after_failed_sync,
             p.no_sync_after_recovery,
+            p.skip_crc_on_log_reads,
         ];
         ALL.iter()
             .zip(on)
@@ -691,6 +693,7 @@ pub mod planted_names {
             "no_dir_fsync_on_segment_create" => p.no_dir_fsync_on_segment_create = true,
             "trust_page_cache_after_failed_sync" => p.trust_page_cache_after_failed_sync = true,
             "no_sync_after_recovery" => p.no_sync_after_recovery = true,
+            "skip_crc_on_log_reads" => p.skip_crc_on_log_reads = true,
             "none" => {}
             other => {
                 return Err(SimConfigError::UnknownBug {

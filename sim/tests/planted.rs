@@ -280,3 +280,22 @@ fn planted_glue_batch_drops_rest_under_backpressure_is_caught() {
     );
     assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
 }
+
+#[test]
+fn planted_skip_crc_on_log_reads_is_caught_as_a_body_nobody_wrote() {
+    // Proves checker 7 sees what a disk read of the log serves: with checksums skipped, a
+    // flipped bit in a read's bytes reaches a subscriber, an HTTP page or an audit as an
+    // entry with a body its append never had (or a record that does not decode is taken for
+    // another). Without read faults the bug changes nothing, so the control run passes.
+    let bug = |p: &mut PlantedBugs| p.skip_crc_on_log_reads = true;
+    let kinds = found("skip_crc_on_log_reads", |o| {
+        bug(&mut o.planted);
+        o.log_read_fault_probability = 0.2;
+        o.log_cache_bytes_max = 0;
+    });
+    assert!(!kinds.is_empty(), "not found in {SEEDS} seeds");
+    silent(|o| {
+        bug(&mut o.planted);
+        o.log_read_fault_probability = 0.0;
+    });
+}
