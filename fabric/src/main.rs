@@ -197,11 +197,12 @@ struct ServeArgs {
 }
 
 impl ServeArgs {
-    fn into_config(self) -> anyhow::Result<Config> {
+    fn into_config(mut self) -> anyhow::Result<Config> {
         let mut c = match &self.config {
             Some(path) => Config::from_toml_file(path)?,
             None => Config::default(),
         };
+        self.set_optional(&mut c);
         macro_rules! set {
             ($($f:ident),*) => { $( if let Some(v) = self.$f { c.$f = v; } )* };
         }
@@ -248,8 +249,14 @@ impl ServeArgs {
             log_read_bytes_max,
             log_reads_inflight_max
         );
+        c.validate()?;
+        Ok(c)
+    }
+
+    /// The settings with no default value of their own (addresses, TLS, the admin token).
+    fn set_optional(&mut self, c: &mut Config) {
         if self.metrics_listen.is_some() {
-            c.metrics_listen = self.metrics_listen;
+            c.metrics_listen = self.metrics_listen.take();
         }
         if let Some(q) = self.quic {
             c.quic = q;
@@ -258,17 +265,15 @@ impl ServeArgs {
             c.ws_tls = t;
         }
         if self.quic_listen.is_some() {
-            c.quic_listen = self.quic_listen;
+            c.quic_listen = self.quic_listen.take();
         }
         if self.tls_cert.is_some() {
-            c.tls_cert = self.tls_cert;
-            c.tls_key = self.tls_key;
+            c.tls_cert = self.tls_cert.take();
+            c.tls_key = self.tls_key.take();
         }
         if self.admin_token.is_some() {
-            c.admin_token = self.admin_token;
+            c.admin_token = self.admin_token.take();
         }
-        c.validate()?;
-        Ok(c)
     }
 }
 

@@ -92,6 +92,18 @@ pub(crate) enum ReadStart {
     Nothing,
 }
 
+/// One step of a scan over a read's bytes.
+enum Item {
+    /// An intact frame header: skipped.
+    Frame,
+    /// A whole, checked record: its framed size, LSN and payload.
+    Record(usize, u64, Record),
+    /// A record of this framed size that the read's bytes cut short.
+    Partial(usize),
+    /// Nothing more to take from these bytes.
+    End,
+}
+
 /// What one read's bytes held for its reader.
 struct Parsed {
     /// The entries found, each with the offset just past its record.
@@ -259,50 +271,19 @@ impl Shard {
         let mut i = 0usize;
         let mut expect = task.from_seq;
         while (p.events.len() as u64) < task.want {
-            let rest = &bytes[i..];
-            if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
-                if rest.len() < wal::FRAME_HEADER_BYTES {
-                    break;
-                }
-                if wal::FrameHeader::decode(rest).is_none() {
-                    return Err(format!(
-                        "no intact frame header at offset {}",
-                        base + i as u64
-                    ));
-                }
-                i += wal::FRAME_HEADER_BYTES;
-                continue;
-            }
-            let Some(size) = wal::record_size(rest) else {
-                break;
-            };
-            if size > wal::RECORD_HEADER_BYTES + wal::RECORD_BYTES_MAX {
-                return Err(format!(
-                    "record length {size} at offset {} is over the record limit",
-                    base + i as u64
-                ));
-            }
-            if size > rest.len() {
-                if i > 0 {
-                    break;
-                }
-                // A record longer than the read: read it whole, if it is really there (a
-                // length that runs past the durable bytes is damage, not a long record).
-                if size > self.readable_len_unbounded(segment, base) {
-                    return Err(format!(
-                        "record length {size} at offset {base} runs past the durable bytes"
-                    ));
-                }
-                p.grow = Some(size);
-                break;
-            }
             let at = base + i as u64;
-            let check_crc = !self.config.planted.skip_crc_on_log_reads;
-            let (lsn, record) = wal::decode_record_checked(&rest[..size], check_crc)
-                .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
-            if lsn > self.durable_lsn {
-                break;
-            }
+            let (size, lsn, record) = match self.next_item(&bytes[i..], segment, at)? {
+                Item::Frame => {
+                    i += wal::FRAME_HEADER_BYTES;
+                    continue;
+                }
+                Item::Record(size, lsn, record) => (size, lsn, record),
+                Item::Partial(size) => {
+                    p.grow = (i == 0).then_some(size);
+                    break;
+                }
+                Item::End => break,
+            };
             i += size;
             let Record::Appended(a) = record else {
                 continue;
@@ -333,6 +314,45 @@ impl Shard {
             p.stop = (segment + 1, wal::SEGMENT_HEADER_BYTES as u64);
         }
         Ok(p)
+    }
+
+    /// What starts `rest` (at offset `at` of `segment`): a frame header (checked), a whole
+    /// record (checked), a record cut by the read's end (its size), or nothing more to take.
+    fn next_item(&self, rest: &[u8], segment: u64, at: u64) -> Result<Item, String> {
+        if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
+            if rest.len() < wal::FRAME_HEADER_BYTES {
+                return Ok(Item::End);
+            }
+            return match wal::FrameHeader::decode(rest) {
+                Some(_) => Ok(Item::Frame),
+                None => Err(format!("no intact frame header at offset {at}")),
+            };
+        }
+        let Some(size) = wal::record_size(rest) else {
+            return Ok(Item::End);
+        };
+        if size > wal::RECORD_HEADER_BYTES + wal::RECORD_BYTES_MAX {
+            return Err(format!(
+                "record length {size} at offset {at} is over the record limit"
+            ));
+        }
+        if size > rest.len() {
+            // A record longer than what was read is read whole next, if it is really there
+            // (a length that runs past the durable bytes is damage, not a long record).
+            if size > self.readable_len_unbounded(segment, at) {
+                return Err(format!(
+                    "record length {size} at offset {at} runs past the durable bytes"
+                ));
+            }
+            return Ok(Item::Partial(size));
+        }
+        let check_crc = !self.config.planted.skip_crc_on_log_reads;
+        let (lsn, record) = wal::decode_record_checked(&rest[..size], check_crc)
+            .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
+        if lsn > self.durable_lsn {
+            return Ok(Item::End);
+        }
+        Ok(Item::Record(size, lsn, record))
     }
 
     /// Hands a finished read's entries to its reader. `stop` is where the scan stopped
