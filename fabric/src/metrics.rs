@@ -247,6 +247,7 @@ pub struct ShardMetrics {
     pub retention_blocked: Counter,
     pub log_reads: Counter,
     pub log_read_bytes: Counter,
+    pub key_lookups: Counter,
     pub sends_acked: Counter,
     pub appends_acked: Counter,
     pub deliveries: Counter,
@@ -358,6 +359,7 @@ impl Metrics {
                     retention_blocked: r.counter("fabric_wal_retention_blocked_total", "Retention rounds held back by unacknowledged inbox data.", &l),
                     log_reads: r.counter("fabric_log_reads_total", "Disk reads of the log (conversation entries older than the log cache).", &l),
                     log_read_bytes: r.counter("fabric_log_read_bytes_total", "Bytes of disk reads of the log.", &l),
+                    key_lookups: r.counter("fabric_key_lookups_total", "Keyed appends whose key was looked up in a sealed segment on disk.", &l),
                     sends_acked: r.counter("fabric_sends_acked_total", "Inbox sends acknowledged (durable).", &l),
                     appends_acked: r.counter("fabric_appends_acked_total", "Conversation appends acknowledged (durable).", &l),
                     deliveries: r.counter("fabric_inbox_deliveries_total", "Inbox messages pushed to sessions.", &l),
@@ -748,6 +750,7 @@ impl ShardExport {
             s.disk_read_bytes,
             &mut last.disk_read_bytes,
         );
+        add(&m.key_lookups, s.key_lookups, &mut last.key_lookups);
         // Acks move cursors without changing any counter above.
         if s.records_written != last.records_written {
             last.records_written = s.records_written;

@@ -127,12 +127,14 @@ impl Shard {
             lsn,
             key: r.key,
         };
+        let key = e.key.clone().map(|k| (ck.clone(), k, seq));
         self.cache_bytes += e.cache_bytes();
         self.cache_bytes -= c.push(e);
         self.cache_fifo.push_back((lsn, ck.clone()));
         if replaying {
             c.durable_seq = c.head;
             let (segment, frame, offset) = self.replay_at;
+            let keys = key.into_iter().collect();
             if c.replay_frame != (segment, frame) {
                 // The conversation's first entry in this frame: where the live path marks.
                 c.replay_frame = (segment, frame);
@@ -144,9 +146,11 @@ impl Shard {
                 };
                 c.maybe_mark(mark, self.config.log_index_stride_records);
             }
+            self.note_keys(segment, keys);
             self.trim_cache();
             return;
         }
+        self.building_dirty.keys.extend(key);
         let new_in_building = !c.in_building;
         c.in_building = true;
         if first {

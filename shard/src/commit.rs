@@ -23,6 +23,8 @@ use std::sync::Arc;
 pub(crate) struct Dirty {
     pub(crate) meshes: Vec<(Arc<str>, u64)>,
     pub(crate) convs: Vec<DirtyConv>,
+    /// Idempotency keys of the frame's appends (conversation, key, seq).
+    pub(crate) keys: Vec<(ConvKey, Arc<str>, u64)>,
 }
 
 /// A conversation a write frame holds entries of.
@@ -167,7 +169,7 @@ impl Shard {
         if frame.is_none() && self.deletes.is_empty() && !self.manifest_dirty {
             return None;
         }
-        let (bytes, first_lsn, last_lsn, records, dirty) = match frame {
+        let (bytes, first_lsn, last_lsn, records, mut dirty) = match frame {
             Some(f) => (f.bytes, f.first_lsn, f.last_lsn, f.records, f.dirty),
             None => (
                 Vec::new(),
@@ -183,6 +185,10 @@ impl Shard {
         }
         let (segment, offset) = self.append_to_newest(&bytes, first_lsn, last_lsn);
         self.mark_conversations(&dirty, segment, offset);
+        let keys = std::mem::take(&mut dirty.keys);
+        if !keys.is_empty() || create {
+            self.note_keys(segment, keys);
+        }
         let manifest = std::mem::take(&mut self.manifest_dirty).then_some(self.manifest);
         let end = (segment, offset + bytes.len() as u64);
         self.inflight = Some(Inflight {

@@ -59,10 +59,9 @@ pub(crate) struct Conv {
     pub(crate) first_seq: u64,
     pub(crate) head: u64,
     pub(crate) durable_seq: u64,
-    /// Idempotency keys of retained entries -> their seq.
+    /// Idempotency keys of entries in the newest segment (and not yet written) -> their seq;
+    /// sealed segments' keys are fingerprints in the shard's `keys` index.
     pub(crate) keys: HashMap<Arc<str>, u64>,
-    /// The same keys in log order, with the LSN of their entry (retention drops them).
-    pub(crate) key_order: VecDeque<(u64, u64, Arc<str>)>,
     pub(crate) subscribers: Vec<SessionId>,
     /// Listed in the building batch's `Dirty` (one entry per conversation per batch).
     pub(crate) in_building: bool,
@@ -81,7 +80,6 @@ impl Default for Conv {
             head: 0,
             durable_seq: 0,
             keys: HashMap::new(),
-            key_order: VecDeque::new(),
             subscribers: Vec::new(),
             in_building: false,
             replay_frame: (0, 0),
@@ -106,7 +104,6 @@ impl Conv {
         self.head = e.seq;
         if let Some(k) = &e.key {
             self.keys.insert(k.clone(), e.seq);
-            self.key_order.push_back((e.lsn, e.seq, k.clone()));
         }
         self.cached.push_back(e);
         released
@@ -160,7 +157,8 @@ impl Conv {
     }
 
     /// Forgets the entries held at or below `lsn` (their segments are being retired): their
-    /// marks, cached copies and keys. Returns the cache bytes released. The oldest mark left
+    /// marks and cached copies (their keys are in those segments' fingerprints, which go
+    /// with the segments). Returns the cache bytes released. The oldest mark left
     /// is the conversation's first entry in the oldest segment kept, so it is the new first
     /// seq; with no mark left, only unwritten entries (all cached) are retained.
     pub(crate) fn evict_upto(&mut self, lsn: u64) -> u64 {
@@ -171,14 +169,6 @@ impl Conv {
         while self.cached.front().is_some_and(|e| e.lsn <= lsn) {
             released += self.cached.pop_front().expect("front exists").cache_bytes();
         }
-        // A key leaves only with the entry it points to: a retry stored after a failed write
-        // and a restart may have moved it to a newer, retained entry.
-        while self.key_order.front().is_some_and(|(l, _, _)| *l <= lsn) {
-            let (_, seq, k) = self.key_order.pop_front().expect("front exists");
-            if self.keys.get(&k) == Some(&seq) {
-                self.keys.remove(&k);
-            }
-        }
         self.first_seq = match (self.marks.front(), self.cached.front()) {
             (Some(m), _) => m.seq,
             (None, Some(e)) => e.seq,
@@ -188,7 +178,6 @@ impl Conv {
             self.cached = VecDeque::new();
             self.marks = VecDeque::new();
             self.keys = HashMap::new();
-            self.key_order = VecDeque::new();
         }
         released
     }

@@ -38,6 +38,7 @@ mod apply;
 mod commit;
 mod conv;
 mod drain;
+mod keys;
 mod mesh;
 mod ops;
 mod read;
@@ -206,6 +207,10 @@ pub struct ShardStats {
     pub disk_read_bytes: u64,
     /// Disk reads tried again (an I/O error, or bytes that did not verify).
     pub disk_read_retries: u64,
+    /// Keyed appends whose key only a sealed segment could hold, looked up on disk; and those
+    /// the lookup found (answered with the original seq).
+    pub key_lookups: u64,
+    pub key_lookups_found: u64,
 }
 
 /// Inbox messages waiting for their recipients' acknowledgement: messages addressed to a peer
@@ -320,6 +325,9 @@ pub struct Shard {
     pub(crate) cache_bytes: u64,
     /// Disk reads under way and the readers waiting for them.
     pub(crate) reads: read::Reads,
+    /// Idempotency keys: exact for the newest segment, fingerprints for sealed ones, and the
+    /// appends waiting for a lookup on disk.
+    pub(crate) keys: keys::KeyIndex,
     /// Where durable bytes end: (segment, offset). Reads never go past it.
     pub(crate) durable_end: (u64, u64),
     /// Where the record being applied is: live, its offset in the building frame; in replay,
@@ -375,6 +383,7 @@ impl Shard {
             cache_fifo: VecDeque::new(),
             cache_bytes: 0,
             reads: read::Reads::default(),
+            keys: keys::KeyIndex::default(),
             durable_end: (0, 0),
             framed_at: 0,
             replay_at: (0, 0, 0),
@@ -490,7 +499,7 @@ impl Shard {
     pub fn wants_input(&self) -> bool {
         self.sealed.is_empty()
             && self.building.len() < self.config.wal_batch_bytes_max
-            && self.pending.len() < self.config.pending_acks_max
+            && self.pending.len() + self.keys.parked_count < self.config.pending_acks_max
     }
 
     /// Takes a whole batch of requests, in order: every one is answered (an `ok` once durable

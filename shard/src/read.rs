@@ -41,6 +41,8 @@ pub(crate) enum Reader {
     Sub(SessionId),
     /// A `read` request.
     Op(u64),
+    /// A key lookup (`keys`).
+    Key(u64),
 }
 
 #[derive(Debug)]
@@ -93,7 +95,7 @@ pub(crate) enum ReadStart {
 }
 
 /// One step of a scan over a read's bytes.
-enum Item {
+pub(crate) enum Item {
     /// An intact frame header: skipped.
     Frame,
     /// A whole, checked record: its framed size, LSN and payload.
@@ -154,6 +156,16 @@ impl Shard {
     }
 
     fn read_bytes(&mut self, task: ReadTask, bytes: &[u8]) {
+        if let Reader::Key(id) = task.reader {
+            let (segment, base) = (task.request.segment, task.request.offset);
+            return match self.find_key(id, segment, base, bytes) {
+                Err(reason) => self.retry_read(task, reason),
+                Ok(s) => match (s.found, s.grow) {
+                    (None, Some(len)) => self.requeue(task, len),
+                    (found, _) => self.key_read(id, found, s.stop),
+                },
+            };
+        }
         match self.parse_read(&task, bytes) {
             Err(reason) => self.retry_read(task, reason),
             Ok(p) if p.grow.is_some() && p.events.is_empty() => {
@@ -218,7 +230,7 @@ impl Shard {
     }
 
     /// Durable bytes of `segment` from `offset`, up to `log_read_bytes_max`.
-    fn readable_len(&self, segment: u64, offset: u64) -> usize {
+    pub(crate) fn readable_len(&self, segment: u64, offset: u64) -> usize {
         self.readable_len_unbounded(segment, offset)
             .min(self.config.log_read_bytes_max)
     }
@@ -318,7 +330,7 @@ impl Shard {
 
     /// What starts `rest` (at offset `at` of `segment`): a frame header (checked), a whole
     /// record (checked), a record cut by the read's end (its size), or nothing more to take.
-    fn next_item(&self, rest: &[u8], segment: u64, at: u64) -> Result<Item, String> {
+    pub(crate) fn next_item(&self, rest: &[u8], segment: u64, at: u64) -> Result<Item, String> {
         if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
             if rest.len() < wal::FRAME_HEADER_BYTES {
                 return Ok(Item::End);
@@ -366,6 +378,8 @@ impl Shard {
         match task.reader {
             Reader::Sub(session) => self.deliver_to_sub(session, &task, events, stop),
             Reader::Op(op) => self.deliver_to_op(op, events, stop),
+            // Its segment went (retention): the lookup goes on with the next one.
+            Reader::Key(id) => self.key_read(id, None, (0, 0)),
         }
     }
 
@@ -519,6 +533,7 @@ impl Shard {
                         self.continue_op(id, op);
                     }
                 }
+                Reader::Key(id) => self.scan_next_segment(id, None),
             }
         }
     }

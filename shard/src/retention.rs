@@ -64,6 +64,7 @@ impl Shard {
         self.manifest.oldest = next.id;
         self.manifest_dirty = true;
         self.stats.segments_deleted += 1;
+        self.retire_keys_upto(seg.id);
     }
 
     /// The oldest segments a round retires: as many as bring the WAL within the limit, never

@@ -1369,6 +1369,7 @@ fn evicting_an_old_entry_keeps_its_key_when_the_key_points_to_a_newer_retained_e
 }
 
 mod apply;
+mod keys;
 mod limits;
 mod reads;
 

@@ -3,6 +3,7 @@
 
 use super::ok;
 use crate::conv::delivered;
+use crate::keys::Parked;
 use crate::record::*;
 use crate::{Shard, Sub};
 use fabric_proto::internal::{Reply, SessionId};
@@ -14,9 +15,28 @@ impl Shard {
         &mut self,
         session: SessionId,
         r: u64,
-        mut rec: AppendedRec,
+        rec: AppendedRec,
     ) -> Result<(), ProtoError> {
         self.check_body(&rec.body)?;
+        let ck = (rec.mesh.clone(), rec.conv.clone());
+        if let Some(q) = self.keys.parked.get_mut(&ck) {
+            // A key lookup of this conversation is under way: appends keep their order.
+            q.push_back(Parked { session, r, rec });
+            self.keys.parked_count += 1;
+            return Ok(());
+        }
+        self.append_taken(session, r, rec, true)
+    }
+
+    /// An append taken in its turn: a retried key answered with its original seq (looked up
+    /// on disk first when only a sealed segment may hold it, if `look_up`), else a new entry.
+    pub(crate) fn append_taken(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        mut rec: AppendedRec,
+        look_up: bool,
+    ) -> Result<(), ProtoError> {
         let ck = (rec.mesh.clone(), rec.conv.clone());
         if let Some(c) = self.convs.get(&ck) {
             if let Some(&seq) = rec.key.as_ref().and_then(|k| c.keys.get(k)) {
@@ -30,6 +50,13 @@ impl Shard {
                     let lsn = self.next_lsn - 1;
                     self.ack_at(lsn, session, reply);
                 }
+                return Ok(());
+            }
+        }
+        if let (true, Some(k)) = (look_up, rec.key.as_ref()) {
+            let segments = self.key_candidates(&ck, k);
+            if !segments.is_empty() {
+                self.park_for_lookup(Parked { session, r, rec }, segments);
                 return Ok(());
             }
         }

@@ -56,6 +56,11 @@ fn durable_state(s: &Shard) -> String {
     out += &format!("inbox_by_lsn {:?}\n", s.inbox_by_lsn);
     out += &format!("convs_by_lsn {:?}\n", s.convs_by_lsn);
     out += &format!("cache_bytes {}\n", s.cache_bytes);
+    out += &format!(
+        "keys open {} sealed {}\n",
+        s.keys.open_keys(),
+        s.keys.sealed_fingerprints()
+    );
     out += &format!("next_lsn {} durable_lsn {}\n", s.next_lsn, s.durable_lsn);
     out
 }

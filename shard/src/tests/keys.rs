@@ -1,0 +1,108 @@
+//! Idempotency keys: exact for the newest segment, fingerprints for sealed segments confirmed
+//! on disk; a retry gets its original seq wherever the original is retained.
+
+use super::*;
+
+fn small_segments() -> ShardConfig {
+    ShardConfig {
+        wal_segment_bytes_max: 1_500,
+        retention_bytes_max: 1 << 30,
+        log_cache_bytes_max: 0,
+        ..ShardConfig::default()
+    }
+}
+
+fn conv_keys(n: &Node, conv: &str) -> usize {
+    n.shard.convs[&(Arc::from("m"), Arc::from(conv))].keys.len()
+}
+
+fn seq_of(out: &[Output], r: u64) -> Option<u64> {
+    oks(out)
+        .into_iter()
+        .find(|(x, _, _)| *x == r)
+        .and_then(|(_, _, s)| s)
+}
+
+#[test]
+fn a_retry_whose_original_is_in_a_sealed_segment_gets_the_original_seq_from_disk() {
+    // Proves a key that left memory (its segment was sealed) is still found: the retry is
+    // answered with the original seq after a lookup on disk, and appends sent behind it to
+    // the same conversation get the next seqs in the order they came.
+    let mut n = Node::new(small_segments());
+    n.append(1, 1, "c", "\"first\"", Some("k1"));
+    assert_eq!(seq_of(&n.pump(), 1), Some(1));
+    for i in 2..=80u64 {
+        n.append(1, i, "c", "\"filler\"", Some(&format!("f{i}")));
+        n.pump();
+    }
+    assert!(n.shard.segment_count() > 3);
+    assert!(conv_keys(&n, "c") < 20, "sealed segments' keys left memory");
+    n.append(2, 100, "c", "\"retry\"", Some("k1"));
+    n.append(2, 101, "c", "\"after\"", None);
+    n.append(3, 102, "c", "\"other session\"", Some("fresh"));
+    let out = n.pump();
+    assert_eq!(seq_of(&out, 100), Some(1), "the original seq");
+    assert_eq!(seq_of(&out, 101), Some(81));
+    assert_eq!(seq_of(&out, 102), Some(82));
+    assert_eq!(n.shard.stats().key_lookups_found, 1);
+    assert_eq!(n.shard.keys.parked_count, 0);
+}
+
+#[test]
+fn a_fresh_key_that_matches_no_fingerprint_needs_no_disk_read() {
+    // Proves the fingerprints keep new keys off the disk: appends with keys never used do
+    // not look anything up (a lookup only follows a fingerprint match).
+    let mut n = Node::new(small_segments());
+    for i in 1..60u64 {
+        n.append(1, i, "c", "\"x\"", Some(&format!("k{i}")));
+        n.pump();
+    }
+    assert_eq!(n.shard.stats().key_lookups, 0);
+    assert!(n.shard.keys.sealed_fingerprints() > 30);
+}
+
+#[test]
+fn keys_survive_a_restart_as_fingerprints_and_are_still_found() {
+    // Proves recovery rebuilds the same split (exact keys for the newest segment,
+    // fingerprints for the rest) and a retry after a restart still gets its original seq.
+    let mut n = Node::new(small_segments());
+    for i in 1..50u64 {
+        n.append(1, i, "c", "\"x\"", Some(&format!("k{i}")));
+        n.pump();
+    }
+    let (exact, sealed) = (conv_keys(&n, "c"), n.shard.keys.sealed_fingerprints());
+    n.restart();
+    assert_eq!(
+        conv_keys(&n, "c") + n.shard.keys.sealed_fingerprints(),
+        exact + sealed
+    );
+    n.append(2, 200, "c", "\"retry\"", Some("k3"));
+    assert_eq!(seq_of(&n.pump(), 200), Some(3));
+}
+
+#[test]
+fn memory_for_keys_is_the_newest_segment_not_retention() {
+    // Proves exact keys in memory stay bounded by what the newest segment holds while the
+    // retained keyed entries grow: the rest is 4 bytes a key.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 4_000,
+        ..small_segments()
+    });
+    for i in 1..=600u64 {
+        n.append(1, i, "c", "\"x\"", Some(&format!("key-{i}")));
+        if i % 10 == 0 {
+            n.pump();
+        }
+    }
+    n.pump();
+    assert!(
+        conv_keys(&n, "c") <= 60,
+        "{} exact keys",
+        conv_keys(&n, "c")
+    );
+    assert_eq!(conv_keys(&n, "c"), n.shard.keys.open_keys());
+    assert_eq!(
+        n.shard.keys.open_keys() + n.shard.keys.sealed_fingerprints(),
+        600
+    );
+}
