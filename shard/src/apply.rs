@@ -14,6 +14,7 @@
 use crate::commit::DirtyConv;
 use crate::conv::{Mark, StoredEvent};
 use crate::mesh::{InboxMsg, Mesh};
+use crate::read::Cached;
 use crate::record::*;
 use crate::Shard;
 use fabric_proto::ProtoError;
@@ -59,16 +60,10 @@ impl Shard {
 
     fn apply_sent(&mut self, lsn: u64, r: SentRec) {
         let replaying = self.replaying;
+        let (segment, _, offset) = self.replay_at;
         let m = mesh_entry(&mut self.meshes, &r.mesh);
-        if let Some(held) = m.log.get_mut(&r.pos) {
-            // A copy forward: the newest copy's LSN is the one retention must see.
-            let old = std::mem::replace(&mut held.lsn, lsn);
-            assert!(old < lsn, "a copy is newer than what it copies");
-            if !replaying {
-                self.inbox_by_lsn.remove(&old);
-                self.inbox_by_lsn.insert(lsn, (r.mesh, r.pos));
-            }
-            return;
+        if m.log.contains_key(&r.pos) {
+            return self.apply_copy(lsn, r);
         }
         assert!(
             replaying || r.pos == m.head + 1,
@@ -78,31 +73,69 @@ impl Shard {
         );
         let from = m.ensure_peer(&r.from);
         let to = m.stored_target(&r.to);
-        let bytes = r.body.len() as u64;
         let mut msg = InboxMsg {
             from,
             to,
-            body: r.body,
+            body_len: r.body.len() as u64,
+            body: Some(r.body),
             ts: r.ts,
             lsn,
+            at: (0, 0),
             pending: 0,
         };
         m.head = m.head.max(r.pos);
         if replaying {
+            msg.at = (segment, offset);
+            self.cache_bytes += msg.cache_cost();
             m.log.insert(r.pos, msg);
             m.durable_pos = m.head;
+            self.cache_fifo
+                .push_back((lsn, Cached::Inbox(r.mesh, r.pos)));
+            self.trim_cache();
             return;
         }
         let recipients = m.recipients(from, &msg.to);
         msg.pending = recipients.len() as u32;
-        if m.charge(&recipients, bytes) {
+        let cost = msg.cache_cost();
+        if m.charge(&recipients, msg.body_len) {
             // Nobody needs a message with no recipient: it takes its position and is gone.
             m.log.insert(r.pos, msg);
             self.inbox_by_lsn.insert(lsn, (r.mesh.clone(), r.pos));
+            self.cache_bytes += cost;
+            self.cache_fifo
+                .push_back((lsn, Cached::Inbox(r.mesh.clone(), r.pos)));
+            let rel = self.framed_at as u64;
+            self.building_dirty
+                .sent
+                .push((r.mesh.clone(), r.pos, lsn, rel));
         }
         if !m.in_building {
             m.in_building = true;
             self.building_dirty.meshes.push((r.mesh, 0));
+        }
+    }
+
+    /// A copy forward of a held message: the newest copy's LSN (and place) is the one
+    /// retention and reads must see; a cached body stays cached under it.
+    fn apply_copy(&mut self, lsn: u64, r: SentRec) {
+        let (segment, _, offset) = self.replay_at;
+        let m = self.meshes.get_mut(&r.mesh).expect("the copy's mesh");
+        let held = m.log.get_mut(&r.pos).expect("the copied message");
+        let old = std::mem::replace(&mut held.lsn, lsn);
+        assert!(old < lsn, "a copy is newer than what it copies");
+        let cached = held.body.is_some();
+        if self.replaying {
+            held.at = (segment, offset);
+        } else {
+            self.inbox_by_lsn.remove(&old);
+            self.inbox_by_lsn.insert(lsn, (r.mesh.clone(), r.pos));
+            let rel = self.framed_at as u64;
+            let frame = &mut self.building_dirty.sent;
+            frame.push((r.mesh.clone(), r.pos, lsn, rel));
+        }
+        if cached {
+            self.cache_fifo
+                .push_back((lsn, Cached::Inbox(r.mesh, r.pos)));
         }
     }
 
@@ -130,7 +163,7 @@ impl Shard {
         let key = e.key.clone().map(|k| (ck.clone(), k, seq));
         self.cache_bytes += e.cache_bytes();
         self.cache_bytes -= c.push(e);
-        self.cache_fifo.push_back((lsn, ck.clone()));
+        self.cache_fifo.push_back((lsn, Cached::Entry(ck.clone())));
         if replaying {
             c.durable_seq = c.head;
             let (segment, frame, offset) = self.replay_at;

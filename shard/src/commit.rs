@@ -25,6 +25,9 @@ pub(crate) struct Dirty {
     pub(crate) convs: Vec<DirtyConv>,
     /// Idempotency keys of the frame's appends (conversation, key, seq).
     pub(crate) keys: Vec<(ConvKey, Arc<str>, u64)>,
+    /// Inbox messages the frame holds a record of (mesh, pos, LSN, offset in the frame): they
+    /// learn where on disk their body is when the write is handed out.
+    pub(crate) sent: Vec<(Arc<str>, u64, u64, u64)>,
 }
 
 /// A conversation a write frame holds entries of.
@@ -185,6 +188,7 @@ impl Shard {
         }
         let (segment, offset) = self.append_to_newest(&bytes, first_lsn, last_lsn);
         self.mark_conversations(&dirty, segment, offset);
+        self.locate_sent(&mut dirty, segment, offset);
         let keys = std::mem::take(&mut dirty.keys);
         if !keys.is_empty() || create {
             self.note_keys(segment, keys);
@@ -223,6 +227,17 @@ impl Shard {
                     ..d.first
                 };
                 c.maybe_mark(mark, stride);
+            }
+        }
+    }
+
+    /// Each inbox message the write holds learns where its record is (if that record is
+    /// still its newest copy).
+    fn locate_sent(&mut self, dirty: &mut Dirty, segment: u64, offset: u64) {
+        for (mesh, pos, lsn, rel) in dirty.sent.drain(..) {
+            let msg = self.meshes.get_mut(&mesh).and_then(|m| m.log.get_mut(&pos));
+            if let Some(msg) = msg.filter(|m| m.lsn == lsn) {
+                msg.at = (segment, offset + rel);
             }
         }
     }

@@ -43,9 +43,13 @@ impl Shard {
     ) -> bool {
         let scan_max = self.config.drain_scan_entries_max;
         let mut more = false;
+        if s.inbox_reading.is_some() {
+            return false;
+        }
         let Some((mesh, peer, next)) = s.inbox.as_mut() else {
             return false;
         };
+        let mut fill = None;
         let Some(m) = self.meshes.get(mesh) else {
             return false;
         };
@@ -61,11 +65,18 @@ impl Shard {
                 more = s.credit > 0;
                 break;
             }
-            *scanned += 1;
-            last = pos + 1;
             if !m.is_recipient(msg, *peer) {
+                *scanned += 1;
+                last = pos + 1;
                 continue;
             }
+            let Some(body) = msg.body.clone() else {
+                // On disk only: read it back, then go on from here.
+                fill = Some(msg.at);
+                break;
+            };
+            *scanned += 1;
+            last = pos + 1;
             debug_assert!(pos <= m.durable_pos, "only durable messages are delivered");
             s.credit -= 1;
             self.stats.deliveries += 1;
@@ -74,26 +85,42 @@ impl Shard {
             } else {
                 delivered_upto = pos;
             }
-            self.out.push_back(Output {
-                session,
-                reply: Reply::Frame(ServerOp::Deliver {
-                    pos,
-                    from: m.peers[msg.from as usize].id.clone(),
-                    to: m.wire_target(&msg.to),
-                    body: msg.body.clone(),
-                    ts: msg.ts,
-                }),
-            });
+            let deliver = ServerOp::Deliver {
+                pos,
+                from: m.peers[msg.from as usize].id.clone(),
+                to: m.wire_target(&msg.to),
+                body,
+                ts: msg.ts,
+            };
+            let reply = Reply::Frame(deliver);
+            self.out.push_back(Output { session, reply });
         }
-        if !more && s.credit > 0 {
+        if !more && s.credit > 0 && fill.is_none() {
             last = last.max(m.durable_pos + 1);
         }
         *next = last;
-        let peer = *peer as usize;
-        if let Some(m) = self.meshes.get_mut(mesh) {
-            m.peers[peer].delivered_upto = delivered_upto;
-        }
+        self.end_inbox_drain(session, s, delivered_upto, fill);
         more
+    }
+
+    /// Keeps how far this incarnation delivered to the peer (to count redeliveries), and asks
+    /// for the bodies on disk the drain stopped at.
+    fn end_inbox_drain(
+        &mut self,
+        session: SessionId,
+        s: &mut crate::SessionState,
+        delivered_upto: u64,
+        fill: Option<(u64, u64)>,
+    ) {
+        let Some((mesh, peer, _)) = s.inbox.clone() else {
+            return;
+        };
+        if let Some(m) = self.meshes.get_mut(&mesh) {
+            m.peers[peer as usize].delivered_upto = delivered_upto;
+        }
+        if let Some(at) = fill {
+            self.fill_for_session(session, s, &mesh, at);
+        }
     }
 
     /// The subscriptions part of a drain: entries from the log cache, and a disk read for a

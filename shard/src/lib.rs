@@ -266,6 +266,8 @@ pub(crate) struct SessionState {
     pub(crate) subs: Vec<Sub>,
     /// The nonce of the last key hello on this session (each nonce proves one hello only).
     pub(crate) hello_nonce: Option<[u8; 32]>,
+    /// The disk read under way that fills inbox bodies this session's drain waits for.
+    pub(crate) inbox_reading: Option<u64>,
 }
 
 pub struct Shard {
@@ -321,7 +323,10 @@ pub struct Shard {
 
     /// The log cache: cached conversation entries in LSN order (each conversation's
     /// `cached` holds the entries), and the bytes they count.
-    pub(crate) cache_fifo: VecDeque<(u64, ConvKey)>,
+    pub(crate) cache_fifo: VecDeque<(u64, read::Cached)>,
+    /// The cache queue's length after its last compaction (stale entries are dropped when it
+    /// has doubled since).
+    pub(crate) cache_fifo_compacted: usize,
     pub(crate) cache_bytes: u64,
     /// Disk reads under way and the readers waiting for them.
     pub(crate) reads: read::Reads,
@@ -381,6 +386,7 @@ impl Shard {
             replaying: false,
             storage_full_until: None,
             cache_fifo: VecDeque::new(),
+            cache_fifo_compacted: 0,
             cache_bytes: 0,
             reads: read::Reads::default(),
             keys: keys::KeyIndex::default(),
@@ -565,10 +571,12 @@ impl Shard {
         }
     }
 
-    /// Nothing is building, in flight or waiting for durability: every request taken in has
-    /// been written, synced and answered.
+    /// Nothing is building, in flight, waiting for durability or for a disk read: every
+    /// request taken in has been written, synced and answered.
     pub fn is_idle(&self) -> bool {
-        self.building_records == 0
+        self.reads_in_flight() == 0
+            && self.keys.parked_count == 0
+            && self.building_records == 0
             && self.sealed.is_empty()
             && self.inflight.is_none()
             && self.pending.is_empty()

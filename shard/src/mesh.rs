@@ -25,10 +25,14 @@ pub(crate) enum StoredTarget {
 pub(crate) struct InboxMsg {
     pub(crate) from: u32,
     pub(crate) to: StoredTarget,
-    pub(crate) body: Body,
+    /// In memory while the message is in the log cache; else read back from `at`.
+    pub(crate) body: Option<Body>,
+    pub(crate) body_len: u64,
     pub(crate) ts: u64,
     /// The LSN of the newest record holding this message (a copy-forward moves it).
     pub(crate) lsn: u64,
+    /// Where that record is: (segment, offset); (0, 0) until its write is handed out.
+    pub(crate) at: (u64, u64),
     /// Recipients whose cursor is still below this message.
     pub(crate) pending: u32,
 }
@@ -36,7 +40,12 @@ pub(crate) struct InboxMsg {
 impl InboxMsg {
     /// What the message counts against backlogs: its body's bytes.
     pub(crate) fn bytes(&self) -> u64 {
-        self.body.len() as u64
+        self.body_len
+    }
+
+    /// What its body counts against the log cache while in memory.
+    pub(crate) fn cache_cost(&self) -> u64 {
+        self.body_len + crate::conv::CACHED_ENTRY_OVERHEAD_BYTES
     }
 }
 
@@ -79,6 +88,9 @@ pub(crate) struct Mesh {
     pub(crate) sessions: Vec<SessionId>,
     /// Listed in the building batch's `Dirty` (one entry per mesh per batch, not per send).
     pub(crate) in_building: bool,
+    /// Log cache bytes of message bodies dropped with their messages since the shard last
+    /// took this count (it keeps the cache's total).
+    pub(crate) cache_released: u64,
 }
 
 impl Mesh {
@@ -210,9 +222,16 @@ impl Mesh {
         for (pos, _) in &done {
             if let Some(msg) = self.log.remove(pos) {
                 self.backlog_bytes = self.backlog_bytes.saturating_sub(msg.bytes());
+                self.release_cached(&msg);
             }
         }
         done
+    }
+
+    fn release_cached(&mut self, msg: &InboxMsg) {
+        if msg.body.is_some() {
+            self.cache_released += msg.cache_cost();
+        }
     }
 
     /// Recomputes every count from the log and the cursors (after recovery, when peers that
@@ -240,7 +259,9 @@ impl Mesh {
             }
         }
         for (pos, _) in &done {
-            self.log.remove(pos);
+            if let Some(msg) = self.log.remove(pos) {
+                self.release_cached(&msg);
+            }
         }
         done
     }

@@ -18,6 +18,7 @@ use crate::{wal, Shard};
 use fabric_proto::internal::{Reply, SessionId};
 use fabric_proto::{DeliveredEvent, ErrorCode, ProtoError, ServerOp};
 use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 /// Tries of one read before the shard fails (the host then recovers it from disk).
 pub const READ_ATTEMPTS_MAX: u32 = 3;
@@ -43,6 +44,10 @@ pub(crate) enum Reader {
     Op(u64),
     /// A key lookup (`keys`).
     Key(u64),
+    /// Inbox bodies a session's drain waits for.
+    Inbox(SessionId),
+    /// Inbox bodies a retention round waits for.
+    Fill,
 }
 
 #[derive(Debug)]
@@ -82,6 +87,8 @@ pub(crate) struct Reads {
     waiting: VecDeque<Reader>,
     /// Why reading failed for good (the shard is then failed).
     pub(crate) failure: Option<String>,
+    /// Reads filling bodies for a retention round, under way.
+    pub(crate) retention_fills: usize,
 }
 
 /// What `start_read` did.
@@ -92,6 +99,18 @@ pub(crate) enum ReadStart {
     Busy,
     /// Nothing durable to read there.
     Nothing,
+}
+
+/// The cache queue is compacted no shorter than this.
+const CACHE_FIFO_COMPACT_MIN: usize = 4096;
+
+/// What a log cache queue entry stands for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Cached {
+    /// A conversation entry (the oldest cached one of this conversation, at that LSN).
+    Entry(ConvKey),
+    /// An inbox message's body (while the message's newest record is at that LSN).
+    Inbox(Arc<str>, u64),
 }
 
 /// One step of a scan over a read's bytes.
@@ -156,6 +175,17 @@ impl Shard {
     }
 
     fn read_bytes(&mut self, task: ReadTask, bytes: &[u8]) {
+        if matches!(task.reader, Reader::Inbox(_) | Reader::Fill) {
+            let (segment, base) = (task.request.segment, task.request.offset);
+            return match self.fill_bodies(segment, base, bytes) {
+                Err(reason) => self.retry_read(task, reason),
+                Ok(p) if p.grow.is_some() => {
+                    let len = p.grow.unwrap_or_default();
+                    self.requeue(task, len);
+                }
+                Ok(_) => self.deliver_read(task, Vec::new(), None),
+            };
+        }
         if let Reader::Key(id) = task.reader {
             let (segment, base) = (task.request.segment, task.request.offset);
             return match self.find_key(id, segment, base, bytes) {
@@ -380,6 +410,20 @@ impl Shard {
             Reader::Op(op) => self.deliver_to_op(op, events, stop),
             // Its segment went (retention): the lookup goes on with the next one.
             Reader::Key(id) => self.key_read(id, None, (0, 0)),
+            Reader::Inbox(session) => {
+                if let Some(s) = self.sessions.get_mut(&session) {
+                    if s.inbox_reading == Some(task.request.id) {
+                        s.inbox_reading = None;
+                    }
+                }
+                self.queue_drain(session);
+            }
+            Reader::Fill => {
+                self.reads.retention_fills -= 1;
+                if self.reads.retention_fills == 0 {
+                    self.maybe_start_retention();
+                }
+            }
         }
     }
 
@@ -534,6 +578,8 @@ impl Shard {
                     }
                 }
                 Reader::Key(id) => self.scan_next_segment(id, None),
+                Reader::Inbox(session) => self.queue_drain(session),
+                Reader::Fill => self.maybe_start_retention(),
             }
         }
     }
@@ -547,24 +593,153 @@ impl Shard {
     /// Trims the log cache to `log_cache_bytes_max`, oldest entries first, keeping what is not
     /// durable yet (it cannot be read back).
     pub(crate) fn trim_cache(&mut self) {
-        while let Some((lsn, key)) = self.cache_fifo.front() {
-            let Some(c) = self.convs.get_mut(key) else {
-                self.cache_fifo.pop_front();
-                continue;
-            };
-            let front = c.cached.front().map(|e| e.lsn);
-            if front != Some(*lsn) {
-                // Retention evicted it already (and released its bytes).
+        self.compact_cache_fifo();
+        while let Some((lsn, what)) = self.cache_fifo.front() {
+            let lsn = *lsn;
+            if !self.cache_entry_live(lsn, what) {
+                // Gone already (retention, an ack, a copy forward), its bytes released.
                 self.cache_fifo.pop_front();
                 continue;
             }
-            let durable = *lsn <= self.durable_lsn || self.replaying;
+            let durable = lsn <= self.durable_lsn || self.replaying;
             if self.cache_bytes <= self.config.log_cache_bytes_max || !durable {
                 break;
             }
-            let e = c.cached.pop_front().expect("front exists");
-            self.cache_bytes -= e.cache_bytes();
-            self.cache_fifo.pop_front();
+            let (_, what) = self.cache_fifo.pop_front().expect("front exists");
+            self.cache_bytes -= self.evict_cached(what);
         }
+    }
+
+    /// Whether a cache queue entry still stands for something in memory.
+    fn cache_entry_live(&self, lsn: u64, what: &Cached) -> bool {
+        match what {
+            Cached::Entry(key) => self
+                .convs
+                .get(key)
+                .and_then(|c| c.cached.front())
+                .is_some_and(|e| e.lsn <= lsn),
+            Cached::Inbox(mesh, pos) => self
+                .meshes
+                .get(mesh)
+                .and_then(|m| m.log.get(pos))
+                .is_some_and(|m| m.lsn == lsn && m.body.is_some()),
+        }
+    }
+
+    /// Drops a live cache entry's bytes from memory; returns what they counted.
+    fn evict_cached(&mut self, what: Cached) -> u64 {
+        match what {
+            Cached::Entry(key) => {
+                let c = self
+                    .convs
+                    .get_mut(&key)
+                    .expect("a live entry's conversation");
+                c.cached.pop_front().expect("a live entry").cache_bytes()
+            }
+            Cached::Inbox(mesh, pos) => {
+                let m = self.meshes.get_mut(&mesh).expect("a live entry's mesh");
+                let msg = m.log.get_mut(&pos).expect("a live entry's message");
+                msg.body = None;
+                msg.cache_cost()
+            }
+        }
+    }
+
+    /// Drops stale entries from the cache queue once it has doubled since the last time
+    /// (acknowledged messages leave stale entries anywhere in it, not only at its front).
+    fn compact_cache_fifo(&mut self) {
+        let len = self.cache_fifo.len();
+        if len < CACHE_FIFO_COMPACT_MIN || len < 2 * self.cache_fifo_compacted {
+            return;
+        }
+        let mut fifo = std::mem::take(&mut self.cache_fifo);
+        fifo.retain(|(lsn, what)| self.cache_entry_live(*lsn, what));
+        self.cache_fifo_compacted = fifo.len();
+        self.cache_fifo = fifo;
+    }
+
+    /// A drain found an inbox message whose body is on disk only: a read fills the bodies it
+    /// covers, then the session's drain goes on.
+    pub(crate) fn fill_for_session(
+        &mut self,
+        session: SessionId,
+        s: &mut crate::SessionState,
+        mesh: &Arc<str>,
+        at: (u64, u64),
+    ) {
+        let key = (mesh.clone(), Arc::from(""));
+        let started = self.start_read(Reader::Inbox(session), &key, 0, 1, Some(at));
+        if let ReadStart::Started(id) = started {
+            s.inbox_reading = Some(id);
+        }
+    }
+
+    /// Before a retention round copies messages forward, the bodies it needs come back from
+    /// disk. True while reads are under way (the round waits for them).
+    pub(crate) fn fill_for_retention(&mut self, held: &[(u64, Arc<str>, u64)]) -> bool {
+        if self.reads.retention_fills > 0 {
+            return true;
+        }
+        let missing: Vec<(Arc<str>, (u64, u64))> = held
+            .iter()
+            .filter_map(|(_, mesh, pos)| {
+                let msg = self.meshes.get(mesh)?.log.get(pos)?;
+                msg.body.is_none().then(|| (mesh.clone(), msg.at))
+            })
+            .collect();
+        for (mesh, at) in missing.iter().take(self.config.log_reads_inflight_max) {
+            let key = (mesh.clone(), Arc::from(""));
+            if let ReadStart::Started(_) = self.start_read(Reader::Fill, &key, 0, 1, Some(*at)) {
+                self.reads.retention_fills += 1;
+            }
+        }
+        !missing.is_empty()
+    }
+
+    /// Puts back into memory every body in `bytes` whose message is still needed and whose
+    /// newest record this is. Returns where the scan stopped.
+    fn fill_bodies(&mut self, segment: u64, base: u64, bytes: &[u8]) -> Result<Parsed, String> {
+        let mut p = Parsed {
+            events: Vec::new(),
+            stop: (segment, base),
+            grow: None,
+        };
+        let mut i = 0usize;
+        loop {
+            let at = base + i as u64;
+            match self.next_item(&bytes[i..], segment, at)? {
+                Item::Frame => i += wal::FRAME_HEADER_BYTES,
+                Item::Record(size, lsn, record) => {
+                    i += size;
+                    if let Record::Sent(r) = record {
+                        self.fill_body(lsn, r);
+                    }
+                }
+                Item::Partial(size) => {
+                    p.grow = (i == 0).then_some(size);
+                    break;
+                }
+                Item::End => break,
+            }
+        }
+        p.stop = (segment, base + i as u64);
+        Ok(p)
+    }
+
+    fn fill_body(&mut self, lsn: u64, r: crate::record::SentRec) {
+        let Some(msg) = self
+            .meshes
+            .get_mut(&r.mesh)
+            .and_then(|m| m.log.get_mut(&r.pos))
+        else {
+            return;
+        };
+        if msg.lsn != lsn || msg.body.is_some() {
+            return;
+        }
+        msg.body = Some(r.body);
+        self.cache_bytes += msg.cache_cost();
+        self.cache_fifo
+            .push_back((lsn, Cached::Inbox(r.mesh, r.pos)));
     }
 }

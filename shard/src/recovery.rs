@@ -290,6 +290,7 @@ impl Recoverer {
         }
         for m in s.meshes.values_mut() {
             m.recount();
+            s.cache_bytes -= std::mem::take(&mut m.cache_released);
         }
         for (id, m) in &s.meshes {
             for (pos, msg) in &m.log {

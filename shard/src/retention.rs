@@ -83,7 +83,7 @@ impl Shard {
         (span.0, span.1, freed)
     }
 
-    fn maybe_start_retention(&mut self) {
+    pub(crate) fn maybe_start_retention(&mut self) {
         if !matches!(self.retention, Retention::Idle)
             || self.wal_bytes
                 <= self
@@ -105,7 +105,7 @@ impl Shard {
         let copy_bytes: u64 = held
             .iter()
             .filter_map(|(_, mesh, pos)| self.meshes.get(mesh)?.log.get(pos))
-            .map(|m| (m.body.len() + wal::RECORD_HEADER_BYTES + 64) as u64)
+            .map(|m| m.body_len + (wal::RECORD_HEADER_BYTES + 64) as u64)
             .sum();
         // Segments that are mostly unacknowledged inbox data mean a backlog as large as the
         // segments: rewriting it every commit would gain nothing, so wait for another
@@ -120,6 +120,10 @@ impl Shard {
         // retires) waits until as much other data has been written since the last round.
         let since = self.stats.bytes_written - self.last_round_end_written;
         if freed <= copy_bytes + self.last_round_bytes && since < self.last_round_bytes {
+            return;
+        }
+        if self.fill_for_retention(&held) {
+            // Bodies of held messages are being read back first; the round starts after.
             return;
         }
         self.retention_blocked_bytes = 0;
@@ -167,7 +171,10 @@ impl Shard {
             pos,
             from: m.peers[msg.from as usize].id.clone(),
             to: m.wire_target(&msg.to),
-            body: msg.body.clone(),
+            body: msg
+                .body
+                .clone()
+                .expect("a round starts once every held body is in memory"),
             ts: msg.ts,
         };
         // Applying the copy moves the message's LSN (and retention's index) to it.

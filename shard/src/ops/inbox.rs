@@ -79,6 +79,7 @@ impl Shard {
             return Ok(());
         }
         let dropped = m.advance_cursor(idx, upto);
+        let released = std::mem::take(&mut m.cache_released);
         // One cursor record per peer per group commit, however often it acks: the record is
         // framed with the peer's latest cursor in `poll_wal`.
         let p = &mut m.peers[idx as usize];
@@ -89,6 +90,7 @@ impl Shard {
         for (_, lsn) in dropped {
             self.inbox_by_lsn.remove(&lsn);
         }
+        self.cache_bytes -= released;
         if log_it {
             self.unlogged_cursors.push((mesh.clone(), idx));
         }

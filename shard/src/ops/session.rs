@@ -16,6 +16,7 @@ impl Shard {
                 inbox: None,
                 subs: Vec::new(),
                 hello_nonce: None,
+                inbox_reading: None,
             })
     }
 

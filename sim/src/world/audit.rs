@@ -316,14 +316,10 @@ impl Simulation {
         shown: &mut BTreeSet<u64>,
     ) -> Checked<u32> {
         let s = self.mesh_shard as usize;
+        let outputs = self.shard_outputs_reading(n, s);
         let node = &mut self.nodes[n];
         let mut frames = 0;
-        while let Some(o) = node.hosts[s]
-            .driver
-            .shard_mut()
-            .expect("a recovered shard")
-            .poll_output()
-        {
+        for o in outputs {
             match o.reply {
                 Reply::Frame(ServerOp::Welcome { acked, head, .. }) => {
                     node.model.on_welcome(local, acked, head)?;

@@ -124,6 +124,8 @@ impl Simulation {
         }
         let t = self.time();
         self.nodes[n].hosts[s].driver.handle_read_done(t, done);
+        // A read that brought inbox bodies back may have let a retention round start.
+        self.probe_retention(n, shard);
         Ok(())
     }
 
@@ -211,8 +213,9 @@ impl Simulation {
         Ok(())
     }
 
-    /// Retention starts (and evicts conversation entries, and their idempotency keys) only in
-    /// `handle_wal_done`; the shard's oldest retained seq right after tells the checker which
+    /// Retention starts (and evicts conversation entries, and their idempotency keys) in
+    /// `handle_wal_done`, or when a read brought back the inbox bodies a round waited for; the
+    /// shard's oldest retained seq right after either tells the checker which
     /// keys the shard may have forgotten (read from the core, not through a `read`, whose
     /// answer may come later from disk).
     pub(super) fn probe_retention(&mut self, n: usize, shard: ShardIdx) {
