@@ -615,7 +615,7 @@ impl ShardDriver {
         self.route_outputs();
         // After the outputs: drains (run by `poll_output`) are what ask for most reads.
         if let State::Serving(shard) = &mut self.state {
-            while let Some(request) = shard.poll_read() {
+            while let Some(request) = shard.poll_reads() {
                 self.effects.push_back(Effect::Read(ReadJob {
                     incarnation: self.incarnation,
                     request,

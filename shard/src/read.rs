@@ -1,7 +1,7 @@
 //! Reading the log back: the log cache of recent conversation entries, and positioned disk
 //! reads for the rest (a subscription that fell behind the cache, a `read` of older entries).
 //!
-//! The shard asks for reads as outputs ([`Shard::poll_read`] gives a [`ReadRequest`]) and
+//! The shard asks for reads as outputs ([`Shard::poll_reads`] gives a [`ReadRequest`]) and
 //! takes their bytes back ([`Shard::handle_read_done`]); its host performs them with
 //! `SegmentStore::read_at` (`pread`, never mmap: a file cut back must not become SIGBUS), at
 //! whatever time that takes. A read starts at a record boundary the shard knows (a
@@ -137,7 +137,7 @@ struct Parsed {
 
 impl Shard {
     /// The next read the host should perform.
-    pub fn poll_read(&mut self) -> Option<ReadRequest> {
+    pub fn poll_reads(&mut self) -> Option<ReadRequest> {
         self.reads.queued.pop_front()
     }
 

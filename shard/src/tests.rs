@@ -43,7 +43,7 @@ impl Node {
             while let Some(o) = self.shard.poll_output() {
                 out.push(o);
             }
-            if let Some(rq) = self.shard.poll_read() {
+            if let Some(rq) = self.shard.poll_reads() {
                 let got = self.disk.read_at(rq.segment, rq.offset, rq.len);
                 self.shard.handle_read_done(self.now, rq.id, got);
                 continue;

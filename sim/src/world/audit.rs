@@ -254,7 +254,7 @@ impl Simulation {
             while let Some(o) = shard.poll_output() {
                 out.push(o);
             }
-            let Some(rq) = shard.poll_read() else {
+            let Some(rq) = shard.poll_reads() else {
                 return out;
             };
             let got = fabric_shard::store::SegmentStore::read_at(
