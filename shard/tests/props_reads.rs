@@ -98,9 +98,8 @@ proptest! {
         // written, in order from seq 1; otherwise the shard has failed.
         let (mut shard, mut disk) = written();
         read_all(&mut shard);
-        let mut n = 0;
         let mut answer = None;
-        for _ in 0..200 {
+        for n in 0..200 {
             while let Some(o) = shard.poll_output() {
                 if let Reply::Messages { events, .. } = o.reply {
                     answer = Some(events);
@@ -112,7 +111,6 @@ proptest! {
                 (Some(d), Ok(b)) => Ok(apply(d, b)),
                 (_, r) => r,
             };
-            n += 1;
             shard.handle_read_done(3, rq.id, got);
         }
         match answer {
