@@ -112,8 +112,8 @@ pub struct Config {
     pub prehello_frames_max: u32,
     /// Frames the node answers a connection before it is welcomed; past it, it is closed.
     pub prehello_answers_max: u32,
-    /// Bytes of recent conversation entries a shard keeps in memory; older ones are read
-    /// from disk.
+    /// Bytes of recent conversation entries and inbox bodies a shard keeps in memory; older
+    /// ones are read from disk.
     pub log_cache_bytes_max: u64,
     /// A conversation's disk index keeps an entry per this many of its entries at most.
     pub log_index_stride_records: u64,

@@ -181,8 +181,8 @@ struct ServeArgs {
     /// Frames the node answers a connection before its welcome. Default 64.
     #[arg(long, env = "FABRIC_PREHELLO_ANSWERS_MAX")]
     prehello_answers_max: Option<u32>,
-    /// Bytes of recent conversation entries each shard keeps in memory (older ones are read
-    /// from disk). Default 8 MiB.
+    /// Bytes of recent conversation entries and inbox bodies each shard keeps in memory
+    /// (older ones are read from disk). Default 8 MiB.
     #[arg(long, env = "FABRIC_LOG_CACHE_BYTES_MAX")]
     log_cache_bytes_max: Option<u64>,
     /// A conversation's disk index keeps an entry per this many of its entries. Default 256.

@@ -240,8 +240,8 @@ limits! {
     /// Frames the node answers a connection before it is welcomed (at least `options` and
     /// `challenge`).
     prehello_answers_max: u32 = 64, LimitRange::at_least(2);
-    /// Bytes of recent conversation entries a shard keeps in memory; older ones are read
-    /// from disk (0: none kept once durable).
+    /// Bytes of recent conversation entries and inbox bodies a shard keeps in memory; older
+    /// ones are read from disk (0: none kept once durable).
     log_cache_bytes_max: u64 = 8 << 20, LimitRange::at_least(0);
     /// A conversation's disk index keeps an entry per this many of its entries at most.
     log_index_stride_records: u64 = 256, LimitRange::between(1, 1 << 20);

@@ -89,7 +89,8 @@ pub struct ShardConfig {
     pub mesh_conversations_max: u32,
     /// Subscriptions one session may hold on this shard.
     pub session_subscriptions_max: u32,
-    /// Bytes of recent conversation entries kept in memory; older ones are read from disk.
+    /// Bytes of recent conversation entries and inbox bodies kept in memory; older ones are
+    /// read from disk.
     pub log_cache_bytes_max: u64,
     /// A conversation's disk index keeps one entry per this many of its entries at most
     /// (and one per segment): a disk read scans at most about this many of its entries to
