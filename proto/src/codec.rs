@@ -55,6 +55,14 @@ impl postcard::ser_flavors::Flavor for AppendFlavor<'_> {
 }
 
 /// Postcard-decodes any serde value; trailing bytes are an error.
+/// The leading fields of a postcard value, borrowed where the type borrows: `T` is a struct
+/// whose fields are the first fields of the encoded one, in order; the rest is not read.
+pub fn from_binary_prefix<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Option<T> {
+    postcard::take_from_bytes(bytes)
+        .ok()
+        .map(|(value, _)| value)
+}
+
 pub fn from_binary<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8]) -> Result<T, ProtoError> {
     let (value, rest) = postcard::take_from_bytes(bytes)
         .map_err(|e| ProtoError::bad_request(format!("binary frame does not decode: {e}")))?;

@@ -12,8 +12,9 @@
 
 use crate::conv::ConvKey;
 use crate::read::{ReadStart, Reader};
-use crate::record::{AppendedRec, Record};
+use crate::record::{AppendedHead, AppendedRec, Record, RecordType};
 use crate::Shard;
+use fabric_proto::codec::from_binary_prefix;
 use fabric_proto::internal::{Reply, SessionId};
 use fabric_proto::ServerOp;
 use std::collections::{HashMap, VecDeque};
@@ -274,10 +275,16 @@ impl Shard {
             return Ok(scan(None, (segment, base), None));
         };
         let mut i = 0usize;
+        let ours = |kind: RecordType, _: u64, payload: &[u8]| {
+            kind == RecordType::Appended
+                && from_binary_prefix::<AppendedHead>(payload)
+                    .is_some_and(|h| *h.mesh == *l.conv.0 && *h.conv == *l.conv.1)
+        };
         loop {
             let at = base + i as u64;
-            match self.next_item(&bytes[i..], segment, at)? {
+            match self.next_item(&bytes[i..], segment, at, ours)? {
                 crate::read::Item::Frame => i += crate::wal::FRAME_HEADER_BYTES,
+                crate::read::Item::Skipped(size) => i += size,
                 crate::read::Item::Record(size, _, record) => {
                     i += size;
                     if let Record::Appended(a) = record {

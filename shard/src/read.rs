@@ -12,9 +12,10 @@
 //! is then refused like any other corruption in a synced write).
 
 use crate::conv::{delivered, ConvKey, StoredEvent};
-use crate::record::Record;
+use crate::record::{AppendedHead, Record, RecordType, SentHead};
 use crate::store::{StoreError, StoreErrorKind};
 use crate::{wal, Shard};
+use fabric_proto::codec::from_binary_prefix;
 use fabric_proto::internal::{Reply, SessionId};
 use fabric_proto::{DeliveredEvent, ErrorCode, ProtoError, ServerOp};
 use std::collections::{HashMap, VecDeque};
@@ -117,8 +118,10 @@ pub(crate) enum Cached {
 pub(crate) enum Item {
     /// An intact frame header: skipped.
     Frame,
-    /// A whole, checked record: its framed size, LSN and payload.
+    /// A whole, checked record the reader wants: its framed size, LSN and payload.
     Record(usize, u64, Record),
+    /// A whole, checked record the reader passes over (not decoded): its framed size.
+    Skipped(usize),
     /// A record of this framed size that the read's bytes cut short.
     Partial(usize),
     /// Nothing more to take from these bytes.
@@ -314,9 +317,19 @@ impl Shard {
         let mut expect = task.from_seq;
         while (p.events.len() as u64) < task.want {
             let at = base + i as u64;
-            let (size, lsn, record) = match self.next_item(&bytes[i..], segment, at)? {
+            let key = &task.key;
+            let wanted = |kind: RecordType, _: u64, payload: &[u8]| {
+                kind == RecordType::Appended
+                    && from_binary_prefix::<AppendedHead>(payload)
+                        .is_some_and(|h| *h.mesh == *key.0 && *h.conv == *key.1 && h.seq >= expect)
+            };
+            let (size, lsn, record) = match self.next_item(&bytes[i..], segment, at, wanted)? {
                 Item::Frame => {
                     i += wal::FRAME_HEADER_BYTES;
+                    continue;
+                }
+                Item::Skipped(size) => {
+                    i += size;
                     continue;
                 }
                 Item::Record(size, lsn, record) => (size, lsn, record),
@@ -360,7 +373,13 @@ impl Shard {
 
     /// What starts `rest` (at offset `at` of `segment`): a frame header (checked), a whole
     /// record (checked), a record cut by the read's end (its size), or nothing more to take.
-    pub(crate) fn next_item(&self, rest: &[u8], segment: u64, at: u64) -> Result<Item, String> {
+    pub(crate) fn next_item(
+        &self,
+        rest: &[u8],
+        segment: u64,
+        at: u64,
+        want: impl Fn(RecordType, u64, &[u8]) -> bool,
+    ) -> Result<Item, String> {
         if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
             if rest.len() < wal::FRAME_HEADER_BYTES {
                 return Ok(Item::End);
@@ -389,11 +408,17 @@ impl Shard {
             return Ok(Item::Partial(size));
         }
         let check_crc = !self.config.planted.skip_crc_on_log_reads;
-        let (lsn, record) = wal::decode_record_checked(&rest[..size], check_crc)
+        let (lsn, kind, payload) = wal::check_record(&rest[..size], check_crc)
             .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
         if lsn > self.durable_lsn {
             return Ok(Item::End);
         }
+        if !want(kind, lsn, payload) {
+            // Checked, and not decoded: a record this reader passes over.
+            return Ok(Item::Skipped(size));
+        }
+        let record = Record::decode(kind, payload)
+            .map_err(|e| format!("record at offset {at}: payload does not decode: {e}"))?;
         Ok(Item::Record(size, lsn, record))
     }
 
@@ -705,14 +730,24 @@ impl Shard {
             grow: None,
         };
         let mut i = 0usize;
+        let meshes = &self.meshes;
+        let needed = |kind: RecordType, lsn: u64, payload: &[u8]| {
+            kind == RecordType::Sent
+                && from_binary_prefix::<SentHead>(payload).is_some_and(|h| {
+                    let msg = meshes.get(h.mesh).and_then(|m| m.log.get(&h.pos));
+                    msg.is_some_and(|m| m.lsn == lsn && m.body.is_none())
+                })
+        };
+        let mut found = Vec::new();
         loop {
             let at = base + i as u64;
-            match self.next_item(&bytes[i..], segment, at)? {
+            match self.next_item(&bytes[i..], segment, at, needed)? {
                 Item::Frame => i += wal::FRAME_HEADER_BYTES,
+                Item::Skipped(size) => i += size,
                 Item::Record(size, lsn, record) => {
                     i += size;
                     if let Record::Sent(r) = record {
-                        self.fill_body(lsn, r);
+                        found.push((lsn, r));
                     }
                 }
                 Item::Partial(size) => {
@@ -723,6 +758,9 @@ impl Shard {
             }
         }
         p.stop = (segment, base + i as u64);
+        for (lsn, r) in found {
+            self.fill_body(lsn, r);
+        }
         Ok(p)
     }
 

@@ -81,6 +81,22 @@ pub struct AppendedRec {
     pub ts: u64,
 }
 
+/// The leading fields of an [`AppendedRec`], borrowed from its payload: enough for a disk
+/// read to pass over other conversations' entries without decoding their bodies.
+#[derive(Debug, Deserialize)]
+pub(crate) struct AppendedHead<'a> {
+    pub(crate) mesh: &'a str,
+    pub(crate) conv: &'a str,
+    pub(crate) seq: u64,
+}
+
+/// The leading fields of a [`SentRec`], borrowed (see [`AppendedHead`]).
+#[derive(Debug, Deserialize)]
+pub(crate) struct SentHead<'a> {
+    pub(crate) mesh: &'a str,
+    pub(crate) pos: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AckedRec {
     pub mesh: Arc<str>,

@@ -435,6 +435,28 @@ pub fn record_size(b: &[u8]) -> Option<usize> {
     (b.len() >= RECORD_HEADER_BYTES).then(|| RECORD_HEADER_BYTES + u32_at(b, 0) as usize)
 }
 
+/// One whole record (`b` is exactly its framed bytes), checked but not decoded: its LSN,
+/// type and payload (length, checksum and type checked as recovery checks them). `check_crc`
+/// false exists only for the simulator's planted-bug mode.
+pub fn check_record(b: &[u8], check_crc: bool) -> Result<(u64, RecordType, &[u8]), Damage> {
+    if b.len() < RECORD_HEADER_BYTES {
+        return Err(Damage::Torn("a record header is cut short".into()));
+    }
+    let len = u32_at(b, 0) as usize;
+    if len > RECORD_BYTES_MAX || RECORD_HEADER_BYTES + len != b.len() {
+        return Err(Damage::Torn(format!(
+            "record length {len} does not fit its bytes"
+        )));
+    }
+    if check_crc && crc32c::crc32c(&b[8..]) != u32_at(b, 4) {
+        return Err(Damage::Torn("record checksum mismatch".into()));
+    }
+    let Some(kind) = RecordType::from_u8(b[8]) else {
+        return Err(Damage::Invalid(format!("unknown record type {}", b[8])));
+    };
+    Ok((u64_at(b, 9), kind, &b[RECORD_HEADER_BYTES..]))
+}
+
 /// One whole record (`b` is exactly its framed bytes): its LSN and payload, checked as
 /// recovery checks them (length, checksum, type, payload).
 pub fn decode_record(b: &[u8]) -> Result<(u64, Record), Damage> {
