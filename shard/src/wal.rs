@@ -409,21 +409,15 @@ fn scan_record(b: &[u8], lsn: u64, skip_crc: bool) -> Result<(Record, usize), Da
             "record length {len} does not fit its frame"
         )));
     }
-    let frame = &b[..RECORD_HEADER_BYTES + len];
-    if !skip_crc && crc32c::crc32c(&frame[8..]) != u32_at(frame, 4) {
-        return Err(Damage::Torn("record checksum mismatch".into()));
-    }
-    let found = u64_at(frame, 9);
+    let size = RECORD_HEADER_BYTES + len;
+    let (found, kind, payload) = check_record(&b[..size], !skip_crc)?;
     if found != lsn {
         return Err(Damage::Invalid(format!(
             "record lsn {found} where {lsn} was expected"
         )));
     }
-    let Some(kind) = RecordType::from_u8(frame[8]) else {
-        return Err(Damage::Invalid(format!("unknown record type {}", frame[8])));
-    };
-    match Record::decode(kind, &frame[RECORD_HEADER_BYTES..]) {
-        Ok(r) => Ok((r, frame.len())),
+    match Record::decode(kind, payload) {
+        Ok(r) => Ok((r, size)),
         Err(e) => Err(Damage::Invalid(format!("payload does not decode: {e}"))),
     }
 }
@@ -436,8 +430,8 @@ pub fn record_size(b: &[u8]) -> Option<usize> {
 }
 
 /// One whole record (`b` is exactly its framed bytes), checked but not decoded: its LSN,
-/// type and payload (length, checksum and type checked as recovery checks them). `check_crc`
-/// false exists only for the simulator's planted-bug mode.
+/// type and payload (length, checksum, type: the checks recovery's scan makes too, through
+/// this function). `check_crc` false exists only for the simulator's planted-bug mode.
 pub fn check_record(b: &[u8], check_crc: bool) -> Result<(u64, RecordType, &[u8]), Damage> {
     if b.len() < RECORD_HEADER_BYTES {
         return Err(Damage::Torn("a record header is cut short".into()));
@@ -455,23 +449,6 @@ pub fn check_record(b: &[u8], check_crc: bool) -> Result<(u64, RecordType, &[u8]
         return Err(Damage::Invalid(format!("unknown record type {}", b[8])));
     };
     Ok((u64_at(b, 9), kind, &b[RECORD_HEADER_BYTES..]))
-}
-
-/// One whole record (`b` is exactly its framed bytes): its LSN and payload, checked as
-/// recovery checks them (length, checksum, type, payload).
-pub fn decode_record(b: &[u8]) -> Result<(u64, Record), Damage> {
-    decode_record_checked(b, true)
-}
-
-/// [`decode_record`], with the checksum check optional: `check_crc` false exists only for
-/// the simulator's planted-bug mode.
-pub fn decode_record_checked(b: &[u8], check_crc: bool) -> Result<(u64, Record), Damage> {
-    if b.len() < RECORD_HEADER_BYTES {
-        return Err(Damage::Torn("a record header is cut short".into()));
-    }
-    let lsn = u64_at(b, 9);
-    let (record, _) = scan_record(b, lsn, !check_crc)?;
-    Ok((lsn, record))
 }
 
 /// The offset of the first intact frame header in `bytes[from..]` whose first LSN is at least
