@@ -274,37 +274,25 @@ impl Shard {
         let Some(l) = self.keys.lookups.get(&id) else {
             return Ok(scan(None, (segment, base), None));
         };
-        let mut i = 0usize;
-        let ours = |kind: RecordType, _: u64, payload: &[u8]| {
-            kind == RecordType::Appended
-                && from_binary_prefix::<AppendedHead>(payload)
-                    .is_some_and(|h| *h.mesh == *l.conv.0 && *h.conv == *l.conv.1)
-        };
-        loop {
-            let at = base + i as u64;
-            match self.next_item(&bytes[i..], segment, at, ours)? {
-                crate::read::Item::Frame => i += crate::wal::FRAME_HEADER_BYTES,
-                crate::read::Item::Skipped(size) => i += size,
-                crate::read::Item::Record(size, _, record) => {
-                    i += size;
-                    if let Record::Appended(a) = record {
-                        if a.mesh == l.conv.0 && a.conv == l.conv.1 && a.key == Some(l.key.clone())
-                        {
-                            return Ok(scan(Some(a.seq), (segment, base + i as u64), None));
-                        }
+        let mut found = None;
+        let walked = self.walk_records(segment, base, bytes, |r| {
+            let ours = r.kind == RecordType::Appended
+                && from_binary_prefix::<AppendedHead>(r.payload)
+                    .is_some_and(|h| *h.mesh == *l.conv.0 && *h.conv == *l.conv.1);
+            if ours {
+                if let Record::Appended(a) = r.decode()? {
+                    if a.key.as_deref() == Some(&*l.key) {
+                        found = Some(a.seq);
                     }
                 }
-                crate::read::Item::Partial(size) => {
-                    return Ok(scan(None, (segment, at), (i == 0).then_some(size)))
-                }
-                crate::read::Item::End => break,
             }
-        }
-        let end = base + i as u64;
-        if self.readable_len(segment, end) == 0 {
+            Ok(found.is_none())
+        })?;
+        let end = walked.stop;
+        if found.is_none() && walked.grow.is_none() && self.readable_len(segment, end) == 0 {
             // The segment ends here: the lookup is done with it.
             return Ok(scan(None, (segment + 1, 0), None));
         }
-        Ok(scan(None, (segment, end), None))
+        Ok(scan(found, (segment, end), walked.grow))
     }
 }

@@ -114,18 +114,31 @@ pub(crate) enum Cached {
     Inbox(Arc<str>, u64),
 }
 
-/// One step of a scan over a read's bytes.
-pub(crate) enum Item {
-    /// An intact frame header: skipped.
-    Frame,
-    /// A whole, checked record the reader wants: its framed size, LSN and payload.
-    Record(usize, u64, Record),
-    /// A whole, checked record the reader passes over (not decoded): its framed size.
-    Skipped(usize),
-    /// A record of this framed size that the read's bytes cut short.
-    Partial(usize),
-    /// Nothing more to take from these bytes.
-    End,
+/// A whole, checked record a walk over a read's bytes meets: its type, LSN and payload (not
+/// decoded: most records a reader meets belong to others), where it starts and ends.
+pub(crate) struct Seen<'a> {
+    pub(crate) kind: RecordType,
+    pub(crate) lsn: u64,
+    pub(crate) payload: &'a [u8],
+    pub(crate) at: u64,
+    pub(crate) end: u64,
+}
+
+impl Seen<'_> {
+    /// The record, decoded (its checksum already matched).
+    pub(crate) fn decode(&self) -> Result<Record, String> {
+        Record::decode(self.kind, self.payload).map_err(|e| {
+            let at = self.at;
+            format!("record at offset {at}: payload does not decode: {e}")
+        })
+    }
+}
+
+/// Where a walk stopped (an offset), and the length to read the first record whole when it
+/// is longer than what was read.
+pub(crate) struct Walked {
+    pub(crate) stop: u64,
+    pub(crate) grow: Option<usize>,
 }
 
 /// What one read's bytes held for its reader.
@@ -182,10 +195,9 @@ impl Shard {
             let (segment, base) = (task.request.segment, task.request.offset);
             return match self.fill_bodies(segment, base, bytes) {
                 Err(reason) => self.retry_read(task, reason),
-                Ok(p) if p.grow.is_some() => {
-                    let len = p.grow.unwrap_or_default();
-                    self.requeue(task, len);
-                }
+                Ok(Walked {
+                    grow: Some(len), ..
+                }) => self.requeue(task, len),
                 Ok(_) => self.deliver_read(task, Vec::new(), None),
             };
         }
@@ -201,10 +213,9 @@ impl Shard {
         }
         match self.parse_read(&task, bytes) {
             Err(reason) => self.retry_read(task, reason),
-            Ok(p) if p.grow.is_some() && p.events.is_empty() => {
-                let len = p.grow.unwrap_or_default();
-                self.requeue(task, len);
-            }
+            Ok(Parsed {
+                grow: Some(len), ..
+            }) => self.requeue(task, len),
             Ok(p) => self.deliver_read(task, p.events, Some(p.stop)),
         }
     }
@@ -308,48 +319,23 @@ impl Shard {
     /// record as recovery does.
     fn parse_read(&self, task: &ReadTask, bytes: &[u8]) -> Result<Parsed, String> {
         let (segment, base) = (task.request.segment, task.request.offset);
-        let mut p = Parsed {
-            events: Vec::new(),
-            stop: (segment, base),
-            grow: None,
-        };
-        let mut i = 0usize;
+        let key = &task.key;
+        let mut events = Vec::new();
         let mut expect = task.from_seq;
-        while (p.events.len() as u64) < task.want {
-            let at = base + i as u64;
-            let key = &task.key;
-            let wanted = |kind: RecordType, _: u64, payload: &[u8]| {
-                kind == RecordType::Appended
-                    && from_binary_prefix::<AppendedHead>(payload)
-                        .is_some_and(|h| *h.mesh == *key.0 && *h.conv == *key.1 && h.seq >= expect)
-            };
-            let (size, lsn, record) = match self.next_item(&bytes[i..], segment, at, wanted)? {
-                Item::Frame => {
-                    i += wal::FRAME_HEADER_BYTES;
-                    continue;
-                }
-                Item::Skipped(size) => {
-                    i += size;
-                    continue;
-                }
-                Item::Record(size, lsn, record) => (size, lsn, record),
-                Item::Partial(size) => {
-                    p.grow = (i == 0).then_some(size);
-                    break;
-                }
-                Item::End => break,
-            };
-            i += size;
-            let Record::Appended(a) = record else {
-                continue;
-            };
-            if a.mesh != task.key.0 || a.conv != task.key.1 || a.seq < expect {
-                continue;
+        let walked = self.walk_records(segment, base, bytes, |r| {
+            let ours = r.kind == RecordType::Appended
+                && from_binary_prefix::<AppendedHead>(r.payload)
+                    .is_some_and(|h| *h.mesh == *key.0 && *h.conv == *key.1 && h.seq >= expect);
+            if !ours {
+                return Ok(true);
             }
+            let Record::Appended(a) = r.decode()? else {
+                return Ok(true);
+            };
             if a.seq > expect {
+                let (conv, seq, at) = (&a.conv, a.seq, r.at);
                 return Err(format!(
-                    "conversation {:?} has seq {} at offset {at} where {expect} was expected",
-                    a.conv, a.seq
+                    "conversation {conv:?} has seq {seq} at offset {at} where {expect} was expected"
                 ));
             }
             expect += 1;
@@ -358,68 +344,92 @@ impl Shard {
                 from: a.from,
                 body: a.body,
                 ts: a.ts,
-                lsn,
+                lsn: r.lsn,
                 key: a.key,
             };
-            p.events.push((e, base + i as u64));
-        }
-        p.stop = (segment, base + i as u64);
-        if self.readable_len(segment, base + i as u64) == 0 && segment < self.durable_end.0 {
+            events.push((e, r.end));
+            Ok((events.len() as u64) < task.want)
+        })?;
+        let mut stop = (segment, walked.stop);
+        if self.readable_len(segment, walked.stop) == 0 && segment < self.durable_end.0 {
             // The segment ends here: the next read starts after the next one's header.
-            p.stop = (segment + 1, wal::SEGMENT_HEADER_BYTES as u64);
+            stop = (segment + 1, wal::SEGMENT_HEADER_BYTES as u64);
         }
-        Ok(p)
+        let grow = walked.grow.filter(|_| events.is_empty());
+        Ok(Parsed { events, stop, grow })
     }
 
-    /// What starts `rest` (at offset `at` of `segment`): a frame header (checked), a whole
-    /// record (checked), a record cut by the read's end (its size), or nothing more to take.
-    pub(crate) fn next_item(
+    /// Walks the whole records in `bytes` (read at `base` of `segment`), checking frame
+    /// headers and every record (length, checksum, type) as recovery does, and hands each
+    /// to `visit` until it says stop (false). A walk also stops at the durable end and at a
+    /// record the bytes cut short (a first record longer than the read asks for a longer one).
+    pub(crate) fn walk_records(
         &self,
-        rest: &[u8],
         segment: u64,
-        at: u64,
-        want: impl Fn(RecordType, u64, &[u8]) -> bool,
-    ) -> Result<Item, String> {
-        if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
-            if rest.len() < wal::FRAME_HEADER_BYTES {
-                return Ok(Item::End);
+        base: u64,
+        bytes: &[u8],
+        mut visit: impl FnMut(&Seen) -> Result<bool, String>,
+    ) -> Result<Walked, String> {
+        let check_crc = !self.config.planted.skip_crc_on_log_reads;
+        let mut i = 0usize;
+        loop {
+            let (rest, at) = (&bytes[i..], base + i as u64);
+            if rest.len() >= 4 && rest[..4] == wal::FRAME_MAGIC {
+                if rest.len() < wal::FRAME_HEADER_BYTES {
+                    break;
+                }
+                if wal::FrameHeader::decode(rest).is_none() {
+                    return Err(format!("no intact frame header at offset {at}"));
+                }
+                i += wal::FRAME_HEADER_BYTES;
+                continue;
             }
-            return match wal::FrameHeader::decode(rest) {
-                Some(_) => Ok(Item::Frame),
-                None => Err(format!("no intact frame header at offset {at}")),
+            let Some(size) = wal::record_size(rest) else {
+                break;
             };
+            if size > rest.len() {
+                return self.cut_short(segment, at, size, i == 0);
+            }
+            let (lsn, kind, payload) = wal::check_record(&rest[..size], check_crc)
+                .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
+            if lsn > self.durable_lsn {
+                break;
+            }
+            i += size;
+            let end = base + i as u64;
+            let seen = Seen {
+                kind,
+                lsn,
+                payload,
+                at,
+                end,
+            };
+            if !visit(&seen)? {
+                break;
+            }
         }
-        let Some(size) = wal::record_size(rest) else {
-            return Ok(Item::End);
-        };
+        Ok(Walked {
+            stop: base + i as u64,
+            grow: None,
+        })
+    }
+
+    /// A record of `size` bytes at `at` that the read cut short: read whole next (if it is the
+    /// first), when it is really there (a length past the record limit or the durable bytes
+    /// is damage, not a long record).
+    fn cut_short(&self, segment: u64, at: u64, size: usize, first: bool) -> Result<Walked, String> {
         if size > wal::RECORD_HEADER_BYTES + wal::RECORD_BYTES_MAX {
             return Err(format!(
                 "record length {size} at offset {at} is over the record limit"
             ));
         }
-        if size > rest.len() {
-            // A record longer than what was read is read whole next, if it is really there
-            // (a length that runs past the durable bytes is damage, not a long record).
-            if size > self.readable_len_unbounded(segment, at) {
-                return Err(format!(
-                    "record length {size} at offset {at} runs past the durable bytes"
-                ));
-            }
-            return Ok(Item::Partial(size));
+        if size > self.readable_len_unbounded(segment, at) {
+            return Err(format!(
+                "record length {size} at offset {at} runs past the durable bytes"
+            ));
         }
-        let check_crc = !self.config.planted.skip_crc_on_log_reads;
-        let (lsn, kind, payload) = wal::check_record(&rest[..size], check_crc)
-            .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
-        if lsn > self.durable_lsn {
-            return Ok(Item::End);
-        }
-        if !want(kind, lsn, payload) {
-            // Checked, and not decoded: a record this reader passes over.
-            return Ok(Item::Skipped(size));
-        }
-        let record = Record::decode(kind, payload)
-            .map_err(|e| format!("record at offset {at}: payload does not decode: {e}"))?;
-        Ok(Item::Record(size, lsn, record))
+        let grow = first.then_some(size);
+        Ok(Walked { stop: at, grow })
     }
 
     /// Hands a finished read's entries to its reader. `stop` is where the scan stopped
@@ -722,46 +732,27 @@ impl Shard {
     }
 
     /// Puts back into memory every body in `bytes` whose message is still needed and whose
-    /// newest record this is. Returns where the scan stopped.
-    fn fill_bodies(&mut self, segment: u64, base: u64, bytes: &[u8]) -> Result<Parsed, String> {
-        let mut p = Parsed {
-            events: Vec::new(),
-            stop: (segment, base),
-            grow: None,
-        };
-        let mut i = 0usize;
+    /// newest record this is. Returns where the walk stopped.
+    fn fill_bodies(&mut self, segment: u64, base: u64, bytes: &[u8]) -> Result<Walked, String> {
         let meshes = &self.meshes;
-        let needed = |kind: RecordType, lsn: u64, payload: &[u8]| {
-            kind == RecordType::Sent
-                && from_binary_prefix::<SentHead>(payload).is_some_and(|h| {
-                    let msg = meshes.get(h.mesh).and_then(|m| m.log.get(&h.pos));
-                    msg.is_some_and(|m| m.lsn == lsn && m.body.is_none())
-                })
-        };
         let mut found = Vec::new();
-        loop {
-            let at = base + i as u64;
-            match self.next_item(&bytes[i..], segment, at, needed)? {
-                Item::Frame => i += wal::FRAME_HEADER_BYTES,
-                Item::Skipped(size) => i += size,
-                Item::Record(size, lsn, record) => {
-                    i += size;
-                    if let Record::Sent(r) = record {
-                        found.push((lsn, r));
-                    }
+        let walked = self.walk_records(segment, base, bytes, |r| {
+            let needed = r.kind == RecordType::Sent
+                && from_binary_prefix::<SentHead>(r.payload).is_some_and(|h| {
+                    let msg = meshes.get(h.mesh).and_then(|m| m.log.get(&h.pos));
+                    msg.is_some_and(|m| m.lsn == r.lsn && m.body.is_none())
+                });
+            if needed {
+                if let Record::Sent(sent) = r.decode()? {
+                    found.push((r.lsn, sent));
                 }
-                Item::Partial(size) => {
-                    p.grow = (i == 0).then_some(size);
-                    break;
-                }
-                Item::End => break,
             }
+            Ok(true)
+        })?;
+        for (lsn, sent) in found {
+            self.fill_body(lsn, sent);
         }
-        p.stop = (segment, base + i as u64);
-        for (lsn, r) in found {
-            self.fill_body(lsn, r);
-        }
-        Ok(p)
+        Ok(walked)
     }
 
     fn fill_body(&mut self, lsn: u64, r: crate::record::SentRec) {
