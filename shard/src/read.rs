@@ -476,14 +476,16 @@ impl Shard {
         if let Some(sub) = s.subs.iter_mut().find(|x| x.reading == Some(id)) {
             sub.reading = None;
             sub.resume = None;
+            // Where the next read starts: where this one stopped, or, when credit runs out
+            // first, just past the last entry delivered (from the marks if none was).
             let mut resume = stop;
+            let mut delivered_end = None;
             for (e, end) in events {
                 if e.seq != sub.next_seq {
                     continue;
                 }
                 if s.credit == 0 {
-                    // The rest is read again later, from the last entry delivered.
-                    resume = None;
+                    resume = delivered_end;
                     break;
                 }
                 s.credit -= 1;
@@ -493,7 +495,7 @@ impl Shard {
                     reply: Reply::Frame(ServerOp::Event(delivered(&sub.key.1, &e))),
                 });
                 sub.next_seq += 1;
-                resume = resume.or(Some((task.request.segment, end)));
+                delivered_end = Some((task.request.segment, end));
             }
             sub.resume = resume.map(|at| (sub.next_seq, at));
         }
