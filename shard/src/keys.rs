@@ -169,11 +169,8 @@ impl Shard {
 
     /// Reads on in the lookup's current segment (from `at`) or starts on its next one; with
     /// none left the key is new.
-    pub(crate) fn scan_next_segment(&mut self, id: u64, at: Option<(u64, u64)>) {
-        loop {
-            let Some(l) = self.keys.lookups.get(&id) else {
-                return;
-            };
+    pub(crate) fn scan_next_segment(&mut self, id: u64, mut at: Option<(u64, u64)>) {
+        while let Some(l) = self.keys.lookups.get(&id) {
             let Some(&segment) = l.segments.first() else {
                 return self.finish_lookup(id, None);
             };
@@ -193,9 +190,7 @@ impl Shard {
             if let Some(l) = self.keys.lookups.get_mut(&id) {
                 l.segments.remove(0);
             }
-            if at.is_some() {
-                return self.scan_next_segment(id, None);
-            }
+            at = None;
         }
     }
 
