@@ -71,7 +71,8 @@ const READER_QUEUE_SLACK_READS: usize = 64;
 /// The host's reader thread: positioned reads of the shard's segments (`pread` through a
 /// `FileStore` of its own), so a cold read never stalls the host loop or the WAL writer.
 struct Reader {
-    tx: crossbeam_channel::Sender<fabric_router::host::ReadJob>,
+    /// Taken (closed) on drop, which ends the thread after the reads it holds.
+    tx: Option<crossbeam_channel::Sender<fabric_router::host::ReadJob>>,
     done: mpsc::Receiver<ReadDone>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -92,7 +93,7 @@ impl Reader {
                 }
             })?;
         Ok(Reader {
-            tx,
+            tx: Some(tx),
             done,
             thread: Some(thread),
         })
@@ -100,27 +101,17 @@ impl Reader {
 
     /// Queues a read; a full queue or a gone thread answers it at once with an error.
     fn send(&self, job: fabric_router::host::ReadJob) -> Result<(), ReadDone> {
-        self.tx.try_send(job).map_err(|e| {
-            let job = e.into_inner();
-            ReadDone {
-                incarnation: job.incarnation,
-                id: job.request.id,
-                result: Err(StoreError {
-                    kind: StoreErrorKind::Io,
-                    op: "read_at",
-                    file: fabric_shard::wal::segment_file_name(job.request.segment),
-                    message: "the shard's reader queue is full or its thread ended".into(),
-                }),
-            }
+        let tx = self.tx.as_ref().expect("open until dropped");
+        tx.try_send(job).map_err(|e| {
+            e.into_inner()
+                .failed("the shard's reader queue is full or its thread ended")
         })
     }
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        // Closing the channel ends the thread after the reads it holds.
-        let (tx, _) = crossbeam_channel::bounded(1);
-        drop(std::mem::replace(&mut self.tx, tx));
+        self.tx.take();
         self.done.close();
         if let Some(t) = self.thread.take() {
             let _ = t.join();
@@ -473,16 +464,7 @@ impl HostIo {
         }
         let sent = match &self.reader {
             Some(r) => r.send(job),
-            None => Err(ReadDone {
-                incarnation: job.incarnation,
-                id: job.request.id,
-                result: Err(StoreError {
-                    kind: StoreErrorKind::Io,
-                    op: "read_at",
-                    file: String::new(),
-                    message: "the shard's reader thread could not start".into(),
-                }),
-            }),
+            None => Err(job.failed("the shard's reader thread could not start")),
         };
         if let Err(done) = sent {
             guarded(driver, SystemClock.time(), |d, t| {

@@ -165,6 +165,22 @@ impl ReadJob {
             result: store.read_at(r.segment, r.offset, r.len),
         }
     }
+
+    /// The read, answered with an I/O error instead of performed (a full reader queue, a
+    /// reader that could not start, a fault the simulator injects): the shard retries it.
+    pub fn failed(&self, message: impl Into<String>) -> ReadDone {
+        let r = self.request;
+        ReadDone {
+            incarnation: self.incarnation,
+            id: r.id,
+            result: Err(StoreError {
+                kind: StoreErrorKind::Io,
+                op: "read_at",
+                file: fabric_shard::wal::segment_file_name(r.segment),
+                message: message.into(),
+            }),
+        }
+    }
 }
 
 /// What the adapter must do.

@@ -113,12 +113,7 @@ impl Simulation {
                 }
                 _ => {
                     trace!(self, "s{shard} read {} fails (EIO)", done.id);
-                    done.result = Err(fabric_shard::store::StoreError {
-                        kind: fabric_shard::store::StoreErrorKind::Io,
-                        op: "read_at",
-                        file: fabric_shard::wal::segment_file_name(job.request.segment),
-                        message: "injected EIO".into(),
-                    });
+                    done = job.failed("injected EIO");
                 }
             }
         }
