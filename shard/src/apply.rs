@@ -86,32 +86,32 @@ impl Shard {
         m.head = m.head.max(r.pos);
         if replaying {
             msg.at = (segment, offset);
-            self.cache_bytes += msg.cache_cost();
+            let cost = msg.cache_cost();
             m.log.insert(r.pos, msg);
             m.durable_pos = m.head;
-            self.cache_fifo
-                .push_back((lsn, Cached::Inbox(r.mesh, r.pos)));
+            self.cache_body(lsn, r.mesh, r.pos, cost);
             self.trim_cache();
             return;
         }
         let recipients = m.recipients(from, &msg.to);
         msg.pending = recipients.len() as u32;
         let cost = msg.cache_cost();
-        if m.charge(&recipients, msg.body_len) {
-            // Nobody needs a message with no recipient: it takes its position and is gone.
+        // Nobody needs a message with no recipient: it takes its position and is gone.
+        let held = m.charge(&recipients, msg.body_len);
+        if held {
             m.log.insert(r.pos, msg);
+        }
+        if !m.in_building {
+            m.in_building = true;
+            self.building_dirty.meshes.push((r.mesh.clone(), 0));
+        }
+        if held {
             self.inbox_by_lsn.insert(lsn, (r.mesh.clone(), r.pos));
-            self.cache_bytes += cost;
-            self.cache_fifo
-                .push_back((lsn, Cached::Inbox(r.mesh.clone(), r.pos)));
             let rel = self.framed_at as u64;
             self.building_dirty
                 .sent
                 .push((r.mesh.clone(), r.pos, lsn, rel));
-        }
-        if !m.in_building {
-            m.in_building = true;
-            self.building_dirty.meshes.push((r.mesh, 0));
+            self.cache_body(lsn, r.mesh, r.pos, cost);
         }
     }
 

@@ -769,8 +769,14 @@ impl Shard {
             return;
         }
         msg.body = Some(r.body);
-        self.cache_bytes += msg.cache_cost();
-        self.cache_fifo
-            .push_back((lsn, Cached::Inbox(r.mesh, r.pos)));
+        let cost = msg.cache_cost();
+        self.cache_body(lsn, r.mesh, r.pos, cost);
+    }
+
+    /// An inbox body (of the message at `pos`, whose newest record is `lsn`) joins the log
+    /// cache: counted, and queued for eviction in LSN order.
+    pub(crate) fn cache_body(&mut self, lsn: u64, mesh: Arc<str>, pos: u64, cost: u64) {
+        self.cache_bytes += cost;
+        self.cache_fifo.push_back((lsn, Cached::Inbox(mesh, pos)));
     }
 }
