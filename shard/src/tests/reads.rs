@@ -225,6 +225,17 @@ fn delivered_bodies(out: &[Output], session: SessionId) -> Vec<(u64, String)> {
         .collect()
 }
 
+/// Everything delivered to `peer` on a new session: its hello, then flushes until the drain
+/// (and the disk reads it waits for) has nothing more, in at most 20 rounds.
+fn inbox_of(n: &mut Node, session: SessionId, peer: &str) -> Vec<(u64, String)> {
+    let mut got = delivered_bodies(&n.hello(session, peer), session);
+    for _ in 0..20 {
+        n.req(session, ShardOp::Flushed { frames: 1024 });
+        got.extend(delivered_bodies(&n.pump(), session));
+    }
+    got
+}
+
 #[test]
 fn an_inbox_backlog_older_than_the_cache_is_delivered_from_disk() {
     // Proves unacknowledged inbox messages whose bodies left memory are read back for their
@@ -240,11 +251,7 @@ fn an_inbox_backlog_older_than_the_cache_is_delivered_from_disk() {
     }
     n.pump();
     assert!(n.shard.meshes["m"].log.values().all(|m| m.body.is_none()));
-    let mut got = delivered_bodies(&n.hello(2, "b"), 2);
-    for _ in 0..20 {
-        n.req(2, ShardOp::Flushed { frames: 1024 });
-        got.extend(delivered_bodies(&n.pump(), 2));
-    }
+    let got = inbox_of(&mut n, 2, "b");
     let want: Vec<(u64, String)> = (1..=50).map(|i| (i, format!("\"m{i}\""))).collect();
     assert_eq!(got, want);
     assert!(n.shard.stats().disk_reads > 0);
@@ -274,11 +281,7 @@ fn retention_reads_back_the_bodies_it_copies_forward() {
     assert!(n.shard.stats().records_copied_forward >= 20);
     assert!(n.shard.stats().segments_deleted > 0);
     n.restart();
-    let mut got = delivered_bodies(&n.hello(2, "b"), 2);
-    for _ in 0..20 {
-        n.req(2, ShardOp::Flushed { frames: 1024 });
-        got.extend(delivered_bodies(&n.pump(), 2));
-    }
+    let got = inbox_of(&mut n, 2, "b");
     let want: Vec<(u64, String)> = (1..=20).map(|i| (i, format!("\"kept {i}\""))).collect();
     assert_eq!(got, want);
 }
