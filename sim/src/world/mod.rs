@@ -142,6 +142,8 @@ pub struct Simulation {
     /// Capacity of each session's reply queue (`SimOptions::reply_queue_batches_max`, or the
     /// node's rule).
     reply_queue_batches_max: usize,
+    /// The node's own rule for that capacity, which holds from the liveness phase on.
+    reply_queue_rule: usize,
     next_write: u64,
     /// Connection ids are unique over the run, across nodes (the network tells stray packets
     /// of old connections apart by them).
@@ -208,6 +210,7 @@ impl Simulation {
             .shard_of(Placement::Mesh(MESH))
             .expect("a mesh has a shard");
         let reply_queue_batches_max = reply_queue_batches_max(&options);
+        let reply_queue_rule = reply_queue_rule(&options);
         // The node's derivation from the run's limits (`Limits::session_config`).
         let session_config = options.session_config();
         Simulation {
@@ -224,6 +227,7 @@ impl Simulation {
             mesh_shard,
             session_config,
             reply_queue_batches_max,
+            reply_queue_rule,
             next_write: 0,
             next_conn: 1,
             clients,
@@ -509,7 +513,7 @@ impl Simulation {
         }
     }
 
-    fn faults_on(&self) -> bool {
+    pub(crate) fn faults_on(&self) -> bool {
         self.phase == Phase::Faults
     }
 
@@ -567,17 +571,23 @@ impl Simulation {
     }
 }
 
-/// Capacity of each session's reply queue: the options', or the node's own rule.
+/// Capacity of each session's reply queue during the fault phase: the options', or the
+/// node's own rule.
 fn reply_queue_batches_max(options: &SimOptions) -> usize {
     match options.reply_queue_batches_max {
-        0 => fabric_router::host::session_reply_queue_batches_min(
-            options.push_credit_frames_max,
-            options.shards,
-            options.session_inflight_requests_max,
-        )
-        .unwrap_or(usize::MAX),
+        0 => reply_queue_rule(options),
         n => n,
     }
+}
+
+/// The node's rule for a session's reply queue (`session_reply_queue_batches_min`).
+fn reply_queue_rule(options: &SimOptions) -> usize {
+    fabric_router::host::session_reply_queue_batches_min(
+        options.push_credit_frames_max,
+        options.shards,
+        options.session_inflight_requests_max,
+    )
+    .unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]

@@ -424,7 +424,13 @@ impl Simulation {
         let Some(&id) = node.sessions.get(&session) else {
             return Ok(()); // the session is gone; the shard will hear `Closed`
         };
-        let cap = self.reply_queue_batches_max;
+        // An undersized queue is a fault: it ends with the fault phase, when the node's rule
+        // (under which no queue may overflow) takes over, so the liveness phase can drain.
+        let cap = if self.faults_on() {
+            self.reply_queue_batches_max
+        } else {
+            self.reply_queue_rule
+        };
         let k = self.nodes[n]
             .conns
             .get_mut(&id)
