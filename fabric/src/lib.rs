@@ -17,6 +17,8 @@ pub mod tls;
 
 // The node's side.
 #[cfg(feature = "server")]
+pub mod cluster;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod http;
