@@ -95,6 +95,7 @@ const ALERT_UNSUPPORTED_CERTIFICATE: u8 = 43;
 const ALERT_CERTIFICATE_EXPIRED: u8 = 45;
 const ALERT_CERTIFICATE_UNKNOWN: u8 = 46;
 const ALERT_UNKNOWN_CA: u8 = 48;
+const ALERT_DECRYPT_ERROR: u8 = 51;
 const ALERT_CERTIFICATE_REQUIRED: u8 = 116;
 const ALERT_NO_APPLICATION_PROTOCOL: u8 = 120;
 /// QUIC carries a TLS alert as transport error `0x100 + alert` (RFC 9001 §4.8).
@@ -103,7 +104,9 @@ const QUIC_CRYPTO_ERROR_BASE: u64 = 0x100;
 /// Why a peer was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {
-    /// Its certificate does not chain to the cluster CA (TLS alert unknown_ca).
+    /// Its certificate does not chain to the cluster CA: no known issuer (TLS alert
+    /// unknown_ca), or an issuer of the same name whose signature does not verify, or a
+    /// handshake signature its certificate's key did not make (decrypt_error).
     UnknownCa,
     /// Its certificate is expired or not yet valid (TLS alert certificate_expired).
     CertificateExpired,
@@ -158,8 +161,7 @@ impl Refusal {
             Refusal::Duplicate,
             Refusal::Protocol,
         ];
-        ALL.into_iter()
-            .find(|r| u64::from(r.close_code()) == code)
+        ALL.into_iter().find(|r| u64::from(r.close_code()) == code)
     }
 
     /// The refusal a QUIC transport error code stands for, if it carries a TLS alert about
@@ -167,7 +169,7 @@ impl Refusal {
     pub fn from_transport_code(code: u64) -> Option<Refusal> {
         let alert = u8::try_from(code.checked_sub(QUIC_CRYPTO_ERROR_BASE)?).ok()?;
         Some(match alert {
-            ALERT_UNKNOWN_CA => Refusal::UnknownCa,
+            ALERT_UNKNOWN_CA | ALERT_DECRYPT_ERROR => Refusal::UnknownCa,
             ALERT_CERTIFICATE_EXPIRED => Refusal::CertificateExpired,
             ALERT_NO_APPLICATION_PROTOCOL => Refusal::Alpn,
             ALERT_BAD_CERTIFICATE
@@ -327,9 +329,10 @@ impl LinkConfig {
         if self.idle_timeout_ms == 0 || self.idle_timeout_ms > 3_600_000 {
             return bad("idle_timeout_ms must be 1 to 3600000".into());
         }
-        if self.keep_alive_interval_ms == 0 || self.keep_alive_interval_ms >= self.idle_timeout_ms
-        {
-            return bad("keep_alive_interval_ms must be at least 1 and below idle_timeout_ms".into());
+        if self.keep_alive_interval_ms == 0 || self.keep_alive_interval_ms >= self.idle_timeout_ms {
+            return bad(
+                "keep_alive_interval_ms must be at least 1 and below idle_timeout_ms".into(),
+            );
         }
         if self.handshake_timeout_ms == 0 || self.handshake_timeout_ms > 600_000 {
             return bad("handshake_timeout_ms must be 1 to 600000".into());
@@ -583,9 +586,14 @@ pub struct Heartbeats {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlFrame {
     /// The dialer's first frame.
-    Hello { cluster_id: String, node_id: u64 },
+    Hello {
+        cluster_id: String,
+        node_id: u64,
+    },
     /// The listener's answer once it accepted the dialer.
-    Welcome { node_id: u64 },
+    Welcome {
+        node_id: u64,
+    },
     Heartbeats(Heartbeats),
 }
 
@@ -609,8 +617,13 @@ impl FrameSender {
         let mut buf = postcard::to_extend(value, buf).map_err(LinkError::Encode)?;
         let len = buf.len() - FRAME_PREFIX_BYTES;
         if len > self.frame_bytes_max {
-            tracing::warn!(node = self.node, shard = self.group, len, max = self.frame_bytes_max,
-                "refused to send a frame over node_frame_bytes_max");
+            tracing::warn!(
+                node = self.node,
+                shard = self.group,
+                len,
+                max = self.frame_bytes_max,
+                "refused to send a frame over node_frame_bytes_max"
+            );
             self.buf = buf;
             return Err(LinkError::FrameTooLarge {
                 len: len as u64,
@@ -673,9 +686,13 @@ impl FrameReceiver {
                 prefix.copy_from_slice(&self.buf[..FRAME_PREFIX_BYTES]);
                 let len = u32::from_le_bytes(prefix) as usize;
                 if len > self.frame_bytes_max {
-                    tracing::warn!(node = self.node, shard = self.group, len,
+                    tracing::warn!(
+                        node = self.node,
+                        shard = self.group,
+                        len,
                         max = self.frame_bytes_max,
-                        "peer sent a frame over node_frame_bytes_max; stopping the stream");
+                        "peer sent a frame over node_frame_bytes_max; stopping the stream"
+                    );
                     self.failed = true;
                     self.buf = BytesMut::new();
                     let _ = self
@@ -765,11 +782,12 @@ impl GroupStream {
                 e @ (LinkError::RefusedByPeer { .. }
                 | LinkError::Refused { .. }
                 | LinkError::Connection(_)),
-            )) => {
-                return Err(e)
-            }
+            )) => return Err(e),
             other => {
-                let _ = s.receiver.recv.stop(quinn::VarInt::from_u32(STOP_BAD_HEADER));
+                let _ = s
+                    .receiver
+                    .recv
+                    .stop(quinn::VarInt::from_u32(STOP_BAD_HEADER));
                 let _ = s
                     .sender
                     .send
@@ -794,14 +812,22 @@ impl GroupStream {
     pub async fn send_frame<T: Serialize>(&mut self, value: &T) -> Result<(), LinkError> {
         self.sender
             .send_frame(value)
-            .instrument(tracing::debug_span!("node_link", node = self.node, shard = self.group))
+            .instrument(tracing::debug_span!(
+                "node_link",
+                node = self.node,
+                shard = self.group
+            ))
             .await
     }
 
     pub async fn recv_frame<T: DeserializeOwned>(&mut self) -> Result<Option<T>, LinkError> {
         self.receiver
             .recv_frame()
-            .instrument(tracing::debug_span!("node_link", node = self.node, shard = self.group))
+            .instrument(tracing::debug_span!(
+                "node_link",
+                node = self.node,
+                shard = self.group
+            ))
             .await
     }
 
@@ -889,7 +915,11 @@ impl PeerConn {
                 "a second control stream was opened".into(),
             ));
         }
-        tracing::debug!(node = self.node_id, shard = s.group, "group stream accepted");
+        tracing::debug!(
+            node = self.node_id,
+            shard = s.group,
+            "group stream accepted"
+        );
         Ok(s)
     }
 
@@ -931,16 +961,14 @@ impl NodeLink {
     ) -> Result<NodeLink, LinkError> {
         config.validate()?;
         let transport = Arc::new(config.transport());
-        let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(
-            identity, ca_cert,
-        )?)
-        .map_err(|e| LinkError::Config(e.to_string()))?;
+        let crypto =
+            quinn::crypto::rustls::QuicServerConfig::try_from(server_tls(identity, ca_cert)?)
+                .map_err(|e| LinkError::Config(e.to_string()))?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
         server.transport_config(transport.clone());
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(
-            identity, ca_cert,
-        )?)
-        .map_err(|e| LinkError::Config(e.to_string()))?;
+        let crypto =
+            quinn::crypto::rustls::QuicClientConfig::try_from(client_tls(identity, ca_cert)?)
+                .map_err(|e| LinkError::Config(e.to_string()))?;
         let mut client = quinn::ClientConfig::new(Arc::new(crypto));
         client.transport_config(transport);
         let socket =
@@ -965,10 +993,13 @@ impl NodeLink {
     }
 
     pub fn local_addr(&self) -> Result<SocketAddr, LinkError> {
-        self.inner.endpoint.local_addr().map_err(|source| LinkError::Bind {
-            addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-            source,
-        })
+        self.inner
+            .endpoint
+            .local_addr()
+            .map_err(|source| LinkError::Bind {
+                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
+                source,
+            })
     }
 
     pub fn node_id(&self) -> u64 {
@@ -1122,20 +1153,26 @@ impl Inner {
         })
     }
 
+    /// Whether another live connection to `peer` than `conn` is recorded.
+    fn superseded(&self, peer: u64, conn: &quinn::Connection) -> bool {
+        let peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        peers.get(&peer).is_some_and(|live| {
+            live.conn.stable_id() != conn.stable_id() && live.conn.close_reason().is_none()
+        })
+    }
+
     /// Records `conn` as the live connection to `peer`, unless one that wins is live (module
     /// docs); a losing connection is closed.
     fn register(&self, peer: u64, conn: &quinn::Connection, dialed: bool) -> Result<(), LinkError> {
         let dialer = if dialed { self.node_id } else { peer };
         let mut peers = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = peers.get(&peer) {
-            let live = old.conn.close_reason().is_none() && old.conn.stable_id() != conn.stable_id();
+            let live =
+                old.conn.close_reason().is_none() && old.conn.stable_id() != conn.stable_id();
             if live && old.dialer < dialer {
                 let detail = format!("a connection dialed by node {} is kept", old.dialer);
                 drop(peers);
-                conn.close(
-                    quinn::VarInt::from_u32(CLOSE_DUPLICATE),
-                    truncated(&detail),
-                );
+                conn.close(quinn::VarInt::from_u32(CLOSE_DUPLICATE), truncated(&detail));
                 return Err(LinkError::Refused {
                     peer: Some(peer),
                     refusal: Refusal::Duplicate,
@@ -1143,7 +1180,10 @@ impl Inner {
                 });
             }
             if live {
-                tracing::info!(node = peer, "a newer connection replaces the node's old one");
+                tracing::info!(
+                    node = peer,
+                    "a newer connection replaces the node's old one"
+                );
                 old.conn
                     .close(quinn::VarInt::from_u32(CLOSE_REPLACED), b"replaced");
             }
@@ -1185,10 +1225,21 @@ impl Inner {
             }),
             Ok(Err(e)) => {
                 conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"hello failed");
+                // Both nodes dialed at once and this node kept the other connection.
+                if self.superseded(node, &conn) {
+                    return Err(LinkError::Refused {
+                        peer: Some(node),
+                        refusal: Refusal::Duplicate,
+                        detail: "another connection with the node is kept".into(),
+                    });
+                }
                 Err(e)
             }
             Err(_) => {
-                conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"no welcome in time");
+                conn.close(
+                    quinn::VarInt::from_u32(CLOSE_PROTOCOL),
+                    b"no welcome in time",
+                );
                 Err(LinkError::Timeout {
                     what: "the peer's welcome",
                     ms,
@@ -1279,10 +1330,7 @@ impl Inner {
         let max = self.config.node_frame_bytes_max;
         let mut control = GroupStream::accept(send, recv, node, max, self.timeout_ms()).await?;
         let refuse = |detail: String| {
-            conn.close(
-                quinn::VarInt::from_u32(CLOSE_PROTOCOL),
-                truncated(&detail),
-            );
+            conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), truncated(&detail));
             LinkError::Refused {
                 peer: Some(node),
                 refusal: Refusal::Protocol,
@@ -1300,7 +1348,11 @@ impl Inner {
                 cluster_id,
                 node_id,
             }) if cluster_id == self.cluster_id && node_id == node => {}
-            other => return Err(refuse(format!("expected hello from node {node}, got {other:?}"))),
+            other => {
+                return Err(refuse(format!(
+                    "expected hello from node {node}, got {other:?}"
+                )))
+            }
         }
         self.register(node, conn, false)?;
         control
@@ -1348,37 +1400,61 @@ mod tests {
 
     #[test]
     fn peer_checks_refuse_each_rule_with_its_own_refusal() {
-        // Proves every post-handshake rule: ALPN, validity window (both ends), URI SAN absent
-        // or duplicated or malformed, other cluster, unexpected id, non-member, own id; and a
-        // good peer passes.
+        // Proves each post-handshake rule refuses with its own Refusal and a good peer passes.
         let good = facts(vec![Some(("c".into(), 2))]);
         let a = Some(ALPN_NODE);
         assert_eq!(check(a, Some(&good), 1_500, Some(2)), Ok(2));
         assert_eq!(check(a, Some(&good), 1_500, None), Ok(2));
-        assert_eq!(check(Some(b"fabric/1"), Some(&good), 1_500, None), Err(Refusal::Alpn));
+        assert_eq!(
+            check(Some(b"fabric/1"), Some(&good), 1_500, None),
+            Err(Refusal::Alpn)
+        );
         assert_eq!(check(None, Some(&good), 1_500, None), Err(Refusal::Alpn));
-        assert_eq!(check(a, Some(&good), 999, None), Err(Refusal::CertificateExpired));
-        assert_eq!(check(a, Some(&good), 2_001, None), Err(Refusal::CertificateExpired));
+        assert_eq!(
+            check(a, Some(&good), 999, None),
+            Err(Refusal::CertificateExpired)
+        );
+        assert_eq!(
+            check(a, Some(&good), 2_001, None),
+            Err(Refusal::CertificateExpired)
+        );
         assert_eq!(check(a, None, 1_500, None), Err(Refusal::NoNodeIdentity));
         let none = facts(vec![]);
-        assert_eq!(check(a, Some(&none), 1_500, None), Err(Refusal::NoNodeIdentity));
+        assert_eq!(
+            check(a, Some(&none), 1_500, None),
+            Err(Refusal::NoNodeIdentity)
+        );
         let two = facts(vec![Some(("c".into(), 2)), Some(("c".into(), 3))]);
-        assert_eq!(check(a, Some(&two), 1_500, None), Err(Refusal::NoNodeIdentity));
+        assert_eq!(
+            check(a, Some(&two), 1_500, None),
+            Err(Refusal::NoNodeIdentity)
+        );
         let bad = facts(vec![None]);
-        assert_eq!(check(a, Some(&bad), 1_500, None), Err(Refusal::NoNodeIdentity));
+        assert_eq!(
+            check(a, Some(&bad), 1_500, None),
+            Err(Refusal::NoNodeIdentity)
+        );
         let other = facts(vec![Some(("d".into(), 2))]);
-        assert_eq!(check(a, Some(&other), 1_500, None), Err(Refusal::OtherCluster));
-        assert_eq!(check(a, Some(&good), 1_500, Some(3)), Err(Refusal::UnexpectedNode));
+        assert_eq!(
+            check(a, Some(&other), 1_500, None),
+            Err(Refusal::OtherCluster)
+        );
+        assert_eq!(
+            check(a, Some(&good), 1_500, Some(3)),
+            Err(Refusal::UnexpectedNode)
+        );
         let stranger = facts(vec![Some(("c".into(), 9))]);
-        assert_eq!(check(a, Some(&stranger), 1_500, None), Err(Refusal::NotMember));
+        assert_eq!(
+            check(a, Some(&stranger), 1_500, None),
+            Err(Refusal::NotMember)
+        );
         let me = facts(vec![Some(("c".into(), 1))]);
         assert_eq!(check(a, Some(&me), 1_500, None), Err(Refusal::SameNodeId));
     }
 
     #[test]
     fn close_codes_and_tls_alerts_map_back_to_their_refusal() {
-        // Proves every application close code names one refusal (so the refused side learns
-        // which rule it broke) and the TLS alerts of refused handshakes map as documented.
+        // Proves close codes and TLS alerts map back to the refusal they stand for.
         for r in [
             Refusal::CertificateExpired,
             Refusal::Alpn,
@@ -1394,21 +1470,33 @@ mod tests {
         }
         assert_eq!(Refusal::from_close_code(CLOSE_NORMAL.into()), None);
         assert_eq!(Refusal::from_close_code(CLOSE_REPLACED.into()), None);
-        assert_eq!(Refusal::from_transport_code(0x100 + 48), Some(Refusal::UnknownCa));
+        assert_eq!(
+            Refusal::from_transport_code(0x100 + 48),
+            Some(Refusal::UnknownCa)
+        );
+        assert_eq!(
+            Refusal::from_transport_code(0x100 + 51),
+            Some(Refusal::UnknownCa)
+        );
         assert_eq!(
             Refusal::from_transport_code(0x100 + 45),
             Some(Refusal::CertificateExpired)
         );
-        assert_eq!(Refusal::from_transport_code(0x100 + 120), Some(Refusal::Alpn));
-        assert_eq!(Refusal::from_transport_code(0x100 + 42), Some(Refusal::BadCertificate));
+        assert_eq!(
+            Refusal::from_transport_code(0x100 + 120),
+            Some(Refusal::Alpn)
+        );
+        assert_eq!(
+            Refusal::from_transport_code(0x100 + 42),
+            Some(Refusal::BadCertificate)
+        );
         assert_eq!(Refusal::from_transport_code(0x100 + 80), None);
         assert_eq!(Refusal::from_transport_code(0x0a), None);
     }
 
     #[test]
     fn config_bounds_are_enforced() {
-        // Proves a configuration outside its bounds is refused with a typed error, never a
-        // panic, and the defaults pass.
+        // Proves out-of-bounds configurations are refused with a typed error and the defaults pass.
         assert!(LinkConfig::new([1, 2]).validate().is_ok());
         let mut c = LinkConfig::new([1]);
         c.node_frame_bytes_max = NODE_FRAME_BYTES_MAX_LIMIT + 1;

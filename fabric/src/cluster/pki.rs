@@ -189,9 +189,13 @@ impl ClusterCa {
         params
             .distinguished_name
             .push(rcgen::DnType::OrganizationName, cluster_id);
+        // A distinct name per CA: a peer holding a certificate of another CA of the same
+        // cluster id is then refused as of an unknown issuer, not a bad signature.
+        let mut tag = [0u8; 8];
+        rand::RngCore::fill_bytes(&mut rand::rng(), &mut tag);
         params.distinguished_name.push(
             rcgen::DnType::CommonName,
-            format!("fabric cluster CA {cluster_id}"),
+            format!("fabric cluster CA {cluster_id} {}", hex::encode(tag)),
         );
         params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
         params.key_usages = vec![
@@ -221,13 +225,12 @@ impl ClusterCa {
     pub fn load(cert_pem_path: &Path, key_pem_path: &Path) -> Result<ClusterCa, PkiError> {
         let cert_pem = read_string(cert_pem_path, "read CA certificate")?;
         let key_pem = read_string(key_pem_path, "read CA key")?;
-        let cert_der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| {
-            PkiError::Pem {
+        let cert_der =
+            CertificateDer::from_pem_slice(cert_pem.as_bytes()).map_err(|e| PkiError::Pem {
                 path: cert_pem_path.to_path_buf(),
                 what: "certificate",
                 message: e.to_string(),
-            }
-        })?;
+            })?;
         let key = rcgen::KeyPair::from_pem(&key_pem).map_err(|e| PkiError::Pem {
             path: key_pem_path.to_path_buf(),
             what: "private key",
@@ -248,7 +251,9 @@ impl ClusterCa {
             if !is_ca {
                 return Err(not_usable("it is not a CA (basic constraints)".into()));
             }
-            if cert.public_key().raw != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice() {
+            if cert.public_key().raw
+                != rcgen::PublicKeyData::subject_public_key_info(&key).as_slice()
+            {
                 return Err(not_usable(format!(
                     "its key is not the one in {}",
                     key_pem_path.display()
@@ -492,8 +497,8 @@ impl NodeIdentity {
                 message: "no CERTIFICATE section".into(),
             });
         };
-        let key =
-            PrivateKeyDer::from_pem_file(key_path).map_err(|e| pem_err(key_path, "private key", e))?;
+        let key = PrivateKeyDer::from_pem_file(key_path)
+            .map_err(|e| pem_err(key_path, "private key", e))?;
         let not_usable = |message: String| PkiError::NotUsable {
             path: cert_path.to_path_buf(),
             what: "node certificate",
@@ -563,10 +568,12 @@ mod tests {
 
     #[test]
     fn node_uris_parse_only_in_their_canonical_form() {
-        // Proves the identity URI round-trips and that near misses (other scheme, missing or
-        // non-canonical id, bad cluster id, trailing parts) are not identities.
+        // Proves node identity URIs round-trip and near misses are not identities.
         assert_eq!(node_uri("prod-1", 7), "fabric-node://prod-1/7");
-        assert_eq!(parse_node_uri("fabric-node://prod-1/7"), Some(("prod-1", 7)));
+        assert_eq!(
+            parse_node_uri("fabric-node://prod-1/7"),
+            Some(("prod-1", 7))
+        );
         assert_eq!(
             parse_node_uri(&node_uri("c", u64::MAX)),
             Some(("c", u64::MAX))
@@ -591,9 +598,7 @@ mod tests {
 
     #[test]
     fn a_ca_saves_and_loads_back_and_still_signs_certificates_peers_accept() {
-        // Proves generate → save → load round-trips (same certificate, cluster id), the key
-        // file is 0600 and the certificate 0644, and a CA loaded from files issues node
-        // certificates that chain to the saved certificate.
+        // Proves CA generate/save/load round-trips, key 0600, a loaded CA still issues valid certs.
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::generate("alpha").unwrap();
         let (cert_path, key_path) = ca.save(&dir.path().join("ca")).unwrap();
@@ -628,8 +633,7 @@ mod tests {
 
     #[test]
     fn a_node_certificate_saves_and_loads_back_as_an_identity() {
-        // Proves issue → save → NodeIdentity::load_dir round-trips the node id and cluster id
-        // from the URI SAN, the key file is 0600, and the validity window is the asked one.
+        // Proves node cert issue/save/load round-trips ids from the URI SAN, key 0600, validity.
         let dir = tempfile::tempdir().unwrap();
         let ca = ClusterCa::generate("beta").unwrap();
         let node = ca.issue_node(42, &["localhost".into()], 10).unwrap();
@@ -652,8 +656,7 @@ mod tests {
 
     #[test]
     fn mismatched_or_wrong_files_are_refused_by_name() {
-        // Proves a CA whose key is another one, a node certificate loaded as a CA, a node key
-        // that is not its certificate's, and out-of-range validity are refused with errors.
+        // Proves mismatched keys, a node cert as CA, bad validity or cluster ids are refused.
         let dir = tempfile::tempdir().unwrap();
         let a = ClusterCa::generate("c1").unwrap();
         let b = ClusterCa::generate("c1").unwrap();
