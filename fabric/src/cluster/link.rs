@@ -190,6 +190,8 @@ pub enum LinkError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot read the node link's local address: {0}")]
+    LocalAddr(std::io::Error),
     #[error("cannot dial {addr}: {source}")]
     Dial {
         addr: SocketAddr,
@@ -624,7 +626,7 @@ impl FrameSender {
                 max = self.frame_bytes_max,
                 "refused to send a frame over node_frame_bytes_max"
             );
-            self.buf = buf;
+            // An oversize buffer is not kept: the sender holds at most a frame's worth.
             return Err(LinkError::FrameTooLarge {
                 len: len as u64,
                 max: self.frame_bytes_max,
@@ -996,10 +998,7 @@ impl NodeLink {
         self.inner
             .endpoint
             .local_addr()
-            .map_err(|source| LinkError::Bind {
-                addr: SocketAddr::from(([0, 0, 0, 0], 0)),
-                source,
-            })
+            .map_err(LinkError::LocalAddr)
     }
 
     pub fn node_id(&self) -> u64 {
@@ -1029,7 +1028,8 @@ impl NodeLink {
 
     /// Starts accepting: every incoming connection is handshaken (at most
     /// [`HANDSHAKES_PENDING_MAX`] at once), checked, and yielded, accepted or refused, by the
-    /// returned [`Incoming`]. Dropping it stops accepting.
+    /// returned [`Incoming`] (at most [`ACCEPTED_QUEUE_MAX`] waiting; the cap on handshakes
+    /// covers those too). Dropping it stops accepting.
     pub fn listen(&self) -> Incoming {
         let (tx, rx) = mpsc::channel(ACCEPTED_QUEUE_MAX);
         let inner = self.inner.clone();
@@ -1055,8 +1055,10 @@ impl NodeLink {
                                 Ok(_) => tracing::info!("node link accepted"),
                                 Err(e) => tracing::warn!(error = %e, "node link refused or failed"),
                             }
-                            drop(permit);
+                            // The permit is held until the application takes the result, so
+                            // handshakes plus undelivered connections stay within the cap.
                             let _ = tx.send(r).await;
+                            drop(permit);
                         }
                         .instrument(span),
                     );
