@@ -29,6 +29,7 @@
 //! replay), `commit` (group commit), `retention`, `drain`, [`recovery`] (what recovery may
 //! cut), [`store`] (the file steps every host performs, generic over storage).
 
+pub mod raft;
 pub mod record;
 pub mod recovery;
 pub mod store;
