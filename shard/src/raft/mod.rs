@@ -271,6 +271,7 @@ struct Transfer {
     started_ms: u64,
 }
 
+#[derive(Debug)]
 pub struct RaftCore {
     config: RaftConfig,
     id: NodeId,
@@ -391,8 +392,13 @@ impl RaftCore {
     pub fn persisted_index(&self) -> u64 {
         self.log.persisted
     }
+    /// The configuration in effect (the last conf entry in the log, committed or not).
     pub fn membership(&self) -> &Membership {
         self.conf.current()
+    }
+    /// The configuration as of the commit index (what a snapshot at the commit index carries).
+    pub fn committed_membership(&self) -> &Membership {
+        self.conf.committed()
     }
     /// A follower's flow-control state and match index, on the leader.
     pub fn progress(&self, id: NodeId) -> Option<(ProgressState, u64)> {

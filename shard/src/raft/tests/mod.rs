@@ -1,1 +1,6 @@
+//! Tests of the Raft core: one per rule (`rules`), and a randomized safety and liveness run
+//! over many seeds with each planted bug shown caught (`random`).
+
 mod harness;
+mod random;
+mod rules;
