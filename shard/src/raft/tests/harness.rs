@@ -7,8 +7,8 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use crate::raft::{
-    ConfChange, Entry, EntryKind, HardState, LogReadError, LogState, Membership, Message, NodeId, ProposeError,
-    RaftConfig, RaftCore, ReadState, Role, TermRun,
+    ConfChange, Entry, EntryKind, HardState, LogReadError, LogState, Membership, Message,
+    MessageBody, NodeId, ProposeError, RaftConfig, RaftCore, ReadState, Role, TermRun,
 };
 
 /// Simulated milliseconds per step.
@@ -60,6 +60,15 @@ pub struct Faults {
     pub delay_steps_max: u64,
     /// Chance per step that a node's pending writes become durable (0: at once).
     pub fsync_pct: u64,
+    /// Election jitter is drawn from `0..jitter_spread` (0: any u64). A small spread makes
+    /// nodes time out together: split votes, and candidates sharing a term.
+    pub jitter_spread: u64,
+    /// Chance that a node reboots (losing unsynced writes) right after it grants a vote: the
+    /// moment that promise must already be durable.
+    pub reboot_after_vote_pct: u64,
+    /// Chance that a node is cut off from everyone the moment it becomes leader (its first
+    /// appends are lost): leaders whose entries reach no one, as in Raft's Figure 8.
+    pub isolate_new_leader_pct: u64,
 }
 
 /// One Ready's write, durable once its fsync completes.
@@ -100,6 +109,12 @@ pub struct Checker {
     /// (node, ctx) -> the group's commit index when the read was asked.
     reads_asked: BTreeMap<(NodeId, u64), u64>,
     pub violations: Vec<String>,
+    /// (node, term) -> the vote seen; and how often a node voted twice in a term (a symptom the
+    /// checker does not need to flag itself: two leaders in a term is the property).
+    votes: BTreeMap<(NodeId, u64), NodeId>,
+    pub double_votes: u64,
+    /// Leaders reporting a commit index whose entry is of an older term (Figure 8's risk).
+    pub old_term_commits: u64,
 }
 
 pub struct Cluster {
@@ -114,19 +129,28 @@ pub struct Cluster {
     pub faults: Faults,
     pub checker: Checker,
     snapshot_queue: Vec<(NodeId, NodeId)>,
-    /// Messages delivered, by kind name, for tests that count them.
-    pub delivered: Vec<Message>,
-    pub record_delivered: bool,
+    reboots: Vec<NodeId>,
+    /// Messages sent (before any loss), for tests that look at them; off in random runs.
+    pub sent: Vec<Message>,
+    pub record_sent: bool,
 }
 
 impl Cluster {
     pub fn new(voters: u64, config: RaftConfig, seed: u64) -> Cluster {
-        let initial = Membership { voters: (1..=voters).collect(), learners: BTreeSet::new() };
+        let initial = Membership {
+            voters: (1..=voters).collect(),
+            learners: BTreeSet::new(),
+        };
         Cluster::with_membership(initial, &[], config, seed)
     }
 
     /// `extra` are nodes outside the initial configuration (to be added as learners).
-    pub fn with_membership(initial: Membership, extra: &[NodeId], config: RaftConfig, seed: u64) -> Cluster {
+    pub fn with_membership(
+        initial: Membership,
+        extra: &[NodeId],
+        config: RaftConfig,
+        seed: u64,
+    ) -> Cluster {
         let mut c = Cluster {
             config,
             now_ms: 0,
@@ -138,10 +162,17 @@ impl Cluster {
             faults: Faults::default(),
             checker: Checker::default(),
             snapshot_queue: Vec::new(),
-            delivered: Vec::new(),
-            record_delivered: false,
+            reboots: Vec::new(),
+            sent: Vec::new(),
+            record_sent: false,
         };
-        let ids: Vec<NodeId> = initial.voters.iter().chain(initial.learners.iter()).chain(extra).copied().collect();
+        let ids: Vec<NodeId> = initial
+            .voters
+            .iter()
+            .chain(initial.learners.iter())
+            .chain(extra)
+            .copied()
+            .collect();
         for id in ids {
             c.nodes.insert(id, Node::default());
             c.restart(id);
@@ -154,7 +185,10 @@ impl Cluster {
     }
 
     pub fn core_mut(&mut self, id: NodeId) -> &mut RaftCore {
-        self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()).expect("node is up")
+        self.nodes
+            .get_mut(&id)
+            .and_then(|n| n.core.as_mut())
+            .expect("node is up")
     }
 
     pub fn is_up(&self, id: NodeId) -> bool {
@@ -163,8 +197,14 @@ impl Cluster {
 
     /// The live leader with the highest term, if any.
     pub fn leader(&self) -> Option<NodeId> {
-        let leaders = self.nodes.iter().filter_map(|(&id, n)| n.core.as_ref().map(|c| (id, c)));
-        leaders.filter(|(_, c)| c.role() == Role::Leader).max_by_key(|(_, c)| c.term()).map(|(id, _)| id)
+        let leaders = self
+            .nodes
+            .iter()
+            .filter_map(|(&id, n)| n.core.as_ref().map(|c| (id, c)));
+        leaders
+            .filter(|(_, c)| c.role() == Role::Leader)
+            .max_by_key(|(_, c)| c.term())
+            .map(|(id, _)| id)
     }
 
     pub fn crash(&mut self, id: NodeId) {
@@ -180,14 +220,18 @@ impl Cluster {
         let initial = self.initial.clone();
         let node = self.nodes.get_mut(&id).expect("known node");
         let hs = node.durable_hs;
-        let (log_state, committed_conf, conf_entries) = log_state_of(&node.durable, node.compacted, hs.commit, &initial);
+        let (log_state, committed_conf, conf_entries) =
+            log_state_of(&node.durable, node.compacted, hs.commit, &initial);
         match RaftCore::new(config, id, hs, log_state, committed_conf, &conf_entries) {
             Ok(core) => {
                 node.core = Some(core);
                 node.commit_seen = hs.commit;
                 node.written = node.durable.clone();
             }
-            Err(e) => self.checker.violations.push(format!("restart: node {id} cannot restart: {e}")),
+            Err(e) => self
+                .checker
+                .violations
+                .push(format!("restart: node {id} cannot restart: {e}")),
         }
     }
 
@@ -246,6 +290,22 @@ impl Cluster {
     }
 
     /// The committed entries node `id` holds (its written log up to its commit).
+    /// Makes `id` campaign now (pre-vote first) and steps until it leads or `steps_max` pass.
+    pub fn campaign(&mut self, id: NodeId, steps_max: u64) -> bool {
+        let now = self.now_ms;
+        self.core_mut(id)
+            .campaign(now, crate::raft::election::Campaign::Pre);
+        self.after_input(id);
+        self.run_until(steps_max, |c| {
+            c.is_up(id) && c.core(id).role() == Role::Leader
+        })
+    }
+
+    /// Cuts messages from `from` to `to` only.
+    pub fn cut_one_way(&mut self, from: NodeId, to: NodeId) {
+        self.cut.insert((from, to));
+    }
+
     pub fn committed_on(&self, id: NodeId) -> Vec<Entry> {
         let n = &self.nodes[&id];
         let commit = n.core.as_ref().map_or(n.durable_hs.commit, |c| c.commit());
@@ -257,7 +317,15 @@ impl Cluster {
     pub fn step(&mut self) {
         self.now_ms += STEP_MS;
         let now = self.now_ms;
-        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.net).into_iter().partition(|m| m.0 <= now);
+        for id in std::mem::take(&mut self.reboots) {
+            if self.is_up(id) {
+                self.crash(id);
+                self.restart(id);
+            }
+        }
+        let (mut due, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.net)
+            .into_iter()
+            .partition(|m| m.0 <= now);
         self.net = rest;
         for i in (1..due.len()).rev() {
             let j = self.rng.below(i as u64 + 1) as usize;
@@ -268,7 +336,10 @@ impl Cluster {
         }
         let ids: Vec<NodeId> = self.nodes.keys().copied().collect();
         for &id in &ids {
-            let jitter = self.rng.next_u64();
+            let jitter = match self.faults.jitter_spread {
+                0 => self.rng.next_u64(),
+                spread => self.rng.below(spread),
+            };
             if let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) {
                 core.handle_tick(now, jitter);
                 self.after_input(id);
@@ -301,11 +372,10 @@ impl Cluster {
 
     fn deliver(&mut self, msg: Message) {
         let to = msg.to;
-        if self.cut.contains(&(msg.from, to)) || !self.nodes.get(&to).is_some_and(|n| n.core.is_some()) {
+        if self.cut.contains(&(msg.from, to))
+            || !self.nodes.get(&to).is_some_and(|n| n.core.is_some())
+        {
             return;
-        }
-        if self.record_delivered {
-            self.delivered.push(msg.clone());
         }
         let now = self.now_ms;
         self.core_mut(to).handle_message(now, msg);
@@ -313,16 +383,27 @@ impl Cluster {
     }
 
     fn send(&mut self, msg: Message) {
+        if self.record_sent {
+            self.sent.push(msg.clone());
+        }
         if msg.from == msg.to {
             // The host's loopback: our own vote, after its fsync.
             self.net.push((self.now_ms, msg));
             return;
         }
         let f = self.faults;
+        let promise = matches!(msg.body, MessageBody::VoteResponse { granted: true });
+        if promise && f.reboot_after_vote_pct > 0 && self.rng.percent(f.reboot_after_vote_pct) {
+            self.reboots.push(msg.from);
+        }
         if f.drop_pct > 0 && self.rng.percent(f.drop_pct) {
             return;
         }
-        let copies = if f.dup_pct > 0 && self.rng.percent(f.dup_pct) { 2 } else { 1 };
+        let copies = if f.dup_pct > 0 && self.rng.percent(f.dup_pct) {
+            2
+        } else {
+            1
+        };
         for _ in 0..copies {
             let delay = STEP_MS * (1 + self.rng.below(f.delay_steps_max + 1));
             self.net.push((self.now_ms + delay, msg.clone()));
@@ -332,12 +413,19 @@ impl Cluster {
     /// The host loop for one node: write, send, check, serve reads, until nothing is ready.
     fn process_ready(&mut self, id: NodeId) {
         loop {
-            let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) else { return };
-            let Some(ready) = core.poll_ready() else { return };
+            let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) else {
+                return;
+            };
+            let Some(ready) = core.poll_ready() else {
+                return;
+            };
             let node = self.nodes.get_mut(&id).expect("known node");
             if let Some(from) = ready.truncate_from {
                 if from <= node.commit_seen {
-                    let v = format!("committed prefix: node {id} cut its log from {from}, below its commit {}", node.commit_seen);
+                    let v = format!(
+                        "committed prefix: node {id} cut its log from {from}, below its commit {}",
+                        node.commit_seen
+                    );
                     self.checker.violations.push(v);
                 }
                 node.written.truncate(from as usize - 1);
@@ -359,13 +447,19 @@ impl Cluster {
             let node = self.nodes.get_mut(&id).expect("known node");
             node.read_states.extend(ready.read_states);
             node.dropped_reads.extend(ready.dropped_reads);
-            self.snapshot_queue.extend(ready.snapshots_to_send.iter().map(|&to| (id, to)));
+            self.snapshot_queue
+                .extend(ready.snapshots_to_send.iter().map(|&to| (id, to)));
             for read in ready.log_reads {
                 let node = &self.nodes[&id];
                 let result = if read.lo <= node.compacted {
                     Err(LogReadError::Compacted)
                 } else {
-                    Ok(read_entries(&node.written, read.lo, read.hi, read.bytes_max))
+                    Ok(read_entries(
+                        &node.written,
+                        read.lo,
+                        read.hi,
+                        read.bytes_max,
+                    ))
                 };
                 self.core_mut(id).handle_log_read(read.id, result);
             }
@@ -379,8 +473,12 @@ impl Cluster {
     /// and the core hears of it.
     pub fn complete_writes(&mut self, id: NodeId) {
         loop {
-            let Some(node) = self.nodes.get_mut(&id) else { return };
-            let Some(w) = node.pending.pop_front() else { return };
+            let Some(node) = self.nodes.get_mut(&id) else {
+                return;
+            };
+            let Some(w) = node.pending.pop_front() else {
+                return;
+            };
             if let Some(from) = w.truncate_from {
                 node.durable.truncate(from as usize - 1);
             }
@@ -406,7 +504,8 @@ impl Cluster {
         for (from, to) in std::mem::take(&mut self.snapshot_queue) {
             if !self.is_up(from) || !self.is_up(to) || self.cut.contains(&(from, to)) {
                 if self.is_up(from) {
-                    self.core_mut(from).handle_snapshot_sent(to, Err(crate::raft::SnapshotError::Failed));
+                    self.core_mut(from)
+                        .handle_snapshot_sent(to, Err(crate::raft::SnapshotError::Failed));
                 }
                 continue;
             }
@@ -415,7 +514,10 @@ impl Cluster {
             let conf = self.core(from).committed_membership().clone();
             let prefix: Vec<Entry> = self.nodes[&from].written[..index as usize].to_vec();
             let now = self.now_ms;
-            if self.core_mut(to).handle_snapshot_installed(now, index, term, conf) {
+            if self
+                .core_mut(to)
+                .handle_snapshot_installed(now, index, term, conf)
+            {
                 let node = self.nodes.get_mut(&to).expect("known node");
                 node.pending.clear();
                 node.durable = prefix.clone();
@@ -432,10 +534,20 @@ impl Cluster {
 
     /// Election safety, leader completeness and commit monotonicity, checked after every input.
     fn observe(&mut self, id: NodeId) {
-        let Some(core) = self.nodes[&id].core.as_ref() else { return };
+        let Some(core) = self.nodes[&id].core.as_ref() else {
+            return;
+        };
         let (role, term, commit) = (core.role(), core.term(), core.commit());
+        if let Some(v) = core.vote() {
+            if *self.checker.votes.entry((id, term)).or_insert(v) != v {
+                self.checker.double_votes += 1;
+            }
+        }
         if commit < self.nodes[&id].commit_seen {
-            let v = format!("commit monotonic: node {id} commit went back to {commit} from {}", self.nodes[&id].commit_seen);
+            let v = format!(
+                "commit monotonic: node {id} commit went back to {commit} from {}",
+                self.nodes[&id].commit_seen
+            );
             self.checker.violations.push(v);
         }
         if role != Role::Leader {
@@ -450,13 +562,23 @@ impl Cluster {
             None => {
                 self.checker.leaders.insert(term, id);
                 self.check_leader_completeness(id, term);
+                let pct = self.faults.isolate_new_leader_pct;
+                if pct > 0 && self.rng.percent(pct) {
+                    self.isolate(id);
+                }
             }
         }
     }
 
     /// A new leader of `term` holds every entry committed in an earlier term.
     fn check_leader_completeness(&mut self, id: NodeId, term: u64) {
-        let bound = self.checker.commit_by_term.range(..term).map(|(_, &i)| i).max().unwrap_or(0);
+        let bound = self
+            .checker
+            .commit_by_term
+            .range(..term)
+            .map(|(_, &i)| i)
+            .max()
+            .unwrap_or(0);
         let core = self.core(id);
         for e in self.checker.committed.iter().take(bound as usize) {
             match core.term_at(e.index) {
@@ -478,7 +600,10 @@ impl Cluster {
     fn check_commit(&mut self, id: NodeId, commit: u64) {
         let node = &self.nodes[&id];
         if commit <= node.commit_seen {
-            let v = format!("commit monotonic: node {id} reported commit {commit} after {}", node.commit_seen);
+            let v = format!(
+                "commit monotonic: node {id} reported commit {commit} after {}",
+                node.commit_seen
+            );
             self.checker.violations.push(v);
             return;
         }
@@ -491,7 +616,9 @@ impl Cluster {
             };
             match self.checker.committed.get(index as usize - 1) {
                 Some(c) if c != e => {
-                    let v = format!("committed prefix: node {id} committed {e:?} at {index}, the group {c:?}");
+                    let v = format!(
+                        "committed prefix: node {id} committed {e:?} at {index}, the group {c:?}"
+                    );
                     self.checker.violations.push(v);
                     break;
                 }
@@ -500,8 +627,10 @@ impl Cluster {
             }
         }
         let core = self.core(id);
-        if core.role() == Role::Leader {
-            let slot = self.checker.commit_by_term.entry(core.term()).or_insert(0);
+        let (role, term, commit_term) = (core.role(), core.term(), core.term_at(commit));
+        if role == Role::Leader {
+            self.checker.old_term_commits += u64::from(commit_term != Some(term));
+            let slot = self.checker.commit_by_term.entry(term).or_insert(0);
             *slot = (*slot).max(commit);
         }
         self.nodes.get_mut(&id).expect("known node").commit_seen = commit;
@@ -528,17 +657,26 @@ pub fn log_state_of(
     commit: u64,
     initial: &Membership,
 ) -> (LogState, Membership, Vec<(u64, ConfChange)>) {
-    let snapshot_term = if compacted == 0 { 0 } else { log[compacted as usize - 1].term };
+    let snapshot_term = if compacted == 0 {
+        0
+    } else {
+        log[compacted as usize - 1].term
+    };
     let mut runs: Vec<TermRun> = Vec::new();
     for e in &log[compacted as usize..] {
         if runs.last().is_none_or(|r| r.term != e.term) {
-            runs.push(TermRun { first_index: e.index, term: e.term });
+            runs.push(TermRun {
+                first_index: e.index,
+                term: e.term,
+            });
         }
     }
     let mut conf = initial.clone();
     let mut conf_entries = Vec::new();
     for e in log.iter().filter(|e| e.kind == EntryKind::ConfChange) {
-        let Some(cc) = ConfChange::decode(&e.data) else { continue };
+        let Some(cc) = ConfChange::decode(&e.data) else {
+            continue;
+        };
         if e.index <= commit.max(compacted) {
             conf = conf.apply(cc).unwrap_or(conf);
         } else {
@@ -558,7 +696,11 @@ pub fn log_state_of(
 fn read_entries(log: &[Entry], lo: u64, hi: u64, bytes_max: u64) -> Vec<Entry> {
     let mut out = Vec::new();
     let mut bytes = 0;
-    for e in log.iter().skip(lo as usize - 1).take_while(|e| e.index <= hi) {
+    for e in log
+        .iter()
+        .skip(lo as usize - 1)
+        .take_while(|e| e.index <= hi)
+    {
         if !out.is_empty() && bytes + e.size_bytes() > bytes_max {
             break;
         }

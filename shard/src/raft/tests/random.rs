@@ -13,27 +13,71 @@ pub const FAULT_STEPS: u64 = 1500;
 pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
     let mut config = test_config();
     config.planted = planted;
+    // Each seed draws its own profile too: group size, message size limits, fault rates.
     let mut rng = super::harness::Rng::new(seed.wrapping_mul(31).wrapping_add(7));
     let n = if rng.percent(50) { 3 } else { 5 };
-    let mut c = Cluster::new(n, config, seed);
-    c.faults = Faults { drop_pct: 5, dup_pct: 3, delay_steps_max: 4, fsync_pct: 60 };
+    config.raft_append_bytes_max = [48, 200, 1000][rng.below(3) as usize];
+    config.raft_inflight_entries_max = 1 + rng.below(8);
+    let profile = Profile {
+        crash_per_mille: 2 + rng.below(30),
+        partition_per_mille: 2 + rng.below(15),
+    };
+    let mut c = Cluster::new(n, config.clone(), seed);
+    c.faults = Faults {
+        drop_pct: rng.below(10),
+        dup_pct: rng.below(5),
+        delay_steps_max: rng.below(8),
+        fsync_pct: 20 + rng.below(80),
+        jitter_spread: [0, 0, 20, 60][rng.below(4) as usize],
+        reboot_after_vote_pct: rng.below(50),
+        isolate_new_leader_pct: rng.below(40),
+    };
     let mut next_data = 0u64;
     for _ in 0..FAULT_STEPS {
-        fault_step(&mut c, n, &mut next_data);
+        fault_step(&mut c, n, profile, &mut next_data);
         c.step();
         if let Some(v) = c.checker.violations.first() {
             return Err(v.clone());
         }
     }
+    if std::env::var("RAFT_DEBUG").is_ok() {
+        eprintln!(
+            "seed {seed}: n {n} leaders {} double votes {} old-term commits {} committed {} {} {} {:?} {:?}",
+            c.checker.leaders.len(),
+            c.checker.double_votes,
+            c.checker.old_term_commits,
+            c.checker.committed.len(),
+            c.config.raft_append_bytes_max,
+            c.config.raft_inflight_entries_max,
+            profile,
+            c.faults
+        );
+    }
     liveness(&mut c, n, &mut next_data)?;
     stability(&mut c, n)?;
-    c.checker.violations.first().map_or(Ok(()), |v| Err(v.clone()))
+    c.checker
+        .violations
+        .first()
+        .map_or(Ok(()), |v| Err(v.clone()))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Profile {
+    crash_per_mille: u64,
+    partition_per_mille: u64,
 }
 
 /// Random inputs and faults for one step.
-fn fault_step(c: &mut Cluster, n: u64, next_data: &mut u64) {
+fn fault_step(c: &mut Cluster, n: u64, p: Profile, next_data: &mut u64) {
     let ids: Vec<NodeId> = (1..=n).collect();
-    if let Some(leader) = c.leader() {
+    // Any node that thinks it leads takes requests, stale leaders too: divergent logs.
+    let leaders: Vec<NodeId> = ids
+        .iter()
+        .copied()
+        .filter(|&id| c.is_up(id) && c.core(id).role() == Role::Leader)
+        .collect();
+    if !leaders.is_empty() {
+        let leader = leaders[c.rng.below(leaders.len() as u64) as usize];
         if c.rng.percent(30) {
             *next_data += 1;
             let _ = c.propose(leader, next_data.to_le_bytes().to_vec());
@@ -49,29 +93,48 @@ fn fault_step(c: &mut Cluster, n: u64, next_data: &mut u64) {
             c.after_input(leader);
         }
     }
-    let roll = c.rng.below(1000);
-    let node = ids[c.rng.below(n) as usize];
-    match roll {
-        0..=9 if c.is_up(node) => c.crash(node),
-        10..=59 if !c.is_up(node) => c.restart(node),
-        60..=69 => c.heal(),
-        70..=74 => c.isolate(node),
-        75..=79 => {
-            let side: Vec<NodeId> = ids.iter().copied().filter(|_| c.rng.percent(50)).collect();
-            c.partition(&side);
+    // Faults hit the leader half the time: leader churn is where elections go wrong.
+    let node = match c.leader() {
+        Some(l) if c.rng.percent(50) => l,
+        _ => ids[c.rng.below(n) as usize],
+    };
+    if c.rng.below(1000) < p.crash_per_mille {
+        match c.rng.below(3) {
+            0 if c.is_up(node) => c.crash(node),
+            // A process restart: unsynced writes are lost, the node is back at once.
+            1 if c.is_up(node) => {
+                c.crash(node);
+                c.restart(node);
+            }
+            _ => {}
         }
-        80..=84 => {
-            let other = ids[c.rng.below(n) as usize];
-            c.cut.insert((node, other)); // one way: node no longer reaches other
+    }
+    if !c.is_up(node) && c.rng.percent(5) {
+        c.restart(node);
+    }
+    if c.rng.below(1000) < p.partition_per_mille {
+        match c.rng.below(5) {
+            0 | 4 => c.heal(),
+            1 => c.isolate(node),
+            2 => {
+                let side: Vec<NodeId> = ids.iter().copied().filter(|_| c.rng.percent(50)).collect();
+                c.partition(&side);
+            }
+            _ => {
+                let other = ids[c.rng.below(n) as usize];
+                c.cut.insert((node, other)); // one way: node no longer reaches other
+            }
         }
-        _ => {}
     }
 }
 
 /// After healing every fault, a leader is elected and a new proposal commits on every node.
 fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> {
     c.heal();
-    c.faults = Faults::default();
+    c.faults = Faults {
+        jitter_spread: 0,
+        ..Faults::default()
+    };
     for id in 1..=n {
         if !c.is_up(id) {
             c.restart(id);
@@ -81,10 +144,13 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
     let steps_max = 20 * c.config.raft_election_timeout_ms / STEP_MS;
     for _ in 0..5 {
         let elected = c.run_until(steps_max, |c| {
-            c.leader().is_some_and(|l| c.core(l).term_at(c.core(l).commit()) == Some(c.core(l).term()))
+            c.leader()
+                .is_some_and(|l| c.core(l).term_at(c.core(l).commit()) == Some(c.core(l).term()))
         });
         let Some(leader) = c.leader().filter(|_| elected) else {
-            return Err(format!("liveness: no leader {steps_max} steps after healing"));
+            return Err(format!(
+                "liveness: no leader {steps_max} steps after healing"
+            ));
         };
         *next_data += 1;
         let marker = next_data.to_le_bytes().to_vec();
@@ -97,7 +163,11 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
             }
         };
         let committed = c.run_until(steps_max, |c| {
-            (1..=n).all(|id| c.committed_on(id).get(index as usize - 1).is_some_and(|e| e.data == marker))
+            (1..=n).all(|id| {
+                c.committed_on(id)
+                    .get(index as usize - 1)
+                    .is_some_and(|e| e.data == marker)
+            })
         });
         if committed {
             return Ok(());
@@ -105,14 +175,25 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
     }
     for id in 1..=n {
         let k = c.core(id);
-        eprintln!("node {id}: {:?} term {} lead {:?} commit {} last {} persisted {} progress {:?}", k.role(), k.term(), k.leader(), k.commit(), k.last_index(), k.persisted_index(), (1..=n).map(|p| k.progress(p)).collect::<Vec<_>>());
+        eprintln!(
+            "node {id}: {:?} term {} lead {:?} commit {} last {} persisted {} progress {:?}",
+            k.role(),
+            k.term(),
+            k.leader(),
+            k.commit(),
+            k.last_index(),
+            k.persisted_index(),
+            (1..=n).map(|p| k.progress(p)).collect::<Vec<_>>()
+        );
     }
     Err("liveness: a proposal made after healing never committed on every node".to_string())
 }
 
 /// A follower cut off for several election timeouts rejoins without deposing the leader.
 fn stability(c: &mut Cluster, n: u64) -> Result<(), String> {
-    let Some(leader) = c.leader() else { return Err("liveness: no leader after healing".into()) };
+    let Some(leader) = c.leader() else {
+        return Err("liveness: no leader after healing".into());
+    };
     let term = c.core(leader).term();
     let follower = (1..=n).find(|&id| id != leader).expect("n >= 3");
     c.isolate(follower);
@@ -120,7 +201,10 @@ fn stability(c: &mut Cluster, n: u64) -> Result<(), String> {
     c.heal();
     c.run(4 * c.config.raft_election_timeout_ms / STEP_MS);
     let now = c.leader();
-    if now != Some(leader) || c.core(leader).term() != term || c.core(follower).role() != Role::Follower {
+    if now != Some(leader)
+        || c.core(leader).term() != term
+        || c.core(follower).role() != Role::Follower
+    {
         let t = now.map(|l| c.core(l).term());
         return Err(format!(
             "stability: rejoining node {follower} disrupted leader {leader} of term {term} (now {now:?} in term {t:?})"
@@ -140,7 +224,10 @@ fn test_random_safety_and_liveness() {
             panic!("seed {seed}: {v}");
         }
     }
-    eprintln!("{SEEDS} seeds x {FAULT_STEPS} fault steps in {:?}", started.elapsed());
+    eprintln!(
+        "{SEEDS} seeds x {FAULT_STEPS} fault steps in {:?}",
+        started.elapsed()
+    );
 }
 
 /// The first seed in `0..seeds_max` on which the planted bug violates a property.
@@ -149,45 +236,85 @@ fn first_catch(planted: RaftPlanted, seeds_max: u64) -> Option<(u64, String)> {
 }
 
 fn assert_caught(planted: RaftPlanted, property: &str) {
-    let Some((seed, v)) = first_catch(planted, 400) else { panic!("{planted:?} survived 400 seeds") };
+    let Some((seed, v)) = first_catch(planted, 400) else {
+        panic!("{planted:?} survived 400 seeds")
+    };
     eprintln!("{planted:?}: seed {seed}: {v}");
-    assert!(v.starts_with(property), "seed {seed}: expected {property}, got {v}");
+    assert!(
+        v.starts_with(property),
+        "seed {seed}: expected {property}, got {v}"
+    );
 }
 
 #[test]
 fn test_planted_commit_old_term_by_count_is_caught() {
     // Proves the checker catches a leader committing an old term's entry by counting (Figure 8).
-    let planted = RaftPlanted { commit_old_term_by_count: true, ..Default::default() };
-    let Some((seed, v)) = first_catch(planted, 400) else { panic!("survived 400 seeds") };
+    let planted = RaftPlanted {
+        commit_old_term_by_count: true,
+        ..Default::default()
+    };
+    let Some((seed, v)) = first_catch(planted, 400) else {
+        panic!("survived 400 seeds")
+    };
     eprintln!("commit_old_term_by_count: seed {seed}: {v}");
-    assert!(v.starts_with("committed prefix") || v.starts_with("leader completeness"), "seed {seed}: {v}");
+    assert!(
+        v.starts_with("committed prefix") || v.starts_with("leader completeness"),
+        "seed {seed}: {v}"
+    );
 }
 
 #[test]
 fn test_planted_vote_not_persisted_is_caught() {
     // Proves the checker catches a node that votes twice in a term after losing an unpersisted vote.
-    assert_caught(RaftPlanted { vote_not_persisted: true, ..Default::default() }, "election safety");
+    assert_caught(
+        RaftPlanted {
+            vote_not_persisted: true,
+            ..Default::default()
+        },
+        "election safety",
+    );
 }
 
 #[test]
 fn test_planted_truncate_committed_on_conflict_is_caught() {
     // Proves the checker catches a follower that cuts committed entries on a stale append.
-    let planted = RaftPlanted { truncate_committed_on_conflict: true, ..Default::default() };
-    let Some((seed, v)) = first_catch(planted, 400) else { panic!("survived 400 seeds") };
+    let planted = RaftPlanted {
+        truncate_committed_on_conflict: true,
+        ..Default::default()
+    };
+    let Some((seed, v)) = first_catch(planted, 400) else {
+        panic!("survived 400 seeds")
+    };
     eprintln!("truncate_committed_on_conflict: seed {seed}: {v}");
-    assert!(v.starts_with("committed prefix") || v.starts_with("commit monotonic"), "seed {seed}: {v}");
+    assert!(
+        v.starts_with("committed prefix") || v.starts_with("commit monotonic"),
+        "seed {seed}: {v}"
+    );
 }
 
 #[test]
 fn test_planted_no_prevote_checkquorum_is_caught() {
     // Proves the checker catches a rejoining node deposing a healthy leader without pre-vote.
-    assert_caught(RaftPlanted { no_prevote_checkquorum: true, ..Default::default() }, "stability");
+    assert_caught(
+        RaftPlanted {
+            no_prevote_checkquorum: true,
+            ..Default::default()
+        },
+        "stability",
+    );
 }
 
 #[test]
 fn debug_seed() {
     // temp
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(14);
-    let r = random_run(seed, RaftPlanted::default());
+    let seed: u64 = std::env::var("SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(14);
+    let planted = RaftPlanted {
+        vote_not_persisted: std::env::var("PV").is_ok(),
+        ..Default::default()
+    };
+    let r = random_run(seed, planted);
     eprintln!("{r:?}");
 }
