@@ -69,6 +69,9 @@ pub struct Faults {
     /// Chance that a node is cut off from everyone the moment it becomes leader (its first
     /// appends are lost): leaders whose entries reach no one, as in Raft's Figure 8.
     pub isolate_new_leader_pct: u64,
+    /// Chance that a leader is cut off from everyone right after it reports a new commit index
+    /// (the entries it sends next are lost).
+    pub isolate_after_commit_pct: u64,
 }
 
 /// One Ready's write, durable once its fsync completes.
@@ -442,6 +445,11 @@ impl Cluster {
             }
             if let Some(commit) = ready.commit {
                 self.check_commit(id, commit);
+                let pct = self.faults.isolate_after_commit_pct;
+                let leading = self.core(id).role() == Role::Leader;
+                if leading && pct > 0 && self.rng.percent(pct) {
+                    self.isolate(id);
+                }
             }
             self.check_reads(id, &ready.read_states);
             let node = self.nodes.get_mut(&id).expect("known node");
@@ -562,6 +570,28 @@ impl Cluster {
             None => {
                 self.checker.leaders.insert(term, id);
                 self.check_leader_completeness(id, term);
+                if std::env::var("RAFT_TRACE").is_ok() {
+                    let others: Vec<String> = self
+                        .nodes
+                        .iter()
+                        .map(|(i, n)| match &n.core {
+                            Some(k) => format!(
+                                "{i}:{:?}/t{}/last{}/lt{}/c{}",
+                                k.role(),
+                                k.term(),
+                                k.last_index(),
+                                k.last_term(),
+                                k.commit()
+                            ),
+                            None => format!("{i}:down"),
+                        })
+                        .collect();
+                    eprintln!(
+                        "{} leader {id} term {term}: {}",
+                        self.now_ms,
+                        others.join(" ")
+                    );
+                }
                 let pct = self.faults.isolate_new_leader_pct;
                 if pct > 0 && self.rng.percent(pct) {
                     self.isolate(id);

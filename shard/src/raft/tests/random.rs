@@ -31,11 +31,27 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
         jitter_spread: [0, 0, 20, 60][rng.below(4) as usize],
         reboot_after_vote_pct: rng.below(50),
         isolate_new_leader_pct: rng.below(40),
+        isolate_after_commit_pct: rng.below(10),
     };
     let mut next_data = 0u64;
     for _ in 0..FAULT_STEPS {
         fault_step(&mut c, n, profile, &mut next_data);
         c.step();
+        if std::env::var("RAFT_TRACE").is_ok() && c.now_ms % 100 == 0 {
+            if let Some(l) = c.leader() {
+                let k = c.core(l);
+                eprintln!(
+                    "{} L{l} t{} c{} p{} last{} prog {:?} cut {:?}",
+                    c.now_ms,
+                    k.term(),
+                    k.commit(),
+                    k.persisted_index(),
+                    k.last_index(),
+                    (1..=n).map(|p| k.progress(p)).collect::<Vec<_>>(),
+                    c.cut
+                );
+            }
+        }
         if let Some(v) = c.checker.violations.first() {
             return Err(v.clone());
         }
@@ -157,7 +173,7 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
         let index = match c.propose(leader, marker.clone()) {
             Ok(index) => index,
             Err(e) => {
-                eprintln!("propose: {e}");
+                let _ = e; // a transfer in flight, or the leader just stepped down: retry
                 c.run(steps_max);
                 continue;
             }
@@ -313,6 +329,7 @@ fn debug_seed() {
         .unwrap_or(14);
     let planted = RaftPlanted {
         vote_not_persisted: std::env::var("PV").is_ok(),
+        commit_old_term_by_count: std::env::var("PC").is_ok(),
         ..Default::default()
     };
     let r = random_run(seed, planted);

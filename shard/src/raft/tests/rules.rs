@@ -501,5 +501,6 @@ fn figure8(planted: bool) -> Vec<String> {
     assert!(c.campaign(2, 200));
     assert!(c.core(2).term() > s1_term);
     c.run(20);
+    eprintln!("old-term commits {}", c.checker.old_term_commits);
     c.checker.violations.clone()
 }
