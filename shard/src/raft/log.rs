@@ -127,6 +127,11 @@ impl RaftLog {
         Some(self.runs[at - 1].term)
     }
 
+    /// Runs in the term index: one per term with entries, whatever the log's length.
+    pub fn run_count(&self) -> usize {
+        self.runs.len()
+    }
+
     pub fn last_term(&self) -> u64 {
         self.runs.last().map_or(self.snapshot_term, |r| r.term)
     }

@@ -99,6 +99,7 @@ pub struct Node {
     pub read_states: Vec<ReadState>,
     pub dropped_reads: Vec<u64>,
     pub snapshots_installed: u64,
+    pub log_reads_served: u64,
 }
 
 #[derive(Debug, Default)]
@@ -458,7 +459,8 @@ impl Cluster {
             self.snapshot_queue
                 .extend(ready.snapshots_to_send.iter().map(|&to| (id, to)));
             for read in ready.log_reads {
-                let node = &self.nodes[&id];
+                let node = self.nodes.get_mut(&id).expect("known node");
+                node.log_reads_served += 1;
                 let result = if read.lo <= node.compacted {
                     Err(LogReadError::Compacted)
                 } else {

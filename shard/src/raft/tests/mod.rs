@@ -4,3 +4,5 @@
 mod harness;
 mod random;
 mod rules;
+mod rules_leader;
+mod rules_replication;

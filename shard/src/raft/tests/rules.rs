@@ -10,7 +10,7 @@ use crate::raft::{
     Role, TermRun,
 };
 
-fn voters(n: u64) -> Membership {
+pub(super) fn voters(n: u64) -> Membership {
     Membership {
         voters: (1..=n).collect(),
         learners: BTreeSet::new(),
@@ -18,7 +18,13 @@ fn voters(n: u64) -> Membership {
 }
 
 /// A core restarted with a log whose entry `i + 1` has term `terms[i]`.
-fn core_with_log(id: NodeId, n: u64, terms: &[u64], commit: u64, config: RaftConfig) -> RaftCore {
+pub(super) fn core_with_log(
+    id: NodeId,
+    n: u64,
+    terms: &[u64],
+    commit: u64,
+    config: RaftConfig,
+) -> RaftCore {
     let mut runs: Vec<TermRun> = Vec::new();
     for (i, &t) in terms.iter().enumerate() {
         if runs.last().is_none_or(|r| r.term != t) {
@@ -44,7 +50,7 @@ fn core_with_log(id: NodeId, n: u64, terms: &[u64], commit: u64, config: RaftCon
     RaftCore::new(config, id, hs, log, voters(n), &[]).expect("valid state")
 }
 
-fn msg(from: NodeId, to: NodeId, term: u64, body: MessageBody) -> Message {
+pub(super) fn msg(from: NodeId, to: NodeId, term: u64, body: MessageBody) -> Message {
     Message {
         from,
         to,
@@ -53,7 +59,7 @@ fn msg(from: NodeId, to: NodeId, term: u64, body: MessageBody) -> Message {
     }
 }
 
-fn entries(from_index: u64, terms: &[u64]) -> Vec<Entry> {
+pub(super) fn entries(from_index: u64, terms: &[u64]) -> Vec<Entry> {
     let kind = EntryKind::Normal;
     terms
         .iter()
@@ -67,12 +73,12 @@ fn entries(from_index: u64, terms: &[u64]) -> Vec<Entry> {
         .collect()
 }
 
-fn ready(core: &mut RaftCore) -> Ready {
+pub(super) fn ready(core: &mut RaftCore) -> Ready {
     core.poll_ready().unwrap_or_default()
 }
 
 /// A 3- or 5-node cluster on a perfect network with synchronous fsyncs, with a leader.
-fn cluster_with_leader(n: u64, config: RaftConfig, leader: NodeId) -> Cluster {
+pub(super) fn cluster_with_leader(n: u64, config: RaftConfig, leader: NodeId) -> Cluster {
     let mut c = Cluster::new(n, config, 7);
     assert!(
         c.campaign(leader, 50),
@@ -82,7 +88,13 @@ fn cluster_with_leader(n: u64, config: RaftConfig, leader: NodeId) -> Cluster {
     c
 }
 
-fn vote_request(from: NodeId, to: NodeId, term: u64, last_index: u64, last_term: u64) -> Message {
+pub(super) fn vote_request(
+    from: NodeId,
+    to: NodeId,
+    term: u64,
+    last_index: u64,
+    last_term: u64,
+) -> Message {
     msg(
         from,
         to,
@@ -95,7 +107,7 @@ fn vote_request(from: NodeId, to: NodeId, term: u64, last_index: u64, last_term:
     )
 }
 
-fn granted(r: &Ready, to: NodeId) -> Option<bool> {
+pub(super) fn granted(r: &Ready, to: NodeId) -> Option<bool> {
     let all = r.persisted_messages.iter().chain(r.messages.iter());
     all.filter(|m| m.to == to).find_map(|m| match m.body {
         MessageBody::VoteResponse { granted } => Some(granted),

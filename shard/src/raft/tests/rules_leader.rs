@@ -1,0 +1,1 @@
+//! Rules of leadership: transfer, membership, ReadIndex, a single voter, robustness.
