@@ -16,7 +16,7 @@ pub struct TermRun {
 }
 
 /// What the host's durable log holds at a restart: everything in it is durable.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LogState {
     /// `snapshot_index + 1`: the first entry the host can read.
     pub first_index: u64,
@@ -25,6 +25,19 @@ pub struct LogState {
     pub term_runs: Vec<TermRun>,
     pub snapshot_index: u64,
     pub snapshot_term: u64,
+}
+
+impl Default for LogState {
+    /// An empty log (a node's first start).
+    fn default() -> LogState {
+        LogState {
+            first_index: 1,
+            last_index: 0,
+            term_runs: Vec::new(),
+            snapshot_index: 0,
+            snapshot_term: 0,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -128,6 +141,7 @@ impl RaftLog {
     }
 
     /// Runs in the term index: one per term with entries, whatever the log's length.
+    #[cfg(test)]
     pub fn run_count(&self) -> usize {
         self.runs.len()
     }

@@ -79,7 +79,10 @@ impl RaftCore {
     fn sync_progress(&mut self) {
         let members: Vec<NodeId> = self.conf.current().peers(self.id).collect();
         self.progress.retain(|id, _| members.contains(id));
-        let next = self.log.last_index + 1;
+        // A new member is probed with our last entry (the conf entry itself): nothing is sent
+        // to a follower whose next index is past our log, so `last + 1` would wait for the
+        // next proposal.
+        let next = self.log.last_index.max(1);
         for id in members {
             self.progress
                 .entry(id)

@@ -377,7 +377,7 @@ impl Cluster {
     fn deliver(&mut self, msg: Message) {
         let to = msg.to;
         if self.cut.contains(&(msg.from, to))
-            || !self.nodes.get(&to).is_some_and(|n| n.core.is_some())
+            || self.nodes.get(&to).is_none_or(|n| n.core.is_none())
         {
             return;
         }

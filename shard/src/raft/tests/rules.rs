@@ -3,11 +3,10 @@
 
 use std::collections::BTreeSet;
 
-use super::harness::{test_config, Cluster, Faults, Rng, STEP_MS};
+use super::harness::{test_config, Cluster, Faults, STEP_MS};
 use crate::raft::{
-    ConfChange, Entry, EntryKind, HardState, LogReadError, LogState, Membership, Message,
-    MessageBody, NodeId, ProgressState, ProposeError, RaftConfig, RaftCore, RaftPlanted, Ready,
-    Role, TermRun,
+    Entry, EntryKind, HardState, LogState, Membership, Message, MessageBody, NodeId, ProposeError,
+    RaftConfig, RaftCore, Ready, Role, TermRun,
 };
 
 pub(super) fn voters(n: u64) -> Membership {
