@@ -233,7 +233,6 @@ impl RaftCore {
     }
 
     /// Follower: Raft's AppendEntries receiver (log matching on prev index and term).
-    // Over 70 lines: the receiver's steps read best in one place, in the paper's order.
     pub(super) fn handle_append(
         &mut self,
         now_ms: u64,
@@ -244,15 +243,7 @@ impl RaftCore {
         commit: u64,
     ) {
         self.heard_from_leader(now_ms, from);
-        let term = self.term;
-        let well_formed = prev_index.checked_add(entries.len() as u64 + 1).is_some()
-            && entries
-                .iter()
-                .enumerate()
-                .all(|(i, e)| e.index == prev_index + 1 + i as u64 && e.term <= term)
-            && entries.windows(2).all(|w| w[0].term <= w[1].term)
-            && entries.first().is_none_or(|e| e.term >= prev_term);
-        if !well_formed {
+        if !append_well_formed(prev_index, prev_term, self.term, &entries) {
             return;
         }
         let planted = self.config.planted.truncate_committed_on_conflict;
@@ -284,31 +275,7 @@ impl RaftCore {
             };
             return self.send(from, body);
         }
-        let mut start = entries.len();
-        for (i, e) in entries.iter().enumerate() {
-            match self.log.term_at(e.index) {
-                Some(t) if t == e.term && !planted => continue,
-                Some(_) => {
-                    // A conflicting suffix: never committed (a committed entry is in every
-                    // later leader's log, so no leader sends a conflict for it).
-                    if !planted {
-                        assert!(
-                            e.index > self.log.commit,
-                            "conflict at or below the commit index"
-                        );
-                    }
-                    self.truncate_log(e.index, planted);
-                }
-                None => {}
-            }
-            start = i;
-            break;
-        }
-        if planted && start == entries.len() && self.log.last_index > last_new.max(prev_index) {
-            // The planted bug: a stale, shorter append cuts the suffix past it, matched or not.
-            self.truncate_log(last_new.max(prev_index) + 1, true);
-        }
-        self.append_entries(&entries[start..]);
+        self.merge_entries(entries, last_new.max(prev_index), planted);
         let last_new = last_new.max(self.log.commit.min(self.log.last_index));
         let new_commit = commit.min(last_new).min(self.log.last_index);
         if new_commit > self.log.commit {
@@ -322,6 +289,35 @@ impl RaftCore {
             hint_term: 0,
         };
         self.send_persisted(from, body);
+    }
+
+    /// Appends the entries after the matched prev entry: entries already in the log are kept,
+    /// the suffix from the first conflicting one is cut (never committed: a committed entry is
+    /// in every later leader's log, so no leader sends a conflict for it).
+    fn merge_entries(&mut self, entries: &[Entry], last_new: u64, planted: bool) {
+        let mut start = entries.len();
+        for (i, e) in entries.iter().enumerate() {
+            match self.log.term_at(e.index) {
+                Some(t) if t == e.term && !planted => continue,
+                Some(_) => {
+                    if !planted {
+                        assert!(
+                            e.index > self.log.commit,
+                            "conflict at or below the commit index"
+                        );
+                    }
+                    self.truncate_log(e.index, planted);
+                }
+                None => {}
+            }
+            start = i;
+            break;
+        }
+        if planted && start == entries.len() && self.log.last_index > last_new {
+            // The planted bug: a stale, shorter append cuts the suffix past it, matched or not.
+            self.truncate_log(last_new + 1, true);
+        }
+        self.append_entries(&entries[start..]);
     }
 
     fn truncate_log(&mut self, from: u64, planted: bool) {
@@ -457,4 +453,16 @@ impl RaftCore {
             self.release_reads();
         }
     }
+}
+
+/// An append a leader could have sent: dense indexes after `prev_index`, terms never going
+/// back and never above the leader's `term`, no overflow. Anything else is dropped unanswered.
+fn append_well_formed(prev_index: u64, prev_term: u64, term: u64, entries: &[Entry]) -> bool {
+    prev_index.checked_add(entries.len() as u64 + 1).is_some()
+        && entries
+            .iter()
+            .enumerate()
+            .all(|(i, e)| e.index == prev_index + 1 + i as u64 && e.term <= term)
+        && entries.windows(2).all(|w| w[0].term <= w[1].term)
+        && entries.first().is_none_or(|e| e.term >= prev_term)
 }
