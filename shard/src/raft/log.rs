@@ -243,9 +243,14 @@ impl RaftLog {
         run.bytes_before + run_bytes * done / (end - run.first_index + 1)
     }
 
-    /// Bytes a follower whose next entry is `next` still needs.
+    /// Bytes of the committed entries a follower whose next entry is `next` still needs: what
+    /// a snapshot (taken at or below the commit index) would spare it. Uncommitted bytes do
+    /// not count: no snapshot covers them, so counting them would loop snapshot after snapshot.
     pub fn lag_bytes(&self, next: u64) -> u64 {
-        self.bytes_total
+        if next > self.commit {
+            return 0;
+        }
+        self.bytes_at(self.commit)
             .saturating_sub(self.bytes_at(next.saturating_sub(1)))
     }
 
@@ -316,22 +321,19 @@ impl RaftLog {
             return false;
         }
         let term = self.term_at(index).expect("index within the log");
-        let keep_from = self
+        // Runs starting at or below `index` go, except the last of them if it runs past
+        // `index`: it then starts right after the new base.
+        let covering = self.runs.partition_point(|r| r.first_index <= index);
+        debug_assert!(covering > 0, "index is in the log, above the old base");
+        let end = self
             .runs
-            .partition_point(|r| r.first_index <= index)
-            .saturating_sub(1);
-        self.runs.drain(..keep_from);
-        if let Some(first) = self.runs.first_mut() {
-            if first.first_index <= index {
-                first.first_index = index + 1;
-            }
-        }
-        if self
-            .runs
-            .first()
-            .is_some_and(|r| r.first_index > self.last_index)
-        {
-            self.runs.clear();
+            .get(covering)
+            .map_or(self.last_index, |r| r.first_index - 1);
+        if end > index {
+            self.runs[covering - 1].first_index = index + 1;
+            self.runs.drain(..covering - 1);
+        } else {
+            self.runs.drain(..covering);
         }
         self.snapshot_index = index;
         self.snapshot_term = term;

@@ -391,7 +391,10 @@ impl RaftCore {
         let (probe_from, _) = self
             .log
             .find_conflict_by_term(hint_index.min(index), hint_term);
-        pr.on_reject(index, probe_from);
+        if pr.on_reject(index, probe_from) && index <= self.log.snapshot_index {
+            // The follower lacks even our base entry: only a snapshot can bring it back.
+            self.start_snapshot(from);
+        }
     }
 
     pub(super) fn handle_heartbeat_response(&mut self, from: NodeId, read_seq: u64) {

@@ -305,6 +305,17 @@ impl Cluster {
         })
     }
 
+    /// The host of `id` compacts its log through what is committed and durable.
+    pub fn compact(&mut self, id: NodeId) {
+        let Some(core) = self.nodes.get_mut(&id).and_then(|n| n.core.as_mut()) else {
+            return;
+        };
+        let index = core.commit().min(core.persisted_index());
+        if core.compact(index) {
+            self.nodes.get_mut(&id).expect("known node").compacted = index;
+        }
+    }
+
     /// Cuts messages from `from` to `to` only.
     pub fn cut_one_way(&mut self, from: NodeId, to: NodeId) {
         self.cut.insert((from, to));
@@ -512,6 +523,15 @@ impl Cluster {
     /// The host's snapshot transfer: the follower's log becomes the leader's committed prefix.
     fn serve_snapshots(&mut self) {
         for (from, to) in std::mem::take(&mut self.snapshot_queue) {
+            if std::env::var("RAFT_TRACE").is_ok() {
+                eprintln!(
+                    "{} snapshot {from} -> {to} up {} {} cut {}",
+                    self.now_ms,
+                    self.is_up(from),
+                    self.is_up(to),
+                    self.cut.contains(&(from, to))
+                );
+            }
             if !self.is_up(from) || !self.is_up(to) || self.cut.contains(&(from, to)) {
                 if self.is_up(from) {
                     self.core_mut(from)
@@ -523,6 +543,8 @@ impl Cluster {
             let term = self.core(from).term_at(index).unwrap_or(0);
             let conf = self.core(from).committed_membership().clone();
             let prefix: Vec<Entry> = self.nodes[&from].written[..index as usize].to_vec();
+            // The host installs the snapshot durably after its earlier writes.
+            self.complete_writes(to);
             let now = self.now_ms;
             if self
                 .core_mut(to)

@@ -10,7 +10,7 @@
 use super::harness::{test_config, Cluster, Faults, STEP_MS};
 use crate::raft::{NodeId, RaftPlanted, Role};
 
-pub const FAULT_STEPS: u64 = 1500;
+pub const FAULT_STEPS: u64 = 2500;
 
 /// Runs one seed; `Err` names the first property violated.
 pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
@@ -21,6 +21,7 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
     let n = if rng.percent(50) { 3 } else { 5 };
     config.raft_append_bytes_max = [48, 200, 1000][rng.below(3) as usize];
     config.raft_inflight_entries_max = 1 + rng.below(8);
+    config.raft_snapshot_lag_bytes_max = [u64::MAX, 1500][rng.below(2) as usize];
     let profile = Profile {
         crash_per_mille: 2 + rng.below(30),
         partition_per_mille: 2 + rng.below(15),
@@ -61,11 +62,13 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
     }
     if std::env::var("RAFT_DEBUG").is_ok() {
         eprintln!(
-            "seed {seed}: n {n} leaders {} double votes {} old-term commits {} committed {} {} {} {:?} {:?}",
+            "seed {seed}: n {n} leaders {} double votes {} old-term commits {} committed {} snapshots {} log reads {} {} {} {:?} {:?}",
             c.checker.leaders.len(),
             c.checker.double_votes,
             c.checker.old_term_commits,
             c.checker.committed.len(),
+            c.nodes.values().map(|n| n.snapshots_installed).sum::<u64>(),
+            c.nodes.values().map(|n| n.log_reads_served).sum::<u64>(),
             c.config.raft_append_bytes_max,
             c.config.raft_inflight_entries_max,
             profile,
@@ -111,6 +114,10 @@ fn fault_step(c: &mut Cluster, n: u64, p: Profile, next_data: &mut u64) {
             let _ = c.core_mut(leader).transfer_leadership(now, to);
             c.after_input(leader);
         }
+    }
+    if c.rng.percent(1) {
+        let id = ids[c.rng.below(n) as usize];
+        c.compact(id); // followers that lag behind it need a snapshot now
     }
     // Faults hit the leader half the time: leader churn is where elections go wrong.
     let node = match c.leader() {
@@ -167,6 +174,7 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
                 .is_some_and(|l| c.core(l).term_at(c.core(l).commit()) == Some(c.core(l).term()))
         });
         let Some(leader) = c.leader().filter(|_| elected) else {
+            dump(c, n);
             return Err(format!(
                 "liveness: no leader {steps_max} steps after healing"
             ));
@@ -205,7 +213,35 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
             (1..=n).map(|p| k.progress(p)).collect::<Vec<_>>()
         );
     }
+    if std::env::var("RAFT_TRACE").is_ok() {
+        for id in 1..=n {
+            let k = c.core(id);
+            eprintln!(
+                "node {id}: {:?} {:?} snap {} commit {}",
+                k.role(),
+                k.progress,
+                k.log.snapshot_index,
+                k.commit()
+            );
+        }
+    }
     Err("liveness: a proposal made after healing never committed on every node".to_string())
+}
+
+/// With RAFT_TRACE set, prints every node's state (for a failing seed).
+fn dump(c: &Cluster, n: u64) {
+    if std::env::var("RAFT_TRACE").is_err() {
+        return;
+    }
+    for id in (1..=n).filter(|&id| c.is_up(id)) {
+        let k = c.core(id);
+        let (role, term, commit, snap) = (k.role(), k.term(), k.commit(), k.log.snapshot_index);
+        eprintln!(
+            "node {id}: {role:?} t{term} c{commit} snap {snap} last {} {:?}",
+            k.last_index(),
+            k.progress
+        );
+    }
 }
 
 /// A follower cut off for several election timeouts rejoins without deposing the leader.
