@@ -191,10 +191,10 @@ impl RaftCore {
         if !fits || room == 0 {
             return;
         }
-        let prev_term = self
-            .log
-            .term_at(read.lo - 1)
-            .expect("entries after it are in the log");
+        let Some(prev_term) = self.log.term_at(read.lo - 1) else {
+            // Compacted since the read was asked: the follower needs a snapshot now.
+            return self.start_snapshot(read.to);
+        };
         let mut entries = entries;
         entries.truncate(room);
         self.send_entries(read.to, prev_term, entries);
@@ -416,6 +416,8 @@ impl RaftCore {
         }
         pr.acked_since_heartbeat = false;
         self.release_reads();
+        // A TimeoutNow may have been lost: repeat it while the transfer waits.
+        self.maybe_send_timeout_now(from);
     }
 
     /// Leader: commit the largest index a quorum of voters durably holds, if it is of the
