@@ -8,7 +8,7 @@
 //! profile and counts; `RAFT_TRACE=1` prints every election and the leader's flow control.
 
 use super::harness::{test_config, Cluster, Faults, STEP_MS};
-use crate::raft::{NodeId, RaftPlanted, Role};
+use crate::raft::{ConfChange, NodeId, RaftPlanted, Role};
 
 pub const FAULT_STEPS: u64 = 2500;
 
@@ -22,9 +22,10 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
     config.raft_append_bytes_max = [48, 200, 1000][rng.below(3) as usize];
     config.raft_inflight_entries_max = 1 + rng.below(8);
     config.raft_snapshot_lag_bytes_max = [u64::MAX, 1500][rng.below(2) as usize];
-    let profile = Profile {
+    let mut profile = Profile {
         crash_per_mille: 2 + rng.below(30),
         partition_per_mille: 2 + rng.below(15),
+        conf_changes: false,
     };
     let mut c = Cluster::new(n, config.clone(), seed);
     c.faults = Faults {
@@ -37,9 +38,17 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
         isolate_new_leader_pct: rng.below(40),
         isolate_after_commit_pct: rng.below(10),
     };
+    if rng.percent(50) {
+        // Membership changes: two spare nodes may be added as learners, promoted, removed.
+        profile.conf_changes = true;
+        let initial = c.initial.clone();
+        let faults = c.faults;
+        c = Cluster::with_membership(initial, &[n + 1, n + 2], config.clone(), seed);
+        c.faults = faults;
+    }
     let mut next_data = 0u64;
     for _ in 0..FAULT_STEPS {
-        fault_step(&mut c, n, profile, &mut next_data);
+        fault_step(&mut c, profile, &mut next_data);
         c.step();
         if std::env::var("RAFT_TRACE").is_ok() && c.now_ms.is_multiple_of(100) {
             if let Some(l) = c.leader() {
@@ -62,11 +71,12 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
     }
     if std::env::var("RAFT_DEBUG").is_ok() {
         eprintln!(
-            "seed {seed}: n {n} leaders {} double votes {} old-term commits {} committed {} snapshots {} log reads {} {} {} {:?} {:?}",
+            "seed {seed}: n {n} leaders {} double votes {} old-term commits {} committed {} conf changes {} snapshots {} log reads {} {} {} {:?} {:?}",
             c.checker.leaders.len(),
             c.checker.double_votes,
             c.checker.old_term_commits,
             c.checker.committed.len(),
+            c.checker.committed.iter().filter(|e| e.kind == crate::raft::EntryKind::ConfChange).count(),
             c.nodes.values().map(|n| n.snapshots_installed).sum::<u64>(),
             c.nodes.values().map(|n| n.log_reads_served).sum::<u64>(),
             c.config.raft_append_bytes_max,
@@ -75,8 +85,8 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
             c.faults
         );
     }
-    liveness(&mut c, n, &mut next_data)?;
-    stability(&mut c, n)?;
+    liveness(&mut c, &mut next_data)?;
+    stability(&mut c)?;
     c.checker
         .violations
         .first()
@@ -87,11 +97,13 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
 struct Profile {
     crash_per_mille: u64,
     partition_per_mille: u64,
+    conf_changes: bool,
 }
 
 /// Random inputs and faults for one step.
-fn fault_step(c: &mut Cluster, n: u64, p: Profile, next_data: &mut u64) {
-    let ids: Vec<NodeId> = (1..=n).collect();
+fn fault_step(c: &mut Cluster, p: Profile, next_data: &mut u64) {
+    let ids: Vec<NodeId> = c.nodes.keys().copied().collect();
+    let n = ids.len() as u64;
     // Any node that thinks it leads takes requests, stale leaders too: divergent logs.
     let leaders: Vec<NodeId> = ids
         .iter()
@@ -107,6 +119,9 @@ fn fault_step(c: &mut Cluster, n: u64, p: Profile, next_data: &mut u64) {
         if c.rng.percent(5) {
             *next_data += 1;
             c.read_index(leader, *next_data);
+        }
+        if p.conf_changes && c.rng.percent(2) {
+            conf_change(c, leader);
         }
         if c.rng.percent(1) {
             let to = 1 + c.rng.below(n);
@@ -154,8 +169,31 @@ fn fault_step(c: &mut Cluster, n: u64, p: Profile, next_data: &mut u64) {
     }
 }
 
+/// A random single-server change at `leader`, keeping at least three voters.
+fn conf_change(c: &mut Cluster, leader: NodeId) {
+    let conf = c.core(leader).membership().clone();
+    let ids: Vec<NodeId> = c.nodes.keys().copied().collect();
+    let pick = ids[c.rng.below(ids.len() as u64) as usize];
+    let cc = if conf.learners.contains(&pick) {
+        if c.rng.percent(70) {
+            ConfChange::PromoteLearner(pick)
+        } else {
+            ConfChange::RemoveNode(pick)
+        }
+    } else if conf.voters.contains(&pick) {
+        if conf.voters.len() <= 3 {
+            return;
+        }
+        ConfChange::RemoveNode(pick)
+    } else {
+        ConfChange::AddLearner(pick)
+    };
+    let _ = c.propose_conf_change(leader, cc);
+}
+
 /// After healing every fault, a leader is elected and a new proposal commits on every node.
-fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> {
+fn liveness(c: &mut Cluster, next_data: &mut u64) -> Result<(), String> {
+    let n = c.nodes.len() as u64;
     c.heal();
     c.faults = Faults {
         jitter_spread: 0,
@@ -189,8 +227,16 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
                 continue;
             }
         };
+        // Every member of the leader's committed configuration (removed nodes are not).
+        let conf = c.core(leader).committed_membership().clone();
+        let members: Vec<NodeId> = conf
+            .voters
+            .iter()
+            .chain(conf.learners.iter())
+            .copied()
+            .collect();
         let committed = c.run_until(steps_max, |c| {
-            (1..=n).all(|id| {
+            members.iter().all(|&id| {
                 c.committed_on(id)
                     .get(index as usize - 1)
                     .is_some_and(|e| e.data == marker)
@@ -200,31 +246,7 @@ fn liveness(c: &mut Cluster, n: u64, next_data: &mut u64) -> Result<(), String> 
             return Ok(());
         }
     }
-    for id in 1..=n {
-        let k = c.core(id);
-        eprintln!(
-            "node {id}: {:?} term {} lead {:?} commit {} last {} persisted {} progress {:?}",
-            k.role(),
-            k.term(),
-            k.leader(),
-            k.commit(),
-            k.last_index(),
-            k.persisted_index(),
-            (1..=n).map(|p| k.progress(p)).collect::<Vec<_>>()
-        );
-    }
-    if std::env::var("RAFT_TRACE").is_ok() {
-        for id in 1..=n {
-            let k = c.core(id);
-            eprintln!(
-                "node {id}: {:?} {:?} snap {} commit {}",
-                k.role(),
-                k.progress,
-                k.log.snapshot_index,
-                k.commit()
-            );
-        }
-    }
+    dump(c, n);
     Err("liveness: a proposal made after healing never committed on every node".to_string())
 }
 
@@ -245,12 +267,16 @@ fn dump(c: &Cluster, n: u64) {
 }
 
 /// A follower cut off for several election timeouts rejoins without deposing the leader.
-fn stability(c: &mut Cluster, n: u64) -> Result<(), String> {
+fn stability(c: &mut Cluster) -> Result<(), String> {
     let Some(leader) = c.leader() else {
         return Err("liveness: no leader after healing".into());
     };
     let term = c.core(leader).term();
-    let follower = (1..=n).find(|&id| id != leader).expect("n >= 3");
+    let voters = c.core(leader).committed_membership().voters.clone();
+    let follower = voters
+        .into_iter()
+        .find(|&id| id != leader)
+        .expect("3 voters or more");
     c.isolate(follower);
     c.run(4 * c.config.raft_election_timeout_ms / STEP_MS);
     c.heal();
@@ -275,13 +301,15 @@ fn test_random_safety_and_liveness() {
     // Proves every safety property, liveness after healing and leader stability hold on 200 seeds.
     let started = std::time::Instant::now();
     let only: Option<u64> = std::env::var("RAFT_SEED").ok().and_then(|s| s.parse().ok());
-    for seed in only.map_or(0..SEEDS, |s| s..s + 1) {
+    let seeds = only.map_or(0..SEEDS, |s| s..s + 1);
+    for seed in seeds.clone() {
         if let Err(v) = random_run(seed, RaftPlanted::default()) {
             panic!("seed {seed}: {v}");
         }
     }
     eprintln!(
-        "{SEEDS} seeds x {FAULT_STEPS} fault steps in {:?}",
+        "{} seeds x {FAULT_STEPS} fault steps in {:?}",
+        seeds.count(),
         started.elapsed()
     );
 }
