@@ -22,6 +22,12 @@
 //!   4. serve `log_reads` (answer with handle_log_read), send `snapshots_to_send` (answer with
 //!      handle_snapshot_sent), release `read_states` once applied up to their index.
 //! handle_persisted(now, index, term) ->  the leader counts its own copy; stale reports ignored
+//! handle_log_read(id, entries)     ->    entries read for a follower behind the cache
+//! handle_snapshot_sent(to, index)  ->    leader: the follower got a snapshot (taken at or
+//!                                        below the commit index); probe it from there
+//! handle_snapshot_installed(..)    ->    follower: the host installed one; the log restarts
+//! compact(index)                   ->    the host dropped entries up to index (a snapshot
+//!                                        covers them); followers needing them get snapshots
 //! ```
 //!
 //! Readies must be written in the order they were polled (a FIFO WAL): a report for one Ready
