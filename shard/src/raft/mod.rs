@@ -90,7 +90,7 @@ pub struct RaftConfig {
     /// Uncommitted entries on the leader before proposals are refused with `Full`.
     pub raft_uncommitted_entries_max: u64,
     /// ReadIndex requests waiting on the leader before more are refused with `Full`.
-    pub raft_read_index_pending_max: usize,
+    pub raft_pending_reads_max: usize,
     /// Planted bugs for the simulator's checkers. Always off in a node.
     pub planted: RaftPlanted,
 }
@@ -105,7 +105,7 @@ impl Default for RaftConfig {
             raft_entry_cache_bytes_max: 16 * 1024 * 1024,
             raft_snapshot_lag_bytes_max: 256 * 1024 * 1024,
             raft_uncommitted_entries_max: 4096,
-            raft_read_index_pending_max: 4096,
+            raft_pending_reads_max: 4096,
             planted: RaftPlanted::default(),
         }
     }
@@ -514,7 +514,7 @@ fn check_new(
         config.raft_heartbeat_ms,
         config.raft_inflight_entries_max,
         config.raft_append_bytes_max,
-        config.raft_read_index_pending_max as u64,
+        config.raft_pending_reads_max as u64,
         config.raft_uncommitted_entries_max,
     ];
     if limits.contains(&0) || config.raft_election_timeout_ms <= config.raft_heartbeat_ms {

@@ -44,7 +44,7 @@ impl RaftCore {
                 leader_hint: self.leader,
             });
         }
-        if self.reads.waiting.len() >= self.config.raft_read_index_pending_max {
+        if self.reads.waiting.len() >= self.config.raft_pending_reads_max {
             return Err(ReadIndexError::Full);
         }
         self.reads.waiting.push_back(PendingRead {

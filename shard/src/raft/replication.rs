@@ -215,8 +215,9 @@ impl RaftCore {
         }
     }
 
-    /// A follower's host installed a snapshot at (`index`, `term`) with configuration `conf`:
-    /// the log is replaced. Stale (at or below the commit index) or on a leader: ignored.
+    /// A follower's host installed a snapshot at (`index`, `term`) with configuration `conf`
+    /// and replaced its log with it (after the writes of earlier Readies): the log restarts
+    /// empty at `index`. Stale (at or below the commit index) or on a leader: ignored.
     pub fn handle_snapshot_installed(
         &mut self,
         _now_ms: u64,

@@ -46,7 +46,7 @@ pub fn test_config() -> RaftConfig {
         raft_entry_cache_bytes_max: 400,
         raft_snapshot_lag_bytes_max: u64::MAX,
         raft_uncommitted_entries_max: 64,
-        raft_read_index_pending_max: 64,
+        raft_pending_reads_max: 64,
         planted: Default::default(),
     }
 }
