@@ -280,6 +280,25 @@ fn test_checkquorum_leader_steps_down_without_quorum() {
 }
 
 #[test]
+fn test_checkquorum_one_way_partition() {
+    // Proves a leader whose messages still go out but hears nothing back steps down, and the others elect a new leader.
+    let mut c = cluster_with_leader(3, test_config(), 1);
+    let term = c.core(1).term();
+    c.cut_one_way(2, 1);
+    c.cut_one_way(3, 1);
+    c.run(2 * c.config.raft_election_timeout_ms / STEP_MS + 1);
+    assert_eq!(c.core(1).role(), Role::Follower);
+    assert!(c.run_until(200, |c| c
+        .leader()
+        .is_some_and(|l| l != 1 && c.core(l).term() > term)));
+    assert!(
+        c.checker.violations.is_empty(),
+        "{:?}",
+        c.checker.violations
+    );
+}
+
+#[test]
 fn test_follower_in_lease_ignores_vote_requests() {
     // Proves a follower that heard from a live leader within the election timeout ignores (pre)votes and keeps its term.
     let mut core = core_with_log(2, 3, &[1], 1, test_config());

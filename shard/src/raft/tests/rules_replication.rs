@@ -292,3 +292,61 @@ fn test_term_index_memory_independent_of_log_length() {
     assert_eq!((core.term_at(1001), core.term_at(1002)), (Some(1), Some(2)));
     assert_eq!(core.role(), Role::Follower);
 }
+
+#[test]
+fn test_term_index_matches_a_plain_log() {
+    // Proves the run-length term index answers term_at, last_term and find_conflict_by_term as a plain per-entry log would, through appends, cuts and compactions.
+    use crate::raft::log::RaftLog;
+    use crate::raft::tests::harness::Rng;
+    for seed in 0..50 {
+        let mut rng = Rng::new(seed);
+        let mut log = RaftLog::new(&crate::raft::LogState::default(), 0, 300);
+        let mut model: Vec<u64> = vec![0]; // model[i]: term of index i (i < base: compacted)
+        let mut base = 0u64;
+        for _ in 0..300 {
+            match rng.below(10) {
+                0..=5 => {
+                    let term = log.last_term() + rng.below(2);
+                    let index = log.last_index + 1;
+                    let e = crate::raft::Entry {
+                        index,
+                        term: term.max(1),
+                        kind: crate::raft::EntryKind::Normal,
+                        data: vec![0; rng.below(40) as usize],
+                    };
+                    log.append(&[e]);
+                    model.push(term.max(1));
+                }
+                6 if log.last_index > log.commit => {
+                    let from = log.commit + 1 + rng.below(log.last_index - log.commit);
+                    log.truncate(from, false);
+                    model.truncate(from as usize);
+                }
+                7 if log.last_index > log.commit => {
+                    let _ = log.take_unstable();
+                    log.persist(log.last_index, log.last_term());
+                    log.commit += 1 + rng.below(log.last_index - log.commit);
+                }
+                8 => {
+                    let _ = log.take_unstable();
+                    if log.compact(log.commit.min(log.persisted)) {
+                        base = log.snapshot_index;
+                    }
+                }
+                _ => {}
+            }
+            assert_eq!(log.last_index + 1, model.len() as u64, "seed {seed}");
+            assert_eq!(log.last_term(), *model.last().expect("base"), "seed {seed}");
+            for i in 0..model.len() as u64 {
+                let expected = (i >= base).then(|| model[i as usize]);
+                assert_eq!(log.term_at(i), expected, "seed {seed} index {i}");
+            }
+            let (index, term) = (rng.below(model.len() as u64 + 3), rng.below(6));
+            let naive = (base..=index.min(log.last_index))
+                .rev()
+                .find(|&i| model[i as usize] <= term);
+            let naive = naive.map_or((base, model[base as usize]), |i| (i, model[i as usize]));
+            assert_eq!(log.find_conflict_by_term(index, term), naive, "seed {seed}");
+        }
+    }
+}
