@@ -8,15 +8,54 @@
 //! profile and counts; `RAFT_TRACE=1` prints every election and the leader's flow control.
 
 use super::harness::{test_config, Cluster, Faults, STEP_MS};
-use crate::raft::{ConfChange, NodeId, RaftPlanted, Role};
+use crate::raft::{ConfChange, EntryKind, NodeId, RaftPlanted, Role};
 
 pub const FAULT_STEPS: u64 = 2500;
 
 /// Runs one seed; `Err` names the first property violated.
 pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
+    let (mut c, profile) = setup(seed, planted);
+    let mut next_data = 0u64;
+    for _ in 0..FAULT_STEPS {
+        fault_step(&mut c, profile, &mut next_data);
+        c.step();
+        trace_leader(&c);
+        if let Some(v) = c.checker.violations.first() {
+            return Err(v.clone());
+        }
+    }
+    if std::env::var("RAFT_DEBUG").is_ok() {
+        let conf_changes = c
+            .checker
+            .committed
+            .iter()
+            .filter(|e| e.kind == EntryKind::ConfChange);
+        let snapshots: u64 = c.nodes.values().map(|n| n.snapshots_installed).sum();
+        let log_reads: u64 = c.nodes.values().map(|n| n.log_reads_served).sum();
+        eprintln!(
+            "seed {seed}: leaders {} double votes {} old-term commits {} committed {} conf changes {} \
+             snapshots {snapshots} log reads {log_reads} {profile:?} {:?}",
+            c.checker.leaders.len(),
+            c.checker.double_votes,
+            c.checker.old_term_commits,
+            c.checker.committed.len(),
+            conf_changes.count(),
+            c.faults
+        );
+    }
+    liveness(&mut c, &mut next_data)?;
+    stability(&mut c)?;
+    c.checker
+        .violations
+        .first()
+        .map_or(Ok(()), |v| Err(v.clone()))
+}
+
+/// The seed's cluster and fault profile: group size, message size limits, fault rates,
+/// whether membership changes.
+fn setup(seed: u64, planted: RaftPlanted) -> (Cluster, Profile) {
     let mut config = test_config();
     config.planted = planted;
-    // Each seed draws its own profile too: group size, message size limits, fault rates.
     let mut rng = super::harness::Rng::new(seed.wrapping_mul(31).wrapping_add(7));
     let n = if rng.percent(50) { 3 } else { 5 };
     config.raft_append_bytes_max = [48, 200, 1000][rng.below(3) as usize];
@@ -27,8 +66,7 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
         partition_per_mille: 2 + rng.below(15),
         conf_changes: false,
     };
-    let mut c = Cluster::new(n, config.clone(), seed);
-    c.faults = Faults {
+    let faults = Faults {
         drop_pct: rng.below(10),
         dup_pct: rng.below(5),
         delay_steps_max: rng.below(8),
@@ -38,59 +76,32 @@ pub fn random_run(seed: u64, planted: RaftPlanted) -> Result<(), String> {
         isolate_new_leader_pct: rng.below(40),
         isolate_after_commit_pct: rng.below(10),
     };
+    let mut c = Cluster::new(n, config.clone(), seed);
     if rng.percent(50) {
         // Membership changes: two spare nodes may be added as learners, promoted, removed.
         profile.conf_changes = true;
-        let initial = c.initial.clone();
-        let faults = c.faults;
-        c = Cluster::with_membership(initial, &[n + 1, n + 2], config.clone(), seed);
-        c.faults = faults;
+        c = Cluster::with_membership(c.initial.clone(), &[n + 1, n + 2], config, seed);
     }
-    let mut next_data = 0u64;
-    for _ in 0..FAULT_STEPS {
-        fault_step(&mut c, profile, &mut next_data);
-        c.step();
-        if std::env::var("RAFT_TRACE").is_ok() && c.now_ms.is_multiple_of(100) {
-            if let Some(l) = c.leader() {
-                let k = c.core(l);
-                eprintln!(
-                    "{} L{l} t{} c{} p{} last{} prog {:?} cut {:?}",
-                    c.now_ms,
-                    k.term(),
-                    k.commit(),
-                    k.persisted_index(),
-                    k.last_index(),
-                    (1..=n).map(|p| k.progress(p)).collect::<Vec<_>>(),
-                    c.cut
-                );
-            }
-        }
-        if let Some(v) = c.checker.violations.first() {
-            return Err(v.clone());
-        }
+    c.faults = faults;
+    (c, profile)
+}
+
+/// With RAFT_TRACE set, prints the leader's flow control every 100 simulated ms.
+fn trace_leader(c: &Cluster) {
+    if std::env::var("RAFT_TRACE").is_err() || !c.now_ms.is_multiple_of(100) {
+        return;
     }
-    if std::env::var("RAFT_DEBUG").is_ok() {
+    if let Some(l) = c.leader() {
+        let k = c.core(l);
+        let (term, commit, persisted) = (k.term(), k.commit(), k.persisted_index());
         eprintln!(
-            "seed {seed}: n {n} leaders {} double votes {} old-term commits {} committed {} conf changes {} snapshots {} log reads {} {} {} {:?} {:?}",
-            c.checker.leaders.len(),
-            c.checker.double_votes,
-            c.checker.old_term_commits,
-            c.checker.committed.len(),
-            c.checker.committed.iter().filter(|e| e.kind == crate::raft::EntryKind::ConfChange).count(),
-            c.nodes.values().map(|n| n.snapshots_installed).sum::<u64>(),
-            c.nodes.values().map(|n| n.log_reads_served).sum::<u64>(),
-            c.config.raft_append_bytes_max,
-            c.config.raft_inflight_entries_max,
-            profile,
-            c.faults
+            "{} L{l} t{term} c{commit} p{persisted} last{} {:?} cut {:?}",
+            c.now_ms,
+            k.last_index(),
+            k.progress,
+            c.cut
         );
     }
-    liveness(&mut c, &mut next_data)?;
-    stability(&mut c)?;
-    c.checker
-        .violations
-        .first()
-        .map_or(Ok(()), |v| Err(v.clone()))
 }
 
 #[derive(Debug, Clone, Copy)]
