@@ -27,8 +27,10 @@
 //! Modules: [`wal`] (format), [`record`] (payloads), `mesh` and `conv` (state), `ops` (one
 //! handler per request: validate, then propose), `apply` (the one apply path, live and
 //! replay), `commit` (group commit), `retention`, `drain`, [`recovery`] (what recovery may
-//! cut), [`store`] (the file steps every host performs, generic over storage).
+//! cut), [`store`] (the file steps every host performs, generic over storage), [`raft`] (a
+//! sans-IO Raft core for replicating a shard; not wired to the WAL or the node links yet).
 
+pub mod raft;
 pub mod record;
 pub mod recovery;
 pub mod store;
