@@ -201,6 +201,7 @@ pub async fn run_peer(
                 r,
                 to,
                 body: Body::from_trusted(stamped_body(plan.body_bytes, stamp).into()),
+                key: None,
             });
             sent += 1;
             res.first_send.get_or_insert_with(Instant::now);

@@ -679,12 +679,13 @@ impl Session {
             ClientOp::HelloSigned { .. } => return self.nonce_reused(),
             ClientOp::Challenge => return self.answer_challenge(),
             ClientOp::Hello { .. } => return self.second_hello(),
-            ClientOp::Send { r, to, body } => ShardOp::Send {
+            ClientOp::Send { r, to, body, key } => ShardOp::Send {
                 r,
                 mesh,
                 from: peer,
                 to,
                 body,
+                key,
             },
             ClientOp::Append { r, conv, body, key } => ShardOp::Append {
                 r,

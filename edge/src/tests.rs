@@ -182,6 +182,7 @@ fn hello_welcome_send_ok() {
                 from,
                 to: Target::Peer(q),
                 body,
+                key: None,
             },
         )] => {
             assert_eq!(
@@ -1582,4 +1583,41 @@ fn a_shard_that_cannot_queue_replies_closes_the_session() {
     s.handle_shard_overloaded(NOW, 2);
     assert!(is_closed_with(&mut s, "overloaded"));
     assert_eq!(closes(&requests(&mut s)), 1);
+}
+
+#[test]
+fn a_send_key_travels_to_the_shard_and_a_bad_one_is_refused_first() {
+    // Proves `send` carries its idempotency key to the shard as the sender's, and that a key
+    // breaking the rules (empty, over 128 bytes) is refused before anything is forwarded.
+    let mut s = session();
+    welcome(&mut s);
+    text(
+        &mut s,
+        r#"{"op":"send","ref":1,"to":"q","body":1,"key":"s-1"}"#,
+    );
+    match &requests(&mut s)[..] {
+        [(
+            _,
+            ShardOp::Send {
+                r: 1,
+                from,
+                key: Some(k),
+                ..
+            },
+        )] => {
+            assert_eq!((&**from, &**k), ("p", "s-1"));
+        }
+        other => panic!("{other:?}"),
+    }
+    let long = "k".repeat(129);
+    for key in ["", long.as_str()] {
+        text(
+            &mut s,
+            &format!(r#"{{"op":"send","ref":2,"to":"q","body":1,"key":"{key}"}}"#),
+        );
+        assert!(requests(&mut s).is_empty(), "refused before forwarding");
+        let f = frames(&mut s);
+        assert_eq!(f.len(), 1, "{f:?}");
+        assert_eq!(f[0]["op"], "error");
+    }
 }

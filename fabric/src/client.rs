@@ -739,17 +739,43 @@ impl Client {
     }
 
     /// Sends an inbox message to `to` (`peer`, `group:<name>` or `*`); returns its durable `pos`.
-    /// Not idempotent: retrying after [`ClientError::Disconnected`] may deliver twice.
+    /// Not idempotent: retrying after [`ClientError::Disconnected`] may deliver twice (use
+    /// [`Client::send_keyed`] for retries that cannot).
     pub async fn send(&self, to: &str, body: &serde_json::Value) -> Result<u64, ClientError> {
         let to = Target::parse(to)?;
         self.send_raw(to, json_body(body)?).await
     }
 
+    /// [`Client::send`] with an idempotency key (scoped to this peer): a retry with the same
+    /// key, even from another connection, returns the original `pos` instead of sending again.
+    pub async fn send_keyed(
+        &self,
+        to: &str,
+        body: &serde_json::Value,
+        key: &str,
+    ) -> Result<u64, ClientError> {
+        let to = Target::parse(to)?;
+        validate_key(key)?;
+        self.send_with(to, json_body(body)?, Some(key.into())).await
+    }
+
     /// [`Client::send`] with a parsed target and a ready body (no per-call JSON encoding).
     pub async fn send_raw(&self, to: Target, body: Body) -> Result<u64, ClientError> {
-        let estimate = body.len() + fabric_proto::ID_BYTES_MAX + OP_OVERHEAD_BYTES;
+        self.send_with(to, body, None).await
+    }
+
+    async fn send_with(
+        &self,
+        to: Target,
+        body: Body,
+        key: Option<Arc<str>>,
+    ) -> Result<u64, ClientError> {
+        let estimate = body.len()
+            + fabric_proto::ID_BYTES_MAX
+            + key.as_ref().map_or(0, |k| 2 * k.len())
+            + OP_OVERHEAD_BYTES;
         match self
-            .request(estimate, |r| ClientOp::Send { r, to, body })
+            .request(estimate, |r| ClientOp::Send { r, to, body, key })
             .await?
         {
             Reply::Ok { pos: Some(pos), .. } => Ok(pos),

@@ -534,3 +534,33 @@ async fn refused_requests_fail_alone_and_the_session_keeps_serving() {
     assert_eq!(w(a.append("c", &json!("still"), None)).await.unwrap(), 2);
     n.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_keyed_send_retried_on_json_and_binary_sessions_is_delivered_once() {
+    // Proves `send_keyed` is exactly-once across retries: the same key from the same peer,
+    // on a JSON and then a binary session, answers the original pos, and the recipient's
+    // inbox holds the message once; another sender's equal key is its own message.
+    let n = Node::start().await;
+    let t = n.mesh("m", &["a", "b", "c"]).await;
+    let a = w(Client::connect(n.cfg("m", "a", &t[0]))).await.unwrap();
+    let first = w(a.send_keyed("b", &json!("once"), "msg-1")).await.unwrap();
+    let mut cfg = n.cfg("m", "a", &t[0]);
+    cfg.binary = true;
+    let a2 = w(Client::connect(cfg)).await.unwrap();
+    let again = w(a2.send_keyed("b", &json!("once, retried"), "msg-1"))
+        .await
+        .unwrap();
+    assert_eq!(again, first, "a retry answers the original pos");
+    let c = w(Client::connect(n.cfg("m", "c", &t[2]))).await.unwrap();
+    let other = w(c.send_keyed("b", &json!("from c"), "msg-1"))
+        .await
+        .unwrap();
+    assert_ne!(other, first, "keys are scoped to the sender");
+    let err = w(a.send_keyed("b", &json!(1), "")).await.unwrap_err();
+    assert_eq!(err.code(), Some(ErrorCode::BadRequest), "{err}");
+    let b = w(Client::connect(n.cfg("m", "b", &t[1]))).await.unwrap();
+    let got: Vec<u64> = vec![pos(&next(&b).await), pos(&next(&b).await)];
+    assert_eq!(got, vec![first, other]);
+    quiet(&b).await;
+    n.shutdown().await;
+}

@@ -156,6 +156,7 @@ async fn a_body_that_is_not_utf8_is_refused_and_json_recipients_miss_nothing() {
         r,
         to: Target::Peer(PeerId::must("b")),
         body: fabric_proto::Body::from_trusted(bytes::Bytes::from_static(body)),
+        key: None,
     };
     let append = |r: u64, body: &'static [u8]| ClientOp::Append {
         r,

@@ -219,17 +219,12 @@ fn client_op_from_json(f: JsonFrame<'_>) -> Result<ClientOp, ProtoError> {
                 r: r()?,
                 to: Target::parse(to)?,
                 body: body_of(op, f.body)?,
+                key: key_of(f.key.as_deref())?,
             }
         }
         "append" => {
             let conv = ConvId::new(f.conv.as_deref().ok_or_else(|| missing(op, "conv"))?)?;
-            let key = match f.key.as_deref() {
-                Some(k) => {
-                    validate_key(k)?;
-                    Some(Arc::from(k))
-                }
-                None => None,
-            };
+            let key = key_of(f.key.as_deref())?;
             ClientOp::Append {
                 r: r()?,
                 conv,
@@ -286,6 +281,17 @@ pub fn decode_client_json(bytes: &[u8]) -> Result<Vec<ClientOp>, ProtoError> {
 
 /// Decodes one binary frame from a client (a `Batch` is flattened; nested batches are refused
 /// before anything recursive runs, see [`decode_flat`]).
+/// An optional idempotency key, checked (`append` and `send` share the rule).
+fn key_of(key: Option<&str>) -> Result<Option<Arc<str>>, ProtoError> {
+    match key {
+        Some(k) => {
+            validate_key(k)?;
+            Ok(Some(Arc::from(k)))
+        }
+        None => Ok(None),
+    }
+}
+
 /// The body of an HTTP append, `{"body": JSON, "key": string}` (`key` optional): the body as
 /// it was written (nesting checked), and the key, not yet validated.
 pub fn decode_rest_append(bytes: &[u8]) -> Result<(Body, Option<String>), ProtoError> {
@@ -404,7 +410,12 @@ fn validate_binary_op(op: &ClientOp) -> Result<(), ProtoError> {
             }
             Ok(())
         }
-        ClientOp::Send { body, .. } => Body::from_json_text(body.0.clone()).map(|_| ()),
+        ClientOp::Send { body, key, .. } => {
+            if let Some(k) = key {
+                validate_key(k)?;
+            }
+            Body::from_json_text(body.0.clone()).map(|_| ())
+        }
         ClientOp::Append {
             conv, body, key, ..
         } => {
@@ -584,13 +595,17 @@ pub fn encode_client_json(op: &ClientOp, out: &mut Vec<u8>) {
             push_u64(out, *ts);
         }
         ClientOp::Challenge => {}
-        ClientOp::Send { r, to, body } => {
+        ClientOp::Send { r, to, body, key } => {
             field(out, "ref");
             push_u64(out, *r);
             field(out, "to");
             push_str(out, &to.to_wire());
             field(out, "body");
             out.extend_from_slice(&body.0);
+            if let Some(k) = key {
+                field(out, "key");
+                push_str(out, k);
+            }
         }
         ClientOp::Append { r, conv, body, key } => {
             field(out, "ref");
@@ -781,6 +796,7 @@ mod tests {
                 r: 1,
                 to: Target::Group(GroupId::must("g")),
                 body: body(r#"{"a":[1,2,"é"]}"#),
+                key: None,
             },
             ClientOp::Append {
                 r: 2,
@@ -932,7 +948,8 @@ mod tests {
             vec![ClientOp::Send {
                 r: 1,
                 to: Target::All,
-                body: body(r#"{"text":"hi"}"#)
+                body: body(r#"{"text":"hi"}"#),
+                key: None,
             }]
         );
         let ops = decode_client_json(br#"{"op":"subscribe","ref":2,"conv":"c1","from":1,"x":0}"#);
@@ -978,6 +995,7 @@ mod tests {
             r: 1,
             to: Target::All,
             body: Body::from_trusted(bytes::Bytes::from_static(b"{nope")),
+            key: None,
         };
         assert!(decode_client_binary(&encode_client_binary(&bad_body)).is_err());
     }
@@ -1168,6 +1186,7 @@ mod hostile_tests {
             r: 1,
             to: Target::All,
             body: Body::from_trusted(deep(100_000).into()),
+            key: None,
         };
         let e = decode_client_binary(&encode_client_binary(&binary)).unwrap_err();
         assert_eq!(e.code, ErrorCode::BadRequest);
@@ -1209,6 +1228,7 @@ mod hostile_tests {
                 r: 1,
                 to: Target::All,
                 body: Body::from_trusted(bytes::Bytes::copy_from_slice(bad)),
+                key: None,
             };
             let e = decode_client_binary(&encode_client_binary(&op)).unwrap_err();
             assert_eq!(e.code, ErrorCode::BadRequest, "{bad:?}");

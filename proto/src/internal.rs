@@ -68,6 +68,8 @@ pub enum ShardOp {
         from: PeerId,
         to: Target,
         body: Body,
+        /// Idempotency key, scoped to `from`.
+        key: Option<Arc<str>>,
     },
     /// Append to a conversation; replies `Ok{seq}` once durable.
     Append {

@@ -108,7 +108,12 @@ impl std::fmt::Debug for Body {
 }
 
 /// A frame from a client. `r` is the client-chosen `ref` echoed in the answer.
+///
+/// Its binary form is [`WireClientOp`]'s: the same variants at the same indexes, except that a
+/// `send` with a key travels as a variant of its own at the end (binary encoding is
+/// append-only, and a field added to variant 1 would break clients that send it without).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(from = "WireClientOp", into = "WireClientOp")]
 pub enum ClientOp {
     Hello {
         mesh: MeshId,
@@ -119,6 +124,8 @@ pub enum ClientOp {
         r: u64,
         to: Target,
         body: Body,
+        /// Idempotency key, scoped to the sending peer.
+        key: Option<Arc<str>>,
     },
     Append {
         r: u64,
@@ -162,6 +169,133 @@ pub enum ClientOp {
         r: u64,
         batch: u32,
     },
+}
+
+/// [`ClientOp`] as postcard writes it (variant indexes are the wire tags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireClientOp {
+    Hello {
+        mesh: MeshId,
+        peer: PeerId,
+        token: String,
+    },
+    Send {
+        r: u64,
+        to: Target,
+        body: Body,
+    },
+    Append {
+        r: u64,
+        conv: ConvId,
+        body: Body,
+        key: Option<Arc<str>>,
+    },
+    Subscribe {
+        r: u64,
+        conv: ConvId,
+        from: u64,
+    },
+    Unsubscribe {
+        r: u64,
+        conv: ConvId,
+    },
+    Ack {
+        upto: u64,
+    },
+    Ping {
+        r: u64,
+    },
+    Batch(Vec<ClientOp>),
+    Challenge,
+    HelloSigned {
+        mesh: MeshId,
+        peer: PeerId,
+        sig: Vec<u8>,
+        ts: u64,
+    },
+    Options {
+        r: u64,
+        batch: u32,
+    },
+    /// A `send` with an idempotency key (index 11).
+    SendKeyed {
+        r: u64,
+        to: Target,
+        body: Body,
+        key: Arc<str>,
+    },
+}
+
+impl From<ClientOp> for WireClientOp {
+    fn from(op: ClientOp) -> WireClientOp {
+        use WireClientOp as W;
+        match op {
+            ClientOp::Hello { mesh, peer, token } => W::Hello { mesh, peer, token },
+            ClientOp::Send { r, to, body, key } => match key {
+                None => W::Send { r, to, body },
+                Some(key) => W::SendKeyed { r, to, body, key },
+            },
+            ClientOp::Append { r, conv, body, key } => W::Append { r, conv, body, key },
+            ClientOp::Subscribe { r, conv, from } => W::Subscribe { r, conv, from },
+            ClientOp::Unsubscribe { r, conv } => W::Unsubscribe { r, conv },
+            ClientOp::Ack { upto } => W::Ack { upto },
+            ClientOp::Ping { r } => W::Ping { r },
+            ClientOp::Batch(ops) => W::Batch(ops),
+            ClientOp::Challenge => W::Challenge,
+            ClientOp::HelloSigned {
+                mesh,
+                peer,
+                sig,
+                ts,
+            } => W::HelloSigned {
+                mesh,
+                peer,
+                sig,
+                ts,
+            },
+            ClientOp::Options { r, batch } => W::Options { r, batch },
+        }
+    }
+}
+
+impl From<WireClientOp> for ClientOp {
+    fn from(op: WireClientOp) -> ClientOp {
+        use WireClientOp as W;
+        match op {
+            W::Hello { mesh, peer, token } => ClientOp::Hello { mesh, peer, token },
+            W::Send { r, to, body } => ClientOp::Send {
+                r,
+                to,
+                body,
+                key: None,
+            },
+            W::SendKeyed { r, to, body, key } => ClientOp::Send {
+                r,
+                to,
+                body,
+                key: Some(key),
+            },
+            W::Append { r, conv, body, key } => ClientOp::Append { r, conv, body, key },
+            W::Subscribe { r, conv, from } => ClientOp::Subscribe { r, conv, from },
+            W::Unsubscribe { r, conv } => ClientOp::Unsubscribe { r, conv },
+            W::Ack { upto } => ClientOp::Ack { upto },
+            W::Ping { r } => ClientOp::Ping { r },
+            W::Batch(ops) => ClientOp::Batch(ops),
+            W::Challenge => ClientOp::Challenge,
+            W::HelloSigned {
+                mesh,
+                peer,
+                sig,
+                ts,
+            } => ClientOp::HelloSigned {
+                mesh,
+                peer,
+                sig,
+                ts,
+            },
+            W::Options { r, batch } => ClientOp::Options { r, batch },
+        }
+    }
 }
 
 impl ClientOp {

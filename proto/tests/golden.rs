@@ -53,7 +53,9 @@ struct Golden<T> {
 fn client_variant(op: &ClientOp) -> (u64, &'static str) {
     match op {
         ClientOp::Hello { .. } => (0, "hello"),
-        ClientOp::Send { .. } => (1, "send"),
+        // A keyed send has a wire variant of its own, appended at the end.
+        ClientOp::Send { key: None, .. } => (1, "send"),
+        ClientOp::Send { key: Some(_), .. } => (11, "send"),
         ClientOp::Append { .. } => (2, "append"),
         ClientOp::Subscribe { .. } => (3, "subscribe"),
         ClientOp::Unsubscribe { .. } => (4, "unsubscribe"),
@@ -138,6 +140,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
                 r: 1,
                 to: Target::Peer(PeerId::must("bob")),
                 body: body(r#"{"text":"hi"}"#),
+                key: None,
             },
             json: r#"{"op":"send","ref":1,"to":"bob","body":{"text":"hi"}}"#,
             binary: "01  01  00 03 62 6f 62  0d 7b 22 74 65 78 74 22 3a 22 68 69 22 7d",
@@ -148,6 +151,7 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
                 r: 2,
                 to: Target::Group(GroupId::must("ops")),
                 body: body(r#""deploy at 5""#),
+                key: None,
             },
             json: r#"{"op":"send","ref":2,"to":"group:ops","body":"deploy at 5"}"#,
             binary: "01  02  01 03 6f 70 73  0d 22 64 65 70 6c 6f 79 20 61 74 20 35 22",
@@ -158,9 +162,22 @@ fn client_goldens() -> Vec<Golden<ClientOp>> {
                 r: 3,
                 to: Target::All,
                 body: body("[1,2,3]"),
+                key: None,
             },
             json: r#"{"op":"send","ref":3,"to":"*","body":[1,2,3]}"#,
             binary: "01  03  02  07 5b 31 2c 32 2c 33 5d",
+        },
+        Golden {
+            name: "send with a key (documented)",
+            op: ClientOp::Send {
+                r: 4,
+                to: Target::Peer(PeerId::must("bob")),
+                body: body(r#"{"text":"hi"}"#),
+                key: Some("s-1".into()),
+            },
+            json: r#"{"op":"send","ref":4,"to":"bob","body":{"text":"hi"},"key":"s-1"}"#,
+            binary:
+                "0b  04  00 03 62 6f 62  0d 7b 22 74 65 78 74 22 3a 22 68 69 22 7d  03 73 2d 31",
         },
         Golden {
             name: "append with a key (documented)",
@@ -566,6 +583,7 @@ fn golden_documented_client_examples_decode() {
                 r: 1,
                 to: Target::Peer(PeerId::must("bob")),
                 body: body(r#"{"text":"hi bob"}"#),
+                key: None,
             },
         ),
         (
@@ -855,6 +873,7 @@ fn golden_null_bodies_reach_json_clients_but_count_as_absent_in_client_ops() {
             r: 1,
             to: Target::All,
             body: body("[null]"),
+            key: None,
         }]
     );
 }

@@ -99,7 +99,14 @@ fn client_op() -> impl Strategy<Value = ClientOp> {
             peer: PeerId::must(&peer),
             token,
         }),
-        (any::<u64>(), target(), body()).prop_map(|(r, to, body)| ClientOp::Send { r, to, body }),
+        (any::<u64>(), target(), body(), prop::option::of(key())).prop_map(|(r, to, body, key)| {
+            ClientOp::Send {
+                r,
+                to,
+                body,
+                key: key.map(Into::into),
+            }
+        }),
         (any::<u64>(), id(), body(), prop::option::of(key())).prop_map(|(r, conv, body, key)| {
             ClientOp::Append {
                 r,

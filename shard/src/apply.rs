@@ -13,6 +13,7 @@
 
 use crate::commit::DirtyConv;
 use crate::conv::{Mark, StoredEvent};
+use crate::keys::KeyScope;
 use crate::mesh::{InboxMsg, Mesh};
 use crate::read::Cached;
 use crate::record::*;
@@ -73,6 +74,9 @@ impl Shard {
         );
         let from = m.ensure_peer(&r.from);
         let to = m.stored_target(&r.to);
+        let key = r
+            .key
+            .map(|k| (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, r.pos));
         let mut msg = InboxMsg {
             from,
             to,
@@ -82,17 +86,23 @@ impl Shard {
             lsn,
             at: (0, 0),
             pending: 0,
+            key: key.as_ref().map(|(_, k, _)| k.clone()),
         };
         m.head = m.head.max(r.pos);
+        self.note_sent_key(key.clone());
+        let m = self.meshes.get_mut(&r.mesh).expect("the mesh applied to");
         if replaying {
             msg.at = (segment, offset);
             let cost = msg.cache_cost();
             m.log.insert(r.pos, msg);
             m.durable_pos = m.head;
+            self.note_keys(segment, key.into_iter().collect());
             self.cache_body(lsn, r.mesh, r.pos, cost);
             self.trim_cache();
             return;
         }
+        self.building_dirty.keys.extend(key);
+        let m = self.meshes.get_mut(&r.mesh).expect("the mesh applied to");
         let recipients = m.recipients(from, &msg.to);
         msg.pending = recipients.len() as u32;
         let cost = msg.cache_cost();
@@ -124,9 +134,17 @@ impl Shard {
         let old = std::mem::replace(&mut held.lsn, lsn);
         assert!(old < lsn, "a copy is newer than what it copies");
         let cached = held.body.is_some();
+        let key = (held.key.clone())
+            .map(|k| (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, r.pos));
         if self.replaying {
             held.at = (segment, offset);
+        }
+        // The copy holds the key now: it stays known while the copy is retained.
+        self.note_sent_key(key.clone());
+        if self.replaying {
+            self.note_keys(segment, key.into_iter().collect());
         } else {
+            self.building_dirty.keys.extend(key);
             self.inbox_by_lsn.remove(&old);
             self.inbox_by_lsn.insert(lsn, (r.mesh.clone(), r.pos));
             let rel = self.framed_at as u64;
@@ -160,7 +178,7 @@ impl Shard {
             lsn,
             key: r.key,
         };
-        let key = e.key.clone().map(|k| (ck.clone(), k, seq));
+        let key = (e.key.clone()).map(|k| (KeyScope::Conv(ck.clone()), k, seq));
         self.cache_bytes += e.cache_bytes();
         self.cache_bytes -= c.push(e);
         self.cache_fifo.push_back((lsn, Cached::Entry(ck.clone())));

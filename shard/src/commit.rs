@@ -9,6 +9,7 @@
 //! segment from an earlier one whose header was damaged.
 
 use crate::conv::{ConvKey, Mark};
+use crate::keys::KeyScope;
 use crate::record::{AckedRec, Record};
 use crate::{wal, SegmentInfo, Shard, WalWrite};
 use fabric_proto::internal::{Output, Reply, SessionId};
@@ -23,8 +24,8 @@ use std::sync::Arc;
 pub(crate) struct Dirty {
     pub(crate) meshes: Vec<(Arc<str>, u64)>,
     pub(crate) convs: Vec<DirtyConv>,
-    /// Idempotency keys of the frame's appends (conversation, key, seq).
-    pub(crate) keys: Vec<(ConvKey, Arc<str>, u64)>,
+    /// Idempotency keys of the frame's appends and sends (scope, key, seq or pos).
+    pub(crate) keys: Vec<(KeyScope, Arc<str>, u64)>,
     /// Inbox messages the frame holds a record of (mesh, pos, LSN, offset in the frame): they
     /// learn where on disk their body is when the write is handed out.
     pub(crate) sent: Vec<(Arc<str>, u64, u64, u64)>,
@@ -76,7 +77,7 @@ impl Shard {
             self.building_first_lsn = lsn;
         }
         self.framed_at = self.building.len();
-        let Some(framed) = wal::encode_record(lsn, record, &mut self.building) else {
+        let Some(framed) = wal::encode_record(lsn, self.term, record, &mut self.building) else {
             if self.building_records == 0 {
                 self.building.clear();
             }

@@ -1,19 +1,22 @@
-//! Idempotency keys of retained appends, without holding them all in memory.
+//! Idempotency keys of retained appends and sends, without holding them all in memory.
 //!
-//! The keys of entries in the newest segment (and of entries not yet written) are exact, in
-//! each conversation's map. When a segment is sealed (the next write starts a new one), its
+//! A key has a scope ([`KeyScope`]): an append's is its conversation, a send's is its sender
+//! (mesh and peer). The keys of records in the newest segment (and of records not yet
+//! written) are exact: an append's in its conversation's map, a send's in `sent`. When a segment is sealed (the next write starts a new one), its
 //! keys leave the maps and become that segment's index: a sorted array of 32-bit fingerprints
-//! (crc32c of mesh, conversation and key), 4 bytes a key. A keyed append whose key is not in
-//! the maps checks the sealed segments' fingerprints, newest first; a match in a segment that
-//! holds entries of the conversation is confirmed on disk (a scan of the conversation's entries
-//! in that segment, from its mark there), while the append and every later append to the same
-//! conversation wait, so seqs keep the order appends arrived in. A false match (another key
+//! (crc32c of scope and key), 4 bytes a key. A keyed append or send whose key is not in the
+//! maps checks the sealed segments' fingerprints, newest first; a match (for an append, in a
+//! segment that holds entries of the conversation) is confirmed on disk (a scan of that
+//! segment: for an append from the conversation's mark there, for a send from its start),
+//! while the op and every later op of the same scope wait, so seqs and a sender's positions
+//! keep the order ops arrived in. A false match (another key
 //! with the same fingerprint, about one in 2^32 per key) costs one scan, never a wrong answer.
 
 use crate::conv::ConvKey;
+use crate::read::Seen;
 use crate::read::{ReadStart, Reader};
-use crate::record::{AppendedHead, AppendedRec, Record, RecordType};
-use crate::Shard;
+use crate::record::{AppendedHead, AppendedRec, Record, RecordType, SentHead, SentRec};
+use crate::{wal, Shard};
 use fabric_proto::codec::from_binary_prefix;
 use fabric_proto::internal::{Reply, SessionId};
 use fabric_proto::ServerOp;
@@ -28,18 +31,59 @@ pub(crate) struct KeyScan {
     pub(crate) grow: Option<usize>,
 }
 
-/// An append waiting for a key lookup of its conversation.
+/// A send's exact key: (mesh, sender, key).
+pub(crate) type SentKey = (Arc<str>, Arc<str>, Arc<str>);
+
+/// Where a key is unique: an append's conversation, or a send's sender (mesh, peer).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum KeyScope {
+    Conv(ConvKey),
+    Sender(Arc<str>, Arc<str>),
+}
+
+impl KeyScope {
+    fn mesh(&self) -> &Arc<str> {
+        match self {
+            KeyScope::Conv((mesh, _)) | KeyScope::Sender(mesh, _) => mesh,
+        }
+    }
+}
+
+/// An op waiting for a key lookup of its scope.
 #[derive(Debug)]
 pub(crate) struct Parked {
     pub(crate) session: SessionId,
     pub(crate) r: u64,
-    pub(crate) rec: AppendedRec,
+    pub(crate) op: ParkedOp,
 }
 
-/// A key lookup under way: the conversation's first parked append is the one looked up.
+#[derive(Debug)]
+pub(crate) enum ParkedOp {
+    Append(AppendedRec),
+    /// A send, its record built but its position not yet assigned (0).
+    Send(SentRec),
+}
+
+impl ParkedOp {
+    fn scope(&self) -> KeyScope {
+        match self {
+            ParkedOp::Append(a) => KeyScope::Conv((a.mesh.clone(), a.conv.clone())),
+            ParkedOp::Send(s) => KeyScope::Sender(s.mesh.clone(), s.from.clone()),
+        }
+    }
+
+    fn key(&self) -> Option<&Arc<str>> {
+        match self {
+            ParkedOp::Append(a) => a.key.as_ref(),
+            ParkedOp::Send(s) => s.key.as_ref(),
+        }
+    }
+}
+
+/// A key lookup under way: the scope's first parked op is the one looked up.
 #[derive(Debug)]
 pub(crate) struct Lookup {
-    pub(crate) conv: ConvKey,
+    pub(crate) scope: KeyScope,
     pub(crate) key: Arc<str>,
     /// Sealed segments still to scan, newest first.
     pub(crate) segments: Vec<u64>,
@@ -49,21 +93,29 @@ pub(crate) struct Lookup {
 pub(crate) struct KeyIndex {
     /// Sorted fingerprints of each sealed segment's keys, oldest segment first.
     sealed: VecDeque<(u64, Box<[u32]>)>,
-    /// The segment whose keys are still exact, and those keys (conversation, key, seq).
+    /// The segment whose keys are still exact, and those keys (scope, key, seq or pos).
     open_segment: u64,
-    open: Vec<(ConvKey, Arc<str>, u64)>,
-    /// Appends waiting per conversation while its first one's key is looked up on disk.
-    pub(crate) parked: HashMap<ConvKey, VecDeque<Parked>>,
+    open: Vec<(KeyScope, Arc<str>, u64)>,
+    /// Exact keys of sends in the open segment (and not yet written): (mesh, sender, key) to
+    /// the message's position. (An append's are in its conversation's map.)
+    pub(crate) sent: HashMap<SentKey, u64>,
+    /// Ops waiting per scope while its first one's key is looked up on disk.
+    pub(crate) parked: HashMap<KeyScope, VecDeque<Parked>>,
     pub(crate) parked_count: usize,
     pub(crate) lookups: HashMap<u64, Lookup>,
     next_lookup: u64,
 }
 
-/// The fingerprint of a key in a conversation.
-pub(crate) fn fingerprint(conv: &ConvKey, key: &str) -> u32 {
-    let mut h = crc32c::crc32c(conv.0.as_bytes());
+/// The fingerprint of a key in its scope (a leading byte keeps the two kinds apart).
+pub(crate) fn fingerprint(scope: &KeyScope, key: &str) -> u32 {
+    let (kind, mesh, name) = match scope {
+        KeyScope::Conv((mesh, conv)) => (0u8, mesh, conv),
+        KeyScope::Sender(mesh, peer) => (1u8, mesh, peer),
+    };
+    let mut h = crc32c::crc32c(&[kind]);
+    h = crc32c::crc32c_append(h, mesh.as_bytes());
     h = crc32c::crc32c_append(h, &[0]);
-    h = crc32c::crc32c_append(h, conv.1.as_bytes());
+    h = crc32c::crc32c_append(h, name.as_bytes());
     h = crc32c::crc32c_append(h, &[0]);
     crc32c::crc32c_append(h, key.as_bytes())
 }
@@ -84,12 +136,19 @@ impl KeyIndex {
 impl Shard {
     /// Keys of entries written into `segment` (live: when their write is handed out; replay:
     /// as they are read). A new segment seals the open one first.
-    pub(crate) fn note_keys(&mut self, segment: u64, keys: Vec<(ConvKey, Arc<str>, u64)>) {
+    pub(crate) fn note_keys(&mut self, segment: u64, keys: Vec<(KeyScope, Arc<str>, u64)>) {
         if segment != self.keys.open_segment {
             self.seal_open_keys();
             self.keys.open_segment = segment;
         }
         self.keys.open.extend(keys);
+    }
+
+    /// A send's key joins the exact keys (its record is in the open segment, or will be).
+    pub(crate) fn note_sent_key(&mut self, key: Option<(KeyScope, Arc<str>, u64)>) {
+        if let Some((KeyScope::Sender(mesh, peer), k, pos)) = key {
+            self.keys.sent.insert((mesh, peer, k), pos);
+        }
     }
 
     /// Retention retired every segment up to `segment`: their keys go (the open ones too, if
@@ -110,14 +169,24 @@ impl Shard {
         if open.is_empty() {
             return;
         }
-        let mut fps: Vec<u32> = open.iter().map(|(c, k, _)| fingerprint(c, k)).collect();
+        let mut fps: Vec<u32> = open.iter().map(|(s, k, _)| fingerprint(s, k)).collect();
         fps.sort_unstable();
         fps.dedup();
-        for (conv, key, seq) in open {
-            if let Some(c) = self.convs.get_mut(&conv) {
-                // A key leaves only with the entry it names (a newer entry may hold it now).
-                if c.keys.get(&key) == Some(&seq) {
-                    c.keys.remove(&key);
+        for (scope, key, at) in open {
+            // A key leaves only with the record it names (a newer record may hold it now).
+            match scope {
+                KeyScope::Conv(conv) => {
+                    if let Some(c) = self.convs.get_mut(&conv) {
+                        if c.keys.get(&key) == Some(&at) {
+                            c.keys.remove(&key);
+                        }
+                    }
+                }
+                KeyScope::Sender(mesh, peer) => {
+                    let k = (mesh, peer, key);
+                    if self.keys.sent.get(&k) == Some(&at) {
+                        self.keys.sent.remove(&k);
+                    }
                 }
             }
         }
@@ -127,31 +196,48 @@ impl Shard {
             .push_back((segment, fps.into_boxed_slice()));
     }
 
-    /// Sealed segments, newest first, that may hold `key` for `conv`: its fingerprint is
-    /// there and so is an entry of the conversation.
-    pub(crate) fn key_candidates(&self, conv: &ConvKey, key: &str) -> Vec<u64> {
-        let Some(c) = self.convs.get(conv) else {
-            return Vec::new();
+    /// Sealed segments, newest first, that may hold `key` in `scope`: its fingerprint is
+    /// there (and, for an append, an entry of the conversation).
+    pub(crate) fn key_candidates(&self, scope: &KeyScope, key: &str) -> Vec<u64> {
+        let conv = match scope {
+            KeyScope::Conv(conv) => match self.convs.get(conv) {
+                Some(c) => Some(c),
+                None => return Vec::new(),
+            },
+            KeyScope::Sender(..) => None,
         };
-        let fp = fingerprint(conv, key);
+        let fp = fingerprint(scope, key);
         self.keys
             .sealed
             .iter()
             .rev()
             .filter(|(seg, fps)| {
-                fps.binary_search(&fp).is_ok() && c.marks.iter().any(|m| m.segment == *seg)
+                fps.binary_search(&fp).is_ok()
+                    && conv.is_none_or(|c| c.marks.iter().any(|m| m.segment == *seg))
             })
             .map(|(seg, _)| *seg)
             .collect()
     }
 
-    /// Parks `p` (the first of its conversation) and starts looking its key up in `segments`.
+    /// Whether ops of `scope` wait for a key lookup (later ones must wait behind it).
+    pub(crate) fn lookup_under_way(&self, scope: &KeyScope) -> bool {
+        self.keys.parked.contains_key(scope)
+    }
+
+    /// `p` waits behind its scope's key lookup, in arrival order.
+    pub(crate) fn park_behind(&mut self, scope: &KeyScope, p: Parked) {
+        let q = self.keys.parked.get_mut(scope).expect("a lookup under way");
+        q.push_back(p);
+        self.keys.parked_count += 1;
+    }
+
+    /// Parks `p` (the first of its scope) and starts looking its key up in `segments`.
     pub(crate) fn park_for_lookup(&mut self, p: Parked, segments: Vec<u64>) {
-        let conv = (p.rec.mesh.clone(), p.rec.conv.clone());
-        let key = p.rec.key.clone().expect("only keyed appends are looked up");
+        let scope = p.op.scope();
+        let key = p.op.key().cloned().expect("only keyed ops are looked up");
         self.keys
             .parked
-            .entry(conv.clone())
+            .entry(scope.clone())
             .or_default()
             .push_back(p);
         self.keys.parked_count += 1;
@@ -159,7 +245,7 @@ impl Shard {
         self.keys.next_lookup += 1;
         let id = self.keys.next_lookup;
         let lookup = Lookup {
-            conv,
+            scope,
             key,
             segments,
         };
@@ -174,12 +260,18 @@ impl Shard {
             let Some(&segment) = l.segments.first() else {
                 return self.finish_lookup(id, None);
             };
-            let start = at.filter(|(s, _)| *s == segment).or_else(|| {
-                let c = self.convs.get(&l.conv)?;
-                let m = c.marks.iter().find(|m| m.segment == segment)?;
-                Some((m.segment, m.offset))
-            });
-            let conv = l.conv.clone();
+            let start = at
+                .filter(|(s, _)| *s == segment)
+                .or_else(|| match &l.scope {
+                    KeyScope::Conv(conv) => {
+                        let c = self.convs.get(conv)?;
+                        let m = c.marks.iter().find(|m| m.segment == segment)?;
+                        Some((m.segment, m.offset))
+                    }
+                    // A sender's messages have no marks: its segments are scanned whole.
+                    KeyScope::Sender(..) => Some((segment, wal::SEGMENT_HEADER_BYTES as u64)),
+                });
+            let conv = (l.scope.mesh().clone(), Arc::from(""));
             if let Some(start) = start {
                 match self.start_read(Reader::Key(id), &conv, 0, 1, Some(start)) {
                     ReadStart::Started(_) | ReadStart::Busy => return,
@@ -210,35 +302,41 @@ impl Shard {
         self.scan_next_segment(id, Some(stop));
     }
 
-    /// Answers the looked-up append (its original seq, or as a new append), then takes the
-    /// conversation's other parked appends in order until one needs a lookup of its own.
+    /// Answers the looked-up op (its original seq or position, or as a new op), then takes
+    /// the scope's other parked ops in order until one needs a lookup of its own.
     fn finish_lookup(&mut self, id: u64, found: Option<u64>) {
         let Some(l) = self.keys.lookups.remove(&id) else {
             return;
         };
-        let Some(mut queue) = self.keys.parked.remove(&l.conv) else {
+        let Some(mut queue) = self.keys.parked.remove(&l.scope) else {
             return;
         };
-        let first = queue.pop_front().expect("the looked-up append is parked");
+        let first = queue.pop_front().expect("the looked-up op is parked");
         self.keys.parked_count -= 1;
         match found {
-            Some(seq) => {
+            Some(at) => {
                 // The original is in a sealed segment: durable.
-                self.stats.appends_acked += 1;
                 self.stats.key_lookups_found += 1;
+                let (pos, seq) = match first.op {
+                    ParkedOp::Append(_) => {
+                        self.stats.appends_acked += 1;
+                        (None, Some(at))
+                    }
+                    ParkedOp::Send(_) => (Some(at), None),
+                };
                 let reply = Reply::Frame(ServerOp::Ok {
                     r: first.r,
-                    pos: None,
-                    seq: Some(seq),
+                    pos,
+                    seq,
                 });
                 self.emit(first.session, reply);
             }
-            None => self.append_or_refuse(first, false),
+            None => self.take_or_refuse(first, false),
         }
         while let Some(next) = queue.pop_front() {
             self.keys.parked_count -= 1;
-            self.append_or_refuse(next, true);
-            if let Some(q) = self.keys.parked.get_mut(&l.conv) {
+            self.take_or_refuse(next, true);
+            if let Some(q) = self.keys.parked.get_mut(&l.scope) {
                 // It parked for a lookup of its own: the rest wait behind it, in order (they
                 // are still counted in `parked_count`).
                 q.extend(queue);
@@ -247,17 +345,21 @@ impl Shard {
         }
     }
 
-    /// A parked append, taken now: an error goes to its session as the request's answer.
-    fn append_or_refuse(&mut self, p: Parked, look_up: bool) {
+    /// A parked op, taken now: an error goes to its session as the request's answer.
+    fn take_or_refuse(&mut self, p: Parked, look_up: bool) {
         let (session, r) = (p.session, p.r);
-        if let Err(e) = self.append_taken(session, r, p.rec, look_up) {
+        let taken = match p.op {
+            ParkedOp::Append(rec) => self.append_taken(session, r, rec, look_up),
+            ParkedOp::Send(rec) => self.send_taken(session, r, rec, look_up),
+        };
+        if let Err(e) = taken {
             self.stats.errors_sent += 1;
             self.emit(session, Reply::Frame(ServerOp::error(Some(r), e)));
         }
     }
 
-    /// Scans a key lookup's read: the seq of an entry of the conversation with the key, if
-    /// one is in `bytes`, and where the scan stopped.
+    /// Scans a key lookup's read: the seq of an entry of the conversation (or the position of
+    /// a message of the sender) with the key, if one is in `bytes`, and where the scan stopped.
     pub(crate) fn find_key(
         &self,
         id: u64,
@@ -271,16 +373,7 @@ impl Shard {
         };
         let mut found = None;
         let walked = self.walk_records(segment, base, bytes, |r| {
-            let ours = r.kind == RecordType::Appended
-                && from_binary_prefix::<AppendedHead>(r.payload)
-                    .is_some_and(|h| *h.mesh == *l.conv.0 && *h.conv == *l.conv.1);
-            if ours {
-                if let Record::Appended(a) = r.decode()? {
-                    if a.key.as_deref() == Some(&*l.key) {
-                        found = Some(a.seq);
-                    }
-                }
-            }
+            found = keyed_record(&l.scope, &l.key, r)?;
             Ok(found.is_none())
         })?;
         let end = walked.stop;
@@ -290,4 +383,31 @@ impl Shard {
         }
         Ok(scan(found, (segment, end), walked.grow))
     }
+}
+
+/// The seq (append) or position (send) `r` holds for `key` in `scope`, if it is such a record.
+fn keyed_record(scope: &KeyScope, key: &str, r: &Seen) -> Result<Option<u64>, String> {
+    let hit = match scope {
+        KeyScope::Conv((mesh, conv)) => {
+            r.kind == RecordType::Appended
+                && from_binary_prefix::<AppendedHead>(r.payload)
+                    .is_some_and(|h| *h.mesh == **mesh && *h.conv == **conv)
+        }
+        KeyScope::Sender(mesh, _) => {
+            r.kind == RecordType::Sent
+                && from_binary_prefix::<SentHead>(r.payload).is_some_and(|h| *h.mesh == **mesh)
+        }
+    };
+    if !hit {
+        return Ok(None);
+    }
+    Ok(match (scope, r.decode()?) {
+        (KeyScope::Conv(_), Record::Appended(a)) if a.key.as_deref() == Some(key) => Some(a.seq),
+        (KeyScope::Sender(_, peer), Record::Sent(s))
+            if s.from == *peer && s.key.as_deref() == Some(key) =>
+        {
+            Some(s.pos)
+        }
+        _ => None,
+    })
 }

@@ -285,6 +285,9 @@ pub struct Shard {
     pub(crate) segments: VecDeque<SegmentInfo>,
     pub(crate) wal_bytes: u64,
     pub(crate) next_lsn: u64,
+    /// The consensus term records are written with (the WAL's record header carries it): 0,
+    /// as this shard writes without replication.
+    pub(crate) term: u64,
     pub(crate) durable_lsn: u64,
     /// The write frame being built: a reserved frame header, then records.
     pub(crate) building: Vec<u8>,
@@ -366,6 +369,7 @@ impl Shard {
             segments: VecDeque::new(),
             wal_bytes: 0,
             next_lsn: 1,
+            term: 0,
             durable_lsn: 0,
             building: Vec::new(),
             building_first_lsn: 1,

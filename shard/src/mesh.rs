@@ -35,6 +35,8 @@ pub(crate) struct InboxMsg {
     pub(crate) at: (u64, u64),
     /// Recipients whose cursor is still below this message.
     pub(crate) pending: u32,
+    /// Its send's idempotency key, which a copy forward keeps.
+    pub(crate) key: Option<Arc<str>>,
 }
 
 impl InboxMsg {

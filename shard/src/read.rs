@@ -390,8 +390,9 @@ impl Shard {
             if size > rest.len() {
                 return self.cut_short(segment, at, size, i == 0);
             }
-            let (lsn, kind, payload) = wal::check_record(&rest[..size], check_crc)
+            let (head, payload) = wal::check_record(&rest[..size], check_crc)
                 .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
+            let (lsn, kind) = (head.lsn, head.kind);
             if lsn > self.durable_lsn {
                 break;
             }

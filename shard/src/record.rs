@@ -68,6 +68,8 @@ pub struct SentRec {
     pub to: Target,
     pub body: Body,
     pub ts: u64,
+    /// The send's idempotency key (scoped to `from`); a copy forward keeps it.
+    pub key: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

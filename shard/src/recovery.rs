@@ -152,6 +152,16 @@ impl Recoverer {
         let first_lsn = header.first_lsn;
         let mut last_lsn = first_lsn - 1;
         for rec in scan.records {
+            if rec.term < self.shard.term {
+                // The scan checks terms within a segment; this is the check across segments.
+                let reason = format!(
+                    "record lsn {} has term {} after a record of term {} (terms never \
+                     decrease along the log)",
+                    rec.lsn, rec.term, self.shard.term
+                );
+                return Err(corrupt(rec.offset, reason));
+            }
+            self.shard.term = rec.term;
             last_lsn = rec.lsn;
             self.report.records += 1;
             self.shard.replay_at = (id, rec.frame, rec.offset);

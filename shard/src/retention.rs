@@ -176,6 +176,7 @@ impl Shard {
                 .clone()
                 .expect("a round starts once every held body is in memory"),
             ts: msg.ts,
+            key: msg.key.clone(),
         };
         // Applying the copy moves the message's LSN (and retention's index) to it.
         let lsn = self

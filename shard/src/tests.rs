@@ -118,6 +118,18 @@ impl Node {
     }
 
     fn send(&mut self, session: SessionId, r: u64, from: &str, to: &str, body: &str) {
+        self.send_keyed(session, r, from, to, body, None);
+    }
+
+    fn send_keyed(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        from: &str,
+        to: &str,
+        body: &str,
+        key: Option<&str>,
+    ) {
         self.req(
             session,
             ShardOp::Send {
@@ -126,6 +138,7 @@ impl Node {
                 from: PeerId::must(from),
                 to: Target::parse(to).unwrap(),
                 body: Body::from_json_text(body.to_string()).unwrap(),
+                key: key.map(Into::into),
             },
         );
     }
@@ -957,6 +970,7 @@ fn a_checksummed_frame_out_of_sequence_in_the_last_segment_refuses_to_start() {
     let mut frame = vec![0; wal::FRAME_HEADER_BYTES];
     wal::encode_record(
         5,
+        0,
         &Record::MeshCreated(MeshRec { mesh: "x".into() }),
         &mut frame,
     )

@@ -1,4 +1,4 @@
-//! The WAL's on-disk format (format 2): segment files of write frames of records, and the
+//! The WAL's on-disk format (format 3): segment files of write frames of records, and the
 //! shard's `MANIFEST`. Pure functions over byte slices; the glue owns the files.
 //!
 //! ```text
@@ -8,15 +8,18 @@
 //! frame    = frame_header | record*            (one frame per group-commit write)
 //! frame_header (28 bytes)   = magic FF FE 46 57 | len:u32le | first_lsn:u64le
 //!                             | records:u32le | flags:u32le (0) | crc:u32le
-//! record   = len:u32le | crc:u32le | type:u8 | lsn:u64le | payload[len]
+//! record   = len:u32le | crc:u32le | type:u8 | lsn:u64le | term:u64le | payload[len]
 //! crc      = crc32c of everything before it in the header; a record's crc covers
-//!            type | lsn | payload
+//!            type | lsn | term | payload
 //! MANIFEST (36 bytes) = magic "FABRMANI" | format:u32le | shard:u32le | oldest:u64le
 //!                       | newest:u64le | crc:u32le    (oldest = newest = 0: no segment yet)
 //! ```
 //!
 //! LSNs are dense across the whole shard (each record is the previous plus one), which lets
-//! recovery tell a lost record from a reordered one. Segments are named by a number that only
+//! recovery tell a lost record from a reordered one. A record's term is the consensus term of
+//! the leader that proposed it (0 for a record written without replication); terms never
+//! decrease along the log, and recovery refuses a log where one does. Format 3 added the term
+//! (and a `send`'s idempotency key to its record); a format 2 data dir is refused by name. Segments are named by a number that only
 //! grows (`00000000000000000001.wal`); a segment holds whole frames only.
 //!
 //! Why frames: a power loss can persist any subset of the pages of the write that was in
@@ -30,14 +33,14 @@
 use crate::record::{Record, RecordType};
 
 /// The WAL format this code writes and reads. A data dir of another format is refused.
-pub const FORMAT: u32 = 2;
+pub const FORMAT: u32 = 3;
 pub const SEGMENT_MAGIC: &[u8; 8] = b"FABRWAL2";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"FABRMANI";
 pub const FRAME_MAGIC: [u8; 4] = [0xFF, 0xFE, b'F', b'W'];
 pub const SEGMENT_HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4;
 pub const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 4 + 4;
 pub const MANIFEST_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4;
-pub const RECORD_HEADER_BYTES: usize = 4 + 4 + 1 + 8;
+pub const RECORD_HEADER_BYTES: usize = 4 + 4 + 1 + 8 + 8;
 /// A record's payload may be at most this long; a length field larger than this is
 /// corruption, not a record. Bodies are far smaller (`frame_bytes_max` is capped below it) and
 /// checkpoints are split into parts of `CHECKPOINT_PART_BYTES_MAX`.
@@ -235,7 +238,7 @@ impl FrameHeader {
 /// Appends one framed record to `out`; returns the framed size in bytes, or `None` (with
 /// `out` unchanged) if the payload is over [`RECORD_BYTES_MAX`]. The payload is encoded in
 /// place after a reserved header, which is filled in last (length, then CRC).
-pub fn encode_record(lsn: u64, record: &Record, out: &mut Vec<u8>) -> Option<usize> {
+pub fn encode_record(lsn: u64, term: u64, record: &Record, out: &mut Vec<u8>) -> Option<usize> {
     let start = out.len();
     out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
     let kind = record.encode_into(out);
@@ -246,7 +249,8 @@ pub fn encode_record(lsn: u64, record: &Record, out: &mut Vec<u8>) -> Option<usi
     }
     out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
     out[start + 8] = kind as u8;
-    out[start + 9..start + RECORD_HEADER_BYTES].copy_from_slice(&lsn.to_le_bytes());
+    out[start + 9..start + 17].copy_from_slice(&lsn.to_le_bytes());
+    out[start + 17..start + RECORD_HEADER_BYTES].copy_from_slice(&term.to_le_bytes());
     let crc = crc32c::crc32c(&out[start + 8..]);
     out[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
     Some(out.len() - start)
@@ -274,6 +278,7 @@ impl Damage {
 #[derive(Debug)]
 pub struct Scanned {
     pub lsn: u64,
+    pub term: u64,
     /// Byte offset of the record in the segment file.
     pub offset: u64,
     /// Byte offset of the frame holding it.
@@ -375,8 +380,17 @@ fn scan_frame(
     let mut lsn = expect_lsn;
     while p < end {
         let r = scan_record(&rest[p..end], lsn, skip_crc)?;
+        let prev = found.last().or(out.last()).map_or(0, |s: &Scanned| s.term);
+        if r.2 < prev {
+            return Err(Damage::Invalid(format!(
+                "record lsn {lsn} has term {} after a record of term {prev} (terms never \
+                 decrease along the log)",
+                r.2
+            )));
+        }
         found.push(Scanned {
             lsn,
+            term: r.2,
             offset: (at + p) as u64,
             frame: at as u64,
             bytes: r.1 as u64,
@@ -396,8 +410,9 @@ fn scan_frame(
     Ok(at + end)
 }
 
-/// One record at the start of `b` (which ends where its frame ends): the record and its size.
-fn scan_record(b: &[u8], lsn: u64, skip_crc: bool) -> Result<(Record, usize), Damage> {
+/// One record at the start of `b` (which ends where its frame ends): the record, its size and
+/// its term.
+fn scan_record(b: &[u8], lsn: u64, skip_crc: bool) -> Result<(Record, usize, u64), Damage> {
     if b.len() < RECORD_HEADER_BYTES {
         return Err(Damage::Torn(
             "a record header crosses the frame's end".into(),
@@ -410,14 +425,15 @@ fn scan_record(b: &[u8], lsn: u64, skip_crc: bool) -> Result<(Record, usize), Da
         )));
     }
     let size = RECORD_HEADER_BYTES + len;
-    let (found, kind, payload) = check_record(&b[..size], !skip_crc)?;
-    if found != lsn {
+    let (head, payload) = check_record(&b[..size], !skip_crc)?;
+    if head.lsn != lsn {
         return Err(Damage::Invalid(format!(
-            "record lsn {found} where {lsn} was expected"
+            "record lsn {} where {lsn} was expected",
+            head.lsn
         )));
     }
-    match Record::decode(kind, payload) {
-        Ok(r) => Ok((r, size)),
+    match Record::decode(head.kind, payload) {
+        Ok(r) => Ok((r, size, head.term)),
         Err(e) => Err(Damage::Invalid(format!("payload does not decode: {e}"))),
     }
 }
@@ -429,10 +445,18 @@ pub fn record_size(b: &[u8]) -> Option<usize> {
     (b.len() >= RECORD_HEADER_BYTES).then(|| RECORD_HEADER_BYTES + u32_at(b, 0) as usize)
 }
 
-/// One whole record (`b` is exactly its framed bytes), checked but not decoded: its LSN,
-/// type and payload (length, checksum, type: the checks recovery's scan makes too, through
+/// A record header's fields, checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RecordHead {
+    pub lsn: u64,
+    pub term: u64,
+    pub kind: RecordType,
+}
+
+/// One whole record (`b` is exactly its framed bytes), checked but not decoded: its header
+/// fields and payload (length, checksum, type: the checks recovery's scan makes too, through
 /// this function). `check_crc` false exists only for the simulator's planted-bug mode.
-pub fn check_record(b: &[u8], check_crc: bool) -> Result<(u64, RecordType, &[u8]), Damage> {
+pub fn check_record(b: &[u8], check_crc: bool) -> Result<(RecordHead, &[u8]), Damage> {
     if b.len() < RECORD_HEADER_BYTES {
         return Err(Damage::Torn("a record header is cut short".into()));
     }
@@ -448,7 +472,12 @@ pub fn check_record(b: &[u8], check_crc: bool) -> Result<(u64, RecordType, &[u8]
     let Some(kind) = RecordType::from_u8(b[8]) else {
         return Err(Damage::Invalid(format!("unknown record type {}", b[8])));
     };
-    Ok((u64_at(b, 9), kind, &b[RECORD_HEADER_BYTES..]))
+    let head = RecordHead {
+        lsn: u64_at(b, 9),
+        term: u64_at(b, 17),
+        kind,
+    };
+    Ok((head, &b[RECORD_HEADER_BYTES..]))
 }
 
 /// The offset of the first intact frame header in `bytes[from..]` whose first LSN is at least

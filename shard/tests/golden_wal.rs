@@ -1,5 +1,5 @@
-//! Golden bytes of the WAL on disk (format 2): a whole segment holding every record type, in
-//! `tests/golden/segment-format2.hex` (annotated field by field), and the manifest. The bytes
+//! Golden bytes of the WAL on disk (format 3): a whole segment holding every record type, in
+//! `tests/golden/segment-format3.hex` (annotated field by field), and the manifest. The bytes
 //! were written from the layout in `wal.rs`'s module docs and postcard's rules by an encoder
 //! separate from this crate (its own CRC32C included), never produced by the code under test.
 //! Reordering a record's fields, renumbering a record type or moving a header field fails here.
@@ -18,7 +18,7 @@ use fabric_shard::ShardConfig;
 use std::collections::BTreeSet;
 
 /// The annotated hex file: two hex digits per byte, `#` starts a comment.
-const SEGMENT_HEX: &str = include_str!("golden/segment-format2.hex");
+const SEGMENT_HEX: &str = include_str!("golden/segment-format3.hex");
 
 fn unhex(text: &str) -> Vec<u8> {
     text.lines()
@@ -52,15 +52,15 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
         (
             1,
             64,
-            22,
+            30,
             Record::MeshCreated(MeshRec {
                 mesh: "demo".into(),
             }),
         ),
         (
             2,
-            86,
-            65,
+            94,
+            73,
             Record::PeerAdded(PeerRec {
                 mesh: "demo".into(),
                 peer: "alice".into(),
@@ -70,8 +70,8 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
         ),
         (
             3,
-            151,
-            60,
+            167,
+            68,
             Record::PeerKeyAdded(PeerKeyRec {
                 mesh: "demo".into(),
                 peer: "bob".into(),
@@ -82,8 +82,8 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
         ),
         (
             4,
-            239,
-            55,
+            263,
+            73,
             Record::Sent(SentRec {
                 mesh: "demo".into(),
                 pos: 300,
@@ -91,12 +91,13 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
                 to: Target::Group(GroupId::must("ops")),
                 body: body(r#"{"text":"hi"}"#),
                 ts: 1_795_356_091_730,
+                key: Some("alice-s1".into()),
             }),
         ),
         (
             5,
-            294,
-            60,
+            336,
+            68,
             Record::Appended(AppendedRec {
                 mesh: "demo".into(),
                 conv: "standup".into(),
@@ -109,8 +110,8 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
         ),
         (
             6,
-            354,
-            28,
+            404,
+            36,
             Record::Acked(AckedRec {
                 mesh: "demo".into(),
                 peer: "bob".into(),
@@ -119,8 +120,8 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
         ),
         (
             7,
-            410,
-            130,
+            468,
+            138,
             Record::CheckpointPart(CheckpointPartRec {
                 part: 0,
                 parts: 2,
@@ -154,11 +155,20 @@ fn golden_records() -> Vec<(u64, u64, u64, Record)> {
     ]
 }
 
+/// The term each record is written with (terms never decrease along the log).
+fn term_of(lsn: u64) -> u64 {
+    match lsn {
+        1..=3 => 1,
+        4..=6 => 2,
+        _ => 3,
+    }
+}
+
 /// Which records each write frame of the golden segment holds (indexes into the list above).
 const FRAMES: [std::ops::Range<usize>; 3] = [0..3, 3..6, 6..7];
 
 /// Where each frame starts in the golden segment.
-const FRAME_OFFSETS: [usize; 3] = [36, 211, 382];
+const FRAME_OFFSETS: [usize; 3] = [36, 235, 440];
 
 fn golden_header() -> SegmentHeader {
     SegmentHeader {
@@ -176,7 +186,7 @@ fn written_segment() -> Vec<u8> {
         let start = out.len();
         out.extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
         for (lsn, _, _, record) in &records[range.clone()] {
-            wal::encode_record(*lsn, record, &mut out).expect("small record");
+            wal::encode_record(*lsn, term_of(*lsn), record, &mut out).expect("small record");
         }
         let first_lsn = records[range.start].0;
         FrameHeader::seal(&mut out[start..], first_lsn, range.len() as u32);
@@ -195,7 +205,7 @@ fn golden_segment_header_has_the_pinned_bytes() {
     assert_eq!(SegmentHeader::decode(&golden), Ok(golden_header()));
     assert_eq!(wal::SEGMENT_HEADER_BYTES, 36);
     assert_eq!(&wal::SEGMENT_MAGIC[..], b"FABRWAL2");
-    assert_eq!(wal::FORMAT, 2);
+    assert_eq!(wal::FORMAT, 3);
 }
 
 #[test]
@@ -225,24 +235,25 @@ fn golden_frame_headers_have_the_pinned_bytes() {
     }
     assert_eq!(wal::FRAME_MAGIC, [0xff, 0xfe, b'F', b'W']);
     assert_eq!(wal::FRAME_HEADER_BYTES, 28);
-    assert_eq!(wal::RECORD_HEADER_BYTES, 17);
+    assert_eq!(wal::RECORD_HEADER_BYTES, 25);
 }
 
 #[test]
 fn golden_every_record_variant_frames_to_the_pinned_bytes() {
-    // Proves each record type encodes (length, CRC, type, LSN, postcard payload) exactly as
+    // Proves each record type encodes (length, CRC, type, LSN, term, postcard payload) exactly as
     // pinned at its place in the golden segment, and decodes back from its payload.
     let golden = segment_bytes();
     for (lsn, offset, size, record) in golden_records() {
         let pinned = &golden[offset as usize..(offset + size) as usize];
         let mut out = Vec::new();
         assert_eq!(
-            wal::encode_record(lsn, &record, &mut out),
+            wal::encode_record(lsn, term_of(lsn), &record, &mut out),
             Some(size as usize)
         );
         assert_eq!(out, pinned, "{record:?}");
         assert_eq!(pinned[8], record_type(&record), "{record:?}");
         assert_eq!(pinned[9..17], lsn.to_le_bytes(), "{record:?}");
+        assert_eq!(pinned[17..25], term_of(lsn).to_le_bytes(), "{record:?}");
         let kind = RecordType::from_u8(pinned[8]).expect("a known type");
         assert_eq!(kind, record.kind());
         assert_eq!(
@@ -278,8 +289,8 @@ fn golden_segment_scans_back_to_its_records() {
     assert_eq!(scan.records.len(), want.len());
     for (got, (lsn, offset, size, record)) in scan.records.iter().zip(want) {
         assert_eq!(
-            (got.lsn, got.offset, got.bytes, &got.record),
-            (lsn, offset, size, &record)
+            (got.lsn, got.term, got.offset, got.bytes, &got.record),
+            (lsn, term_of(lsn), offset, size, &record)
         );
     }
 }
@@ -293,14 +304,14 @@ fn golden_manifest_has_the_pinned_bytes() {
         newest: 7,
     };
     let pinned = unhex(
-        "46 41 42 52 4d 41 4e 49  02 00 00 00  03 00 00 00  07 00 00 00 00 00 00 00 \
-         07 00 00 00 00 00 00 00  27 70 65 26",
+        "46 41 42 52 4d 41 4e 49  03 00 00 00  03 00 00 00  07 00 00 00 00 00 00 00 \
+         07 00 00 00 00 00 00 00  a9 b2 2a 9c",
     );
     assert_eq!(listed.encode()[..], pinned[..]);
     assert_eq!(Manifest::decode(&pinned), Ok(listed));
     let empty = unhex(
-        "46 41 42 52 4d 41 4e 49  02 00 00 00  03 00 00 00  00 00 00 00 00 00 00 00 \
-         00 00 00 00 00 00 00 00  3b b9 c0 09",
+        "46 41 42 52 4d 41 4e 49  03 00 00 00  03 00 00 00  00 00 00 00 00 00 00 00 \
+         00 00 00 00 00 00 00 00  b5 7b 8f b3",
     );
     assert_eq!(Manifest::empty(3).encode()[..], empty[..]);
     assert_eq!(Manifest::decode(&empty), Ok(Manifest::empty(3)));

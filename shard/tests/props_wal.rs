@@ -79,16 +79,26 @@ fn record() -> impl Strategy<Value = Record> {
                 token_hash,
             })
         ),
-        (text(), any::<u64>(), text(), target(), body(), any::<u64>()).prop_map(
-            |(mesh, pos, from, to, body, ts)| Record::Sent(SentRec {
-                mesh,
-                pos,
-                from,
-                to,
-                body,
-                ts,
-            })
-        ),
+        (
+            text(),
+            any::<u64>(),
+            text(),
+            target(),
+            body(),
+            any::<u64>(),
+            proptest::option::of(text())
+        )
+            .prop_map(
+                |(mesh, pos, from, to, body, ts, key)| Record::Sent(SentRec {
+                    mesh,
+                    pos,
+                    from,
+                    to,
+                    body,
+                    ts,
+                    key,
+                })
+            ),
         (
             text(),
             text(),
@@ -181,7 +191,7 @@ fn segment(id: u64, first_lsn: u64, frames: &[Vec<Record>]) -> (Vec<u8>, Vec<(us
         let start = out.len();
         out.extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
         for r in frame {
-            wal::encode_record(lsn, r, &mut out).expect("small record");
+            wal::encode_record(lsn, 0, r, &mut out).expect("small record");
             lsn += 1;
         }
         FrameHeader::seal(

@@ -3,7 +3,7 @@
 
 use super::ok;
 use crate::conv::delivered;
-use crate::keys::Parked;
+use crate::keys::{KeyScope, Parked, ParkedOp};
 use crate::record::*;
 use crate::{Shard, Sub};
 use fabric_proto::internal::{Reply, SessionId};
@@ -18,11 +18,11 @@ impl Shard {
         rec: AppendedRec,
     ) -> Result<(), ProtoError> {
         self.check_body(&rec.body)?;
-        let ck = (rec.mesh.clone(), rec.conv.clone());
-        if let Some(q) = self.keys.parked.get_mut(&ck) {
-            // A key lookup of this conversation is under way: appends keep their order.
-            q.push_back(Parked { session, r, rec });
-            self.keys.parked_count += 1;
+        let scope = KeyScope::Conv((rec.mesh.clone(), rec.conv.clone()));
+        if self.lookup_under_way(&scope) {
+            // Appends keep their order behind the conversation's key lookup.
+            let op = ParkedOp::Append(rec);
+            self.park_behind(&scope, Parked { session, r, op });
             return Ok(());
         }
         self.append_taken(session, r, rec, true)
@@ -54,9 +54,10 @@ impl Shard {
             }
         }
         if let (true, Some(k)) = (look_up, rec.key.as_ref()) {
-            let segments = self.key_candidates(&ck, k);
+            let segments = self.key_candidates(&KeyScope::Conv(ck.clone()), k);
             if !segments.is_empty() {
-                self.park_for_lookup(Parked { session, r, rec }, segments);
+                let op = ParkedOp::Append(rec);
+                self.park_for_lookup(Parked { session, r, op }, segments);
                 return Ok(());
             }
         }

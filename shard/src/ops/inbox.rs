@@ -2,62 +2,93 @@
 //! the inbox), and cursor moves (coalesced into one record per peer per group commit).
 
 use super::ok;
+use crate::keys::{KeyScope, Parked, ParkedOp};
 use crate::mesh::Mesh;
 use crate::record::*;
 use crate::Shard;
 use fabric_proto::internal::{Reply, SessionId};
-use fabric_proto::{Body, ErrorCode, ProtoError, Target};
+use fabric_proto::{ErrorCode, ProtoError, Target};
 use std::sync::Arc;
 
 impl Shard {
-    #[allow(clippy::too_many_arguments)] // one per field of the op, as the request carries them
+    /// A send, in its sender's order: behind a key lookup of the sender under way, if any.
     pub(super) fn send(
         &mut self,
-        now: u64,
         session: SessionId,
         r: u64,
-        mesh: Arc<str>,
-        from: Arc<str>,
-        to: Target,
-        body: Body,
+        rec: SentRec,
     ) -> Result<(), ProtoError> {
-        self.check_body(&body)?;
+        self.check_body(&rec.body)?;
+        let scope = KeyScope::Sender(rec.mesh.clone(), rec.from.clone());
+        if self.lookup_under_way(&scope) {
+            let op = ParkedOp::Send(rec);
+            self.park_behind(&scope, Parked { session, r, op });
+            return Ok(());
+        }
+        self.send_taken(session, r, rec, true)
+    }
+
+    /// A send taken in its turn: a retried key answered with its original position (looked
+    /// up on disk first when only a sealed segment may hold it, if `look_up`), else a new
+    /// message at the mesh's next position.
+    pub(crate) fn send_taken(
+        &mut self,
+        session: SessionId,
+        r: u64,
+        mut rec: SentRec,
+        look_up: bool,
+    ) -> Result<(), ProtoError> {
+        if let Some(k) = rec.key.clone() {
+            let exact = (rec.mesh.clone(), rec.from.clone(), k.clone());
+            if let Some(&pos) = self.keys.sent.get(&exact) {
+                self.answer_retried_send(session, r, &rec.mesh, pos);
+                return Ok(());
+            }
+            let scope = KeyScope::Sender(rec.mesh.clone(), rec.from.clone());
+            let segments = if look_up {
+                self.key_candidates(&scope, &k)
+            } else {
+                Vec::new()
+            };
+            if !segments.is_empty() {
+                let op = ParkedOp::Send(rec);
+                self.park_for_lookup(Parked { session, r, op }, segments);
+                return Ok(());
+            }
+        }
         let (peer_max, mesh_max) = (
             self.config.inbox_backlog_bytes_max,
             self.config.mesh_inbox_backlog_bytes_max,
         );
-        let m = self.mesh_mut(&mesh)?;
-        if let Target::Peer(p) = &to {
-            if m.peer_index
-                .get(p.as_str())
-                .is_none_or(|i| m.peers[*i as usize].placeholder)
-            {
-                return Err(ProtoError::new(
-                    ErrorCode::NotFound,
-                    format!("peer {p:?} is not a member of mesh {mesh:?}"),
-                ));
-            }
-        }
-        let from_idx = m.ensure_peer(&from);
-        let stored_to = m.stored_target(&to);
+        let m = self.mesh_mut(&rec.mesh)?;
+        check_target(m, &rec.to)?;
+        let from_idx = m.ensure_peer(&rec.from);
+        let stored_to = m.stored_target(&rec.to);
         let recipients = m.recipients(from_idx, &stored_to);
-        let bytes = body.len() as u64;
+        let bytes = rec.body.len() as u64;
         if let Err(e) = check_backlog(m, &recipients, bytes, peer_max, mesh_max) {
             self.stats.sends_refused_inbox_full += 1;
             return Err(e);
         }
-        let pos = m.head + 1;
-        let rec = SentRec {
-            mesh,
-            pos,
-            from,
-            to,
-            body,
-            ts: now,
-        };
+        rec.pos = m.head + 1;
+        let pos = rec.pos;
         let lsn = self.propose(Record::Sent(rec))?;
         self.ack_at(lsn, session, Reply::Frame(ok(r, Some(pos), None)));
         Ok(())
+    }
+
+    /// A send whose key names the message at `pos`: answered with that position once the
+    /// message is durable (it is at or below the last record framed, whose durability
+    /// covers it).
+    fn answer_retried_send(&mut self, session: SessionId, r: u64, mesh: &Arc<str>, pos: u64) {
+        let reply = Reply::Frame(ok(r, Some(pos), None));
+        let durable = self.meshes.get(mesh).is_some_and(|m| pos <= m.durable_pos);
+        if durable {
+            self.emit(session, reply);
+        } else {
+            let lsn = self.next_lsn - 1;
+            self.ack_at(lsn, session, reply);
+        }
     }
 
     pub(super) fn ack(
@@ -96,6 +127,22 @@ impl Shard {
         }
         Ok(())
     }
+}
+
+/// `not_found` for a direct send to a peer the mesh does not have.
+fn check_target(m: &Mesh, to: &Target) -> Result<(), ProtoError> {
+    if let Target::Peer(p) = to {
+        if m.peer_index
+            .get(p.as_str())
+            .is_none_or(|i| m.peers[*i as usize].placeholder)
+        {
+            return Err(ProtoError::new(
+                ErrorCode::NotFound,
+                format!("peer {p:?} is not a member of mesh {:?}", m.id),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `inbox_full` if the message would grow a recipient's or the mesh's backlog past its limit.

@@ -62,7 +62,19 @@ impl Shard {
                 from,
                 to,
                 body,
-            } => self.send(now, session, r, mesh.into(), from.into(), to, body),
+                key,
+            } => {
+                let rec = SentRec {
+                    mesh: mesh.into(),
+                    pos: 0,
+                    from: from.into(),
+                    to,
+                    body,
+                    ts: now,
+                    key,
+                };
+                self.send(session, r, rec)
+            }
             ShardOp::Append {
                 r,
                 mesh,

@@ -14,7 +14,11 @@ fn durable_state(s: &Shard) -> String {
             "mesh {id} exists={} head={} durable={} backlog={}\n",
             m.exists, m.head, m.durable_pos, m.backlog_bytes
         );
-        for p in &m.peers {
+        // Peer indexes are memory's own (a replay may meet a peer as a message's target
+        // before the checkpoint that defines the others): peers by id, senders by id.
+        let mut peers: Vec<_> = m.peers.iter().collect();
+        peers.sort_by(|a, b| a.id.cmp(&b.id));
+        for p in peers {
             out += &format!(
                 "  peer {} placeholder={} groups={:?} acked={} backlog={} token={} key={}\n",
                 p.id,
@@ -29,7 +33,7 @@ fn durable_state(s: &Shard) -> String {
         for (pos, msg) in &m.log {
             out += &format!(
                 "  msg {pos} from={} lsn={} pending={} body={:?}\n",
-                msg.from, msg.lsn, msg.pending, msg.body
+                m.peers[msg.from as usize].id, msg.lsn, msg.pending, msg.body
             );
         }
     }

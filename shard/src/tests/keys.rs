@@ -106,3 +106,110 @@ fn memory_for_keys_is_the_newest_segment_not_retention() {
         600
     );
 }
+
+fn pos_of(out: &[Output], r: u64) -> Option<u64> {
+    oks(out)
+        .into_iter()
+        .find(|(x, _, _)| *x == r)
+        .and_then(|(_, p, _)| p)
+}
+
+/// A mesh of a sender and a recipient, with small segments and no log cache.
+fn send_node() -> Node {
+    let mut n = Node::new(small_segments());
+    n.setup_mesh(&[("a", &[]), ("b", &[])]);
+    n
+}
+
+#[test]
+fn a_retried_send_with_its_key_gets_the_original_pos_and_is_stored_once() {
+    // Proves a send's key dedupes like an append's: a retry answers with the original
+    // position and writes nothing, so the recipient's inbox holds the message once.
+    let mut n = send_node();
+    n.send_keyed(1, 1, "a", "b", "\"hi\"", Some("s1"));
+    assert_eq!(pos_of(&n.pump(), 1), Some(1));
+    let records = n.shard.stats().records_written;
+    n.send_keyed(1, 2, "a", "b", "\"hi again\"", Some("s1"));
+    assert_eq!(pos_of(&n.pump(), 2), Some(1), "the original position");
+    assert_eq!(n.shard.stats().records_written, records, "nothing written");
+    n.send_keyed(1, 3, "a", "b", "\"new\"", Some("s2"));
+    assert_eq!(pos_of(&n.pump(), 3), Some(2));
+    let welcome = n.hello(9, "b");
+    assert_eq!(deliveries(&welcome, 9), vec![1, 2]);
+}
+
+#[test]
+fn a_send_key_is_scoped_to_its_sender() {
+    // Proves two peers may use the same key: each gets a message of its own (the key is the
+    // sender's, not the mesh's), and an append's key never answers a send.
+    let mut n = send_node();
+    n.send_keyed(1, 1, "a", "b", "\"from a\"", Some("same"));
+    n.send_keyed(2, 2, "b", "a", "\"from b\"", Some("same"));
+    n.append(1, 3, "c", "\"entry\"", Some("same"));
+    let out = n.pump();
+    assert_eq!(pos_of(&out, 1), Some(1));
+    assert_eq!(pos_of(&out, 2), Some(2));
+    assert_eq!(seq_of(&out, 3), Some(1));
+}
+
+#[test]
+fn a_retried_send_whose_original_is_in_a_sealed_segment_is_found_on_disk() {
+    // Proves a send key that left memory is confirmed by a disk read, across a restart too,
+    // and that sends of the same sender behind the lookup keep their order.
+    let mut n = send_node();
+    n.send_keyed(1, 1, "a", "b", "\"first\"", Some("k1"));
+    assert_eq!(pos_of(&n.pump(), 1), Some(1));
+    for i in 2..=60u64 {
+        n.send_keyed(1, i, "a", "b", "\"filler\"", Some(&format!("f{i}")));
+        n.pump();
+    }
+    assert!(n.shard.segment_count() > 3);
+    assert!(
+        n.shard.keys.sent.len() < 20,
+        "sealed segments' keys left memory"
+    );
+    n.restart();
+    n.send_keyed(2, 100, "a", "b", "\"retry\"", Some("k1"));
+    n.send_keyed(2, 101, "a", "b", "\"after\"", None);
+    let out = n.pump();
+    assert_eq!(pos_of(&out, 100), Some(1), "the original position");
+    assert_eq!(pos_of(&out, 101), Some(61));
+    assert_eq!(n.shard.stats().key_lookups_found, 1);
+    assert_eq!(n.shard.keys.parked_count, 0);
+}
+
+#[test]
+fn a_send_key_outlives_its_segment_while_retention_copies_the_message_forward() {
+    // Proves the key travels with an unacknowledged message that retention copies into a new
+    // segment: once the original's segment is deleted, a retry still gets the same position.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 1_500,
+        retention_bytes_max: 6_000,
+        log_cache_bytes_max: 0,
+        ..ShardConfig::default()
+    });
+    n.setup_mesh(&[("a", &[]), ("b", &[]), ("c", &[])]);
+    n.send_keyed(1, 1, "a", "b", "\"keep me\"", Some("k1"));
+    n.pump();
+    let first = *n.disk.segments().keys().next().unwrap();
+    for i in 2..=200u64 {
+        // Traffic to c, which c acknowledges, pushes retention forward.
+        n.send(1, i, "a", "c", "\"filler\"");
+        n.pump();
+        n.req(
+            0,
+            ShardOp::Ack {
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("c"),
+                upto: i,
+            },
+        );
+        n.pump();
+    }
+    assert!(
+        !n.disk.segments().contains_key(&first),
+        "the first segment is gone"
+    );
+    n.send_keyed(2, 500, "a", "b", "\"retry\"", Some("k1"));
+    assert_eq!(pos_of(&n.pump(), 500), Some(1));
+}

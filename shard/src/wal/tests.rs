@@ -24,7 +24,7 @@ fn segment(first_lsn: u64, writes: &[u64]) -> (Vec<u8>, Vec<usize>) {
         let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
         for _ in 0..*n {
-            encode_record(lsn, &acked(lsn), &mut out).expect("small record");
+            encode_record(lsn, 0, &acked(lsn), &mut out).expect("small record");
             lsn += 1;
         }
         FrameHeader::seal(&mut out[start..], lsn - *n, *n as u32);
@@ -145,11 +145,19 @@ fn headers_and_manifests_round_trip_and_refuse_damage() {
         b[i] ^= 0x04;
         assert!(Manifest::decode(&b).is_err(), "flip at {i}");
     }
-    let mut other = h.encode();
-    other[8..12].copy_from_slice(&3u32.to_le_bytes());
-    let crc = crc32c::crc32c(&other[..32]);
-    other[32..36].copy_from_slice(&crc.to_le_bytes());
-    assert_eq!(SegmentHeader::decode(&other), Err(HeaderError::Format(3)));
+    for format in [2u32, 4] {
+        // Format 2 (before terms) and a newer one are both refused, by number.
+        let mut other = h.encode();
+        other[8..12].copy_from_slice(&format.to_le_bytes());
+        let crc = crc32c::crc32c(&other[..32]);
+        other[32..36].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            SegmentHeader::decode(&other),
+            Err(HeaderError::Format(format))
+        );
+        let msg = HeaderError::Format(format).to_string();
+        assert!(msg.contains(&format!("WAL format {format}")), "{msg}");
+    }
     assert!(matches!(
         SegmentHeader::decode(&[1u8; 40]),
         Err(HeaderError::Magic { .. })
@@ -163,7 +171,7 @@ fn a_record_over_the_limit_is_refused_without_touching_the_buffer() {
     let huge = Record::MeshCreated(MeshRec {
         mesh: "x".repeat(RECORD_BYTES_MAX + 1).into(),
     });
-    assert_eq!(encode_record(1, &huge, &mut out), None);
+    assert_eq!(encode_record(1, 0, &huge, &mut out), None);
     assert_eq!(out, vec![1, 2, 3]);
 }
 
@@ -176,4 +184,28 @@ fn segment_names_round_trip() {
     assert_eq!(parse_segment_file_name("00000000000000000042.tmp"), None);
     assert!(!quarantine_file_name(1, 2).contains("wal"));
     assert!(!MANIFEST_FILE.contains("wal"));
+}
+
+#[test]
+fn a_record_whose_term_goes_down_is_refused_by_the_scan() {
+    // Proves terms never decrease along the log: a frame whose second record has a lower term
+    // than its first is invalid (not torn: its checksums match), so recovery will not cut it.
+    let mut frame = vec![0; FRAME_HEADER_BYTES];
+    encode_record(1, 5, &acked(1), &mut frame).expect("small record");
+    encode_record(2, 4, &acked(2), &mut frame).expect("small record");
+    FrameHeader::seal(&mut frame, 1, 2);
+    let mut bytes = SegmentHeader {
+        shard: 0,
+        segment: 1,
+        first_lsn: 1,
+    }
+    .encode()
+    .to_vec();
+    bytes.extend_from_slice(&frame);
+    let scan = scan_frames(&bytes, 1, false);
+    match scan.damage {
+        Some((_, Damage::Invalid(reason))) => assert!(reason.contains("term 4"), "{reason}"),
+        other => panic!("a falling term was accepted: {other:?}"),
+    }
+    assert!(scan.records.is_empty(), "nothing of the frame is taken");
 }

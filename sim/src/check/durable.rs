@@ -184,6 +184,7 @@ mod tests {
                 from: PeerId::must("a"),
                 to: Target::Peer(PeerId::must("a")),
                 body: send.clone(),
+                key: None,
             },
             ShardOp::Append {
                 r: 3,
@@ -216,6 +217,7 @@ mod tests {
         let send = OpKind::Send {
             to: Target::Peer(PeerId::must("a")),
             recipients: vec![0],
+            key: None,
         };
         let append = OpKind::Append {
             conv: "c".into(),

@@ -52,6 +52,8 @@ pub enum ViolationKind {
     SeqGap,
     /// (2) One append (one idempotency key) at two seqs.
     DuplicateSeq,
+    /// (2) One keyed send at two positions while the first one's message was still held.
+    DuplicatePos,
     /// (3) An acknowledged inbox message never reached one of its recipients.
     NotDelivered,
     /// (4) Requests pending, or the shard busy, a bounded time after faults stopped.
@@ -107,6 +109,8 @@ pub enum OpKind {
     Send {
         to: Target,
         recipients: Vec<usize>,
+        /// Idempotency key (scoped to the sender).
+        key: Option<Arc<str>>,
     },
     Append {
         conv: Arc<str>,
@@ -159,6 +163,8 @@ pub struct Model {
     ever_ack: Vec<u64>,
     /// Positions each peer's client received (content checked on receipt).
     pub delivered: Vec<PosSet>,
+    /// Keyed send -> the first position it was acknowledged or shown at.
+    send_pos: BTreeMap<usize, u64>,
 }
 
 impl Model {
@@ -176,6 +182,7 @@ impl Model {
             durable_ack: vec![0; n],
             ever_ack: vec![0; n],
             delivered: vec![PosSet::default(); n],
+            send_pos: BTreeMap::new(),
         }
     }
 
@@ -263,8 +270,12 @@ impl Model {
         }
     }
 
-    pub fn keyed_append(&self, op: usize) -> bool {
-        matches!(&self.ops[op].kind, OpKind::Append { key: Some(_), .. })
+    /// Whether operation `op` carries an idempotency key (an append's or a send's).
+    pub fn keyed(&self, op: usize) -> bool {
+        matches!(
+            &self.ops[op].kind,
+            OpKind::Append { key: Some(_), .. } | OpKind::Send { key: Some(_), .. }
+        )
     }
 
     /// What operation `op`'s answer is ordered with on a connection (checker 8).
@@ -317,6 +328,7 @@ impl Model {
     }
 
     fn fix_pos(&mut self, pos: u64, op: usize, how: &str) -> Checked {
+        self.check_send_key(pos, op, how)?;
         let i = pos as usize;
         match self.inbox.get(i) {
             Some(o) if *o != op && *o != NO_OP => fail(
@@ -331,6 +343,33 @@ impl Model {
                 Ok(())
             }
         }
+    }
+
+    /// A keyed send is one message: a second position for it is a violation while its first
+    /// one is still held (a recipient's durable cursor is below it, so no retention can have
+    /// dropped the record, and with it the key). After that, keys are remembered for
+    /// retained records only (docs/PROTOCOL.md), which the model does not follow.
+    fn check_send_key(&mut self, pos: u64, op: usize, how: &str) -> Checked {
+        let OpKind::Send {
+            key: Some(_),
+            recipients,
+            ..
+        } = &self.ops[op].kind
+        else {
+            return Ok(());
+        };
+        let Some(&first) = self.send_pos.get(&op) else {
+            self.send_pos.insert(op, pos);
+            return Ok(());
+        };
+        let held = recipients.iter().any(|r| self.durable_ack[*r] < first);
+        if first != pos && held {
+            return fail(
+                ViolationKind::DuplicatePos,
+                format!("keyed send op {op} {how} at pos {pos} but is at pos {first} too"),
+            );
+        }
+        Ok(())
     }
 
     fn fix_seq(&mut self, conv: &Arc<str>, seq: u64, op: usize, how: &str) -> Checked {
@@ -383,6 +422,7 @@ impl Model {
         let OpKind::Send {
             to: sent_to,
             recipients,
+            ..
         } = &o.kind
         else {
             return fail(

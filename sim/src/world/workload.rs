@@ -111,15 +111,17 @@ impl Simulation {
         let r = self.next_ref(c);
         let id = self.conn_id(c);
         let o = &self.model(c).ops[op];
-        let ordered = first || matches!(o.kind, OpKind::Send { .. });
+        // A retried keyed op may be answered at once with its original position or seq.
+        let ordered = first || matches!(o.kind, OpKind::Send { key: None, .. });
         let (client_op, what) = match &o.kind {
-            OpKind::Send { to, .. } => (
+            OpKind::Send { to, key, .. } => (
                 ClientOp::Send {
                     r,
                     to: to.clone(),
                     body: o.body.clone(),
+                    key: key.clone(),
                 },
-                format!("send to {}", to.to_wire()),
+                format!("send to {} key={key:?}", to.to_wire()),
             ),
             OpKind::Append { conv, key } => (
                 ClientOp::Append {
@@ -201,11 +203,11 @@ impl Simulation {
         Some(op)
     }
 
-    /// A keyed append still waiting for its answer, sent again with a new ref (a client
-    /// whose request timer fired); `None` if there is none.
+    /// A keyed append or send still waiting for its answer, sent again with a new ref (a
+    /// client whose request timer fired); `None` if there is none.
     fn hedge_request(&mut self, c: usize) -> Option<ClientOp> {
         let op = self.clients[c].inflight.values().find_map(|q| match q {
-            Req::Op { op, .. } if self.model(c).keyed_append(*op) => Some(*op),
+            Req::Op { op, .. } if self.model(c).keyed(*op) => Some(*op),
             _ => None,
         })?;
         self.counters.workload.hedges += 1;
@@ -240,7 +242,12 @@ impl Simulation {
                 }
             };
             let recipients = self.model(c).recipients(local, &to);
-            OpKind::Send { to, recipients }
+            let key = (self.rng.random_bool(0.5)).then(|| Arc::from(format!("s{id}")));
+            OpKind::Send {
+                to,
+                recipients,
+                key,
+            }
         } else {
             let conv: Arc<str> =
                 format!("c{}", self.rng.random_range(0..self.options.convs)).into();
@@ -264,7 +271,15 @@ impl Simulation {
         let (kind, body) = match action {
             Action::Send { to, body } => {
                 let recipients = self.model(c).recipients(local, &to);
-                (OpKind::Send { to, recipients }, wrap(&body))
+                let key = None;
+                (
+                    OpKind::Send {
+                        to,
+                        recipients,
+                        key,
+                    },
+                    wrap(&body),
+                )
             }
             Action::Append { conv, body, key } => (OpKind::Append { conv, key }, wrap(&body)),
         };
