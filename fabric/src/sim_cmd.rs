@@ -36,7 +36,8 @@ pub struct SimArgs {
     /// Plant a known bug (proves the checkers catch it): ack_before_fsync,
     /// skip_crc_on_recovery, lose_cursor_update, cut_any_damage_in_newest_segment,
     /// no_dir_fsync_on_segment_create, trust_page_cache_after_failed_sync or
-    /// no_sync_after_recovery, skip_crc_on_log_reads, or in the node's shard host: glue_drop_reply_on_full_queue,
+    /// no_sync_after_recovery, skip_crc_on_log_reads, forget_sealed_send_keys, or in the node's
+    /// shard host: glue_drop_reply_on_full_queue,
     /// glue_restart_without_recovery, glue_no_dir_fsync_on_segment_create,
     /// glue_batch_drops_rest_under_backpressure. Only `fabric sim` can plant them; `fabric serve` never
     /// does.

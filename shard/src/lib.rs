@@ -155,6 +155,9 @@ pub struct PlantedBugs {
     /// Disk reads of the log do not check record checksums (a flipped bit in what a read
     /// returns is served as the entry).
     pub skip_crc_on_log_reads: bool,
+    /// A keyed send looks its key up only among the newest segment's exact keys, never in
+    /// sealed segments' fingerprints (a retry whose original was sealed is sent again).
+    pub forget_sealed_send_keys: bool,
 }
 
 /// One write for the glue, performed by [`store::perform`]: create `segment` (header, then

@@ -919,6 +919,7 @@ fn planted_ack_before_fsync_releases_acks_early() {
             trust_page_cache_after_failed_sync: false,
             no_sync_after_recovery: false,
             skip_crc_on_log_reads: false,
+            forget_sealed_send_keys: false,
         }
     );
 }

@@ -557,7 +557,7 @@ pub mod planted_names {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
     /// Every bug the shard core can plant, by name.
-    pub const ALL: [&str; 8] = [
+    pub const ALL: [&str; 9] = [
         "ack_before_fsync",
         "skip_crc_on_recovery",
         "lose_cursor_update",
@@ -566,6 +566,7 @@ pub mod planted_names {
         "trust_page_cache_after_failed_sync",
         "no_sync_after_recovery",
         "skip_crc_on_log_reads",
+        "forget_sealed_send_keys",
     ];
 
     pub fn names(p: PlantedBugs) -> Vec<&'static str> {
@@ -578,6 +579,7 @@ pub mod planted_names {
             p.trust_page_cache_after_failed_sync,
             p.no_sync_after_recovery,
             p.skip_crc_on_log_reads,
+            p.forget_sealed_send_keys,
         ];
         ALL.iter()
             .zip(on)
@@ -694,6 +696,7 @@ pub mod planted_names {
             "trust_page_cache_after_failed_sync" => p.trust_page_cache_after_failed_sync = true,
             "no_sync_after_recovery" => p.no_sync_after_recovery = true,
             "skip_crc_on_log_reads" => p.skip_crc_on_log_reads = true,
+            "forget_sealed_send_keys" => p.forget_sealed_send_keys = true,
             "none" => {}
             other => {
                 return Err(SimConfigError::UnknownBug {

@@ -299,3 +299,17 @@ fn planted_skip_crc_on_log_reads_is_caught_as_a_body_nobody_wrote() {
         o.log_read_fault_probability = 0.0;
     });
 }
+
+#[test]
+fn planted_forget_sealed_send_keys_is_caught_as_a_send_at_two_positions() {
+    // Proves checker 2 follows keyed sends: when a retry's original is in a sealed segment and
+    // the shard does not look there, the message is stored twice while a recipient still
+    // needs the first copy (DuplicatePos).
+    let kinds = found("forget_sealed_send_keys", |o| {
+        o.planted.forget_sealed_send_keys = true;
+    });
+    assert!(
+        kinds.contains_key(&ViolationKind::DuplicatePos),
+        "not found in {SEEDS} seeds: {kinds:?}"
+    );
+}

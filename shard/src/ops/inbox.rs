@@ -45,7 +45,8 @@ impl Shard {
                 return Ok(());
             }
             let scope = KeyScope::Sender(rec.mesh.clone(), rec.from.clone());
-            let segments = if look_up {
+            let forget = self.config.planted.forget_sealed_send_keys;
+            let segments = if look_up && !forget {
                 self.key_candidates(&scope, &k)
             } else {
                 Vec::new()

@@ -346,9 +346,10 @@ impl Model {
     }
 
     /// A keyed send is one message: a second position for it is a violation while its first
-    /// one is still held (a recipient's durable cursor is below it, so no retention can have
-    /// dropped the record, and with it the key). After that, keys are remembered for
-    /// retained records only (docs/PROTOCOL.md), which the model does not follow.
+    /// one is still held (no ack the shard ever took in reaches it for some recipient, so the
+    /// shard never let it go, and retention copies it forward with its key). After that, keys
+    /// are remembered for retained records only (docs/PROTOCOL.md), which the model does not
+    /// follow.
     fn check_send_key(&mut self, pos: u64, op: usize, how: &str) -> Checked {
         let OpKind::Send {
             key: Some(_),
@@ -362,11 +363,18 @@ impl Model {
             self.send_pos.insert(op, pos);
             return Ok(());
         };
-        let held = recipients.iter().any(|r| self.durable_ack[*r] < first);
+        let held = recipients.iter().any(|r| self.ever_ack[*r] < first);
         if first != pos && held {
             return fail(
                 ViolationKind::DuplicatePos,
-                format!("keyed send op {op} {how} at pos {pos} but is at pos {first} too"),
+                format!(
+                    "keyed send op {op} {how} at pos {pos} but is at pos {first} too, which \
+                     some recipient never acknowledged (highest acks taken in {:?})",
+                    recipients
+                        .iter()
+                        .map(|r| self.ever_ack[*r])
+                        .collect::<Vec<_>>()
+                ),
             );
         }
         Ok(())
