@@ -13,6 +13,9 @@ use crate::raft::{
 
 /// Simulated milliseconds per step.
 pub const STEP_MS: u64 = 10;
+/// Turn on to print a run's leaders, snapshots and per-node state (debugging one seed; the
+/// cores' sources read no environment, tests included).
+pub const TRACE: bool = false;
 
 /// splitmix64: small, seedable, good enough to drive a simulation.
 #[derive(Debug, Clone)]
@@ -523,7 +526,7 @@ impl Cluster {
     /// The host's snapshot transfer: the follower's log becomes the leader's committed prefix.
     fn serve_snapshots(&mut self) {
         for (from, to) in std::mem::take(&mut self.snapshot_queue) {
-            if std::env::var("RAFT_TRACE").is_ok() {
+            if TRACE {
                 eprintln!(
                     "{} snapshot {from} -> {to} up {} {} cut {}",
                     self.now_ms,
@@ -594,7 +597,7 @@ impl Cluster {
             None => {
                 self.checker.leaders.insert(term, id);
                 self.check_leader_completeness(id, term);
-                if std::env::var("RAFT_TRACE").is_ok() {
+                if TRACE {
                     let others: Vec<String> = self
                         .nodes
                         .iter()
