@@ -19,7 +19,7 @@ use crate::record::{AppendedHead, AppendedRec, Record, RecordType, SentHead, Sen
 use crate::{wal, Shard};
 use fabric_proto::codec::from_binary_prefix;
 use fabric_proto::internal::{Reply, SessionId};
-use fabric_proto::ServerOp;
+use fabric_proto::{ProtoError, ServerOp};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
@@ -219,16 +219,26 @@ impl Shard {
             .collect()
     }
 
-    /// Whether ops of `scope` wait for a key lookup (later ones must wait behind it).
-    pub(crate) fn lookup_under_way(&self, scope: &KeyScope) -> bool {
-        self.keys.parked.contains_key(scope)
+    /// An append or send in its scope's order: behind the scope's key lookup if one is under
+    /// way (seqs and a sender's positions keep arrival order), else taken now.
+    pub(crate) fn take_in_order(&mut self, p: Parked) -> Result<(), ProtoError> {
+        if let Some(q) = self.keys.parked.get_mut(&p.op.scope()) {
+            q.push_back(p);
+            self.keys.parked_count += 1;
+            return Ok(());
+        }
+        self.take(p, true)
     }
 
-    /// `p` waits behind its scope's key lookup, in arrival order.
-    pub(crate) fn park_behind(&mut self, scope: &KeyScope, p: Parked) {
-        let q = self.keys.parked.get_mut(scope).expect("a lookup under way");
-        q.push_back(p);
-        self.keys.parked_count += 1;
+    /// A retried key's answer: now if its original is durable, else with the last record
+    /// framed (at or after the original, so its durability covers it).
+    pub(crate) fn answer_retry(&mut self, session: SessionId, reply: Reply, durable: bool) {
+        if durable {
+            self.emit(session, reply);
+        } else {
+            let lsn = self.next_lsn - 1;
+            self.ack_at(lsn, session, reply);
+        }
     }
 
     /// Parks `p` (the first of its scope) and starts looking its key up in `segments`.
@@ -348,13 +358,19 @@ impl Shard {
     /// A parked op, taken now: an error goes to its session as the request's answer.
     fn take_or_refuse(&mut self, p: Parked, look_up: bool) {
         let (session, r) = (p.session, p.r);
-        let taken = match p.op {
-            ParkedOp::Append(rec) => self.append_taken(session, r, rec, look_up),
-            ParkedOp::Send(rec) => self.send_taken(session, r, rec, look_up),
-        };
-        if let Err(e) = taken {
+        if let Err(e) = self.take(p, look_up) {
             self.stats.errors_sent += 1;
             self.emit(session, Reply::Frame(ServerOp::error(Some(r), e)));
+        }
+    }
+
+    /// An op taken in its turn (a lookup first, if `look_up` and a sealed segment may hold
+    /// its key).
+    fn take(&mut self, p: Parked, look_up: bool) -> Result<(), ProtoError> {
+        let (session, r) = (p.session, p.r);
+        match p.op {
+            ParkedOp::Append(rec) => self.append_taken(session, r, rec, look_up),
+            ParkedOp::Send(rec) => self.send_taken(session, r, rec, look_up),
         }
     }
 

@@ -18,14 +18,8 @@ impl Shard {
         rec: AppendedRec,
     ) -> Result<(), ProtoError> {
         self.check_body(&rec.body)?;
-        let scope = KeyScope::Conv((rec.mesh.clone(), rec.conv.clone()));
-        if self.lookup_under_way(&scope) {
-            // Appends keep their order behind the conversation's key lookup.
-            let op = ParkedOp::Append(rec);
-            self.park_behind(&scope, Parked { session, r, op });
-            return Ok(());
-        }
-        self.append_taken(session, r, rec, true)
+        let op = ParkedOp::Append(rec);
+        self.take_in_order(Parked { session, r, op })
     }
 
     /// An append taken in its turn: a retried key answered with its original seq (looked up
@@ -40,16 +34,12 @@ impl Shard {
         let ck = (rec.mesh.clone(), rec.conv.clone());
         if let Some(c) = self.convs.get(&ck) {
             if let Some(&seq) = rec.key.as_ref().and_then(|k| c.keys.get(k)) {
-                // A retry: answer with the original seq once the original is durable (it is at
-                // or below the last record framed, so that record's durability covers it).
-                let reply = Reply::Frame(ok(r, None, Some(seq)));
-                if seq <= c.durable_seq {
+                // A retry: answered with the original seq once the original is durable.
+                let durable = seq <= c.durable_seq;
+                if durable {
                     self.stats.appends_acked += 1;
-                    self.emit(session, reply);
-                } else {
-                    let lsn = self.next_lsn - 1;
-                    self.ack_at(lsn, session, reply);
                 }
+                self.answer_retry(session, Reply::Frame(ok(r, None, Some(seq))), durable);
                 return Ok(());
             }
         }

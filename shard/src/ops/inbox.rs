@@ -19,13 +19,8 @@ impl Shard {
         rec: SentRec,
     ) -> Result<(), ProtoError> {
         self.check_body(&rec.body)?;
-        let scope = KeyScope::Sender(rec.mesh.clone(), rec.from.clone());
-        if self.lookup_under_way(&scope) {
-            let op = ParkedOp::Send(rec);
-            self.park_behind(&scope, Parked { session, r, op });
-            return Ok(());
-        }
-        self.send_taken(session, r, rec, true)
+        let op = ParkedOp::Send(rec);
+        self.take_in_order(Parked { session, r, op })
     }
 
     /// A send taken in its turn: a retried key answered with its original position (looked
@@ -41,7 +36,11 @@ impl Shard {
         if let Some(k) = rec.key.clone() {
             let exact = (rec.mesh.clone(), rec.from.clone(), k.clone());
             if let Some(&pos) = self.keys.sent.get(&exact) {
-                self.answer_retried_send(session, r, &rec.mesh, pos);
+                let durable = self
+                    .meshes
+                    .get(&rec.mesh)
+                    .is_some_and(|m| pos <= m.durable_pos);
+                self.answer_retry(session, Reply::Frame(ok(r, Some(pos), None)), durable);
                 return Ok(());
             }
             let scope = KeyScope::Sender(rec.mesh.clone(), rec.from.clone());
@@ -76,20 +75,6 @@ impl Shard {
         let lsn = self.propose(Record::Sent(rec))?;
         self.ack_at(lsn, session, Reply::Frame(ok(r, Some(pos), None)));
         Ok(())
-    }
-
-    /// A send whose key names the message at `pos`: answered with that position once the
-    /// message is durable (it is at or below the last record framed, whose durability
-    /// covers it).
-    fn answer_retried_send(&mut self, session: SessionId, r: u64, mesh: &Arc<str>, pos: u64) {
-        let reply = Reply::Frame(ok(r, Some(pos), None));
-        let durable = self.meshes.get(mesh).is_some_and(|m| pos <= m.durable_pos);
-        if durable {
-            self.emit(session, reply);
-        } else {
-            let lsn = self.next_lsn - 1;
-            self.ack_at(lsn, session, reply);
-        }
     }
 
     pub(super) fn ack(
