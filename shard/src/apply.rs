@@ -62,6 +62,7 @@ impl Shard {
     fn apply_sent(&mut self, lsn: u64, r: SentRec) {
         let replaying = self.replaying;
         let (segment, _, offset) = self.replay_at;
+        self.note_send_key(&r);
         let m = mesh_entry(&mut self.meshes, &r.mesh);
         if m.log.contains_key(&r.pos) {
             return self.apply_copy(lsn, r);
@@ -74,9 +75,6 @@ impl Shard {
         );
         let from = m.ensure_peer(&r.from);
         let to = m.stored_target(&r.to);
-        let key = r
-            .key
-            .map(|k| (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, r.pos));
         let mut msg = InboxMsg {
             from,
             to,
@@ -86,23 +84,18 @@ impl Shard {
             lsn,
             at: (0, 0),
             pending: 0,
-            key: key.as_ref().map(|(_, k, _)| k.clone()),
+            key: r.key,
         };
         m.head = m.head.max(r.pos);
-        self.note_sent_key(key.clone());
-        let m = self.meshes.get_mut(&r.mesh).expect("the mesh applied to");
         if replaying {
             msg.at = (segment, offset);
             let cost = msg.cache_cost();
             m.log.insert(r.pos, msg);
             m.durable_pos = m.head;
-            self.note_keys(segment, key.into_iter().collect());
             self.cache_body(lsn, r.mesh, r.pos, cost);
             self.trim_cache();
             return;
         }
-        self.building_dirty.keys.extend(key);
-        let m = self.meshes.get_mut(&r.mesh).expect("the mesh applied to");
         let recipients = m.recipients(from, &msg.to);
         msg.pending = recipients.len() as u32;
         let cost = msg.cache_cost();
@@ -125,6 +118,21 @@ impl Shard {
         }
     }
 
+    /// A send's key (an original's, or a copy's: a copy carries it, so the key stays known
+    /// while the copy is retained) joins the exact keys and its segment's keys.
+    fn note_send_key(&mut self, r: &SentRec) {
+        let Some(k) = r.key.clone() else {
+            return;
+        };
+        let key = (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, r.pos);
+        self.note_sent_key(key.clone());
+        if self.replaying {
+            self.note_keys(self.replay_at.0, vec![key]);
+        } else {
+            self.building_dirty.keys.push(key);
+        }
+    }
+
     /// A copy forward of a held message: the newest copy's LSN (and place) is the one
     /// retention and reads must see; a cached body stays cached under it.
     fn apply_copy(&mut self, lsn: u64, r: SentRec) {
@@ -134,17 +142,9 @@ impl Shard {
         let old = std::mem::replace(&mut held.lsn, lsn);
         assert!(old < lsn, "a copy is newer than what it copies");
         let cached = held.body.is_some();
-        let key = (held.key.clone())
-            .map(|k| (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, r.pos));
         if self.replaying {
             held.at = (segment, offset);
-        }
-        // The copy holds the key now: it stays known while the copy is retained.
-        self.note_sent_key(key.clone());
-        if self.replaying {
-            self.note_keys(segment, key.into_iter().collect());
         } else {
-            self.building_dirty.keys.extend(key);
             self.inbox_by_lsn.remove(&old);
             self.inbox_by_lsn.insert(lsn, (r.mesh.clone(), r.pos));
             let rel = self.framed_at as u64;

@@ -145,8 +145,8 @@ impl Shard {
     }
 
     /// A send's key joins the exact keys (its record is in the open segment, or will be).
-    pub(crate) fn note_sent_key(&mut self, key: Option<(KeyScope, Arc<str>, u64)>) {
-        if let Some((KeyScope::Sender(mesh, peer), k, pos)) = key {
+    pub(crate) fn note_sent_key(&mut self, key: (KeyScope, Arc<str>, u64)) {
+        if let (KeyScope::Sender(mesh, peer), k, pos) = key {
             self.keys.sent.insert((mesh, peer, k), pos);
         }
     }
