@@ -469,24 +469,44 @@ impl RaftCore {
         }
     }
 
+    /// The highest value a quorum of voters has reached, given this node's own and each
+    /// follower's (from its progress): what commit counts with `match_index`, and what
+    /// ReadIndex counts with acknowledged heartbeat rounds.
+    fn quorum_value(&self, own: u64, of: impl Fn(&Progress) -> u64) -> u64 {
+        let conf = self.conf.current();
+        let mut values: Vec<u64> = conf
+            .voters
+            .iter()
+            .map(|&v| {
+                if v == self.id {
+                    own
+                } else {
+                    self.progress.get(&v).map_or(0, &of)
+                }
+            })
+            .collect();
+        values.sort_unstable_by(|a, b| b.cmp(a));
+        values[conf.quorum() - 1]
+    }
+
     fn send(&mut self, to: NodeId, body: MessageBody) {
-        let msg = Message {
-            from: self.id,
-            to,
-            term: self.term,
-            body,
-        };
+        let msg = self.message(to, body);
         self.out.messages.push(msg);
     }
 
     fn send_persisted(&mut self, to: NodeId, body: MessageBody) {
-        let msg = Message {
+        let msg = self.message(to, body);
+        self.out.persisted_messages.push(msg);
+    }
+
+    /// A message from this node in its current term.
+    fn message(&self, to: NodeId, body: MessageBody) -> Message {
+        Message {
             from: self.id,
             to,
             term: self.term,
             body,
-        };
-        self.out.persisted_messages.push(msg);
+        }
     }
 
     fn is_voter(&self) -> bool {

@@ -136,17 +136,19 @@ impl Progress {
         true
     }
 
+    /// Probe: one append in flight until the follower's match is found again.
     pub fn become_probe(&mut self) {
-        self.state = ProgressState::Probe;
-        self.paused = false;
-        self.inflight.clear();
-        self.inflight_entries = 0;
-        self.next_index = self.match_index + 1;
-        self.check();
+        self.restart_from_match(ProgressState::Probe);
     }
 
+    /// Replicate: appends pipelined from just past the match.
     pub fn become_replicate(&mut self) {
-        self.state = ProgressState::Replicate;
+        self.restart_from_match(ProgressState::Replicate);
+    }
+
+    /// Probe and replicate both start over just past the match, with nothing in flight.
+    fn restart_from_match(&mut self, state: ProgressState) {
+        self.state = state;
         self.paused = false;
         self.inflight.clear();
         self.inflight_entries = 0;

@@ -97,20 +97,7 @@ impl RaftCore {
         if self.role != Role::Leader || self.log.commit < self.term_start_index {
             return;
         }
-        let conf = self.conf.current();
-        let mut acked: Vec<u64> = conf
-            .voters
-            .iter()
-            .map(|&v| {
-                if v == self.id {
-                    self.reads.seq
-                } else {
-                    self.progress.get(&v).map_or(0, |p| p.read_seq_acked)
-                }
-            })
-            .collect();
-        acked.sort_unstable_by(|a, b| b.cmp(a));
-        let confirmed = acked[conf.quorum() - 1];
+        let confirmed = self.quorum_value(self.reads.seq, |p| p.read_seq_acked);
         while let Some(r) = self.reads.waiting.front() {
             if r.seq == 0 || r.seq > confirmed {
                 break;

@@ -424,20 +424,7 @@ impl RaftCore {
     /// Leader: commit the largest index a quorum of voters durably holds, if it is of the
     /// current term (Raft §5.4.2: an older term's entry commits only under one of ours).
     pub(super) fn maybe_commit(&mut self, now_ms: u64) {
-        let conf = self.conf.current();
-        let mut matched: Vec<u64> = conf
-            .voters
-            .iter()
-            .map(|&v| {
-                if v == self.id {
-                    self.log.persisted
-                } else {
-                    self.progress.get(&v).map_or(0, |p| p.match_index)
-                }
-            })
-            .collect();
-        matched.sort_unstable_by(|a, b| b.cmp(a));
-        let quorum_index = matched[conf.quorum() - 1];
+        let quorum_index = self.quorum_value(self.log.persisted, |p| p.match_index);
         let ours = self.log.term_at(quorum_index) == Some(self.term);
         if quorum_index > self.log.commit && (ours || self.config.planted.commit_old_term_by_count)
         {
