@@ -10,8 +10,17 @@ fn acked(upto: u64) -> Record {
 }
 
 /// A segment (header, then one frame per entry of `writes`, each of that many records) and
-/// the offset where each frame ends.
+/// the offset where each frame ends; every record of term 0.
 fn segment(first_lsn: u64, writes: &[u64]) -> (Vec<u8>, Vec<usize>) {
+    segment_with_terms(first_lsn, writes, |_| 0)
+}
+
+/// As [`segment`], each record with the term `term_of` its LSN.
+fn segment_with_terms(
+    first_lsn: u64,
+    writes: &[u64],
+    term_of: impl Fn(u64) -> u64,
+) -> (Vec<u8>, Vec<usize>) {
     let header = SegmentHeader {
         shard: 3,
         segment: 7,
@@ -24,7 +33,7 @@ fn segment(first_lsn: u64, writes: &[u64]) -> (Vec<u8>, Vec<usize>) {
         let start = out.len();
         out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
         for _ in 0..*n {
-            encode_record(lsn, 0, &acked(lsn), &mut out).expect("small record");
+            encode_record(lsn, term_of(lsn), &acked(lsn), &mut out).expect("small record");
             lsn += 1;
         }
         FrameHeader::seal(&mut out[start..], lsn - *n, *n as u32);
@@ -190,18 +199,7 @@ fn segment_names_round_trip() {
 fn a_record_whose_term_goes_down_is_refused_by_the_scan() {
     // Proves terms never decrease along the log: a frame whose second record has a lower term
     // than its first is invalid (not torn: its checksums match), so recovery will not cut it.
-    let mut frame = vec![0; FRAME_HEADER_BYTES];
-    encode_record(1, 5, &acked(1), &mut frame).expect("small record");
-    encode_record(2, 4, &acked(2), &mut frame).expect("small record");
-    FrameHeader::seal(&mut frame, 1, 2);
-    let mut bytes = SegmentHeader {
-        shard: 0,
-        segment: 1,
-        first_lsn: 1,
-    }
-    .encode()
-    .to_vec();
-    bytes.extend_from_slice(&frame);
+    let (bytes, _) = segment_with_terms(1, &[2], |lsn| if lsn == 1 { 5 } else { 4 });
     let scan = scan_frames(&bytes, 1, false);
     match scan.damage {
         Some((_, Damage::Invalid(reason))) => assert!(reason.contains("term 4"), "{reason}"),
