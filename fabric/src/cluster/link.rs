@@ -1207,25 +1207,11 @@ impl Inner {
             .endpoint
             .connect_with(self.client.clone(), addr, SERVER_NAME)
             .map_err(|source| LinkError::Dial { addr, source })?;
-        let conn = match tokio::time::timeout(Duration::from_millis(ms), connecting).await {
-            Ok(c) => c.map_err(|e| connection_error(e, Some(expected)))?,
-            Err(_) => {
-                return Err(LinkError::Timeout {
-                    what: "the TLS handshake",
-                    ms,
-                })
-            }
-        };
+        let conn = self.handshake(connecting, Some(expected)).await?;
         let node = self.authenticate(&conn, Some(expected))?;
         self.register(node, &conn, true)?;
         match tokio::time::timeout(Duration::from_millis(ms), self.hello(&conn, node)).await {
-            Ok(Ok(control)) => Ok(PeerConn {
-                node_id: node,
-                connection: conn,
-                control: ControlStream { stream: control },
-                frame_bytes_max: self.config.node_frame_bytes_max,
-                handshake_timeout_ms: ms,
-            }),
+            Ok(Ok(control)) => Ok(self.peer_conn(node, conn, control)),
             Ok(Err(e)) => {
                 conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"hello failed");
                 // Both nodes dialed at once and this node kept the other connection.
@@ -1248,6 +1234,36 @@ impl Inner {
                     ms,
                 })
             }
+        }
+    }
+
+    /// A dial's or an accept's TLS handshake, within the handshake timeout (`peer`: the node
+    /// dialed, for the error).
+    async fn handshake(
+        &self,
+        connecting: impl std::future::IntoFuture<
+            Output = Result<quinn::Connection, quinn::ConnectionError>,
+        >,
+        peer: Option<u64>,
+    ) -> Result<quinn::Connection, LinkError> {
+        let ms = self.timeout_ms();
+        match tokio::time::timeout(Duration::from_millis(ms), connecting).await {
+            Ok(c) => c.map_err(|e| connection_error(e, peer)),
+            Err(_) => Err(LinkError::Timeout {
+                what: "the TLS handshake",
+                ms,
+            }),
+        }
+    }
+
+    /// An admitted peer's connection and control stream.
+    fn peer_conn(&self, node: u64, conn: quinn::Connection, control: GroupStream) -> PeerConn {
+        PeerConn {
+            node_id: node,
+            connection: conn,
+            control: ControlStream { stream: control },
+            frame_bytes_max: self.config.node_frame_bytes_max,
+            handshake_timeout_ms: self.timeout_ms(),
         }
     }
 
@@ -1288,25 +1304,11 @@ impl Inner {
 
     async fn accept(&self, incoming: quinn::Incoming) -> Result<PeerConn, LinkError> {
         let ms = self.timeout_ms();
-        let conn = match tokio::time::timeout(Duration::from_millis(ms), incoming).await {
-            Ok(c) => c.map_err(|e| connection_error(e, None))?,
-            Err(_) => {
-                return Err(LinkError::Timeout {
-                    what: "the TLS handshake",
-                    ms,
-                })
-            }
-        };
+        let conn = self.handshake(incoming, None).await?;
         let node = self.authenticate(&conn, None)?;
         tracing::Span::current().record("node", node);
         match tokio::time::timeout(Duration::from_millis(ms), self.welcome(&conn, node)).await {
-            Ok(Ok(control)) => Ok(PeerConn {
-                node_id: node,
-                connection: conn,
-                control: ControlStream { stream: control },
-                frame_bytes_max: self.config.node_frame_bytes_max,
-                handshake_timeout_ms: ms,
-            }),
+            Ok(Ok(control)) => Ok(self.peer_conn(node, conn, control)),
             Ok(Err(e)) => {
                 if conn.close_reason().is_none() {
                     conn.close(quinn::VarInt::from_u32(CLOSE_PROTOCOL), b"hello failed");
