@@ -72,6 +72,21 @@ pub(super) fn entries(from_index: u64, terms: &[u64]) -> Vec<Entry> {
         .collect()
 }
 
+/// An append after (`prev_index`, `prev_term`) of entries with `terms`, with `commit`.
+pub(super) fn append_body(
+    prev_index: u64,
+    prev_term: u64,
+    terms: &[u64],
+    commit: u64,
+) -> MessageBody {
+    MessageBody::Append {
+        prev_index,
+        prev_term,
+        entries: entries(prev_index + 1, terms),
+        commit,
+    }
+}
+
 pub(super) fn ready(core: &mut RaftCore) -> Ready {
     core.poll_ready().unwrap_or_default()
 }
@@ -142,12 +157,7 @@ fn test_term_and_vote_persisted_before_vote_response() {
 fn test_append_response_only_after_entries_persisted() {
     // Proves an append's success answer rides in the same Ready as the entries, after their write.
     let mut core = core_with_log(2, 3, &[1], 1, test_config());
-    let append = MessageBody::Append {
-        prev_index: 1,
-        prev_term: 1,
-        entries: entries(2, &[1, 1]),
-        commit: 1,
-    };
+    let append = append_body(1, 1, &[1, 1], 1);
     core.handle_message(0, msg(1, 2, 1, append));
     let r = ready(&mut core);
     assert_eq!(r.entries.len(), 2);
@@ -350,12 +360,7 @@ fn test_rejoining_node_does_not_disrupt_leader() {
 fn test_log_matching_rejects_mismatched_prev() {
     // Proves an append whose (prev index, prev term) is not in the log is refused and changes nothing.
     let mut core = core_with_log(2, 3, &[1, 1, 2], 1, test_config());
-    let append = MessageBody::Append {
-        prev_index: 3,
-        prev_term: 3,
-        entries: entries(4, &[3]),
-        commit: 1,
-    };
+    let append = append_body(3, 3, &[3], 1);
     core.handle_message(0, msg(1, 2, 3, append));
     let r = ready(&mut core);
     assert!(r.entries.is_empty() && r.truncate_from.is_none());
@@ -376,12 +381,7 @@ fn test_log_matching_rejects_mismatched_prev() {
 fn test_follower_truncates_only_conflicting_suffix() {
     // Proves a follower keeps matching entries and cuts from the first conflicting one only.
     let mut core = core_with_log(2, 3, &[1, 1, 2, 2, 2], 2, test_config());
-    let append = MessageBody::Append {
-        prev_index: 2,
-        prev_term: 1,
-        entries: entries(3, &[2, 3]),
-        commit: 2,
-    };
+    let append = append_body(2, 1, &[2, 3], 2);
     core.handle_message(0, msg(1, 2, 3, append));
     let r = ready(&mut core);
     assert_eq!(r.truncate_from, Some(4));
@@ -399,12 +399,7 @@ fn test_follower_truncates_only_conflicting_suffix() {
 fn test_follower_never_truncates_committed_entries() {
     // Proves an append conflicting at or below the commit index cuts nothing (committed entries match every leader's).
     let mut core = core_with_log(2, 3, &[1, 1, 2, 2], 3, test_config());
-    let append = MessageBody::Append {
-        prev_index: 1,
-        prev_term: 1,
-        entries: entries(2, &[3, 3]),
-        commit: 1,
-    };
+    let append = append_body(1, 1, &[3, 3], 1);
     core.handle_message(0, msg(1, 2, 3, append));
     let r = ready(&mut core);
     assert!(

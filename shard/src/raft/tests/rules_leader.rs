@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 
 use super::harness::{test_config, Cluster, Rng, STEP_MS};
 use super::rules::{
-    cluster_with_leader, core_with_log, entries, granted, msg, ready, vote_request,
+    append_body, cluster_with_leader, core_with_log, granted, msg, ready, vote_request,
 };
 use crate::raft::{
     ConfChange, Entry, EntryKind, Membership, Message, MessageBody, ProposeError, RaftConfig,
@@ -165,12 +165,7 @@ fn test_conf_change_reverted_when_entry_cut() {
     };
     core.handle_message(0, msg(1, 2, 1, append));
     assert!(core.membership().learners.contains(&4));
-    let append = MessageBody::Append {
-        prev_index: 1,
-        prev_term: 1,
-        entries: entries(2, &[2]),
-        commit: 1,
-    };
+    let append = append_body(1, 1, &[2], 1);
     core.handle_message(0, msg(3, 2, 2, append));
     assert!(!core.membership().learners.contains(&4));
 }

@@ -2,7 +2,7 @@
 //! index, the term index, persistence reports.
 
 use super::harness::{test_config, Cluster, STEP_MS};
-use super::rules::{cluster_with_leader, core_with_log, entries, msg, ready};
+use super::rules::{append_body, cluster_with_leader, core_with_log, entries, msg, ready};
 use crate::raft::{MessageBody, ProgressState, ProposeError, Role};
 
 fn appends_to(c: &Cluster, to: u64) -> Vec<Vec<crate::raft::Entry>> {
@@ -165,12 +165,7 @@ fn test_commit_never_goes_back() {
             },
         ),
     );
-    let append = MessageBody::Append {
-        prev_index: 1,
-        prev_term: 1,
-        entries: entries(2, &[1]),
-        commit: 2,
-    };
+    let append = append_body(1, 1, &[1], 2);
     core.handle_message(0, msg(1, 2, 1, append));
     assert_eq!(core.commit(), 5);
     assert_eq!(ready(&mut core).commit, Some(5));
@@ -180,12 +175,7 @@ fn test_commit_never_goes_back() {
 fn test_follower_commit_capped_at_matched() {
     // Proves a follower commits no further than the entries it matched with the leader.
     let mut core = core_with_log(2, 3, &[1, 1, 1], 0, test_config());
-    let append = MessageBody::Append {
-        prev_index: 0,
-        prev_term: 0,
-        entries: entries(1, &[1]),
-        commit: 9,
-    };
+    let append = append_body(0, 0, &[1], 9);
     core.handle_message(0, msg(1, 2, 1, append));
     assert_eq!(
         core.commit(),
@@ -236,20 +226,10 @@ fn test_leader_heartbeat_commit_capped_at_follower_match() {
 fn test_stale_persisted_report_ignored() {
     // Proves a persistence report for entries since cut and replaced does not count as durable.
     let mut core = core_with_log(2, 3, &[1], 1, test_config());
-    let append = MessageBody::Append {
-        prev_index: 1,
-        prev_term: 1,
-        entries: entries(2, &[1, 1]),
-        commit: 1,
-    };
+    let append = append_body(1, 1, &[1, 1], 1);
     core.handle_message(0, msg(1, 2, 1, append));
     let _ = ready(&mut core);
-    let append = MessageBody::Append {
-        prev_index: 2,
-        prev_term: 1,
-        entries: entries(3, &[2]),
-        commit: 1,
-    };
+    let append = append_body(2, 1, &[2], 1);
     core.handle_message(0, msg(3, 2, 2, append));
     let r = ready(&mut core);
     assert_eq!(r.truncate_from, Some(3));
