@@ -87,6 +87,9 @@ pub(crate) struct Lookup {
     pub(crate) key: Arc<str>,
     /// Sealed segments still to scan, newest first.
     pub(crate) segments: Vec<u64>,
+    /// The segment that was open when the lookup began: segments from it on may have been
+    /// sealed meanwhile, holding the key in a record retention copied forward.
+    pub(crate) open_at: u64,
 }
 
 #[derive(Debug, Default)]
@@ -251,6 +254,11 @@ impl Shard {
             .or_default()
             .push_back(p);
         self.keys.parked_count += 1;
+        self.start_lookup(scope, key, segments);
+    }
+
+    /// Looks `key` up in `segments` for the scope's first parked op.
+    fn start_lookup(&mut self, scope: KeyScope, key: Arc<str>, segments: Vec<u64>) {
         self.stats.key_lookups += 1;
         self.keys.next_lookup += 1;
         let id = self.keys.next_lookup;
@@ -258,6 +266,7 @@ impl Shard {
             scope,
             key,
             segments,
+            open_at: self.keys.open_segment,
         };
         self.keys.lookups.insert(id, lookup);
         self.scan_next_segment(id, None);
@@ -318,6 +327,16 @@ impl Shard {
         let Some(l) = self.keys.lookups.remove(&id) else {
             return;
         };
+        if found.is_none() {
+            // A copy forward may have moved the original into a segment sealed while this
+            // lookup ran (and retention may have deleted the one it was in): look there too.
+            let sealed_since: Vec<u64> = (self.key_candidates(&l.scope, &l.key).into_iter())
+                .filter(|segment| *segment >= l.open_at)
+                .collect();
+            if !sealed_since.is_empty() {
+                return self.start_lookup(l.scope, l.key, sealed_since);
+            }
+        }
         let Some(mut queue) = self.keys.parked.remove(&l.scope) else {
             return;
         };
