@@ -56,6 +56,9 @@ impl Shard {
             Record::Appended(r) => self.apply_appended(lsn, r),
             Record::Acked(r) => self.apply_acked(r),
             Record::CheckpointPart(ck) => self.apply_checkpoint(ck),
+            // Raft's own entries: the replica (`crate::replica`) reads membership from the
+            // log; the shard's state does not change.
+            Record::Noop | Record::ConfChange(_) => {}
         }
     }
 

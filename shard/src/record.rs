@@ -2,7 +2,8 @@
 //! are postcard. Field order is part of the on-disk format: add new record types, never change
 //! an existing one (a change needs a new WAL format, `wal::FORMAT`).
 
-use fabric_proto::{codec, Body, ProtoError, Target};
+use crate::raft::ConfChange;
+use fabric_proto::{codec, Body, ErrorCode, ProtoError, Target};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -20,6 +21,11 @@ pub enum RecordType {
     // 8 (a format-1 checkpoint with keys) is retired as well.
     /// One part of a checkpoint: [`CheckpointPartRec`].
     CheckpointPart = 9,
+    /// A new Raft leader's first entry of its term (empty payload): committing it commits
+    /// every entry before it.
+    Noop = 10,
+    /// A single-server membership change; the payload is [`ConfChange::encode`]'s 9 bytes.
+    ConfChange = 11,
 }
 
 impl RecordType {
@@ -32,6 +38,8 @@ impl RecordType {
             5 => RecordType::Acked,
             7 => RecordType::PeerKeyAdded,
             9 => RecordType::CheckpointPart,
+            10 => RecordType::Noop,
+            11 => RecordType::ConfChange,
             _ => return None,
         })
     }
@@ -153,6 +161,8 @@ pub enum Record {
     Acked(AckedRec),
     PeerKeyAdded(PeerKeyRec),
     CheckpointPart(CheckpointPartRec),
+    Noop,
+    ConfChange(ConfChange),
 }
 
 impl Record {
@@ -167,6 +177,8 @@ impl Record {
             Record::Acked(r) => put(r, out),
             Record::PeerKeyAdded(r) => put(r, out),
             Record::CheckpointPart(r) => put(r, out),
+            Record::Noop => {}
+            Record::ConfChange(cc) => out.extend_from_slice(&cc.encode()),
         }
         self.kind()
     }
@@ -180,6 +192,8 @@ impl Record {
             Record::Acked(_) => RecordType::Acked,
             Record::PeerKeyAdded(_) => RecordType::PeerKeyAdded,
             Record::CheckpointPart(_) => RecordType::CheckpointPart,
+            Record::Noop => RecordType::Noop,
+            Record::ConfChange(_) => RecordType::ConfChange,
         }
     }
 
@@ -192,6 +206,22 @@ impl Record {
             RecordType::Acked => Record::Acked(codec::from_binary(bytes)?),
             RecordType::PeerKeyAdded => Record::PeerKeyAdded(codec::from_binary(bytes)?),
             RecordType::CheckpointPart => Record::CheckpointPart(codec::from_binary(bytes)?),
+            RecordType::Noop if bytes.is_empty() => Record::Noop,
+            RecordType::ConfChange => match ConfChange::decode(bytes) {
+                Some(cc) => Record::ConfChange(cc),
+                None => return Err(malformed(kind, bytes)),
+            },
+            RecordType::Noop => return Err(malformed(kind, bytes)),
         })
     }
+}
+
+fn malformed(kind: RecordType, bytes: &[u8]) -> ProtoError {
+    ProtoError::new(
+        ErrorCode::BadRequest,
+        format!(
+            "a {kind:?} record with a malformed {}-byte payload",
+            bytes.len()
+        ),
+    )
 }

@@ -13,6 +13,8 @@
 //!   before the manifest lists it, and records only after): if it holds no frame it is
 //!   quarantined and removed; if it holds one, recovery refuses.
 
+use crate::raft::{ConfChange, TermRun};
+use crate::record::Record;
 use crate::store::StoreError;
 use crate::wal::{self, Damage, SegmentHeader};
 use crate::{SegmentInfo, Shard, ShardConfig};
@@ -92,6 +94,31 @@ pub struct RecoveryReport {
     pub retired_removed: Vec<u64>,
 }
 
+/// A record recovery read but did not apply: a replica applies only what is committed (up to
+/// the manifest's commit hint, in whole frames), and keeps the rest for when a leader confirms
+/// it (or replaces it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TailRecord {
+    pub lsn: u64,
+    pub term: u64,
+    /// (segment, frame offset, record offset).
+    pub at: (u64, u64, u64),
+    pub record: Record,
+}
+
+/// What a replica's Raft core needs from its recovered log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveredLog {
+    /// The terms of the live log (records a rewind replaced are gone), one run per term.
+    pub term_runs: Vec<TermRun>,
+    /// Membership changes in the live log, by LSN.
+    pub conf: Vec<(u64, ConfChange)>,
+    /// Records not applied, oldest first.
+    pub tail: Vec<TailRecord>,
+    /// The last LSN applied.
+    pub applied: u64,
+}
+
 /// Rebuilds a shard from its listed segments, oldest first. Pure: [`crate::store::recover`]
 /// reads the files and carries out the cuts it reports.
 pub struct Recoverer {
@@ -99,15 +126,35 @@ pub struct Recoverer {
     expect_lsn: Option<u64>,
     last_segment: Option<u64>,
     report: RecoveryReport,
+    /// Whole frames up to this LSN are applied; later ones go to `log.tail`.
+    apply_through: u64,
+    /// Records read but not yet applied: a rewind frame in a later segment may still replace
+    /// them. A record is applied once `window` records follow it (a rewind replaces only an
+    /// uncommitted suffix, which the leader bounds), or at the end of recovery.
+    pending: std::collections::VecDeque<TailRecord>,
+    window: usize,
+    log: RecoveredLog,
 }
 
 impl Recoverer {
+    /// Recovery of a shard without replication: every record is applied.
     pub fn new(config: ShardConfig) -> Recoverer {
+        Recoverer::replica(config, u64::MAX, 0)
+    }
+
+    /// Recovery of a replica: whole frames up to `apply_through` (the manifest's commit hint)
+    /// are applied, the rest kept unapplied ([`RecoveredLog::tail`]); `window` is how far back
+    /// a rewind may reach (the most uncommitted entries a leader has).
+    pub fn replica(config: ShardConfig, apply_through: u64, window: usize) -> Recoverer {
         Recoverer {
             shard: Shard::replaying(config),
             expect_lsn: None,
             last_segment: None,
             report: RecoveryReport::default(),
+            apply_through,
+            pending: std::collections::VecDeque::new(),
+            window,
+            log: RecoveredLog::default(),
         }
     }
 
@@ -149,24 +196,18 @@ impl Recoverer {
             });
             self.report.cut_reason = Some(damage.reason().to_string());
         }
-        let first_lsn = header.first_lsn;
-        let mut last_lsn = first_lsn - 1;
-        for rec in scan.records {
-            if rec.term < self.shard.term {
-                // The scan checks terms within a segment; this is the check across segments.
-                let reason = format!(
-                    "record lsn {} has term {} after a record of term {} (terms never \
-                     decrease along the log)",
-                    rec.lsn, rec.term, self.shard.term
-                );
-                return Err(corrupt(rec.offset, reason));
-            }
-            self.shard.term = rec.term;
-            last_lsn = rec.lsn;
-            self.report.records += 1;
-            self.shard.replay_at = (id, rec.frame, rec.offset);
-            self.shard.apply(rec.lsn, rec.record);
+        if let Some(to) = scan.rewound_to {
+            let at = wal::SEGMENT_HEADER_BYTES as u64;
+            self.rewind(to).map_err(|reason| corrupt(at, reason))?;
         }
+        let first_lsn = header.first_lsn;
+        let last_lsn = scan.records.last().map_or(first_lsn - 1, |r| r.lsn);
+        for rec in scan.records {
+            self.take_record(id, rec)
+                .map_err(|(offset, reason)| corrupt(offset, reason))?;
+        }
+        self.apply_pending(self.window);
+        self.shard.term = self.log.term_runs.last().map_or(0, |r| r.term);
         self.shard.next_lsn = last_lsn + 1;
         self.expect_lsn = Some(last_lsn + 1);
         self.shard.segments.push_back(SegmentInfo {
@@ -178,6 +219,69 @@ impl Recoverer {
         self.shard.wal_bytes += scan.valid_len;
         self.report.segments += 1;
         self.report.bytes += scan.valid_len;
+        Ok(())
+    }
+
+    /// One live record: checked against the term before it, noted in the log's term runs and
+    /// membership changes, and queued to be applied. An error is (offset, reason).
+    fn take_record(&mut self, id: u64, rec: wal::Scanned) -> Result<(), (u64, String)> {
+        let prev = self.log.term_runs.last().map_or(0, |r| r.term);
+        if rec.term < prev {
+            // The scan checks terms within a segment; this is the check across segments.
+            let reason = format!(
+                "record lsn {} has term {} after a record of term {prev} (terms never \
+                 decrease along the log)",
+                rec.lsn, rec.term
+            );
+            return Err((rec.offset, reason));
+        }
+        if rec.term > prev || self.log.term_runs.is_empty() {
+            self.log.term_runs.push(TermRun {
+                first_index: rec.lsn,
+                term: rec.term,
+            });
+        }
+        if let Record::ConfChange(cc) = &rec.record {
+            self.log.conf.push((rec.lsn, *cc));
+        }
+        self.report.records += 1;
+        self.pending.push_back(TailRecord {
+            lsn: rec.lsn,
+            term: rec.term,
+            at: (id, rec.frame, rec.offset),
+            record: rec.record,
+        });
+        Ok(())
+    }
+
+    /// Applies pending records, oldest first, while more than `keep` follow and they are at or
+    /// below `apply_through` (with `keep` 0, at the end, every one that may be).
+    fn apply_pending(&mut self, keep: usize) {
+        while self.pending.len() > keep && self.pending[0].lsn <= self.apply_through {
+            let rec = self.pending.pop_front().expect("a pending record");
+            self.shard.replay_at = rec.at;
+            self.log.applied = rec.lsn;
+            self.shard.apply(rec.lsn, rec.record);
+        }
+    }
+
+    /// A rewind frame replaced every record from `to` on, some of them in earlier segments:
+    /// they must all be unapplied (only uncommitted records are ever replaced).
+    fn rewind(&mut self, to: u64) -> Result<(), String> {
+        if to <= self.log.applied {
+            return Err(format!(
+                "a rewind frame replaces the log from lsn {to}, but records up to lsn {} were \
+                 committed and applied",
+                self.log.applied
+            ));
+        }
+        self.pending.retain(|r| r.lsn < to);
+        let log = &mut self.log;
+        log.conf.retain(|c| c.0 < to);
+        log.term_runs.retain(|r| r.first_index < to);
+        for seg in self.shard.segments.iter_mut() {
+            seg.last_lsn = seg.last_lsn.min(to - 1).max(seg.first_lsn - 1);
+        }
         Ok(())
     }
 
@@ -284,9 +388,25 @@ impl Recoverer {
     }
 
     /// The recovered shard, ready to serve (counts rebuilt, indexes built), and the report.
-    pub fn finish(mut self, manifest: wal::Manifest) -> (Shard, RecoveryReport) {
+    pub fn finish(self, manifest: wal::Manifest) -> (Shard, RecoveryReport) {
+        let (mut shard, report, log) = self.finish_replica(manifest);
+        debug_assert!(
+            log.tail.is_empty(),
+            "a shard without replication applies everything"
+        );
+        shard.end_replay();
+        (shard, report)
+    }
+
+    /// A replica's recovered shard, still replaying (it applies committed records as a
+    /// follower until it leads: [`Shard::end_replay`]), the report, and its log for Raft.
+    pub fn finish_replica(
+        mut self,
+        manifest: wal::Manifest,
+    ) -> (Shard, RecoveryReport, RecoveredLog) {
+        self.apply_pending(0);
+        self.log.tail = self.pending.drain(..).collect();
         let s = &mut self.shard;
-        s.replaying = false;
         s.durable_lsn = s.next_lsn - 1;
         s.building_first_lsn = s.next_lsn;
         s.manifest = manifest;
@@ -298,6 +418,16 @@ impl Recoverer {
         if let Some(seg) = s.segments.back() {
             s.durable_end = (seg.id, seg.bytes);
         }
+        (self.shard, self.report, self.log)
+    }
+}
+
+impl Shard {
+    /// Ends replay: rebuilds the counts and indexes the live path keeps up as it goes (after
+    /// recovery, or when a follower replica starts to lead).
+    pub(crate) fn end_replay(&mut self) {
+        let s = self;
+        s.replaying = false;
         for m in s.meshes.values_mut() {
             m.recount();
             s.cache_bytes -= std::mem::take(&mut m.cache_released);
@@ -315,6 +445,5 @@ impl Recoverer {
                 *s.mesh_convs.entry(ck.0.clone()).or_default() += 1;
             }
         }
-        (self.shard, self.report)
     }
 }

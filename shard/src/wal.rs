@@ -1,4 +1,4 @@
-//! The WAL's on-disk format (format 3): segment files of write frames of records, and the
+//! The WAL's on-disk format (format 4): segment files of write frames of records, and the
 //! shard's `MANIFEST`. Pure functions over byte slices; the glue owns the files.
 //!
 //! ```text
@@ -7,20 +7,24 @@
 //!                             | segment:u64le | first_lsn:u64le | crc:u32le
 //! frame    = frame_header | record*            (one frame per group-commit write)
 //! frame_header (28 bytes)   = magic FF FE 46 57 | len:u32le | first_lsn:u64le
-//!                             | records:u32le | flags:u32le (0) | crc:u32le
+//!                             | records:u32le | flags:u32le (0, or 1: rewind) | crc:u32le
 //! record   = len:u32le | crc:u32le | type:u8 | lsn:u64le | term:u64le | payload[len]
 //! crc      = crc32c of everything before it in the header; a record's crc covers
 //!            type | lsn | term | payload
-//! MANIFEST (36 bytes) = magic "FABRMANI" | format:u32le | shard:u32le | oldest:u64le
-//!                       | newest:u64le | crc:u32le    (oldest = newest = 0: no segment yet)
+//! MANIFEST (68 bytes) = magic "FABRMANI" | format:u32le | shard:u32le | oldest:u64le
+//!                       | newest:u64le | term:u64le | vote:u64le | commit:u64le
+//!                       | base_term:u64le | crc:u32le  (oldest = newest = 0: no segment yet)
 //! ```
 //!
 //! LSNs are dense across the whole shard (each record is the previous plus one), which lets
 //! recovery tell a lost record from a reordered one. A record's term is the consensus term of
 //! the leader that proposed it (0 for a record written without replication); terms never
 //! decrease along the log, and recovery refuses a log where one does. Format 3 added the term
-//! (and a `send`'s idempotency key to its record); a format 2 data dir is refused by name. Segments are named by a number that only
-//! grows (`00000000000000000001.wal`); a segment holds whole frames only.
+//! (and a `send`'s idempotency key to its record); format 4 added the replica's Raft hard
+//! state to the manifest (`term` and `vote` together, a `commit` hint never above the durable
+//! log, and `base_term`, the term of the entry just before the oldest segment's first record);
+//! a data dir of an earlier format is refused by name. Segments are named by a number that
+//! only grows (`00000000000000000001.wal`); a segment holds whole frames only.
 //!
 //! Why frames: a power loss can persist any subset of the pages of the write that was in
 //! flight, so valid records may follow a hole inside that write; but it cannot damage a write
@@ -33,13 +37,13 @@
 use crate::record::{Record, RecordType};
 
 /// The WAL format this code writes and reads. A data dir of another format is refused.
-pub const FORMAT: u32 = 3;
+pub const FORMAT: u32 = 4;
 pub const SEGMENT_MAGIC: &[u8; 8] = b"FABRWAL2";
 pub const MANIFEST_MAGIC: &[u8; 8] = b"FABRMANI";
 pub const FRAME_MAGIC: [u8; 4] = [0xFF, 0xFE, b'F', b'W'];
 pub const SEGMENT_HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4;
 pub const FRAME_HEADER_BYTES: usize = 4 + 4 + 8 + 4 + 4 + 4;
-pub const MANIFEST_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 4;
+pub const MANIFEST_BYTES: usize = 8 + 4 + 4 + 8 + 8 + 8 + 8 + 8 + 8 + 4;
 pub const RECORD_HEADER_BYTES: usize = 4 + 4 + 1 + 8 + 8;
 /// A record's payload may be at most this long; a length field larger than this is
 /// corruption, not a record. Bodies are far smaller (`frame_bytes_max` is capped below it) and
@@ -136,13 +140,25 @@ impl SegmentHeader {
 
 /// Which segments a shard holds: every id from `oldest` to `newest`, none missing. Written
 /// (temp file, fsync, rename, directory fsync) after a new segment's header is durable and
-/// before any record goes into it, and before retired segments are unlinked.
+/// before any record goes into it, before retired segments are unlinked, and whenever a
+/// replica's term or vote changes: the manifest is also the Raft hard state, so term and vote
+/// are persisted together, atomically, before any vote or append answer leaves.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Manifest {
     pub shard: u32,
     /// 0 when the shard has no segment yet.
     pub oldest: u64,
     pub newest: u64,
+    /// The Raft term this replica has seen (0 without replication).
+    pub term: u64,
+    /// The node this replica voted for in `term` (0: none).
+    pub vote: u64,
+    /// A commit index known when the manifest was written, never above the log durable then:
+    /// recovery applies up to it and keeps the rest unapplied until a leader confirms it.
+    pub commit: u64,
+    /// The term of the entry at the oldest segment's first LSN minus one (0 if none): what log
+    /// matching compares at the start of the retained log.
+    pub base_term: u64,
 }
 
 impl Manifest {
@@ -151,6 +167,10 @@ impl Manifest {
             shard,
             oldest: 0,
             newest: 0,
+            term: 0,
+            vote: 0,
+            commit: 0,
+            base_term: 0,
         }
     }
 
@@ -167,34 +187,59 @@ impl Manifest {
         b[0..8].copy_from_slice(MANIFEST_MAGIC);
         b[8..12].copy_from_slice(&FORMAT.to_le_bytes());
         b[12..16].copy_from_slice(&self.shard.to_le_bytes());
-        b[16..24].copy_from_slice(&self.oldest.to_le_bytes());
-        b[24..32].copy_from_slice(&self.newest.to_le_bytes());
-        let crc = crc32c::crc32c(&b[..32]);
-        b[32..36].copy_from_slice(&crc.to_le_bytes());
+        let fields = [
+            self.oldest,
+            self.newest,
+            self.term,
+            self.vote,
+            self.commit,
+            self.base_term,
+        ];
+        for (i, v) in fields.iter().enumerate() {
+            b[16 + 8 * i..24 + 8 * i].copy_from_slice(&v.to_le_bytes());
+        }
+        let end = MANIFEST_BYTES - 4;
+        let crc = crc32c::crc32c(&b[..end]);
+        b[end..].copy_from_slice(&crc.to_le_bytes());
         b
     }
 
     pub fn decode(b: &[u8]) -> Result<Manifest, HeaderError> {
+        if b.len() >= 8 && &b[0..8] != MANIFEST_MAGIC {
+            return Err(HeaderError::Magic { what: "manifest" });
+        }
+        if (12..MANIFEST_BYTES).contains(&b.len()) && u32_at(b, 8) < FORMAT {
+            // An older manifest is shorter; its format field names it.
+            return Err(HeaderError::Format(u32_at(b, 8)));
+        }
         if b.len() < MANIFEST_BYTES {
             return Err(HeaderError::Short(b.len()));
         }
-        if &b[0..8] != MANIFEST_MAGIC {
-            return Err(HeaderError::Magic { what: "manifest" });
-        }
-        if crc32c::crc32c(&b[..32]) != u32_at(b, 32) {
+        let end = MANIFEST_BYTES - 4;
+        if crc32c::crc32c(&b[..end]) != u32_at(b, end) {
             return Err(HeaderError::Checksum);
         }
-        let format = u32_at(b, 8);
-        if format != FORMAT {
-            return Err(HeaderError::Format(format));
+        if u32_at(b, 8) != FORMAT {
+            return Err(HeaderError::Format(u32_at(b, 8)));
         }
         Ok(Manifest {
             shard: u32_at(b, 12),
             oldest: u64_at(b, 16),
             newest: u64_at(b, 24),
+            term: u64_at(b, 32),
+            vote: u64_at(b, 40),
+            commit: u64_at(b, 48),
+            base_term: u64_at(b, 56),
         })
     }
 }
+
+/// A frame's `flags` bit: the frame rewinds the log. Its records replace every record from
+/// its first LSN on (which must not be above the LSN expected next): a Raft follower cutting a
+/// conflicting, uncommitted suffix appends the leader's entries this way instead of cutting
+/// the file, so no byte it acknowledged is ever at risk. Recovery and reads treat records a
+/// rewind replaced as absent; recovery refuses a rewind into data it applied.
+pub const FRAME_FLAG_REWIND: u32 = 1;
 
 /// A frame header as read back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -203,35 +248,48 @@ pub struct FrameHeader {
     pub len: u32,
     pub first_lsn: u64,
     pub records: u32,
+    /// 0, or [`FRAME_FLAG_REWIND`].
+    pub flags: u32,
 }
 
 impl FrameHeader {
     /// Fills the reserved header at the start of `frame` (whose records follow it).
     pub fn seal(frame: &mut [u8], first_lsn: u64, records: u32) {
+        FrameHeader::seal_flags(frame, first_lsn, records, 0);
+    }
+
+    /// [`FrameHeader::seal`] with flags ([`FRAME_FLAG_REWIND`]).
+    pub fn seal_flags(frame: &mut [u8], first_lsn: u64, records: u32, flags: u32) {
         debug_assert!(frame.len() >= FRAME_HEADER_BYTES);
         let len = (frame.len() - FRAME_HEADER_BYTES) as u32;
         frame[0..4].copy_from_slice(&FRAME_MAGIC);
         frame[4..8].copy_from_slice(&len.to_le_bytes());
         frame[8..16].copy_from_slice(&first_lsn.to_le_bytes());
         frame[16..20].copy_from_slice(&records.to_le_bytes());
-        frame[20..24].copy_from_slice(&0u32.to_le_bytes());
+        frame[20..24].copy_from_slice(&flags.to_le_bytes());
         let crc = crc32c::crc32c(&frame[..24]);
         frame[24..28].copy_from_slice(&crc.to_le_bytes());
     }
 
-    /// The header at the start of `b`, if whole and intact.
+    /// The header at the start of `b`, if whole and intact (and its flags known).
     pub fn decode(b: &[u8]) -> Option<FrameHeader> {
         if b.len() < FRAME_HEADER_BYTES || b[0..4] != FRAME_MAGIC {
             return None;
         }
-        if crc32c::crc32c(&b[..24]) != u32_at(b, 24) || u32_at(b, 20) != 0 {
+        let flags = u32_at(b, 20);
+        if crc32c::crc32c(&b[..24]) != u32_at(b, 24) || flags & !FRAME_FLAG_REWIND != 0 {
             return None;
         }
         Some(FrameHeader {
             len: u32_at(b, 4),
             first_lsn: u64_at(b, 8),
             records: u32_at(b, 16),
+            flags,
         })
+    }
+
+    pub fn rewinds(&self) -> bool {
+        self.flags & FRAME_FLAG_REWIND != 0
     }
 }
 
@@ -298,6 +356,9 @@ pub struct Scan {
     pub damage: Option<(u64, Damage)>,
     /// Frames read whole.
     pub frames: u64,
+    /// The lowest LSN a rewind frame of this segment rewound to, when below the LSN the scan
+    /// started at: records of earlier segments from there on are replaced.
+    pub rewound_to: Option<u64>,
 }
 
 /// Scans the frames of a segment whose header has been checked, from byte
@@ -320,16 +381,21 @@ pub fn scan_frames_at(bytes: &[u8], at: usize) -> Scan {
 }
 
 fn scan_frames_from(bytes: &[u8], from: usize, mut expect_lsn: u64, skip_crc: bool) -> Scan {
+    let start_lsn = expect_lsn;
     let mut records = Vec::new();
     let mut at = from.min(bytes.len());
     let mut frames = 0;
+    let mut rewound_to: Option<u64> = None;
     let damage = loop {
         if at == bytes.len() {
             break None;
         }
         match scan_frame(bytes, at, expect_lsn, skip_crc, &mut records) {
-            Ok(end) => {
+            Ok((end, rewind)) => {
                 frames += 1;
+                if let Some(to) = rewind.filter(|to| *to < start_lsn) {
+                    rewound_to = Some(rewound_to.map_or(to, |r| r.min(to)));
+                }
                 expect_lsn = records.last().map_or(expect_lsn, |r| r.lsn + 1);
                 at = end;
             }
@@ -341,17 +407,20 @@ fn scan_frames_from(bytes: &[u8], from: usize, mut expect_lsn: u64, skip_crc: bo
         valid_len: at as u64,
         damage,
         frames,
+        rewound_to,
     }
 }
 
-/// One frame at `at`: its records are appended to `out` only if the whole frame is valid.
+/// One frame at `at`: its records are appended to `out` only if the whole frame is valid (a
+/// rewind frame first drops the records of `out` it replaces). Returns where the frame ends
+/// and, for a rewind, the LSN it rewinds to.
 fn scan_frame(
     bytes: &[u8],
     at: usize,
     expect_lsn: u64,
     skip_crc: bool,
     out: &mut Vec<Scanned>,
-) -> Result<usize, Damage> {
+) -> Result<(usize, Option<u64>), Damage> {
     let rest = &bytes[at..];
     if rest.iter().all(|b| *b == 0) {
         return Err(Damage::Torn("zero bytes to the end of the file".into()));
@@ -366,21 +435,19 @@ fn scan_frame(
             h.len
         )));
     }
-    if h.first_lsn != expect_lsn {
-        return Err(Damage::Invalid(format!(
-            "frame starts at lsn {} where {expect_lsn} was expected",
-            h.first_lsn
-        )));
-    }
+    check_frame_start(&h, expect_lsn)?;
+    // The records a rewind replaces are the last ones of `out`; the term check starts from
+    // the record just before the rewind.
+    let kept = out.partition_point(|r| r.lsn < h.first_lsn);
+    let mut prev = out[..kept].last().map_or(0, |r| r.term);
     // The count is checksummed but not trusted: a header naming 2^32 records must not
     // allocate for them (that aborts the process) before the records are found missing.
     let mut found =
         Vec::with_capacity((h.records as usize).min(h.len as usize / RECORD_HEADER_BYTES));
     let mut p = FRAME_HEADER_BYTES;
-    let mut lsn = expect_lsn;
+    let mut lsn = h.first_lsn;
     while p < end {
         let r = scan_record(&rest[p..end], lsn, skip_crc)?;
-        let prev = found.last().or(out.last()).map_or(0, |s: &Scanned| s.term);
         if r.2 < prev {
             return Err(Damage::Invalid(format!(
                 "record lsn {lsn} has term {} after a record of term {prev} (terms never \
@@ -388,6 +455,7 @@ fn scan_frame(
                 r.2
             )));
         }
+        prev = r.2;
         found.push(Scanned {
             lsn,
             term: r.2,
@@ -406,8 +474,30 @@ fn scan_frame(
             h.records
         )));
     }
+    let rewind = h.rewinds().then_some(h.first_lsn);
+    if rewind.is_some() {
+        out.truncate(kept);
+    }
     out.extend(found);
-    Ok(at + end)
+    Ok((at + end, rewind))
+}
+
+/// A frame starts at the LSN expected next; a rewind frame (with records) at or below it.
+fn check_frame_start(h: &FrameHeader, expect_lsn: u64) -> Result<(), Damage> {
+    let ok = if h.rewinds() {
+        h.first_lsn >= 1 && h.first_lsn <= expect_lsn && h.records > 0
+    } else {
+        h.first_lsn == expect_lsn
+    };
+    if ok {
+        return Ok(());
+    }
+    let first = h.first_lsn;
+    Err(Damage::Invalid(if h.rewinds() {
+        format!("an empty rewind frame, or one to lsn {first} past the expected {expect_lsn}")
+    } else {
+        format!("frame starts at lsn {first} where {expect_lsn} was expected")
+    }))
 }
 
 /// One record at the start of `b` (which ends where its frame ends): the record, its size and
@@ -489,7 +579,7 @@ pub fn find_frame_after(bytes: &[u8], from: usize, lsn_min: u64) -> Option<usize
         let hit = rest.windows(4).position(|w| w == FRAME_MAGIC)?;
         at += hit;
         if let Some(h) = FrameHeader::decode(&bytes[at..]) {
-            if h.first_lsn >= lsn_min {
+            if h.first_lsn >= lsn_min || h.rewinds() {
                 return Some(at);
             }
         }

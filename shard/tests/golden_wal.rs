@@ -1,5 +1,5 @@
-//! Golden bytes of the WAL on disk (format 3): a whole segment holding every record type, in
-//! `tests/golden/segment-format3.hex` (annotated field by field), and the manifest. The bytes
+//! Golden bytes of the WAL on disk (format 4): a whole segment holding every record type, in
+//! `tests/golden/segment-format4.hex` (annotated field by field), and the manifest. The bytes
 //! were written from the layout in `wal.rs`'s module docs and postcard's rules by an encoder
 //! separate from this crate (its own CRC32C included), never produced by the code under test.
 //! Reordering a record's fields, renumbering a record type or moving a header field fails here.
@@ -18,7 +18,7 @@ use fabric_shard::ShardConfig;
 use std::collections::BTreeSet;
 
 /// The annotated hex file: two hex digits per byte, `#` starts a comment.
-const SEGMENT_HEX: &str = include_str!("golden/segment-format3.hex");
+const SEGMENT_HEX: &str = include_str!("golden/segment-format4.hex");
 
 fn unhex(text: &str) -> Vec<u8> {
     text.lines()
@@ -41,6 +41,8 @@ fn record_type(r: &Record) -> u8 {
         Record::Acked(_) => 5,
         Record::PeerKeyAdded(_) => 7,
         Record::CheckpointPart(_) => 9,
+        Record::Noop => 10,
+        Record::ConfChange(_) => 11,
     }
 }
 
@@ -205,7 +207,7 @@ fn golden_segment_header_has_the_pinned_bytes() {
     assert_eq!(SegmentHeader::decode(&golden), Ok(golden_header()));
     assert_eq!(wal::SEGMENT_HEADER_BYTES, 36);
     assert_eq!(&wal::SEGMENT_MAGIC[..], b"FABRWAL2");
-    assert_eq!(wal::FORMAT, 3);
+    assert_eq!(wal::FORMAT, 4);
 }
 
 #[test]
@@ -229,6 +231,7 @@ fn golden_frame_headers_have_the_pinned_bytes() {
                 len: (ends[i] - at - wal::FRAME_HEADER_BYTES) as u32,
                 first_lsn: records[FRAMES[i].start].0,
                 records: FRAMES[i].len() as u32,
+                flags: 0,
             }),
             "frame {i}"
         );
@@ -297,25 +300,32 @@ fn golden_segment_scans_back_to_its_records() {
 
 #[test]
 fn golden_manifest_has_the_pinned_bytes() {
-    // Proves MANIFEST is magic, format, shard, oldest, newest and CRC, as pinned, also empty.
+    // Proves MANIFEST is magic, format, shard, oldest, newest, the hard state (term, vote,
+    // commit hint, base term) and CRC, as pinned, also empty.
     let listed = Manifest {
         shard: 3,
         oldest: 7,
         newest: 7,
+        term: 5,
+        vote: 2,
+        commit: 9,
+        base_term: 4,
     };
     let pinned = unhex(
-        "46 41 42 52 4d 41 4e 49  03 00 00 00  03 00 00 00  07 00 00 00 00 00 00 00 \
-         07 00 00 00 00 00 00 00  a9 b2 2a 9c",
+        "46 41 42 52 4d 41 4e 49  04 00 00 00  03 00 00 00  07 00 00 00 00 00 00 00 \
+         07 00 00 00 00 00 00 00  05 00 00 00 00 00 00 00  02 00 00 00 00 00 00 00 \
+         09 00 00 00 00 00 00 00  04 00 00 00 00 00 00 00  6f 12 bd e7",
     );
     assert_eq!(listed.encode()[..], pinned[..]);
     assert_eq!(Manifest::decode(&pinned), Ok(listed));
     let empty = unhex(
-        "46 41 42 52 4d 41 4e 49  03 00 00 00  03 00 00 00  00 00 00 00 00 00 00 00 \
-         00 00 00 00 00 00 00 00  b5 7b 8f b3",
+        "46 41 42 52 4d 41 4e 49  04 00 00 00  03 00 00 00  00 00 00 00 00 00 00 00 \
+         00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00 \
+         00 00 00 00 00 00 00 00  00 00 00 00 00 00 00 00  fe 07 40 49",
     );
     assert_eq!(Manifest::empty(3).encode()[..], empty[..]);
     assert_eq!(Manifest::decode(&empty), Ok(Manifest::empty(3)));
-    assert_eq!(wal::MANIFEST_BYTES, 36);
+    assert_eq!(wal::MANIFEST_BYTES, 68);
     assert_eq!(wal::segment_file_name(7), "00000000000000000007.wal");
 }
 
@@ -329,9 +339,9 @@ fn golden_segment_recovers_through_the_store() {
     disk.sync(7).unwrap();
     disk.write_manifest_temp(
         &Manifest {
-            shard: 3,
             oldest: 7,
             newest: 7,
+            ..Manifest::empty(3)
         }
         .encode(),
     )
@@ -358,12 +368,14 @@ fn golden_segment_recovers_through_the_store() {
 fn golden_cases_cover_every_record_type() {
     // Proves the golden segment holds a record of every type byte the scanner accepts, and
     // that those are exactly the bytes `record_type` lists.
+    // Raft's own records (10, 11) are pinned by `golden_raft_records_have_the_pinned_bytes`.
+    let raft = BTreeSet::from([10, 11]);
     let covered: BTreeSet<u8> = golden_records()
         .iter()
         .map(|(_, _, _, r)| record_type(r))
         .collect();
     let known: BTreeSet<u8> = (0..=255u8)
-        .filter(|b| RecordType::from_u8(*b).is_some())
+        .filter(|b| RecordType::from_u8(*b).is_some() && !raft.contains(b))
         .collect();
     assert_eq!(covered, known);
     assert_eq!(known, BTreeSet::from([1, 2, 3, 4, 5, 7, 9]));
@@ -373,4 +385,29 @@ fn golden_cases_cover_every_record_type() {
         .map(|(_, offset, _, _)| golden[*offset as usize + 8])
         .collect();
     assert_eq!(in_file, known);
+}
+
+#[test]
+fn golden_raft_records_have_the_pinned_bytes() {
+    // Proves a leader's no-op (empty payload) and a membership change (tag and node id, 9
+    // bytes) frame to the pinned bytes and decode back.
+    let noop =
+        unhex("00 00 00 00  16 4f aa 37  0a  05 00 00 00 00 00 00 00  02 00 00 00 00 00 00 00");
+    let learner = unhex(
+        "09 00 00 00  db 56 ad 40  0b  06 00 00 00 00 00 00 00  02 00 00 00 00 00 00 00 \
+         01  04 00 00 00 00 00 00 00",
+    );
+    let cc = Record::ConfChange(fabric_shard::raft::ConfChange::AddLearner(4));
+    for (lsn, record, pinned) in [(5, Record::Noop, noop), (6, cc, learner)] {
+        let mut out = Vec::new();
+        assert_eq!(
+            wal::encode_record(lsn, 2, &record, &mut out),
+            Some(pinned.len())
+        );
+        assert_eq!(out, pinned, "{record:?}");
+        assert_eq!(pinned[8], record_type(&record));
+        let kind = RecordType::from_u8(pinned[8]).expect("a known type");
+        let payload = &pinned[wal::RECORD_HEADER_BYTES..];
+        assert_eq!(Record::decode(kind, payload).expect("decodes"), record);
+    }
 }

@@ -211,9 +211,9 @@ fn store_with(bytes: &[u8]) -> MemStore {
     disk.append(1, bytes).unwrap();
     disk.sync(1).unwrap();
     let manifest = Manifest {
-        shard: 0,
         oldest: 1,
         newest: 1,
+        ..Manifest::empty(0)
     };
     disk.write_manifest_temp(&manifest.encode()).unwrap();
     disk.rename_manifest().unwrap();
@@ -238,9 +238,9 @@ fn read_everything(bytes: &[u8], lsn: u64, at: usize) {
         let mut r = Recoverer::new(ShardConfig::default());
         if r.handle_segment(1, "segment 1", bytes, newest).is_ok() {
             let _ = r.finish(Manifest {
-                shard: 0,
                 oldest: 1,
                 newest: 1,
+                ..Manifest::empty(0)
             });
         }
     }

@@ -151,3 +151,105 @@ fn a_live_checkpoint_restates_state_and_makes_nothing_visible_early() {
     assert_ne!(durable_state(&n.shard), before);
     assert_eq!(n.shard.meshes["m"].durable_pos, 2);
 }
+
+/// One frame of a test segment: its first LSN, its records with their terms, its flags.
+type TestFrame = (u64, Vec<(u64, Record)>, u32);
+
+/// A segment file of shard 0 starting at `first_lsn`: one frame per entry of `frames`.
+fn segment_file(id: u64, first_lsn: u64, frames: &[TestFrame]) -> Vec<u8> {
+    let header = wal::SegmentHeader {
+        shard: 0,
+        segment: id,
+        first_lsn,
+    };
+    let mut out = header.encode().to_vec();
+    for (first, records, flags) in frames {
+        let start = out.len();
+        out.extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
+        for (i, (term, rec)) in records.iter().enumerate() {
+            wal::encode_record(first + i as u64, *term, rec, &mut out).expect("small");
+        }
+        wal::FrameHeader::seal_flags(&mut out[start..], *first, records.len() as u32, *flags);
+    }
+    out
+}
+
+fn mesh_rec(name: &str) -> Record {
+    Record::MeshCreated(crate::record::MeshRec { mesh: name.into() })
+}
+
+#[test]
+fn replica_recovery_applies_to_the_commit_hint_and_drops_what_a_rewind_replaced() {
+    // Proves a replica's recovery applies records up to the manifest's commit hint only, keeps
+    // the rest unapplied in order, and never applies a record a later segment's rewind frame
+    // replaced (mesh "dead" exists only in the replaced suffix).
+    let one = segment_file(
+        1,
+        1,
+        &[(
+            1,
+            vec![
+                (1, mesh_rec("a")),
+                (1, mesh_rec("b")),
+                (1, mesh_rec("dead")),
+            ],
+            0,
+        )],
+    );
+    let two = segment_file(
+        2,
+        4,
+        &[(
+            3,
+            vec![(2, mesh_rec("c")), (2, Record::Noop)],
+            wal::FRAME_FLAG_REWIND,
+        )],
+    );
+    let mut r = Recoverer::replica(ShardConfig::default(), 3, 16);
+    r.handle_segment(1, "one", &one, false).expect("segment 1");
+    r.handle_segment(2, "two", &two, true).expect("segment 2");
+    let manifest = wal::Manifest {
+        oldest: 1,
+        newest: 2,
+        commit: 3,
+        ..wal::Manifest::empty(0)
+    };
+    let (shard, _, log) = r.finish_replica(manifest);
+    assert!(shard.meshes.contains_key("a") && shard.meshes.contains_key("b"));
+    assert!(
+        shard.meshes.contains_key("c"),
+        "lsn 3 (the rewind's) is committed"
+    );
+    assert!(!shard.meshes.contains_key("dead"));
+    assert_eq!(log.applied, 3);
+    let tail: Vec<(u64, u64)> = log.tail.iter().map(|t| (t.lsn, t.term)).collect();
+    assert_eq!(tail, vec![(4, 2)]);
+    let runs: Vec<(u64, u64)> = log
+        .term_runs
+        .iter()
+        .map(|r| (r.first_index, r.term))
+        .collect();
+    assert_eq!(runs, vec![(1, 1), (3, 2)]);
+    assert_eq!(shard.next_lsn, 5);
+}
+
+#[test]
+fn recovery_refuses_a_rewind_into_applied_records() {
+    // Proves a rewind frame that would replace records already applied (committed, or a shard
+    // without replication) refuses to start, naming the segment.
+    let one = segment_file(
+        1,
+        1,
+        &[(1, vec![(1, mesh_rec("a")), (1, mesh_rec("b"))], 0)],
+    );
+    let two = segment_file(
+        2,
+        3,
+        &[(2, vec![(2, mesh_rec("c"))], wal::FRAME_FLAG_REWIND)],
+    );
+    let mut r = Recoverer::new(ShardConfig::default());
+    r.handle_segment(1, "one", &one, false).expect("segment 1");
+    let err = r.handle_segment(2, "two", &two, true).expect_err("refused");
+    let msg = err.to_string();
+    assert!(msg.contains("two") && msg.contains("rewind"), "{msg}");
+}

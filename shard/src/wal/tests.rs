@@ -144,18 +144,28 @@ fn headers_and_manifests_round_trip_and_refuse_damage() {
         shard: 2,
         oldest: 4,
         newest: 9,
+        term: 5,
+        vote: 3,
+        commit: 40,
+        base_term: 2,
     };
     assert_eq!(Manifest::decode(&m.encode()), Ok(m));
     for i in 0..SEGMENT_HEADER_BYTES {
         let mut b = h.encode();
         b[i] ^= 0x04;
         assert!(SegmentHeader::decode(&b).is_err(), "flip at {i}");
+    }
+    for i in 0..MANIFEST_BYTES {
         let mut b = m.encode();
         b[i] ^= 0x04;
         assert!(Manifest::decode(&b).is_err(), "flip at {i}");
     }
-    for format in [2u32, 4] {
-        // Format 2 (before terms) and a newer one are both refused, by number.
+    // A format-3 manifest (36 bytes, no hard state) is refused by its format number.
+    let mut old = m.encode()[..36].to_vec();
+    old[8..12].copy_from_slice(&3u32.to_le_bytes());
+    assert_eq!(Manifest::decode(&old), Err(HeaderError::Format(3)));
+    for format in [3u32, 5] {
+        // Format 3 (before the hard state) and a newer one are both refused, by number.
         let mut other = h.encode();
         other[8..12].copy_from_slice(&format.to_le_bytes());
         let crc = crc32c::crc32c(&other[..32]);
@@ -206,4 +216,74 @@ fn a_record_whose_term_goes_down_is_refused_by_the_scan() {
         other => panic!("a falling term was accepted: {other:?}"),
     }
     assert!(scan.records.is_empty(), "nothing of the frame is taken");
+}
+
+/// Appends one frame of `terms.len()` cursor records from `first_lsn`, each with its term.
+fn push_frame(out: &mut Vec<u8>, first_lsn: u64, terms: &[u64], flags: u32) {
+    let start = out.len();
+    out.extend_from_slice(&[0; FRAME_HEADER_BYTES]);
+    for (i, term) in terms.iter().enumerate() {
+        let lsn = first_lsn + i as u64;
+        encode_record(lsn, *term, &acked(lsn), out).expect("small record");
+    }
+    FrameHeader::seal_flags(&mut out[start..], first_lsn, terms.len() as u32, flags);
+}
+
+#[test]
+fn a_rewind_frame_replaces_the_records_from_its_lsn_on() {
+    // Proves a rewind frame drops the records it replaces (even of a lower term than theirs:
+    // Raft may replace a newer-term uncommitted entry with an older-term committed one) and
+    // the scan goes on from its last record.
+    let (mut bytes, _) = segment_with_terms(10, &[4], |lsn| if lsn < 12 { 1 } else { 3 });
+    push_frame(&mut bytes, 12, &[2, 4], FRAME_FLAG_REWIND);
+    push_frame(&mut bytes, 14, &[4], 0);
+    let scan = scan_frames(&bytes, 10, false);
+    assert!(scan.damage.is_none(), "{:?}", scan.damage);
+    let got: Vec<(u64, u64)> = scan.records.iter().map(|r| (r.lsn, r.term)).collect();
+    assert_eq!(got, vec![(10, 1), (11, 1), (12, 2), (13, 4), (14, 4)]);
+    assert_eq!(
+        scan.rewound_to, None,
+        "the rewind stayed inside this segment"
+    );
+    assert_eq!(scan.valid_len, bytes.len() as u64);
+}
+
+#[test]
+fn a_rewind_frame_below_the_segment_is_reported_and_terms_still_may_not_fall() {
+    // Proves a rewind reaching into earlier segments is reported (recovery drops those
+    // records), and a rewind's records still may not fall below the term before them.
+    let (mut bytes, _) = segment_with_terms(20, &[2], |_| 5);
+    push_frame(&mut bytes, 18, &[6], FRAME_FLAG_REWIND);
+    let scan = scan_frames(&bytes, 20, false);
+    assert!(scan.damage.is_none(), "{:?}", scan.damage);
+    assert_eq!(scan.rewound_to, Some(18));
+    let got: Vec<u64> = scan.records.iter().map(|r| r.lsn).collect();
+    assert_eq!(got, vec![18]);
+    let (mut bytes, _) = segment_with_terms(20, &[2], |_| 5);
+    push_frame(&mut bytes, 21, &[4], FRAME_FLAG_REWIND);
+    let scan = scan_frames(&bytes, 20, false);
+    assert!(matches!(scan.damage, Some((_, Damage::Invalid(_)))));
+}
+
+#[test]
+fn a_rewind_frame_past_the_log_or_empty_or_with_unknown_flags_is_refused() {
+    // Proves a rewind may not skip ahead or carry no record, and a frame with an unknown flag
+    // bit does not decode: corruption of these fields is never taken as a rewind.
+    for (first, terms, flags) in [
+        (13u64, vec![1u64], FRAME_FLAG_REWIND),
+        (11, vec![], FRAME_FLAG_REWIND),
+    ] {
+        let (mut bytes, _) = segment_with_terms(10, &[2], |_| 1);
+        push_frame(&mut bytes, first, &terms, flags);
+        let scan = scan_frames(&bytes, 10, false);
+        assert!(
+            matches!(scan.damage, Some((_, Damage::Invalid(_)))),
+            "{first} {terms:?}"
+        );
+        assert_eq!(scan.records.len(), 2);
+    }
+    let (mut bytes, ends) = segment_with_terms(10, &[2], |_| 1);
+    push_frame(&mut bytes, 12, &[1], 2);
+    let scan = scan_frames(&bytes, 10, false);
+    assert_eq!(scan.damage.as_ref().map(|d| d.0), Some(ends[0] as u64));
 }
