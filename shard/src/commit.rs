@@ -29,6 +29,9 @@ pub(crate) struct Dirty {
     /// Inbox messages the frame holds a record of (mesh, pos, LSN, offset in the frame): they
     /// learn where on disk their body is when the write is handed out.
     pub(crate) sent: Vec<(Arc<str>, u64, u64, u64)>,
+    /// A follower replica's records framed as received (LSN, offset in the frame): the
+    /// replica learns where each is, to apply it there once committed.
+    pub(crate) raw: Vec<(u64, u64)>,
 }
 
 /// A conversation a write frame holds entries of.
@@ -50,6 +53,8 @@ pub(crate) struct Sealed {
     last_lsn: u64,
     records: u64,
     dirty: Dirty,
+    /// [`wal::FRAME_FLAG_REWIND`] for a replica's rewind frame.
+    flags: u32,
 }
 
 #[derive(Debug)]
@@ -65,18 +70,8 @@ impl Shard {
     /// nothing framed) if its payload is over `wal::RECORD_BYTES_MAX`. Callers check sizes
     /// that input controls before they change any state, so this refusal is a last guard.
     pub(crate) fn log(&mut self, record: &Record) -> Result<u64, ProtoError> {
-        if self.building.len() >= self.config.wal_batch_bytes_max {
-            self.seal();
-        }
         let lsn = self.next_lsn;
-        if self.building_records == 0 {
-            debug_assert!(self.building.is_empty());
-            self.building.clear();
-            self.building
-                .extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
-            self.building_first_lsn = lsn;
-        }
-        self.framed_at = self.building.len();
+        self.frame_next_record();
         let Some(framed) = wal::encode_record(lsn, self.term, record, &mut self.building) else {
             if self.building_records == 0 {
                 self.building.clear();
@@ -93,7 +88,27 @@ impl Shard {
         self.building_records += 1;
         self.stats.records_written += 1;
         self.stats.bytes_written += framed as u64;
+        if let Some(hooks) = &mut self.replica {
+            // A leader replica proposes every record it frames, as Raft entry data.
+            hooks.propose(lsn, &self.building[self.framed_at..]);
+        }
         Ok(lsn)
+    }
+
+    /// Makes room for the next record in the building frame (sealing a full one first, or
+    /// starting one with its reserved header) and notes where the record starts.
+    pub(crate) fn frame_next_record(&mut self) {
+        if self.building.len() >= self.config.wal_batch_bytes_max {
+            self.seal();
+        }
+        if self.building_records == 0 {
+            debug_assert!(self.building.is_empty());
+            self.building.clear();
+            self.building
+                .extend_from_slice(&[0; wal::FRAME_HEADER_BYTES]);
+            self.building_first_lsn = self.next_lsn;
+        }
+        self.framed_at = self.building.len();
     }
 
     /// Cuts the building frame: fills its header and captures what it makes visible (each
@@ -108,7 +123,8 @@ impl Shard {
             std::mem::replace(&mut self.building, std::mem::take(&mut self.spare_buffer));
         self.building.clear();
         let first_lsn = self.building_first_lsn;
-        wal::FrameHeader::seal(&mut bytes, first_lsn, records as u32);
+        let flags = std::mem::take(&mut self.building_flags);
+        wal::FrameHeader::seal_flags(&mut bytes, first_lsn, records as u32, flags);
         let mut dirty = std::mem::take(&mut self.building_dirty);
         for (mesh, pos) in &mut dirty.meshes {
             if let Some(m) = self.meshes.get_mut(mesh) {
@@ -128,6 +144,7 @@ impl Shard {
             last_lsn: self.next_lsn - 1,
             records,
             dirty,
+            flags,
         });
     }
 
@@ -173,21 +190,45 @@ impl Shard {
         if frame.is_none() && self.deletes.is_empty() && !self.manifest_dirty {
             return None;
         }
-        let (bytes, first_lsn, last_lsn, records, mut dirty) = match frame {
-            Some(f) => (f.bytes, f.first_lsn, f.last_lsn, f.records, f.dirty),
+        let (bytes, first_lsn, last_lsn, records, mut dirty, flags) = match frame {
+            Some(f) => (
+                f.bytes,
+                f.first_lsn,
+                f.last_lsn,
+                f.records,
+                f.dirty,
+                f.flags,
+            ),
             None => (
                 Vec::new(),
                 self.next_lsn,
                 self.next_lsn - 1,
                 0,
                 Dirty::default(),
+                0,
             ),
         };
-        let create = !bytes.is_empty() && self.rotates(bytes.len() as u64);
+        let rewind = flags & wal::FRAME_FLAG_REWIND != 0;
+        if rewind {
+            self.rewind_segments(first_lsn);
+        }
+        // A rewind below the newest segment's first LSN starts a segment of its own (a
+        // segment's header names the LSN its first frame starts at); any other rewind goes
+        // into the newest segment whatever its size.
+        let create = !bytes.is_empty()
+            && if rewind {
+                self.segments.back().is_none_or(|s| first_lsn < s.first_lsn)
+            } else {
+                self.rotates(bytes.len() as u64)
+            };
         if create {
             self.open_segment(first_lsn);
         }
         let (segment, offset) = self.append_to_newest(&bytes, first_lsn, last_lsn);
+        if rewind {
+            self.rewinds.push((first_lsn, (segment, offset)));
+        }
+        self.place_raw(&mut dirty, segment, offset);
         self.mark_conversations(&dirty, segment, offset);
         self.locate_sent(&mut dirty, segment, offset);
         let keys = std::mem::take(&mut dirty.keys);
@@ -243,6 +284,24 @@ impl Shard {
         }
     }
 
+    /// A rewind frame from `lsn` is being written: the records from `lsn` on are replaced,
+    /// in whichever segments they are.
+    fn rewind_segments(&mut self, lsn: u64) {
+        for seg in self.segments.iter_mut() {
+            seg.last_lsn = seg.last_lsn.min(lsn - 1).max(seg.first_lsn - 1);
+        }
+    }
+
+    /// A follower replica's records in a write learn where they are: (LSN, (segment, frame
+    /// offset, record offset)).
+    fn place_raw(&mut self, dirty: &mut Dirty, segment: u64, offset: u64) {
+        if let Some(hooks) = &mut self.replica {
+            for (lsn, rel) in dirty.raw.drain(..) {
+                hooks.placed.push((lsn, (segment, offset, offset + rel)));
+            }
+        }
+    }
+
     /// A frame of `len` bytes starts a new segment: there is none yet, or the newest one holds
     /// a frame already and would grow past `wal_segment_bytes_max`.
     fn rotates(&self, len: u64) -> bool {
@@ -293,14 +352,40 @@ impl Shard {
             return;
         };
         assert_eq!(inflight.last_lsn, last_lsn, "WAL writes complete in order");
-        assert!(last_lsn >= self.durable_lsn, "durability never goes back");
+        assert!(
+            last_lsn >= self.durable_lsn || self.replica.is_some(),
+            "durability never goes back (a replica's rewind excepted)"
+        );
         self.durable_lsn = last_lsn;
         if inflight.end.1 > 0 {
             self.durable_end = inflight.end;
         }
-        self.release_acks(last_lsn);
-        self.make_visible(inflight.dirty);
-        self.retention_step(last_lsn);
+        match &mut self.replica {
+            // A replica's data becomes visible, and its acks leave, at commit
+            // (`commit_through`), which Raft decides.
+            Some(hooks) => hooks.awaiting_commit.push_back((last_lsn, inflight.dirty)),
+            None => {
+                self.release_acks(last_lsn);
+                self.make_visible(inflight.dirty);
+                self.retention_step(last_lsn);
+                self.trim_cache();
+            }
+        }
+    }
+
+    /// A leader replica: everything up to `lsn` is committed (durable on a quorum, this
+    /// node's own copy included): release the acks, make the data visible, go on with
+    /// retention (whose checkpoints count only once committed).
+    pub(crate) fn commit_through(&mut self, lsn: u64) {
+        debug_assert!(
+            lsn <= self.durable_lsn,
+            "a leader commits only what it holds durably"
+        );
+        self.release_acks(lsn);
+        while let Some(dirty) = self.replica.as_mut().and_then(|h| h.committed_dirty(lsn)) {
+            self.make_visible(dirty);
+        }
+        self.retention_step(lsn);
         self.trim_cache();
     }
 

@@ -44,6 +44,7 @@ mod keys;
 mod mesh;
 mod ops;
 mod read;
+pub mod replica;
 mod retention;
 
 pub use ops::unavailable_reply;
@@ -297,6 +298,12 @@ pub struct Shard {
     pub(crate) building_first_lsn: u64,
     pub(crate) building_records: u64,
     pub(crate) building_dirty: Dirty,
+    /// Flags of the building frame ([`wal::FRAME_FLAG_REWIND`] for a replica's rewind).
+    pub(crate) building_flags: u32,
+    /// Rewind frames in the retained log: (first LSN, (segment, offset) of the frame). A
+    /// record at or above the LSN that lies before the frame was replaced by it: reads pass
+    /// over it.
+    pub(crate) rewinds: Vec<(u64, (u64, u64))>,
     /// Frames cut at `wal_batch_bytes_max`, waiting for their write (oldest first).
     pub(crate) sealed: VecDeque<Sealed>,
     /// An emptied buffer of an earlier write, handed back by the glue
@@ -351,6 +358,9 @@ pub struct Shard {
 
     pub(crate) out: VecDeque<Output>,
     pub(crate) stats: ShardStats,
+
+    /// Replication (`crate::replica`): `Some` when this shard is one replica of a Raft group.
+    pub(crate) replica: Option<replica::Hooks>,
 }
 
 /// The SHA-256 of a peer token, as stored (tokens themselves are never stored).
@@ -378,6 +388,8 @@ impl Shard {
             building_first_lsn: 1,
             building_records: 0,
             building_dirty: Dirty::default(),
+            building_flags: 0,
+            rewinds: Vec::new(),
             sealed: VecDeque::new(),
             spare_buffer: Vec::new(),
             inflight: None,
@@ -405,6 +417,7 @@ impl Shard {
             replay_at: (0, 0, 0),
             out: VecDeque::new(),
             stats: ShardStats::default(),
+            replica: None,
         }
     }
 

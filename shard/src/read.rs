@@ -393,6 +393,11 @@ impl Shard {
             let (head, payload) = wal::check_record(&rest[..size], check_crc)
                 .map_err(|d| format!("record at offset {at}: {}", d.reason()))?;
             let (lsn, kind) = (head.lsn, head.kind);
+            if self.replaced(lsn, (segment, at)) {
+                // A rewind frame later in the log replaced this record: it is not data.
+                i += size;
+                continue;
+            }
             if lsn > self.durable_lsn {
                 break;
             }
@@ -413,6 +418,13 @@ impl Shard {
             stop: base + i as u64,
             grow: None,
         })
+    }
+
+    /// Whether the record of `lsn` at `at` (segment, offset) was replaced by a later rewind.
+    fn replaced(&self, lsn: u64, at: (u64, u64)) -> bool {
+        self.rewinds
+            .iter()
+            .any(|(from, frame)| lsn >= *from && at < *frame)
     }
 
     /// A record of `size` bytes at `at` that the read cut short: read whole next (if it is the

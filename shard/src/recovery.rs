@@ -181,7 +181,11 @@ impl Recoverer {
         };
         let header =
             SegmentHeader::decode(bytes).map_err(|e| corrupt(0, format!("segment header: {e}")))?;
-        self.check_header(&header, id, file)?;
+        // A segment a rewind started begins below the LSN expected next (its first frame is
+        // that rewind, from the header's LSN).
+        let rewind_start = wal::FrameHeader::decode(&bytes[wal::SEGMENT_HEADER_BYTES..])
+            .is_some_and(|f| f.rewinds() && f.first_lsn == header.first_lsn);
+        self.check_header(&header, id, file, rewind_start)?;
         let expect = self.expect_lsn.unwrap_or(header.first_lsn);
         let skip_crc = self.shard.config.planted.skip_crc_on_recovery;
         let scan = wal::scan_frames(bytes, expect, skip_crc);
@@ -199,6 +203,9 @@ impl Recoverer {
         if let Some(to) = scan.rewound_to {
             let at = wal::SEGMENT_HEADER_BYTES as u64;
             self.rewind(to).map_err(|reason| corrupt(at, reason))?;
+        }
+        for (lsn, offset) in &scan.rewind_frames {
+            self.shard.rewinds.push((*lsn, (id, *offset)));
         }
         let first_lsn = header.first_lsn;
         let last_lsn = scan.records.last().map_or(first_lsn - 1, |r| r.lsn);
@@ -299,7 +306,13 @@ impl Recoverer {
         Ok(())
     }
 
-    fn check_header(&self, h: &SegmentHeader, id: u64, file: &str) -> Result<(), RecoverError> {
+    fn check_header(
+        &self,
+        h: &SegmentHeader,
+        id: u64,
+        file: &str,
+        rewind_start: bool,
+    ) -> Result<(), RecoverError> {
         let corrupt = |reason: String| RecoverError::Corrupt {
             file: file.to_string(),
             offset: 0,
@@ -318,6 +331,7 @@ impl Recoverer {
             )));
         }
         match self.expect_lsn {
+            Some(expect) if h.first_lsn < expect && rewind_start => Ok(()),
             Some(expect) if h.first_lsn != expect => Err(corrupt(format!(
                 "segment starts at lsn {} where {expect} was expected: a segment is missing \
                  or was replaced",

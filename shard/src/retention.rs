@@ -60,6 +60,8 @@ impl Shard {
             .front()
             .expect("a round never retires the newest segment");
         self.wal_bytes -= seg.bytes;
+        // Rewinds whose frame was in a retired segment replaced only records there or before.
+        self.rewinds.retain(|(_, (segment, _))| *segment > seg.id);
         self.deletes.push(seg.id);
         self.manifest.oldest = next.id;
         self.manifest_dirty = true;

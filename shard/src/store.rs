@@ -21,7 +21,7 @@
 //! page cache is not trusted; the bytes go, and the shard is recovered anew. If the cut fails
 //! too, the shard must stop ([`WriteFailure::cleaned`] is false).
 
-use crate::recovery::Recoverer;
+use crate::recovery::{RecoveredLog, Recoverer};
 use crate::wal::{self, Manifest, SegmentHeader};
 use crate::{PlantedBugs, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
 
@@ -240,6 +240,33 @@ pub fn recover_planted<S: SegmentStore>(
     config: ShardConfig,
     planted: &PlantedBugs,
 ) -> Result<(Shard, RecoveryReport), RecoverError> {
+    let (mut shard, report, log) = recover_log(store, config, planted, None)?;
+    debug_assert!(
+        log.tail.is_empty(),
+        "a shard without replication applies everything"
+    );
+    shard.end_replay();
+    Ok((shard, report))
+}
+
+/// Recovers a replica's shard ([`crate::replica::Replica::new`] takes the result): records are
+/// applied up to the manifest's commit hint, `window` records held back for rewinds
+/// ([`crate::replica::recovery_window`]); the shard stays in replay.
+pub fn recover_replica_log<S: SegmentStore>(
+    store: &mut S,
+    config: ShardConfig,
+    window: usize,
+) -> Result<(Shard, RecoveryReport, RecoveredLog), RecoverError> {
+    let planted = config.planted;
+    recover_log(store, config, &planted, Some(window))
+}
+
+fn recover_log<S: SegmentStore>(
+    store: &mut S,
+    config: ShardConfig,
+    planted: &PlantedBugs,
+    replica_window: Option<usize>,
+) -> Result<(Shard, RecoveryReport, RecoveredLog), RecoverError> {
     let shard_idx = config.shard;
     let Some(bytes) = store.read_manifest()? else {
         return Err(missing_manifest(store)?);
@@ -255,7 +282,10 @@ pub fn recover_planted<S: SegmentStore>(
     let mut ids = store.list_segments()?;
     ids.sort_unstable();
     let (retired, listed, unlisted) = classify(&manifest, &ids)?;
-    let mut r = Recoverer::new(config);
+    let mut r = match replica_window {
+        None => Recoverer::new(config),
+        Some(window) => Recoverer::replica(config, manifest.commit, window),
+    };
     let mut newest_bytes = Vec::new();
     for id in &listed {
         let bytes = store.read_segment(*id)?;
@@ -270,7 +300,7 @@ pub fn recover_planted<S: SegmentStore>(
         incomplete = store.read_segment(id)?;
         r.handle_unlisted(id, &store.segment_path(id), &incomplete)?;
     }
-    let (shard, mut report) = r.finish(manifest);
+    let (shard, mut report, log) = r.finish_replica(manifest);
     carry_out(store, &mut report, &newest_bytes, &incomplete)?;
     if !planted.no_sync_after_recovery {
         for id in &listed {
@@ -282,7 +312,7 @@ pub fn recover_planted<S: SegmentStore>(
         report.retired_removed.push(id);
     }
     store.sync_dir()?;
-    Ok((shard, report))
+    Ok((shard, report, log))
 }
 
 /// Which segments are retired (older than the manifest's oldest: their removal was not

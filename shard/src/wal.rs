@@ -300,13 +300,34 @@ pub fn encode_record(lsn: u64, term: u64, record: &Record, out: &mut Vec<u8>) ->
     let start = out.len();
     out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
     let kind = record.encode_into(out);
+    finish_record(out, start, kind as u8, lsn, term)
+}
+
+/// Appends one framed record whose type byte and payload are already encoded (a replica's
+/// entry from its leader, checked to decode before it is framed); as [`encode_record`].
+pub fn encode_raw_record(
+    lsn: u64,
+    term: u64,
+    kind: u8,
+    payload: &[u8],
+    out: &mut Vec<u8>,
+) -> Option<usize> {
+    let start = out.len();
+    out.extend_from_slice(&[0; RECORD_HEADER_BYTES]);
+    out.extend_from_slice(payload);
+    finish_record(out, start, kind, lsn, term)
+}
+
+/// Fills the reserved header of the record at `start` (its payload follows to the end of
+/// `out`): length, type, LSN, term, then the CRC over all but length and CRC.
+fn finish_record(out: &mut Vec<u8>, start: usize, kind: u8, lsn: u64, term: u64) -> Option<usize> {
     let payload_len = out.len() - start - RECORD_HEADER_BYTES;
     if payload_len > RECORD_BYTES_MAX {
         out.truncate(start);
         return None;
     }
     out[start..start + 4].copy_from_slice(&(payload_len as u32).to_le_bytes());
-    out[start + 8] = kind as u8;
+    out[start + 8] = kind;
     out[start + 9..start + 17].copy_from_slice(&lsn.to_le_bytes());
     out[start + 17..start + RECORD_HEADER_BYTES].copy_from_slice(&term.to_le_bytes());
     let crc = crc32c::crc32c(&out[start + 8..]);
@@ -356,9 +377,11 @@ pub struct Scan {
     pub damage: Option<(u64, Damage)>,
     /// Frames read whole.
     pub frames: u64,
-    /// The lowest LSN a rewind frame of this segment rewound to, when below the LSN the scan
-    /// started at: records of earlier segments from there on are replaced.
+    /// The lowest LSN a rewind frame of this segment rewound to: records of earlier segments
+    /// from there on are replaced (this segment's own are dropped from `records` already).
     pub rewound_to: Option<u64>,
+    /// Every rewind frame read whole: (the LSN it rewinds to, its offset).
+    pub rewind_frames: Vec<(u64, u64)>,
 }
 
 /// Scans the frames of a segment whose header has been checked, from byte
@@ -381,11 +404,11 @@ pub fn scan_frames_at(bytes: &[u8], at: usize) -> Scan {
 }
 
 fn scan_frames_from(bytes: &[u8], from: usize, mut expect_lsn: u64, skip_crc: bool) -> Scan {
-    let start_lsn = expect_lsn;
     let mut records = Vec::new();
     let mut at = from.min(bytes.len());
     let mut frames = 0;
     let mut rewound_to: Option<u64> = None;
+    let mut rewind_frames = Vec::new();
     let damage = loop {
         if at == bytes.len() {
             break None;
@@ -393,7 +416,10 @@ fn scan_frames_from(bytes: &[u8], from: usize, mut expect_lsn: u64, skip_crc: bo
         match scan_frame(bytes, at, expect_lsn, skip_crc, &mut records) {
             Ok((end, rewind)) => {
                 frames += 1;
-                if let Some(to) = rewind.filter(|to| *to < start_lsn) {
+                if let Some(to) = rewind {
+                    rewind_frames.push((to, at as u64));
+                }
+                if let Some(to) = rewind {
                     rewound_to = Some(rewound_to.map_or(to, |r| r.min(to)));
                 }
                 expect_lsn = records.last().map_or(expect_lsn, |r| r.lsn + 1);
@@ -408,6 +434,7 @@ fn scan_frames_from(bytes: &[u8], from: usize, mut expect_lsn: u64, skip_crc: bo
         damage,
         frames,
         rewound_to,
+        rewind_frames,
     }
 }
 
