@@ -59,6 +59,9 @@ impl Shard {
             // Raft's own entries: the replica (`crate::replica`) reads membership from the
             // log; the shard's state does not change.
             Record::Noop | Record::ConfChange(_) => {}
+            // A leader retired the segments below it already; a follower (or a replica's
+            // recovery) retires its own once it can (`Shard::retire_below`).
+            Record::Retired(r) => self.retire_below = self.retire_below.max(r.below),
         }
     }
 

@@ -361,6 +361,8 @@ pub struct Shard {
 
     /// Replication (`crate::replica`): `Some` when this shard is one replica of a Raft group.
     pub(crate) replica: Option<replica::Hooks>,
+    /// A replica in replay: its leader retired segments below this LSN (a `Retired` record).
+    pub(crate) retire_below: u64,
 }
 
 /// The SHA-256 of a peer token, as stored (tokens themselves are never stored).
@@ -418,6 +420,7 @@ impl Shard {
             out: VecDeque::new(),
             stats: ShardStats::default(),
             replica: None,
+            retire_below: 0,
         }
     }
 
@@ -474,6 +477,19 @@ impl Shard {
     pub fn retained_from(&self, mesh: &str, conv: &str) -> Option<u64> {
         let c = self.convs.get(&(Arc::from(mesh), Arc::from(conv)))?;
         Some(c.first_seq)
+    }
+
+    /// The first LSN of the retained log: the lowest of a segment holding a live record (a
+    /// segment whose records a rewind replaced holds none), or the next LSN if none does.
+    pub fn log_start(&self) -> u64 {
+        let live = self.segments.iter().filter(|s| s.last_lsn >= s.first_lsn);
+        live.map(|s| s.first_lsn).min().unwrap_or(self.next_lsn)
+    }
+
+    /// A conversation's head: the last seq appended (durable or not).
+    pub fn conversation_head(&self, mesh: &str, conv: &str) -> Option<u64> {
+        let c = self.convs.get(&(Arc::from(mesh), Arc::from(conv)))?;
+        Some(c.head)
     }
 
     /// Conversations held in memory (with entries, subscribers, or only a head).

@@ -26,6 +26,9 @@ pub enum RecordType {
     Noop = 10,
     /// A single-server membership change; the payload is [`ConfChange::encode`]'s 9 bytes.
     ConfChange = 11,
+    /// A replicated shard's leader retired its segments below an LSN (a committed checkpoint
+    /// covers them): [`RetiredRec`]. Followers retire theirs when they apply it.
+    Retired = 12,
 }
 
 impl RecordType {
@@ -40,6 +43,7 @@ impl RecordType {
             9 => RecordType::CheckpointPart,
             10 => RecordType::Noop,
             11 => RecordType::ConfChange,
+            12 => RecordType::Retired,
             _ => return None,
         })
     }
@@ -152,6 +156,13 @@ pub struct ConvCheckpoint {
     pub head: u64,
 }
 
+/// Segments whose records are all below `below` are retired: a committed checkpoint (and the
+/// copies forward before it) hold everything they held that is still needed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RetiredRec {
+    pub below: u64,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
     MeshCreated(MeshRec),
@@ -163,6 +174,7 @@ pub enum Record {
     CheckpointPart(CheckpointPartRec),
     Noop,
     ConfChange(ConfChange),
+    Retired(RetiredRec),
 }
 
 impl Record {
@@ -179,6 +191,7 @@ impl Record {
             Record::CheckpointPart(r) => put(r, out),
             Record::Noop => {}
             Record::ConfChange(cc) => out.extend_from_slice(&cc.encode()),
+            Record::Retired(r) => put(r, out),
         }
         self.kind()
     }
@@ -194,6 +207,7 @@ impl Record {
             Record::CheckpointPart(_) => RecordType::CheckpointPart,
             Record::Noop => RecordType::Noop,
             Record::ConfChange(_) => RecordType::ConfChange,
+            Record::Retired(_) => RecordType::Retired,
         }
     }
 
@@ -212,6 +226,7 @@ impl Record {
                 None => return Err(malformed(kind, bytes)),
             },
             RecordType::Noop => return Err(malformed(kind, bytes)),
+            RecordType::Retired => Record::Retired(codec::from_binary(bytes)?),
         })
     }
 }

@@ -8,7 +8,7 @@
 
 use crate::conv::ConvKey;
 use crate::record::{
-    CheckpointPartRec, ConvCheckpoint, MeshCheckpoint, PeerCheckpoint, Record, SentRec,
+    CheckpointPartRec, ConvCheckpoint, MeshCheckpoint, PeerCheckpoint, Record, RetiredRec, SentRec,
 };
 use crate::{wal, Shard};
 use std::sync::Arc;
@@ -44,17 +44,41 @@ impl Shard {
                     self.retire_oldest(checkpoint_lsn);
                 }
                 self.retention = Retention::Idle;
+                if self.replica.is_some() {
+                    // Followers retire their own segments when they apply this.
+                    let below = self.segments.front().map_or(self.next_lsn, |s| s.first_lsn);
+                    let logged = self.propose(Record::Retired(RetiredRec { below }));
+                    debug_assert!(logged.is_ok(), "a retired record is a few bytes");
+                }
             }
         }
         self.maybe_start_retention();
     }
 
     fn retire_oldest(&mut self, checkpoint_lsn: u64) {
-        let seg = self.segments.pop_front().expect("retained segment exists");
+        let seg = self.segments.front().expect("retained segment exists");
         assert!(
             seg.first_lsn <= seg.last_lsn + 1 && seg.last_lsn < checkpoint_lsn,
             "the checkpoint is newer than the segment it retires"
         );
+        self.retire_front_segment();
+    }
+
+    /// A replica in replay (a follower) retires its segments whose records are all below
+    /// what its leader retired, or were all replaced by a rewind (never the newest).
+    pub(crate) fn retire_below(&mut self) {
+        while self.segments.len() > 1
+            && self
+                .segments
+                .front()
+                .is_some_and(|s| s.last_lsn < self.retire_below || s.last_lsn < s.first_lsn)
+        {
+            self.retire_front_segment();
+        }
+    }
+
+    fn retire_front_segment(&mut self) {
+        let seg = self.segments.pop_front().expect("retained segment exists");
         let next = self
             .segments
             .front()

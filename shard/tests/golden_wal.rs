@@ -43,6 +43,7 @@ fn record_type(r: &Record) -> u8 {
         Record::CheckpointPart(_) => 9,
         Record::Noop => 10,
         Record::ConfChange(_) => 11,
+        Record::Retired(_) => 12,
     }
 }
 
@@ -368,8 +369,9 @@ fn golden_segment_recovers_through_the_store() {
 fn golden_cases_cover_every_record_type() {
     // Proves the golden segment holds a record of every type byte the scanner accepts, and
     // that those are exactly the bytes `record_type` lists.
-    // Raft's own records (10, 11) are pinned by `golden_raft_records_have_the_pinned_bytes`.
-    let raft = BTreeSet::from([10, 11]);
+    // A replica's own records (10, 11, 12) are pinned by
+    // `golden_raft_records_have_the_pinned_bytes`.
+    let raft = BTreeSet::from([10, 11, 12]);
     let covered: BTreeSet<u8> = golden_records()
         .iter()
         .map(|(_, _, _, r)| record_type(r))
@@ -389,16 +391,26 @@ fn golden_cases_cover_every_record_type() {
 
 #[test]
 fn golden_raft_records_have_the_pinned_bytes() {
-    // Proves a leader's no-op (empty payload) and a membership change (tag and node id, 9
-    // bytes) frame to the pinned bytes and decode back.
+    // Proves a leader's no-op (empty payload), a membership change (tag and node id, 9 bytes)
+    // and a retired mark (postcard varint) frame to the pinned bytes and decode back.
     let noop =
         unhex("00 00 00 00  16 4f aa 37  0a  05 00 00 00 00 00 00 00  02 00 00 00 00 00 00 00");
     let learner = unhex(
         "09 00 00 00  db 56 ad 40  0b  06 00 00 00 00 00 00 00  02 00 00 00 00 00 00 00 \
          01  04 00 00 00 00 00 00 00",
     );
+    let retired = unhex(
+        "02 00 00 00  2c 3f 93 88  0c  07 00 00 00 00 00 00 00  02 00 00 00 00 00 00 00 \
+         ac 02",
+    );
     let cc = Record::ConfChange(fabric_shard::raft::ConfChange::AddLearner(4));
-    for (lsn, record, pinned) in [(5, Record::Noop, noop), (6, cc, learner)] {
+    let below = Record::Retired(fabric_shard::record::RetiredRec { below: 300 });
+    let cases = [
+        (5, Record::Noop, noop),
+        (6, cc, learner),
+        (7, below, retired),
+    ];
+    for (lsn, record, pinned) in cases {
         let mut out = Vec::new();
         assert_eq!(
             wal::encode_record(lsn, 2, &record, &mut out),

@@ -40,11 +40,13 @@ mod entries;
 mod log_read;
 mod ready;
 mod shard_side;
+mod snapshot;
 
 #[cfg(test)]
 mod tests;
 
 pub use log_read::{read_entries, LogReadJob};
+pub use snapshot::SnapshotOffer;
 
 use crate::commit::Dirty;
 use crate::raft::{
@@ -79,6 +81,42 @@ impl Hooks {
             return None;
         }
         self.awaiting_commit.pop_front().map(|(_, d)| d)
+    }
+}
+
+/// What replicas of one group send each other (postcard frames on the node link).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum PeerMessage {
+    Raft(Message),
+    /// The leader's retained log starts after the offer's index ([`snapshot`]).
+    Snapshot {
+        from: NodeId,
+        to: NodeId,
+        term: u64,
+        offer: SnapshotOffer,
+    },
+    /// A follower installed the offer (or held it already), or could not.
+    SnapshotDone {
+        from: NodeId,
+        to: NodeId,
+        term: u64,
+        index: u64,
+        installed: bool,
+    },
+}
+
+impl PeerMessage {
+    pub fn to(&self) -> NodeId {
+        match self {
+            PeerMessage::Raft(m) => m.to,
+            PeerMessage::Snapshot { to, .. } | PeerMessage::SnapshotDone { to, .. } => *to,
+        }
+    }
+    pub fn from(&self) -> NodeId {
+        match self {
+            PeerMessage::Raft(m) => m.from,
+            PeerMessage::Snapshot { from, .. } | PeerMessage::SnapshotDone { from, .. } => *from,
+        }
     }
 }
 
@@ -142,8 +180,11 @@ pub struct ReplicaStats {
     pub entries_applied: u64,
     pub rewinds: u64,
     pub messages_dropped_invalid: u64,
-    /// Followers Raft wanted to send a snapshot to (not built yet: they wait).
-    pub snapshots_wanted: u64,
+    /// Snapshots offered to followers (as leader) and installed (as follower).
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
+    /// Times the Raft log was compacted to the oldest retained segment.
+    pub compactions: u64,
 }
 
 pub struct Replica {
@@ -165,7 +206,14 @@ pub struct Replica {
     hard_state_in_write: Option<u64>,
     /// The write in flight: its last LSN and that entry's term.
     inflight: Option<(u64, u64, u64)>,
-    messages: Vec<Message>,
+    outbox: Vec<PeerMessage>,
+    /// A snapshot offer to install at the next write (from whom), and the one being written.
+    installing: Option<(NodeId, SnapshotOffer)>,
+    installed: Option<(NodeId, SnapshotOffer)>,
+    /// A leader's offers not yet answered: to whom, and when (an offer or its answer may be
+    /// lost: after `offer_timeout_ms` the core hears it failed and asks again).
+    offers: std::collections::BTreeMap<NodeId, u64>,
+    offer_timeout_ms: u64,
     log_reads: Vec<LogReadJob>,
     commit: u64,
     applied: u64,
@@ -198,10 +246,7 @@ impl Replica {
     ) -> Result<Replica, ConfigError> {
         assert!(shard.replaying, "a replica starts in replay (a follower)");
         let m = shard.manifest;
-        let first_index = shard
-            .segments
-            .front()
-            .map_or(shard.next_lsn, |s| s.first_lsn);
+        let first_index = shard.log_start();
         let log_state = LogState {
             first_index,
             last_index: shard.next_lsn - 1,
@@ -209,21 +254,24 @@ impl Replica {
             snapshot_index: first_index - 1,
             snapshot_term: m.base_term,
         };
+        // Everything before the retained log is committed (a checkpoint covers it).
+        let applied = log.applied.max(first_index - 1);
         let hard_state = HardState {
             term: m.term,
             vote: (m.vote != 0).then_some(m.vote),
-            commit: log.applied,
+            commit: applied,
         };
         let mut membership = Membership {
             voters: config.voters.clone(),
             learners: BTreeSet::new(),
         };
-        for (_, cc) in log.conf.iter().filter(|c| c.0 <= log.applied) {
+        for (_, cc) in log.conf.iter().filter(|c| c.0 <= applied) {
             // A change the log holds was valid when it was appended.
             membership = membership.apply(*cc).unwrap_or(membership);
         }
         let window = recovery_window(&config.raft);
         let uncommitted_max = config.raft.raft_uncommitted_entries_max;
+        let offer_timeout_ms = 2 * config.raft.raft_election_timeout_ms;
         let planted = config.planted;
         let raft = RaftCore::new(
             config.raft,
@@ -258,10 +306,14 @@ impl Replica {
             hard_state: (0, 0, 0),
             hard_state_in_write: None,
             inflight: None,
-            messages: Vec::new(),
+            outbox: Vec::new(),
+            installing: None,
+            installed: None,
+            offers: std::collections::BTreeMap::new(),
+            offer_timeout_ms,
             log_reads: Vec::new(),
-            commit: log.applied,
-            applied: log.applied,
+            commit: applied,
+            applied,
             window,
             uncommitted_max,
             last_leader: None,
@@ -306,13 +358,47 @@ impl Replica {
 
     pub fn handle_tick(&mut self, now: u64, jitter: u64) {
         self.raft.handle_tick(now, jitter);
+        self.expire_offers(now);
         self.process_ready(now);
     }
 
-    /// A peer's message. An append whose entries are not all records this node could recover
-    /// is dropped whole (the leader sends it again; a leader that keeps sending it is broken,
-    /// and this node will not write what it cannot read back).
+    /// A message from another replica of the group.
+    pub fn handle_peer_message(&mut self, now: u64, msg: PeerMessage) {
+        match msg {
+            PeerMessage::Raft(m) => self.handle_message(now, m),
+            PeerMessage::Snapshot {
+                from, term, offer, ..
+            } => self.handle_offer(from, term, offer),
+            PeerMessage::SnapshotDone {
+                from,
+                term,
+                index,
+                installed,
+                ..
+            } => {
+                if term == self.raft.term() {
+                    self.handle_offer_done(from, index, installed);
+                }
+            }
+        }
+        self.process_ready(now);
+    }
+
+    /// A peer's Raft message. An append whose entries are not all records this node could
+    /// recover is dropped whole (the leader sends it again; a leader that keeps sending it is
+    /// broken, and this node will not write what it cannot read back).
     pub fn handle_message(&mut self, now: u64, msg: Message) {
+        let installing = self.installing.is_some() || self.installed.is_some();
+        if installing
+            && matches!(
+                msg.body,
+                MessageBody::Append { .. } | MessageBody::Heartbeat { .. }
+            )
+        {
+            // The log is being replaced by a snapshot: the core must not move past it
+            // meanwhile (the leader sends these again).
+            return;
+        }
         if let MessageBody::Append { entries, .. } = &msg.body {
             if !entries.iter().all(entries::entry_is_valid) {
                 self.stats.messages_dropped_invalid += 1;
@@ -340,7 +426,7 @@ impl Replica {
             return;
         }
         self.shard.handle_requests(now, batch);
-        self.feed_proposals(now);
+        self.process_ready(now);
     }
 
     pub fn transfer_leadership(
@@ -353,9 +439,9 @@ impl Replica {
         r
     }
 
-    /// Raft messages that may leave now.
-    pub fn poll_messages(&mut self) -> Vec<Message> {
-        std::mem::take(&mut self.messages)
+    /// Messages to other replicas that may leave now.
+    pub fn poll_messages(&mut self) -> Vec<PeerMessage> {
+        std::mem::take(&mut self.outbox)
     }
 
     /// Log reads to perform ([`read_entries`]) and answer with [`Replica::handle_log_read`].

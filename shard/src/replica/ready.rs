@@ -2,7 +2,7 @@
 //! out, the hard state into `MANIFEST`, entries into write frames, commits into applied
 //! records and released acks), and the writes themselves.
 
-use super::{entries, LogReadJob, Mode, Replica, Unapplied, Waiting};
+use super::{entries, LogReadJob, Mode, PeerMessage, Replica, Unapplied, Waiting};
 use crate::raft::{Entry, HardState, Ready, Role, RoleChange};
 use crate::WalWrite;
 
@@ -11,22 +11,38 @@ impl Replica {
     /// what is committed.
     pub(super) fn process_ready(&mut self, now: u64) {
         loop {
+            // A leader's shard may have framed records (retention, cursors) since: they become
+            // entries before anything else can take their indexes.
+            self.feed_proposals(now);
             while let Some(ready) = self.raft.poll_ready() {
                 self.take_ready(now, ready);
             }
             // Our own vote comes back through the core once it is durable.
-            if !self.release_waiting(now) {
+            if self.release_waiting(now) {
+                continue;
+            }
+            self.apply_committed(now);
+            if !self.proposals_pending() {
                 break;
             }
         }
-        self.apply_committed(now);
+    }
+
+    fn proposals_pending(&self) -> bool {
+        self.mode == Mode::Leading
+            && self
+                .shard
+                .replica
+                .as_ref()
+                .is_some_and(|h| !h.proposals.is_empty())
     }
 
     fn take_ready(&mut self, now: u64, ready: Ready) {
         if let Some(role) = ready.role {
             self.role_changed(role);
         }
-        self.messages.extend(ready.messages);
+        self.outbox
+            .extend(ready.messages.into_iter().map(PeerMessage::Raft));
         if let Some(hs) = ready.hard_state {
             self.set_hard_state(hs);
         }
@@ -57,8 +73,9 @@ impl Replica {
                 rewinds: self.shard.rewinds.clone(),
             });
         }
-        self.stats.snapshots_wanted += ready.snapshots_to_send.len() as u64;
-        let _ = now;
+        for to in ready.snapshots_to_send {
+            self.offer_snapshot(now, to);
+        }
     }
 
     /// Term and vote go into `MANIFEST` (written before the next frame, in the same write);
@@ -157,9 +174,12 @@ impl Replica {
         if self.inflight.is_some() || self.mode == Mode::Deposed {
             return None;
         }
+        if let Some(w) = self.install_write() {
+            return Some(w);
+        }
         self.frame_unframed();
         let mut w = self.shard.poll_wal()?;
-        self.feed_proposals(now);
+        self.process_ready(now);
         self.place_framed();
         if let Some(m) = &mut w.manifest {
             m.commit = self.applied.min(self.shard.durable_lsn);
@@ -181,7 +201,7 @@ impl Replica {
 
     /// The term of the entry just before the oldest retained one.
     fn base_term(&self) -> u64 {
-        let first = self.shard.segments.front().map_or(1, |s| s.first_lsn);
+        let first = self.shard.log_start();
         self.raft.term_at(first.saturating_sub(1)).unwrap_or(0)
     }
 
@@ -213,7 +233,6 @@ impl Replica {
                 }
             }
         }
-        self.process_ready(now);
     }
 
     /// The write handed out by `poll_wal` is durable.
@@ -233,6 +252,7 @@ impl Replica {
         if records > 0 {
             self.raft.handle_persisted(now, lsn, term);
         }
+        self.finish_install(now);
         self.process_ready(now);
     }
 
@@ -251,7 +271,7 @@ impl Replica {
                     self.raft.handle_message(now, m);
                     own = true;
                 } else {
-                    self.messages.push(m);
+                    self.outbox.push(PeerMessage::Raft(m));
                 }
             }
         }
@@ -273,8 +293,17 @@ impl Replica {
                     self.shard.commit_through(c);
                 }
             }
-            Mode::Follower | Mode::CatchingUp { .. } => self.apply_records(c),
-            Mode::Deposed => {}
+            Mode::Follower | Mode::CatchingUp { .. } => {
+                self.apply_records(c);
+                self.shard.retire_below();
+            }
+            Mode::Deposed => return,
+        }
+        // Entries in retired segments can no longer be read: a follower that needs them
+        // gets a snapshot.
+        let first = self.shard.log_start();
+        if first > 1 && self.raft.compact(first - 1) {
+            self.stats.compactions += 1;
         }
         if let Mode::CatchingUp { noop } = self.mode {
             if self.applied >= noop {
