@@ -89,7 +89,10 @@ pub fn run(
     let write_duration = started.elapsed();
 
     let started = Instant::now();
-    let job = fabric_router::host::RecoverJob { config };
+    let job = fabric_router::host::RecoverJob {
+        config,
+        replica: None,
+    };
     let recovered = fabric::storage::recover(&wal_dir, &job, Durability::None)
         .map_err(|e| std::io::Error::other(e.to_string()))?;
     let recovery_duration = started.elapsed();

@@ -20,11 +20,11 @@ use crate::metrics::{Metrics, ShardExport};
 use crate::storage::{self, WalDone};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx};
 use fabric_router::host::{
-    Clock, CloseReason, DriverStatus, Effect, ReadDone, ShardDriver, Time, PUMP_BATCHES_MAX,
+    Clock, CloseReason, Core, DriverStatus, Effect, ReadDone, ShardDriver, Time, PUMP_BATCHES_MAX,
 };
 use fabric_router::supervise::RestartPolicy;
 use fabric_shard::store::{StoreError, StoreErrorKind};
-use fabric_shard::{RecoverError, RecoveryReport, Shard, ShardConfig};
+use fabric_shard::{RecoverError, RecoveryReport, ShardConfig};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -438,6 +438,11 @@ impl HostIo {
                 Effect::Forget { session } => {
                     self.sinks.remove(&session);
                 }
+                // `fabric serve` runs unreplicated shards (`ShardDriver::new`): only a
+                // replicated driver has messages for other nodes or log reads.
+                Effect::Peer(_) | Effect::LogRead(_) => {
+                    unreachable!("an unreplicated shard's driver has no peers")
+                }
                 Effect::CloseSession { session, why } => {
                     if let Some(tx) = self.sinks.remove(&session) {
                         let idx = self.slot.idx;
@@ -582,7 +587,7 @@ impl HostIo {
         }
         if let Ok((shard, _)) = &result {
             if self.slot.metrics.enabled() {
-                self.export = Some(ShardExport::new(shard));
+                self.export = Some(ShardExport::new(shard.shard()));
             }
         }
         guarded(driver, t, |d, t| d.handle_recovered(t, result));
@@ -591,7 +596,7 @@ impl HostIo {
     fn start_incarnation(
         &mut self,
         r: storage::Recovered,
-    ) -> Result<(Shard, RecoveryReport), RecoverError> {
+    ) -> Result<(Core, RecoveryReport), RecoverError> {
         let (tx, rx) = crossbeam_channel::bounded(WRITER_QUEUE_WRITES_MAX);
         let (done_tx, done) = mpsc::channel(WRITER_QUEUE_WRITES_MAX);
         let store = r.store;
@@ -621,7 +626,7 @@ impl HostIo {
         let meter = &self.slot.metrics.shards[self.slot.idx as usize];
         meter.recovery_seconds.set(r.duration.as_secs_f64());
         meter.recovered_records.set(r.report.records as f64);
-        Ok((r.shard, r.report))
+        Ok((r.core, r.report))
     }
 
     /// Ends the writer thread after its last write (graceful stop).

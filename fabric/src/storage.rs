@@ -6,9 +6,9 @@
 
 use crate::config::Durability;
 use crossbeam_channel::Receiver;
-use fabric_router::host::{RecoverJob, WriteJob};
+use fabric_router::host::{Core, RecoverJob, WriteJob};
 use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind, WriteFailure};
-use fabric_shard::{wal, RecoverError, RecoveryReport, Shard};
+use fabric_shard::{wal, RecoverError, RecoveryReport};
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -293,7 +293,7 @@ impl SegmentStore for FileStore {
 
 /// A recovered shard with its store, ready for the writer thread.
 pub struct Recovered {
-    pub shard: Shard,
+    pub core: Core,
     pub report: RecoveryReport,
     pub store: FileStore,
     pub duration: Duration,
@@ -308,7 +308,7 @@ pub fn recover(
 ) -> Result<Recovered, RecoverError> {
     let started = Instant::now();
     let mut store = FileStore::new(dir).with_durability(durability);
-    let (shard, report) = job.perform(&mut store)?;
+    let (core, report) = job.perform(&mut store)?;
     if let Some(cut) = report.cut {
         tracing::warn!(
             file = %store.segment_path(cut.segment),
@@ -327,7 +327,7 @@ pub fn recover(
         );
     }
     Ok(Recovered {
-        shard,
+        core,
         report,
         store,
         duration: started.elapsed(),

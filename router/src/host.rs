@@ -21,8 +21,14 @@
 //! are decided here and in `fabric_shard::store`, never by an adapter. Time comes in as [`Time`]: wall-clock ms for what the shard stamps into
 //! messages, monotonic ms for the host's own timers.
 
+mod incarnation;
+
+pub use incarnation::Core;
+
 use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx, ShardOp};
+use fabric_shard::raft::{Entry, LogReadError};
+use fabric_shard::replica::{self, LogReadJob, PeerMessage, Replica, ReplicaConfig};
 use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind, WriteFailure};
 use fabric_shard::{
     PlantedBugs, ReadRequest, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite,
@@ -124,16 +130,42 @@ impl WriteJob {
 #[derive(Debug, Clone)]
 pub struct RecoverJob {
     pub config: ShardConfig,
+    /// Set for a replica of a Raft group.
+    pub replica: Option<ReplicaConfig>,
 }
 
 impl RecoverJob {
     /// Recovery (`fabric_shard::store::recover`): reads, verifies, cuts only a torn final
-    /// write, syncs what it read.
+    /// write, syncs what it read. A replica applies up to the manifest's commit hint and
+    /// starts as a follower (`fabric_shard::store::recover_replica_log`).
     pub fn perform<S: SegmentStore>(
         &self,
         store: &mut S,
-    ) -> Result<(Shard, RecoveryReport), RecoverError> {
-        store::recover(store, self.config.clone())
+    ) -> Result<(Core, RecoveryReport), RecoverError> {
+        let Some(rc) = &self.replica else {
+            let (shard, report) = store::recover(store, self.config.clone())?;
+            return Ok((Core::Single(Box::new(shard)), report));
+        };
+        let window = replica::recovery_window(&rc.raft);
+        let (shard, report, log) = store::recover_replica_log(store, self.config.clone(), window)?;
+        let r = Replica::new(shard, log, rc.clone()).map_err(|e| {
+            RecoverError::Manifest(format!("the recovered log does not start a replica: {e}"))
+        })?;
+        Ok((Core::Replica(Box::new(r)), report))
+    }
+}
+
+/// A leader's read of entries for a follower, for the adapter to perform on its store; its
+/// result goes back through [`ShardDriver::handle_log_read_done`].
+#[derive(Debug, Clone)]
+pub struct LogReadEffect {
+    pub incarnation: u64,
+    pub job: LogReadJob,
+}
+
+impl LogReadEffect {
+    pub fn perform<S: SegmentStore>(&self, store: &mut S) -> Result<Vec<Entry>, LogReadError> {
+        replica::read_entries(store, &self.job)
     }
 }
 
@@ -208,6 +240,11 @@ pub enum Effect {
         session: SessionId,
         why: CloseReason,
     },
+    /// Send this to the replica of the same shard on node `msg.to()` (a replica only; lost
+    /// messages are Raft's to repeat).
+    Peer(PeerMessage),
+    /// Perform this log read, then call `handle_log_read_done` (a replica's leader only).
+    LogRead(LogReadEffect),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -218,7 +255,7 @@ pub enum CloseReason {
 
 /// Where the shard is in its life.
 enum State {
-    Serving(Box<Shard>),
+    Serving(Core),
     /// A recovery is under way (asked for with `Effect::Recover`).
     Recovering,
     /// Failed; recovery is asked for at `until_mono_ms`.
@@ -232,7 +269,7 @@ enum State {
 impl std::fmt::Debug for State {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            State::Serving(s) => write!(f, "Serving(lsn {})", s.durable_lsn()),
+            State::Serving(s) => write!(f, "Serving(lsn {})", s.shard().durable_lsn()),
             State::Recovering => f.write_str("Recovering"),
             State::Waiting { until_mono_ms } => write!(f, "Waiting(until {until_mono_ms})"),
             State::Stopped => f.write_str("Stopped"),
@@ -277,6 +314,11 @@ pub struct ShardDriver {
     planted: PlantedGlueBugs,
     /// Counts the incarnations installed: a read carries the one that asked for it.
     incarnation: u64,
+    /// Set for a replica of a Raft group: who it is, and the seeded source of its election
+    /// jitter (splitmix64 state); when it ticks next (monotonic ms).
+    replica: Option<ReplicaConfig>,
+    jitter: u64,
+    tick_at_mono_ms: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -310,8 +352,41 @@ impl ShardDriver {
             status: DriverStatus::default(),
             planted: PlantedGlueBugs::default(),
             incarnation: 0,
+            replica: None,
+            jitter: 0,
+            tick_at_mono_ms: None,
         };
         d.request_recovery();
+        d
+    }
+
+    /// A driver of one replica of the shard's Raft group; `jitter_seed` seeds its election
+    /// jitter (the node draws it at start, the simulator from its seed). Its first effect asks
+    /// for the replica's recovery from its store.
+    pub fn replicated(
+        idx: ShardIdx,
+        config: ShardConfig,
+        policy: RestartPolicy,
+        input_batches_max: usize,
+        wal_sync_stall_ms_max: u64,
+        replica: ReplicaConfig,
+        jitter_seed: u64,
+    ) -> ShardDriver {
+        let mut d = ShardDriver::new(
+            idx,
+            config,
+            policy,
+            input_batches_max,
+            wal_sync_stall_ms_max,
+        );
+        d.replica = Some(replica.clone());
+        d.jitter = jitter_seed;
+        // The recovery asked for by `new` must recover a replica.
+        for e in d.effects.iter_mut() {
+            if let Effect::Recover(job) = e {
+                job.replica = Some(replica.clone());
+            }
+        }
         d
     }
 
@@ -332,14 +407,22 @@ impl ShardDriver {
     /// The serving incarnation (metrics, and the simulator's audits, which read it directly).
     pub fn shard(&self) -> Option<&Shard> {
         match &self.state {
-            State::Serving(s) => Some(s),
+            State::Serving(s) => Some(s.shard()),
             _ => None,
         }
     }
 
     pub fn shard_mut(&mut self) -> Option<&mut Shard> {
         match &mut self.state {
-            State::Serving(s) => Some(s),
+            State::Serving(s) => Some(s.shard_mut()),
+            _ => None,
+        }
+    }
+
+    /// The serving replica, if this driver serves one (role, term, commit for operators).
+    pub fn replica(&self) -> Option<&Replica> {
+        match &self.state {
+            State::Serving(s) => s.replica(),
             _ => None,
         }
     }
@@ -406,7 +489,7 @@ impl ShardDriver {
         };
         match result {
             Ok(()) => {
-                shard.handle_wal_done(t.unix_ms, w.last_lsn);
+                shard.handle_wal_done(t, w.last_lsn);
                 self.status.disk_full = false;
                 self.status.serving = true;
             }
@@ -426,7 +509,7 @@ impl ShardDriver {
             return;
         };
         shard.handle_read_done(t.unix_ms, done.id, done.result);
-        if let Some(why) = shard.read_failure() {
+        if let Some(why) = shard.shard().read_failure() {
             self.status.last_error = Some(format!("reading the WAL failed: {why}"));
             self.status.serving = false;
             self.route_outputs();
@@ -438,7 +521,7 @@ impl ShardDriver {
     /// Hands back the buffer of a finished write (optional; see `Shard::recycle_wal_buffer`).
     pub fn recycle_wal_buffer(&mut self, buffer: Vec<u8>) {
         if let State::Serving(s) = &mut self.state {
-            s.recycle_wal_buffer(buffer);
+            s.shard_mut().recycle_wal_buffer(buffer);
         }
     }
 
@@ -446,7 +529,7 @@ impl ShardDriver {
         let no_space = f.error.kind == StoreErrorKind::NoSpace;
         let reason = f.error.to_string();
         if let State::Serving(shard) = &mut self.state {
-            shard.handle_wal_failed(t.unix_ms, no_space, &reason);
+            shard.handle_wal_failed(t, no_space, &reason);
         }
         self.route_outputs();
         self.status.last_error = Some(match &f.cleanup_error {
@@ -458,7 +541,7 @@ impl ShardDriver {
         if self.planted.glue_restart_without_recovery && f.cleaned {
             if let State::Serving(shard) = &mut self.state {
                 // The bug: the failed incarnation (memory ahead of the disk) goes on.
-                shard.revive_for_planted_bug();
+                shard.shard_mut().revive_for_planted_bug();
                 self.status.serving = true;
                 return;
             }
@@ -501,8 +584,10 @@ impl ShardDriver {
 
     fn request_recovery(&mut self) {
         self.state = State::Recovering;
+        self.tick_at_mono_ms = None;
         self.effects.push_back(Effect::Recover(RecoverJob {
             config: self.config.clone(),
+            replica: self.replica.clone(),
         }));
     }
 
@@ -522,7 +607,7 @@ impl ShardDriver {
     pub fn handle_recovered(
         &mut self,
         t: Time,
-        result: Result<(Shard, RecoveryReport), RecoverError>,
+        result: Result<(Core, RecoveryReport), RecoverError>,
     ) {
         if !matches!(self.state, State::Recovering) {
             debug_assert!(false, "a recovery arrived that was not asked for");
@@ -531,11 +616,14 @@ impl ShardDriver {
         // The adapter finished every ended incarnation's write before it recovered.
         self.orphaned_writes = 0;
         match result {
-            Ok((mut shard, _)) => {
+            Ok((mut core, _)) => {
                 if let Some(until) = self.writes_from_unix_ms.take() {
-                    shard.handle_storage_full(t.unix_ms, until);
+                    core.shard_mut().handle_storage_full(t.unix_ms, until);
                 }
-                self.state = State::Serving(Box::new(shard));
+                if core.replica().is_some() {
+                    self.tick_at_mono_ms = Some(t.mono_ms);
+                }
+                self.state = State::Serving(core);
                 self.incarnation += 1;
                 self.status.serving = !self.status.disk_full;
                 self.status.stopped = false;
@@ -563,7 +651,7 @@ impl ShardDriver {
             why: CloseReason::Overloaded,
         });
         if let State::Serving(shard) = &mut self.state {
-            shard.handle_request(
+            shard.shard_mut().handle_request(
                 t.unix_ms,
                 Request {
                     session,
@@ -584,7 +672,11 @@ impl ShardDriver {
             State::Waiting { until_mono_ms } => Some(until_mono_ms),
             _ => None,
         };
-        stall.into_iter().chain(restart).min()
+        stall
+            .into_iter()
+            .chain(restart)
+            .chain(self.tick_at_mono_ms)
+            .min()
     }
 
     pub fn handle_timeout(&mut self, t: Time) {
@@ -598,6 +690,7 @@ impl ShardDriver {
                 self.request_recovery();
             }
         }
+        self.tick(t);
         self.pump(t);
     }
 
@@ -613,9 +706,10 @@ impl ShardDriver {
             State::Serving(_) => self.feed(t),
             _ => self.answer_down(),
         }
+        self.restart_if_deposed(t);
         if self.writing.is_none() {
             if let State::Serving(shard) = &mut self.state {
-                if let Some(w) = shard.poll_wal() {
+                if let Some(w) = shard.poll_wal(t) {
                     self.writing = Some(WriteInFlight {
                         last_lsn: w.last_lsn,
                         started_mono_ms: t.mono_ms,
@@ -638,6 +732,7 @@ impl ShardDriver {
                 }));
             }
         }
+        self.replica_effects();
     }
 
     /// Input batches into the serving shard, each whole, while it wants input.
@@ -661,10 +756,10 @@ impl ShardDriver {
                     if !shard.wants_input() {
                         break; // the bug: the rest of the batch is lost
                     }
-                    shard.handle_request(t.unix_ms, req);
+                    shard.handle_requests(t, vec![req]);
                 }
             } else {
-                shard.handle_requests(t.unix_ms, batch);
+                shard.handle_requests(t, batch);
             }
             for session in closing {
                 self.sessions.remove(&session);
@@ -673,6 +768,102 @@ impl ShardDriver {
                 self.effects.push_back(Effect::Forget { session });
             }
         }
+    }
+
+    /// A replica's tick, when due: elections and heartbeats (jitter from the seeded source).
+    fn tick(&mut self, t: Time) {
+        let Some(at) = self.tick_at_mono_ms.filter(|at| t.mono_ms >= *at) else {
+            return;
+        };
+        let jitter = self.next_jitter();
+        let State::Serving(core) = &mut self.state else {
+            return;
+        };
+        let Some(r) = core.replica_mut() else {
+            return;
+        };
+        r.handle_tick(t.mono_ms, jitter);
+        self.tick_at_mono_ms = Some(at.max(t.mono_ms) + r.tick_interval_ms());
+    }
+
+    /// splitmix64 over the driver's seed.
+    fn next_jitter(&mut self) -> u64 {
+        self.jitter = self.jitter.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.jitter;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// A message from the replica of this shard on another node.
+    pub fn handle_peer_message(&mut self, t: Time, msg: PeerMessage) {
+        if let State::Serving(core) = &mut self.state {
+            if let Some(r) = core.replica_mut() {
+                r.handle_peer_message(t.mono_ms, msg);
+            }
+        }
+        self.pump(t);
+    }
+
+    /// A log read handed out as `Effect::LogRead` finished.
+    pub fn handle_log_read_done(
+        &mut self,
+        t: Time,
+        effect: &LogReadEffect,
+        result: Result<Vec<Entry>, LogReadError>,
+    ) {
+        if effect.incarnation != self.incarnation {
+            return;
+        }
+        if let State::Serving(core) = &mut self.state {
+            if let Some(r) = core.replica_mut() {
+                r.handle_log_read(t.mono_ms, effect.job.id, result);
+            }
+        }
+        self.pump(t);
+    }
+
+    /// A replica's messages and log reads become effects.
+    fn replica_effects(&mut self) {
+        let State::Serving(core) = &mut self.state else {
+            return;
+        };
+        let Some(r) = core.replica_mut() else {
+            return;
+        };
+        for m in r.poll_messages() {
+            self.effects.push_back(Effect::Peer(m));
+        }
+        for job in r.poll_log_reads() {
+            self.effects.push_back(Effect::LogRead(LogReadEffect {
+                incarnation: self.incarnation,
+                job,
+            }));
+        }
+    }
+
+    /// A replica that must start again from disk (deposed with applied records that may never
+    /// commit): its answers go out, its sessions are told, and it recovers at once (no
+    /// backoff: nothing failed).
+    fn restart_if_deposed(&mut self, t: Time) {
+        let deposed = matches!(&self.state, State::Serving(c) if c.needs_restart());
+        if !deposed {
+            return;
+        }
+        self.route_outputs();
+        self.replica_effects();
+        if self.writing.take().is_some() {
+            self.orphaned_writes += 1;
+        }
+        for session in std::mem::take(&mut self.sessions) {
+            self.effects.push_back(Effect::CloseSession {
+                session,
+                why: CloseReason::Restarted,
+            });
+        }
+        self.status.serving = false;
+        let _ = t;
+        self.request_recovery();
     }
 
     /// While there is no serving incarnation: every request answered `unavailable`.
@@ -707,7 +898,7 @@ impl ShardDriver {
 }
 
 /// The shard's outputs, grouped per session in the order each session first appears.
-fn route(shard: &mut Shard, effects: &mut VecDeque<Effect>) {
+fn route(shard: &mut Core, effects: &mut VecDeque<Effect>) {
     let mut out = Grouped::default();
     while let Some(o) = shard.poll_output() {
         out.push(o.session, o.reply);
@@ -743,3 +934,5 @@ impl Grouped {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_replicated;

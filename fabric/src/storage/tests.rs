@@ -5,7 +5,7 @@ use super::*;
 use fabric_proto::internal::{Request, ShardOp};
 use fabric_proto::Body;
 use fabric_proto::{ConvId, MeshId, PeerId};
-use fabric_shard::{PlantedBugs, ShardConfig, WalWrite};
+use fabric_shard::{PlantedBugs, Shard, ShardConfig, WalWrite};
 
 /// A store that records every call and can fail the next call of one operation.
 struct Recording {
@@ -217,6 +217,7 @@ fn a_torn_final_write_on_disk_is_quarantined_then_cut() {
         &dir,
         &RecoverJob {
             config: ShardConfig::default(),
+            replica: None,
         },
         Durability::Fsync,
     )
@@ -245,6 +246,7 @@ fn an_emptied_shard_directory_refuses_to_start() {
         &dir,
         &RecoverJob {
             config: ShardConfig::default(),
+            replica: None,
         },
         Durability::Fsync,
     ) {

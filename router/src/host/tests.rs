@@ -80,6 +80,9 @@ impl Adapter {
                 }
                 Effect::Forget { .. } => {}
                 Effect::CloseSession { session, why } => self.closed.push((session, why)),
+                Effect::Peer(_) | Effect::LogRead(_) => {
+                    unreachable!("an unreplicated shard's driver has no peers")
+                }
             }
         }
     }

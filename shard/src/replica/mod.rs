@@ -214,6 +214,7 @@ pub struct Replica {
     /// lost: after `offer_timeout_ms` the core hears it failed and asks again).
     offers: std::collections::BTreeMap<NodeId, u64>,
     offer_timeout_ms: u64,
+    tick_ms: u64,
     log_reads: Vec<LogReadJob>,
     commit: u64,
     applied: u64,
@@ -272,6 +273,7 @@ impl Replica {
         let window = recovery_window(&config.raft);
         let uncommitted_max = config.raft.raft_uncommitted_entries_max;
         let offer_timeout_ms = 2 * config.raft.raft_election_timeout_ms;
+        let tick_ms = (config.raft.raft_heartbeat_ms / 4).max(1);
         let planted = config.planted;
         let raft = RaftCore::new(
             config.raft,
@@ -311,6 +313,7 @@ impl Replica {
             installed: None,
             offers: std::collections::BTreeMap::new(),
             offer_timeout_ms,
+            tick_ms,
             log_reads: Vec::new(),
             commit: applied,
             applied,
@@ -346,6 +349,39 @@ impl Replica {
     /// How many records recovery held back for this replica's group ([`recovery_window`]).
     pub fn window(&self) -> usize {
         self.window
+    }
+
+    /// The shard, for the host's disk reads, buffers and session bookkeeping.
+    pub fn shard_mut(&mut self) -> &mut Shard {
+        &mut self.shard
+    }
+
+    /// The host may hand in a batch now: a leader that wants input runs it; anywhere else it
+    /// is answered `unavailable` at once (never queued behind a leader that may not come).
+    pub fn takes_batch(&self) -> bool {
+        self.mode != Mode::Leading || self.wants_input()
+    }
+
+    /// Nothing taken in waits for a write or an answer.
+    pub fn is_idle(&self) -> bool {
+        self.shard.is_idle()
+            && self.unframed.is_empty()
+            && self.inflight.is_none()
+            && self.waiting.is_empty()
+            && self.installing.is_none()
+    }
+
+    /// The host could not write the WAL: nothing pending is acknowledged, and the replica is
+    /// recovered from disk (its memory may be ahead of it).
+    pub fn handle_wal_failed(&mut self, now: u64, no_space: bool, reason: &str) {
+        self.inflight = None;
+        self.shard.handle_wal_failed(now, no_space, reason);
+        self.mode = Mode::Deposed;
+    }
+
+    /// How often the host should tick this replica (ms).
+    pub fn tick_interval_ms(&self) -> u64 {
+        self.tick_ms
     }
 
     /// Whether the host may hand in more requests now.
@@ -410,9 +446,16 @@ impl Replica {
         self.process_ready(now);
     }
 
-    /// A batch of requests: the leader's shard runs them; anywhere else each is answered
-    /// `unavailable`, naming the leader if known (the router forwards there).
-    pub fn handle_requests(&mut self, now: u64, batch: impl IntoIterator<Item = Request>) {
+    /// A batch of requests: the leader's shard runs them (stamping `unix_ms`, the wall clock,
+    /// into what it records; `now` is the monotonic clock every other input takes); anywhere
+    /// else each is answered `unavailable`, naming the leader if known (the router forwards
+    /// there).
+    pub fn handle_requests(
+        &mut self,
+        now: u64,
+        unix_ms: u64,
+        batch: impl IntoIterator<Item = Request>,
+    ) {
         if self.mode != Mode::Leading {
             let reason = match self.raft.leader() {
                 Some(l) if l != self.raft.id() => format!("not the leader (node {l} leads)"),
@@ -425,7 +468,7 @@ impl Replica {
             }
             return;
         }
-        self.shard.handle_requests(now, batch);
+        self.shard.handle_requests(unix_ms, batch);
         self.process_ready(now);
     }
 

@@ -315,7 +315,7 @@ impl Cluster {
             key: None,
         };
         self.replica(l)
-            .handle_requests(now, [Request { session: 1, op }]);
+            .handle_requests(now, now, [Request { session: 1, op }]);
     }
 
     fn setup(&mut self) {
@@ -337,7 +337,7 @@ impl Cluster {
             },
         ];
         let batch = reqs.into_iter().map(|op| Request { session: 0, op });
-        self.replica(l).handle_requests(now, batch);
+        self.replica(l).handle_requests(now, now, batch);
         self.run(50);
     }
 

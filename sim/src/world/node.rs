@@ -311,6 +311,11 @@ impl Simulation {
                 Effect::CloseSession { session, why } => {
                     outputs.push((shard, HostOut::Close(session, why)));
                 }
+                // The simulated nodes run unreplicated shards (`ShardDriver::new`): only a
+                // replicated driver has messages for other nodes or log reads.
+                Effect::Peer(_) | Effect::LogRead(_) => {
+                    unreachable!("an unreplicated shard's driver has no peers")
+                }
             }
         }
         self.arm_host_timer(n, shard);

@@ -1,0 +1,272 @@
+//! Replicated drivers: three `ShardDriver`s serving replicas of one shard, each on its own
+//! in-memory store, with an adapter that performs their effects and carries their messages
+//! to each other (the node link's job), so the host code a node runs is what is tested.
+
+use super::*;
+use fabric_proto::internal::ShardOp;
+use fabric_proto::{Body, ConvId, MeshId, PeerId, ServerOp};
+use fabric_shard::raft::{NodeId, RaftConfig};
+use fabric_shard::replica::{ReplicaConfig, ReplicaPlanted};
+use fabric_shard::store::mem::MemStore;
+
+struct Node {
+    driver: ShardDriver,
+    store: MemStore,
+    up: bool,
+}
+
+struct Cluster {
+    nodes: Vec<Node>,
+    t: Time,
+    /// Messages in flight: (deliver at mono ms, message).
+    wire: Vec<(u64, PeerMessage)>,
+    isolated: Option<NodeId>,
+    /// Ok replies per ref.
+    oks: BTreeSet<u64>,
+    unavailable: u64,
+    restarts_seen: u64,
+}
+
+fn replica_config(node: NodeId) -> ReplicaConfig {
+    ReplicaConfig {
+        node,
+        voters: [1, 2, 3].into(),
+        raft: RaftConfig {
+            raft_heartbeat_ms: 50,
+            raft_election_timeout_ms: 300,
+            ..RaftConfig::default()
+        },
+        planted: ReplicaPlanted::default(),
+    }
+}
+
+impl Cluster {
+    fn new() -> Cluster {
+        let nodes = (1..=3)
+            .map(|id| {
+                let mut store = MemStore::new(0);
+                store::init(&mut store, 0).expect("init");
+                let driver = ShardDriver::replicated(
+                    0,
+                    ShardConfig::default(),
+                    RestartPolicy::default(),
+                    64,
+                    1_000,
+                    replica_config(id),
+                    id * 7919,
+                );
+                Node {
+                    driver,
+                    store,
+                    up: true,
+                }
+            })
+            .collect();
+        let mut c = Cluster {
+            nodes,
+            t: Time {
+                unix_ms: 1_000_000,
+                mono_ms: 0,
+            },
+            wire: Vec::new(),
+            isolated: None,
+            oks: BTreeSet::new(),
+            unavailable: 0,
+            restarts_seen: 0,
+        };
+        c.run_effects();
+        c
+    }
+
+    /// Performs every node's effects until none is left.
+    fn run_effects(&mut self) {
+        for i in 0..self.nodes.len() {
+            while let Some(e) = self.nodes[i].driver.poll_effect() {
+                self.perform(i, e);
+            }
+        }
+    }
+
+    fn perform(&mut self, i: usize, e: Effect) {
+        let t = self.t;
+        let n = &mut self.nodes[i];
+        match e {
+            Effect::Write(w) => {
+                let r = w.perform(&mut n.store);
+                n.driver.handle_write_done(t, r);
+            }
+            Effect::Recover(job) => {
+                self.restarts_seen += 1;
+                let r = job.perform(&mut n.store);
+                n.driver.handle_recovered(t, r);
+            }
+            Effect::Read(job) => {
+                let done = job.perform(&mut n.store);
+                n.driver.handle_read_done(t, done);
+            }
+            Effect::LogRead(job) => {
+                let r = job.perform(&mut n.store);
+                n.driver.handle_log_read_done(t, &job, r);
+            }
+            Effect::Peer(m) => self.wire.push((t.mono_ms + 2, m)),
+            Effect::Replies { replies, .. } => {
+                for r in replies {
+                    match r {
+                        Reply::Frame(ServerOp::Ok { r, .. }) => {
+                            self.oks.insert(r);
+                        }
+                        Reply::Frame(ServerOp::Error { .. }) => self.unavailable += 1,
+                        _ => {}
+                    }
+                }
+            }
+            Effect::Forget { .. } | Effect::CloseSession { .. } => {}
+        }
+    }
+
+    /// Advances time by `ms` in 5 ms steps: due messages delivered, timers fired.
+    fn advance(&mut self, ms: u64) {
+        for _ in 0..ms / 5 {
+            self.t.mono_ms += 5;
+            self.t.unix_ms += 5;
+            let now = self.t.mono_ms;
+            let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.wire)
+                .into_iter()
+                .partition(|(at, _)| *at <= now);
+            self.wire = later;
+            for (_, m) in due {
+                let cut = self.isolated.is_some_and(|x| x == m.to() || x == m.from());
+                if !cut {
+                    let to = m.to() as usize - 1;
+                    self.nodes[to].driver.handle_peer_message(self.t, m);
+                }
+            }
+            for i in 0..self.nodes.len() {
+                if self.nodes[i]
+                    .driver
+                    .poll_timeout()
+                    .is_some_and(|at| at <= now)
+                {
+                    self.nodes[i].driver.handle_timeout(self.t);
+                }
+            }
+            self.run_effects();
+        }
+    }
+
+    fn leader(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            n.up && n
+                .driver
+                .replica()
+                .is_some_and(|r| r.mode() == fabric_shard::replica::Mode::Leading)
+                && self.isolated != n.driver.replica().map(|r| r.raft().id())
+        })
+    }
+
+    fn send(&mut self, i: usize, ops: Vec<ShardOp>) {
+        let batch = ops
+            .into_iter()
+            .map(|op| Request { session: 1, op })
+            .collect();
+        self.nodes[i].driver.handle_batch(self.t, 1, batch);
+        self.run_effects();
+    }
+}
+
+fn append(r: u64) -> ShardOp {
+    ShardOp::Append {
+        r,
+        mesh: MeshId::must("m"),
+        conv: ConvId::must("c"),
+        from: PeerId::must("a"),
+        body: Body::from_json_text(format!("{r}")).unwrap(),
+        key: None,
+    }
+}
+
+fn setup(c: &mut Cluster) -> usize {
+    c.advance(1_000);
+    let l = c.leader().expect("a leader within a second");
+    c.send(
+        l,
+        vec![
+            ShardOp::CreateMesh {
+                r: 1,
+                mesh: MeshId::must("m"),
+            },
+            ShardOp::AddPeer {
+                r: 2,
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("a"),
+                groups: vec![],
+                token_hash: Some([1; 32]),
+                public_key: None,
+            },
+        ],
+    );
+    c.advance(100);
+    assert!(c.oks.contains(&1) && c.oks.contains(&2));
+    l
+}
+
+#[test]
+fn replicated_drivers_elect_a_leader_and_answer_appends_at_commit() {
+    // Proves three drivers of one shard's replicas elect a leader from their ticks, that the
+    // leader's driver answers appends once a quorum holds them, that a follower's driver
+    // answers `unavailable` at once, and that every replica ends with every append.
+    let mut c = Cluster::new();
+    let l = setup(&mut c);
+    let follower = (l + 1) % 3;
+    c.send(follower, vec![append(99)]);
+    assert_eq!(c.unavailable, 1, "a follower answers at once");
+    for r in 100..150 {
+        c.send(l, vec![append(r)]);
+    }
+    assert!(!c.oks.contains(&149), "no ok before the followers answered");
+    c.advance(200);
+    assert!(
+        (100..150).all(|r| c.oks.contains(&r)),
+        "every append acknowledged"
+    );
+    for n in &c.nodes {
+        let head = n.driver.shard().and_then(|s| s.conversation_head("m", "c"));
+        assert_eq!(head, Some(50));
+    }
+}
+
+#[test]
+fn a_deposed_leader_driver_recovers_its_replica_from_disk() {
+    // Proves a leader cut off from its followers acknowledges nothing, steps down (check
+    // quorum) and its driver recovers its replica from disk (an incarnation ends), the others
+    // elect a new leader, and after the heal the old leader follows, holding the new leader's
+    // appends and not its own unacknowledged one.
+    let mut c = Cluster::new();
+    let old = setup(&mut c);
+    let restarts = c.restarts_seen;
+    c.isolated = Some(old as NodeId + 1);
+    c.send(old, vec![append(500)]);
+    c.advance(1_500);
+    assert!(!c.oks.contains(&500), "no ok without a quorum");
+    // Check-quorum: it stepped down within an election timeout or two of losing its quorum,
+    // and a leader that steps down with applied records starts again from disk.
+    let state = c.nodes[old]
+        .driver
+        .replica()
+        .map(|r| (r.mode(), r.raft().role(), r.raft().term()));
+    assert!(c.restarts_seen > restarts, "recovered from disk: {state:?}");
+    let new = c.leader().expect("a new leader");
+    assert_ne!(new, old);
+    for r in 600..610 {
+        c.send(new, vec![append(r)]);
+    }
+    c.advance(200);
+    assert!((600..610).all(|r| c.oks.contains(&r)));
+    c.isolated = None;
+    c.advance(1_000);
+    let head = c.nodes[old]
+        .driver
+        .shard()
+        .and_then(|s| s.conversation_head("m", "c"));
+    assert_eq!(head, Some(10), "the new leader's appends, not its own");
+}
