@@ -21,19 +21,22 @@
 //! are decided here and in `fabric_shard::store`, never by an adapter. Time comes in as [`Time`]: wall-clock ms for what the shard stamps into
 //! messages, monotonic ms for the host's own timers.
 
+mod forward;
 mod incarnation;
 
+pub use forward::{session_home, session_id, FORWARDED_REQUESTS_MAX, SESSION_NODE_SHIFT};
 pub use incarnation::Core;
 
 use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx, ShardOp};
+use fabric_shard::raft::NodeId;
 use fabric_shard::raft::{Entry, LogReadError};
 use fabric_shard::replica::{self, LogReadJob, PeerMessage, Replica, ReplicaConfig};
 use fabric_shard::store::{self, SegmentStore, StoreError, StoreErrorKind, WriteFailure};
 use fabric_shard::{
     PlantedBugs, ReadRequest, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite,
 };
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 
 /// Batches taken from the input queue per pump before the driver writes and answers.
 pub const PUMP_BATCHES_MAX: usize = 256;
@@ -245,6 +248,25 @@ pub enum Effect {
     Peer(PeerMessage),
     /// Perform this log read, then call `handle_log_read_done` (a replica's leader only).
     LogRead(LogReadEffect),
+    /// Send this batch of a local session to node `to`, which leads the shard there
+    /// (`handle_forwarded`).
+    Forward {
+        to: NodeId,
+        session: SessionId,
+        batch: Vec<Request>,
+    },
+    /// Send these replies to node `to`, where the session lives (`handle_remote_replies`).
+    Remote {
+        to: NodeId,
+        session: SessionId,
+        replies: Vec<Reply>,
+    },
+    /// Tell node `to` to close its session (`handle_remote_close`).
+    RemoteClose {
+        to: NodeId,
+        session: SessionId,
+        why: CloseReason,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -319,6 +341,9 @@ pub struct ShardDriver {
     replica: Option<ReplicaConfig>,
     jitter: u64,
     tick_at_mono_ms: Option<u64>,
+    /// Requests of local sessions forwarded to the leader's node, by (session, ref).
+    forwarded: BTreeMap<(SessionId, u64), forward::Waiting>,
+    forward_timeout_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -355,6 +380,8 @@ impl ShardDriver {
             replica: None,
             jitter: 0,
             tick_at_mono_ms: None,
+            forwarded: BTreeMap::new(),
+            forward_timeout_ms: 0,
         };
         d.request_recovery();
         d
@@ -379,6 +406,7 @@ impl ShardDriver {
             input_batches_max,
             wal_sync_stall_ms_max,
         );
+        d.forward_timeout_ms = replica.raft.raft_election_timeout_ms;
         d.replica = Some(replica.clone());
         d.jitter = jitter_seed;
         // The recovery asked for by `new` must recover a replica.
@@ -676,6 +704,7 @@ impl ShardDriver {
             .into_iter()
             .chain(restart)
             .chain(self.tick_at_mono_ms)
+            .chain(self.forward_deadline())
             .min()
     }
 
@@ -694,9 +723,11 @@ impl ShardDriver {
         self.pump(t);
     }
 
-    /// The next effect for the adapter.
+    /// The next effect for the adapter (replies and closes for sessions of other nodes are
+    /// addressed to them).
     pub fn poll_effect(&mut self) -> Option<Effect> {
-        self.effects.pop_front()
+        let e = self.effects.pop_front()?;
+        Some(self.route_effect(e))
     }
 
     /// Moves work: input into the shard while it wants it (or into `unavailable` answers
@@ -707,6 +738,7 @@ impl ShardDriver {
             _ => self.answer_down(),
         }
         self.restart_if_deposed(t);
+        self.expire_forwarded(t);
         if self.writing.is_none() {
             if let State::Serving(shard) = &mut self.state {
                 if let Some(w) = shard.poll_wal(t) {
@@ -735,38 +767,51 @@ impl ShardDriver {
         self.replica_effects();
     }
 
-    /// Input batches into the serving shard, each whole, while it wants input.
+    /// Input batches into the serving shard, each whole, while it wants input (a follower
+    /// replica's driver forwards its local sessions' batches to the leader instead).
     fn feed(&mut self, t: Time) {
-        let State::Serving(shard) = &mut self.state else {
-            return;
-        };
         let mut taken = 0;
-        while taken < PUMP_BATCHES_MAX && shard.wants_input() {
-            let Some(batch) = self.input.pop_front() else {
+        while taken < PUMP_BATCHES_MAX && self.core_wants_input() {
+            let Some(mut batch) = self.input.pop_front() else {
                 break;
             };
             taken += 1;
-            let closing: Vec<SessionId> = batch
-                .iter()
-                .filter(|r| matches!(r.op, ShardOp::Closed))
-                .map(|r| r.session)
-                .collect();
-            if self.planted.glue_batch_drops_rest_under_backpressure {
-                for req in batch {
-                    if !shard.wants_input() {
-                        break; // the bug: the rest of the batch is lost
-                    }
-                    shard.handle_requests(t, vec![req]);
+            let session = batch.first().map_or(0, |r| r.session);
+            if self.forward(t, session, &mut batch) {
+                continue;
+            }
+            self.feed_batch(t, batch);
+        }
+    }
+
+    fn core_wants_input(&self) -> bool {
+        matches!(&self.state, State::Serving(core) if core.wants_input())
+    }
+
+    fn feed_batch(&mut self, t: Time, batch: Vec<Request>) {
+        let State::Serving(shard) = &mut self.state else {
+            return;
+        };
+        let closing: Vec<SessionId> = batch
+            .iter()
+            .filter(|r| matches!(r.op, ShardOp::Closed))
+            .map(|r| r.session)
+            .collect();
+        if self.planted.glue_batch_drops_rest_under_backpressure {
+            for req in batch {
+                if !shard.wants_input() {
+                    break; // the bug: the rest of the batch is lost
                 }
-            } else {
-                shard.handle_requests(t, batch);
+                shard.handle_requests(t, vec![req]);
             }
-            for session in closing {
-                self.sessions.remove(&session);
-                // Replies already owed go out before the sink is forgotten.
-                route(shard, &mut self.effects);
-                self.effects.push_back(Effect::Forget { session });
-            }
+        } else {
+            shard.handle_requests(t, batch);
+        }
+        for session in closing {
+            self.sessions.remove(&session);
+            // Replies already owed go out before the sink is forgotten.
+            route(shard, &mut self.effects);
+            self.effects.push_back(Effect::Forget { session });
         }
     }
 

@@ -80,7 +80,11 @@ impl Adapter {
                 }
                 Effect::Forget { .. } => {}
                 Effect::CloseSession { session, why } => self.closed.push((session, why)),
-                Effect::Peer(_) | Effect::LogRead(_) => {
+                Effect::Peer(_)
+                | Effect::LogRead(_)
+                | Effect::Forward { .. }
+                | Effect::Remote { .. }
+                | Effect::RemoteClose { .. } => {
                     unreachable!("an unreplicated shard's driver has no peers")
                 }
             }

@@ -313,7 +313,11 @@ impl Simulation {
                 }
                 // The simulated nodes run unreplicated shards (`ShardDriver::new`): only a
                 // replicated driver has messages for other nodes or log reads.
-                Effect::Peer(_) | Effect::LogRead(_) => {
+                Effect::Peer(_)
+                | Effect::LogRead(_)
+                | Effect::Forward { .. }
+                | Effect::Remote { .. }
+                | Effect::RemoteClose { .. } => {
                     unreachable!("an unreplicated shard's driver has no peers")
                 }
             }

@@ -1,0 +1,206 @@
+//! Any node serves any client: a replicated driver whose replica follows forwards its batches
+//! to the node its Raft core names as leader, and routes the replies for sessions homed on
+//! other nodes back to them. Sans-IO: forwarded batches, replies and closes leave as effects
+//! (the node link carries them) and come back through `handle_forwarded`,
+//! `handle_remote_replies` and `handle_remote_close`.
+//!
+//! The rules:
+//! - A session's id says which node it lives on ([`session_home`]); replies for it go there.
+//! - A forwarded request with a ref is answered `unavailable` by the forwarding node as soon as
+//!   its replica sees a newer term, or after `forward_timeout_ms` without an answer; a late
+//!   answer from the old leader is then dropped, so each request gets one answer. Such a
+//!   request may still commit: a client retries with its idempotency key.
+//! - A batch forwarded to a node that no longer leads is answered there (`unavailable`,
+//!   naming the leader it knows), never forwarded again: no loops.
+
+use super::{CloseReason, Effect, ShardDriver, State, Time};
+use fabric_proto::internal::{Reply, Request, SessionId, ShardOp};
+use fabric_proto::{ErrorCode, ProtoError, ServerOp};
+use fabric_shard::raft::NodeId;
+use fabric_shard::replica::Mode;
+
+/// Bits of a session id below its home node's id: sessions of node `n` are
+/// `n << SESSION_NODE_SHIFT | k`.
+pub const SESSION_NODE_SHIFT: u32 = 48;
+
+/// Forwarded requests waiting for an answer, per driver (bounded by what the input queue
+/// holds: each was taken from it).
+pub const FORWARDED_REQUESTS_MAX: usize = 65_536;
+
+/// The node a session lives on.
+pub fn session_home(session: SessionId) -> NodeId {
+    session >> SESSION_NODE_SHIFT
+}
+
+/// The id of session `k` of node `node`.
+pub fn session_id(node: NodeId, k: u64) -> SessionId {
+    node << SESSION_NODE_SHIFT | (k & ((1 << SESSION_NODE_SHIFT) - 1))
+}
+
+/// The ref a reply answers, if it answers one request.
+fn reply_ref(reply: &Reply) -> Option<u64> {
+    match reply {
+        Reply::Frame(ServerOp::Ok { r, .. }) | Reply::Frame(ServerOp::Pong { r }) => Some(*r),
+        Reply::Frame(ServerOp::Error { r, .. }) => *r,
+        Reply::Authed { r, .. } | Reply::Messages { r, .. } => Some(*r),
+        _ => None,
+    }
+}
+
+/// A forwarded request waiting for its answer.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Waiting {
+    deadline_mono_ms: u64,
+    term: u64,
+}
+
+impl ShardDriver {
+    /// The node this driver serves on (0 for an unreplicated driver).
+    pub fn node(&self) -> NodeId {
+        self.replica.as_ref().map_or(0, |r| r.node)
+    }
+
+    fn is_local(&self, session: SessionId) -> bool {
+        session_home(session) == self.node()
+    }
+
+    /// Where a follower sends what it takes in: its leader, if it knows one elsewhere.
+    fn forward_target(&self) -> Option<(NodeId, u64)> {
+        let State::Serving(core) = &self.state else {
+            return None;
+        };
+        let r = core.replica()?;
+        let leader = r.raft().leader()?;
+        (r.mode() == Mode::Follower && leader != r.raft().id()).then(|| (leader, r.raft().term()))
+    }
+
+    /// A batch the driver takes in: forwarded to the leader (true), or for the core (false).
+    /// Only a local session's batch is forwarded (a forwarded one is answered here).
+    pub(super) fn forward(
+        &mut self,
+        t: Time,
+        session: SessionId,
+        batch: &mut Vec<Request>,
+    ) -> bool {
+        let Some((to, term)) = self.forward_target() else {
+            return false;
+        };
+        if !self.is_local(session) || self.forwarded.len() >= FORWARDED_REQUESTS_MAX {
+            return false;
+        }
+        if batch.iter().any(|r| matches!(r.op, ShardOp::Closed)) {
+            // The leader forgets the session; so does this node's adapter.
+            self.effects.push_back(Effect::Forget { session });
+        }
+        let deadline = t.mono_ms + self.forward_timeout_ms;
+        for req in batch.iter() {
+            if let Some(r) = req.op.reference() {
+                let w = Waiting {
+                    deadline_mono_ms: deadline,
+                    term,
+                };
+                self.forwarded.insert((req.session, r), w);
+            }
+        }
+        self.effects.push_back(Effect::Forward {
+            to,
+            session,
+            batch: std::mem::take(batch),
+        });
+        true
+    }
+
+    /// A batch another node forwarded here (this node leads, or did when it was sent).
+    /// Requests of sessions that do not live on the sending node are dropped: a node forwards
+    /// only its own sessions.
+    pub fn handle_forwarded(
+        &mut self,
+        t: Time,
+        from: NodeId,
+        session: SessionId,
+        batch: Vec<Request>,
+    ) {
+        if session_home(session) != from || from == self.node() {
+            return;
+        }
+        let batch: Vec<Request> = batch.into_iter().filter(|r| r.session == session).collect();
+        self.handle_batch(t, session, batch);
+    }
+
+    /// Replies the leader sent for one of this node's sessions: each request is answered once
+    /// (an answer to a request this node already answered `unavailable` is dropped).
+    pub fn handle_remote_replies(&mut self, _t: Time, session: SessionId, replies: Vec<Reply>) {
+        if !self.is_local(session) {
+            return;
+        }
+        let replies: Vec<Reply> = replies
+            .into_iter()
+            .filter(|reply| match reply_ref(reply) {
+                Some(r) => self.forwarded.remove(&(session, r)).is_some(),
+                None => true,
+            })
+            .collect();
+        if !replies.is_empty() {
+            self.effects.push_back(Effect::Replies { session, replies });
+        }
+    }
+
+    /// The leader's incarnation that one of this node's sessions was attached to ended.
+    pub fn handle_remote_close(&mut self, _t: Time, session: SessionId, why: CloseReason) {
+        if self.is_local(session) {
+            self.effects
+                .push_back(Effect::CloseSession { session, why });
+        }
+    }
+
+    /// Replies and closes for sessions of other nodes go there.
+    pub(super) fn route_effect(&self, e: Effect) -> Effect {
+        match e {
+            Effect::Replies { session, replies } if !self.is_local(session) => Effect::Remote {
+                to: session_home(session),
+                session,
+                replies,
+            },
+            Effect::CloseSession { session, why } if !self.is_local(session) => {
+                Effect::RemoteClose {
+                    to: session_home(session),
+                    session,
+                    why,
+                }
+            }
+            e => e,
+        }
+    }
+
+    /// Forwarded requests past their deadline, or sent in an older term than the replica
+    /// knows now, are answered `unavailable`.
+    pub(super) fn expire_forwarded(&mut self, t: Time) {
+        let term = match &self.state {
+            State::Serving(core) => core.replica().map_or(0, |r| r.raft().term()),
+            _ => 0,
+        };
+        let expired: Vec<(SessionId, u64)> = self
+            .forwarded
+            .iter()
+            .filter(|(_, w)| t.mono_ms >= w.deadline_mono_ms || w.term < term)
+            .map(|(k, _)| *k)
+            .collect();
+        for (session, r) in expired {
+            self.forwarded.remove(&(session, r));
+            let e = ProtoError::new(
+                ErrorCode::Unavailable,
+                "the shard's leader did not answer in time (or leadership changed); retry, \
+                 with the same idempotency key",
+            );
+            self.effects.push_back(Effect::Replies {
+                session,
+                replies: vec![Reply::Frame(ServerOp::error(Some(r), e))],
+            });
+        }
+    }
+
+    /// The earliest deadline of a forwarded request.
+    pub(super) fn forward_deadline(&self) -> Option<u64> {
+        self.forwarded.values().map(|w| w.deadline_mono_ms).min()
+    }
+}
