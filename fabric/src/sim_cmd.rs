@@ -49,6 +49,13 @@ pub struct SimArgs {
     /// Where failing runs' schedules are written.
     #[arg(long, default_value = "sim-failures")]
     out: PathBuf,
+    /// Run replicated clusters (3 or 5 nodes, drawn per seed) instead of the single-node
+    /// world: the node's replicated shard host under power losses, partitions and lossy node
+    /// links. --planted then names a replication bug: ack_before_quorum,
+    /// follower_ack_before_fsync, commit_old_term_by_count, vote_not_persisted,
+    /// truncate_committed_on_conflict or no_prevote_checkquorum.
+    #[arg(long)]
+    cluster: bool,
 }
 
 #[derive(Subcommand)]
@@ -80,6 +87,9 @@ pub fn run(args: SimArgs) -> anyhow::Result<bool> {
             schedule.events.len()
         );
         return one(Simulation::from_schedule(schedule), trace, None);
+    }
+    if args.cluster {
+        return cluster(&args);
     }
     let mut planted = fabric_shard::PlantedBugs::default();
     let mut planted_glue = fabric_router::host::PlantedGlueBugs::default();
@@ -237,4 +247,68 @@ fn print_table(r: &SwarmReport, first: u64, threads: usize) {
     for (k, v) in rows {
         println!("{k:<24} {v}");
     }
+}
+
+/// `fabric sim --cluster`: replicated clusters, one seed or many.
+fn cluster(args: &SimArgs) -> anyhow::Result<bool> {
+    use fabric_sim::cluster::{
+        cluster_swarm, run_cluster, run_cluster_seeds, ClusterPlanted, CLUSTER_PLANTED_NAMES,
+    };
+    let planted = match &args.planted {
+        None => ClusterPlanted::default(),
+        Some(name) => ClusterPlanted::by_name(name).ok_or_else(|| {
+            anyhow::anyhow!(
+                "--planted {name}: a cluster run plants one of {}",
+                CLUSTER_PLANTED_NAMES.join(", ")
+            )
+        })?,
+    };
+    let (first, count) = match (args.seed, args.seeds) {
+        (Some(seed), _) => {
+            let mut opts = cluster_swarm(seed);
+            opts.planted = planted;
+            println!("SEED={seed} {opts:?}");
+            return Ok(match run_cluster(seed, &opts) {
+                Ok(s) => {
+                    println!("ok: {s:?}");
+                    true
+                }
+                Err(v) => {
+                    println!("SEED={} {:?}: {}", v.seed, v.kind, v.message);
+                    false
+                }
+            });
+        }
+        (None, Some(count)) => (args.first, count),
+        (None, None) => anyhow::bail!("give --seed N or --seeds COUNT with --cluster"),
+    };
+    let threads = args
+        .threads
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+    let bar = indicatif::ProgressBar::new(count);
+    let report = run_cluster_seeds(first, count, threads, planted, &|done| {
+        bar.set_position(done)
+    });
+    bar.finish_and_clear();
+    for v in report.failures.iter().take(8) {
+        println!("SEED={} {:?}: {}", v.seed, v.kind, v.message);
+    }
+    let wall = report.wall.as_secs_f64().max(0.001);
+    println!(
+        "cluster seeds {first}..{}: {} passed, {} failed; {} acks, {} crashes, {} restarts, \
+         {} partitions, {} node-link messages, {} terms with a leader; {:.1} simulated s \
+         per wall s ({:.1} s wall, {threads} threads)",
+        first + count,
+        report.passed,
+        report.seeds - report.passed,
+        report.acked,
+        report.crashes,
+        report.restarts,
+        report.partitions,
+        report.messages,
+        report.leaders,
+        report.sim_ms as f64 / 1000.0 / wall,
+        wall
+    );
+    Ok(report.failures.is_empty())
 }

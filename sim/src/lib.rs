@@ -64,6 +64,7 @@
 //! schedule of faults), see [`script::MeshSim`].
 
 pub mod check;
+pub mod cluster;
 pub mod disk;
 pub mod net;
 pub mod options;

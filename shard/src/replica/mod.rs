@@ -112,6 +112,13 @@ impl PeerMessage {
             PeerMessage::Snapshot { to, .. } | PeerMessage::SnapshotDone { to, .. } => *to,
         }
     }
+    /// The sender's term.
+    pub fn term(&self) -> u64 {
+        match self {
+            PeerMessage::Raft(m) => m.term,
+            PeerMessage::Snapshot { term, .. } | PeerMessage::SnapshotDone { term, .. } => *term,
+        }
+    }
     pub fn from(&self) -> NodeId {
         match self {
             PeerMessage::Raft(m) => m.from,
@@ -349,6 +356,24 @@ impl Replica {
     /// How many records recovery held back for this replica's group ([`recovery_window`]).
     pub fn window(&self) -> usize {
         self.window
+    }
+
+    /// What the replica waits for, for a checker's message.
+    pub fn describe_waits(&self) -> String {
+        format!(
+            "durable {} floor {:?} rewind_from {:?} unframed {} unapplied {} waiting {} (first lsn {:?}, hs {:?}) hs {:?} inflight {:?} installing {}",
+            self.shard.durable_lsn,
+            self.rewind_floor,
+            self.rewind_from,
+            self.unframed.len(),
+            self.unapplied.len(),
+            self.waiting.len(),
+            self.waiting.front().map(|w| w.lsn),
+            self.waiting.front().map(|w| w.hard_state),
+            self.hard_state,
+            self.inflight,
+            self.installing.is_some() || self.installed.is_some()
+        )
     }
 
     /// The shard, for the host's disk reads, buffers and session bookkeeping.

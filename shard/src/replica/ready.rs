@@ -3,7 +3,7 @@
 //! records and released acks), and the writes themselves.
 
 use super::{entries, LogReadJob, Mode, PeerMessage, Replica, Unapplied, Waiting};
-use crate::raft::{Entry, HardState, Ready, Role, RoleChange};
+use crate::raft::{Entry, HardState, MessageBody, Ready, Role, RoleChange};
 use crate::WalWrite;
 
 impl Replica {
@@ -130,6 +130,14 @@ impl Replica {
         if let Some(from) = truncate_from {
             self.unframed.retain(|e| e.index < from);
             self.unapplied.retain(|u| u.lsn < from);
+            // Answers waiting for entries the truncation replaced describe a log that is gone:
+            // append answers are dropped (they were for the old leader), others wait only for
+            // what remains.
+            for w in self.waiting.iter_mut().filter(|w| w.lsn >= from) {
+                w.messages
+                    .retain(|m| !matches!(m.body, MessageBody::AppendResponse { .. }));
+                w.lsn = from - 1;
+            }
             if from < self.shard.next_lsn {
                 self.rewind_from = Some(self.rewind_from.map_or(from, |r| r.min(from)));
                 // What was written from `from` on is no longer the log: nothing counts as

@@ -1,0 +1,1166 @@
+//! Replicated clusters: 3 or 5 nodes, each running the node's own replicated shard host
+//! (`fabric_router::host::ShardDriver::replicated`: the Raft core, the replica, forwarding to
+//! the leader, recovery of a deposed leader) over its own simulated [`Disk`], with a network
+//! of node-link messages the run delays, drops, duplicates and partitions (symmetric, one-way
+//! and partial), power losses of one or more nodes at once, and a clock per node (offset up to
+//! 5 s, drift up to 0.1%). Clients on every node append to a conversation with idempotency
+//! keys, through whichever node they are on, and retry an `unavailable` with the same key.
+//!
+//! What this level leaves out: the edge sessions and client connections of the single-node
+//! world (clients hand shard ops to their node's driver), and the metadata group.
+//!
+//! Checkers ([`ClusterViolationKind`]): at most one leader per term; a node's commit index
+//! never goes back within an incarnation; every acknowledged append is in the committed log of
+//! every replica, with its body, at one seq per key; committed prefixes are identical; after
+//! the heal a leader within two election timeouts and a second, and every request answered
+//! within 10 s; no term increase when
+//! a node that was cut off rejoins a group whose leader reached a quorum throughout (pre-vote
+//! and check-quorum); a leader never advances its commit to an entry of an earlier term; a node
+//! never grants its vote to two candidates in one term.
+
+use crate::disk::{CrashFaults, Disk};
+use fabric_proto::internal::{Reply, Request, SessionId, ShardOp};
+use fabric_proto::{Body, ConvId, ErrorCode, MeshId, PeerId, ServerOp};
+use fabric_router::host::{session_id, CloseReason, Effect, ShardDriver, Time, WriteJob};
+use fabric_router::supervise::RestartPolicy;
+use fabric_shard::raft::{NodeId, RaftConfig, RaftPlanted};
+use fabric_shard::record::Record;
+use fabric_shard::replica::{PeerMessage, ReplicaConfig, ReplicaPlanted};
+use fabric_shard::store::{self, SegmentStore};
+use fabric_shard::{wal, ShardConfig};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// The simulated time a step advances.
+const STEP_MS: u64 = 5;
+/// After the heal, a Raft leader must be elected within two election timeouts and this much
+/// more: nodes rebooted at the heal start their election timers then (a timeout jittered up
+/// to 2x), and one failed round (a candidate whose log is behind) may come first. The
+/// failover bound for a leader's crash among live followers (2 s at the defaults) is
+/// `fabric-bench`'s to measure.
+pub const LEADER_AFTER_HEAL_SLACK_MS: u64 = 1_000;
+/// After the heal, every request must be answered within this.
+pub const ANSWERED_AFTER_HEAL_MS: u64 = 10_000;
+
+/// Bugs a cluster run can plant (each must be caught within 500 seeds).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ClusterPlanted {
+    pub replica: ReplicaPlanted,
+    pub raft: RaftPlanted,
+}
+
+/// The planted bugs a cluster run knows, by name.
+pub const CLUSTER_PLANTED_NAMES: [&str; 6] = [
+    "ack_before_quorum",
+    "follower_ack_before_fsync",
+    "commit_old_term_by_count",
+    "vote_not_persisted",
+    "truncate_committed_on_conflict",
+    "no_prevote_checkquorum",
+];
+
+impl ClusterPlanted {
+    pub fn by_name(name: &str) -> Option<ClusterPlanted> {
+        let mut p = ClusterPlanted::default();
+        match name {
+            "ack_before_quorum" => p.replica.ack_before_quorum = true,
+            "follower_ack_before_fsync" => p.replica.follower_ack_before_fsync = true,
+            "commit_old_term_by_count" => p.raft.commit_old_term_by_count = true,
+            "vote_not_persisted" => p.raft.vote_not_persisted = true,
+            "truncate_committed_on_conflict" => p.raft.truncate_committed_on_conflict = true,
+            "no_prevote_checkquorum" => p.raft.no_prevote_checkquorum = true,
+            _ => return None,
+        }
+        Some(p)
+    }
+}
+
+/// What one run varies.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub nodes: u64,
+    /// Simulated ms of the fault phase.
+    pub duration_ms: u64,
+    pub drop_pct: u64,
+    pub dup_pct: u64,
+    pub delay_ms_max: u64,
+    /// Chances per step, in parts per ten thousand.
+    pub crash_per_10k: u64,
+    /// The serving leader's power is cut (parts per ten thousand per step).
+    pub leader_kill_per_10k: u64,
+    /// A node that is down comes back (parts per thousand per step: 50 is a fast reboot).
+    pub reboot_per_1000: u64,
+    /// Targeted faults, in percent: a node loses power right after it grants a vote (and
+    /// comes back a few ms later); a new leader loses power within 50 ms of its election.
+    pub crash_after_vote_pct: u64,
+    pub kill_new_leader_pct: u64,
+    pub partition_per_10k: u64,
+    /// Raft's flow-control limits for the run: small ones split catch-up into many appends
+    /// and send followers to log reads.
+    pub raft_append_bytes_max: u64,
+    pub raft_inflight_entries_max: u64,
+    /// The election timeout (the defaults' 1,000 ms, or shorter: with a timeout near the
+    /// network's delays, elections split and race), and a heartbeat of a tenth of it.
+    pub raft_election_timeout_ms: u64,
+    pub raft_entry_cache_bytes_max: u64,
+    pub planted: ClusterPlanted,
+}
+
+/// The options of seed `seed` in the cluster swarm.
+pub fn cluster_swarm(seed: u64) -> ClusterOptions {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xC1u64 << 56);
+    ClusterOptions {
+        nodes: if rng.random_bool(0.3) { 5 } else { 3 },
+        duration_ms: rng.random_range(3_000..8_000),
+        drop_pct: rng.random_range(0..8),
+        dup_pct: rng.random_range(0..4),
+        delay_ms_max: rng.random_range(1..30),
+        crash_per_10k: rng.random_range(0..40),
+        leader_kill_per_10k: rng.random_range(0..30),
+        reboot_per_1000: [5, 20, 80][rng.random_range(0..3)],
+        crash_after_vote_pct: [0, 5, 30][rng.random_range(0..3)],
+        kill_new_leader_pct: [0, 10, 40][rng.random_range(0..3)],
+        partition_per_10k: rng.random_range(0..60),
+        raft_append_bytes_max: [1_024, 16 * 1_024, 1 << 20][rng.random_range(0..3)],
+        raft_election_timeout_ms: [1_000, 1_000, 200, 100][rng.random_range(0..4)],
+        raft_inflight_entries_max: [4, 32, 256][rng.random_range(0..3)],
+        raft_entry_cache_bytes_max: [2_048, 64 * 1024, 16 << 20][rng.random_range(0..3)],
+        planted: ClusterPlanted::default(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum ClusterViolationKind {
+    TwoLeaders,
+    CommitWentBack,
+    AckedLost,
+    KeyTwoSeqs,
+    PrefixDiverged,
+    NoLeaderAfterHeal,
+    Unanswered,
+    Disruption,
+    RecoveryRefused,
+    /// A node granted its vote to two candidates in one term (its vote was not durable).
+    VotedTwice,
+    /// A leader advanced its commit index to an entry of an earlier term (Raft commits by
+    /// counting only entries of the leader's own term).
+    OldTermCommit,
+    /// A core's own assertion failed (a Raft or replica invariant, checked where it holds).
+    Assertion,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClusterViolation {
+    pub seed: u64,
+    pub kind: ClusterViolationKind,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterSummary {
+    pub sim_ms: u64,
+    pub acked: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub partitions: u64,
+    pub messages: u64,
+    pub leader_changes: u64,
+}
+
+type Checked<T = ()> = Result<T, (ClusterViolationKind, String)>;
+
+/// What the node link carries: a Raft/snapshot message, a forwarded batch, replies or a close
+/// for a session of another node.
+enum Wire {
+    Peer(PeerMessage),
+    Forward(SessionId, Vec<Request>),
+    Remote(SessionId, Vec<Reply>),
+    Close(SessionId, CloseReason),
+}
+
+struct Packet {
+    at: u64,
+    from: NodeId,
+    to: NodeId,
+    wire: Wire,
+}
+
+struct Node {
+    id: NodeId,
+    driver: ShardDriver,
+    disk: Disk,
+    /// The write in flight and when its fsync completes.
+    write: Option<(WriteJob, u64)>,
+    up: bool,
+    /// This node's clocks: mono = now * (1 + drift) + offset.
+    drift_ppm: i64,
+    offset_ms: u64,
+    incarnation_commit: u64,
+}
+
+/// One client request waiting for its answer (per node session, by ref).
+struct Pending {
+    key: String,
+    body: String,
+    issued_ms: u64,
+    node: usize,
+}
+
+struct World {
+    opts: ClusterOptions,
+    rng: ChaCha8Rng,
+    nodes: Vec<Node>,
+    wire: Vec<Packet>,
+    now: u64,
+    /// Directed links that drop everything: (from, to).
+    cut: BTreeSet<(NodeId, NodeId)>,
+    next_r: u64,
+    pending: BTreeMap<u64, Pending>,
+    /// Keys not yet acknowledged, to retry (key, body).
+    retry: Vec<(String, String)>,
+    /// key -> (seq, body)
+    acked: BTreeMap<String, (u64, String)>,
+    leaders: BTreeMap<u64, NodeId>,
+    summary: ClusterSummary,
+    healed_at: Option<u64>,
+    /// A node was cut off alone while a leader kept its quorum: (node, leader, term) at heal.
+    watch_disruption: Option<(NodeId, u64, u64)>,
+    /// Votes seen leaving: (voter, term) -> candidate.
+    votes: BTreeMap<(NodeId, u64), NodeId>,
+    /// Each leader's commit index as last seen: (node, term) -> commit.
+    leader_commits: BTreeMap<(NodeId, u64), u64>,
+    /// Targeted faults to come: (at ms, node index, reboot: false = power loss).
+    scheduled: Vec<(u64, usize, bool)>,
+    faulting: bool,
+}
+
+/// The run's timing and flow-control limits.
+fn raft_config(opts: &ClusterOptions) -> RaftConfig {
+    RaftConfig {
+        raft_heartbeat_ms: opts.raft_election_timeout_ms / 10,
+        raft_election_timeout_ms: opts.raft_election_timeout_ms,
+        raft_append_bytes_max: opts.raft_append_bytes_max,
+        raft_inflight_entries_max: opts.raft_inflight_entries_max,
+        raft_entry_cache_bytes_max: opts.raft_entry_cache_bytes_max,
+        planted: opts.planted.raft,
+        ..RaftConfig::default()
+    }
+}
+
+fn shard_config() -> ShardConfig {
+    ShardConfig {
+        wal_segment_bytes_max: 64 * 1024,
+        wal_batch_bytes_max: 16 * 1024,
+        ..ShardConfig::default()
+    }
+}
+
+/// Runs one seed of a replicated cluster.
+pub fn run_cluster(
+    seed: u64,
+    opts: &ClusterOptions,
+) -> Result<ClusterSummary, Box<ClusterViolation>> {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut w = World::new(seed, opts.clone());
+        w.run().map(|()| {
+            w.summary.sim_ms = w.now;
+            w.summary.leader_changes = w.leaders.len() as u64;
+            w.summary
+        })
+    }));
+    let violation = |kind, message| {
+        Box::new(ClusterViolation {
+            seed,
+            kind,
+            message,
+        })
+    };
+    match run {
+        Ok(Ok(summary)) => Ok(summary),
+        Ok(Err((kind, message))) => Err(violation(kind, message)),
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<String>()
+                .cloned()
+                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
+                .unwrap_or_default();
+            Err(violation(ClusterViolationKind::Assertion, message))
+        }
+    }
+}
+
+impl World {
+    fn new(seed: u64, opts: ClusterOptions) -> World {
+        let mut rng = ChaCha8Rng::seed_from_u64(seed);
+        let voters: BTreeSet<NodeId> = (1..=opts.nodes).collect();
+        let nodes = voters
+            .iter()
+            .map(|&id| {
+                let mut disk = Disk::new(0);
+                store::init(&mut disk, 0).expect("a new disk takes a manifest");
+                let driver = new_driver(id, &voters, &opts, rng.random());
+                Node {
+                    id,
+                    driver,
+                    disk,
+                    write: None,
+                    up: true,
+                    drift_ppm: rng.random_range(-1_000..=1_000),
+                    offset_ms: rng.random_range(0..=5_000),
+                    incarnation_commit: 0,
+                }
+            })
+            .collect();
+        World {
+            opts,
+            rng,
+            nodes,
+            wire: Vec::new(),
+            now: 0,
+            cut: BTreeSet::new(),
+            next_r: 1_000,
+            pending: BTreeMap::new(),
+            retry: Vec::new(),
+            acked: BTreeMap::new(),
+            leaders: BTreeMap::new(),
+            summary: ClusterSummary::default(),
+            healed_at: None,
+            watch_disruption: None,
+            scheduled: Vec::new(),
+            faulting: false,
+            votes: BTreeMap::new(),
+            leader_commits: BTreeMap::new(),
+        }
+    }
+
+    fn time(&self, i: usize) -> Time {
+        let n = &self.nodes[i];
+        let drifted = (self.now as i64 + self.now as i64 * n.drift_ppm / 1_000_000) as u64;
+        Time {
+            unix_ms: 1_700_000_000_000 + drifted + n.offset_ms,
+            mono_ms: drifted + n.offset_ms,
+        }
+    }
+
+    fn run(&mut self) -> Checked {
+        self.setup()?;
+        let end = self.now + self.opts.duration_ms;
+        while self.now < end {
+            self.faults();
+            if self.rng.random_bool(0.5) {
+                self.issue();
+            }
+            self.step()?;
+        }
+        self.heal();
+        self.liveness()?;
+        self.settle()?;
+        self.check_logs()
+    }
+
+    fn setup(&mut self) -> Checked {
+        let served = self.run_until(5_000, |w| w.leader().is_some())?;
+        if !served {
+            return Err((
+                ClusterViolationKind::NoLeaderAfterHeal,
+                "no leader at start".into(),
+            ));
+        }
+        let l = self.leader().expect("a leader");
+        let session = session_id(l as NodeId + 1, 1);
+        let ops = [
+            ShardOp::CreateMesh {
+                r: 1,
+                mesh: MeshId::must("m"),
+            },
+            ShardOp::AddPeer {
+                r: 2,
+                mesh: MeshId::must("m"),
+                peer: PeerId::must("a"),
+                groups: vec![],
+                token_hash: Some([7; 32]),
+                public_key: None,
+            },
+        ];
+        let batch = ops.into_iter().map(|op| Request { session, op }).collect();
+        let t = self.time(l);
+        self.nodes[l].driver.handle_batch(t, session, batch);
+        self.run_until(2_000, |w| w.acked_setup())?;
+        Ok(())
+    }
+
+    fn acked_setup(&self) -> bool {
+        self.summary.acked >= 2
+    }
+}
+
+fn new_driver(
+    id: NodeId,
+    voters: &BTreeSet<NodeId>,
+    opts: &ClusterOptions,
+    seed: u64,
+) -> ShardDriver {
+    let config = ReplicaConfig {
+        node: id,
+        voters: voters.clone(),
+        raft: raft_config(opts),
+        planted: opts.planted.replica,
+    };
+    ShardDriver::replicated(
+        0,
+        shard_config(),
+        RestartPolicy::default(),
+        1_024,
+        60_000,
+        config,
+        seed,
+    )
+}
+
+impl World {
+    /// The index of a node whose replica serves as leader, if any.
+    fn leader(&self) -> Option<usize> {
+        self.nodes.iter().position(|n| {
+            n.up && n
+                .driver
+                .replica()
+                .is_some_and(|r| r.mode() == fabric_shard::replica::Mode::Leading)
+        })
+    }
+
+    /// A grant leaving `voter`: one candidate per voter per term.
+    fn check_vote(&mut self, voter: NodeId, m: &PeerMessage) -> Checked {
+        let (term, candidate) = (m.term(), m.to());
+        match self.votes.insert((voter, term), candidate) {
+            Some(other) if other != candidate => Err((
+                ClusterViolationKind::VotedTwice,
+                format!("node {voter} voted for {other} and for {candidate} in term {term}"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn chance(&mut self, pct: u64) -> bool {
+        self.rng.random_range(0..100) < pct
+    }
+
+    /// Some up node's Raft core leads (it may still be catching up before it serves).
+    fn raft_leader(&self) -> bool {
+        self.nodes.iter().any(|n| {
+            n.up && n
+                .driver
+                .replica()
+                .is_some_and(|r| r.raft().role() == fabric_shard::raft::Role::Leader)
+        })
+    }
+
+    /// Steps until `done` or `ms` of simulated time passed; whether `done` held.
+    fn run_until(&mut self, ms: u64, done: impl Fn(&World) -> bool) -> Checked<bool> {
+        let end = self.now + ms;
+        while self.now < end {
+            if done(self) {
+                return Ok(true);
+            }
+            self.step()?;
+        }
+        Ok(done(self))
+    }
+
+    /// One step: packets due delivered, fsyncs due completed, timers fired, effects performed,
+    /// then the checks every step makes.
+    fn step(&mut self) -> Checked {
+        self.now += STEP_MS;
+        self.deliver();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].up {
+                continue;
+            }
+            let t = self.time(i);
+            if let Some((_, at)) = &self.nodes[i].write {
+                if *at <= self.now {
+                    let (job, _) = self.nodes[i].write.take().expect("a write");
+                    let n = &mut self.nodes[i];
+                    let r = job.perform(&mut n.disk);
+                    n.driver.handle_write_done(t, r);
+                }
+            }
+            if self.nodes[i]
+                .driver
+                .poll_timeout()
+                .is_some_and(|at| at <= t.mono_ms)
+            {
+                self.nodes[i].driver.handle_timeout(t);
+            }
+            self.effects(i)?;
+        }
+        self.check_step()
+    }
+
+    fn deliver(&mut self) {
+        let now = self.now;
+        let (due, later): (Vec<Packet>, Vec<Packet>) = std::mem::take(&mut self.wire)
+            .into_iter()
+            .partition(|p| p.at <= now);
+        self.wire = later;
+        for p in due {
+            let i = p.to as usize - 1;
+            if !self.nodes[i].up || self.cut.contains(&(p.from, p.to)) {
+                continue;
+            }
+            let t = self.time(i);
+            let d = &mut self.nodes[i].driver;
+            match p.wire {
+                Wire::Peer(m) => d.handle_peer_message(t, m),
+                Wire::Forward(session, batch) => d.handle_forwarded(t, p.from, session, batch),
+                Wire::Remote(session, replies) => d.handle_remote_replies(t, session, replies),
+                Wire::Close(session, why) => d.handle_remote_close(t, session, why),
+            }
+        }
+    }
+
+    fn send(&mut self, from: NodeId, to: NodeId, wire: Wire) {
+        self.summary.messages += 1;
+        if self.rng.random_range(0..100) < self.opts.drop_pct {
+            return;
+        }
+        let delay = self.rng.random_range(1..=self.opts.delay_ms_max.max(1));
+        let dup = self.rng.random_range(0..100) < self.opts.dup_pct;
+        if let (true, Wire::Peer(m)) = (dup, &wire) {
+            let again = Packet {
+                at: self.now + delay + 3,
+                from,
+                to,
+                wire: Wire::Peer(m.clone()),
+            };
+            self.wire.push(again);
+        }
+        self.wire.push(Packet {
+            at: self.now + delay,
+            from,
+            to,
+            wire,
+        });
+    }
+
+    /// Performs node `i`'s effects as the node's adapter does.
+    fn effects(&mut self, i: usize) -> Checked {
+        let id = i as NodeId + 1;
+        while let Some(e) = self.nodes[i].driver.poll_effect() {
+            let t = self.time(i);
+            match e {
+                Effect::Write(job) => {
+                    let fsync_ms = self.rng.random_range(1..8);
+                    self.nodes[i].write = Some((job, self.now + fsync_ms));
+                }
+                Effect::Recover(job) => {
+                    self.summary.restarts += 1;
+                    let n = &mut self.nodes[i];
+                    // As the node's adapter does: the ended incarnation's write finishes first.
+                    if let Some((old, _)) = n.write.take() {
+                        let r = old.perform(&mut n.disk);
+                        n.driver.handle_write_done(t, r);
+                    }
+                    let r = job.perform(&mut n.disk).map_err(|e| {
+                        let msg = format!("node {id} recovery refused a sound disk: {e}");
+                        (ClusterViolationKind::RecoveryRefused, msg)
+                    })?;
+                    n.incarnation_commit = 0;
+                    n.driver.handle_recovered(t, Ok(r));
+                }
+                Effect::Read(job) => {
+                    let n = &mut self.nodes[i];
+                    let done = job.perform(&mut n.disk);
+                    n.driver.handle_read_done(t, done);
+                }
+                Effect::LogRead(job) => {
+                    let n = &mut self.nodes[i];
+                    let r = job.perform(&mut n.disk);
+                    n.driver.handle_log_read_done(t, &job, r);
+                }
+                Effect::Peer(m) => {
+                    let granted = matches!(
+                        &m,
+                        PeerMessage::Raft(fabric_shard::raft::Message {
+                            body: fabric_shard::raft::MessageBody::VoteResponse { granted: true },
+                            ..
+                        })
+                    );
+                    if granted {
+                        self.check_vote(id, &m)?;
+                    }
+                    self.send(id, m.to(), Wire::Peer(m));
+                    if granted && self.faulting && self.chance(self.opts.crash_after_vote_pct) {
+                        let back = self.now + self.rng.random_range(1..10);
+                        self.scheduled.push((self.now, i, false));
+                        self.scheduled.push((back, i, true));
+                    }
+                }
+                Effect::Forward { to, session, batch } => {
+                    self.send(id, to, Wire::Forward(session, batch))
+                }
+                Effect::Remote {
+                    to,
+                    session,
+                    replies,
+                } => self.send(id, to, Wire::Remote(session, replies)),
+                Effect::RemoteClose { to, session, why } => {
+                    self.send(id, to, Wire::Close(session, why))
+                }
+                Effect::Replies { replies, .. } => self.replies(replies)?,
+                Effect::Forget { .. } | Effect::CloseSession { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn replies(&mut self, replies: Vec<Reply>) -> Checked {
+        for reply in replies {
+            match reply {
+                Reply::Frame(ServerOp::Ok { r, seq, .. }) => self.ok(r, seq)?,
+                Reply::Frame(ServerOp::Error {
+                    r: Some(r), code, ..
+                }) => {
+                    if let Some(p) = self.pending.remove(&r) {
+                        if code == ErrorCode::Unavailable {
+                            self.retry.push((p.key, p.body));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn ok(&mut self, r: u64, seq: Option<u64>) -> Checked {
+        self.summary.acked += 1;
+        let (Some(p), Some(seq)) = (self.pending.remove(&r), seq) else {
+            return Ok(());
+        };
+        match self.acked.get(&p.key) {
+            Some((s, _)) if *s != seq => Err((
+                ClusterViolationKind::KeyTwoSeqs,
+                format!("key {} acknowledged at seq {s} and at seq {seq}", p.key),
+            )),
+            _ => {
+                self.acked.insert(p.key, (seq, p.body));
+                Ok(())
+            }
+        }
+    }
+
+    /// One append from a client on a random up node (a retry keeps its key and body).
+    fn issue(&mut self) {
+        let up: Vec<usize> = (0..self.nodes.len())
+            .filter(|i| self.nodes[*i].up)
+            .collect();
+        if up.is_empty() || self.pending.len() > 64 {
+            return;
+        }
+        let i = up[self.rng.random_range(0..up.len())];
+        let r = self.next_r;
+        self.next_r += 1;
+        let (key, body) = match self.retry.pop() {
+            Some(kb) => kb,
+            None => (format!("k{r}"), format!("\"v{r}\"")),
+        };
+        let session = session_id(i as NodeId + 1, 1);
+        let op = ShardOp::Append {
+            r,
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
+            from: PeerId::must("a"),
+            body: Body::from_json_text(body.clone()).expect("json"),
+            key: Some(key.as_str().into()),
+        };
+        self.pending.insert(
+            r,
+            Pending {
+                key,
+                body,
+                issued_ms: self.now,
+                node: i,
+            },
+        );
+        let t = self.time(i);
+        self.nodes[i]
+            .driver
+            .handle_batch(t, session, vec![Request { session, op }]);
+    }
+}
+
+impl World {
+    /// Power losses (one node, sometimes two or three at once), partitions (a node cut off, a
+    /// one-way cut, a partial cut between two nodes), and reboots.
+    fn faults(&mut self) {
+        self.faulting = true;
+        let now = self.now;
+        let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.scheduled)
+            .into_iter()
+            .partition(|f| f.0 <= now);
+        self.scheduled = later;
+        for (_, i, reboot) in due {
+            if reboot {
+                if !self.nodes[i].up {
+                    self.reboot(i);
+                }
+            } else {
+                self.crash(i);
+            }
+        }
+        let n = self.nodes.len();
+        if self.rng.random_range(0..10_000) < self.opts.crash_per_10k {
+            let count = match self.rng.random_range(0..10) {
+                0 => 3.min(n - 1),
+                1 | 2 => 2,
+                _ => 1,
+            };
+            for _ in 0..count {
+                let i = self.rng.random_range(0..n);
+                self.crash(i);
+            }
+        }
+        if self.rng.random_range(0..10_000) < self.opts.leader_kill_per_10k {
+            if let Some(l) = self.leader() {
+                self.crash(l);
+            }
+        }
+        for i in 0..n {
+            if !self.nodes[i].up && self.rng.random_range(0..1_000) < self.opts.reboot_per_1000 {
+                self.reboot(i);
+            }
+        }
+        if self.rng.random_range(0..10_000) < self.opts.partition_per_10k {
+            self.partition();
+        }
+    }
+
+    fn partition(&mut self) {
+        self.summary.partitions += 1;
+        self.cut.clear();
+        let n = self.nodes.len() as NodeId;
+        let a = self.rng.random_range(1..=n);
+        let b = 1 + (a + self.rng.random_range(0..n - 1)) % n;
+        match self.rng.random_range(0..4) {
+            0 => {} // healed
+            1 => {
+                // One node cut off, both ways.
+                for o in (1..=n).filter(|o| *o != a) {
+                    self.cut.insert((a, o));
+                    self.cut.insert((o, a));
+                }
+            }
+            2 => {
+                self.cut.insert((a, b)); // one way
+            }
+            _ => {
+                // Partial: a and b cannot talk, both reach the rest.
+                self.cut.insert((a, b));
+                self.cut.insert((b, a));
+            }
+        }
+    }
+
+    fn crash(&mut self, i: usize) {
+        if !self.nodes[i].up {
+            return;
+        }
+        self.summary.crashes += 1;
+        let faults = CrashFaults {
+            torn_write_probability: 0.5,
+            tail_corruption_probability: 0.1,
+        };
+        let n = &mut self.nodes[i];
+        n.up = false;
+        n.write = None;
+        n.disk.crash(&mut self.rng, faults);
+        // Its clients' requests are retried elsewhere, with their keys.
+        let lost: Vec<u64> = self
+            .pending
+            .iter()
+            .filter(|(_, p)| p.node == i)
+            .map(|(r, _)| *r)
+            .collect();
+        for r in lost {
+            let p = self.pending.remove(&r).expect("pending");
+            self.retry.push((p.key, p.body));
+        }
+    }
+
+    fn reboot(&mut self, i: usize) {
+        let voters: BTreeSet<NodeId> = (1..=self.nodes.len() as NodeId).collect();
+        let seed = self.rng.random();
+        let n = &mut self.nodes[i];
+        n.driver = new_driver(n.id, &voters, &self.opts, seed);
+        n.up = true;
+        n.incarnation_commit = 0;
+    }
+
+    /// Everything heals: links whole, every node up, no more faults.
+    fn heal(&mut self) {
+        // A lone node cut off while every other node stayed up: its group kept a quorum.
+        let all_up = self.nodes.iter().all(|n| n.up);
+        let lone = self.lone_cut_node().filter(|_| all_up);
+        self.cut.clear();
+        for i in 0..self.nodes.len() {
+            if !self.nodes[i].up {
+                self.reboot(i);
+            }
+        }
+        self.opts.drop_pct = 0;
+        self.opts.dup_pct = 0;
+        self.faulting = false;
+        self.scheduled.clear();
+        self.healed_at = Some(self.now);
+        if let (Some(node), Some(l)) = (lone, self.leader()) {
+            let term = self.nodes[l]
+                .driver
+                .replica()
+                .map_or(0, |r| r.raft().term());
+            if l as NodeId + 1 != node {
+                self.watch_disruption = Some((node, l as NodeId + 1, term));
+            }
+        }
+    }
+
+    /// The node cut off alone, both ways, if that is the partition.
+    fn lone_cut_node(&self) -> Option<NodeId> {
+        let n = self.nodes.len() as NodeId;
+        (1..=n).find(|a| {
+            self.cut.len() == 2 * (n as usize - 1)
+                && (1..=n)
+                    .filter(|o| o != a)
+                    .all(|o| self.cut.contains(&(*a, o)) && self.cut.contains(&(o, *a)))
+        })
+    }
+
+    /// After the heal: a leader within 2 s; every request answered within 10 s (retries of
+    /// `unavailable` included).
+    fn liveness(&mut self) -> Checked {
+        let bound = 2 * self.opts.raft_election_timeout_ms + LEADER_AFTER_HEAL_SLACK_MS;
+        if !self.run_until(bound, |w| w.raft_leader())? {
+            let state = self.describe();
+            let later = self.run_until(10_000, |w| w.raft_leader())?;
+            return Err((
+                ClusterViolationKind::NoLeaderAfterHeal,
+                format!(
+                    "no leader {bound} ms after the heal (one {} within 10 s more): {state}",
+                    if later { "came" } else { "did not come" }
+                ),
+            ));
+        }
+        let end = self.now + ANSWERED_AFTER_HEAL_MS;
+        while self.now < end {
+            if self.pending.is_empty() && self.retry.is_empty() {
+                return Ok(());
+            }
+            if !self.retry.is_empty() {
+                self.issue();
+            }
+            self.step()?;
+        }
+        let oldest = self.pending.values().map(|p| p.issued_ms).min();
+        Err((
+            ClusterViolationKind::Unanswered,
+            format!(
+                "{} requests unanswered and {} retries left {ANSWERED_AFTER_HEAL_MS} ms after \
+                 the heal (oldest issued at {oldest:?} ms)",
+                self.pending.len(),
+                self.retry.len()
+            ),
+        ))
+    }
+
+    /// Runs until every replica applied what the leader committed.
+    fn settle(&mut self) -> Checked {
+        let settled = self.run_until(20_000, |w| {
+            let Some(l) = w.leader() else { return false };
+            let commit = w.nodes[l].driver.replica().map(|r| r.raft().commit());
+            w.nodes
+                .iter()
+                .all(|n| n.driver.replica().map(|r| r.applied()) == commit && n.write.is_none())
+        })?;
+        if settled {
+            return Ok(());
+        }
+        Err((
+            ClusterViolationKind::Unanswered,
+            format!(
+                "the replicas did not catch up with the leader within 20 s of quiet: {}",
+                self.describe()
+            ),
+        ))
+    }
+
+    /// Each node's replica, for a violation's message.
+    fn describe(&self) -> String {
+        let nodes: Vec<String> = self
+            .nodes
+            .iter()
+            .map(|n| match n.driver.replica() {
+                Some(r) => format!(
+                    "node {} {:?} {:?} term {} commit {} applied {} last {} start {} {:?} {}",
+                    n.id,
+                    r.mode(),
+                    r.raft().role(),
+                    r.raft().term(),
+                    r.raft().commit(),
+                    r.applied(),
+                    r.raft().last_index(),
+                    r.shard().log_start(),
+                    r.stats(),
+                    r.describe_waits()
+                ),
+                None => format!("node {} down ({:?})", n.id, n.driver.status()),
+            })
+            .collect();
+        nodes.join("; ")
+    }
+
+    /// The checks of every step.
+    fn check_step(&mut self) -> Checked {
+        for i in 0..self.nodes.len() {
+            let n = &self.nodes[i];
+            let Some(r) = n.driver.replica().filter(|_| n.up) else {
+                continue;
+            };
+            let (term, role, commit) = (r.raft().term(), r.raft().role(), r.raft().commit());
+            if role == fabric_shard::raft::Role::Leader {
+                if !self.leaders.contains_key(&term)
+                    && self.faulting
+                    && self.rng.random_range(0..100) < self.opts.kill_new_leader_pct
+                {
+                    let at = self.now + self.rng.random_range(0..50);
+                    self.scheduled.push((at, i, false));
+                }
+                let prev = *self.leaders.entry(term).or_insert(n.id);
+                if prev != n.id {
+                    return Err((
+                        ClusterViolationKind::TwoLeaders,
+                        format!("nodes {prev} and {} both lead term {term}", n.id),
+                    ));
+                }
+            }
+            if role == fabric_shard::raft::Role::Leader {
+                let seen = self.leader_commits.insert((n.id, term), commit);
+                let at = r.raft().term_at(commit);
+                if seen.is_some_and(|c| commit > c) && at != Some(term) {
+                    return Err((
+                        ClusterViolationKind::OldTermCommit,
+                        format!(
+                            "node {} leading term {term} advanced its commit to {commit}, an \
+                             entry of term {at:?}",
+                            n.id
+                        ),
+                    ));
+                }
+            }
+            if commit < n.incarnation_commit {
+                return Err((
+                    ClusterViolationKind::CommitWentBack,
+                    format!(
+                        "node {} commit {} after {}",
+                        n.id, commit, n.incarnation_commit
+                    ),
+                ));
+            }
+            self.nodes[i].incarnation_commit = commit;
+        }
+        self.check_disruption()
+    }
+
+    /// A lone node that rejoins must not raise the term of a group whose leader kept its
+    /// quorum (pre-vote and check-quorum), within two election timeouts of the heal.
+    fn check_disruption(&mut self) -> Checked {
+        let (Some((node, leader, term)), Some(healed)) = (self.watch_disruption, self.healed_at)
+        else {
+            return Ok(());
+        };
+        if self.now > healed + 2 * raft_config(&self.opts).raft_election_timeout_ms {
+            self.watch_disruption = None;
+            return Ok(());
+        }
+        let l = &self.nodes[leader as usize - 1];
+        let now_term = l.driver.replica().map_or(term, |r| r.raft().term());
+        if l.up && now_term > term {
+            return Err((
+                ClusterViolationKind::Disruption,
+                format!(
+                    "node {node} rejoined and the term went from {term} to {now_term} though \
+                     node {leader} led with a quorum"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The final checks on every replica's disk.
+    fn check_logs(&mut self) -> Checked {
+        let l = self.leader().expect("settled with a leader");
+        let commit = self.nodes[l].driver.replica().map_or(0, |r| r.applied());
+        let logs: Vec<Vec<(u64, u64, Record)>> = self
+            .nodes
+            .iter_mut()
+            .map(|n| {
+                let log = live_log(&mut n.disk);
+                log.into_iter().filter(|e| e.0 <= commit).collect()
+            })
+            .collect();
+        let by_lsn: BTreeMap<u64, &(u64, u64, Record)> = logs[l].iter().map(|e| (e.0, e)).collect();
+        for (i, log) in logs.iter().enumerate() {
+            if let Some(e) = log
+                .iter()
+                .find(|e| by_lsn.get(&e.0).is_some_and(|o| *o != *e))
+            {
+                return Err((
+                    ClusterViolationKind::PrefixDiverged,
+                    format!(
+                        "node {} holds {:?} at lsn {}; the leader another",
+                        i + 1,
+                        e.2,
+                        e.0
+                    ),
+                ));
+            }
+            if log.last().map(|e| e.0) != Some(commit) {
+                return Err((
+                    ClusterViolationKind::AckedLost,
+                    format!(
+                        "node {} does not hold the committed log up to {commit}",
+                        i + 1
+                    ),
+                ));
+            }
+        }
+        let appended: BTreeMap<u64, String> = logs[l]
+            .iter()
+            .filter_map(|(_, _, rec)| match rec {
+                Record::Appended(a) => Some((a.seq, a.body.as_str().to_string())),
+                _ => None,
+            })
+            .collect();
+        for (key, (seq, body)) in &self.acked {
+            if appended.get(seq) != Some(body) {
+                return Err((
+                    ClusterViolationKind::AckedLost,
+                    format!(
+                        "key {key} was acknowledged at seq {seq} with {body}; the committed log \
+                         holds {:?}",
+                        appended.get(seq)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The live log on a disk: the listed segments' records, minus what rewinds replaced.
+fn live_log(disk: &mut Disk) -> Vec<(u64, u64, Record)> {
+    let manifest = disk
+        .read_manifest()
+        .ok()
+        .flatten()
+        .and_then(|b| wal::Manifest::decode(&b).ok());
+    let Some(manifest) = manifest else {
+        return Vec::new();
+    };
+    let mut out: Vec<(u64, u64, Record)> = Vec::new();
+    let segments: Vec<(u64, Vec<u8>)> = disk
+        .segments()
+        .into_iter()
+        .map(|(id, b)| (id, b.to_vec()))
+        .collect();
+    for (id, bytes) in segments {
+        if !manifest.lists(id) {
+            continue;
+        }
+        let Ok(header) = wal::SegmentHeader::decode(&bytes) else {
+            continue;
+        };
+        let scan = wal::scan_frames(&bytes, header.first_lsn, false);
+        if let Some(to) = scan.rewound_to {
+            out.retain(|e| e.0 < to);
+        }
+        out.extend(scan.records.into_iter().map(|r| (r.lsn, r.term, r.record)));
+    }
+    out
+}
+
+/// What a range of cluster seeds did.
+#[derive(Debug, Default)]
+pub struct ClusterReport {
+    pub seeds: u64,
+    pub passed: u64,
+    pub sim_ms: u64,
+    pub acked: u64,
+    pub crashes: u64,
+    pub restarts: u64,
+    pub partitions: u64,
+    pub messages: u64,
+    pub leaders: u64,
+    /// Failing seeds with their violations, lowest seed first (at most
+    /// [`CLUSTER_FAILURES_KEPT_MAX`]).
+    pub failures: Vec<ClusterViolation>,
+    pub wall: std::time::Duration,
+}
+
+/// Failures a report keeps.
+pub const CLUSTER_FAILURES_KEPT_MAX: usize = 1_000;
+
+impl ClusterReport {
+    fn add(&mut self, r: Result<ClusterSummary, Box<ClusterViolation>>) {
+        self.seeds += 1;
+        match r {
+            Ok(s) => {
+                self.passed += 1;
+                self.sim_ms += s.sim_ms;
+                self.acked += s.acked;
+                self.crashes += s.crashes;
+                self.restarts += s.restarts;
+                self.partitions += s.partitions;
+                self.messages += s.messages;
+                self.leaders += s.leader_changes;
+            }
+            Err(v) if self.failures.len() < CLUSTER_FAILURES_KEPT_MAX => self.failures.push(*v),
+            Err(_) => {}
+        }
+    }
+}
+
+/// Runs cluster seeds `first..first + count` on `threads` threads, each with
+/// [`cluster_swarm`]'s options and `planted`.
+pub fn run_cluster_seeds(
+    first: u64,
+    count: u64,
+    threads: usize,
+    planted: ClusterPlanted,
+    progress: &(dyn Fn(u64) + Sync),
+) -> ClusterReport {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let started = std::time::Instant::now();
+    let next = AtomicU64::new(first);
+    let done = AtomicU64::new(0);
+    let end = first.saturating_add(count);
+    let report = std::sync::Mutex::new(ClusterReport::default());
+    std::thread::scope(|scope| {
+        for _ in 0..threads.max(1) {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end {
+                    break;
+                }
+                let mut opts = cluster_swarm(seed);
+                opts.planted = planted;
+                let r = run_cluster(seed, &opts);
+                report.lock().expect("no thread panics holding it").add(r);
+                progress(done.fetch_add(1, Ordering::Relaxed) + 1);
+            });
+        }
+    });
+    let mut report = report.into_inner().expect("threads joined");
+    report.failures.sort_by_key(|v| v.seed);
+    report.wall = started.elapsed();
+    report
+}
