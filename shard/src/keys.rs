@@ -344,21 +344,30 @@ impl Shard {
         self.keys.parked_count -= 1;
         match found {
             Some(at) => {
-                // The original is in a sealed segment: durable.
+                // The original is in a sealed segment: durable here. It is answered now if it
+                // is also visible (a replica's leader makes data visible only once committed),
+                // else with the records framed since.
                 self.stats.key_lookups_found += 1;
-                let (pos, seq) = match first.op {
-                    ParkedOp::Append(_) => {
-                        self.stats.appends_acked += 1;
-                        (None, Some(at))
+                let (pos, seq, visible) = match &first.op {
+                    ParkedOp::Append(rec) => {
+                        let key = (rec.mesh.clone(), rec.conv.clone());
+                        let c = self.convs.get(&key);
+                        (None, Some(at), c.is_some_and(|c| at <= c.durable_seq))
                     }
-                    ParkedOp::Send(_) => (Some(at), None),
+                    ParkedOp::Send(rec) => {
+                        let m = self.meshes.get(&rec.mesh);
+                        (Some(at), None, m.is_some_and(|m| at <= m.durable_pos))
+                    }
                 };
+                if seq.is_some() && visible {
+                    self.stats.appends_acked += 1;
+                }
                 let reply = Reply::Frame(ServerOp::Ok {
                     r: first.r,
                     pos,
                     seq,
                 });
-                self.emit(first.session, reply);
+                self.answer_retry(first.session, reply, visible);
             }
             None => self.take_or_refuse(first, false),
         }

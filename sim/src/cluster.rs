@@ -100,6 +100,9 @@ pub struct ClusterOptions {
     /// and send followers to log reads.
     pub raft_append_bytes_max: u64,
     pub raft_inflight_entries_max: u64,
+    /// Retention's limit: small ones make leaders retire segments (followers retire theirs,
+    /// and a follower left behind gets a snapshot).
+    pub retention_bytes_max: u64,
     /// The election timeout (the defaults' 1,000 ms, or shorter: with a timeout near the
     /// network's delays, elections split and race), and a heartbeat of a tenth of it.
     pub raft_election_timeout_ms: u64,
@@ -124,6 +127,7 @@ pub fn cluster_swarm(seed: u64) -> ClusterOptions {
         partition_per_10k: rng.random_range(0..60),
         raft_append_bytes_max: [1_024, 16 * 1_024, 1 << 20][rng.random_range(0..3)],
         raft_election_timeout_ms: [1_000, 1_000, 200, 100][rng.random_range(0..4)],
+        retention_bytes_max: [256 << 20, 96 * 1_024, 48 * 1_024][rng.random_range(0..3)],
         raft_inflight_entries_max: [4, 32, 256][rng.random_range(0..3)],
         raft_entry_cache_bytes_max: [2_048, 64 * 1024, 16 << 20][rng.random_range(0..3)],
         planted: ClusterPlanted::default(),
@@ -248,10 +252,11 @@ fn raft_config(opts: &ClusterOptions) -> RaftConfig {
     }
 }
 
-fn shard_config() -> ShardConfig {
+fn shard_config(opts: &ClusterOptions) -> ShardConfig {
     ShardConfig {
-        wal_segment_bytes_max: 64 * 1024,
-        wal_batch_bytes_max: 16 * 1024,
+        wal_segment_bytes_max: 16 * 1024,
+        wal_batch_bytes_max: 4 * 1024,
+        retention_bytes_max: opts.retention_bytes_max,
         ..ShardConfig::default()
     }
 }
@@ -409,7 +414,7 @@ fn new_driver(
     };
     ShardDriver::replicated(
         0,
-        shard_config(),
+        shard_config(opts),
         RestartPolicy::default(),
         1_024,
         60_000,
@@ -608,7 +613,10 @@ impl World {
                     self.send(id, to, Wire::Close(session, why))
                 }
                 Effect::Replies { replies, .. } => self.replies(replies)?,
-                Effect::Forget { .. } | Effect::CloseSession { .. } => {}
+                // The session's client reconnects and sends its unanswered requests again,
+                // with their keys (what the node tells a session whose shard restarted).
+                Effect::CloseSession { .. } => self.client_reconnects(i),
+                Effect::Forget { .. } => {}
             }
         }
         Ok(())
@@ -776,6 +784,11 @@ impl World {
         n.write = None;
         n.disk.crash(&mut self.rng, faults);
         // Its clients' requests are retried elsewhere, with their keys.
+        self.client_reconnects(i);
+    }
+
+    /// The client on node `i` lost its session: its unanswered requests are sent again.
+    fn client_reconnects(&mut self, i: usize) {
         let lost: Vec<u64> = self
             .pending
             .iter()
@@ -1040,13 +1053,57 @@ impl World {
                 _ => None,
             })
             .collect();
-        for (key, (seq, body)) in &self.acked {
+        let mut seen: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
+        for (lsn, term, rec) in &logs[l] {
+            if let Record::Appended(a) = rec {
+                if let Some((l0, t0)) = seen.insert(a.seq, (*lsn, *term)) {
+                    return Err((
+                        ClusterViolationKind::PrefixDiverged,
+                        format!(
+                            "seq {} is appended twice in the committed log: at lsn {l0} (term \
+                             {t0}) and at lsn {lsn} (term {term})",
+                            a.seq
+                        ),
+                    ));
+                }
+            }
+        }
+        // Retention drops a conversation's oldest entries: what is retained is checked whole,
+        // and every replica's head covers every acknowledged seq.
+        let retained_from = appended.keys().next().copied().unwrap_or(u64::MAX);
+        let max_acked = self.acked.values().map(|(seq, _)| *seq).max().unwrap_or(0);
+        for n in &self.nodes {
+            let head = n.driver.shard().and_then(|s| s.conversation_head("m", "c"));
+            if head.unwrap_or(0) < max_acked {
+                return Err((
+                    ClusterViolationKind::AckedLost,
+                    format!(
+                        "node {} has head {head:?} below acknowledged seq {max_acked}",
+                        n.id
+                    ),
+                ));
+            }
+        }
+        for (key, (seq, body)) in self
+            .acked
+            .iter()
+            .filter(|(_, (seq, _))| *seq >= retained_from)
+        {
             if appended.get(seq) != Some(body) {
+                let with_key: Vec<(u64, u64, u64)> = logs[l]
+                    .iter()
+                    .filter_map(|(lsn, term, rec)| match rec {
+                        Record::Appended(a) if a.key.as_deref() == Some(key.as_str()) => {
+                            Some((*lsn, *term, a.seq))
+                        }
+                        _ => None,
+                    })
+                    .collect();
                 return Err((
                     ClusterViolationKind::AckedLost,
                     format!(
                         "key {key} was acknowledged at seq {seq} with {body}; the committed log \
-                         holds {:?}",
+                         holds {:?} there, and the key at (lsn, term, seq) {with_key:?}",
                         appended.get(seq)
                     ),
                 ));

@@ -154,7 +154,10 @@ impl Replica {
     /// Frames the entries waiting for a write (a rewind frame first, if they replace framed
     /// records), when no write is in flight.
     fn frame_unframed(&mut self) {
-        if self.unframed.is_empty() {
+        // Frames cut from an earlier batch go out first (one per write): a rewind starts a
+        // frame of its own, after them.
+        let framing = self.shard.building_records > 0 || !self.shard.sealed.is_empty();
+        if self.unframed.is_empty() || framing {
             return;
         }
         if let Some(from) = self.rewind_from.take() {
