@@ -115,6 +115,85 @@ pub enum ShardOp {
 }
 
 impl ShardOp {
+    /// Checks what deserializing does not: every id, key and body of an op that arrived as
+    /// bytes from another node (a forwarded request), as the binary client codec checks a
+    /// client's. One exhaustive match: a new op must say what it carries.
+    pub fn check_wire(&self) -> Result<(), crate::ProtoError> {
+        use crate::ids::{validate_id, validate_key, IdKind};
+        let key = |k: &Option<Arc<str>>| k.as_deref().map_or(Ok(()), validate_key);
+        let body =
+            |b: &crate::Body| crate::Body::from_json_text(b.as_str().to_string()).map(|_| ());
+        match self {
+            ShardOp::CreateMesh { mesh, .. } | ShardOp::Auth { mesh, .. } => {
+                validate_id(IdKind::Mesh, mesh.as_str())
+            }
+            ShardOp::AddPeer {
+                mesh, peer, groups, ..
+            } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Peer, peer.as_str())?;
+                groups
+                    .iter()
+                    .try_for_each(|g| validate_id(IdKind::Group, g.as_str()))
+            }
+            ShardOp::Hello {
+                mesh, peer, proof, ..
+            } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Peer, peer.as_str())?;
+                match proof {
+                    Some(p) if p.sig.len() != 64 => Err(crate::ProtoError::bad_request(
+                        "a forwarded hello's signature is not 64 bytes",
+                    )),
+                    _ => Ok(()),
+                }
+            }
+            ShardOp::Send {
+                mesh,
+                from,
+                to,
+                body: b,
+                key: k,
+                ..
+            } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Peer, from.as_str())?;
+                match to {
+                    crate::Target::Peer(p) => validate_id(IdKind::Peer, p.as_str())?,
+                    crate::Target::Group(g) => validate_id(IdKind::Group, g.as_str())?,
+                    crate::Target::All => {}
+                }
+                key(k)?;
+                body(b)
+            }
+            ShardOp::Append {
+                mesh,
+                conv,
+                from,
+                body: b,
+                key: k,
+                ..
+            } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Conversation, conv.as_str())?;
+                validate_id(IdKind::Peer, from.as_str())?;
+                key(k)?;
+                body(b)
+            }
+            ShardOp::Subscribe { mesh, conv, .. }
+            | ShardOp::Unsubscribe { mesh, conv, .. }
+            | ShardOp::Read { mesh, conv, .. } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Conversation, conv.as_str())
+            }
+            ShardOp::Ack { mesh, peer, .. } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Peer, peer.as_str())
+            }
+            ShardOp::Flushed { .. } | ShardOp::Closed => Ok(()),
+        }
+    }
+
     /// The key this op is placed by.
     pub fn placement(&self) -> Placement<'_> {
         match self {
@@ -224,4 +303,65 @@ pub enum Route {
     Shard(ShardIdx),
     /// To every shard (session closed).
     AllShards,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An op as another node would send it: postcard, ids as plain strings.
+    fn from_wire(op: &ShardOp) -> ShardOp {
+        let bytes = postcard::to_allocvec(op).expect("encodes");
+        postcard::from_bytes(&bytes).expect("decodes")
+    }
+
+    #[test]
+    fn a_forwarded_op_with_a_bad_id_key_or_body_is_refused() {
+        // Proves deserializing a forwarded op does not validate it, and `check_wire` refuses
+        // each kind of bad field while taking a good op.
+        let good = ShardOp::Append {
+            r: 1,
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
+            from: PeerId::must("a"),
+            body: Body::from_json_text("{\"x\":1}").expect("json"),
+            key: Some("k".into()),
+        };
+        assert!(from_wire(&good).check_wire().is_ok());
+        let mut bytes = postcard::to_allocvec(&good).expect("encodes");
+        // The mesh id is the first string: its length byte, then "m". Make it a space.
+        let at = bytes.iter().position(|b| *b == b'm').expect("the mesh id");
+        bytes[at] = b' ';
+        let bad: ShardOp = postcard::from_bytes(&bytes).expect("postcard takes any string");
+        assert!(bad.check_wire().is_err(), "a bad mesh id");
+        let ShardOp::Append {
+            mesh, conv, from, ..
+        } = good.clone()
+        else {
+            unreachable!()
+        };
+        let bad_key = ShardOp::Append {
+            r: 1,
+            mesh: mesh.clone(),
+            conv,
+            from: from.clone(),
+            body: Body::from_json_text("1").expect("json"),
+            key: Some("".into()),
+        };
+        assert!(from_wire(&bad_key).check_wire().is_err(), "an empty key");
+        let not_json = ShardOp::Send {
+            r: 2,
+            mesh,
+            from,
+            to: Target::All,
+            body: Body::from_json_text("1").expect("json"),
+            key: None,
+        };
+        let mut bytes = postcard::to_allocvec(&not_json).expect("encodes");
+        let last = bytes.len() - 2; // the body "1" is the byte before the key's None
+        assert_eq!(bytes[last], b'1');
+        bytes[last] = b'{';
+        let bad: ShardOp = postcard::from_bytes(&bytes).expect("postcard takes any bytes");
+        assert!(bad.check_wire().is_err(), "a body that is not JSON");
+    }
 }

@@ -24,7 +24,9 @@
 mod forward;
 mod incarnation;
 
-pub use forward::{session_home, session_id, FORWARDED_REQUESTS_MAX, SESSION_NODE_SHIFT};
+pub use forward::{
+    session_home, session_id, NodeFrame, FORWARDED_REQUESTS_MAX, SESSION_NODE_SHIFT,
+};
 pub use incarnation::Core;
 
 use crate::supervise::{Decision, RestartPolicy, ShardFailure, Supervision};
@@ -269,7 +271,7 @@ pub enum Effect {
     },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum CloseReason {
     Restarted,
     Overloaded,

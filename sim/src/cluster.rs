@@ -19,9 +19,9 @@
 //! never grants its vote to two candidates in one term.
 
 use crate::disk::{CrashFaults, Disk};
-use fabric_proto::internal::{Reply, Request, SessionId, ShardOp};
+use fabric_proto::internal::{Reply, Request, ShardOp};
 use fabric_proto::{Body, ConvId, ErrorCode, MeshId, PeerId, ServerOp};
-use fabric_router::host::{session_id, CloseReason, Effect, ShardDriver, Time, WriteJob};
+use fabric_router::host::{session_id, Effect, NodeFrame, ShardDriver, Time, WriteJob};
 use fabric_router::supervise::RestartPolicy;
 use fabric_shard::raft::{NodeId, RaftConfig, RaftPlanted};
 use fabric_shard::record::Record;
@@ -174,20 +174,12 @@ pub struct ClusterSummary {
 
 type Checked<T = ()> = Result<T, (ClusterViolationKind, String)>;
 
-/// What the node link carries: a Raft/snapshot message, a forwarded batch, replies or a close
-/// for a session of another node.
-enum Wire {
-    Peer(PeerMessage),
-    Forward(SessionId, Vec<Request>),
-    Remote(SessionId, Vec<Reply>),
-    Close(SessionId, CloseReason),
-}
-
+/// A node-link frame in flight (the node's own frame type and its checks on receipt).
 struct Packet {
     at: u64,
     from: NodeId,
     to: NodeId,
-    wire: Wire,
+    frame: NodeFrame,
 }
 
 struct Node {
@@ -514,29 +506,23 @@ impl World {
                 continue;
             }
             let t = self.time(i);
-            let d = &mut self.nodes[i].driver;
-            match p.wire {
-                Wire::Peer(m) => d.handle_peer_message(t, m),
-                Wire::Forward(session, batch) => d.handle_forwarded(t, p.from, session, batch),
-                Wire::Remote(session, replies) => d.handle_remote_replies(t, session, replies),
-                Wire::Close(session, why) => d.handle_remote_close(t, session, why),
-            }
+            self.nodes[i].driver.handle_node_frame(t, p.from, p.frame);
         }
     }
 
-    fn send(&mut self, from: NodeId, to: NodeId, wire: Wire) {
+    fn send(&mut self, from: NodeId, to: NodeId, frame: NodeFrame) {
         self.summary.messages += 1;
         if self.rng.random_range(0..100) < self.opts.drop_pct {
             return;
         }
         let delay = self.rng.random_range(1..=self.opts.delay_ms_max.max(1));
         let dup = self.rng.random_range(0..100) < self.opts.dup_pct;
-        if let (true, Wire::Peer(m)) = (dup, &wire) {
+        if let (true, NodeFrame::Peer(_)) = (dup, &frame) {
             let again = Packet {
                 at: self.now + delay + 3,
                 from,
                 to,
-                wire: Wire::Peer(m.clone()),
+                frame: frame.clone(),
             };
             self.wire.push(again);
         }
@@ -544,7 +530,7 @@ impl World {
             at: self.now + delay,
             from,
             to,
-            wire,
+            frame,
         });
     }
 
@@ -594,23 +580,19 @@ impl World {
                     if granted {
                         self.check_vote(id, &m)?;
                     }
-                    self.send(id, m.to(), Wire::Peer(m));
+                    self.send(id, m.to(), NodeFrame::Peer(m));
                     if granted && self.faulting && self.chance(self.opts.crash_after_vote_pct) {
                         let back = self.now + self.rng.random_range(1..10);
                         self.scheduled.push((self.now, i, false));
                         self.scheduled.push((back, i, true));
                     }
                 }
-                Effect::Forward { to, session, batch } => {
-                    self.send(id, to, Wire::Forward(session, batch))
-                }
-                Effect::Remote {
-                    to,
-                    session,
-                    replies,
-                } => self.send(id, to, Wire::Remote(session, replies)),
-                Effect::RemoteClose { to, session, why } => {
-                    self.send(id, to, Wire::Close(session, why))
+                e @ (Effect::Forward { .. }
+                | Effect::Remote { .. }
+                | Effect::RemoteClose { .. }) => {
+                    if let Ok((to, frame)) = NodeFrame::from_effect(e) {
+                        self.send(id, to, frame);
+                    }
                 }
                 Effect::Replies { replies, .. } => self.replies(replies)?,
                 // The session's client reconnects and sends its unanswered requests again,
@@ -827,12 +809,20 @@ impl World {
         self.scheduled.clear();
         self.healed_at = Some(self.now);
         if let (Some(node), Some(l)) = (lone, self.leader()) {
+            let leader = l as NodeId + 1;
             let term = self.nodes[l]
                 .driver
                 .replica()
                 .map_or(0, |r| r.raft().term());
-            if l as NodeId + 1 != node {
-                self.watch_disruption = Some((node, l as NodeId + 1, term));
+            // Healthy: every node but the lone one follows this leader (a node that rebooted
+            // and has not heard from it yet may grant a pre-vote, as Raft allows).
+            let healthy = self.nodes.iter().filter(|n| n.id != node).all(|n| {
+                n.driver
+                    .replica()
+                    .is_some_and(|r| r.raft().leader() == Some(leader) && r.raft().term() == term)
+            });
+            if healthy && leader != node {
+                self.watch_disruption = Some((node, leader, term));
             }
         }
     }

@@ -17,7 +17,7 @@ use super::{CloseReason, Effect, ShardDriver, State, Time};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardOp};
 use fabric_proto::{ErrorCode, ProtoError, ServerOp};
 use fabric_shard::raft::NodeId;
-use fabric_shard::replica::Mode;
+use fabric_shard::replica::{Mode, PeerMessage};
 
 /// Bits of a session id below its home node's id: sessions of node `n` are
 /// `n << SESSION_NODE_SHIFT | k`.
@@ -26,6 +26,48 @@ pub const SESSION_NODE_SHIFT: u32 = 48;
 /// Forwarded requests waiting for an answer, per driver (bounded by what the input queue
 /// holds: each was taken from it).
 pub const FORWARDED_REQUESTS_MAX: usize = 65_536;
+
+/// What the node link carries for one shard between its drivers on two nodes (postcard).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum NodeFrame {
+    /// Between the shard's replicas: Raft, snapshots.
+    Peer(PeerMessage),
+    /// A local session's batch, to the leader's node.
+    Forward {
+        session: SessionId,
+        batch: Vec<Request>,
+    },
+    /// Replies for a session of the receiving node.
+    Remote {
+        session: SessionId,
+        replies: Vec<Reply>,
+    },
+    /// Close a session of the receiving node.
+    Close {
+        session: SessionId,
+        why: CloseReason,
+    },
+}
+
+impl NodeFrame {
+    /// The effect's frame for another node, with its destination; any other effect back.
+    #[allow(clippy::result_large_err)] // the "error" is the effect itself, handed back whole
+    pub fn from_effect(e: Effect) -> Result<(NodeId, NodeFrame), Effect> {
+        match e {
+            Effect::Peer(m) => Ok((m.to(), NodeFrame::Peer(m))),
+            Effect::Forward { to, session, batch } => {
+                Ok((to, NodeFrame::Forward { session, batch }))
+            }
+            Effect::Remote {
+                to,
+                session,
+                replies,
+            } => Ok((to, NodeFrame::Remote { session, replies })),
+            Effect::RemoteClose { to, session, why } => Ok((to, NodeFrame::Close { session, why })),
+            e => Err(e),
+        }
+    }
+}
 
 /// The node a session lives on.
 pub fn session_home(session: SessionId) -> NodeId {
@@ -107,6 +149,27 @@ impl ShardDriver {
             session,
             batch: std::mem::take(batch),
         });
+        true
+    }
+
+    /// A frame node `from` sent this shard. A forwarded batch is taken only if every op in it
+    /// passes the checks a client's binary op passes (`ShardOp::check_wire`): a frame is
+    /// bytes from the network, mutual TLS or not; a bad one is dropped whole (false).
+    pub fn handle_node_frame(&mut self, t: Time, from: NodeId, frame: NodeFrame) -> bool {
+        match frame {
+            NodeFrame::Peer(m) if m.from() == from => self.handle_peer_message(t, m),
+            NodeFrame::Peer(_) => return false,
+            NodeFrame::Forward { session, batch } => {
+                if batch.iter().any(|r| r.op.check_wire().is_err()) {
+                    return false;
+                }
+                self.handle_forwarded(t, from, session, batch);
+            }
+            NodeFrame::Remote { session, replies } => {
+                self.handle_remote_replies(t, session, replies)
+            }
+            NodeFrame::Close { session, why } => self.handle_remote_close(t, session, why),
+        }
         true
     }
 
