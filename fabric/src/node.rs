@@ -443,6 +443,7 @@ async fn start_shards(
             metrics: metrics.clone(),
             policy: limits.restart_policy(),
             wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
+            replication: None,
         });
         slots.push(slot);
         senders.push(tx);

@@ -20,9 +20,11 @@ use crate::metrics::{Metrics, ShardExport};
 use crate::storage::{self, WalDone};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx};
 use fabric_router::host::{
-    Clock, CloseReason, Core, DriverStatus, Effect, ReadDone, ShardDriver, Time, PUMP_BATCHES_MAX,
+    Clock, CloseReason, Core, DriverStatus, Effect, NodeFrame, ReadDone, ShardDriver, Time,
+    PUMP_BATCHES_MAX,
 };
 use fabric_router::supervise::RestartPolicy;
+use fabric_shard::raft::NodeId;
 use fabric_shard::store::{StoreError, StoreErrorKind};
 use fabric_shard::{RecoverError, RecoveryReport, ShardConfig};
 use ractor::{Actor, ActorProcessingErr, ActorRef, SupervisionEvent};
@@ -33,6 +35,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot, Notify};
 use tracing::Instrument;
+
+pub mod peers;
+
+pub use peers::{NodeSender, SlotReplication};
 
 /// What a shard sends a session.
 #[derive(Debug)]
@@ -145,6 +151,8 @@ pub struct ShardSlot {
     /// recover): the sender is taken by the host, the receiver by `wait_recovered`.
     first_recovery: Mutex<Option<oneshot::Sender<Result<(), RecoveryRefused>>>>,
     first_recovered: tokio::sync::Mutex<Option<oneshot::Receiver<Result<(), RecoveryRefused>>>>,
+    /// Set when the shard is one replica of a Raft group.
+    pub replication: Option<SlotReplication>,
 }
 
 /// Why a shard's first recovery did not give it an incarnation (the recovery error, which
@@ -167,6 +175,26 @@ pub struct SlotStats {
     pub wal_stalled: bool,
     /// The last write failed for lack of space, and none has landed since (`/readyz`).
     pub disk_full: bool,
+    /// A replica's Raft view, as of its host's last step (`/v1/cluster`, `/readyz`, metrics).
+    pub replica: Option<ReplicaStatus>,
+}
+
+/// What a replicated shard's host publishes of its replica.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReplicaStatus {
+    pub node: NodeId,
+    pub term: u64,
+    /// The leader this replica knows of, if any.
+    pub leader: Option<NodeId>,
+    pub commit: u64,
+    pub applied: u64,
+    pub last_index: u64,
+    /// Whether this replica serves requests as the leader (its no-op applied).
+    pub leading: bool,
+    pub voters: Vec<NodeId>,
+    /// On a leader: each follower's match index.
+    pub matched: Vec<(NodeId, u64)>,
+    pub leader_changes: u64,
 }
 
 /// How one shard slot is set up (`ShardSlot::new`).
@@ -180,6 +208,7 @@ pub struct SlotSettings {
     pub metrics: Arc<Metrics>,
     pub policy: RestartPolicy,
     pub wal_sync_stall_ms_max: u64,
+    pub replication: Option<SlotReplication>,
 }
 
 impl ShardSlot {
@@ -203,6 +232,7 @@ impl ShardSlot {
             crash: Notify::new(),
             first_recovery: Mutex::new(Some(first_tx)),
             first_recovered: tokio::sync::Mutex::new(Some(first_rx)),
+            replication: s.replication,
         });
         (slot, tx)
     }
@@ -221,13 +251,25 @@ impl ShardSlot {
     }
 
     fn driver(&self) -> ShardDriver {
-        ShardDriver::new(
-            self.idx,
-            self.config.clone(),
-            self.policy,
-            self.queue_batches_max,
-            self.wal_sync_stall_ms_max,
-        )
+        match &self.replication {
+            // The election jitter's seed: the node's one injected randomness, drawn here.
+            Some(r) => ShardDriver::replicated(
+                self.idx,
+                self.config.clone(),
+                self.policy,
+                self.queue_batches_max,
+                self.wal_sync_stall_ms_max,
+                r.config.clone(),
+                rand::random(),
+            ),
+            None => ShardDriver::new(
+                self.idx,
+                self.config.clone(),
+                self.policy,
+                self.queue_batches_max,
+                self.wal_sync_stall_ms_max,
+            ),
+        }
     }
 }
 
@@ -260,12 +302,19 @@ fn instant_at(mono_ms: u64) -> Instant {
 struct InputGuard {
     slot: Arc<ShardSlot>,
     rx: Option<mpsc::Receiver<ShardMsg>>,
+    /// A replica's frames from other nodes.
+    node_rx: Option<mpsc::Receiver<(NodeId, NodeFrame)>>,
 }
 
 impl Drop for InputGuard {
     fn drop(&mut self) {
         if let Some(rx) = self.rx.take() {
             if let Ok(mut g) = self.slot.input.lock() {
+                *g = Some(rx);
+            }
+        }
+        if let (Some(rx), Some(r)) = (self.node_rx.take(), &self.slot.replication) {
+            if let Ok(mut g) = r.inbound.lock() {
                 *g = Some(rx);
             }
         }
@@ -311,6 +360,7 @@ struct HostIo {
     export: Option<ShardExport>,
     /// What was last published (logs on changes).
     published: DriverStatus,
+    log_reads: peers::LogReads,
 }
 
 /// The host loop of one shard: driver in, effects out, until stopped.
@@ -340,6 +390,17 @@ async fn host_loop(slot: Arc<ShardSlot>, mut input: InputGuard) {
             }
             rec = join_recovery(&mut io.recovery) => io.recovered(&mut driver, clock.time(), rec),
             _ = slot.crash.notified() => driver.handle_crash(clock.time(), "crash drill"),
+            Some((from, frame)) = recv_node(&mut input.node_rx) => {
+                guarded(&mut driver, clock.time(), |d, t| {
+                    if !d.handle_node_frame(t, from, frame) {
+                        tracing::warn!(from, "dropped a node frame that failed its checks");
+                    }
+                });
+            }
+            Some((job, result)) = io.log_reads.rx.recv() => {
+                io.log_reads.finished(&slot.dir);
+                guarded(&mut driver, clock.time(), |d, t| d.handle_log_read_done(t, &job, result));
+            }
             msg = rx.recv(), if reading => {
                 let Some(msg) = msg else { return };
                 io.take_batches(&mut driver, &clock, rx, msg);
@@ -364,6 +425,15 @@ fn guarded(driver: &mut ShardDriver, t: Time, step: impl FnOnce(&mut ShardDriver
             .unwrap_or_else(|| "unknown".into());
         tracing::error!(panic = %why, "the shard core panicked; restarting the shard");
         driver.handle_crash(t, &format!("the shard core panicked: {why}"));
+    }
+}
+
+async fn recv_node(
+    rx: &mut Option<mpsc::Receiver<(NodeId, NodeFrame)>>,
+) -> Option<(NodeId, NodeFrame)> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -416,6 +486,7 @@ impl HostIo {
             stop: None,
             export: None,
             published: DriverStatus::default(),
+            log_reads: peers::LogReads::new(),
         }
     }
 
@@ -438,15 +509,11 @@ impl HostIo {
                 Effect::Forget { session } => {
                     self.sinks.remove(&session);
                 }
-                // `fabric serve` runs unreplicated shards (`ShardDriver::new`): only a
-                // replicated driver has messages for other nodes or log reads.
-                Effect::Peer(_)
-                | Effect::LogRead(_)
+                Effect::LogRead(job) => self.log_reads.start(&self.slot.dir, job),
+                e @ (Effect::Peer(_)
                 | Effect::Forward { .. }
                 | Effect::Remote { .. }
-                | Effect::RemoteClose { .. } => {
-                    unreachable!("an unreplicated shard's driver has no peers")
-                }
+                | Effect::RemoteClose { .. }) => self.send_to_node(e),
                 Effect::CloseSession { session, why } => {
                     if let Some(tx) = self.sinks.remove(&session) {
                         let idx = self.slot.idx;
@@ -461,6 +528,14 @@ impl HostIo {
                 }
             }
         }
+    }
+
+    /// A frame for another node, through the node link (only a replica's driver has them).
+    fn send_to_node(&self, e: Effect) {
+        let (Some(r), Ok((to, frame))) = (&self.slot.replication, NodeFrame::from_effect(e)) else {
+            return;
+        };
+        r.sender.send(to, self.slot.idx, frame);
     }
 
     /// Hands a read to the reader thread (started on the first read).
@@ -665,6 +740,7 @@ impl HostIo {
             }
             self.published = st.clone();
         }
+        self.publish_replica(driver);
         if let (Some(x), Some(shard)) = (self.export.as_mut(), driver.shard()) {
             let m = &self.slot.metrics;
             x.export(
@@ -673,6 +749,39 @@ impl HostIo {
                 &m.meshes,
                 Instant::now(),
             );
+        }
+    }
+}
+
+impl HostIo {
+    fn publish_replica(&self, driver: &ShardDriver) {
+        if self.slot.replication.is_none() {
+            return;
+        }
+        let status = driver.replica().map(|r| {
+            let raft = r.raft();
+            let voters: Vec<NodeId> = raft.membership().voters.iter().copied().collect();
+            let matched = voters
+                .iter()
+                .filter_map(|v| raft.progress(*v).map(|(_, m)| (*v, m)))
+                .collect();
+            ReplicaStatus {
+                node: raft.id(),
+                term: raft.term(),
+                leader: raft.leader(),
+                commit: raft.commit(),
+                applied: r.applied(),
+                last_index: raft.last_index(),
+                leading: r.mode() == fabric_shard::replica::Mode::Leading,
+                voters,
+                matched,
+                leader_changes: r.stats().leader_changes,
+            }
+        });
+        if let Ok(mut s) = self.slot.stats.lock() {
+            if s.replica != status {
+                s.replica = status;
+            }
         }
     }
 }
@@ -730,9 +839,20 @@ impl Actor for ShardActor {
             .map_err(|_| "shard input lock poisoned")?
             .take()
             .ok_or("shard input is held by another host")?;
+        let node_rx = match &slot.replication {
+            Some(r) => Some(
+                r.inbound
+                    .lock()
+                    .map_err(|_| "shard inbound lock poisoned")?
+                    .take()
+                    .ok_or("shard inbound frames are held by another host")?,
+            ),
+            None => None,
+        };
         let input = InputGuard {
             slot: slot.clone(),
             rx: Some(rx),
+            node_rx,
         };
         let task = tokio::spawn(
             async move {

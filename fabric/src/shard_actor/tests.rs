@@ -2,6 +2,7 @@
 //! to the driver (which closes the session) instead of dropped.
 
 use super::*;
+use fabric_proto::internal::{Request, ShardOp};
 use fabric_proto::ServerOp;
 
 fn pong() -> Reply {
@@ -27,6 +28,7 @@ fn slot() -> Arc<ShardSlot> {
         metrics,
         policy: RestartPolicy::default(),
         wal_sync_stall_ms_max: 1_000,
+        replication: None,
     })
     .0
 }
@@ -86,4 +88,144 @@ async fn replies_that_do_not_fit_close_the_session_instead_of_vanishing() {
         next(&mut full_rx).await,
         SessionMsg::Overloaded(0)
     ));
+}
+
+/// The node link, in process: frames go straight into the other slots' inbound channels.
+struct Wire {
+    inbound: Mutex<std::collections::BTreeMap<NodeId, mpsc::Sender<(NodeId, NodeFrame)>>>,
+    from: NodeId,
+}
+
+impl NodeSender for Wire {
+    fn send(&self, to: NodeId, _shard: ShardIdx, frame: NodeFrame) -> bool {
+        let tx = self.inbound.lock().ok().and_then(|m| m.get(&to).cloned());
+        tx.is_some_and(|tx| tx.try_send((self.from, frame)).is_ok())
+    }
+}
+
+/// Three replicas of shard 0, each its own host over its own directory, joined by wires.
+async fn replicated_slots(
+    tmp: &tempfile::TempDir,
+) -> (
+    Vec<Arc<ShardSlot>>,
+    Vec<mpsc::Sender<ShardMsg>>,
+    Vec<ActorRef<SupervisorMsg>>,
+) {
+    let voters: std::collections::BTreeSet<NodeId> = [1, 2, 3].into();
+    let metrics = Arc::new(Metrics::new(false, 1, &[]).expect("metrics"));
+    let wires: Vec<Arc<Wire>> = (1..=3)
+        .map(|id| {
+            Arc::new(Wire {
+                inbound: Mutex::new(Default::default()),
+                from: id,
+            })
+        })
+        .collect();
+    let (mut slots, mut senders, mut inbound) = (Vec::new(), Vec::new(), Vec::new());
+    for id in 1..=3u64 {
+        let dir = tmp.path().join(format!("node-{id}"));
+        crate::storage::init_shard_dirs(&dir, 1).expect("init");
+        let config = fabric_shard::replica::ReplicaConfig {
+            node: id,
+            voters: voters.clone(),
+            raft: fabric_shard::raft::RaftConfig::default(),
+            planted: Default::default(),
+        };
+        let sender: Arc<dyn NodeSender> = wires[id as usize - 1].clone();
+        let (replication, tx_in) = SlotReplication::new(config, sender);
+        inbound.push((id, tx_in));
+        let (slot, tx) = ShardSlot::new(SlotSettings {
+            idx: 0,
+            dir: crate::storage::shard_dir(&dir, 0),
+            config: ShardConfig::default(),
+            durability: Durability::Fsync,
+            queue_batches_max: 16,
+            node: format!("n{id}").into(),
+            metrics: metrics.clone(),
+            policy: RestartPolicy::default(),
+            wal_sync_stall_ms_max: 10_000,
+            replication: Some(replication),
+        });
+        slots.push(slot);
+        senders.push(tx);
+    }
+    for w in &wires {
+        let mut m = w.inbound.lock().expect("lock");
+        for (id, tx) in &inbound {
+            m.insert(*id, tx.clone());
+        }
+    }
+    let mut supervisors = Vec::new();
+    for (slot, tx) in slots.iter().zip(&senders) {
+        let args = SupervisorArgs {
+            slots: vec![slot.clone()],
+            senders: vec![tx.clone()],
+        };
+        let (sup, _) = Actor::spawn(None, NodeSupervisor, args)
+            .await
+            .expect("spawn");
+        slot.wait_recovered().await.expect("recovered");
+        supervisors.push(sup);
+    }
+    (slots, senders, supervisors)
+}
+
+fn status(slot: &ShardSlot) -> Option<ReplicaStatus> {
+    slot.stats.lock().ok().and_then(|s| s.replica.clone())
+}
+
+#[tokio::test]
+async fn three_replicated_hosts_elect_and_answer_through_any_node() {
+    // Proves the node's shard host runs a replica over real files: three hosts elect a leader
+    // over an in-process wire, a batch sent to a follower's host is forwarded to the leader,
+    // committed on a quorum and answered back through the follower's host, and every replica
+    // applies it.
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (slots, senders, sups) = replicated_slots(&tmp).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        let leading = slots
+            .iter()
+            .position(|s| status(s).is_some_and(|r| r.leading));
+        if let Some(l) = leading {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "a leader within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let follower = (leader + 1) % 3;
+    let session = fabric_router::host::session_id(follower as u64 + 1, 1);
+    let (tx, mut rx) = mpsc::channel(16);
+    let ops = vec![ShardOp::CreateMesh {
+        r: 1,
+        mesh: fabric_proto::MeshId::must("m"),
+    }];
+    let requests = ops.into_iter().map(|op| Request { session, op }).collect();
+    senders[follower]
+        .send(ShardMsg::Batch {
+            session,
+            tx,
+            requests,
+        })
+        .await
+        .expect("sent");
+    let msg = next(&mut rx).await;
+    assert!(
+        matches!(&msg, SessionMsg::Replies(0, r) if matches!(r[0], Reply::Frame(ServerOp::Ok { r: 1, .. }))),
+        "{msg:?}"
+    );
+    let applied = |s: &ShardSlot| status(s).map_or(0, |r| r.applied);
+    let target = applied(&slots[leader]);
+    while slots.iter().any(|s| applied(s) < target) {
+        assert!(
+            Instant::now() < deadline,
+            "every replica applies the commit"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for sup in sups {
+        let (tx, rx) = oneshot::channel();
+        let _ = sup.cast(SupervisorMsg::Stop(tx));
+        let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+    }
 }
