@@ -752,3 +752,440 @@ impl<T> Drop for NodeLinks<T> {
         self.link.close();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::link::LinkConfig;
+    use crate::cluster::pki::{ClusterCa, NodeIdentity};
+    use rustls::pki_types::CertificateDer;
+    use serde::Deserialize;
+    use std::collections::BTreeSet;
+
+    /// Every wait in these tests ends within this.
+    const WAIT: Duration = Duration::from_secs(10);
+    const POLL_MS: u64 = 10;
+    /// The group of settle's probe frames.
+    const PROBE: u32 = 99;
+    const PROBE_EVERY_MS: u64 = 50;
+
+    #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+    struct Msg {
+        seq: u64,
+    }
+
+    fn loopback() -> SocketAddr {
+        "127.0.0.1:0".parse().unwrap()
+    }
+
+    fn identity(ca: &ClusterCa, id: u64) -> NodeIdentity {
+        ca.issue_node(id, &["127.0.0.1".into()], 1)
+            .unwrap()
+            .identity()
+    }
+
+    fn config(members: &[u64]) -> LinkConfig {
+        let mut config = LinkConfig::new(members.iter().copied());
+        config.handshake_timeout_ms = 1_000;
+        config
+    }
+
+    fn bind(ca: &CertificateDer<'static>, id: &NodeIdentity, members: &[u64]) -> NodeLink {
+        NodeLink::bind(loopback(), id, ca, config(members)).unwrap()
+    }
+
+    fn members(links: &[&NodeLink]) -> Vec<Member> {
+        links
+            .iter()
+            .map(|l| Member {
+                id: l.node_id(),
+                link: l.local_addr().unwrap(),
+            })
+            .collect()
+    }
+
+    fn limits() -> LinksLimits {
+        LinksLimits {
+            links_dial_backoff_ms_min: 50,
+            links_dial_backoff_ms_max: 250,
+            ..LinksLimits::default()
+        }
+    }
+
+    struct Node {
+        links: NodeLinks<Msg>,
+        rx: mpsc::Receiver<Inbound<Msg>>,
+    }
+
+    impl Node {
+        fn id(&self) -> u64 {
+            self.links.shared.node
+        }
+
+        fn peer(&self, id: u64) -> PeerStatus {
+            let status = self.links.status();
+            status.into_iter().find(|s| s.id == id).unwrap()
+        }
+    }
+
+    async fn start(link: NodeLink, members: &[Member], limits: LinksLimits) -> Node {
+        let (links, rx) = NodeLinks::start(link, members.to_vec(), limits)
+            .await
+            .unwrap();
+        Node { links, rx }
+    }
+
+    /// Waits until `cond` holds, polling at most WAIT / POLL_MS times.
+    async fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
+        for _ in 0..WAIT.as_millis() as u64 / POLL_MS {
+            if cond() {
+                return;
+            }
+            sleep_ms(POLL_MS).await;
+        }
+        panic!("{what} did not happen within {WAIT:?}");
+    }
+
+    /// Waits until every node is connected to every other and a probe frame went from every
+    /// node to every other (the connections the pairs keep carry frames).
+    async fn settle(nodes: &mut [Node]) {
+        let ids: Vec<u64> = nodes.iter().map(Node::id).collect();
+        eventually("every node connected to every other", || {
+            nodes.iter().all(|n| n.links.status().iter().all(|s| s.up))
+        })
+        .await;
+        let mut seen = vec![BTreeSet::new(); nodes.len()];
+        for _ in 0..WAIT.as_millis() as u64 / PROBE_EVERY_MS {
+            for n in nodes.iter() {
+                for &to in ids.iter().filter(|&&to| to != n.id()) {
+                    n.links.send(to, PROBE, Msg { seq: 0 });
+                }
+            }
+            sleep_ms(PROBE_EVERY_MS).await;
+            for (n, seen) in nodes.iter_mut().zip(&mut seen) {
+                while let Ok(m) = n.rx.try_recv() {
+                    assert_eq!(m.group, PROBE, "only probes are sent while settling");
+                    seen.insert(m.from);
+                }
+            }
+            if seen.iter().all(|s| s.len() == ids.len() - 1) {
+                return;
+            }
+        }
+        panic!("probes did not go between every pair within {WAIT:?}: {seen:?}");
+    }
+
+    /// The next `count` frames `n` receives that are not probes, within WAIT; then checks
+    /// that no other arrives for a moment.
+    async fn receive(n: &mut Node, count: usize) -> Vec<Inbound<Msg>> {
+        let mut got = Vec::with_capacity(count);
+        let collect = async {
+            while got.len() < count {
+                match n.rx.recv().await {
+                    Some(m) if m.group == PROBE => {}
+                    Some(m) => got.push(m),
+                    None => panic!("the inbound channel ended"),
+                }
+            }
+        };
+        if tokio::time::timeout(WAIT, collect).await.is_err() {
+            panic!("node {} got {} of {count} frames", n.id(), got.len());
+        }
+        let extra = tokio::time::timeout(Duration::from_millis(100), async {
+            loop {
+                match n.rx.recv().await {
+                    Some(m) if m.group == PROBE => {}
+                    other => return other,
+                }
+            }
+        });
+        assert!(extra.await.is_err(), "a frame arrived beyond the {count}");
+        got
+    }
+
+    /// Shuts a node down and checks its inbound channel then ends.
+    async fn stop(n: Node) {
+        let Node { links, mut rx } = n;
+        tokio::time::timeout(WAIT, links.shutdown())
+            .await
+            .expect("shutdown within WAIT");
+        for _ in 0..LINKS_INBOUND_FRAMES_MAX_DEFAULT + 1 {
+            match tokio::time::timeout(WAIT, rx.recv()).await {
+                Ok(Some(_)) => {}
+                Ok(None) => return,
+                Err(_) => panic!("the inbound channel did not end after shutdown"),
+            }
+        }
+        panic!("the inbound channel kept yielding after shutdown");
+    }
+
+    #[tokio::test]
+    async fn three_nodes_exchange_frames_on_two_groups_once_and_in_order() {
+        // Proves three nodes deliver every frame, both ways on two groups, once and in order per (peer, group).
+        let ca = ClusterCa::generate("test").unwrap();
+        let ids = [1u64, 2, 3];
+        let links: Vec<NodeLink> = ids
+            .iter()
+            .map(|&id| bind(ca.cert_der(), &identity(&ca, id), &ids))
+            .collect();
+        let members = members(&links.iter().collect::<Vec<_>>());
+        // A small inbound channel: reading tasks wait on it (backpressure) and lose nothing.
+        let limits = LinksLimits {
+            links_inbound_frames_max: 8,
+            ..limits()
+        };
+        let mut nodes = Vec::new();
+        for link in links {
+            nodes.push(start(link, &members, limits.clone()).await);
+        }
+        settle(&mut nodes).await;
+        let dropped: Vec<u64> = nodes
+            .iter()
+            .map(|n| n.links.stats().frames_dropped)
+            .collect();
+        const N: u64 = 200;
+        for seq in 0..N {
+            for n in &nodes {
+                for to in ids.into_iter().filter(|&to| to != n.id()) {
+                    for group in [0, 1] {
+                        assert!(n.links.send(to, group, Msg { seq }));
+                    }
+                }
+            }
+        }
+        for n in &mut nodes {
+            let got = receive(n, 2 * 2 * N as usize).await;
+            let mut streams: BTreeMap<(u64, u32), Vec<u64>> = BTreeMap::new();
+            for m in got {
+                streams
+                    .entry((m.from, m.group))
+                    .or_default()
+                    .push(m.frame.seq);
+            }
+            let want: Vec<u64> = (0..N).collect();
+            assert_eq!(streams.len(), 4, "node {}: {:?}", n.id(), streams.keys());
+            for ((from, group), seqs) in &streams {
+                assert_ne!(*from, n.id());
+                assert!(*group < 2);
+                assert_eq!(seqs, &want, "node {} from {from} group {group}", n.id());
+            }
+        }
+        for (n, before) in nodes.iter().zip(dropped) {
+            let stats = n.links.stats();
+            assert_eq!(stats.frames_dropped, before, "node {}: {stats:?}", n.id());
+            assert!(stats.frames_sent >= 4 * N && stats.frames_received >= 4 * N);
+            assert!(n.links.status().iter().all(|s| s.last_frame_ms.is_some()));
+        }
+        for n in nodes {
+            stop(n).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_restarted_node_is_redialed_and_frames_for_it_while_down_are_dropped() {
+        // Proves a node stopped and started again on its address is redialed and frames flow again; frames for it while down are dropped and counted without blocking.
+        let ca = ClusterCa::generate("test").unwrap();
+        let ids = [1u64, 2];
+        let id2 = identity(&ca, 2);
+        let (l1, l2) = (
+            bind(ca.cert_der(), &identity(&ca, 1), &ids),
+            bind(ca.cert_der(), &id2, &ids),
+        );
+        let members = members(&[&l1, &l2]);
+        let mut nodes = vec![
+            start(l1, &members, limits()).await,
+            start(l2, &members, limits()).await,
+        ];
+        settle(&mut nodes).await;
+
+        stop(nodes.pop().unwrap()).await;
+        eventually("node 1 sees node 2 down", || !nodes[0].peer(2).up).await;
+        let before = nodes[0].links.stats().frames_dropped;
+        let t = Instant::now();
+        for seq in 0..20 {
+            assert!(!nodes[0].links.send(2, 0, Msg { seq }));
+        }
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert!(nodes[0].links.stats().frames_dropped >= before + 20);
+
+        // The address is free again once the old endpoint's driver has let go of it.
+        let mut l2 = None;
+        for _ in 0..WAIT.as_millis() as u64 / PROBE_EVERY_MS {
+            match NodeLink::bind(members[1].link, &id2, ca.cert_der(), config(&ids)) {
+                Ok(l) => {
+                    l2 = Some(l);
+                    break;
+                }
+                Err(_) => sleep_ms(PROBE_EVERY_MS).await,
+            }
+        }
+        let l2 = l2.expect("node 2's address bound again within WAIT");
+        nodes.push(start(l2, &members, limits()).await);
+        settle(&mut nodes).await;
+        let stats = nodes[0].links.stats();
+        assert!(stats.reconnects >= 1, "{stats:?}");
+        assert!(nodes[0].peer(2).connections >= 2);
+        for n in nodes {
+            stop(n).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_peer_queue_drops_and_counts_instead_of_blocking() {
+        // Proves frames beyond links_queue_frames_max are dropped and counted at once, and the queued ones arrive.
+        let ca = ClusterCa::generate("test").unwrap();
+        let ids = [1u64, 2];
+        let (l1, l2) = (
+            bind(ca.cert_der(), &identity(&ca, 1), &ids),
+            bind(ca.cert_der(), &identity(&ca, 2), &ids),
+        );
+        let members = members(&[&l1, &l2]);
+        let limits = LinksLimits {
+            links_queue_frames_max: 4,
+            ..limits()
+        };
+        let mut nodes = vec![
+            start(l1, &members, limits.clone()).await,
+            start(l2, &members, limits).await,
+        ];
+        settle(&mut nodes).await;
+        let before = nodes[0].links.stats().frames_dropped;
+        // A #[tokio::test] runtime has one thread: the sending task cannot drain the queue
+        // during this loop, so the queue fills after 4 frames.
+        let t = Instant::now();
+        let queued: Vec<bool> = (0..100)
+            .map(|seq| nodes[0].links.send(2, 3, Msg { seq }))
+            .collect();
+        assert!(t.elapsed() < Duration::from_secs(1));
+        assert_eq!(queued.iter().filter(|&&q| q).count(), 4);
+        assert!(queued[..4].iter().all(|&q| q));
+        assert_eq!(nodes[0].links.stats().frames_dropped, before + 96);
+        let got = receive(&mut nodes[1], 4).await;
+        let seqs: Vec<u64> = got.iter().map(|m| m.frame.seq).collect();
+        assert_eq!(seqs, [0, 1, 2, 3]);
+        assert!(got.iter().all(|m| m.from == 1 && m.group == 3));
+        for n in nodes {
+            stop(n).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn nodes_of_another_cluster_or_outside_the_members_never_connect() {
+        // Proves a node with another cluster's certificate, or not a member, is never connected (status down) while members connect.
+        let (ca, other) = (
+            ClusterCa::generate("test").unwrap(),
+            ClusterCa::generate("other").unwrap(),
+        );
+        let ids = [1u64, 2, 3];
+        let l1 = bind(ca.cert_der(), &identity(&ca, 1), &ids);
+        let l2 = bind(ca.cert_der(), &identity(&ca, 2), &ids);
+        // Node 3 is a member by id, but its certificate is of another cluster.
+        let l3 = bind(other.cert_der(), &identity(&other, 3), &ids);
+        // Node 4 has a certificate of this cluster but is no member of nodes 1 and 2.
+        let l4 = bind(ca.cert_der(), &identity(&ca, 4), &[1, 2, 4]);
+        let members123 = members(&[&l1, &l2, &l3]);
+        let members124 = members(&[&l1, &l2, &l4]);
+        let n1 = start(l1, &members123, limits()).await;
+        let n2 = start(l2, &members123, limits()).await;
+        let n3 = start(l3, &members123, limits()).await;
+        let n4 = start(l4, &members124, limits()).await;
+        eventually("nodes 1 and 2 connected", || n1.peer(2).up && n2.peer(1).up).await;
+        // Several dial rounds each way (the backoff is capped at 250 ms).
+        eventually("repeated failed dials", || {
+            [&n1, &n2, &n3, &n4]
+                .iter()
+                .all(|n| n.links.stats().dials_failed >= 3)
+        })
+        .await;
+        for (n, member) in [(&n1, 2), (&n2, 1)] {
+            let s = n.peer(3);
+            assert!(!s.up && s.connections == 0, "{s:?}");
+            // Every connection it made was with the other member.
+            assert_eq!(n.links.stats().connections, n.peer(member).connections);
+        }
+        for n in [&n3, &n4] {
+            assert!(n.links.status().iter().all(|s| !s.up && s.connections == 0));
+            assert_eq!(n.links.stats().connections, 0);
+        }
+        assert!(!n1.links.send(3, 0, Msg { seq: 0 }));
+        assert!(!n4.links.send(1, 0, Msg { seq: 0 }));
+        for n in [n1, n2, n3, n4] {
+            stop(n).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn a_malformed_or_oversize_frame_closes_only_its_stream() {
+        // Proves a frame that does not decode, or is over node_frame_bytes_max, closes only its stream (counted) and later frames still arrive.
+        let ca = ClusterCa::generate("test").unwrap();
+        let ids = [1u64, 2];
+        let mut small = config(&ids);
+        small.node_frame_bytes_max = 1024;
+        let l1 = NodeLink::bind(loopback(), &identity(&ca, 1), ca.cert_der(), small).unwrap();
+        // Node 2 is a bare node link that writes what it likes.
+        let raw = bind(ca.cert_der(), &identity(&ca, 2), &ids);
+        let members = members(&[&l1, &raw]);
+        let mut n1 = start(l1, &members, limits()).await;
+        let conn = tokio::time::timeout(WAIT, raw.connect(members[0].link, 1))
+            .await
+            .unwrap()
+            .unwrap();
+        eventually("node 1 sees node 2 up", || n1.peer(2).up).await;
+
+        let mut empty = conn.open_group(5).await.unwrap();
+        empty.send_frame(&()).await.unwrap();
+        let mut big = conn.open_group(6).await.unwrap();
+        big.send_frame(&vec![7u8; 2_000]).await.unwrap();
+        eventually("both bad streams refused", || {
+            n1.links.stats().streams_refused == 2
+        })
+        .await;
+        let mut good = conn.open_group(7).await.unwrap();
+        good.send_frame(&Msg { seq: 42 }).await.unwrap();
+        let got = receive(&mut n1, 1).await;
+        assert_eq!((got[0].from, got[0].group, got[0].frame.seq), (2, 7, 42));
+        assert!(n1.peer(2).up);
+        assert_eq!(n1.links.stats().frames_received, 1);
+        stop(n1).await;
+        raw.close();
+    }
+
+    #[tokio::test]
+    async fn bad_limits_and_a_member_listed_twice_are_refused() {
+        // Proves out-of-bounds limits and a duplicate member are refused at start with a Config error.
+        let mut bad = LinksLimits::default();
+        assert!(bad.validate().is_ok());
+        bad.links_queue_frames_max = 0;
+        assert!(matches!(bad.validate(), Err(LinkError::Config(_))));
+        let bad = LinksLimits {
+            links_dial_backoff_ms_min: 10,
+            links_dial_backoff_ms_max: 5,
+            ..LinksLimits::default()
+        };
+        assert!(matches!(bad.validate(), Err(LinkError::Config(_))));
+        let ca = ClusterCa::generate("test").unwrap();
+        let link = bind(ca.cert_der(), &identity(&ca, 1), &[1, 2]);
+        let twice = vec![
+            Member {
+                id: 2,
+                link: loopback(),
+            };
+            2
+        ];
+        let r = NodeLinks::<Msg>::start(link.clone(), twice, LinksLimits::default()).await;
+        assert!(matches!(r, Err(LinkError::Config(_))));
+        let few = LinksLimits {
+            links_peers_max: 1,
+            ..LinksLimits::default()
+        };
+        let three = (2..5)
+            .map(|id| Member {
+                id,
+                link: loopback(),
+            })
+            .collect();
+        let r = NodeLinks::<Msg>::start(link.clone(), three, few).await;
+        assert!(matches!(r, Err(LinkError::Config(_))));
+        link.close();
+    }
+}
