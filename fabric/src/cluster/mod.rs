@@ -8,6 +8,7 @@
 pub mod link;
 pub mod links;
 pub mod pki;
+pub mod runtime;
 
 pub use link::{
     GroupStream, Heartbeats, Incoming, LinkConfig, LinkError, NodeLink, PeerConn, Refusal,
