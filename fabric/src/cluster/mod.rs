@@ -1,9 +1,11 @@
-//! Node-to-node plumbing for a replicated cluster: the cluster PKI ([`pki`]) and the mutually
-//! authenticated QUIC link between nodes ([`link`]).
+//! Node-to-node plumbing for a replicated cluster: the cluster PKI ([`pki`]), the mutually
+//! authenticated QUIC link between nodes ([`link`]), and the `[cluster]` section of a node's
+//! configuration ([`config`]).
 //!
-//! Nothing in `fabric serve` uses these yet; Raft replication will carry its messages over
-//! [`link::NodeLink`].
+//! `fabric serve` validates and loads the `[cluster]` section but does not replicate yet; Raft
+//! replication will carry its messages over [`link::NodeLink`].
 
+pub mod config;
 pub mod link;
 pub mod pki;
 
