@@ -1,11 +1,13 @@
 //! Node-to-node plumbing for a replicated cluster: the cluster PKI ([`pki`]), the mutually
-//! authenticated QUIC link between nodes ([`link`]), and the `[cluster]` section of a node's
-//! configuration ([`config`]).
+//! authenticated QUIC link between nodes ([`link`]), the `[cluster]` section of a node's
+//! configuration ([`config`]), and `fabric cluster init`, which writes a cluster's
+//! files ([`init`]).
 //!
 //! `fabric serve` validates and loads the `[cluster]` section but does not replicate yet; Raft
 //! replication will carry its messages over [`link::NodeLink`].
 
 pub mod config;
+pub mod init;
 pub mod link;
 pub mod pki;
 
