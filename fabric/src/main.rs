@@ -34,7 +34,7 @@ enum Command {
     /// variables, and these flags.
     Serve(Box<ServeArgs>),
     Sim(sim_cmd::SimArgs),
-    /// A cluster's files (`init`).
+    /// A cluster's files (`init`), and its nodes run on this host for development (`local`).
     #[command(subcommand)]
     Cluster(ClusterCommand),
     #[command(flatten)]
@@ -54,6 +54,13 @@ enum ClusterCommand {
     /// token is FABRIC_ADMIN_TOKEN if set, else random; it is in DIR/admin-token and in every
     /// config.
     Init(ClusterArgs),
+    /// Run a cluster's nodes on this host as child processes (development).
+    ///
+    /// Runs `init` first if DIR has no node-1.toml, then `fabric serve --config
+    /// DIR/node-<i>.toml` for each node, their output lines prefixed with `[node <i>]`.
+    /// Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every node (SIGTERM, SIGKILL after 10 s); a
+    /// node that exits by itself stops the others, and the command exits 1.
+    Local(ClusterArgs),
 }
 
 #[derive(Args)]
@@ -97,13 +104,33 @@ impl ClusterArgs {
     }
 }
 
-/// `fabric cluster init`.
+/// `fabric cluster init` and `fabric cluster local`.
 fn run_cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
     match cmd {
         ClusterCommand::Init(args) => {
             let done = fabric::cluster::init::init(&args.into_options()?)?;
             print!("{}", done.summary());
             Ok(())
+        }
+        ClusterCommand::Local(args) => {
+            let options = args.into_options()?;
+            let exe = std::env::current_exe().context("cannot find this executable")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            use fabric::cluster::local::{self, EndCause, Signals, STOP_TIMEOUT};
+            let end = runtime.block_on(async {
+                let mut signals = Signals::new()?;
+                let stop = async move { signals.recv().await.to_string() };
+                local::run(&options, &exe, STOP_TIMEOUT, stop).await
+            })?;
+            match end.cause {
+                EndCause::Stopped(_) => Ok(()),
+                EndCause::NodeExited { node, status } => {
+                    anyhow::bail!("node {node} exited by itself ({status})")
+                }
+            }
         }
     }
 }
