@@ -5,6 +5,7 @@
 //! `Config` carries them as fields of the same names ([`Config::limits`]), so the TOML keys,
 //! flags and variables stay flat.
 
+use crate::cluster::config::{ClusterConfig, ClusterConfigError};
 use fabric_router::limits::{Limits, LimitsError};
 use serde::{Deserialize, Serialize};
 use std::net::SocketAddr;
@@ -121,6 +122,9 @@ pub struct Config {
     pub log_read_bytes_max: usize,
     /// Disk reads of the log one shard has in flight at once.
     pub log_reads_inflight_max: usize,
+    /// The `[cluster]` section: the replicated cluster this node is a member of. Absent: a
+    /// single node. Validated and loaded; `fabric serve` does not replicate yet.
+    pub cluster: Option<ClusterConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, clap::ValueEnum)]
@@ -196,6 +200,7 @@ impl Config {
             tls_cert: None,
             tls_key: None,
             ws_tls: false,
+            cluster: None,
         } limits;))
     }
 
@@ -225,6 +230,15 @@ pub enum ConfigError {
     /// `source`: the message already carries it, and a report would print it twice.
     #[error("invalid configuration: {0}")]
     Limits(LimitsError),
+    /// The `[cluster]` section names no coherent cluster (the key and value named).
+    #[error("invalid configuration: {0}")]
+    Cluster(ClusterConfigError),
+}
+
+impl From<ClusterConfigError> for ConfigError {
+    fn from(e: ClusterConfigError) -> ConfigError {
+        ConfigError::Cluster(e)
+    }
 }
 
 impl From<LimitsError> for ConfigError {
@@ -313,7 +327,8 @@ impl Config {
     }
 
     /// Every limit in its range and every relation between limits (`Limits::validate`),
-    /// then the settings that are not numbers.
+    /// then the settings that are not numbers, then the `[cluster]` section if there is one
+    /// (`ClusterConfig::validate`).
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.limits().validate()?;
         let bad = |m: &str| Err(ConfigError::Invalid(m.to_string()));
@@ -330,6 +345,9 @@ impl Config {
                     e.message
                 )));
             }
+        }
+        if let Some(cluster) = &self.cluster {
+            cluster.validate()?;
         }
         Ok(())
     }
@@ -583,5 +601,134 @@ mod documented_keys_tests {
                 "printed key {key} is not documented"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod cluster_section_tests {
+    use super::*;
+    use crate::cluster::config::Member;
+
+    /// The rows of a table of docs/OPERATIONS.md whose header starts with `header`: the first
+    /// cell (backticks removed) and the second.
+    fn doc_table(header: &str) -> Vec<(String, String)> {
+        let doc = include_str!("../../docs/OPERATIONS.md");
+        doc.lines()
+            .skip_while(|l| !l.starts_with(header))
+            .skip(2)
+            .take_while(|l| l.starts_with("| `"))
+            .map(|l| {
+                let cells: Vec<&str> = l.trim_matches('|').split(" | ").map(str::trim).collect();
+                (cells[0].replace('`', ""), cells[1].replace('`', ""))
+            })
+            .collect()
+    }
+
+    fn two_nodes() -> ClusterConfig {
+        let members = (1..=2u64)
+            .map(|id| Member {
+                id,
+                link: format!("127.0.0.1:{}", 7402 + 10 * (id - 1))
+                    .parse()
+                    .unwrap(),
+                http: format!("http://127.0.0.1:{}", 7400 + 10 * (id - 1)),
+            })
+            .collect();
+        ClusterConfig::new(
+            "c-1".into(),
+            1,
+            "127.0.0.1:7402".parse().unwrap(),
+            "/c/ca/ca.pem".into(),
+            "/c/node-1/node-1.pem".into(),
+            "/c/node-1/node-1.key".into(),
+            members,
+        )
+    }
+
+    #[test]
+    fn a_config_file_with_a_cluster_section_loads_validates_and_prints_back() {
+        // Proves [cluster] in a config file reaches Config::cluster, absent it is None (a
+        // single node), Config::validate refuses a bad section naming its key, and
+        // --print-config prints the section so that --config reads it back unchanged.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.toml");
+        let text = r#"
+            listen = "127.0.0.1:7400"
+            [cluster]
+            id = "c-1"
+            node = 2
+            link_listen = "127.0.0.1:7412"
+            ca_cert = "/c/ca/ca.pem"
+            node_cert = "/c/node-2/node-2.pem"
+            node_key = "/c/node-2/node-2.key"
+            raft_heartbeat_ms = 50
+            [[cluster.members]]
+            id = 1
+            link = "127.0.0.1:7402"
+            http = "http://127.0.0.1:7400"
+            [[cluster.members]]
+            id = 2
+            link = "127.0.0.1:7412"
+            http = "http://127.0.0.1:7410"
+        "#;
+        std::fs::write(&path, text).unwrap();
+        let c = Config::from_toml_file(&path).unwrap();
+        c.validate().unwrap();
+        let cluster = c.cluster.clone().expect("a cluster section");
+        assert_eq!((cluster.node, cluster.members.len()), (2, 2));
+        assert_eq!(cluster.raft_heartbeat_ms, 50);
+        assert_eq!(cluster.replication_factor(), 1);
+
+        let printed = c.to_printed_toml();
+        assert!(printed.contains("[cluster]"), "{printed}");
+        let back: Config = toml::from_str(&printed).expect("--config reads it back");
+        assert_eq!(back, c);
+
+        assert_eq!(Config::default().cluster, None);
+        assert!(!Config::default().to_printed_toml().contains("cluster"));
+
+        std::fs::write(&path, text.replace("node = 2", "node = 3")).unwrap();
+        let e = Config::from_toml_file(&path)
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().contains("cluster.node 3"), "{e}");
+        std::fs::write(&path, text.replace("raft_heartbeat_ms", "heartbeat_ms")).unwrap();
+        assert!(
+            Config::from_toml_file(&path).is_err(),
+            "unknown key refused"
+        );
+    }
+
+    #[test]
+    fn the_documented_cluster_keys_are_the_sections_keys_with_their_defaults() {
+        // Proves docs/OPERATIONS.md's [cluster] tables list exactly the keys the section and
+        // a member have, and each numeric default as the code has it.
+        let full = ClusterConfig {
+            replication_factor: Some(1),
+            ..two_nodes()
+        };
+        let value = toml::Value::try_from(&full).unwrap();
+        let table = value.as_table().unwrap();
+        let rows = doc_table("| `[cluster]` key");
+        let mut documented: Vec<&str> = rows.iter().map(|(k, _)| k.as_str()).collect();
+        let mut keys: Vec<&str> = table.keys().map(String::as_str).collect();
+        documented.sort();
+        keys.sort();
+        assert_eq!(documented, keys);
+        let defaults = toml::Value::try_from(two_nodes()).unwrap();
+        for (key, default) in &rows {
+            if let Ok(n) = default.parse::<i64>() {
+                assert_eq!(
+                    defaults.get(key).and_then(|v| v.as_integer()),
+                    Some(n),
+                    "{key}"
+                );
+            }
+        }
+        let member_rows = doc_table("| `[[cluster.members]]` key");
+        let mut member_keys: Vec<&str> = member_rows.iter().map(|(k, _)| k.as_str()).collect();
+        member_keys.sort();
+        assert_eq!(member_keys, ["http", "id", "link"]);
     }
 }

@@ -34,8 +34,105 @@ enum Command {
     /// variables, and these flags.
     Serve(Box<ServeArgs>),
     Sim(sim_cmd::SimArgs),
+    /// A cluster's files (`init`), and its nodes run on this host for development (`local`).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     #[command(flatten)]
     Client(cli_client::ClientCommand),
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Write a new cluster of N nodes on this host into DIR (configs, certificates, admin token).
+    ///
+    /// Writes a cluster CA (DIR/ca/), a certificate per node (DIR/node-<i>/), one admin token
+    /// (DIR/admin-token) and DIR/node-<i>.toml for each node; run each node with `fabric serve
+    /// --config DIR/node-<i>.toml`. Refuses a DIR that is not empty unless --force.
+    ///
+    /// Node i listens on 127.0.0.1 from port BASE + 10 * (i - 1): HTTP/WebSocket there, client
+    /// QUIC on the next port, the node link on the one after, metrics on the fourth. The admin
+    /// token is FABRIC_ADMIN_TOKEN if set, else random; it is in DIR/admin-token and in every
+    /// config.
+    Init(ClusterArgs),
+    /// Run a cluster's nodes on this host as child processes (development).
+    ///
+    /// Runs `init` first if DIR has no node-1.toml, then `fabric serve --config
+    /// DIR/node-<i>.toml` for each node, their output lines prefixed with `[node <i>]`.
+    /// Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every node (SIGTERM, SIGKILL after 10 s); a
+    /// node that exits by itself stops the others, and the command exits 1.
+    Local(ClusterArgs),
+}
+
+#[derive(Args)]
+struct ClusterArgs {
+    /// Nodes in the cluster, 1 to 5.
+    #[arg(long)]
+    nodes: u32,
+    /// The cluster's directory (created if missing).
+    #[arg(long)]
+    dir: PathBuf,
+    /// Node 1's HTTP/WebSocket port; node i's ports start 10 * (i - 1) above it.
+    #[arg(long, default_value_t = fabric::cluster::init::BASE_PORT_DEFAULT)]
+    base_port: u16,
+    /// Shards of every node.
+    #[arg(long, default_value_t = fabric::cluster::init::SHARDS_DEFAULT)]
+    shards: u32,
+    /// Write into DIR even if it is not empty (an existing cluster CA or node data directory
+    /// is still never replaced).
+    #[arg(long)]
+    force: bool,
+}
+
+impl ClusterArgs {
+    /// The options of `init`; the admin token comes from FABRIC_ADMIN_TOKEN if it is set.
+    fn into_options(self) -> anyhow::Result<fabric::cluster::init::InitOptions> {
+        let admin_token = match std::env::var("FABRIC_ADMIN_TOKEN") {
+            Ok(t) => Some(t),
+            Err(std::env::VarError::NotPresent) => None,
+            Err(std::env::VarError::NotUnicode(_)) => {
+                anyhow::bail!("FABRIC_ADMIN_TOKEN is not valid UTF-8")
+            }
+        };
+        Ok(fabric::cluster::init::InitOptions {
+            nodes: self.nodes,
+            dir: self.dir,
+            base_port: self.base_port,
+            shards: self.shards,
+            force: self.force,
+            admin_token,
+        })
+    }
+}
+
+/// `fabric cluster init` and `fabric cluster local`.
+fn run_cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
+    match cmd {
+        ClusterCommand::Init(args) => {
+            let done = fabric::cluster::init::init(&args.into_options()?)?;
+            print!("{}", done.summary());
+            Ok(())
+        }
+        ClusterCommand::Local(args) => {
+            let options = args.into_options()?;
+            let exe = std::env::current_exe().context("cannot find this executable")?;
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            use fabric::cluster::local::{self, EndCause, Signals, STOP_TIMEOUT};
+            let end = runtime.block_on(async {
+                let mut signals = Signals::new()?;
+                let stop = async move { signals.recv().await.to_string() };
+                local::run(&options, &exe, STOP_TIMEOUT, stop).await
+            })?;
+            match end.cause {
+                EndCause::Stopped(_) => Ok(()),
+                EndCause::NodeExited { node, status } => {
+                    anyhow::bail!("node {node} exited by itself ({status})")
+                }
+            }
+        }
+    }
 }
 
 #[derive(Args)]
@@ -315,6 +412,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Client(cmd) => cli_client::run(cmd),
+        Command::Cluster(cmd) => run_cluster(cmd),
         Command::Sim(args) => {
             if !sim_cmd::run(args)? {
                 std::process::exit(1);

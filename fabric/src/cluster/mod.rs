@@ -1,12 +1,15 @@
 //! Node-to-node plumbing for a replicated cluster: the cluster PKI ([`pki`]), the mutually
-//! authenticated QUIC link between nodes ([`link`]), and a node's links to every other member
-//! over it ([`links`]).
-//!
-//! Nothing in `fabric serve` uses these yet; Raft replication will carry its messages over
-//! [`link::NodeLink`].
+//! authenticated QUIC link between nodes ([`link`]), a node's links to every other member over
+//! it ([`links`]), the replicated shard hosts' frames on those links ([`runtime`]), the
+//! `[cluster]` section of a node's configuration ([`config`]), and the `fabric cluster`
+//! commands: `init` writes a cluster's files ([`init`]), `local` runs its nodes as child
+//! processes ([`local`]).
 
+pub mod config;
+pub mod init;
 pub mod link;
 pub mod links;
+pub mod local;
 pub mod pki;
 pub mod runtime;
 
