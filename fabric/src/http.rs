@@ -48,6 +48,7 @@ pub fn routes(ctx: Arc<NodeCtx>) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", readyz)
         .route("/metrics", metrics)
+        .route("/v1/cluster", get(cluster_view))
         .fallback(|| async { ApiError(ProtoError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(DefaultBodyLimit::max(frame_max))
         .layer(axum::middleware::from_fn_with_state(
@@ -571,6 +572,22 @@ fn page_json(events: &[fabric_proto::DeliveredEvent], head: u64) -> Vec<u8> {
     out.extend_from_slice(head.to_string().as_bytes());
     out.push(b'}');
     out
+}
+
+/// `GET /v1/cluster` (admin token): the cluster's nodes and every shard's Raft group as this
+/// node sees them; `not_found` on a node that is not a cluster member.
+async fn cluster_view(State(ctx): State<Arc<NodeCtx>>, headers: HeaderMap) -> Response {
+    if let Err(e) = require_admin(&ctx, &headers) {
+        return ApiError(e).into_response();
+    }
+    match ctx.cluster_view() {
+        Some(view) => Json(view).into_response(),
+        None => ApiError(ProtoError::new(
+            ErrorCode::NotFound,
+            "this node is not a member of a cluster (its config has no [cluster] section)",
+        ))
+        .into_response(),
+    }
 }
 
 async fn healthz() -> Response {

@@ -26,6 +26,9 @@ const ADMIN_TOKEN_FILE: &str = "admin-token";
 pub enum NodeError {
     #[error(transparent)]
     Config(#[from] crate::config::ConfigError),
+    /// The `[cluster]` section names files or a node link that cannot be used.
+    #[error("cluster: {0}")]
+    Cluster(String),
     #[error("{what} {path}: {source}")]
     Io {
         what: &'static str,
@@ -81,6 +84,16 @@ pub struct NodeCtx {
     pub connections: Arc<crate::listener::ConnLimiter>,
     /// QUIC refusals being answered at once.
     pub(crate) quic_refusals: Arc<tokio::sync::Semaphore>,
+    /// Set when this node is a member of a replicated cluster.
+    pub cluster: Option<ClusterCtx>,
+}
+
+/// A cluster member's own: its `[cluster]` section and its node link.
+pub struct ClusterCtx {
+    pub config: crate::cluster::config::ClusterConfig,
+    pub links: Arc<crate::cluster::runtime::LinkSender>,
+    /// Routes frames that arrive to their shards (ends with the link).
+    _router: tokio::task::JoinHandle<()>,
 }
 
 /// Why a node is or is not ready to serve writes (`/readyz`, `fabric_ready`).
@@ -109,8 +122,14 @@ pub struct ShardReadiness {
 }
 
 impl NodeCtx {
+    /// A new session's id; in a cluster it carries this node's id (the leader of a shard on
+    /// another node addresses its replies by it).
     pub fn next_session_id(&self) -> u64 {
-        self.next_session.fetch_add(1, Ordering::Relaxed)
+        let k = self.next_session.fetch_add(1, Ordering::Relaxed);
+        match &self.cluster {
+            Some(c) => fabric_router::host::session_id(c.config.node, k),
+            None => k,
+        }
     }
 
     /// A router for one session (it owns that session's per-shard batches).
@@ -130,14 +149,19 @@ impl NodeCtx {
             .slots
             .iter()
             .map(|s| {
-                let (last_error, stalled, storage_full) = s
+                let (last_error, stalled, storage_full, replica) = s
                     .stats
                     .lock()
-                    .map(|st| (st.last_error.clone(), st.wal_stalled, st.disk_full))
+                    .map(|st| {
+                        let r = st.replica.clone();
+                        (st.last_error.clone(), st.wal_stalled, st.disk_full, r)
+                    })
                     .unwrap_or_default();
+                // A replica serves (directly or through its leader) once a leader is known.
+                let led = s.replication.is_none() || replica.is_some_and(|r| r.leader.is_some());
                 ShardReadiness {
                     shard: s.idx,
-                    ready: s.ready.load(Ordering::SeqCst) && !stalled && !storage_full,
+                    ready: s.ready.load(Ordering::SeqCst) && led && !stalled && !storage_full,
                     restarts: s.restarts.load(Ordering::SeqCst),
                     last_error,
                     wal_stalled: stalled,
@@ -154,8 +178,8 @@ impl NodeCtx {
             Some("the node is shutting down".to_string())
         } else if !down.is_empty() {
             Some(format!(
-                "shards not serving writes (recovering, restarting, failed, disk full or a \
-                 WAL sync stalled): {down:?}"
+                "shards not serving writes (recovering, restarting, failed, disk full, a WAL \
+                 sync stalled, or no leader known): {down:?}"
             ))
         } else {
             None
@@ -165,6 +189,49 @@ impl NodeCtx {
             reason,
             shards,
         }
+    }
+
+    /// What `/v1/cluster` answers: every member (its client URL, whether this node's link to
+    /// it is up) and every shard's group as this node's replica sees it (`leader` null when
+    /// it knows none; `lag` only on the leader: entries each follower is behind its log).
+    pub fn cluster_view(&self) -> Option<serde_json::Value> {
+        let c = self.cluster.as_ref()?;
+        let up: std::collections::BTreeMap<u64, bool> =
+            c.links.status().iter().map(|p| (p.id, p.up)).collect();
+        let nodes: Vec<serde_json::Value> = c
+            .config
+            .members
+            .iter()
+            .map(|m| {
+                let up = m.id == c.config.node || up.get(&m.id).copied().unwrap_or(false);
+                serde_json::json!({"id": m.id, "http": m.http, "up": up})
+            })
+            .collect();
+        let shards: Vec<serde_json::Value> = self
+            .slots
+            .iter()
+            .map(|s| {
+                let r = s
+                    .stats
+                    .lock()
+                    .ok()
+                    .and_then(|st| st.replica.clone())
+                    .unwrap_or_default();
+                let lag: serde_json::Map<String, serde_json::Value> = r
+                    .matched
+                    .iter()
+                    .filter(|_| r.leader == Some(r.node))
+                    .map(|(id, m)| (id.to_string(), r.last_index.saturating_sub(*m).into()))
+                    .collect();
+                serde_json::json!({
+                    "shard": s.idx, "leader": r.leader, "term": r.term, "commit": r.commit,
+                    "members": r.voters, "lag": lag,
+                })
+            })
+            .collect();
+        Some(
+            serde_json::json!({"node": c.config.node, "nodes": nodes, "shards": shards, "meta": null}),
+        )
     }
 
     /// `GET /metrics`: the Prometheus text, or `None` when metrics are off.
@@ -344,7 +411,12 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         &config.metrics_meshes,
     )?);
     let limits = config.limits();
-    let (slots, senders, supervisor) = start_shards(&config, &node_name, &metrics).await?;
+    let links = match &config.cluster {
+        Some(c) => Some(start_links(c).await?),
+        None => None,
+    };
+    let (slots, senders, supervisor, cluster) =
+        start_shards(&config, &node_name, &metrics, links).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let config_caps = (config.connections_max, config.connections_per_ip_max);
     let ctx = Arc::new(NodeCtx {
@@ -361,6 +433,7 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         metrics,
         connections: crate::listener::ConnLimiter::new(config_caps.0, config_caps.1),
         quic_refusals: crate::listener::refusal_slots(),
+        cluster,
     });
     let tls = start_tls_and_quic(&ctx, addr, &shutdown_rx)?;
     let header_timeout = std::time::Duration::from_millis(ctx.config.http_header_timeout_ms);
@@ -421,7 +494,77 @@ type Shards = (
     Vec<Arc<ShardSlot>>,
     Vec<mpsc::Sender<ShardMsg>>,
     ActorRef<SupervisorMsg>,
+    Option<ClusterCtx>,
 );
+
+type Links = (
+    crate::cluster::config::ClusterConfig,
+    Arc<crate::cluster::runtime::LinkSender>,
+    mpsc::Receiver<crate::cluster::Inbound<fabric_router::host::NodeFrame>>,
+);
+
+/// Loads this node's certificate and the cluster CA, binds the node link and starts dialing
+/// every member.
+async fn start_links(c: &crate::cluster::config::ClusterConfig) -> Result<Links, NodeError> {
+    use crate::cluster::{pki, runtime};
+    let cluster = |message: String| NodeError::Cluster(message);
+    if c.replication_factor() as usize != c.members.len() {
+        return Err(cluster(format!(
+            "cluster.replication_factor {} is below the member count {}: placing shards on \
+             some members only needs the cluster's metadata group, which this version does not \
+             have; list as many members as the replication factor",
+            c.replication_factor(),
+            c.members.len()
+        )));
+    }
+    let identity = pki::NodeIdentity::load(&c.node_cert, &c.node_key)
+        .map_err(|e| cluster(format!("{}: {e}", c.node_cert.display())))?;
+    if identity.node_id != c.node || identity.cluster_id != c.id {
+        return Err(cluster(format!(
+            "{} is node {} of cluster {}, but the config says node {} of cluster {}",
+            c.node_cert.display(),
+            identity.node_id,
+            identity.cluster_id,
+            c.node,
+            c.id
+        )));
+    }
+    let ca_cert = pki::load_ca_cert(&c.ca_cert)
+        .map_err(|e| cluster(format!("{}: {e}", c.ca_cert.display())))?;
+    let setup = runtime::LinkSetup {
+        identity,
+        ca_cert,
+        listen: c.link_listen,
+        members: c.members.iter().map(|m| (m.id, m.link)).collect(),
+        node_frame_bytes_max: c.node_frame_bytes_max,
+    };
+    let (links, inbound) = runtime::start_links(setup)
+        .await
+        .map_err(|e| cluster(format!("node link on {}: {e}", c.link_listen)))?;
+    Ok((c.clone(), links, inbound))
+}
+
+/// Shard `i`'s replication in cluster `c`: a replica in every member.
+fn slot_replication(
+    c: &crate::cluster::config::ClusterConfig,
+    links: &Arc<crate::cluster::runtime::LinkSender>,
+) -> (
+    crate::shard_actor::SlotReplication,
+    mpsc::Sender<(u64, fabric_router::host::NodeFrame)>,
+) {
+    let config = fabric_shard::replica::ReplicaConfig {
+        node: c.node,
+        voters: c.members.iter().map(|m| m.id).collect(),
+        raft: fabric_shard::raft::RaftConfig {
+            raft_heartbeat_ms: c.raft_heartbeat_ms,
+            raft_election_timeout_ms: c.raft_election_timeout_ms,
+            ..fabric_shard::raft::RaftConfig::default()
+        },
+        planted: Default::default(),
+    };
+    let sender: Arc<dyn crate::shard_actor::NodeSender> = links.clone();
+    crate::shard_actor::SlotReplication::new(config, sender)
+}
 
 /// Every shard's slot under the supervisor, each recovered: one that refuses (corruption, a
 /// missing segment) keeps the node from starting, naming what it refused.
@@ -429,10 +572,16 @@ async fn start_shards(
     config: &Config,
     node_name: &Arc<str>,
     metrics: &Arc<Metrics>,
+    links: Option<Links>,
 ) -> Result<Shards, NodeError> {
     let limits = config.limits();
-    let (mut slots, mut senders) = (Vec::new(), Vec::new());
+    let (mut slots, mut senders, mut inbound) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..config.shards {
+        let replication = links.as_ref().map(|(c, l, _)| {
+            let (r, tx) = slot_replication(c, l);
+            inbound.push(tx);
+            r
+        });
         let (slot, tx) = ShardSlot::new(SlotSettings {
             idx: i,
             dir: crate::storage::shard_dir(&config.data_dir, i),
@@ -443,7 +592,7 @@ async fn start_shards(
             metrics: metrics.clone(),
             policy: limits.restart_policy(),
             wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
-            replication: None,
+            replication,
         });
         slots.push(slot);
         senders.push(tx);
@@ -468,7 +617,12 @@ async fn start_shards(
             });
         }
     }
-    Ok((slots, senders, supervisor))
+    let cluster = links.map(|(config, links, rx)| ClusterCtx {
+        config,
+        links,
+        _router: crate::cluster::runtime::route_inbound(rx, inbound),
+    });
+    Ok((slots, senders, supervisor, cluster))
 }
 
 /// What the node's certificate serves: QUIC's address, HTTPS on the HTTP port.

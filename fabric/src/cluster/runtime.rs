@@ -13,6 +13,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
+/// The node link's idle timeout in a cluster: a dead peer's connection is gone after this.
+pub const LINK_IDLE_TIMEOUT_MS: u64 = 3_000;
+/// Keep-alives on an otherwise quiet node link.
+pub const LINK_KEEP_ALIVE_INTERVAL_MS: u64 = 500;
+
 /// What a node needs to join its cluster's links.
 pub struct LinkSetup {
     pub identity: NodeIdentity,
@@ -53,6 +58,11 @@ pub async fn start_links(
     let ids = setup.members.iter().map(|(id, _)| *id);
     let mut config = LinkConfig::new(ids);
     config.node_frame_bytes_max = setup.node_frame_bytes_max;
+    // A peer that restarted dials in again while this node may still hold its dead
+    // connection (kept by the one-connection rule until it idles out): a short idle timeout,
+    // with keep-alives well inside it, lets a restarted node rejoin within seconds.
+    config.idle_timeout_ms = LINK_IDLE_TIMEOUT_MS;
+    config.keep_alive_interval_ms = LINK_KEEP_ALIVE_INTERVAL_MS;
     let link = NodeLink::bind(setup.listen, &setup.identity, &setup.ca_cert, config)?;
     let members = setup
         .members
@@ -76,7 +86,11 @@ pub fn route_inbound(
     tokio::spawn(async move {
         while let Some(Inbound { from, group, frame }) = inbound.recv().await {
             let Some(tx) = shards.get(group as usize) else {
-                tracing::warn!(from, group, "a node frame for a shard this node does not have");
+                tracing::warn!(
+                    from,
+                    group,
+                    "a node frame for a shard this node does not have"
+                );
                 continue;
             };
             if tx.send((from, frame)).await.is_err() {
