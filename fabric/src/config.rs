@@ -123,7 +123,7 @@ pub struct Config {
     /// Disk reads of the log one shard has in flight at once.
     pub log_reads_inflight_max: usize,
     /// The `[cluster]` section: the replicated cluster this node is a member of. Absent: a
-    /// single node. Validated and loaded; `fabric serve` does not replicate yet.
+    /// single node.
     pub cluster: Option<ClusterConfig>,
 }
 

@@ -1,6 +1,6 @@
 //! `fabric cluster init` and `fabric cluster local` as an operator runs them: the files a new
 //! cluster gets, its refusals, and a local cluster's nodes started, prefixed and stopped.
-//! Nothing here needs the nodes to replicate (`fabric serve` does not yet).
+//! Replication itself is `cluster_replication.rs`'s.
 
 use fabric::config::Config;
 use std::io::{BufRead, BufReader};

@@ -3,8 +3,8 @@
 //! limits. Absent, the node is a cluster of its own (a single node).
 //!
 //! [`ClusterConfig::validate`] refuses a section that names no coherent cluster; every error
-//! names the key and the value. `fabric serve` validates and loads the section, nothing more
-//! yet: replication is wired into it separately.
+//! names the key and the value. `fabric serve` runs the node as a member of the cluster it
+//! names (`crate::node`).
 
 use super::link::{LinkConfig, NODE_FRAME_BYTES_MAX_DEFAULT, NODE_FRAME_BYTES_MAX_LIMIT};
 use super::pki;
