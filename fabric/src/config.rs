@@ -607,7 +607,6 @@ mod documented_keys_tests {
 #[cfg(test)]
 mod cluster_section_tests {
     use super::*;
-    use crate::cluster::config::Member;
 
     /// The rows of a table of docs/OPERATIONS.md whose header starts with `header`: the first
     /// cell (backticks removed) and the second.
@@ -625,24 +624,7 @@ mod cluster_section_tests {
     }
 
     fn two_nodes() -> ClusterConfig {
-        let members = (1..=2u64)
-            .map(|id| Member {
-                id,
-                link: format!("127.0.0.1:{}", 7402 + 10 * (id - 1))
-                    .parse()
-                    .unwrap(),
-                http: format!("http://127.0.0.1:{}", 7400 + 10 * (id - 1)),
-            })
-            .collect();
-        ClusterConfig::new(
-            "c-1".into(),
-            1,
-            "127.0.0.1:7402".parse().unwrap(),
-            "/c/ca/ca.pem".into(),
-            "/c/node-1/node-1.pem".into(),
-            "/c/node-1/node-1.key".into(),
-            members,
-        )
+        crate::cluster::config::example(2, 1, "c-1")
     }
 
     #[test]

@@ -273,30 +273,36 @@ fn is_http_url(s: &str) -> bool {
     }
 }
 
+/// A section for tests: `nodes` members on loopback ports laid out as `fabric cluster init`
+/// lays them out from 7400, seen from node `node`.
+#[cfg(test)]
+pub(crate) fn example(nodes: u64, node: u64, id: &str) -> ClusterConfig {
+    let port = |member: u64, k: u64| 7400 + 10 * (member - 1) + k;
+    let members = (1..=nodes)
+        .map(|m| Member {
+            id: m,
+            link: SocketAddr::from(([127, 0, 0, 1], port(m, 2) as u16)),
+            http: format!("http://127.0.0.1:{}", port(m, 0)),
+        })
+        .collect();
+    ClusterConfig::new(
+        id.into(),
+        node,
+        SocketAddr::from(([127, 0, 0, 1], port(node, 2) as u16)),
+        "/c/ca/ca.pem".into(),
+        format!("/c/node-{node}/node-{node}.pem").into(),
+        format!("/c/node-{node}/node-{node}.key").into(),
+        members,
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// A valid three-node section for node 2.
     fn three() -> ClusterConfig {
-        let members = (1..=3)
-            .map(|id| Member {
-                id,
-                link: format!("127.0.0.1:{}", 7402 + 10 * (id - 1))
-                    .parse()
-                    .unwrap(),
-                http: format!("http://127.0.0.1:{}", 7400 + 10 * (id - 1)),
-            })
-            .collect();
-        ClusterConfig::new(
-            "test-cluster".into(),
-            2,
-            "127.0.0.1:7412".parse().unwrap(),
-            "/c/ca/ca.pem".into(),
-            "/c/node-2/node-2.pem".into(),
-            "/c/node-2/node-2.key".into(),
-            members,
-        )
+        example(3, 2, "test-cluster")
     }
 
     fn refused(f: impl FnOnce(&mut ClusterConfig)) -> String {

@@ -1,4 +1,4 @@
-//! `fabric cluster init`: the files of a new cluster of 1 to 5 nodes on this host, in one
+//! `fabric cluster init`: the files of a new cluster of 1, 3 or 5 nodes on this host, in one
 //! directory: a cluster CA, a certificate per node, one admin token, and a config file per node
 //! that `fabric serve --config` runs.
 //!
@@ -140,7 +140,10 @@ impl Initialized {
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
-    #[error("a cluster has 1 to {NODES_MAX} nodes, not {0}")]
+    #[error(
+        "a cluster has 1, 3 or 5 nodes (every shard has a replica on every node, and a Raft \
+         group of 1, 3 or 5 voters), not {0}"
+    )]
     Nodes(u32),
     #[error(
         "--base-port {base} does not fit {nodes} nodes: each node takes 4 ports, {PORT_STRIDE} \
@@ -183,7 +186,7 @@ fn localhost(port: u16) -> SocketAddr {
 
 /// The checks that need no file: node count, ports, token.
 fn check_options(o: &InitOptions) -> Result<(), InitError> {
-    if o.nodes == 0 || o.nodes > NODES_MAX {
+    if ![1, 3, 5].contains(&o.nodes) {
         return Err(InitError::Nodes(o.nodes));
     }
     if o.base_port == 0 || node_ports(o.base_port, u64::from(o.nodes)).is_none() {
@@ -283,7 +286,7 @@ fn config_text(config: &Config, node: u64, nodes: u32, path: &Path) -> String {
 }
 
 /// Writes a new cluster's files into `o.dir` (see the module docs), creating it (0700) if
-/// missing. Refuses, before writing anything, a node count outside 1 to 5, ports past 65535, a directory that is not empty
+/// missing. Refuses, before writing anything, a node count other than 1, 3 or 5, ports past 65535, a directory that is not empty
 /// (unless `o.force`), and even with `o.force` an existing CA or node data directory.
 pub fn init(o: &InitOptions) -> Result<Initialized, InitError> {
     check_options(o)?;
@@ -465,12 +468,9 @@ mod tests {
             "nothing written"
         );
 
-        for n in [0, 6] {
+        for n in [0, 2, 4, 6] {
             let e = init(&InitOptions::new(n, tmp.path().join("n"))).unwrap_err();
-            assert!(
-                e.to_string().contains(&format!("1 to 5 nodes, not {n}")),
-                "{e}"
-            );
+            assert!(e.to_string().contains(&format!("voters), not {n}")), "{e}");
         }
         assert!(!tmp.path().join("n").exists());
         let mut high = InitOptions::new(5, tmp.path().join("p"));
