@@ -106,6 +106,11 @@ struct Common {
     /// FDs are then the server's alone).
     #[arg(long)]
     node_process: bool,
+    /// Run a replicated cluster of this many nodes (1, 3 or 5) instead of one node: the
+    /// bench writes it (`fabric cluster init`) into its temp dir, runs each node in a child
+    /// process, and spreads its connections over the nodes (WebSocket transports).
+    #[arg(long)]
+    cluster: Option<u32>,
     /// `--transport quic`: the load generator's sessions share one UDP socket and endpoint
     /// driver (as in one process hosting many agents) instead of one each.
     #[arg(long)]
@@ -161,6 +166,7 @@ impl Common {
             durability: self.durability,
             retention_bytes_max: self.retention_bytes_max,
             node_process: self.node_process,
+            cluster: self.cluster,
             quic_shared_endpoint: self.quic_shared_endpoint,
             batch_in: self.batch_in,
             ws_tls: self.transport().wss(),
@@ -295,8 +301,12 @@ struct ConnectionsArgs {
 
 #[derive(Args)]
 struct ServeNodeArgs {
+    #[arg(long, required_unless_present = "config")]
+    data_dir: Option<PathBuf>,
+    /// A node config file (a cluster member's, from `fabric cluster init`) instead of the
+    /// other flags.
     #[arg(long)]
-    data_dir: PathBuf,
+    config: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Durability::Fsync)]
     durability: Durability,
     #[arg(long)]
@@ -804,7 +814,12 @@ fn main() -> anyhow::Result<()> {
                 ws_tls: a.ws_tls,
                 ..NodeOptions::default()
             };
-            fabric_bench::setup::serve_node(&opts, a.data_dir)?;
+            let config = match (&a.config, a.data_dir) {
+                (Some(path), _) => fabric::config::Config::from_toml_file(path)?,
+                (None, Some(dir)) => opts.config(dir),
+                (None, None) => anyhow::bail!("serve-node needs --data-dir or --config"),
+            };
+            fabric_bench::setup::serve_node(config)?;
         }
         Scenario::FireAndWait(a) => drive(&LoadRun(a, Mode::FireAndWait), "fire-and-wait")?,
         Scenario::Pipelined(a) => drive(&LoadRun(a, Mode::Pipelined), "pipelined")?,

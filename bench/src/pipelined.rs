@@ -380,7 +380,11 @@ async fn scenario(opts: &Options, setup: &Setup) -> Result<Report, BenchError> {
         let conv: Arc<str> = format!("conv-{i}").into();
         let c = match opts.driver {
             Driver::Raw => Conn::Raw(
-                Box::new(setup.connect(opts.transport(), &mesh, &peer, token).await?),
+                Box::new(
+                    setup
+                        .connect_nth(i, opts.transport(), &mesh, &peer, token)
+                        .await?,
+                ),
                 conv,
             ),
             Driver::Client => {

@@ -79,6 +79,9 @@ pub struct NodeOptions {
     /// in-process: the server's CPU, RSS and FDs are then its own, and each process needs
     /// only one fd per connection.
     pub node_process: bool,
+    /// A replicated cluster of this many nodes, each a child process; connections spread
+    /// over them.
+    pub cluster: Option<u32>,
     /// QUIC sessions of the load generator share one client endpoint (one UDP socket and one
     /// endpoint driver, as in a process that hosts many agents) instead of one each.
     pub quic_shared_endpoint: bool,
@@ -102,6 +105,7 @@ impl Default for NodeOptions {
             durability: Durability::Fsync,
             retention_bytes_max: None,
             node_process: false,
+            cluster: None,
             quic_shared_endpoint: false,
             batch_in: crate::wire::BATCH_OPS_IN_DEFAULT,
             ws_tls: false,
@@ -127,14 +131,15 @@ impl NodeOptions {
     }
 
     pub fn target_name(&self) -> String {
-        match (&self.target, self.node_process) {
-            (Some(t), _) => t.clone(),
-            (None, true) => "child process".into(),
-            (None, false) => "in-process".into(),
+        match (&self.target, self.cluster, self.node_process) {
+            (Some(t), _, _) => t.clone(),
+            (None, Some(n), _) => format!("cluster of {n} (child processes)"),
+            (None, None, true) => "child process".into(),
+            (None, None, false) => "in-process".into(),
         }
     }
 
-    fn config(&self, data_dir: PathBuf) -> Config {
+    pub fn config(&self, data_dir: PathBuf) -> Config {
         let defaults = Config::default();
         let shards = self.shards.unwrap_or(defaults.shards);
         Config {
@@ -194,6 +199,10 @@ pub struct Setup {
     server_pid: Option<u32>,
     node: Option<(tokio::runtime::Runtime, RunningNode)>,
     child: Option<std::process::Child>,
+    /// `--cluster`: every node's child process, and every node's WebSocket URL (node 1
+    /// first); connections spread over them.
+    cluster: Vec<std::process::Child>,
+    ws_urls: Vec<String>,
     _tmp: tempfile::TempDir,
 }
 
@@ -205,14 +214,14 @@ const CHILD_WAIT_MS: u64 = 15_000;
 
 /// The child side of [`NodeOptions::node_process`]: starts a node on `data_dir`, prints the
 /// ready line, serves until its stdin closes, then shuts down gracefully.
-pub fn serve_node(opts: &NodeOptions, data_dir: PathBuf) -> Result<(), BenchError> {
+pub fn serve_node(config: fabric::config::Config) -> Result<(), BenchError> {
     use std::io::{Read, Write};
     crate::stats::raise_nofile(u64::MAX >> 1);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("node")
         .build()?;
-    let n = rt.block_on(fabric::node::start(opts.config(data_dir)))?;
+    let n = rt.block_on(fabric::node::start(config))?;
     {
         let mut out = std::io::stdout().lock();
         let quic = quic_url(&n).unwrap_or_else(|| "-".into());
@@ -240,10 +249,7 @@ type Child = (std::process::Child, String, String, Option<String>);
 
 /// Starts this binary's `serve-node` on `data_dir`.
 fn spawn_node(opts: &NodeOptions, data_dir: &std::path::Path) -> Result<Child, BenchError> {
-    use std::io::BufRead;
-    use std::process::{Command, Stdio};
-    let exe = std::env::current_exe()?;
-    let mut cmd = Command::new(exe);
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
     cmd.arg("serve-node")
         .arg("--data-dir")
         .arg(data_dir)
@@ -258,6 +264,98 @@ fn spawn_node(opts: &NodeOptions, data_dir: &std::path::Path) -> Result<Child, B
     if opts.ws_tls {
         cmd.arg("--ws-tls");
     }
+    spawn_child(cmd)
+}
+
+/// A replicated cluster of `nodes` nodes written into `dir` (`fabric cluster init`, on free
+/// loopback ports), each node this binary's `serve-node --config` in a child process; waits
+/// until every node is ready (every shard has a leader). The children, their base URLs (node
+/// 1 first) and the admin token.
+fn spawn_cluster(
+    opts: &NodeOptions,
+    dir: &std::path::Path,
+    nodes: u32,
+) -> Result<(Vec<std::process::Child>, Vec<String>, String), BenchError> {
+    let mut init = fabric::cluster::init::InitOptions::new(nodes, dir.to_path_buf());
+    init.base_port = free_base_port(nodes)?;
+    if let Some(s) = opts.shards {
+        init.shards = s;
+    }
+    fabric::cluster::init::init(&init).map_err(|e| BenchError::Options(e.to_string()))?;
+    let token = std::fs::read_to_string(dir.join("admin-token"))?
+        .trim()
+        .to_string();
+    let (mut children, mut bases) = (Vec::new(), Vec::new());
+    for i in 1..=nodes {
+        let mut cmd = std::process::Command::new(std::env::current_exe()?);
+        cmd.arg("serve-node")
+            .arg("--config")
+            .arg(dir.join(format!("node-{i}.toml")));
+        let (child, base, _, _) = spawn_child(cmd)?;
+        children.push(child);
+        bases.push(base);
+    }
+    wait_cluster_ready(&bases)?;
+    Ok((children, bases, token))
+}
+
+/// Waits (at most `CHILD_WAIT_MS`) until every node answers `/readyz` 200.
+fn wait_cluster_ready(bases: &[String]) -> Result<(), BenchError> {
+    let deadline = std::time::Instant::now() + Duration::from_millis(CHILD_WAIT_MS);
+    for base in bases {
+        let addr = base.trim_start_matches("http://");
+        while !ready(addr) {
+            if std::time::Instant::now() > deadline {
+                return Err(BenchError::Timeout("cluster nodes ready"));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    Ok(())
+}
+
+/// One `GET /readyz` (HTTP/1.1, connection closed after): whether it answered 200.
+fn ready(addr: &str) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let req = format!("GET /readyz HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let mut head = [0u8; 12];
+    s.write_all(req.as_bytes()).is_ok()
+        && s.read_exact(&mut head).is_ok()
+        && head.starts_with(b"HTTP/1.1 200")
+}
+
+/// A base port whose first `nodes` blocks of 4 ports (10 apart) are free on 127.0.0.1.
+fn free_base_port(nodes: u32) -> Result<u16, BenchError> {
+    for attempt in 0..200u32 {
+        let base = 40_000 + ((std::process::id().wrapping_add(attempt * 7_919)) % 2_000) * 10;
+        let ports: Vec<u16> = (0..nodes)
+            .flat_map(|i| (0..4).map(move |k| (base + 10 * i + k) as u16))
+            .collect();
+        let held: Vec<_> = ports
+            .iter()
+            .map_while(|p| {
+                let t = std::net::TcpListener::bind(("127.0.0.1", *p)).ok()?;
+                let u = std::net::UdpSocket::bind(("127.0.0.1", *p)).ok()?;
+                Some((t, u))
+            })
+            .collect();
+        if held.len() == ports.len() {
+            return Ok(base as u16);
+        }
+    }
+    Err(BenchError::Options(
+        "no free block of loopback ports".into(),
+    ))
+}
+
+/// Runs a `serve-node` child and reads its ready line.
+fn spawn_child(mut cmd: std::process::Command) -> Result<Child, BenchError> {
+    use std::io::BufRead;
+    use std::process::Stdio;
     let mut child = cmd
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -306,6 +404,8 @@ impl Setup {
         };
         let load_average = crate::stats::load_average();
         let mut child = None;
+        let mut cluster = Vec::new();
+        let mut cluster_bases = Vec::new();
         let (base, admin_token, node, server_pid, quic_url) = match &opts.target {
             Some(t) => (
                 t.trim_end_matches('/').to_string(),
@@ -316,6 +416,13 @@ impl Setup {
                 opts.server_pid,
                 opts.quic_url.clone(),
             ),
+            None if opts.cluster.is_some() => {
+                let n = opts.cluster.unwrap_or(1);
+                let (children, bases, token) = spawn_cluster(opts, &tmp.path().join("cluster"), n)?;
+                cluster = children;
+                cluster_bases = bases;
+                (cluster_bases[0].clone(), token, None, None, None)
+            }
             None if opts.node_process => {
                 let (c, base, token, quic) = spawn_node(opts, &tmp.path().join("data"))?;
                 let pid = c.id();
@@ -388,6 +495,11 @@ impl Setup {
             base,
             admin_token,
             ctx: node.as_ref().map(|(_, n)| n.ctx().clone()),
+            ws_urls: cluster_bases
+                .iter()
+                .map(|b| format!("{}/v1/ws", b.replacen("http", "ws", 1)))
+                .collect(),
+            cluster,
             fsync_probe,
             load_average,
             load_rt,
@@ -441,6 +553,24 @@ impl Setup {
         .await
     }
 
+    /// Session `i`'s connection: with `--cluster`, to node `i` modulo the node count (over
+    /// WebSocket); else as [`Setup::connect`].
+    pub async fn connect_nth(
+        &self,
+        i: usize,
+        transport: Transport,
+        mesh: &str,
+        peer: &str,
+        token: &str,
+    ) -> Result<crate::wire::WsConn, BenchError> {
+        if self.ws_urls.is_empty() || transport == Transport::Quic {
+            return self.connect(transport, mesh, peer, token).await;
+        }
+        let url = &self.ws_urls[i % self.ws_urls.len()];
+        crate::wire::WsConn::connect_via(None, self.batch_in, url, transport, mesh, peer, token)
+            .await
+    }
+
     /// The node runs in this process (so samples of it include the load generator).
     pub fn in_process(&self) -> bool {
         self.node.is_some()
@@ -487,9 +617,21 @@ impl Setup {
             node,
             load_rt,
             child,
+            cluster,
             ..
         } = self;
         drop(load_rt);
+        for mut c in cluster {
+            // Closing its stdin is a child's signal to shut down; a cluster node that does
+            // not within the wait is killed (the run is over).
+            drop(c.stdin.take());
+            let deadline = std::time::Instant::now() + Duration::from_millis(CHILD_WAIT_MS);
+            while std::time::Instant::now() < deadline && !matches!(c.try_wait(), Ok(Some(_))) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
         if let Some((rt, n)) = node {
             rt.block_on(n.shutdown());
         }
