@@ -371,7 +371,8 @@ async fn host_loop(slot: Arc<ShardSlot>, mut input: InputGuard) {
     loop {
         io.perform_effects(&mut driver);
         io.publish(&driver);
-        if io.stop.is_some() && driver.is_idle() && io.recovery.is_none() {
+        if io.stop.is_some() && driver.is_idle() && !driver.transferring() && io.recovery.is_none()
+        {
             if let Some(done) = io.stop.take() {
                 let _ = done.send(());
             }
@@ -597,7 +598,13 @@ impl HostIo {
                         d.handle_batch(t, session, requests)
                     });
                 }
-                ShardMsg::Stop { done } => self.stop = Some(done),
+                ShardMsg::Stop { done } => {
+                    // A leading replica hands its leadership over before the host stops.
+                    guarded(driver, clock.time(), |d, t| {
+                        d.handle_stop(t);
+                    });
+                    self.stop = Some(done);
+                }
             }
             taken += 1;
             if taken < PUMP_BATCHES_MAX && self.stop.is_none() && driver.feeds_now() {

@@ -229,3 +229,48 @@ async fn three_replicated_hosts_elect_and_answer_through_any_node() {
         let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
     }
 }
+
+#[tokio::test]
+async fn a_stopping_leader_hands_its_leadership_over_before_it_stops() {
+    // Proves graceful shutdown transfers leadership: stopping the leading replica's host makes
+    // another replica lead well within one election timeout (1 s at the defaults; without a
+    // transfer the followers would wait at least that long before campaigning).
+    let tmp = tempfile::tempdir().expect("tmp");
+    let (slots, _senders, sups) = replicated_slots(&tmp).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let leader = loop {
+        if let Some(l) = slots
+            .iter()
+            .position(|s| status(s).is_some_and(|r| r.leading))
+        {
+            break l;
+        }
+        assert!(Instant::now() < deadline, "a leader within 10 s");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let stopped = Instant::now();
+    let (tx, rx) = oneshot::channel();
+    sups[leader].cast(SupervisorMsg::Stop(tx)).expect("stop");
+    let new_leader = loop {
+        let other = (0..3)
+            .filter(|i| *i != leader)
+            .find(|i| status(&slots[*i]).is_some_and(|r| r.leading && r.term > 1));
+        if let Some(n) = other {
+            break n;
+        }
+        assert!(
+            stopped.elapsed() < Duration::from_millis(900),
+            "a new leader within 900 ms of the stop"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    };
+    assert_ne!(new_leader, leader);
+    let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+    for (i, sup) in sups.into_iter().enumerate() {
+        if i != leader {
+            let (tx, rx) = oneshot::channel();
+            let _ = sup.cast(SupervisorMsg::Stop(tx));
+            let _ = tokio::time::timeout(Duration::from_secs(10), rx).await;
+        }
+    }
+}

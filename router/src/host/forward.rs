@@ -262,6 +262,39 @@ impl ShardDriver {
         }
     }
 
+    /// The node is stopping: a replica that leads hands its leadership to the voter whose log
+    /// is furthest along (raft's transfer: it catches that voter up, then tells it to
+    /// campaign at once), so the group elects without waiting out an election timeout. True
+    /// if a transfer started.
+    pub fn handle_stop(&mut self, t: Time) -> bool {
+        let State::Serving(core) = &mut self.state else {
+            return false;
+        };
+        let Some(r) = core.replica_mut() else {
+            return false;
+        };
+        if r.mode() != Mode::Leading {
+            return false;
+        }
+        let raft = r.raft();
+        let me = raft.id();
+        let target = raft
+            .membership()
+            .voters
+            .iter()
+            .filter(|v| **v != me)
+            .filter_map(|v| raft.progress(*v).map(|(_, m)| (m, *v)))
+            .max();
+        let started = target.is_some_and(|(_, to)| r.transfer_leadership(t.mono_ms, to).is_ok());
+        self.pump(t);
+        started
+    }
+
+    /// A leadership transfer (see `handle_stop`) is still under way.
+    pub fn transferring(&self) -> bool {
+        self.replica().is_some_and(|r| r.raft().transferring())
+    }
+
     /// The earliest deadline of a forwarded request.
     pub(super) fn forward_deadline(&self) -> Option<u64> {
         self.forwarded.values().map(|w| w.deadline_mono_ms).min()

@@ -406,6 +406,12 @@ impl RaftCore {
     pub fn committed_membership(&self) -> &Membership {
         self.conf.committed()
     }
+    /// A leadership transfer is under way (it ends when the target leads, or gives up after an
+    /// election timeout).
+    pub fn transferring(&self) -> bool {
+        self.transfer.is_some()
+    }
+
     /// A follower's flow-control state and match index, on the leader.
     pub fn progress(&self, id: NodeId) -> Option<(ProgressState, u64)> {
         self.progress.get(&id).map(|p| (p.state, p.match_index))
