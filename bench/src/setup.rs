@@ -277,7 +277,8 @@ fn spawn_cluster(
     nodes: u32,
 ) -> Result<(Vec<std::process::Child>, Vec<String>, String), BenchError> {
     let mut init = fabric::cluster::init::InitOptions::new(nodes, dir.to_path_buf());
-    init.base_port = free_base_port(nodes)?;
+    init.base_port = fabric::cluster::init::free_base_port(nodes, std::process::id())
+        .ok_or_else(|| BenchError::Options("no free block of loopback ports".into()))?;
     if let Some(s) = opts.shards {
         init.shards = s;
     }
@@ -326,30 +327,6 @@ fn ready(addr: &str) -> bool {
     s.write_all(req.as_bytes()).is_ok()
         && s.read_exact(&mut head).is_ok()
         && head.starts_with(b"HTTP/1.1 200")
-}
-
-/// A base port whose first `nodes` blocks of 4 ports (10 apart) are free on 127.0.0.1.
-fn free_base_port(nodes: u32) -> Result<u16, BenchError> {
-    for attempt in 0..200u32 {
-        let base = 40_000 + ((std::process::id().wrapping_add(attempt * 7_919)) % 2_000) * 10;
-        let ports: Vec<u16> = (0..nodes)
-            .flat_map(|i| (0..4).map(move |k| (base + 10 * i + k) as u16))
-            .collect();
-        let held: Vec<_> = ports
-            .iter()
-            .map_while(|p| {
-                let t = std::net::TcpListener::bind(("127.0.0.1", *p)).ok()?;
-                let u = std::net::UdpSocket::bind(("127.0.0.1", *p)).ok()?;
-                Some((t, u))
-            })
-            .collect();
-        if held.len() == ports.len() {
-            return Ok(base as u16);
-        }
-    }
-    Err(BenchError::Options(
-        "no free block of loopback ports".into(),
-    ))
 }
 
 /// Runs a `serve-node` child and reads its ready line.

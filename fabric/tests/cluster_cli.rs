@@ -20,39 +20,15 @@ fn mode_of(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
-/// A base port whose first `nodes` blocks of 4 ports (10 apart) are free on 127.0.0.1, TCP
-/// and UDP, right now.
-fn free_base_port(nodes: u16) -> u16 {
-    for _ in 0..200 {
-        let base = 20_000 + (rand_u16() % 4000) * 10;
-        let ports = (0..nodes).flat_map(|i| (0..4).map(move |k| base + 10 * i + k));
-        let mut held = Vec::new();
-        let mut ok = true;
-        for p in ports {
-            match (
-                std::net::TcpListener::bind(("127.0.0.1", p)),
-                std::net::UdpSocket::bind(("127.0.0.1", p)),
-            ) {
-                (Ok(t), Ok(u)) => held.push((t, u)),
-                _ => {
-                    ok = false;
-                    break;
-                }
-            }
-        }
-        if ok {
-            return base;
-        }
-    }
-    panic!("no free block of ports");
-}
-
-fn rand_u16() -> u16 {
+/// A free block of ports for `nodes` nodes, from a salt that differs between the tests of
+/// this process (they run at once).
+fn free_base_port(nodes: u32) -> u16 {
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .subsec_nanos();
-    (nanos ^ std::process::id().wrapping_mul(2_654_435_761)) as u16
+    let salt = nanos ^ std::process::id().wrapping_mul(2_654_435_761);
+    fabric::cluster::init::free_base_port(nodes, salt).expect("free ports")
 }
 
 #[test]

@@ -11,31 +11,6 @@ fn fabric() -> Command {
     c
 }
 
-/// A base port whose first `nodes` blocks of 4 ports (10 apart) are free, TCP and UDP.
-fn free_base_port(nodes: u16) -> u16 {
-    for attempt in 0..200u32 {
-        let seed = std::process::id()
-            .wrapping_mul(2_654_435_761)
-            .wrapping_add(attempt * 7919);
-        let base = 30_000 + (seed % 2_500) as u16 * 10;
-        let ports: Vec<u16> = (0..nodes)
-            .flat_map(|i| (0..4).map(move |k| base + 10 * i + k))
-            .collect();
-        let held: Vec<_> = ports
-            .iter()
-            .map_while(|p| {
-                let t = std::net::TcpListener::bind(("127.0.0.1", *p)).ok()?;
-                let u = std::net::UdpSocket::bind(("127.0.0.1", *p)).ok()?;
-                Some((t, u))
-            })
-            .collect();
-        if held.len() == ports.len() {
-            return base;
-        }
-    }
-    panic!("no free block of ports");
-}
-
 struct Cluster {
     dir: tempfile::TempDir,
     base: u16,
@@ -46,7 +21,8 @@ struct Cluster {
 impl Cluster {
     fn start(n: u16) -> Cluster {
         let dir = tempfile::tempdir().expect("tmp");
-        let base = free_base_port(n);
+        let base = fabric::cluster::init::free_base_port(n.into(), std::process::id())
+            .expect("a free block of ports");
         let init = fabric()
             .args(["cluster", "init", "--nodes", &n.to_string(), "--base-port"])
             .arg(base.to_string())

@@ -97,6 +97,30 @@ pub fn node_ports(base: u16, node: u64) -> Option<NodePorts> {
     })
 }
 
+/// A base port from which `nodes` nodes' ports ([`node_ports`]) are all free on 127.0.0.1,
+/// TCP and UDP, right now (for tests and benchmarks that run a cluster beside other work):
+/// tries up to 200 bases in 20000..60000, starting from one `salt` picks.
+pub fn free_base_port(nodes: u32, salt: u32) -> Option<u16> {
+    (0..200u32).find_map(|attempt| {
+        let base = 20_000 + (salt.wrapping_add(attempt.wrapping_mul(7_919)) % 4_000) * 10;
+        let base = u16::try_from(base).ok()?;
+        let ports: Vec<u16> = (1..=u64::from(nodes))
+            .filter_map(|n| node_ports(base, n))
+            .flat_map(|p| [p.http, p.quic, p.link, p.metrics])
+            .collect();
+        // Held together, so no two probes take the same port.
+        let held: Vec<_> = ports
+            .iter()
+            .map_while(|p| {
+                let t = std::net::TcpListener::bind(("127.0.0.1", *p)).ok()?;
+                let u = std::net::UdpSocket::bind(("127.0.0.1", *p)).ok()?;
+                Some((t, u))
+            })
+            .collect();
+        (ports.len() == 4 * nodes as usize && held.len() == ports.len()).then_some(base)
+    })
+}
+
 /// `dir/node-<node>.toml`.
 pub fn config_path(dir: &Path, node: u64) -> PathBuf {
     dir.join(format!("node-{node}.toml"))
