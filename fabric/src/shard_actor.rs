@@ -66,6 +66,9 @@ pub enum ShardMsg {
 
 /// A host whose adapter (not its core: that is caught) panicked is started again after this.
 const ADAPTER_RESTART_DELAY_MS: u64 = 1_000;
+/// A replicated shard's commit and lag reach `/v1/cluster` at most this often (its role at
+/// once).
+const REPLICA_PUBLISH_INTERVAL_MS: u64 = 50;
 /// Bound of the channel to the WAL writer thread: at most one write is in flight.
 const WRITER_QUEUE_WRITES_MAX: usize = 2;
 
@@ -361,6 +364,10 @@ struct HostIo {
     /// What was last published (logs on changes).
     published: DriverStatus,
     log_reads: peers::LogReads,
+    /// The replica's role as last published, and when the rest (commit, lag) was: a
+    /// change of role publishes at once, the figures at most every
+    /// `REPLICA_PUBLISH_INTERVAL_MS` (not on every step of the hot path).
+    replica_published: Option<((u64, Option<NodeId>, bool), Instant)>,
 }
 
 /// The host loop of one shard: driver in, effects out, until stopped.
@@ -488,6 +495,7 @@ impl HostIo {
             export: None,
             published: DriverStatus::default(),
             log_reads: peers::LogReads::new(),
+            replica_published: None,
         }
     }
 
@@ -761,10 +769,23 @@ impl HostIo {
 }
 
 impl HostIo {
-    fn publish_replica(&self, driver: &ShardDriver) {
+    fn publish_replica(&mut self, driver: &ShardDriver) {
         if self.slot.replication.is_none() {
             return;
         }
+        let role = driver.replica().map(|r| {
+            let leading = r.mode() == fabric_shard::replica::Mode::Leading;
+            (r.raft().term(), r.raft().leader(), leading)
+        });
+        let now = Instant::now();
+        let fresh = self.replica_published.is_some_and(|(was, at)| {
+            Some(was) == role
+                && now.duration_since(at) < Duration::from_millis(REPLICA_PUBLISH_INTERVAL_MS)
+        });
+        if fresh {
+            return;
+        }
+        self.replica_published = role.map(|r| (r, now));
         let status = driver.replica().map(|r| {
             let raft = r.raft();
             let voters: Vec<NodeId> = raft.membership().voters.iter().copied().collect();
