@@ -3,7 +3,6 @@
 //! to each other (the node link's job), so the host code a node runs is what is tested.
 
 use super::*;
-use fabric_proto::internal::SessionId;
 use fabric_proto::internal::ShardOp;
 use fabric_proto::{Body, ConvId, MeshId, PeerId, ServerOp};
 use fabric_shard::raft::{NodeId, RaftConfig};
@@ -16,29 +15,11 @@ struct Node {
     up: bool,
 }
 
-/// What the node link carries in these tests.
-enum Wire {
-    Peer(PeerMessage),
-    /// (from, to, session, batch)
-    Forward(NodeId, NodeId, SessionId, Vec<Request>),
-    /// (from, to, session, replies)
-    Remote(NodeId, NodeId, SessionId, Vec<Reply>),
-}
-
-impl Wire {
-    fn ends(&self) -> (NodeId, NodeId) {
-        match self {
-            Wire::Peer(m) => (m.from(), m.to()),
-            Wire::Forward(from, to, ..) | Wire::Remote(from, to, ..) => (*from, *to),
-        }
-    }
-}
-
 struct Cluster {
     nodes: Vec<Node>,
     t: Time,
-    /// What is in flight between nodes: (deliver at mono ms, what).
-    wire: Vec<(u64, Wire)>,
+    /// Node-link frames in flight: (deliver at mono ms, from, to, frame).
+    wire: Vec<(u64, NodeId, NodeId, NodeFrame)>,
     isolated: Option<NodeId>,
     /// Ok replies per ref.
     oks: BTreeSet<u64>,
@@ -127,21 +108,14 @@ impl Cluster {
                 let r = job.perform(&mut n.store);
                 n.driver.handle_log_read_done(t, &job, r);
             }
-            Effect::Peer(m) => self.wire.push((t.mono_ms + 2, Wire::Peer(m))),
-            Effect::Forward { to, session, batch } => {
-                let from = i as NodeId + 1;
-                self.wire
-                    .push((t.mono_ms + 2, Wire::Forward(from, to, session, batch)));
+            e @ (Effect::Peer(_)
+            | Effect::Forward { .. }
+            | Effect::Remote { .. }
+            | Effect::RemoteClose { .. }) => {
+                if let Ok((to, frame)) = NodeFrame::from_effect(e) {
+                    self.wire.push((t.mono_ms + 2, i as NodeId + 1, to, frame));
+                }
             }
-            Effect::Remote {
-                to,
-                session,
-                replies,
-            } => self.wire.push((
-                t.mono_ms + 2,
-                Wire::Remote(i as NodeId + 1, to, session, replies),
-            )),
-            Effect::RemoteClose { .. } => {}
             Effect::Replies { replies, .. } => {
                 for r in replies {
                     match r {
@@ -165,23 +139,17 @@ impl Cluster {
             let now = self.t.mono_ms;
             let (due, later): (Vec<_>, Vec<_>) = std::mem::take(&mut self.wire)
                 .into_iter()
-                .partition(|(at, _)| *at <= now);
+                .partition(|w| w.0 <= now);
             self.wire = later;
-            for (_, w) in due {
-                let (from, to) = w.ends();
+            for (_, from, to, frame) in due {
                 if self.isolated.is_some_and(|x| x == from || x == to) {
                     continue;
                 }
                 let d = &mut self.nodes[to as usize - 1].driver;
-                match w {
-                    Wire::Peer(m) => d.handle_peer_message(self.t, m),
-                    Wire::Forward(from, _, session, batch) => {
-                        d.handle_forwarded(self.t, from, session, batch)
-                    }
-                    Wire::Remote(_, _, session, replies) => {
-                        d.handle_remote_replies(self.t, session, replies)
-                    }
-                }
+                assert!(
+                    d.handle_node_frame(self.t, from, frame),
+                    "frames pass their checks"
+                );
             }
             for i in 0..self.nodes.len() {
                 if self.nodes[i]
