@@ -66,6 +66,9 @@ pub enum ShardMsg {
 
 /// A host whose adapter (not its core: that is caught) panicked is started again after this.
 const ADAPTER_RESTART_DELAY_MS: u64 = 1_000;
+/// What publishing a replica's figures at once depends on: term, known leader, leading.
+type ReplicaRole = (u64, Option<NodeId>, bool);
+
 /// A replicated shard's commit and lag reach `/v1/cluster` at most this often (its role at
 /// once).
 const REPLICA_PUBLISH_INTERVAL_MS: u64 = 50;
@@ -367,7 +370,7 @@ struct HostIo {
     /// The replica's role as last published, and when the rest (commit, lag) was: a
     /// change of role publishes at once, the figures at most every
     /// `REPLICA_PUBLISH_INTERVAL_MS` (not on every step of the hot path).
-    replica_published: Option<((u64, Option<NodeId>, bool), Instant)>,
+    replica_published: Option<(ReplicaRole, Instant)>,
 }
 
 /// The host loop of one shard: driver in, effects out, until stopped.
