@@ -44,6 +44,7 @@ use fabric_proto::{
 use std::collections::{BTreeMap, HashSet, VecDeque};
 use std::sync::Arc;
 
+mod deadlines;
 mod liveness;
 pub mod rest;
 
@@ -92,6 +93,10 @@ pub struct SessionConfig {
     /// Frames the session answers before it is welcomed (errors, `challenge`, `ok` to
     /// `options`); past it the session closes as `unauthorized`.
     pub prehello_answers_max: u32,
+    /// A request (send, append, subscribe, unsubscribe) its shard has not answered within
+    /// this time is answered `unavailable` by the session; the shard's later answer is
+    /// dropped.
+    pub request_timeout_ms: u64,
 }
 
 impl Default for SessionConfig {
@@ -108,6 +113,7 @@ impl Default for SessionConfig {
             pong_timeout_ms: 30_000,
             write_timeout_ms: 30_000,
             prehello_frames_max: 16,
+            request_timeout_ms: 5_000,
             prehello_answers_max: 64,
         }
     }
@@ -182,6 +188,11 @@ pub struct SessionStats {
     /// ... and the answers (`ok` or `error` with a ref) that released one. The glue pairs them
     /// in order to time answers without per-request bookkeeping in the core.
     pub requests_answered: u64,
+    /// Requests the session answered `unavailable` at `request_timeout_ms` (each also counts
+    /// in `requests_answered`: the client got its answer) ...
+    pub requests_timed_out: u64,
+    /// ... and their shards' answers that came later and were dropped.
+    pub requests_answered_late: u64,
     /// Ops refused with `overloaded` because the session was past its hard in-flight limit.
     pub refused_overloaded: u64,
     /// Hellos the shard refused as `unauthorized` (unknown mesh or peer, wrong token).
@@ -255,8 +266,10 @@ pub struct Session {
     /// `None` until the first frame picks it.
     encoding: Option<Encoding>,
     hello_deadline: u64,
-    /// Requests forwarded and not yet answered (send, append, subscribe, unsubscribe).
+    /// Requests forwarded and not yet answered by their shard (send, append, subscribe,
+    /// unsubscribe), including ones the session answered at their deadline.
     inflight: u32,
+    deadlines: deadlines::Deadlines,
     /// Ops that arrived after hello but before welcome, handled in order once welcomed.
     early: VecDeque<ClientOp>,
     requests: VecDeque<(Route, Request)>,
@@ -290,6 +303,7 @@ impl Session {
             state: State::AwaitingHello,
             encoding: None,
             inflight: 0,
+            deadlines: deadlines::Deadlines::new(config.request_timeout_ms),
             early: VecDeque::new(),
             requests: VecDeque::new(),
             transmit: VecDeque::new(),
@@ -364,7 +378,11 @@ impl Session {
             State::Open { .. } | State::Closed => None,
         };
         let liveness = self.liveness.poll_timeout(self.is_closed());
-        [hello, liveness].into_iter().flatten().min()
+        let request = match self.state {
+            State::Open { .. } => self.deadlines.poll_timeout(),
+            _ => None,
+        };
+        [hello, liveness, request].into_iter().flatten().min()
     }
 
     /// The next request for the router, in the order the session made them.
@@ -644,7 +662,7 @@ impl Session {
             },
             State::Open { mesh, peer } => {
                 let (mesh, peer) = (mesh.clone(), peer.clone());
-                self.handle_open_op(op, mesh, peer);
+                self.handle_open_op(now, op, mesh, peer);
             }
         }
     }
@@ -663,7 +681,7 @@ impl Session {
         );
     }
 
-    fn handle_open_op(&mut self, op: ClientOp, mesh: MeshId, peer: PeerId) {
+    fn handle_open_op(&mut self, now: u64, op: ClientOp, mesh: MeshId, peer: PeerId) {
         // Ops that wait for an answer pass the hard in-flight cap first (a glue that honours
         // `wants_read` never reaches it).
         if let Some(r) = counted_ref(&op) {
@@ -719,6 +737,9 @@ impl Session {
         };
         self.inflight = self.inflight.saturating_add(1);
         self.stats.requests_counted += 1;
+        if let Some(r) = shard_op.reference() {
+            self.deadlines.started(now, r);
+        }
         self.forward(Route::ByKey, shard_op);
     }
 
@@ -852,11 +873,16 @@ impl Session {
                 self.push_frame(&op, None);
                 self.close(now);
             }
-            ServerOp::Ok { .. } | ServerOp::Error { r: Some(_), .. } => {
+            ServerOp::Ok { r, .. } | ServerOp::Error { r: Some(r), .. } => {
+                self.inflight = self.inflight.saturating_sub(1);
+                if self.deadlines.answered(*r) == deadlines::Answer::Late {
+                    // The session answered it `unavailable` at its deadline.
+                    self.stats.requests_answered_late += 1;
+                    return;
+                }
                 if let ServerOp::Error { code, .. } = &op {
                     self.count_error(*code);
                 }
-                self.inflight = self.inflight.saturating_sub(1);
                 self.stats.requests_answered += 1;
                 self.push_frame(&op, None);
             }
@@ -926,6 +952,22 @@ impl Session {
                 ProtoError::new(ErrorCode::Unauthorized, "hello timed out"),
             );
             self.close(now);
+        }
+        while let Some(r) = self.deadlines.pop_expired(now) {
+            self.stats.requests_timed_out += 1;
+            self.stats.requests_answered += 1;
+            let timeout_ms = self.config.request_timeout_ms;
+            self.error(
+                Some(r),
+                ProtoError::new(
+                    ErrorCode::Unavailable,
+                    format!(
+                        "no answer within request_timeout_ms ({timeout_ms} ms): the shard has \
+                         no reachable quorum or leader; the request may still take effect, so \
+                         retry it with its idempotency key"
+                    ),
+                ),
+            );
         }
     }
 

@@ -31,10 +31,6 @@ use fabric_proto::{
 use std::collections::{BTreeSet, VecDeque};
 use std::sync::Arc;
 
-/// How long a REST call waits for the shards, in ms (the node's and the simulator's HTTP
-/// clients): unanswered by then, `unavailable`.
-pub const REST_REPLY_TIMEOUT_MS: u64 = 30_000;
-
 /// The ref the core gives its own requests (one call has at most two, one at a time).
 const AUTH_REF: u64 = 1;
 const OP_REF: u64 = 2;
@@ -100,9 +96,11 @@ pub struct RestConfig {
 }
 
 impl RestConfig {
-    pub fn new(session: &SessionConfig, reply_timeout_ms: u64) -> RestConfig {
+    /// A REST call waits for its shards as long as a session's request does
+    /// (`request_timeout_ms`).
+    pub fn new(session: &SessionConfig) -> RestConfig {
         RestConfig {
-            reply_timeout_ms,
+            reply_timeout_ms: session.request_timeout_ms,
             body_bytes_max: session.body_bytes_max,
         }
     }

@@ -1621,3 +1621,48 @@ fn a_send_key_travels_to_the_shard_and_a_bad_one_is_refused_first() {
         assert_eq!(f[0]["op"], "error");
     }
 }
+
+#[test]
+fn a_request_without_an_answer_is_answered_unavailable_at_request_timeout() {
+    // Proves the request deadline: a shard that never answers (no quorum, unreachable leader)
+    // leaves no request waiting past `request_timeout_ms`: the session answers `unavailable`
+    // with the ref at the deadline, not before, stays open, drops the shard's late answer, and
+    // keeps the request in flight until that answer comes.
+    let mut s = session_with(SessionConfig {
+        request_timeout_ms: 5_000,
+        ..SessionConfig::default()
+    });
+    welcome(&mut s);
+    append(&mut s, 1);
+    assert_eq!(requests(&mut s).len(), 1);
+    assert_eq!(
+        s.poll_timeout(),
+        Some(NOW + 5_000),
+        "the request's deadline"
+    );
+    s.handle_timeout(NOW + 4_999);
+    assert!(frames(&mut s).is_empty(), "not before the deadline");
+    s.handle_timeout(NOW + 5_000);
+    let f = frames(&mut s);
+    assert_eq!(f.len(), 1);
+    assert_eq!(
+        (f[0]["ref"].as_u64(), f[0]["code"].as_str()),
+        (Some(1), Some("unavailable"))
+    );
+    assert!(!s.is_closed(), "the session stays open");
+    assert_eq!(s.inflight(), 1, "counted until its shard answers");
+    assert_eq!(s.stats().requests_timed_out, 1);
+    s.handle_reply(NOW + 6_000, 0, ok(1));
+    assert!(frames(&mut s).is_empty(), "the late answer is dropped");
+    assert_eq!(s.inflight(), 0);
+    assert_eq!(s.stats().requests_answered_late, 1);
+    // A request answered in time gets its shard's answer and no deadline error.
+    append(&mut s, 2);
+    requests(&mut s);
+    s.handle_reply(NOW + 7_000, 0, ok(2));
+    s.handle_timeout(NOW + 20_000);
+    let f = frames(&mut s);
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0]["op"], "ok");
+    assert_eq!(s.stats().requests_answered, 2, "one answer per request");
+}

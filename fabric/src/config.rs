@@ -109,6 +109,8 @@ pub struct Config {
     /// A session whose writes make no progress for this long is closed (the client stopped
     /// reading).
     pub write_timeout_ms: u64,
+    /// A request its shard has not answered within this time is answered `unavailable`.
+    pub request_timeout_ms: u64,
     /// Frames a connection may send before its hello; one more closes it.
     pub prehello_frames_max: u32,
     /// Frames the node answers a connection before it is welcomed; past it, it is closed.
@@ -154,7 +156,7 @@ macro_rules! limit_fields {
             wal_sync_stall_ms_max, http_header_timeout_ms, http_body_timeout_ms,
             tls_handshake_timeout_ms, connections_max, connections_per_ip_max,
             session_subscriptions_max, ping_interval_ms, pong_timeout_ms, write_timeout_ms,
-            prehello_frames_max, prehello_answers_max, log_cache_bytes_max,
+            request_timeout_ms, prehello_frames_max, prehello_answers_max, log_cache_bytes_max,
             log_index_stride_records, log_read_bytes_max, log_reads_inflight_max)
     };
 }

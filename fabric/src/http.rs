@@ -23,9 +23,6 @@ use tracing::Instrument;
 const WS_READ_BUFFER_BYTES: usize = 8 * 1024;
 const WS_WRITE_BUFFER_BYTES: usize = 8 * 1024;
 
-/// An HTTP request waits at most this long for its shard's answer.
-const HTTP_REPLY_TIMEOUT_MS: u64 = fabric_edge::rest::REST_REPLY_TIMEOUT_MS;
-
 pub fn routes(ctx: Arc<NodeCtx>) -> Router {
     let frame_max = ctx.config.frame_bytes_max;
     // With a metrics port, the client port keeps its details to itself: no /metrics (mesh
@@ -323,7 +320,8 @@ async fn call_with(
         session,
         tx,
     };
-    let reply = tokio::time::timeout(Duration::from_millis(HTTP_REPLY_TIMEOUT_MS), rx.recv()).await;
+    let timeout = Duration::from_millis(ctx.config.limits().request_timeout_ms);
+    let reply = tokio::time::timeout(timeout, rx.recv()).await;
     match reply {
         Ok(Some(SessionMsg::Replies(_, mut replies))) if !replies.is_empty() => {
             let reply = replies.swap_remove(0);
@@ -473,10 +471,7 @@ async fn rest_call(ctx: &NodeCtx, request: RestRequest) -> Result<RestAnswer, Pr
         transport = "http",
         mesh = %request.mesh
     );
-    match crate::rest::call(ctx, request, HTTP_REPLY_TIMEOUT_MS)
-        .instrument(span)
-        .await?
-    {
+    match crate::rest::call(ctx, request).instrument(span).await? {
         RestAnswer::Error(e) => Err(e),
         answer => Ok(answer),
     }
@@ -813,7 +808,7 @@ mod tests {
                 token: "tok".into(),
                 op,
             };
-            let mut call = Box::pin(crate::rest::call_with(&ctx, request, 30_000, tx, rx));
+            let mut call = Box::pin(crate::rest::call_with(&ctx, request, tx, rx));
             let woken = Arc::new(Woken::default());
             let waker = Waker::from(woken.clone());
             let mut cx = Context::from_waker(&waker);

@@ -272,6 +272,10 @@ struct ServeArgs {
     /// Close a session whose writes make no progress for this long, in ms. Default 30000.
     #[arg(long, env = "FABRIC_WRITE_TIMEOUT_MS")]
     write_timeout_ms: Option<u64>,
+    /// Answer a request its shard has not answered within this time `unavailable`, in ms.
+    /// Default 5000.
+    #[arg(long, env = "FABRIC_REQUEST_TIMEOUT_MS")]
+    request_timeout_ms: Option<u64>,
     /// Frames a connection may send before its hello. Default 16.
     #[arg(long, env = "FABRIC_PREHELLO_FRAMES_MAX")]
     prehello_frames_max: Option<u32>,
@@ -339,6 +343,7 @@ impl ServeArgs {
             ping_interval_ms,
             pong_timeout_ms,
             write_timeout_ms,
+            request_timeout_ms,
             prehello_frames_max,
             prehello_answers_max,
             log_cache_bytes_max,

@@ -94,13 +94,9 @@ pub(crate) fn send_from_drop(queue: &mpsc::Sender<ShardMsg>, msg: ShardMsg) {
 }
 
 /// Runs one REST call to its answer.
-pub(crate) async fn call(
-    ctx: &NodeCtx,
-    request: RestRequest,
-    reply_timeout_ms: u64,
-) -> Result<RestAnswer, ProtoError> {
+pub(crate) async fn call(ctx: &NodeCtx, request: RestRequest) -> Result<RestAnswer, ProtoError> {
     let (tx, rx) = mpsc::channel(REST_REPLY_BATCHES_MAX);
-    call_with(ctx, request, reply_timeout_ms, tx, rx).await
+    call_with(ctx, request, tx, rx).await
 }
 
 /// [`call`] with its reply channel given (the leak test keeps a weak sender to see whether a
@@ -108,11 +104,10 @@ pub(crate) async fn call(
 pub(crate) async fn call_with(
     ctx: &NodeCtx,
     request: RestRequest,
-    reply_timeout_ms: u64,
     tx: SessionTx,
     mut rx: mpsc::Receiver<SessionMsg>,
 ) -> Result<RestAnswer, ProtoError> {
-    let config = RestConfig::new(&ctx.config.session_config(), reply_timeout_ms);
+    let config = RestConfig::new(&ctx.config.session_config());
     let id = ctx.next_session_id();
     let core = RestCall::new(id, crate::now_ms(), &config, request);
     let mut call = Call {

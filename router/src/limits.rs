@@ -235,6 +235,9 @@ limits! {
     pong_timeout_ms: u64 = 30_000, LimitRange::at_least(100);
     /// A session whose writes make no progress for this long is closed.
     write_timeout_ms: u64 = 30_000, LimitRange::at_least(100);
+    /// A request (WebSocket, QUIC or HTTP) its shard has not answered within this time is
+    /// answered `unavailable`: the shard has no quorum, or its leader cannot be reached.
+    request_timeout_ms: u64 = 5_000, LimitRange::at_least(1);
     /// Frames a connection may send before its hello.
     prehello_frames_max: u32 = 16, LimitRange::at_least(1);
     /// Frames the node answers a connection before it is welcomed (at least `options` and
@@ -473,6 +476,7 @@ impl Limits {
             ping_interval_ms: self.ping_interval_ms,
             pong_timeout_ms: self.pong_timeout_ms,
             write_timeout_ms: self.write_timeout_ms,
+            request_timeout_ms: self.request_timeout_ms,
             prehello_frames_max: self.prehello_frames_max,
             prehello_answers_max: self.prehello_answers_max,
         }

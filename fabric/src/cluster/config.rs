@@ -17,8 +17,6 @@ use std::path::PathBuf;
 pub const RAFT_HEARTBEAT_MS_DEFAULT: u64 = 100;
 /// Default `raft_election_timeout_ms`.
 pub const RAFT_ELECTION_TIMEOUT_MS_DEFAULT: u64 = 1000;
-/// Default `request_timeout_ms`.
-pub const REQUEST_TIMEOUT_MS_DEFAULT: u64 = 5000;
 /// The replication factors a shard's Raft group may have.
 pub const REPLICATION_FACTORS: [u32; 3] = [1, 3, 5];
 
@@ -50,10 +48,6 @@ pub struct ClusterConfig {
     /// `raft_heartbeat_ms`.
     #[serde(default = "default_raft_election_timeout_ms")]
     pub raft_election_timeout_ms: u64,
-    /// A request forwarded to another node is answered `unavailable` if no answer came in
-    /// this time.
-    #[serde(default = "default_request_timeout_ms")]
-    pub request_timeout_ms: u64,
     /// Largest frame on the node link (see [`super::link`]).
     #[serde(default = "default_node_frame_bytes_max")]
     pub node_frame_bytes_max: usize,
@@ -79,10 +73,6 @@ fn default_raft_heartbeat_ms() -> u64 {
 
 fn default_raft_election_timeout_ms() -> u64 {
     RAFT_ELECTION_TIMEOUT_MS_DEFAULT
-}
-
-fn default_request_timeout_ms() -> u64 {
-    REQUEST_TIMEOUT_MS_DEFAULT
 }
 
 fn default_node_frame_bytes_max() -> usize {
@@ -155,7 +145,6 @@ impl ClusterConfig {
             replication_factor: None,
             raft_heartbeat_ms: RAFT_HEARTBEAT_MS_DEFAULT,
             raft_election_timeout_ms: RAFT_ELECTION_TIMEOUT_MS_DEFAULT,
-            request_timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT,
             node_frame_bytes_max: NODE_FRAME_BYTES_MAX_DEFAULT,
             members,
         }
@@ -196,7 +185,6 @@ impl ClusterConfig {
         let limits = [
             ("raft_heartbeat_ms", self.raft_heartbeat_ms),
             ("raft_election_timeout_ms", self.raft_election_timeout_ms),
-            ("request_timeout_ms", self.request_timeout_ms),
             ("node_frame_bytes_max", self.node_frame_bytes_max as u64),
         ];
         if let Some((key, _)) = limits.iter().find(|(_, v)| *v == 0) {
@@ -324,7 +312,6 @@ mod tests {
             replication_factor: Some(1),
             raft_heartbeat_ms: 50,
             raft_election_timeout_ms: 700,
-            request_timeout_ms: 2000,
             node_frame_bytes_max: 1 << 20,
             ..three()
         };
@@ -349,7 +336,6 @@ mod tests {
         assert_eq!(m.replication_factor(), 1);
         assert_eq!(m.raft_heartbeat_ms, 100);
         assert_eq!(m.raft_election_timeout_ms, 1000);
-        assert_eq!(m.request_timeout_ms, 5000);
         assert_eq!(m.node_frame_bytes_max, 4 << 20);
         assert_eq!(m.link_config().members.len(), 1);
 
@@ -433,10 +419,6 @@ mod tests {
             (
                 Box::new(|c| c.raft_election_timeout_ms = 0),
                 &["cluster.raft_election_timeout_ms is 0"],
-            ),
-            (
-                Box::new(|c| c.request_timeout_ms = 0),
-                &["cluster.request_timeout_ms is 0"],
             ),
             (
                 Box::new(|c| c.node_frame_bytes_max = 0),

@@ -71,10 +71,7 @@ impl Simulation {
             token: self.clients[client].token.clone(),
             op,
         };
-        let config = RestConfig {
-            reply_timeout_ms: fabric_edge::rest::REST_REPLY_TIMEOUT_MS,
-            body_bytes_max: self.session_config.body_bytes_max,
-        };
+        let config = RestConfig::new(&self.session_config);
         trace!(self, "http session {session}: {what:?} as c{client}");
         let call = RestCall::new(session, self.now, &config, request);
         let timeout = call.poll_timeout();
