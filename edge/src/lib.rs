@@ -97,6 +97,9 @@ pub struct SessionConfig {
     /// this time is answered `unavailable` by the session; the shard's later answer is
     /// dropped.
     pub request_timeout_ms: u64,
+    /// The cluster's client base URLs, named in every `welcome` (`nodes`) so a client learns
+    /// where else it can reconnect; empty on a single node (then `welcome` has no `nodes`).
+    pub nodes: Arc<[Arc<str>]>,
 }
 
 impl Default for SessionConfig {
@@ -115,6 +118,7 @@ impl Default for SessionConfig {
             prehello_frames_max: 16,
             request_timeout_ms: 5_000,
             prehello_answers_max: 64,
+            nodes: Arc::from(Vec::new()),
         }
     }
 }
@@ -843,6 +847,17 @@ impl Session {
         }
     }
 
+    /// The shard's `welcome` with this node's view of the cluster added: the shard knows the
+    /// peer's cursor, the edge knows the nodes.
+    fn push_welcome(&mut self, mut op: ServerOp) {
+        if let ServerOp::Welcome { nodes, .. } = &mut op {
+            if nodes.is_empty() {
+                nodes.extend(self.config.nodes.iter().cloned());
+            }
+        }
+        self.push_frame(&op, None);
+    }
+
     fn handle_server_op(&mut self, now: u64, shard: ShardIdx, op: ServerOp) {
         match &op {
             ServerOp::Welcome { .. } => {
@@ -855,7 +870,7 @@ impl Session {
                     mesh: mesh.clone(),
                     peer: peer.clone(),
                 };
-                self.push_frame(&op, None);
+                self.push_welcome(op);
                 while let Some(early) = self.early.pop_front() {
                     self.handle_op(now, early);
                 }

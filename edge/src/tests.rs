@@ -67,6 +67,7 @@ fn welcome_reply() -> Reply {
         session: ID,
         acked: 0,
         head: 0,
+        nodes: Vec::new(),
     })
 }
 
@@ -134,6 +135,27 @@ fn closes(reqs: &[(Route, ShardOp)]) -> usize {
     reqs.iter()
         .filter(|(route, op)| *op == ShardOp::Closed && *route == Route::AllShards)
         .count()
+}
+
+#[test]
+fn a_clustered_nodes_welcome_names_every_node() {
+    // Proves the edge adds its node list to the shard's welcome (the shard does not know the
+    // cluster's client URLs), and a single node's welcome stays without `nodes`.
+    let nodes: Vec<Arc<str>> = vec!["http://10.0.0.1:7400".into(), "http://10.0.0.2:7400".into()];
+    let mut s = session_with(SessionConfig {
+        nodes: nodes.into(),
+        ..SessionConfig::default()
+    });
+    hello(&mut s);
+    let _ = requests(&mut s);
+    s.handle_reply(NOW, 0, welcome_reply());
+    assert_eq!(
+        frames(&mut s),
+        vec![
+            serde_json::json!({"op":"welcome","session":7,"acked":0,"head":0,
+            "nodes":["http://10.0.0.1:7400","http://10.0.0.2:7400"]})
+        ]
+    );
 }
 
 #[test]

@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
-use fabric::client::{read_http, Admin, Client, ClientConfig, Incoming};
+use fabric::client::{read_http, split_urls, Admin, Client, ClientConfig, ClientError, Incoming};
 use fabric::identity::{parse_public_key, Identity};
 use fabric_proto::{codec, Body, DeliveredEvent, ServerOp};
 use serde_json::{json, Value};
@@ -81,7 +81,7 @@ pub enum PeerCmd {
 /// How to reach the admin API.
 #[derive(Args)]
 pub struct AdminArgs {
-    /// The node's HTTP base URL.
+    /// The node's HTTP base URL; or a comma-separated list, tried in order.
     #[arg(
         long = "http",
         env = "FABRIC_HTTP",
@@ -99,10 +99,11 @@ pub struct AdminArgs {
 /// Who the peer is and how to reach its node.
 #[derive(Args)]
 pub struct PeerArgs {
-    /// The session URL: ws://HOST:PORT/v1/ws or quic://HOST:PORT.
+    /// The session URL: ws://HOST:PORT/v1/ws, http://HOST:PORT (its WebSocket endpoint) or
+    /// quic://HOST:PORT; or a cluster's nodes as a comma-separated list (tried in order).
     #[arg(long, env = "FABRIC_URL", default_value = "ws://127.0.0.1:7400/v1/ws")]
     url: String,
-    /// The node's HTTP base URL (replay).
+    /// The node's HTTP base URL (replay); or a comma-separated list, tried in order.
     #[arg(
         long = "http",
         env = "FABRIC_HTTP",
@@ -210,10 +211,12 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
         ClientCommand::Mesh {
             cmd: MeshCmd::Create { id, admin },
         } => {
-            Admin::new(&admin.http, &admin.admin_token)
-                .create_mesh(&id)
-                .await
-                .with_context(|| format!("cannot create mesh {id:?}"))?;
+            let (token, id_ref) = (admin.admin_token.as_str(), id.as_str());
+            on_any_node(&admin.http, |base| async move {
+                Admin::new(&base, token).create_mesh(id_ref).await
+            })
+            .await
+            .with_context(|| format!("cannot create mesh {id:?}"))?;
             print(admin.json, json!({ "mesh": id }), || {
                 format!("created mesh {id}")
             });
@@ -277,10 +280,12 @@ async fn run_async(cmd: ClientCommand) -> anyhow::Result<()> {
                     a.from
                 );
             };
-            let (events, head) =
-                read_http(&a.peer.http, token, &a.peer.mesh, &a.conv, a.from, a.limit)
-                    .await
-                    .context("replay failed")?;
+            let (mesh, conv) = (a.peer.mesh.as_str(), a.conv.as_str());
+            let (events, head) = on_any_node(&a.peer.http, |base| async move {
+                read_http(&base, token, mesh, conv, a.from, a.limit).await
+            })
+            .await
+            .context("replay failed")?;
             for e in &events {
                 print_frame(a.peer.json, &ServerOp::Event(e.clone()), || {
                     format!("{} #{} {}: {}", e.conv, e.seq, e.from, e.body.as_str())
@@ -302,15 +307,21 @@ async fn add_peer(
     token: bool,
     admin: AdminArgs,
 ) -> anyhow::Result<()> {
-    let api = Admin::new(&admin.http, &admin.admin_token);
     let groups: Vec<&str> = groups.iter().map(String::as_str).collect();
     let fail = || format!("cannot add peer {peer:?} to mesh {mesh:?}");
+    let token_of = admin.admin_token.as_str();
     match public_key {
         None => {
-            let t = api
-                .add_peer(&mesh, &peer, &groups)
-                .await
-                .with_context(fail)?;
+            let t = on_any_node(&admin.http, |base| {
+                let (mesh, peer, groups) = (&mesh, &peer, &groups);
+                async move {
+                    Admin::new(&base, token_of)
+                        .add_peer(mesh, peer, groups)
+                        .await
+                }
+            })
+            .await
+            .with_context(fail)?;
             print(
                 admin.json,
                 json!({ "mesh": mesh, "peer": peer, "token": t }),
@@ -319,10 +330,16 @@ async fn add_peer(
         }
         Some(text) => {
             let key = public_key_of(&text)?;
-            let t = api
-                .add_peer_with_key(&mesh, &peer, &groups, &key, token)
-                .await
-                .with_context(fail)?;
+            let t = on_any_node(&admin.http, |base| {
+                let (mesh, peer, groups, key) = (&mesh, &peer, &groups, &key);
+                async move {
+                    Admin::new(&base, token_of)
+                        .add_peer_with_key(mesh, peer, groups, key, token)
+                        .await
+                }
+            })
+            .await
+            .with_context(fail)?;
             let mut v = json!({ "mesh": mesh, "peer": peer, "public_key": key });
             if let Some(t) = &t {
                 v["token"] = t.clone().into();
@@ -334,6 +351,27 @@ async fn add_peer(
         }
     }
     Ok(())
+}
+
+/// Runs an HTTP call against the first node of a comma-separated list of base URLs that can
+/// be reached: a node that refuses the connection is passed over for the next (the request
+/// never left, so nothing is done twice); any answer, or any other failure, is the result.
+async fn on_any_node<T, F, Fut>(list: &str, mut call: F) -> Result<T, ClientError>
+where
+    F: FnMut(String) -> Fut,
+    Fut: std::future::Future<Output = Result<T, ClientError>>,
+{
+    let mut last = None;
+    for base in split_urls(list) {
+        match call(base).await {
+            Err(ClientError::Http(e)) if e.is_connect() => last = Some(ClientError::Http(e)),
+            other => return other,
+        }
+    }
+    Err(last.unwrap_or(ClientError::Invalid {
+        code: fabric_proto::ErrorCode::BadRequest,
+        message: "no --http URL given".into(),
+    }))
 }
 
 /// `--public-key`: hex, or a file holding a private key file or a hex public key.

@@ -36,6 +36,12 @@
 //!    was lost with the old connection (acks are fire-and-forget);
 //! 3. re-subscribes every live subscription from (last `seq` handed to you for it) + 1.
 //!
+//! In a cluster, give [`ClientConfig::url`] several nodes, comma-separated. `connect` uses the
+//! first that takes the session (a node that cannot be reached, or answers `unavailable` or
+//! `overloaded`, is passed over); `reconnect` starts at the node after the current one. A
+//! WebSocket client also adds the nodes its welcomes name ([`Client::nodes`]) to its list, so
+//! one address is enough to find the others.
+//!
 //! De-duplication, exactly: inbox messages arrive in `pos` order, and this `Client` hands out a
 //! `deliver` only if its `pos` is above every `pos` it already handed out (across all of its
 //! connections). So each `pos` reaches you **at most once per `Client`**, and the redelivery of
@@ -105,6 +111,9 @@ const BATCH_FRAME_BYTES_MAX: usize = 256 * 1024;
 const OP_OVERHEAD_BYTES: usize = 96;
 /// How long [`Client::close`] waits for the socket task to send its close frame.
 const CLOSE_WAIT_MS: u64 = 5_000;
+/// Most session URLs a client keeps (configured plus learned from `welcome`'s `nodes`): a
+/// node cannot grow a client's list without bound.
+pub const URLS_MAX: usize = 64;
 
 /// Everything that can go wrong in this module.
 #[derive(Debug, thiserror::Error)]
@@ -209,6 +218,16 @@ fn parse_body<'a, T: Deserialize<'a>>(what: &str, body: &'a [u8]) -> Result<T, C
     serde_json::from_slice(body).map_err(|e| {
         ClientError::Protocol(format!("{what} response is not the expected JSON: {e}"))
     })
+}
+
+/// The URLs of a list: one URL, or several separated by commas (a cluster's nodes), in
+/// order, blanks dropped.
+pub fn split_urls(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
 }
 
 fn trim_base(base: &str) -> &str {
@@ -422,7 +441,10 @@ pub async fn read_http(
 /// How to reach and authenticate as one peer.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
-    /// `ws://host:port/v1/ws`.
+    /// Where to connect: `ws://host:port/v1/ws` (or `wss://`), `quic://host:port`, or a
+    /// node's HTTP base URL `http://host:port` (its WebSocket endpoint is used); or several
+    /// of them separated by commas (a cluster's nodes). `connect` tries them in order, and
+    /// `reconnect` starts at the one after the current, so a dead node is skipped.
     pub url: String,
     pub mesh: String,
     pub peer: String,
@@ -580,6 +602,8 @@ fn fail_all(pending: &Mutex<Pending>) {
 /// One connection: the queue into its socket task and what waits on it.
 struct Conn {
     welcome: Welcome,
+    /// The cluster's client base URLs the welcome named (empty from a single node).
+    nodes: Vec<Arc<str>>,
     tx: mpsc::Sender<ClientOp>,
     pending: Arc<Mutex<Pending>>,
     /// Turns true when the socket task has ended (or was stopped).
@@ -604,6 +628,9 @@ impl Conn {
 /// A pipelined WebSocket session of one peer. See the [module docs](self).
 pub struct Client {
     cfg: ClientConfig,
+    /// The session URLs to try, in order: the configured ones, then those the nodes' welcomes
+    /// named (at most [`URLS_MAX`]); and the index of the current one.
+    urls: Mutex<(Vec<String>, usize)>,
     window: Semaphore,
     next_ref: AtomicU64,
     conn: Mutex<Arc<Conn>>,
@@ -651,12 +678,25 @@ impl Client {
         }
         validate_id(IdKind::Mesh, &cfg.mesh)?;
         validate_id(IdKind::Peer, &cfg.peer)?;
+        let urls = split_urls(&cfg.url);
+        if urls.is_empty() || urls.len() > URLS_MAX {
+            return Err(ClientError::Invalid {
+                code: ErrorCode::BadRequest,
+                message: format!("give 1 to {URLS_MAX} URLs, not {}", urls.len()),
+            });
+        }
+        for url in &urls {
+            crate::client_io::parse_url(url)?;
+        }
         let resume = Arc::new(Mutex::new(Resume::default()));
         let (incoming_tx, incoming_rx) = mpsc::channel(cfg.incoming_frames_max);
-        let conn = dial(&cfg, resume.clone(), incoming_tx.clone()).await?;
+        let (at, conn) = dial_any(&cfg, &urls, 0, &resume, &incoming_tx).await?;
+        let mut urls = (urls, at);
+        learn_nodes(&mut urls, &conn.nodes);
         Ok(Client {
             window: Semaphore::new(cfg.window),
             cfg,
+            urls: Mutex::new(urls),
             next_ref: AtomicU64::new(1),
             conn: Mutex::new(Arc::new(conn)),
             resume,
@@ -685,6 +725,18 @@ impl Client {
 
     pub fn head(&self) -> u64 {
         self.welcome().head
+    }
+
+    /// The cluster's client base URLs, as the current connection's `welcome` named them
+    /// (empty when connected to a single node).
+    pub fn nodes(&self) -> Vec<Arc<str>> {
+        self.conn().nodes.clone()
+    }
+
+    /// The session URL of the current connection.
+    pub fn url(&self) -> String {
+        let urls = lock(&self.urls);
+        urls.0[urls.1].clone()
     }
 
     /// False once the current connection is gone (then [`Client::reconnect`]).
@@ -927,7 +979,16 @@ impl Client {
     pub async fn reconnect(&self) -> Result<Welcome, ClientError> {
         let _one_at_a_time = self.reconnecting.lock().await;
         self.conn().kill();
-        let conn = dial(&self.cfg, self.resume.clone(), self.incoming_tx.clone()).await?;
+        let (list, next) = {
+            let urls = lock(&self.urls);
+            (urls.0.clone(), urls.1 + 1)
+        };
+        let (at, conn) = dial_any(&self.cfg, &list, next, &self.resume, &self.incoming_tx).await?;
+        {
+            let mut urls = lock(&self.urls);
+            urls.1 = at;
+            learn_nodes(&mut urls, &conn.nodes);
+        }
         let welcome = conn.welcome;
         *lock(&self.conn) = Arc::new(conn);
         let (subs, acked_upto) = {
@@ -1008,13 +1069,79 @@ fn signed_hello(cfg: &ClientConfig, nonce: &[u8; 32]) -> Result<ClientOp, Client
 /// Dials and completes hello/welcome; then starts the socket task.
 // Over 70 lines: the handshake's steps (dial, options, challenge, hello, welcome) in the order the
 // protocol fixes.
+/// Dials the URLs in turn from `start` (wrapping around) until one says welcome; a node that
+/// cannot be reached, or answers `unavailable` or `overloaded`, is passed over for the next.
+/// Any other refusal (a bad token) ends the attempt: every node would say the same.
+async fn dial_any(
+    cfg: &ClientConfig,
+    urls: &[String],
+    start: usize,
+    resume: &Arc<Mutex<Resume>>,
+    incoming: &mpsc::Sender<Incoming>,
+) -> Result<(usize, Conn), ClientError> {
+    let mut last = None;
+    for i in 0..urls.len() {
+        let at = (start + i) % urls.len();
+        match dial(cfg, &urls[at], resume.clone(), incoming.clone()).await {
+            Ok(conn) => return Ok((at, conn)),
+            Err(e) if another_node_may_do(&e) => {
+                tracing::debug!(url = %urls[at], error = %e, "node not reachable, trying the next");
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or(ClientError::Invalid {
+        code: ErrorCode::BadRequest,
+        message: "no URL to connect to".into(),
+    }))
+}
+
+/// Whether a failed dial is this node's trouble (try another) rather than the request's.
+fn another_node_may_do(e: &ClientError) -> bool {
+    match e {
+        ClientError::Server { code, .. } => {
+            matches!(code, ErrorCode::Unavailable | ErrorCode::Overloaded)
+        }
+        ClientError::Invalid { .. } => false,
+        _ => true,
+    }
+}
+
+/// Adds the WebSocket URLs of the nodes a welcome named that the list does not hold yet, up
+/// to [`URLS_MAX`]. Only a WebSocket client learns: `nodes` are HTTP base URLs, which name
+/// no QUIC port.
+fn learn_nodes(urls: &mut (Vec<String>, usize), nodes: &[Arc<str>]) {
+    use crate::client_io::{parse_url, Target as UrlTarget};
+    let ws_of = |u: &str| match parse_url(u) {
+        Ok(UrlTarget::Ws(ws)) => Some(ws),
+        _ => None,
+    };
+    if ws_of(&urls.0[urls.1]).is_none() {
+        return;
+    }
+    for node in nodes {
+        let Some(ws) = crate::client_io::ws_url_of_http(node) else {
+            continue;
+        };
+        let known = urls
+            .0
+            .iter()
+            .any(|u| ws_of(u).as_deref() == Some(ws.as_str()));
+        if !known && urls.0.len() < URLS_MAX {
+            urls.0.push(ws);
+        }
+    }
+}
+
 async fn dial(
     cfg: &ClientConfig,
+    url: &str,
     resume: Arc<Mutex<Resume>>,
     incoming: mpsc::Sender<Incoming>,
 ) -> Result<Conn, ClientError> {
     let handshake = async {
-        let mut io = Io::dial(cfg).await?;
+        let mut io = Io::dial(cfg, url).await?;
         let binary = io.binary(cfg.binary);
         let hello = first_hello(cfg)?;
         let first = if cfg.batch_ops_in_max > 1 {
@@ -1042,13 +1169,14 @@ async fn dial(
                         session,
                         acked,
                         head,
+                        nodes,
                     } => {
                         let welcome = Welcome {
                             session,
                             acked,
                             head,
                         };
-                        return Ok((io, binary, welcome, ops.collect::<Vec<_>>()));
+                        return Ok((io, binary, (welcome, nodes), ops.collect::<Vec<_>>()));
                     }
                     ServerOp::Challenge { nonce } if cfg.key.is_some() => {
                         let hello = signed_hello(cfg, &nonce)?;
@@ -1067,7 +1195,7 @@ async fn dial(
             }
         }
     };
-    let (io, binary, welcome, leftover) =
+    let (io, binary, (welcome, nodes), leftover) =
         tokio::time::timeout(Duration::from_millis(cfg.connect_timeout_ms), handshake)
             .await
             .map_err(|_| ClientError::Timeout("connect (dial, hello, welcome)"))??;
@@ -1097,6 +1225,7 @@ async fn dial(
     ));
     Ok(Conn {
         welcome,
+        nodes,
         tx,
         pending,
         closed,
@@ -1293,5 +1422,66 @@ impl Reader {
             .send(item)
             .await
             .map_err(|_| LinkError::ClientDropped)
+    }
+}
+
+#[cfg(test)]
+mod url_list_tests {
+    use super::*;
+
+    #[test]
+    fn a_url_list_splits_on_commas_and_http_bases_mean_their_websocket() {
+        // Proves the URL forms a client and the CLI take: a comma-separated list, blanks
+        // dropped, and an http(s) base URL read as its WebSocket endpoint.
+        assert_eq!(
+            split_urls(" http://a:1 ,, ws://b:2/v1/ws,"),
+            ["http://a:1", "ws://b:2/v1/ws"]
+        );
+        use crate::client_io::ws_url_of_http as ws;
+        assert_eq!(ws("http://a:1").as_deref(), Some("ws://a:1/v1/ws"));
+        assert_eq!(
+            ws("https://a.example/").as_deref(),
+            Some("wss://a.example/v1/ws")
+        );
+        assert_eq!(ws("http://a:1/other"), None, "a path is not a base URL");
+        assert_eq!(ws("quic://a:1"), None);
+    }
+
+    #[test]
+    fn a_websocket_client_learns_the_nodes_a_welcome_names_once_and_within_its_bound() {
+        // Proves learn_nodes adds each node not yet known (however it was written), never past
+        // URLS_MAX, and that a QUIC client learns nothing (nodes name no QUIC port).
+        let mut urls = (vec!["http://a:1".to_string()], 0);
+        let nodes: Vec<Arc<str>> = vec!["http://a:1".into(), "http://b:1".into()];
+        learn_nodes(&mut urls, &nodes);
+        learn_nodes(&mut urls, &nodes);
+        assert_eq!(urls.0, ["http://a:1", "ws://b:1/v1/ws"]);
+        let many: Vec<Arc<str>> = (0..2 * URLS_MAX)
+            .map(|i| format!("http://n{i}:1").into())
+            .collect();
+        learn_nodes(&mut urls, &many);
+        assert_eq!(urls.0.len(), URLS_MAX);
+        let mut quic = (vec!["quic://a:2".to_string()], 0);
+        learn_nodes(&mut quic, &nodes);
+        assert_eq!(quic.0, ["quic://a:2"]);
+    }
+
+    #[test]
+    fn only_a_nodes_own_trouble_moves_a_dial_to_the_next_node() {
+        // Proves which failed dials try the next URL: unreachable, unavailable, overloaded;
+        // and which end the attempt: a refused hello, a request the client would not send.
+        let server = |code| ClientError::Server {
+            code,
+            message: String::new(),
+        };
+        assert!(another_node_may_do(&ClientError::Timeout("connect")));
+        assert!(another_node_may_do(&ClientError::Quic("refused".into())));
+        assert!(another_node_may_do(&server(ErrorCode::Unavailable)));
+        assert!(another_node_may_do(&server(ErrorCode::Overloaded)));
+        assert!(!another_node_may_do(&server(ErrorCode::Unauthorized)));
+        assert!(!another_node_may_do(&ClientError::Invalid {
+            code: ErrorCode::BadRequest,
+            message: String::new(),
+        }));
     }
 }

@@ -24,14 +24,35 @@ pub(crate) enum Target {
     },
 }
 
+/// A node's HTTP base URL (`http://host:port`, as `welcome`'s `nodes` names it) as the
+/// session URL of its WebSocket endpoint; `None` for anything else.
+pub(crate) fn ws_url_of_http(base: &str) -> Option<String> {
+    let (scheme, rest) = if let Some(rest) = base.strip_prefix("http://") {
+        ("ws://", rest)
+    } else {
+        ("wss://", base.strip_prefix("https://")?)
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return None;
+    }
+    Some(format!("{scheme}{authority}/v1/ws"))
+}
+
 pub(crate) fn parse_url(url: &str) -> Result<Target, ClientError> {
     if url.starts_with("ws://") || url.starts_with("wss://") {
         return Ok(Target::Ws(url.to_string()));
     }
+    if let Some(ws) = ws_url_of_http(url) {
+        return Ok(Target::Ws(ws));
+    }
     let Some(rest) = url.strip_prefix("quic://") else {
         return Err(ClientError::Invalid {
             code: fabric_proto::ErrorCode::BadRequest,
-            message: format!("{url:?}: the URL must start with ws://, wss:// or quic://"),
+            message: format!(
+                "{url:?}: the URL must be http(s)://HOST:PORT, ws(s)://HOST:PORT/v1/ws or \
+                 quic://HOST:PORT"
+            ),
         });
     };
     let (authority, query) = rest.split_once('?').unwrap_or((rest, ""));
@@ -69,8 +90,8 @@ pub(crate) struct QuicConn {
 }
 
 impl Io {
-    pub(crate) async fn dial(cfg: &ClientConfig) -> Result<Io, ClientError> {
-        match parse_url(&cfg.url)? {
+    pub(crate) async fn dial(cfg: &ClientConfig, url: &str) -> Result<Io, ClientError> {
+        match parse_url(url)? {
             Target::Ws(url) => {
                 // `wss://…?pin=HEX`: trust the node's certificate by its SHA-256 (the pin is
                 // ours, not part of the request).

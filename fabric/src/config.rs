@@ -324,8 +324,15 @@ impl Config {
     }
 
     /// The session core's limits for this node's settings.
+    /// On a cluster node it names the members' client URLs in id order (`welcome`'s `nodes`).
     pub fn session_config(&self) -> fabric_edge::SessionConfig {
-        self.limits().session_config()
+        let mut config = self.limits().session_config();
+        if let Some(cluster) = &self.cluster {
+            let mut members: Vec<_> = cluster.members.iter().collect();
+            members.sort_by_key(|m| m.id);
+            config.nodes = members.iter().map(|m| m.http.as_str().into()).collect();
+        }
+        config
     }
 
     /// Every limit in its range and every relation between limits (`Limits::validate`),
@@ -382,6 +389,7 @@ mod session_limit_tests {
                 session: 1,
                 acked: 0,
                 head: 0,
+                nodes: Vec::new(),
             }),
         );
         let ops: Vec<String> = (0..fabric_proto::BATCH_OPS_MAX)

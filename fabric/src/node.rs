@@ -410,7 +410,6 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         config.shards,
         &config.metrics_meshes,
     )?);
-    let limits = config.limits();
     let links = match &config.cluster {
         Some(c) => Some(start_links(c).await?),
         None => None,
@@ -419,12 +418,13 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         start_shards(&config, &node_name, &metrics, links).await?;
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let config_caps = (config.connections_max, config.connections_per_ip_max);
+    let session_config = config.session_config();
     let ctx = Arc::new(NodeCtx {
         config,
         admin_token,
         shards: senders,
         slots,
-        session_config: limits.session_config(),
+        session_config,
         shutdown: shutdown_rx.clone(),
         sessions_open: AtomicU64::new(0),
         router,

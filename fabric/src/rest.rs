@@ -107,7 +107,7 @@ pub(crate) async fn call_with(
     tx: SessionTx,
     mut rx: mpsc::Receiver<SessionMsg>,
 ) -> Result<RestAnswer, ProtoError> {
-    let config = RestConfig::new(&ctx.config.session_config());
+    let config = RestConfig::new(&ctx.session_config);
     let id = ctx.next_session_id();
     let core = RestCall::new(id, crate::now_ms(), &config, request);
     let mut call = Call {

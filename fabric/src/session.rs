@@ -206,7 +206,7 @@ async fn run_session<T: Transport>(
     id: u64,
     meter: &TransportMetrics,
 ) {
-    let mut config = ctx.config.session_config();
+    let mut config = ctx.session_config.clone();
     if !T::PINGS {
         config.ping_interval_ms = 0;
     }

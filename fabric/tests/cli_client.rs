@@ -301,3 +301,51 @@ async fn bodies_are_sent_and_printed_byte_for_byte() {
     }
     node.shutdown().await;
 }
+
+/// A loopback port nothing listens on (bound, then let go).
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_client_commands_take_url_lists_and_pass_over_a_node_that_is_down() {
+    // Proves --http and --url take comma-separated lists (a cluster's nodes), tried in order:
+    // a node that refuses the connection is passed over, and an http:// base URL works as a
+    // session URL (its WebSocket endpoint).
+    let dir = tempfile::tempdir().unwrap();
+    let node = start(&dir.path().join("data")).await;
+    let dead = closed_port();
+    let http = format!("http://127.0.0.1:{dead},{}", base(&node));
+    let url = format!("ws://127.0.0.1:{dead}/v1/ws, {}", base(&node));
+    let out = fabric(&node, &["mesh", "create", "m", "--http", &http]).await;
+    assert_eq!(out.trim(), "created mesh m");
+    let bob = fabric(&node, &["peer", "add", "m", "bob", "--http", &http]).await;
+    let as_bob = [
+        "--mesh",
+        "m",
+        "--peer",
+        "bob",
+        "--token",
+        bob.trim(),
+        "--url",
+        &url,
+        "--http",
+        &http,
+    ];
+    let send = [&["send", "--to", "bob", r#"{"n":1}"#][..], &as_bob].concat();
+    assert_eq!(fabric(&node, &send).await.trim(), "sent pos 1");
+    let append = [&["append", "--conv", "c", "[1]"][..], &as_bob].concat();
+    assert_eq!(fabric(&node, &append).await.trim(), "appended c seq 1");
+    let replay = [&["replay", "--conv", "c", "--json"][..], &as_bob].concat();
+    let got = json_lines(&fabric(&node, &replay).await);
+    assert_eq!(got[0]["seq"], 1, "{got:?}");
+    let only_dead = format!("ws://127.0.0.1:{dead}/v1/ws");
+    let send = [
+        &["send", "--to", "bob", "1", "--url", &only_dead][..],
+        &as_bob[..6],
+    ]
+    .concat();
+    let out = fabric_output(&node, &send).await;
+    assert!(!out.status.success(), "no node reachable is an error");
+}

@@ -2,6 +2,7 @@
 //! init` writes it: any node takes writes, every acknowledged append survives the SIGKILL of a
 //! shard's leader, and a killed node rejoins.
 
+use fabric::client::{Client, ClientConfig, Incoming};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -137,6 +138,69 @@ async fn append(c: &Cluster, http: &reqwest::Client, token: &str, first: u16, n:
     }
 }
 
+/// A Rust client of alice given a URL list that starts with a dead port, then node `i`, then
+/// the others: it passes over the dead one, lands on node `i`, and the welcome names all
+/// three nodes.
+async fn client_on(c: &Cluster, token: &str, i: u16) -> Client {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a port")
+        .port();
+    let mut urls = vec![format!("http://127.0.0.1:{dead}"), c.url(i, "")];
+    urls.extend((1..=3).filter(|j| *j != i).map(|j| c.url(j, "")));
+    let cfg = ClientConfig::new(&urls.join(","), "demo", "alice", token);
+    let client = Client::connect(cfg)
+        .await
+        .expect("a node takes the session");
+    assert_eq!(client.url(), c.url(i, ""), "the dead port passed over");
+    let nodes: Vec<String> = client.nodes().iter().map(|n| n.to_string()).collect();
+    assert_eq!(nodes, (1..=3).map(|j| c.url(j, "")).collect::<Vec<_>>());
+    client
+}
+
+/// Sends `tag` to alice herself (a keyed send, retried while the shard has no leader) and
+/// reads its delivery: the delivery's `pos`.
+async fn send_to_self(client: &Client, tag: &str) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = serde_json::json!({ "tag": tag });
+    loop {
+        match client.send_keyed("alice", &body, tag).await {
+            Ok(_) => break,
+            Err(e) => assert!(Instant::now() < deadline, "send {tag}: {e}"),
+        }
+        if !client.is_connected() {
+            let _ = client.reconnect().await;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    loop {
+        let next = tokio::time::timeout_at(deadline.into(), client.next_delivery()).await;
+        match next.expect("the delivery in time") {
+            Some(Incoming::Deliver { pos, body, .. }) if body.as_str().contains(tag) => return pos,
+            Some(_) => {}
+            // The session ended (its node lost the shard's leader): resume; an unacked
+            // message is delivered again.
+            None => {
+                let _ = client.reconnect().await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+/// With node `victim` killed, the client's session is gone; `reconnect` moves to the next
+/// node of its list and the inbox goes on from there, past `first`.
+async fn the_client_moves_to_the_next_node(c: &Cluster, client: &Client, victim: u16, first: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = client.reconnect().await {
+        assert!(Instant::now() < deadline, "reconnect in time: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_ne!(client.url(), c.url(victim, ""));
+    let second = send_to_self(client, "after").await;
+    assert!(second > first, "the inbox goes on: {first} then {second}");
+}
+
 /// Every message of the conversation, read through node `i`: (seq, n).
 async fn read_all(c: &Cluster, http: &reqwest::Client, token: &str, i: u16) -> Vec<(u64, u64)> {
     let url = c.url(
@@ -191,11 +255,14 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
         .filter_map(|s| s["leader"].as_u64())
         .collect();
     let victim = leaders[0] as u16;
+    let client = client_on(&c, &token, victim).await;
+    let first = send_to_self(&client, "before").await;
     c.kill(victim);
     let survivor = if victim == 1 { 2 } else { 1 };
     for n in 31..=60u64 {
         acked.insert(n, append(&c, &http, &token, survivor, n).await);
     }
+    the_client_moves_to_the_next_node(&c, &client, victim, first).await;
     c.restart(victim);
     c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
         .await;

@@ -105,6 +105,10 @@ struct JsonFrame<'a> {
     session: Option<u64>,
     acked: Option<u64>,
     head: Option<u64>,
+    /// `welcome`'s node list, read only from server frames (raw here, so a client op that
+    /// carries some other `nodes` is not refused: unknown fields are ignored).
+    #[serde(borrow)]
+    nodes: Option<&'a RawValue>,
     pos: Option<u64>,
     seq: Option<u64>,
     ts: Option<u64>,
@@ -476,6 +480,7 @@ pub fn encode_server_json(op: &ServerOp, out: &mut Vec<u8>) {
             session,
             acked,
             head,
+            nodes,
         } => {
             field(out, "session");
             push_u64(out, *session);
@@ -483,6 +488,17 @@ pub fn encode_server_json(op: &ServerOp, out: &mut Vec<u8>) {
             push_u64(out, *acked);
             field(out, "head");
             push_u64(out, *head);
+            if !nodes.is_empty() {
+                field(out, "nodes");
+                out.push(b'[');
+                for (i, node) in nodes.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    push_str(out, node);
+                }
+                out.push(b']');
+            }
         }
         ServerOp::Ok { r, pos, seq } => {
             field(out, "ref");
@@ -682,6 +698,12 @@ fn server_op_from_json(f: JsonFrame<'_>) -> Result<ServerOp, ProtoError> {
             session: f.session.ok_or_else(|| missing(op, "session"))?,
             acked: f.acked.ok_or_else(|| missing(op, "acked"))?,
             head: f.head.ok_or_else(|| missing(op, "head"))?,
+            nodes: match f.nodes {
+                None => Vec::new(),
+                Some(raw) => serde_json::from_str(raw.get()).map_err(|e| {
+                    ProtoError::bad_request(format!("welcome's nodes is not a list of URLs: {e}"))
+                })?,
+            },
         },
         "ok" => ServerOp::Ok {
             r: f.r.ok_or_else(|| missing(op, "ref"))?,
@@ -832,6 +854,13 @@ mod tests {
                 session: 1,
                 acked: 2,
                 head: 3,
+                nodes: Vec::new(),
+            },
+            ServerOp::Welcome {
+                session: 1,
+                acked: 2,
+                head: 3,
+                nodes: vec!["http://10.0.0.1:7400".into(), "https://n2.example".into()],
             },
             ServerOp::Ok {
                 r: 1,
@@ -1127,6 +1156,40 @@ mod hostile_tests {
             ]
             .concat()
         );
+    }
+
+    #[test]
+    fn a_welcome_keeps_its_bytes_on_a_single_node_and_names_the_nodes_as_variant_8() {
+        // Proves the binary welcome is append-only: without nodes it is variant 0 with the
+        // three varints clients already decode; with nodes it is variant 8, the same three
+        // fields, then the list (count, then each URL as a string); JSON omits an empty list.
+        let mut welcome = ServerOp::Welcome {
+            session: 4,
+            acked: 0,
+            head: 0,
+            nodes: Vec::new(),
+        };
+        assert_eq!(encode_server_binary(&welcome), [0, 4, 0, 0]);
+        let mut json = Vec::new();
+        encode_server_json(&welcome, &mut json);
+        assert_eq!(json, br#"{"op":"welcome","session":4,"acked":0,"head":0}"#);
+        welcome = ServerOp::Welcome {
+            session: 4,
+            acked: 0,
+            head: 0,
+            nodes: vec!["http://a:1".into()],
+        };
+        let mut expected = vec![8, 4, 0, 0, 1, 10];
+        expected.extend_from_slice(b"http://a:1");
+        assert_eq!(encode_server_binary(&welcome), expected);
+        json.clear();
+        encode_server_json(&welcome, &mut json);
+        assert_eq!(
+            json,
+            br#"{"op":"welcome","session":4,"acked":0,"head":0,"nodes":["http://a:1"]}"#
+        );
+        let bad = br#"{"op":"welcome","session":4,"acked":0,"head":0,"nodes":[1]}"#;
+        assert!(decode_server_json(bad).is_err(), "nodes must be strings");
     }
 
     #[test]

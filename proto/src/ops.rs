@@ -344,12 +344,20 @@ pub struct DeliveredEvent {
 }
 
 /// A frame from the server.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Its binary form is [`WireServerOp`]'s: the same variants at the same indexes, except that a
+/// `welcome` with a node list travels as a variant of its own at the end (`WelcomeNodes`,
+/// index 8), so a single node's `welcome` keeps the bytes clients already decode.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(from = "WireServerOp")]
 pub enum ServerOp {
     Welcome {
         session: u64,
         acked: u64,
         head: u64,
+        /// The cluster's client base URLs (`http://host:port`), this node's among them, in
+        /// node id order; empty on a single node (then not sent).
+        nodes: Vec<Arc<str>>,
     },
     /// The acknowledgement of a durable request: `pos` for send, `seq` for append.
     Ok {
@@ -380,6 +388,196 @@ pub enum ServerOp {
     Challenge {
         nonce: [u8; 32],
     },
+}
+
+/// [`ServerOp`] as postcard reads it (variant indexes are the wire tags).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WireServerOp {
+    Welcome {
+        session: u64,
+        acked: u64,
+        head: u64,
+    },
+    Ok {
+        r: u64,
+        pos: Option<u64>,
+        seq: Option<u64>,
+    },
+    Deliver {
+        pos: u64,
+        from: Arc<str>,
+        to: Target,
+        body: Body,
+        ts: u64,
+    },
+    Event(DeliveredEvent),
+    Pong {
+        r: u64,
+    },
+    Error {
+        r: Option<u64>,
+        code: ErrorCode,
+        message: String,
+    },
+    Batch(Vec<ServerOp>),
+    Challenge {
+        nonce: [u8; 32],
+    },
+    /// A `welcome` naming the cluster's nodes (index 8).
+    WelcomeNodes {
+        session: u64,
+        acked: u64,
+        head: u64,
+        nodes: Vec<Arc<str>>,
+    },
+}
+
+/// [`WireServerOp`] borrowing from a [`ServerOp`]: the same variants, indexes and field
+/// order, so encoding a frame (the hot path of every delivery) copies nothing first.
+#[derive(Serialize)]
+#[serde(rename = "WireServerOp")]
+enum WireServerOpRef<'a> {
+    Welcome {
+        session: u64,
+        acked: u64,
+        head: u64,
+    },
+    Ok {
+        r: u64,
+        pos: Option<u64>,
+        seq: Option<u64>,
+    },
+    Deliver {
+        pos: u64,
+        from: &'a str,
+        to: &'a Target,
+        body: &'a Body,
+        ts: u64,
+    },
+    Event(&'a DeliveredEvent),
+    Pong {
+        r: u64,
+    },
+    Error {
+        r: Option<u64>,
+        code: ErrorCode,
+        message: &'a str,
+    },
+    Batch(&'a [ServerOp]),
+    Challenge {
+        nonce: &'a [u8; 32],
+    },
+    WelcomeNodes {
+        session: u64,
+        acked: u64,
+        head: u64,
+        nodes: &'a [Arc<str>],
+    },
+}
+
+impl Serialize for ServerOp {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        use WireServerOpRef as W;
+        let wire = match self {
+            ServerOp::Welcome {
+                session,
+                acked,
+                head,
+                nodes,
+            } if nodes.is_empty() => W::Welcome {
+                session: *session,
+                acked: *acked,
+                head: *head,
+            },
+            ServerOp::Welcome {
+                session,
+                acked,
+                head,
+                nodes,
+            } => W::WelcomeNodes {
+                session: *session,
+                acked: *acked,
+                head: *head,
+                nodes,
+            },
+            ServerOp::Ok { r, pos, seq } => W::Ok {
+                r: *r,
+                pos: *pos,
+                seq: *seq,
+            },
+            ServerOp::Deliver {
+                pos,
+                from,
+                to,
+                body,
+                ts,
+            } => W::Deliver {
+                pos: *pos,
+                from,
+                to,
+                body,
+                ts: *ts,
+            },
+            ServerOp::Event(e) => W::Event(e),
+            ServerOp::Pong { r } => W::Pong { r: *r },
+            ServerOp::Error { r, code, message } => W::Error {
+                r: *r,
+                code: *code,
+                message,
+            },
+            ServerOp::Batch(ops) => W::Batch(ops),
+            ServerOp::Challenge { nonce } => W::Challenge { nonce },
+        };
+        wire.serialize(s)
+    }
+}
+
+impl From<WireServerOp> for ServerOp {
+    fn from(op: WireServerOp) -> ServerOp {
+        use WireServerOp as W;
+        match op {
+            W::Welcome {
+                session,
+                acked,
+                head,
+            } => ServerOp::Welcome {
+                session,
+                acked,
+                head,
+                nodes: Vec::new(),
+            },
+            W::WelcomeNodes {
+                session,
+                acked,
+                head,
+                nodes,
+            } => ServerOp::Welcome {
+                session,
+                acked,
+                head,
+                nodes,
+            },
+            W::Ok { r, pos, seq } => ServerOp::Ok { r, pos, seq },
+            W::Deliver {
+                pos,
+                from,
+                to,
+                body,
+                ts,
+            } => ServerOp::Deliver {
+                pos,
+                from,
+                to,
+                body,
+                ts,
+            },
+            W::Event(e) => ServerOp::Event(e),
+            W::Pong { r } => ServerOp::Pong { r },
+            W::Error { r, code, message } => ServerOp::Error { r, code, message },
+            W::Batch(ops) => ServerOp::Batch(ops),
+            W::Challenge { nonce } => ServerOp::Challenge { nonce },
+        }
+    }
 }
 
 impl ServerOp {

@@ -71,7 +71,8 @@ fn client_variant(op: &ClientOp) -> (u64, &'static str) {
 /// The same for server frames.
 fn server_variant(op: &ServerOp) -> (u64, &'static str) {
     match op {
-        ServerOp::Welcome { .. } => (0, "welcome"),
+        ServerOp::Welcome { nodes, .. } if nodes.is_empty() => (0, "welcome"),
+        ServerOp::Welcome { .. } => (8, "welcome"),
         ServerOp::Ok { .. } => (1, "ok"),
         ServerOp::Deliver { .. } => (2, "deliver"),
         ServerOp::Event(_) => (3, "event"),
@@ -289,9 +290,22 @@ fn server_goldens() -> Vec<Golden<ServerOp>> {
                 session: 4,
                 acked: 0,
                 head: 0,
+                nodes: Vec::new(),
             },
             json: r#"{"op":"welcome","session":4,"acked":0,"head":0}"#,
             binary: "00  04 00 00",
+        },
+        Golden {
+            name: "welcome in a cluster (documented)",
+            op: ServerOp::Welcome {
+                session: 4,
+                acked: 0,
+                head: 0,
+                nodes: vec!["http://127.0.0.1:7400".into()],
+            },
+            json: r#"{"op":"welcome","session":4,"acked":0,"head":0,"nodes":["http://127.0.0.1:7400"]}"#,
+            binary:
+                "08  04 00 00  01 15 68 74 74 70 3a 2f 2f 31 32 37 2e 30 2e 30 2e 31 3a 37 34 30 30",
         },
         Golden {
             name: "ok for a send (documented)",
@@ -785,6 +799,7 @@ fn golden_documented_server_examples_decode() {
                 session: 6,
                 acked: 2,
                 head: 2,
+                nodes: Vec::new(),
             },
         ),
         (
@@ -823,7 +838,8 @@ fn golden_documented_server_examples_decode() {
             ServerOp::Welcome {
                 session: 1,
                 acked: 0,
-                head: 0
+                head: 0,
+                nodes: Vec::new(),
             }
         ]
     );

@@ -159,13 +159,18 @@ fn error_code() -> impl Strategy<Value = ErrorCode> {
 /// text; bodies may be `null` (a binary send may store one).
 fn server_op() -> impl Strategy<Value = ServerOp> {
     prop_oneof![
-        (any::<u64>(), any::<u64>(), any::<u64>()).prop_map(|(session, acked, head)| {
-            ServerOp::Welcome {
+        (
+            any::<u64>(),
+            any::<u64>(),
+            any::<u64>(),
+            prop::collection::vec(".{0,40}", 0..4)
+        )
+            .prop_map(|(session, acked, head, nodes)| ServerOp::Welcome {
                 session,
                 acked,
                 head,
-            }
-        }),
+                nodes: nodes.into_iter().map(Into::into).collect(),
+            }),
         (
             any::<u64>(),
             prop::option::of(any::<u64>()),

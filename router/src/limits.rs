@@ -463,7 +463,8 @@ impl Limits {
         }
     }
 
-    /// The session core's limits (every field set here).
+    /// The session core's limits (every limit set here; `nodes`, not a limit, empty: the node
+    /// adds its cluster's members).
     pub fn session_config(&self) -> SessionConfig {
         SessionConfig {
             frame_bytes_max: self.frame_bytes_max,
@@ -479,6 +480,7 @@ impl Limits {
             request_timeout_ms: self.request_timeout_ms,
             prehello_frames_max: self.prehello_frames_max,
             prehello_answers_max: self.prehello_answers_max,
+            nodes: Vec::new().into(),
         }
     }
 

@@ -108,6 +108,7 @@ impl Shard {
                 session,
                 acked,
                 head,
+                nodes: Vec::new(),
             }),
         );
         self.queue_drain(session);

@@ -359,6 +359,7 @@ impl Simulation {
                 session,
                 acked,
                 head,
+                ..
             } => {
                 trace!(
                     self,
