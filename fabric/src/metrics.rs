@@ -11,7 +11,10 @@
 //! peers (backlog, per-mesh figures) are refreshed at most every [`REFRESH_INTERVAL_MS`].
 //!
 //! Label cardinality is bounded: labels are transport, error code, hello failure reason, shard
-//! index, and mesh id only for the meshes named in `metrics_meshes`.
+//! index, and mesh id only for the meshes named in `metrics_meshes`; on a clustered node also
+//! the members' ids ([`raft`]).
+
+pub mod raft;
 
 use fabric_edge::SessionStats;
 use fabric_proto::ErrorCode;
@@ -284,6 +287,8 @@ pub struct Metrics {
     pub quic_port: ListenerMetrics,
     pub metrics_port: ListenerMetrics,
     ready: Gauge,
+    /// A clustered node's Raft and node-link series.
+    raft: Option<raft::RaftMetrics>,
 }
 
 impl Metrics {
@@ -303,10 +308,21 @@ pub enum MetricsError {
 }
 
 impl Metrics {
-    /// Builds this node's recorder (when `enabled`) and registers every series.
+    /// Builds this node's recorder (when `enabled`) and registers every series of a node
+    /// outside a cluster.
+    pub fn new(enabled: bool, shards: u32, meshes: &[String]) -> Result<Metrics, MetricsError> {
+        Self::with_cluster(enabled, shards, meshes, None)
+    }
+
+    /// As [`Metrics::new`], plus the Raft and node-link series of a clustered node.
     // Over 70 lines: it registers every handle the node exports, one after another: a list, not
     // logic.
-    pub fn new(enabled: bool, shards: u32, meshes: &[String]) -> Result<Metrics, MetricsError> {
+    pub fn with_cluster(
+        enabled: bool,
+        shards: u32,
+        meshes: &[String],
+        cluster: Option<&raft::ClusterLabels>,
+    ) -> Result<Metrics, MetricsError> {
         let recorder = if enabled {
             let mut b = PrometheusBuilder::new();
             for (m, buckets) in [
@@ -333,6 +349,7 @@ impl Metrics {
         };
         let ws = transport_metrics(&r, "ws");
         let quic = transport_metrics(&r, "quic");
+        let raft = cluster.map(|c| raft::RaftMetrics::register(&r, shards, c));
         let http = HttpMetrics {
             errors: error_counters(&r, "http"),
             ack_latency: r.histogram(
@@ -436,6 +453,7 @@ impl Metrics {
             quic_port,
             metrics_port,
             ready,
+            raft,
         })
     }
 
@@ -451,16 +469,28 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition, or `None` when metrics are off. `ready` and the shard
-    /// restart counts are read by the caller at scrape time.
-    pub fn render(&self, ready: bool, shards: &[(bool, u64)]) -> Option<String> {
+    /// The Prometheus text exposition, or `None` when metrics are off. `ready`, the shard
+    /// restart counts and a clustered node's figures are read by the caller at scrape time.
+    pub fn render(
+        &self,
+        ready: bool,
+        shards: &[(bool, u64)],
+        cluster: Option<&raft::ClusterScrape>,
+    ) -> Option<String> {
         let handle = self.handle.as_ref()?;
         self.ready.set(if ready { 1.0 } else { 0.0 });
         for (m, (ready, restarts)) in self.shards.iter().zip(shards) {
             m.ready.set(if *ready { 1.0 } else { 0.0 });
             m.restarts.absolute(*restarts);
         }
+        let cluster = cluster.filter(|_| self.raft.is_some());
+        if let (Some(m), Some(c)) = (&self.raft, cluster) {
+            m.set(c);
+        }
         let mut out = handle.render();
+        if let Some(c) = cluster {
+            raft::render_lag(&mut out, &c.replicas);
+        }
         render_process(&mut out);
         render_logging(&mut out);
         Some(out)

@@ -3,6 +3,7 @@
 
 use crate::config::Config;
 use crate::files;
+use crate::metrics::raft::{ClusterLabels, ClusterScrape};
 use crate::metrics::Metrics;
 use crate::shard_actor::{
     NodeSupervisor, ShardMsg, ShardSlot, SlotSettings, SupervisorArgs, SupervisorMsg,
@@ -241,7 +242,23 @@ impl NodeCtx {
         }
         let r = self.readiness();
         let shards: Vec<(bool, u64)> = r.shards.iter().map(|s| (s.ready, s.restarts)).collect();
-        self.metrics.render(r.ready, &shards)
+        self.metrics
+            .render(r.ready, &shards, self.cluster_scrape().as_ref())
+    }
+
+    /// A clustered node's figures for a scrape: each shard's replica view as its host last
+    /// published it (what `/v1/cluster` answers with), and the node link's view of each peer.
+    fn cluster_scrape(&self) -> Option<ClusterScrape> {
+        let c = self.cluster.as_ref()?;
+        let replicas = self
+            .slots
+            .iter()
+            .map(|s| s.stats.lock().ok().and_then(|st| st.replica.clone()))
+            .collect();
+        Some(ClusterScrape {
+            replicas,
+            links: c.links.status(),
+        })
     }
 }
 
@@ -405,10 +422,20 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     };
     // Log lines of this node carry its address as `node`.
     let node_name: Arc<str> = addr.to_string().into();
-    let metrics = Arc::new(Metrics::new(
+    let cluster_labels = config.cluster.as_ref().map(|c| ClusterLabels {
+        node: c.node,
+        peers: c
+            .members
+            .iter()
+            .map(|m| m.id)
+            .filter(|id| *id != c.node)
+            .collect(),
+    });
+    let metrics = Arc::new(Metrics::with_cluster(
         config.metrics,
         config.shards,
         &config.metrics_meshes,
+        cluster_labels.as_ref(),
     )?);
     let links = match &config.cluster {
         Some(c) => Some(start_links(c).await?),

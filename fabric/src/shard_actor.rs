@@ -16,6 +16,7 @@
 //! and the supervisor starts a new host after `ADAPTER_RESTART_DELAY_MS`.
 
 use crate::config::Durability;
+use crate::metrics::raft::ElectionCounter;
 use crate::metrics::{Metrics, ShardExport};
 use crate::storage::{self, WalDone};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardIdx};
@@ -200,7 +201,12 @@ pub struct ReplicaStatus {
     pub voters: Vec<NodeId>,
     /// On a leader: each follower's match index.
     pub matched: Vec<(NodeId, u64)>,
+    /// Counts of this replica (they start again from zero when the shard restarts).
     pub leader_changes: u64,
+    pub snapshots_sent: u64,
+    pub snapshots_installed: u64,
+    /// Elections this host saw its replica start.
+    pub elections: u64,
 }
 
 /// How one shard slot is set up (`ShardSlot::new`).
@@ -371,6 +377,8 @@ struct HostIo {
     /// change of role publishes at once, the figures at most every
     /// `REPLICA_PUBLISH_INTERVAL_MS` (not on every step of the hot path).
     replica_published: Option<(ReplicaRole, Instant)>,
+    /// Elections the replica started, observed after every step (the core does not count them).
+    elections: ElectionCounter,
 }
 
 /// The host loop of one shard: driver in, effects out, until stopped.
@@ -499,6 +507,7 @@ impl HostIo {
             published: DriverStatus::default(),
             log_reads: peers::LogReads::new(),
             replica_published: None,
+            elections: ElectionCounter::default(),
         }
     }
 
@@ -778,6 +787,7 @@ impl HostIo {
         }
         let role = driver.replica().map(|r| {
             let leading = r.mode() == fabric_shard::replica::Mode::Leading;
+            self.elections.observe(r.raft().term(), r.raft().role());
             (r.raft().term(), r.raft().leader(), leading)
         });
         let now = Instant::now();
@@ -789,6 +799,7 @@ impl HostIo {
             return;
         }
         self.replica_published = role.map(|r| (r, now));
+        let elections = self.elections.elections;
         let status = driver.replica().map(|r| {
             let raft = r.raft();
             let voters: Vec<NodeId> = raft.membership().voters.iter().copied().collect();
@@ -807,6 +818,9 @@ impl HostIo {
                 voters,
                 matched,
                 leader_changes: r.stats().leader_changes,
+                snapshots_sent: r.stats().snapshots_sent,
+                snapshots_installed: r.stats().snapshots_installed,
+                elections,
             }
         });
         if let Ok(mut s) = self.slot.stats.lock() {

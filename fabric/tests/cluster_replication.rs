@@ -1,8 +1,10 @@
 //! A replicated cluster of real `fabric serve` processes on loopback, as `fabric cluster
 //! init` writes it: any node takes writes, every acknowledged append survives the SIGKILL of a
-//! shard's leader, and a killed node rejoins.
+//! shard's leader, and a killed node rejoins; every node's Raft metrics agree on each shard's
+//! leader and term, and the leader reports its followers' lag.
 
 use fabric::client::{Client, ClientConfig, Incoming};
+use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -63,6 +65,11 @@ impl Cluster {
 
     fn url(&self, i: u16, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.base + 10 * (i - 1))
+    }
+
+    /// Node `i`'s metrics port (`cluster init` puts it at +3).
+    fn metrics_url(&self, i: u16) -> String {
+        format!("http://127.0.0.1:{}/metrics", self.base + 10 * (i - 1) + 3)
     }
 
     fn kill(&mut self, i: u16) {
@@ -227,6 +234,9 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
     // node are acknowledged once a quorum holds them; SIGKILL of a shard's leader loses none of
     // them, a new leader takes writes (clients retry with their keys), the killed node rejoins,
     // and every node then reads the same dense log holding every acknowledged append once.
+    // Every node's /metrics agrees on each shard's single leader and term, the leader reports
+    // its two followers' lag, and the survivors count the leader change and the election the
+    // kill caused.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -255,6 +265,7 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
         .filter_map(|s| s["leader"].as_u64())
         .collect();
     let victim = leaders[0] as u16;
+    let (_, before) = raft_metrics_agree(&c, &http, SHARDS).await;
     let client = client_on(&c, &token, victim).await;
     let first = send_to_self(&client, "before").await;
     c.kill(victim);
@@ -266,6 +277,8 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
     c.restart(victim);
     c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
         .await;
+    let (_, after) = raft_metrics_agree(&c, &http, SHARDS).await;
+    assert_survivors_counted_the_kill(&before, &after, victim);
     for i in 1..=3u16 {
         let log = read_all(&c, &http, &token, i).await;
         let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
@@ -280,5 +293,185 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
         }
         let bodies: std::collections::BTreeSet<u64> = log.iter().map(|e| e.1).collect();
         assert_eq!(bodies.len(), log.len(), "node {i}: each key appended once");
+    }
+}
+
+/// Shards of every node `cluster init` writes.
+const SHARDS: u32 = fabric::cluster::init::SHARDS_DEFAULT;
+
+/// On each shard `victim` led in `before`: every other node's leader changes rose by `after`,
+/// and so did the elections they started between them.
+fn assert_survivors_counted_the_kill(
+    before: &[BTreeMap<String, Vec<Series>>],
+    after: &[BTreeMap<String, Vec<Series>>],
+    victim: u16,
+) {
+    let led: Vec<u32> = (0..SHARDS)
+        .filter(|s| {
+            of_shard(&before[victim as usize - 1], "fabric_raft_is_leader", *s) == Some(1.0)
+        })
+        .collect();
+    assert!(!led.is_empty(), "node {victim} led a shard");
+    for shard in led {
+        let mut elections = (0.0, 0.0);
+        for i in (1..=before.len()).filter(|i| *i != victim as usize) {
+            let at = |s: &[BTreeMap<String, Vec<Series>>], name: &str| {
+                of_shard(&s[i - 1], name, shard).expect("a series")
+            };
+            let changes = "fabric_raft_leader_changes_total";
+            assert!(
+                at(after, changes) > at(before, changes),
+                "node {i} shard {shard}"
+            );
+            elections.0 += at(before, "fabric_raft_elections_total");
+            elections.1 += at(after, "fabric_raft_elections_total");
+        }
+        assert!(
+            elections.1 > elections.0,
+            "shard {shard} elections {elections:?}"
+        );
+    }
+}
+
+/// One series of a scrape: its labels and value.
+type Series = (BTreeMap<String, String>, f64);
+
+/// Node `i`'s `/metrics`: each metric name to its series (empty if the scrape failed).
+async fn scrape(c: &Cluster, http: &reqwest::Client, i: u16) -> BTreeMap<String, Vec<Series>> {
+    let mut out: BTreeMap<String, Vec<Series>> = BTreeMap::new();
+    let Ok(r) = http.get(c.metrics_url(i)).send().await else {
+        return out;
+    };
+    let text = r.text().await.unwrap_or_default();
+    for line in text
+        .lines()
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let (series, value) = line.rsplit_once(' ').expect("series and value");
+        let (name, labels) = series.split_once('{').unwrap_or((series, "}"));
+        let labels = labels
+            .trim_end_matches('}')
+            .split(',')
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.trim_matches('"').to_string()))
+            .collect();
+        let value = value.parse().expect("a number");
+        out.entry(name.to_string())
+            .or_default()
+            .push((labels, value));
+    }
+    out
+}
+
+/// The value of `name{shard=...}` in one scrape.
+fn of_shard(s: &BTreeMap<String, Vec<Series>>, name: &str, shard: u32) -> Option<f64> {
+    s.get(name)?
+        .iter()
+        .find(|(l, _)| l.get("shard").map(String::as_str) == Some(&shard.to_string()))
+        .map(|(_, v)| *v)
+}
+
+/// The followers node `i` reports lag for on `shard`.
+fn lag_followers(s: &BTreeMap<String, Vec<Series>>, shard: u32) -> BTreeSet<u16> {
+    let series = s.get("fabric_raft_follower_lag_entries");
+    series
+        .into_iter()
+        .flatten()
+        .filter(|(l, _)| l.get("shard") == Some(&shard.to_string()))
+        .filter_map(|(l, _)| l.get("follower")?.parse().ok())
+        .collect()
+}
+
+/// Whether the scrapes of nodes 1..=n agree on `shard`: exactly one reports itself leader,
+/// every one knows a leader, applied entries, and the same term, has seen a leader change and
+/// its links to the other nodes up; the leader (returned) reports lag for exactly the other
+/// nodes, the followers for none.
+fn shard_agrees(scrapes: &[BTreeMap<String, Vec<Series>>], shard: u32) -> Result<u16, String> {
+    let n = scrapes.len() as u16;
+    let all = |name: &str| -> Vec<Option<f64>> {
+        scrapes.iter().map(|s| of_shard(s, name, shard)).collect()
+    };
+    let leaders: Vec<u16> = (1..=n)
+        .filter(|i| all("fabric_raft_is_leader")[*i as usize - 1] == Some(1.0))
+        .collect();
+    let [leader] = leaders[..] else {
+        return Err(format!("shard {shard}: leaders {leaders:?}"));
+    };
+    let check = |what: &str, ok: bool| ok.then_some(()).ok_or(format!("shard {shard}: {what}"));
+    check(
+        "has_leader",
+        all("fabric_raft_has_leader")
+            .iter()
+            .all(|v| *v == Some(1.0)),
+    )?;
+    let terms = all("fabric_raft_term");
+    check(
+        "terms",
+        terms[0].is_some_and(|t| t > 0.0) && terms.iter().all(|t| *t == terms[0]),
+    )?;
+    check(
+        "applied",
+        all("fabric_raft_applied_index")
+            .iter()
+            .all(|v| v.is_some_and(|v| v > 0.0)),
+    )?;
+    let changes = all("fabric_raft_leader_changes_total");
+    check(
+        "leader changes",
+        changes.iter().all(|v| v.is_some_and(|v| v >= 1.0)),
+    )?;
+    let elections: f64 = all("fabric_raft_elections_total").iter().flatten().sum();
+    check("elections", elections >= 1.0)?;
+    for i in 1..=n {
+        let others: BTreeSet<u16> = (1..=n).filter(|o| *o != i).collect();
+        let want = if i == leader {
+            others.clone()
+        } else {
+            BTreeSet::new()
+        };
+        let got = lag_followers(&scrapes[i as usize - 1], shard);
+        check(&format!("node {i} lag series {got:?}"), got == want)?;
+        check(
+            &format!("node {i} links"),
+            links_up(&scrapes[i as usize - 1], &others),
+        )?;
+    }
+    Ok(leader)
+}
+
+/// Whether a scrape shows its node link up, with an RTT, to each of `peers`.
+fn links_up(s: &BTreeMap<String, Vec<Series>>, peers: &BTreeSet<u16>) -> bool {
+    let peers_with = |name: &str| -> BTreeSet<u16> {
+        s.get(name)
+            .into_iter()
+            .flatten()
+            .filter(|(_, v)| *v > 0.0)
+            .filter_map(|(l, _)| l.get("peer")?.parse().ok())
+            .collect()
+    };
+    peers_with("fabric_node_link_up") == *peers
+        && peers_with("fabric_node_link_rtt_seconds") == *peers
+}
+
+/// Scrapes every live node until each of `shards` shards agrees ([`shard_agrees`]), at most
+/// 20 s: each shard's leader and the scrapes.
+async fn raft_metrics_agree(
+    c: &Cluster,
+    http: &reqwest::Client,
+    shards: u32,
+) -> (Vec<u16>, Vec<BTreeMap<String, Vec<Series>>>) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut scrapes = Vec::new();
+        for i in 1..=c.nodes.len() as u16 {
+            scrapes.push(scrape(c, http, i).await);
+        }
+        let agreed: Result<Vec<u16>, String> =
+            (0..shards).map(|s| shard_agrees(&scrapes, s)).collect();
+        match agreed {
+            Ok(leaders) => return (leaders, scrapes),
+            Err(why) => assert!(Instant::now() < deadline, "raft metrics agree: {why}"),
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }

@@ -87,7 +87,8 @@ async fn scrape_until(base: &str, done: impl Fn(&Scrape) -> bool) -> Scrape {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn known_traffic_moves_every_counter_by_exactly_its_amount() {
     // Proves N appends, M sends, bad requests, HTTP calls and a failed hello move the ack,
-    // error, frame, session, latency-histogram and backlog series by exactly what they were.
+    // error, frame, session, latency-histogram and backlog series by exactly what they were;
+    // a node outside a cluster exports no Raft or node-link series.
     let dir = tempfile::tempdir().unwrap();
     let config = fabric::config::Config {
         metrics_meshes: vec!["m".into()],
@@ -99,6 +100,11 @@ async fn known_traffic_moves_every_counter_by_exactly_its_amount() {
     let ta = add_peer(&base, "m", "a", &[]).await;
     add_peer(&base, "m", "b", &[]).await;
     let before = scrape(&base).await;
+    let clustered = before
+        .0
+        .keys()
+        .find(|(n, _)| n.starts_with("fabric_raft_") || n.starts_with("fabric_node_link_"));
+    assert_eq!(clustered, None, "a single node exports no cluster series");
 
     const N: u64 = 20;
     const M: u64 = 7;

@@ -155,6 +155,8 @@ pub struct PeerStatus {
     pub last_frame_ms: Option<u64>,
     /// Connections with it established so far (more than one: it was lost and found again).
     pub connections: u64,
+    /// The live connection's current round-trip estimate (QUIC's), when it is up.
+    pub rtt: Option<std::time::Duration>,
 }
 
 /// Counters of [`NodeLinks`] since its start.
@@ -704,15 +706,17 @@ where
             .map(|(&id, p)| {
                 let slot = p.slot();
                 let last = p.last_frame_ms.load(Ordering::Relaxed);
+                let live = slot
+                    .current
+                    .as_ref()
+                    .filter(|c| c.conn.close_reason().is_none());
                 PeerStatus {
                     id,
                     link: p.link,
-                    up: slot
-                        .current
-                        .as_ref()
-                        .is_some_and(|c| c.conn.close_reason().is_none()),
+                    up: live.is_some(),
                     last_frame_ms: (last != NEVER).then_some(last),
                     connections: slot.connections,
+                    rtt: live.map(|c| c.conn.rtt()),
                 }
             })
             .collect()
