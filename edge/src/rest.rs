@@ -49,8 +49,15 @@ pub enum RestOp {
     /// `POST /v1/meshes/{mesh}/conversations/{conv}/messages`, with the request body as it
     /// came (`{"body": JSON, "key": string}`).
     Append { conv: String, payload: Bytes },
-    /// `GET /v1/meshes/{mesh}/conversations/{conv}/messages?from=&limit=`.
-    Read { conv: String, from: u64, limit: u32 },
+    /// `GET /v1/meshes/{mesh}/conversations/{conv}/messages?from=&limit=&consistency=`;
+    /// `local`: the receiving node's replica answers (authentication included), from its
+    /// committed entries, which may lag the leader's.
+    Read {
+        conv: String,
+        from: u64,
+        limit: u32,
+        local: bool,
+    },
 }
 
 /// The call's one answer.
@@ -78,6 +85,7 @@ enum Checked {
         conv: ConvId,
         from: u64,
         limit: u32,
+        local: bool,
     },
 }
 
@@ -139,12 +147,14 @@ impl RestCall {
         match MeshId::new(&request.mesh) {
             Err(e) => call.answer = Some(RestAnswer::Error(e)),
             Ok(mesh) => {
+                let local = matches!(request.op, RestOp::Read { local: true, .. });
                 call.step = Step::Authenticating(mesh.clone(), request.op);
                 call.closed = false;
                 let op = ShardOp::Auth {
                     r: AUTH_REF,
                     mesh,
                     token: request.token,
+                    local,
                 };
                 call.forward(op);
             }
@@ -290,12 +300,18 @@ fn op_for(checked: Checked, mesh: MeshId, peer: PeerId) -> ShardOp {
             body,
             key,
         },
-        Checked::Read { conv, from, limit } => ShardOp::Read {
+        Checked::Read {
+            conv,
+            from,
+            limit,
+            local,
+        } => ShardOp::Read {
             r: OP_REF,
             mesh,
             conv,
             from,
             limit,
+            local,
         },
     }
 }
@@ -319,7 +335,12 @@ fn check(body_bytes_max: usize, op: RestOp) -> Result<Checked, ProtoError> {
                 key: key.as_deref().map(Into::into),
             })
         }
-        RestOp::Read { conv, from, limit } => {
+        RestOp::Read {
+            conv,
+            from,
+            limit,
+            local,
+        } => {
             let conv = ConvId::new(&conv)?;
             if limit == 0 || limit > fabric_proto::READ_LIMIT_MAX {
                 return Err(ProtoError::bad_request(format!(
@@ -327,7 +348,12 @@ fn check(body_bytes_max: usize, op: RestOp) -> Result<Checked, ProtoError> {
                     fabric_proto::READ_LIMIT_MAX
                 )));
             }
-            Ok(Checked::Read { conv, from, limit })
+            Ok(Checked::Read {
+                conv,
+                from,
+                limit,
+                local,
+            })
         }
     }
 }

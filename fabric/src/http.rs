@@ -454,7 +454,17 @@ async fn authenticate(
 ) -> Result<Arc<str>, ProtoError> {
     let token = bearer(headers)?.to_string();
     let mesh = MeshId::new(mesh)?;
-    match call(ctx, ShardOp::Auth { r: 0, mesh, token }).await? {
+    match call(
+        ctx,
+        ShardOp::Auth {
+            r: 0,
+            mesh,
+            token,
+            local: false,
+        },
+    )
+    .await?
+    {
         Reply::Authed { peer, .. } => Ok(peer),
         _ => Err(ProtoError::new(
             ErrorCode::Internal,
@@ -517,6 +527,19 @@ async fn append_inner(
 struct ReadQuery {
     from: Option<u64>,
     limit: Option<u32>,
+    consistency: Option<String>,
+}
+
+/// `?consistency=`: `linearizable` (the default: the shard's leader answers once a quorum
+/// confirmed it still leads) or `local` (this node's replica answers from what it committed).
+fn local_read(consistency: Option<&str>) -> Result<bool, ProtoError> {
+    match consistency {
+        None | Some("linearizable") => Ok(false),
+        Some("local") => Ok(true),
+        Some(other) => Err(ProtoError::bad_request(format!(
+            "consistency must be \"linearizable\" or \"local\", not {other:?}"
+        ))),
+    }
 }
 
 async fn read(
@@ -532,6 +555,7 @@ async fn read(
             conv,
             from: q.from.unwrap_or(1),
             limit: q.limit.unwrap_or(100),
+            local: local_read(q.consistency.as_deref())?,
         },
     };
     match rest_call(&ctx, request).await? {
@@ -798,6 +822,7 @@ mod tests {
                     conv,
                     from: 1,
                     limit: 10,
+                    local: false,
                 }
             } else {
                 let payload = axum::body::Bytes::from_static(b"{\"body\":1}");

@@ -209,12 +209,23 @@ async fn the_client_moves_to_the_next_node(c: &Cluster, client: &Client, victim:
 }
 
 /// Every message of the conversation, read through node `i`: (seq, n).
-async fn read_all(c: &Cluster, http: &reqwest::Client, token: &str, i: u16) -> Vec<(u64, u64)> {
-    let url = c.url(
-        i,
-        "/v1/meshes/demo/conversations/log/messages?from=1&limit=1000",
+async fn read_all(
+    c: &Cluster,
+    http: &reqwest::Client,
+    token: &str,
+    i: u16,
+    consistency: &str,
+) -> Vec<(u64, u64)> {
+    let path = format!(
+        "/v1/meshes/demo/conversations/log/messages?from=1&limit=1000&consistency={consistency}"
     );
-    let r = http.get(url).bearer_auth(token).send().await.expect("read");
+    let r = http
+        .get(c.url(i, &path))
+        .bearer_auth(token)
+        .send()
+        .await
+        .expect("read");
+    assert_eq!(r.status(), 200, "node {i}: a {consistency} read");
     let v: serde_json::Value = r.json().await.expect("json");
     let messages = v["messages"].as_array().cloned().unwrap_or_default();
     messages
@@ -279,17 +290,28 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
         .await;
     let (_, after) = raft_metrics_agree(&c, &http, SHARDS).await;
     assert_survivors_counted_the_kill(&before, &after, victim);
-    for i in 1..=3u16 {
-        let log = read_all(&c, &http, &token, i).await;
+    let last = acked.values().max().copied().unwrap_or(0);
+    for (i, consistency) in (1..=3u16).flat_map(|i| [(i, "linearizable"), (i, "local")]) {
+        let mut log = read_all(&c, &http, &token, i, consistency).await;
+        // A local read shows this node's replica, which may still be catching up.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while consistency == "local" && log.len() < last as usize && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            log = read_all(&c, &http, &token, i, consistency).await;
+        }
         let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
         assert_eq!(
             seqs,
             (1..=log.len() as u64).collect::<Vec<_>>(),
-            "node {i}: dense seqs"
+            "node {i} ({consistency}): dense seqs"
         );
         for (n, seq) in &acked {
             let at = log.get(*seq as usize - 1).map(|e| e.1);
-            assert_eq!(at, Some(*n), "node {i}: append {n} at seq {seq}");
+            assert_eq!(
+                at,
+                Some(*n),
+                "node {i} ({consistency}): append {n} at seq {seq}"
+            );
         }
         let bodies: std::collections::BTreeSet<u64> = log.iter().map(|e| e.1).collect();
         assert_eq!(bodies.len(), log.len(), "node {i}: each key appended once");

@@ -245,7 +245,8 @@ async fn bad_input_gets_stable_error_codes_and_the_node_keeps_serving() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_append_and_replay() {
-    // Proves the REST conversation API: 201 {seq} once durable, replay pages, empty past head.
+    // Proves the REST conversation API: 201 {seq} once durable, replay pages, empty past head,
+    // `consistency` local or linearizable (any other value is 400).
     let dir = tempfile::tempdir().unwrap();
     let node = start(dir.path()).await;
     let base = base(&node);
@@ -304,6 +305,27 @@ async fn http_append_and_replay() {
         .await
         .unwrap();
     assert_eq!(page["messages"], json!([]));
+    // A single node's local read is its only replica's: the same page.
+    for consistency in ["local", "linearizable"] {
+        let page: serde_json::Value = h
+            .get(format!("{url}?from=2&limit=2&consistency={consistency}"))
+            .bearer_auth(&t)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(page["messages"][0]["seq"], 2, "{consistency}");
+        assert_eq!(page["head"], 5, "{consistency}");
+    }
+    let r = h
+        .get(format!("{url}?consistency=eventual"))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400, "an unknown consistency is bad_request");
     let r = h.get(&url).bearer_auth("bad").send().await.unwrap();
     assert_eq!(r.status(), 401);
     let r = h.get(format!("{base}/healthz")).send().await.unwrap();

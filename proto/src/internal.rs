@@ -60,6 +60,8 @@ pub enum ShardOp {
         r: u64,
         mesh: MeshId,
         token: String,
+        /// For a `?consistency=local` read: any replica answers from what it applied.
+        local: bool,
     },
     /// Store an inbox message; replies `Ok{pos}` once durable.
     Send {
@@ -99,6 +101,9 @@ pub enum ShardOp {
         conv: ConvId,
         from: u64,
         limit: u32,
+        /// `?consistency=local`: the receiving node's replica answers from its committed
+        /// entries (which may lag); otherwise the leader answers after a quorum round.
+        local: bool,
     },
     /// Move the peer's durable inbox cursor. No reply.
     Ack {
@@ -227,6 +232,15 @@ impl ShardOp {
             | ShardOp::Flushed { .. }
             | ShardOp::Closed => None,
         }
+    }
+
+    /// Whether any replica may answer the op from what it applied (a `?consistency=local`
+    /// read and its authentication): never forwarded to the leader.
+    pub fn is_local_read(&self) -> bool {
+        matches!(
+            self,
+            ShardOp::Auth { local: true, .. } | ShardOp::Read { local: true, .. }
+        )
     }
 
     /// Whether the op proposes a WAL record (and so is refused while the shard cannot write).

@@ -405,6 +405,7 @@ fn bad_requests_get_stable_codes() {
             r: 1,
             mesh: MeshId::must("m"),
             token: "tok-a".into(),
+            local: false,
         },
     );
     assert!(n
@@ -555,6 +556,7 @@ fn damage_in_the_final_write_is_cut_even_with_valid_records_after_the_hole() {
                 conv: ConvId::must("c"),
                 from: 1,
                 limit: 100,
+                local: false,
             },
         },
     );
@@ -716,6 +718,7 @@ fn a_crash_right_after_each_write_step_keeps_every_acknowledged_append() {
                     conv: ConvId::must("c"),
                     from: 1,
                     limit: 1_000,
+                    local: false,
                 },
             },
         );
@@ -835,6 +838,7 @@ fn after_a_full_disk_writes_are_refused_with_storage_full_and_reads_go_on() {
             conv: ConvId::must("c"),
             from: 1,
             limit: 10,
+            local: false,
         },
     );
     assert!(matches!(n.pump()[0].reply, Reply::Messages { .. }));
@@ -1330,6 +1334,7 @@ impl Node {
                 conv: ConvId::must(conv),
                 from: 1,
                 limit: 1,
+                local: false,
             },
         );
         self.pump_keeping_segments()

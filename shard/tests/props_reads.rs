@@ -50,6 +50,7 @@ fn read_all(shard: &mut Shard) {
         conv: ConvId::must("c"),
         from: 1,
         limit: 1000,
+        local: false,
     };
     shard.handle_request(2, Request { session: 2, op });
 }

@@ -84,6 +84,7 @@ fn the_session_rules_apply_to_rest_bodies_keys_and_limits() {
             conv: "c".into(),
             from: 1,
             limit,
+            local: false,
         };
         let request = RestRequest {
             mesh: "m".into(),
@@ -174,6 +175,7 @@ fn no_answer_in_time_a_restart_or_a_cancel_closes_the_session_everywhere() {
             conv: "c".into(),
             from: 1,
             limit: 5,
+            local: false,
         },
     };
     let mut call = RestCall::new(1, 100, &CONFIG, read());
@@ -225,4 +227,29 @@ fn no_answer_in_time_a_restart_or_a_cancel_closes_the_session_everywhere() {
             head: 4
         })
     );
+}
+
+#[test]
+fn a_local_read_asks_for_local_authentication_and_a_local_page() {
+    // Proves `?consistency=local` reaches the shards: both the call's `Auth` and its `Read`
+    // say `local`, so the receiving node's replica answers them; a default read says neither.
+    for local in [false, true] {
+        let request = RestRequest {
+            mesh: "m".into(),
+            token: "t".into(),
+            op: RestOp::Read {
+                conv: "c".into(),
+                from: 1,
+                limit: 5,
+                local,
+            },
+        };
+        let mut call = RestCall::new(1, 0, &CONFIG, request);
+        let auth = requests(&mut call);
+        assert!(matches!(auth[..], [(_, ShardOp::Auth { local: l, .. })] if l == local));
+        call.handle_reply(1, 0, authed());
+        let read = requests(&mut call);
+        assert!(matches!(read[..], [(_, ShardOp::Read { local: l, .. })] if l == local));
+        assert_eq!(read[0].1.is_local_read(), local);
+    }
 }

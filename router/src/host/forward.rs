@@ -12,6 +12,8 @@
 //!   request may still commit: a client retries with its idempotency key.
 //! - A batch forwarded to a node that no longer leads is answered there (`unavailable`,
 //!   naming the leader it knows), never forwarded again: no loops.
+//! - A batch of `?consistency=local` reads only (`ShardOp::is_local_read`) is never forwarded:
+//!   this node's replica answers it from its committed state, however far behind.
 
 use super::{CloseReason, Effect, ShardDriver, State, Time};
 use fabric_proto::internal::{Reply, Request, SessionId, ShardOp};
@@ -117,7 +119,8 @@ impl ShardDriver {
     }
 
     /// A batch the driver takes in: forwarded to the leader (true), or for the core (false).
-    /// Only a local session's batch is forwarded (a forwarded one is answered here).
+    /// Only a local session's batch is forwarded (a forwarded one is answered here), and not
+    /// one of `?consistency=local` reads only: this node's replica answers those.
     pub(super) fn forward(
         &mut self,
         t: Time,
@@ -130,8 +133,12 @@ impl ShardDriver {
         if !self.is_local(session) || self.forwarded.len() >= FORWARDED_REQUESTS_MAX {
             return false;
         }
+        if batch.iter().all(|r| r.op.is_local_read()) {
+            return false;
+        }
         if batch.iter().any(|r| matches!(r.op, ShardOp::Closed)) {
-            // The leader forgets the session; so does this node's adapter.
+            // The leader forgets the session; so do this driver and this node's adapter.
+            self.sessions.remove(&session);
             self.effects.push_back(Effect::Forget { session });
         }
         let deadline = t.mono_ms + self.forward_timeout_ms;

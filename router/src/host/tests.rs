@@ -357,6 +357,7 @@ fn read_c(r: u64) -> ShardOp {
         conv: ConvId::must("c"),
         from: 1,
         limit: 100,
+        local: false,
     }
 }
 

@@ -25,6 +25,8 @@ struct Cluster {
     oks: BTreeSet<u64>,
     unavailable: u64,
     restarts_seen: u64,
+    /// Pages answered: ref -> the last seq in it.
+    pages: BTreeMap<u64, u64>,
 }
 
 fn replica_config(node: NodeId) -> ReplicaConfig {
@@ -73,6 +75,7 @@ impl Cluster {
             oks: BTreeSet::new(),
             unavailable: 0,
             restarts_seen: 0,
+            pages: BTreeMap::new(),
         };
         c.run_effects();
         c
@@ -123,6 +126,10 @@ impl Cluster {
                             self.oks.insert(r);
                         }
                         Reply::Frame(ServerOp::Error { .. }) => self.unavailable += 1,
+                        Reply::Messages { r, events, .. } => {
+                            let last = events.last().map_or(0, |e| e.seq);
+                            self.pages.insert(r, last);
+                        }
                         _ => {}
                     }
                 }
@@ -309,4 +316,45 @@ fn a_follower_forwards_to_its_leader_and_the_answer_comes_back() {
         !c.oks.contains(&800),
         "a late ok after `unavailable` is dropped"
     );
+}
+
+fn read(r: u64, local: bool) -> ShardOp {
+    ShardOp::Read {
+        r,
+        mesh: MeshId::must("m"),
+        conv: ConvId::must("c"),
+        from: 1,
+        limit: 100,
+        local,
+    }
+}
+
+#[test]
+fn a_local_read_is_answered_by_the_receiving_replica_even_cut_off_from_its_leader() {
+    // Proves `?consistency=local`: a follower's node answers a local read from its own
+    // replica's committed entries without the leader (here unreachable), while a default
+    // (linearizable) read on that node goes to the leader and is answered `unavailable`.
+    let mut c = Cluster::new();
+    let l = setup(&mut c);
+    for r in 100..110 {
+        c.send(l, vec![append(r)]);
+    }
+    c.advance(200);
+    let f = (l + 1) % 3;
+    c.isolated = Some(f as NodeId + 1);
+    c.send(f, vec![read(900, true)]);
+    c.advance(10);
+    assert_eq!(
+        c.pages.get(&900),
+        Some(&10),
+        "the follower's own page, at once"
+    );
+    let before = c.unavailable;
+    c.send(f, vec![read(901, false)]);
+    c.advance(400);
+    assert!(
+        !c.pages.contains_key(&901),
+        "no linearizable page without the leader"
+    );
+    assert!(c.unavailable > before, "answered unavailable instead");
 }

@@ -55,7 +55,7 @@ impl Shard {
                 token,
                 proof,
             } => self.hello(now, session, mesh.into(), peer.into(), &token, proof),
-            ShardOp::Auth { r, mesh, token } => self.auth(session, r, &mesh.into(), &token),
+            ShardOp::Auth { r, mesh, token, .. } => self.auth(session, r, &mesh.into(), &token),
             ShardOp::Send {
                 r,
                 mesh,
@@ -111,6 +111,7 @@ impl Shard {
                 conv,
                 from,
                 limit,
+                local: _,
             } => self.read(session, r, (mesh.into(), conv.into()), from, limit),
             ShardOp::Ack { mesh, peer, upto } => self.ack(&mesh.into(), &peer.into(), upto),
             ShardOp::Flushed { frames } => {

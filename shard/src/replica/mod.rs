@@ -38,6 +38,7 @@
 
 mod entries;
 mod log_read;
+mod reads;
 mod ready;
 mod shard_side;
 mod snapshot;
@@ -46,6 +47,7 @@ mod snapshot;
 mod tests;
 
 pub use log_read::{read_entries, LogReadJob};
+pub use reads::HELD_BATCHES_MAX;
 pub use snapshot::SnapshotOffer;
 
 use crate::commit::Dirty;
@@ -223,6 +225,8 @@ pub struct Replica {
     offer_timeout_ms: u64,
     tick_ms: u64,
     log_reads: Vec<LogReadJob>,
+    /// A leader's batches waiting for a read point ([`reads`]).
+    reads: reads::Reads,
     commit: u64,
     applied: u64,
     window: usize,
@@ -322,6 +326,7 @@ impl Replica {
             offer_timeout_ms,
             tick_ms,
             log_reads: Vec::new(),
+            reads: reads::Reads::default(),
             commit: applied,
             applied,
             window,
@@ -394,6 +399,7 @@ impl Replica {
             && self.inflight.is_none()
             && self.waiting.is_empty()
             && self.installing.is_none()
+            && self.reads.is_empty()
     }
 
     /// The host could not write the WAL: nothing pending is acknowledged, and the replica is
@@ -401,6 +407,7 @@ impl Replica {
     pub fn handle_wal_failed(&mut self, now: u64, no_space: bool, reason: &str) {
         self.inflight = None;
         self.shard.handle_wal_failed(now, no_space, reason);
+        self.fail_held(reason);
         self.mode = Mode::Deposed;
     }
 
@@ -415,6 +422,7 @@ impl Replica {
         self.mode == Mode::Leading
             && self.shard.wants_input()
             && uncommitted < self.uncommitted_max / 2
+            && !self.reads.is_full()
     }
 
     pub fn handle_tick(&mut self, now: u64, jitter: u64) {
@@ -472,9 +480,10 @@ impl Replica {
     }
 
     /// A batch of requests: the leader's shard runs them (stamping `unix_ms`, the wall clock,
-    /// into what it records; `now` is the monotonic clock every other input takes); anywhere
-    /// else each is answered `unavailable`, naming the leader if known (the router forwards
-    /// there).
+    /// into what it records; `now` is the monotonic clock every other input takes), a batch
+    /// with a read once a quorum confirmed this node still leads ([`reads`]); anywhere else
+    /// a `?consistency=local` read is answered from this replica's committed state and every
+    /// other request `unavailable`, naming the leader if known (the router forwards there).
     pub fn handle_requests(
         &mut self,
         now: u64,
@@ -486,14 +495,21 @@ impl Replica {
                 Some(l) if l != self.raft.id() => format!("not the leader (node {l} leads)"),
                 _ => "no leader yet".to_string(),
             };
+            // A local read is answered from what this replica applied, which is committed;
+            // a deposed replica's state may hold more, so it answers nothing.
+            let local = self.mode != Mode::Deposed;
             for req in batch {
-                if let Some(o) = crate::unavailable_reply(&req, &reason) {
+                if local && req.op.is_local_read() {
+                    self.shard.handle_request(unix_ms, req);
+                } else if let Some(o) = crate::unavailable_reply(&req, &reason) {
                     self.shard.out.push_back(o);
                 }
             }
             return;
         }
-        self.shard.handle_requests(unix_ms, batch);
+        if let Some(batch) = self.hold_for_read(now, unix_ms, batch.into_iter().collect()) {
+            self.shard.handle_requests(unix_ms, batch);
+        }
         self.process_ready(now);
     }
 

@@ -22,6 +22,7 @@ impl Replica {
                 continue;
             }
             self.apply_committed(now);
+            self.release_held();
             if !self.proposals_pending() {
                 break;
             }
@@ -76,6 +77,7 @@ impl Replica {
         for to in ready.snapshots_to_send {
             self.offer_snapshot(now, to);
         }
+        self.take_read_states(ready.read_states, &ready.dropped_reads);
     }
 
     /// Term and vote go into `MANIFEST` (written before the next frame, in the same write);
@@ -116,6 +118,7 @@ impl Replica {
         self.mode = Mode::Deposed;
         self.shard
             .fail_pending(&format!("{reason}; retry (with the same idempotency key)"));
+        self.fail_held(&format!("{reason}; retry"));
     }
 
     /// Entries to write: a leader's own are framed already (it proposes what it framed); a

@@ -93,6 +93,8 @@ struct Cluster {
     /// The leader seen in each term.
     leaders: BTreeMap<u64, NodeId>,
     planted: ReplicaPlanted,
+    /// Every answer that is not an append's `ok`, and which member gave it.
+    replies: Vec<(NodeId, Reply)>,
 }
 
 impl Cluster {
@@ -131,6 +133,7 @@ impl Cluster {
             acked: BTreeMap::new(),
             leaders: BTreeMap::new(),
             planted,
+            replies: Vec::new(),
         }
     }
 
@@ -205,6 +208,8 @@ impl Cluster {
             r.handle_wal_done(now, w.last_lsn);
         }
         if r.needs_restart() {
+            // Its last answers go out first, as the host routes them before recovering it.
+            self.take_outputs(i);
             self.restart(i);
             return;
         }
@@ -216,22 +221,58 @@ impl Cluster {
             r.handle_log_read(now, job.id, got);
         }
         let msgs = r.poll_messages();
+        self.take_outputs(i);
+        for msg in msgs {
+            self.send(msg);
+        }
+    }
+
+    /// Member `i`'s answers: append `ok`s are checked and counted, the rest kept.
+    fn take_outputs(&mut self, i: usize) {
+        let id = self.members[i].id;
+        let r = self.members[i].replica.as_mut().expect("up");
         let mut outs = Vec::new();
         while let Some(o) = r.poll_output() {
             outs.push(o);
         }
         for o in outs {
-            if let Reply::Frame(ServerOp::Ok {
-                r, seq: Some(seq), ..
-            }) = o.reply
-            {
-                assert!(self.issued.contains_key(&r), "an ok for an append issued");
-                assert!(self.acked.insert(r, seq).is_none(), "one ok per append");
+            match o.reply {
+                Reply::Frame(ServerOp::Ok {
+                    r, seq: Some(seq), ..
+                }) => {
+                    assert!(self.issued.contains_key(&r), "an ok for an append issued");
+                    assert!(self.acked.insert(r, seq).is_none(), "one ok per append");
+                }
+                reply => self.replies.push((id, reply)),
             }
         }
-        for msg in msgs {
-            self.send(msg);
-        }
+    }
+
+    /// Asks member `id` for a page of the conversation (request ref `r`).
+    fn read(&mut self, id: NodeId, r: u64) {
+        let now = self.now;
+        let op = ShardOp::Read {
+            r,
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
+            from: 1,
+            limit: 1_000,
+            local: false,
+        };
+        self.replica(id)
+            .handle_requests(now, now, [Request { session: 1, op }]);
+    }
+
+    /// The answer member `id` gave to request `r`, if any.
+    fn reply_to(&self, id: NodeId, r: u64) -> Option<&Reply> {
+        self.replies.iter().find_map(|(from, reply)| {
+            let answers = match reply {
+                Reply::Messages { r: x, .. } => *x == r,
+                Reply::Frame(ServerOp::Error { r: x, .. }) => *x == Some(r),
+                _ => false,
+            };
+            (*from == id && answers).then_some(reply)
+        })
     }
 
     fn send(&mut self, msg: PeerMessage) {
@@ -593,6 +634,72 @@ fn a_follower_behind_the_retained_log_catches_up_from_a_snapshot() {
     assert!(
         r.shard().log_start() >= 400,
         "its log starts at the leader's retained log"
+    );
+}
+
+#[test]
+fn a_leader_serves_a_read_only_once_a_quorum_confirms_it_still_leads() {
+    // Proves ReadIndex: a page asked of the leader is not answered when it arrives, but after
+    // a heartbeat round with a quorum, and it holds every append acknowledged before it.
+    let mut c = Cluster::new(3, 11, Faults::default());
+    c.setup();
+    for _ in 0..30 {
+        c.issue();
+        c.step();
+    }
+    c.settle();
+    let leader = c.leader().expect("a leader");
+    let max_acked = c.acked.values().max().copied().unwrap_or(0);
+    c.read(leader, 9_001);
+    assert!(
+        c.replica(leader).poll_output().is_none(),
+        "no answer before the quorum round"
+    );
+    c.run_until(|c| c.reply_to(leader, 9_001).is_some(), 100);
+    let Some(Reply::Messages { events, .. }) = c.reply_to(leader, 9_001) else {
+        panic!("a page: {:?}", c.reply_to(leader, 9_001));
+    };
+    let last = events.last().map_or(0, |e| e.seq);
+    assert!(max_acked > 0 && last >= max_acked, "{last} < {max_acked}");
+}
+
+#[test]
+fn an_isolated_leader_never_serves_a_read_and_answers_it_unavailable() {
+    // Proves a leader cut off from its quorum (which a newer leader serves) never answers a
+    // read from its possibly stale state: once it steps down the read is `unavailable`, and
+    // the new leader's page holds the appends acknowledged meanwhile.
+    let mut c = Cluster::new(3, 12, Faults::default());
+    c.setup();
+    let old = c.leader().expect("a leader");
+    c.isolated.insert(old);
+    c.read(old, 9_002);
+    c.run_until(|c| c.leader().is_some_and(|l| l != old), 1_000);
+    let before = c.acked.len();
+    for _ in 0..50 {
+        c.issue();
+        c.step();
+    }
+    assert!(c.acked.len() > before, "the new leader takes appends");
+    c.run_until(|c| c.reply_to(old, 9_002).is_some(), 1_000);
+    match c.reply_to(old, 9_002) {
+        Some(Reply::Frame(ServerOp::Error { code, .. })) => {
+            assert_eq!(*code, fabric_proto::ErrorCode::Unavailable)
+        }
+        other => panic!("the cut-off leader answered {other:?}"),
+    }
+    c.isolated.clear();
+    let new = c.leader().expect("a leader");
+    // Acknowledged before the read was asked (appends still in flight may be acked after).
+    let max_acked = c.acked.values().max().copied().unwrap_or(0);
+    c.read(new, 9_003);
+    c.run_until(|c| c.reply_to(new, 9_003).is_some(), 100);
+    let Some(Reply::Messages { events, .. }) = c.reply_to(new, 9_003) else {
+        panic!("a page from the new leader");
+    };
+    let last = events.last().map_or(0, |e| e.seq);
+    assert!(
+        last >= max_acked,
+        "every acknowledged append: {last} < {max_acked}"
     );
 }
 

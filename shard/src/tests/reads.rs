@@ -51,6 +51,7 @@ fn read(n: &mut Node, conv: &str, from: u64, limit: u32) -> Vec<(u64, String)> {
             conv: ConvId::must(conv),
             from,
             limit,
+            local: false,
         },
     );
     let out = n.pump();
@@ -141,6 +142,7 @@ fn bytes_that_do_not_verify_fail_the_shard_after_its_retries() {
             conv: ConvId::must("x"),
             from: 1,
             limit: 5,
+            local: false,
         },
     );
     let out = n.pump();

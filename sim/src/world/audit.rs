@@ -205,6 +205,7 @@ impl Simulation {
                 conv: ConvId::must(&conv),
                 from: 1,
                 limit: fabric_proto::READ_LIMIT_MAX,
+                local: false,
             };
             self.nodes[n].hosts[s]
                 .driver

@@ -119,10 +119,12 @@ impl Simulation {
                 .random_range(1..=self.nodes[n].model.conv_acked_max(&conv) + 2),
         };
         let limit = HTTP_READ_LIMITS[self.rng.random_range(0..HTTP_READ_LIMITS.len())];
+        // Linearizable reads only: the model checks every page against what was acknowledged.
         let rest = RestOp::Read {
             conv: conv.to_string(),
             from,
             limit,
+            local: false,
         };
         (rest, HttpWhat::Read { conv, from, limit })
     }
