@@ -13,7 +13,7 @@
 
 use crate::commit::DirtyConv;
 use crate::conv::{Mark, StoredEvent};
-use crate::keys::KeyScope;
+use crate::keys::{KeyScope, SentAt};
 use crate::mesh::{InboxMsg, Mesh};
 use crate::read::Cached;
 use crate::record::*;
@@ -68,7 +68,7 @@ impl Shard {
     fn apply_sent(&mut self, lsn: u64, r: SentRec) {
         let replaying = self.replaying;
         let (segment, _, offset) = self.replay_at;
-        self.note_send_key(&r);
+        self.note_send_key(lsn, &r);
         let m = mesh_entry(&mut self.meshes, &r.mesh);
         if m.log.contains_key(&r.pos) {
             return self.apply_copy(lsn, r);
@@ -125,13 +125,15 @@ impl Shard {
     }
 
     /// A send's key (an original's, or a copy's: a copy carries it, so the key stays known
-    /// while the copy is retained) joins the exact keys and its segment's keys.
-    fn note_send_key(&mut self, r: &SentRec) {
+    /// while the copy is retained) joins the exact keys and its segment's keys, marked with
+    /// the record's LSN (a copy's position is the original's).
+    fn note_send_key(&mut self, lsn: u64, r: &SentRec) {
         let Some(k) = r.key.clone() else {
             return;
         };
-        let key = (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, r.pos);
-        self.note_sent_key(key.clone());
+        let exact = (r.mesh.clone(), r.from.clone(), k.clone());
+        self.note_sent_key(exact, SentAt { pos: r.pos, lsn });
+        let key = (KeyScope::Sender(r.mesh.clone(), r.from.clone()), k, lsn);
         if self.replaying {
             self.note_keys(self.replay_at.0, vec![key]);
         } else {

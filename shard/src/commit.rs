@@ -24,7 +24,8 @@ use std::sync::Arc;
 pub(crate) struct Dirty {
     pub(crate) meshes: Vec<(Arc<str>, u64)>,
     pub(crate) convs: Vec<DirtyConv>,
-    /// Idempotency keys of the frame's appends and sends (scope, key, seq or pos).
+    /// Idempotency keys of the frame's appends and sends (scope, key, an append's seq or a
+    /// send's record LSN).
     pub(crate) keys: Vec<(KeyScope, Arc<str>, u64)>,
     /// Inbox messages the frame holds a record of (mesh, pos, LSN, offset in the frame): they
     /// learn where on disk their body is when the write is handed out.

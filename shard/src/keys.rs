@@ -34,6 +34,15 @@ pub(crate) struct KeyScan {
 /// A send's exact key: (mesh, sender, key).
 pub(crate) type SentKey = (Arc<str>, Arc<str>, Arc<str>);
 
+/// What a send's exact key names: the message's position, and the LSN of the record that
+/// holds the key (the original, or retention's newest copy of it). A copy keeps the position,
+/// so only the LSN tells the copy from the original when the original's segment is sealed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct SentAt {
+    pub(crate) pos: u64,
+    pub(crate) lsn: u64,
+}
+
 /// Where a key is unique: an append's conversation, or a send's sender (mesh, peer).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub(crate) enum KeyScope {
@@ -96,12 +105,13 @@ pub(crate) struct Lookup {
 pub(crate) struct KeyIndex {
     /// Sorted fingerprints of each sealed segment's keys, oldest segment first.
     sealed: VecDeque<(u64, Box<[u32]>)>,
-    /// The segment whose keys are still exact, and those keys (scope, key, seq or pos).
+    /// The segment whose keys are still exact, and those keys (scope, key, and the record's
+    /// mark in its exact map: an append's seq, a send's record LSN).
     open_segment: u64,
     open: Vec<(KeyScope, Arc<str>, u64)>,
     /// Exact keys of sends in the open segment (and not yet written): (mesh, sender, key) to
-    /// the message's position. (An append's are in its conversation's map.)
-    pub(crate) sent: HashMap<SentKey, u64>,
+    /// the message's position and record. (An append's are in its conversation's map.)
+    pub(crate) sent: HashMap<SentKey, SentAt>,
     /// Ops waiting per scope while its first one's key is looked up on disk.
     pub(crate) parked: HashMap<KeyScope, VecDeque<Parked>>,
     pub(crate) parked_count: usize,
@@ -148,10 +158,8 @@ impl Shard {
     }
 
     /// A send's key joins the exact keys (its record is in the open segment, or will be).
-    pub(crate) fn note_sent_key(&mut self, key: (KeyScope, Arc<str>, u64)) {
-        if let (KeyScope::Sender(mesh, peer), k, pos) = key {
-            self.keys.sent.insert((mesh, peer, k), pos);
-        }
+    pub(crate) fn note_sent_key(&mut self, key: SentKey, at: SentAt) {
+        self.keys.sent.insert(key, at);
     }
 
     /// Retention retired every segment up to `segment`: their keys go (the open ones too, if
@@ -185,9 +193,11 @@ impl Shard {
                         }
                     }
                 }
+                // A copy forward names the same position from a newer record (in a segment
+                // still open, or not yet written): only the record's own LSN lets its key go.
                 KeyScope::Sender(mesh, peer) => {
                     let k = (mesh, peer, key);
-                    if self.keys.sent.get(&k) == Some(&at) {
+                    if self.keys.sent.get(&k).is_some_and(|s| s.lsn == at) {
                         self.keys.sent.remove(&k);
                     }
                 }

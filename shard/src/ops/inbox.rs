@@ -2,7 +2,7 @@
 //! the inbox), and cursor moves (coalesced into one record per peer per group commit).
 
 use super::ok;
-use crate::keys::{KeyScope, Parked, ParkedOp};
+use crate::keys::{KeyScope, Parked, ParkedOp, SentAt};
 use crate::mesh::Mesh;
 use crate::record::*;
 use crate::Shard;
@@ -35,7 +35,7 @@ impl Shard {
     ) -> Result<(), ProtoError> {
         if let Some(k) = rec.key.clone() {
             let exact = (rec.mesh.clone(), rec.from.clone(), k.clone());
-            if let Some(&pos) = self.keys.sent.get(&exact) {
+            if let Some(&SentAt { pos, .. }) = self.keys.sent.get(&exact) {
                 let durable = self
                     .meshes
                     .get(&rec.mesh)

@@ -213,3 +213,54 @@ fn a_send_key_outlives_its_segment_while_retention_copies_the_message_forward() 
     n.send_keyed(2, 500, "a", "b", "\"retry\"", Some("k1"));
     assert_eq!(pos_of(&n.pump(), 500), Some(1));
 }
+
+/// Sends `from` a to c at position `r` and has c acknowledge it: WAL traffic that retention
+/// never has to keep.
+fn acked_filler(n: &mut Node, r: u64) {
+    n.send(1, r, "a", "c", "\"filler\"");
+    n.pump();
+    let (mesh, peer) = (MeshId::must("m"), PeerId::must("c"));
+    n.req(
+        0,
+        ShardOp::Ack {
+            mesh,
+            peer,
+            upto: r,
+        },
+    );
+    n.pump();
+}
+
+#[test]
+fn a_send_key_copied_forward_after_a_restart_survives_the_deletion_of_its_segment() {
+    // Proves a copy forward keeps a send's key exact even when the segment sealed under it
+    // holds the original at the same position: after a restart whose newest segments hold no
+    // key (the original's segment is still the one with exact keys), the first round copies
+    // the unacknowledged message forward and deletes its segment, and a retry gets pos 1.
+    let mut n = Node::new(ShardConfig {
+        wal_segment_bytes_max: 1_500,
+        retention_bytes_max: 1 << 30,
+        log_cache_bytes_max: 0,
+        ..ShardConfig::default()
+    });
+    n.setup_mesh(&[("a", &[]), ("b", &[]), ("c", &[])]);
+    n.send_keyed(1, 1, "a", "b", "\"keep me\"", Some("k1"));
+    assert_eq!(pos_of(&n.pump(), 1), Some(1));
+    let original = n.last_segment();
+    let mut r = 2;
+    while n.last_segment() < original + 2 {
+        acked_filler(&mut n, r);
+        r += 1;
+    }
+    // Restarted with a lower limit, so that the next write starts a round (before any new
+    // segment seals the original's keys).
+    n.shard.config.retention_bytes_max = 1_000;
+    n.restart();
+    while n.disk.segments().contains_key(&original) {
+        acked_filler(&mut n, r);
+        r += 1;
+    }
+    assert!(n.shard.stats().records_copied_forward > 0);
+    n.send_keyed(2, 500, "a", "b", "\"retry\"", Some("k1"));
+    assert_eq!(pos_of(&n.pump(), 500), Some(1), "the original position");
+}
