@@ -5,11 +5,12 @@
 //! [`wire`] (a raw protocol connection), [`stats`] (histograms, stamps, `/proc` sampling),
 //! [`report`] (figures, tables, JSON, baselines, ratios), [`progress`], [`chart`], [`nats`].
 //! Scenarios: [`pipelined`] (also `fire-and-wait`), [`mesh`], [`fanout`], [`replay`],
-//! [`connections`], [`recovery`].
+//! [`connections`], [`recovery`], [`failover`].
 
 pub mod chart;
 pub mod connections;
 pub mod error;
+pub mod failover;
 pub mod fanout;
 pub mod fsync_probe;
 pub mod inbox;

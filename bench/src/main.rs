@@ -9,7 +9,7 @@ use fabric_bench::nats::{NatsServer, Policy};
 use fabric_bench::pipelined::{self, Driver, Mode};
 use fabric_bench::report::{self, Report};
 use fabric_bench::setup::{NodeOptions, Transport};
-use fabric_bench::{connections, fanout, mesh, replay};
+use fabric_bench::{connections, failover, fanout, mesh, replay};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -52,6 +52,10 @@ enum Scenario {
     /// Writes N conversation appends through the real shard core into real segment files,
     /// then times the recovery a node runs at start (read, scan with CRC checks, rebuild).
     Recovery(RecoveryArgs),
+    /// A 3-node cluster (one shard) under one keyed writer: SIGKILL the shard's leader N
+    /// times; kill-to-first-ok percentiles, and every acknowledged write read back from every
+    /// replica (exits non-zero if one is lost).
+    Failover(FailoverArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -315,6 +319,27 @@ struct ServeNodeArgs {
     retention_bytes_max: Option<u64>,
     #[arg(long)]
     ws_tls: bool,
+}
+
+#[derive(Args, Clone)]
+struct FailoverArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Leader kills.
+    #[arg(long, default_value_t = 20)]
+    kills: usize,
+    /// Pause after the cluster is ready again, before the next kill.
+    #[arg(long, default_value_t = 1000)]
+    pause_ms: u64,
+    /// One write attempt's HTTP timeout; a failed attempt is retried (same key) on the next node.
+    #[arg(long, default_value_t = 500)]
+    attempt_timeout_ms: u64,
+    /// Pause between one acknowledged write and the next.
+    #[arg(long, default_value_t = 10)]
+    write_interval_ms: u64,
+    /// Bound of every wait of a round (a leader, the first ok after the kill, one write).
+    #[arg(long, default_value_t = 30)]
+    round_timeout_secs: u64,
 }
 
 #[derive(Args)]
@@ -611,6 +636,51 @@ impl Run for ConnectionsArgs {
     }
 }
 
+impl FailoverArgs {
+    fn options(&self, sweep: Option<usize>) -> failover::Options {
+        let c = &self.common;
+        let mut o = if c.smoke {
+            failover::Options::smoke()
+        } else {
+            failover::Options {
+                kills: self.kills,
+                pause: Duration::from_millis(self.pause_ms),
+                attempt_timeout: Duration::from_millis(self.attempt_timeout_ms),
+                write_interval: Duration::from_millis(self.write_interval_ms),
+                round_timeout: Duration::from_secs(self.round_timeout_secs),
+                ..failover::Options::default()
+            }
+        };
+        o.node = NodeOptions {
+            cluster: Some(3),
+            // One shard: the leader killed is the one the writes go to.
+            shards: Some(1),
+            ..c.node_opts()
+        };
+        if let Some(v) = sweep {
+            o.kills = v;
+        }
+        o
+    }
+}
+
+impl Run for FailoverArgs {
+    fn common(&self) -> &Common {
+        &self.common
+    }
+    fn fabric(&self, sweep: Option<usize>) -> anyhow::Result<Report> {
+        let r = failover::run(&self.options(sweep)).context("failover scenario failed")?;
+        if !failover::intact(&r) {
+            print!("{}", r.table());
+            anyhow::bail!("failover: acknowledged writes lost, duplicated or not dense");
+        }
+        Ok(r)
+    }
+    fn chart_keys(&self) -> (&'static str, &'static str, &'static str) {
+        ("kills", "acked_writes", "failover_p99_us")
+    }
+}
+
 /// Runs one side of a round with the fsync probe beside it.
 fn nats_round(
     run: &dyn Run,
@@ -827,6 +897,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Fanout(a) => drive(&a, "fanout")?,
         Scenario::Replay(a) => drive(&a, "replay")?,
         Scenario::Connections(a) => drive(&a, "connections")?,
+        Scenario::Failover(a) => drive(&a, "failover")?,
     }
     Ok(())
 }

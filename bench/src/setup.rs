@@ -271,7 +271,7 @@ fn spawn_node(opts: &NodeOptions, data_dir: &std::path::Path) -> Result<Child, B
 /// loopback ports), each node this binary's `serve-node --config` in a child process; waits
 /// until every node is ready (every shard has a leader). The children, their base URLs (node
 /// 1 first) and the admin token.
-fn spawn_cluster(
+pub fn spawn_cluster(
     opts: &NodeOptions,
     dir: &std::path::Path,
     nodes: u32,
@@ -288,11 +288,7 @@ fn spawn_cluster(
         .to_string();
     let (mut children, mut bases) = (Vec::new(), Vec::new());
     for i in 1..=nodes {
-        let mut cmd = std::process::Command::new(std::env::current_exe()?);
-        cmd.arg("serve-node")
-            .arg("--config")
-            .arg(dir.join(format!("node-{i}.toml")));
-        let (child, base, _, _) = spawn_child(cmd)?;
+        let (child, base) = spawn_cluster_node(dir, i)?;
         children.push(child);
         bases.push(base);
     }
@@ -300,8 +296,22 @@ fn spawn_cluster(
     Ok((children, bases, token))
 }
 
+/// Starts (or restarts, with the same command) node `i` (1-based) of the cluster written
+/// into `dir`: this binary's `serve-node --config dir/node-i.toml`. The child and its base URL.
+pub fn spawn_cluster_node(
+    dir: &std::path::Path,
+    i: u32,
+) -> Result<(std::process::Child, String), BenchError> {
+    let mut cmd = std::process::Command::new(std::env::current_exe()?);
+    cmd.arg("serve-node")
+        .arg("--config")
+        .arg(dir.join(format!("node-{i}.toml")));
+    let (child, base, _, _) = spawn_child(cmd)?;
+    Ok((child, base))
+}
+
 /// Waits (at most `CHILD_WAIT_MS`) until every node answers `/readyz` 200.
-fn wait_cluster_ready(bases: &[String]) -> Result<(), BenchError> {
+pub fn wait_cluster_ready(bases: &[String]) -> Result<(), BenchError> {
     let deadline = std::time::Instant::now() + Duration::from_millis(CHILD_WAIT_MS);
     for base in bases {
         let addr = base.trim_start_matches("http://");
