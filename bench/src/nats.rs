@@ -311,7 +311,13 @@ async fn file_stream(
     let deadline = Instant::now() + Duration::from_millis(START_TIMEOUT_MS);
     loop {
         match js.get_or_create_stream(config.clone()).await {
-            Ok(s) => return Ok(s),
+            Ok(s) if s.cached_info().config.num_replicas.max(1) == replicas => return Ok(s),
+            Ok(s) => {
+                return Err(BenchError::Nats(format!(
+                    "stream {name} has {} replicas, not {replicas}",
+                    s.cached_info().config.num_replicas
+                )))
+            }
             Err(e) if Instant::now() > deadline => {
                 return Err(BenchError::Nats(format!(
                     "cannot create stream {name}: {e}"
