@@ -34,6 +34,10 @@ const TAIL_CHECK: usize = 200;
 const SEGMENT_BYTES_MIN: u64 = MIB;
 /// One HTTP request's timeout (reads, admin).
 const HTTP_TIMEOUT_MS: u64 = 5_000;
+/// How long the final tail check waits on a follower that did not catch up.
+const TAIL_WAIT_BEHIND_SECS: u64 = 5;
+/// Progress line period of the catch-up wait.
+const PROGRESS_MS: u64 = 5_000;
 /// How long the tail writer runs before the restart.
 const TAIL_LEAD_MS: u64 = 1_000;
 
@@ -41,6 +45,11 @@ const TAIL_LEAD_MS: u64 = 1_000;
 pub struct Options {
     /// Per-shard WAL retained by every node (`retention_bytes_max`).
     pub retention_bytes: u64,
+    /// WAL segment size (`wal_segment_bytes_max`); `None`: [`segment_bytes`] of the retention.
+    pub segment_bytes: Option<u64>,
+    /// The catch-up wait gives up once the run has written this much to disk (this process
+    /// and its node processes), so a follower that never catches up cannot wear the disk.
+    pub write_budget_bytes: u64,
     /// Appended body bytes written while the follower is down.
     pub behind_bytes: u64,
     pub body_bytes: usize,
@@ -61,6 +70,8 @@ impl Default for Options {
     fn default() -> Options {
         Options {
             retention_bytes: 64 * MIB,
+            segment_bytes: None,
+            write_budget_bytes: 900 * MIB,
             behind_bytes: 256 * MIB,
             body_bytes: 1024,
             writers: 4,
@@ -97,10 +108,10 @@ pub fn segment_bytes(retention_bytes: u64) -> u64 {
 }
 
 /// The top-level node keys the bench adds to every node's config.
-pub fn node_limits(retention_bytes: u64) -> String {
+pub fn node_limits(retention_bytes: u64, segment: Option<u64>) -> String {
     format!(
         "retention_bytes_max = {retention_bytes}\nwal_segment_bytes_max = {}\n",
-        segment_bytes(retention_bytes)
+        segment.unwrap_or_else(|| segment_bytes(retention_bytes))
     )
 }
 
@@ -124,12 +135,17 @@ pub fn io_write_bytes(text: &str) -> Option<u64> {
         .and_then(|v| v.trim().parse().ok())
 }
 
-/// Bytes this process and its reaped children made the kernel write to disk.
-fn disk_writes() -> u64 {
-    std::fs::read_to_string("/proc/self/io")
+/// Bytes process `pid` (`self`: this one, with its reaped children) made the kernel write.
+fn disk_writes_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
         .ok()
         .and_then(|t| io_write_bytes(&t))
         .unwrap_or(0)
+}
+
+/// Bytes this process and its reaped children made the kernel write to disk.
+fn disk_writes() -> u64 {
+    disk_writes_of("self")
 }
 
 /// The value of the Prometheus sample `name{labels}` (exactly as rendered) in `text`.
@@ -294,6 +310,8 @@ struct Outcome {
     bulk_time: Duration,
     ready: Duration,
     catch_up: Option<Duration>,
+    /// The catch-up wait stopped at the write budget.
+    budget_hit: bool,
     tail_acked_during: usize,
     tail_acked: usize,
     tail_errors: u64,
@@ -325,9 +343,9 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     let mut cluster = Cluster::start_with(
         &opts.node,
         tmp.path().join("cluster"),
-        &node_limits(opts.retention_bytes),
+        &node_limits(opts.retention_bytes, opts.segment_bytes),
     )?;
-    let outcome = scenario(opts, &rt, &mut cluster);
+    let outcome = scenario(opts, &rt, &mut cluster, written_before);
     drop(cluster);
     drop(rt);
     let outcome = outcome?;
@@ -343,6 +361,7 @@ fn scenario(
     opts: &Options,
     rt: &tokio::runtime::Runtime,
     cluster: &mut Cluster,
+    written_before: u64,
 ) -> Result<Outcome, BenchError> {
     let mut o = Outcome::default();
     let http = http_client(Duration::from_millis(HTTP_TIMEOUT_MS))?;
@@ -415,6 +434,12 @@ fn scenario(
     let restart = Instant::now();
     let restarted = cluster.restart(o.follower);
     o.ready = restart.elapsed();
+    let pids = cluster.pids();
+    let budget = Budget {
+        start: written_before,
+        pids: &pids,
+        bytes: opts.write_budget_bytes,
+    };
     let caught = restarted.and_then(|()| {
         rt.block_on(wait_caught_up(
             &http,
@@ -424,11 +449,13 @@ fn scenario(
             &o.targets,
             restart,
             opts.timeout,
+            &budget,
         ))
     });
     tail.stop.store(true, Ordering::Relaxed);
     let _ = rt.block_on(async { tokio::time::timeout(opts.timeout, tail_task).await });
     o.catch_up = caught?;
+    o.budget_hit = o.catch_up.is_none() && budget.spent() > budget.bytes;
     let acks = tail.acks.lock().map(|a| a.clone()).unwrap_or_default();
     let end = restart + o.catch_up.unwrap_or(opts.timeout);
     o.tail_acked = acks.len();
@@ -442,13 +469,18 @@ fn scenario(
     last.sort_by_key(|(_, s)| *s);
     let last = last.split_off(last.len().saturating_sub(TAIL_CHECK));
     o.tail_checked = last.len();
+    // A follower that did not catch up gets a short look only.
+    let tail_wait = match o.catch_up {
+        Some(_) => opts.timeout,
+        None => Duration::from_secs(TAIL_WAIT_BEHIND_SECS),
+    };
     o.tail_missing = rt.block_on(wait_tail(
         &http,
         &bases[o.follower],
         &token,
         &mesh,
         &last,
-        opts.timeout,
+        tail_wait,
     ));
     let metrics = |i: usize| -> Option<String> {
         let toml = std::fs::read_to_string(cluster.dir.join(format!("node-{}.toml", i + 1)));
@@ -464,7 +496,28 @@ fn scenario(
     Ok(o)
 }
 
-/// Waits (bounded) until the follower's own heads reach `targets`; the time since `restart`.
+/// The run's disk write budget: bytes written since `start` by this process (with its reaped
+/// children) and the node processes `pids` running now.
+struct Budget<'a> {
+    start: u64,
+    pids: &'a [u32],
+    bytes: u64,
+}
+
+impl Budget<'_> {
+    fn spent(&self) -> u64 {
+        let nodes: u64 = self
+            .pids
+            .iter()
+            .map(|p| disk_writes_of(&p.to_string()))
+            .sum();
+        (disk_writes() + nodes).saturating_sub(self.start)
+    }
+}
+
+/// Waits (bounded by `timeout` and the write budget) until the follower's own heads reach
+/// `targets`; the time since `restart`.
+#[allow(clippy::too_many_arguments)]
 async fn wait_caught_up(
     http: &reqwest::Client,
     base: &str,
@@ -473,17 +526,33 @@ async fn wait_caught_up(
     targets: &BTreeMap<String, u64>,
     restart: Instant,
     timeout: Duration,
+    budget: &Budget<'_>,
 ) -> Result<Option<Duration>, BenchError> {
     let convs: Vec<String> = targets.keys().cloned().collect();
     let deadline = restart + timeout;
+    let mut progress = Instant::now();
     loop {
         let h = heads(http, base, token, mesh, &convs, true).await;
         if caught_up(targets, &h) {
             return Ok(Some(restart.elapsed()));
         }
-        if Instant::now() > deadline {
-            eprintln!("catchup: not caught up within {timeout:?}: {h:?} of {targets:?}");
+        let spent = budget.spent();
+        if Instant::now() > deadline || spent > budget.bytes {
+            eprintln!(
+                "catchup: not caught up after {:.1} s ({:.0} MB written, budget {:.0} MB): {h:?} of {targets:?}",
+                restart.elapsed().as_secs_f64(),
+                spent as f64 / 1e6,
+                budget.bytes as f64 / 1e6
+            );
             return Ok(None);
+        }
+        if progress.elapsed() >= Duration::from_millis(PROGRESS_MS) {
+            progress = Instant::now();
+            eprintln!(
+                "catchup: {:.1} s after the restart, follower heads {h:?}, {:.0} MB written",
+                restart.elapsed().as_secs_f64(),
+                spent as f64 / 1e6
+            );
         }
         tokio::time::sleep(Duration::from_millis(POLL_MS)).await;
     }
@@ -538,12 +607,13 @@ fn report(opts: &Options, o: &Outcome, written: u64) -> Report {
         "nodes": NODES,
         "shards": 1,
         "retention_mib": opts.retention_bytes as f64 / MIB as f64,
-        "segment_mib": segment_bytes(opts.retention_bytes) as f64 / MIB as f64,
         "behind_mib": opts.behind_bytes as f64 / MIB as f64,
         "body_bytes": opts.body_bytes,
         "writers": opts.writers,
         "depth": opts.depth,
         "tail_rate": opts.tail_rate,
+        "segment_mib": opts.segment_bytes.unwrap_or_else(|| segment_bytes(opts.retention_bytes)) as f64 / MIB as f64,
+        "write_budget_mib": opts.write_budget_bytes / MIB,
     });
     let mut r = Report::new("catchup", "fabric", "fsync (cluster default)", params);
     let bulk_bytes = o.bulk_acked * opts.body_bytes as u64;
@@ -596,6 +666,11 @@ fn report(opts: &Options, o: &Outcome, written: u64) -> Report {
         Unit::Count,
     );
     r.add("disk_write_bytes", written as f64, Unit::Bytes);
+    r.add(
+        "stopped_at_write_budget",
+        f64::from(u8::from(o.budget_hit)),
+        Unit::Count,
+    );
     r.notes.push(format!(
         "leader node {}, follower node {} (killed, restarted); heads at restart: {:?}",
         o.leader + 1,
@@ -626,9 +701,11 @@ mod tests {
         // Proves retention gets segments small enough to retire in steps, never below 1 MiB.
         assert_eq!(segment_bytes(64 * MIB), 16 * MIB);
         assert_eq!(segment_bytes(2 * MIB), MIB);
-        let limits = node_limits(64 * MIB);
+        let limits = node_limits(64 * MIB, None);
         assert!(limits.contains("retention_bytes_max = 67108864\n"));
         assert!(limits.contains("wal_segment_bytes_max = 16777216\n"));
+        let own = node_limits(64 * MIB, Some(64 * MIB));
+        assert!(own.contains("wal_segment_bytes_max = 67108864\n"));
     }
 
     #[test]

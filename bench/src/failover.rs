@@ -167,6 +167,11 @@ impl Cluster {
         })
     }
 
+    /// The pids of the nodes running now.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(Child::id).collect()
+    }
+
     /// SIGKILLs node `i` (0-based) and reaps it.
     pub(crate) fn kill(&mut self, i: usize) -> Result<(), BenchError> {
         if let Some(mut c) = self.children[i].take() {

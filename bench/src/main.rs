@@ -353,6 +353,12 @@ struct CatchupArgs {
     /// Per-shard WAL every node retains (`retention_bytes_max`; segments of a quarter of it).
     #[arg(long, default_value_t = 64)]
     retention_mib: u64,
+    /// WAL segment size (`wal_segment_bytes_max`); default a quarter of --retention-mib.
+    #[arg(long)]
+    segment_mib: Option<u64>,
+    /// The catch-up wait gives up once the run wrote this much to disk.
+    #[arg(long, default_value_t = 900)]
+    write_budget_mib: u64,
     /// Appended body bytes written while the follower is down.
     #[arg(long, default_value_t = 256)]
     behind_mib: u64,
@@ -723,6 +729,8 @@ impl CatchupArgs {
         } else {
             catchup::Options {
                 retention_bytes: self.retention_mib * MIB,
+                segment_bytes: self.segment_mib.map(|m| m * MIB),
+                write_budget_bytes: self.write_budget_mib * MIB,
                 behind_bytes: self.behind_mib * MIB,
                 body_bytes: self.body_bytes,
                 writers: self.writers,
