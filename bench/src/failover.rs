@@ -138,16 +138,27 @@ pub fn failover_time(acks: &[Ack], kill: Instant) -> Option<Duration> {
 }
 
 /// The cluster's node processes, restartable one by one; stops them all when dropped.
-struct Cluster {
-    dir: PathBuf,
+pub(crate) struct Cluster {
+    pub(crate) dir: PathBuf,
     children: Vec<Option<Child>>,
-    bases: Vec<String>,
-    token: String,
+    pub(crate) bases: Vec<String>,
+    pub(crate) token: String,
 }
 
 impl Cluster {
     fn start(opts: &NodeOptions, dir: PathBuf) -> Result<Cluster, BenchError> {
-        let (children, bases, token) = crate::setup::spawn_cluster(opts, &dir, NODES)?;
+        Cluster::start_with(opts, dir, "")
+    }
+
+    /// [`Cluster::start`] with top-level node keys put into every node's config
+    /// ([`crate::setup::spawn_cluster_with`]).
+    pub(crate) fn start_with(
+        opts: &NodeOptions,
+        dir: PathBuf,
+        top_level: &str,
+    ) -> Result<Cluster, BenchError> {
+        let (children, bases, token) =
+            crate::setup::spawn_cluster_with(opts, &dir, NODES, top_level)?;
         Ok(Cluster {
             dir,
             children: children.into_iter().map(Some).collect(),
@@ -156,8 +167,13 @@ impl Cluster {
         })
     }
 
+    /// The pids of the nodes running now.
+    pub(crate) fn pids(&self) -> Vec<u32> {
+        self.children.iter().flatten().map(Child::id).collect()
+    }
+
     /// SIGKILLs node `i` (0-based) and reaps it.
-    fn kill(&mut self, i: usize) -> Result<(), BenchError> {
+    pub(crate) fn kill(&mut self, i: usize) -> Result<(), BenchError> {
         if let Some(mut c) = self.children[i].take() {
             c.kill()?;
             c.wait()?;
@@ -166,7 +182,7 @@ impl Cluster {
     }
 
     /// Starts node `i` (0-based) again with the same command and waits until all are ready.
-    fn restart(&mut self, i: usize) -> Result<(), BenchError> {
+    pub(crate) fn restart(&mut self, i: usize) -> Result<(), BenchError> {
         let (child, base) = crate::setup::spawn_cluster_node(&self.dir, i as u32 + 1)?;
         self.children[i] = Some(child);
         if base != self.bases[i] {
@@ -304,7 +320,7 @@ fn error_class(e: &reqwest::Error) -> String {
     }
 }
 
-fn http_client(timeout: Duration) -> Result<reqwest::Client, BenchError> {
+pub(crate) fn http_client(timeout: Duration) -> Result<reqwest::Client, BenchError> {
     reqwest::Client::builder()
         .timeout(timeout)
         .connect_timeout(timeout)
@@ -313,7 +329,7 @@ fn http_client(timeout: Duration) -> Result<reqwest::Client, BenchError> {
 }
 
 /// GET a JSON document with a bearer token.
-async fn get_json(
+pub(crate) async fn get_json(
     http: &reqwest::Client,
     url: &str,
     token: &str,
@@ -350,7 +366,7 @@ async fn leader(http: &reqwest::Client, bases: &[String], admin: &str) -> Option
 }
 
 /// Waits (bounded) until a node reports itself the shard's leader.
-async fn wait_leader(
+pub(crate) async fn wait_leader(
     http: &reqwest::Client,
     bases: &[String],
     admin: &str,

@@ -5,8 +5,9 @@
 //! [`wire`] (a raw protocol connection), [`stats`] (histograms, stamps, `/proc` sampling),
 //! [`report`] (figures, tables, JSON, baselines, ratios), [`progress`], [`chart`], [`nats`].
 //! Scenarios: [`pipelined`] (also `fire-and-wait`), [`mesh`], [`fanout`], [`replay`],
-//! [`connections`], [`recovery`], [`failover`].
+//! [`connections`], [`recovery`], [`failover`], [`catchup`].
 
+pub mod catchup;
 pub mod chart;
 pub mod connections;
 pub mod error;

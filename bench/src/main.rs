@@ -9,7 +9,7 @@ use fabric_bench::nats::{NatsServer, Policy};
 use fabric_bench::pipelined::{self, Driver, Mode};
 use fabric_bench::report::{self, Report};
 use fabric_bench::setup::{NodeOptions, Transport};
-use fabric_bench::{connections, failover, fanout, mesh, replay};
+use fabric_bench::{catchup, connections, failover, fanout, mesh, replay};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -56,6 +56,10 @@ enum Scenario {
     /// times; kill-to-first-ok percentiles, and every acknowledged write read back from every
     /// replica (exits non-zero if one is lost).
     Failover(FailoverArgs),
+    /// A 3-node cluster (one shard, small retention): SIGKILL a follower, write past the
+    /// leaders' retained log, restart it while a writer goes on; the time until its replica
+    /// holds the heads of the restart (via a snapshot), and the tail it must hold after.
+    Catchup(CatchupArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -342,6 +346,41 @@ struct FailoverArgs {
     /// Bound of every wait of a round (a leader, the first ok after the kill, one write).
     #[arg(long, default_value_t = 30)]
     round_timeout_secs: u64,
+}
+
+#[derive(Args, Clone)]
+struct CatchupArgs {
+    #[command(flatten)]
+    common: Common,
+    /// Per-shard WAL every node retains (`retention_bytes_max`; segments of a quarter of it).
+    #[arg(long, default_value_t = 64)]
+    retention_mib: u64,
+    /// WAL segment size (`wal_segment_bytes_max`); default a quarter of --retention-mib.
+    #[arg(long)]
+    segment_mib: Option<u64>,
+    /// The catch-up wait gives up once the run wrote this much to disk.
+    #[arg(long, default_value_t = 900)]
+    write_budget_mib: u64,
+    /// Appended body bytes written while the follower is down.
+    #[arg(long, default_value_t = 256)]
+    behind_mib: u64,
+    #[arg(long, default_value_t = 1024)]
+    body_bytes: usize,
+    /// Bulk writer sessions (spread over the two live nodes).
+    #[arg(long, default_value_t = 4)]
+    writers: usize,
+    /// Appends in flight per bulk writer.
+    #[arg(long, default_value_t = 64)]
+    depth: usize,
+    /// Appends per second of the writer that goes on while the follower catches up.
+    #[arg(long, default_value_t = 1000)]
+    tail_rate: u64,
+    /// Bound of every wait (the bulk writes, the catch-up, the final check).
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+    /// The catch-up target the report checks.
+    #[arg(long, default_value_t = 30)]
+    target_secs: u64,
 }
 
 #[derive(Args)]
@@ -683,6 +722,57 @@ impl Run for FailoverArgs {
     }
 }
 
+impl CatchupArgs {
+    fn options(&self, sweep: Option<usize>) -> catchup::Options {
+        let c = &self.common;
+        const MIB: u64 = 1024 * 1024;
+        let mut o = if c.smoke {
+            catchup::Options::smoke()
+        } else {
+            catchup::Options {
+                retention_bytes: self.retention_mib * MIB,
+                segment_bytes: self.segment_mib.map(|m| m * MIB),
+                write_budget_bytes: self.write_budget_mib * MIB,
+                behind_bytes: self.behind_mib * MIB,
+                body_bytes: self.body_bytes,
+                writers: self.writers,
+                depth: self.depth,
+                tail_rate: self.tail_rate,
+                timeout: Duration::from_secs(self.timeout_secs),
+                target: Duration::from_secs(self.target_secs),
+                ..catchup::Options::default()
+            }
+        };
+        o.node = NodeOptions {
+            cluster: Some(3),
+            // One shard: the follower's one Raft group is the one written past retention.
+            shards: Some(1),
+            ..c.node_opts()
+        };
+        if let Some(v) = sweep {
+            o.behind_bytes = v as u64 * MIB;
+        }
+        o
+    }
+}
+
+impl Run for CatchupArgs {
+    fn common(&self) -> &Common {
+        &self.common
+    }
+    fn fabric(&self, sweep: Option<usize>) -> anyhow::Result<Report> {
+        let r = catchup::run(&self.options(sweep)).context("catchup scenario failed")?;
+        if !catchup::rejoined(&r) {
+            print!("{}", r.table());
+            anyhow::bail!("catchup: the follower did not catch up, or misses acknowledged writes");
+        }
+        Ok(r)
+    }
+    fn chart_keys(&self) -> (&'static str, &'static str, &'static str) {
+        ("behind_mib", "behind_appends_per_sec", "catchup_secs")
+    }
+}
+
 /// Runs one side of a round with the fsync probe beside it.
 fn nats_round(
     run: &dyn Run,
@@ -901,6 +991,7 @@ fn main() -> anyhow::Result<()> {
         Scenario::Replay(a) => drive(&a, "replay")?,
         Scenario::Connections(a) => drive(&a, "connections")?,
         Scenario::Failover(a) => drive(&a, "failover")?,
+        Scenario::Catchup(a) => drive(&a, "catchup")?,
     }
     Ok(())
 }

@@ -276,6 +276,18 @@ pub fn spawn_cluster(
     dir: &std::path::Path,
     nodes: u32,
 ) -> Result<(Vec<std::process::Child>, Vec<String>, String), BenchError> {
+    spawn_cluster_with(opts, dir, nodes, "")
+}
+
+/// [`spawn_cluster`], with `top_level` (TOML lines of top-level node keys, such as limits:
+/// `retention_bytes_max = 67108864`) put at the head of every `node-i.toml` before the nodes
+/// start.
+pub fn spawn_cluster_with(
+    opts: &NodeOptions,
+    dir: &std::path::Path,
+    nodes: u32,
+    top_level: &str,
+) -> Result<(Vec<std::process::Child>, Vec<String>, String), BenchError> {
     let mut init = fabric::cluster::init::InitOptions::new(nodes, dir.to_path_buf());
     init.base_port = fabric::cluster::init::free_base_port(nodes, std::process::id())
         .ok_or_else(|| BenchError::Options("no free block of loopback ports".into()))?;
@@ -283,6 +295,14 @@ pub fn spawn_cluster(
         init.shards = s;
     }
     fabric::cluster::init::init(&init).map_err(|e| BenchError::Options(e.to_string()))?;
+    if !top_level.is_empty() {
+        for i in 1..=nodes {
+            let path = dir.join(format!("node-{i}.toml"));
+            let written = std::fs::read_to_string(&path)?;
+            // Top-level keys must come before the first table (`[cluster]`).
+            std::fs::write(&path, format!("{}\n{written}", top_level.trim_end()))?;
+        }
+    }
     let token = std::fs::read_to_string(dir.join("admin-token"))?
         .trim()
         .to_string();
