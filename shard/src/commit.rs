@@ -382,8 +382,10 @@ impl Shard {
             lsn <= self.durable_lsn,
             "a leader commits only what it holds durably"
         );
-        self.release_acks(lsn);
-        while let Some(dirty) = self.replica.as_mut().and_then(|h| h.committed_dirty(lsn)) {
+        // A write's acks leave with its data, when the commit covers the whole write (a
+        // leader's write may commit in parts): an `ok` then means every read shows the entry.
+        while let Some((last, dirty)) = self.replica.as_mut().and_then(|h| h.committed_write(lsn)) {
+            self.release_acks(last);
             self.make_visible(dirty);
         }
         self.retention_step(lsn);

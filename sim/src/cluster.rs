@@ -51,13 +51,14 @@ pub struct ClusterPlanted {
 }
 
 /// The planted bugs a cluster run knows, by name.
-pub const CLUSTER_PLANTED_NAMES: [&str; 6] = [
+pub const CLUSTER_PLANTED_NAMES: [&str; 7] = [
     "ack_before_quorum",
     "follower_ack_before_fsync",
     "commit_old_term_by_count",
     "vote_not_persisted",
     "truncate_committed_on_conflict",
     "no_prevote_checkquorum",
+    "read_without_quorum",
 ];
 
 impl ClusterPlanted {
@@ -70,6 +71,7 @@ impl ClusterPlanted {
             "vote_not_persisted" => p.raft.vote_not_persisted = true,
             "truncate_committed_on_conflict" => p.raft.truncate_committed_on_conflict = true,
             "no_prevote_checkquorum" => p.raft.no_prevote_checkquorum = true,
+            "read_without_quorum" => p.replica.read_without_quorum = true,
             _ => return None,
         }
         Some(p)
@@ -152,6 +154,10 @@ pub enum ClusterViolationKind {
     OldTermCommit,
     /// A core's own assertion failed (a Raft or replica invariant, checked where it holds).
     Assertion,
+    /// A linearizable read's page missed an entry acknowledged before the read was asked.
+    StaleRead,
+    /// A page showed, at an acknowledged entry's seq, another body (data never committed).
+    PageNotCommitted,
 }
 
 #[derive(Debug, Clone)]
@@ -195,6 +201,15 @@ struct Node {
     incarnation_commit: u64,
 }
 
+/// A page asked for and not answered yet.
+struct PendingRead {
+    /// The highest seq acknowledged when it was asked: a linearizable page reaches it.
+    floor: u64,
+    /// `?consistency=local`: the node's replica answers, and may lag.
+    local: bool,
+    node: usize,
+}
+
 /// One client request waiting for its answer (per node session, by ref).
 struct Pending {
     key: String,
@@ -217,6 +232,9 @@ struct World {
     retry: Vec<(String, String)>,
     /// key -> (seq, body)
     acked: BTreeMap<String, (u64, String)>,
+    /// The acknowledged appends by seq (body), for checking pages.
+    acked_by_seq: BTreeMap<u64, String>,
+    reads: BTreeMap<u64, PendingRead>,
     leaders: BTreeMap<u64, NodeId>,
     summary: ClusterSummary,
     healed_at: Option<u64>,
@@ -320,6 +338,8 @@ impl World {
             pending: BTreeMap::new(),
             retry: Vec::new(),
             acked: BTreeMap::new(),
+            acked_by_seq: BTreeMap::new(),
+            reads: BTreeMap::new(),
             leaders: BTreeMap::new(),
             summary: ClusterSummary::default(),
             healed_at: None,
@@ -608,9 +628,11 @@ impl World {
         for reply in replies {
             match reply {
                 Reply::Frame(ServerOp::Ok { r, seq, .. }) => self.ok(r, seq)?,
+                Reply::Messages { r, events, head } => self.page(r, &events, head)?,
                 Reply::Frame(ServerOp::Error {
                     r: Some(r), code, ..
                 }) => {
+                    self.reads.remove(&r);
                     if let Some(p) = self.pending.remove(&r) {
                         if code == ErrorCode::Unavailable {
                             self.retry.push((p.key, p.body));
@@ -634,10 +656,73 @@ impl World {
                 format!("key {} acknowledged at seq {s} and at seq {seq}", p.key),
             )),
             _ => {
+                self.acked_by_seq.insert(seq, p.body.clone());
                 self.acked.insert(p.key, (seq, p.body));
                 Ok(())
             }
         }
+    }
+
+    /// A page: a linearizable one reaches every seq acknowledged before it was asked, and
+    /// any page shows at an acknowledged seq that append's body (committed data only).
+    fn page(&mut self, r: u64, events: &[fabric_proto::DeliveredEvent], head: u64) -> Checked {
+        let Some(read) = self.reads.remove(&r) else {
+            return Ok(());
+        };
+        if !read.local && head < read.floor {
+            return Err((
+                ClusterViolationKind::StaleRead,
+                format!(
+                    "a linearizable page (ref {r}, asked through node {}) has head {head}, but \
+                     seq {} was acknowledged before it was asked",
+                    read.node + 1,
+                    read.floor
+                ),
+            ));
+        }
+        for e in events {
+            match self.acked_by_seq.get(&e.seq) {
+                Some(body) if body != e.body.as_str() => return Err((
+                    ClusterViolationKind::PageNotCommitted,
+                    format!(
+                        "a page (ref {r}, local: {}) shows {} at seq {}, acknowledged as {body}",
+                        read.local,
+                        e.body.as_str(),
+                        e.seq
+                    ),
+                )),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// A page of the conversation from the highest acknowledged seq, through node `i`:
+    /// linearizable, or now and then `?consistency=local`.
+    fn issue_read(&mut self, i: usize, r: u64) {
+        let floor = self.acked_by_seq.keys().next_back().copied().unwrap_or(0);
+        let local = self.rng.random_bool(0.3);
+        let session = session_id(i as NodeId + 1, 1);
+        let op = ShardOp::Read {
+            r,
+            mesh: MeshId::must("m"),
+            conv: ConvId::must("c"),
+            from: floor.max(1),
+            limit: 8,
+            local,
+        };
+        self.reads.insert(
+            r,
+            PendingRead {
+                floor,
+                local,
+                node: i,
+            },
+        );
+        let t = self.time(i);
+        self.nodes[i]
+            .driver
+            .handle_batch(t, session, vec![Request { session, op }]);
     }
 
     /// One append from a client on a random up node (a retry keeps its key and body).
@@ -651,6 +736,10 @@ impl World {
         let i = up[self.rng.random_range(0..up.len())];
         let r = self.next_r;
         self.next_r += 1;
+        if self.retry.is_empty() && self.reads.len() < 16 && self.rng.random_bool(0.2) {
+            self.issue_read(i, r);
+            return;
+        }
         let (key, body) = match self.retry.pop() {
             Some(kb) => kb,
             None => (format!("k{r}"), format!("\"v{r}\"")),
@@ -781,6 +870,8 @@ impl World {
             let p = self.pending.remove(&r).expect("pending");
             self.retry.push((p.key, p.body));
         }
+        // Its pages are not asked again: nothing depends on them.
+        self.reads.retain(|_, p| p.node != i);
     }
 
     fn reboot(&mut self, i: usize) {

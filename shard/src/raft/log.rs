@@ -273,6 +273,7 @@ impl RaftLog {
             return false;
         }
         self.persisted = index;
+        self.evict();
         self.check();
         true
     }
@@ -301,12 +302,13 @@ impl RaftLog {
         self.cache.front().map_or(self.last_index + 1, |e| e.index)
     }
 
-    /// Entries already handed to the host may leave the cache (the host can read them back);
-    /// unstable ones stay until handed out.
+    /// Entries the host made durable may leave the cache (it can read them back from its
+    /// log); entries handed out but not yet durable stay: a log read for them would find
+    /// nothing on disk yet, and asking again at once would spin until the write is done.
     fn evict(&mut self) {
         while self.cache_bytes > self.cache_bytes_max {
             match self.cache.front() {
-                Some(e) if e.index <= self.stable_last => {
+                Some(e) if e.index <= self.stable_last && e.index <= self.persisted => {
                     self.cache_bytes -= e.size_bytes();
                     self.cache.pop_front();
                 }

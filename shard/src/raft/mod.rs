@@ -85,8 +85,15 @@ pub struct RaftConfig {
     pub raft_append_bytes_max: u64,
     /// Bytes of recent entries kept in memory for replication; older ones are read from disk.
     pub raft_entry_cache_bytes_max: u64,
-    /// A follower lagging more bytes than this gets a snapshot instead of the log.
+    /// A follower lagging more bytes than this gets a snapshot instead of the log (only where
+    /// a snapshot is the committed state: see `snapshot_is_committed_state`).
     pub raft_snapshot_lag_bytes_max: u64,
+    /// What the host's snapshot holds. `true`: the committed state, so a snapshot spares a
+    /// lagging follower every committed entry it lacks. `false`: the log from the compaction
+    /// point on (a replicated shard's retained log), which spares it only compacted entries; a
+    /// follower then gets one only when it needs those, never for lag (offering the retained
+    /// log to a follower that holds its start would loop, offer after offer).
+    pub snapshot_is_committed_state: bool,
     /// Uncommitted entries on the leader before proposals are refused with `Full`.
     pub raft_uncommitted_entries_max: u64,
     /// ReadIndex requests waiting on the leader before more are refused with `Full`.
@@ -104,6 +111,7 @@ impl Default for RaftConfig {
             raft_append_bytes_max: 1024 * 1024,
             raft_entry_cache_bytes_max: 16 * 1024 * 1024,
             raft_snapshot_lag_bytes_max: 256 * 1024 * 1024,
+            snapshot_is_committed_state: true,
             raft_uncommitted_entries_max: 4096,
             raft_pending_reads_max: 4096,
             planted: RaftPlanted::default(),

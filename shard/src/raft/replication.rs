@@ -108,7 +108,9 @@ impl RaftCore {
         if let Some(entries) = self.log.cached(next, hi, self.config.raft_append_bytes_max) {
             return self.send_entries(to, prev_term, entries);
         }
-        if self.log.lag_bytes(next) > self.config.raft_snapshot_lag_bytes_max {
+        if self.config.snapshot_is_committed_state
+            && self.log.lag_bytes(next) > self.config.raft_snapshot_lag_bytes_max
+        {
             return self.start_snapshot(to);
         }
         let id = self.next_log_read_id;

@@ -77,12 +77,12 @@ impl Hooks {
         self.proposals.push((lsn, entries::entry_data(framed)));
     }
 
-    /// The oldest durable write's visibility set, once `commit` covers it.
-    pub(crate) fn committed_dirty(&mut self, commit: u64) -> Option<Dirty> {
+    /// The oldest durable write (its last LSN and visibility set), once `commit` covers it.
+    pub(crate) fn committed_write(&mut self, commit: u64) -> Option<(u64, Dirty)> {
         if self.awaiting_commit.front()?.0 > commit {
             return None;
         }
-        self.awaiting_commit.pop_front().map(|(_, d)| d)
+        self.awaiting_commit.pop_front()
     }
 }
 
@@ -148,6 +148,9 @@ pub struct ReplicaPlanted {
     pub ack_before_quorum: bool,
     /// A follower answers appends (and votes) before its write is durable.
     pub follower_ack_before_fsync: bool,
+    /// A leader serves reads from its state at once, without a quorum round confirming it
+    /// still leads (a leader cut off from its quorum then serves stale pages).
+    pub read_without_quorum: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -286,8 +289,13 @@ impl Replica {
         let offer_timeout_ms = 2 * config.raft.raft_election_timeout_ms;
         let tick_ms = (config.raft.raft_heartbeat_ms / 4).max(1);
         let planted = config.planted;
+        // A replica's snapshot is its retained log (`snapshot`), not its committed state.
+        let raft_config = RaftConfig {
+            snapshot_is_committed_state: false,
+            ..config.raft
+        };
         let raft = RaftCore::new(
-            config.raft,
+            raft_config,
             config.node,
             hard_state,
             log_state,

@@ -64,7 +64,7 @@ impl Replica {
         unix_ms: u64,
         batch: Vec<Request>,
     ) -> Option<Vec<Request>> {
-        let reads = batch.iter().any(is_read);
+        let reads = batch.iter().any(is_read) && !self.planted.read_without_quorum;
         if !reads && self.reads.is_empty() {
             return Some(batch);
         }

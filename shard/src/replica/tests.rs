@@ -44,6 +44,8 @@ fn raft_config() -> RaftConfig {
         raft_append_bytes_max: 2_000,
         raft_entry_cache_bytes_max: 4_000,
         raft_uncommitted_entries_max: 256,
+        // Below the retained log (retention keeps 24 KiB): the lag rule must not loop.
+        raft_snapshot_lag_bytes_max: 3_000,
         ..RaftConfig::default()
     }
 }
@@ -701,6 +703,32 @@ fn an_isolated_leader_never_serves_a_read_and_answers_it_unavailable() {
         last >= max_acked,
         "every acknowledged append: {last} < {max_acked}"
     );
+}
+
+#[test]
+fn a_follower_behind_a_retained_log_larger_than_the_lag_limit_catches_up_without_looping() {
+    // Proves a follower behind is offered the leader's retained log once and then streams it,
+    // even when the retained log holds more bytes than raft_snapshot_lag_bytes_max: the lag
+    // rule is for snapshots of the committed state, and a replica's snapshot is its retained
+    // log (offering it again to a follower that holds its start looped, offer after offer).
+    let mut c = Cluster::new(3, 6, Faults::default());
+    c.setup();
+    let leader = c.leader().expect("a leader");
+    let behind = if leader == 1 { 2 } else { 1 };
+    c.isolated.insert(behind);
+    while c.replica(leader).shard().log_start() < 400 {
+        c.issue();
+        c.step();
+    }
+    c.isolated.clear();
+    c.settle();
+    c.check();
+    let sent = c.replica(leader).stats().snapshots_sent;
+    assert!(
+        sent <= 2,
+        "{sent} offers: one (and one more if an answer was lost)"
+    );
+    assert_eq!(c.replica(behind).stats().snapshots_installed, 1);
 }
 
 fn random_run(seed: u64, n: u64, planted: ReplicaPlanted) {

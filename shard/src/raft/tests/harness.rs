@@ -48,6 +48,8 @@ pub fn test_config() -> RaftConfig {
         raft_append_bytes_max: 200,
         raft_entry_cache_bytes_max: 400,
         raft_snapshot_lag_bytes_max: u64::MAX,
+        // The harness snapshots the committed prefix.
+        snapshot_is_committed_state: true,
         raft_uncommitted_entries_max: 64,
         raft_pending_reads_max: 64,
         planted: Default::default(),
