@@ -188,10 +188,7 @@ async fn head(
     conv: &str,
     local: bool,
 ) -> Option<u64> {
-    let consistency = if local { "&consistency=local" } else { "" };
-    let url = format!(
-        "{base}/v1/meshes/{mesh}/conversations/{conv}/messages?from=1&limit=1{consistency}"
-    );
+    let url = crate::failover::page_url(base, mesh, conv, 1, 1, local);
     get_json(http, &url, token).await.ok()?["head"].as_u64()
 }
 
@@ -221,18 +218,9 @@ async fn read_local(
     from: u64,
     limit: usize,
 ) -> Result<BTreeMap<u64, Option<u64>>, BenchError> {
-    let url = format!(
-        "{base}/v1/meshes/{mesh}/conversations/{TAIL_CONV}/messages?from={from}&limit={limit}&consistency=local"
-    );
+    let url = crate::failover::page_url(base, mesh, TAIL_CONV, from, limit as u64, true);
     let page = get_json(http, &url, token).await?;
-    Ok(page["messages"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|m| (m["seq"].as_u64().unwrap_or(0), m["body"]["n"].as_u64()))
-                .collect()
-        })
-        .unwrap_or_default())
+    Ok(crate::failover::page_entries(&page).into_iter().collect())
 }
 
 /// The tail writer's state.
@@ -331,15 +319,9 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
     }
     let written_before = disk_writes();
     let tmp = crate::setup::temp_dir(&opts.node.data_dir, "fabric-bench-catchup-")?;
-    let probe = match opts.node.probe.is_zero() {
-        true => None,
-        false => Some(crate::fsync_probe::run(tmp.path(), opts.node.probe)?),
-    };
+    let probe = crate::setup::probe_disk(&opts.node, tmp.path())?;
     let load_average = crate::stats::load_average();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("load")
-        .build()?;
+    let rt = crate::setup::load_runtime()?;
     let mut cluster = Cluster::start_with(
         &opts.node,
         tmp.path().join("cluster"),

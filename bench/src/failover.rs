@@ -384,6 +384,30 @@ pub(crate) async fn wait_leader(
     }
 }
 
+/// The URL of a page of conversation `conv` on `base` (`local`: that node's own replica
+/// answers, which may lag; otherwise the leader, linearizably).
+pub(crate) fn page_url(
+    base: &str,
+    mesh: &str,
+    conv: &str,
+    from: u64,
+    limit: u64,
+    local: bool,
+) -> String {
+    let consistency = if local { "local" } else { "linearizable" };
+    format!(
+        "{base}/v1/meshes/{mesh}/conversations/{conv}/messages?from={from}&limit={limit}&consistency={consistency}"
+    )
+}
+
+/// A page's entries as `(seq, n)` (`n` from a body `{"n": …}`).
+pub(crate) fn page_entries(page: &serde_json::Value) -> Vec<(u64, Option<u64>)> {
+    let msgs = page["messages"].as_array().map_or(&[][..], Vec::as_slice);
+    msgs.iter()
+        .map(|m| (m["seq"].as_u64().unwrap_or(0), m["body"]["n"].as_u64()))
+        .collect()
+}
+
 /// The whole conversation as `(seq, n)` from `base` (`local`: that node's replica).
 async fn read_log(
     http: &reqwest::Client,
@@ -392,21 +416,16 @@ async fn read_log(
     mesh: &str,
     local: bool,
 ) -> Result<Vec<(u64, Option<u64>)>, BenchError> {
-    let consistency = if local { "&consistency=local" } else { "" };
     let mut out = Vec::new();
     for _ in 0..PAGES_MAX {
         let from = out.last().map_or(1, |(s, _)| s + 1);
-        let url = format!(
-            "{base}/v1/meshes/{mesh}/conversations/{CONV}/messages?from={from}&limit={PAGE_LIMIT}{consistency}"
-        );
+        let url = page_url(base, mesh, CONV, from, PAGE_LIMIT.into(), local);
         let page = get_json(http, &url, token).await?;
-        let msgs = page["messages"].as_array().cloned().unwrap_or_default();
-        out.extend(
-            msgs.iter()
-                .map(|m| (m["seq"].as_u64().unwrap_or(0), m["body"]["n"].as_u64())),
-        );
+        let entries = page_entries(&page);
         let head = page["head"].as_u64().unwrap_or(0);
-        if msgs.is_empty() || out.last().map_or(0, |(s, _)| *s) >= head {
+        let done = entries.is_empty() || entries.last().map_or(0, |(s, _)| *s) >= head;
+        out.extend(entries);
+        if done {
             return Ok(out);
         }
     }
@@ -462,15 +481,9 @@ pub fn run(opts: &Options) -> Result<Report, BenchError> {
         ));
     }
     let tmp = crate::setup::temp_dir(&opts.node.data_dir, "fabric-bench-failover-")?;
-    let probe = match opts.node.probe.is_zero() {
-        true => None,
-        false => Some(crate::fsync_probe::run(tmp.path(), opts.node.probe)?),
-    };
+    let probe = crate::setup::probe_disk(&opts.node, tmp.path())?;
     let load_average = crate::stats::load_average();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("load")
-        .build()?;
+    let rt = crate::setup::load_runtime()?;
     let mut cluster = Cluster::start(&opts.node, tmp.path().join("cluster"))?;
     let outcome = scenario(opts, &rt, &mut cluster)?;
     drop(cluster);

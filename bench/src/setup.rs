@@ -167,6 +167,25 @@ pub fn temp_dir(parent: &Option<PathBuf>, prefix: &str) -> Result<tempfile::Temp
         .tempdir_in(&parent)?)
 }
 
+/// The fsync probe on the disk under test (`dir`), unless `--probe-ms 0` turned it off.
+pub(crate) fn probe_disk(
+    opts: &NodeOptions,
+    dir: &std::path::Path,
+) -> Result<Option<crate::fsync_probe::FsyncProbe>, BenchError> {
+    if opts.probe.is_zero() {
+        return Ok(None);
+    }
+    Ok(Some(crate::fsync_probe::run(dir, opts.probe)?))
+}
+
+/// The load generator's runtime (its threads are named `load`).
+pub(crate) fn load_runtime() -> Result<tokio::runtime::Runtime, BenchError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("load")
+        .build()?)
+}
+
 /// A scenario's report, which carries the conditions it was measured under.
 pub trait RunContext {
     fn set_context(
@@ -404,11 +423,7 @@ impl Setup {
     // Over 70 lines: one benchmark run (set up, load, measure, tear down) in the order it happens.
     pub fn start(opts: &NodeOptions) -> Result<Setup, BenchError> {
         let tmp = temp_dir(&opts.data_dir, "fabric-bench-")?;
-        let fsync_probe = if opts.probe.is_zero() {
-            None
-        } else {
-            Some(crate::fsync_probe::run(tmp.path(), opts.probe)?)
-        };
+        let fsync_probe = probe_disk(opts, tmp.path())?;
         let load_average = crate::stats::load_average();
         let mut child = None;
         let mut cluster = Vec::new();
@@ -448,10 +463,7 @@ impl Setup {
                 (base, token, Some((rt, n)), Some(std::process::id()), quic)
             }
         };
-        let load_rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .thread_name("load")
-            .build()?;
+        let load_rt = load_runtime()?;
         // With --ws-tls the HTTP port speaks TLS with the QUIC certificate: its pin is in the
         // QUIC URL.
         let tls_pin = match (opts.ws_tls, &quic_url) {

@@ -302,12 +302,6 @@ async fn bodies_are_sent_and_printed_byte_for_byte() {
     node.shutdown().await;
 }
 
-/// A loopback port nothing listens on (bound, then let go).
-fn closed_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_client_commands_take_url_lists_and_pass_over_a_node_that_is_down() {
     // Proves --http and --url take comma-separated lists (a cluster's nodes), tried in order:
@@ -315,7 +309,7 @@ async fn the_client_commands_take_url_lists_and_pass_over_a_node_that_is_down() 
     // session URL (its WebSocket endpoint).
     let dir = tempfile::tempdir().unwrap();
     let node = start(&dir.path().join("data")).await;
-    let dead = closed_port();
+    let dead = common::free_port();
     let http = format!("http://127.0.0.1:{dead},{}", base(&node));
     let url = format!("ws://127.0.0.1:{dead}/v1/ws, {}", base(&node));
     let out = fabric(&node, &["mesh", "create", "m", "--http", &http]).await;

@@ -307,15 +307,8 @@ async fn http_append_and_replay() {
     assert_eq!(page["messages"], json!([]));
     // A single node's local read is its only replica's: the same page.
     for consistency in ["local", "linearizable"] {
-        let page: serde_json::Value = h
-            .get(format!("{url}?from=2&limit=2&consistency={consistency}"))
-            .bearer_auth(&t)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let query = format!("from=2&limit=2&consistency={consistency}");
+        let page = read_conv(&base, &t, "m", "c1", &query).await;
         assert_eq!(page["messages"][0]["seq"], 2, "{consistency}");
         assert_eq!(page["head"], 5, "{consistency}");
     }

@@ -463,6 +463,18 @@ fn push_u64(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// Appends a JSON array: `[`, each item as `each` writes it, commas between, `]`.
+fn push_array<T>(out: &mut Vec<u8>, items: &[T], mut each: impl FnMut(&T, &mut Vec<u8>)) {
+    out.push(b'[');
+    for (i, item) in items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        each(item, out);
+    }
+    out.push(b']');
+}
+
 fn field(out: &mut Vec<u8>, name: &str) {
     out.push(b',');
     out.push(b'"');
@@ -490,14 +502,7 @@ pub fn encode_server_json(op: &ServerOp, out: &mut Vec<u8>) {
             push_u64(out, *head);
             if !nodes.is_empty() {
                 field(out, "nodes");
-                out.push(b'[');
-                for (i, node) in nodes.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    push_str(out, node);
-                }
-                out.push(b']');
+                push_array(out, nodes, |node, out| push_str(out, node));
             }
         }
         ServerOp::Ok { r, pos, seq } => {
@@ -563,14 +568,7 @@ pub fn encode_server_json(op: &ServerOp, out: &mut Vec<u8>) {
         ServerOp::Batch(ops) => {
             // JSON has no batch op: a batch is a top-level array. Undo the object opener.
             out.truncate(out.len() - b"{\"op\":\"batch\"".len());
-            out.push(b'[');
-            for (i, o) in ops.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                encode_server_json(o, out);
-            }
-            out.push(b']');
+            push_array(out, ops, encode_server_json);
             return;
         }
     }
@@ -665,14 +663,7 @@ pub fn encode_client_json(op: &ClientOp, out: &mut Vec<u8>) {
         }
         ClientOp::Batch(ops) => {
             out.truncate(out.len() - b"{\"op\":\"batch\"".len());
-            out.push(b'[');
-            for (i, o) in ops.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                encode_client_json(o, out);
-            }
-            out.push(b']');
+            push_array(out, ops, encode_client_json);
             return;
         }
     }
@@ -768,14 +759,7 @@ pub fn batch_server_frames(frames: &[Vec<u8>], binary: bool) -> Vec<u8> {
             out.extend_from_slice(f);
         }
     } else {
-        out.push(b'[');
-        for (i, f) in frames.iter().enumerate() {
-            if i > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(f);
-        }
-        out.push(b']');
+        push_array(&mut out, frames, |f, out| out.extend_from_slice(f));
     }
     out
 }

@@ -680,19 +680,20 @@ impl World {
                 ),
             ));
         }
-        for e in events {
-            match self.acked_by_seq.get(&e.seq) {
-                Some(body) if body != e.body.as_str() => return Err((
-                    ClusterViolationKind::PageNotCommitted,
-                    format!(
-                        "a page (ref {r}, local: {}) shows {} at seq {}, acknowledged as {body}",
-                        read.local,
-                        e.body.as_str(),
-                        e.seq
-                    ),
-                )),
-                _ => {}
-            }
+        let wrong = events.iter().find_map(|e| {
+            let acked = self.acked_by_seq.get(&e.seq)?;
+            (acked != e.body.as_str()).then_some((e, acked))
+        });
+        if let Some((e, acked)) = wrong {
+            let local = read.local;
+            return Err((
+                ClusterViolationKind::PageNotCommitted,
+                format!(
+                    "a page (ref {r}, local: {local}) shows {} at seq {}, acknowledged as {acked}",
+                    e.body.as_str(),
+                    e.seq
+                ),
+            ));
         }
         Ok(())
     }

@@ -20,6 +20,20 @@ fn append(conv: &str, payload: &'static [u8]) -> RestRequest {
     }
 }
 
+/// A page of conversation `c` from seq 1.
+fn read(limit: u32, local: bool) -> RestRequest {
+    RestRequest {
+        mesh: "m".into(),
+        token: "t".into(),
+        op: RestOp::Read {
+            conv: "c".into(),
+            from: 1,
+            limit,
+            local,
+        },
+    }
+}
+
 fn requests(call: &mut RestCall) -> Vec<(Route, ShardOp)> {
     std::iter::from_fn(|| call.poll_request())
         .map(|(route, req)| (route, req.op))
@@ -80,18 +94,7 @@ fn the_session_rules_apply_to_rest_bodies_keys_and_limits() {
         assert_eq!(code(call.poll_answer()), expected, "{payload:?}");
     }
     for limit in [0, fabric_proto::READ_LIMIT_MAX + 1] {
-        let op = RestOp::Read {
-            conv: "c".into(),
-            from: 1,
-            limit,
-            local: false,
-        };
-        let request = RestRequest {
-            mesh: "m".into(),
-            token: "t".into(),
-            op,
-        };
-        let mut call = RestCall::new(1, 0, &CONFIG, request);
+        let mut call = RestCall::new(1, 0, &CONFIG, read(limit, false));
         requests(&mut call);
         call.handle_reply(1, 0, authed());
         assert_eq!(
@@ -168,17 +171,7 @@ fn an_append_is_answered_once_and_closed_on_the_shards_that_answered() {
 fn no_answer_in_time_a_restart_or_a_cancel_closes_the_session_everywhere() {
     // Proves an unanswered request ends with `unavailable` (timeout, restart) or no answer
     // (cancel), and `Closed` to every shard, since the one holding it is not known here.
-    let read = || RestRequest {
-        mesh: "m".into(),
-        token: "t".into(),
-        op: RestOp::Read {
-            conv: "c".into(),
-            from: 1,
-            limit: 5,
-            local: false,
-        },
-    };
-    let mut call = RestCall::new(1, 100, &CONFIG, read());
+    let mut call = RestCall::new(1, 100, &CONFIG, read(5, false));
     requests(&mut call);
     assert_eq!(call.poll_timeout(), Some(1_100));
     call.handle_timeout(1_099);
@@ -190,7 +183,7 @@ fn no_answer_in_time_a_restart_or_a_cancel_closes_the_session_everywhere() {
         vec![(Route::AllShards, ShardOp::Closed)]
     );
 
-    let mut call = RestCall::new(2, 0, &CONFIG, read());
+    let mut call = RestCall::new(2, 0, &CONFIG, read(5, false));
     requests(&mut call);
     call.handle_reply(1, 1, authed());
     requests(&mut call);
@@ -201,7 +194,7 @@ fn no_answer_in_time_a_restart_or_a_cancel_closes_the_session_everywhere() {
         vec![(Route::AllShards, ShardOp::Closed)]
     );
 
-    let mut call = RestCall::new(3, 0, &CONFIG, read());
+    let mut call = RestCall::new(3, 0, &CONFIG, read(5, false));
     requests(&mut call);
     call.handle_cancel(1);
     assert_eq!(call.poll_answer(), None);
@@ -210,7 +203,7 @@ fn no_answer_in_time_a_restart_or_a_cancel_closes_the_session_everywhere() {
         vec![(Route::AllShards, ShardOp::Closed)]
     );
 
-    let mut call = RestCall::new(4, 0, &CONFIG, read());
+    let mut call = RestCall::new(4, 0, &CONFIG, read(5, false));
     requests(&mut call);
     call.handle_reply(1, 0, authed());
     requests(&mut call);
@@ -234,22 +227,12 @@ fn a_local_read_asks_for_local_authentication_and_a_local_page() {
     // Proves `?consistency=local` reaches the shards: both the call's `Auth` and its `Read`
     // say `local`, so the receiving node's replica answers them; a default read says neither.
     for local in [false, true] {
-        let request = RestRequest {
-            mesh: "m".into(),
-            token: "t".into(),
-            op: RestOp::Read {
-                conv: "c".into(),
-                from: 1,
-                limit: 5,
-                local,
-            },
-        };
-        let mut call = RestCall::new(1, 0, &CONFIG, request);
+        let mut call = RestCall::new(1, 0, &CONFIG, read(5, local));
         let auth = requests(&mut call);
         assert!(matches!(auth[..], [(_, ShardOp::Auth { local: l, .. })] if l == local));
         call.handle_reply(1, 0, authed());
-        let read = requests(&mut call);
-        assert!(matches!(read[..], [(_, ShardOp::Read { local: l, .. })] if l == local));
-        assert_eq!(read[0].1.is_local_read(), local);
+        let page = requests(&mut call);
+        assert!(matches!(page[..], [(_, ShardOp::Read { local: l, .. })] if l == local));
+        assert_eq!(page[0].1.is_local_read(), local);
     }
 }
