@@ -79,11 +79,7 @@ impl Default for Options {
             tail_rate: 1000,
             timeout: Duration::from_secs(120),
             target: Duration::from_secs(30),
-            node: NodeOptions {
-                cluster: Some(NODES),
-                shards: Some(1),
-                ..NodeOptions::default()
-            },
+            node: NodeOptions::one_shard_cluster(NODES),
         }
     }
 }

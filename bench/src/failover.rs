@@ -58,11 +58,7 @@ impl Default for Options {
             attempt_timeout: Duration::from_millis(500),
             write_interval: Duration::from_millis(10),
             round_timeout: Duration::from_secs(30),
-            node: NodeOptions {
-                cluster: Some(NODES),
-                shards: Some(1),
-                ..NodeOptions::default()
-            },
+            node: NodeOptions::one_shard_cluster(NODES),
         }
     }
 }

@@ -92,6 +92,18 @@ pub struct NodeOptions {
     pub ws_tls: bool,
 }
 
+impl NodeOptions {
+    /// A cluster of `nodes` with one shard, so "the shard" and "its leader" are one thing (the
+    /// failover and catch-up modes).
+    pub fn one_shard_cluster(nodes: u32) -> NodeOptions {
+        NodeOptions {
+            cluster: Some(nodes),
+            shards: Some(1),
+            ..NodeOptions::default()
+        }
+    }
+}
+
 impl Default for NodeOptions {
     fn default() -> NodeOptions {
         NodeOptions {
