@@ -120,6 +120,11 @@ pub struct ShardReadiness {
     /// The last write failed for lack of space and none has landed since: writes are refused
     /// with `storage_full` and retried after a backoff (reads are served).
     pub storage_full: bool,
+    /// The replica is in repair: its log was damaged where no torn write can be, it cut the
+    /// log there and fetches the rest from the leader; it must hold entries through this index
+    /// before it votes again. Absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub repair_through: Option<u64>,
 }
 
 impl NodeCtx {
@@ -158,11 +163,15 @@ impl NodeCtx {
                         (st.last_error.clone(), st.wal_stalled, st.disk_full, r)
                     })
                     .unwrap_or_default();
-                // A replica serves (directly or through its leader) once a leader is known.
-                let led = s.replication.is_none() || replica.is_some_and(|r| r.leader.is_some());
+                // A replica serves (directly or through its leader) once a leader is known, and
+                // counts as ready only once out of repair.
+                let repair_through = replica.as_ref().and_then(|r| r.repair_through);
+                let led = s.replication.is_none()
+                    || replica.is_some_and(|r| r.leader.is_some() && r.repair_through.is_none());
                 ShardReadiness {
                     shard: s.idx,
                     ready: s.ready.load(Ordering::SeqCst) && led && !stalled && !storage_full,
+                    repair_through,
                     restarts: s.restarts.load(Ordering::SeqCst),
                     last_error,
                     wal_stalled: stalled,
@@ -177,6 +186,13 @@ impl NodeCtx {
             .collect();
         let reason = if *self.shutdown.borrow() {
             Some("the node is shutting down".to_string())
+        } else if let Some(r) = shards.iter().find(|s| s.repair_through.is_some()) {
+            Some(format!(
+                "shard {} is in repair: its log was damaged, it fetches entries through lsn {} \
+                 from the leader (not serving: {down:?})",
+                r.shard,
+                r.repair_through.unwrap_or(0)
+            ))
         } else if !down.is_empty() {
             Some(format!(
                 "shards not serving writes (recovering, restarting, failed, disk full, a WAL \

@@ -67,8 +67,9 @@ pub enum ShardMsg {
 
 /// A host whose adapter (not its core: that is caught) panicked is started again after this.
 const ADAPTER_RESTART_DELAY_MS: u64 = 1_000;
-/// What publishing a replica's figures at once depends on: term, known leader, leading.
-type ReplicaRole = (u64, Option<NodeId>, bool);
+/// What publishing a replica's figures at once depends on.
+/// (term, leader, leading, in repair): a change publishes at once.
+type ReplicaRole = (u64, Option<NodeId>, bool, bool);
 
 /// A replicated shard's commit and lag reach `/v1/cluster` at most this often (its role at
 /// once).
@@ -207,6 +208,9 @@ pub struct ReplicaStatus {
     pub snapshots_installed: u64,
     /// Elections this host saw its replica start.
     pub elections: u64,
+    /// In repair (its log was damaged; `fabric_shard::repair`): it must hold entries through
+    /// this index before it votes; `/readyz` fails for the shard meanwhile.
+    pub repair_through: Option<u64>,
 }
 
 /// How one shard slot is set up (`ShardSlot::new`).
@@ -788,7 +792,8 @@ impl HostIo {
         let role = driver.replica().map(|r| {
             let leading = r.mode() == fabric_shard::replica::Mode::Leading;
             self.elections.observe(r.raft().term(), r.raft().role());
-            (r.raft().term(), r.raft().leader(), leading)
+            let repairing = r.raft().repair_through().is_some();
+            (r.raft().term(), r.raft().leader(), leading, repairing)
         });
         let now = Instant::now();
         let fresh = self.replica_published.is_some_and(|(was, at)| {
@@ -821,6 +826,7 @@ impl HostIo {
                 snapshots_sent: r.stats().snapshots_sent,
                 snapshots_installed: r.stats().snapshots_installed,
                 elections,
+                repair_through: raft.repair_through(),
             }
         });
         if let Ok(mut s) = self.slot.stats.lock() {

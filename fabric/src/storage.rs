@@ -286,6 +286,27 @@ impl SegmentStore for FileStore {
         crate::files::write_atomic(&q.join(name), bytes, FILE_MODE).map_err(file_err)
     }
 
+    fn read_repair(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.dir.join(fabric_shard::repair::REPAIR_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(store_err("read", &path, e)),
+        }
+    }
+
+    fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.dir.join(fabric_shard::repair::REPAIR_FILE);
+        crate::files::write_atomic(&path, bytes, FILE_MODE).map_err(file_err)
+    }
+
+    fn remove_repair(&mut self) -> Result<(), StoreError> {
+        let path = self.dir.join(fabric_shard::repair::REPAIR_FILE);
+        crate::files::remove_file(&path)
+            .map_err(file_err)
+            .map(|_| ())
+    }
+
     fn segment_path(&self, id: u64) -> String {
         self.path(id).display().to_string()
     }
@@ -326,12 +347,40 @@ pub fn recover(
             "removed an incompletely created segment (kept in quarantine/)"
         );
     }
+    log_repair(&store, &report);
     Ok(Recovered {
         core,
         report,
         store,
         duration: started.elapsed(),
     })
+}
+
+/// The log lines of a replica's repair (`fabric_shard::repair`).
+fn log_repair(store: &FileStore, report: &RecoveryReport) {
+    if let Some(cut) = &report.repair {
+        tracing::error!(
+            file = %store.segment_path(cut.segment),
+            offset = cut.offset,
+            from_lsn = cut.from_lsn,
+            through_lsn = cut.through_lsn,
+            removed = ?cut.removed,
+            reason = %cut.reason,
+            quarantine = ?report.quarantined,
+            "the replica's log is damaged where no torn write can be: cut it there (the bytes \
+             are kept in quarantine/); the replica starts in repair, fetches the range from the \
+             leader and neither votes nor leads until it holds it"
+        );
+    } else if let Some(through) = report.repair_through {
+        tracing::warn!(
+            through_lsn = through,
+            "the replica is still in repair (REPAIR marker): it neither votes nor leads until it \
+             holds entries through through_lsn"
+        );
+    }
+    if report.repair_finished {
+        tracing::info!("the replica's repair is complete: REPAIR marker removed");
+    }
 }
 
 /// What the writer thread reports back for each write, in order.

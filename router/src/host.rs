@@ -152,7 +152,10 @@ impl RecoverJob {
             return Ok((Core::Single(Box::new(shard)), report));
         };
         let window = replica::recovery_window(&rc.raft);
-        let (shard, report, log) = store::recover_replica_log(store, self.config.clone(), window)?;
+        // With other voters to fetch from, damage a bit flip leaves is repaired, not refused.
+        let repairable = rc.voters.len() > 1;
+        let (shard, report, log) =
+            store::recover_replica_log(store, self.config.clone(), window, repairable)?;
         let r = Replica::new(shard, log, rc.clone()).map_err(|e| {
             RecoverError::Manifest(format!("the recovered log does not start a replica: {e}"))
         })?;

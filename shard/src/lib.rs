@@ -33,6 +33,7 @@
 pub mod raft;
 pub mod record;
 pub mod recovery;
+pub mod repair;
 pub mod store;
 pub mod wal;
 

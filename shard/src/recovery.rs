@@ -9,12 +9,18 @@
 //! - Anything else (damage in a sealed segment or an earlier write, a checksummed record or
 //!   frame out of LSN sequence, a damaged segment header of a listed segment) refuses to
 //!   start, naming the file and byte offset.
+//! - A replica of a group of 3 or 5 ([`Recoverer::repairable`]) does not refuse damage of the
+//!   kind a bit flip leaves (a checksum, a frame or a segment header, anywhere but the oldest
+//!   segment's header): it cuts the log at the damaged frame, keeping every cut byte in
+//!   quarantine, and starts in repair ([`crate::repair`]). Damage that checksums pass (terms
+//!   going back, a segment out of LSN sequence) still refuses: no bit flip makes it.
 //! - A segment newer than the manifest lists is an incomplete creation (its header is written
 //!   before the manifest lists it, and records only after): if it holds no frame it is
 //!   quarantined and removed; if it holds one, recovery refuses.
 
 use crate::raft::{ConfChange, TermRun};
 use crate::record::Record;
+use crate::repair;
 use crate::store::StoreError;
 use crate::wal::{self, Damage, SegmentHeader};
 use crate::{SegmentInfo, Shard, ShardConfig};
@@ -92,6 +98,29 @@ pub struct RecoveryReport {
     pub incomplete_segment: Option<u64>,
     /// Retired segments (no longer in the manifest) whose deletion recovery finished.
     pub retired_removed: Vec<u64>,
+    /// Damage a replica cuts to repair from its leader (see [`crate::repair`]).
+    pub repair: Option<RepairCut>,
+    /// The replica starts in repair: it must hold entries through this LSN before it votes.
+    pub repair_through: Option<u64>,
+    /// A repair marker was found whose range the log holds again: the repair is over and the
+    /// marker was removed.
+    pub repair_finished: bool,
+}
+
+/// Damage in a replica's log that no torn write explains, cut so the replica can fetch the
+/// range from its leader.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RepairCut {
+    /// The damaged segment: it keeps `[0, offset)`; offset 0 (its header is damaged) removes it.
+    pub segment: u64,
+    pub offset: u64,
+    /// The first LSN cut, and the highest LSN the cut bytes name.
+    pub from_lsn: u64,
+    pub through_lsn: u64,
+    /// Later segments, cut whole.
+    pub removed: Vec<u64>,
+    /// What was wrong, for the log line.
+    pub reason: String,
 }
 
 /// A record recovery read but did not apply: a replica applies only what is committed (up to
@@ -117,6 +146,9 @@ pub struct RecoveredLog {
     pub tail: Vec<TailRecord>,
     /// The last LSN applied.
     pub applied: u64,
+    /// Set when the replica starts in repair: it may not vote or lead until entries through
+    /// this LSN are durable in its log ([`crate::raft::RaftCore::begin_repair`]).
+    pub repair_through: Option<u64>,
 }
 
 /// Rebuilds a shard from its listed segments, oldest first. Pure: [`crate::store::recover`]
@@ -134,6 +166,8 @@ pub struct Recoverer {
     pending: std::collections::VecDeque<TailRecord>,
     window: usize,
     log: RecoveredLog,
+    /// Damage of the kind a bit flip leaves is cut for repair, not refused.
+    repairable: bool,
 }
 
 impl Recoverer {
@@ -155,7 +189,20 @@ impl Recoverer {
             pending: std::collections::VecDeque::new(),
             window,
             log: RecoveredLog::default(),
+            repairable: false,
         }
+    }
+
+    /// Cut damage a bit flip can leave for repair instead of refusing it (a replica of a
+    /// group with other voters to fetch from).
+    pub fn repairable(mut self) -> Recoverer {
+        self.repairable = true;
+        self
+    }
+
+    /// Whether a cut for repair was decided.
+    pub fn repairing(&self) -> bool {
+        self.report.repair.is_some()
     }
 
     /// The most bytes one write can hold: recovery never cuts more than this.
@@ -179,8 +226,23 @@ impl Recoverer {
             offset,
             reason,
         };
-        let header =
-            SegmentHeader::decode(bytes).map_err(|e| corrupt(0, format!("segment header: {e}")))?;
+        if let Some(cut) = &mut self.report.repair {
+            // Past the damage: the whole segment is cut, and what it names may be acknowledged.
+            cut.removed.push(id);
+            cut.through_lsn = repair::acked_bound_of_segment(bytes, cut.through_lsn);
+            return Ok(());
+        }
+        let header = match SegmentHeader::decode(bytes) {
+            Ok(h) => h,
+            Err(e) => {
+                let reason = format!("segment header: {e}");
+                let Some(from_lsn) = self.expect_lsn.filter(|_| self.repairable) else {
+                    return Err(corrupt(0, reason));
+                };
+                self.start_repair(id, 0, bytes, from_lsn, reason);
+                return Ok(());
+            }
+        };
         // A segment a rewind started begins below the LSN expected next (its first frame is
         // that rewind, from the header's LSN).
         let rewind_start = wal::FrameHeader::decode(&bytes[wal::SEGMENT_HEADER_BYTES..])
@@ -191,14 +253,20 @@ impl Recoverer {
         let scan = wal::scan_frames(bytes, expect, skip_crc);
         if let Some((at, damage)) = &scan.damage {
             let next = scan.records.last().map_or(expect, |r| r.lsn + 1);
-            self.may_cut(bytes, *at, damage, next, newest)
-                .map_err(|refused| corrupt(*at, refused.to_string()))?;
-            self.report.cut = Some(crate::recovery::Cut {
-                segment: id,
-                offset: *at,
-                bytes: bytes.len() as u64 - *at,
-            });
-            self.report.cut_reason = Some(damage.reason().to_string());
+            match self.may_cut(bytes, *at, damage, next, newest) {
+                Ok(()) => {
+                    self.report.cut = Some(crate::recovery::Cut {
+                        segment: id,
+                        offset: *at,
+                        bytes: bytes.len() as u64 - *at,
+                    });
+                    self.report.cut_reason = Some(damage.reason().to_string());
+                }
+                Err(refused) if self.repairable => {
+                    self.start_repair(id, *at, bytes, next, refused.to_string())
+                }
+                Err(refused) => return Err(corrupt(*at, refused.to_string())),
+            }
         }
         if let Some(to) = scan.rewound_to {
             let at = wal::SEGMENT_HEADER_BYTES as u64;
@@ -227,6 +295,24 @@ impl Recoverer {
         self.report.segments += 1;
         self.report.bytes += scan.valid_len;
         Ok(())
+    }
+
+    /// Decides a cut for repair at `offset` of segment `id` (0: the whole segment), the log
+    /// going on from `from_lsn`; every LSN the cut bytes name may have been acknowledged.
+    fn start_repair(&mut self, id: u64, offset: u64, bytes: &[u8], from_lsn: u64, reason: String) {
+        let through_lsn = if offset == 0 {
+            repair::acked_bound_of_segment(bytes, from_lsn - 1)
+        } else {
+            repair::acked_bound(bytes, offset as usize, from_lsn - 1)
+        };
+        self.report.repair = Some(RepairCut {
+            segment: id,
+            offset,
+            from_lsn,
+            through_lsn,
+            removed: Vec::new(),
+            reason,
+        });
     }
 
     /// One live record: checked against the term before it, noted in the log's term runs and
@@ -428,6 +514,15 @@ impl Recoverer {
             if let Some(seg) = s.segments.iter_mut().find(|x| x.id == cut.segment) {
                 seg.bytes = cut.offset;
             }
+        }
+        if let Some(cut) = &self.report.repair {
+            if let Some(seg) = s.segments.iter_mut().find(|x| x.id == cut.segment) {
+                seg.bytes = cut.offset;
+            }
+            // The manifest recovery writes before it cuts: the damaged segment (or the one
+            // before it) is the newest, and no commit is known past the cut.
+            s.manifest.newest = s.segments.back().map_or(0, |x| x.id);
+            s.manifest.commit = s.manifest.commit.min(cut.from_lsn - 1);
         }
         if let Some(seg) = s.segments.back() {
             s.durable_end = (seg.id, seg.bytes);

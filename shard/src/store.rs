@@ -22,6 +22,7 @@
 //! too, the shard must stop ([`WriteFailure::cleaned`] is false).
 
 use crate::recovery::{RecoveredLog, Recoverer};
+use crate::repair::{self, RepairMarker};
 use crate::wal::{self, Manifest, SegmentHeader};
 use crate::{PlantedBugs, RecoverError, RecoveryReport, Shard, ShardConfig, WalWrite};
 
@@ -107,6 +108,12 @@ pub trait SegmentStore {
     /// Keeps `bytes` in `quarantine/<name>`, durably (temp file, fsync, rename, directory
     /// fsyncs), before recovery cuts them from a segment.
     fn quarantine(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError>;
+    /// The repair marker's bytes (`REPAIR`, [`crate::repair`]), or `None` if there is none.
+    fn read_repair(&mut self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes the repair marker durably: temp file, fsync, rename, directory fsync.
+    fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
+    /// Removes the repair marker (if any) and makes the removal durable.
+    fn remove_repair(&mut self) -> Result<(), StoreError>;
     /// How to name segment `id` in messages (its path).
     fn segment_path(&self, id: u64) -> String;
 }
@@ -252,20 +259,31 @@ pub fn recover_planted<S: SegmentStore>(
 /// Recovers a replica's shard ([`crate::replica::Replica::new`] takes the result): records are
 /// applied up to the manifest's commit hint, `window` records held back for rewinds
 /// ([`crate::replica::recovery_window`]); the shard stays in replay.
+///
+/// `repairable` (a group with other voters): damage a bit flip can leave is cut and the replica
+/// starts in repair ([`crate::repair`]) instead of refusing to start.
 pub fn recover_replica_log<S: SegmentStore>(
     store: &mut S,
     config: ShardConfig,
     window: usize,
+    repairable: bool,
 ) -> Result<(Shard, RecoveryReport, RecoveredLog), RecoverError> {
     let planted = config.planted;
-    recover_log(store, config, &planted, Some(window))
+    let replica = ReplicaRecovery { window, repairable };
+    recover_log(store, config, &planted, Some(replica))
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ReplicaRecovery {
+    window: usize,
+    repairable: bool,
 }
 
 fn recover_log<S: SegmentStore>(
     store: &mut S,
     config: ShardConfig,
     planted: &PlantedBugs,
-    replica_window: Option<usize>,
+    replica: Option<ReplicaRecovery>,
 ) -> Result<(Shard, RecoveryReport, RecoveredLog), RecoverError> {
     let shard_idx = config.shard;
     let Some(bytes) = store.read_manifest()? else {
@@ -279,12 +297,19 @@ fn recover_log<S: SegmentStore>(
             manifest.shard
         )));
     }
+    let marker = match replica {
+        Some(_) => read_marker(store, shard_idx)?,
+        None => None,
+    };
     let mut ids = store.list_segments()?;
     ids.sort_unstable();
-    let (retired, listed, unlisted) = classify(&manifest, &ids)?;
-    let mut r = match replica_window {
+    let (retired, listed, newer) = classify(&manifest, &ids)?;
+    let mut r = match replica {
         None => Recoverer::new(config),
-        Some(window) => Recoverer::replica(config, manifest.commit, window),
+        Some(rr) if rr.repairable => {
+            Recoverer::replica(config, manifest.commit, rr.window).repairable()
+        }
+        Some(rr) => Recoverer::replica(config, manifest.commit, rr.window),
     };
     let mut newest_bytes = Vec::new();
     for id in &listed {
@@ -295,15 +320,33 @@ fn recover_log<S: SegmentStore>(
             newest_bytes = bytes;
         }
     }
+    // Segments past the newest listed one are an incomplete creation, or, in repair, what an
+    // interrupted repair cut had not yet removed.
+    let in_repair = marker.is_some() || r.repairing();
+    let (unlisted, leftovers) = match newer.as_slice() {
+        _ if in_repair => (None, newer),
+        [] => (None, Vec::new()),
+        [id] if *id == manifest.newest + 1 => (Some(*id), Vec::new()),
+        _ => return Err(too_many_newer(&manifest, &newer)),
+    };
     let mut incomplete = Vec::new();
     if let Some(id) = unlisted {
         incomplete = store.read_segment(id)?;
         r.handle_unlisted(id, &store.segment_path(id), &incomplete)?;
     }
-    let (shard, mut report, log) = r.finish_replica(manifest);
+    let (shard, mut report, mut log) = r.finish_replica(manifest);
     carry_out(store, &mut report, &newest_bytes, &incomplete)?;
+    let cut_whole = cut_for_repair(store, &mut report, &shard, marker, &leftovers)?;
+    let through = report.repair_through.unwrap_or(0);
+    if marker.is_some() && through < shard.next_lsn {
+        // The log holds the whole range again (the repair ended before a restart).
+        store.remove_repair()?;
+        report.repair_through = None;
+        report.repair_finished = true;
+    }
+    log.repair_through = report.repair_through;
     if !planted.no_sync_after_recovery {
-        for id in &listed {
+        for id in listed.iter().filter(|id| !cut_whole.contains(id)) {
             store.sync(*id)?;
         }
     }
@@ -318,7 +361,7 @@ fn recover_log<S: SegmentStore>(
 /// Which segments are retired (older than the manifest's oldest: their removal was not
 /// durable), listed (all must exist), and at most one newer (an incomplete creation).
 /// Segment ids: retired, listed, and the one newer than the manifest's newest (if any).
-type Classified = (Vec<u64>, Vec<u64>, Option<u64>);
+type Classified = (Vec<u64>, Vec<u64>, Vec<u64>);
 
 fn classify(m: &Manifest, ids: &[u64]) -> Result<Classified, RecoverError> {
     let retired: Vec<u64> = ids.iter().copied().filter(|id| *id < m.oldest).collect();
@@ -339,16 +382,98 @@ fn classify(m: &Manifest, ids: &[u64]) -> Result<Classified, RecoverError> {
             )));
         }
     }
-    let expected_next = m.newest + 1;
-    match newer.as_slice() {
-        [] => Ok((retired, listed, None)),
-        [id] if *id == expected_next => Ok((retired, listed, Some(*id))),
-        _ => Err(RecoverError::Manifest(format!(
-            "segments {newer:?} are newer than MANIFEST's newest ({}); only one incompletely \
-             created segment ({expected_next}) can be",
-            m.newest
-        ))),
+    Ok((retired, listed, newer))
+}
+
+fn too_many_newer(m: &Manifest, newer: &[u64]) -> RecoverError {
+    RecoverError::Manifest(format!(
+        "segments {newer:?} are newer than MANIFEST's newest ({}); only one incompletely \
+         created segment ({}) can be",
+        m.newest,
+        m.newest + 1
+    ))
+}
+
+/// The shard's repair marker, if it has one; a damaged one refuses to start.
+fn read_marker<S: SegmentStore>(
+    store: &mut S,
+    shard: u32,
+) -> Result<Option<RepairMarker>, RecoverError> {
+    let Some(bytes) = store.read_repair()? else {
+        return Ok(None);
+    };
+    RepairMarker::decode(&bytes, shard)
+        .map(Some)
+        .map_err(|e| RecoverError::Manifest(format!("{} is damaged: {e}", repair::REPAIR_FILE)))
+}
+
+/// Carries out a cut for repair: the marker first (so a crash at any later step restarts in
+/// repair), then every cut byte into quarantine, then the manifest that ends the log at the
+/// cut, then the cut itself. Leftovers of an interrupted cut go the same way. Returns the
+/// segments removed whole.
+fn cut_for_repair<S: SegmentStore>(
+    store: &mut S,
+    report: &mut RecoveryReport,
+    shard: &Shard,
+    prior: Option<RepairMarker>,
+    leftovers: &[u64],
+) -> Result<Vec<u64>, RecoverError> {
+    let mut whole: Vec<u64> = leftovers.to_vec();
+    let mut marker = prior;
+    if let Some(cut) = &report.repair {
+        let found = RepairMarker {
+            shard: shard.config.shard,
+            from_lsn: cut.from_lsn,
+            through_lsn: cut.through_lsn,
+        };
+        marker = Some(marker.map_or(found, |m| m.merge(found)));
+        whole.extend(cut.removed.iter().copied());
+        if cut.offset == 0 {
+            whole.push(cut.segment);
+        }
     }
+    for id in leftovers {
+        let bytes = store.read_segment(*id)?;
+        if let Some(m) = &mut marker {
+            m.through_lsn = repair::acked_bound_of_segment(&bytes, m.through_lsn);
+        }
+    }
+    let Some(marker) = marker else {
+        return Ok(whole);
+    };
+    report.repair_through = Some(marker.through_lsn);
+    if report.repair.is_none() && leftovers.is_empty() {
+        return Ok(whole);
+    }
+    if prior != Some(marker) {
+        store.write_repair(&marker.encode())?;
+    }
+    let partial = report
+        .repair
+        .as_ref()
+        .filter(|c| c.offset > 0)
+        .map(|c| (c.segment, c.offset));
+    if let Some((id, offset)) = partial {
+        let bytes = store.read_segment(id)?;
+        let name = wal::quarantine_file_name(id, offset);
+        store.quarantine(&name, bytes.get(offset as usize..).unwrap_or_default())?;
+        report.quarantined.push(name);
+    }
+    for id in &whole {
+        let name = wal::quarantine_file_name(*id, 0);
+        let bytes = store.read_segment(*id)?;
+        store.quarantine(&name, &bytes)?;
+        report.quarantined.push(name);
+    }
+    write_manifest(store, &shard.manifest, true)?;
+    if let Some((id, offset)) = partial {
+        store.truncate(id, offset)?;
+    }
+    for id in &whole {
+        store.remove_segment(*id)?;
+    }
+    store.sync_dir()?;
+    Ok(whole)
 }
 
 /// No manifest: a directory emptied (or never initialized), or data of an older format.

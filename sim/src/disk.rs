@@ -140,6 +140,9 @@ pub struct Disk {
     durable_manifest: Option<Vec<u8>>,
     manifest_temp: Option<Vec<u8>>,
     quarantine: BTreeMap<String, Vec<u8>>,
+    /// The repair marker: written (temp file, fsync, rename, directory fsync) and removed
+    /// (removal, directory fsync) durably in one step each.
+    repair: Option<Vec<u8>>,
     /// The fault the current file steps run into, and how many steps ran so far.
     fault: Option<Fault>,
     steps: usize,
@@ -548,6 +551,23 @@ impl SegmentStore for Disk {
     fn quarantine(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.step("quarantine", name.into(), false)?;
         self.quarantine.insert(name.to_string(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_repair(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.step("read", fabric_shard::repair::REPAIR_FILE.into(), false)?;
+        Ok(self.repair.clone())
+    }
+
+    fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.step("write", fabric_shard::repair::REPAIR_FILE.into(), true)?;
+        self.repair = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn remove_repair(&mut self) -> Result<(), StoreError> {
+        self.step("delete", fabric_shard::repair::REPAIR_FILE.into(), false)?;
+        self.repair = None;
         Ok(())
     }
 

@@ -78,6 +78,17 @@ impl SegmentStore for Recording {
     fn quarantine(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.inner.quarantine(name, bytes)
     }
+    fn read_repair(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.read_repair()
+    }
+    fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.call("write_repair", None)?;
+        self.inner.write_repair(bytes)
+    }
+    fn remove_repair(&mut self) -> Result<(), StoreError> {
+        self.call("remove_repair", None)?;
+        self.inner.remove_repair()
+    }
     fn segment_path(&self, id: u64) -> String {
         self.inner.segment_path(id)
     }

@@ -30,8 +30,8 @@ impl RaftCore {
             return;
         }
         self.reset_election_deadline(now_ms);
-        // Learners and removed nodes never campaign.
-        if self.is_voter() {
+        // Learners, removed nodes and nodes in repair never campaign.
+        if self.may_elect() {
             let kind = if self.prevote_on() {
                 Campaign::Pre
             } else {
@@ -168,7 +168,7 @@ impl RaftCore {
                 self.handle_heartbeat_response(from, read_seq)
             }
             MessageBody::TimeoutNow => {
-                if self.role != Role::Leader && self.is_voter() {
+                if self.role != Role::Leader && self.may_elect() {
                     self.campaign(now_ms, Campaign::Real { transfer: true });
                 }
             }
@@ -195,9 +195,10 @@ impl RaftCore {
 
     fn handle_pre_vote(&mut self, msg: &Message, last_index: u64, last_term: u64) {
         // Grant if the asker's campaign term is ahead of ours and its log is up to date; a
-        // learner never votes. The grant echoes the asked term, a refusal carries ours.
+        // learner or a node in repair never votes. The grant echoes the asked term, a refusal
+        // carries ours.
         let granted = msg.term > self.term
-            && self.is_voter()
+            && self.may_elect()
             && self.log.is_up_to_date(last_index, last_term);
         let body = MessageBody::PreVoteResponse { granted };
         let term = if granted { msg.term } else { self.term };
@@ -214,6 +215,7 @@ impl RaftCore {
         let free = self.vote.is_none() || self.vote == Some(from);
         let granted = free
             && !self.conf.current().learners.contains(&self.id)
+            && (self.repair_through.is_none() || self.config.planted.repair_votes_early)
             && self.log.is_up_to_date(last_index, last_term);
         if granted {
             let before = self.vote;

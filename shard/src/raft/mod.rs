@@ -134,6 +134,8 @@ pub struct RaftPlanted {
     /// No pre-vote, no check-quorum, no leader lease: a partitioned node that rejoins with a
     /// higher term deposes a healthy leader.
     pub no_prevote_checkquorum: bool,
+    /// A replica in repair votes and campaigns with its shortened log.
+    pub repair_votes_early: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -313,6 +315,9 @@ pub struct RaftCore {
     log_reads: BTreeMap<u64, PendingLogRead>,
     next_log_read_id: u64,
     reads: ReadIndex,
+    /// In repair ([`crate::repair`]): no vote, pre-vote, campaign or `TimeoutNow` until
+    /// entries through this index are durable here.
+    repair_through: Option<u64>,
     // Output gathered for the next Ready.
     out: Ready,
     hard_state_written: HardState,
@@ -369,6 +374,7 @@ impl RaftCore {
             log_reads: BTreeMap::new(),
             next_log_read_id: 1,
             reads: ReadIndex::default(),
+            repair_through: None,
             out: Ready::default(),
             hard_state_written: hard_state,
             role_reported,
@@ -430,6 +436,34 @@ impl RaftCore {
         if self.log.persist(index, term) && self.role == Role::Leader {
             self.maybe_commit(now_ms);
         }
+        self.end_repair_if_done();
+    }
+
+    /// Starts this node in repair: its log lost entries it may have acknowledged, through
+    /// `through` at most ([`crate::repair`]). Until entries through `through` are durable here
+    /// (they can only come from a leader), it grants no vote or pre-vote, never campaigns and
+    /// ignores `TimeoutNow`: a vote cast with the shortened log could elect a leader that
+    /// lacks an entry this node's old acknowledgement helped commit.
+    pub fn begin_repair(&mut self, through: u64) {
+        if self.log.persisted < through {
+            self.repair_through = Some(through);
+        }
+    }
+
+    /// The index this node must hold durably before it may vote again, while in repair.
+    pub fn repair_through(&self) -> Option<u64> {
+        self.repair_through
+    }
+
+    pub(super) fn end_repair_if_done(&mut self) {
+        if self.repair_through.is_some_and(|t| self.log.persisted >= t) {
+            self.repair_through = None;
+        }
+    }
+
+    /// Whether this node may vote and campaign (a voter, not in repair).
+    pub(super) fn may_elect(&self) -> bool {
+        self.is_voter() && (self.repair_through.is_none() || self.config.planted.repair_votes_early)
     }
 
     /// The host compacted its log through `index` (a snapshot now covers it); entries up to

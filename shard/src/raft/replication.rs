@@ -232,6 +232,7 @@ impl RaftCore {
         }
         self.log.reset_to_snapshot(index, term);
         self.conf.reset(conf);
+        self.end_repair_if_done();
         true
     }
 

@@ -294,7 +294,7 @@ impl Replica {
             snapshot_is_committed_state: false,
             ..config.raft
         };
-        let raft = RaftCore::new(
+        let mut raft = RaftCore::new(
             raft_config,
             config.node,
             hard_state,
@@ -302,6 +302,9 @@ impl Replica {
             membership,
             &log.conf,
         )?;
+        if let Some(through) = log.repair_through {
+            raft.begin_repair(through);
+        }
         shard.replica = Some(Hooks::default());
         let unapplied = log.tail.into_iter().map(|t| {
             let mut payload = Vec::new();

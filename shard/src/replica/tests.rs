@@ -297,8 +297,8 @@ impl Cluster {
         let m = &mut self.members[i];
         let id = m.id;
         let window = recovery_window(&raft_config());
-        let (shard, _, log) =
-            store::recover_replica_log(&mut m.disk, shard_config(), window).expect("recovers");
+        let (shard, _, log) = store::recover_replica_log(&mut m.disk, shard_config(), window, true)
+            .expect("recovers");
         let dbg = format!(
             "segments {:?} next {} start {} manifest {:?} runs {:?}",
             shard
@@ -813,4 +813,61 @@ fn an_entry_that_is_not_a_record_is_refused_before_the_log() {
     assert_eq!(r.stats().messages_dropped_invalid, 3);
     assert_eq!(r.raft().last_index(), 0);
     assert!(r.poll_wal(1_000).is_none_or(|w| w.records == 0));
+}
+
+#[test]
+fn a_follower_with_a_flipped_bit_repairs_from_the_leader_and_votes_only_after() {
+    // Proves protocol-aware recovery end to end: a follower whose synced log has a flipped bit
+    // starts in repair instead of refusing; with the leader cut off, the group of it and the
+    // third node elects nobody (it grants no vote with its shortened log); after the heal it
+    // fetches the range from the leader, leaves repair, and every replica ends with the same
+    // committed log holding every acknowledged append.
+    let mut c = Cluster::new(3, 11, Faults::default());
+    c.setup();
+    for _ in 0..300 {
+        c.issue();
+        c.step();
+    }
+    c.settle();
+    let leader = c.leader().expect("a leader");
+    let f = if leader == 1 { 2 } else { 1 };
+    let i = f as usize - 1;
+    c.crash(i);
+    let segments: Vec<u64> = c.members[i].disk.segments().keys().copied().collect();
+    assert!(segments.len() >= 2, "{segments:?}");
+    let at = wal::SEGMENT_HEADER_BYTES + wal::FRAME_HEADER_BYTES + wal::RECORD_HEADER_BYTES + 1;
+    c.members[i].disk.segment_mut(segments[0]).expect("segment")[at] ^= 0x20;
+    c.restart(i);
+    let through = c.replica(f).raft().repair_through().expect("in repair");
+    assert!(c.replica(f).raft().last_index() < through);
+    c.isolated.insert(leader);
+    c.run(300);
+    let others: Vec<NodeId> = (1..=3).filter(|&n| n != leader).collect();
+    assert!(
+        others
+            .iter()
+            .all(|&n| c.replica(n).raft().role() != Role::Leader),
+        "no leader without the repairing node's vote"
+    );
+    assert!(c.replica(f).raft().repair_through().is_some());
+    c.isolated.clear();
+    c.run_until(|c| c.leader().is_some(), 2_000);
+    for _ in 0..(through + 50) {
+        c.issue();
+        c.step();
+        if c.members[i]
+            .replica
+            .as_ref()
+            .is_some_and(|r| r.raft().repair_through().is_none())
+        {
+            break;
+        }
+    }
+    c.settle();
+    assert_eq!(
+        c.replica(f).raft().repair_through(),
+        None,
+        "the repair ended"
+    );
+    c.check();
 }

@@ -26,6 +26,8 @@ pub struct MemStore {
     /// The manifest a crash leaves (a rename is durable at the next directory sync).
     durable_manifest: Option<Vec<u8>>,
     quarantine: BTreeMap<String, Vec<u8>>,
+    /// The repair marker (written and removed durably at once).
+    repair: Option<Vec<u8>>,
     /// The next call of the named operation fails with this kind (then the injection ends).
     fail_next: Option<(&'static str, StoreErrorKind)>,
     /// Every operation, in order (`"create 1"`, `"sync_dir"`, ...), for tests of the steps.
@@ -212,6 +214,23 @@ impl SegmentStore for MemStore {
     fn quarantine(&mut self, name: &str, bytes: &[u8]) -> Result<(), StoreError> {
         self.op("quarantine", None)?;
         self.quarantine.insert(name.to_string(), bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_repair(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.op("read_repair", None)?;
+        Ok(self.repair.clone())
+    }
+
+    fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.op("write_repair", None)?;
+        self.repair = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn remove_repair(&mut self) -> Result<(), StoreError> {
+        self.op("remove_repair", None)?;
+        self.repair = None;
         Ok(())
     }
 

@@ -5,4 +5,5 @@ mod harness;
 mod random;
 mod rules;
 mod rules_leader;
+mod rules_repair;
 mod rules_replication;
