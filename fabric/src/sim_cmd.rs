@@ -299,8 +299,8 @@ fn cluster(args: &SimArgs) -> anyhow::Result<bool> {
     let wall = report.wall.as_secs_f64().max(0.001);
     println!(
         "cluster seeds {first}..{}: {} passed, {} failed; {} acks, {} crashes, {} restarts, \
-         {} partitions, {} node-link messages, {} terms with a leader; {:.1} simulated s \
-         per wall s ({:.1} s wall, {threads} threads)",
+         {} partitions, {} bits flipped in synced logs, {} node-link messages, {} terms \
+         with a leader; {:.1} simulated s per wall s ({:.1} s wall, {threads} threads)",
         first + count,
         report.passed,
         report.seeds - report.passed,
@@ -308,6 +308,7 @@ fn cluster(args: &SimArgs) -> anyhow::Result<bool> {
         report.crashes,
         report.restarts,
         report.partitions,
+        report.bitrots,
         report.messages,
         report.leaders,
         report.sim_ms as f64 / 1000.0 / wall,

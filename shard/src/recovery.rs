@@ -300,16 +300,25 @@ impl Recoverer {
     /// Decides a cut for repair at `offset` of segment `id` (0: the whole segment), the log
     /// going on from `from_lsn`; every LSN the cut bytes name may have been acknowledged.
     fn start_repair(&mut self, id: u64, offset: u64, bytes: &[u8], from_lsn: u64, reason: String) {
+        // The cut bytes may hold rewind frames that replaced entries of the kept log, which the
+        // commit hint may cover: only entries a rewind cannot reach (`window` below the kept
+        // log's end) stay committed; the rest wait, unapplied, for a leader's append to confirm
+        // or replace them. Records pending are exactly that last `window`: none was applied.
+        let reach = (from_lsn - 1).saturating_sub(self.window as u64);
+        self.apply_through = self.apply_through.min(reach);
         let through_lsn = if offset == 0 {
             repair::acked_bound_of_segment(bytes, from_lsn - 1)
         } else {
             repair::acked_bound(bytes, offset as usize, from_lsn - 1)
         };
+        // At least one entry past the kept log: the cut bytes may hold a rewind whose entries
+        // replaced part of the kept log, so the kept log counts as unverified until a leader's
+        // append (log matching) extends it.
         self.report.repair = Some(RepairCut {
             segment: id,
             offset,
             from_lsn,
-            through_lsn,
+            through_lsn: through_lsn.max(from_lsn),
             removed: Vec::new(),
             reason,
         });
@@ -522,7 +531,7 @@ impl Recoverer {
             // The manifest recovery writes before it cuts: the damaged segment (or the one
             // before it) is the newest, and no commit is known past the cut.
             s.manifest.newest = s.segments.back().map_or(0, |x| x.id);
-            s.manifest.commit = s.manifest.commit.min(cut.from_lsn - 1);
+            s.manifest.commit = s.manifest.commit.min(self.apply_through);
         }
         if let Some(seg) = s.segments.back() {
             s.durable_end = (seg.id, seg.bytes);

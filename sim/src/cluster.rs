@@ -51,7 +51,7 @@ pub struct ClusterPlanted {
 }
 
 /// The planted bugs a cluster run knows, by name.
-pub const CLUSTER_PLANTED_NAMES: [&str; 7] = [
+pub const CLUSTER_PLANTED_NAMES: [&str; 8] = [
     "ack_before_quorum",
     "follower_ack_before_fsync",
     "commit_old_term_by_count",
@@ -59,6 +59,7 @@ pub const CLUSTER_PLANTED_NAMES: [&str; 7] = [
     "truncate_committed_on_conflict",
     "no_prevote_checkquorum",
     "read_without_quorum",
+    "repair_votes_early",
 ];
 
 impl ClusterPlanted {
@@ -72,6 +73,7 @@ impl ClusterPlanted {
             "truncate_committed_on_conflict" => p.raft.truncate_committed_on_conflict = true,
             "no_prevote_checkquorum" => p.raft.no_prevote_checkquorum = true,
             "read_without_quorum" => p.replica.read_without_quorum = true,
+            "repair_votes_early" => p.raft.repair_votes_early = true,
             _ => return None,
         }
         Some(p)
@@ -109,6 +111,10 @@ pub struct ClusterOptions {
     /// network's delays, elections split and race), and a heartbeat of a tenth of it.
     pub raft_election_timeout_ms: u64,
     pub raft_entry_cache_bytes_max: u64,
+    /// Of the power losses, the percent that also flip one bit in the node's synced log (in a
+    /// record or frame header, never the final write, which a torn write explains): the node
+    /// restarts in repair. One node at a time: the others hold every entry it may lose.
+    pub bitrot_pct: u64,
     pub planted: ClusterPlanted,
 }
 
@@ -132,6 +138,8 @@ pub fn cluster_swarm(seed: u64) -> ClusterOptions {
         retention_bytes_max: [256 << 20, 96 * 1_024, 48 * 1_024][rng.random_range(0..3)],
         raft_inflight_entries_max: [4, 32, 256][rng.random_range(0..3)],
         raft_entry_cache_bytes_max: [2_048, 64 * 1024, 16 << 20][rng.random_range(0..3)],
+        // Drawn last, so every earlier option of a seed stays what it was.
+        bitrot_pct: [0, 20, 60][rng.random_range(0..3)],
         planted: ClusterPlanted::default(),
     }
 }
@@ -176,6 +184,8 @@ pub struct ClusterSummary {
     pub partitions: u64,
     pub messages: u64,
     pub leader_changes: u64,
+    /// Bits flipped in synced logs.
+    pub bitrots: u64,
 }
 
 type Checked<T = ()> = Result<T, (ClusterViolationKind, String)>;
@@ -199,6 +209,21 @@ struct Node {
     drift_ppm: i64,
     offset_ms: u64,
     incarnation_commit: u64,
+    /// A bit of its synced log was flipped (it restarts in repair).
+    rotted: bool,
+}
+
+impl Node {
+    /// A bit of its log was flipped and its repair has not been seen to end (it may be down,
+    /// or not yet recovered).
+    fn repairing(&self) -> bool {
+        self.rotted
+            && (!self.up
+                || self
+                    .driver
+                    .replica()
+                    .is_none_or(|r| r.raft().repair_through().is_some()))
+    }
 }
 
 /// A page asked for and not answered yet.
@@ -324,6 +349,7 @@ impl World {
                     drift_ppm: rng.random_range(-1_000..=1_000),
                     offset_ms: rng.random_range(0..=5_000),
                     incarnation_commit: 0,
+                    rotted: false,
                 }
             })
             .collect();
@@ -855,8 +881,34 @@ impl World {
         n.up = false;
         n.write = None;
         n.disk.crash(&mut self.rng, faults);
+        if self.opts.bitrot_pct > 0 && self.chance(self.opts.bitrot_pct) {
+            self.rot(i);
+        }
         // Its clients' requests are retried elsewhere, with their keys.
         self.client_reconnects(i);
+    }
+
+    /// Flips one bit in node `i`'s synced log (past the segment headers: a damaged oldest
+    /// header refuses to start, by design), unless another node's damage is not repaired yet.
+    fn rot(&mut self, i: usize) {
+        if self
+            .nodes
+            .iter()
+            .enumerate()
+            .any(|(j, n)| j != i && n.repairing())
+        {
+            return;
+        }
+        let min = Some(wal::SEGMENT_HEADER_BYTES);
+        let flip = self.nodes[i]
+            .disk
+            .pick_read_flip_in(&mut self.rng, None, min, None);
+        // A segment of a header only has no byte past it: the pick falls back into it.
+        if let Some(flip) = flip.filter(|f| f.offset >= wal::SEGMENT_HEADER_BYTES) {
+            self.nodes[i].disk.rot(flip);
+            self.nodes[i].rotted = true;
+            self.summary.bitrots += 1;
+        }
     }
 
     /// The client on node `i` lost its session: its unanswered requests are sent again.
@@ -933,7 +985,12 @@ impl World {
     /// After the heal: a leader within 2 s; every request answered within 10 s (retries of
     /// `unavailable` included).
     fn liveness(&mut self) -> Checked {
-        let bound = 2 * self.opts.raft_election_timeout_ms + LEADER_AFTER_HEAL_SLACK_MS;
+        let mut bound = 2 * self.opts.raft_election_timeout_ms + LEADER_AFTER_HEAL_SLACK_MS;
+        // A node in repair cannot vote: the others must agree, and a round one of them loses
+        // (a term behind, a lost message) is no longer saved by its vote. One more round.
+        if self.nodes.iter().any(Node::repairing) {
+            bound += 2 * self.opts.raft_election_timeout_ms;
+        }
         if !self.run_until(bound, |w| w.raft_leader())? {
             let state = self.describe();
             let later = self.run_until(10_000, |w| w.raft_leader())?;
@@ -995,7 +1052,8 @@ impl World {
             .iter()
             .map(|n| match n.driver.replica() {
                 Some(r) => format!(
-                    "node {} {:?} {:?} term {} commit {} applied {} last {} start {} {:?} {}",
+                    "node {} {:?} {:?} term {} commit {} applied {} last {} (last term {}) repair \
+                     {:?} start {} {:?} {}",
                     n.id,
                     r.mode(),
                     r.raft().role(),
@@ -1003,6 +1061,8 @@ impl World {
                     r.raft().commit(),
                     r.applied(),
                     r.raft().last_index(),
+                    r.raft().last_term(),
+                    r.raft().repair_through(),
                     r.shard().log_start(),
                     r.stats(),
                     r.describe_waits()
@@ -1239,6 +1299,7 @@ pub struct ClusterReport {
     pub partitions: u64,
     pub messages: u64,
     pub leaders: u64,
+    pub bitrots: u64,
     /// Failing seeds with their violations, lowest seed first (at most
     /// [`CLUSTER_FAILURES_KEPT_MAX`]).
     pub failures: Vec<ClusterViolation>,
@@ -1261,6 +1322,7 @@ impl ClusterReport {
                 self.partitions += s.partitions;
                 self.messages += s.messages;
                 self.leaders += s.leader_changes;
+                self.bitrots += s.bitrots;
             }
             Err(v) if self.failures.len() < CLUSTER_FAILURES_KEPT_MAX => self.failures.push(*v),
             Err(_) => {}

@@ -301,6 +301,18 @@ impl Disk {
         })
     }
 
+    /// Bit rot: flips `flip`'s bit in the file itself, synced bytes included (a later read
+    /// and every recovery see it).
+    pub fn rot(&mut self, flip: ReadFlip) {
+        if let Some(b) = self
+            .files
+            .get_mut(&flip.segment)
+            .and_then(|f| f.data.get_mut(flip.offset))
+        {
+            *b ^= flip.mask;
+        }
+    }
+
     /// Power loss: see the module doc for what survives.
     pub fn crash(&mut self, rng: &mut ChaCha8Rng, faults: CrashFaults) -> CrashReport {
         let mut report = CrashReport::default();

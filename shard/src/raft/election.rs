@@ -172,6 +172,7 @@ impl RaftCore {
                     self.campaign(now_ms, Campaign::Real { transfer: true });
                 }
             }
+            MessageBody::LostEntries { last_index } => self.handle_lost_entries(from, last_index),
         }
     }
 

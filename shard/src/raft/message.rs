@@ -144,6 +144,13 @@ pub enum MessageBody {
     },
     /// Leadership transfer: campaign now, skipping pre-vote and the election timeout.
     TimeoutNow,
+    /// A follower in repair (`crate::repair`) answers an append past its log with this: it
+    /// lost entries the leader may count as matched, and its durable log ends at
+    /// `last_index`. The leader forgets its match for it and probes from there. (Last, so the
+    /// encodings of the variants before it are unchanged.)
+    LostEntries {
+        last_index: u64,
+    },
 }
 
 impl MessageBody {

@@ -270,6 +270,12 @@ impl RaftCore {
             return;
         }
         if self.log.term_at(prev_index) != Some(prev_term) {
+            if self.repair_through.is_some() && prev_index > self.log.last_index {
+                // The leader may still count entries we lost as ours: tell it where our log
+                // ends, or its stale match would ignore every reject (a livelock).
+                let last_index = self.log.last_index;
+                return self.send(from, MessageBody::LostEntries { last_index });
+            }
             let (hint_index, hint_term) = self.log.find_conflict_by_term(prev_index, prev_term);
             let body = MessageBody::AppendResponse {
                 success: false,
@@ -346,9 +352,11 @@ impl RaftCore {
         read_seq: u64,
     ) {
         self.heard_from_leader(now_ms, from);
-        // The leader caps `commit` at our match, so our log holds those entries as its does.
+        // The leader caps `commit` at our match, so our log holds those entries as its does;
+        // except in repair, where its match may count entries we lost, and our entries at
+        // those indexes may be another term's: only appends (log matching) commit then.
         let new_commit = commit.min(self.log.last_index);
-        if new_commit > self.log.commit {
+        if new_commit > self.log.commit && self.repair_through.is_none() {
             self.commit_to(now_ms, new_commit);
         }
         self.send(from, MessageBody::HeartbeatResponse { read_seq });
@@ -398,6 +406,19 @@ impl RaftCore {
         if pr.on_reject(index, probe_from) && index <= self.log.snapshot_index {
             // The follower lacks even our base entry: only a snapshot can bring it back.
             self.start_snapshot(from);
+        }
+    }
+
+    /// Leader: a follower in repair lost entries we count as matched; its log ends at
+    /// `last_index`. Stop counting them and probe from its end (a stale or duplicated report
+    /// only costs a probe: the follower acknowledges again what it holds).
+    pub(super) fn handle_lost_entries(&mut self, from: NodeId, last_index: u64) {
+        if self.role != Role::Leader {
+            return;
+        }
+        if let Some(pr) = self.progress.get_mut(&from) {
+            pr.recent_active = true;
+            pr.forget_beyond(last_index);
         }
     }
 

@@ -250,3 +250,36 @@ fn a_marker_the_log_covers_again_is_removed_at_recovery() {
     assert!(report.repair_finished);
     assert_eq!(disk.read_repair().expect("read"), None);
 }
+
+#[test]
+fn a_cut_for_repair_keeps_entries_a_cut_rewind_could_reach_unapplied() {
+    // Proves the commit hint stops a rewind's reach below the cut: the cut bytes may hold a
+    // rewind that replaced kept entries the hint covers, so the last `window` kept entries
+    // stay unapplied (for a leader's append to confirm or replace), whatever the hint says.
+    let mut disk = log_of(30);
+    let segments: Vec<u64> = disk.segments().keys().copied().collect();
+    let held = last_lsn(&disk);
+    let bytes = disk.read_manifest().expect("read").expect("a manifest");
+    let mut m = wal::Manifest::decode(&bytes).expect("valid");
+    m.commit = held;
+    disk.write_manifest_temp(&m.encode()).expect("temp");
+    disk.rename_manifest().expect("rename");
+    disk.sync_dir().expect("sync");
+    let at = wal::SEGMENT_HEADER_BYTES + wal::FRAME_HEADER_BYTES + wal::RECORD_HEADER_BYTES + 2;
+    disk.segment_mut(segments[2]).expect("segment")[at] ^= 0x08;
+    let window = 4;
+    let (_, report, log) =
+        store::recover_replica_log(&mut disk, config(), window, true).expect("repairs");
+    let cut = report.repair.expect("a cut");
+    let kept_last = cut.from_lsn - 1;
+    assert_eq!(log.applied, kept_last - window as u64);
+    let tail: Vec<u64> = log.tail.iter().map(|t| t.lsn).collect();
+    assert_eq!(tail, ((kept_last - 3)..=kept_last).collect::<Vec<_>>());
+    let after =
+        wal::Manifest::decode(&disk.read_manifest().expect("read").expect("m")).expect("valid");
+    assert_eq!(
+        after.commit,
+        kept_last - window as u64,
+        "the hint written with the cut"
+    );
+}

@@ -2,8 +2,10 @@
 //! acknowledged neither votes nor leads until it holds them again.
 
 use super::harness::test_config;
-use super::rules::{append_body, core_with_log, granted, msg, ready, vote_request};
-use crate::raft::{Membership, MessageBody, Role};
+use super::rules::{
+    append_body, cluster_with_leader, core_with_log, granted, msg, ready, vote_request,
+};
+use crate::raft::{Membership, MessageBody, ProgressState, Role};
 
 #[test]
 fn test_node_in_repair_grants_no_vote_or_prevote() {
@@ -93,4 +95,42 @@ fn test_repair_already_held_is_no_repair() {
     let mut core = core_with_log(3, 3, &[1, 1, 1], 3, test_config());
     core.begin_repair(3);
     assert_eq!(core.repair_through(), None);
+}
+
+#[test]
+fn test_follower_in_repair_reports_lost_entries_and_leader_probes_from_its_end() {
+    // Proves a follower in repair answers an append past its log with LostEntries, and the
+    // leader, whose match for it counted entries it lost, forgets that match and probes from
+    // the follower's end (a stale match would ignore every reject of the follower: a livelock).
+    let mut follower = core_with_log(2, 3, &[1, 1], 2, test_config());
+    follower.begin_repair(6);
+    follower.handle_message(0, msg(1, 2, 1, append_body(5, 1, &[1], 2)));
+    let r = ready(&mut follower);
+    let lost = r.messages.iter().find_map(|m| match m.body {
+        MessageBody::LostEntries { last_index } => Some(last_index),
+        _ => None,
+    });
+    assert_eq!(lost, Some(2));
+
+    let mut c = cluster_with_leader(3, test_config(), 1);
+    for i in 0..4 {
+        c.propose(1, vec![i]).expect("leader takes it");
+        c.run(3);
+    }
+    let matched = c.core(1).progress(2).map(|(_, m)| m).expect("a follower");
+    assert!(matched >= 5, "{matched}");
+    let term = c.core(1).term();
+    let lost = msg(2, 1, term, MessageBody::LostEntries { last_index: 2 });
+    c.core_mut(1).handle_message(0, lost);
+    c.after_input(1);
+    let (state, matched) = c.core(1).progress(2).expect("a follower");
+    assert_eq!(
+        (state, matched),
+        (ProgressState::Probe, 0),
+        "nothing matched"
+    );
+    // Node 2 lost nothing here (a stale report): the probe finds its match again.
+    c.run(10);
+    let (_, again) = c.core(1).progress(2).expect("a follower");
+    assert!(again >= 5, "{again}");
 }
