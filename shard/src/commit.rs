@@ -255,6 +255,7 @@ impl Shard {
             records,
             manifest,
             delete: std::mem::take(&mut self.deletes),
+            remove_repair: false,
         })
     }
 

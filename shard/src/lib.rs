@@ -183,6 +183,9 @@ pub struct WalWrite {
     pub manifest: Option<wal::Manifest>,
     /// Retired segments, deleted after the manifest stops listing them.
     pub delete: Vec<u64>,
+    /// The replica's repair ended (its log holds every entry it may have acknowledged): remove
+    /// the `REPAIR` marker ([`repair`]) first. Recovery removes it too, if this fails.
+    pub remove_repair: bool,
 }
 
 /// Plain counters the glue exports as metrics.

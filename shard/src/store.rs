@@ -140,6 +140,11 @@ pub fn perform<S: SegmentStore>(
         cleaned: true,
         cleanup_error: None,
     };
+    if w.remove_repair {
+        // The log already holds the repaired range durably; a failure here only keeps the
+        // marker until recovery finds the range held and removes it.
+        let _ = store.remove_repair();
+    }
     if w.create {
         create_segment(store, w).map_err(fail)?;
     }

@@ -32,10 +32,12 @@ fn cluster_seeds_keep_every_promise() {
 /// entries a rewind in the cut bytes had replaced, so it applied an entry that never committed
 /// (8069: the hint now stops a rewind's reach below the cut); the leader's stale match for a
 /// node that lost entries ignored every reject, forever (12401, 14890: the node says
-/// `LostEntries` and the leader forgets its match); and a heal with a node in repair needs one
-/// more election round (7331).
-const CLUSTER_REGRESSION_SEEDS: [u64; 13] = [
-    11, 99, 7331, 8069, 12401, 14890, 202337, 202889, 203262, 203398, 203746, 204412, 9105435,
+/// `LostEntries` and the leader forgets its match), or, with no write to send, sent it
+/// nothing but heartbeats (106722: a heartbeat with no append since the last one is answered
+/// `LostEntries` too); and a heal with a node in repair needs one more election round (7331).
+const CLUSTER_REGRESSION_SEEDS: [u64; 14] = [
+    11, 99, 7331, 8069, 12401, 14890, 106722, 202337, 202889, 203262, 203398, 203746, 204412,
+    9105435,
 ];
 
 #[test]

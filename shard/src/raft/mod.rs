@@ -318,6 +318,9 @@ pub struct RaftCore {
     /// In repair ([`crate::repair`]): no vote, pre-vote, campaign or `TimeoutNow` until
     /// entries through this index are durable here.
     repair_through: Option<u64>,
+    /// In repair: an append came since the last heartbeat (else a heartbeat answers with
+    /// `LostEntries`, in case the leader's stale match keeps it from sending any).
+    append_since_heartbeat: bool,
     // Output gathered for the next Ready.
     out: Ready,
     hard_state_written: HardState,
@@ -375,6 +378,7 @@ impl RaftCore {
             next_log_read_id: 1,
             reads: ReadIndex::default(),
             repair_through: None,
+            append_since_heartbeat: false,
             out: Ready::default(),
             hard_state_written: hard_state,
             role_reported,

@@ -250,6 +250,7 @@ impl RaftCore {
         if !append_well_formed(prev_index, prev_term, self.term, &entries) {
             return;
         }
+        self.append_since_heartbeat = true;
         let planted = self.config.planted.truncate_committed_on_conflict;
         let last_new = prev_index + entries.len() as u64;
         let (prev_index, prev_term, entries) = if prev_index < self.log.commit && !planted {
@@ -360,6 +361,12 @@ impl RaftCore {
             self.commit_to(now_ms, new_commit);
         }
         self.send(from, MessageBody::HeartbeatResponse { read_seq });
+        // In repair with no append since the last heartbeat: the leader may believe us caught
+        // up (a match from before we lost entries) and send nothing more. Tell it.
+        if self.repair_through.is_some() && !std::mem::take(&mut self.append_since_heartbeat) {
+            let last_index = self.log.last_index;
+            self.send(from, MessageBody::LostEntries { last_index });
+        }
     }
 
     pub(super) fn broadcast_heartbeats(&mut self) {

@@ -203,6 +203,9 @@ pub struct Replica {
     shard: Shard,
     raft: RaftCore,
     mode: Mode,
+    /// The store holds a `REPAIR` marker ([`crate::repair`]): the first write after the
+    /// repair ends removes it.
+    repair_marker: bool,
     /// Entries received while a write was in flight (framed by the next one), and the lowest
     /// LSN from which they replace what was framed before.
     unframed: Vec<Entry>,
@@ -305,6 +308,7 @@ impl Replica {
         if let Some(through) = log.repair_through {
             raft.begin_repair(through);
         }
+        let repair_marker = log.repair_through.is_some();
         shard.replica = Some(Hooks::default());
         let unapplied = log.tail.into_iter().map(|t| {
             let mut payload = Vec::new();
@@ -322,6 +326,7 @@ impl Replica {
             raft,
             mode: Mode::Follower,
             unframed: Vec::new(),
+            repair_marker,
             rewind_from: None,
             rewind_floor: None,
             rewind_in_write: false,

@@ -201,6 +201,10 @@ impl Replica {
             self.shard.manifest = *m;
             self.hard_state_in_write = Some(self.hard_state.0);
         }
+        if self.repair_marker && self.raft.repair_through().is_none() {
+            self.repair_marker = false;
+            w.remove_repair = true;
+        }
         let term = self.raft.term_at(w.last_lsn).unwrap_or(0);
         self.inflight = Some((w.last_lsn, term, w.records));
         Some(w)

@@ -198,6 +198,7 @@ impl Shard {
             records: 0,
             manifest: Some(self.manifest),
             delete: old,
+            remove_repair: false,
         }
     }
 }

@@ -869,5 +869,10 @@ fn a_follower_with_a_flipped_bit_repairs_from_the_leader_and_votes_only_after() 
         None,
         "the repair ended"
     );
+    assert_eq!(
+        c.members[i].disk.read_repair().expect("read"),
+        None,
+        "the first write after it removed the marker"
+    );
     c.check();
 }

@@ -134,3 +134,31 @@ fn test_follower_in_repair_reports_lost_entries_and_leader_probes_from_its_end()
     let (_, again) = c.core(1).progress(2).expect("a follower");
     assert!(again >= 5, "{again}");
 }
+
+#[test]
+fn test_follower_in_repair_answers_a_heartbeat_without_appends_with_lost_entries() {
+    // Proves a follower in repair whose leader sends only heartbeats (it believes the follower
+    // caught up, from a match made before the entries were lost) says LostEntries on the next
+    // heartbeat, and not while appends come.
+    let mut core = core_with_log(2, 3, &[1, 1], 2, test_config());
+    core.begin_repair(6);
+    let beat = |commit| MessageBody::Heartbeat {
+        commit,
+        read_seq: 1,
+    };
+    let lost = |r: &crate::raft::Ready| {
+        r.messages
+            .iter()
+            .any(|m| matches!(m.body, MessageBody::LostEntries { last_index: 2 }))
+    };
+    core.handle_message(0, msg(1, 2, 1, beat(6)));
+    assert!(lost(&ready(&mut core)), "no append came: say it");
+    assert_eq!(core.commit(), 2, "no commit from a heartbeat in repair");
+    core.handle_message(10, msg(1, 2, 1, append_body(2, 1, &[1], 2)));
+    let _ = ready(&mut core);
+    core.handle_message(20, msg(1, 2, 1, beat(3)));
+    assert!(
+        !lost(&ready(&mut core)),
+        "an append came since the last heartbeat"
+    );
+}
