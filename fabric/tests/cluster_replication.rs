@@ -4,152 +4,12 @@
 //! leader and term, and the leader reports its followers' lag. A node whose log has a flipped
 //! bit repairs from the leader.
 
+mod common;
+
+use common::cluster::{append, read_all, Cluster};
 use fabric::client::{Client, ClientConfig, Incoming};
 use std::collections::{BTreeMap, BTreeSet};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn fabric() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_fabric"));
-    c.env_remove("FABRIC_ADMIN_TOKEN").env("FABRIC_LOG", "warn");
-    c
-}
-
-struct Cluster {
-    dir: tempfile::TempDir,
-    base: u16,
-    nodes: Vec<Option<Child>>,
-    token: String,
-}
-
-impl Cluster {
-    fn start(n: u16) -> Cluster {
-        // Each test of this binary probes from its own salt: two clusters starting together
-        // must not settle on the same block before either binds it.
-        static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let k = STARTED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = tempfile::tempdir().expect("tmp");
-        let salt = std::process::id().wrapping_add(k.wrapping_mul(1_009));
-        let base =
-            fabric::cluster::init::free_base_port(n.into(), salt).expect("a free block of ports");
-        let init = fabric()
-            .args(["cluster", "init", "--nodes", &n.to_string(), "--base-port"])
-            .arg(base.to_string())
-            .arg("--dir")
-            .arg(dir.path())
-            .output()
-            .expect("init runs");
-        assert!(
-            init.status.success(),
-            "{}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-        let token = std::fs::read_to_string(dir.path().join("admin-token")).expect("token");
-        let mut c = Cluster {
-            dir,
-            base,
-            nodes: Vec::new(),
-            token: token.trim().to_string(),
-        };
-        for i in 1..=n {
-            let child = c.spawn(i);
-            c.nodes.push(Some(child));
-        }
-        c
-    }
-
-    fn spawn(&self, i: u16) -> Child {
-        fabric()
-            .arg("serve")
-            .arg("--config")
-            .arg(self.dir.path().join(format!("node-{i}.toml")))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("serve starts")
-    }
-
-    fn url(&self, i: u16, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.base + 10 * (i - 1))
-    }
-
-    /// Node `i`'s metrics port (`cluster init` puts it at +3).
-    fn metrics_url(&self, i: u16) -> String {
-        format!("http://127.0.0.1:{}/metrics", self.base + 10 * (i - 1) + 3)
-    }
-
-    fn kill(&mut self, i: u16) {
-        if let Some(mut c) = self.nodes[i as usize - 1].take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn restart(&mut self, i: u16) {
-        let child = self.spawn(i);
-        self.nodes[i as usize - 1] = Some(child);
-    }
-
-    async fn ready(&self, http: &reqwest::Client, i: u16) -> bool {
-        let r = http.get(self.url(i, "/readyz")).send().await;
-        r.is_ok_and(|r| r.status() == 200)
-    }
-
-    async fn wait_ready(&self, http: &reqwest::Client, nodes: &[u16], within: Duration) {
-        let deadline = Instant::now() + within;
-        for i in nodes {
-            while !self.ready(http, *i).await {
-                assert!(
-                    Instant::now() < deadline,
-                    "nodes {nodes:?} ready within {within:?}"
-                );
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-
-    async fn admin(&self, req: reqwest::RequestBuilder) -> serde_json::Value {
-        let r = req
-            .bearer_auth(&self.token)
-            .send()
-            .await
-            .expect("admin call");
-        r.json().await.expect("json")
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for i in 1..=self.nodes.len() as u16 {
-            self.kill(i);
-        }
-    }
-}
-
-/// Appends `n` through node `i` with key `k{n}`, retrying `unavailable` (through the next
-/// node) with the same key until `deadline`; the seq it was acknowledged at.
-async fn append(c: &Cluster, http: &reqwest::Client, token: &str, first: u16, n: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let nodes = c.nodes.len() as u16;
-    let mut i = first;
-    loop {
-        assert!(Instant::now() < deadline, "append {n} acknowledged in time");
-        while c.nodes[i as usize - 1].is_none() {
-            i = i % nodes + 1;
-        }
-        let url = c.url(i, "/v1/meshes/demo/conversations/log/messages");
-        let body = serde_json::json!({"body": {"n": n}, "key": format!("k{n}")});
-        let r = http.post(url).bearer_auth(token).json(&body).send().await;
-        if let Ok(r) = r {
-            if r.status() == 201 {
-                let v: serde_json::Value = r.json().await.expect("json");
-                return v["seq"].as_u64().expect("a seq");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        i = i % nodes + 1;
-    }
-}
 
 /// A Rust client of alice given a URL list that starts with a dead port, then node `i`, then
 /// the others: it passes over the dead one, lands on node `i`, and the welcome names all
@@ -212,37 +72,6 @@ async fn the_client_moves_to_the_next_node(c: &Cluster, client: &Client, victim:
     assert_ne!(client.url(), c.url(victim, ""));
     let second = send_to_self(client, "after").await;
     assert!(second > first, "the inbox goes on: {first} then {second}");
-}
-
-/// Every message of the conversation, read through node `i`: (seq, n).
-async fn read_all(
-    c: &Cluster,
-    http: &reqwest::Client,
-    token: &str,
-    i: u16,
-    consistency: &str,
-) -> Vec<(u64, u64)> {
-    let path = format!(
-        "/v1/meshes/demo/conversations/log/messages?from=1&limit=1000&consistency={consistency}"
-    );
-    let r = http
-        .get(c.url(i, &path))
-        .bearer_auth(token)
-        .send()
-        .await
-        .expect("read");
-    assert_eq!(r.status(), 200, "node {i}: a {consistency} read");
-    let v: serde_json::Value = r.json().await.expect("json");
-    let messages = v["messages"].as_array().cloned().unwrap_or_default();
-    messages
-        .iter()
-        .map(|m| {
-            (
-                m["seq"].as_u64().unwrap_or(0),
-                m["body"]["n"].as_u64().unwrap_or(0),
-            )
-        })
-        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

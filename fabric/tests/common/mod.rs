@@ -2,6 +2,8 @@
 //! data dir, admin calls, and a raw WebSocket peer speaking JSON frames.
 #![allow(dead_code)]
 
+pub mod cluster;
+
 use fabric::config::Config;
 use fabric::node::RunningNode;
 use futures_util::{SinkExt, StreamExt};
