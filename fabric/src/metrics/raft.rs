@@ -39,6 +39,7 @@ struct RaftShardMetrics {
     applied: Gauge,
     is_leader: Gauge,
     has_leader: Gauge,
+    repairing: Gauge,
     leader_changes: Counter,
     elections: Counter,
     snapshots_sent: Counter,
@@ -125,6 +126,11 @@ fn shard_metrics(r: &Registrar<'_>, shard: u32) -> RaftShardMetrics {
             "1 while this node knows a leader of the shard.",
             &l,
         ),
+        repairing: r.gauge(
+            "fabric_raft_repairing",
+            "1 while this node's replica of the shard is in repair (its log was damaged; it neither votes nor leads until it has fetched the cut range).",
+            &l,
+        ),
         leader_changes: r.counter(
             "fabric_raft_leader_changes_total",
             "Changes of the shard's known leader seen by this node.",
@@ -164,6 +170,7 @@ fn set_shard(m: &RaftShardMetrics, l: &mut RaftShardLast, r: &ReplicaStatus) {
     m.applied.set(r.applied as f64);
     m.is_leader.set(flag(r.leader == Some(r.node)));
     m.has_leader.set(flag(r.leader.is_some()));
+    m.repairing.set(flag(r.repair_through.is_some()));
     m.leader_changes
         .increment(l.leader_changes.advance(r.leader_changes));
     m.elections.increment(l.elections.advance(r.elections));

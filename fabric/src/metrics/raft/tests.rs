@@ -82,7 +82,7 @@ fn lag_series_are_rendered_on_the_leader_for_each_follower_only() {
 #[test]
 fn a_scrape_sets_the_shard_gauges_and_counts_leader_changes_across_a_restart() {
     // Proves the gauges follow the published view (is_leader only on the leader, has_leader
-    // whenever one is known) and the leader-change counter only rises, through a restart that
+    // whenever one is known, repairing while in repair) and the leader-change counter only rises, through a restart that
     // started the replica's own count again.
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
@@ -102,6 +102,7 @@ fn a_scrape_sets_the_shard_gauges_and_counts_leader_changes_across_a_restart() {
     });
     view.leader_changes = 1;
     view.leader = None;
+    view.repair_through = Some(120);
     m.set(&ClusterScrape {
         replicas: vec![Some(view)],
         links: Vec::new(),
@@ -113,6 +114,7 @@ fn a_scrape_sets_the_shard_gauges_and_counts_leader_changes_across_a_restart() {
         "fabric_raft_applied_index{shard=\"0\"} 88",
         "fabric_raft_is_leader{shard=\"0\"} 0",
         "fabric_raft_has_leader{shard=\"0\"} 0",
+        "fabric_raft_repairing{shard=\"0\"} 1",
         "fabric_raft_leader_changes_total{shard=\"0\"} 3",
         "fabric_node_link_up{peer=\"1\"} 0",
     ] {
