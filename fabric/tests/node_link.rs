@@ -1,9 +1,8 @@
 //! The node-to-node QUIC link: mutual TLS with the cluster CA, node ids from URI SANs, a
-//! stream per shard group, batched heartbeats, and every refusal with its typed error.
+//! stream per shard group, and every refusal with its typed error.
 
 use fabric::cluster::link::{
-    self, GroupBeat, Heartbeats, LinkConfig, LinkError, NodeLink, PeerConn, Refusal, CONTROL_GROUP,
-    STOP_FRAME_TOO_LARGE,
+    self, LinkConfig, LinkError, NodeLink, PeerConn, Refusal, CONTROL_GROUP, STOP_FRAME_TOO_LARGE,
 };
 use fabric::cluster::pki::{ClusterCa, NodeIdentity};
 use rustls::pki_types::CertificateDer;
@@ -106,8 +105,8 @@ async fn exchange(a: &PeerConn, b: &PeerConn, group: u32) {
 }
 
 #[tokio::test]
-async fn two_nodes_connect_both_ways_exchange_group_frames_and_batched_heartbeats() {
-    // Proves same-CA nodes connect both ways, use group streams and batched heartbeats, one link.
+async fn two_nodes_connect_both_ways_and_exchange_group_frames() {
+    // Proves same-CA nodes connect both ways, use group streams, one link.
     let ca = ClusterCa::generate("test").unwrap();
     let n1 = node(&ca, 1, &[1, 2]);
     let n2 = node(&ca, 2, &[1, 2]);
@@ -115,7 +114,7 @@ async fn two_nodes_connect_both_ways_exchange_group_frames_and_batched_heartbeat
     let mut in2 = n2.listen();
 
     let (d, a) = dial(&n1, &n2, &mut in2, 2).await;
-    let (mut p12, mut p21) = (d.unwrap(), a.unwrap());
+    let (p12, p21) = (d.unwrap(), a.unwrap());
     assert_eq!((p12.node_id, p21.node_id), (2, 1));
 
     // A stream per group, opened by node 1, frames both ways on each.
@@ -152,26 +151,6 @@ async fn two_nodes_connect_both_ways_exchange_group_frames_and_batched_heartbeat
     }
     // The accepting node opens group streams too.
     exchange(&p21, &p12, 3).await;
-
-    // Heartbeats of many groups in one frame, each way.
-    let beats = Heartbeats {
-        beats: (0..200)
-            .map(|g| GroupBeat {
-                group: g,
-                term: 7,
-                commit: u64::from(g) * 3,
-            })
-            .collect(),
-    };
-    p12.control.send_heartbeats(&beats).await.unwrap();
-    let got = within("heartbeats", p21.control.recv_heartbeats()).await;
-    assert_eq!(got.unwrap().unwrap(), beats);
-    p21.control
-        .send_heartbeats(&Heartbeats::default())
-        .await
-        .unwrap();
-    let got = within("heartbeats back", p12.control.recv_heartbeats()).await;
-    assert_eq!(got.unwrap().unwrap(), Heartbeats::default());
 
     // One connection per pair: node 2 dialing node 1 now is refused (the connection node 1
     // dialed wins), on both sides.

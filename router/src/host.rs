@@ -21,6 +21,7 @@
 //! are decided here and in `fabric_shard::store`, never by an adapter. Time comes in as [`Time`]: wall-clock ms for what the shard stamps into
 //! messages, monotonic ms for the host's own timers.
 
+pub mod beats;
 mod forward;
 mod incarnation;
 

@@ -20,7 +20,8 @@
 //! - **Streams.** A bidirectional stream per shard group: its first frame names the group
 //!   ([`StreamHeader`]), then postcard frames, each a u32 little-endian length and that many
 //!   bytes, at most `node_frame_bytes_max`. Heartbeats of all groups between two nodes go
-//!   batched ([`Heartbeats`]) on the control stream.
+//!   batched: the node's links fold a peer's queued heartbeats into one frame on a group of
+//!   their own (`fabric_router::host::beats`).
 //! - **Bounds.** Frame size, concurrent streams per connection, idle timeout, keep-alive
 //!   interval and handshake time are [`LinkConfig`] fields; handshakes in progress and
 //!   accepted connections waiting for the application are capped by constants.
@@ -572,32 +573,13 @@ pub struct StreamHeader {
 }
 
 /// One group's heartbeat: its Raft term and the leader's commit index.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct GroupBeat {
-    pub group: u32,
-    pub term: u64,
-    pub commit: u64,
-}
-
-/// The heartbeats of many groups from one node to another, in one frame.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Heartbeats {
-    pub beats: Vec<GroupBeat>,
-}
-
 /// Frames of the control stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ControlFrame {
     /// The dialer's first frame.
-    Hello {
-        cluster_id: String,
-        node_id: u64,
-    },
+    Hello { cluster_id: String, node_id: u64 },
     /// The listener's answer once it accepted the dialer.
-    Welcome {
-        node_id: u64,
-    },
-    Heartbeats(Heartbeats),
+    Welcome { node_id: u64 },
 }
 
 /// The sending half of a stream: length-prefixed postcard frames.
@@ -840,30 +822,12 @@ impl GroupStream {
     }
 }
 
-/// The node-level control stream of a connection: batched heartbeats.
+/// The node-level control stream of a connection (admission; it stays open with it).
 pub struct ControlStream {
     stream: GroupStream,
 }
 
 impl ControlStream {
-    pub async fn send_heartbeats(&mut self, beats: &Heartbeats) -> Result<(), LinkError> {
-        self.stream
-            .send_frame(&ControlFrame::Heartbeats(beats.clone()))
-            .await
-    }
-
-    /// The next heartbeat batch; `Ok(None)` when the peer ended the stream. Any other control
-    /// frame here is a protocol error.
-    pub async fn recv_heartbeats(&mut self) -> Result<Option<Heartbeats>, LinkError> {
-        match self.stream.recv_frame::<ControlFrame>().await? {
-            Some(ControlFrame::Heartbeats(h)) => Ok(Some(h)),
-            Some(other) => Err(LinkError::Protocol(format!(
-                "unexpected control frame {other:?}"
-            ))),
-            None => Ok(None),
-        }
-    }
-
     pub fn split(self) -> (FrameSender, FrameReceiver) {
         self.stream.split()
     }

@@ -233,7 +233,13 @@ struct Shared<T> {
     peers: BTreeMap<u64, Peer<T>>,
     counters: Counters,
     inbound: mpsc::Sender<Inbound<T>>,
+    /// Applied to each batch taken for a peer before it is written (the node folds its
+    /// shards' heartbeats into one frame: `fabric_router::host::beats::coalesce`).
+    coalesce: Coalesce<T>,
 }
+
+/// What a batch for one peer goes through before it is written: (group, frame) in queue order.
+pub type Coalesce<T> = fn(&mut Vec<(u32, T)>);
 
 impl<T> Shared<T> {
     /// The live connection with `peer`, if any.
@@ -460,7 +466,13 @@ async fn write_batch<T: Frame>(
     batch: &mut Vec<Queued<T>>,
 ) -> bool {
     let counters = &ctx.shared.counters;
-    let mut frames = batch.drain(..);
+    let mut items: Vec<(u32, T)> = batch
+        .drain(..)
+        .map(|(g, f)| (g, f.into_inner().unwrap_or_else(|e| e.into_inner())))
+        .collect();
+    (ctx.shared.coalesce)(&mut items);
+    // Back in a Mutex: a frame is Send, not Sync, and its reference is held across awaits.
+    let mut frames = items.into_iter().map(|(g, f)| (g, Mutex::new(f)));
     while let Some((group, frame)) = frames.next() {
         match write_one(&ctx.shared.limits, pc, streams, group, &frame).await {
             Ok(()) => add(&counters.frames_sent, 1),
@@ -643,6 +655,17 @@ where
         members: Vec<Member>,
         limits: LinksLimits,
     ) -> Result<(NodeLinks<T>, mpsc::Receiver<Inbound<T>>), LinkError> {
+        NodeLinks::start_coalescing(link, members, limits, |_| {}).await
+    }
+
+    /// [`NodeLinks::start`], with every batch taken for a peer passed through `coalesce`
+    /// before it is written.
+    pub async fn start_coalescing(
+        link: NodeLink,
+        members: Vec<Member>,
+        limits: LinksLimits,
+        coalesce: Coalesce<T>,
+    ) -> Result<(NodeLinks<T>, mpsc::Receiver<Inbound<T>>), LinkError> {
         limits.validate()?;
         let node = link.node_id();
         let peers = peers(node, members, &limits)?;
@@ -656,6 +679,7 @@ where
             peers,
             counters: Counters::default(),
             inbound,
+            coalesce,
         });
         let ctx = Ctx {
             shared: shared.clone(),
@@ -1068,6 +1092,48 @@ mod tests {
         let seqs: Vec<u64> = got.iter().map(|m| m.frame.seq).collect();
         assert_eq!(seqs, [0, 1, 2, 3]);
         assert!(got.iter().all(|m| m.from == 1 && m.group == 3));
+        for n in nodes {
+            stop(n).await;
+        }
+    }
+
+    /// A coalescer for the test: every frame of group 7 in a batch becomes one frame of group
+    /// 98 whose seq is their sum.
+    fn fold_group_7(batch: &mut Vec<(u32, Msg)>) {
+        let sum: u64 = batch.iter().filter(|f| f.0 == 7).map(|f| f.1.seq).sum();
+        let had = batch.iter().any(|f| f.0 == 7);
+        batch.retain(|f| f.0 != 7);
+        if had {
+            batch.push((98, Msg { seq: sum }));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_batch_for_a_peer_goes_through_the_coalescer_before_it_is_written() {
+        // Proves the frames taken for a peer in one batch pass through the node's coalescer (as
+        // the node folds its shards' heartbeats): frames queued together on group 7 arrive as
+        // one frame of group 98, the others as they were.
+        let ca = ClusterCa::generate("test").unwrap();
+        let ids = [1u64, 2];
+        let (l1, l2) = (
+            bind(ca.cert_der(), &identity(&ca, 1), &ids),
+            bind(ca.cert_der(), &identity(&ca, 2), &ids),
+        );
+        let members = members(&[&l1, &l2]);
+        let (links, rx) = NodeLinks::start_coalescing(l1, members.clone(), limits(), fold_group_7)
+            .await
+            .unwrap();
+        let mut nodes = vec![Node { links, rx }, start(l2, &members, limits()).await];
+        settle(&mut nodes).await;
+        // One thread: nothing is taken from the queue until this loop yields.
+        for seq in 1..=5 {
+            assert!(nodes[0].links.send(2, 7, Msg { seq }));
+        }
+        assert!(nodes[0].links.send(2, 3, Msg { seq: 100 }));
+        let got = receive(&mut nodes[1], 2).await;
+        let mut seen: Vec<(u32, u64)> = got.iter().map(|m| (m.group, m.frame.seq)).collect();
+        seen.sort();
+        assert_eq!(seen, [(3, 100), (98, 15)]);
         for n in nodes {
             stop(n).await;
         }

@@ -14,8 +14,7 @@ pub mod pki;
 pub mod runtime;
 
 pub use link::{
-    GroupStream, Heartbeats, Incoming, LinkConfig, LinkError, NodeLink, PeerConn, Refusal,
-    ALPN_NODE,
+    GroupStream, Incoming, LinkConfig, LinkError, NodeLink, PeerConn, Refusal, ALPN_NODE,
 };
 pub use links::{Inbound, LinksLimits, LinksStats, Member, NodeLinks, PeerStatus};
 pub use pki::{ClusterCa, NodeCert, NodeIdentity, PkiError};

@@ -1,12 +1,13 @@
 //! A node's replication plumbing at run time: the node link ([`super::links::NodeLinks`])
 //! carries each replicated shard host's [`NodeFrame`]s, tagged with the shard as the link's
-//! group; one task hands frames that arrive to the shard they name.
+//! group, every shard's heartbeats to one peer folded into one frame ([`beats`]); one task
+//! hands frames that arrive to the shard they name.
 
 use super::links::{Inbound, LinksLimits, Member, NodeLinks};
 use super::{LinkConfig, LinkError, NodeIdentity, NodeLink};
 use crate::shard_actor::NodeSender;
 use fabric_proto::internal::ShardIdx;
-use fabric_router::host::NodeFrame;
+use fabric_router::host::{beats, NodeFrame};
 use fabric_shard::raft::NodeId;
 use rustls::pki_types::CertificateDer;
 use std::net::SocketAddr;
@@ -72,7 +73,9 @@ pub async fn start_links(
             link: *link,
         })
         .collect();
-    let (links, inbound) = NodeLinks::start(link, members, LinksLimits::default()).await?;
+    let limits = LinksLimits::default();
+    let (links, inbound) =
+        NodeLinks::start_coalescing(link, members, limits, beats::coalesce).await?;
     Ok((Arc::new(LinkSender { links }), inbound))
 }
 
@@ -85,16 +88,19 @@ pub fn route_inbound(
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         while let Some(Inbound { from, group, frame }) = inbound.recv().await {
-            let Some(tx) = shards.get(group as usize) else {
-                tracing::warn!(
-                    from,
-                    group,
-                    "a node frame for a shard this node does not have"
-                );
-                continue;
-            };
-            if tx.send((from, frame)).await.is_err() {
-                return;
+            // A batch of heartbeats gives each shard its own.
+            for (shard, frame) in beats::expand(group, frame) {
+                let Some(tx) = shards.get(shard as usize) else {
+                    tracing::warn!(
+                        from,
+                        shard,
+                        "a node frame for a shard this node does not have"
+                    );
+                    continue;
+                };
+                if tx.send((from, frame)).await.is_err() {
+                    return;
+                }
             }
         }
     })

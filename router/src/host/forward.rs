@@ -49,6 +49,10 @@ pub enum NodeFrame {
         session: SessionId,
         why: CloseReason,
     },
+    /// Heartbeats (and their answers) of many shards between one pair of nodes, in one frame,
+    /// on the link's [`super::beats::BEATS_GROUP`]: (shard, message). Last, so the encodings of
+    /// the variants before it are unchanged.
+    Beats(Vec<(u32, PeerMessage)>),
 }
 
 impl NodeFrame {
@@ -176,6 +180,8 @@ impl ShardDriver {
                 self.handle_remote_replies(t, session, replies)
             }
             NodeFrame::Close { session, why } => self.handle_remote_close(t, session, why),
+            // The link expands these before they reach a shard (`beats::expand`).
+            NodeFrame::Beats(_) => return false,
         }
         true
     }
