@@ -823,9 +823,9 @@ impl ShardDriver {
 
     /// A replica's tick, when due: elections and heartbeats (jitter from the seeded source).
     fn tick(&mut self, t: Time) {
-        let Some(at) = self.tick_at_mono_ms.filter(|at| t.mono_ms >= *at) else {
+        if self.tick_at_mono_ms.is_none_or(|at| t.mono_ms < at) {
             return;
-        };
+        }
         let jitter = self.next_jitter();
         let State::Serving(core) = &mut self.state else {
             return;
@@ -834,7 +834,10 @@ impl ShardDriver {
             return;
         };
         r.handle_tick(t.mono_ms, jitter);
-        self.tick_at_mono_ms = Some(at.max(t.mono_ms) + r.tick_interval_ms());
+        // On a grid of the interval, the same for every shard of the node (one monotonic
+        // clock): their leaders heartbeat in the same instant, so the link finds a peer's
+        // heartbeats queued together and sends them as one frame (`beats`).
+        self.tick_at_mono_ms = Some(next_on_grid(t.mono_ms, r.tick_interval_ms()));
     }
 
     /// splitmix64 over the driver's seed.
@@ -981,6 +984,12 @@ impl Grouped {
             effects.push_back(Effect::Replies { session, replies });
         }
     }
+}
+
+/// The first multiple of `interval_ms` after `now_ms`.
+fn next_on_grid(now_ms: u64, interval_ms: u64) -> u64 {
+    let i = interval_ms.max(1);
+    (now_ms / i + 1) * i
 }
 
 #[cfg(test)]

@@ -441,6 +441,17 @@ async fn send_loop<T: Frame>(ctx: Ctx<T>, pc: Arc<PeerConn>, mut rx: mpsc::Recei
             n = rx.recv_many(&mut batch, limit) => n,
             _ = pc.connection.closed() => 0,
         };
+        // Frames other threads are queueing in this same instant (every shard's heartbeats
+        // at the tick) join the batch: one yield, then whatever is there.
+        if n > 0 && batch.len() < limit {
+            tokio::task::yield_now().await;
+            while batch.len() < limit {
+                match rx.try_recv() {
+                    Ok(f) => batch.push(f),
+                    Err(_) => break,
+                }
+            }
+        }
         if n == 0 || !write_batch(&ctx, &pc, &mut streams, &mut batch).await {
             break;
         }
