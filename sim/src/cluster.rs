@@ -265,6 +265,8 @@ struct World {
     healed_at: Option<u64>,
     /// A node was cut off alone while a leader kept its quorum: (node, leader, term) at heal.
     watch_disruption: Option<(NodeId, u64, u64)>,
+    /// The node the last partition cut off alone, and its term then (if it was up).
+    lone_term_at_cut: Option<(NodeId, u64)>,
     /// Votes seen leaving: (voter, term) -> candidate.
     votes: BTreeMap<(NodeId, u64), NodeId>,
     /// Each leader's commit index as last seen: (node, term) -> commit.
@@ -370,6 +372,7 @@ impl World {
             summary: ClusterSummary::default(),
             healed_at: None,
             watch_disruption: None,
+            lone_term_at_cut: None,
             scheduled: Vec::new(),
             faulting: false,
             votes: BTreeMap::new(),
@@ -856,6 +859,13 @@ impl World {
                     self.cut.insert((a, o));
                     self.cut.insert((o, a));
                 }
+                let node = &self.nodes[a as usize - 1];
+                let term = node
+                    .driver
+                    .replica()
+                    .filter(|_| node.up)
+                    .map(|r| r.raft().term());
+                self.lone_term_at_cut = term.map(|t| (a, t));
             }
             2 => {
                 self.cut.insert((a, b)); // one way
@@ -965,7 +975,14 @@ impl World {
                     .replica()
                     .is_some_and(|r| r.raft().leader() == Some(leader) && r.raft().term() == term)
             });
-            if healthy && leader != node {
+            // A lone node whose term was already past the leader's when it was cut off (it
+            // won a pre-vote and campaigned just before) deposes the leader on rejoining, as
+            // Raft must: pre-vote only keeps a node from raising its term while cut off.
+            let term_at_cut = self
+                .lone_term_at_cut
+                .filter(|(n, _)| *n == node)
+                .map_or(u64::MAX, |(_, t)| t);
+            if healthy && leader != node && term_at_cut <= term {
                 self.watch_disruption = Some((node, leader, term));
             }
         }
