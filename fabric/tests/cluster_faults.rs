@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cluster::{read_all, Cluster};
+use common::cluster::{append_anywhere, assert_holds_every_append, ready_demo_cluster, Cluster};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,27 +23,6 @@ const FAULT_KINDS: u32 = 4;
 /// How long one append may take, retries through other nodes included.
 const APPEND_DEADLINE: Duration = Duration::from_secs(60);
 
-/// Appends `n` with key `k{n}`, starting at node `first` and moving to the next node on any
-/// failure, until acknowledged: its seq.
-async fn append_anywhere(http: &reqwest::Client, urls: &[String], token: &str, n: u64) -> u64 {
-    let deadline = Instant::now() + APPEND_DEADLINE;
-    let mut i = n as usize % urls.len();
-    loop {
-        assert!(Instant::now() < deadline, "append {n} acknowledged in time");
-        let url = format!("{}/v1/meshes/demo/conversations/log/messages", urls[i]);
-        let body = serde_json::json!({"body": {"n": n}, "key": format!("k{n}")});
-        let r = http.post(url).bearer_auth(token).json(&body).send().await;
-        if let Ok(r) = r {
-            if r.status() == 201 {
-                let v: serde_json::Value = r.json().await.expect("json");
-                return v["seq"].as_u64().expect("a seq");
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        i = (i + 1) % urls.len();
-    }
-}
-
 /// Keeps `WINDOW` appends in flight until `stop`, recording what was acknowledged.
 async fn writer(
     http: reqwest::Client,
@@ -57,7 +36,8 @@ async fn writer(
         let batch = (next..next + WINDOW).map(|n| {
             let (http, urls, token, acked) = (&http, &urls, &token, acked.clone());
             async move {
-                let seq = append_anywhere(http, urls, token, n).await;
+                let first = n as usize % urls.len();
+                let seq = append_anywhere(http, urls, token, first, n, APPEND_DEADLINE).await;
                 acked.lock().expect("no panic holding it").insert(n, seq);
             }
         });
@@ -164,22 +144,7 @@ async fn kills_partitions_and_one_way_cuts_lose_no_acknowledged_append() {
     // three nodes, SIGKILLs of random nodes and of leaders, a node cut off both ways and one
     // direction of a pair cut, each healed, lose no acknowledged append; every node then holds
     // every one at the seq it was acknowledged at, seqs dense, each key once.
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
-    let mut c = Cluster::start_with(3, true);
-    c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
-        .await;
-    c.admin(http.post(c.url(1, "/v1/meshes")).body("{\"id\":\"demo\"}"))
-        .await;
-    let peer = c
-        .admin(
-            http.post(c.url(2, "/v1/meshes/demo/peers"))
-                .body("{\"id\":\"alice\"}"),
-        )
-        .await;
-    let token = peer["token"].as_str().expect("a peer token").to_string();
+    let (http, mut c, token) = ready_demo_cluster(true).await;
     relays_cut_for_real(&c, &http, &token).await;
     let urls: Vec<String> = (1..=3).map(|i| c.url(i, "")).collect();
     let stop = Arc::new(AtomicBool::new(false));
@@ -211,29 +176,7 @@ async fn kills_partitions_and_one_way_cuts_lose_no_acknowledged_append() {
         "seed {seed}: {} acked",
         acked.len()
     );
-    let last = acked.values().max().copied().unwrap_or(0);
     for i in 1..=3u16 {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut log = read_all(&c, &http, &token, i, "local").await;
-        while (log.len() as u64) < last && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            log = read_all(&c, &http, &token, i, "local").await;
-        }
-        let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
-        assert_eq!(
-            seqs,
-            (1..=log.len() as u64).collect::<Vec<_>>(),
-            "node {i}: dense"
-        );
-        for (n, seq) in &acked {
-            let at = log.get(*seq as usize - 1).map(|e| e.1);
-            assert_eq!(
-                at,
-                Some(*n),
-                "seed {seed}: node {i}: append {n} at seq {seq}"
-            );
-        }
-        let keys: std::collections::BTreeSet<u64> = log.iter().map(|e| e.1).collect();
-        assert_eq!(keys.len(), log.len(), "node {i}: each key once");
+        assert_holds_every_append(&c, &http, &token, i, "local", &acked).await;
     }
 }

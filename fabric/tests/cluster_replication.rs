@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::cluster::{append, read_all, Cluster};
+use common::cluster::{append, assert_holds_every_append, read_all, ready_demo_cluster, Cluster};
 use fabric::client::{Client, ClientConfig, Incoming};
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
@@ -83,22 +83,7 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
     // Every node's /metrics agrees on each shard's single leader and term, the leader reports
     // its two followers' lag, and the survivors count the leader change and the election the
     // kill caused.
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
-    let mut c = Cluster::start(3);
-    c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
-        .await;
-    c.admin(http.post(c.url(1, "/v1/meshes")).body("{\"id\":\"demo\"}"))
-        .await;
-    let peer = c
-        .admin(
-            http.post(c.url(2, "/v1/meshes/demo/peers"))
-                .body("{\"id\":\"alice\"}"),
-        )
-        .await;
-    let token = peer["token"].as_str().expect("a peer token").to_string();
+    let (http, mut c, token) = ready_demo_cluster(false).await;
     let mut acked = std::collections::BTreeMap::new();
     for n in 1..=30u64 {
         acked.insert(n, append(&c, &http, &token, (n % 3 + 1) as u16, n).await);
@@ -125,31 +110,9 @@ async fn a_three_node_cluster_keeps_every_acknowledged_append_through_a_leader_k
         .await;
     let (_, after) = raft_metrics_agree(&c, &http, SHARDS).await;
     assert_survivors_counted_the_kill(&before, &after, victim);
-    let last = acked.values().max().copied().unwrap_or(0);
+    // A local read shows each node's replica: every one holds every acknowledged append.
     for (i, consistency) in (1..=3u16).flat_map(|i| [(i, "linearizable"), (i, "local")]) {
-        let mut log = read_all(&c, &http, &token, i, consistency).await;
-        // A local read shows this node's replica, which may still be catching up.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while consistency == "local" && log.len() < last as usize && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            log = read_all(&c, &http, &token, i, consistency).await;
-        }
-        let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
-        assert_eq!(
-            seqs,
-            (1..=log.len() as u64).collect::<Vec<_>>(),
-            "node {i} ({consistency}): dense seqs"
-        );
-        for (n, seq) in &acked {
-            let at = log.get(*seq as usize - 1).map(|e| e.1);
-            assert_eq!(
-                at,
-                Some(*n),
-                "node {i} ({consistency}): append {n} at seq {seq}"
-            );
-        }
-        let bodies: std::collections::BTreeSet<u64> = log.iter().map(|e| e.1).collect();
-        assert_eq!(bodies.len(), log.len(), "node {i}: each key appended once");
+        assert_holds_every_append(&c, &http, &token, i, consistency, &acked).await;
     }
 }
 
@@ -369,22 +332,7 @@ async fn a_replica_with_a_flipped_bit_repairs_from_the_leader_and_loses_nothing(
     // shard) and elects nobody alone; once the others are back it fetches the cut range from
     // the leader, turns ready, removes its REPAIR marker and reads (locally) every acknowledged
     // append, at the same seqs; the cut bytes are kept in quarantine.
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(10))
-        .build()
-        .expect("client");
-    let mut c = Cluster::start(3);
-    c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
-        .await;
-    c.admin(http.post(c.url(1, "/v1/meshes")).body("{\"id\":\"demo\"}"))
-        .await;
-    let peer = c
-        .admin(
-            http.post(c.url(2, "/v1/meshes/demo/peers"))
-                .body("{\"id\":\"alice\"}"),
-        )
-        .await;
-    let token = peer["token"].as_str().expect("a peer token").to_string();
+    let (http, mut c, token) = ready_demo_cluster(false).await;
     let mut acked = BTreeMap::new();
     for n in 1..=40u64 {
         acked.insert(n, append(&c, &http, &token, (n % 3 + 1) as u16, n).await);
@@ -441,21 +389,7 @@ async fn a_replica_with_a_flipped_bit_repairs_from_the_leader_and_loses_nothing(
         let r = http.post(url).bearer_auth(&token).json(&body).send().await;
         assert!(r.is_ok_and(|r| r.status() == 201), "append to x{k}");
     }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let log = loop {
-        let log = read_all(&c, &http, &token, 2, "local").await;
-        if log.len() >= acked.len() || Instant::now() > deadline {
-            break log;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    for (n, seq) in &acked {
-        assert_eq!(
-            log.get(*seq as usize - 1).map(|e| e.1),
-            Some(*n),
-            "append {n}"
-        );
-    }
+    assert_holds_every_append(&c, &http, &token, 2, "local", &acked).await;
     let data = c.dir.path().join("node-2/data");
     for shard in &hit {
         let dir = fabric::storage::shard_dir(&data, *shard);

@@ -1072,13 +1072,7 @@ mod tests {
     #[tokio::test]
     async fn a_full_peer_queue_drops_and_counts_instead_of_blocking() {
         // Proves frames beyond links_queue_frames_max are dropped and counted at once, and the queued ones arrive.
-        let ca = ClusterCa::generate("test").unwrap();
-        let ids = [1u64, 2];
-        let (l1, l2) = (
-            bind(ca.cert_der(), &identity(&ca, 1), &ids),
-            bind(ca.cert_der(), &identity(&ca, 2), &ids),
-        );
-        let members = members(&[&l1, &l2]);
+        let (l1, l2, members) = two_links();
         let limits = LinksLimits {
             links_queue_frames_max: 4,
             ..limits()
@@ -1108,6 +1102,18 @@ mod tests {
         }
     }
 
+    /// Links of nodes 1 and 2 of one new cluster CA, and the members they make.
+    fn two_links() -> (NodeLink, NodeLink, Vec<Member>) {
+        let ca = ClusterCa::generate("test").unwrap();
+        let ids = [1u64, 2];
+        let (l1, l2) = (
+            bind(ca.cert_der(), &identity(&ca, 1), &ids),
+            bind(ca.cert_der(), &identity(&ca, 2), &ids),
+        );
+        let members = members(&[&l1, &l2]);
+        (l1, l2, members)
+    }
+
     /// A coalescer for the test: every frame of group 7 in a batch becomes one frame of group
     /// 98 whose seq is their sum.
     fn fold_group_7(batch: &mut Vec<(u32, Msg)>) {
@@ -1124,13 +1130,7 @@ mod tests {
         // Proves the frames taken for a peer in one batch pass through the node's coalescer (as
         // the node folds its shards' heartbeats): frames queued together on group 7 arrive as
         // one frame of group 98, the others as they were.
-        let ca = ClusterCa::generate("test").unwrap();
-        let ids = [1u64, 2];
-        let (l1, l2) = (
-            bind(ca.cert_der(), &identity(&ca, 1), &ids),
-            bind(ca.cert_der(), &identity(&ca, 2), &ids),
-        );
-        let members = members(&[&l1, &l2]);
+        let (l1, l2, members) = two_links();
         let (links, rx) = NodeLinks::start_coalescing(l1, members.clone(), limits(), fold_group_7)
             .await
             .unwrap();

@@ -134,18 +134,35 @@ impl Drop for Cluster {
     }
 }
 
-/// Appends `n` through node `i` with key `k{n}`, retrying `unavailable` (through the next
-/// node) with the same key until `deadline`; the seq it was acknowledged at.
+/// Appends `n` through node `first` with key `k{n}`, retrying `unavailable` (through the next
+/// live node) with the same key until `deadline`; the seq it was acknowledged at.
 pub async fn append(c: &Cluster, http: &reqwest::Client, token: &str, first: u16, n: u64) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let nodes = c.nodes.len() as u16;
-    let mut i = first;
+    let urls: Vec<String> = (1..=c.nodes.len() as u16)
+        .filter(|i| c.nodes[*i as usize - 1].is_some())
+        .map(|i| c.url(i, ""))
+        .collect();
+    let at = urls
+        .iter()
+        .position(|u| *u == c.url(first, ""))
+        .unwrap_or(0);
+    append_anywhere(http, &urls, token, at, n, Duration::from_secs(30)).await
+}
+
+/// Appends `n` with key `k{n}` to conversation `log` of mesh `demo`, starting at `urls[first]`
+/// and moving to the next URL on any failure, until acknowledged within `within`: its seq.
+pub async fn append_anywhere(
+    http: &reqwest::Client,
+    urls: &[String],
+    token: &str,
+    first: usize,
+    n: u64,
+    within: Duration,
+) -> u64 {
+    let deadline = Instant::now() + within;
+    let mut i = first % urls.len();
     loop {
         assert!(Instant::now() < deadline, "append {n} acknowledged in time");
-        while c.nodes[i as usize - 1].is_none() {
-            i = i % nodes + 1;
-        }
-        let url = c.url(i, "/v1/meshes/demo/conversations/log/messages");
+        let url = format!("{}/v1/meshes/demo/conversations/log/messages", urls[i]);
         let body = serde_json::json!({"body": {"n": n}, "key": format!("k{n}")});
         let r = http.post(url).bearer_auth(token).json(&body).send().await;
         if let Ok(r) = r {
@@ -155,8 +172,68 @@ pub async fn append(c: &Cluster, http: &reqwest::Client, token: &str, first: u16
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
-        i = i % nodes + 1;
+        i = (i + 1) % urls.len();
     }
+}
+
+/// An HTTP client, a 3-node cluster (relayed or not) with every node ready, and alice's
+/// token in mesh `demo`.
+pub async fn ready_demo_cluster(relayed: bool) -> (reqwest::Client, Cluster, String) {
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let c = Cluster::start_with(3, relayed);
+    c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
+        .await;
+    let token = demo_peer(&c, &http).await;
+    (http, c, token)
+}
+
+/// Mesh `demo` with peer `alice`, made through nodes 1 and 2: alice's token.
+pub async fn demo_peer(c: &Cluster, http: &reqwest::Client) -> String {
+    c.admin(http.post(c.url(1, "/v1/meshes")).body("{\"id\":\"demo\"}"))
+        .await;
+    let peer = c
+        .admin(
+            http.post(c.url(2, "/v1/meshes/demo/peers"))
+                .body("{\"id\":\"alice\"}"),
+        )
+        .await;
+    peer["token"].as_str().expect("a peer token").to_string()
+}
+
+/// Node `i` reads (with `consistency`; a `local` read is retried for up to 30 s while the
+/// replica catches up) conversation `log` whole: dense seqs, every acknowledged append `n` at
+/// the seq it was acknowledged at, each key once.
+pub async fn assert_holds_every_append(
+    c: &Cluster,
+    http: &reqwest::Client,
+    token: &str,
+    i: u16,
+    consistency: &str,
+    acked: &std::collections::BTreeMap<u64, u64>,
+) {
+    let last = acked.values().max().copied().unwrap_or(0) as usize;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut log = read_all(c, http, token, i, consistency).await;
+    while consistency == "local" && log.len() < last && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        log = read_all(c, http, token, i, consistency).await;
+    }
+    let seqs: Vec<u64> = log.iter().map(|(s, _)| *s).collect();
+    let dense: Vec<u64> = (1..=log.len() as u64).collect();
+    assert_eq!(seqs, dense, "node {i} ({consistency}): dense seqs");
+    for (n, seq) in acked {
+        let at = log.get(*seq as usize - 1).map(|e| e.1);
+        assert_eq!(
+            at,
+            Some(*n),
+            "node {i} ({consistency}): append {n} at seq {seq}"
+        );
+    }
+    let keys: std::collections::BTreeSet<u64> = log.iter().map(|e| e.1).collect();
+    assert_eq!(keys.len(), log.len(), "node {i}: each key appended once");
 }
 
 /// Every message of the conversation, read through node `i`: (seq, n).
