@@ -253,20 +253,8 @@ impl Recoverer {
         let scan = wal::scan_frames(bytes, expect, skip_crc);
         if let Some((at, damage)) = &scan.damage {
             let next = scan.records.last().map_or(expect, |r| r.lsn + 1);
-            match self.may_cut(bytes, *at, damage, next, newest) {
-                Ok(()) => {
-                    self.report.cut = Some(crate::recovery::Cut {
-                        segment: id,
-                        offset: *at,
-                        bytes: bytes.len() as u64 - *at,
-                    });
-                    self.report.cut_reason = Some(damage.reason().to_string());
-                }
-                Err(refused) if self.repairable => {
-                    self.start_repair(id, *at, bytes, next, refused.to_string())
-                }
-                Err(refused) => return Err(corrupt(*at, refused.to_string())),
-            }
+            self.handle_damage(id, bytes, (*at, damage), next, newest)
+                .map_err(|refused| corrupt(*at, refused.to_string()))?;
         }
         if let Some(to) = scan.rewound_to {
             let at = wal::SEGMENT_HEADER_BYTES as u64;
@@ -295,6 +283,34 @@ impl Recoverer {
         self.report.segments += 1;
         self.report.bytes += scan.valid_len;
         Ok(())
+    }
+
+    /// Damage at `at` of segment `id`, the log going on from `next`: cut as a torn final
+    /// write, cut for repair (a replica with other voters), or refused (the reason).
+    fn handle_damage(
+        &mut self,
+        id: u64,
+        bytes: &[u8],
+        (at, damage): (u64, &Damage),
+        next: u64,
+        newest: bool,
+    ) -> Result<(), CutRefused> {
+        match self.may_cut(bytes, at, damage, next, newest) {
+            Ok(()) => {
+                self.report.cut = Some(Cut {
+                    segment: id,
+                    offset: at,
+                    bytes: bytes.len() as u64 - at,
+                });
+                self.report.cut_reason = Some(damage.reason().to_string());
+                Ok(())
+            }
+            Err(refused) if self.repairable => {
+                self.start_repair(id, at, bytes, next, refused.to_string());
+                Ok(())
+            }
+            Err(refused) => Err(refused),
+        }
     }
 
     /// Decides a cut for repair at `offset` of segment `id` (0: the whole segment), the log

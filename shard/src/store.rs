@@ -325,15 +325,8 @@ fn recover_log<S: SegmentStore>(
             newest_bytes = bytes;
         }
     }
-    // Segments past the newest listed one are an incomplete creation, or, in repair, what an
-    // interrupted repair cut had not yet removed.
     let in_repair = marker.is_some() || r.repairing();
-    let (unlisted, leftovers) = match newer.as_slice() {
-        _ if in_repair => (None, newer),
-        [] => (None, Vec::new()),
-        [id] if *id == manifest.newest + 1 => (Some(*id), Vec::new()),
-        _ => return Err(too_many_newer(&manifest, &newer)),
-    };
+    let (unlisted, leftovers) = split_newer(&manifest, newer, in_repair)?;
     let mut incomplete = Vec::new();
     if let Some(id) = unlisted {
         incomplete = store.read_segment(id)?;
@@ -390,13 +383,24 @@ fn classify(m: &Manifest, ids: &[u64]) -> Result<Classified, RecoverError> {
     Ok((retired, listed, newer))
 }
 
-fn too_many_newer(m: &Manifest, newer: &[u64]) -> RecoverError {
-    RecoverError::Manifest(format!(
-        "segments {newer:?} are newer than MANIFEST's newest ({}); only one incompletely \
-         created segment ({}) can be",
-        m.newest,
-        m.newest + 1
-    ))
+/// Segments past the manifest's newest: one incomplete creation (`.0`), or, in repair, what an
+/// interrupted repair cut had not yet removed (`.1`); anything else refuses.
+fn split_newer(
+    m: &Manifest,
+    newer: Vec<u64>,
+    in_repair: bool,
+) -> Result<(Option<u64>, Vec<u64>), RecoverError> {
+    match newer.as_slice() {
+        _ if in_repair => Ok((None, newer)),
+        [] => Ok((None, Vec::new())),
+        [id] if *id == m.newest + 1 => Ok((Some(*id), Vec::new())),
+        _ => Err(RecoverError::Manifest(format!(
+            "segments {newer:?} are newer than MANIFEST's newest ({}); only one incompletely \
+             created segment ({}) can be",
+            m.newest,
+            m.newest + 1
+        ))),
+    }
 }
 
 /// The shard's repair marker, if it has one; a damaged one refuses to start.
