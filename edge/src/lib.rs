@@ -1015,7 +1015,7 @@ impl Session {
             None,
             ProtoError::new(
                 ErrorCode::Unavailable,
-                format!("shard {shard} restarted; reconnect to resume"),
+                format!("shard {shard} restarted (or, in a cluster, its leader changed); reconnect to resume"),
             ),
         );
         self.close(now);

@@ -402,3 +402,26 @@ async fn a_replica_with_a_flipped_bit_repairs_from_the_leader_and_loses_nothing(
         assert!(kept > 0, "shard {shard}: the cut bytes are in quarantine");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_on_a_follower_node_gets_its_inbox_after_the_leader_is_killed() {
+    // Proves a client whose node does not lead its mesh's shard is not left with a session
+    // that silently stops delivering when the leader dies: its node closes the session (or it
+    // keeps delivering), and after resuming the client receives what was sent to it since.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let mut c = Cluster::start_shards(3, false, 1);
+    c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
+        .await;
+    let token = common::cluster::demo_peer(&c, &http).await;
+    let view = c.admin(http.get(c.url(1, "/v1/cluster"))).await;
+    let leader = view["shards"][0]["leader"].as_u64().expect("a leader") as u16;
+    let home = leader % 3 + 1;
+    let client = client_on(&c, &token, home).await;
+    let first = send_to_self(&client, "before").await;
+    c.kill(leader);
+    let second = send_to_self(&client, "after").await;
+    assert!(second > first, "the inbox goes on: {first} then {second}");
+}

@@ -350,6 +350,9 @@ pub struct ShardDriver {
     /// Requests of local sessions forwarded to the leader's node, by (session, ref).
     forwarded: BTreeMap<(SessionId, u64), forward::Waiting>,
     forward_timeout_ms: u64,
+    /// The term of the leader this follower last forwarded its local sessions' batches to: a
+    /// newer term closes those sessions (the old leader's state of them is gone).
+    forward_term: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -388,6 +391,7 @@ impl ShardDriver {
             tick_at_mono_ms: None,
             forwarded: BTreeMap::new(),
             forward_timeout_ms: 0,
+            forward_term: None,
         };
         d.request_recovery();
         d

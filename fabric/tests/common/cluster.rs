@@ -30,6 +30,11 @@ impl Cluster {
     /// A cluster of `n` nodes; with `relayed`, every node reaches every other through a UDP
     /// relay of this process ([`Relays`]), so the test can cut any direction of any pair.
     pub fn start_with(n: u16, relayed: bool) -> Cluster {
+        Cluster::start_shards(n, relayed, fabric::cluster::init::SHARDS_DEFAULT)
+    }
+
+    /// [`Cluster::start_with`], every node with `shards` shards.
+    pub fn start_shards(n: u16, relayed: bool, shards: u32) -> Cluster {
         // Each test of this binary probes from its own salt: two clusters starting together
         // must not settle on the same block before either binds it.
         static STARTED: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
@@ -43,6 +48,8 @@ impl Cluster {
             .arg(base.to_string())
             .arg("--dir")
             .arg(dir.path())
+            .arg("--shards")
+            .arg(shards.to_string())
             .output()
             .expect("init runs");
         assert!(

@@ -145,6 +145,7 @@ impl ShardDriver {
             self.sessions.remove(&session);
             self.effects.push_back(Effect::Forget { session });
         }
+        self.forward_term = Some(term);
         let deadline = t.mono_ms + self.forward_timeout_ms;
         for req in batch.iter() {
             if let Some(r) = req.op.reference() {
@@ -249,12 +250,14 @@ impl ShardDriver {
     }
 
     /// Forwarded requests past their deadline, or sent in an older term than the replica
-    /// knows now, are answered `unavailable`.
+    /// knows now, are answered `unavailable`; a newer term also closes the local sessions
+    /// forwarded in the old one.
     pub(super) fn expire_forwarded(&mut self, t: Time) {
         let term = match &self.state {
             State::Serving(core) => core.replica().map_or(0, |r| r.raft().term()),
             _ => 0,
         };
+        self.close_sessions_of_old_leader(term);
         let expired: Vec<(SessionId, u64)> = self
             .forwarded
             .iter()
@@ -271,6 +274,30 @@ impl ShardDriver {
             self.effects.push_back(Effect::Replies {
                 session,
                 replies: vec![Reply::Frame(ServerOp::error(Some(r), e))],
+            });
+        }
+    }
+
+    /// The leader these local sessions were forwarded to was replaced (a newer term): their
+    /// attachment there (the inbox being delivered, subscriptions) is gone, and no new leader
+    /// knows them. Closing them is what tells their clients to resume (`hello` again, the inbox
+    /// redelivered from the cursor); left open, they would silently stop receiving.
+    fn close_sessions_of_old_leader(&mut self, term: u64) {
+        if self.forward_term.is_none_or(|ft| term <= ft) {
+            return;
+        }
+        self.forward_term = None;
+        let local: Vec<SessionId> = self
+            .sessions
+            .iter()
+            .copied()
+            .filter(|s| self.is_local(*s))
+            .collect();
+        for session in local {
+            self.sessions.remove(&session);
+            self.effects.push_back(Effect::CloseSession {
+                session,
+                why: CloseReason::Restarted,
             });
         }
     }

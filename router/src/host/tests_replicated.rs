@@ -27,6 +27,8 @@ struct Cluster {
     restarts_seen: u64,
     /// Pages answered: ref -> the last seq in it.
     pages: BTreeMap<u64, u64>,
+    /// Sessions a driver closed: (its node index, session, why).
+    closed: Vec<(usize, SessionId, CloseReason)>,
 }
 
 fn replica_config(node: NodeId) -> ReplicaConfig {
@@ -76,6 +78,7 @@ impl Cluster {
             unavailable: 0,
             restarts_seen: 0,
             pages: BTreeMap::new(),
+            closed: Vec::new(),
         };
         c.run_effects();
         c
@@ -134,7 +137,8 @@ impl Cluster {
                     }
                 }
             }
-            Effect::Forget { .. } | Effect::CloseSession { .. } => {}
+            Effect::CloseSession { session, why } => self.closed.push((i, session, why)),
+            Effect::Forget { .. } => {}
         }
     }
 
@@ -315,6 +319,30 @@ fn a_follower_forwards_to_its_leader_and_the_answer_comes_back() {
     assert!(
         !c.oks.contains(&800),
         "a late ok after `unavailable` is dropped"
+    );
+}
+
+#[test]
+fn a_new_leader_closes_the_sessions_a_follower_forwarded_to_the_old_one() {
+    // Proves a session on a follower's node, whose batches went to a leader that was then
+    // replaced (a newer term), is closed by its node (so its client resumes on the new leader)
+    // instead of staying open and silently receiving nothing; while the leader stays, it stays.
+    let mut c = Cluster::new();
+    let l = setup(&mut c);
+    let f = (l + 1) % 3;
+    let session = session_id(f as NodeId + 1, 1);
+    c.send(f, vec![append(900)]);
+    c.advance(500);
+    assert!(c.oks.contains(&900));
+    assert!(c.closed.is_empty(), "nothing closed while the leader stays");
+    c.isolated = Some(l as NodeId + 1);
+    c.advance(3_000);
+    let new = c.leader().expect("a new leader");
+    assert_ne!(new, l);
+    assert!(
+        c.closed.contains(&(f, session, CloseReason::Restarted)),
+        "{:?}",
+        c.closed
     );
 }
 
