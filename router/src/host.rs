@@ -266,6 +266,9 @@ pub enum Effect {
         to: NodeId,
         session: SessionId,
         replies: Vec<Reply>,
+        /// 1, 2, 3, ... per session and incarnation of the sending driver: the session's node
+        /// closes the session at a gap (a frame the link dropped held deliveries).
+        seq: u64,
     },
     /// Tell node `to` to close its session (`handle_remote_close`).
     RemoteClose {
@@ -353,6 +356,10 @@ pub struct ShardDriver {
     /// The term of the leader this follower last forwarded its local sessions' batches to: a
     /// newer term closes those sessions (the old leader's state of them is gone).
     forward_term: Option<u64>,
+    /// Leader side: the last remote-reply frame's seq sent to each session of another node.
+    remote_sent: BTreeMap<SessionId, u64>,
+    /// Session side: the last remote-reply frame's seq received for each local session.
+    remote_seen: BTreeMap<SessionId, u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -392,6 +399,8 @@ impl ShardDriver {
             forwarded: BTreeMap::new(),
             forward_timeout_ms: 0,
             forward_term: None,
+            remote_sent: BTreeMap::new(),
+            remote_seen: BTreeMap::new(),
         };
         d.request_recovery();
         d

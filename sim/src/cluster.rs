@@ -211,6 +211,8 @@ struct Node {
     incarnation_commit: u64,
     /// A bit of its synced log was flipped (it restarts in repair).
     rotted: bool,
+    /// The number of its client's current session (a reconnect opens the next).
+    client_session: u64,
 }
 
 impl Node {
@@ -267,6 +269,8 @@ struct World {
     watch_disruption: Option<(NodeId, u64, u64)>,
     /// The node the last partition cut off alone, and its term then (if it was up).
     lone_term_at_cut: Option<(NodeId, u64)>,
+    /// When the last session frame from one node to another arrives: later ones come after.
+    session_frames_at: BTreeMap<(NodeId, NodeId), u64>,
     /// Votes seen leaving: (voter, term) -> candidate.
     votes: BTreeMap<(NodeId, u64), NodeId>,
     /// Each leader's commit index as last seen: (node, term) -> commit.
@@ -352,6 +356,7 @@ impl World {
                     offset_ms: rng.random_range(0..=5_000),
                     incarnation_commit: 0,
                     rotted: false,
+                    client_session: 1,
                 }
             })
             .collect();
@@ -373,6 +378,7 @@ impl World {
             healed_at: None,
             watch_disruption: None,
             lone_term_at_cut: None,
+            session_frames_at: BTreeMap::new(),
             scheduled: Vec::new(),
             faulting: false,
             votes: BTreeMap::new(),
@@ -414,7 +420,7 @@ impl World {
             ));
         }
         let l = self.leader().expect("a leader");
-        let session = session_id(l as NodeId + 1, 1);
+        let session = session_id(l as NodeId + 1, self.nodes[l].client_session);
         let ops = [
             ShardOp::CreateMesh {
                 r: 1,
@@ -575,8 +581,18 @@ impl World {
             };
             self.wire.push(again);
         }
+        // A session's frames (forwarded batches, replies, closes) keep their order between two
+        // nodes, as on the node link's stream; Raft's messages may be reordered (Raft does not
+        // mind, and it tests more). Lost ones stay lost: a reply frame after a gap closes its
+        // session (`handle_remote_replies`).
+        let mut at = self.now + delay;
+        if !matches!(frame, NodeFrame::Peer(_)) {
+            let last = self.session_frames_at.entry((from, to)).or_insert(0);
+            at = at.max(*last);
+            *last = at;
+        }
         self.wire.push(Packet {
-            at: self.now + delay,
+            at,
             from,
             to,
             frame,
@@ -732,7 +748,7 @@ impl World {
     fn issue_read(&mut self, i: usize, r: u64) {
         let floor = self.acked_by_seq.keys().next_back().copied().unwrap_or(0);
         let local = self.rng.random_bool(0.3);
-        let session = session_id(i as NodeId + 1, 1);
+        let session = session_id(i as NodeId + 1, self.nodes[i].client_session);
         let op = ShardOp::Read {
             r,
             mesh: MeshId::must("m"),
@@ -774,7 +790,7 @@ impl World {
             Some(kb) => kb,
             None => (format!("k{r}"), format!("\"v{r}\"")),
         };
-        let session = session_id(i as NodeId + 1, 1);
+        let session = session_id(i as NodeId + 1, self.nodes[i].client_session);
         let op = ShardOp::Append {
             r,
             mesh: MeshId::must("m"),
@@ -923,6 +939,8 @@ impl World {
 
     /// The client on node `i` lost its session: its unanswered requests are sent again.
     fn client_reconnects(&mut self, i: usize) {
+        // A new connection is a new session, as on a real node.
+        self.nodes[i].client_session += 1;
         let lost: Vec<u64> = self
             .pending
             .iter()

@@ -39,10 +39,12 @@ pub enum NodeFrame {
         session: SessionId,
         batch: Vec<Request>,
     },
-    /// Replies for a session of the receiving node.
+    /// Replies for a session of the receiving node; `seq` counts the session's frames (a gap
+    /// closes the session: see `handle_remote_replies`).
     Remote {
         session: SessionId,
         replies: Vec<Reply>,
+        seq: u64,
     },
     /// Close a session of the receiving node.
     Close {
@@ -68,7 +70,15 @@ impl NodeFrame {
                 to,
                 session,
                 replies,
-            } => Ok((to, NodeFrame::Remote { session, replies })),
+                seq,
+            } => Ok((
+                to,
+                NodeFrame::Remote {
+                    session,
+                    replies,
+                    seq,
+                },
+            )),
             Effect::RemoteClose { to, session, why } => Ok((to, NodeFrame::Close { session, why })),
             e => Err(e),
         }
@@ -177,9 +187,11 @@ impl ShardDriver {
                 }
                 self.handle_forwarded(t, from, session, batch);
             }
-            NodeFrame::Remote { session, replies } => {
-                self.handle_remote_replies(t, session, replies)
-            }
+            NodeFrame::Remote {
+                session,
+                replies,
+                seq,
+            } => self.handle_remote_replies(t, session, replies, seq),
             NodeFrame::Close { session, why } => self.handle_remote_close(t, session, why),
             // The link expands these before they reach a shard (`beats::expand`).
             NodeFrame::Beats(_) => return false,
@@ -205,11 +217,34 @@ impl ShardDriver {
     }
 
     /// Replies the leader sent for one of this node's sessions: each request is answered once
-    /// (an answer to a request this node already answered `unavailable` is dropped).
-    pub fn handle_remote_replies(&mut self, _t: Time, session: SessionId, replies: Vec<Reply>) {
+    /// (an answer to a request this node already answered `unavailable` is dropped). Frame
+    /// `seq` must follow the last one: a gap means the node link dropped a frame, which may
+    /// have held deliveries the client will never see, and a client that acknowledged a later
+    /// one would move its cursor past them. The session is closed instead (its client resumes;
+    /// the inbox is redelivered from its cursor).
+    pub fn handle_remote_replies(
+        &mut self,
+        _t: Time,
+        session: SessionId,
+        replies: Vec<Reply>,
+        seq: u64,
+    ) {
         if !self.is_local(session) {
             return;
         }
+        let last = self.remote_seen.get(&session).copied().unwrap_or(0);
+        if seq != last + 1 {
+            if last != u64::MAX {
+                self.remote_seen.insert(session, u64::MAX);
+                self.sessions.remove(&session);
+                self.effects.push_back(Effect::CloseSession {
+                    session,
+                    why: CloseReason::Restarted,
+                });
+            }
+            return;
+        }
+        self.remote_seen.insert(session, seq);
         let replies: Vec<Reply> = replies
             .into_iter()
             .filter(|reply| match reply_ref(reply) {
@@ -230,20 +265,36 @@ impl ShardDriver {
         }
     }
 
-    /// Replies and closes for sessions of other nodes go there.
-    pub(super) fn route_effect(&self, e: Effect) -> Effect {
+    /// Replies and closes for sessions of other nodes go there (replies numbered per session);
+    /// a session's numbering ends with it.
+    pub(super) fn route_effect(&mut self, e: Effect) -> Effect {
         match e {
-            Effect::Replies { session, replies } if !self.is_local(session) => Effect::Remote {
-                to: session_home(session),
-                session,
-                replies,
-            },
+            Effect::Replies { session, replies } if !self.is_local(session) => {
+                let seq = self.remote_sent.entry(session).or_insert(0);
+                *seq += 1;
+                Effect::Remote {
+                    to: session_home(session),
+                    session,
+                    replies,
+                    seq: *seq,
+                }
+            }
             Effect::CloseSession { session, why } if !self.is_local(session) => {
+                self.remote_sent.remove(&session);
                 Effect::RemoteClose {
                     to: session_home(session),
                     session,
                     why,
                 }
+            }
+            Effect::CloseSession { session, why } => {
+                self.remote_seen.remove(&session);
+                Effect::CloseSession { session, why }
+            }
+            Effect::Forget { session } => {
+                self.remote_sent.remove(&session);
+                self.remote_seen.remove(&session);
+                Effect::Forget { session }
             }
             e => e,
         }

@@ -29,6 +29,8 @@ struct Cluster {
     pages: BTreeMap<u64, u64>,
     /// Sessions a driver closed: (its node index, session, why).
     closed: Vec<(usize, SessionId, CloseReason)>,
+    /// The next reply frame for another node's session is lost on the link.
+    lose_next_remote: bool,
 }
 
 fn replica_config(node: NodeId) -> ReplicaConfig {
@@ -79,6 +81,7 @@ impl Cluster {
             restarts_seen: 0,
             pages: BTreeMap::new(),
             closed: Vec::new(),
+            lose_next_remote: false,
         };
         c.run_effects();
         c
@@ -114,6 +117,7 @@ impl Cluster {
                 let r = job.perform(&mut n.store);
                 n.driver.handle_log_read_done(t, &job, r);
             }
+            Effect::Remote { .. } if std::mem::take(&mut self.lose_next_remote) => {}
             e @ (Effect::Peer(_)
             | Effect::Forward { .. }
             | Effect::Remote { .. }
@@ -343,6 +347,33 @@ fn a_new_leader_closes_the_sessions_a_follower_forwarded_to_the_old_one() {
         c.closed.contains(&(f, session, CloseReason::Restarted)),
         "{:?}",
         c.closed
+    );
+}
+
+#[test]
+fn a_lost_reply_frame_closes_its_session_at_the_next_one() {
+    // Proves a session whose replies come from another node's leader is closed at the first
+    // frame after one the link lost (a lost frame may hold deliveries; a client acknowledging
+    // a later one would move its cursor past them), and what that later frame held is not
+    // handed to the closed session.
+    let mut c = Cluster::new();
+    let l = setup(&mut c);
+    let f = (l + 1) % 3;
+    let session = session_id(f as NodeId + 1, 1);
+    c.send(f, vec![append(960)]);
+    c.advance(200);
+    assert!(c.oks.contains(&960));
+    c.lose_next_remote = true;
+    c.send(f, vec![append(961)]);
+    c.advance(200);
+    assert!(!c.oks.contains(&961), "its reply frame was lost");
+    assert!(c.closed.is_empty(), "nothing shows a gap yet");
+    c.send(f, vec![append(962)]);
+    c.advance(200);
+    assert!(c.closed.contains(&(f, session, CloseReason::Restarted)));
+    assert!(
+        !c.oks.contains(&962),
+        "the frame after the gap is not handed over"
     );
 }
 

@@ -136,17 +136,19 @@ impl Progress {
         true
     }
 
-    /// The follower's log ends at `last` (it lost entries in a repair): nothing it matched is
-    /// known any more (the cut may have removed a rewind, bringing back entries it replaced,
-    /// at or below `last`), so the match starts again from zero and probing from its end.
-    /// Nothing changes while a snapshot is out.
+    /// The follower's log ends at `last` (it lost entries in a repair; `last` at most the
+    /// leader's): nothing it matched is known any more (the cut may have removed a rewind,
+    /// bringing back entries it replaced, at or below `last`), so the match starts again from
+    /// zero and the probe sends its last entry (an entry the leader holds, so the probe is
+    /// never an empty append past the leader's log, which nothing would send). Nothing
+    /// changes while a snapshot is out.
     pub fn forget_beyond(&mut self, last: u64) {
         if self.state == ProgressState::Snapshot {
             return;
         }
         self.match_index = 0;
         self.restart_from_match(ProgressState::Probe);
-        self.next_index = last.max(self.match_index) + 1;
+        self.next_index = last.max(1);
         self.check();
     }
 

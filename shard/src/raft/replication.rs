@@ -423,6 +423,9 @@ impl RaftCore {
         if self.role != Role::Leader {
             return;
         }
+        // Its log may run past ours (entries of an old term we will replace): probe from our
+        // end then, or there is no entry to probe with and nothing would ever be sent.
+        let last_index = last_index.min(self.log.last_index);
         if let Some(pr) = self.progress.get_mut(&from) {
             pr.recent_active = true;
             pr.forget_beyond(last_index);

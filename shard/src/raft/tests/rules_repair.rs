@@ -133,6 +133,15 @@ fn test_follower_in_repair_reports_lost_entries_and_leader_probes_from_its_end()
     c.run(10);
     let (_, again) = c.core(1).progress(2).expect("a follower");
     assert!(again >= 5, "{again}");
+    // A report naming the leader's own last index (the follower caught up as it said so):
+    // the probe still goes out (the last entry, not an empty append past the log).
+    let last = c.core(1).last_index();
+    let lost = msg(2, 1, term, MessageBody::LostEntries { last_index: last });
+    c.core_mut(1).handle_message(0, lost);
+    c.after_input(1);
+    c.run(10);
+    let (_, again) = c.core(1).progress(2).expect("a follower");
+    assert_eq!(again, last, "matched again without new writes");
 }
 
 #[test]
