@@ -4,7 +4,9 @@
 //! of node-link messages the run delays, drops, duplicates and partitions (symmetric, one-way
 //! and partial), power losses of one or more nodes at once, and a clock per node (offset up to
 //! 5 s, drift up to 0.1%). Clients on every node append to a conversation with idempotency
-//! keys, through whichever node they are on, and retry an `unavailable` with the same key.
+//! keys, through whichever node they are on, and retry an `unavailable` with the same key; a
+//! closed session is followed by a new one. Power losses may flip a bit in a node's synced
+//! log (it repairs). A session's frames keep their order between two nodes; Raft's may not.
 //!
 //! What this level leaves out: the edge sessions and client connections of the single-node
 //! world (clients hand shard ops to their node's driver), and the metadata group.
