@@ -26,7 +26,8 @@ mod forward;
 mod incarnation;
 
 pub use forward::{
-    session_home, session_id, NodeFrame, FORWARDED_REQUESTS_MAX, SESSION_NODE_SHIFT,
+    session_home, session_id, NodeFrame, FORWARDED_REQUESTS_MAX, REMOTE_SESSIONS_MAX,
+    SESSION_NODE_SHIFT,
 };
 pub use incarnation::Core;
 
@@ -360,6 +361,8 @@ pub struct ShardDriver {
     remote_sent: BTreeMap<SessionId, u64>,
     /// Session side: the last remote-reply frame's seq received for each local session.
     remote_seen: BTreeMap<SessionId, u64>,
+    /// Entries each of those two maps holds at most ([`REMOTE_SESSIONS_MAX`]).
+    remote_sessions_max: usize,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -401,6 +404,7 @@ impl ShardDriver {
             forward_term: None,
             remote_sent: BTreeMap::new(),
             remote_seen: BTreeMap::new(),
+            remote_sessions_max: forward::REMOTE_SESSIONS_MAX,
         };
         d.request_recovery();
         d

@@ -29,6 +29,12 @@ pub const SESSION_NODE_SHIFT: u32 = 48;
 /// holds: each was taken from it).
 pub const FORWARDED_REQUESTS_MAX: usize = 65_536;
 
+/// Sessions a driver numbers reply frames for, on either side (`remote_sent`, `remote_seen`).
+/// Past it the lowest session id's numbering is forgotten: its next frame no longer follows,
+/// so its node closes it (the client resumes). Safe, and it bounds the entries of sessions
+/// whose node died without closing them.
+pub const REMOTE_SESSIONS_MAX: usize = 1 << 20;
+
 /// What the node link carries for one shard between its drivers on two nodes (postcard).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NodeFrame {
@@ -244,6 +250,7 @@ impl ShardDriver {
             }
             return;
         }
+        bound_sessions(&mut self.remote_seen, session, self.remote_sessions_max);
         self.remote_seen.insert(session, seq);
         let replies: Vec<Reply> = replies
             .into_iter()
@@ -265,11 +272,17 @@ impl ShardDriver {
         }
     }
 
+    /// At most `max` sessions numbered (tests set a small one; see [`REMOTE_SESSIONS_MAX`]).
+    pub fn set_remote_sessions_max(&mut self, max: usize) {
+        self.remote_sessions_max = max.max(1);
+    }
+
     /// Replies and closes for sessions of other nodes go there (replies numbered per session);
     /// a session's numbering ends with it.
     pub(super) fn route_effect(&mut self, e: Effect) -> Effect {
         match e {
             Effect::Replies { session, replies } if !self.is_local(session) => {
+                bound_sessions(&mut self.remote_sent, session, self.remote_sessions_max);
                 let seq = self.remote_sent.entry(session).or_insert(0);
                 *seq += 1;
                 Effect::Remote {
@@ -389,5 +402,17 @@ impl ShardDriver {
     /// The earliest deadline of a forwarded request.
     pub(super) fn forward_deadline(&self) -> Option<u64> {
         self.forwarded.values().map(|w| w.deadline_mono_ms).min()
+    }
+}
+
+/// Makes room for `session` in a numbering map holding at most `max` sessions: the lowest
+/// session id's entry goes (see [`REMOTE_SESSIONS_MAX`]).
+fn bound_sessions(
+    map: &mut std::collections::BTreeMap<SessionId, u64>,
+    session: SessionId,
+    max: usize,
+) {
+    if !map.contains_key(&session) && map.len() >= max {
+        map.pop_first();
     }
 }

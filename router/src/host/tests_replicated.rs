@@ -377,6 +377,42 @@ fn a_lost_reply_frame_closes_its_session_at_the_next_one() {
     );
 }
 
+#[test]
+fn past_remote_sessions_max_the_oldest_numbering_goes_and_its_session_is_closed() {
+    // Proves the leader's numbering of remote sessions is bounded: with room for one, a
+    // second session's frames push the first one's numbering out, and the first session's
+    // next frame (numbered afresh) reads as a gap at its node, which closes it: the bound
+    // costs a resume, never a silent loss.
+    let mut c = Cluster::new();
+    let l = setup(&mut c);
+    let f = (l + 1) % 3;
+    c.nodes[l].driver.set_remote_sessions_max(1);
+    let (a, b) = (
+        session_id(f as NodeId + 1, 1),
+        session_id(f as NodeId + 1, 2),
+    );
+    let send = |c: &mut Cluster, session: SessionId, r: u64| {
+        let batch = vec![Request {
+            session,
+            op: append(r),
+        }];
+        c.nodes[f].driver.handle_batch(c.t, session, batch);
+        c.run_effects();
+        c.advance(200);
+    };
+    send(&mut c, a, 970);
+    send(&mut c, b, 971);
+    assert!(c.oks.contains(&970) && c.oks.contains(&971));
+    assert!(c.closed.is_empty());
+    send(&mut c, a, 972);
+    assert!(
+        c.closed.contains(&(f, a, CloseReason::Restarted)),
+        "{:?}",
+        c.closed
+    );
+    assert!(!c.closed.iter().any(|x| x.1 == b), "b keeps its numbering");
+}
+
 fn read(r: u64, local: bool) -> ShardOp {
     ShardOp::Read {
         r,
