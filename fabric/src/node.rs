@@ -462,6 +462,10 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let config_caps = (config.connections_max, config.connections_per_ip_max);
     let session_config = config.session_config();
+    let first_session = match &config.cluster {
+        Some(_) => fabric_router::host::session_counter_start(crate::now_ms()),
+        None => 1,
+    };
     let ctx = Arc::new(NodeCtx {
         config,
         admin_token,
@@ -471,7 +475,9 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
         shutdown: shutdown_rx.clone(),
         sessions_open: AtomicU64::new(0),
         router,
-        next_session: AtomicU64::new(1),
+        // A single node's sessions count from 1; a clustered node's from its boot time, so a
+        // restart never reuses an id a leader elsewhere may still hold.
+        next_session: AtomicU64::new(first_session),
         node_name,
         metrics,
         connections: crate::listener::ConnLimiter::new(config_caps.0, config_caps.1),

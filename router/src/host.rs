@@ -26,8 +26,8 @@ mod forward;
 mod incarnation;
 
 pub use forward::{
-    session_home, session_id, NodeFrame, FORWARDED_REQUESTS_MAX, REMOTE_SESSIONS_MAX,
-    SESSION_NODE_SHIFT,
+    session_counter_start, session_home, session_id, NodeFrame, FORWARDED_REQUESTS_MAX,
+    REMOTE_SESSIONS_MAX, SESSION_NODE_SHIFT,
 };
 pub use incarnation::Core;
 

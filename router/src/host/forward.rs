@@ -96,6 +96,16 @@ pub fn session_home(session: SessionId) -> NodeId {
     session >> SESSION_NODE_SHIFT
 }
 
+/// Where a clustered node's session counter starts: its boot time in ms times 128, within the
+/// 48 bits of `k`. A restarted node must not reuse the ids of its sessions before the crash:
+/// a leader elsewhere may still hold one of them attached (no `Closed` came), and would send
+/// that session's replies and deliveries to whoever has the id now. The ids a process uses stay
+/// below the next boot's start unless it opened more than 128 sessions a millisecond on
+/// average over its life (the start wraps in 2039: ms since 1970 times 128 reaches 2^48).
+pub fn session_counter_start(boot_unix_ms: u64) -> u64 {
+    boot_unix_ms.wrapping_mul(128) & ((1 << SESSION_NODE_SHIFT) - 1)
+}
+
 /// The id of session `k` of node `node`.
 pub fn session_id(node: NodeId, k: u64) -> SessionId {
     node << SESSION_NODE_SHIFT | (k & ((1 << SESSION_NODE_SHIFT) - 1))

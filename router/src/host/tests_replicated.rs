@@ -413,6 +413,20 @@ fn past_remote_sessions_max_the_oldest_numbering_goes_and_its_session_is_closed(
     assert!(!c.closed.iter().any(|x| x.1 == b), "b keeps its numbering");
 }
 
+#[test]
+fn a_restarted_node_counts_its_sessions_past_the_ids_it_used_before() {
+    // Proves a clustered node's session ids after a restart start past the ones its previous
+    // process used (128 a millisecond of its life), fit the 48 bits beside the node id, and
+    // keep the node id: a leader still holding a dead session never meets its id again.
+    let boot = 1_765_000_000_000u64;
+    let first = session_counter_start(boot);
+    let used = first + 128 * 60_000; // a minute of life at 128 sessions a millisecond
+    let after = session_counter_start(boot + 60_000);
+    assert!(after >= used, "{after} < {used}");
+    assert!(after < 1 << SESSION_NODE_SHIFT);
+    assert_eq!(session_home(session_id(3, after)), 3);
+}
+
 fn read(r: u64, local: bool) -> ShardOp {
     ShardOp::Read {
         r,
