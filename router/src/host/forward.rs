@@ -35,6 +35,9 @@ pub const FORWARDED_REQUESTS_MAX: usize = 65_536;
 /// whose node died without closing them.
 pub const REMOTE_SESSIONS_MAX: usize = 1 << 20;
 
+/// `remote_seen`'s mark of a session closed at a gap, kept until the session is forgotten.
+const CLOSED_AT_GAP: u64 = u64::MAX;
+
 /// What the node link carries for one shard between its drivers on two nodes (postcard).
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum NodeFrame {
@@ -249,15 +252,16 @@ impl ShardDriver {
             return;
         }
         let last = self.remote_seen.get(&session).copied().unwrap_or(0);
+        if last == CLOSED_AT_GAP {
+            return; // closed already: the frames the leader sends until it hears are dropped
+        }
         if seq != last + 1 {
-            if last != u64::MAX {
-                self.remote_seen.insert(session, u64::MAX);
-                self.sessions.remove(&session);
-                self.effects.push_back(Effect::CloseSession {
-                    session,
-                    why: CloseReason::Restarted,
-                });
-            }
+            self.remote_seen.insert(session, CLOSED_AT_GAP);
+            self.sessions.remove(&session);
+            self.effects.push_back(Effect::CloseSession {
+                session,
+                why: CloseReason::Restarted,
+            });
             return;
         }
         bound_sessions(&mut self.remote_seen, session, self.remote_sessions_max);
@@ -309,10 +313,6 @@ impl ShardDriver {
                     session,
                     why,
                 }
-            }
-            Effect::CloseSession { session, why } => {
-                self.remote_seen.remove(&session);
-                Effect::CloseSession { session, why }
             }
             Effect::Forget { session } => {
                 self.remote_sent.remove(&session);
