@@ -197,10 +197,9 @@ fn add(counter: &AtomicU64, n: u64) {
 /// `last_frame_ms` of a peer no frame came from yet.
 const NEVER: u64 = u64::MAX;
 
-/// A queued frame: its group, and the frame in a `Mutex` only so that a writing task, which
-/// holds a reference to it across awaits, stays `Send` for any `T: Send` (serde encodes a
-/// `Mutex<T>` exactly as `T`).
-type Queued<T> = (u32, Mutex<T>);
+/// A queued frame and its group (frames are `Sync`, so a writing task holding a reference to
+/// one across awaits stays `Send`).
+type Queued<T> = (u32, T);
 
 /// The connection in use with a peer and its send queue.
 struct Current<T> {
@@ -289,8 +288,8 @@ impl<T> Clone for Ctx<T> {
 }
 
 /// The frames a [`NodeLinks`] carries.
-trait Frame: Serialize + DeserializeOwned + Send + 'static {}
-impl<T: Serialize + DeserializeOwned + Send + 'static> Frame for T {}
+trait Frame: Serialize + DeserializeOwned + Send + Sync + 'static {}
+impl<T: Serialize + DeserializeOwned + Send + Sync + 'static> Frame for T {}
 
 impl<T: Frame> Ctx<T> {
     /// Runs `fut` in a task that ends when it does or at the stop signal.
@@ -477,13 +476,8 @@ async fn write_batch<T: Frame>(
     batch: &mut Vec<Queued<T>>,
 ) -> bool {
     let counters = &ctx.shared.counters;
-    let mut items: Vec<(u32, T)> = batch
-        .drain(..)
-        .map(|(g, f)| (g, f.into_inner().unwrap_or_else(|e| e.into_inner())))
-        .collect();
-    (ctx.shared.coalesce)(&mut items);
-    // Back in a Mutex: a frame is Send, not Sync, and its reference is held across awaits.
-    let mut frames = items.into_iter().map(|(g, f)| (g, Mutex::new(f)));
+    (ctx.shared.coalesce)(batch);
+    let mut frames = batch.drain(..);
     while let Some((group, frame)) = frames.next() {
         match write_one(&ctx.shared.limits, pc, streams, group, &frame).await {
             Ok(()) => add(&counters.frames_sent, 1),
@@ -513,7 +507,7 @@ async fn write_one<T: Frame>(
     pc: &PeerConn,
     streams: &mut HashMap<u32, FrameSender>,
     group: u32,
-    frame: &Mutex<T>,
+    frame: &T,
 ) -> Result<(), LinkError> {
     if !streams.contains_key(&group) {
         if streams.len() >= limits.links_group_streams_per_peer_max {
@@ -655,7 +649,7 @@ fn peers<T>(
 
 impl<T> NodeLinks<T>
 where
-    T: Serialize + DeserializeOwned + Send + 'static,
+    T: Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     /// Starts accepting on `link` (already bound) and dialing every member but this node, in
     /// background tokio tasks. Returns the links and the bounded channel of frames received;
@@ -724,7 +718,7 @@ where
                 let slot = p.slot();
                 slot.current
                     .as_ref()
-                    .is_some_and(|c| c.queue.try_send((group, Mutex::new(frame))).is_ok())
+                    .is_some_and(|c| c.queue.try_send((group, frame)).is_ok())
             });
         if !queued {
             self.shared.dropped(1);
