@@ -300,6 +300,20 @@ impl SegmentStore for FileStore {
         crate::files::write_atomic(&path, bytes, FILE_MODE).map_err(file_err)
     }
 
+    fn read_members(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.dir.join(fabric_shard::members::MEMBERS_FILE);
+        match std::fs::read(&path) {
+            Ok(b) => Ok(Some(b)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(store_err("read", &path, e)),
+        }
+    }
+
+    fn write_members(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        let path = self.dir.join(fabric_shard::members::MEMBERS_FILE);
+        crate::files::write_atomic(&path, bytes, FILE_MODE).map_err(file_err)
+    }
+
     fn remove_repair(&mut self) -> Result<(), StoreError> {
         let path = self.dir.join(fabric_shard::repair::REPAIR_FILE);
         crate::files::remove_file(&path)

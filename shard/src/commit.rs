@@ -256,6 +256,7 @@ impl Shard {
             manifest,
             delete: std::mem::take(&mut self.deletes),
             remove_repair: false,
+            members: None,
         })
     }
 

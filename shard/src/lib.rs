@@ -30,6 +30,7 @@
 //! cut), [`store`] (the file steps every host performs, generic over storage), [`raft`] (a
 //! sans-IO Raft core for replicating a shard; not wired to the WAL or the node links yet).
 
+pub mod members;
 pub mod raft;
 pub mod record;
 pub mod recovery;
@@ -186,6 +187,9 @@ pub struct WalWrite {
     /// The replica's repair ended (its log holds every entry it may have acknowledged): remove
     /// the `REPAIR` marker ([`repair`]) first. Recovery removes it too, if this fails.
     pub remove_repair: bool,
+    /// The group's committed membership changed (or a snapshot brings one): write `MEMBERS`
+    /// ([`members`]) first, before anything this write deletes.
+    pub members: Option<members::MembersFile>,
 }
 
 /// Plain counters the glue exports as metrics.

@@ -149,6 +149,9 @@ pub struct RecoveredLog {
     /// Set when the replica starts in repair: it may not vote or lead until entries through
     /// this LSN are durable in its log ([`crate::raft::RaftCore::begin_repair`]).
     pub repair_through: Option<u64>,
+    /// The membership committed at an index (`MEMBERS`, [`crate::members`]): conf entries
+    /// at or below it are in it already.
+    pub members: Option<crate::members::MembersFile>,
 }
 
 /// Rebuilds a shard from its listed segments, oldest first. Pure: [`crate::store::recover`]

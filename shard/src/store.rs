@@ -8,6 +8,8 @@
 //! `StorageBackend`).
 //!
 //! A write ([`crate::WalWrite`]), step by step:
+//! 0. `members`, when the group's committed membership changed: replace `MEMBERS`
+//!    ([`crate::members`]) durably, before anything the write deletes;
 //! 1. `create`: create the segment file, append its header, fdatasync it (the header is
 //!    durable before anything lists the segment);
 //! 2. `manifest`: write `MANIFEST.tmp` and fsync it, rename it over `MANIFEST`, fsync the
@@ -21,6 +23,7 @@
 //! page cache is not trusted; the bytes go, and the shard is recovered anew. If the cut fails
 //! too, the shard must stop ([`WriteFailure::cleaned`] is false).
 
+use crate::members::{self, MembersFile};
 use crate::recovery::{RecoveredLog, Recoverer};
 use crate::repair::{self, RepairMarker};
 use crate::wal::{self, Manifest, SegmentHeader};
@@ -114,6 +117,10 @@ pub trait SegmentStore {
     fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
     /// Removes the repair marker (if any) and makes the removal durable.
     fn remove_repair(&mut self) -> Result<(), StoreError>;
+    /// The membership file's bytes (`MEMBERS`, [`crate::members`]), or `None` if there is none.
+    fn read_members(&mut self) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Writes the membership file durably: temp file, fsync, rename, directory fsync.
+    fn write_members(&mut self, bytes: &[u8]) -> Result<(), StoreError>;
     /// How to name segment `id` in messages (its path).
     fn segment_path(&self, id: u64) -> String;
 }
@@ -144,6 +151,11 @@ pub fn perform<S: SegmentStore>(
         // The log already holds the repaired range durably; a failure here only keeps the
         // marker until recovery finds the range held and removes it.
         let _ = store.remove_repair();
+    }
+    if let Some(m) = &w.members {
+        // Before the manifest and the deletions: a segment holding a conf entry, or the log
+        // a snapshot replaces, goes only once the membership it implies is on disk.
+        store.write_members(&m.encode()).map_err(fail)?;
     }
     if w.create {
         create_segment(store, w).map_err(fail)?;
@@ -302,9 +314,12 @@ fn recover_log<S: SegmentStore>(
             manifest.shard
         )));
     }
-    let marker = match replica {
-        Some(_) => read_marker(store, shard_idx)?,
-        None => None,
+    let (marker, members) = match replica {
+        Some(_) => (
+            read_marker(store, shard_idx)?,
+            read_members(store, shard_idx)?,
+        ),
+        None => (None, None),
     };
     let mut ids = store.list_segments()?;
     ids.sort_unstable();
@@ -343,6 +358,7 @@ fn recover_log<S: SegmentStore>(
         report.repair_finished = true;
     }
     log.repair_through = report.repair_through;
+    log.members = members;
     if !planted.no_sync_after_recovery {
         for id in listed.iter().filter(|id| !cut_whole.contains(id)) {
             store.sync(*id)?;
@@ -414,6 +430,18 @@ fn read_marker<S: SegmentStore>(
     RepairMarker::decode(&bytes, shard)
         .map(Some)
         .map_err(|e| RecoverError::Manifest(format!("{} is damaged: {e}", repair::REPAIR_FILE)))
+}
+
+fn read_members<S: SegmentStore>(
+    store: &mut S,
+    shard: u32,
+) -> Result<Option<MembersFile>, RecoverError> {
+    let Some(bytes) = store.read_members()? else {
+        return Ok(None);
+    };
+    MembersFile::decode(&bytes, shard)
+        .map(Some)
+        .map_err(|e| RecoverError::Manifest(format!("{} is damaged: {e}", members::MEMBERS_FILE)))
 }
 
 /// Carries out a cut for repair: the marker first (so a crash at any later step restarts in

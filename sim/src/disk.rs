@@ -143,6 +143,8 @@ pub struct Disk {
     /// The repair marker: written (temp file, fsync, rename, directory fsync) and removed
     /// (removal, directory fsync) durably in one step each.
     repair: Option<Vec<u8>>,
+    /// The membership file, written durably in one step the same way.
+    members: Option<Vec<u8>>,
     /// The fault the current file steps run into, and how many steps ran so far.
     fault: Option<Fault>,
     steps: usize,
@@ -574,6 +576,17 @@ impl SegmentStore for Disk {
     fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         self.step("write", fabric_shard::repair::REPAIR_FILE.into(), true)?;
         self.repair = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_members(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.step("read", fabric_shard::members::MEMBERS_FILE.into(), false)?;
+        Ok(self.members.clone())
+    }
+
+    fn write_members(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.step("write", fabric_shard::members::MEMBERS_FILE.into(), true)?;
+        self.members = Some(bytes.to_vec());
         Ok(())
     }
 

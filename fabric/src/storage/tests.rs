@@ -89,6 +89,13 @@ impl SegmentStore for Recording {
         self.call("remove_repair", None)?;
         self.inner.remove_repair()
     }
+    fn read_members(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.inner.read_members()
+    }
+    fn write_members(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.call("write_members", None)?;
+        self.inner.write_members(bytes)
+    }
     fn segment_path(&self, id: u64) -> String {
         self.inner.segment_path(id)
     }

@@ -38,6 +38,7 @@
 
 mod entries;
 mod log_read;
+mod members;
 mod reads;
 mod ready;
 mod shard_side;
@@ -51,6 +52,7 @@ pub use reads::HELD_BATCHES_MAX;
 pub use snapshot::SnapshotOffer;
 
 use crate::commit::Dirty;
+use crate::members::MembersFile;
 use crate::raft::{
     ConfigError, Entry, HardState, LogReadError, LogState, Membership, Message, MessageBody,
     NodeId, RaftConfig, RaftCore,
@@ -206,6 +208,8 @@ pub struct Replica {
     /// The store holds a `REPAIR` marker ([`crate::repair`]): the first write after the
     /// repair ends removes it.
     repair_marker: bool,
+    /// `MEMBERS` and the conf entries above it ([`members`]).
+    members: members::MembersTrack,
     /// Entries received while a write was in flight (framed by the next one), and the lowest
     /// LSN from which they replace what was framed before.
     unframed: Vec<Entry>,
@@ -279,14 +283,20 @@ impl Replica {
             vote: (m.vote != 0).then_some(m.vote),
             commit: applied,
         };
-        let mut membership = Membership {
-            voters: config.voters.clone(),
-            learners: BTreeSet::new(),
-        };
-        for (_, cc) in log.conf.iter().filter(|c| c.0 <= applied) {
-            // A change the log holds was valid when it was appended.
-            membership = membership.apply(*cc).unwrap_or(membership);
-        }
+        // The membership on disk (or the group's voters at creation), then the log's conf
+        // entries above it: those applied are committed, the rest the core keeps pending.
+        let on_disk = log.members.clone().unwrap_or(MembersFile {
+            shard: shard.config.shard,
+            index: 0,
+            membership: Membership {
+                voters: config.voters.clone(),
+                learners: BTreeSet::new(),
+            },
+        });
+        let floor = applied.max(on_disk.index);
+        let members = members::MembersTrack::new(on_disk, &log.conf);
+        let membership = members.at(applied);
+        let conf_above: Vec<_> = log.conf.iter().filter(|c| c.0 > floor).copied().collect();
         let window = recovery_window(&config.raft);
         let uncommitted_max = config.raft.raft_uncommitted_entries_max;
         let offer_timeout_ms = 2 * config.raft.raft_election_timeout_ms;
@@ -303,7 +313,7 @@ impl Replica {
             hard_state,
             log_state,
             membership,
-            &log.conf,
+            &conf_above,
         )?;
         if let Some(through) = log.repair_through {
             raft.begin_repair(through);
@@ -327,6 +337,7 @@ impl Replica {
             mode: Mode::Follower,
             unframed: Vec::new(),
             repair_marker,
+            members,
             rewind_from: None,
             rewind_floor: None,
             rewind_in_write: false,
@@ -537,6 +548,34 @@ impl Replica {
         let r = self.raft.transfer_leadership(now, to);
         self.process_ready(now);
         r
+    }
+
+    /// Proposes a single-server membership change (leader only, one at a time, once this
+    /// term has a committed entry: the core's rules). The entry is framed like any record and
+    /// takes effect here at once; it is committed like a client write.
+    pub fn propose_conf_change(
+        &mut self,
+        now: u64,
+        cc: crate::raft::ConfChange,
+    ) -> Result<u64, crate::raft::ProposeError> {
+        if self.mode != Mode::Leading {
+            return Err(crate::raft::ProposeError::NotLeader {
+                leader_hint: self.raft.leader(),
+            });
+        }
+        // Records the shard framed take their indexes first.
+        self.feed_proposals(now);
+        if self.mode != Mode::Leading {
+            return Err(crate::raft::ProposeError::NotLeader { leader_hint: None });
+        }
+        debug_assert_eq!(self.raft.last_index() + 1, self.shard.next_lsn);
+        let index = self.raft.propose_conf_change(now, cc)?;
+        let kind = crate::record::RecordType::ConfChange as u8;
+        self.shard
+            .log_raw(index, self.raft.term(), kind, &cc.encode());
+        self.members.appended(index, Some(cc));
+        self.process_ready(now);
+        Ok(index)
     }
 
     /// Messages to other replicas that may leave now.

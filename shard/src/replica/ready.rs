@@ -131,6 +131,7 @@ impl Replica {
             return;
         }
         if let Some(from) = truncate_from {
+            self.members.truncated(from);
             self.unframed.retain(|e| e.index < from);
             self.unapplied.retain(|u| u.lsn < from);
             // Answers waiting for entries the truncation replaced describe a log that is gone:
@@ -170,6 +171,10 @@ impl Replica {
             self.stats.rewinds += 1;
         }
         for e in std::mem::take(&mut self.unframed) {
+            if e.kind == crate::raft::EntryKind::ConfChange {
+                self.members
+                    .appended(e.index, crate::raft::ConfChange::decode(&e.data));
+            }
             let (kind, payload) = entries::record_parts(&e);
             self.shard.log_raw(e.index, e.term, kind, payload);
             self.unapplied.push_back(Unapplied {
@@ -201,6 +206,7 @@ impl Replica {
             self.shard.manifest = *m;
             self.hard_state_in_write = Some(self.hard_state.0);
         }
+        w.members = self.members_for_write();
         if self.repair_marker && self.raft.repair_through().is_none() {
             self.repair_marker = false;
             w.remove_repair = true;
@@ -211,7 +217,7 @@ impl Replica {
     }
 
     /// The log is durable here through this LSN (a rewind not yet written holds it back).
-    fn durable_through(&self) -> u64 {
+    pub(super) fn durable_through(&self) -> u64 {
         self.shard
             .durable_lsn
             .min(self.rewind_floor.unwrap_or(u64::MAX))
@@ -264,6 +270,7 @@ impl Replica {
         if let Some(v) = self.hard_state_in_write.take() {
             self.hard_state.2 = v;
         }
+        self.members.written();
         if std::mem::take(&mut self.rewind_in_write) && self.rewind_from.is_none() {
             self.rewind_floor = None;
         }

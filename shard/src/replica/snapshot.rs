@@ -10,6 +10,7 @@
 
 use super::{Hooks, Mode, PeerMessage, Replica};
 use crate::commit::Inflight;
+use crate::members::MembersFile;
 use crate::raft::{Membership, NodeId, SnapshotError};
 use crate::{wal, SegmentInfo, Shard, WalWrite};
 
@@ -117,6 +118,15 @@ impl Replica {
                 .iter()
                 .all(|m| !matches!(m.body, crate::raft::MessageBody::AppendResponse { .. }))
         });
+        let mut w = w;
+        w.members = Some(self.members.reset(MembersFile {
+            shard: self.shard.config.shard,
+            index: offer.index,
+            membership: Membership {
+                voters: offer.voters.iter().copied().collect(),
+                learners: offer.learners.iter().copied().collect(),
+            },
+        }));
         self.inflight = Some((w.last_lsn, 0, 0));
         self.installed = Some((from, offer));
         Some(w)
@@ -199,6 +209,7 @@ impl Shard {
             manifest: Some(self.manifest),
             delete: old,
             remove_repair: false,
+            members: None,
         }
     }
 }

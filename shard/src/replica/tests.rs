@@ -6,7 +6,7 @@
 //! leader per term; nothing is acknowledged before a quorum holds it.
 
 use super::*;
-use crate::raft::Role;
+use crate::raft::{ConfChange, ProposeError, Role};
 use crate::record::Record;
 use crate::store::mem::MemStore;
 use crate::store::{self, SegmentStore};
@@ -875,4 +875,124 @@ fn a_follower_with_a_flipped_bit_repairs_from_the_leader_and_votes_only_after() 
         "the first write after it removed the marker"
     );
     c.check();
+}
+
+impl Cluster {
+    /// `n` voters and one more replica (id `n + 1`) that starts outside the group.
+    fn with_spare(n: u64, seed: u64) -> Cluster {
+        let mut c = Cluster::new(n + 1, seed, Faults::default());
+        c.voters = (1..=n).collect();
+        for id in 1..=n + 1 {
+            let config = replica_config(id, &c.voters, ReplicaPlanted::default());
+            c.members[id as usize - 1].replica =
+                Some(Replica::empty(shard_config(), config).expect("a replica"));
+        }
+        c
+    }
+
+    /// Proposes `cc` on the leader (retrying while one is pending) and runs until every up
+    /// member in the new configuration applied it.
+    fn change(&mut self, cc: ConfChange) {
+        let mut index = None;
+        for _ in 0..2_000 {
+            if let Some(l) = self.leader() {
+                let now = self.now;
+                match self.replica(l).propose_conf_change(now, cc) {
+                    Ok(i) => {
+                        index = Some(i);
+                        break;
+                    }
+                    Err(ProposeError::Invalid(e)) => panic!("{cc:?}: {e}"),
+                    Err(_) => {}
+                }
+            }
+            self.step();
+        }
+        let index = index.expect("the change was proposed");
+        self.run_until(
+            |c| {
+                let Some(l) = c.leader() else { return false };
+                let r = c.members[l as usize - 1].replica.as_ref().expect("up");
+                let conf = r.raft().committed_membership().clone();
+                r.raft().commit() >= index
+                    && c.members
+                        .iter()
+                        .filter(|m| conf.contains(m.id))
+                        .all(|m| m.replica.as_ref().is_some_and(|r| r.applied() >= index))
+            },
+            3_000,
+        );
+    }
+
+    fn membership_of(&mut self, id: NodeId) -> Membership {
+        self.replica(id).raft().membership().clone()
+    }
+}
+
+#[test]
+fn a_membership_change_outlives_the_segments_that_held_it_and_a_restart() {
+    // Proves a learner is added, caught up and promoted, and a voter removed, one change at a
+    // time, and that the configuration outlives its conf entries: after the leader retired the
+    // segments holding them, every member restarted from disk (MEMBERS) is in the same
+    // configuration, and the new member holds every acknowledged append.
+    let mut c = Cluster::with_spare(3, 21);
+    c.setup();
+    c.change(ConfChange::AddLearner(4));
+    for _ in 0..100 {
+        c.issue();
+        c.step();
+    }
+    c.change(ConfChange::PromoteLearner(4));
+    let leader = c.leader().expect("a leader");
+    let gone = (1..=3).find(|id| *id != leader).expect("a follower");
+    c.change(ConfChange::RemoveNode(gone));
+    let conf_index = c.replica(leader).raft().commit();
+    while c.replica(leader).shard().log_start() <= conf_index + 50 {
+        c.issue();
+        c.step();
+    }
+    for _ in 0..100 {
+        c.step();
+    }
+    let expected: BTreeSet<NodeId> = (1..=4).filter(|id| *id != gone).collect();
+    for id in expected.clone() {
+        let i = id as usize - 1;
+        let file = c.members[i].disk.read_members().expect("read");
+        let file = crate::members::MembersFile::decode(&file.expect("MEMBERS"), 0).expect("ok");
+        assert_eq!(file.membership.voters, expected, "MEMBERS of node {id}");
+        c.crash(i);
+        c.restart(i);
+        assert_eq!(
+            c.membership_of(id).voters,
+            expected,
+            "node {id} after restart"
+        );
+    }
+    c.voters = expected.clone();
+    c.members[gone as usize - 1].up = false;
+    for _ in 0..300 {
+        c.issue();
+        c.step();
+    }
+    let l = c.leader().expect("a leader");
+    assert!(expected.contains(&l), "the removed node never leads");
+    let commit = c.replica(l).raft().commit();
+    c.run_until(
+        |c| {
+            expected.iter().all(|id| {
+                c.members[*id as usize - 1]
+                    .replica
+                    .as_ref()
+                    .is_some_and(|r| r.applied() >= commit)
+            })
+        },
+        3_000,
+    );
+    let head = c
+        .replica(4)
+        .shard()
+        .conversation_head("m", "c")
+        .unwrap_or(0);
+    let acked_max = c.acked.values().copied().max().unwrap_or(0);
+    assert!(head >= acked_max, "node 4 head {head} < acked {acked_max}");
 }

@@ -28,6 +28,8 @@ pub struct MemStore {
     quarantine: BTreeMap<String, Vec<u8>>,
     /// The repair marker (written and removed durably at once).
     repair: Option<Vec<u8>>,
+    /// The membership file (written durably at once).
+    members: Option<Vec<u8>>,
     /// The next call of the named operation fails with this kind (then the injection ends).
     fail_next: Option<(&'static str, StoreErrorKind)>,
     /// Every operation, in order (`"create 1"`, `"sync_dir"`, ...), for tests of the steps.
@@ -225,6 +227,17 @@ impl SegmentStore for MemStore {
     fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
         self.op("write_repair", None)?;
         self.repair = Some(bytes.to_vec());
+        Ok(())
+    }
+
+    fn read_members(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
+        self.op("read_members", None)?;
+        Ok(self.members.clone())
+    }
+
+    fn write_members(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
+        self.op("write_members", None)?;
+        self.members = Some(bytes.to_vec());
         Ok(())
     }
 
