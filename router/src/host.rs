@@ -24,6 +24,7 @@
 pub mod beats;
 mod forward;
 mod incarnation;
+pub mod placement;
 
 pub use forward::{
     session_counter_start, session_home, session_id, NodeFrame, FORWARDED_REQUESTS_MAX,
@@ -363,6 +364,9 @@ pub struct ShardDriver {
     remote_seen: BTreeMap<SessionId, u64>,
     /// Entries each of those two maps holds at most ([`REMOTE_SESSIONS_MAX`]).
     remote_sessions_max: usize,
+    /// The nodes that should hold this shard's replicas (empty: none set): its leader moves
+    /// the group's membership there one change at a time ([`placement`]).
+    members_target: BTreeSet<NodeId>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -405,6 +409,7 @@ impl ShardDriver {
             remote_sent: BTreeMap::new(),
             remote_seen: BTreeMap::new(),
             remote_sessions_max: forward::REMOTE_SESSIONS_MAX,
+            members_target: BTreeSet::new(),
         };
         d.request_recovery();
         d
@@ -851,10 +856,29 @@ impl ShardDriver {
             return;
         };
         r.handle_tick(t.mono_ms, jitter);
+        if r.mode() == fabric_shard::replica::Mode::Leading {
+            // A step the core refuses (a change still pending, a term without a committed
+            // entry yet) is tried again at the next tick.
+            match placement::next_step(r.raft(), &self.members_target) {
+                Some(placement::Step::Propose(cc)) => {
+                    let _ = r.propose_conf_change(t.mono_ms, cc);
+                }
+                Some(placement::Step::Transfer(to)) => {
+                    let _ = r.transfer_leadership(t.mono_ms, to);
+                }
+                None => {}
+            }
+        }
         // On a grid of the interval, the same for every shard of the node (one monotonic
         // clock): their leaders heartbeat in the same instant, so the link finds a peer's
         // heartbeats queued together and sends them as one frame (`beats`).
         self.tick_at_mono_ms = Some(next_on_grid(t.mono_ms, r.tick_interval_ms()));
+    }
+
+    /// The nodes that should hold this shard's replicas, from the node's placement: when this
+    /// replica leads, it brings the group there ([`placement`]).
+    pub fn set_members_target(&mut self, target: BTreeSet<NodeId>) {
+        self.members_target = target;
     }
 
     /// splitmix64 over the driver's seed.

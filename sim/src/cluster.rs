@@ -117,6 +117,10 @@ pub struct ClusterOptions {
     /// record or frame header, never the final write, which a torn write explains): the node
     /// restarts in repair. One node at a time: the others hold every entry it may lose.
     pub bitrot_pct: u64,
+    /// Membership changes: the chance per step (parts per ten thousand) that the group's
+    /// target moves (one member out, one node in); with any, the run has one more node, which
+    /// starts outside the group. 0: none, and the run is what it was before the option.
+    pub membership_per_10k: u64,
     pub planted: ClusterPlanted,
 }
 
@@ -142,6 +146,7 @@ pub fn cluster_swarm(seed: u64) -> ClusterOptions {
         raft_entry_cache_bytes_max: [2_048, 64 * 1024, 16 << 20][rng.random_range(0..3)],
         // Drawn last, so every earlier option of a seed stays what it was.
         bitrot_pct: [0, 20, 60][rng.random_range(0..3)],
+        membership_per_10k: [0, 0, 5, 20][rng.random_range(0..4)],
         planted: ClusterPlanted::default(),
     }
 }
@@ -188,6 +193,8 @@ pub struct ClusterSummary {
     pub leader_changes: u64,
     /// Bits flipped in synced logs.
     pub bitrots: u64,
+    /// Times the group's target membership moved.
+    pub membership_changes: u64,
 }
 
 type Checked<T = ()> = Result<T, (ClusterViolationKind, String)>;
@@ -280,6 +287,12 @@ struct World {
     /// Targeted faults to come: (at ms, node index, reboot: false = power loss).
     scheduled: Vec<(u64, usize, bool)>,
     faulting: bool,
+    /// The group's voters at creation (every node's `ReplicaConfig`), and the nodes that
+    /// should hold it now (what placement hands every driver).
+    voters0: BTreeSet<NodeId>,
+    target: BTreeSet<NodeId>,
+    /// Candidates seen per term since the heal: two in one term split that term's vote.
+    candidates_after_heal: BTreeMap<u64, BTreeSet<NodeId>>,
 }
 
 /// The run's timing and flow-control limits.
@@ -342,26 +355,19 @@ impl World {
     fn new(seed: u64, opts: ClusterOptions) -> World {
         let mut rng = ChaCha8Rng::seed_from_u64(seed);
         let voters: BTreeSet<NodeId> = (1..=opts.nodes).collect();
-        let nodes = voters
+        let mut nodes: Vec<Node> = voters
             .iter()
-            .map(|&id| {
-                let mut disk = Disk::new(0);
-                store::init(&mut disk, 0).expect("a new disk takes a manifest");
-                let driver = new_driver(id, &voters, &opts, rng.random());
-                Node {
-                    id,
-                    driver,
-                    disk,
-                    write: None,
-                    up: true,
-                    drift_ppm: rng.random_range(-1_000..=1_000),
-                    offset_ms: rng.random_range(0..=5_000),
-                    incarnation_commit: 0,
-                    rotted: false,
-                    client_session: 1,
-                }
-            })
+            .map(|&id| new_node(id, &voters, &opts, &mut rng))
             .collect();
+        if opts.membership_per_10k > 0 {
+            // The spare draws from its own source: the other nodes' draws stay what they are.
+            let mut spare_rng = ChaCha8Rng::seed_from_u64(seed ^ 0x5BA4E);
+            let id = opts.nodes + 1;
+            nodes.push(new_node(id, &voters, &opts, &mut spare_rng));
+        }
+        for n in nodes.iter_mut() {
+            n.driver.set_members_target(voters.clone());
+        }
         World {
             opts,
             rng,
@@ -385,6 +391,9 @@ impl World {
             faulting: false,
             votes: BTreeMap::new(),
             leader_commits: BTreeMap::new(),
+            target: voters.clone(),
+            voters0: voters,
+            candidates_after_heal: BTreeMap::new(),
         }
     }
 
@@ -446,6 +455,29 @@ impl World {
 
     fn acked_setup(&self) -> bool {
         self.summary.acked >= 2
+    }
+}
+
+fn new_node(
+    id: NodeId,
+    voters: &BTreeSet<NodeId>,
+    opts: &ClusterOptions,
+    rng: &mut ChaCha8Rng,
+) -> Node {
+    let mut disk = Disk::new(0);
+    store::init(&mut disk, 0).expect("a new disk takes a manifest");
+    let driver = new_driver(id, voters, opts, rng.random());
+    Node {
+        id,
+        driver,
+        disk,
+        write: None,
+        up: true,
+        drift_ppm: rng.random_range(-1_000..=1_000),
+        offset_ms: rng.random_range(0..=5_000),
+        incarnation_commit: 0,
+        rotted: false,
+        client_session: 1,
     }
 }
 
@@ -861,6 +893,32 @@ impl World {
         if self.rng.random_range(0..10_000) < self.opts.partition_per_10k {
             self.partition();
         }
+        if self.rng.random_range(0..10_000) < self.opts.membership_per_10k {
+            self.move_target();
+        }
+    }
+
+    /// The group's target moves: one member out, one node that is not a member in (what
+    /// placement does when an operator replaces a node). Every driver hears it, as every
+    /// node applies the placement it reads.
+    fn move_target(&mut self) {
+        let outside: Vec<NodeId> = self
+            .nodes
+            .iter()
+            .map(|n| n.id)
+            .filter(|id| !self.target.contains(id))
+            .collect();
+        let Some(&joining) = outside.get(self.rng.random_range(0..outside.len().max(1))) else {
+            return;
+        };
+        let members: Vec<NodeId> = self.target.iter().copied().collect();
+        let leaving = members[self.rng.random_range(0..members.len())];
+        self.target.remove(&leaving);
+        self.target.insert(joining);
+        self.summary.membership_changes += 1;
+        for n in self.nodes.iter_mut() {
+            n.driver.set_members_target(self.target.clone());
+        }
     }
 
     fn partition(&mut self) {
@@ -958,10 +1016,10 @@ impl World {
     }
 
     fn reboot(&mut self, i: usize) {
-        let voters: BTreeSet<NodeId> = (1..=self.nodes.len() as NodeId).collect();
         let seed = self.rng.random();
         let n = &mut self.nodes[i];
-        n.driver = new_driver(n.id, &voters, &self.opts, seed);
+        n.driver = new_driver(n.id, &self.voters0, &self.opts, seed);
+        n.driver.set_members_target(self.target.clone());
         n.up = true;
         n.incarnation_commit = 0;
     }
@@ -990,11 +1048,16 @@ impl World {
                 .map_or(0, |r| r.raft().term());
             // Healthy: every node but the lone one follows this leader (a node that rebooted
             // and has not heard from it yet may grant a pre-vote, as Raft allows).
-            let healthy = self.nodes.iter().filter(|n| n.id != node).all(|n| {
-                n.driver
-                    .replica()
-                    .is_some_and(|r| r.raft().leader() == Some(leader) && r.raft().term() == term)
-            });
+            let members = &self.target;
+            let healthy = self
+                .nodes
+                .iter()
+                .filter(|n| n.id != node && members.contains(&n.id))
+                .all(|n| {
+                    n.driver.replica().is_some_and(|r| {
+                        r.raft().leader() == Some(leader) && r.raft().term() == term
+                    })
+                });
             // A lone node whose term was already past the leader's when it was cut off (it
             // won a pre-vote and campaigned just before) deposes the leader on rejoining, as
             // Raft must: pre-vote only keeps a node from raising its term while cut off.
@@ -1002,7 +1065,9 @@ impl World {
                 .lone_term_at_cut
                 .filter(|(n, _)| *n == node)
                 .map_or(u64::MAX, |(_, t)| t);
-            if healthy && leader != node && term_at_cut <= term {
+            // A leader outside the target hands its leadership on (a new term, by design).
+            let staying = self.target.contains(&leader);
+            if healthy && staying && leader != node && term_at_cut <= term {
                 self.watch_disruption = Some((node, leader, term));
             }
         }
@@ -1028,7 +1093,16 @@ impl World {
         if self.nodes.iter().any(Node::repairing) {
             bound += 2 * self.opts.raft_election_timeout_ms;
         }
-        if !self.run_until(bound, |w| w.raft_leader())? {
+        let mut elected = self.run_until(bound, |w| w.raft_leader())?;
+        // Two candidates in one term split its vote (both timed out together): that round is
+        // lost by design, and one more is allowed.
+        let split = self.candidates_after_heal.values().any(|c| c.len() > 1);
+        if !elected && split {
+            let more = 2 * self.opts.raft_election_timeout_ms;
+            bound += more;
+            elected = self.run_until(more, |w| w.raft_leader())?;
+        }
+        if !elected {
             let state = self.describe();
             let later = self.run_until(10_000, |w| w.raft_leader())?;
             return Err((
@@ -1061,14 +1135,23 @@ impl World {
         ))
     }
 
-    /// Runs until every replica applied what the leader committed.
+    /// Runs until the group's membership is its target and every member applied what the
+    /// leader committed.
     fn settle(&mut self) -> Checked {
         let settled = self.run_until(20_000, |w| {
-            let Some(l) = w.leader() else { return false };
-            let commit = w.nodes[l].driver.replica().map(|r| r.raft().commit());
-            w.nodes
-                .iter()
-                .all(|n| n.driver.replica().map(|r| r.applied()) == commit && n.write.is_none())
+            let Some(r) = w.leader().and_then(|l| w.nodes[l].driver.replica()) else {
+                return false;
+            };
+            let conf = r.raft().committed_membership();
+            let placed = conf.voters == w.target
+                && conf.learners.is_empty()
+                && r.raft().membership() == conf;
+            let commit = Some(r.raft().commit());
+            placed
+                && w.nodes
+                    .iter()
+                    .filter(|n| w.target.contains(&n.id))
+                    .all(|n| n.driver.replica().map(|r| r.applied()) == commit && n.write.is_none())
         })?;
         if settled {
             return Ok(());
@@ -1076,7 +1159,9 @@ impl World {
         Err((
             ClusterViolationKind::Unanswered,
             format!(
-                "the replicas did not catch up with the leader within 20 s of quiet: {}",
+                "the replicas did not reach the target {:?} and catch up with the leader \
+                 within 20 s of quiet: {}",
+                self.target,
                 self.describe()
             ),
         ))
@@ -1089,9 +1174,10 @@ impl World {
             .iter()
             .map(|n| match n.driver.replica() {
                 Some(r) => format!(
-                    "node {} {:?} {:?} term {} commit {} applied {} last {} (last term {}) repair \
-                     {:?} start {} {:?} {}",
+                    "node {} {:?} {:?} {:?} term {} commit {} applied {} last {} (last term {}) \
+                     repair {:?} start {} {:?} {}",
                     n.id,
+                    r.raft().membership(),
                     r.mode(),
                     r.raft().role(),
                     r.raft().term(),
@@ -1107,7 +1193,7 @@ impl World {
                 None => format!("node {} down ({:?})", n.id, n.driver.status()),
             })
             .collect();
-        nodes.join("; ")
+        format!("target {:?}: {}", self.target, nodes.join("; "))
     }
 
     /// The checks of every step.
@@ -1118,6 +1204,13 @@ impl World {
                 continue;
             };
             let (term, role, commit) = (r.raft().term(), r.raft().role(), r.raft().commit());
+            if role == fabric_shard::raft::Role::Candidate && self.healed_at.is_some() {
+                let id = n.id;
+                self.candidates_after_heal
+                    .entry(term)
+                    .or_default()
+                    .insert(id);
+            }
             if role == fabric_shard::raft::Role::Leader {
                 if !self.leaders.contains_key(&term)
                     && self.faulting
@@ -1191,12 +1284,21 @@ impl World {
     fn check_logs(&mut self) -> Checked {
         let l = self.leader().expect("settled with a leader");
         let commit = self.nodes[l].driver.replica().map_or(0, |r| r.applied());
+        // A node outside the group is checked up to what it knew was committed (it may hold
+        // an uncommitted suffix that the group replaced after it left).
+        let target = self.target.clone();
         let logs: Vec<Vec<(u64, u64, Record)>> = self
             .nodes
             .iter_mut()
             .map(|n| {
+                let own = n.driver.replica().map_or(0, |r| r.applied());
+                let upto = if target.contains(&n.id) {
+                    commit
+                } else {
+                    own.min(commit)
+                };
                 let log = live_log(&mut n.disk);
-                log.into_iter().filter(|e| e.0 <= commit).collect()
+                log.into_iter().filter(|e| e.0 <= upto).collect()
             })
             .collect();
         let by_lsn: BTreeMap<u64, &(u64, u64, Record)> = logs[l].iter().map(|e| (e.0, e)).collect();
@@ -1215,7 +1317,7 @@ impl World {
                     ),
                 ));
             }
-            if log.last().map(|e| e.0) != Some(commit) {
+            if target.contains(&(i as NodeId + 1)) && log.last().map(|e| e.0) != Some(commit) {
                 return Err((
                     ClusterViolationKind::AckedLost,
                     format!(
@@ -1251,7 +1353,7 @@ impl World {
         // and every replica's head covers every acknowledged seq.
         let retained_from = appended.keys().next().copied().unwrap_or(u64::MAX);
         let max_acked = self.acked.values().map(|(seq, _)| *seq).max().unwrap_or(0);
-        for n in &self.nodes {
+        for n in self.nodes.iter().filter(|n| target.contains(&n.id)) {
             let head = n.driver.shard().and_then(|s| s.conversation_head("m", "c"));
             if head.unwrap_or(0) < max_acked {
                 return Err((

@@ -196,10 +196,12 @@ impl RaftCore {
 
     fn handle_pre_vote(&mut self, msg: &Message, last_index: u64, last_term: u64) {
         // Grant if the asker's campaign term is ahead of ours and its log is up to date; a
-        // learner or a node in repair never votes. The grant echoes the asked term, a refusal
-        // carries ours.
+        // node in repair never votes. A node that thinks it is a learner (or not a member)
+        // does: it may have been promoted without having the entry yet, and a candidate counts
+        // only the voters of its own configuration, so its vote decides only where it is one.
+        // The grant echoes the asked term, a refusal carries ours.
         let granted = msg.term > self.term
-            && self.may_elect()
+            && self.may_vote()
             && self.log.is_up_to_date(last_index, last_term);
         let body = MessageBody::PreVoteResponse { granted };
         let term = if granted { msg.term } else { self.term };
@@ -214,10 +216,7 @@ impl RaftCore {
     fn handle_vote(&mut self, now_ms: u64, from: NodeId, last_index: u64, last_term: u64) {
         debug_assert!(self.role != Role::Leader || self.vote == Some(self.id));
         let free = self.vote.is_none() || self.vote == Some(from);
-        let granted = free
-            && !self.conf.current().learners.contains(&self.id)
-            && (self.repair_through.is_none() || self.config.planted.repair_votes_early)
-            && self.log.is_up_to_date(last_index, last_term);
+        let granted = free && self.may_vote() && self.log.is_up_to_date(last_index, last_term);
         if granted {
             let before = self.vote;
             self.vote = Some(from);

@@ -465,9 +465,15 @@ impl RaftCore {
         }
     }
 
-    /// Whether this node may vote and campaign (a voter, not in repair).
+    /// Whether this node may campaign (a voter, not in repair).
     pub(super) fn may_elect(&self) -> bool {
-        self.is_voter() && (self.repair_through.is_none() || self.config.planted.repair_votes_early)
+        self.is_voter() && self.may_vote()
+    }
+
+    /// Whether this node may grant a vote: not in repair (its log may be shorter than what it
+    /// acknowledged). Its own idea of its membership does not matter (see `handle_pre_vote`).
+    pub(super) fn may_vote(&self) -> bool {
+        self.repair_through.is_none() || self.config.planted.repair_votes_early
     }
 
     /// The host compacted its log through `index` (a snapshot now covers it); entries up to
