@@ -909,6 +909,9 @@ struct Inner {
     cluster_id: String,
     node_id: u64,
     config: LinkConfig,
+    /// Node ids allowed to connect: `config.members` at first, then as the cluster's
+    /// membership changes ([`NodeLink::set_member`]).
+    members: std::sync::RwLock<BTreeSet<u64>>,
     peers: Mutex<HashMap<u64, Live>>,
 }
 
@@ -953,6 +956,7 @@ impl NodeLink {
                 client,
                 cluster_id: identity.cluster_id.clone(),
                 node_id: identity.node_id,
+                members: std::sync::RwLock::new(config.members.clone()),
                 config,
                 peers: Mutex::new(HashMap::new()),
             }),
@@ -968,6 +972,21 @@ impl NodeLink {
 
     pub fn node_id(&self) -> u64 {
         self.inner.node_id
+    }
+
+    /// Lets node `id` connect (a member that joined), or no longer (one that left: its
+    /// connection, if any, is closed as well).
+    pub fn set_member(&self, id: u64, member: bool) {
+        let mut members = self
+            .inner
+            .members
+            .write()
+            .unwrap_or_else(|p| p.into_inner());
+        if member {
+            members.insert(id);
+        } else {
+            members.remove(&id);
+        }
     }
 
     /// Dials the node `expected_node_id` at `addr`: handshake, peer checks, then hello and
@@ -1100,24 +1119,24 @@ impl Inner {
             cert: cert.as_ref(),
             now_unix: crate::now_ms() as i64 / 1000,
         };
-        check_peer(
-            &facts,
-            &self.cluster_id,
-            self.node_id,
-            &self.config.members,
-            expected,
+        let members = self
+            .members
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        check_peer(&facts, &self.cluster_id, self.node_id, &members, expected).map_err(
+            |(refusal, peer, detail)| {
+                conn.close(
+                    quinn::VarInt::from_u32(refusal.close_code()),
+                    truncated(&detail),
+                );
+                LinkError::Refused {
+                    peer,
+                    refusal,
+                    detail,
+                }
+            },
         )
-        .map_err(|(refusal, peer, detail)| {
-            conn.close(
-                quinn::VarInt::from_u32(refusal.close_code()),
-                truncated(&detail),
-            );
-            LinkError::Refused {
-                peer,
-                refusal,
-                detail,
-            }
-        })
     }
 
     /// Whether another live connection to `peer` than `conn` is recorded.

@@ -32,7 +32,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
@@ -219,6 +219,17 @@ struct Peer<T> {
 }
 
 impl<T> Peer<T> {
+    fn new(link: SocketAddr) -> Peer<T> {
+        Peer {
+            link,
+            slot: Mutex::new(Slot {
+                current: None,
+                connections: 0,
+            }),
+            last_frame_ms: AtomicU64::new(NEVER),
+        }
+    }
+
     fn slot(&self) -> MutexGuard<'_, Slot<T>> {
         self.slot.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -228,8 +239,9 @@ struct Shared<T> {
     node: u64,
     started: Instant,
     limits: LinksLimits,
-    /// Fixed at start: every member but this node.
-    peers: BTreeMap<u64, Peer<T>>,
+    /// Every member but this node: those at start, then as members join and leave
+    /// ([`NodeLinks::add_member`], [`NodeLinks::remove_member`]).
+    peers: RwLock<BTreeMap<u64, Arc<Peer<T>>>>,
     counters: Counters,
     inbound: mpsc::Sender<Inbound<T>>,
     /// Applied to each batch taken for a peer before it is written (the node folds its
@@ -241,16 +253,25 @@ struct Shared<T> {
 pub type Coalesce<T> = fn(&mut Vec<(u32, T)>);
 
 impl<T> Shared<T> {
+    fn peers(&self) -> RwLockReadGuard<'_, BTreeMap<u64, Arc<Peer<T>>>> {
+        self.peers.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn peer(&self, id: u64) -> Option<Arc<Peer<T>>> {
+        self.peers().get(&id).cloned()
+    }
+
     /// The live connection with `peer`, if any.
     fn live(&self, peer: u64) -> Option<quinn::Connection> {
-        let slot = self.peers.get(&peer)?.slot();
+        let p = self.peer(peer)?;
+        let slot = p.slot();
         let c = slot.current.as_ref()?;
         c.conn.close_reason().is_none().then(|| c.conn.clone())
     }
 
     /// Forgets `conn` as `peer`'s connection, unless another replaced it already.
     fn clear(&self, peer: u64, conn: &quinn::Connection) {
-        if let Some(p) = self.peers.get(&peer) {
+        if let Some(p) = self.peer(peer) {
             let mut slot = p.slot();
             if slot
                 .current
@@ -316,7 +337,7 @@ impl<T: Frame> Ctx<T> {
     /// tasks, unless the link closed it already (another connection won).
     fn install(&self, pc: PeerConn, dialed: bool) {
         let peer = pc.node_id;
-        let Some(p) = self.shared.peers.get(&peer) else {
+        let Some(p) = self.shared.peer(peer) else {
             tracing::warn!(peer, "a node outside this node's members connected; closed");
             pc.close();
             return;
@@ -383,6 +404,10 @@ async fn dial_loop<T: Frame>(ctx: Ctx<T>, peer: u64, addr: SocketAddr) {
     // The lower id of a pair dials first (module docs).
     let mut wait_first = peer < ctx.shared.node;
     loop {
+        // A member that left is no longer dialed.
+        if ctx.shared.peer(peer).is_none_or(|p| p.link != addr) {
+            return;
+        }
         if let Some(conn) = ctx.shared.live(peer) {
             let reason = conn.closed().await;
             if duplicate_close(&reason) {
@@ -573,7 +598,7 @@ async fn read_loop<T: Frame>(ctx: Ctx<T>, peer: u64, stream: GroupStream) {
         match receiver.recv_frame::<T>().await {
             Ok(Some(frame)) => {
                 add(&shared.counters.frames_received, 1);
-                if let Some(p) = shared.peers.get(&peer) {
+                if let Some(p) = shared.peer(peer) {
                     let now = shared.started.elapsed().as_millis() as u64;
                     p.last_frame_ms.store(now, Ordering::Relaxed);
                 }
@@ -612,6 +637,8 @@ pub struct NodeLinks<T> {
     stop: watch::Sender<bool>,
     /// Yields `None` once every background task has ended.
     done: mpsc::Receiver<()>,
+    /// For the dial tasks of members that join (dropped at shutdown, so `done` can end).
+    ctx: Option<Ctx<T>>,
 }
 
 /// The peers of `node`: every member but itself, each id once, at most `links_peers_max`.
@@ -619,18 +646,10 @@ fn peers<T>(
     node: u64,
     members: Vec<Member>,
     limits: &LinksLimits,
-) -> Result<BTreeMap<u64, Peer<T>>, LinkError> {
+) -> Result<BTreeMap<u64, Arc<Peer<T>>>, LinkError> {
     let mut peers = BTreeMap::new();
     for m in members.into_iter().filter(|m| m.id != node) {
-        let peer = Peer {
-            link: m.link,
-            slot: Mutex::new(Slot {
-                current: None,
-                connections: 0,
-            }),
-            last_frame_ms: AtomicU64::new(NEVER),
-        };
-        if peers.insert(m.id, peer).is_some() {
+        if peers.insert(m.id, Arc::new(Peer::new(m.link))).is_some() {
             return Err(LinkError::Config(format!(
                 "member {} is listed twice",
                 m.id
@@ -681,7 +700,7 @@ where
             node,
             started: Instant::now(),
             limits,
-            peers,
+            peers: RwLock::new(peers),
             counters: Counters::default(),
             inbound,
             coalesce,
@@ -694,16 +713,18 @@ where
         };
         let incoming = link.listen();
         ctx.spawn(ctx.span("accept", node), accept_loop(ctx.clone(), incoming));
-        for (&peer, p) in &shared.peers {
-            let dial = dial_loop(ctx.clone(), peer, p.link);
-            ctx.spawn(ctx.span("dial", peer), dial);
+        let dials: Vec<(u64, SocketAddr)> =
+            shared.peers().iter().map(|(&id, p)| (id, p.link)).collect();
+        for (peer, addr) in dials {
+            ctx.spawn(ctx.span("dial", peer), dial_loop(ctx.clone(), peer, addr));
         }
-        tracing::info!(node, peers = shared.peers.len(), "node links started");
+        tracing::info!(node, peers = shared.peers().len(), "node links started");
         let links = NodeLinks {
             shared,
             link,
             stop,
             done,
+            ctx: Some(ctx),
         };
         Ok((links, inbound_rx))
     }
@@ -714,7 +735,7 @@ where
     /// is not delivery: a connection lost with it queued drops it too.
     pub fn send(&self, to: u64, group: u32, frame: T) -> bool {
         let queued = group != CONTROL_GROUP
-            && self.shared.peers.get(&to).is_some_and(|p| {
+            && self.shared.peers().get(&to).is_some_and(|p| {
                 let slot = p.slot();
                 slot.current
                     .as_ref()
@@ -726,11 +747,61 @@ where
         queued
     }
 
+    /// Node `m` joined the cluster: it may connect, and it is dialed. A member already known
+    /// at the same address is no change; at another address, it is dialed there from now on.
+    pub fn add_member(&self, m: Member) -> Result<(), LinkError> {
+        let Some(ctx) = &self.ctx else {
+            return Ok(());
+        };
+        if m.id == self.shared.node {
+            return Ok(());
+        }
+        {
+            let mut peers = self.shared.peers.write().unwrap_or_else(|p| p.into_inner());
+            if peers.get(&m.id).is_some_and(|p| p.link == m.link) {
+                return Ok(());
+            }
+            if !peers.contains_key(&m.id) && peers.len() >= self.shared.limits.links_peers_max {
+                return Err(LinkError::Config(format!(
+                    "member {} would be over links_peers_max ({})",
+                    m.id, self.shared.limits.links_peers_max
+                )));
+            }
+            peers.insert(m.id, Arc::new(Peer::new(m.link)));
+        }
+        self.link.set_member(m.id, true);
+        tracing::info!(node = self.shared.node, peer = m.id, link = %m.link, "member joined the node links");
+        ctx.spawn(ctx.span("dial", m.id), dial_loop(ctx.clone(), m.id, m.link));
+        Ok(())
+    }
+
+    /// Node `id` left the cluster: it may no longer connect, its connection is closed and it
+    /// is no longer dialed; frames for it are dropped.
+    pub fn remove_member(&self, id: u64) {
+        self.link.set_member(id, false);
+        let gone = self
+            .shared
+            .peers
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+        if let Some(p) = gone {
+            if let Some(c) = p.slot().current.take() {
+                c.conn.close(quinn::VarInt::from_u32(0), b"member removed");
+            }
+            tracing::info!(
+                node = self.shared.node,
+                peer = id,
+                "member left the node links"
+            );
+        }
+    }
+
     /// Every peer, by id: connected now or not, when its last frame arrived.
     pub fn status(&self) -> Vec<PeerStatus> {
         let shared = &self.shared;
         shared
-            .peers
+            .peers()
             .iter()
             .map(|(&id, p)| {
                 let slot = p.slot();
@@ -769,6 +840,7 @@ where
     /// tasks have ended and (at most [`LINKS_SHUTDOWN_DRAIN_MS_MAX`]) the connections have
     /// drained. Frames still queued are dropped.
     pub async fn shutdown(mut self) {
+        self.ctx = None;
         self.stop.send_replace(true);
         self.link.close();
         while self.done.recv().await.is_some() {}
@@ -1012,6 +1084,43 @@ mod tests {
         for n in nodes {
             stop(n).await;
         }
+    }
+
+    #[tokio::test]
+    async fn a_member_added_at_run_time_is_dialed_and_one_removed_is_cut_off() {
+        // Proves membership changes at run time: two nodes that know only each other link up
+        // with a third once each is told it joined (frames flow both ways), and once node 3 is
+        // removed from node 1, node 1 drops its connection and its frames for node 3.
+        let ca = ClusterCa::generate("test").unwrap();
+        let links: Vec<NodeLink> = [(1u64, &[1u64, 2][..]), (2, &[1, 2]), (3, &[1, 2, 3])]
+            .iter()
+            .map(|(id, m)| bind(ca.cert_der(), &identity(&ca, *id), m))
+            .collect();
+        let all = members(&links.iter().collect::<Vec<_>>());
+        let mut nodes = Vec::new();
+        for (i, link) in links.into_iter().enumerate() {
+            let known = if i < 2 { &all[..2] } else { &all[..] };
+            nodes.push(start(link, known, limits()).await);
+        }
+        for n in &nodes[..2] {
+            n.links.add_member(all[2]).unwrap();
+            // Adding it again is no change.
+            n.links.add_member(all[2]).unwrap();
+        }
+        settle(&mut nodes).await;
+        nodes[0].links.remove_member(3);
+        assert!(nodes[0].links.status().iter().all(|s| s.id != 3));
+        let dropped = nodes[0].links.stats().frames_dropped;
+        assert!(!nodes[0].links.send(3, 1, Msg { seq: 1 }));
+        assert_eq!(nodes[0].links.stats().frames_dropped, dropped + 1);
+        eventually("node 3 sees its link to node 1 go down", || {
+            !nodes[2].peer(1).up
+        })
+        .await;
+        // Node 3 keeps dialing node 1, which refuses it: the link stays down.
+        sleep_ms(300).await;
+        assert!(!nodes[2].peer(1).up, "a removed member cannot reconnect");
+        assert!(nodes[1].peer(3).up, "node 2 still links with node 3");
     }
 
     #[tokio::test]
