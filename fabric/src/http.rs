@@ -46,6 +46,11 @@ pub fn routes(ctx: Arc<NodeCtx>) -> Router {
         .route("/readyz", readyz)
         .route("/metrics", metrics)
         .route("/v1/cluster", get(cluster_view))
+        .route("/v1/cluster/nodes", post(cluster_add_node))
+        .route(
+            "/v1/cluster/nodes/{id}",
+            axum::routing::delete(cluster_remove_node),
+        )
         .fallback(|| async { ApiError(ProtoError::new(ErrorCode::NotFound, "no such endpoint")) })
         .layer(DefaultBodyLimit::max(frame_max))
         .layer(axum::middleware::from_fn_with_state(
@@ -299,13 +304,37 @@ async fn call_with(
     session: u64,
     op: ShardOp,
     tx: SessionTx,
-    mut rx: mpsc::Receiver<SessionMsg>,
+    rx: mpsc::Receiver<SessionMsg>,
 ) -> Result<Reply, ProtoError> {
     let router = ctx.router();
     let shard = router
         .shard_of(op.placement())
         .ok_or_else(|| ProtoError::new(ErrorCode::Internal, "op has no placement"))?;
-    let shard_tx = &ctx.shards[shard as usize];
+    call_on(ctx, &ctx.shards[shard as usize], session, op, tx, rx).await
+}
+
+/// One op to the cluster's metadata group (`crate::cluster::directory`), as a one-request
+/// session of its own.
+pub(crate) async fn call_meta(ctx: &NodeCtx, op: ShardOp) -> Result<Reply, ProtoError> {
+    let Some(meta) = ctx.cluster.as_ref().map(|c| c.meta.clone()) else {
+        return Err(ProtoError::new(
+            ErrorCode::NotFound,
+            "this node is not in a cluster",
+        ));
+    };
+    let session = ctx.next_session_id();
+    let (tx, rx) = mpsc::channel(4);
+    call_on(ctx, &meta, session, op, tx, rx).await
+}
+
+async fn call_on(
+    ctx: &NodeCtx,
+    shard_tx: &mpsc::Sender<ShardMsg>,
+    session: u64,
+    op: ShardOp,
+    tx: SessionTx,
+    mut rx: mpsc::Receiver<SessionMsg>,
+) -> Result<Reply, ProtoError> {
     // A cancelled `send` queues nothing (tokio's send is cancel-safe): no session to forget.
     shard_tx
         .send(ShardMsg::Batch {
@@ -606,6 +635,68 @@ async fn cluster_view(State(ctx): State<Arc<NodeCtx>>, headers: HeaderMap) -> Re
             "this node is not a member of a cluster (its config has no [cluster] section)",
         ))
         .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AddNodeBody {
+    id: u64,
+    link: std::net::SocketAddr,
+    http: String,
+}
+
+/// `POST /v1/cluster/nodes` (admin token): node `id` joins the cluster (the metadata group
+/// records it; every group then adds it as a learner and promotes it once caught up).
+async fn cluster_add_node(
+    State(ctx): State<Arc<NodeCtx>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let run = async {
+        require_admin(&ctx, &headers)?;
+        let b: AddNodeBody = parse_json(&body)?;
+        let change = crate::cluster::directory::Change::Add {
+            id: b.id,
+            link: b.link,
+            http: b.http,
+        };
+        crate::cluster::directory::propose(&ctx, change).await
+    };
+    membership_answer(run.await)
+}
+
+/// `DELETE /v1/cluster/nodes/{id}` (admin token): node `id` leaves the cluster (every group
+/// removes its replica, its leaderships handed on first).
+async fn cluster_remove_node(
+    State(ctx): State<Arc<NodeCtx>>,
+    headers: HeaderMap,
+    Path(id): Path<u64>,
+) -> Response {
+    let run = async {
+        require_admin(&ctx, &headers)?;
+        let change = crate::cluster::directory::Change::Remove { id };
+        crate::cluster::directory::propose(&ctx, change).await
+    };
+    membership_answer(run.await)
+}
+
+/// The members once a change is recorded: `{"members":[{"id","link","http"}],"changes":N}`.
+fn membership_answer(r: Result<crate::cluster::directory::Directory, ProtoError>) -> Response {
+    match r {
+        Ok(dir) => {
+            let members: Vec<serde_json::Value> = dir
+                .nodes
+                .iter()
+                .map(|(id, m)| {
+                    let link = m.as_ref().map(|m| m.link.to_string());
+                    let http = m.as_ref().map(|m| m.http.clone());
+                    serde_json::json!({"id": id, "link": link, "http": http})
+                })
+                .collect();
+            Json(serde_json::json!({"members": members, "changes": dir.seq})).into_response()
+        }
+        Err(e) => ApiError(e).into_response(),
     }
 }
 

@@ -61,6 +61,29 @@ enum ClusterCommand {
     /// Ctrl-C (SIGINT), SIGTERM or SIGHUP stops every node (SIGTERM, SIGKILL after 10 s); a
     /// node that exits by itself stops the others, and the command exits 1.
     Local(ClusterArgs),
+    /// Add a node to a running cluster that `init` wrote into DIR.
+    ///
+    /// Asks the node at --url for the members, writes the new node's certificate and
+    /// DIR/node-<id>.toml (ports laid out as `init` lays them out), and records it in the
+    /// cluster's metadata group. Then run it with `fabric serve --config DIR/node-<id>.toml`:
+    /// every shard's group adds it as a learner, catches it up and promotes it.
+    AddNode(NodeChangeArgs),
+    /// Remove node --id from a running cluster: every group removes its replica (handing its
+    /// leaderships on first). Stop the node once `/v1/cluster` lists it in no group.
+    RemoveNode(NodeChangeArgs),
+}
+
+#[derive(Args)]
+struct NodeChangeArgs {
+    /// The cluster's directory (as `init` wrote it: its CA and admin token).
+    #[arg(long)]
+    dir: PathBuf,
+    /// A running node's HTTP base URL, e.g. http://127.0.0.1:7400.
+    #[arg(long)]
+    url: String,
+    /// The node's id (add-node: default one above the highest member).
+    #[arg(long)]
+    id: Option<u64>,
 }
 
 #[derive(Args)]
@@ -110,6 +133,33 @@ fn run_cluster(cmd: ClusterCommand) -> anyhow::Result<()> {
         ClusterCommand::Init(args) => {
             let done = fabric::cluster::init::init(&args.into_options()?)?;
             print!("{}", done.summary());
+            Ok(())
+        }
+        ClusterCommand::AddNode(a) => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            let added = runtime.block_on(fabric::cluster::join::add_node(&a.dir, &a.url, a.id))?;
+            println!(
+                "node {} added (clients: {}); run it with: fabric serve --config {}",
+                added.id,
+                added.http,
+                added.config.display()
+            );
+            Ok(())
+        }
+        ClusterCommand::RemoveNode(a) => {
+            let Some(id) = a.id else {
+                anyhow::bail!("remove-node needs --id");
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("cannot start the tokio runtime")?;
+            let members =
+                runtime.block_on(fabric::cluster::join::remove_node(&a.dir, &a.url, id))?;
+            println!("node {id} removed; members now: {}", members["members"]);
             Ok(())
         }
         ClusterCommand::Local(args) => {

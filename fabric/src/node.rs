@@ -93,6 +93,12 @@ pub struct NodeCtx {
 pub struct ClusterCtx {
     pub config: crate::cluster::config::ClusterConfig,
     pub links: Arc<crate::cluster::runtime::LinkSender>,
+    /// The metadata group's replica on this node (`crate::cluster::directory`): its input,
+    /// and its slot (what `/v1/cluster` reports as `meta`).
+    pub meta: mpsc::Sender<ShardMsg>,
+    pub meta_slot: Arc<ShardSlot>,
+    /// The cluster's members as this node last read them from the metadata group.
+    pub directory: std::sync::Mutex<crate::cluster::directory::Directory>,
     /// Routes frames that arrive to their shards (ends with the link).
     _router: tokio::task::JoinHandle<()>,
 }
@@ -215,40 +221,44 @@ impl NodeCtx {
         let c = self.cluster.as_ref()?;
         let up: std::collections::BTreeMap<u64, bool> =
             c.links.status().iter().map(|p| (p.id, p.up)).collect();
-        let nodes: Vec<serde_json::Value> = c
-            .config
-            .members
+        let dir = c.directory.lock().map(|d| d.clone()).unwrap_or_default();
+        let nodes: Vec<serde_json::Value> = dir
+            .nodes
             .iter()
-            .map(|m| {
-                let up = m.id == c.config.node || up.get(&m.id).copied().unwrap_or(false);
-                serde_json::json!({"id": m.id, "http": m.http, "up": up})
+            .map(|(id, m)| {
+                let up = *id == c.config.node || up.get(id).copied().unwrap_or(false);
+                let http = m.as_ref().map(|m| m.http.clone());
+                let link = m.as_ref().map(|m| m.link.to_string());
+                serde_json::json!({"id": id, "http": http, "link": link, "up": up})
             })
             .collect();
-        let shards: Vec<serde_json::Value> = self
-            .slots
-            .iter()
-            .map(|s| {
-                let r = s
-                    .stats
-                    .lock()
-                    .ok()
-                    .and_then(|st| st.replica.clone())
-                    .unwrap_or_default();
-                let lag: serde_json::Map<String, serde_json::Value> = r
-                    .matched
-                    .iter()
-                    .filter(|_| r.leader == Some(r.node))
-                    .map(|(id, m)| (id.to_string(), r.last_index.saturating_sub(*m).into()))
-                    .collect();
-                serde_json::json!({
-                    "shard": s.idx, "leader": r.leader, "term": r.term, "commit": r.commit,
-                    "members": r.voters, "lag": lag,
-                })
+        let group = |s: &Arc<ShardSlot>| {
+            let r = s
+                .stats
+                .lock()
+                .ok()
+                .and_then(|st| st.replica.clone())
+                .unwrap_or_default();
+            let lag: serde_json::Map<String, serde_json::Value> = r
+                .matched
+                .iter()
+                .filter(|_| r.leader == Some(r.node))
+                .map(|(id, m)| (id.to_string(), r.last_index.saturating_sub(*m).into()))
+                .collect();
+            serde_json::json!({
+                "shard": s.idx, "leader": r.leader, "term": r.term, "commit": r.commit,
+                "members": r.voters, "lag": lag,
             })
-            .collect();
-        Some(
-            serde_json::json!({"node": c.config.node, "nodes": nodes, "shards": shards, "meta": null}),
-        )
+        };
+        let shards: Vec<serde_json::Value> = self.slots.iter().map(group).collect();
+        let mut meta = group(&c.meta_slot);
+        if let Some(m) = meta.as_object_mut() {
+            m.remove("shard");
+            m.insert("changes".into(), dir.seq.into());
+        }
+        Some(serde_json::json!({
+            "node": c.config.node, "nodes": nodes, "shards": shards, "meta": meta,
+        }))
     }
 
     /// `GET /metrics`: the Prometheus text, or `None` when metrics are off.
@@ -489,6 +499,9 @@ pub async fn start(config: Config) -> Result<RunningNode, NodeError> {
     let metrics_addr = metrics_listener
         .map(|(listener, local)| serve_metrics_port(&ctx, listener, local, &shutdown_rx));
     spawn_metrics_upkeep(&ctx, &shutdown_rx);
+    if ctx.cluster.is_some() {
+        crate::cluster::directory::spawn_watcher(ctx.clone());
+    }
     // Nagle is off on every accepted connection (listener.rs): a session writes whole
     // batches and flushes once, and Nagle would hold a second small write (a welcome after an
     // options `ok`, an answer after a push) until the client's delayed ACK, up to 40 ms later.
@@ -557,7 +570,8 @@ type Links = (
 async fn start_links(c: &crate::cluster::config::ClusterConfig) -> Result<Links, NodeError> {
     use crate::cluster::{pki, runtime};
     let cluster = |message: String| NodeError::Cluster(message);
-    if c.replication_factor() as usize != c.members.len() {
+    // A node that joined later (founders set) lists the members it knew when it joined.
+    if c.founders.is_none() && c.replication_factor() as usize != c.members.len() {
         return Err(cluster(format!(
             "cluster.replication_factor {} is below the member count {}: placing shards on \
              some members only needs the cluster's metadata group, which this version does not \
@@ -603,7 +617,7 @@ fn slot_replication(
 ) {
     let config = fabric_shard::replica::ReplicaConfig {
         node: c.node,
-        voters: c.members.iter().map(|m| m.id).collect(),
+        voters: c.founders(),
         raft: fabric_shard::raft::RaftConfig {
             raft_heartbeat_ms: c.raft_heartbeat_ms,
             raft_election_timeout_ms: c.raft_election_timeout_ms,
@@ -646,14 +660,28 @@ async fn start_shards(
         slots.push(slot);
         senders.push(tx);
     }
+    let meta = match &links {
+        Some((c, l, _)) => {
+            let (r, tx) = slot_replication(c, l);
+            inbound.push(tx);
+            Some(meta_slot(config, node_name, metrics, r)?)
+        }
+        None => None,
+    };
+    let mut all_slots = slots.clone();
+    let mut all_senders = senders.clone();
+    if let Some((slot, tx)) = &meta {
+        all_slots.push(slot.clone());
+        all_senders.push(tx.clone());
+    }
     let args = SupervisorArgs {
-        slots: slots.clone(),
-        senders: senders.clone(),
+        slots: all_slots.clone(),
+        senders: all_senders,
     };
     let (supervisor, _) = Actor::spawn(None, NodeSupervisor, args)
         .await
         .map_err(|e| NodeError::Actors(e.to_string()))?;
-    for (i, slot) in slots.iter().enumerate() {
+    for (i, slot) in all_slots.iter().enumerate() {
         if let Err(source) = slot.wait_recovered().await {
             let (tx, rx) = tokio::sync::oneshot::channel();
             if supervisor.cast(SupervisorMsg::Stop(tx)).is_ok() {
@@ -666,12 +694,50 @@ async fn start_shards(
             });
         }
     }
-    let cluster = links.map(|(config, links, rx)| ClusterCtx {
-        config,
-        links,
-        _router: crate::cluster::runtime::route_inbound(rx, inbound),
-    });
+    let cluster = links
+        .zip(meta)
+        .map(|((config, links, rx), (meta_slot, meta))| ClusterCtx {
+            directory: std::sync::Mutex::new(crate::cluster::directory::Directory::founded(
+                &config,
+            )),
+            config,
+            links,
+            meta,
+            meta_slot,
+            _router: crate::cluster::runtime::route_inbound(rx, inbound),
+        });
     Ok((slots, senders, supervisor, cluster))
+}
+
+/// The metadata group's slot: group `shards` (after the data shards) in `data_dir/meta`, its
+/// log never retired (it holds a few hundred bytes per membership change and per election).
+fn meta_slot(
+    config: &Config,
+    node_name: &Arc<str>,
+    metrics: &Arc<Metrics>,
+    replication: crate::shard_actor::SlotReplication,
+) -> Result<(Arc<ShardSlot>, mpsc::Sender<ShardMsg>), NodeError> {
+    let limits = config.limits();
+    let idx = config.shards;
+    let dir = config.data_dir.join(crate::cluster::directory::META_DIR);
+    crate::storage::init_shard_dir(&dir, idx).map_err(|e| NodeError::Meta {
+        path: dir.clone(),
+        message: e.to_string(),
+    })?;
+    let mut shard_config = limits.shard_config(idx);
+    shard_config.retention_bytes_max = crate::cluster::directory::META_RETENTION_BYTES_MAX;
+    Ok(ShardSlot::new(SlotSettings {
+        idx,
+        dir,
+        config: shard_config,
+        durability: config.durability,
+        queue_batches_max: config.shard_queue_batches_max,
+        node: node_name.clone(),
+        metrics: metrics.clone(),
+        policy: limits.restart_policy(),
+        wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
+        replication: Some(replication),
+    }))
 }
 
 /// What the node's certificate serves: QUIC's address, HTTPS on the HTTP port.

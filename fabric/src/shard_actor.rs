@@ -63,6 +63,9 @@ pub enum ShardMsg {
     },
     /// Finish what was taken in (write, sync, ack), then stop.
     Stop { done: oneshot::Sender<()> },
+    /// The nodes that should hold this shard's replicas now (the cluster's placement, from
+    /// its metadata group): a leading replica moves its group there.
+    Members(std::collections::BTreeSet<NodeId>),
 }
 
 /// A host whose adapter (not its core: that is caught) panicked is started again after this.
@@ -161,6 +164,8 @@ pub struct ShardSlot {
     first_recovered: tokio::sync::Mutex<Option<oneshot::Receiver<Result<(), RecoveryRefused>>>>,
     /// Set when the shard is one replica of a Raft group.
     pub replication: Option<SlotReplication>,
+    /// The placement last handed in (`ShardMsg::Members`), for the drivers a restart makes.
+    members_target: Mutex<std::collections::BTreeSet<NodeId>>,
 }
 
 /// Why a shard's first recovery did not give it an incarnation (the recovery error, which
@@ -249,6 +254,7 @@ impl ShardSlot {
             first_recovery: Mutex::new(Some(first_tx)),
             first_recovered: tokio::sync::Mutex::new(Some(first_rx)),
             replication: s.replication,
+            members_target: Mutex::new(Default::default()),
         });
         (slot, tx)
     }
@@ -267,6 +273,14 @@ impl ShardSlot {
     }
 
     fn driver(&self) -> ShardDriver {
+        let mut d = self.new_driver();
+        if let Ok(target) = self.members_target.lock() {
+            d.set_members_target(target.clone());
+        }
+        d
+    }
+
+    fn new_driver(&self) -> ShardDriver {
         match &self.replication {
             // The election jitter's seed: the node's one injected randomness, drawn here.
             Some(r) => ShardDriver::replicated(
@@ -622,6 +636,12 @@ impl HostIo {
                         d.handle_batch(t, session, requests)
                     });
                 }
+                ShardMsg::Members(target) => {
+                    if let Ok(mut t) = self.slot.members_target.lock() {
+                        t.clone_from(&target);
+                    }
+                    driver.set_members_target(target);
+                }
                 ShardMsg::Stop { done } => {
                     // A leading replica hands its leadership over before the host stops.
                     guarded(driver, clock.time(), |d, t| {
@@ -647,8 +667,9 @@ impl HostIo {
         };
         let ok = done.result.is_ok();
         if ok {
-            let meter = &self.slot.metrics.shards[self.slot.idx as usize];
-            if self.slot.metrics.enabled() {
+            // The metadata group has no shard series.
+            let meter = self.slot.metrics.shards.get(self.slot.idx as usize);
+            if let Some(meter) = meter.filter(|_| self.slot.metrics.enabled()) {
                 crate::metrics::record_commit(meter, done.records, done.bytes, done.fsync);
             }
             if let Ok(mut s) = self.slot.stats.lock() {
@@ -733,9 +754,10 @@ impl HostIo {
             s.recovery_ms = r.duration.as_millis() as u64;
             s.recovered_records = r.report.records;
         }
-        let meter = &self.slot.metrics.shards[self.slot.idx as usize];
-        meter.recovery_seconds.set(r.duration.as_secs_f64());
-        meter.recovered_records.set(r.report.records as f64);
+        if let Some(meter) = self.slot.metrics.shards.get(self.slot.idx as usize) {
+            meter.recovery_seconds.set(r.duration.as_secs_f64());
+            meter.recovered_records.set(r.report.records as f64);
+        }
         Ok((r.core, r.report))
     }
 
@@ -772,14 +794,10 @@ impl HostIo {
             self.published = st.clone();
         }
         self.publish_replica(driver);
-        if let (Some(x), Some(shard)) = (self.export.as_mut(), driver.shard()) {
-            let m = &self.slot.metrics;
-            x.export(
-                shard,
-                &m.shards[self.slot.idx as usize],
-                &m.meshes,
-                Instant::now(),
-            );
+        let m = &self.slot.metrics;
+        let meter = m.shards.get(self.slot.idx as usize);
+        if let (Some(x), Some(shard), Some(meter)) = (self.export.as_mut(), driver.shard(), meter) {
+            x.export(shard, meter, &m.meshes, Instant::now());
         }
     }
 }

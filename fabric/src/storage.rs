@@ -70,12 +70,18 @@ fn create_private_dir(dir: &Path) -> Result<(), StorageError> {
 /// A directory that already holds segments is left alone (recovery judges it).
 pub fn init_shard_dirs(data_dir: &Path, shards: u32) -> Result<(), StorageError> {
     for i in 0..shards {
-        let dir = shard_dir(data_dir, i);
-        create_private_dir(&dir)?;
-        let mut s = FileStore::new(&dir);
-        if s.read_manifest()?.is_none() && s.list_segments()?.is_empty() {
-            store::init(&mut s, i)?;
-        }
+        init_shard_dir(&shard_dir(data_dir, i), i)?;
+    }
+    Ok(())
+}
+
+/// Shard `i`'s directory `dir` and the empty manifest of a new one (a directory with segments
+/// or a manifest is left as it is: recovery checks it).
+pub fn init_shard_dir(dir: &Path, i: u32) -> Result<(), StorageError> {
+    create_private_dir(dir)?;
+    let mut s = FileStore::new(dir);
+    if s.read_manifest()?.is_none() && s.list_segments()?.is_empty() {
+        store::init(&mut s, i)?;
     }
     Ok(())
 }

@@ -51,9 +51,19 @@ pub struct ClusterConfig {
     /// Largest frame on the node link (see [`super::link`]).
     #[serde(default = "default_node_frame_bytes_max")]
     pub node_frame_bytes_max: usize,
-    /// Every node of the cluster, this one included; ids 1 to the member count.
+    /// The group's voters when the cluster was created (`fabric cluster init`'s nodes): every
+    /// shard's Raft group and the metadata group start with them, and their logs hold every
+    /// change since. Unset: every member (a cluster as `init` wrote it). `fabric cluster
+    /// add-node` writes it for a node that joins later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub founders: Option<Vec<u64>>,
+    /// Every node of the cluster this node knows at start, this one included (the metadata
+    /// group holds the cluster's current members: `fabric cluster add-node`).
     pub members: Vec<Member>,
 }
+
+/// The largest node id: a session id carries its node's id in its top 16 bits.
+pub const NODE_ID_MAX: u64 = 65_535;
 
 /// One node of the cluster, as every other node reaches it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
@@ -97,8 +107,10 @@ pub enum ClusterConfigError {
     ElectionNotAboveHeartbeat { election_ms: u64, heartbeat_ms: u64 },
     #[error("cluster.members has id {id} twice")]
     DuplicateId { id: u64 },
-    #[error("cluster.members has id {id}; the ids of {count} members are 1 to {count}")]
-    IdOutOfRange { id: u64, count: usize },
+    #[error("cluster.members has id {id}; node ids are 1 to {NODE_ID_MAX}")]
+    IdOutOfRange { id: u64 },
+    #[error("cluster.founders {value:?}: one to {NODE_ID_MAX} distinct node ids, at least one")]
+    BadFounders { value: Vec<u64> },
     #[error("cluster.members has link {link} twice (members {first} and {second})")]
     DuplicateLink {
         link: SocketAddr,
@@ -146,6 +158,7 @@ impl ClusterConfig {
             raft_heartbeat_ms: RAFT_HEARTBEAT_MS_DEFAULT,
             raft_election_timeout_ms: RAFT_ELECTION_TIMEOUT_MS_DEFAULT,
             node_frame_bytes_max: NODE_FRAME_BYTES_MAX_DEFAULT,
+            founders: None,
             members,
         }
     }
@@ -155,6 +168,14 @@ impl ClusterConfig {
     pub fn replication_factor(&self) -> u32 {
         self.replication_factor
             .unwrap_or_else(|| default_replication_factor(self.members.len()))
+    }
+
+    /// The voters every group starts with: `founders`, or every member.
+    pub fn founders(&self) -> std::collections::BTreeSet<u64> {
+        match &self.founders {
+            Some(f) => f.iter().copied().collect(),
+            None => self.members.iter().map(|m| m.id).collect(),
+        }
     }
 
     /// The member with id `id`.
@@ -208,8 +229,8 @@ impl ClusterConfig {
             if ids.insert(m.id, ()).is_some() {
                 return Err(E::DuplicateId { id: m.id });
             }
-            if m.id == 0 || m.id > count as u64 {
-                return Err(E::IdOutOfRange { id: m.id, count });
+            if m.id == 0 || m.id > NODE_ID_MAX {
+                return Err(E::IdOutOfRange { id: m.id });
             }
             if let Some(first) = links.insert(m.link, m.id) {
                 return Err(E::DuplicateLink {
@@ -236,6 +257,15 @@ impl ClusterConfig {
                 },
             });
         }
+        if let Some(f) = &self.founders {
+            let distinct: std::collections::BTreeSet<&u64> = f.iter().collect();
+            if f.is_empty()
+                || distinct.len() != f.len()
+                || f.iter().any(|&i| i == 0 || i > NODE_ID_MAX)
+            {
+                return Err(E::BadFounders { value: f.clone() });
+            }
+        }
         if let Some(value) = self.replication_factor {
             if !REPLICATION_FACTORS.contains(&value) {
                 return Err(E::BadReplicationFactor { value });
@@ -252,7 +282,7 @@ impl ClusterConfig {
 }
 
 /// `http://` or `https://` and a host: what a client base URL must be.
-fn is_http_url(s: &str) -> bool {
+pub(crate) fn is_http_url(s: &str) -> bool {
     match reqwest::Url::parse(s) {
         Ok(u) => {
             matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty())
@@ -374,12 +404,20 @@ mod tests {
                 &["cluster.members", "id 2 twice"],
             ),
             (
-                Box::new(|c| c.members[2].id = 4),
-                &["cluster.members", "id 4", "1 to 3"],
+                Box::new(|c| c.members[2].id = 65_536),
+                &["cluster.members", "id 65536", "1 to 65535"],
             ),
             (
                 Box::new(|c| c.members[0].id = 0),
-                &["cluster.members", "id 0", "1 to 3"],
+                &["cluster.members", "id 0", "1 to 65535"],
+            ),
+            (
+                Box::new(|c| c.founders = Some(vec![1, 1])),
+                &["cluster.founders [1, 1]"],
+            ),
+            (
+                Box::new(|c| c.founders = Some(vec![])),
+                &["cluster.founders []"],
             ),
             (
                 Box::new(|c| c.members[2].link = c.members[0].link),

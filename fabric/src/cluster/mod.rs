@@ -6,7 +6,9 @@
 //! processes ([`local`]).
 
 pub mod config;
+pub mod directory;
 pub mod init;
+pub mod join;
 pub mod link;
 pub mod links;
 pub mod local;

@@ -49,6 +49,16 @@ impl LinkSender {
     pub fn stats(&self) -> super::links::LinksStats {
         self.links.stats()
     }
+
+    /// A member joined: dial it and let it connect.
+    pub fn add_member(&self, id: NodeId, link: SocketAddr) -> Result<(), LinkError> {
+        self.links.add_member(Member { id, link })
+    }
+
+    /// A member left: close and refuse it.
+    pub fn remove_member(&self, id: NodeId) {
+        self.links.remove_member(id)
+    }
 }
 
 /// Binds the node link and starts its connections; the frames that arrive come out of the

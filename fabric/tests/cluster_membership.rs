@@ -1,0 +1,117 @@
+//! Membership changes of a running cluster of real `fabric serve` processes: `fabric cluster
+//! add-node` brings a fourth node in while appends go on (every group adds it as a learner,
+//! catches it up and promotes it), `fabric cluster remove-node` takes a founder out (its
+//! leaderships handed on), and the cluster without it holds and takes every append.
+
+mod common;
+
+use common::cluster::{append, assert_holds_every_append, demo_peer, fabric, Cluster};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+/// Node `via`'s view of every group's voters (data shards, then the metadata group).
+async fn groups(c: &Cluster, http: &reqwest::Client, via: u16) -> Vec<Vec<u64>> {
+    let v = c.admin(http.get(c.url(via, "/v1/cluster"))).await;
+    let members = |g: &serde_json::Value| -> Vec<u64> {
+        g["members"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m.as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let mut out: Vec<Vec<u64>> = v["shards"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(members)
+        .collect();
+    out.push(members(&v["meta"]));
+    out
+}
+
+/// Waits (at most `within`) until node `via` sees every group with exactly `voters`.
+async fn wait_groups(
+    c: &Cluster,
+    http: &reqwest::Client,
+    via: u16,
+    voters: &[u64],
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let g = groups(c, http, via).await;
+        if g.iter().all(|m| m == voters) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every group's voters {voters:?} within {within:?}; node {via} sees {g:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn cluster_cmd(c: &Cluster, args: &[&str]) -> String {
+    let out = fabric()
+        .arg("cluster")
+        .args(args)
+        .arg("--dir")
+        .arg(c.dir.path())
+        .output()
+        .expect("the command runs");
+    assert!(
+        out.status.success(),
+        "fabric cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_added_and_a_founder_removed_while_appends_go_on_lose_no_append() {
+    // Proves add-node and remove-node end to end on real processes: node 4 joins (its
+    // config written, recorded in the metadata group) and becomes a voter of every group,
+    // holding every append made before and during its catch-up; node 1 leaves every group;
+    // nodes 2, 3 and 4 then take appends and each holds every acknowledged one.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("client");
+    let mut c = Cluster::start(3);
+    c.wait_ready(&http, &[1, 2, 3], Duration::from_secs(30))
+        .await;
+    let token = demo_peer(&c, &http).await;
+    let mut acked: BTreeMap<u64, u64> = BTreeMap::new();
+    for n in 1..=30u64 {
+        acked.insert(n, append(&c, &http, &token, (n % 3 + 1) as u16, n).await);
+    }
+    let said = cluster_cmd(&c, &["add-node", "--url", &c.url(2, "")]);
+    assert!(said.contains("node 4 added"), "{said}");
+    let child = c.spawn(4);
+    c.nodes.push(Some(child));
+    for n in 31..=60u64 {
+        acked.insert(n, append(&c, &http, &token, (n % 3 + 1) as u16, n).await);
+    }
+    wait_groups(&c, &http, 1, &[1, 2, 3, 4], Duration::from_secs(30)).await;
+    c.wait_ready(&http, &[4], Duration::from_secs(30)).await;
+    assert_holds_every_append(&c, &http, &token, 4, "local", &acked).await;
+
+    let said = cluster_cmd(&c, &["remove-node", "--url", &c.url(3, ""), "--id", "1"]);
+    assert!(said.contains("node 1 removed"), "{said}");
+    wait_groups(&c, &http, 2, &[2, 3, 4], Duration::from_secs(30)).await;
+    c.kill(1);
+    for n in 61..=90u64 {
+        acked.insert(n, append(&c, &http, &token, (n % 3 + 2) as u16, n).await);
+    }
+    assert_holds_every_append(&c, &http, &token, 4, "linearizable", &acked).await;
+    for i in [2, 3, 4] {
+        assert_holds_every_append(&c, &http, &token, i, "local", &acked).await;
+    }
+    let v = c.admin(http.get(c.url(3, "/v1/cluster"))).await;
+    let ids: Vec<u64> = v["nodes"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|n| n["id"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, vec![2, 3, 4], "the metadata group's members");
+    assert_eq!(v["meta"]["changes"], 2, "two changes recorded");
+}
