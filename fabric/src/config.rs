@@ -698,6 +698,7 @@ mod cluster_section_tests {
         // a member have, and each numeric default as the code has it.
         let full = ClusterConfig {
             replication_factor: Some(1),
+            founders: Some(vec![1, 2]),
             ..two_nodes()
         };
         let value = toml::Value::try_from(&full).unwrap();
