@@ -144,6 +144,19 @@ impl NodeCtx {
         }
     }
 
+    /// What a new session's `welcome` names as `nodes` in a cluster: the members' client URLs
+    /// in id order, as this node last read them from the metadata group (`None` before its
+    /// first read, or outside a cluster: the config's members then).
+    pub fn welcome_nodes(&self) -> Option<Arc<[Arc<str>]>> {
+        let dir = self.cluster.as_ref()?.directory.lock().ok()?;
+        dir.read.then(|| {
+            dir.members()
+                .iter()
+                .map(|m| Arc::<str>::from(m.http.as_str()))
+                .collect()
+        })
+    }
+
     /// A router for one session (it owns that session's per-shard batches).
     pub fn router(&self) -> Router {
         self.router.clone()

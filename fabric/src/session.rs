@@ -207,6 +207,9 @@ async fn run_session<T: Transport>(
     meter: &TransportMetrics,
 ) {
     let mut config = ctx.session_config.clone();
+    if let Some(nodes) = ctx.welcome_nodes() {
+        config.nodes = nodes;
+    }
     if !T::PINGS {
         config.ping_interval_ms = 0;
     }

@@ -1,7 +1,8 @@
 //! Membership changes of a running cluster of real `fabric serve` processes: `fabric cluster
 //! add-node` brings a fourth node in while appends go on (every group adds it as a learner,
 //! catches it up and promotes it), `fabric cluster remove-node` takes a founder out (its
-//! leaderships handed on), and the cluster without it holds and takes every append.
+//! leaderships handed on), and the cluster without it holds and takes every append; new
+//! sessions' `welcome` names the members as they are.
 
 mod common;
 
@@ -114,4 +115,11 @@ async fn a_node_added_and_a_founder_removed_while_appends_go_on_lose_no_append()
         .unwrap_or_default();
     assert_eq!(ids, vec![2, 3, 4], "the metadata group's members");
     assert_eq!(v["meta"]["changes"], 2, "two changes recorded");
+    // A new session's welcome names the members as they are now.
+    let cfg = fabric::client::ClientConfig::new(&c.url(3, ""), "demo", "alice", &token);
+    let client = fabric::client::Client::connect(cfg)
+        .await
+        .expect("a session");
+    let nodes: Vec<String> = client.nodes().iter().map(|n| n.to_string()).collect();
+    assert_eq!(nodes, [2, 3, 4].map(|i| c.url(i, "")).to_vec());
 }

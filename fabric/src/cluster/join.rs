@@ -116,7 +116,30 @@ async fn current_members(url: &str, token: &str) -> Result<Vec<Member>, JoinErro
     Ok(members)
 }
 
+/// How long `add-node` and `remove-node` retry an `unavailable` answer (a metadata group
+/// between leaders, a node just started): each change is appended with an idempotency key, so
+/// a retry records it once.
+const UNAVAILABLE_RETRY_MS_MAX: u64 = 30_000;
+
 async fn admin_call(
+    method: reqwest::Method,
+    url: &str,
+    token: &str,
+    body: Option<serde_json::Value>,
+) -> Result<serde_json::Value, JoinError> {
+    let deadline =
+        std::time::Instant::now() + std::time::Duration::from_millis(UNAVAILABLE_RETRY_MS_MAX);
+    loop {
+        match admin_call_once(method.clone(), url, token, body.clone()).await {
+            Err(JoinError::Refused { status: 503, .. }) if std::time::Instant::now() < deadline => {
+                tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            other => return other,
+        }
+    }
+}
+
+async fn admin_call_once(
     method: reqwest::Method,
     url: &str,
     token: &str,
