@@ -1,12 +1,17 @@
 //! Real processes, real faults: a 3-node cluster of `fabric serve` processes whose node links
 //! run through UDP relays the test switches, under appends kept in flight through all three
 //! nodes, while a bounded schedule kills nodes (SIGKILL, a random one or a shard's leader),
-//! restarts them, cuts one node off, cuts one direction of a pair, and heals. At the end every
-//! acknowledged append is on every node, at its seq, with dense seqs.
+//! restarts them, cuts one node off, cuts one direction of a pair, heals, and adds a node
+//! (`fabric cluster add-node`, its link direct) and removes it again once every group has it
+//! as a voter. At the end every acknowledged append is on every node, at its seq, with dense
+//! seqs.
 
 mod common;
 
-use common::cluster::{append_anywhere, assert_holds_every_append, ready_demo_cluster, Cluster};
+use common::cluster::{
+    append_anywhere, assert_holds_every_append, cluster_cmd, ready_demo_cluster, wait_groups,
+    Cluster,
+};
 use rand::{Rng, SeedableRng};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,7 +20,7 @@ use std::time::{Duration, Instant};
 
 /// Appends in flight at once.
 const WINDOW: u64 = 8;
-/// Rounds of the fault schedule.
+/// Rounds of the fault schedule (each kind twice), and then one membership round.
 const ROUNDS: u32 = 8;
 /// Kinds of fault: kill a random node, kill a shard's leader, cut a node off, cut one
 /// direction of a pair.
@@ -138,12 +143,28 @@ async fn fault_round(
         .await;
 }
 
+/// A node joins while appends go on (every group adds, catches up and promotes it), then
+/// leaves again (every group removes it) and is stopped.
+async fn membership_round(c: &mut Cluster, http: &reqwest::Client) {
+    let via = c.url(2, "");
+    let said = cluster_cmd(c, &["add-node", "--url", &via, "--id", "4"]);
+    assert!(said.contains("node 4 added"), "{said}");
+    let child = c.spawn(4);
+    c.nodes.push(Some(child));
+    wait_groups(c, http, 1, &[1, 2, 3, 4], Duration::from_secs(60)).await;
+    let said = cluster_cmd(c, &["remove-node", "--url", &via, "--id", "4"]);
+    assert!(said.contains("node 4 removed"), "{said}");
+    wait_groups(c, http, 1, &[1, 2, 3], Duration::from_secs(60)).await;
+    c.kill(4);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kills_partitions_and_one_way_cuts_lose_no_acknowledged_append() {
     // Proves, on real processes with relayed node links: with appends in flight through all
     // three nodes, SIGKILLs of random nodes and of leaders, a node cut off both ways and one
-    // direction of a pair cut, each healed, lose no acknowledged append; every node then holds
-    // every one at the seq it was acknowledged at, seqs dense, each key once.
+    // direction of a pair cut, each healed, and a node added and removed, lose no
+    // acknowledged append; every node then holds every one at the seq it was acknowledged
+    // at, seqs dense, each key once.
     let (http, mut c, token) = ready_demo_cluster(true).await;
     relays_cut_for_real(&c, &http, &token).await;
     let urls: Vec<String> = (1..=3).map(|i| c.url(i, "")).collect();
@@ -164,6 +185,7 @@ async fn kills_partitions_and_one_way_cuts_lose_no_acknowledged_append() {
     for kind in kinds {
         fault_round(&mut c, &http, &mut rng, kind).await;
     }
+    membership_round(&mut c, &http).await;
     stop.store(true, Ordering::SeqCst);
     w.await.expect("the writer ends");
     let acked = acked.lock().expect("no panic holding it").clone();

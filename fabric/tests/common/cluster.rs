@@ -286,6 +286,64 @@ pub async fn read_all(
     panic!("node {i}: the log is longer than {READ_PAGES_MAX} pages");
 }
 
+/// Node `via`'s view of every group's voters (data shards, then the metadata group).
+pub async fn groups(c: &Cluster, http: &reqwest::Client, via: u16) -> Vec<Vec<u64>> {
+    let v = c.admin(http.get(c.url(via, "/v1/cluster"))).await;
+    let members = |g: &serde_json::Value| -> Vec<u64> {
+        g["members"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|m| m.as_u64()).collect())
+            .unwrap_or_default()
+    };
+    let mut out: Vec<Vec<u64>> = v["shards"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(members)
+        .collect();
+    out.push(members(&v["meta"]));
+    out
+}
+
+/// Waits (at most `within`) until node `via` sees every group with exactly `voters`.
+pub async fn wait_groups(
+    c: &Cluster,
+    http: &reqwest::Client,
+    via: u16,
+    voters: &[u64],
+    within: Duration,
+) {
+    let deadline = Instant::now() + within;
+    loop {
+        let g = groups(c, http, via).await;
+        if g.iter().all(|m| m == voters) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "every group's voters {voters:?} within {within:?}; node {via} sees {g:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+pub fn cluster_cmd(c: &Cluster, args: &[&str]) -> String {
+    let out = fabric()
+        .arg("cluster")
+        .args(args)
+        .arg("--dir")
+        .arg(c.dir.path())
+        .output()
+        .expect("the command runs");
+    assert!(
+        out.status.success(),
+        "fabric cluster {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Messages one read asks for.
 const READ_PAGE_MAX: usize = 1000;
 /// Pages `read_all` reads at most.
