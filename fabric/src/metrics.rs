@@ -277,6 +277,8 @@ pub struct MeshMetrics {
 /// Every metric of one node.
 pub struct Metrics {
     handle: Option<PrometheusHandle>,
+    /// Kept to register series found at run time (a peer that joined the cluster).
+    recorder: Option<PrometheusRecorder>,
     pub ws: TransportMetrics,
     pub quic: TransportMetrics,
     pub http: HttpMetrics,
@@ -444,6 +446,7 @@ impl Metrics {
         let metrics_port = listener_metrics(&r, "metrics", true);
         Ok(Metrics {
             handle: recorder.as_ref().map(|r| r.handle()),
+            recorder,
             ws,
             quic,
             http,
@@ -485,7 +488,10 @@ impl Metrics {
         }
         let cluster = cluster.filter(|_| self.raft.is_some());
         if let (Some(m), Some(c)) = (&self.raft, cluster) {
-            m.set(c);
+            let r = Registrar {
+                recorder: self.recorder.as_ref(),
+            };
+            m.set(&r, c);
         }
         let mut out = handle.render();
         if let Some(c) = cluster {

@@ -40,6 +40,29 @@ async fn a_node_added_and_a_founder_removed_while_appends_go_on_lose_no_append()
     wait_groups(&c, &http, 1, &[1, 2, 3, 4], Duration::from_secs(30)).await;
     c.wait_ready(&http, &[4], Duration::from_secs(30)).await;
     assert_holds_every_append(&c, &http, &token, 4, "local", &acked).await;
+    // Node 1 links to the new member, and its metrics have a series for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http
+            .get(c.metrics_url(1))
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text");
+        if text
+            .lines()
+            .any(|l| l == "fabric_node_link_up{peer=\"4\"} 1")
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1's link to node 4 up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 
     let said = cluster_cmd(&c, &["remove-node", "--url", &c.url(3, ""), "--id", "1"]);
     assert!(said.contains("node 1 removed"), "{said}");

@@ -65,7 +65,9 @@ struct LinkMetrics {
 /// Every cluster series of one node.
 pub struct RaftMetrics {
     shards: Vec<RaftShardMetrics>,
-    links: Vec<LinkMetrics>,
+    /// One per peer: the members at start, and each that joined since (registered at the first
+    /// scrape that finds it; a member that left stays, at 0).
+    links: Mutex<Vec<LinkMetrics>>,
     last: Mutex<Vec<RaftShardLast>>,
 }
 
@@ -73,21 +75,28 @@ impl RaftMetrics {
     pub(super) fn register(r: &Registrar<'_>, shards: u32, c: &ClusterLabels) -> RaftMetrics {
         RaftMetrics {
             shards: (0..shards).map(|i| shard_metrics(r, i)).collect(),
-            links: c.peers.iter().map(|p| link_metrics(r, *p)).collect(),
+            links: Mutex::new(c.peers.iter().map(|p| link_metrics(r, *p)).collect()),
             last: Mutex::new((0..shards).map(|_| RaftShardLast::default()).collect()),
         }
     }
 
     /// Sets every series from one scrape's figures (before the exposition is rendered).
-    pub(super) fn set(&self, c: &ClusterScrape) {
+    pub(super) fn set(&self, r: &Registrar<'_>, c: &ClusterScrape) {
         let mut last = self.last.lock().unwrap_or_else(|e| e.into_inner());
         for ((m, l), r) in self.shards.iter().zip(last.iter_mut()).zip(&c.replicas) {
             if let Some(r) = r {
                 set_shard(m, l, r);
             }
         }
-        for m in &self.links {
+        let mut links = self.links.lock().unwrap_or_else(|e| e.into_inner());
+        for p in &c.links {
+            if !links.iter().any(|m| m.peer == p.id) {
+                links.push(link_metrics(r, p.id));
+            }
+        }
+        for m in links.iter() {
             let Some(p) = c.links.iter().find(|p| p.id == m.peer) else {
+                m.up.set(0.0);
                 continue;
             };
             m.up.set(if p.up { 1.0 } else { 0.0 });
