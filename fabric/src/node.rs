@@ -658,17 +658,12 @@ async fn start_shards(
             inbound.push(tx);
             r
         });
+        let dir = crate::storage::shard_dir(&config.data_dir, i);
+        let shard_config = limits.shard_config(i);
+        let settings = slot_settings(config, node_name, metrics, (i, dir, shard_config));
         let (slot, tx) = ShardSlot::new(SlotSettings {
-            idx: i,
-            dir: crate::storage::shard_dir(&config.data_dir, i),
-            config: limits.shard_config(i),
-            durability: config.durability,
-            queue_batches_max: config.shard_queue_batches_max,
-            node: node_name.clone(),
-            metrics: metrics.clone(),
-            policy: limits.restart_policy(),
-            wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
             replication,
+            ..settings
         });
         slots.push(slot);
         senders.push(tx);
@@ -739,7 +734,23 @@ fn meta_slot(
     })?;
     let mut shard_config = limits.shard_config(idx);
     shard_config.retention_bytes_max = crate::cluster::directory::META_RETENTION_BYTES_MAX;
+    let settings = slot_settings(config, node_name, metrics, (idx, dir, shard_config));
     Ok(ShardSlot::new(SlotSettings {
+        replication: Some(replication),
+        ..settings
+    }))
+}
+
+/// A slot's settings from the node's config: group `idx` in `dir` with `shard_config`, no
+/// replication (the caller sets it).
+fn slot_settings(
+    config: &Config,
+    node_name: &Arc<str>,
+    metrics: &Arc<Metrics>,
+    (idx, dir, shard_config): (u32, std::path::PathBuf, fabric_shard::ShardConfig),
+) -> SlotSettings {
+    let limits = config.limits();
+    SlotSettings {
         idx,
         dir,
         config: shard_config,
@@ -749,8 +760,8 @@ fn meta_slot(
         metrics: metrics.clone(),
         policy: limits.restart_policy(),
         wal_sync_stall_ms_max: config.wal_sync_stall_ms_max,
-        replication: Some(replication),
-    }))
+        replication: None,
+    }
 }
 
 /// What the node's certificate serves: QUIC's address, HTTPS on the HTTP port.

@@ -96,17 +96,23 @@ fn a_scrape_sets_the_shard_gauges_and_counts_leader_changes_across_a_restart() {
     let m = RaftMetrics::register(&r, 1, &labels);
     let mut view = leader_of_three(2, Some(1));
     view.leader_changes = 2;
-    m.set(&r, &ClusterScrape {
-        replicas: vec![Some(view.clone())],
-        links: Vec::new(),
-    });
+    m.set(
+        &r,
+        &ClusterScrape {
+            replicas: vec![Some(view.clone())],
+            links: Vec::new(),
+        },
+    );
     view.leader_changes = 1;
     view.leader = None;
     view.repair_through = Some(120);
-    m.set(&r, &ClusterScrape {
-        replicas: vec![Some(view)],
-        links: Vec::new(),
-    });
+    m.set(
+        &r,
+        &ClusterScrape {
+            replicas: vec![Some(view)],
+            links: Vec::new(),
+        },
+    );
     let text = handle.render();
     for line in [
         "fabric_raft_term{shard=\"0\"} 4",
