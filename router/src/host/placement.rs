@@ -6,7 +6,8 @@
 //! 1. a target node that is not a member is added as a learner (it does not count for
 //!    commits while it catches up, so adding it never costs availability);
 //! 2. a learner in the target whose log is caught up (in the replicate state, within
-//!    [`PROMOTE_LAG_ENTRIES_MAX`] of the leader's log) is promoted to voter;
+//!    [`PROMOTE_LAG_ENTRIES_MAX`] of the leader's commit index: as far along as the quorum,
+//!    whose own matches trail the leader's log by what is in flight under load) is promoted;
 //! 3. a member outside the target is removed (learners first); the leader never removes
 //!    itself: it hands leadership to a caught-up voter of the target first, and the next
 //!    leader removes it.
@@ -19,8 +20,9 @@
 use fabric_shard::raft::{ConfChange, Membership, NodeId, ProgressState, RaftCore};
 use std::collections::BTreeSet;
 
-/// A learner is promoted once its log is within this many entries of the leader's (and its
-/// progress is `Replicate`): close enough that, as a voter, it does not hold commits back.
+/// A learner is promoted once its log is within this many entries of the leader's commit
+/// index (and its progress is `Replicate`): as far along as a quorum, so that as a voter it
+/// does not hold commits back.
 pub const PROMOTE_LAG_ENTRIES_MAX: u64 = 64;
 
 /// What the leader does next towards the target.
@@ -44,7 +46,7 @@ pub fn next_step(raft: &RaftCore, target: &BTreeSet<NodeId>) -> Option<Step> {
     let caught_up = |id: NodeId| {
         raft.progress(id).is_some_and(|(state, matched)| {
             state == ProgressState::Replicate
-                && matched + PROMOTE_LAG_ENTRIES_MAX >= raft.last_index()
+                && matched + PROMOTE_LAG_ENTRIES_MAX >= raft.commit()
         })
     };
     let joining = conf.learners.iter().find(|id| target.contains(id));
