@@ -1327,7 +1327,15 @@ impl World {
                 ));
             }
         }
-        let appended: BTreeMap<u64, String> = logs[l]
+        self.check_acked(&logs[l])
+    }
+
+    /// The leader's committed log against the acknowledgements: each seq appended once, every
+    /// member's head past the highest acknowledged seq, every retained acknowledged append at
+    /// its seq with its body.
+    fn check_acked(&self, committed: &[(u64, u64, Record)]) -> Checked {
+        let target = &self.target;
+        let appended: BTreeMap<u64, String> = committed
             .iter()
             .filter_map(|(_, _, rec)| match rec {
                 Record::Appended(a) => Some((a.seq, a.body.as_str().to_string())),
@@ -1335,7 +1343,7 @@ impl World {
             })
             .collect();
         let mut seen: BTreeMap<u64, (u64, u64)> = BTreeMap::new();
-        for (lsn, term, rec) in &logs[l] {
+        for (lsn, term, rec) in committed {
             if let Record::Appended(a) = rec {
                 if let Some((l0, t0)) = seen.insert(a.seq, (*lsn, *term)) {
                     return Err((
@@ -1371,7 +1379,7 @@ impl World {
             .filter(|(_, (seq, _))| *seq >= retained_from)
         {
             if appended.get(seq) != Some(body) {
-                let with_key: Vec<(u64, u64, u64)> = logs[l]
+                let with_key: Vec<(u64, u64, u64)> = committed
                     .iter()
                     .filter_map(|(lsn, term, rec)| match rec {
                         Record::Appended(a) if a.key.as_deref() == Some(key.as_str()) => {

@@ -45,8 +45,7 @@ pub fn next_step(raft: &RaftCore, target: &BTreeSet<NodeId>) -> Option<Step> {
     }
     let caught_up = |id: NodeId| {
         raft.progress(id).is_some_and(|(state, matched)| {
-            state == ProgressState::Replicate
-                && matched + PROMOTE_LAG_ENTRIES_MAX >= raft.commit()
+            state == ProgressState::Replicate && matched + PROMOTE_LAG_ENTRIES_MAX >= raft.commit()
         })
     };
     let joining = conf.learners.iter().find(|id| target.contains(id));
