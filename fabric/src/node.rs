@@ -260,7 +260,7 @@ impl NodeCtx {
                 .collect();
             serde_json::json!({
                 "shard": s.idx, "leader": r.leader, "term": r.term, "commit": r.commit,
-                "members": r.voters, "lag": lag,
+                "members": r.voters, "learners": r.learners, "lag": lag,
             })
         };
         let shards: Vec<serde_json::Value> = self.slots.iter().map(group).collect();

@@ -205,7 +205,9 @@ pub struct ReplicaStatus {
     /// Whether this replica serves requests as the leader (its no-op applied).
     pub leading: bool,
     pub voters: Vec<NodeId>,
-    /// On a leader: each follower's match index.
+    /// Members that get the log but do not vote yet (a node joining, catching up).
+    pub learners: Vec<NodeId>,
+    /// On a leader: each follower's (and learner's) match index.
     pub matched: Vec<(NodeId, u64)>,
     /// Counts of this replica (they start again from zero when the shard restarts).
     pub leader_changes: u64,
@@ -825,9 +827,12 @@ impl HostIo {
         let elections = self.elections.elections;
         let status = driver.replica().map(|r| {
             let raft = r.raft();
-            let voters: Vec<NodeId> = raft.membership().voters.iter().copied().collect();
+            let conf = raft.membership();
+            let voters: Vec<NodeId> = conf.voters.iter().copied().collect();
+            let learners: Vec<NodeId> = conf.learners.iter().copied().collect();
             let matched = voters
                 .iter()
+                .chain(&learners)
                 .filter_map(|v| raft.progress(*v).map(|(_, m)| (*v, m)))
                 .collect();
             ReplicaStatus {
@@ -839,6 +844,7 @@ impl HostIo {
                 last_index: raft.last_index(),
                 leading: r.mode() == fabric_shard::replica::Mode::Leading,
                 voters,
+                learners,
                 matched,
                 leader_changes: r.stats().leader_changes,
                 snapshots_sent: r.stats().snapshots_sent,

@@ -38,6 +38,12 @@ async fn a_node_added_and_a_founder_removed_while_appends_go_on_lose_no_append()
         acked.insert(n, append(&c, &http, &token, (n % 3 + 1) as u16, n).await);
     }
     wait_groups(&c, &http, 1, &[1, 2, 3, 4], Duration::from_secs(30)).await;
+    let v = c.admin(http.get(c.url(1, "/v1/cluster"))).await;
+    assert_eq!(
+        v["meta"]["learners"],
+        serde_json::json!([]),
+        "promoted: no learner left"
+    );
     c.wait_ready(&http, &[4], Duration::from_secs(30)).await;
     assert_holds_every_append(&c, &http, &token, 4, "local", &acked).await;
     // Node 1 links to the new member, and its metrics have a series for it.

@@ -10,6 +10,7 @@ fn leader_of_three(node: NodeId, leader: Option<NodeId>) -> ReplicaStatus {
         last_index: 100,
         leading: leader == Some(node),
         voters: vec![1, 2, 3],
+        learners: vec![],
         matched: vec![(1, 100), (2, 97), (3, 40)],
         ..ReplicaStatus::default()
     }
