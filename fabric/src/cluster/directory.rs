@@ -117,6 +117,17 @@ impl Directory {
         self.nodes.values().flatten().cloned().collect()
     }
 
+    /// `change` is an add of a member exactly as the directory has it.
+    pub fn holds(&self, change: &Change) -> bool {
+        match change {
+            Change::Add { id, link, http } => self.nodes.get(id).is_some_and(|m| {
+                m.as_ref()
+                    .is_some_and(|m| m.link == *link && m.http == *http)
+            }),
+            Change::Remove { .. } => false,
+        }
+    }
+
     /// Why `change` cannot be appended now, if it cannot.
     pub fn refuse(&self, change: &Change) -> Option<ProtoError> {
         let conflict = |m: String| Some(ProtoError::new(ErrorCode::Conflict, m));
@@ -228,6 +239,10 @@ async fn apply(ctx: &NodeCtx, before: &Directory, dir: &Directory) {
 /// group has it now; answers the directory with the change in.
 pub async fn propose(ctx: &NodeCtx, change: Change) -> Result<Directory, ProtoError> {
     let dir = refresh(ctx).await?;
+    if dir.holds(&change) {
+        // Already in (a retry of a change that went in before its answer was lost).
+        return Ok(dir);
+    }
     if let Some(e) = dir.refuse(&change) {
         return Err(e);
     }
@@ -312,6 +327,7 @@ mod tests {
         assert_eq!(d.members().len(), 3);
         assert!(d.refuse(&add(4)).is_none());
         d.apply(1, &add(4));
+        assert!(d.holds(&add(4)), "the same add again is already in");
         assert_eq!(d.refuse(&add(4)).map(|e| e.code), Some(ErrorCode::Conflict));
         d.apply(2, &Change::Remove { id: 1 });
         assert_eq!(d.ids(), [2, 3, 4].into());
