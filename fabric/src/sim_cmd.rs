@@ -53,7 +53,8 @@ pub struct SimArgs {
     /// world: the node's replicated shard host under power losses, partitions and lossy node
     /// links. --planted then names a replication bug: ack_before_quorum,
     /// follower_ack_before_fsync, commit_old_term_by_count, vote_not_persisted,
-    /// truncate_committed_on_conflict, no_prevote_checkquorum or read_without_quorum.
+    /// truncate_committed_on_conflict, no_prevote_checkquorum, read_without_quorum,
+    /// repair_votes_early or members_not_persisted.
     #[arg(long)]
     cluster: bool,
 }

@@ -53,7 +53,7 @@ pub struct ClusterPlanted {
 }
 
 /// The planted bugs a cluster run knows, by name.
-pub const CLUSTER_PLANTED_NAMES: [&str; 8] = [
+pub const CLUSTER_PLANTED_NAMES: [&str; 9] = [
     "ack_before_quorum",
     "follower_ack_before_fsync",
     "commit_old_term_by_count",
@@ -62,6 +62,7 @@ pub const CLUSTER_PLANTED_NAMES: [&str; 8] = [
     "no_prevote_checkquorum",
     "read_without_quorum",
     "repair_votes_early",
+    "members_not_persisted",
 ];
 
 impl ClusterPlanted {
@@ -76,6 +77,7 @@ impl ClusterPlanted {
             "no_prevote_checkquorum" => p.raft.no_prevote_checkquorum = true,
             "read_without_quorum" => p.replica.read_without_quorum = true,
             "repair_votes_early" => p.raft.repair_votes_early = true,
+            "members_not_persisted" => p.replica.members_not_persisted = true,
             _ => return None,
         }
         Some(p)
@@ -127,7 +129,7 @@ pub struct ClusterOptions {
 /// The options of seed `seed` in the cluster swarm.
 pub fn cluster_swarm(seed: u64) -> ClusterOptions {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0xC1u64 << 56);
-    ClusterOptions {
+    let mut o = ClusterOptions {
         nodes: if rng.random_bool(0.3) { 5 } else { 3 },
         duration_ms: rng.random_range(3_000..8_000),
         drop_pct: rng.random_range(0..8),
@@ -148,8 +150,17 @@ pub fn cluster_swarm(seed: u64) -> ClusterOptions {
         bitrot_pct: [0, 20, 60][rng.random_range(0..3)],
         membership_per_10k: [0, 0, 5, 20][rng.random_range(0..4)],
         planted: ClusterPlanted::default(),
+    };
+    // Half the runs that change membership retire segments fast, so the segments that held
+    // conf entries go within the run (the membership must then come from `MEMBERS`).
+    if o.membership_per_10k > 0 && rng.random_bool(0.5) {
+        o.retention_bytes_max = MEMBERSHIP_RETENTION_BYTES_MAX;
     }
+    o
 }
+
+/// The retention of the membership runs that retire fast: a little over one 16 KiB segment.
+const MEMBERSHIP_RETENTION_BYTES_MAX: u64 = 20 * 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum ClusterViolationKind {
@@ -173,6 +184,8 @@ pub enum ClusterViolationKind {
     StaleRead,
     /// A page showed, at an acknowledged entry's seq, another body (data never committed).
     PageNotCommitted,
+    /// After the heal, a member of the group holds another configuration than its leader's.
+    MembershipDiverged,
 }
 
 #[derive(Debug, Clone)]
@@ -1327,7 +1340,30 @@ impl World {
                 ));
             }
         }
+        self.check_members(l)?;
         self.check_acked(&logs[l])
+    }
+
+    /// Every member of the settled group holds its leader's configuration (one restarted
+    /// after the segments holding the changes were retired has it from `MEMBERS`).
+    fn check_members(&self, l: usize) -> Checked {
+        let conf = self.nodes[l]
+            .driver
+            .replica()
+            .map(|r| r.raft().membership().clone());
+        for n in self.nodes.iter().filter(|n| self.target.contains(&n.id)) {
+            let own = n.driver.replica().map(|r| r.raft().membership().clone());
+            if own != conf {
+                return Err((
+                    ClusterViolationKind::MembershipDiverged,
+                    format!(
+                        "node {} holds configuration {own:?}; its leader {conf:?}",
+                        n.id
+                    ),
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The leader's committed log against the acknowledgements: each seq appended once, every

@@ -69,7 +69,7 @@ fn cluster_planted_bugs_are_caught() {
     // A leader that serves reads without a quorum round serves stale pages once cut off.
     // A node in repair that votes with its shortened log elects a leader that lacks an
     // entry its lost acknowledgement helped commit.
-    let expected: [(&str, &[ClusterViolationKind]); 8] = [
+    let expected: [(&str, &[ClusterViolationKind]); 9] = [
         ("ack_before_quorum", &[AckedLost]),
         ("follower_ack_before_fsync", &[AckedLost, Unanswered]),
         ("commit_old_term_by_count", &[OldTermCommit]),
@@ -83,6 +83,17 @@ fn cluster_planted_bugs_are_caught() {
         (
             "repair_votes_early",
             &[AckedLost, PrefixDiverged, StaleRead],
+        ),
+        // A replica restarted after its group's conf entries were retired comes back with
+        // the voters the group was created with.
+        (
+            "members_not_persisted",
+            &[
+                MembershipDiverged,
+                TwoLeaders,
+                Unanswered,
+                NoLeaderAfterHeal,
+            ],
         ),
     ];
     assert_eq!(expected.len(), CLUSTER_PLANTED_NAMES.len());

@@ -116,6 +116,9 @@ impl Replica {
     /// Step 0 of the write being handed out: `MEMBERS`, when the committed and durable conf
     /// entries changed the membership.
     pub(super) fn members_for_write(&mut self) -> Option<MembersFile> {
+        if self.planted.members_not_persisted {
+            return None;
+        }
         let through = self.raft.commit().min(self.durable_through());
         let file = self.members.due(self.shard.config.shard, through);
         // Nothing below the log's start may be left unfolded: its entry is about to go.

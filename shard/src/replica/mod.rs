@@ -153,6 +153,9 @@ pub struct ReplicaPlanted {
     /// A leader serves reads from its state at once, without a quorum round confirming it
     /// still leads (a leader cut off from its quorum then serves stale pages).
     pub read_without_quorum: bool,
+    /// A replica never writes `MEMBERS`: once the segments holding a group's conf entries are
+    /// retired, a restart brings back the group's voters at creation.
+    pub members_not_persisted: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
