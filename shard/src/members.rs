@@ -20,9 +20,9 @@ pub const MEMBERS_FILE: &str = "MEMBERS";
 pub const MEMBERS_MAGIC: &[u8; 8] = b"FABRMEMB";
 /// The format this code writes and reads; another is refused by name.
 pub const MEMBERS_FORMAT: u32 = 1;
-/// A group's members (voters and learners) at most: far above the replication factors (1, 3,
-/// 5) plus the learners of a change, and what bounds the file.
-pub const MEMBERS_NODES_MAX: usize = 64;
+/// A group's members (voters and learners) at most: the Raft core's limit (an add past it
+/// does not apply), which bounds the file.
+pub const MEMBERS_NODES_MAX: usize = crate::raft::MEMBERS_MAX;
 const HEADER_BYTES: usize = 8 + 4 + 4 + 8 + 4 + 4;
 
 /// The membership committed at `index` in shard `shard`'s group.

@@ -17,7 +17,7 @@
 //! a time, only after the leader committed an entry of its term): a step it refuses is tried
 //! again at the next tick.
 
-use fabric_shard::raft::{ConfChange, Membership, NodeId, ProgressState, RaftCore};
+use fabric_shard::raft::{ConfChange, Membership, NodeId, ProgressState, RaftCore, MEMBERS_MAX};
 use std::collections::BTreeSet;
 
 /// A learner is promoted once its log is within this many entries of the leader's commit
@@ -40,7 +40,9 @@ pub fn next_step(raft: &RaftCore, target: &BTreeSet<NodeId>) -> Option<Step> {
     if target.is_empty() || conf != raft.committed_membership() || raft.transferring() {
         return None;
     }
-    if let Some(&id) = target.iter().find(|id| !conf.contains(**id)) {
+    // A full group makes room first (a member outside the target leaves, below).
+    let full = conf.voters.len() + conf.learners.len() >= MEMBERS_MAX;
+    if let Some(&id) = target.iter().find(|id| !conf.contains(**id) && !full) {
         return Some(Step::Propose(ConfChange::AddLearner(id)));
     }
     let caught_up = |id: NodeId| {

@@ -8,6 +8,10 @@ use std::collections::BTreeSet;
 use super::message::ConfChange;
 use super::NodeId;
 
+/// Members (voters and learners) a group has at most: what `MEMBERS` holds
+/// (`crate::members`). An add past it is refused like any change that does not apply.
+pub const MEMBERS_MAX: usize = 64;
+
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Membership {
     pub voters: BTreeSet<NodeId>,
@@ -26,6 +30,8 @@ pub enum ConfChangeInvalid {
     LastVoter,
     #[error("node id 0 is reserved")]
     ZeroId,
+    #[error("the group has {MEMBERS_MAX} members, its limit")]
+    TooMany,
 }
 
 impl Membership {
@@ -59,6 +65,9 @@ impl Membership {
             | ConfChange::RemoveNode(0) => return Err(ConfChangeInvalid::ZeroId),
             ConfChange::AddLearner(id) if self.contains(id) => {
                 return Err(ConfChangeInvalid::AlreadyMember(id))
+            }
+            ConfChange::AddLearner(_) if self.voters.len() + self.learners.len() >= MEMBERS_MAX => {
+                return Err(ConfChangeInvalid::TooMany)
             }
             ConfChange::AddLearner(id) => {
                 next.learners.insert(id);

@@ -54,7 +54,7 @@ mod replication;
 mod tests;
 
 pub use log::{LogState, TermRun};
-pub use membership::{ConfChangeInvalid, Membership};
+pub use membership::{ConfChangeInvalid, Membership, MEMBERS_MAX};
 pub use message::{
     ConfChange, Entry, EntryKind, HardState, Message, MessageBody, ENTRY_OVERHEAD_BYTES,
 };

@@ -461,3 +461,19 @@ fn test_peer_messages_never_panic() {
         }
     }
 }
+
+#[test]
+fn test_conf_change_add_past_members_max_is_refused() {
+    // Proves a group never grows past MEMBERS_MAX members (what MEMBERS holds): the add that
+    // would is refused, and a removal first makes room.
+    let full = crate::raft::Membership {
+        voters: (1..=3).collect(),
+        learners: (4..=crate::raft::MEMBERS_MAX as u64).collect(),
+    };
+    let more = full.apply(ConfChange::AddLearner(1_000));
+    assert_eq!(more, Err(crate::raft::ConfChangeInvalid::TooMany));
+    let room = full
+        .apply(ConfChange::RemoveNode(4))
+        .expect("a removal applies");
+    assert!(room.apply(ConfChange::AddLearner(1_000)).is_ok());
+}
