@@ -97,8 +97,11 @@ pub struct ClusterCtx {
     /// and its slot (what `/v1/cluster` reports as `meta`).
     pub meta: mpsc::Sender<ShardMsg>,
     pub meta_slot: Arc<ShardSlot>,
-    /// The cluster's members as this node last read them from the metadata group.
+    /// The cluster's members as this node last read them from the metadata group; their
+    /// client URLs in id order once read (what `welcome` names); one refresh at a time.
     pub directory: std::sync::Mutex<crate::cluster::directory::Directory>,
+    pub welcome: std::sync::RwLock<Option<Arc<[Arc<str>]>>>,
+    pub refreshing: tokio::sync::Mutex<()>,
     /// Routes frames that arrive to their shards (ends with the link).
     _router: tokio::task::JoinHandle<()>,
 }
@@ -148,13 +151,7 @@ impl NodeCtx {
     /// in id order, as this node last read them from the metadata group (`None` before its
     /// first read, or outside a cluster: the config's members then).
     pub fn welcome_nodes(&self) -> Option<Arc<[Arc<str>]>> {
-        let dir = self.cluster.as_ref()?.directory.lock().ok()?;
-        dir.read.then(|| {
-            dir.members()
-                .iter()
-                .map(|m| Arc::<str>::from(m.http.as_str()))
-                .collect()
-        })
+        self.cluster.as_ref()?.welcome.read().ok()?.clone()
     }
 
     /// A router for one session (it owns that session's per-shard batches).
@@ -708,6 +705,8 @@ async fn start_shards(
             directory: std::sync::Mutex::new(crate::cluster::directory::Directory::founded(
                 &config,
             )),
+            welcome: std::sync::RwLock::new(None),
+            refreshing: tokio::sync::Mutex::new(()),
             config,
             links,
             meta,

@@ -86,6 +86,15 @@ pub fn init_shard_dir(dir: &Path, i: u32) -> Result<(), StorageError> {
     Ok(())
 }
 
+/// A small file's bytes, or `None` if it does not exist (the manifest, the markers).
+fn read_if_present(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match std::fs::read(path) {
+        Ok(b) => Ok(Some(b)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(store_err("read", path, e)),
+    }
+}
+
 /// Where shard `i` keeps its WAL.
 pub fn shard_dir(data_dir: &Path, i: u32) -> PathBuf {
     data_dir.join(format!("shard-{i:03}"))
@@ -206,12 +215,7 @@ impl SegmentStore for FileStore {
     }
 
     fn read_manifest(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.dir.join(wal::MANIFEST_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(store_err("read", &path, e)),
-        }
+        read_if_present(&self.dir.join(wal::MANIFEST_FILE))
     }
 
     fn create_segment(&mut self, id: u64) -> Result<(), StoreError> {
@@ -293,12 +297,7 @@ impl SegmentStore for FileStore {
     }
 
     fn read_repair(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.dir.join(fabric_shard::repair::REPAIR_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(store_err("read", &path, e)),
-        }
+        read_if_present(&self.dir.join(fabric_shard::repair::REPAIR_FILE))
     }
 
     fn write_repair(&mut self, bytes: &[u8]) -> Result<(), StoreError> {
@@ -307,12 +306,7 @@ impl SegmentStore for FileStore {
     }
 
     fn read_members(&mut self) -> Result<Option<Vec<u8>>, StoreError> {
-        let path = self.dir.join(fabric_shard::members::MEMBERS_FILE);
-        match std::fs::read(&path) {
-            Ok(b) => Ok(Some(b)),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(store_err("read", &path, e)),
-        }
+        read_if_present(&self.dir.join(fabric_shard::members::MEMBERS_FILE))
     }
 
     fn write_members(&mut self, bytes: &[u8]) -> Result<(), StoreError> {

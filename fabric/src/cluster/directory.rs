@@ -168,10 +168,13 @@ impl Directory {
 
 /// Reads the changes this node has not seen and applies the directory they make, if it
 /// changed (or was never applied). Errors are the metadata group's (no leader, a timeout).
+/// One refresh at a time (the watcher's and an admin call's), so a slower one never puts an
+/// older directory back.
 pub async fn refresh(ctx: &NodeCtx) -> Result<Directory, ProtoError> {
     let Some(c) = &ctx.cluster else {
         return Err(ProtoError::new(ErrorCode::NotFound, "not in a cluster"));
     };
+    let _one = c.refreshing.lock().await;
     let mut dir = c.directory.lock().map(|d| d.clone()).unwrap_or_default();
     let first_read = !dir.read;
     let before = dir.clone();
@@ -207,6 +210,14 @@ pub async fn refresh(ctx: &NodeCtx) -> Result<Directory, ProtoError> {
     dir.read = true;
     if first_read || dir.nodes != before.nodes {
         apply(ctx, &before, &dir).await;
+        if let Ok(mut w) = c.welcome.write() {
+            *w = Some(
+                dir.members()
+                    .iter()
+                    .map(|m| m.http.as_str().into())
+                    .collect(),
+            );
+        }
     }
     if let Ok(mut d) = c.directory.lock() {
         *d = dir.clone();
@@ -264,10 +275,10 @@ pub async fn propose(ctx: &NodeCtx, change: Change) -> Result<Directory, ProtoEr
             format!("cannot encode the change: {e}"),
         )
     })?;
-    // The key names the directory it was checked against: a retry appends it once, and the
-    // same change later (a node that left joins again) is a change of its own.
-    let key = format!("{}@{}", body.len(), dir.seq);
-    let key = format!("{key}:{}", fnv(&body));
+    // The key names the change and the directory it was checked against: a retry appends it
+    // once, and the same change later (a node that left joins again) is a change of its own.
+    let digest = <sha2::Sha256 as sha2::Digest>::digest(body.as_bytes());
+    let key = format!("{}@{}", hex::encode(&digest[..8]), dir.seq);
     let op = ShardOp::Append {
         r: 1,
         mesh: MeshId::must(META_MESH),
@@ -278,14 +289,6 @@ pub async fn propose(ctx: &NodeCtx, change: Change) -> Result<Directory, ProtoEr
     };
     crate::http::call_meta(ctx, op).await?;
     refresh(ctx).await
-}
-
-/// FNV-1a of `s`, hex: short and stable, for idempotency keys.
-fn fnv(s: &str) -> String {
-    let h = s.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
-        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
-    });
-    format!("{h:016x}")
 }
 
 /// Reads the directory every [`DIRECTORY_POLL_MS`] until shutdown.

@@ -129,10 +129,18 @@ async fn admin_call(
 ) -> Result<serde_json::Value, JoinError> {
     let deadline =
         std::time::Instant::now() + std::time::Duration::from_millis(UNAVAILABLE_RETRY_MS_MAX);
+    let mut retried = false;
     loop {
         match admin_call_once(method.clone(), url, token, body.clone()).await {
             Err(JoinError::Refused { status: 503, .. }) if std::time::Instant::now() < deadline => {
+                retried = true;
                 tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+            }
+            // A removal retried after an `unavailable` whose change went in: the node is gone.
+            Err(JoinError::Refused { status: 404, .. })
+                if retried && method == reqwest::Method::DELETE =>
+            {
+                return Ok(serde_json::json!({ "members": null }));
             }
             other => return other,
         }

@@ -974,8 +974,8 @@ impl NodeLink {
         self.inner.node_id
     }
 
-    /// Lets node `id` connect (a member that joined), or no longer (one that left: its
-    /// connection, if any, is closed as well).
+    /// Lets node `id` connect (a member that joined), or no longer (one that left; closing
+    /// its connection is the caller's: `NodeLinks::remove_member`).
     pub fn set_member(&self, id: u64, member: bool) {
         let mut members = self
             .inner
@@ -1119,24 +1119,20 @@ impl Inner {
             cert: cert.as_ref(),
             now_unix: crate::now_ms() as i64 / 1000,
         };
-        let members = self
-            .members
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
-        check_peer(&facts, &self.cluster_id, self.node_id, &members, expected).map_err(
-            |(refusal, peer, detail)| {
-                conn.close(
-                    quinn::VarInt::from_u32(refusal.close_code()),
-                    truncated(&detail),
-                );
-                LinkError::Refused {
-                    peer,
-                    refusal,
-                    detail,
-                }
-            },
-        )
+        let members = self.members.read().unwrap_or_else(|p| p.into_inner());
+        let checked = check_peer(&facts, &self.cluster_id, self.node_id, &members, expected);
+        drop(members);
+        checked.map_err(|(refusal, peer, detail)| {
+            conn.close(
+                quinn::VarInt::from_u32(refusal.close_code()),
+                truncated(&detail),
+            );
+            LinkError::Refused {
+                peer,
+                refusal,
+                detail,
+            }
+        })
     }
 
     /// Whether another live connection to `peer` than `conn` is recorded.

@@ -395,7 +395,8 @@ async fn sleep_ms(ms: u64) {
 
 /// Keeps a connection with `peer`: waits while one is live, dials when none is, with
 /// exponential backoff after failures.
-async fn dial_loop<T: Frame>(ctx: Ctx<T>, peer: u64, addr: SocketAddr) {
+async fn dial_loop<T: Frame>(ctx: Ctx<T>, peer: u64, mine: Arc<Peer<T>>) {
+    let addr = mine.link;
     let (min, max) = (
         ctx.shared.limits.links_dial_backoff_ms_min,
         ctx.shared.limits.links_dial_backoff_ms_max,
@@ -404,8 +405,13 @@ async fn dial_loop<T: Frame>(ctx: Ctx<T>, peer: u64, addr: SocketAddr) {
     // The lower id of a pair dials first (module docs).
     let mut wait_first = peer < ctx.shared.node;
     loop {
-        // A member that left is no longer dialed.
-        if ctx.shared.peer(peer).is_none_or(|p| p.link != addr) {
+        // A member that left is no longer dialed, and one that joined again (or moved) has a
+        // dialer of its own: one per member entry.
+        if ctx
+            .shared
+            .peer(peer)
+            .is_none_or(|p| !Arc::ptr_eq(&p, &mine))
+        {
             return;
         }
         if let Some(conn) = ctx.shared.live(peer) {
@@ -713,10 +719,13 @@ where
         };
         let incoming = link.listen();
         ctx.spawn(ctx.span("accept", node), accept_loop(ctx.clone(), incoming));
-        let dials: Vec<(u64, SocketAddr)> =
-            shared.peers().iter().map(|(&id, p)| (id, p.link)).collect();
-        for (peer, addr) in dials {
-            ctx.spawn(ctx.span("dial", peer), dial_loop(ctx.clone(), peer, addr));
+        let dials: Vec<(u64, Arc<Peer<T>>)> = shared
+            .peers()
+            .iter()
+            .map(|(&id, p)| (id, p.clone()))
+            .collect();
+        for (peer, p) in dials {
+            ctx.spawn(ctx.span("dial", peer), dial_loop(ctx.clone(), peer, p));
         }
         tracing::info!(node, peers = shared.peers().len(), "node links started");
         let links = NodeLinks {
@@ -756,7 +765,7 @@ where
         if m.id == self.shared.node {
             return Ok(());
         }
-        {
+        let peer = {
             let mut peers = self.shared.peers.write().unwrap_or_else(|p| p.into_inner());
             if peers.get(&m.id).is_some_and(|p| p.link == m.link) {
                 return Ok(());
@@ -767,11 +776,13 @@ where
                     m.id, self.shared.limits.links_peers_max
                 )));
             }
-            peers.insert(m.id, Arc::new(Peer::new(m.link)));
-        }
+            let p = Arc::new(Peer::new(m.link));
+            peers.insert(m.id, p.clone());
+            p
+        };
         self.link.set_member(m.id, true);
         tracing::info!(node = self.shared.node, peer = m.id, link = %m.link, "member joined the node links");
-        ctx.spawn(ctx.span("dial", m.id), dial_loop(ctx.clone(), m.id, m.link));
+        ctx.spawn(ctx.span("dial", m.id), dial_loop(ctx.clone(), m.id, peer));
         Ok(())
     }
 
@@ -1090,7 +1101,8 @@ mod tests {
     async fn a_member_added_at_run_time_is_dialed_and_one_removed_is_cut_off() {
         // Proves membership changes at run time: two nodes that know only each other link up
         // with a third once each is told it joined (frames flow both ways), and once node 3 is
-        // removed from node 1, node 1 drops its connection and its frames for node 3.
+        // removed from node 1, node 1 drops its connection and its frames for node 3; added
+        // again, it links up again.
         let ca = ClusterCa::generate("test").unwrap();
         let links: Vec<NodeLink> = [(1u64, &[1u64, 2][..]), (2, &[1, 2]), (3, &[1, 2, 3])]
             .iter()
@@ -1121,6 +1133,9 @@ mod tests {
         sleep_ms(300).await;
         assert!(!nodes[2].peer(1).up, "a removed member cannot reconnect");
         assert!(nodes[1].peer(3).up, "node 2 still links with node 3");
+        // Node 3 joins again: it is dialed and let in anew.
+        nodes[0].links.add_member(all[2]).unwrap();
+        eventually("node 1 links with node 3 again", || nodes[0].peer(3).up).await;
     }
 
     #[tokio::test]
