@@ -41,12 +41,15 @@ use fabric_proto::internal::{HelloProof, Reply, Request, Route, SessionId, Shard
 use fabric_proto::{
     ClientOp, ConvId, ErrorCode, MeshId, PeerId, ProtoError, ServerOp, BATCH_OPS_MAX,
 };
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
 mod deadlines;
 mod liveness;
+mod reattach;
 pub mod rest;
+
+pub use reattach::REATTACH_RETRY_MS;
 
 /// Bytes a batch frame adds around its parts (brackets, or a variant index and a length).
 const BATCH_FRAMING_BYTES: usize = 16;
@@ -220,6 +223,16 @@ pub struct SessionStats {
     /// Deliveries and events that could not be encoded for this session (a stored body that
     /// is not UTF-8, for JSON; a frame over `frame_bytes_max`): each became an error frame.
     pub unencodable_pushes: u64,
+    /// Leader changes of a shard this session used (its state there had to be attached
+    /// again) ...
+    pub leader_changes: u64,
+    /// ... attaches the new leader confirmed ...
+    pub reattached: u64,
+    /// ... and sessions closed because none was confirmed within `request_timeout_ms`.
+    pub reattach_failed: u64,
+    /// Deliveries and events dropped because the client already had them in this session (a
+    /// deposed leader's late frames, or an attach's overlap).
+    pub pushes_duplicate: u64,
 }
 
 /// The index of `code` in `SessionStats::errors_by_code` (and in `ErrorCode::ALL`).
@@ -290,8 +303,14 @@ pub struct Session {
     challenge: Challenge,
     /// Most ops `poll_transmit` joins into one frame: 1 until the client asks for batches.
     out_batch_ops: usize,
-    /// Conversations subscribed to (by request; `unsubscribe` removes). Only looked up.
-    subscriptions: HashSet<ConvId>,
+    /// Conversations subscribed to (by request; `unsubscribe` removes), each with the next
+    /// seq it has not handed to the client: where a new leader takes the subscription up.
+    subscriptions: HashMap<ConvId, reattach::SubMark>,
+    /// The highest inbox `pos` handed to the client (0: none): where a new leader takes the
+    /// inbox up.
+    delivered_pos: u64,
+    /// Shards whose leader changed, being attached again.
+    reattach: reattach::Reattaching,
     /// Frames received and frames answered before the session was welcomed.
     prehello_frames: u32,
     prehello_answers: u32,
@@ -316,7 +335,9 @@ impl Session {
             challenge: Challenge::None,
             closed_sent: false,
             out_batch_ops: 1,
-            subscriptions: HashSet::new(),
+            subscriptions: HashMap::new(),
+            delivered_pos: 0,
+            reattach: reattach::Reattaching::default(),
             prehello_frames: 0,
             prehello_answers: 0,
             liveness: liveness::Liveness::new(now, &config),
@@ -382,11 +403,14 @@ impl Session {
             State::Open { .. } | State::Closed => None,
         };
         let liveness = self.liveness.poll_timeout(self.is_closed());
-        let request = match self.state {
-            State::Open { .. } => self.deadlines.poll_timeout(),
-            _ => None,
+        let (request, reattach) = match self.state {
+            State::Open { .. } => (self.deadlines.poll_timeout(), self.reattach.poll_timeout()),
+            _ => (None, None),
         };
-        [hello, liveness, request].into_iter().flatten().min()
+        [hello, liveness, request, reattach]
+            .into_iter()
+            .flatten()
+            .min()
     }
 
     /// The next request for the router, in the order the session made them.
@@ -718,7 +742,12 @@ impl Session {
                 key,
             },
             ClientOp::Subscribe { r, conv, from } => {
-                self.subscriptions.insert(conv.clone());
+                // The shard starts at `from`, or 1 (see `subscribe`).
+                let mark = reattach::SubMark {
+                    next: from.max(1),
+                    attached: false,
+                };
+                self.subscriptions.insert(conv.clone(), mark);
                 ShardOp::Subscribe {
                     r,
                     mesh,
@@ -758,7 +787,7 @@ impl Session {
             }
             ClientOp::Subscribe { conv, .. }
                 if self.subscriptions.len() >= self.config.subscriptions_max
-                    && !self.subscriptions.contains(conv) =>
+                    && !self.subscriptions.contains_key(conv) =>
             {
                 self.stats.subscriptions_refused += 1;
                 Some(ProtoError::new(
@@ -822,6 +851,7 @@ impl Session {
                 }
             }
             Reply::Frame(op) => self.handle_server_op(now, shard, op),
+            Reply::Attached { refused } => self.handle_attached(now, shard, refused),
             // HTTP-only replies: a session never asks for them.
             Reply::Authed { .. } | Reply::Messages { .. } => {
                 self.stats.internal_errors += 1;
@@ -905,7 +935,7 @@ impl Session {
                 self.count_error(*code);
                 self.push_frame(&op, None);
             }
-            ServerOp::Deliver { .. } | ServerOp::Event(_) => self.push_frame(&op, Some(shard)),
+            ServerOp::Deliver { .. } | ServerOp::Event(_) => self.handle_push(shard, op),
             ServerOp::Pong { .. } => self.push_frame(&op, None),
             // Only the session itself answers `challenge`.
             ServerOp::Challenge { .. } => self.stats.internal_errors += 1,
@@ -967,6 +997,10 @@ impl Session {
                 ProtoError::new(ErrorCode::Unauthorized, "hello timed out"),
             );
             self.close(now);
+        }
+        self.reattach_timeout(now);
+        if self.is_closed() {
+            return;
         }
         while let Some(r) = self.deadlines.pop_expired(now) {
             self.stats.requests_timed_out += 1;

@@ -1688,3 +1688,5 @@ fn a_request_without_an_answer_is_answered_unavailable_at_request_timeout() {
     assert_eq!(f[0]["op"], "ok");
     assert_eq!(s.stats().requests_answered, 2, "one answer per request");
 }
+
+mod reattach;

@@ -59,6 +59,9 @@ const METADATA: Metadata<'static> = Metadata::new("fabric", Level::INFO, Some("f
 pub const HELLO_FAILURE_REASONS: [&str; 4] =
     ["unauthorized", "shard_error", "timeout", "not_hello"];
 
+/// How a session's leader changes ended, in the order of `TransportMetrics::reattaches`.
+pub const REATTACH_RESULTS: [&str; 2] = ["attached", "closed"];
+
 const ERROR_CODES: usize = ErrorCode::ALL.len();
 
 /// Why a connection was refused at accept, in the order of `ListenerMetrics::refused`.
@@ -157,6 +160,14 @@ fn transport_metrics(r: &Registrar<'_>, transport: &'static str) -> TransportMet
                 &[("transport", transport.into()), ("reason", reason.into())],
             )
         }),
+        reattaches: REATTACH_RESULTS.map(|result| {
+            r.counter(
+                "fabric_session_reattaches_total",
+                "Sessions taken up at a shard's new leader after a leader change, or closed \
+                 because none took them up in time.",
+                &[("transport", transport.into()), ("result", result.into())],
+            )
+        }),
         refused_overloaded: r.counter(
             "fabric_requests_refused_total",
             "Requests refused by backpressure (overloaded: over the in-flight limit).",
@@ -185,6 +196,8 @@ pub struct TransportMetrics {
     pub errors: [Counter; ERROR_CODES],
     /// By [`HELLO_FAILURE_REASONS`] order.
     pub hello_failures: [Counter; 4],
+    /// By [`REATTACH_RESULTS`] order.
+    pub reattaches: [Counter; 2],
     pub refused_overloaded: Counter,
     /// Request read from the socket to its answer flushed to the socket.
     pub ack_latency: Histogram,
@@ -693,6 +706,12 @@ impl SessionExport {
             &m.refused_overloaded,
             stats.refused_overloaded,
             &mut last.refused_overloaded,
+        );
+        add(&m.reattaches[0], stats.reattached, &mut last.reattached);
+        add(
+            &m.reattaches[1],
+            stats.reattach_failed,
+            &mut last.reattach_failed,
         );
         if stats.requests_counted > last.requests_counted {
             let n = stats.requests_counted - last.requests_counted;

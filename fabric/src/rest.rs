@@ -60,7 +60,10 @@ impl Call<'_> {
                     self.core.handle_reply(now, shard, reply);
                 }
             }
-            Some(SessionMsg::ShardRestarted(shard)) => self.core.handle_shard_restarted(now, shard),
+            // A call is one request: a leader change under it is a restart for it.
+            Some(SessionMsg::ShardRestarted(shard)) | Some(SessionMsg::ShardDetached(shard)) => {
+                self.core.handle_shard_restarted(now, shard)
+            }
             Some(SessionMsg::Overloaded(shard)) => self.core.handle_shard_overloaded(now, shard),
             // Every sender is gone: no answer can come.
             None => self.core.handle_timeout(u64::MAX),

@@ -322,7 +322,7 @@ async fn session_loop<T: Transport>(
         let reading = core.wants_read() && !shutting_down;
         tokio::select! {
             event = transport.next(reading) => handle_event(transport, core, event),
-            msg = rx.recv() => take_replies(core, rx, msg),
+            msg = rx.recv() => take_replies(core, router, rx, msg),
             _ = shutdown.changed(), if !shutting_down => {
                 shutting_down = true;
                 drain_deadline = Some(crate::now_ms() + SHUTDOWN_DRAIN_MS);
@@ -397,7 +397,12 @@ fn read_frames<T: Transport>(transport: &mut T, core: &mut Session, input: T::In
 }
 
 /// Hands the core `msg` and the reply batches already queued behind it.
-fn take_replies(core: &mut Session, rx: &mut mpsc::Receiver<SessionMsg>, msg: Option<SessionMsg>) {
+fn take_replies(
+    core: &mut Session,
+    router: &fabric_router::Router,
+    rx: &mut mpsc::Receiver<SessionMsg>,
+    msg: Option<SessionMsg>,
+) {
     let mut next = msg;
     let mut n = 0;
     while let Some(msg) = next.take() {
@@ -413,6 +418,13 @@ fn take_replies(core: &mut Session, rx: &mut mpsc::Receiver<SessionMsg>, msg: Op
                     "shard restarted; closing the session so the client resumes"
                 );
                 core.handle_shard_restarted(crate::now_ms(), shard);
+            }
+            SessionMsg::ShardDetached(shard) => {
+                tracing::info!(
+                    shard,
+                    "the shard's leader changed; attaching the session to the new one"
+                );
+                core.handle_shard_detached(crate::now_ms(), shard, &|p| router.shard_of(p));
             }
             SessionMsg::Overloaded(shard) => {
                 tracing::warn!(

@@ -47,6 +47,9 @@ pub enum SessionMsg {
     Replies(ShardIdx, Vec<Reply>),
     /// The shard restarted and forgot this session's attachments: reconnect.
     ShardRestarted(ShardIdx),
+    /// The shard's leader changed and the new one does not know this session: attach again
+    /// (`Session::handle_shard_detached`).
+    ShardDetached(ShardIdx),
     /// The session's channel was full when the shard had replies for it (it stopped taking
     /// them): the shard forgot the session, which must close.
     Overloaded(ShardIdx),
@@ -555,14 +558,23 @@ impl HostIo {
                 | Effect::Forward { .. }
                 | Effect::Remote { .. }
                 | Effect::RemoteClose { .. }) => self.send_to_node(e),
+                Effect::CloseSession {
+                    session,
+                    why: CloseReason::LeaderChanged,
+                } => {
+                    // The session lives on and attaches again: its channel stays.
+                    if let Some(tx) = self.sinks.get(&session) {
+                        notify(tx, SessionMsg::ShardDetached(self.slot.idx));
+                    }
+                }
                 Effect::CloseSession { session, why } => {
                     if let Some(tx) = self.sinks.remove(&session) {
                         let idx = self.slot.idx;
                         notify(
                             &tx,
                             match why {
-                                CloseReason::Restarted => SessionMsg::ShardRestarted(idx),
                                 CloseReason::Overloaded => SessionMsg::Overloaded(idx),
+                                _ => SessionMsg::ShardRestarted(idx),
                             },
                         );
                     }

@@ -403,11 +403,27 @@ async fn a_replica_with_a_flipped_bit_repairs_from_the_leader_and_loses_nothing(
     }
 }
 
+/// Retries `op` (a keyed write) while it fails, for up to 30 s, on the same session: the
+/// test fails if the session ends.
+async fn retry_on_session<F, Fut>(client: &Client, what: &str, mut op: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<u64, fabric::client::ClientError>>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while let Err(e) = op().await {
+        assert!(client.is_connected(), "{what}: the session ended: {e}");
+        assert!(Instant::now() < deadline, "{what}: {e}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_session_on_a_follower_node_gets_its_inbox_after_the_leader_is_killed() {
-    // Proves a client whose node does not lead its mesh's shard is not left with a session
-    // that silently stops delivering when the leader dies: its node closes the session (or it
-    // keeps delivering), and after resuming the client receives what was sent to it since.
+async fn a_session_on_a_follower_node_outlives_the_leaders_kill_without_a_reconnect() {
+    // Proves a session survives a leader change: a client on a node that does not lead its
+    // mesh's shard, with a subscription and inbox deliveries, keeps the same session through
+    // the SIGKILL of the leader (no reconnect, no close), and afterwards receives what was
+    // sent and appended since: each pos once, increasing, and each event once, in order.
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(10))
         .build()
@@ -420,8 +436,60 @@ async fn a_session_on_a_follower_node_gets_its_inbox_after_the_leader_is_killed(
     let leader = view["shards"][0]["leader"].as_u64().expect("a leader") as u16;
     let home = leader % 3 + 1;
     let client = client_on(&c, &token, home).await;
+    let session = client.session();
     let first = send_to_self(&client, "before").await;
+    client.subscribe("talk", 1).await.expect("subscribed");
+    for k in 1..=3u64 {
+        let (body, key) = (serde_json::json!({ "n": k }), format!("t{k}"));
+        retry_on_session(&client, "append", || {
+            client.append("talk", &body, Some(&key))
+        })
+        .await;
+    }
+    let (mut positions, mut seqs) = (vec![first], Vec::new());
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seqs.len() < 3 {
+        let next = tokio::time::timeout_at(deadline.into(), client.next_delivery()).await;
+        match next.expect("the events in time") {
+            Some(Incoming::Deliver { pos, .. }) => positions.push(pos),
+            Some(Incoming::Event { seq, .. }) => seqs.push(seq),
+            None => panic!("the session ended before the kill"),
+        }
+    }
     c.kill(leader);
-    let second = send_to_self(&client, "after").await;
-    assert!(second > first, "the inbox goes on: {first} then {second}");
+    let body = serde_json::json!({ "tag": "after" });
+    retry_on_session(&client, "send", || {
+        client.send_keyed("alice", &body, "after")
+    })
+    .await;
+    let body = serde_json::json!({ "n": 4 });
+    retry_on_session(&client, "append", || {
+        client.append("talk", &body, Some("t4"))
+    })
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while seqs.last() != Some(&4) || !positions.iter().any(|p| *p > first) {
+        let next = tokio::time::timeout_at(deadline.into(), client.next_delivery()).await;
+        match next.expect("the deliveries in time") {
+            Some(Incoming::Deliver { pos, .. }) => positions.push(pos),
+            Some(Incoming::Event { seq, .. }) => seqs.push(seq),
+            None => panic!("the session ended at the leader change"),
+        }
+    }
+    assert_eq!(client.session(), session, "the same session throughout");
+    assert!(client.is_connected());
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "each pos once, increasing: {positions:?}"
+    );
+    assert_eq!(seqs, vec![1, 2, 3, 4], "each event once, in order");
+    let s = scrape(&c, &http, home).await;
+    let attached: f64 = s
+        .get("fabric_session_reattaches_total")
+        .into_iter()
+        .flatten()
+        .filter(|(l, _)| l.get("result").map(String::as_str) == Some("attached"))
+        .map(|(_, v)| *v)
+        .sum();
+    assert!(attached >= 1.0, "the metric counts the session taken up");
 }

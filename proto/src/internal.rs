@@ -2,7 +2,7 @@
 //! shard that owns the key, and the replies back. They never cross the wire to clients; they are
 //! serde-capable so that later replication and the simulator can carry them.
 
-use crate::{Body, ConvId, DeliveredEvent, GroupId, MeshId, PeerId, ServerOp, Target};
+use crate::{Body, ConvId, DeliveredEvent, ErrorCode, GroupId, MeshId, PeerId, ServerOp, Target};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
 
@@ -10,6 +10,10 @@ use std::sync::Arc;
 pub type SessionId = u64;
 /// Index of a shard on this node, `0..shards`.
 pub type ShardIdx = u32;
+
+/// Most subscriptions one [`ShardOp::Attach`] names: a session's own limit
+/// (`session_subscriptions_max`) is at most this.
+pub const ATTACH_SUBS_MAX: usize = 65_536;
 
 /// Which key a request is placed by.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,6 +121,18 @@ pub enum ShardOp {
     },
     /// The session is gone: detach it from everything in this shard. No reply.
     Closed,
+    /// Attach again a session its node already authenticated, after the shard's leader
+    /// changed and the new one does not know it: the inbox of `peer` (when `inbox_after` is
+    /// set) from after the highest `pos` the session handed its client, and each subscription
+    /// in `subs` from the next seq it has not handed out. Whatever the shard held for the
+    /// session is replaced. Replies [`Reply::Attached`]. Only a node makes it (never a client),
+    /// so it proves no token: the node vouches for the hello it checked.
+    Attach {
+        mesh: MeshId,
+        peer: PeerId,
+        inbox_after: Option<u64>,
+        subs: Vec<(ConvId, u64)>,
+    },
 }
 
 impl ShardOp {
@@ -196,6 +212,23 @@ impl ShardOp {
                 validate_id(IdKind::Peer, peer.as_str())
             }
             ShardOp::Flushed { .. } | ShardOp::Closed => Ok(()),
+            ShardOp::Attach {
+                mesh, peer, subs, ..
+            } => {
+                validate_id(IdKind::Mesh, mesh.as_str())?;
+                validate_id(IdKind::Peer, peer.as_str())?;
+                if subs.len() > ATTACH_SUBS_MAX {
+                    return Err(crate::ProtoError::new(
+                        crate::ErrorCode::TooLarge,
+                        format!(
+                            "an attach names {} subscriptions; the most is {ATTACH_SUBS_MAX}",
+                            subs.len()
+                        ),
+                    ));
+                }
+                subs.iter()
+                    .try_for_each(|(c, _)| validate_id(IdKind::Conversation, c.as_str()))
+            }
         }
     }
 
@@ -207,7 +240,8 @@ impl ShardOp {
             | ShardOp::Hello { mesh, .. }
             | ShardOp::Auth { mesh, .. }
             | ShardOp::Send { mesh, .. }
-            | ShardOp::Ack { mesh, .. } => Placement::Mesh(mesh),
+            | ShardOp::Ack { mesh, .. }
+            | ShardOp::Attach { mesh, .. } => Placement::Mesh(mesh),
             ShardOp::Append { mesh, conv, .. }
             | ShardOp::Subscribe { mesh, conv, .. }
             | ShardOp::Unsubscribe { mesh, conv, .. }
@@ -230,7 +264,8 @@ impl ShardOp {
             ShardOp::Hello { .. }
             | ShardOp::Ack { .. }
             | ShardOp::Flushed { .. }
-            | ShardOp::Closed => None,
+            | ShardOp::Closed
+            | ShardOp::Attach { .. } => None,
         }
     }
 
@@ -259,7 +294,8 @@ impl ShardOp {
             | ShardOp::Read { .. }
             | ShardOp::Ack { .. }
             | ShardOp::Flushed { .. }
-            | ShardOp::Closed => false,
+            | ShardOp::Closed
+            | ShardOp::Attach { .. } => false,
         }
     }
 }
@@ -288,6 +324,11 @@ pub enum Reply {
         r: u64,
         events: Vec<DeliveredEvent>,
         head: u64,
+    },
+    /// The answer to [`ShardOp::Attach`]: `None` when the session is attached again, else why
+    /// not (`unavailable`: no leader here, try again; `unauthorized`: the peer is gone).
+    Attached {
+        refused: Option<(ErrorCode, String)>,
     },
 }
 

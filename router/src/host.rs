@@ -284,6 +284,11 @@ pub enum Effect {
 pub enum CloseReason {
     Restarted,
     Overloaded,
+    /// The shard's leader changed (this node's replica was deposed, or the leader a session
+    /// was forwarded to was replaced): the shard's state for the session is gone, but the
+    /// session is not. Its node attaches it again at the new leader (`ShardOp::Attach`).
+    /// Last, so the encodings of the variants before it are unchanged.
+    LeaderChanged,
 }
 
 /// Where the shard is in its life.
@@ -360,8 +365,9 @@ pub struct ShardDriver {
     forward_term: Option<u64>,
     /// Leader side: the last remote-reply frame's seq sent to each session of another node.
     remote_sent: BTreeMap<SessionId, u64>,
-    /// Session side: the last remote-reply frame's seq received for each local session.
-    remote_seen: BTreeMap<SessionId, u64>,
+    /// Session side: the leader node each local session follows, and the last remote-reply
+    /// frame's seq received from it.
+    remote_seen: BTreeMap<SessionId, (NodeId, u64)>,
     /// Entries each of those two maps holds at most ([`REMOTE_SESSIONS_MAX`]).
     remote_sessions_max: usize,
     /// The nodes that should hold this shard's replicas (empty: none set): its leader moves
@@ -953,7 +959,7 @@ impl ShardDriver {
         for session in std::mem::take(&mut self.sessions) {
             self.effects.push_back(Effect::CloseSession {
                 session,
-                why: CloseReason::Restarted,
+                why: CloseReason::LeaderChanged,
             });
         }
         self.status.serving = false;

@@ -228,7 +228,7 @@ limits! {
     /// Client connections open at once from one address (IPv6: one /64).
     connections_per_ip_max: u32 = 16_384, LimitRange::at_least(1);
     /// Conversations one session may be subscribed to at once (a shard counts them in a u32).
-    session_subscriptions_max: usize = 1024, LimitRange::between(1, u32::MAX as u64);
+    session_subscriptions_max: usize = 1024, LimitRange::between(1, fabric_proto::internal::ATTACH_SUBS_MAX as u64);
     /// The node pings each WebSocket session this often (0: never).
     ping_interval_ms: u64 = 30_000, LimitRange::off_or_at_least(100);
     /// A session whose pong is this late is closed.

@@ -1407,3 +1407,50 @@ fn the_in_memory_store_reads_a_range_and_refuses_one_past_the_end() {
         assert_eq!(e.file, wal::segment_file_name(4));
     }
 }
+
+fn attach_op(peer: &str, inbox_after: Option<u64>, subs: &[(&str, u64)]) -> ShardOp {
+    ShardOp::Attach {
+        mesh: MeshId::must("m"),
+        peer: PeerId::must(peer),
+        inbox_after,
+        subs: subs.iter().map(|(c, n)| (ConvId::must(c), *n)).collect(),
+    }
+}
+
+fn attached(out: &[Output], session: SessionId) -> Vec<Option<ErrorCode>> {
+    out.iter()
+        .filter(|o| o.session == session)
+        .filter_map(|o| match &o.reply {
+            Reply::Attached { refused } => Some(refused.as_ref().map(|r| r.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn an_attach_delivers_the_inbox_after_its_mark_and_subscriptions_from_their_next_seq() {
+    // Proves `attach` (a session taken up at a new leader): the inbox resumes after the pos
+    // the session had handed out (not at the peer's older cursor), each subscription at its
+    // next seq, one answer; a repeated attach moves the marks instead of adding listeners,
+    // and an attach for a peer the shard does not have is refused as unauthorized.
+    let mut n = Node::new(ShardConfig::default());
+    n.setup_mesh(&[("a", &[]), ("b", &[])]);
+    for r in 1..=4 {
+        n.send(1, r, "b", "a", "1");
+        n.append(1, 10 + r, "c", "1", None);
+    }
+    n.pump();
+    n.req(5, attach_op("a", Some(2), &[("c", 3)]));
+    let out = n.pump();
+    assert_eq!(attached(&out, 5), vec![None]);
+    assert_eq!(deliveries(&out, 5), vec![3, 4]);
+    assert_eq!(events(&out, 5), vec![3, 4]);
+    n.req(5, attach_op("a", Some(3), &[("c", 4)]));
+    let out = n.pump();
+    assert_eq!(deliveries(&out, 5), vec![4]);
+    assert_eq!(events(&out, 5), vec![4]);
+    n.append(1, 20, "c", "1", None);
+    assert_eq!(events(&n.pump(), 5), vec![5], "one listener, not two");
+    n.req(6, attach_op("nobody", Some(0), &[]));
+    assert_eq!(attached(&n.pump(), 6), vec![Some(ErrorCode::Unauthorized)]);
+}

@@ -163,6 +163,8 @@ impl ShardDriver {
         let Some((to, term)) = self.forward_target() else {
             return false;
         };
+        // Sessions forwarded in an older term are told before anything goes out in this one.
+        self.close_sessions_of_old_leader(term);
         if !self.is_local(session) || self.forwarded.len() >= FORWARDED_REQUESTS_MAX {
             return false;
         }
@@ -210,7 +212,7 @@ impl ShardDriver {
                 session,
                 replies,
                 seq,
-            } => self.handle_remote_replies(t, session, replies, seq),
+            } => self.handle_remote_replies(t, from, session, replies, seq),
             NodeFrame::Close { session, why } => self.handle_remote_close(t, session, why),
             // The link expands these before they reach a shard (`beats::expand`).
             NodeFrame::Beats(_) => return false,
@@ -235,15 +237,20 @@ impl ShardDriver {
         self.handle_batch(t, session, batch);
     }
 
-    /// Replies the leader sent for one of this node's sessions: each request is answered once
-    /// (an answer to a request this node already answered `unavailable` is dropped). Frame
-    /// `seq` must follow the last one: a gap means the node link dropped a frame, which may
-    /// have held deliveries the client will never see, and a client that acknowledged a later
-    /// one would move its cursor past them. The session is closed instead (its client resumes;
-    /// the inbox is redelivered from its cursor).
+    /// Replies leader `from` sent for one of this node's sessions: each request is answered
+    /// once (an answer to a request this node already answered `unavailable` is dropped).
+    /// Frame `seq` must follow the last one from the leader the session follows: a gap means
+    /// the node link dropped a frame, which may have held deliveries the client will never
+    /// see, and a client that acknowledged a later one would move its cursor past them. The
+    /// session is closed instead (its client resumes; the inbox is redelivered from its
+    /// cursor). A frame numbered 1 from another node is a new leader's first for the session
+    /// (it attached there after a leader change): the session follows that node from then on,
+    /// and later frames of the leader it left are dropped (what they carried, the new leader
+    /// delivers again from where the session was).
     pub fn handle_remote_replies(
         &mut self,
         _t: Time,
+        from: NodeId,
         session: SessionId,
         replies: Vec<Reply>,
         seq: u64,
@@ -251,12 +258,16 @@ impl ShardDriver {
         if !self.is_local(session) {
             return;
         }
-        let last = self.remote_seen.get(&session).copied().unwrap_or(0);
+        let (node, last) = self.remote_seen.get(&session).copied().unwrap_or((from, 0));
         if last == CLOSED_AT_GAP {
             return; // closed already: the frames the leader sends until it hears are dropped
         }
+        if node != from && seq != 1 {
+            return; // a leader the session left
+        }
+        let last = if node == from { last } else { 0 };
         if seq != last + 1 {
-            self.remote_seen.insert(session, CLOSED_AT_GAP);
+            self.remote_seen.insert(session, (from, CLOSED_AT_GAP));
             self.sessions.remove(&session);
             self.effects.push_back(Effect::CloseSession {
                 session,
@@ -265,7 +276,7 @@ impl ShardDriver {
             return;
         }
         bound_sessions(&mut self.remote_seen, session, self.remote_sessions_max);
-        self.remote_seen.insert(session, seq);
+        self.remote_seen.insert(session, (from, seq));
         let replies: Vec<Reply> = replies
             .into_iter()
             .filter(|reply| match reply_ref(reply) {
@@ -280,6 +291,14 @@ impl ShardDriver {
 
     /// The leader's incarnation that one of this node's sessions was attached to ended.
     pub fn handle_remote_close(&mut self, _t: Time, session: SessionId, why: CloseReason) {
+        if why == CloseReason::LeaderChanged {
+            // The session attaches again, wherever the leader is now: frames numbered from 1.
+            if let Some(seen) = self.remote_seen.get_mut(&session) {
+                if seen.1 != CLOSED_AT_GAP {
+                    *seen = (0, 0);
+                }
+            }
+        }
         if self.is_local(session) {
             self.effects
                 .push_back(Effect::CloseSession { session, why });
@@ -354,8 +373,9 @@ impl ShardDriver {
 
     /// The leader these local sessions were forwarded to was replaced (a newer term): their
     /// attachment there (the inbox being delivered, subscriptions) is gone, and no new leader
-    /// knows them. Closing them is what tells their clients to resume (`hello` again, the inbox
-    /// redelivered from the cursor); left open, they would silently stop receiving.
+    /// knows them. Each session is told (`LeaderChanged`) and attaches again at the new
+    /// leader from where it was (`ShardOp::Attach`); left alone, it would silently stop
+    /// receiving.
     fn close_sessions_of_old_leader(&mut self, term: u64) {
         if self.forward_term.is_none_or(|ft| term <= ft) {
             return;
@@ -369,9 +389,17 @@ impl ShardDriver {
             .collect();
         for session in local {
             self.sessions.remove(&session);
+            // The next leader numbers its frames for the session from 1; the old one's late
+            // frames no longer follow anything (`handle_remote_replies` drops them).
+            // Node 0 is no node (ids start at 1): only a frame numbered 1 is taken next.
+            if let Some(seen) = self.remote_seen.get_mut(&session) {
+                if seen.1 != CLOSED_AT_GAP {
+                    *seen = (0, 0);
+                }
+            }
             self.effects.push_back(Effect::CloseSession {
                 session,
-                why: CloseReason::Restarted,
+                why: CloseReason::LeaderChanged,
             });
         }
     }
@@ -417,8 +445,8 @@ impl ShardDriver {
 
 /// Makes room for `session` in a numbering map holding at most `max` sessions: the lowest
 /// session id's entry goes (see [`REMOTE_SESSIONS_MAX`]).
-fn bound_sessions(
-    map: &mut std::collections::BTreeMap<SessionId, u64>,
+fn bound_sessions<V>(
+    map: &mut std::collections::BTreeMap<SessionId, V>,
     session: SessionId,
     max: usize,
 ) {

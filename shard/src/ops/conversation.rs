@@ -84,6 +84,21 @@ impl Shard {
         ck: (Arc<str>, Arc<str>),
         from: u64,
     ) -> Result<(), ProtoError> {
+        self.subscribe_from(session, ck, from)?;
+        // The ok goes out before any event of the subscription.
+        self.emit(session, Reply::Frame(ok(r, None, None)));
+        self.queue_drain(session);
+        Ok(())
+    }
+
+    /// Subscribes `session` to a conversation from seq `from` (replay, then tail), or moves
+    /// its subscription there; no answer (the caller's).
+    pub(super) fn subscribe_from(
+        &mut self,
+        session: SessionId,
+        ck: (Arc<str>, Arc<str>),
+        from: u64,
+    ) -> Result<(), ProtoError> {
         let max = self.config.session_subscriptions_max as usize;
         let s = self.session_state(session);
         let next_seq = from.max(1);
@@ -115,9 +130,6 @@ impl Shard {
         if !c.subscribers.contains(&session) {
             c.subscribers.push(session);
         }
-        // The ok goes out before any event of the subscription.
-        self.emit(session, Reply::Frame(ok(r, None, None)));
-        self.queue_drain(session);
         Ok(())
     }
 

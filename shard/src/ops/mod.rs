@@ -122,6 +122,20 @@ impl Shard {
                 self.detach(session);
                 Ok(())
             }
+            ShardOp::Attach {
+                mesh,
+                peer,
+                inbox_after,
+                subs,
+            } => {
+                // Answered with its own reply, success or not: the session waits for it.
+                let refused = self
+                    .attach(session, mesh.into(), &peer, inbox_after, subs)
+                    .err()
+                    .map(|e| (e.code, e.message));
+                self.emit(session, Reply::Attached { refused });
+                Ok(())
+            }
         }
     }
 
@@ -160,6 +174,12 @@ pub fn unavailable_reply(req: &Request, reason: &str) -> Option<fabric_proto::in
     };
     match &req.op {
         ShardOp::Hello { .. } => error(None),
+        ShardOp::Attach { .. } => Some(fabric_proto::internal::Output {
+            session: req.session,
+            reply: Reply::Attached {
+                refused: Some((ErrorCode::Unavailable, reason.to_string())),
+            },
+        }),
         op => op.reference().and_then(|r| error(Some(r))),
     }
 }

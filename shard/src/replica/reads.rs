@@ -52,7 +52,7 @@ impl Reads {
 fn is_read(req: &Request) -> bool {
     matches!(
         req.op,
-        ShardOp::Read { local: false, .. } | ShardOp::Subscribe { .. }
+        ShardOp::Read { local: false, .. } | ShardOp::Subscribe { .. } | ShardOp::Attach { .. }
     )
 }
 

@@ -169,7 +169,10 @@ impl Simulation {
     ) -> Checked {
         if let Some(h) = self.nodes[n].http.get_mut(&session) {
             match why {
-                CloseReason::Restarted => h.call.handle_shard_restarted(self.now, shard),
+                // A call is one request: a leader change under it is a restart for it.
+                CloseReason::Restarted | CloseReason::LeaderChanged => {
+                    h.call.handle_shard_restarted(self.now, shard)
+                }
                 CloseReason::Overloaded => h.call.handle_shard_overloaded(self.now, shard),
             }
         }

@@ -357,6 +357,13 @@ impl Simulation {
             match why {
                 CloseReason::Restarted => k.session.handle_shard_restarted(self.now, shard),
                 CloseReason::Overloaded => k.session.handle_shard_overloaded(self.now, shard),
+                // Unreplicated shards have no leaders to change; the glue's answer is the
+                // node's all the same.
+                CloseReason::LeaderChanged => {
+                    let router = &k.router;
+                    k.session
+                        .handle_shard_detached(self.now, shard, &|p| router.shard_of(p))
+                }
             }
             node.dirty.insert(id);
         }
