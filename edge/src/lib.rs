@@ -309,8 +309,9 @@ pub struct Session {
     /// The highest inbox `pos` handed to the client (0: none): where a new leader takes the
     /// inbox up.
     delivered_pos: u64,
-    /// Shards whose leader changed, being attached again.
+    /// Shards whose leader changed, being attached again, and the attaches sent so far.
     reattach: reattach::Reattaching,
+    attach_attempts: u64,
     /// Frames received and frames answered before the session was welcomed.
     prehello_frames: u32,
     prehello_answers: u32,
@@ -338,6 +339,7 @@ impl Session {
             subscriptions: HashMap::new(),
             delivered_pos: 0,
             reattach: reattach::Reattaching::default(),
+            attach_attempts: 0,
             prehello_frames: 0,
             prehello_answers: 0,
             liveness: liveness::Liveness::new(now, &config),
@@ -851,7 +853,9 @@ impl Session {
                 }
             }
             Reply::Frame(op) => self.handle_server_op(now, shard, op),
-            Reply::Attached { refused } => self.handle_attached(now, shard, refused),
+            Reply::Attached { attempt, refused } => {
+                self.handle_attached(now, shard, attempt, refused)
+            }
             // HTTP-only replies: a session never asks for them.
             Reply::Authed { .. } | Reply::Messages { .. } => {
                 self.stats.internal_errors += 1;

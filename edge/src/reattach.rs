@@ -45,6 +45,8 @@ pub(crate) struct Pending {
     pub(crate) inbox: bool,
     /// The subscribed conversations on this shard when its leader changed.
     pub(crate) convs: Vec<ConvId>,
+    /// The latest attach sent: only its answer counts (an earlier one's may come later).
+    pub(crate) attempt: u64,
 }
 
 #[derive(Debug, Default)]
@@ -66,6 +68,21 @@ impl Reattaching {
     /// The shard attached the session: done.
     pub(crate) fn done(&mut self, shard: ShardIdx) -> bool {
         self.pending.remove(&shard).is_some()
+    }
+
+    /// Whether `attempt` is the latest attach sent to `shard` (an answer to an older one is
+    /// ignored: a later leader change superseded it).
+    pub(crate) fn is_latest(&self, shard: ShardIdx, attempt: u64) -> bool {
+        self.pending
+            .get(&shard)
+            .is_some_and(|p| p.attempt == attempt)
+    }
+
+    /// Notes the attempt just sent to `shard`.
+    pub(crate) fn sent(&mut self, shard: ShardIdx, attempt: u64) {
+        if let Some(p) = self.pending.get_mut(&shard) {
+            p.attempt = attempt;
+        }
     }
 
     /// The attach was refused as `unavailable`: true if it is tried again (at `now` plus
@@ -111,6 +128,11 @@ impl Reattaching {
     pub(crate) fn is_empty(&self) -> bool {
         self.pending.is_empty()
     }
+
+    /// Whether an attach to `shard` is under way.
+    pub(crate) fn contains(&self, shard: ShardIdx) -> bool {
+        self.pending.contains_key(&shard)
+    }
 }
 
 impl Session {
@@ -148,9 +170,10 @@ impl Session {
             retry_at: None,
             inbox,
             convs,
+            attempt: 0,
         };
+        self.reattach.start(shard, p.clone());
         self.send_attach(shard, &p);
-        self.reattach.start(shard, p);
     }
 
     /// Builds the attach from what the session handed its client so far.
@@ -165,12 +188,16 @@ impl Session {
                 subs.push((c.clone(), m.next));
             }
         }
+        self.attach_attempts += 1;
+        let attempt = self.attach_attempts;
         let op = ShardOp::Attach {
             mesh: mesh.clone(),
             peer: peer.clone(),
             inbox_after: p.inbox.then_some(self.delivered_pos),
             subs,
+            attempt,
         };
+        self.reattach.sent(shard, attempt);
         self.forward(Route::Shard(shard), op);
     }
 
@@ -180,8 +207,17 @@ impl Session {
         &mut self,
         now: u64,
         shard: ShardIdx,
+        attempt: u64,
         refused: Option<(ErrorCode, String)>,
     ) {
+        if !self.reattach.is_latest(shard, attempt) {
+            return; // superseded by a later attach (or none is under way)
+        }
+        self.settle_attach(now, shard, refused);
+    }
+
+    /// The latest attach's outcome.
+    fn settle_attach(&mut self, now: u64, shard: ShardIdx, refused: Option<(ErrorCode, String)>) {
         match refused {
             None => {
                 if self.reattach.done(shard) {
@@ -216,7 +252,7 @@ impl Session {
             let timeout_ms = self.config.request_timeout_ms;
             let why =
                 format!("no new leader confirmed within request_timeout_ms ({timeout_ms} ms)");
-            return self.handle_attached(now, shard, Some((ErrorCode::Unavailable, why)));
+            return self.settle_attach(now, shard, Some((ErrorCode::Unavailable, why)));
         }
         for (shard, p) in self.reattach.due(now) {
             self.send_attach(shard, &p);
@@ -224,25 +260,29 @@ impl Session {
     }
 
     /// A delivery or event from `shard`: handed to the client unless it already has it in
-    /// this session (at or below the marks an attach starts from).
+    /// this session (at or below the marks an attach starts from), or it comes while an
+    /// attach to `shard` is under way: then it was pushed by the attachment being replaced
+    /// (the shard answers the attach before anything it pushes from the marks), and taking it
+    /// would move the marks past what the attach replays.
     pub(crate) fn handle_push(&mut self, shard: ShardIdx, op: ServerOp) {
-        let fresh = match &op {
-            ServerOp::Deliver { pos, .. } => {
-                let fresh = *pos > self.delivered_pos;
-                self.delivered_pos = self.delivered_pos.max(*pos);
-                fresh
-            }
-            ServerOp::Event(e) => match self.subscriptions.get_mut(&*e.conv) {
-                Some(m) if m.attached && e.seq < m.next => false,
-                Some(m) => {
-                    m.next = e.seq + 1;
-                    true
+        let fresh = !self.reattach.contains(shard)
+            && match &op {
+                ServerOp::Deliver { pos, .. } => {
+                    let fresh = *pos > self.delivered_pos;
+                    self.delivered_pos = self.delivered_pos.max(*pos);
+                    fresh
                 }
-                // Unsubscribed, with events still on their way: passed on as before.
-                None => true,
-            },
-            _ => true,
-        };
+                ServerOp::Event(e) => match self.subscriptions.get_mut(&*e.conv) {
+                    Some(m) if m.attached && e.seq < m.next => false,
+                    Some(m) => {
+                        m.next = e.seq + 1;
+                        true
+                    }
+                    // Unsubscribed, with events still on their way: passed on as before.
+                    None => true,
+                },
+                _ => true,
+            };
         if fresh {
             return self.push_frame(&op, Some(shard));
         }

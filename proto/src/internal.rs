@@ -132,6 +132,8 @@ pub enum ShardOp {
         peer: PeerId,
         inbox_after: Option<u64>,
         subs: Vec<(ConvId, u64)>,
+        /// Echoed in the answer: the session takes only its latest attach's.
+        attempt: u64,
     },
 }
 
@@ -328,6 +330,7 @@ pub enum Reply {
     /// The answer to [`ShardOp::Attach`]: `None` when the session is attached again, else why
     /// not (`unavailable`: no leader here, try again; `unauthorized`: the peer is gone).
     Attached {
+        attempt: u64,
         refused: Option<(ErrorCode, String)>,
     },
 }

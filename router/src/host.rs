@@ -262,6 +262,8 @@ pub enum Effect {
         to: NodeId,
         session: SessionId,
         batch: Vec<Request>,
+        /// Counts the session's batches to `to` (see `handle_forwarded`).
+        seq: u64,
     },
     /// Send these replies to node `to`, where the session lives (`handle_remote_replies`).
     Remote {
@@ -368,6 +370,10 @@ pub struct ShardDriver {
     /// Session side: the leader node each local session follows, and the last remote-reply
     /// frame's seq received from it.
     remote_seen: BTreeMap<SessionId, (NodeId, u64)>,
+    /// Follower side: the node each local session's batches go to and the last batch's seq.
+    forward_sent: BTreeMap<SessionId, (NodeId, u64)>,
+    /// Leader side: the last forwarded batch's seq taken for each session of another node.
+    forward_seen: BTreeMap<SessionId, u64>,
     /// Entries each of those two maps holds at most ([`REMOTE_SESSIONS_MAX`]).
     remote_sessions_max: usize,
     /// The nodes that should hold this shard's replicas (empty: none set): its leader moves
@@ -413,6 +419,8 @@ impl ShardDriver {
             forward_timeout_ms: 0,
             forward_term: None,
             remote_sent: BTreeMap::new(),
+            forward_sent: BTreeMap::new(),
+            forward_seen: BTreeMap::new(),
             remote_seen: BTreeMap::new(),
             remote_sessions_max: forward::REMOTE_SESSIONS_MAX,
             members_target: BTreeSet::new(),
@@ -962,6 +970,8 @@ impl ShardDriver {
                 why: CloseReason::LeaderChanged,
             });
         }
+        // Whoever forwards here again after attaching numbers its batches from 1.
+        self.forward_seen.clear();
         self.status.serving = false;
         let _ = t;
         self.request_recovery();

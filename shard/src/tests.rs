@@ -1414,6 +1414,7 @@ fn attach_op(peer: &str, inbox_after: Option<u64>, subs: &[(&str, u64)]) -> Shar
         peer: PeerId::must(peer),
         inbox_after,
         subs: subs.iter().map(|(c, n)| (ConvId::must(c), *n)).collect(),
+        attempt: 1,
     }
 }
 
@@ -1421,7 +1422,7 @@ fn attached(out: &[Output], session: SessionId) -> Vec<Option<ErrorCode>> {
     out.iter()
         .filter(|o| o.session == session)
         .filter_map(|o| match &o.reply {
-            Reply::Attached { refused } => Some(refused.as_ref().map(|r| r.0)),
+            Reply::Attached { refused, .. } => Some(refused.as_ref().map(|r| r.0)),
             _ => None,
         })
         .collect()

@@ -8,8 +8,12 @@
 //! closed session is followed by a new one. Power losses may flip a bit in a node's synced
 //! log (it repairs). A session's frames keep their order between two nodes; Raft's may not.
 //!
-//! What this level leaves out: the edge sessions and client connections of the single-node
-//! world (clients hand shard ops to their node's driver), and the metadata group.
+//! With `watch`, every member node also runs a watcher: a session of the node's own edge core
+//! that takes the peer's inbox and a subscription through leader changes and lost session
+//! frames (`watch`); a third of the writes are then keyed sends to that peer.
+//!
+//! What this level leaves out: client connections (the writing clients hand shard ops to
+//! their node's driver), and the metadata group.
 //!
 //! Checkers ([`ClusterViolationKind`]): at most one leader per term; a node's commit index
 //! never goes back within an incarnation; every acknowledged append is in the committed log of
@@ -18,7 +22,8 @@
 //! within 10 s; no term increase when
 //! a node that was cut off rejoins a group whose leader reached a quorum throughout (pre-vote
 //! and check-quorum); a leader never advances its commit to an entry of an earlier term; a node
-//! never grants its vote to two candidates in one term.
+//! never grants its vote to two candidates in one term; watchers see each pos and seq once, in
+//! order, and after the heal everything acknowledged (`watch`).
 
 use crate::disk::{CrashFaults, Disk};
 use fabric_proto::internal::{Reply, Request, ShardOp};
@@ -33,6 +38,8 @@ use fabric_shard::{wal, ShardConfig};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 use std::collections::{BTreeMap, BTreeSet};
+
+mod watch;
 
 /// The simulated time a step advances.
 const STEP_MS: u64 = 5;
@@ -123,6 +130,10 @@ pub struct ClusterOptions {
     /// target moves (one member out, one node in); with any, the run has one more node, which
     /// starts outside the group. 0: none, and the run is what it was before the option.
     pub membership_per_10k: u64,
+    /// Watchers: every node runs a client session through its own edge core that takes the
+    /// peer's inbox and a subscription, and a third of the workload sends to that peer
+    /// (`watch`). Off: the run is what it was before the option.
+    pub watch: bool,
     pub planted: ClusterPlanted,
 }
 
@@ -143,12 +154,14 @@ pub fn cluster_swarm(seed: u64) -> ClusterOptions {
         partition_per_10k: rng.random_range(0..60),
         raft_append_bytes_max: [1_024, 16 * 1_024, 1 << 20][rng.random_range(0..3)],
         raft_election_timeout_ms: [1_000, 1_000, 200, 100][rng.random_range(0..4)],
-        retention_bytes_max: [256 << 20, 96 * 1_024, 48 * 1_024][rng.random_range(0..3)],
+        retention_bytes_max: [RETENTION_NEVER_BYTES, 96 * 1_024, 48 * 1_024]
+            [rng.random_range(0..3)],
         raft_inflight_entries_max: [4, 32, 256][rng.random_range(0..3)],
         raft_entry_cache_bytes_max: [2_048, 64 * 1024, 16 << 20][rng.random_range(0..3)],
         // Drawn last, so every earlier option of a seed stays what it was.
         bitrot_pct: [0, 20, 60][rng.random_range(0..3)],
         membership_per_10k: [0, 0, 5, 20][rng.random_range(0..4)],
+        watch: false,
         planted: ClusterPlanted::default(),
     };
     // Half the runs that change membership retire segments fast, so the segments that held
@@ -156,8 +169,16 @@ pub fn cluster_swarm(seed: u64) -> ClusterOptions {
     if o.membership_per_10k > 0 && rng.random_bool(0.5) {
         o.retention_bytes_max = MEMBERSHIP_RETENTION_BYTES_MAX;
     }
+    // Drawn after everything else, for the same reason.
+    o.watch = rng.random_bool(0.5);
     o
 }
+
+/// A retention no run reaches: nothing is retired.
+const RETENTION_NEVER_BYTES: u64 = 256 << 20;
+
+/// Idempotency keys of the workload's sends start with this (appends' with `k`).
+const SEND_KEY_PREFIX: &str = "s";
 
 /// The retention of the membership runs that retire fast: a little over one 16 KiB segment.
 const MEMBERSHIP_RETENTION_BYTES_MAX: u64 = 20 * 1024;
@@ -186,6 +207,10 @@ pub enum ClusterViolationKind {
     PageNotCommitted,
     /// After the heal, a member of the group holds another configuration than its leader's.
     MembershipDiverged,
+    /// A watcher's session handed its client a pos or seq twice, out of order, with a gap,
+    /// or with another body than the one acknowledged; or after the heal it lacks something
+    /// acknowledged.
+    WatchBroken,
 }
 
 #[derive(Debug, Clone)]
@@ -208,6 +233,8 @@ pub struct ClusterSummary {
     pub bitrots: u64,
     /// Times the group's target membership moved.
     pub membership_changes: u64,
+    /// Leader changes that reached a watcher's session (it attached again).
+    pub watch_leader_changes: u64,
 }
 
 type Checked<T = ()> = Result<T, (ClusterViolationKind, String)>;
@@ -306,6 +333,12 @@ struct World {
     target: BTreeSet<NodeId>,
     /// Candidates seen per term since the heal: two in one term split that term's vote.
     candidates_after_heal: BTreeMap<u64, BTreeSet<NodeId>>,
+    /// Each node's watcher (`watch`), and how many watcher sessions were opened.
+    watchers: Vec<Option<watch::Watcher>>,
+    watch_sessions: u64,
+    /// Acknowledged sends: key -> pos, and pos -> body.
+    acked_sends: BTreeMap<String, u64>,
+    acked_sends_by_pos: BTreeMap<u64, String>,
 }
 
 /// The run's timing and flow-control limits.
@@ -381,6 +414,7 @@ impl World {
         for n in nodes.iter_mut() {
             n.driver.set_members_target(voters.clone());
         }
+        let nodes_len = nodes.len();
         World {
             opts,
             rng,
@@ -407,6 +441,10 @@ impl World {
             target: voters.clone(),
             voters0: voters,
             candidates_after_heal: BTreeMap::new(),
+            watchers: (0..nodes_len).map(|_| None).collect(),
+            watch_sessions: 0,
+            acked_sends: BTreeMap::new(),
+            acked_sends_by_pos: BTreeMap::new(),
         }
     }
 
@@ -432,6 +470,7 @@ impl World {
         self.heal();
         self.liveness()?;
         self.settle()?;
+        self.watch_liveness()?;
         self.check_logs()
     }
 
@@ -455,7 +494,7 @@ impl World {
                 mesh: MeshId::must("m"),
                 peer: PeerId::must("a"),
                 groups: vec![],
-                token_hash: Some([7; 32]),
+                token_hash: Some(fabric_shard::token_hash(watch::WATCH_TOKEN)),
                 public_key: None,
             },
         ];
@@ -593,6 +632,7 @@ impl World {
             }
             self.effects(i)?;
         }
+        self.pump_watchers()?;
         self.check_step()
     }
 
@@ -605,6 +645,9 @@ impl World {
         for p in due {
             let i = p.to as usize - 1;
             if !self.nodes[i].up || self.cut.contains(&(p.from, p.to)) {
+                if !matches!(p.frame, NodeFrame::Peer(_)) {
+                    self.link_reset(p.from, p.to);
+                }
                 continue;
             }
             let t = self.time(i);
@@ -615,6 +658,9 @@ impl World {
     fn send(&mut self, from: NodeId, to: NodeId, frame: NodeFrame) {
         self.summary.messages += 1;
         if self.rng.random_range(0..100) < self.opts.drop_pct {
+            if !matches!(frame, NodeFrame::Peer(_)) {
+                self.link_reset(from, to);
+            }
             return;
         }
         let delay = self.rng.random_range(1..=self.opts.delay_ms_max.max(1));
@@ -644,6 +690,21 @@ impl World {
             to,
             frame,
         });
+    }
+
+    /// A session frame between `a` and `b` was lost: on the node link that is a connection
+    /// that ended (a stream loses nothing else), which both ends' links see, and tell their
+    /// shards, as the node's `route_inbound` does (`NodeFrame::LinkReset`).
+    fn link_reset(&mut self, a: NodeId, b: NodeId) {
+        for (me, peer) in [(a, b), (b, a)] {
+            let i = me as usize - 1;
+            if self.nodes[i].up {
+                let t = self.time(i);
+                self.nodes[i]
+                    .driver
+                    .handle_node_frame(t, peer, NodeFrame::LinkReset);
+            }
+        }
     }
 
     /// Performs node `i`'s effects as the node's adapter does.
@@ -706,7 +767,13 @@ impl World {
                         self.send(id, to, frame);
                     }
                 }
+                Effect::Replies { session, replies } if self.is_watcher(i, session) => {
+                    self.watch_replies(i, replies)
+                }
                 Effect::Replies { replies, .. } => self.replies(replies)?,
+                Effect::CloseSession { session, why } if self.is_watcher(i, session) => {
+                    self.watch_closed(i, why)
+                }
                 // The session's client reconnects and sends its unanswered requests again,
                 // with their keys (what the node tells a session whose shard restarted).
                 Effect::CloseSession { .. } => self.client_reconnects(i),
@@ -719,7 +786,7 @@ impl World {
     fn replies(&mut self, replies: Vec<Reply>) -> Checked {
         for reply in replies {
             match reply {
-                Reply::Frame(ServerOp::Ok { r, seq, .. }) => self.ok(r, seq)?,
+                Reply::Frame(ServerOp::Ok { r, seq, pos }) => self.ok(r, seq, pos)?,
                 Reply::Messages { r, events, head } => self.page(r, &events, head)?,
                 Reply::Frame(ServerOp::Error {
                     r: Some(r), code, ..
@@ -737,8 +804,12 @@ impl World {
         Ok(())
     }
 
-    fn ok(&mut self, r: u64, seq: Option<u64>) -> Checked {
+    fn ok(&mut self, r: u64, seq: Option<u64>, pos: Option<u64>) -> Checked {
         self.summary.acked += 1;
+        if let (Some(pos), true) = (pos, self.pending.contains_key(&r)) {
+            let p = self.pending.remove(&r).expect("pending");
+            return self.sent(p, pos);
+        }
         let (Some(p), Some(seq)) = (self.pending.remove(&r), seq) else {
             return Ok(());
         };
@@ -750,6 +821,24 @@ impl World {
             _ => {
                 self.acked_by_seq.insert(seq, p.body.clone());
                 self.acked.insert(p.key, (seq, p.body));
+                Ok(())
+            }
+        }
+    }
+
+    /// A send's `ok`: one pos per key.
+    fn sent(&mut self, p: Pending, pos: u64) -> Checked {
+        match self.acked_sends.get(&p.key) {
+            Some(at) if *at != pos => Err((
+                ClusterViolationKind::KeyTwoSeqs,
+                format!(
+                    "send key {} acknowledged at pos {at} and at pos {pos}",
+                    p.key
+                ),
+            )),
+            _ => {
+                self.acked_sends_by_pos.insert(pos, p.body);
+                self.acked_sends.insert(p.key, pos);
                 Ok(())
             }
         }
@@ -835,16 +924,32 @@ impl World {
         }
         let (key, body) = match self.retry.pop() {
             Some(kb) => kb,
+            // With watchers, a third of the writes are sends to the watched peer.
+            None if self.opts.watch && self.rng.random_bool(0.3) => {
+                (format!("{SEND_KEY_PREFIX}{r}"), format!("\"v{r}\""))
+            }
             None => (format!("k{r}"), format!("\"v{r}\"")),
         };
         let session = session_id(i as NodeId + 1, self.nodes[i].client_session);
-        let op = ShardOp::Append {
-            r,
-            mesh: MeshId::must("m"),
-            conv: ConvId::must("c"),
-            from: PeerId::must("a"),
-            body: Body::from_json_text(body.clone()).expect("json"),
-            key: Some(key.as_str().into()),
+        let body_op = Body::from_json_text(body.clone()).expect("json");
+        let op = if key.starts_with(SEND_KEY_PREFIX) {
+            ShardOp::Send {
+                r,
+                mesh: MeshId::must("m"),
+                from: PeerId::must("a"),
+                to: fabric_proto::Target::Peer(PeerId::must("a")),
+                body: body_op,
+                key: Some(key.as_str().into()),
+            }
+        } else {
+            ShardOp::Append {
+                r,
+                mesh: MeshId::must("m"),
+                conv: ConvId::must("c"),
+                from: PeerId::must("a"),
+                body: body_op,
+                key: Some(key.as_str().into()),
+            }
         };
         self.pending.insert(
             r,
@@ -983,6 +1088,7 @@ impl World {
         if self.opts.bitrot_pct > 0 && self.chance(self.opts.bitrot_pct) {
             self.rot(i);
         }
+        self.watch_crashed(i);
         // Its clients' requests are retried elsewhere, with their keys.
         self.client_reconnects(i);
     }

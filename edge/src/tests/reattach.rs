@@ -79,7 +79,14 @@ fn a_leader_change_attaches_again_from_what_the_client_has_and_drops_what_it_had
         attaches(&reqs),
         vec![(Route::Shard(0), Some(2), vec![("c".to_string(), 3)])]
     );
-    s.handle_reply(NOW, 0, Reply::Attached { refused: None });
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Attached {
+            attempt: 1,
+            refused: None,
+        },
+    );
     assert_eq!(s.stats().reattached, 1);
     for r in [deliver(2), deliver(3), event(2), event(3), deliver(1)] {
         s.handle_reply(NOW, 0, r);
@@ -138,7 +145,14 @@ fn an_unavailable_attach_is_retried_until_request_timeout_then_the_session_close
     s.handle_shard_detached(NOW, 0, &|_| Some(0));
     requests(&mut s);
     let refused = Some((ErrorCode::Unavailable, "no leader yet".to_string()));
-    s.handle_reply(NOW, 0, Reply::Attached { refused });
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Attached {
+            attempt: 1,
+            refused,
+        },
+    );
     assert!(!s.is_closed());
     assert_eq!(s.poll_timeout(), Some(NOW + REATTACH_RETRY_MS));
     s.handle_timeout(NOW + REATTACH_RETRY_MS);
@@ -161,7 +175,14 @@ fn an_attach_refused_for_a_peer_that_is_gone_closes_the_session() {
     s.handle_shard_detached(NOW, 0, &|_| Some(0));
     requests(&mut s);
     let refused = Some((ErrorCode::Unauthorized, "peer gone".to_string()));
-    s.handle_reply(NOW, 0, Reply::Attached { refused });
+    s.handle_reply(
+        NOW,
+        0,
+        Reply::Attached {
+            attempt: 1,
+            refused,
+        },
+    );
     assert!(s.is_closed());
     assert_eq!(codes(&frames(&mut s)), vec!["unauthorized"]);
 }
@@ -192,4 +213,43 @@ fn a_client_subscribing_again_from_an_earlier_seq_gets_the_replay() {
         pushes(&mut s),
         vec![("ok".into(), 2), ("event".into(), 1), ("event".into(), 2)]
     );
+}
+
+#[test]
+fn pushes_during_an_attach_and_answers_to_a_superseded_one_are_dropped() {
+    // Proves what the attachment being replaced still pushes while an attach is under way
+    // never reaches the client (taking it would move the marks past what the attach
+    // replays), and that the answer to an earlier attach, superseded by a second leader
+    // change, does not end the wait: only the latest attempt's answer does.
+    let mut s = open_with_history();
+    s.handle_shard_detached(NOW, 0, &|_| Some(0));
+    s.handle_shard_detached(NOW, 0, &|_| Some(0));
+    let sent = attaches(&requests(&mut s));
+    assert_eq!(sent.len(), 2);
+    s.handle_reply(NOW, 0, event(5));
+    s.handle_reply(NOW, 0, deliver(9));
+    let stale = Reply::Attached {
+        attempt: 1,
+        refused: None,
+    };
+    s.handle_reply(NOW, 0, stale);
+    s.handle_reply(NOW, 0, event(6));
+    assert!(
+        frames(&mut s).is_empty(),
+        "nothing while the latest attach is out"
+    );
+    assert_eq!(s.stats().reattached, 0);
+    let latest = Reply::Attached {
+        attempt: 2,
+        refused: None,
+    };
+    s.handle_reply(NOW, 0, latest);
+    for r in [event(3), deliver(3)] {
+        s.handle_reply(NOW, 0, r);
+    }
+    assert_eq!(
+        pushes(&mut s),
+        vec![("event".into(), 3), ("deliver".into(), 3)]
+    );
+    assert_eq!(s.stats().reattached, 1);
 }

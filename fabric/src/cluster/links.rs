@@ -75,6 +75,10 @@ pub struct Inbound<T> {
     pub from: u64,
     pub group: u32,
     pub frame: T,
+    /// The connection it came on (quinn's stable id): a frame on another connection than
+    /// the last one from this peer means the old one ended, and what was queued on it may
+    /// be lost.
+    pub conn: usize,
 }
 
 /// Bounds of [`NodeLinks`]; see the module docs for what each holds back.
@@ -579,7 +583,8 @@ async fn accept_groups<T: Frame>(ctx: Ctx<T>, pc: Arc<PeerConn>) {
                     task = "read"
                 );
                 let reader = ctx.clone();
-                ctx.spawn(span, read_loop(reader, peer, stream));
+                let conn = pc.connection.stable_id();
+                ctx.spawn(span, read_loop(reader, peer, conn, stream));
             }
             Err(e) if pc.connection.close_reason().is_some() => {
                 tracing::debug!(error = %e, "connection ended");
@@ -595,7 +600,7 @@ async fn accept_groups<T: Frame>(ctx: Ctx<T>, pc: Arc<PeerConn>) {
 
 /// Reads one group stream's frames into the inbound channel until the stream ends, waiting
 /// while the channel is full. A malformed or oversize frame closes the stream.
-async fn read_loop<T: Frame>(ctx: Ctx<T>, peer: u64, stream: GroupStream) {
+async fn read_loop<T: Frame>(ctx: Ctx<T>, peer: u64, conn: usize, stream: GroupStream) {
     let group = stream.group;
     // Frames from this node go on the streams it opens; this one only receives.
     let (_sender, mut receiver) = stream.split();
@@ -612,6 +617,7 @@ async fn read_loop<T: Frame>(ctx: Ctx<T>, peer: u64, stream: GroupStream) {
                     from: peer,
                     group,
                     frame,
+                    conn,
                 };
                 if shared.inbound.send(inbound).await.is_err() {
                     return;

@@ -97,7 +97,24 @@ pub fn route_inbound(
     shards: Vec<mpsc::Sender<(NodeId, NodeFrame)>>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        while let Some(Inbound { from, group, frame }) = inbound.recv().await {
+        let mut conns: std::collections::HashMap<NodeId, usize> = Default::default();
+        while let Some(Inbound {
+            from,
+            group,
+            frame,
+            conn,
+        }) = inbound.recv().await
+        {
+            // A new connection from `from`: frames of the old one may be lost, so every
+            // shard's sessions forwarded there attach again (`NodeFrame::LinkReset`). The map
+            // holds one entry per member.
+            if conns.insert(from, conn).is_some_and(|old| old != conn) {
+                for tx in &shards {
+                    if tx.send((from, NodeFrame::LinkReset)).await.is_err() {
+                        return;
+                    }
+                }
+            }
             // A batch of heartbeats gives each shard its own.
             for (shard, frame) in beats::expand(group, frame) {
                 let Some(tx) = shards.get(shard as usize) else {
@@ -114,4 +131,55 @@ pub fn route_inbound(
             }
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use fabric_proto::internal::Request;
+
+    fn forward(conn: usize) -> Inbound<NodeFrame> {
+        Inbound {
+            from: 2,
+            group: 0,
+            frame: NodeFrame::Forward {
+                session: 2 << 48,
+                batch: Vec::<Request>::new(),
+                seq: 1,
+            },
+            conn,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_frame_on_a_new_connection_tells_every_shard_the_link_was_reset() {
+        // Proves the node's side of `NodeFrame::LinkReset`: frames on the connection a peer
+        // first used pass as they are; the first frame on a replacing connection is preceded,
+        // on every shard, by a reset naming that peer (what was queued on the old connection
+        // may be lost, so the shards' forwarded sessions attach again).
+        let (in_tx, in_rx) = mpsc::channel(8);
+        let (a_tx, mut a_rx) = mpsc::channel(8);
+        let (b_tx, mut b_rx) = mpsc::channel(8);
+        let task = route_inbound(in_rx, vec![a_tx, b_tx]);
+        for conn in [7, 7, 9] {
+            in_tx.send(forward(conn)).await.expect("sent");
+        }
+        drop(in_tx);
+        task.await.expect("the task ends");
+        let mut a = Vec::new();
+        while let Ok((from, frame)) = a_rx.try_recv() {
+            assert_eq!(from, 2);
+            a.push(matches!(frame, NodeFrame::LinkReset));
+        }
+        assert_eq!(
+            a,
+            vec![false, false, true, false],
+            "the reset before the new frame"
+        );
+        let mut b = Vec::new();
+        while let Ok((_, frame)) = b_rx.try_recv() {
+            b.push(matches!(frame, NodeFrame::LinkReset));
+        }
+        assert_eq!(b, vec![true], "every shard hears of it");
+    }
 }

@@ -43,10 +43,12 @@ const CLOSED_AT_GAP: u64 = u64::MAX;
 pub enum NodeFrame {
     /// Between the shard's replicas: Raft, snapshots.
     Peer(PeerMessage),
-    /// A local session's batch, to the leader's node.
+    /// A local session's batch, to the leader's node; `seq` counts the session's batches to
+    /// that node (a gap closes the session: see `handle_forwarded`).
     Forward {
         session: SessionId,
         batch: Vec<Request>,
+        seq: u64,
     },
     /// Replies for a session of the receiving node; `seq` counts the session's frames (a gap
     /// closes the session: see `handle_remote_replies`).
@@ -64,6 +66,9 @@ pub enum NodeFrame {
     /// on the link's [`super::beats::BEATS_GROUP`]: (shard, message). Last, so the encodings of
     /// the variants before it are unchanged.
     Beats(Vec<(u32, PeerMessage)>),
+    /// Never sent: the receiving node's link says its connection with the sender was
+    /// replaced, so frames queued on the old one may be lost (`handle_link_reset`).
+    LinkReset,
 }
 
 impl NodeFrame {
@@ -72,9 +77,19 @@ impl NodeFrame {
     pub fn from_effect(e: Effect) -> Result<(NodeId, NodeFrame), Effect> {
         match e {
             Effect::Peer(m) => Ok((m.to(), NodeFrame::Peer(m))),
-            Effect::Forward { to, session, batch } => {
-                Ok((to, NodeFrame::Forward { session, batch }))
-            }
+            Effect::Forward {
+                to,
+                session,
+                batch,
+                seq,
+            } => Ok((
+                to,
+                NodeFrame::Forward {
+                    session,
+                    batch,
+                    seq,
+                },
+            )),
             Effect::Remote {
                 to,
                 session,
@@ -187,10 +202,18 @@ impl ShardDriver {
                 self.forwarded.insert((req.session, r), w);
             }
         }
+        bound_sessions(&mut self.forward_sent, session, self.remote_sessions_max);
+        let sent = self.forward_sent.entry(session).or_insert((to, 0));
+        if sent.0 != to {
+            *sent = (to, 0); // another leader: its numbering starts at 1
+        }
+        sent.1 += 1;
+        let seq = sent.1;
         self.effects.push_back(Effect::Forward {
             to,
             session,
             batch: std::mem::take(batch),
+            seq,
         });
         true
     }
@@ -202,11 +225,15 @@ impl ShardDriver {
         match frame {
             NodeFrame::Peer(m) if m.from() == from => self.handle_peer_message(t, m),
             NodeFrame::Peer(_) => return false,
-            NodeFrame::Forward { session, batch } => {
+            NodeFrame::Forward {
+                session,
+                batch,
+                seq,
+            } => {
                 if batch.iter().any(|r| r.op.check_wire().is_err()) {
                     return false;
                 }
-                self.handle_forwarded(t, from, session, batch);
+                self.handle_forwarded(t, from, session, batch, seq);
             }
             NodeFrame::Remote {
                 session,
@@ -216,22 +243,51 @@ impl ShardDriver {
             NodeFrame::Close { session, why } => self.handle_remote_close(t, session, why),
             // The link expands these before they reach a shard (`beats::expand`).
             NodeFrame::Beats(_) => return false,
+            NodeFrame::LinkReset => self.handle_link_reset(t, from),
         }
         true
     }
 
     /// A batch another node forwarded here (this node leads, or did when it was sent).
     /// Requests of sessions that do not live on the sending node are dropped: a node forwards
-    /// only its own sessions.
+    /// only its own sessions. Batch `seq` must follow the session's last one here (1 starts a
+    /// numbering: the session came here from another leader): a gap means the link lost a
+    /// batch, which may have held what the session must not lose in silence (returned push
+    /// credit, without which its deliveries would stop for good; a `Closed`). The session is
+    /// closed instead, and its client resumes.
     pub fn handle_forwarded(
         &mut self,
         t: Time,
         from: NodeId,
         session: SessionId,
         batch: Vec<Request>,
+        seq: u64,
     ) {
         if session_home(session) != from || from == self.node() {
             return;
+        }
+        let last = self.forward_seen.get(&session).copied().unwrap_or(0);
+        if last == CLOSED_AT_GAP {
+            return;
+        }
+        if seq != 1 && seq != last + 1 {
+            self.forward_seen.insert(session, CLOSED_AT_GAP);
+            let closed = vec![Request {
+                session,
+                op: ShardOp::Closed,
+            }];
+            self.handle_batch(t, session, closed);
+            self.effects.push_back(Effect::CloseSession {
+                session,
+                why: CloseReason::Restarted,
+            });
+            return;
+        }
+        bound_sessions(&mut self.forward_seen, session, self.remote_sessions_max);
+        self.forward_seen.insert(session, seq);
+        if batch.iter().any(|r| matches!(r.op, ShardOp::Attach { .. })) {
+            // The session's node numbers this leader's frames afresh after an attach.
+            self.remote_sent.remove(&session);
         }
         let batch: Vec<Request> = batch.into_iter().filter(|r| r.session == session).collect();
         self.handle_batch(t, session, batch);
@@ -265,7 +321,9 @@ impl ShardDriver {
         if node != from && seq != 1 {
             return; // a leader the session left
         }
-        let last = if node == from { last } else { 0 };
+        // Frame 1 starts a numbering: a new leader's, or the same one's after the session
+        // attached again (what came before is delivered again from the session's marks).
+        let last = if seq == 1 { 0 } else { last };
         if seq != last + 1 {
             self.remote_seen.insert(session, (from, CLOSED_AT_GAP));
             self.sessions.remove(&session);
@@ -305,6 +363,33 @@ impl ShardDriver {
         }
     }
 
+    /// The node link's connection with `peer` was replaced: frames between the two may have
+    /// been lost either way (a batch's returned push credit, deliveries, a close), which would
+    /// leave a session silent for good. Every local session forwarded to `peer` is told
+    /// `LeaderChanged` and attaches again there from its marks (an attach also restores its
+    /// push credit and restarts the reply numbering), and its batches are numbered from 1.
+    pub fn handle_link_reset(&mut self, _t: Time, peer: NodeId) {
+        let gone: Vec<SessionId> = self
+            .forward_sent
+            .iter()
+            .filter(|(s, (to, _))| *to == peer && self.sessions.contains(s))
+            .map(|(s, _)| *s)
+            .collect();
+        for session in gone {
+            self.sessions.remove(&session);
+            self.forward_sent.insert(session, (0, 0));
+            if let Some(seen) = self.remote_seen.get_mut(&session) {
+                if seen.1 != CLOSED_AT_GAP {
+                    *seen = (0, 0);
+                }
+            }
+            self.effects.push_back(Effect::CloseSession {
+                session,
+                why: CloseReason::LeaderChanged,
+            });
+        }
+    }
+
     /// At most `max` sessions numbered (tests set a small one; see [`REMOTE_SESSIONS_MAX`]).
     pub fn set_remote_sessions_max(&mut self, max: usize) {
         self.remote_sessions_max = max.max(1);
@@ -336,6 +421,7 @@ impl ShardDriver {
             Effect::Forget { session } => {
                 self.remote_sent.remove(&session);
                 self.remote_seen.remove(&session);
+                self.forward_sent.remove(&session);
                 Effect::Forget { session }
             }
             e => e,

@@ -150,7 +150,7 @@ impl Cluster {
                             let last = events.last().map_or(0, |e| e.seq);
                             self.pages.insert(r, last);
                         }
-                        Reply::Attached { refused } => {
+                        Reply::Attached { refused, .. } => {
                             self.attached.push((i, refused.map(|(code, _)| code)))
                         }
                         Reply::Frame(ServerOp::Deliver { pos, .. }) => {
@@ -377,6 +377,7 @@ fn attach(inbox_after: u64, next_seq: u64) -> ShardOp {
         peer: PeerId::must("a"),
         inbox_after: Some(inbox_after),
         subs: vec![(ConvId::must("c"), next_seq)],
+        attempt: 1,
     }
 }
 
@@ -471,10 +472,10 @@ fn a_lost_reply_frame_closes_its_session_at_the_next_one() {
 
 #[test]
 fn past_remote_sessions_max_the_oldest_numbering_goes_and_its_session_is_closed() {
-    // Proves the leader's numbering of remote sessions is bounded: with room for one, a
-    // second session's frames push the first one's numbering out, and the first session's
-    // next frame (numbered afresh) reads as a gap at its node, which closes it: the bound
-    // costs a resume, never a silent loss.
+    // Proves the numbering of remote sessions is bounded: with room for one, a second
+    // session's frames push the first one's numbering out, and the first session's next
+    // batch reads as a gap at the leader, which closes it: the bound costs a resume, never a
+    // silent loss.
     let mut c = Cluster::new();
     let l = setup(&mut c);
     let f = (l + 1) % 3;
@@ -595,4 +596,45 @@ fn placement_replaces_the_leader_one_change_at_a_time_without_losing_an_append()
     }
     let new = c.nodes[3].driver.replica().expect("node 4").applied();
     assert!(new >= c.nodes[l].driver.replica().expect("leader").applied());
+}
+
+#[test]
+fn a_replaced_link_connection_makes_the_sessions_forwarded_over_it_attach_again() {
+    // Proves a session forwarded to the leader is not left silent when the node link's
+    // connection is replaced (frames queued on the old one, such as returned push credit or
+    // deliveries, may be lost): its node tells it `LeaderChanged`, it attaches again from its
+    // marks at the same leader, the leader's reply numbering starts again at 1 and is taken,
+    // and deliveries go on, each pos once.
+    let mut c = Cluster::new();
+    let l = setup(&mut c);
+    let f = (l + 1) % 3;
+    let session = session_id(f as NodeId + 1, 1);
+    c.send(f, vec![attach(0, 1)]);
+    c.advance(200);
+    c.send(l, vec![send_to_a(30)]);
+    c.advance(200);
+    let got = |c: &Cluster| -> Vec<u64> {
+        c.delivered
+            .iter()
+            .filter(|x| x.0 == f)
+            .map(|x| x.1)
+            .collect()
+    };
+    assert_eq!(got(&c), vec![1]);
+    let t = c.t;
+    assert!(c.nodes[f]
+        .driver
+        .handle_node_frame(t, l as NodeId + 1, NodeFrame::LinkReset));
+    c.run_effects();
+    assert!(c.closed.contains(&(f, session, CloseReason::LeaderChanged)));
+    let mut second = attach(1, 1);
+    if let ShardOp::Attach { attempt, .. } = &mut second {
+        *attempt = 2;
+    }
+    c.send(f, vec![second]);
+    c.advance(200);
+    assert_eq!(c.attached.last(), Some(&(f, None)));
+    c.send(l, vec![send_to_a(31)]);
+    c.advance(200);
+    assert_eq!(got(&c), vec![1, 2], "the frames numbered afresh are taken");
 }

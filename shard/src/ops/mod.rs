@@ -127,13 +127,14 @@ impl Shard {
                 peer,
                 inbox_after,
                 subs,
+                attempt,
             } => {
                 // Answered with its own reply, success or not: the session waits for it.
                 let refused = self
                     .attach(session, mesh.into(), &peer, inbox_after, subs)
                     .err()
                     .map(|e| (e.code, e.message));
-                self.emit(session, Reply::Attached { refused });
+                self.emit(session, Reply::Attached { attempt, refused });
                 Ok(())
             }
         }
@@ -174,9 +175,10 @@ pub fn unavailable_reply(req: &Request, reason: &str) -> Option<fabric_proto::in
     };
     match &req.op {
         ShardOp::Hello { .. } => error(None),
-        ShardOp::Attach { .. } => Some(fabric_proto::internal::Output {
+        ShardOp::Attach { attempt, .. } => Some(fabric_proto::internal::Output {
             session: req.session,
             reply: Reply::Attached {
+                attempt: *attempt,
                 refused: Some((ErrorCode::Unavailable, reason.to_string())),
             },
         }),

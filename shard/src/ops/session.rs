@@ -76,7 +76,10 @@ impl Shard {
                 return Err(e);
             }
         }
-        self.session_state(session);
+        // What the session's node wrote before is forgotten with the old leader (or lost on
+        // a link): its push credit starts full again.
+        let credit = self.config.push_credit_frames_max;
+        self.session_state(session).credit = credit;
         self.queue_drain(session);
         Ok(())
     }
