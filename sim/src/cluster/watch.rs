@@ -253,13 +253,10 @@ impl World {
                 i + 1
             )));
         }
-        match self.acked_sends_by_pos.get(&pos) {
-            Some(acked) if *acked != body => Err(broken(format!(
-                "node {} session {id:#x}: pos {pos} delivered as {body}, acknowledged as {acked}",
-                i + 1
-            ))),
-            _ => Ok(()),
-        }
+        let acked = self.acked_sends_by_pos.get(&pos);
+        same_body(acked, &body, || {
+            format!("node {} session {id:#x}: pos {pos}", i + 1)
+        })
     }
 
     fn watch_event(&mut self, i: usize, v: &serde_json::Value) -> Checked {
@@ -282,13 +279,10 @@ impl World {
                 i + 1
             )));
         }
-        match self.acked_by_seq.get(&seq) {
-            Some(acked) if *acked != body => Err(broken(format!(
-                "node {} session {id:#x}: seq {seq} pushed as {body}, acknowledged as {acked}",
-                i + 1
-            ))),
-            _ => Ok(()),
-        }
+        let acked = self.acked_by_seq.get(&seq);
+        same_body(acked, &body, || {
+            format!("node {} session {id:#x}: seq {seq}", i + 1)
+        })
     }
 
     /// Whether the run's retention may retire entries a subscription replays (then a replay
@@ -347,6 +341,18 @@ impl World {
             self.acked_by_seq.keys().next_back(),
             state.join("; ")
         )))
+    }
+}
+
+/// A pushed body must be the acknowledged one (nothing uncommitted is pushed); `what` names
+/// the push.
+fn same_body(acked: Option<&String>, body: &str, what: impl Fn() -> String) -> Checked {
+    match acked {
+        Some(acked) if acked != body => Err(broken(format!(
+            "{}: pushed as {body}, acknowledged as {acked}",
+            what()
+        ))),
+        _ => Ok(()),
     }
 }
 
