@@ -939,7 +939,7 @@ impl Session {
                 self.count_error(*code);
                 self.push_frame(&op, None);
             }
-            ServerOp::Deliver { .. } | ServerOp::Event(_) => self.handle_push(shard, op),
+            ServerOp::Deliver { .. } | ServerOp::Event(_) => self.handle_push(now, shard, op),
             ServerOp::Pong { .. } => self.push_frame(&op, None),
             // Only the session itself answers `challenge`.
             ServerOp::Challenge { .. } => self.stats.internal_errors += 1,
@@ -977,11 +977,26 @@ impl Session {
     }
 
     /// Pushes of `shard` that a stream transport held back are written now: their credit
-    /// returns to the shard.
+    /// returns to the shard. Credit adds up, so it joins a `Flushed` for the same shard still
+    /// queued last, as acks do: returning credit one frame at a time cannot grow the queue.
     pub fn handle_credit_released(&mut self, _now: u64, shard: ShardIdx, frames: u32) {
-        if frames > 0 && !self.is_closed() {
-            self.forward(Route::Shard(shard), ShardOp::Flushed { frames });
+        if frames == 0 || self.is_closed() {
+            return;
         }
+        if let Some((
+            Route::Shard(s),
+            Request {
+                op: ShardOp::Flushed { frames: queued },
+                ..
+            },
+        )) = self.requests.back_mut()
+        {
+            if *s == shard {
+                *queued = queued.saturating_add(frames);
+                return;
+            }
+        }
+        self.forward(Route::Shard(shard), ShardOp::Flushed { frames });
     }
 
     /// Time passed: closes the session if the hello deadline is reached without a welcome, a

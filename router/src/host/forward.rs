@@ -350,12 +350,7 @@ impl ShardDriver {
     /// The leader's incarnation that one of this node's sessions was attached to ended.
     pub fn handle_remote_close(&mut self, _t: Time, session: SessionId, why: CloseReason) {
         if why == CloseReason::LeaderChanged {
-            // The session attaches again, wherever the leader is now: frames numbered from 1.
-            if let Some(seen) = self.remote_seen.get_mut(&session) {
-                if seen.1 != CLOSED_AT_GAP {
-                    *seen = (0, 0);
-                }
-            }
+            self.follow_anew(session);
         }
         if self.is_local(session) {
             self.effects
@@ -376,17 +371,34 @@ impl ShardDriver {
             .map(|(s, _)| *s)
             .collect();
         for session in gone {
-            self.sessions.remove(&session);
-            self.forward_sent.insert(session, (0, 0));
-            if let Some(seen) = self.remote_seen.get_mut(&session) {
-                if seen.1 != CLOSED_AT_GAP {
-                    *seen = (0, 0);
-                }
+            self.attach_again(session);
+        }
+    }
+
+    /// A local session's state at the leader it was forwarded to is gone (or may have lost
+    /// frames): it is told `LeaderChanged` and attaches again. Its batches are numbered from 1
+    /// wherever they go next (the same node, re-elected or reconnected, included), and so are
+    /// the frames it takes.
+    fn attach_again(&mut self, session: SessionId) {
+        self.sessions.remove(&session);
+        if let Some(sent) = self.forward_sent.get_mut(&session) {
+            *sent = (0, 0);
+        }
+        self.follow_anew(session);
+        self.effects.push_back(Effect::CloseSession {
+            session,
+            why: CloseReason::LeaderChanged,
+        });
+    }
+
+    /// The session follows no leader's reply numbering until a frame numbered 1 (node 0 is no
+    /// node: ids start at 1); the old leader's late frames no longer follow anything
+    /// (`handle_remote_replies` drops them). A session closed at a gap stays closed.
+    fn follow_anew(&mut self, session: SessionId) {
+        if let Some(seen) = self.remote_seen.get_mut(&session) {
+            if seen.1 != CLOSED_AT_GAP {
+                *seen = (0, 0);
             }
-            self.effects.push_back(Effect::CloseSession {
-                session,
-                why: CloseReason::LeaderChanged,
-            });
         }
     }
 
@@ -474,19 +486,7 @@ impl ShardDriver {
             .filter(|s| self.is_local(*s))
             .collect();
         for session in local {
-            self.sessions.remove(&session);
-            // The next leader numbers its frames for the session from 1; the old one's late
-            // frames no longer follow anything (`handle_remote_replies` drops them).
-            // Node 0 is no node (ids start at 1): only a frame numbered 1 is taken next.
-            if let Some(seen) = self.remote_seen.get_mut(&session) {
-                if seen.1 != CLOSED_AT_GAP {
-                    *seen = (0, 0);
-                }
-            }
-            self.effects.push_back(Effect::CloseSession {
-                session,
-                why: CloseReason::LeaderChanged,
-            });
+            self.attach_again(session);
         }
     }
 

@@ -76,10 +76,9 @@ impl Shard {
                 return Err(e);
             }
         }
-        // What the session's node wrote before is forgotten with the old leader (or lost on
-        // a link): its push credit starts full again.
-        let credit = self.config.push_credit_frames_max;
-        self.session_state(session).credit = credit;
+        // Made afresh after the detach above, so its push credit is full again: what the
+        // session's node wrote before is forgotten with the old leader (or lost on a link).
+        self.session_state(session);
         self.queue_drain(session);
         Ok(())
     }
