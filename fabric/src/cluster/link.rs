@@ -85,6 +85,10 @@ pub const CLOSE_REPLACED: u32 = 0x4e07;
 pub const CLOSE_PROTOCOL: u32 = 0x4e08;
 pub const CLOSE_ALPN: u32 = 0x4e09;
 pub const CLOSE_CERTIFICATE_EXPIRED: u32 = 0x4e0a;
+/// The sender dropped a frame for this peer without losing the connection (its queue full,
+/// or a group stream failed): the connection ends so that the peers see a new one, and
+/// everything that relies on in-order delivery over it (forwarded sessions) starts again.
+pub const CLOSE_FRAME_DROPPED: u32 = 0x4e0b;
 /// Stream stop code: a frame over `node_frame_bytes_max` arrived on it.
 pub const STOP_FRAME_TOO_LARGE: u32 = 0x4e10;
 /// Stream stop code: its first frame was not a valid stream header.

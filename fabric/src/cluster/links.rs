@@ -9,7 +9,8 @@
 //!
 //! - **Sending.** [`NodeLinks::send`] never blocks: it queues a frame on the peer's current
 //!   connection (at most `links_queue_frames_max` waiting) or drops and counts it (peer
-//!   unknown or down, queue full; Raft repeats what is lost). One task per connection takes
+//!   unknown or down, queue full; Raft repeats what is lost). A frame dropped while the
+//!   connection stays up (queue full, group stream failed) ends it: a link reset. One task per connection takes
 //!   everything queued, writes it, then waits. It opens a group's stream on the group's first
 //!   frame (at most `links_group_streams_per_peer_max` streams, each opened within
 //!   `links_stream_open_ms_max`) and writes only on streams it opened.
@@ -161,6 +162,8 @@ pub struct PeerStatus {
     pub connections: u64,
     /// The live connection's current round-trip estimate (QUIC's), when it is up.
     pub rtt: Option<std::time::Duration>,
+    /// Connections with it this node ended because it dropped a frame for it (link resets).
+    pub resets: u64,
 }
 
 /// Counters of [`NodeLinks`] since its start.
@@ -181,6 +184,9 @@ pub struct LinksStats {
     pub dials_failed: u64,
     /// Streams a peer opened that were closed for a malformed or oversize frame or header.
     pub streams_refused: u64,
+    /// Connections this node ended because it dropped a frame while they stayed up (a full
+    /// queue, a failed group stream): link resets.
+    pub resets: u64,
 }
 
 #[derive(Default)]
@@ -192,6 +198,7 @@ struct Counters {
     reconnects: AtomicU64,
     dials_failed: AtomicU64,
     streams_refused: AtomicU64,
+    resets: AtomicU64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -220,6 +227,8 @@ struct Peer<T> {
     link: SocketAddr,
     slot: Mutex<Slot<T>>,
     last_frame_ms: AtomicU64,
+    /// Connections with it this node ended for a dropped frame (link resets).
+    resets: AtomicU64,
 }
 
 impl<T> Peer<T> {
@@ -231,6 +240,7 @@ impl<T> Peer<T> {
                 connections: 0,
             }),
             last_frame_ms: AtomicU64::new(NEVER),
+            resets: AtomicU64::new(0),
         }
     }
 
@@ -527,13 +537,31 @@ async fn write_batch<T: Frame>(
                 tracing::warn!(shard = group, error = %e, "frame dropped");
             }
             Err(e) => {
-                ctx.shared.dropped(1);
-                streams.remove(&group);
+                // The peer would see the group's next frames with a gap: the link starts over.
+                ctx.shared.dropped(1 + frames.len());
+                add(&counters.resets, 1);
+                if let Some(p) = ctx.shared.peer(pc.node_id) {
+                    add(&p.resets, 1);
+                }
                 tracing::debug!(shard = group, error = %e, "group stream failed; frame dropped");
+                reset_for_drop(&pc.connection, pc.node_id, "a group stream failed");
+                return false;
             }
         }
     }
     true
+}
+
+/// Ends a connection that lost a frame while it stayed up (see [`NodeLinks::send`]).
+fn reset_for_drop(conn: &quinn::Connection, peer: u64, why: &str) {
+    tracing::warn!(
+        peer,
+        "a frame for the peer was dropped ({why}); the connection starts over (link reset)"
+    );
+    conn.close(
+        quinn::VarInt::from_u32(super::link::CLOSE_FRAME_DROPPED),
+        b"frame dropped",
+    );
 }
 
 /// Writes one frame on its group's stream, opening the stream on first use.
@@ -748,13 +776,29 @@ where
     /// unknown or down, a full queue (`links_queue_frames_max`) or the control group drop the
     /// frame and count it (Raft repeats what is lost). Returns whether it was queued, which
     /// is not delivery: a connection lost with it queued drops it too.
+    ///
+    /// A frame dropped for a full queue ends the connection
+    /// ([`super::link::CLOSE_FRAME_DROPPED`]; what was queued on it is dropped too): the frames
+    /// after it go on a new one, which both nodes see as a link reset, so nothing that needs
+    /// in-order delivery (a forwarded session's batches and credit) builds on a gap.
     pub fn send(&self, to: u64, group: u32, frame: T) -> bool {
         let queued = group != CONTROL_GROUP
             && self.shared.peers().get(&to).is_some_and(|p| {
-                let slot = p.slot();
-                slot.current
-                    .as_ref()
-                    .is_some_and(|c| c.queue.try_send((group, frame)).is_ok())
+                let mut slot = p.slot();
+                let Some(c) = slot.current.as_ref() else {
+                    return false;
+                };
+                match c.queue.try_send((group, frame)) {
+                    Ok(()) => true,
+                    Err(mpsc::error::TrySendError::Full(_)) => {
+                        reset_for_drop(&c.conn, to, "its queue (links_queue_frames_max) was full");
+                        slot.current = None;
+                        add(&self.shared.counters.resets, 1);
+                        add(&p.resets, 1);
+                        false
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => false,
+                }
             });
         if !queued {
             self.shared.dropped(1);
@@ -834,6 +878,7 @@ where
                     last_frame_ms: (last != NEVER).then_some(last),
                     connections: slot.connections,
                     rtt: live.map(|c| c.conn.rtt()),
+                    resets: p.resets.load(Ordering::Relaxed),
                 }
             })
             .collect()
@@ -850,6 +895,7 @@ where
             reconnects: get(&c.reconnects),
             dials_failed: get(&c.dials_failed),
             streams_refused: get(&c.streams_refused),
+            resets: get(&c.resets),
         }
     }
 
@@ -1194,8 +1240,8 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_full_peer_queue_drops_and_counts_instead_of_blocking() {
-        // Proves frames beyond links_queue_frames_max are dropped and counted at once, and the queued ones arrive.
+    async fn a_full_peer_queue_drops_counts_and_starts_the_connection_over() {
+        // Proves a frame beyond links_queue_frames_max is dropped at once without blocking, and that the drop ends the connection (a link reset): what was queued on it is dropped too, and later frames arrive on a new connection.
         let (l1, l2, members) = two_links();
         let limits = LinksLimits {
             links_queue_frames_max: 4,
@@ -1206,7 +1252,10 @@ mod tests {
             start(l2, &members, limits).await,
         ];
         settle(&mut nodes).await;
-        let before = nodes[0].links.stats().frames_dropped;
+        assert!(nodes[0].links.send(2, 3, Msg { seq: 1_000 }));
+        let first_conn = receive(&mut nodes[1], 1).await[0].conn;
+        let before = nodes[0].links.stats();
+        let conns = nodes[0].peer(2).connections;
         // A #[tokio::test] runtime has one thread: the sending task cannot drain the queue
         // during this loop, so the queue fills after 4 frames.
         let t = Instant::now();
@@ -1216,11 +1265,28 @@ mod tests {
         assert!(t.elapsed() < Duration::from_secs(1));
         assert_eq!(queued.iter().filter(|&&q| q).count(), 4);
         assert!(queued[..4].iter().all(|&q| q));
-        assert_eq!(nodes[0].links.stats().frames_dropped, before + 96);
-        let got = receive(&mut nodes[1], 4).await;
-        let seqs: Vec<u64> = got.iter().map(|m| m.frame.seq).collect();
-        assert_eq!(seqs, [0, 1, 2, 3]);
-        assert!(got.iter().all(|m| m.from == 1 && m.group == 3));
+        assert_eq!(nodes[0].links.stats().resets, before.resets + 1);
+        eventually(
+            "the queued frames are dropped with their connection",
+            || nodes[0].links.stats().frames_dropped == before.frames_dropped + 100,
+        )
+        .await;
+        eventually("node 1 connects to node 2 again", || {
+            nodes[0].peer(2).up && nodes[0].peer(2).connections > conns
+        })
+        .await;
+        let got = loop {
+            // The new connection may still be settling (the other end's duplicate dial).
+            if nodes[0].links.send(2, 3, Msg { seq: 7 }) {
+                break receive(&mut nodes[1], 1).await;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        assert_eq!((got[0].from, got[0].group, got[0].frame.seq), (1, 3, 7));
+        assert_ne!(
+            got[0].conn, first_conn,
+            "a frame after a drop rides a new connection"
+        );
         for n in nodes {
             stop(n).await;
         }

@@ -60,6 +60,8 @@ struct LinkMetrics {
     peer: NodeId,
     up: Gauge,
     rtt: Gauge,
+    resets: Counter,
+    resets_last: Monotonic,
 }
 
 /// Every cluster series of one node.
@@ -94,12 +96,13 @@ impl RaftMetrics {
                 links.push(link_metrics(r, p.id));
             }
         }
-        for m in links.iter() {
+        for m in links.iter_mut() {
             let Some(p) = c.links.iter().find(|p| p.id == m.peer) else {
                 m.up.set(0.0);
                 continue;
             };
             m.up.set(if p.up { 1.0 } else { 0.0 });
+            m.resets.increment(m.resets_last.advance(p.resets));
             if let Some(rtt) = p.rtt {
                 m.rtt.set(rtt.as_secs_f64());
             }
@@ -169,6 +172,8 @@ fn link_metrics(r: &Registrar<'_>, peer: NodeId) -> LinkMetrics {
         peer,
         up: r.gauge("fabric_node_link_up", "1 while the node link to the peer is connected.", &l),
         rtt: r.gauge("fabric_node_link_rtt_seconds", "The node link's round-trip estimate to the peer (QUIC's), seconds, as last sampled while up.", &l),
+        resets: r.counter("fabric_node_link_resets_total", "Connections to the peer this node ended because it dropped a frame for it (queue full, group stream failed).", &l),
+        resets_last: Monotonic::default(),
     }
 }
 

@@ -128,3 +128,44 @@ fn a_scrape_sets_the_shard_gauges_and_counts_leader_changes_across_a_restart() {
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
 }
+
+#[test]
+fn link_resets_become_a_counter_per_peer_that_only_rises() {
+    // Proves fabric_node_link_resets_total follows each peer's reset count across scrapes,
+    // adds nothing when it is unchanged, and keeps rising when the count starts again (the
+    // member left and joined again).
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
+    let r = Registrar {
+        recorder: Some(&recorder),
+    };
+    let labels = ClusterLabels {
+        node: 2,
+        peers: vec![1, 3],
+    };
+    let m = RaftMetrics::register(&r, 1, &labels);
+    let peer = |id: NodeId, resets: u64| PeerStatus {
+        id,
+        link: "127.0.0.1:1".parse().unwrap(),
+        up: true,
+        last_frame_ms: None,
+        connections: resets + 1,
+        rtt: None,
+        resets,
+    };
+    for resets in [2, 5, 5, 1] {
+        let scrape = ClusterScrape {
+            replicas: vec![None],
+            links: vec![peer(1, resets), peer(3, 0)],
+        };
+        m.set(&r, &scrape);
+    }
+    let text = handle.render();
+    for line in [
+        "fabric_node_link_resets_total{peer=\"1\"} 6",
+        "fabric_node_link_resets_total{peer=\"3\"} 0",
+        "fabric_node_link_up{peer=\"1\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+}
