@@ -306,6 +306,10 @@ pub struct Session {
     /// Conversations subscribed to (by request; `unsubscribe` removes), each with the next
     /// seq it has not handed to the client: where a new leader takes the subscription up.
     subscriptions: HashMap<ConvId, reattach::SubMark>,
+    /// The conversation of each `subscribe` waiting for its answer, by ref: a shard being
+    /// attached again that takes one must be named in the attach (`reattach.rs`). Bounded by
+    /// the in-flight cap: each leaves at its answer or its deadline.
+    subscribing: HashMap<u64, ConvId>,
     /// The highest inbox `pos` handed to the client (0: none): where a new leader takes the
     /// inbox up.
     delivered_pos: u64,
@@ -337,6 +341,7 @@ impl Session {
             closed_sent: false,
             out_batch_ops: 1,
             subscriptions: HashMap::new(),
+            subscribing: HashMap::new(),
             delivered_pos: 0,
             reattach: reattach::Reattaching::default(),
             attach_attempts: 0,
@@ -750,6 +755,7 @@ impl Session {
                     attached: false,
                 };
                 self.subscriptions.insert(conv.clone(), mark);
+                self.subscribing.insert(r, conv.clone());
                 ShardOp::Subscribe {
                     r,
                     mesh,
@@ -924,6 +930,11 @@ impl Session {
             }
             ServerOp::Ok { r, .. } | ServerOp::Error { r: Some(r), .. } => {
                 self.inflight = self.inflight.saturating_sub(1);
+                if let Some(conv) = self.subscribing.remove(r) {
+                    if matches!(op, ServerOp::Ok { .. }) {
+                        self.subscribed_during_attach(shard, conv);
+                    }
+                }
                 if self.deadlines.answered(*r) == deadlines::Answer::Late {
                     // The session answered it `unavailable` at its deadline.
                     self.stats.requests_answered_late += 1;
@@ -1022,6 +1033,7 @@ impl Session {
             return;
         }
         while let Some(r) = self.deadlines.pop_expired(now) {
+            self.subscribing.remove(&r);
             self.stats.requests_timed_out += 1;
             self.stats.requests_answered += 1;
             let timeout_ms = self.config.request_timeout_ms;

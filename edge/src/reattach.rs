@@ -15,10 +15,10 @@
 //!   again every [`REATTACH_RETRY_MS`]; one not done within `request_timeout_ms` of the leader
 //!   change closes the session as before (`unavailable`: the client resumes).
 //!
-//! Known gap: a shard's attach names the subscriptions the session had there when the leader
-//! changed. One the client adds while that attach is being retried (the first was answered
-//! `unavailable`) and that the shard takes before the retry is replaced by the retry, which
-//! does not name it, so it ends without a word; the client's next `subscribe` restores it.
+//! A subscription the client adds while an attach is under way: the attach replaces what the
+//! shard holds for the session, so once the shard has taken the `subscribe` (its `ok` came
+//! back), the pending attach names it too, and if an attach is already out (it may reach the
+//! shard after the subscribe and end it) a new attempt goes out naming it.
 //!
 //! Size: one entry per shard being re-attached (at most the node's shard count), each naming
 //! at most the session's subscriptions.
@@ -50,7 +50,8 @@ pub(crate) struct Pending {
     pub(crate) retry_at: Option<u64>,
     /// Whether the session's inbox is on this shard.
     pub(crate) inbox: bool,
-    /// The subscribed conversations on this shard when its leader changed.
+    /// The subscribed conversations on this shard: those when its leader changed, and each
+    /// the shard took a `subscribe` for since.
     pub(crate) convs: Vec<ConvId>,
     /// The latest attach sent: only its answer counts (an earlier one's may come later).
     pub(crate) attempt: u64,
@@ -174,6 +175,23 @@ impl Session {
         };
         self.reattach.start(shard, p);
         self.send_attach(shard);
+    }
+
+    /// `shard` took a `subscribe` to `conv` (its `ok` came back): if an attach to it is under
+    /// way, the attach must name the subscription, or it would end it (module docs). An attach
+    /// already out goes out again, as a new attempt.
+    pub(crate) fn subscribed_during_attach(&mut self, shard: ShardIdx, conv: ConvId) {
+        let Some(p) = self.reattach.pending.get_mut(&shard) else {
+            return;
+        };
+        if p.convs.contains(&conv) {
+            return;
+        }
+        p.convs.push(conv);
+        p.convs.sort();
+        if p.retry_at.is_none() {
+            self.send_attach(shard);
+        }
     }
 
     /// Sends `shard` its pending attach, built from what the session handed its client so

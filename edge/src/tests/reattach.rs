@@ -253,3 +253,57 @@ fn pushes_during_an_attach_and_answers_to_a_superseded_one_are_dropped() {
     );
     assert_eq!(s.stats().reattached, 1);
 }
+
+#[test]
+fn a_subscription_the_shard_takes_during_an_attach_is_named_by_the_attach() {
+    // Proves a subscribe the shard confirms while the session's attach to it is being retried
+    // is named by the retry (from the client's `from`), and one confirmed while an attach is
+    // out sends a new attempt naming it, so no attach ends a subscription the client holds;
+    // a refused subscribe is not named.
+    let mut s = open_with_history();
+    s.handle_shard_detached(NOW, 0, &|_| Some(0));
+    requests(&mut s);
+    let unavailable = Some((ErrorCode::Unavailable, "no leader yet".to_string()));
+    let attached = |attempt, refused| Reply::Attached { attempt, refused };
+    s.handle_reply(NOW, 0, attached(1, unavailable));
+    // Waiting to retry: `d` is confirmed, `x` refused.
+    subscribe(&mut s, 2, "d", 5);
+    subscribe(&mut s, 3, "x", 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 0, ok(2));
+    let refusal = ServerOp::Error {
+        r: Some(3),
+        code: ErrorCode::NotFound,
+        message: "no such conversation".into(),
+    };
+    s.handle_reply(NOW, 0, Reply::Frame(refusal));
+    assert!(
+        attaches(&requests(&mut s)).is_empty(),
+        "the retry waits its turn"
+    );
+    s.handle_timeout(NOW + REATTACH_RETRY_MS);
+    let named = vec![("c".to_string(), 3), ("d".to_string(), 5)];
+    assert_eq!(
+        attaches(&requests(&mut s)),
+        vec![(Route::Shard(0), Some(2), named.clone())]
+    );
+    // Attempt 2 is out: `e` is confirmed before its answer, so attempt 3 names it.
+    subscribe(&mut s, 4, "e", 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 0, ok(4));
+    let mut named3 = named;
+    named3.push(("e".to_string(), 1));
+    assert_eq!(
+        attaches(&requests(&mut s)),
+        vec![(Route::Shard(0), Some(2), named3)]
+    );
+    s.handle_reply(NOW, 0, attached(2, None));
+    assert_eq!(s.stats().reattached, 0, "attempt 2's answer is superseded");
+    s.handle_reply(NOW, 0, attached(3, None));
+    assert_eq!(s.stats().reattached, 1);
+    // Attached: a later subscribe's answer sends nothing more.
+    subscribe(&mut s, 5, "f", 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 0, ok(5));
+    assert!(attaches(&requests(&mut s)).is_empty());
+}
