@@ -200,8 +200,14 @@ impl NodeCtx {
             .filter(|s| !s.ready)
             .map(|s| s.shard)
             .collect();
+        let removed_by = self.cluster.as_ref().and_then(|c| c.links.removed_by());
         let reason = if *self.shutdown.borrow() {
             Some("the node is shutting down".to_string())
+        } else if let Some(by) = removed_by {
+            Some(format!(
+                "this node was removed from the cluster (node {by} applied the change and closed \
+                 its link); it serves nothing: stop it"
+            ))
         } else if let Some(r) = shards.iter().find(|s| s.repair_through.is_some()) {
             Some(format!(
                 "shard {} is in repair: its log was damaged, it fetches entries through lsn {} \

@@ -73,6 +73,23 @@ async fn a_node_added_and_a_founder_removed_while_appends_go_on_lose_no_append()
     let said = cluster_cmd(&c, &["remove-node", "--url", &c.url(3, ""), "--id", "1"]);
     assert!(said.contains("node 1 removed"), "{said}");
     wait_groups(&c, &http, 2, &[2, 3, 4], Duration::from_secs(30)).await;
+    // The removed node learns it left (a member closes its link saying so) and says so.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let r = http.get(c.url(1, "/readyz")).send().await;
+        let said = match r {
+            Ok(r) if r.status() == 503 => r.text().await.unwrap_or_default(),
+            _ => String::new(),
+        };
+        if said.contains("removed from the cluster") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "node 1's /readyz names its removal: {said}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     c.kill(1);
     for n in 61..=90u64 {
         acked.insert(n, append(&c, &http, &token, (n % 3 + 2) as u16, n).await);

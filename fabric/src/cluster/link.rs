@@ -89,6 +89,9 @@ pub const CLOSE_CERTIFICATE_EXPIRED: u32 = 0x4e0a;
 /// or a group stream failed): the connection ends so that the peers see a new one, and
 /// everything that relies on in-order delivery over it (forwarded sessions) starts again.
 pub const CLOSE_FRAME_DROPPED: u32 = 0x4e0b;
+/// The closing node applied a committed change of the cluster's metadata that removed the
+/// node it closes on: the one place a removed node learns it left ([`super::links`]).
+pub const CLOSE_MEMBER_REMOVED: u32 = 0x4e0c;
 /// Stream stop code: a frame over `node_frame_bytes_max` arrived on it.
 pub const STOP_FRAME_TOO_LARGE: u32 = 0x4e10;
 /// Stream stop code: its first frame was not a valid stream header.

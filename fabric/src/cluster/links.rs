@@ -257,6 +257,9 @@ struct Shared<T> {
     /// ([`NodeLinks::add_member`], [`NodeLinks::remove_member`]).
     peers: RwLock<BTreeMap<u64, Arc<Peer<T>>>>,
     counters: Counters,
+    /// The peer that closed its connection saying it removed this node from the cluster
+    /// (0: none did, or a member connected since: it joined again).
+    removed: AtomicU64,
     inbound: mpsc::Sender<Inbound<T>>,
     /// Applied to each batch taken for a peer before it is written (the node folds its
     /// shards' heartbeats into one frame: `fabric_router::host::beats::coalesce`).
@@ -299,6 +302,16 @@ impl<T> Shared<T> {
 
     fn dropped(&self, n: usize) {
         add(&self.counters.frames_dropped, n as u64);
+    }
+
+    fn removed_by(&self, peer: u64) {
+        if self.removed.swap(peer, Ordering::Relaxed) == 0 {
+            tracing::error!(
+                peer,
+                "this node was removed from the cluster (a committed membership change, applied \
+                 by the peer); the members refuse it from now on: stop it"
+            );
+        }
     }
 }
 
@@ -374,6 +387,9 @@ impl<T: Frame> Ctx<T> {
             }
         }
         add(&self.shared.counters.connections, 1);
+        if self.shared.removed.swap(0, Ordering::Relaxed) != 0 {
+            tracing::info!(peer, "a member connected again after this node was removed");
+        }
         tracing::info!(peer, dialed, "peer connected");
         let pc = Arc::new(pc);
         let ctx = self.clone();
@@ -390,6 +406,12 @@ fn normal_end(e: &LinkError) -> bool {
         LinkError::Connection(c) => duplicate_close(c),
         e => e.refusal() == Some(Refusal::Duplicate),
     }
+}
+
+/// Whether the peer closed the connection because it removed this node from the cluster.
+fn removal_close(c: &quinn::ConnectionError) -> bool {
+    matches!(c, quinn::ConnectionError::ApplicationClosed(a)
+        if a.error_code.into_inner() == u64::from(super::link::CLOSE_MEMBER_REMOVED))
 }
 
 fn duplicate_close(c: &quinn::ConnectionError) -> bool {
@@ -430,6 +452,10 @@ async fn dial_loop<T: Frame>(ctx: Ctx<T>, peer: u64, mine: Arc<Peer<T>>) {
         }
         if let Some(conn) = ctx.shared.live(peer) {
             let reason = conn.closed().await;
+            if removal_close(&reason) {
+                // Dialing goes on (refused, with backoff): should it join again, it is let in.
+                ctx.shared.removed_by(peer);
+            }
             if duplicate_close(&reason) {
                 tracing::debug!(reason = %reason, "connection replaced");
             } else {
@@ -742,6 +768,7 @@ where
             limits,
             peers: RwLock::new(peers),
             counters: Counters::default(),
+            removed: AtomicU64::new(0),
             inbound,
             coalesce,
         });
@@ -848,7 +875,8 @@ where
             .remove(&id);
         if let Some(p) = gone {
             if let Some(c) = p.slot().current.take() {
-                c.conn.close(quinn::VarInt::from_u32(0), b"member removed");
+                let code = quinn::VarInt::from_u32(super::link::CLOSE_MEMBER_REMOVED);
+                c.conn.close(code, b"member removed");
             }
             tracing::info!(
                 node = self.shared.node,
@@ -856,6 +884,14 @@ where
                 "member left the node links"
             );
         }
+    }
+
+    /// The member that told this node it was removed from the cluster (closing their
+    /// connection with [`super::link::CLOSE_MEMBER_REMOVED`]), if one did. A node down when it
+    /// was removed hears nothing: the members refuse its dials as `NotMember`.
+    pub fn removed_by(&self) -> Option<u64> {
+        let by = self.shared.removed.load(Ordering::Relaxed);
+        (by != 0).then_some(by)
     }
 
     /// Every peer, by id: connected now or not, when its last frame arrived.
@@ -1153,8 +1189,8 @@ mod tests {
     async fn a_member_added_at_run_time_is_dialed_and_one_removed_is_cut_off() {
         // Proves membership changes at run time: two nodes that know only each other link up
         // with a third once each is told it joined (frames flow both ways), and once node 3 is
-        // removed from node 1, node 1 drops its connection and its frames for node 3; added
-        // again, it links up again.
+        // removed from node 1, node 1 drops its connection and its frames for node 3, and node 3
+        // learns it was removed (the close code); added again, it links up again.
         let ca = ClusterCa::generate("test").unwrap();
         let links: Vec<NodeLink> = [(1u64, &[1u64, 2][..]), (2, &[1, 2]), (3, &[1, 2, 3])]
             .iter()
@@ -1184,10 +1220,16 @@ mod tests {
         // Node 3 keeps dialing node 1, which refuses it: the link stays down.
         sleep_ms(300).await;
         assert!(!nodes[2].peer(1).up, "a removed member cannot reconnect");
+        assert_eq!(nodes[2].links.removed_by(), Some(1), "node 1 told node 3");
+        assert_eq!(nodes[1].links.removed_by(), None);
         assert!(nodes[1].peer(3).up, "node 2 still links with node 3");
         // Node 3 joins again: it is dialed and let in anew.
         nodes[0].links.add_member(all[2]).unwrap();
         eventually("node 1 links with node 3 again", || nodes[0].peer(3).up).await;
+        eventually("node 3 no longer counts itself removed", || {
+            nodes[2].links.removed_by().is_none()
+        })
+        .await;
     }
 
     #[tokio::test]

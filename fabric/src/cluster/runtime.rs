@@ -50,6 +50,11 @@ impl LinkSender {
         self.links.stats()
     }
 
+    /// The member that told this node it was removed from the cluster, if one did.
+    pub fn removed_by(&self) -> Option<u64> {
+        self.links.removed_by()
+    }
+
     /// A member joined: dial it and let it connect.
     pub fn add_member(&self, id: NodeId, link: SocketAddr) -> Result<(), LinkError> {
         self.links.add_member(Member { id, link })
