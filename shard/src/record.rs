@@ -231,6 +231,51 @@ impl Record {
     }
 }
 
+impl Record {
+    /// Whether `bytes` decode as a `kind` record, exactly as [`Record::decode`] would
+    /// decide, without building it: the two types every write carries (`Appended`, `Sent`)
+    /// are checked through views that borrow their strings and body from `bytes`, so a
+    /// follower checking a leader's entries copies nothing (it decodes each once more when it
+    /// applies it).
+    pub fn decodes(kind: RecordType, bytes: &[u8]) -> bool {
+        match kind {
+            RecordType::Appended => codec::from_binary::<AppendedView>(bytes).is_ok(),
+            RecordType::Sent => codec::from_binary::<SentView>(bytes).is_ok(),
+            _ => Record::decode(kind, bytes).is_ok(),
+        }
+    }
+}
+
+/// [`AppendedRec`]'s fields in its order, borrowed (postcard is positional: the same bytes
+/// decode to both or to neither).
+#[derive(Deserialize)]
+#[allow(dead_code)] // Read only to check the bytes.
+struct AppendedView<'a> {
+    mesh: &'a str,
+    conv: &'a str,
+    seq: u64,
+    from: &'a str,
+    body: &'a [u8],
+    #[serde(borrow)]
+    key: Option<&'a str>,
+    ts: u64,
+}
+
+/// [`SentRec`]'s fields in its order, borrowed but for the target (its ids are validated
+/// as they decode).
+#[derive(Deserialize)]
+#[allow(dead_code)] // Read only to check the bytes.
+struct SentView<'a> {
+    mesh: &'a str,
+    pos: u64,
+    from: &'a str,
+    to: Target,
+    body: &'a [u8],
+    ts: u64,
+    #[serde(borrow)]
+    key: Option<&'a str>,
+}
+
 fn malformed(kind: RecordType, bytes: &[u8]) -> ProtoError {
     ProtoError::new(
         ErrorCode::BadRequest,

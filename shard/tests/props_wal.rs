@@ -488,3 +488,37 @@ proptest! {
 fn want_len(frames: &[Vec<Record>]) -> u64 {
     frames.iter().map(Vec::len).sum::<usize>() as u64
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn checking_a_payload_agrees_with_decoding_it(
+        rec in record(),
+        damage in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>()), 0..3),
+        cut in prop::option::of(any::<prop::sample::Index>()),
+        extra in prop::collection::vec(any::<u8>(), 0..3),
+        as_kind in prop::sample::select(KNOWN_TYPES.to_vec()),
+    ) {
+        // Proves Record::decodes (a follower's check of a leader's entries, borrowing instead
+        // of copying) accepts exactly what Record::decode accepts: valid payloads of every
+        // type, and the same payloads with bytes changed, cut short, extended, or read as
+        // another type.
+        let mut bytes = Vec::new();
+        let kind = rec.encode_into(&mut bytes);
+        prop_assert!(Record::decodes(kind, &bytes));
+        for (at, b) in &damage {
+            if !bytes.is_empty() {
+                let i = at.index(bytes.len());
+                bytes[i] = *b;
+            }
+        }
+        if let Some(c) = cut {
+            bytes.truncate(c.index(bytes.len() + 1));
+        }
+        bytes.extend_from_slice(&extra);
+        for k in [kind, as_kind] {
+            prop_assert_eq!(Record::decodes(k, &bytes), Record::decode(k, &bytes).is_ok());
+        }
+    }
+}

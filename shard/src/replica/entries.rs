@@ -30,7 +30,7 @@ pub(crate) fn entry_is_valid(entry: &Entry) -> bool {
             let raft_own = [RecordType::Noop as u8, RecordType::ConfChange as u8];
             payload.len() <= wal::RECORD_BYTES_MAX
                 && !raft_own.contains(&kind)
-                && RecordType::from_u8(kind).is_some_and(|k| Record::decode(k, payload).is_ok())
+                && RecordType::from_u8(kind).is_some_and(|k| Record::decodes(k, payload))
         }
     }
 }
