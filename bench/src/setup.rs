@@ -248,10 +248,7 @@ const CHILD_WAIT_MS: u64 = 15_000;
 pub fn serve_node(config: fabric::config::Config) -> Result<(), BenchError> {
     use std::io::{Read, Write};
     crate::stats::raise_nofile(u64::MAX >> 1);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("node")
-        .build()?;
+    let rt = config.runtime_builder().thread_name("node").build()?;
     let n = rt.block_on(fabric::node::start(config))?;
     {
         let mut out = std::io::stdout().lock();
@@ -326,13 +323,14 @@ pub fn spawn_cluster_with(
         init.shards = s;
     }
     fabric::cluster::init::init(&init).map_err(|e| BenchError::Options(e.to_string()))?;
-    if !top_level.is_empty() {
-        for i in 1..=nodes {
-            let path = dir.join(format!("node-{i}.toml"));
-            let written = std::fs::read_to_string(&path)?;
-            // Top-level keys must come before the first table (`[cluster]`).
-            std::fs::write(&path, format!("{}\n{written}", top_level.trim_end()))?;
-        }
+    // As `fabric cluster local` runs them: the nodes split this machine's cores.
+    let share = fabric::cluster::local::worker_threads_share(nodes);
+    let top_level = format!("worker_threads = {share}\n{top_level}");
+    for i in 1..=nodes {
+        let path = dir.join(format!("node-{i}.toml"));
+        let written = std::fs::read_to_string(&path)?;
+        // Top-level keys must come before the first table (`[cluster]`).
+        std::fs::write(&path, format!("{}\n{written}", top_level.trim_end()))?;
     }
     let token = std::fs::read_to_string(dir.join("admin-token"))?
         .trim()

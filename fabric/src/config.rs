@@ -57,6 +57,10 @@ pub struct Config {
     /// A second address serving only `/metrics`, `/healthz` and `/readyz` (for a scrape port
     /// that is not exposed to clients). The main port serves them too.
     pub metrics_listen: Option<SocketAddr>,
+    /// Threads of the node's async runtime (sessions, routing, shard hosts, node links).
+    /// Unset: one per core. Nodes sharing a machine split its cores (`fabric cluster local`
+    /// gives each its share). WAL writer threads come on top, one per shard.
+    pub worker_threads: Option<usize>,
     /// Serve QUIC (ALPN `fabric/1`) beside WebSocket (default on).
     pub quic: bool,
     /// QUIC's UDP address. Default: the `listen` host with the next port (127.0.0.1:7401 for
@@ -196,6 +200,7 @@ impl Config {
             log_format: LogFormat::Human,
             metrics: true,
             metrics_listen: None,
+            worker_threads: None,
             metrics_meshes: Vec::new(),
             quic: true,
             quic_listen: None,
@@ -355,12 +360,32 @@ impl Config {
                 )));
             }
         }
+        if self
+            .worker_threads
+            .is_some_and(|n| !(1..=WORKER_THREADS_MAX).contains(&n))
+        {
+            return bad("worker_threads must be 1 to 256");
+        }
         if let Some(cluster) = &self.cluster {
             cluster.validate()?;
         }
         Ok(())
     }
+
+    /// A runtime builder with `worker_threads` applied (the node's; the bench's child nodes
+    /// use it too).
+    pub fn runtime_builder(&self) -> tokio::runtime::Builder {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if let Some(n) = self.worker_threads {
+            b.worker_threads(n);
+        }
+        b.enable_all();
+        b
+    }
 }
+
+/// Largest `worker_threads`.
+pub const WORKER_THREADS_MAX: usize = 256;
 
 #[cfg(test)]
 mod session_limit_tests {
@@ -551,6 +576,7 @@ mod documented_keys_tests {
             // Unset options (no default) are not serialised; a file may still set them.
             let optional = [
                 "admin_token",
+                "worker_threads",
                 "metrics_listen",
                 "quic_listen",
                 "tls_cert",
@@ -561,6 +587,29 @@ mod documented_keys_tests {
                 "documented key {key} is not a config field"
             );
         }
+    }
+
+    #[test]
+    fn worker_threads_sizes_the_runtime_and_is_bounded() {
+        // Proves worker_threads from TOML sizes the runtime the node is built on, unset means
+        // one worker per core, and 0 or more than WORKER_THREADS_MAX is refused naming it.
+        let c: Config = toml::from_str("worker_threads = 1").expect("accepted");
+        c.validate().expect("valid");
+        let rt = c.runtime_builder().build().expect("a runtime");
+        assert_eq!(rt.metrics().num_workers(), 1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let rt = Config::default().runtime_builder().build().expect("a runtime");
+        assert_eq!(rt.metrics().num_workers(), cores);
+        for bad in [0, WORKER_THREADS_MAX + 1] {
+            let c = Config {
+                worker_threads: Some(bad),
+                ..Config::default()
+            };
+            let e = c.validate().expect_err("refused");
+            assert!(e.to_string().contains("worker_threads"), "{e}");
+        }
+        assert!(crate::cluster::local::worker_threads_share(3) >= 1);
+        assert_eq!(crate::cluster::local::worker_threads_share(1), cores);
     }
 
     #[test]

@@ -274,6 +274,9 @@ struct ServeArgs {
     /// Also serve /metrics, /healthz and /readyz on this address (a separate scrape port).
     #[arg(long, env = "FABRIC_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Threads of the node's async runtime (1 to 256). Default: one per core.
+    #[arg(long, env = "FABRIC_WORKER_THREADS")]
+    worker_threads: Option<usize>,
     /// Comma-separated meshes that get per-mesh metric series (at most 64).
     #[arg(long, env = "FABRIC_METRICS_MESHES", value_delimiter = ',')]
     metrics_meshes: Option<Vec<String>>,
@@ -410,6 +413,9 @@ impl ServeArgs {
         if self.metrics_listen.is_some() {
             c.metrics_listen = self.metrics_listen.take();
         }
+        if self.worker_threads.is_some() {
+            c.worker_threads = self.worker_threads.take();
+        }
         if let Some(q) = self.quic {
             c.quic = q;
         }
@@ -483,8 +489,8 @@ fn main() -> anyhow::Result<()> {
             }
             // Kept until exit: its drop writes out the log lines still queued.
             let _log = fabric::logging::init(config.log_format).context("cannot start logging")?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
+            let runtime = config
+                .runtime_builder()
                 .thread_name("fabric")
                 .build()
                 .context("cannot start the tokio runtime")?;

@@ -20,6 +20,7 @@ fn config_keys() -> Vec<String> {
     let mut keys: Vec<String> = value.as_table().expect("a table").keys().cloned().collect();
     let unset = [
         "admin_token",
+        "worker_threads",
         "metrics_listen",
         "quic_listen",
         "tls_cert",

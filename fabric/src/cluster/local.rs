@@ -95,6 +95,14 @@ pub struct NodeExit {
 }
 
 /// A line of this command's own, on stdout.
+/// Runtime threads for each of `nodes` nodes on this machine: its cores split evenly, at
+/// least one each (three nodes on two cores run one each; one thread per node also saves the
+/// wake-ups between a node's own threads).
+pub fn worker_threads_share(nodes: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / nodes.max(1) as usize).max(1)
+}
+
 fn say(args: std::fmt::Arguments<'_>) {
     crate::logging::say(format_args!("fabric cluster local: {args}"));
 }
@@ -285,6 +293,14 @@ pub async fn run(
             .kill_on_drop(true);
         for v in CLEARED_VARIABLES {
             cmd.env_remove(v);
+        }
+        // The nodes share this machine: each takes its share of the cores, unless its file
+        // says otherwise.
+        let set =
+            crate::config::Config::from_toml_file(path).is_ok_and(|c| c.worker_threads.is_some());
+        if !set {
+            cmd.arg("--worker-threads")
+                .arg(worker_threads_share(o.nodes).to_string());
         }
         let mut child = match cmd.spawn() {
             Ok(c) => c,
