@@ -598,7 +598,10 @@ mod documented_keys_tests {
         let rt = c.runtime_builder().build().expect("a runtime");
         assert_eq!(rt.metrics().num_workers(), 1);
         let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let rt = Config::default().runtime_builder().build().expect("a runtime");
+        let rt = Config::default()
+            .runtime_builder()
+            .build()
+            .expect("a runtime");
         assert_eq!(rt.metrics().num_workers(), cores);
         for bad in [0, WORKER_THREADS_MAX + 1] {
             let c = Config {
