@@ -469,8 +469,10 @@ impl World {
         }
         self.heal();
         self.liveness()?;
-        self.settle()?;
+        // Watchers acknowledge what they take, which writes: they finish before the group
+        // settles, so the final checks see a quiet group (seed 5018184).
         self.watch_liveness()?;
+        self.settle()?;
         self.check_logs()
     }
 
