@@ -753,6 +753,7 @@ impl Session {
                 let mark = reattach::SubMark {
                     next: from.max(1),
                     attached: false,
+                    floor: from.max(1),
                 };
                 self.subscriptions.insert(conv.clone(), mark);
                 self.subscribing.insert(r, conv.clone());

@@ -39,6 +39,11 @@ pub(crate) struct SubMark {
     /// then ones the client has. Until then nothing is dropped (a client's own subscribe to
     /// an earlier seq replays on purpose).
     pub(crate) attached: bool,
+    /// The `from` of the client's latest `subscribe` (at least 1): no event below it belongs
+    /// to the subscription the client now holds. One below it was pushed for an earlier
+    /// subscribe whose outcome the client was told is unknown (answered `unavailable`) and
+    /// that took effect late, after a leader change; it is dropped.
+    pub(crate) floor: u64,
 }
 
 /// One shard the session is attaching to again.
@@ -293,7 +298,7 @@ impl Session {
                     fresh
                 }
                 ServerOp::Event(e) => match self.subscriptions.get_mut(&*e.conv) {
-                    Some(m) if m.attached && e.seq < m.next => false,
+                    Some(m) if e.seq < m.floor || (m.attached && e.seq < m.next) => false,
                     Some(m) => {
                         m.next = e.seq + 1;
                         true

@@ -307,3 +307,27 @@ fn a_subscription_the_shard_takes_during_an_attach_is_named_by_the_attach() {
     s.handle_reply(NOW, 0, ok(5));
     assert!(attaches(&requests(&mut s)).is_empty());
 }
+
+#[test]
+fn events_below_the_latest_subscribes_from_are_dropped() {
+    // Proves an event below the `from` of the client's latest subscribe never reaches it:
+    // after a leader change, an earlier subscribe answered `unavailable` (outcome unknown) can
+    // take effect late and replay from its own, lower `from`; those events are dropped and
+    // their credit returned, while a client's own subscribe to an earlier seq still replays.
+    let mut s = open_with_history();
+    subscribe(&mut s, 2, "c", 194);
+    requests(&mut s);
+    for r in [event(157), event(193), event(194), event(195)] {
+        s.handle_reply(NOW, 0, r);
+    }
+    assert_eq!(
+        pushes(&mut s),
+        vec![("event".into(), 194), ("event".into(), 195)]
+    );
+    assert_eq!(s.stats().pushes_duplicate, 2);
+    // Asked again from an earlier seq: the replay passes.
+    subscribe(&mut s, 3, "c", 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 0, event(1));
+    assert_eq!(pushes(&mut s), vec![("event".into(), 1)]);
+}
