@@ -85,36 +85,27 @@ fn a_scrape_sets_the_shard_gauges_and_counts_leader_changes_across_a_restart() {
     // Proves the gauges follow the published view (is_leader only on the leader, has_leader
     // whenever one is known, repairing while in repair) and the leader-change counter only rises, through a restart that
     // started the replica's own count again.
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
-    let handle = recorder.handle();
-    let r = Registrar {
-        recorder: Some(&recorder),
-    };
-    let labels = ClusterLabels {
-        node: 2,
-        peers: vec![1, 3],
-    };
-    let m = RaftMetrics::register(&r, 1, &labels);
-    let mut view = leader_of_three(2, Some(1));
-    view.leader_changes = 2;
-    m.set(
-        &r,
-        &ClusterScrape {
-            replicas: vec![Some(view.clone())],
-            links: Vec::new(),
-        },
-    );
-    view.leader_changes = 1;
-    view.leader = None;
-    view.repair_through = Some(120);
-    m.set(
-        &r,
-        &ClusterScrape {
-            replicas: vec![Some(view)],
-            links: Vec::new(),
-        },
-    );
-    let text = handle.render();
+    let text = rendered_after(|r, m| {
+        let mut view = leader_of_three(2, Some(1));
+        view.leader_changes = 2;
+        m.set(
+            r,
+            &ClusterScrape {
+                replicas: vec![Some(view.clone())],
+                links: Vec::new(),
+            },
+        );
+        view.leader_changes = 1;
+        view.leader = None;
+        view.repair_through = Some(120);
+        m.set(
+            r,
+            &ClusterScrape {
+                replicas: vec![Some(view)],
+                links: Vec::new(),
+            },
+        );
+    });
     for line in [
         "fabric_raft_term{shard=\"0\"} 4",
         "fabric_raft_commit_index{shard=\"0\"} 90",
@@ -134,6 +125,36 @@ fn link_resets_become_a_counter_per_peer_that_only_rises() {
     // Proves fabric_node_link_resets_total follows each peer's reset count across scrapes,
     // adds nothing when it is unchanged, and keeps rising when the count starts again (the
     // member left and joined again).
+    let text = rendered_after(|r, m| {
+        let peer = |id: NodeId, resets: u64| PeerStatus {
+            id,
+            link: "127.0.0.1:1".parse().unwrap(),
+            up: true,
+            last_frame_ms: None,
+            connections: resets + 1,
+            rtt: None,
+            resets,
+        };
+        for resets in [2, 5, 5, 1] {
+            let scrape = ClusterScrape {
+                replicas: vec![None],
+                links: vec![peer(1, resets), peer(3, 0)],
+            };
+            m.set(r, &scrape);
+        }
+    });
+    for line in [
+        "fabric_node_link_resets_total{peer=\"1\"} 6",
+        "fabric_node_link_resets_total{peer=\"3\"} 0",
+        "fabric_node_link_up{peer=\"1\"} 1",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+}
+
+/// Node 2 of a three-node cluster's Raft series (one shard) on a recorder of their own: `scrape`
+/// sets them; the exposition comes back.
+fn rendered_after(scrape: impl FnOnce(&Registrar<'_>, &RaftMetrics)) -> String {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
     let handle = recorder.handle();
     let r = Registrar {
@@ -144,28 +165,6 @@ fn link_resets_become_a_counter_per_peer_that_only_rises() {
         peers: vec![1, 3],
     };
     let m = RaftMetrics::register(&r, 1, &labels);
-    let peer = |id: NodeId, resets: u64| PeerStatus {
-        id,
-        link: "127.0.0.1:1".parse().unwrap(),
-        up: true,
-        last_frame_ms: None,
-        connections: resets + 1,
-        rtt: None,
-        resets,
-    };
-    for resets in [2, 5, 5, 1] {
-        let scrape = ClusterScrape {
-            replicas: vec![None],
-            links: vec![peer(1, resets), peer(3, 0)],
-        };
-        m.set(&r, &scrape);
-    }
-    let text = handle.render();
-    for line in [
-        "fabric_node_link_resets_total{peer=\"1\"} 6",
-        "fabric_node_link_resets_total{peer=\"3\"} 0",
-        "fabric_node_link_up{peer=\"1\"} 1",
-    ] {
-        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
-    }
+    scrape(&r, &m);
+    handle.render()
 }
