@@ -754,6 +754,7 @@ impl Session {
                     next: from.max(1),
                     attached: false,
                     floor: from.max(1),
+                    latest_ref: r,
                 };
                 self.subscriptions.insert(conv.clone(), mark);
                 self.subscribing.insert(r, conv.clone());
@@ -931,12 +932,16 @@ impl Session {
             }
             ServerOp::Ok { r, .. } | ServerOp::Error { r: Some(r), .. } => {
                 self.inflight = self.inflight.saturating_sub(1);
+                let late = self.deadlines.answered(*r) == deadlines::Answer::Late;
                 if let Some(conv) = self.subscribing.remove(r) {
                     if matches!(op, ServerOp::Ok { .. }) {
+                        if !late {
+                            self.subscribe_confirmed(*r, &conv);
+                        }
                         self.subscribed_during_attach(shard, conv);
                     }
                 }
-                if self.deadlines.answered(*r) == deadlines::Answer::Late {
+                if late {
                     // The session answered it `unavailable` at its deadline.
                     self.stats.requests_answered_late += 1;
                     return;

@@ -44,6 +44,11 @@ pub(crate) struct SubMark {
     /// subscribe whose outcome the client was told is unknown (answered `unavailable`) and
     /// that took effect late, after a leader change; it is dropped.
     pub(crate) floor: u64,
+    /// The ref of the client's latest `subscribe`. Its `ok` restarts the marks at `floor` and
+    /// sets `attached`: from then on an event below `next` is a replay the client did not ask
+    /// for (an earlier subscribe answered `unavailable` that took effect after this one), and
+    /// is dropped.
+    pub(crate) latest_ref: u64,
 }
 
 /// One shard the session is attaching to again.
@@ -185,6 +190,17 @@ impl Session {
     /// `shard` took a `subscribe` to `conv` (its `ok` came back): if an attach to it is under
     /// way, the attach must name the subscription, or it would end it (module docs). An attach
     /// already out goes out again, as a new attempt.
+    /// The client's latest `subscribe` to `conv` (ref `r`) was confirmed: the shard replays
+    /// from its `from`, and nothing below what it then hands out is pushed again.
+    pub(crate) fn subscribe_confirmed(&mut self, r: u64, conv: &ConvId) {
+        if let Some(m) = self.subscriptions.get_mut(conv) {
+            if m.latest_ref == r {
+                m.next = m.floor;
+                m.attached = true;
+            }
+        }
+    }
+
     pub(crate) fn subscribed_during_attach(&mut self, shard: ShardIdx, conv: ConvId) {
         let Some(p) = self.reattach.pending.get_mut(&shard) else {
             return;

@@ -44,10 +44,13 @@ fn cluster_seeds_keep_every_promise() {
 /// so a follower one entry behind looked like a lost write (5018184: watchers now finish
 /// before the group settles). A watcher's subscribe answered `unavailable` took effect late,
 /// after a leader change and after its next subscribe, and replayed events below that
-/// subscribe's `from` (8012535: the session drops events below its latest subscribe's `from`).
-const CLUSTER_REGRESSION_SEEDS: [u64; 18] = [
+/// subscribe's `from` (8012535: the session drops events below its latest subscribe's `from`),
+/// or, with the same `from`, replayed the conversation a second time after the retry's `ok`
+/// (11023922: once its latest subscribe is confirmed, the session drops a replay below what
+/// it handed out since).
+const CLUSTER_REGRESSION_SEEDS: [u64; 19] = [
     11, 99, 4061, 7331, 8069, 12401, 14890, 23939, 106722, 202337, 202889, 203262, 203398, 203746,
-    204412, 5018184, 8012535, 9105435,
+    204412, 5018184, 8012535, 9105435, 11023922,
 ];
 
 #[test]

@@ -331,3 +331,40 @@ fn events_below_the_latest_subscribes_from_are_dropped() {
     s.handle_reply(NOW, 0, event(1));
     assert_eq!(pushes(&mut s), vec![("event".into(), 1)]);
 }
+
+#[test]
+fn a_replay_the_client_did_not_ask_for_after_its_latest_subscribe_is_dropped() {
+    // Proves that once the client's latest subscribe is confirmed, an event below what the
+    // subscription then handed out is dropped (an earlier subscribe, answered `unavailable`,
+    // that took effect after it and replays from its own `from`), while the confirmed
+    // subscribe's own replay from its `from` passes, and a later subscribe to an earlier seq
+    // replays again once confirmed.
+    let mut s = session();
+    welcome(&mut s);
+    subscribe(&mut s, 1, "c", 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 0, ok(1));
+    for r in [event(146), event(147), event(148)] {
+        s.handle_reply(NOW, 0, r);
+    }
+    // The earlier subscribe's late replay: 146 and 147 again.
+    for r in [event(146), event(147), event(149)] {
+        s.handle_reply(NOW, 0, r);
+    }
+    let seqs: Vec<u64> = pushes(&mut s)
+        .into_iter()
+        .filter(|(op, _)| op == "event")
+        .map(|(_, n)| n)
+        .collect();
+    assert_eq!(seqs, vec![146, 147, 148, 149]);
+    assert_eq!(s.stats().pushes_duplicate, 2);
+    // Asked again from 1: once confirmed, the replay passes.
+    subscribe(&mut s, 2, "c", 1);
+    requests(&mut s);
+    s.handle_reply(NOW, 0, ok(2));
+    s.handle_reply(NOW, 0, event(146));
+    assert_eq!(
+        pushes(&mut s),
+        vec![("ok".into(), 2), ("event".into(), 146)]
+    );
+}
