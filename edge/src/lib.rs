@@ -935,10 +935,7 @@ impl Session {
                 let late = self.deadlines.answered(*r) == deadlines::Answer::Late;
                 if let Some(conv) = self.subscribing.remove(r) {
                     if matches!(op, ServerOp::Ok { .. }) {
-                        if !late {
-                            self.subscribe_confirmed(*r, &conv);
-                        }
-                        self.subscribed_during_attach(shard, conv);
+                        self.subscribe_ok(shard, *r, conv, late);
                     }
                 }
                 if late {

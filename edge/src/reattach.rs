@@ -187,21 +187,21 @@ impl Session {
         self.send_attach(shard);
     }
 
-    /// `shard` took a `subscribe` to `conv` (its `ok` came back): if an attach to it is under
-    /// way, the attach must name the subscription, or it would end it (module docs). An attach
-    /// already out goes out again, as a new attempt.
-    /// The client's latest `subscribe` to `conv` (ref `r`) was confirmed: the shard replays
-    /// from its `from`, and nothing below what it then hands out is pushed again.
-    pub(crate) fn subscribe_confirmed(&mut self, r: u64, conv: &ConvId) {
-        if let Some(m) = self.subscriptions.get_mut(conv) {
-            if m.latest_ref == r {
+    /// The shard answered a `subscribe` to `conv` (ref `r`) with `ok`; `late` if the session
+    /// had answered it `unavailable` at its deadline already.
+    ///
+    /// - The client's latest subscribe, answered in time: the shard replays from its `from`,
+    ///   so the marks restart there, and nothing below what it then hands out is pushed again
+    ///   (a replay of an earlier subscribe that took effect after it is dropped).
+    /// - If an attach to `shard` is under way, it must name the subscription, or it would end
+    ///   it (module docs): an attach already out goes out again, as a new attempt.
+    pub(crate) fn subscribe_ok(&mut self, shard: ShardIdx, r: u64, conv: ConvId, late: bool) {
+        if let Some(m) = self.subscriptions.get_mut(&conv) {
+            if m.latest_ref == r && !late {
                 m.next = m.floor;
                 m.attached = true;
             }
         }
-    }
-
-    pub(crate) fn subscribed_during_attach(&mut self, shard: ShardIdx, conv: ConvId) {
         let Some(p) = self.reattach.pending.get_mut(&shard) else {
             return;
         };

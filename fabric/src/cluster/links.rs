@@ -565,12 +565,12 @@ async fn write_batch<T: Frame>(
             Err(e) => {
                 // The peer would see the group's next frames with a gap: the link starts over.
                 ctx.shared.dropped(1 + frames.len());
-                add(&counters.resets, 1);
-                if let Some(p) = ctx.shared.peer(pc.node_id) {
-                    add(&p.resets, 1);
-                }
                 tracing::debug!(shard = group, error = %e, "group stream failed; frame dropped");
-                reset_for_drop(&pc.connection, pc.node_id, "a group stream failed");
+                let peer = ctx.shared.peer(pc.node_id);
+                let resets = peer.as_ref().map(|p| &p.resets);
+                let why = "a group stream failed";
+                ctx.shared
+                    .reset_for_drop(&pc.connection, pc.node_id, resets, why);
                 return false;
             }
         }
@@ -578,8 +578,25 @@ async fn write_batch<T: Frame>(
     true
 }
 
-/// Ends a connection that lost a frame while it stayed up (see [`NodeLinks::send`]).
-fn reset_for_drop(conn: &quinn::Connection, peer: u64, why: &str) {
+impl<T> Shared<T> {
+    /// Ends a connection that lost a frame while it stayed up (see [`NodeLinks::send`]),
+    /// counted for the node and for the peer (`peer_resets`).
+    fn reset_for_drop(
+        &self,
+        conn: &quinn::Connection,
+        peer: u64,
+        peer_resets: Option<&AtomicU64>,
+        why: &str,
+    ) {
+        add(&self.counters.resets, 1);
+        if let Some(r) = peer_resets {
+            add(r, 1);
+        }
+        reset_connection(conn, peer, why);
+    }
+}
+
+fn reset_connection(conn: &quinn::Connection, peer: u64, why: &str) {
     tracing::warn!(
         peer,
         "a frame for the peer was dropped ({why}); the connection starts over (link reset)"
@@ -818,10 +835,10 @@ where
                 match c.queue.try_send((group, frame)) {
                     Ok(()) => true,
                     Err(mpsc::error::TrySendError::Full(_)) => {
-                        reset_for_drop(&c.conn, to, "its queue (links_queue_frames_max) was full");
+                        let why = "its queue (links_queue_frames_max) was full";
+                        self.shared
+                            .reset_for_drop(&c.conn, to, Some(&p.resets), why);
                         slot.current = None;
-                        add(&self.shared.counters.resets, 1);
-                        add(&p.resets, 1);
                         false
                     }
                     Err(mpsc::error::TrySendError::Closed(_)) => false,
